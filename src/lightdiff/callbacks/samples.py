@@ -1,0 +1,103 @@
+"""Fixed-seed sample grids during training (and the shapes metric beside them on the shapes data set)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from lightdiff.callbacks.ema import find_ema
+from lightdiff.data.shapes import ShapesDataset
+from lightdiff.metrics import shapes_metric
+from lightdiff.sampling import SchedulerFactory, image_grid, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+class SampleGrid(pl.Callback):
+    """Every `every_n_steps` optimiser steps and at the end of training: sample with fixed seeds, log a grid.
+
+    The same seeds (and, for class-conditional models, the same labels) each time, so grids are comparable
+    across steps and runs. EMA weights are used when the run has an EMA callback.
+    """
+
+    def __init__(
+        self,
+        sampler: SchedulerFactory,  # the diffusers scheduler to sample with (the `sampler` config group)
+        every_n_steps: int = 500,  # optimiser steps between grids; 0 samples only at the end
+        num_images: int = 64,  # images in the grid
+        steps: int = 50,  # denoising steps per image
+        seed: int = 0,  # image i uses seed + i
+        final_num_images: int = 256,  # images judged by the shapes metric at the end of training
+        upscale: int = 4,  # nearest-neighbour upscaling of the saved grid, so small images stay visible
+    ) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"callbacks.samples.every_n_steps={every_n_steps} must be >= 0")
+        self.sampler = sampler
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.steps = steps
+        self.seed = seed
+        self.final_num_images = final_num_images
+        self.upscale = upscale
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != getattr(self, "_last_step", -1):
+            self._last_step = step
+            self._sample_and_log(trainer, pl_module, self.num_images, "samples")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = self._sample_and_log(trainer, pl_module, self.final_num_images, "final")
+        if metrics and trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / "final_metrics.json"
+            path.write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
+            log.info("final sample metrics at step %d: %s (written to %s)", trainer.global_step, metrics, path)
+
+    @rank_zero_only
+    def _sample_and_log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int, prefix: str
+    ) -> dict[str, float]:
+        labels = None
+        num_classes = pl_module.net.config.num_class_embeds
+        if num_classes:
+            labels = torch.arange(count) % num_classes
+        seeds = list(range(self.seed, self.seed + count))
+        ema = find_ema(trainer)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            if ema is not None:
+                with ema.averaged_weights(pl_module.net):
+                    images = pl_module.generate(seeds, self.sampler, self.steps, labels=labels)
+            else:
+                images = pl_module.generate(seeds, self.sampler, self.steps, labels=labels)
+        finally:
+            pl_module.train(was_training)
+        pixels = to_uint8(images)
+        step = trainer.global_step
+        grid = image_grid(pixels[: self.num_images], scale=self.upscale)
+        folder = Path(trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"{prefix}_step{step:07d}.png")
+
+        metrics: dict[str, float] = {}
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(getattr(datamodule, "dataset", None), ShapesDataset):
+            scores = shapes_metric(pixels, labels=labels.tolist() if labels is not None else None)
+            metrics = {f"{prefix}/shapes_{name}": value for name, value in scores.items()}
+        for logger in trainer.loggers:
+            if metrics:
+                logger.log_metrics(metrics, step=step)
+            if isinstance(logger, WandbLogger):
+                caption = None
+                if labels is not None and getattr(pl_module, "class_names", None):
+                    caption = ", ".join(pl_module.class_names[int(label)] for label in labels[:8]) + ", ..."
+                logger.log_image(key=f"{prefix}/grid", images=[grid], caption=[caption] if caption else None, step=step)
+        return metrics

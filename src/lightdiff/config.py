@@ -1,0 +1,105 @@
+"""Config checks that run before anything is written: missing values, unknown keys and wrong types.
+
+Hydra reports unknown group options and unknown override keys itself. What it cannot see is a value that does
+not fit the constructor it is meant for: `data.batch_size=abc`, `model.prediction_type=eps`. Every node with a
+`_target_` is checked against the signature and type hints of its target, and the error names the key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Union
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """True/False when the hint can be checked, None when it is too complex to judge (then it is not judged)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        results = [_matches(value, arg) for arg in typing.get_args(hint)]
+        return True if any(r is True for r in results) else (None if None in results else False)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list, Sequence) or hint in (tuple, list):
+        return isinstance(value, (list, tuple, ListConfig)) or None
+    if origin in (dict, Mapping) or hint is dict:
+        return isinstance(value, (dict, DictConfig)) or None
+    return None
+
+
+def _signature_of(target: Callable) -> tuple[inspect.Signature, dict[str, Any]]:
+    function = target.__init__ if inspect.isclass(target) else target
+    signature = inspect.signature(function)
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # third-party annotations that cannot be evaluated here: check names only
+        hints = {}
+    return signature, hints
+
+
+def _check_node(node: DictConfig, path: str) -> None:
+    target_name = node.get("_target_")
+    try:
+        target = get_object(target_name)
+    except Exception as error:
+        raise ConfigError(f"{path}._target_={target_name!r} cannot be imported: {error}") from error
+    signature, hints = _signature_of(target)
+    parameters = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for key in node:
+        if str(key).startswith("_"):
+            continue
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in parameters:
+            if not takes_any:
+                known = ", ".join(name for name in parameters if name != "self")
+                raise ConfigError(f"{key_path} is not an argument of {target_name}; it takes: {known}")
+            continue
+        value = node[key]
+        if OmegaConf.is_config(value) and "_target_" in value:
+            continue  # checked as a node of its own
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        if key in hints and _matches(value, hints[key]) is False:
+            raise ConfigError(f"{key_path}={value!r} does not fit {target_name}'s argument type {hints[key]}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Resolve every interpolation (naming missing keys) and check every `_target_` node's arguments."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as error:
+        raise ConfigError(f"config error: {error}") from error
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, DictConfig):
+            if "_target_" in node:
+                _check_node(node, path)
+            for key in node:
+                walk(node[key], f"{path}.{key}" if path else str(key))
+        elif isinstance(node, ListConfig):
+            for index, item in enumerate(node):
+                walk(item, f"{path}[{index}]")
+
+    walk(cfg, "")

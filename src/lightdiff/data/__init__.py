@@ -1,0 +1,17 @@
+"""Data sets and the DataModules that serve them."""
+
+from lightdiff.data.datamodule import HFDataModule, ImageDataModule, ImageFolderDataModule, ShapesDataModule
+from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
+from lightdiff.data.shapes import ShapesDataset
+from lightdiff.data.transforms import ImageTransform
+
+__all__ = [
+    "HFDataModule",
+    "HFImageDataset",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "ImageFolderDataset",
+    "ImageTransform",
+    "ShapesDataModule",
+    "ShapesDataset",
+]

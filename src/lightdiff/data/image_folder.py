@@ -1,0 +1,146 @@
+"""Image folders in the Hugging Face `imagefolder` convention, and `datasets.load_dataset` data sets.
+
+A folder holds images and, optionally, `metadata.jsonl` with one {"file_name": ..., "text": ...} (or "label")
+object a line, so the output of `sample.py` is itself a valid training set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from lightdiff.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Decode fully (not only the header) so a truncated file fails here, with its name."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def _read_metadata(root: Path) -> dict[str, dict]:
+    metadata_path = root / "metadata.jsonl"
+    if not metadata_path.exists():
+        return {}
+    records: dict[str, dict] = {}
+    for line_number, line in enumerate(metadata_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records[str(record["file_name"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{metadata_path}:{line_number}: not a JSON object with 'file_name': {error}") from error
+    return records
+
+
+class ImageFolderDataset(Dataset):
+    """Every image below `root`, with captions and labels from `root/metadata.jsonl` when it exists."""
+
+    def __init__(
+        self,
+        root: str,  # folder of images (searched recursively)
+        resolution: int,  # output side in pixels
+        center_crop: bool = True,  # centre crop; false takes a random crop
+        random_flip: bool = False,  # horizontal flip with probability 1/2
+        skip_bad: bool = False,  # skip (and count) unreadable images instead of failing on the first
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.dataset.root={root!r} is not a folder")
+        self.transform = ImageTransform(resolution, center_crop, random_flip)
+        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.dataset.root={root!r}")
+        metadata = _read_metadata(self.root)
+        self.skipped: list[Path] = []
+        if skip_bad:
+            # Checked once up front so that every worker and rank agrees on the index -> file mapping.
+            readable = []
+            for path in paths:
+                try:
+                    _open_rgb(path)
+                    readable.append(path)
+                except ValueError as error:
+                    self.skipped.append(path)
+                    log.warning("skipping %s", error)
+            paths = readable
+            if self.skipped:
+                log.warning("skipped %d unreadable image(s) under %s", len(self.skipped), self.root)
+            if not paths:
+                raise FileNotFoundError(f"every image under data.dataset.root={root!r} is unreadable")
+        self.paths = paths
+        relative = [p.relative_to(self.root).as_posix() for p in paths]
+        self.records = [metadata.get(name, {}) for name in relative]
+        labels = [r["label"] for r in self.records if "label" in r]
+        self.num_classes = max(int(label) for label in labels) + 1 if labels else 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        record = self.records[index]
+        return {
+            "pixel_values": self.transform(_open_rgb(self.paths[index])),
+            "label": int(record.get("label", -1)),
+            "text": str(record.get("text", "")),
+        }
+
+
+class HFImageDataset(Dataset):
+    """A data set read by `datasets.load_dataset` (a hub id on a connected machine, or a local folder)."""
+
+    def __init__(
+        self,
+        name: str,  # hub id (e.g. huggan/smithsonian_butterflies_subset) or local folder / script
+        resolution: int,  # output side in pixels
+        split: str = "train",  # split to train on
+        image_column: str = "image",  # column holding PIL images
+        caption_column: str | None = None,  # column holding captions, if any
+        label_column: str | None = None,  # column holding integer class labels, if any
+        center_crop: bool = True,  # centre crop; false takes a random crop
+        random_flip: bool = False,  # horizontal flip with probability 1/2
+        cache_dir: str | None = None,  # where `datasets` caches downloads
+    ) -> None:
+        import datasets  # imported here: pyarrow start-up costs a second that shapes runs should not pay
+
+        self.dataset = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+        columns = self.dataset.column_names
+        for key, column in (("image_column", image_column), ("caption_column", caption_column), ("label_column", label_column)):
+            if column is not None and column not in columns:
+                raise KeyError(f"data.dataset.{key}={column!r} is not a column of {name!r}; columns: {columns}")
+        self.name = name
+        self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
+        self.transform = ImageTransform(resolution, center_crop, random_flip)
+        self.num_classes = 0
+        if label_column is not None:
+            feature = self.dataset.features[label_column]
+            self.num_classes = int(getattr(feature, "num_classes", 0) or max(self.dataset[label_column]) + 1)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        row = self.dataset[index]
+        try:
+            image = row[self.image_column]
+            pixels = self.transform(image if isinstance(image, Image.Image) else Image.open(image))
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise ValueError(f"cannot read image {index} of {self.name!r}: {error}") from error
+        return {
+            "pixel_values": pixels,
+            "label": int(row[self.label_column]) if self.label_column else -1,
+            "text": str(row[self.caption_column]) if self.caption_column else "",
+        }

@@ -1,0 +1,112 @@
+"""Load a trained denoiser from a Lightning checkpoint or a diffusers pipeline folder; export to diffusers.
+
+Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain data only, so a crafted file cannot
+run code, and the network class comes from a fixed allow-list, never from a path stored in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
+
+from lightdiff.diffusion import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+NET_CLASSES: dict[str, type[UNet2DModel]] = {"UNet2DModel": UNet2DModel}
+METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
+
+
+@dataclass
+class TrainedDenoiser:
+    net: UNet2DModel
+    schedule: NoiseSchedule
+    prediction_type: str
+    class_names: list[str] | None
+    source: str  # the checkpoint file or pipeline folder it came from
+    uses_ema: bool  # whether `net` holds the EMA weights
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """`torch.load` restricted to tensors and plain data, with errors that name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # pickle errors, truncated zip archives, refused globals
+        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
+
+
+def _from_lightning_checkpoint(path: Path, use_ema: bool) -> TrainedDenoiser:
+    checkpoint = load_checkpoint_file(path)
+    meta = checkpoint.get("lightdiff")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a lightdiff checkpoint (no 'lightdiff' block)")
+    net_class = NET_CLASSES.get(meta.get("net_class", ""))
+    if net_class is None:
+        raise ValueError(f"{path}: network class {meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
+    net = net_class.from_config(meta["net_config"])
+    prefix = "net."
+    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(weights)
+    ema_state = checkpoint.get("callbacks", {}).get("ema") or {}
+    uses_ema = bool(use_ema and ema_state)
+    if uses_ema:
+        shadow = ema_state["shadow_params"]
+        parameters = list(net.parameters())
+        if len(shadow) != len(parameters):
+            raise ValueError(f"{path}: EMA holds {len(shadow)} tensors for {len(parameters)} parameters")
+        with torch.no_grad():
+            for parameter, average in zip(parameters, shadow):
+                parameter.copy_(average)
+    elif use_ema:
+        log.warning("%s has no EMA weights; sampling with the raw weights", path)
+    return TrainedDenoiser(
+        net=net.eval(),
+        schedule=NoiseSchedule(**meta["schedule"]),
+        prediction_type=meta["prediction_type"],
+        class_names=meta.get("class_names"),
+        source=str(path),
+        uses_ema=uses_ema,
+    )
+
+
+def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
+    if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
+        raise ValueError(f"{folder} is not a diffusers pipeline folder (it needs unet/ and scheduler/)")
+    net = UNet2DModel.from_pretrained(folder / "unet")
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    metadata_path = folder / METADATA_FILE
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
+    return TrainedDenoiser(
+        net=net.eval(),
+        schedule=NoiseSchedule.from_scheduler_config(scheduler_config),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        class_names=metadata.get("class_names"),
+        source=str(folder),
+        uses_ema=bool(metadata.get("uses_ema", False)),
+    )
+
+
+def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:
+    """A Lightning checkpoint file (EMA weights by default) or an exported pipeline folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _from_pipeline_folder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
+    return _from_lightning_checkpoint(path, use_ema)
+
+
+def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: str | Path) -> Path:
+    """Write a diffusers `DDPMPipeline` folder (safetensors) with `scheduler` as its sampler."""
+    folder = Path(folder).expanduser()
+    DDPMPipeline(unet=denoiser.net, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+    metadata = {"class_names": denoiser.class_names, "uses_ema": denoiser.uses_ema, "source": denoiser.source}
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return folder

@@ -1,0 +1,71 @@
+"""wandb that never blocks: online with credentials, offline (with the sync command) without, same run on resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pytorch_lightning.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        netrc_path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        return netrc_path.exists() and any("wandb" in host for host in netrc.netrc(netrc_path).hosts)
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(
+    run_dir: str,  # the run folder: wandb files and the stored run id live here
+    run_name: str,  # display name of the run
+    project: str = "lightdiff",  # wandb project
+    entity: str | None = None,  # wandb team or user; None uses the default of the credentials
+    group: str | None = None,  # wandb group (sweeps put all their runs in one)
+    tags: list[str] | None = None,  # wandb tags
+    mode: Literal["auto", "online", "offline"] = "auto",  # auto: online when credentials exist, else offline
+) -> WandbLogger:
+    """A WandbLogger whose run id is stored in the run folder before training, so a resumed run continues it."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / RUN_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+    environment_mode = os.environ.get("WANDB_MODE")
+    offline = mode == "offline" or environment_mode in ("offline", "dryrun") or (
+        mode == "auto" and environment_mode != "online" and not _has_wandb_credentials()
+    )
+    if offline:
+        log.warning(
+            "wandb runs offline (no credentials found; `wandb login` or WANDB_API_KEY to log online). "
+            "Upload later with: wandb sync %s/wandb/offline-run-*-%s",
+            folder,
+            run_id,
+        )
+    return WandbLogger(
+        name=run_name,
+        save_dir=str(folder),
+        project=project,
+        entity=entity,
+        group=group,
+        tags=tags,
+        id=run_id,
+        resume="allow",
+        offline=offline,
+        log_model=False,  # checkpoints stay in the run folder; uploading them is the user's choice
+    )

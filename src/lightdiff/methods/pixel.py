@@ -1,0 +1,126 @@
+"""Pixel-space DDPM (Ho et al. 2020) with epsilon, v or x0 prediction, min-SNR weighting and offset noise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import pytorch_lightning as pl
+import torch
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+
+from lightdiff.diffusion import (
+    LossWeighting,
+    NoiseSchedule,
+    PredictionType,
+    add_noise,
+    loss_weight,
+    offset_noise,
+    training_target,
+    weighted_mse,
+)
+from lightdiff.sampling import SchedulerFactory, generate, generators_for, make_scheduler
+
+CHECKPOINT_FORMAT = 1  # bump when the "lightdiff" block of a checkpoint changes meaning
+
+
+class PixelDiffusion(pl.LightningModule):
+    """Learns to denoise x_t = alpha_t x_0 + sigma_t eps with a diffusers UNet2DModel, directly on pixels."""
+
+    def __init__(
+        self,
+        net: UNet2DModel,  # the denoiser; class-conditional when net.config.num_class_embeds is set
+        schedule: NoiseSchedule,  # the forward process (the `schedule` config group)
+        prediction_type: PredictionType = "epsilon",  # network target: epsilon | v_prediction | sample
+        loss_weighting: LossWeighting = "none",  # none | min_snr (Hang et al. 2023)
+        min_snr_gamma: float = 5.0,  # gamma of min-SNR weighting
+        offset_noise: float = 0.0,  # strength of per-channel offset noise (0 disables)
+        lr: float = 1e-4,  # peak AdamW learning rate
+        adam_betas: tuple[float, float] = (0.9, 0.999),  # AdamW (beta1, beta2)
+        weight_decay: float = 0.0,  # AdamW decoupled weight decay
+        adam_eps: float = 1e-8,  # AdamW epsilon
+        lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
+        warmup_steps: int = 0,  # linear learning-rate warm-up from 0
+        class_names: Sequence[str] | None = None,  # label -> name, filled in from the data set by train.py
+    ) -> None:
+        super().__init__()
+        # Checked here, not at the first step, so a typo fails before any output is written.
+        if prediction_type not in get_args(PredictionType):
+            raise ValueError(f"model.prediction_type={prediction_type!r} is not one of {get_args(PredictionType)}")
+        if loss_weighting not in get_args(LossWeighting):
+            raise ValueError(f"model.loss_weighting={loss_weighting!r} is not one of {get_args(LossWeighting)}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
+        if min_snr_gamma <= 0:
+            raise ValueError(f"model.min_snr_gamma={min_snr_gamma} must be positive")
+        self.net = net
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.lr = lr
+        self.adam_betas = tuple(adam_betas)
+        self.weight_decay = weight_decay
+        self.adam_eps = adam_eps
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
+        self.class_names = list(class_names) if class_names else None
+        # float32 copy of alpha_bar; not persistent, it is a pure function of the schedule.
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod().float(), persistent=False)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0 = batch["pixel_values"]
+        labels = batch["label"] if self.net.config.num_class_embeds is not None else None
+        noise = offset_noise(torch.randn_like(x0), self.offset_noise)
+        timesteps = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = add_noise(x0, noise, self.alphas_cumprod, timesteps)
+        prediction = self.net(x_t, timesteps, class_labels=labels).sample
+        target = training_target(self.prediction_type, x0, noise, self.alphas_cumprod, timesteps)
+        weight = loss_weight(self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma)
+        loss = weighted_mse(prediction, target, weight)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping, so a spike shows at its true size.
+        norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay, eps=self.adam_eps
+        )
+        total_steps = self.trainer.max_steps
+        if self.lr_schedule == "cosine" and total_steps <= 0:
+            raise ValueError("model.lr_schedule=cosine needs trainer.max_steps to know where the cosine ends")
+        name = "cosine" if self.lr_schedule == "cosine" else "constant_with_warmup"
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seeds: Sequence[int],
+        sampler: SchedulerFactory,
+        steps: int,
+        labels: torch.Tensor | None = None,
+        eta: float = 0.0,
+    ) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W), one per seed, with the current weights of `self.net`."""
+        scheduler = make_scheduler(sampler, self.schedule, self.prediction_type)
+        return generate(self.net, scheduler, steps, generators_for(seeds), class_labels=labels, eta=eta)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain data only: enough to rebuild the network and sampler without this class or its config.
+        checkpoint["lightdiff"] = {
+            "format": CHECKPOINT_FORMAT,
+            "method": "pixel",
+            "net_class": type(self.net).__name__,
+            "net_config": {k: v for k, v in self.net.config.items() if not k.startswith("_")},
+            "schedule": dict(vars(self.schedule)),
+            "prediction_type": self.prediction_type,
+            "class_names": self.class_names,
+        }

@@ -1,0 +1,152 @@
+"""The shapes metric: how many generated images are a valid shapes-data-set image, of the asked-for class.
+
+Input is explicit: uint8 RGB images shaped (N, H, W, 3) (numpy or torch). Anything else is refused, because a
+[-1, 1] or [0, 1] float image read as uint8 would score as an all-black failure without a word.
+
+Each image is judged on its own:
+- foreground coverage alpha = brightness / brightness of the shape's core (so anti-aliased edges count
+  fractionally), brightness being the maximum over RGB;
+- valid: exactly one foreground blob (stray pixels outside it at most 3% of its area), a dark background,
+  a size within the data set's range, a colour near one of the eight palette colours, and a recognised shape;
+- shape, from two scale-free numbers: fill = area / (soft width x soft height) (square 1, circle pi/4,
+  triangle 1/2) and the drop of the area centroid below the box centre (triangle apex up: 1/6 of the height).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from lightdiff.data.shapes import COLOR_NAMES, COLORS, MAX_SIDE, MIN_SIDE, SHAPES, class_label
+
+_PALETTE = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float64)
+_FOREGROUND = 80  # brightness (0-255) above which a pixel belongs to a shape; the darkest colour peaks at 180
+_MAX_BACKGROUND = 30  # mean brightness allowed for the background away from the shape
+_MAX_COLOR_DISTANCE = 60.0  # RGB distance to the nearest palette colour
+_FILL = {"circle": np.pi / 4, "square": 1.0}
+_FILL_TOLERANCE = 0.1
+_TRIANGLE_DROP = 1 / 6
+
+
+@dataclass(frozen=True)
+class ShapeJudgement:
+    valid: bool  # one shape of the data set on a dark background
+    shape: str | None  # recognised shape, None if none
+    color: str | None  # nearest palette colour, None if none is close
+
+
+def _as_uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if images.dtype != np.uint8:
+        raise TypeError(
+            f"the shapes metric takes uint8 RGB images (N, H, W, 3), got dtype {images.dtype}; "
+            "convert [-1, 1] tensors with lightdiff.sampling.to_uint8 first"
+        )
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"the shapes metric takes images shaped (N, H, W, 3), got {tuple(images.shape)}")
+    return images
+
+
+def judge_image(image: np.ndarray) -> ShapeJudgement:
+    """Judge one uint8 (H, W, 3) image."""
+    resolution = min(image.shape[:2])
+    pixels = image.astype(np.float64)
+    brightness = pixels.max(axis=-1)
+    foreground = brightness > _FOREGROUND
+    components, count = ndimage.label(foreground)
+    if count == 0:
+        return ShapeJudgement(False, None, None)
+    areas = ndimage.sum(foreground, components, index=np.arange(1, count + 1))
+    blob = components == (int(np.argmax(areas)) + 1)
+    stray = foreground.sum() - blob.sum()
+    # The shape's own pixels: the blob and its anti-aliased one-pixel rim.
+    region = ndimage.binary_dilation(blob, iterations=1)
+    background = ~ndimage.binary_dilation(blob, iterations=2)
+    background_dark = background.any() and brightness[background].mean() <= _MAX_BACKGROUND
+
+    core = np.percentile(brightness[blob], 90)
+    alpha = np.where(region, np.clip(brightness / core, 0, 1), 0.0)
+    area = alpha.sum()
+    width, height = alpha.max(axis=0).sum(), alpha.max(axis=1).sum()
+    rows = np.arange(alpha.shape[0], dtype=np.float64)
+    row_profile = alpha.max(axis=1)
+    box_centre = (rows * row_profile).sum() / row_profile.sum()
+    area_centre = (rows * alpha.sum(axis=1)).sum() / area
+    fill = area / (width * height)
+    drop = (area_centre - box_centre) / height
+
+    if drop > _TRIANGLE_DROP / 2 and abs(fill - 0.5) <= 0.15:
+        shape: str | None = "triangle"
+    elif abs(drop) <= _TRIANGLE_DROP / 2:
+        nearest = min(_FILL, key=lambda name: abs(_FILL[name] - fill))
+        shape = nearest if abs(_FILL[nearest] - fill) <= _FILL_TOLERANCE else None
+    else:
+        shape = None
+
+    solid = alpha > 0.9
+    mean_color = pixels[solid].mean(axis=0) if solid.any() else pixels[blob].mean(axis=0)
+    distances = np.linalg.norm(_PALETTE - mean_color, axis=1)
+    color = COLOR_NAMES[int(np.argmin(distances))] if distances.min() <= _MAX_COLOR_DISTANCE else None
+
+    side = np.sqrt(width * height) / resolution
+    plausible_size = 0.8 * MIN_SIDE <= side <= MAX_SIDE + 2 / resolution
+    square_box = 0.7 <= width / height <= 1.4
+    valid = bool(
+        background_dark
+        and stray <= max(1.0, 0.03 * blob.sum())
+        and plausible_size
+        and square_box
+        and shape is not None
+        and color is not None
+    )
+    return ShapeJudgement(valid, shape, color)
+
+
+def _parse_prompt(prompt: str) -> tuple[str | None, str | None]:
+    words = prompt.lower().split()
+    shape = next((w for w in words if w in SHAPES), None)
+    color = next((w for w in words if w in COLORS), None)
+    return shape, color
+
+
+def shapes_metric(
+    images: np.ndarray | torch.Tensor,
+    labels: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Fractions of `images` that are valid, of the right colour, shape and both; class coverage.
+
+    `labels` (shapes class labels) or `prompts` ("a red circle") say what each image was made for; without
+    either, only validity and coverage (the share of the 24 classes seen among valid images) are reported.
+    """
+    images = _as_uint8_images(images)
+    if labels is not None and prompts is not None:
+        raise ValueError("give labels or prompts, not both")
+    wanted: list[tuple[str | None, str | None]] | None = None
+    if labels is not None:
+        if len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        wanted = [(SHAPES[int(lbl) // len(COLORS)], COLOR_NAMES[int(lbl) % len(COLORS)]) for lbl in labels]
+    elif prompts is not None:
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        wanted = [_parse_prompt(p) for p in prompts]
+
+    judgements = [judge_image(image) for image in images]
+    valid = np.array([j.valid for j in judgements])
+    seen_classes = {class_label(j.shape, j.color) for j in judgements if j.valid and j.shape and j.color}
+    result = {"valid": float(valid.mean()), "coverage": len(seen_classes) / (len(SHAPES) * len(COLORS))}
+    if wanted is not None:
+        right_shape = np.array([j.valid and j.shape == w[0] for j, w in zip(judgements, wanted)])
+        right_color = np.array([j.valid and j.color == w[1] for j, w in zip(judgements, wanted)])
+        result.update(
+            shape=float(right_shape.mean()),
+            color=float(right_color.mean()),
+            both=float((right_shape & right_color).mean()),
+        )
+    return result

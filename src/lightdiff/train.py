@@ -1,0 +1,97 @@
+"""The body of `python train.py`: check the config, build data, model, callbacks, loggers and trainer, fit.
+
+Nothing is written before the whole config has been checked and every object built, so a config mistake never
+leaves a half-made run folder. The run folder is `outputs/<run_name>/`; running the same run_name again resumes it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from pytorch_lightning.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lightdiff.checkpointing import AtomicCheckpointIO
+from lightdiff.config import ConfigError, check_config
+
+log = logging.getLogger(__name__)
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file")
+        return str(path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume and last.is_file():
+        return str(last)
+    return None
+
+
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Save the resolved config; on resume, warn about every line that changed since the run began."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = run_dir / "config.yaml"
+    if path.exists() and path.read_text() != text:
+        changes = [
+            line
+            for line in difflib.unified_diff(path.read_text().splitlines(), text.splitlines(), lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))
+        ]
+        log.warning("the config differs from the one this run started with:\n%s", "\n".join(changes))
+        path.rename(run_dir / "config.previous.yaml")
+    path.write_text(text)
+
+
+def run(cfg: DictConfig) -> pl.Trainer:
+    check_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.net)
+    num_class_embeds = net.config.num_class_embeds
+    if num_class_embeds is not None and datamodule.num_classes == 0:
+        raise ConfigError("net.num_class_embeds is set but the data set has no labels; set it to null")
+    if num_class_embeds is not None and datamodule.num_classes > num_class_embeds:
+        raise ConfigError(
+            f"net.num_class_embeds={num_class_embeds} is smaller than the data set's {datamodule.num_classes} classes"
+        )
+    if net.config.sample_size != cfg.data.resolution:
+        raise ConfigError(f"net.sample_size={net.config.sample_size} differs from data.resolution={cfg.data.resolution}")
+    model = instantiate(cfg.model, net=net, class_names=datamodule.class_names)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    ckpt_path = _resume_path(cfg, run_dir)
+
+    # Everything is built: from here on files are written.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(run_dir / "train.log")
+    file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(file_handler)
+    _write_config(cfg, run_dir)
+    logger = instantiate(cfg.logger) if cfg.logger is not None else False
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()]
+    )
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if ckpt_path:
+        log.info("resuming %s from %s", cfg.run_name, ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # The last step is saved even when max_steps is not a multiple of the checkpoint interval.
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    finally:
+        logging.getLogger().removeHandler(file_handler)
+        file_handler.close()
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish()  # sequential multirun jobs must not log into the previous job's run
+    log.info("run folder: %s", run_dir)
+    return trainer
