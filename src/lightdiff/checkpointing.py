@@ -28,6 +28,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(temporary).unlink(missing_ok=True)
             raise
 
-    def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # Tensors and plain data only: a checkpoint never needs to execute code to load.
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -42,13 +43,13 @@ def wandb_logger(
     if id_file.exists():
         run_id = id_file.read_text().strip()
     else:
-        import wandb
-
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:8]  # wandb's id alphabet: lowercase letters and digits
         id_file.write_text(run_id + "\n")
     environment_mode = os.environ.get("WANDB_MODE")
-    offline = mode == "offline" or environment_mode in ("offline", "dryrun") or (
-        mode == "auto" and environment_mode != "online" and not _has_wandb_credentials()
+    offline = (
+        mode == "offline"
+        or environment_mode in ("offline", "dryrun")
+        or (mode == "auto" and environment_mode != "online" and not _has_wandb_credentials())
     )
     if offline:
         log.warning(

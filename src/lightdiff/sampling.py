@@ -80,10 +80,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def grid_columns(count: int) -> int:
+    """Columns of the default (square) grid of `count` images."""
+    return int(np.ceil(np.sqrt(count)))
+
+
 def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 1) -> Image.Image:
     """uint8 (B, H, W, 3) -> one PIL grid, `columns` wide (default: square), optionally upscaled (nearest)."""
     count, height, width, _ = images.shape
-    columns = columns or int(np.ceil(np.sqrt(count)))
+    columns = columns or grid_columns(count)
     rows = int(np.ceil(count / columns))
     grid = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
     for index, image in enumerate(images):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from pytorch_lightning.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from lightdiff.checkpointing import AtomicCheckpointIO
 from lightdiff.config import ConfigError, check_config
@@ -63,7 +63,9 @@ def run(cfg: DictConfig) -> pl.Trainer:
             f"net.num_class_embeds={num_class_embeds} is smaller than the data set's {datamodule.num_classes} classes"
         )
     if net.config.sample_size != cfg.data.resolution:
-        raise ConfigError(f"net.sample_size={net.config.sample_size} differs from data.resolution={cfg.data.resolution}")
+        raise ConfigError(
+            f"net.sample_size={net.config.sample_size} differs from data.resolution={cfg.data.resolution}"
+        )
     model = instantiate(cfg.model, net=net, class_names=datamodule.class_names)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     ckpt_path = _resume_path(cfg, run_dir)
@@ -73,6 +75,9 @@ def run(cfg: DictConfig) -> pl.Trainer:
     file_handler = logging.FileHandler(run_dir / "train.log")
     file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(file_handler)
+    package_logger = logging.getLogger("lightdiff")
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)  # resumes, metrics and the run folder belong in train.log
     _write_config(cfg, run_dir)
     logger = instantiate(cfg.logger) if cfg.logger is not None else False
     trainer: pl.Trainer = instantiate(

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from lightdiff.callbacks.ema import find_ema
 from lightdiff.data.shapes import ShapesDataset
 from lightdiff.metrics import shapes_metric
-from lightdiff.sampling import SchedulerFactory, image_grid, to_uint8
+from lightdiff.sampling import SchedulerFactory, grid_columns, image_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class SampleGrid(pl.Callback):
             pl_module.train(was_training)
         pixels = to_uint8(images)
         step = trainer.global_step
-        grid = image_grid(pixels[: self.num_images], scale=self.upscale)
+        shown = min(count, self.num_images)  # the final round samples more images than the grid shows
+        grid = image_grid(pixels[:shown], scale=self.upscale)
         folder = Path(trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"{prefix}_step{step:07d}.png")
@@ -96,8 +97,9 @@ class SampleGrid(pl.Callback):
             if metrics:
                 logger.log_metrics(metrics, step=step)
             if isinstance(logger, WandbLogger):
-                caption = None
                 if labels is not None and getattr(pl_module, "class_names", None):
-                    caption = ", ".join(pl_module.class_names[int(label)] for label in labels[:8]) + ", ..."
-                logger.log_image(key=f"{prefix}/grid", images=[grid], caption=[caption] if caption else None, step=step)
+                    caption = ", ".join(pl_module.class_names[int(label)] for label in labels[: grid_columns(shown)])
+                    logger.log_image(key=f"{prefix}/grid", images=[grid], caption=[f"first row: {caption}"], step=step)
+                else:
+                    logger.log_image(key=f"{prefix}/grid", images=[grid], step=step)
         return metrics

@@ -39,5 +39,8 @@ class ImagesPerSecond(pl.Callback):
             seconds = time.perf_counter() - self._run_start
             log.info(
                 "trained %d steps, %d images in %.1f s: %.1f images/s (sampling and checkpointing included)",
-                trainer.global_step, self._run_images, seconds, self._run_images / max(seconds, 1e-9),
+                trainer.global_step,
+                self._run_images,
+                seconds,
+                self._run_images / max(seconds, 1e-9),
             )

@@ -47,7 +47,7 @@ def _read_metadata(root: Path) -> dict[str, dict]:
 
 
 class ImageFolderDataset(Dataset):
-    """Every image below `root`, with captions and labels from `root/metadata.jsonl` when it exists."""
+    """Every image below `root`, or, when `root/metadata.jsonl` exists, the images it lists with their captions."""
 
     def __init__(
         self,
@@ -65,6 +65,14 @@ class ImageFolderDataset(Dataset):
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.dataset.root={root!r}")
         metadata = _read_metadata(self.root)
+        if metadata:
+            # As in Hugging Face's imagefolder: metadata.jsonl, when present, lists the data set (sample.py's
+            # grid.png beside the samples is not a sample).
+            listed = {p.relative_to(self.root).as_posix(): p for p in paths}
+            missing = [name for name in metadata if name not in listed]
+            if missing:
+                raise FileNotFoundError(f"{self.root / 'metadata.jsonl'} lists missing image(s): {missing[:5]}")
+            paths = [listed[name] for name in sorted(metadata)]
         self.skipped: list[Path] = []
         if skip_bad:
             # Checked once up front so that every worker and rank agrees on the index -> file mapping.
@@ -118,7 +126,11 @@ class HFImageDataset(Dataset):
 
         self.dataset = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
         columns = self.dataset.column_names
-        for key, column in (("image_column", image_column), ("caption_column", caption_column), ("label_column", label_column)):
+        for key, column in (
+            ("image_column", image_column),
+            ("caption_column", caption_column),
+            ("label_column", label_column),
+        ):
             if column is not None and column not in columns:
                 raise KeyError(f"data.dataset.{key}={column!r} is not a column of {name!r}; columns: {columns}")
         self.name = name

@@ -42,13 +42,17 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     return noise + strength * shift.to(noise.dtype)
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """q(x_t | x_0): x_t = alpha_t x_0 + sigma_t eps (Ho et al. 2020, Equation 4)."""
     alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
     return _per_sample(alpha, x0) * x0 + _per_sample(sigma, x0) * noise
 
 
-def velocity(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def velocity(
+    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, "Progressive Distillation", Section 4 / Appendix D)."""
     alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
     return _per_sample(alpha, x0) * noise - _per_sample(sigma, x0) * x0

@@ -46,7 +46,9 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
 
 def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """Betas following a sigmoid over [-6, 6], rescaled to [beta_start, beta_end] (GeoDiff, Xu et al. 2022)."""
-    return torch.sigmoid(torch.linspace(-6, 6, num_timesteps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    return (
+        torch.sigmoid(torch.linspace(-6, 6, num_timesteps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    )
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,9 @@ class PixelDiffusion(pl.LightningModule):
         x_t = add_noise(x0, noise, self.alphas_cumprod, timesteps)
         prediction = self.net(x_t, timesteps, class_labels=labels).sample
         target = training_target(self.prediction_type, x0, noise, self.alphas_cumprod, timesteps)
-        weight = loss_weight(self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma)
+        weight = loss_weight(
+            self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
+        )
         loss = weighted_mse(prediction, target, weight)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -7,7 +7,7 @@ Each image is judged on its own:
 - foreground coverage alpha = brightness / brightness of the shape's core (so anti-aliased edges count
   fractionally), brightness being the maximum over RGB;
 - valid: exactly one foreground blob (stray pixels outside it at most 3% of its area), a dark background,
-  a size within the data set's range, a colour near one of the eight palette colours, and a recognised shape;
+  a size within the data set's range, one colour near one of the eight palette colours, and a recognised shape;
 - shape, from two scale-free numbers: fill = area / (soft width x soft height) (square 1, circle pi/4,
   triangle 1/2) and the drop of the area centroid below the box centre (triangle apex up: 1/6 of the height).
 """
@@ -92,6 +92,9 @@ def judge_image(image: np.ndarray) -> ShapeJudgement:
     mean_color = pixels[solid].mean(axis=0) if solid.any() else pixels[blob].mean(axis=0)
     distances = np.linalg.norm(_PALETTE - mean_color, axis=1)
     color = COLOR_NAMES[int(np.argmin(distances))] if distances.min() <= _MAX_COLOR_DISTANCE else None
+    # One colour: two overlapping shapes can form a plausible blob, but not a uniformly coloured one.
+    solid_pixels = pixels[solid] if solid.any() else pixels[blob]
+    uniform = np.mean(np.linalg.norm(solid_pixels - mean_color, axis=1) <= _MAX_COLOR_DISTANCE) >= 0.9
 
     side = np.sqrt(width * height) / resolution
     plausible_size = 0.8 * MIN_SIDE <= side <= MAX_SIDE + 2 / resolution
@@ -103,6 +106,7 @@ def judge_image(image: np.ndarray) -> ShapeJudgement:
         and square_box
         and shape is not None
         and color is not None
+        and uniform
     )
     return ShapeJudgement(valid, shape, color)
 

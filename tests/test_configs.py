@@ -1,0 +1,94 @@
+"""Every config group option composes and instantiates; config mistakes fail before any folder is made."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from lightdiff.config import ConfigError, check_config
+from lightdiff.train import run
+
+from .conftest import CONF, REPO, compose_config
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _group_overrides() -> list[list[str]]:
+    cases = []
+    for group in ("model", "net", "schedule", "sampler", "trainer", "logger", "callbacks"):
+        cases += [[f"{group}={option}"] for option in _options(group)]
+    cases += [["data=shapes"], ["data=image_folder", "data.root=ROOT"], ["data=hf", "data.name=ROOT"]]
+    cases += [[f"experiment={name}"] for name in _options("experiment")]
+    return cases
+
+
+@pytest.mark.parametrize("overrides", _group_overrides(), ids=lambda o: " ".join(o))
+def test_every_option_composes_and_checks(overrides: list[str], tmp_path: Path) -> None:
+    overrides = [o.replace("ROOT", str(tmp_path)) for o in overrides]
+    cfg = compose_config("train", [f"output_root={tmp_path}", *overrides])
+    check_config(cfg)
+    assert cfg.run_dir.startswith(str(tmp_path))
+    schedule = instantiate(cfg.schedule)
+    assert schedule.alphas_cumprod().shape == (cfg.schedule.num_train_timesteps,)
+    assert callable(instantiate(cfg.sampler))
+
+
+@pytest.mark.parametrize("option", _options("net"))
+def test_every_net_preset_builds_a_diffusers_unet(option: str, tmp_path: Path) -> None:
+    cfg = compose_config("train", [f"net={option}", "data.resolution=32"])
+    net = instantiate(cfg.net)
+    assert type(net).__name__ == "UNet2DModel" and net.config.sample_size == 32
+
+
+def test_cifar_net_has_the_ddpm_paper_size() -> None:
+    cfg = compose_config("train", ["experiment=cifar10_ddpm"])
+    net = instantiate(cfg.net)
+    parameters = sum(p.numel() for p in net.parameters())
+    assert 35.0e6 < parameters < 36.5e6  # Ho et al. 2020: 35.7M
+    assert cfg.schedule.beta_start == 1e-4 and cfg.schedule.beta_end == 0.02 and cfg.data.batch_size == 128
+
+
+def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
+    cfg = compose_config("train", ["schedule=cosine"])
+    assert cfg.run_name == "pixel-unet_tiny-shapes-cosine"
+    assert cfg.run_dir == "outputs/pixel-unet_tiny-shapes-cosine"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=abc"], "data.batch_size='abc'"),
+        (["model.prediction_type=eps"], "model.prediction_type='eps'"),
+        (["+data.colour=red"], "data.colour is not an argument"),
+        (["data=image_folder"], "data.root"),
+        (["schedule.num_train_timesteps=1.5"], "schedule.num_train_timesteps=1.5"),
+    ],
+)
+def test_config_mistakes_name_the_key_and_write_nothing(overrides: list[str], message: str, tmp_path: Path) -> None:
+    cfg = compose_config("train", [f"output_root={tmp_path}", "logger=csv", *overrides])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_group_option_is_a_hydra_error() -> None:
+    with pytest.raises(ConfigCompositionException, match="schedule"):
+        compose_config("train", ["schedule=cosinus"])
+
+
+def test_command_line_mistake_makes_no_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "train.py", f"output_root={tmp_path}", "logger=csv", "trainer.max_steps=ten"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "trainer.max_steps='ten'" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,65 @@
+"""Resume restores step, weights, EMA, optimiser and LR schedule; ckpt_path picks a checkpoint."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightdiff.config import ConfigError
+from lightdiff.export import load_checkpoint_file
+from lightdiff.train import run
+
+
+def _state(path: Path) -> dict:
+    return load_checkpoint_file(path)
+
+
+def test_same_run_name_resumes_from_last(tiny_train_config) -> None:
+    first = tiny_train_config("run_name=r", "trainer.max_steps=3", "model.lr_schedule=cosine", "model.warmup_steps=1")
+    run(first)
+    last = Path(first.run_dir) / "checkpoints" / "last.ckpt"
+    before = _state(last)
+    assert before["global_step"] == 3
+
+    # Run again with a later max_steps: continues at step 3, not from scratch.
+    trainer = run(
+        tiny_train_config("run_name=r", "trainer.max_steps=5", "model.lr_schedule=cosine", "model.warmup_steps=1")
+    )
+    assert trainer.global_step == 5
+    after = _state(last)
+    assert after["global_step"] == 5
+    assert after["callbacks"]["ema"]["optimization_step"] == 5
+    assert after["optimizer_states"][0]["state"][0]["step"].item() == 5  # AdamW's moments carried over
+    assert after["lr_schedulers"][0]["last_epoch"] == 5
+    assert "resuming r from" in (Path(first.run_dir) / "train.log").read_text()
+
+
+def test_resume_restores_weights_exactly(tiny_train_config) -> None:
+    """A resumed run that trains 0 more steps ends with exactly the weights and EMA it loaded."""
+    cfg = tiny_train_config("run_name=same", "trainer.max_steps=2")
+    run(cfg)
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    before = _state(last)
+    trainer = run(tiny_train_config("run_name=same", "trainer.max_steps=2"))
+    assert trainer.global_step == 2
+    after = _state(last)
+    for key, value in before["state_dict"].items():
+        assert torch.equal(value, after["state_dict"][key]), key
+    for a, b in zip(before["callbacks"]["ema"]["shadow_params"], after["callbacks"]["ema"]["shadow_params"]):
+        assert torch.equal(a, b)
+
+
+def test_resume_false_starts_over_and_ckpt_path_is_checked(tiny_train_config) -> None:
+    run(tiny_train_config("run_name=fresh", "trainer.max_steps=2"))
+    trainer = run(tiny_train_config("run_name=fresh", "trainer.max_steps=2", "resume=false"))
+    assert trainer.global_step == 2  # trained 2 new steps from scratch rather than stopping at once
+    with pytest.raises(ConfigError, match="missing.ckpt"):
+        run(tiny_train_config("run_name=other", "ckpt_path=/nonexistent/missing.ckpt"))
+
+
+def test_ckpt_path_resumes_another_checkpoint(tiny_train_config) -> None:
+    cfg = tiny_train_config("run_name=source", "trainer.max_steps=2")
+    run(cfg)
+    source = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    trainer = run(tiny_train_config("run_name=target", "trainer.max_steps=3", f"ckpt_path={source}"))
+    assert trainer.global_step == 3

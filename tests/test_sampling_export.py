@@ -1,0 +1,129 @@
+"""sample.py: determinism, metadata, samplers; export to a diffusers pipeline that reproduces the images."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline
+from hydra.utils import instantiate
+from PIL import Image
+
+from lightdiff.data import ImageFolderDataModule
+from lightdiff.export import load_denoiser
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import generate, generators_for, make_scheduler
+from lightdiff.train import run as train_run
+
+from .conftest import TINY, compose_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One unconditional and one class-conditional tiny model, trained once for the whole module."""
+    root = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for name, extra in (("uncond", []), ("class", ["experiment=shapes_class"])):
+        cfg = compose_config("train", [f"output_root={root}", *TINY, f"run_name={name}", "trainer.max_steps=3", *extra])
+        train_run(cfg)
+        paths[name] = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    return paths
+
+
+def _sample(ckpt: Path, out: Path, *overrides: str) -> Path:
+    return sample_run(compose_config("sample", [f"ckpt={ckpt}", f"out={out}", "num_images=6", "steps=4", *overrides]))
+
+
+def _pixels(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("0*.png"))])
+
+
+def test_same_seed_same_images_any_batch_size(trained: dict[str, Path], tmp_path: Path) -> None:
+    a = _pixels(_sample(trained["uncond"], tmp_path / "a", "seed=5"))
+    b = _pixels(_sample(trained["uncond"], tmp_path / "b", "seed=5", "batch_size=4"))
+    c = _pixels(_sample(trained["uncond"], tmp_path / "c", "seed=6"))
+    assert a.shape == (6, 16, 16, 3)
+    assert np.array_equal(a, b)
+    assert np.array_equal(a[1:], c[:5])  # image i depends on seed + i only
+    assert not np.array_equal(a, c)
+
+
+def test_metadata_and_grid(trained: dict[str, Path], tmp_path: Path) -> None:
+    out = _sample(trained["class"], tmp_path / "s", "sampler=ddim", "eta=0.5", "label=9")
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in records] == [f"{i:06d}.png" for i in range(6)]
+    assert [r["seed"] for r in records] == list(range(6))
+    assert {r["label"] for r in records} == {9} and {r["text"] for r in records} == {"a green square"}
+    assert records[0]["sampler"] == "DDIMScheduler" and records[0]["steps"] == 4 and records[0]["eta"] == 0.5
+    assert Image.open(out / "grid.png").size == (3 * 16, 2 * 16)
+    # the output folder is itself a training set, captions and labels included
+    data = ImageFolderDataModule(root=str(out), resolution=16, batch_size=2, num_workers=0)
+    assert len(data.dataset) == 6 and data.dataset[0]["text"] == "a green square" and data.dataset[0]["label"] == 9
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm", "euler"])
+def test_every_sampler_is_deterministic(sampler: str, trained: dict[str, Path], tmp_path: Path) -> None:
+    first = _pixels(_sample(trained["uncond"], tmp_path / "1", f"sampler={sampler}"))
+    second = _pixels(_sample(trained["uncond"], tmp_path / "2", f"sampler={sampler}"))
+    assert np.array_equal(first, second)
+
+
+def test_ddim_eta_changes_images(trained: dict[str, Path], tmp_path: Path) -> None:
+    deterministic = _pixels(_sample(trained["uncond"], tmp_path / "0", "eta=0.0"))
+    stochastic = _pixels(_sample(trained["uncond"], tmp_path / "1", "eta=1.0"))
+    assert not np.array_equal(deterministic, stochastic)
+    with pytest.raises(ValueError, match="only the ddim sampler takes eta"):
+        _sample(trained["uncond"], tmp_path / "2", "sampler=euler", "eta=0.5")
+
+
+@pytest.mark.parametrize(("sampler", "pipeline_class"), [("ddim", DDIMPipeline), ("ddpm", DDPMPipeline)])
+def test_export_round_trip_with_plain_diffusers(
+    sampler: str, pipeline_class: type, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = sample_run(
+        compose_config("sample", [f"ckpt={trained['uncond']}", f"export={tmp_path / 'pipe'}", f"sampler={sampler}"])
+    )
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+
+    denoiser = load_denoiser(trained["uncond"])
+    assert denoiser.uses_ema
+    sampler_factory = instantiate(compose_config("sample", ["ckpt=unused", f"sampler={sampler}"]).sampler)
+    scheduler = make_scheduler(sampler_factory, denoiser.schedule, denoiser.prediction_type)
+    seeds = [0, 1, 2]
+    ours = generate(denoiser.net, scheduler, 10, generators_for(seeds)).permute(0, 2, 3, 1).numpy()
+    pipeline = pipeline_class.from_pretrained(folder)
+    theirs = pipeline(batch_size=3, generator=generators_for(seeds), num_inference_steps=10, output_type="np").images
+    assert np.abs(ours - theirs).max() < 1e-5
+
+    # sample.py reads the exported folder too and gives the checkpoint's images
+    from_ckpt = _pixels(_sample(trained["uncond"], tmp_path / "ckpt", f"sampler={sampler}"))
+    from_export = _pixels(_sample(folder, tmp_path / "export", f"sampler={sampler}"))
+    assert np.array_equal(from_ckpt, from_export)
+
+
+def test_raw_weights_differ_from_ema(trained: dict[str, Path]) -> None:
+    ema, raw = load_denoiser(trained["uncond"]), load_denoiser(trained["uncond"], use_ema=False)
+    assert ema.uses_ema and not raw.uses_ema
+    assert any(not torch.equal(a, b) for a, b in zip(ema.net.parameters(), raw.net.parameters()))
+
+
+def test_class_conditional_export_keeps_class_names(trained: dict[str, Path], tmp_path: Path) -> None:
+    folder = sample_run(compose_config("sample", [f"ckpt={trained['class']}", f"export={tmp_path / 'pipe'}"]))
+    denoiser = load_denoiser(folder)
+    assert denoiser.net.config.num_class_embeds == 24
+    assert denoiser.class_names[9] == "a green square"
+
+
+def test_bad_inputs_are_named(trained: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        _sample(tmp_path / "nope.ckpt", tmp_path / "o")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.ckpt"):
+        _sample(garbage, tmp_path / "o")
+    with pytest.raises(ValueError, match="label=3"):
+        _sample(trained["uncond"], tmp_path / "o", "label=3")
+    with pytest.raises(ValueError, match="label=30"):
+        _sample(trained["class"], tmp_path / "o", "label=30")

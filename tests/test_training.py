@@ -1,0 +1,124 @@
+"""Tiny end-to-end runs through the real configs: every option that changes the training step, 2 steps each."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightdiff.export import load_checkpoint_file
+from lightdiff.train import run
+
+from .conftest import compose_config
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    rows: list[dict[str, str]] = []
+    for path in files:
+        with path.open() as handle:
+            rows += list(csv.DictReader(handle))
+    return rows
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["schedule=cosine"],
+        ["schedule=scaled_linear", "model.prediction_type=v_prediction"],
+        ["schedule=sigmoid", "model.prediction_type=sample", "model.loss_weighting=min_snr"],
+        ["model.loss_weighting=min_snr", "model.offset_noise=0.1", "model.lr_schedule=constant"],
+        ["experiment=shapes_class"],
+        ["sampler=dpm"],
+        ["sampler=euler"],
+        ["sampler=ddpm"],
+    ],
+    ids=lambda o: " ".join(o) or "defaults",
+)
+def test_two_step_run_writes_checkpoint_grid_and_metrics(overrides: list[str], tiny_train_config) -> None:
+    cfg = tiny_train_config(*overrides)
+    trainer = run(cfg)
+    run_dir = Path(cfg.run_dir)
+    assert trainer.global_step == 2
+    checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 2
+    meta = checkpoint["lightdiff"]
+    assert meta["prediction_type"] == cfg.model.prediction_type
+    assert meta["schedule"]["beta_schedule"] == cfg.schedule.beta_schedule
+    ema = checkpoint["callbacks"]["ema"]
+    assert ema["optimization_step"] == 2
+    raw = [v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")]
+    assert len(ema["shadow_params"]) == len(raw)
+    assert any(not torch.equal(a, b) for a, b in zip(ema["shadow_params"], raw))  # the average lags the weights
+    losses = [float(r["train/loss"]) for r in _metrics(run_dir) if r.get("train/loss")]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    grid = Image.open(run_dir / "samples" / "final_step0000002.png")
+    assert grid.size == (2 * 16 * 4, 2 * 16 * 4)  # 4 images of 16 px, 2x2, upscaled 4x
+    assert (run_dir / "config.yaml").read_text().count("prediction_type") == 1
+    final = (run_dir / "final_metrics.json").read_text()
+    assert "final/shapes_valid" in final
+
+
+def test_logged_values_learning_rate_grad_norm_throughput(tiny_train_config) -> None:
+    cfg = tiny_train_config(
+        "trainer.max_steps=4", "model.warmup_steps=2", "model.lr=1e-3", "model.lr_schedule=constant"
+    )
+    run(cfg)
+    rows = _metrics(Path(cfg.run_dir))
+    learning_rates = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert learning_rates[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # linear warm-up over 2 steps, then constant
+    assert all(float(r["train/grad_norm"]) > 0 for r in rows if r.get("train/grad_norm"))
+    assert sum(1 for r in rows if r.get("train/images_per_sec")) >= 3
+
+
+def test_loss_falls_on_shapes(tiny_train_config) -> None:
+    cfg = tiny_train_config(
+        "trainer.max_steps=60",
+        "data.batch_size=16",
+        "data.size=512",
+        "model.lr=2e-3",
+        "model.warmup_steps=5",
+        "callbacks.checkpoint.every_n_train_steps=30",
+        "trainer.log_every_n_steps=1",
+    )
+    run(cfg)
+    losses = [float(r["train/loss"]) for r in _metrics(Path(cfg.run_dir)) if r.get("train/loss")]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_class_conditional_without_labels_fails_early(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / f"{i}.png")
+    overrides = [
+        f"output_root={tmp_path}",
+        "logger=csv",
+        "data=image_folder",
+        f"data.root={folder}",
+        "data.batch_size=4",
+    ]
+    cfg = compose_config("train", [*overrides, "data.resolution=16", "data.num_workers=0", "net.num_class_embeds=24"])
+    with pytest.raises(ValueError, match="no labels"):
+        run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
+def test_wandb_offline_keeps_one_run_id_across_resume(
+    tiny_train_config, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = tiny_train_config("logger=wandb", "run_name=wb")
+    run(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    offline_runs = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline_runs) == 1
+    run(tiny_train_config("logger=wandb", "run_name=wb", "trainer.max_steps=3"))
+    assert (run_dir / "wandb_run_id.txt").read_text().strip() == run_id
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # two sessions, one run id
