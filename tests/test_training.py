@@ -35,6 +35,7 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
         ["sampler=dpm"],
         ["sampler=euler"],
         ["sampler=ddpm"],
+        ["trainer.precision=bf16-mixed"],
     ],
     ids=lambda o: " ".join(o) or "defaults",
 )
@@ -55,6 +56,7 @@ def test_two_step_run_writes_checkpoint_grid_and_metrics(overrides: list[str], t
     assert any(not torch.equal(a, b) for a, b in zip(ema["shadow_params"], raw))  # the average lags the weights
     losses = [float(r["train/loss"]) for r in _metrics(run_dir) if r.get("train/loss")]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # fp32 master weights, any precision
     grid = Image.open(run_dir / "samples" / "final_step0000002.png")
     assert grid.size == (2 * 16 * 4, 2 * 16 * 4)  # 4 images of 16 px, 2x2, upscaled 4x
     assert (run_dir / "config.yaml").read_text().count("prediction_type") == 1

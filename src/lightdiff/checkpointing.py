@@ -23,6 +23,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is an ordinary file
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> pl.Trainer:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         # The last step is saved even when max_steps is not a multiple of the checkpoint interval.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     finally:
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()
