@@ -11,7 +11,7 @@ from PIL import Image
 from lightdiff.export import load_checkpoint_file
 from lightdiff.train import run
 
-from .conftest import compose_config
+from .conftest import TINY, compose_config
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -56,12 +56,21 @@ def test_two_step_run_writes_checkpoint_grid_and_metrics(overrides: list[str], t
     assert any(not torch.equal(a, b) for a, b in zip(ema["shadow_params"], raw))  # the average lags the weights
     losses = [float(r["train/loss"]) for r in _metrics(run_dir) if r.get("train/loss")]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # fp32 master weights, any precision
+    assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # fp32 weights at any precision
     grid = Image.open(run_dir / "samples" / "final_step0000002.png")
     assert grid.size == (2 * 16 * 4, 2 * 16 * 4)  # 4 images of 16 px, 2x2, upscaled 4x
     assert (run_dir / "config.yaml").read_text().count("prediction_type") == 1
     final = (run_dir / "final_metrics.json").read_text()
     assert "final/shapes_valid" in final
+
+
+def test_no_callbacks_still_saves_the_final_checkpoint(tmp_path: Path) -> None:
+    overrides = [o for o in TINY if not o.startswith("callbacks.")]
+    cfg = compose_config("train", [f"output_root={tmp_path}", *overrides, "callbacks=none", "trainer.max_steps=3"])
+    run(cfg)
+    checkpoint = load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 3 and "ema" not in checkpoint["callbacks"]
+    assert not (Path(cfg.run_dir) / "samples").exists()
 
 
 def test_logged_values_learning_rate_grad_norm_throughput(tiny_train_config) -> None:
@@ -70,7 +79,7 @@ def test_logged_values_learning_rate_grad_norm_throughput(tiny_train_config) -> 
     )
     run(cfg)
     rows = _metrics(Path(cfg.run_dir))
-    learning_rates = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    learning_rates = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
     assert learning_rates[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # linear warm-up over 2 steps, then constant
     assert all(float(r["train/grad_norm"]) > 0 for r in rows if r.get("train/grad_norm"))
     assert sum(1 for r in rows if r.get("train/images_per_sec")) >= 3

@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> pl.Trainer:
             f"net.sample_size={net.config.sample_size} differs from data.resolution={cfg.data.resolution}"
         )
     model = instantiate(cfg.model, net=net, class_names=datamodule.class_names)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     ckpt_path = _resume_path(cfg, run_dir)
 
     # Everything is built: from here on files are written.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,12 @@ class SampleGrid(pl.Callback):
         self.seed = seed
         self.final_num_images = final_num_images
         self.upscale = upscale
+        self._last_sampled_step = -1  # under gradient accumulation several batches end on the same step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != getattr(self, "_last_step", -1):
-            self._last_step = step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_sampled_step:
+            self._last_sampled_step = step
             self._sample_and_log(trainer, pl_module, self.num_images, "samples")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -70,17 +72,19 @@ class SampleGrid(pl.Callback):
             labels = torch.arange(count) % num_classes
         seeds = list(range(self.seed, self.seed + count))
         ema = find_ema(trainer)
+        weights = ema.averaged_weights(pl_module.net) if ema is not None else nullcontext()
         was_training = pl_module.training
         pl_module.eval()
+        chunks = []
         try:
-            if ema is not None:
-                with ema.averaged_weights(pl_module.net):
-                    images = pl_module.generate(seeds, self.sampler, self.steps, labels=labels)
-            else:
-                images = pl_module.generate(seeds, self.sampler, self.steps, labels=labels)
+            with weights:
+                for start in range(0, count, self.num_images):  # the grid's size bounds the batch's memory
+                    chunk_labels = labels[start : start + self.num_images] if labels is not None else None
+                    chunk_seeds = seeds[start : start + self.num_images]
+                    chunks.append(pl_module.generate(chunk_seeds, self.sampler, self.steps, labels=chunk_labels))
         finally:
             pl_module.train(was_training)
-        pixels = to_uint8(images)
+        pixels = to_uint8(torch.cat(chunks))
         step = trainer.global_step
         shown = min(count, self.num_images)  # the final round samples more images than the grid shows
         grid = image_grid(pixels[:shown], scale=self.upscale)

@@ -83,6 +83,7 @@ class PixelDiffusion(pl.LightningModule):
         )
         loss = weighted_mse(prediction, target, weight)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # the rate this step's update uses
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
