@@ -133,3 +133,19 @@ def test_wandb_offline_keeps_one_run_id_across_resume(
     run(tiny_train_config("logger=wandb", "run_name=wb", "trainer.max_steps=3"))
     assert (run_dir / "wandb_run_id.txt").read_text().strip() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # two sessions, one run id
+
+
+@pytest.mark.gpu
+def test_gpu_run_uses_bf16_autocast_with_fp32_weights(tiny_train_config) -> None:
+    cfg = tiny_train_config("trainer=gpu")
+    trainer = run(cfg)
+    assert trainer.precision == "bf16-mixed"
+    checkpoint = load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+    assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())
+
+
+def test_auto_precision_is_fp32_on_cpu(tiny_train_config) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU choice")
+    trainer = run(tiny_train_config())
+    assert trainer.precision == "32-true"

@@ -17,6 +17,18 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
+def auto_precision() -> str:
+    """`${lightdiff.auto_precision:}`: bf16-mixed on a GPU that supports bf16 (weights stay fp32), else 32-true."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+OmegaConf.register_new_resolver("lightdiff.auto_precision", auto_precision, replace=True)
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
