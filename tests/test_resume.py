@@ -49,10 +49,14 @@ def test_resume_restores_weights_exactly(tiny_train_config) -> None:
         assert torch.equal(a, b)
 
 
-def test_resume_false_starts_over_and_ckpt_path_is_checked(tiny_train_config) -> None:
-    run(tiny_train_config("run_name=fresh", "trainer.max_steps=2"))
-    trainer = run(tiny_train_config("run_name=fresh", "trainer.max_steps=2", "resume=false"))
-    assert trainer.global_step == 2  # trained 2 new steps from scratch rather than stopping at once
+def test_resume_false_never_overwrites_and_ckpt_path_is_checked(tiny_train_config) -> None:
+    cfg = tiny_train_config("run_name=fresh", "trainer.max_steps=2")
+    run(cfg)
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match="resume=false but .*fresh already holds checkpoints"):
+        run(tiny_train_config("run_name=fresh", "trainer.max_steps=4", "resume=false"))
+    assert last.read_bytes() == before
     with pytest.raises(ConfigError, match="missing.ckpt"):
         run(tiny_train_config("run_name=other", "ckpt_path=/nonexistent/missing.ckpt"))
 

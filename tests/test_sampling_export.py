@@ -123,6 +123,11 @@ def test_bad_inputs_are_named(trained: dict[str, Path], tmp_path: Path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.ckpt"):
         _sample(garbage, tmp_path / "o")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.png").write_bytes(b"earlier result")
+    with pytest.raises(ValueError, match="out=.*full.* is not empty"):
+        _sample(trained["uncond"], tmp_path / "full")
+    assert (tmp_path / "full" / "keep.png").read_bytes() == b"earlier result"
     with pytest.raises(ValueError, match="label=3"):
         _sample(trained["uncond"], tmp_path / "o", "label=3")
     with pytest.raises(ValueError, match="label=30"):

@@ -44,6 +44,10 @@ def run(cfg: DictConfig) -> Path:
     check_config(cfg)
     if cfg.num_images < 1 or cfg.batch_size < 1:
         raise ConfigError(f"num_images={cfg.num_images} and batch_size={cfg.batch_size} must be positive")
+    target = Path(cfg.export or cfg.out).expanduser()
+    if target.exists() and any(target.iterdir()) and not cfg.overwrite:
+        key = "export" if cfg.export else "out"
+        raise ConfigError(f"{key}={str(target)!r} is not empty; choose a new folder or pass overwrite=true")
     denoiser = load_denoiser(cfg.ckpt, use_ema=cfg.use_ema)
     scheduler = make_scheduler(instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type)
     if cfg.export:

@@ -28,9 +28,10 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
             raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file")
         return str(path)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume and last.is_file():
-        return str(last)
-    return None
+    if last.is_file() and not cfg.resume:
+        # Starting over would overwrite the run's checkpoints: refuse rather than lose them.
+        raise ConfigError(f"resume=false but {run_dir} already holds checkpoints; pick another run_name")
+    return str(last) if last.is_file() else None
 
 
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
