@@ -1,0 +1,1 @@
+"""Network builders around diffusers / transformers models."""

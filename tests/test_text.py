@@ -1,0 +1,60 @@
+"""The caption tokenizer (CLIP format, built offline) and the from-scratch text encoder."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
+from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
+
+CAPTIONS = [label_to_caption(label) for label in range(NUM_CLASSES)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CLIPTokenizer:
+    return build_caption_tokenizer(CAPTIONS * 10, vocab_size=400, model_max_length=8)
+
+
+def test_captions_become_whole_word_tokens(tokenizer: CLIPTokenizer) -> None:
+    assert tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
+    ids = tokenizer("a red circle").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 5
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a red circle"
+
+
+def test_unseen_words_split_into_pieces_not_unknowns(tokenizer: CLIPTokenizer) -> None:
+    pieces = tokenizer.tokenize("A Purple hexagon!")
+    assert tokenizer.unk_token not in pieces
+    assert pieces[0] == "a</w>" and pieces[-1] == "!</w>" and len(pieces) > 4
+    decoded = tokenizer.decode(tokenizer("A Purple hexagon!").input_ids, skip_special_tokens=True)
+    assert decoded.strip() == "a purple hexagon !"  # CLIP decodes every word end as a space
+
+
+def test_save_and_load_round_trip(tokenizer: CLIPTokenizer, tmp_path: Path) -> None:
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    loaded = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    for caption in CAPTIONS:
+        assert loaded(caption).input_ids == tokenizer(caption).input_ids
+    assert loaded.model_max_length == 8 and len(loaded) == len(tokenizer)
+
+
+def test_long_prompts_are_truncated_with_a_warning(tokenizer: CLIPTokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        ids = tokenize_prompts(tokenizer, ["a red circle", "a red circle next to a blue square and a white triangle"])
+    assert ids.shape == (2, 8)
+    assert ids[1, -1].item() == tokenizer.eos_token_id  # truncation keeps the end token
+    assert "only the first 8 are used" in caplog.text and "white triangle" in caplog.text
+    assert ids[0, 4:].tolist() == [tokenizer.pad_token_id] * 4
+
+
+def test_text_encoder_from_scratch_encodes_every_caption(tokenizer: CLIPTokenizer) -> None:
+    torch.manual_seed(0)
+    encoder = text_encoder_from_scratch(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    hidden = encoder(tokenize_prompts(tokenizer, CAPTIONS)).last_hidden_state
+    assert hidden.shape == (NUM_CLASSES, 8, 32)
+    assert torch.isfinite(hidden).all()
+    assert not torch.allclose(hidden[0], hidden[1])  # different captions, different states
+    assert encoder.config.vocab_size == len(tokenizer)
