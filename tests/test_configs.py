@@ -67,6 +67,8 @@ def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
         (["+data.colour=red"], "data.colour is not an argument"),
         (["data=image_folder"], "data.root"),
         (["schedule.num_train_timesteps=1.5"], "schedule.num_train_timesteps=1.5"),
+        (["net.sample_size=32"], "net.sample_size=32 differs from data.resolution=16"),
+        (["net.num_class_embeds=3"], "net.num_class_embeds=3 is below the data set's 24 classes"),
     ],
 )
 def test_config_mistakes_name_the_key_and_write_nothing(overrides: list[str], message: str, tmp_path: Path) -> None:

@@ -55,19 +55,8 @@ def run(cfg: DictConfig) -> pl.Trainer:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.net)
-    num_class_embeds = net.config.num_class_embeds
-    if num_class_embeds is not None and datamodule.num_classes == 0:
-        raise ConfigError("net.num_class_embeds is set but the data set has no labels; set it to null")
-    if num_class_embeds is not None and datamodule.num_classes > num_class_embeds:
-        raise ConfigError(
-            f"net.num_class_embeds={num_class_embeds} is smaller than the data set's {datamodule.num_classes} classes"
-        )
-    if net.config.sample_size != cfg.data.resolution:
-        raise ConfigError(
-            f"net.sample_size={net.config.sample_size} differs from data.resolution={cfg.data.resolution}"
-        )
-    model = instantiate(cfg.model, net=net, class_names=datamodule.class_names)
+    model = instantiate(cfg.model, net=instantiate(cfg.net))
+    model.attach_data(datamodule)  # each method checks that its networks fit the data
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     ckpt_path = _resume_path(cfg, run_dir)
 

@@ -37,6 +37,11 @@ class ImageDataModule(pl.LightningDataModule):
         return int(getattr(self.dataset, "num_classes", 0))
 
     @property
+    def resolution(self) -> int:
+        """Side in pixels of every image served."""
+        return int(self.dataset.resolution)
+
+    @property
     def class_names(self) -> list[str] | None:
         return getattr(self.dataset, "class_names", None)
 

@@ -60,6 +60,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.dataset.root={root!r} is not a folder")
+        self.resolution = resolution
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
@@ -135,6 +136,7 @@ class HFImageDataset(Dataset):
                 raise KeyError(f"data.dataset.{key}={column!r} is not a column of {name!r}; columns: {columns}")
         self.name = name
         self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
+        self.resolution = resolution
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.num_classes = 0
         if label_column is not None:

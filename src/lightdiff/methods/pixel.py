@@ -10,6 +10,8 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
+from lightdiff.config import ConfigError
+from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import (
     LossWeighting,
     NoiseSchedule,
@@ -42,7 +44,6 @@ class PixelDiffusion(pl.LightningModule):
         adam_eps: float = 1e-8,  # AdamW epsilon
         lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
         warmup_steps: int = 0,  # linear learning-rate warm-up from 0
-        class_names: Sequence[str] | None = None,  # label -> name, filled in from the data set by train.py
     ) -> None:
         super().__init__()
         # Checked here, not at the first step, so a typo fails before any output is written.
@@ -66,9 +67,24 @@ class PixelDiffusion(pl.LightningModule):
         self.adam_eps = adam_eps
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
-        self.class_names = list(class_names) if class_names else None
+        self.class_names: list[str] | None = None  # label -> name, from the data set (attach_data)
         # float32 copy of alpha_bar; not persistent, it is a pure function of the schedule.
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod().float(), persistent=False)
+
+    def attach_data(self, datamodule: ImageDataModule) -> None:
+        """Check that the network fits the data (before anything is written) and keep the class names."""
+        num_class_embeds = self.net.config.num_class_embeds
+        if num_class_embeds is not None and datamodule.num_classes == 0:
+            raise ConfigError("net.num_class_embeds is set but the data set has no labels; set it to null")
+        if num_class_embeds is not None and datamodule.num_classes > num_class_embeds:
+            raise ConfigError(
+                f"net.num_class_embeds={num_class_embeds} is below the data set's {datamodule.num_classes} classes"
+            )
+        if self.net.config.sample_size != datamodule.resolution:
+            raise ConfigError(
+                f"net.sample_size={self.net.config.sample_size} differs from data.resolution={datamodule.resolution}"
+            )
+        self.class_names = datamodule.class_names
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = batch["pixel_values"]
