@@ -31,6 +31,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+class _Payload:
+    """Unpickling this calls Path.touch: what a malicious checkpoint would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
+
+
 def _sample(ckpt: Path, out: Path, *overrides: str) -> Path:
     return sample_run(compose_config("sample", [f"ckpt={ckpt}", f"out={out}", "num_images=6", "steps=4", *overrides]))
 
@@ -123,6 +133,12 @@ def test_bad_inputs_are_named(trained: dict[str, Path], tmp_path: Path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.ckpt"):
         _sample(garbage, tmp_path / "o")
+    # a pickle that would create a file when unpickled is refused, and the file is never made
+    payload_target = tmp_path / "pwned"
+    torch.save({"lightdiff": _Payload(payload_target)}, tmp_path / "crafted.ckpt")
+    with pytest.raises(ValueError, match="crafted.ckpt"):
+        _sample(tmp_path / "crafted.ckpt", tmp_path / "o")
+    assert not payload_target.exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.png").write_bytes(b"earlier result")
     with pytest.raises(ValueError, match="out=.*full.* is not empty"):
