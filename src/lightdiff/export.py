@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
+from diffusers import AutoencoderKL, DDPMPipeline, SchedulerMixin, UNet2DModel
 
 from lightdiff.diffusion import NoiseSchedule
 
@@ -101,6 +101,34 @@ def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:
     if not path.exists():
         raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
     return _from_lightning_checkpoint(path, use_ema)
+
+
+def checkpoint_method(path: str | Path) -> str:
+    """The training method a checkpoint file came from ("pixel", "autoencoder"); folders are pipelines ("pixel")."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return "pixel"
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
+    meta = load_checkpoint_file(path).get("lightdiff")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a lightdiff checkpoint (no 'lightdiff' block)")
+    return str(meta.get("method", "pixel"))
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """The VAE of an autoencoder-stage checkpoint, or a diffusers AutoencoderKL folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(path).eval()
+    checkpoint = load_checkpoint_file(path)
+    meta = checkpoint.get("lightdiff") or {}
+    if meta.get("method") != "autoencoder":
+        raise ValueError(f"{path} is not an autoencoder checkpoint (method {meta.get('method')!r})")
+    vae = AutoencoderKL.from_config(meta["vae_config"])
+    prefix = "vae."
+    vae.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return vae.eval()
 
 
 def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: str | Path) -> Path:

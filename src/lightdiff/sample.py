@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lightdiff.config import ConfigError, check_config
-from lightdiff.export import export_pipeline, load_denoiser
+from lightdiff.export import checkpoint_method, export_pipeline, load_autoencoder, load_denoiser
 from lightdiff.sampling import generate, generators_for, image_grid, make_scheduler, to_uint8
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,13 @@ def run(cfg: DictConfig) -> Path:
     if target.exists() and any(target.iterdir()) and not cfg.overwrite:
         key = "export" if cfg.export else "out"
         raise ConfigError(f"{key}={str(target)!r} is not empty; choose a new folder or pass overwrite=true")
+    if checkpoint_method(cfg.ckpt) == "autoencoder":
+        if not cfg.export:
+            raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
+        folder = Path(cfg.export).expanduser()
+        load_autoencoder(cfg.ckpt).save_pretrained(folder, safe_serialization=True)
+        log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, folder)
+        return folder
     denoiser = load_denoiser(cfg.ckpt, use_ema=cfg.use_ema)
     scheduler = make_scheduler(instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type)
     if cfg.export:

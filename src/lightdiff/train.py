@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> pl.Trainer:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, net=instantiate(cfg.net))
+    model = instantiate(cfg.model)
     model.attach_data(datamodule)  # each method checks that its networks fit the data
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     ckpt_path = _resume_path(cfg, run_dir)

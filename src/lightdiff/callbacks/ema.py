@@ -7,6 +7,7 @@ The averaged weights, the step counter behind the decay warm-up and the decay se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from diffusers.training_utils import EMAModel
+
+log = logging.getLogger(__name__)
 
 
 class EMA(pl.Callback):
@@ -44,6 +47,9 @@ class EMA(pl.Callback):
         return "ema"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(getattr(pl_module, "net", None), torch.nn.Module):
+            log.info("%s has no denoiser `net` to average: EMA is off", type(pl_module).__name__)
+            return
         if self.ema is None:
             self.ema = EMAModel(
                 pl_module.net.parameters(),
@@ -55,14 +61,16 @@ class EMA(pl.Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.ema is not None
+        if self.ema is None:
+            return
         if self._pending_state is not None:  # restored from a checkpoint before the module reached its device
             self.ema.load_state_dict(self._pending_state)
             self._pending_state = None
         self.ema.to(device=pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        assert self.ema is not None
+        if self.ema is None:
+            return
         # Under gradient accumulation only real optimiser steps move the average.
         if self.ema.optimization_step < trainer.global_step:
             self.ema.step(pl_module.net.parameters())

@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from lightdiff.callbacks.ema import find_ema
 from lightdiff.data.shapes import ShapesDataset
+from lightdiff.methods.preview import Preview
 from lightdiff.metrics import shapes_metric
 from lightdiff.sampling import SchedulerFactory, grid_columns, image_grid, to_uint8
 
@@ -22,10 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class SampleGrid(pl.Callback):
-    """Every `every_n_steps` optimiser steps and at the end of training: sample with fixed seeds, log a grid.
+    """Every `every_n_steps` optimiser steps and at the end of training: the method's preview, with fixed seeds.
 
-    The same seeds (and, for class-conditional models, the same labels) each time, so grids are comparable
-    across steps and runs. EMA weights are used when the run has an EMA callback.
+    The method decides what a preview is (`pl_module.preview(seeds, sampler, steps) -> Preview`): samples for a
+    diffusion model, reconstructions for an autoencoder. The same seeds each time, so grids are comparable across
+    steps and runs. EMA weights are used when the run averages a denoiser (`pl_module.net`).
     """
 
     def __init__(
@@ -66,37 +68,33 @@ class SampleGrid(pl.Callback):
     def _sample_and_log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int, prefix: str
     ) -> dict[str, float]:
-        labels = None
-        num_classes = pl_module.net.config.num_class_embeds
-        if num_classes:
-            labels = torch.arange(count) % num_classes
         seeds = list(range(self.seed, self.seed + count))
         ema = find_ema(trainer)
-        weights = ema.averaged_weights(pl_module.net) if ema is not None else nullcontext()
+        weights = ema.averaged_weights(pl_module.net) if ema is not None and ema.ema is not None else nullcontext()
         was_training = pl_module.training
         pl_module.eval()
-        chunks = []
+        previews: list[Preview] = []
         try:
             with weights:
                 for start in range(0, count, self.num_images):  # the grid's size bounds the batch's memory
-                    chunk_labels = labels[start : start + self.num_images] if labels is not None else None
-                    chunk_seeds = seeds[start : start + self.num_images]
-                    chunks.append(pl_module.generate(chunk_seeds, self.sampler, self.steps, labels=chunk_labels))
+                    previews.append(pl_module.preview(seeds[start : start + self.num_images], self.sampler, self.steps))
         finally:
             pl_module.train(was_training)
-        pixels = to_uint8(torch.cat(chunks))
+        pixels = to_uint8(torch.cat([p.images for p in previews]))
+        labels = torch.cat([p.labels for p in previews]) if previews[0].labels is not None else None
+        grid_images = previews[0].grid_images if previews[0].grid_images is not None else previews[0].images
         step = trainer.global_step
-        shown = min(count, self.num_images)  # the final round samples more images than the grid shows
-        grid = image_grid(pixels[:shown], scale=self.upscale)
+        shown = min(len(grid_images), self.num_images)  # the final round samples more images than the grid shows
+        grid = image_grid(to_uint8(grid_images[:shown]), scale=self.upscale)
         folder = Path(trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"{prefix}_step{step:07d}.png")
 
-        metrics: dict[str, float] = {}
+        metrics = {f"{prefix}/{name}": value for name, value in previews[0].metrics.items()}
         datamodule = getattr(trainer, "datamodule", None)
         if isinstance(getattr(datamodule, "dataset", None), ShapesDataset):
             scores = shapes_metric(pixels, labels=labels.tolist() if labels is not None else None)
-            metrics = {f"{prefix}/shapes_{name}": value for name, value in scores.items()}
+            metrics.update({f"{prefix}/shapes_{name}": value for name, value in scores.items()})
         for logger in trainer.loggers:
             if metrics:
                 logger.log_metrics(metrics, step=step)

@@ -22,6 +22,7 @@ from lightdiff.diffusion import (
     training_target,
     weighted_mse,
 )
+from lightdiff.methods.preview import Preview
 from lightdiff.sampling import SchedulerFactory, generate, generators_for, make_scheduler
 
 CHECKPOINT_FORMAT = 1  # bump when the "lightdiff" block of a checkpoint changes meaning
@@ -44,6 +45,7 @@ class PixelDiffusion(pl.LightningModule):
         adam_eps: float = 1e-8,  # AdamW epsilon
         lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
         warmup_steps: int = 0,  # linear learning-rate warm-up from 0
+        max_grad_norm: float | None = 1.0,  # clip the gradients' global L2 norm to this (None: no clipping)
     ) -> None:
         super().__init__()
         # Checked here, not at the first step, so a typo fails before any output is written.
@@ -67,6 +69,7 @@ class PixelDiffusion(pl.LightningModule):
         self.adam_eps = adam_eps
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
+        self.max_grad_norm = max_grad_norm
         self.class_names: list[str] | None = None  # label -> name, from the data set (attach_data)
         # float32 copy of alpha_bar; not persistent, it is a pure function of the schedule.
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod().float(), persistent=False)
@@ -108,6 +111,17 @@ class PixelDiffusion(pl.LightningModule):
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # The method owns its clipping (model.max_grad_norm): trainer.gradient_clip_val cannot serve GAN methods,
+        # which Lightning runs under manual optimisation.
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
             self.net.parameters(), lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay, eps=self.adam_eps
@@ -131,6 +145,13 @@ class PixelDiffusion(pl.LightningModule):
         """Images in [0, 1], (B, 3, H, W), one per seed, with the current weights of `self.net`."""
         scheduler = make_scheduler(sampler, self.schedule, self.prediction_type)
         return generate(self.net, scheduler, steps, generators_for(seeds), class_labels=labels, eta=eta)
+
+    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+        """Samples for the training-time grid; class-conditional models draw class seed % num_classes."""
+        labels = None
+        if self.net.config.num_class_embeds is not None:
+            labels = torch.tensor(list(seeds)) % self.net.config.num_class_embeds
+        return Preview(images=self.generate(seeds, sampler, steps, labels=labels), labels=labels)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only: enough to rebuild the network and sampler without this class or its config.

@@ -1,0 +1,179 @@
+"""The autoencoder stage of latent diffusion (Rombach et al. 2022, Section 3 and Appendix G): a KL-regularised
+`AutoencoderKL` trained with a pixel reconstruction loss, a small KL weight, and a PatchGAN hinge loss that is
+switched on after `disc_start` steps and balanced against the reconstruction by the adaptive weight of VQGAN.
+
+Two optimisers under manual optimisation. Lightning counts each optimiser step in `global_step`, so once the
+discriminator is on, one batch advances `trainer.max_steps` by two; `disc_start` counts autoencoder updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from diffusers import AutoencoderKL
+
+from lightdiff.config import ConfigError
+from lightdiff.data import ImageDataModule
+from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
+from lightdiff.methods.preview import Preview
+from lightdiff.nets.discriminator import PatchDiscriminator
+from lightdiff.sampling import SchedulerFactory
+
+CHECKPOINT_FORMAT = 1
+
+
+class AutoencoderTraining(pl.LightningModule):
+    """Trains `vae` to reconstruct images through a KL-regularised latent, with a PatchGAN critic."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,  # the autoencoder being trained (diffusers)
+        discriminator: PatchDiscriminator,  # the PatchGAN critic
+        reconstruction_loss: Literal["l1", "l2"] = "l1",  # pixel loss: l1 (latent-diffusion's choice) or l2
+        kl_weight: float = 1e-6,  # weight of KL(q(z|x) || N(0, I)), summed over latent elements
+        disc_weight: float = 0.5,  # scale of the adaptive adversarial weight
+        disc_start: int = 1000,  # autoencoder updates before the adversarial loss switches on
+        lr: float = 4.5e-6,  # autoencoder learning rate (Adam)
+        disc_lr: float = 4.5e-6,  # discriminator learning rate (Adam)
+        adam_betas: tuple[float, float] = (0.5, 0.9),  # Adam (beta1, beta2) for both, as in latent-diffusion
+        scaling_batches: int = 8,  # batches encoded at the end to set the latent scaling factor
+        max_grad_norm: float | None = 1.0,  # clip the autoencoder's gradient norm (None: no clipping)
+    ) -> None:
+        super().__init__()
+        if reconstruction_loss not in ("l1", "l2"):
+            raise ConfigError(f"model.reconstruction_loss={reconstruction_loss!r} is not one of ('l1', 'l2')")
+        if disc_start < 0:
+            raise ConfigError(f"model.disc_start={disc_start} must be >= 0")
+        self.automatic_optimization = False
+        self.vae = vae
+        self.discriminator = discriminator
+        self.reconstruction_loss = reconstruction_loss
+        self.kl_weight = kl_weight
+        self.disc_weight = disc_weight
+        self.disc_start = disc_start
+        self.lr = lr
+        self.disc_lr = disc_lr
+        self.adam_betas = tuple(adam_betas)
+        self.scaling_batches = scaling_batches
+        self.max_grad_norm = max_grad_norm
+        self.class_names: list[str] | None = None
+
+    def attach_data(self, datamodule: ImageDataModule) -> None:
+        if self.vae.config.in_channels != 3 or self.vae.config.out_channels != 3:
+            raise ConfigError("model.vae must map RGB images to RGB images (in_channels = out_channels = 3)")
+        levels = len(self.vae.config.block_out_channels) - 1
+        if datamodule.resolution % (2**levels):
+            raise ConfigError(f"data.resolution={datamodule.resolution} is not divisible by the VAE's 2^{levels}")
+        self.class_names = datamodule.class_names
+
+    def autoencoder_updates(self) -> int:
+        """How many times the autoencoder's optimiser has stepped (restored with the optimiser state on resume)."""
+        optimizer = self.optimizers()[0].optimizer
+        state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
+        return int(state.get("step", 0))
+
+    def _pixel_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        difference = images - reconstructions
+        per_pixel = difference.abs() if self.reconstruction_loss == "l1" else difference.pow(2)
+        return per_pixel.flatten(1).sum(dim=1).mean()  # summed per image, as latent-diffusion's nll_loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        optimizer_vae, optimizer_disc = self.optimizers()
+        images = batch["pixel_values"]
+        adversarial = self.autoencoder_updates() >= self.disc_start
+
+        # Autoencoder update: reconstruction + KL (+ adaptive-weighted generator loss once the critic is on).
+        posterior = self.vae.encode(images).latent_dist
+        reconstructions = self.vae.decode(posterior.sample()).sample
+        rec_loss = self._pixel_loss(images, reconstructions)
+        kl_loss = posterior.kl().mean()
+        loss = rec_loss + self.kl_weight * kl_loss
+        if adversarial:
+            self.discriminator.requires_grad_(False)  # the generator's loss must not train the critic
+            gen_loss = hinge_generator_loss(self.discriminator(reconstructions))
+            weight = self.disc_weight * adaptive_weight(rec_loss, gen_loss, self.vae.decoder.conv_out.weight)
+            loss = loss + weight * gen_loss
+            self.discriminator.requires_grad_(True)
+            self.log_dict({"train/g_loss": gen_loss, "train/d_weight": weight})
+        optimizer_vae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer_vae, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer_vae.step()
+
+        # Critic update on real images and detached reconstructions.
+        if adversarial:
+            logits_real = self.discriminator(images)
+            logits_fake = self.discriminator(reconstructions.detach())
+            disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
+            optimizer_disc.zero_grad(set_to_none=True)
+            self.manual_backward(disc_loss)
+            optimizer_disc.step()
+            accuracy = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+            self.log_dict(
+                {
+                    "train/d_loss": disc_loss,
+                    "train/d_accuracy": accuracy,
+                    "train/logits_real": logits_real.mean(),
+                    "train/logits_fake": logits_fake.mean(),
+                }
+            )
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/rec_loss": rec_loss,
+                "train/kl": kl_loss,
+                "train/psnr": psnr(reconstructions.detach(), images).mean(),
+                "train/lr": optimizer_vae.param_groups[0]["lr"],
+            },
+            prog_bar=False,
+        )
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.adam_betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.disc_lr, betas=self.adam_betas),
+        ]
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction through the posterior mean."""
+        return self.vae.decode(self.vae.encode(images).latent_dist.mode()).sample
+
+    @torch.no_grad()
+    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+        """Reconstructions of data set images seed % len(data): the grid pairs each input with its output."""
+        dataset = self.trainer.datamodule.dataset
+        items = [dataset[int(seed) % len(dataset)] for seed in seeds]
+        images = torch.stack([item["pixel_values"] for item in items]).to(self.device)
+        reconstructions = self.reconstruct(images).clamp(-1, 1)
+        labels = torch.tensor([int(item["label"]) for item in items])
+        pairs = torch.stack([images, reconstructions], dim=1).flatten(0, 1)  # input, output, input, output, ...
+        return Preview(
+            images=reconstructions.float() / 2 + 0.5,
+            labels=labels if bool((labels >= 0).all()) else None,
+            grid_images=pairs.float() / 2 + 0.5,
+            metrics={"psnr": psnr(reconstructions, images).mean().item()},
+        )
+
+    @torch.no_grad()
+    def on_train_end(self) -> None:
+        """Set the latent scaling factor to 1 / std(z) on training data (Rombach et al. 2022, Section 4.3.2)."""
+        loader = self.trainer.datamodule.train_dataloader()
+        latents = []
+        for index, batch in enumerate(loader):
+            if index >= self.scaling_batches:
+                break
+            latents.append(self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist.sample().float())
+        factor = 1.0 / torch.cat(latents).std().item()
+        self.vae.register_to_config(scaling_factor=factor)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightdiff"] = {
+            "format": CHECKPOINT_FORMAT,
+            "method": "autoencoder",
+            "vae_config": {k: v for k, v in self.vae.config.items() if not k.startswith("_")},
+        }
