@@ -38,11 +38,18 @@ def test_every_option_composes_and_checks(overrides: list[str], tmp_path: Path) 
     assert callable(instantiate(cfg.sampler))
 
 
-@pytest.mark.parametrize("option", _options("net"))
-def test_every_net_preset_builds_a_diffusers_unet(option: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", [o for o in _options("net") if o.startswith("unet_") and "cond" not in o])
+def test_every_pixel_net_preset_builds_a_diffusers_unet(option: str, tmp_path: Path) -> None:
     cfg = compose_config("train", [f"net={option}", "data.resolution=32"])
     net = instantiate(cfg.net)
     assert type(net).__name__ == "UNet2DModel" and net.config.sample_size == 32
+
+
+@pytest.mark.parametrize(("model", "net_class"), [("pixel", "UNet2DModel"), ("latent", "UNet2DConditionModel")])
+def test_each_method_picks_its_default_net(model: str, net_class: str) -> None:
+    cfg = compose_config("train", [f"model={model}"])
+    assert type(instantiate(cfg.net)).__name__ == net_class
+    assert compose_config("train", [f"model={model}", "net=unet_small"]).net.block_out_channels == [32, 64, 128]
 
 
 def test_cifar_net_has_the_ddpm_paper_size() -> None:
@@ -55,8 +62,8 @@ def test_cifar_net_has_the_ddpm_paper_size() -> None:
 
 def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
     cfg = compose_config("train", ["schedule=cosine"])
-    assert cfg.run_name == "pixel-unet_tiny-shapes-cosine"
-    assert cfg.run_dir == "outputs/pixel-unet_tiny-shapes-cosine"
+    assert cfg.run_name == "pixel-shapes-cosine"
+    assert cfg.run_dir == "outputs/pixel-shapes-cosine"
 
 
 @pytest.mark.parametrize(

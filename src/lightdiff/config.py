@@ -13,7 +13,8 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
-from hydra.utils import get_object
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
@@ -26,7 +27,18 @@ def auto_precision() -> str:
     return "32-true"
 
 
+def asset(name: str) -> str:
+    """`${lightdiff.asset:NAME}`: the path of a file or folder shipped in the package (src/lightdiff/assets/NAME)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "assets" / name
+    if not path.exists():
+        raise FileNotFoundError(f"lightdiff ships no asset {name!r} (looked for {path})")
+    return str(path)
+
+
 OmegaConf.register_new_resolver("lightdiff.auto_precision", auto_precision, replace=True)
+OmegaConf.register_new_resolver("lightdiff.asset", asset, replace=True)
 
 
 class ConfigError(ValueError):
@@ -95,6 +107,18 @@ def _check_node(node: DictConfig, path: str) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if key in hints and _matches(value, hints[key]) is False:
             raise ConfigError(f"{key_path}={value!r} does not fit {target_name}'s argument type {hints[key]}")
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, but a ConfigError or missing file raised by a constructor surfaces as itself
+    (Hydra wraps it in an InstantiationException whose message buries the key it names)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, (ConfigError, FileNotFoundError)):
+            raise cause from None
+        raise
 
 
 def check_config(cfg: DictConfig) -> None:

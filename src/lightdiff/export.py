@@ -12,24 +12,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMPipeline, SchedulerMixin, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMPipeline,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lightdiff.diffusion import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
-NET_CLASSES: dict[str, type[UNet2DModel]] = {"UNet2DModel": UNet2DModel}
+NET_CLASSES: dict[str, type] = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
 
 
 @dataclass
 class TrainedDenoiser:
-    net: UNet2DModel
+    net: UNet2DModel | UNet2DConditionModel
     schedule: NoiseSchedule
     prediction_type: str
     class_names: list[str] | None
     source: str  # the checkpoint file or pipeline folder it came from
     uses_ema: bool  # whether `net` holds the EMA weights
+    vae: AutoencoderKL | None = None  # latent models only, as are the two below
+    tokenizer: CLIPTokenizer | None = None
+    text_encoder: CLIPTextModel | None = None
+
+    @property
+    def is_text_model(self) -> bool:
+        return self.text_encoder is not None
 
 
 def load_checkpoint_file(path: Path) -> dict:
@@ -51,9 +66,7 @@ def _from_lightning_checkpoint(path: Path, use_ema: bool) -> TrainedDenoiser:
     if net_class is None:
         raise ValueError(f"{path}: network class {meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
     net = net_class.from_config(meta["net_config"])
-    prefix = "net."
-    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    net.load_state_dict(weights)
+    net.load_state_dict(_weights(checkpoint, "net."))
     ema_state = checkpoint.get("callbacks", {}).get("ema") or {}
     uses_ema = bool(use_ema and ema_state)
     if uses_ema:
@@ -66,7 +79,7 @@ def _from_lightning_checkpoint(path: Path, use_ema: bool) -> TrainedDenoiser:
                 parameter.copy_(average)
     elif use_ema:
         log.warning("%s has no EMA weights; sampling with the raw weights", path)
-    return TrainedDenoiser(
+    denoiser = TrainedDenoiser(
         net=net.eval(),
         schedule=NoiseSchedule(**meta["schedule"]),
         prediction_type=meta["prediction_type"],
@@ -74,16 +87,34 @@ def _from_lightning_checkpoint(path: Path, use_ema: bool) -> TrainedDenoiser:
         source=str(path),
         uses_ema=uses_ema,
     )
+    if meta.get("method") == "latent":
+        from lightdiff.methods.latent import tokenizer_from_state
+
+        denoiser.vae = AutoencoderKL.from_config(meta["vae_config"])
+        denoiser.vae.load_state_dict(_weights(checkpoint, "vae."))
+        denoiser.text_encoder = CLIPTextModel(CLIPTextConfig(**meta["text_encoder_config"]))
+        denoiser.text_encoder.load_state_dict(_weights(checkpoint, "text_encoder."))
+        denoiser.tokenizer = tokenizer_from_state(meta["tokenizer"])
+        denoiser.vae.eval()
+        denoiser.text_encoder.eval()
+    return denoiser
+
+
+def _weights(checkpoint: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
 def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
         raise ValueError(f"{folder} is not a diffusers pipeline folder (it needs unet/ and scheduler/)")
-    net = UNet2DModel.from_pretrained(folder / "unet")
+    unet_class = json.loads((folder / "unet" / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if unet_class not in NET_CLASSES:
+        raise ValueError(f"{folder}: unet class {unet_class!r} is not one of {sorted(NET_CLASSES)}")
+    net = NET_CLASSES[unet_class].from_pretrained(folder / "unet")
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     metadata_path = folder / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
-    return TrainedDenoiser(
+    denoiser = TrainedDenoiser(
         net=net.eval(),
         schedule=NoiseSchedule.from_scheduler_config(scheduler_config),
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
@@ -91,6 +122,14 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         source=str(folder),
         uses_ema=bool(metadata.get("uses_ema", False)),
     )
+    if unet_class == "UNet2DConditionModel":
+        for part in ("vae", "text_encoder", "tokenizer"):
+            if not (folder / part).is_dir():
+                raise ValueError(f"{folder} has a text-conditioned unet but no {part}/")
+        denoiser.vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+        denoiser.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+        denoiser.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    return denoiser
 
 
 def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:
@@ -132,9 +171,23 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
 
 
 def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: str | Path) -> Path:
-    """Write a diffusers `DDPMPipeline` folder (safetensors) with `scheduler` as its sampler."""
+    """Write a diffusers pipeline folder (safetensors) with `scheduler` as its sampler: `StableDiffusionPipeline`
+    for text-conditioned latent models, `DDPMPipeline` for pixel models."""
     folder = Path(folder).expanduser()
-    DDPMPipeline(unet=denoiser.net, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+    if denoiser.is_text_model:
+        pipeline = StableDiffusionPipeline(
+            vae=denoiser.vae,
+            text_encoder=denoiser.text_encoder,
+            tokenizer=denoiser.tokenizer,
+            unet=denoiser.net,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        pipeline = DDPMPipeline(unet=denoiser.net, scheduler=scheduler)
+    pipeline.save_pretrained(folder, safe_serialization=True)
     metadata = {"class_names": denoiser.class_names, "uses_ema": denoiser.uses_ema, "source": denoiser.source}
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lightdiff.config import ConfigError, check_config
-from lightdiff.export import checkpoint_method, export_pipeline, load_autoencoder, load_denoiser
-from lightdiff.sampling import generate, generators_for, image_grid, make_scheduler, to_uint8
+from lightdiff.export import TrainedDenoiser, checkpoint_method, export_pipeline, load_autoencoder, load_denoiser
+from lightdiff.methods.latent import generate_latent
+from lightdiff.sampling import for_latents, generate, generators_for, image_grid, make_scheduler, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,30 @@ def _labels(cfg: DictConfig, num_classes: int | None, count: int) -> torch.Tenso
     return torch.full((count,), int(cfg.label))
 
 
+def _prompts(cfg: DictConfig, denoiser: TrainedDenoiser, count: int) -> list[str] | None:
+    """Image i's prompt: `prompt`, or line i % n of `prompts_file`, or (shapes models) class caption i % 24."""
+    if not denoiser.is_text_model:
+        if cfg.prompt is not None or cfg.prompts_file is not None:
+            raise ConfigError("prompt / prompts_file given, but the model is not text-conditioned")
+        return None
+    if cfg.prompt is not None and cfg.prompts_file is not None:
+        raise ConfigError("give prompt or prompts_file, not both")
+    if cfg.prompt is not None:
+        prompts = [str(cfg.prompt)]
+    elif cfg.prompts_file is not None:
+        path = Path(cfg.prompts_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"prompts_file={cfg.prompts_file!r} is not a file")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"prompts_file={cfg.prompts_file!r} holds no prompt")
+    elif denoiser.class_names:
+        prompts = list(denoiser.class_names)
+    else:
+        raise ConfigError("this model is text-conditioned: give prompt=... or prompts_file=...")
+    return [prompts[index % len(prompts)] for index in range(count)]
+
+
 def run(cfg: DictConfig) -> Path:
     check_config(cfg)
     if cfg.num_images < 1 or cfg.batch_size < 1:
@@ -57,13 +82,20 @@ def run(cfg: DictConfig) -> Path:
         return folder
     denoiser = load_denoiser(cfg.ckpt, use_ema=cfg.use_ema)
     scheduler = make_scheduler(instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type)
+    if denoiser.is_text_model:
+        scheduler = for_latents(scheduler)
     if cfg.export:
         folder = export_pipeline(denoiser, scheduler, cfg.export)
         log.info("exported %s to %s (load with diffusers' DDPMPipeline.from_pretrained)", denoiser.source, folder)
         return folder
 
-    net = denoiser.net.to(_device(cfg.device))
-    labels = _labels(cfg, net.config.num_class_embeds, cfg.num_images)
+    device = _device(cfg.device)
+    net = denoiser.net.to(device)
+    prompts = _prompts(cfg, denoiser, cfg.num_images)
+    labels = None if denoiser.is_text_model else _labels(cfg, net.config.num_class_embeds, cfg.num_images)
+    if denoiser.is_text_model:
+        denoiser.vae.to(device)
+        denoiser.text_encoder.to(device)
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     sampler_settings = {
@@ -77,13 +109,35 @@ def run(cfg: DictConfig) -> Path:
         for start in range(0, cfg.num_images, cfg.batch_size):
             seeds = list(range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.num_images)))
             batch_labels = labels[start : start + len(seeds)] if labels is not None else None
-            images = generate(net, scheduler, cfg.steps, generators_for(seeds), class_labels=batch_labels, eta=cfg.eta)
+            if prompts is not None:
+                batch_prompts = prompts[start : start + len(seeds)]
+                images = generate_latent(
+                    net,
+                    denoiser.vae,
+                    denoiser.tokenizer,
+                    denoiser.text_encoder,
+                    scheduler,
+                    batch_prompts,
+                    seeds,
+                    cfg.steps,
+                    cfg.guidance_scale,
+                    cfg.negative_prompt,
+                    cfg.eta,
+                )
+            else:
+                images = generate(
+                    net, scheduler, cfg.steps, generators_for(seeds), class_labels=batch_labels, eta=cfg.eta
+                )
             pixels = to_uint8(images)
             all_pixels.append(pixels)
             for offset, (seed, image) in enumerate(zip(seeds, pixels)):
                 file_name = f"{start + offset:06d}.png"
                 Image.fromarray(image).save(out / file_name)
                 record: dict[str, object] = {"file_name": file_name, "seed": seed, **sampler_settings}
+                if prompts is not None:
+                    record["text"] = batch_prompts[offset]
+                    record["guidance_scale"] = cfg.guidance_scale
+                    record["negative_prompt"] = cfg.negative_prompt
                 if batch_labels is not None:
                     label = int(batch_labels[offset])
                     record["label"] = label

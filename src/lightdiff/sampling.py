@@ -27,9 +27,56 @@ def make_scheduler(
     return factory(**schedule.scheduler_kwargs(), prediction_type=prediction_type)
 
 
+def for_latents(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """The scheduler as diffusers' StableDiffusionPipeline runs it: no clipping of x0 to [-1, 1] (latents are not
+    bounded like pixels) and `steps_offset=1`; the pipeline rewrites both when it is built, so sampling with this
+    scheduler reproduces an exported pipeline."""
+    fixes = {key: value for key, value in (("clip_sample", False), ("steps_offset", 1)) if key in scheduler.config}
+    # Private keys dropped: `_use_default_values` would make from_config ignore the fixes.
+    config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+    return type(scheduler).from_config({**config, **fixes}) if fixes else scheduler
+
+
 def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image: images are reproducible across devices and batch sizes."""
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+ModelFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> the network's prediction
+
+
+@torch.no_grad()
+def denoise(
+    model: ModelFunction,
+    scheduler: SchedulerMixin,
+    num_inference_steps: int,
+    shape: tuple[int, ...],
+    generators: list[torch.Generator],
+    device: torch.device,
+    dtype: torch.dtype,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """The sampling loop of diffusers' pipelines: noise from `generators`, then one scheduler step per timestep.
+
+    `eta` is DDIM's stochasticity (Song et al. 2021, Equation 16): 0 is deterministic, 1 is DDPM's variance.
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"steps={num_inference_steps} must be at least 1")
+    step_parameters = inspect.signature(scheduler.step).parameters
+    if eta != 0 and "eta" not in step_parameters:
+        raise ValueError(f"eta={eta} has no meaning for {type(scheduler).__name__}; only the ddim sampler takes eta")
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    sample = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    sample = sample * scheduler.init_noise_sigma
+    step_kwargs: dict[str, object] = {"generator": generators}
+    if "eta" in step_parameters:
+        step_kwargs["eta"] = eta
+    for t in scheduler.timesteps:
+        model_output = model(scheduler.scale_model_input(sample, t), t)
+        sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+    return sample
 
 
 @torch.no_grad()
@@ -40,38 +87,22 @@ def generate(
     generators: list[torch.Generator],
     class_labels: torch.Tensor | None = None,
     eta: float = 0.0,
-    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise pure noise into images in [0, 1], shaped (B, 3, H, W), float32.
-
-    `eta` is DDIM's stochasticity (Song et al. 2021, Equation 16): 0 is deterministic, 1 is DDPM's variance.
-    """
-    if num_inference_steps < 1:
-        raise ValueError(f"steps={num_inference_steps} must be at least 1")
-    step_parameters = inspect.signature(scheduler.step).parameters
-    if eta != 0 and "eta" not in step_parameters:
-        raise ValueError(f"eta={eta} has no meaning for {type(scheduler).__name__}; only the ddim sampler takes eta")
+    """Pixel-space images in [0, 1], shaped (B, 3, H, W), float32: DDPMPipeline's / DDIMPipeline's result."""
     if class_labels is None and net.config.num_class_embeds is not None:
         raise ValueError("this model is class-conditional: give labels to sample")
     if class_labels is not None and net.config.num_class_embeds is None:
         raise ValueError("this model is unconditional: it takes no labels")
     size = net.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
-    shape = (len(generators), net.config.in_channels, height, width)
-    sample = randn_tensor(shape, generator=generators, device=net.device, dtype=net.dtype)
-    scheduler.set_timesteps(num_inference_steps, device=net.device)
-    sample = sample * scheduler.init_noise_sigma
-    step_kwargs: dict[str, object] = {"generator": generators}
-    if "eta" in step_parameters:
-        step_kwargs["eta"] = eta
     if class_labels is not None:
         class_labels = class_labels.to(net.device)
-    for index, t in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(sample, t)
-        model_output = net(model_input, t, class_labels=class_labels).sample
-        sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
-        if progress is not None:
-            progress(index + 1, len(scheduler.timesteps))
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return net(x_t, t, class_labels=class_labels).sample
+
+    shape = (len(generators), net.config.in_channels, height, width)
+    sample = denoise(model, scheduler, num_inference_steps, shape, generators, net.device, net.dtype, eta)
     return (sample.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -11,12 +11,11 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from lightdiff.checkpointing import AtomicCheckpointIO
-from lightdiff.config import ConfigError, check_config
+from lightdiff.config import ConfigError, build, check_config
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +53,10 @@ def run(cfg: DictConfig) -> pl.Trainer:
     run_dir = Path(cfg.run_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
     model.attach_data(datamodule)  # each method checks that its networks fit the data
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
     ckpt_path = _resume_path(cfg, run_dir)
 
     # Everything is built: from here on files are written.
@@ -69,8 +68,8 @@ def run(cfg: DictConfig) -> pl.Trainer:
     if package_logger.getEffectiveLevel() > logging.INFO:
         package_logger.setLevel(logging.INFO)  # resumes, metrics and the run folder belong in train.log
     _write_config(cfg, run_dir)
-    logger = instantiate(cfg.logger) if cfg.logger is not None else False
-    trainer: pl.Trainer = instantiate(
+    logger = build(cfg.logger) if cfg.logger is not None else False
+    trainer: pl.Trainer = build(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()]
     )
     if logger:

@@ -41,6 +41,10 @@ class ImageDataModule(pl.LightningDataModule):
         """Side in pixels of every image served."""
         return int(self.dataset.resolution)
 
+    def captions(self) -> list[str]:
+        """Every caption of the data set (with repeats), e.g. to build a tokenizer; empty if it has none."""
+        return list(self.dataset.captions())
+
     @property
     def class_names(self) -> list[str] | None:
         return getattr(self.dataset, "class_names", None)

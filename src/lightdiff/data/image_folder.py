@@ -99,6 +99,9 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def captions(self) -> list[str]:
+        return [str(record["text"]) for record in self.records if record.get("text")]
+
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]
         return {
@@ -145,6 +148,9 @@ class HFImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def captions(self) -> list[str]:
+        return [str(text) for text in self.dataset[self.caption_column]] if self.caption_column else []
 
     def __getitem__(self, index: int) -> dict[str, object]:
         row = self.dataset[index]

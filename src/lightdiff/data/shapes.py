@@ -99,6 +99,10 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def captions(self) -> list[str]:
+        """The 24 distinct captions (each equally likely): all a tokenizer needs to see."""
+        return list(self.class_names)
+
     def __getitem__(self, index: int) -> dict[str, object]:
         if not 0 <= index < self.size:
             raise IndexError(f"shapes index {index} out of range [0, {self.size})")

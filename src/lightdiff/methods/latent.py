@@ -1,0 +1,345 @@
+"""Latent diffusion (Rombach et al. 2022): a DDPM on the latents of a frozen `AutoencoderKL`, conditioned on CLIP
+text-encoder hidden states through the cross-attention of a `UNet2DConditionModel`, with classifier-free guidance
+(Ho & Salimans 2022): captions are dropped to the empty prompt with probability `cond_drop_prob` while training.
+
+Text side, two ways: `pretrained=ID_OR_DIR` loads the tokenizer and text encoder of a diffusers pipeline (frozen
+unless `train_text_encoder`); without it, a tokenizer is built from the data set's captions and a small
+`CLIPTextModel` is trained from scratch with the UNet.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import pytorch_lightning as pl
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from lightdiff.config import ConfigError
+from lightdiff.data import ImageDataModule
+from lightdiff.diffusion import (
+    LossWeighting,
+    NoiseSchedule,
+    PredictionType,
+    add_noise,
+    loss_weight,
+    offset_noise,
+    training_target,
+    weighted_mse,
+)
+from lightdiff.methods.preview import Preview
+from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
+from lightdiff.sampling import SchedulerFactory, denoise, for_latents, generators_for, make_scheduler
+
+CHECKPOINT_FORMAT = 1
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent along each side: 2 ** (number of down-sampling levels), as diffusers' pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Denoises VAE latents with a text-conditioned UNet; the VAE is frozen, the text encoder optionally so."""
+
+    def __init__(
+        self,
+        net: UNet2DConditionModel,  # the denoiser (the `net` group), cross-attending to the text encoder's states
+        schedule: NoiseSchedule,  # the forward process (the `schedule` group)
+        vae: str | None,  # AutoencoderKL folder or hub id, frozen; None: the VAE of `pretrained`
+        pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
+        load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
+        train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
+        text_hidden_size: int = 64,  # width of a from-scratch text encoder (= net.cross_attention_dim)
+        text_layers: int = 2,  # layers of a from-scratch text encoder
+        text_heads: int = 4,  # attention heads of a from-scratch text encoder
+        max_prompt_tokens: int = 16,  # a from-scratch tokenizer's length limit (start and end tokens included)
+        cond_drop_prob: float = 0.1,  # probability of training on the empty prompt (classifier-free guidance)
+        prediction_type: PredictionType = "epsilon",  # epsilon | v_prediction | sample
+        loss_weighting: LossWeighting = "none",  # none | min_snr
+        min_snr_gamma: float = 5.0,  # gamma of min-SNR weighting
+        offset_noise: float = 0.0,  # per-channel offset noise on the latents
+        lr: float = 1e-4,  # peak AdamW learning rate
+        adam_betas: tuple[float, float] = (0.9, 0.999),  # AdamW (beta1, beta2)
+        weight_decay: float = 0.0,  # AdamW decoupled weight decay
+        lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up
+        warmup_steps: int = 0,  # linear warm-up steps
+        max_grad_norm: float | None = 1.0,  # gradient clipping (global L2 norm); None: off
+        guidance_scale: float = 4.0,  # guidance of the training-time previews
+    ) -> None:
+        super().__init__()
+        if prediction_type not in get_args(PredictionType):
+            raise ConfigError(f"model.prediction_type={prediction_type!r} is not one of {get_args(PredictionType)}")
+        if loss_weighting not in get_args(LossWeighting):
+            raise ConfigError(f"model.loss_weighting={loss_weighting!r} is not one of {get_args(LossWeighting)}")
+        if not 0 <= cond_drop_prob < 1:
+            raise ConfigError(f"model.cond_drop_prob={cond_drop_prob} must lie in [0, 1)")
+        if pretrained is not None and load_pretrained_unet:
+            net = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
+        self.net = net
+        self.schedule = schedule
+        self.vae = _load_vae(pretrained, vae).requires_grad_(False).eval()
+        self.tokenizer: CLIPTokenizer | None = None
+        self.text_encoder: CLIPTextModel | None = None
+        self.train_text_encoder = train_text_encoder
+        if pretrained is not None:
+            self.tokenizer = _load_component(CLIPTokenizer, pretrained, "tokenizer")
+            self.text_encoder = _load_component(CLIPTextModel, pretrained, "text_encoder")
+            self.text_encoder.requires_grad_(train_text_encoder)
+        self.text_hidden_size, self.text_layers, self.text_heads = text_hidden_size, text_layers, text_heads
+        self.max_prompt_tokens = max_prompt_tokens
+        self.cond_drop_prob = cond_drop_prob
+        self.prediction_type = prediction_type
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.lr, self.adam_betas, self.weight_decay = lr, tuple(adam_betas), weight_decay
+        self.lr_schedule, self.warmup_steps, self.max_grad_norm = lr_schedule, warmup_steps, max_grad_norm
+        self.guidance_scale = guidance_scale
+        self.class_names: list[str] | None = None
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod().float(), persistent=False)
+
+    # ----- set-up -----------------------------------------------------------------------------------------------
+
+    def attach_data(self, datamodule: ImageDataModule) -> None:
+        """Build the text side from the captions if none was loaded, then check that all networks fit together."""
+        captions = datamodule.captions()
+        if not captions:
+            raise ConfigError("model=latent needs captions, and the data set has none (data.caption_column?)")
+        if self.text_encoder is None:
+            self.tokenizer = build_caption_tokenizer(captions, model_max_length=self.max_prompt_tokens)
+            self.text_encoder = text_encoder_from_scratch(
+                self.tokenizer, self.text_hidden_size, self.text_layers, self.text_heads, 2 * self.text_hidden_size
+            )
+            self.train_text_encoder = True
+        check_components(self.net, self.vae, self.text_encoder, datamodule.resolution)
+        self.class_names = datamodule.class_names
+
+    # ----- training ---------------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP hidden states (B, tokens, width) of `prompts`, as StableDiffusionPipeline.encode_prompt makes them."""
+        assert self.tokenizer is not None and self.text_encoder is not None, "attach_data builds the text side"
+        ids = tokenize_prompts(self.tokenizer, prompts).to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(batch["pixel_values"]).latent_dist.sample() * self.vae.config.scaling_factor
+        captions = drop_captions(batch["text"], self.cond_drop_prob)
+        text_states = self.encode_prompts(captions)
+        noise = offset_noise(torch.randn_like(latents), self.offset_noise)
+        timesteps = torch.randint(0, self.schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = add_noise(latents, noise, self.alphas_cumprod, timesteps)
+        prediction = self.net(noisy, timesteps, encoder_hidden_states=text_states).sample
+        target = training_target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
+        weight = loss_weight(
+            self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
+        )
+        loss = weighted_mse(prediction, target, weight)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/cond_dropped", sum(c == "" for c in captions) / len(captions))
+        return loss
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        parameters = list(self.net.parameters())
+        if self.train_text_encoder and self.text_encoder is not None:
+            parameters += list(self.text_encoder.parameters())
+        return parameters
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.trainable_parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters(), lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay
+        )
+        if self.lr_schedule == "cosine" and self.trainer.max_steps <= 0:
+            raise ConfigError("model.lr_schedule=cosine needs trainer.max_steps to know where the cosine ends")
+        name = "cosine" if self.lr_schedule == "cosine" else "constant_with_warmup"
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=self.trainer.max_steps
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- sampling ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampler: SchedulerFactory,
+        steps: int,
+        guidance_scale: float = 4.0,
+        negative_prompt: str | Sequence[str] = "",
+        eta: float = 0.0,
+    ) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W): StableDiffusionPipeline's loop, step for step."""
+        scheduler = for_latents(make_scheduler(sampler, self.schedule, self.prediction_type))
+        return generate_latent(
+            self.net,
+            self.vae,
+            self.tokenizer,
+            self.text_encoder,
+            scheduler,
+            prompts,
+            seeds,
+            steps,
+            guidance_scale,
+            negative_prompt,
+            eta,
+        )
+
+    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+        """Samples for the grid: prompts are the shapes captions (class seed % 24) or the data set's captions."""
+        labels = None
+        if self.class_names:
+            labels = torch.tensor(list(seeds)) % len(self.class_names)
+            prompts = [self.class_names[int(label)] for label in labels]
+        else:
+            captions = self.trainer.datamodule.captions()
+            prompts = [captions[int(seed) % len(captions)] for seed in seeds]
+        images = self.generate(prompts, seeds, sampler, steps, guidance_scale=self.guidance_scale)
+        return Preview(images=images, labels=labels)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert self.tokenizer is not None and self.text_encoder is not None
+        checkpoint["lightdiff"] = {
+            "format": CHECKPOINT_FORMAT,
+            "method": "latent",
+            "net_class": type(self.net).__name__,
+            "net_config": _plain_config(self.net.config),
+            "vae_config": _plain_config(self.vae.config),
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            "tokenizer": tokenizer_state(self.tokenizer),
+            "schedule": dict(vars(self.schedule)),
+            "prediction_type": self.prediction_type,
+            "class_names": self.class_names,
+        }
+
+
+def drop_captions(captions: Sequence[str], probability: float) -> list[str]:
+    """Each caption replaced by "" with `probability`: one network then learns p(x | text) and p(x | ""), which
+    classifier-free guidance combines (Ho & Salimans 2022, Section 3.2). Python's RNG, seeded by seed_everything."""
+    return ["" if random.random() < probability else str(text) for text in captions]
+
+
+def tokenizer_state(tokenizer: CLIPTokenizer) -> dict[str, Any]:
+    """A CLIP tokenizer as plain data (vocabulary, merges, length limit) for a weights-only checkpoint."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+    return {"vocab": dict(model["vocab"]), "merges": merges, "model_max_length": tokenizer.model_max_length}
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> CLIPTokenizer:
+    merges = [tuple(pair) for pair in state["merges"]]
+    return CLIPTokenizer(vocab=state["vocab"], merges=merges, model_max_length=state["model_max_length"])
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _load_component(cls: Any, source: str, subfolder: str) -> Any:
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"model.pretrained={source!r} has no usable {subfolder}/ ({cls.__name__}): {error}"
+        ) from error
+
+
+def _load_vae(pretrained: str | None, vae: str | None) -> AutoencoderKL:
+    if vae:  # an explicit VAE wins over the pipeline's
+        try:
+            return AutoencoderKL.from_pretrained(vae)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.vae={vae!r} is not a diffusers AutoencoderKL folder or id: {error}") from error
+    if pretrained is None:
+        raise ConfigError("model.vae or model.pretrained must name a VAE")
+    return _load_component(AutoencoderKL, pretrained, "vae")
+
+
+def check_components(
+    net: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, resolution: int
+) -> None:
+    """The three networks must agree on latent channels, latent size and text width; say which key does not."""
+    if net.config.in_channels != vae.config.latent_channels or net.config.out_channels != vae.config.latent_channels:
+        raise ConfigError(
+            f"net.in_channels={net.config.in_channels} / net.out_channels={net.config.out_channels} do not match "
+            f"the VAE's latent_channels={vae.config.latent_channels}"
+        )
+    factor = vae_scale_factor(vae)
+    if resolution % factor or net.config.sample_size != resolution // factor:
+        raise ConfigError(
+            f"net.sample_size={net.config.sample_size} does not match data.resolution={resolution} / "
+            f"the VAE's down-sampling {factor} = {resolution / factor:g}"
+        )
+    if net.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ConfigError(
+            f"net.cross_attention_dim={net.config.cross_attention_dim} differs from the text encoder's "
+            f"hidden_size={text_encoder.config.hidden_size} (model.text_hidden_size)"
+        )
+
+
+@torch.no_grad()
+def generate_latent(
+    net: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    scheduler: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance_scale: float = 4.0,
+    negative_prompt: str | Sequence[str] = "",
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Text-to-image as diffusers' StableDiffusionPipeline does it: CFG with the negative prompt as unconditional.
+
+    eps = eps(x, "") + w (eps(x, prompt) - eps(x, "")) (Ho & Salimans 2022, Equation 6 with w = 1 + their w).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    device = net.device
+    conditional = text_encoder(tokenize_prompts(tokenizer, prompts).to(device))[0]
+    guided = guidance_scale > 1.0
+    if guided:
+        unconditional = text_encoder(tokenize_prompts(tokenizer, negatives).to(device))[0]
+        text_states = torch.cat([unconditional, conditional])
+    else:
+        text_states = conditional
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        model_input = torch.cat([x_t, x_t]) if guided else x_t
+        prediction = net(model_input, t, encoder_hidden_states=text_states).sample
+        if not guided:
+            return prediction
+        uncond, cond = prediction.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    size = net.config.sample_size
+    shape = (len(prompts), net.config.in_channels, size, size)
+    latents = denoise(model, scheduler, steps, shape, generators_for(seeds), device, text_states.dtype, eta)
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,273 @@
+"""Latent diffusion: text side, frozen parts, condition dropout, guidance, pretrained folders, a tiny run."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from hydra.utils import instantiate
+from PIL import Image
+
+from lightdiff.config import ConfigError
+from lightdiff.diffusion import NoiseSchedule
+from lightdiff.export import load_checkpoint_file, load_denoiser
+from lightdiff.methods.latent import drop_captions, generate_latent, tokenizer_from_state
+from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import for_latents, generators_for, make_scheduler
+from lightdiff.train import run as train_run
+
+from .conftest import TINY, compose_config
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
+
+
+def _tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[8, 16],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+def _tiny_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[16, 32],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    _tiny_vae().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Stable-Diffusion-layout folder made offline from tiny parts, as `from_pretrained` expects on a hub."""
+    tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
+    pipeline = StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+        tokenizer=tokenizer,
+        unet=_tiny_unet(16),
+        scheduler=DDIMScheduler(**NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).scheduler_kwargs()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def _latent_overrides(root: Path, vae: Path, *extra: str) -> list[str]:
+    return [
+        f"output_root={root}",
+        *TINY,
+        "model=latent",
+        f"model.vae={vae}",
+        "model.text_hidden_size=16",
+        "model.text_layers=1",
+        "model.text_heads=2",
+        "net.block_out_channels=[16,32]",
+        "net.cross_attention_dim=16",
+        "net.attention_head_dim=4",
+        "net.norm_num_groups=8",
+        *extra,
+    ]
+
+
+def test_condition_dropout_rate() -> None:
+    random.seed(0)
+    dropped = drop_captions(["a red circle"] * 20000, 0.1)
+    assert abs(dropped.count("") / len(dropped) - 0.1) < 0.01
+    assert set(dropped) == {"", "a red circle"}
+    assert drop_captions(["x"] * 100, 0.0) == ["x"] * 100
+
+
+def test_guidance_scale_one_is_the_conditional_prediction() -> None:
+    tokenizer = build_caption_tokenizer(CAPTIONS, model_max_length=8)
+    encoder = text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    vae, unet = _tiny_vae().eval(), _tiny_unet().eval()
+    schedule = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
+
+    def sample(scale: float, negative: str = "") -> torch.Tensor:
+        scheduler = DDIMScheduler(**schedule.scheduler_kwargs())
+        return generate_latent(unet, vae, tokenizer, encoder, scheduler, CAPTIONS[:2], [0, 1], 3, scale, negative)
+
+    plain = sample(1.0)  # no guidance: the conditional network alone
+    guided_by_one = sample(1.0 + 1e-7)  # the guided path with w ~ 1: uncond + (cond - uncond) = cond
+    torch.testing.assert_close(plain, guided_by_one, atol=1e-5, rtol=0)
+    assert not torch.allclose(sample(4.0), plain, atol=1e-3)
+    assert not torch.allclose(sample(4.0, "a white circle"), sample(4.0), atol=1e-4)  # the negative prompt matters
+
+
+def test_two_step_run_trains_text_and_unet_keeps_vae_frozen(vae_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_config("train", _latent_overrides(tmp_path, vae_dir, "run_name=lat"))
+    trainer = train_run(cfg)
+    module = trainer.lightning_module
+    assert not any(p.requires_grad for p in module.vae.parameters())
+    reference = AutoencoderKL.from_pretrained(vae_dir)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, module.vae.state_dict()[name]), name  # the VAE never moved
+    checkpoint = load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+    meta = checkpoint["lightdiff"]
+    assert meta["method"] == "latent" and meta["net_class"] == "UNet2DConditionModel"
+    tokenizer = tokenizer_from_state(meta["tokenizer"])
+    assert tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
+    text_keys = [k for k in checkpoint["state_dict"] if k.startswith("text_encoder.")]
+    assert text_keys  # the from-scratch text encoder is saved and was optimised
+    optimised = sum(len(group["params"]) for group in checkpoint["optimizer_states"][0]["param_groups"])
+    assert optimised == len(list(module.net.parameters())) + len(list(module.text_encoder.parameters()))
+    assert (Path(cfg.run_dir) / "final_metrics.json").exists()
+
+
+def test_pretrained_folder_gives_frozen_text_side(pipeline_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train",
+        _latent_overrides(tmp_path, pipeline_dir, "run_name=pre", f"model.pretrained={pipeline_dir}", "model.vae=null"),
+    )
+    trainer = train_run(cfg)
+    module = trainer.lightning_module
+    assert not any(p.requires_grad for p in module.text_encoder.parameters())
+    assert module.tokenizer.model_max_length == 8  # the pipeline's tokenizer, not one built from the captions
+    unfrozen = compose_config(
+        "train",
+        _latent_overrides(
+            tmp_path,
+            pipeline_dir,
+            "run_name=pre2",
+            f"model.pretrained={pipeline_dir}",
+            "model.vae=null",
+            "model.train_text_encoder=true",
+        ),
+    )
+    assert all(p.requires_grad for p in train_run(unfrozen).lightning_module.text_encoder.parameters())
+
+
+def test_pretrained_folder_missing_a_part_is_named(pipeline_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline_dir, broken)
+    shutil.rmtree(broken / "text_encoder")
+    cfg = compose_config("train", _latent_overrides(tmp_path, broken, f"model.pretrained={broken}", "model.vae=null"))
+    with pytest.raises(ConfigError, match="text_encoder"):
+        train_run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("net.cross_attention_dim=32", "net.cross_attention_dim=32 differs from the text encoder's hidden_size=16"),
+        ("net.in_channels=3", "latent_channels=4"),
+        ("net.sample_size=16", "net.sample_size=16 does not match data.resolution=16"),
+    ],
+)
+def test_mismatched_networks_are_named(override: str, message: str, vae_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_config("train", _latent_overrides(tmp_path, vae_dir, override))
+    with pytest.raises(ConfigError, match=message):
+        train_run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
+@pytest.fixture(scope="module")
+def latent_ckpt(vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("latent")
+    cfg = compose_config("train", _latent_overrides(root, vae_dir, "run_name=lat", "trainer.max_steps=3"))
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_sample_prompts_and_metadata(latent_ckpt: Path, tmp_path: Path) -> None:
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\n\na blue square\n")
+    out = sample_run(
+        compose_config(
+            "sample",
+            [
+                f"ckpt={latent_ckpt}",
+                f"out={tmp_path / 's'}",
+                "num_images=3",
+                "steps=3",
+                f"prompts_file={prompts_file}",
+                "guidance_scale=3",
+            ],
+        )
+    )
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == ["a red circle", "a blue square", "a red circle"]
+    assert records[0]["guidance_scale"] == 3.0
+    single = sample_run(
+        compose_config(
+            "sample",
+            [f"ckpt={latent_ckpt}", f"out={tmp_path / 'p'}", "num_images=2", "steps=3", "prompt=a blue square"],
+        )
+    )
+    first = np.asarray(Image.open(single / "000000.png"))
+    assert first.shape == (16, 16, 3)
+    with pytest.raises(ConfigError, match="not both"):
+        sample_run(
+            compose_config(
+                "sample", [f"ckpt={latent_ckpt}", f"out={tmp_path / 'x'}", "prompt=a", f"prompts_file={prompts_file}"]
+            )
+        )
+
+
+def test_export_round_trip_with_plain_diffusers(latent_ckpt: Path, tmp_path: Path) -> None:
+    folder = sample_run(compose_config("sample", [f"ckpt={latent_ckpt}", f"export={tmp_path / 'sd'}"]))
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / part).is_dir(), part
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    theirs = pipeline(
+        prompts,
+        num_inference_steps=5,
+        guidance_scale=4.0,
+        negative_prompt=["", ""],
+        generator=generators_for(seeds),
+        output_type="np",
+    ).images
+    denoiser = load_denoiser(latent_ckpt)
+    sampler = instantiate(compose_config("sample", ["ckpt=x"]).sampler)
+    scheduler = for_latents(make_scheduler(sampler, denoiser.schedule, denoiser.prediction_type))
+    ours = (
+        generate_latent(
+            denoiser.net, denoiser.vae, denoiser.tokenizer, denoiser.text_encoder, scheduler, prompts, seeds, 5, 4.0, ""
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
+    assert np.abs(ours - theirs).max() < 1e-4
+    # sample.py gives the same images from the checkpoint and from the exported folder
+    a = sample_run(
+        compose_config(
+            "sample", [f"ckpt={latent_ckpt}", f"out={tmp_path / 'a'}", "num_images=2", "steps=4", "prompt=a red circle"]
+        )
+    )
+    b = sample_run(
+        compose_config(
+            "sample", [f"ckpt={folder}", f"out={tmp_path / 'b'}", "num_images=2", "steps=4", "prompt=a red circle"]
+        )
+    )
+    assert np.array_equal(np.asarray(Image.open(a / "000001.png")), np.asarray(Image.open(b / "000001.png")))
