@@ -38,7 +38,8 @@ class ImagesPerSecond(pl.Callback):
         if self._run_start is not None and trainer.is_global_zero:
             seconds = time.perf_counter() - self._run_start
             log.info(
-                "trained %d steps, %d images in %.1f s: %.1f images/s (sampling and checkpointing included)",
+                "reached step %d; this session trained on %d images in %.1f s: %.1f images/s "
+                "(sampling and checkpointing included)",
                 trainer.global_step,
                 self._run_images,
                 seconds,
