@@ -271,3 +271,60 @@ def test_export_round_trip_with_plain_diffusers(latent_ckpt: Path, tmp_path: Pat
         )
     )
     assert np.array_equal(np.asarray(Image.open(a / "000001.png")), np.asarray(Image.open(b / "000001.png")))
+
+
+def test_latent_cache_hit_miss_and_invalidation(
+    vae_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightdiff.data import ShapesDataModule
+
+    cache = tmp_path / "cache"
+    data = ShapesDataModule(resolution=16, size=24, batch_size=8, cache_latents=True, cache_dir=str(cache))
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with caplog.at_level("INFO"):
+        data.use_latent_cache(vae)
+    assert "latent cache miss" in caplog.text and len(list(cache.glob("latents-*.pt"))) == 1
+    item = data.dataset[5]
+    with torch.no_grad():
+        expected = vae.encode(data.source_dataset[5]["pixel_values"][None]).latent_dist.parameters[0]
+    torch.testing.assert_close(item["latent_moments"], expected, atol=2e-2, rtol=1e-2)  # stored as float16
+    assert item["text"] == data.source_dataset[5]["text"] and item["label"] == data.source_dataset[5]["label"]
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        ShapesDataModule(
+            resolution=16, size=24, batch_size=8, cache_latents=True, cache_dir=str(cache)
+        ).use_latent_cache(vae)
+    assert "latent cache hit" in caplog.text and len(list(cache.glob("latents-*.pt"))) == 1
+
+    changed = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        changed.decoder.conv_out.bias.add_(0.1)  # another VAE: the cache must not be reused
+    ShapesDataModule(resolution=16, size=24, batch_size=8, cache_latents=True, cache_dir=str(cache)).use_latent_cache(
+        changed
+    )
+    other_data = ShapesDataModule(
+        resolution=16, size=24, seed=1, batch_size=8, cache_latents=True, cache_dir=str(cache)
+    )
+    other_data.use_latent_cache(vae)  # another data set: likewise
+    assert len(list(cache.glob("latents-*.pt"))) == 3
+
+    with pytest.raises(ConfigError, match="random_flip=false"):
+        ShapesDataModule(resolution=16, size=24, batch_size=8, random_flip=True, cache_latents=True)
+
+
+def test_training_from_the_latent_cache(vae_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train",
+        _latent_overrides(
+            tmp_path, vae_dir, "run_name=cached", "data.cache_latents=true", f"data.cache_dir={tmp_path / 'cache'}"
+        ),
+    )
+    trainer = train_run(cfg)
+    assert trainer.global_step == 2
+    assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1
+    assert "latent_moments" in trainer.datamodule.dataset[0]
+    with pytest.raises(ConfigError, match="for model=latent"):
+        train_run(
+            compose_config("train", [f"output_root={tmp_path}", *TINY, "run_name=pix", "data.cache_latents=true"])
+        )

@@ -92,7 +92,7 @@ class SampleGrid(pl.Callback):
 
         metrics = {f"{prefix}/{name}": value for name, value in previews[0].metrics.items()}
         datamodule = getattr(trainer, "datamodule", None)
-        if isinstance(getattr(datamodule, "dataset", None), ShapesDataset):
+        if isinstance(getattr(datamodule, "source_dataset", None), ShapesDataset):
             scores = shapes_metric(pixels, labels=labels.tolist() if labels is not None else None)
             metrics.update({f"{prefix}/shapes_{name}": value for name, value in scores.items()})
         for logger in trainer.loggers:

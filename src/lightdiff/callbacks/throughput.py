@@ -26,7 +26,7 @@ class ImagesPerSecond(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        images = len(batch["pixel_values"]) * trainer.world_size
+        images = len(batch["label"]) * trainer.world_size  # every item has a label (-1 if none), cached or not
         self._window_images += images
         self._run_images += images
         if trainer.global_step % trainer.log_every_n_steps == 0 and self._window_start is not None:

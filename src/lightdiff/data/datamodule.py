@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
+from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Dataset
 
+from lightdiff.config import ConfigError
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
+from lightdiff.data.latent_cache import cached_latents
 from lightdiff.data.shapes import ShapesDataset
 
 
@@ -19,35 +24,52 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,  # loader processes; 0 loads in the training process
         pin_memory: bool = False,  # page-locked batches for faster host-to-GPU copies
         persistent_workers: bool = False,  # keep workers alive between epochs (needs num_workers > 0)
+        cache_latents: bool = False,  # latent models: serve VAE posteriors encoded once (see use_latent_cache)
+        cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        identity: str = "",  # what makes this data set itself (source, size, preprocessing): the cache key
+        random_views: bool = False,  # whether items are randomly augmented (flips, random crops)
     ) -> None:
         super().__init__()
+        if cache_latents and random_views:
+            raise ConfigError(
+                "data.cache_latents=true stores one view of each image: set data.random_flip=false "
+                "(and data.center_crop=true)"
+            )
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
         if len(dataset) < batch_size:
             raise ValueError(f"the data set has {len(dataset)} images, fewer than data.batch_size={batch_size}")
-        self.dataset = dataset
+        self.source_dataset = dataset  # the images; `dataset` is what is served (the images, or their latent cache)
+        self.dataset: Dataset = dataset
+        self.cache_latents = cache_latents
+        self.cache_dir = Path(cache_dir)
+        self.identity = identity
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
 
+    def use_latent_cache(self, vae: AutoencoderKL) -> None:
+        """Serve {"latent_moments", "label", "text"} from the cache of this data set under `vae` (made if missing)."""
+        self.dataset = cached_latents(self.source_dataset, self.identity, vae, self.cache_dir, self.batch_size)
+
     @property
     def num_classes(self) -> int:
         """Number of class labels the data set provides (0 when it has none)."""
-        return int(getattr(self.dataset, "num_classes", 0))
+        return int(getattr(self.source_dataset, "num_classes", 0))
 
     @property
     def resolution(self) -> int:
-        """Side in pixels of every image served."""
-        return int(self.dataset.resolution)
+        """Side in pixels of every image (before any latent encoding)."""
+        return int(self.source_dataset.resolution)
 
     def captions(self) -> list[str]:
         """Every caption of the data set (with repeats), e.g. to build a tokenizer; empty if it has none."""
-        return list(self.dataset.captions())
+        return list(self.source_dataset.captions())
 
     @property
     def class_names(self) -> list[str] | None:
-        return getattr(self.dataset, "class_names", None)
+        return getattr(self.source_dataset, "class_names", None)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -74,9 +96,22 @@ class ShapesDataModule(ImageDataModule):
         num_workers: int = 0,  # loader processes
         pin_memory: bool = False,  # page-locked batches
         persistent_workers: bool = False,  # keep workers between epochs
+        cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
+        cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
         dataset = ShapesDataset(size=size, resolution=resolution, seed=seed, random_flip=random_flip)
-        super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers)
+        identity = f"shapes|size={size}|seed={seed}|resolution={resolution}"
+        super().__init__(
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            cache_dir,
+            identity,
+            random_views=random_flip,
+        )
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -93,9 +128,23 @@ class ImageFolderDataModule(ImageDataModule):
         num_workers: int = 2,  # loader processes
         pin_memory: bool = True,  # page-locked batches
         persistent_workers: bool = True,  # keep workers between epochs
+        cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
+        cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
         dataset = ImageFolderDataset(root, resolution, center_crop, random_flip, skip_bad)
-        super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers)
+        newest = max(path.stat().st_mtime_ns for path in dataset.paths)
+        identity = f"image_folder|{dataset.root.resolve()}|files={len(dataset)}|newest={newest}|resolution={resolution}"
+        super().__init__(
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            cache_dir,
+            identity,
+            random_views=random_flip or not center_crop,
+        )
 
 
 class HFDataModule(ImageDataModule):
@@ -116,8 +165,21 @@ class HFDataModule(ImageDataModule):
         num_workers: int = 2,  # loader processes
         pin_memory: bool = True,  # page-locked batches
         persistent_workers: bool = True,  # keep workers between epochs
+        cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
         dataset = HFImageDataset(
             name, resolution, split, image_column, caption_column, label_column, center_crop, random_flip, cache_dir
         )
-        super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers)
+        identity = f"hf|{name}|{split}|rows={len(dataset)}|{image_column}|{caption_column}|resolution={resolution}"
+        super().__init__(
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            latent_cache_dir,
+            identity,
+            random_views=random_flip or not center_crop,
+        )

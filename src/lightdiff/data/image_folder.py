@@ -59,12 +59,12 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.dataset.root={root!r} is not a folder")
+            raise FileNotFoundError(f"data.root={root!r} is not a folder")
         self.resolution = resolution
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.dataset.root={root!r}")
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.root={root!r}")
         metadata = _read_metadata(self.root)
         if metadata:
             # As in Hugging Face's imagefolder: metadata.jsonl, when present, lists the data set (sample.py's
@@ -89,7 +89,7 @@ class ImageFolderDataset(Dataset):
             if self.skipped:
                 log.warning("skipped %d unreadable image(s) under %s", len(self.skipped), self.root)
             if not paths:
-                raise FileNotFoundError(f"every image under data.dataset.root={root!r} is unreadable")
+                raise FileNotFoundError(f"every image under data.root={root!r} is unreadable")
         self.paths = paths
         relative = [p.relative_to(self.root).as_posix() for p in paths]
         self.records = [metadata.get(name, {}) for name in relative]
@@ -136,7 +136,7 @@ class HFImageDataset(Dataset):
             ("label_column", label_column),
         ):
             if column is not None and column not in columns:
-                raise KeyError(f"data.dataset.{key}={column!r} is not a column of {name!r}; columns: {columns}")
+                raise KeyError(f"data.{key}={column!r} is not a column of {name!r}; columns: {columns}")
         self.name = name
         self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
         self.resolution = resolution

@@ -86,7 +86,7 @@ class ShapesDataset(Dataset):
         random_flip: bool = False,  # horizontal flip (all three shapes are mirror-symmetric)
     ) -> None:
         if size < 1:
-            raise ValueError(f"data.dataset.size={size} must be positive")
+            raise ValueError(f"data.size={size} must be positive")
         if resolution < 8:
             raise ValueError(f"data.resolution={resolution} is too small to draw shapes (minimum 8)")
         self.size = size

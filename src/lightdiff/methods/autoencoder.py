@@ -67,6 +67,8 @@ class AutoencoderTraining(pl.LightningModule):
         levels = len(self.vae.config.block_out_channels) - 1
         if datamodule.resolution % (2**levels):
             raise ConfigError(f"data.resolution={datamodule.resolution} is not divisible by the VAE's 2^{levels}")
+        if datamodule.cache_latents:
+            raise ConfigError("data.cache_latents=true is for model=latent; the autoencoder trains on pixels")
         self.class_names = datamodule.class_names
 
     def autoencoder_updates(self) -> int:
@@ -146,7 +148,7 @@ class AutoencoderTraining(pl.LightningModule):
     @torch.no_grad()
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
         """Reconstructions of data set images seed % len(data): the grid pairs each input with its output."""
-        dataset = self.trainer.datamodule.dataset
+        dataset = self.trainer.datamodule.source_dataset
         items = [dataset[int(seed) % len(dataset)] for seed in seeds]
         images = torch.stack([item["pixel_values"] for item in items]).to(self.device)
         reconstructions = self.reconstruct(images).clamp(-1, 1)

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -119,6 +120,8 @@ class LatentDiffusion(pl.LightningModule):
             self.train_text_encoder = True
         check_components(self.net, self.vae, self.text_encoder, datamodule.resolution)
         self.class_names = datamodule.class_names
+        if datamodule.cache_latents:
+            datamodule.use_latent_cache(self.vae)
 
     # ----- training ---------------------------------------------------------------------------------------------
 
@@ -130,7 +133,11 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
-            latents = self.vae.encode(batch["pixel_values"]).latent_dist.sample() * self.vae.config.scaling_factor
+            if "latent_moments" in batch:  # data.cache_latents: q(z | x) was encoded once; draw a fresh z from it
+                posterior = DiagonalGaussianDistribution(batch["latent_moments"])
+            else:
+                posterior = self.vae.encode(batch["pixel_values"]).latent_dist
+            latents = posterior.sample() * self.vae.config.scaling_factor
         captions = drop_captions(batch["text"], self.cond_drop_prob)
         text_states = self.encode_prompts(captions)
         noise = offset_noise(torch.randn_like(latents), self.offset_noise)

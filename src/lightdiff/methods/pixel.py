@@ -87,6 +87,8 @@ class PixelDiffusion(pl.LightningModule):
             raise ConfigError(
                 f"net.sample_size={self.net.config.sample_size} differs from data.resolution={datamodule.resolution}"
             )
+        if datamodule.cache_latents:
+            raise ConfigError("data.cache_latents=true is for model=latent; a pixel model has no VAE")
         self.class_names = datamodule.class_names
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
