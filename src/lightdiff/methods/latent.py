@@ -18,7 +18,6 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightdiff.config import ConfigError
@@ -33,6 +32,7 @@ from lightdiff.diffusion import (
     training_target,
     weighted_mse,
 )
+from lightdiff.methods.optimization import adamw_with_warmup, global_grad_norm
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
 from lightdiff.sampling import SchedulerFactory, denoise, for_latents, generators_for, make_scheduler
@@ -161,9 +161,9 @@ class LatentDiffusion(pl.LightningModule):
         return parameters
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().norm() for p in self.trainable_parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        norm = global_grad_norm(self.trainable_parameters())  # before clipping
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(
         self,
@@ -175,16 +175,15 @@ class LatentDiffusion(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay
+        return adamw_with_warmup(
+            self.trainable_parameters(),
+            self.lr,
+            self.adam_betas,
+            self.weight_decay,
+            self.lr_schedule,
+            self.warmup_steps,
+            self.trainer.max_steps,
         )
-        if self.lr_schedule == "cosine" and self.trainer.max_steps <= 0:
-            raise ConfigError("model.lr_schedule=cosine needs trainer.max_steps to know where the cosine ends")
-        name = "cosine" if self.lr_schedule == "cosine" else "constant_with_warmup"
-        scheduler = get_scheduler(
-            name, optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=self.trainer.max_steps
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- sampling ---------------------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from typing import Any, Literal, get_args
 import pytorch_lightning as pl
 import torch
 from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
 
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageDataModule
@@ -22,6 +21,7 @@ from lightdiff.diffusion import (
     training_target,
     weighted_mse,
 )
+from lightdiff.methods.optimization import adamw_with_warmup, global_grad_norm
 from lightdiff.methods.preview import Preview
 from lightdiff.sampling import SchedulerFactory, generate, generators_for, make_scheduler
 
@@ -108,10 +108,9 @@ class PixelDiffusion(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping, so a spike shows at its true size.
-        norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        norm = global_grad_norm(self.net.parameters())  # before clipping, so a spike shows at its true size
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(
         self,
@@ -125,15 +124,16 @@ class PixelDiffusion(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay, eps=self.adam_eps
+        return adamw_with_warmup(
+            self.net.parameters(),
+            self.lr,
+            self.adam_betas,
+            self.weight_decay,
+            self.lr_schedule,
+            self.warmup_steps,
+            self.trainer.max_steps,
+            self.adam_eps,
         )
-        total_steps = self.trainer.max_steps
-        if self.lr_schedule == "cosine" and total_steps <= 0:
-            raise ValueError("model.lr_schedule=cosine needs trainer.max_steps to know where the cosine ends")
-        name = "cosine" if self.lr_schedule == "cosine" else "constant_with_warmup"
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()
     def generate(
