@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from lightdiff.diffusion import (
     NoiseSchedule,
     add_noise,
+    check_objective,
     loss_weight,
     min_snr_weight,
     offset_noise,
@@ -143,3 +144,13 @@ def test_ddim_eta_one_has_ddpm_variance() -> None:
     ddpm.set_timesteps(1000)
     for t in (999, 500, 10):
         assert ddim._get_variance(t, t - 1).item() == pytest.approx(ddpm._get_variance(t).item(), rel=1e-5)
+
+
+def test_objective_settings_are_checked_by_name() -> None:
+    check_objective("v_prediction", "min_snr", 5.0)
+    with pytest.raises(ValueError, match="model.prediction_type='eps'"):
+        check_objective("eps", "none", 5.0)
+    with pytest.raises(ValueError, match="model.loss_weighting='snr'"):
+        check_objective("epsilon", "snr", 5.0)
+    with pytest.raises(ValueError, match="model.min_snr_gamma=0"):
+        check_objective("epsilon", "min_snr", 0)

@@ -57,11 +57,7 @@ def load_checkpoint_file(path: Path) -> dict:
         raise ValueError(f"cannot load checkpoint {path}: {error}") from error
 
 
-def _from_lightning_checkpoint(path: Path, use_ema: bool) -> TrainedDenoiser:
-    checkpoint = load_checkpoint_file(path)
-    meta = checkpoint.get("lightdiff")
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} is not a lightdiff checkpoint (no 'lightdiff' block)")
+def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -> TrainedDenoiser:
     net_class = NET_CLASSES.get(meta.get("net_class", ""))
     if net_class is None:
         raise ValueError(f"{path}: network class {meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
@@ -132,42 +128,45 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     return denoiser
 
 
-def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:
-    """A Lightning checkpoint file (EMA weights by default) or an exported pipeline folder."""
+def _autoencoder_from_checkpoint(checkpoint: dict, meta: dict) -> AutoencoderKL:
+    vae = AutoencoderKL.from_config(meta["vae_config"])
+    vae.load_state_dict(_weights(checkpoint, "vae."))
+    return vae.eval()
+
+
+def load_trained(path: str | Path, use_ema: bool = True) -> TrainedDenoiser | AutoencoderKL:
+    """What a checkpoint file holds, read once: a denoiser (EMA weights by default) or, from the autoencoder
+    stage, its VAE; a folder is read as an exported pipeline."""
     path = Path(path).expanduser()
     if path.is_dir():
         return _from_pipeline_folder(path)
     if not path.exists():
         raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
-    return _from_lightning_checkpoint(path, use_ema)
-
-
-def checkpoint_method(path: str | Path) -> str:
-    """The training method a checkpoint file came from ("pixel", "autoencoder"); folders are pipelines ("pixel")."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return "pixel"
-    if not path.exists():
-        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
-    meta = load_checkpoint_file(path).get("lightdiff")
+    checkpoint = load_checkpoint_file(path)
+    meta = checkpoint.get("lightdiff")
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a lightdiff checkpoint (no 'lightdiff' block)")
-    return str(meta.get("method", "pixel"))
+    if meta.get("method") == "autoencoder":
+        return _autoencoder_from_checkpoint(checkpoint, meta)
+    return _from_lightning_checkpoint(path, checkpoint, meta, use_ema)
+
+
+def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:
+    """A denoiser from a Lightning checkpoint file (EMA weights by default) or an exported pipeline folder."""
+    trained = load_trained(path, use_ema)
+    if not isinstance(trained, TrainedDenoiser):
+        raise ValueError(f"{path} holds an autoencoder, not a denoiser")
+    return trained
 
 
 def load_autoencoder(path: str | Path) -> AutoencoderKL:
     """The VAE of an autoencoder-stage checkpoint, or a diffusers AutoencoderKL folder."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return AutoencoderKL.from_pretrained(path).eval()
-    checkpoint = load_checkpoint_file(path)
-    meta = checkpoint.get("lightdiff") or {}
-    if meta.get("method") != "autoencoder":
-        raise ValueError(f"{path} is not an autoencoder checkpoint (method {meta.get('method')!r})")
-    vae = AutoencoderKL.from_config(meta["vae_config"])
-    prefix = "vae."
-    vae.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return vae.eval()
+    if Path(path).expanduser().is_dir():
+        return AutoencoderKL.from_pretrained(Path(path).expanduser()).eval()
+    trained = load_trained(path)
+    if not isinstance(trained, AutoencoderKL):
+        raise ValueError(f"{path} is not an autoencoder checkpoint")
+    return trained
 
 
 def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: str | Path) -> Path:

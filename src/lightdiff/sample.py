@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lightdiff.config import ConfigError, check_config
-from lightdiff.export import TrainedDenoiser, checkpoint_method, export_pipeline, load_autoencoder, load_denoiser
+from lightdiff.export import TrainedDenoiser, export_pipeline, load_trained
 from lightdiff.methods.latent import generate_latent
 from lightdiff.sampling import for_latents, generate, generators_for, image_grid, make_scheduler, to_uint8
 
@@ -73,14 +74,15 @@ def run(cfg: DictConfig) -> Path:
     if target.exists() and any(target.iterdir()) and not cfg.overwrite:
         key = "export" if cfg.export else "out"
         raise ConfigError(f"{key}={str(target)!r} is not empty; choose a new folder or pass overwrite=true")
-    if checkpoint_method(cfg.ckpt) == "autoencoder":
+    trained = load_trained(cfg.ckpt, use_ema=cfg.use_ema)  # the file is read once, whatever it holds
+    if isinstance(trained, AutoencoderKL):
         if not cfg.export:
             raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
         folder = Path(cfg.export).expanduser()
-        load_autoencoder(cfg.ckpt).save_pretrained(folder, safe_serialization=True)
+        trained.save_pretrained(folder, safe_serialization=True)
         log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, folder)
         return folder
-    denoiser = load_denoiser(cfg.ckpt, use_ema=cfg.use_ema)
+    denoiser = trained
     scheduler = make_scheduler(instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type)
     if denoiser.is_text_model:
         scheduler = for_latents(scheduler)

@@ -6,6 +6,7 @@ alpha = sqrt(alpha_bar_t) and sigma = sqrt(1 - alpha_bar_t) throughout, so x_t =
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import torch
@@ -17,6 +18,16 @@ LossWeighting = Literal["none", "min_snr"]
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector (B,) to broadcast against a batch shaped like `like` (B, C, H, W)."""
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def check_objective(prediction_type: str, loss_weighting: str, min_snr_gamma: float) -> None:
+    """Fail at construction, naming the config key, rather than at the first training step."""
+    if prediction_type not in typing.get_args(PredictionType):
+        raise ValueError(f"model.prediction_type={prediction_type!r} is not one of {typing.get_args(PredictionType)}")
+    if loss_weighting not in typing.get_args(LossWeighting):
+        raise ValueError(f"model.loss_weighting={loss_weighting!r} is not one of {typing.get_args(LossWeighting)}")
+    if min_snr_gamma <= 0:
+        raise ValueError(f"model.min_snr_gamma={min_snr_gamma} must be positive")
 
 
 def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -27,6 +27,7 @@ from lightdiff.diffusion import (
     NoiseSchedule,
     PredictionType,
     add_noise,
+    check_objective,
     loss_weight,
     offset_noise,
     training_target,
@@ -74,10 +75,7 @@ class LatentDiffusion(pl.LightningModule):
         guidance_scale: float = 4.0,  # guidance of the training-time previews
     ) -> None:
         super().__init__()
-        if prediction_type not in get_args(PredictionType):
-            raise ConfigError(f"model.prediction_type={prediction_type!r} is not one of {get_args(PredictionType)}")
-        if loss_weighting not in get_args(LossWeighting):
-            raise ConfigError(f"model.loss_weighting={loss_weighting!r} is not one of {get_args(LossWeighting)}")
+        check_objective(prediction_type, loss_weighting, min_snr_gamma)
         if not 0 <= cond_drop_prob < 1:
             raise ConfigError(f"model.cond_drop_prob={cond_drop_prob} must lie in [0, 1)")
         if pretrained is not None and load_pretrained_unet:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -16,6 +16,7 @@ from lightdiff.diffusion import (
     NoiseSchedule,
     PredictionType,
     add_noise,
+    check_objective,
     loss_weight,
     offset_noise,
     training_target,
@@ -49,14 +50,9 @@ class PixelDiffusion(pl.LightningModule):
     ) -> None:
         super().__init__()
         # Checked here, not at the first step, so a typo fails before any output is written.
-        if prediction_type not in get_args(PredictionType):
-            raise ValueError(f"model.prediction_type={prediction_type!r} is not one of {get_args(PredictionType)}")
-        if loss_weighting not in get_args(LossWeighting):
-            raise ValueError(f"model.loss_weighting={loss_weighting!r} is not one of {get_args(LossWeighting)}")
+        check_objective(prediction_type, loss_weighting, min_snr_gamma)
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
-        if min_snr_gamma <= 0:
-            raise ValueError(f"model.min_snr_gamma={min_snr_gamma} must be positive")
         self.net = net
         self.schedule = schedule
         self.prediction_type = prediction_type
