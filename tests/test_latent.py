@@ -11,12 +11,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from hydra.utils import instantiate
 from PIL import Image
+from torch.utils.data import default_collate
 
 from lightdiff.config import ConfigError
+from lightdiff.data.latent_cache import text_encoder_fingerprint
 from lightdiff.diffusion import NoiseSchedule
 from lightdiff.export import load_checkpoint_file, load_denoiser
 from lightdiff.methods.latent import drop_captions, generate_latent, tokenizer_from_state
-from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
+from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import for_latents, generators_for, make_scheduler
 from lightdiff.train import run as train_run
@@ -328,3 +330,86 @@ def test_training_from_the_latent_cache(vae_dir: Path, tmp_path: Path) -> None:
         train_run(
             compose_config("train", [f"output_root={tmp_path}", *TINY, "run_name=pix", "data.cache_latents=true"])
         )
+
+
+def test_text_cache_for_a_frozen_encoder_hit_miss_and_invalidation(tmp_path: Path) -> None:
+    from lightdiff.data import ShapesDataModule
+
+    cache = tmp_path / "cache"
+    vae = _tiny_vae().eval()
+    tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
+    encoder = text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).eval()
+    calls: list[list[str]] = []
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        calls.append(list(prompts))
+        return encoder(tokenize_prompts(tokenizer, prompts))[0]
+
+    def data() -> ShapesDataModule:
+        return ShapesDataModule(resolution=16, size=48, batch_size=8, cache_latents=True, cache_dir=str(cache))
+
+    first = data()
+    first.use_latent_cache(vae, text_encoder_fingerprint(tokenizer, encoder), encode)
+    texts = [first.source_dataset[i]["text"] for i in range(48)]
+    assert sorted(sum(calls, [])) == sorted(set(texts))  # each distinct caption encoded once, not once per image
+    for index in (0, 7, 31):
+        with torch.no_grad():
+            expected = encoder(tokenize_prompts(tokenizer, [texts[index]]))[0][0]
+        torch.testing.assert_close(first.dataset[index]["text_states"], expected, atol=5e-3, rtol=1e-2)  # float16
+
+    calls.clear()
+    data().use_latent_cache(vae, text_encoder_fingerprint(tokenizer, encoder), encode)
+    assert calls == []  # a hit encodes nothing
+    with torch.no_grad():
+        encoder.final_layer_norm.bias.add_(0.1)  # another encoder: new text cache, same latents
+    data().use_latent_cache(vae, text_encoder_fingerprint(tokenizer, encoder), encode)
+    assert calls and len(list(cache.glob("text-*.pt"))) == 2 and len(list(cache.glob("latents-*.pt"))) == 1
+    latents_only = data()
+    latents_only.use_latent_cache(vae)  # no text side given: latents only
+    assert "text_states" not in latents_only.dataset[0]
+
+
+def test_training_step_from_cached_text_states_matches_encoding(
+    pipeline_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = [
+        f"model.pretrained={pipeline_dir}",
+        "model.vae=null",
+        "model.cond_drop_prob=0.5",
+        "data.cache_latents=true",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    trainer = train_run(compose_config("train", _latent_overrides(tmp_path, pipeline_dir, "run_name=tc", *overrides)))
+    module = trainer.lightning_module
+    assert len(list((tmp_path / "cache").glob("text-*.pt"))) == 1
+    cached = module.trainer.datamodule.dataset
+    batch = default_collate([cached[i] for i in range(8)])
+    assert "text_states" in batch
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)  # outside fit there is no loop to log to
+    received: list[torch.Tensor] = []
+    module.net.register_forward_pre_hook(
+        lambda net, args, kwargs: received.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+    )
+
+    def step(batch: dict) -> torch.Tensor:
+        random.seed(3)  # the same captions are dropped
+        torch.manual_seed(3)  # the same z, noise and timesteps
+        return module.training_step(batch, 0)
+
+    encode, encoded_prompts = module.encode_prompts, []
+    monkeypatch.setattr(module, "encode_prompts", lambda prompts: encoded_prompts.append(prompts) or encode(prompts))
+    with torch.no_grad():
+        from_cache = step(batch)
+        assert encoded_prompts == [[""]]  # only the dropped captions' state is computed; the rest come from the cache
+        encoded = step({key: value for key, value in batch.items() if key != "text_states"})
+    torch.testing.assert_close(received[0], received[1], atol=5e-3, rtol=1e-2)
+    torch.testing.assert_close(from_cache, encoded)
+
+    trainable = train_run(
+        compose_config(
+            "train",
+            _latent_overrides(tmp_path, pipeline_dir, "run_name=tc2", *overrides, "model.train_text_encoder=true"),
+        )
+    )
+    assert "text_states" not in trainable.datamodule.dataset[0]  # a text encoder that learns is never cached
+    assert len(list((tmp_path / "cache").glob("text-*.pt"))) == 1

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Dataset
 
 from lightdiff.config import ConfigError
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
-from lightdiff.data.latent_cache import cached_latents
+from lightdiff.data.latent_cache import cached_latents, cached_text_states
 from lightdiff.data.shapes import ShapesDataset
 
 
@@ -49,9 +51,21 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
 
-    def use_latent_cache(self, vae: AutoencoderKL) -> None:
-        """Serve {"latent_moments", "label", "text"} from the cache of this data set under `vae` (made if missing)."""
-        self.dataset = cached_latents(self.source_dataset, self.identity, vae, self.cache_dir, self.batch_size)
+    def use_latent_cache(
+        self,
+        vae: AutoencoderKL,
+        text_encoder_fingerprint: str | None = None,
+        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> None:
+        """Serve {"latent_moments", "label", "text"} from the cache of this data set under `vae` (made if missing);
+        with a frozen text encoder (its fingerprint and prompt encoding given) also "text_states", cached likewise."""
+        cache = cached_latents(self.source_dataset, self.identity, vae, self.cache_dir, self.batch_size)
+        if text_encoder_fingerprint is not None and encode_prompts is not None:
+            states, index = cached_text_states(
+                cache.texts, self.identity, text_encoder_fingerprint, encode_prompts, self.cache_dir, self.batch_size
+            )
+            cache.attach_text_states(states, index)
+        self.dataset = cache
 
     @property
     def num_classes(self) -> int:

@@ -1,8 +1,14 @@
-"""Latent caching: encode a data set once through a frozen VAE and train from the stored posteriors.
+"""Latent caching: encode a data set once through a frozen VAE (and a frozen text encoder) and train from the store.
 
-The cache holds each image's posterior moments (mean and log-variance of q(z | x)), so training still draws a fresh
-z ~ q(z | x) every step, as it does when encoding on the fly. Its file name is a hash of the data set's identity
-(source, size, resolution, preprocessing) and of the VAE (config and weights): change either and a new cache is made.
+The latent cache holds each image's posterior moments (mean and log-variance of q(z | x)), so training still draws
+a fresh z ~ q(z | x) every step, as it does when encoding on the fly. Its file name is a hash of the data set's
+identity (source, size, resolution, preprocessing) and of the VAE (config and weights).
+
+The text cache, made only when the text encoder is frozen, holds the encoder's hidden states of each distinct
+caption once (a data set of 24 captions stores 24 entries, however many images it has) and, per image, which entry
+is its caption. Its key is the data set's identity and a hash of the tokenizer and the text encoder. The two caches
+are separate files, so changing the text encoder keeps the latents and changing the VAE keeps the text states.
+Both are stored as float16 (half the disk and memory; the difference is below the noise the model is trained on).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -21,33 +29,70 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 
-def vae_fingerprint(vae: AutoencoderKL) -> str:
-    """Hash of the VAE's config and weights."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
+def module_fingerprint(config: dict[str, Any], module: torch.nn.Module) -> str:
+    """Hash of a network's config and weights."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """Hash of the VAE's config and weights."""
+    return module_fingerprint(dict(vae.config), vae)
+
+
+def text_encoder_fingerprint(tokenizer: Any, text_encoder: torch.nn.Module) -> str:
+    """Hash of a transformers tokenizer (vocabulary, merges, length limit) and text encoder (config, weights)."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    for call_state in ("truncation", "padding"):  # set by the last call, not part of what the tokenizer is
+        backend.pop(call_state, None)
+    tokenizer_state = {"tokenizer": backend, "max_length": tokenizer.model_max_length}
+    return module_fingerprint({**text_encoder.config.to_dict(), **tokenizer_state}, text_encoder)
+
+
+def _cache_path(cache_dir: Path, kind: str, *parts: str) -> Path:
+    return Path(cache_dir) / f"{kind}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:20]}.pt"
+
+
+def _save_atomically(stored: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(descriptor, "wb") as handle:
+        torch.save(stored, handle)
+    os.replace(temporary, path)
+
+
 class LatentCacheDataset(Dataset):
-    """Items {"latent_moments": (2C, h, w), "label", "text"} in the order of the data set they were encoded from."""
+    """Items {"latent_moments": (2C, h, w), "label", "text"} (+ "text_states": (tokens, width) once a text cache is
+    attached) in the order of the data set they were encoded from."""
 
     def __init__(self, moments: torch.Tensor, labels: torch.Tensor, texts: list[str], resolution: int) -> None:
         self.moments = moments
         self.labels = labels
         self.texts = texts
         self.resolution = resolution  # of the images the latents encode
+        self.text_states: torch.Tensor | None = None  # (distinct captions, tokens, width)
+        self.text_index: torch.Tensor | None = None  # (images,): the row of text_states of each image's caption
+
+    def attach_text_states(self, states: torch.Tensor, index: torch.Tensor) -> None:
+        if len(index) != len(self):
+            raise ValueError(f"text cache of {len(index)} images for a latent cache of {len(self)}")
+        self.text_states, self.text_index = states, index
 
     def __len__(self) -> int:
         return len(self.moments)
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        return {
+        item: dict[str, object] = {
             "latent_moments": self.moments[index].float(),
             "label": int(self.labels[index]),
             "text": self.texts[index],
         }
+        if self.text_states is not None and self.text_index is not None:
+            item["text_states"] = self.text_states[self.text_index[index]].float()
+        return item
 
     def captions(self) -> list[str]:
         return [text for text in self.texts if text]
@@ -58,8 +103,7 @@ def cached_latents(
     dataset: Dataset, identity: str, vae: AutoencoderKL, cache_dir: Path, batch_size: int = 64
 ) -> LatentCacheDataset:
     """Load the cache of (`identity`, `vae`) from `cache_dir`, or encode `dataset` and write it (atomically)."""
-    key = hashlib.sha256(f"{identity}|{vae_fingerprint(vae)}".encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"latents-{key}.pt"
+    path = _cache_path(cache_dir, "latents", identity, vae_fingerprint(vae))
     resolution = int(dataset.resolution)
     if path.exists():
         stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -73,9 +117,30 @@ def cached_latents(
         labels.append(torch.as_tensor(batch["label"]))
         texts += list(batch["text"])
     stored = {"moments": torch.cat(moments), "labels": torch.cat(labels), "texts": texts, "identity": identity}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(descriptor, "wb") as handle:
-        torch.save(stored, handle)
-    os.replace(temporary, path)
+    _save_atomically(stored, path)
     return LatentCacheDataset(stored["moments"], stored["labels"], texts, resolution)
+
+
+@torch.no_grad()
+def cached_text_states(
+    texts: Sequence[str],
+    identity: str,
+    encoder_fingerprint: str,
+    encode: Callable[[list[str]], torch.Tensor],
+    cache_dir: Path,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states of each distinct caption (U, tokens, width), row of each of `texts` (N,)), loaded from `cache_dir`
+    or made with `encode` (prompts -> hidden states, the method's own encoding) and written atomically."""
+    path = _cache_path(cache_dir, "text", identity, encoder_fingerprint)
+    if path.exists():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("text cache hit: %s (%d distinct captions)", path, len(stored["captions"]))
+        return stored["states"], stored["index"]
+    distinct = sorted(set(texts))
+    log.info("text cache miss: encoding %d distinct captions into %s", len(distinct), path)
+    states = torch.cat([encode(distinct[i : i + batch_size]).half().cpu() for i in range(0, len(distinct), batch_size)])
+    row = {caption: index for index, caption in enumerate(distinct)}
+    index = torch.tensor([row[text] for text in texts], dtype=torch.int64)
+    _save_atomically({"states": states, "index": index, "captions": distinct, "identity": identity}, path)
+    return states, index

@@ -22,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageDataModule
+from lightdiff.data.latent_cache import text_encoder_fingerprint
 from lightdiff.diffusion import (
     LossWeighting,
     NoiseSchedule,
@@ -118,8 +119,13 @@ class LatentDiffusion(pl.LightningModule):
             self.train_text_encoder = True
         check_components(self.net, self.vae, self.text_encoder, datamodule.resolution)
         self.class_names = datamodule.class_names
-        if datamodule.cache_latents:
+        if datamodule.cache_latents and self.train_text_encoder:  # a text encoder that learns cannot be cached
             datamodule.use_latent_cache(self.vae)
+        elif datamodule.cache_latents:
+            assert self.tokenizer is not None
+            datamodule.use_latent_cache(
+                self.vae, text_encoder_fingerprint(self.tokenizer, self.text_encoder), self.encode_prompts
+            )
 
     # ----- training ---------------------------------------------------------------------------------------------
 
@@ -137,7 +143,12 @@ class LatentDiffusion(pl.LightningModule):
                 posterior = self.vae.encode(batch["pixel_values"]).latent_dist
             latents = posterior.sample() * self.vae.config.scaling_factor
         captions = drop_captions(batch["text"], self.cond_drop_prob)
-        text_states = self.encode_prompts(captions)
+        if "text_states" in batch:  # data.cache_latents with a frozen text encoder: states were encoded once
+            empty = self.encode_prompts([""])  # what the frozen encoder gives a dropped caption
+            dropped = torch.tensor([caption == "" for caption in captions], device=empty.device)
+            text_states = torch.where(dropped[:, None, None], empty, batch["text_states"].to(empty.dtype))
+        else:
+            text_states = self.encode_prompts(captions)
         noise = offset_noise(torch.randn_like(latents), self.offset_noise)
         timesteps = torch.randint(0, self.schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = add_noise(latents, noise, self.alphas_cumprod, timesteps)
