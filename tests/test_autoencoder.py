@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from lightdiff.config import build
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
 from lightdiff.export import load_autoencoder, load_checkpoint_file
 from lightdiff.nets.discriminator import PatchDiscriminator
@@ -63,10 +64,58 @@ def autoencoder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "run_name=ae",
             "trainer.max_steps=10",
             "model.disc_start=2",
+            "metrics=fid",
+            "metrics/features=random_conv",
+            "metrics.every_n_steps=0",
+            "metrics.num_images=16",
+            "metrics.batch_size=8",
         ],
     )
     train_run(cfg)
     return Path(cfg.run_dir)
+
+
+def test_rfid_and_rkid_of_reconstructions_are_logged(autoencoder_run: Path) -> None:
+    with next(autoencoder_run.glob("csv/version_*/metrics.csv")).open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("val/rfid")]
+    assert len(rows) == 1 and rows[0]["step"] == "10"  # every_n_steps=0: once, at the end
+    assert 0 < float(rows[0]["val/rfid"]) < 1e4 and rows[0]["val/rkid"] != ""
+    assert "val/fid" not in rows[0]  # the autoencoder's numbers are named as reconstruction metrics
+
+
+class _ConstantDistance(torch.nn.Module):
+    """A stand-in perceptual distance: 0.25 per image, with one (frozen) parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.25))
+
+    def forward(self, reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return self.scale.expand(len(images))
+
+
+def test_perceptual_loss_is_added_per_pixel_and_stays_frozen() -> None:
+    cfg = compose_config(
+        "train",
+        ["model=autoencoder", "model.perceptual_loss={_target_:torch.nn.L1Loss}", "model.perceptual_weight=2.0"],
+    )
+    assert isinstance(build(cfg.model).perceptual_loss, torch.nn.L1Loss)  # the config path builds the module
+
+    plain = build(compose_config("train", ["model=autoencoder"]).model)
+    weighted = build(compose_config("train", ["model=autoencoder", "model.perceptual_weight=2.0"]).model)
+    weighted.perceptual_loss = _ConstantDistance().requires_grad_(False)
+    images, reconstructions = torch.zeros(2, 3, 16, 16), torch.full((2, 3, 16, 16), 0.5)
+    base = plain._pixel_loss(images, reconstructions)
+    assert base.item() == pytest.approx(0.5 * 3 * 16 * 16)  # L1 summed per image
+    # + weight 2 x distance 0.25 on each of the 768 pixel values of an image
+    assert weighted._pixel_loss(images, reconstructions).item() == pytest.approx(base.item() + 2 * 0.25 * 768)
+    frozen = build(
+        compose_config(
+            "train",
+            ["model=autoencoder", "model.perceptual_loss={_target_:torch.nn.Linear,in_features:2,out_features:2}"],
+        ).model
+    )
+    assert not any(p.requires_grad for p in frozen.perceptual_loss.parameters())
 
 
 def test_discriminator_switches_on_after_disc_start(autoencoder_run: Path) -> None:

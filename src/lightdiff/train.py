@@ -57,6 +57,8 @@ def run(cfg: DictConfig) -> pl.Trainer:
     model = build(cfg.model)
     model.attach_data(datamodule)  # each method checks that its networks fit the data
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    if cfg.get("metrics"):
+        callbacks.append(build(cfg.metrics))
     ckpt_path = _resume_path(cfg, run_dir)
 
     # Everything is built: from here on files are written.

@@ -22,6 +22,30 @@ from lightdiff.sampling import SchedulerFactory, grid_columns, image_grid, to_ui
 log = logging.getLogger(__name__)
 
 
+def method_previews(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    seeds: list[int],
+    sampler: SchedulerFactory,
+    steps: int,
+    batch_size: int,
+) -> list[Preview]:
+    """The method's previews of `seeds`, `batch_size` at a time, in eval mode and with EMA weights where the run
+    averages a denoiser (`pl_module.net`)."""
+    ema = find_ema(trainer)
+    weights = ema.averaged_weights(pl_module.net) if ema is not None and ema.ema is not None else nullcontext()
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with weights:
+            return [
+                pl_module.preview(seeds[start : start + batch_size], sampler, steps)
+                for start in range(0, len(seeds), batch_size)
+            ]
+    finally:
+        pl_module.train(was_training)
+
+
 class SampleGrid(pl.Callback):
     """Every `every_n_steps` optimiser steps and at the end of training: the method's preview, with fixed seeds.
 
@@ -69,17 +93,8 @@ class SampleGrid(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int, prefix: str
     ) -> dict[str, float]:
         seeds = list(range(self.seed, self.seed + count))
-        ema = find_ema(trainer)
-        weights = ema.averaged_weights(pl_module.net) if ema is not None and ema.ema is not None else nullcontext()
-        was_training = pl_module.training
-        pl_module.eval()
-        previews: list[Preview] = []
-        try:
-            with weights:
-                for start in range(0, count, self.num_images):  # the grid's size bounds the batch's memory
-                    previews.append(pl_module.preview(seeds[start : start + self.num_images], self.sampler, self.steps))
-        finally:
-            pl_module.train(was_training)
+        # The grid's size bounds the batch's memory.
+        previews = method_previews(trainer, pl_module, seeds, self.sampler, self.steps, self.num_images)
         pixels = to_uint8(torch.cat([p.images for p in previews]))
         labels = torch.cat([p.labels for p in previews]) if previews[0].labels is not None else None
         grid_images = previews[0].grid_images if previews[0].grid_images is not None else previews[0].images

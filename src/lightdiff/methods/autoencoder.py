@@ -28,6 +28,8 @@ CHECKPOINT_FORMAT = 1
 class AutoencoderTraining(pl.LightningModule):
     """Trains `vae` to reconstruct images through a KL-regularised latent, with a PatchGAN critic."""
 
+    distance_prefix = "r"  # its previews are reconstructions: metrics=fid logs rFID / rKID (val/rfid, val/rkid)
+
     def __init__(
         self,
         vae: AutoencoderKL,  # the autoencoder being trained (diffusers)
@@ -41,6 +43,8 @@ class AutoencoderTraining(pl.LightningModule):
         adam_betas: tuple[float, float] = (0.5, 0.9),  # Adam (beta1, beta2) for both, as in latent-diffusion
         scaling_batches: int = 8,  # batches encoded at the end to set the latent scaling factor
         max_grad_norm: float | None = 1.0,  # clip the autoencoder's gradient norm (None: no clipping)
+        perceptual_loss: torch.nn.Module | None = None,  # (reconstructions, images) in [-1, 1] -> distance, e.g. LPIPS
+        perceptual_weight: float = 1.0,  # weight of the perceptual distance, added to every pixel's loss as in LDM
     ) -> None:
         super().__init__()
         if reconstruction_loss not in ("l1", "l2"):
@@ -59,6 +63,8 @@ class AutoencoderTraining(pl.LightningModule):
         self.adam_betas = tuple(adam_betas)
         self.scaling_batches = scaling_batches
         self.max_grad_norm = max_grad_norm
+        self.perceptual_loss = perceptual_loss.requires_grad_(False) if perceptual_loss is not None else None  # frozen
+        self.perceptual_weight = perceptual_weight
         self.class_names: list[str] | None = None
 
     def attach_data(self, datamodule: ImageDataModule) -> None:
@@ -80,6 +86,9 @@ class AutoencoderTraining(pl.LightningModule):
     def _pixel_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
         difference = images - reconstructions
         per_pixel = difference.abs() if self.reconstruction_loss == "l1" else difference.pow(2)
+        if self.perceptual_loss is not None:  # added to each pixel's loss, as LDM's LPIPSWithDiscriminator does
+            distance = self.perceptual_loss.eval()(reconstructions, images)
+            per_pixel = per_pixel + self.perceptual_weight * distance.reshape(-1, 1, 1, 1)
         return per_pixel.flatten(1).sum(dim=1).mean()  # summed per image, as latent-diffusion's nll_loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
