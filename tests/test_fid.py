@@ -73,38 +73,103 @@ def test_inception_features_name_what_to_install_or_provide(tmp_path) -> None:
 
 
 class _Reconstructor(torch.nn.Module):
-    """A method stand-in whose previews are data set images, optionally degraded."""
+    """A method stand-in whose previews are data set images, optionally degraded; it records the seeds it drew."""
 
     def __init__(self, dataset: ShapesDataset, noise: float) -> None:
         super().__init__()
         self.dataset, self.noise = dataset, noise
         self.distance_prefix = "r"
+        self.seeds_drawn: list[int] = []
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
     def preview(self, seeds, sampler, steps) -> Preview:
+        self.seeds_drawn += list(seeds)
         images = torch.stack([self.dataset[s]["pixel_values"] for s in seeds]) / 2 + 0.5
-        generator = torch.Generator().manual_seed(seeds[0])
-        images = images + self.noise * torch.randn(images.shape, generator=generator)
-        return Preview(images=images.clamp(0, 1))
+        noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return Preview(images=(images + self.noise * noise).clamp(0, 1))
+
+
+def _trainer(dataset: ShapesDataset, rank: int = 0, world_size: int = 1, identity: str = "") -> SimpleNamespace:
+    logged: list[dict] = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append({**metrics, "step": step}), logged=logged)
+    datamodule = SimpleNamespace(source_dataset=dataset, identity=identity, random_views=False)
+    return SimpleNamespace(
+        datamodule=datamodule, loggers=[logger], global_step=7, callbacks=[], global_rank=rank, world_size=world_size
+    )
+
+
+def _callback(num_images: int = 100, cache_dir=None, seed: int = 0) -> FrechetDistance:
+    return FrechetDistance(
+        RandomConvFeatures(seed=seed),
+        None,
+        num_images=num_images,
+        batch_size=30,
+        kid_subset_size=50,
+        cache_dir=cache_dir,
+    )
 
 
 def test_callback_scores_the_methods_images_against_the_data() -> None:
     dataset = ShapesDataset(size=120, resolution=16, seed=0)
-    logged: list[dict] = []
-    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append({**metrics, "step": step}))
-    trainer = SimpleNamespace(
-        datamodule=SimpleNamespace(source_dataset=dataset), loggers=[logger], global_step=7, callbacks=[]
-    )
-    callback = FrechetDistance(RandomConvFeatures(), sampler=None, num_images=100, batch_size=30, kid_subset_size=50)
+    trainer = _trainer(dataset)
+    callback = _callback()
     exact = callback.evaluate(trainer, _Reconstructor(dataset, 0.0))
     noisy = callback.evaluate(trainer, _Reconstructor(dataset, 0.2))
     assert abs(exact["val/rfid"]) < 1e-3  # the first 100 images against themselves
     assert noisy["val/rfid"] > 1.0 and noisy["val/rkid"] > exact["val/rkid"]
-    assert logged[1] == {**noisy, "step": 7}
+    assert trainer.loggers[0].logged[1] == {**noisy, "step": 7}
     with pytest.raises(ValueError, match="metrics.num_images=2000 exceeds"):
-        FrechetDistance(RandomConvFeatures(), sampler=None, num_images=2000).evaluate(
-            trainer, _Reconstructor(dataset, 0.0)
-        )
+        _callback(num_images=2000).evaluate(trainer, _Reconstructor(dataset, 0.0))
+
+
+def test_reference_statistics_are_cached_and_invalidated(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    dataset = ShapesDataset(size=120, resolution=16, seed=0)
+    trainer = _trainer(dataset, identity="shapes|seed=0")
+    with caplog.at_level("INFO"):
+        first = _callback(cache_dir=tmp_path).evaluate(trainer, _Reconstructor(dataset, 0.2))
+    assert "cache miss" in caplog.text and len(list(tmp_path.glob("reference-*.pt"))) == 1
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = _callback(cache_dir=tmp_path).evaluate(trainer, _Reconstructor(dataset, 0.2))
+    assert "cache hit" in caplog.text and again == pytest.approx(first, rel=1e-9)
+    _callback(cache_dir=tmp_path, seed=1).evaluate(trainer, _Reconstructor(dataset, 0.2))  # other features
+    _callback(cache_dir=tmp_path, num_images=90).evaluate(trainer, _Reconstructor(dataset, 0.2))  # other reference
+    other_data = _trainer(dataset, identity="shapes|seed=1")
+    _callback(cache_dir=tmp_path).evaluate(other_data, _Reconstructor(dataset, 0.2))
+    assert len(list(tmp_path.glob("reference-*.pt"))) == 4
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        dataset = ShapesDataset(size=120, resolution=16, seed=0)
+        method = _Reconstructor(dataset, 0.2)
+        callback = FrechetDistance(RandomConvFeatures(), None, num_images=101, batch_size=16, kid_subset_size=101)
+        metrics = callback.evaluate(_trainer(dataset, rank, world_size), method)
+        torch.save({"metrics": metrics, "seeds": method.seeds_drawn}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_single_process_result(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    seeds = ranks[0]["seeds"] + ranks[1]["seeds"]
+    assert sorted(seeds) == list(range(101))  # every image once: no padded duplicates, none missing
+    dataset = ShapesDataset(size=120, resolution=16, seed=0)
+    single = FrechetDistance(RandomConvFeatures(), None, num_images=101, batch_size=16, kid_subset_size=101)
+    expected = single.evaluate(_trainer(dataset), _Reconstructor(dataset, 0.2))
+    for rank in ranks:  # every rank gets the synchronised result
+        assert rank["metrics"] == pytest.approx(expected, rel=1e-6)

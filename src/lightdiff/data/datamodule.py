@@ -46,6 +46,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.cache_latents = cache_latents
         self.cache_dir = Path(cache_dir)
         self.identity = identity
+        self.random_views = random_views
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory

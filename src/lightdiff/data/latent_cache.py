@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Dataset
+
+from lightdiff.checkpointing import save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ def text_encoder_fingerprint(tokenizer: Any, text_encoder: torch.nn.Module) -> s
 
 def _cache_path(cache_dir: Path, kind: str, *parts: str) -> Path:
     return Path(cache_dir) / f"{kind}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:20]}.pt"
-
-
-def _save_atomically(stored: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(descriptor, "wb") as handle:
-        torch.save(stored, handle)
-    os.replace(temporary, path)
 
 
 class LatentCacheDataset(Dataset):
@@ -117,7 +109,7 @@ def cached_latents(
         labels.append(torch.as_tensor(batch["label"]))
         texts += list(batch["text"])
     stored = {"moments": torch.cat(moments), "labels": torch.cat(labels), "texts": texts, "identity": identity}
-    _save_atomically(stored, path)
+    save_atomically(stored, path)
     return LatentCacheDataset(stored["moments"], stored["labels"], texts, resolution)
 
 
@@ -142,5 +134,5 @@ def cached_text_states(
     states = torch.cat([encode(distinct[i : i + batch_size]).half().cpu() for i in range(0, len(distinct), batch_size)])
     row = {caption: index for index, caption in enumerate(distinct)}
     index = torch.tensor([row[text] for text in texts], dtype=torch.int64)
-    _save_atomically({"states": states, "index": index, "captions": distinct, "identity": identity}, path)
+    save_atomically({"states": states, "index": index, "captions": distinct, "identity": identity}, path)
     return states, index
