@@ -1,6 +1,7 @@
 """sample.py: determinism, metadata, samplers; export to a diffusers pipeline that reproduces the images."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from diffusers import DDIMPipeline, DDPMPipeline
 from hydra.utils import instantiate
 from PIL import Image
 
+from lightdiff.config import ConfigError
 from lightdiff.data import ImageFolderDataModule
 from lightdiff.export import load_denoiser
 from lightdiff.sample import run as sample_run
@@ -148,3 +150,47 @@ def test_bad_inputs_are_named(trained: dict[str, Path], tmp_path: Path) -> None:
         _sample(trained["uncond"], tmp_path / "o", "label=3")
     with pytest.raises(ValueError, match="label=30"):
         _sample(trained["class"], tmp_path / "o", "label=30")
+
+
+def test_sample_with_metrics_writes_metrics_json(trained: dict[str, Path], tmp_path: Path) -> None:
+    fid_options = ["metrics=fid", "metrics/features=random_conv", "metrics.num_images=16", "metrics.batch_size=8"]
+
+    def sample(out: str, *extra: str) -> dict:
+        overrides = [f"out={tmp_path / out}", "num_images=8", "steps=2", *fid_options, *extra]
+        folder = sample_run(compose_config("sample", [f"ckpt={trained['class']}", *overrides]))
+        return json.loads((folder / "metrics.json").read_text())
+
+    cache = f"metrics.cache_dir={tmp_path / 'fid_cache'}"
+    metrics = sample("a", cache)  # the reference data is the run's own (its config.yaml): shapes at 16 px
+    assert metrics["fid"] > 0 and metrics["kid"] == pytest.approx(metrics["kid"]) and metrics["num_images"] == 8
+    assert metrics["reference_data"].startswith("shapes|") and "resolution=16" in metrics["reference_data"]
+    assert 0 <= metrics["shapes"]["both"] <= 1 and "coverage" in metrics["shapes"]  # class labels were judged
+    assert len(list((tmp_path / "fid_cache").glob("reference-*.pt"))) == 1
+    again = sample("b", cache)
+    assert again["fid"] == pytest.approx(metrics["fid"], rel=1e-9)  # same seeds, cached reference
+    other = sample("c", cache, "data=shapes", "data.resolution=16", "data.seed=5", "data.size=64")
+    assert other["reference_data"] != metrics["reference_data"] and "seed=5" in other["reference_data"]
+
+    exported = sample_run(compose_config("sample", [f"ckpt={trained['uncond']}", f"export={tmp_path / 'pipe'}"]))
+    with pytest.raises(ConfigError, match="give data="):  # an exported folder has no run config beside it
+        sample_run(
+            compose_config("sample", [f"ckpt={exported}", f"out={tmp_path / 'd'}", "num_images=2", *fid_options])
+        )
+
+    run_dir = tmp_path / "forged_run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained["uncond"], run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / "config.yaml").write_text("data:\n  _target_: os.system\n  command: touch pwned\n")
+    with pytest.raises(ConfigError, match="names no lightdiff data module"):  # a _target_ read from a file is refused
+        sample_run(
+            compose_config(
+                "sample",
+                [
+                    f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+                    f"out={tmp_path / 'e'}",
+                    "num_images=2",
+                    *fid_options,
+                ],
+            )
+        )
+    assert not Path("pwned").exists()

@@ -16,9 +16,11 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from lightdiff.config import ConfigError, check_config
+from lightdiff.config import ConfigError, build, check_config
+from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import TrainedDenoiser, export_pipeline, load_trained
 from lightdiff.methods.latent import generate_latent
+from lightdiff.metrics import FrechetEvaluator, shapes_metric
 from lightdiff.sampling import for_latents, generate, generators_for, image_grid, make_scheduler, to_uint8
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ def run(cfg: DictConfig) -> Path:
         log.info("exported %s to %s (load with diffusers' DDPMPipeline.from_pretrained)", denoiser.source, folder)
         return folder
 
+    reference = reference_data(cfg) if cfg.get("metrics") else None  # before sampling: a bad choice fails at once
     device = _device(cfg.device)
     net = denoiser.net.to(device)
     prompts = _prompts(cfg, denoiser, cfg.num_images)
@@ -149,4 +152,66 @@ def run(cfg: DictConfig) -> Path:
             log.info("sampled %d / %d images", start + len(seeds), cfg.num_images)
     image_grid(np.concatenate(all_pixels)).save(out / "grid.png")
     log.info("wrote %d images, metadata.jsonl and grid.png to %s", cfg.num_images, out)
+    if reference is not None:
+        metrics = judge_samples(cfg, reference, np.concatenate(all_pixels), prompts, labels, device)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("metrics of %d images: %s (written to %s)", cfg.num_images, metrics, out / "metrics.json")
     return out
+
+
+# Data modules a run's config.yaml may name: a `_target_` read from a file is code to run, so only these are built.
+_DATA_MODULES = {
+    "lightdiff.data.ShapesDataModule",
+    "lightdiff.data.ImageFolderDataModule",
+    "lightdiff.data.HFDataModule",
+}
+
+
+def reference_data(cfg: DictConfig) -> ImageDataModule:
+    """`data=...` if given, else the data of the run whose checkpoint this is (outputs/<run>/config.yaml)."""
+    if cfg.get("data"):
+        return build(cfg.data)
+    run_config = Path(cfg.ckpt).expanduser().resolve().parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ConfigError(
+            f"metrics=fid needs reference images: give data=... (no run config at {run_config} beside ckpt)"
+        )
+    data = OmegaConf.load(run_config).get("data")
+    if data is None or data.get("_target_") not in _DATA_MODULES:
+        raise ConfigError(f"{run_config} names no lightdiff data module (data._target_); give data=...")
+    log.info("reference data for metrics: %s of %s", data._target_, run_config)
+    return build(data)
+
+
+def judge_samples(
+    cfg: DictConfig,
+    datamodule: ImageDataModule,
+    pixels: np.ndarray,
+    prompts: list[str] | None,
+    labels: torch.Tensor | None,
+    device: torch.device,
+) -> dict[str, object]:
+    """FID / KID of uint8 images (N, H, W, 3) against `datamodule`'s images, plus the shapes metric on shapes data."""
+    features = build(cfg.metrics.features)
+    evaluator = FrechetEvaluator(
+        features,
+        num_images=cfg.metrics.num_images,
+        batch_size=cfg.metrics.batch_size,
+        kid_subset_size=min(cfg.metrics.kid_subset_size, len(pixels)),
+        cache_dir=cfg.metrics.cache_dir,
+        seed=cfg.metrics.seed,
+    ).to(device)
+    identity = f"{datamodule.identity}|random_views={datamodule.random_views}" if datamodule.identity else ""
+    evaluator.set_reference(datamodule.source_dataset, identity)
+    for batch in np.array_split(pixels, max(1, len(pixels) // cfg.metrics.batch_size)):
+        evaluator.update(torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255)
+    result: dict[str, object] = {
+        **evaluator.compute(),
+        "num_images": len(pixels),
+        "reference_images": cfg.metrics.num_images,
+        "reference_data": datamodule.identity,
+        "features": cfg.metrics.features._target_,
+    }
+    if isinstance(datamodule.source_dataset, ShapesDataset):
+        result["shapes"] = shapes_metric(pixels, labels.tolist() if labels is not None else None, prompts)
+    return result
