@@ -20,8 +20,9 @@ def _options(group: str) -> list[str]:
 
 def _group_overrides() -> list[list[str]]:
     cases = []
-    for group in ("model", "net", "schedule", "sampler", "trainer", "logger", "callbacks"):
+    for group in ("model", "net", "schedule", "sampler", "trainer", "logger", "callbacks", "metrics"):
         cases += [[f"{group}={option}"] for option in _options(group)]
+    cases += [["metrics=fid", f"metrics/features={option}"] for option in _options("metrics/features")]
     cases += [["data=shapes"], ["data=image_folder", "data.root=ROOT"], ["data=hf", "data.name=ROOT"]]
     cases += [[f"experiment={name}"] for name in _options("experiment")]
     return cases
@@ -101,3 +102,15 @@ def test_command_line_mistake_makes_no_folder(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "trainer.max_steps='ten'" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_fid_config_builds_its_callback(tmp_path: Path) -> None:
+    from lightdiff.callbacks import FrechetDistance
+    from lightdiff.config import build
+    from lightdiff.metrics import RandomConvFeatures
+
+    cfg = compose_config("train", [f"output_root={tmp_path}", "metrics=fid", "metrics/features=random_conv"])
+    callback = build(cfg.metrics)
+    assert isinstance(callback, FrechetDistance) and isinstance(callback.evaluator.features, RandomConvFeatures)
+    assert callback.num_images == cfg.metrics.num_images == 1000
+    assert compose_config("train", [f"output_root={tmp_path}"]).get("metrics") == {}  # off by default
