@@ -15,6 +15,7 @@ Every rank evaluates at the same steps, which the step-based schedule guarantees
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -37,7 +38,7 @@ class FrechetDistance(pl.Callback):
         every_n_steps: int = 5000,  # optimiser steps between evaluations; 0: only at the end of training
         num_images: int = 1000,  # generated images per evaluation, and real images in the reference set
         batch_size: int = 100,  # images generated at once
-        steps: int = 50,  # denoising steps per image
+        steps: int | list[int] = 50,  # denoising steps per image; a list evaluates each, e.g. [1, 2, 4] for a student
         seed: int = 0,  # image i uses seed + i (the autoencoder reconstructs data set image seed + i)
         kid_subset_size: int = 1000,  # KID's subset size (at most num_images)
         cache_dir: str | None = "outputs/fid_cache",  # reference statistics kept here; None: never cached
@@ -49,7 +50,9 @@ class FrechetDistance(pl.Callback):
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.batch_size = batch_size
-        self.steps = steps
+        self.steps = [steps] if isinstance(steps, int) else list(steps)
+        if not self.steps or min(self.steps) < 1:
+            raise ValueError(f"metrics.steps={steps} must be a positive step count or a list of them")
         self.seed = seed
         self._last_step = -1
 
@@ -64,17 +67,26 @@ class FrechetDistance(pl.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Every rank generates its share; every rank gets the metrics; rank 0 logs them."""
+        """Every rank generates its share; every rank gets the metrics; rank 0 logs them, and the seconds it took.
+
+        Keys: `val/fid`, `val/kid` (`r` before `fid`/`kid` for reconstructions); with a list of step counts one pair
+        per count, e.g. `val/fid_1step`, `val/fid_4steps`.
+        """
+        started = time.perf_counter()
         evaluator = self.evaluator.to(pl_module.device)
         if not evaluator.has_reference:
             datamodule = trainer.datamodule
             identity = f"{datamodule.identity}|random_views={datamodule.random_views}" if datamodule.identity else ""
             evaluator.set_reference(datamodule.source_dataset, identity, trainer.global_rank)
         seeds = list(range(self.seed, self.seed + self.num_images))[trainer.global_rank :: trainer.world_size]
-        for preview in method_previews(trainer, pl_module, seeds, self.sampler, self.steps, self.batch_size):
-            evaluator.update(preview.images)
         prefix = getattr(pl_module, "distance_prefix", "")  # "r": the images are reconstructions
-        metrics = {f"val/{prefix}{name}": value for name, value in evaluator.compute().items()}
+        metrics: dict[str, float] = {}
+        for steps in self.steps:
+            for preview in method_previews(trainer, pl_module, seeds, self.sampler, steps, self.batch_size):
+                evaluator.update(preview.images)
+            suffix = "" if len(self.steps) == 1 else f"_{steps}step" + ("s" if steps > 1 else "")
+            metrics.update({f"val/{prefix}{name}{suffix}": value for name, value in evaluator.compute().items()})
+        metrics["perf/fid_seconds"] = time.perf_counter() - started  # the cost of this evaluation, for its share
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
