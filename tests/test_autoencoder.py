@@ -67,7 +67,7 @@ def autoencoder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "metrics=fid",
             "metrics/features=random_conv",
             "metrics.every_n_steps=0",
-            "metrics.num_images=16",
+            "metrics.num_samples=16",
             "metrics.batch_size=8",
         ],
     )

@@ -112,5 +112,5 @@ def test_offline_fid_config_builds_its_callback(tmp_path: Path) -> None:
     cfg = compose_config("train", [f"output_root={tmp_path}", "metrics=fid", "metrics/features=random_conv"])
     callback = build(cfg.metrics)
     assert isinstance(callback, FrechetDistance) and isinstance(callback.evaluator.features, RandomConvFeatures)
-    assert callback.num_images == cfg.metrics.num_images == 1000
+    assert callback.num_samples == cfg.metrics.num_samples == 1000
     assert compose_config("train", [f"output_root={tmp_path}"]).get("metrics") == {}  # off by default

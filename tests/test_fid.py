@@ -89,7 +89,8 @@ class _Reconstructor(torch.nn.Module):
         self.seeds_drawn += list(seeds)
         images = torch.stack([self.dataset[s]["pixel_values"] for s in seeds]) / 2 + 0.5
         noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
-        return Preview(images=(images + self.noise * noise).clamp(0, 1))
+        labels = torch.tensor([self.dataset[s]["label"] for s in seeds])
+        return Preview(images=(images + self.noise * noise).clamp(0, 1), labels=labels)
 
 
 def _values(metrics: dict[str, float]) -> dict[str, float]:
@@ -105,11 +106,11 @@ def _trainer(dataset: ShapesDataset, rank: int = 0, world_size: int = 1, identit
     )
 
 
-def _callback(num_images: int = 100, cache_dir=None, seed: int = 0) -> FrechetDistance:
+def _callback(num_samples: int = 100, cache_dir=None, seed: int = 0) -> FrechetDistance:
     return FrechetDistance(
         RandomConvFeatures(seed=seed),
         None,
-        num_images=num_images,
+        num_samples=num_samples,
         batch_size=30,
         kid_subset_size=50,
         cache_dir=cache_dir,
@@ -126,16 +127,23 @@ def test_callback_scores_the_methods_images_against_the_data() -> None:
     assert noisy["val/rfid"] > 1.0 and noisy["val/rkid"] > exact["val/rkid"]
     assert trainer.loggers[0].logged[1] == {**noisy, "step": 7}
     assert noisy["perf/fid_seconds"] > 0
-    with pytest.raises(ValueError, match="metrics.num_images=2000 exceeds"):
-        _callback(num_images=2000).evaluate(trainer, _Reconstructor(dataset, 0.0))
+    assert exact["val/shapes_both"] >= 0.95 and noisy["val/shapes_valid"] < exact["val/shapes_valid"]  # same images
+    with pytest.raises(ValueError, match="metrics.num_samples=2000 exceeds"):
+        _callback(num_samples=2000).evaluate(trainer, _Reconstructor(dataset, 0.0))
 
 
 def test_callback_evaluates_each_step_count_of_a_list() -> None:
     dataset = ShapesDataset(size=120, resolution=16, seed=0)
-    callback = FrechetDistance(RandomConvFeatures(), None, steps=[1, 4], num_images=40, batch_size=20)
+    callback = FrechetDistance(RandomConvFeatures(), None, steps=[1, 4], num_samples=40, batch_size=20)
     method = _Reconstructor(dataset, 0.2)
     metrics = callback.evaluate(_trainer(dataset), method)
-    assert set(_values(metrics)) == {"val/rfid_1step", "val/rkid_1step", "val/rfid_4steps", "val/rkid_4steps"}
+    distances = {"val/rfid_1step", "val/rkid_1step", "val/rfid_4steps", "val/rkid_4steps"}
+    shapes = {
+        f"val/shapes_{name}_{n}"
+        for name in ("valid", "coverage", "shape", "color", "both")
+        for n in ("1step", "4steps")
+    }
+    assert set(_values(metrics)) == distances | shapes
     assert method.seeds_drawn == list(range(40)) * 2  # the same seeds for each step count
     assert metrics["val/rfid_1step"] == pytest.approx(metrics["val/rfid_4steps"])  # this stand-in ignores steps
     with pytest.raises(ValueError, match="metrics.steps"):
@@ -153,7 +161,7 @@ def test_reference_statistics_are_cached_and_invalidated(tmp_path, caplog: pytes
         again = _callback(cache_dir=tmp_path).evaluate(trainer, _Reconstructor(dataset, 0.2))
     assert "cache hit" in caplog.text and _values(again) == pytest.approx(_values(first), rel=1e-9)
     _callback(cache_dir=tmp_path, seed=1).evaluate(trainer, _Reconstructor(dataset, 0.2))  # other features
-    _callback(cache_dir=tmp_path, num_images=90).evaluate(trainer, _Reconstructor(dataset, 0.2))  # other reference
+    _callback(cache_dir=tmp_path, num_samples=90).evaluate(trainer, _Reconstructor(dataset, 0.2))  # other reference
     other_data = _trainer(dataset, identity="shapes|seed=1")
     _callback(cache_dir=tmp_path).evaluate(other_data, _Reconstructor(dataset, 0.2))
     assert len(list(tmp_path.glob("reference-*.pt"))) == 4
@@ -166,7 +174,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, folder: str) -> N
     try:
         dataset = ShapesDataset(size=120, resolution=16, seed=0)
         method = _Reconstructor(dataset, 0.2)
-        callback = FrechetDistance(RandomConvFeatures(), None, num_images=101, batch_size=16, kid_subset_size=101)
+        callback = FrechetDistance(RandomConvFeatures(), None, num_samples=101, batch_size=16, kid_subset_size=101)
         metrics = callback.evaluate(_trainer(dataset, rank, world_size), method)
         torch.save({"metrics": metrics, "seeds": method.seeds_drawn}, f"{folder}/rank{rank}.pt")
     finally:
@@ -186,7 +194,7 @@ def test_two_processes_give_the_single_process_result(tmp_path) -> None:
     seeds = ranks[0]["seeds"] + ranks[1]["seeds"]
     assert sorted(seeds) == list(range(101))  # every image once: no padded duplicates, none missing
     dataset = ShapesDataset(size=120, resolution=16, seed=0)
-    single = FrechetDistance(RandomConvFeatures(), None, num_images=101, batch_size=16, kid_subset_size=101)
+    single = FrechetDistance(RandomConvFeatures(), None, num_samples=101, batch_size=16, kid_subset_size=101)
     expected = single.evaluate(_trainer(dataset), _Reconstructor(dataset, 0.2))
     for rank in ranks:  # every rank gets the synchronised result
         assert _values(rank["metrics"]) == pytest.approx(_values(expected), rel=1e-6)

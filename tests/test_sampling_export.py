@@ -153,7 +153,7 @@ def test_bad_inputs_are_named(trained: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_sample_with_metrics_writes_metrics_json(trained: dict[str, Path], tmp_path: Path) -> None:
-    fid_options = ["metrics=fid", "metrics/features=random_conv", "metrics.num_images=16", "metrics.batch_size=8"]
+    fid_options = ["metrics=fid", "metrics/features=random_conv", "metrics.num_samples=16", "metrics.batch_size=8"]
 
     def sample(out: str, *extra: str) -> dict:
         overrides = [f"out={tmp_path / out}", "num_images=8", "steps=2", *fid_options, *extra]

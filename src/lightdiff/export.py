@@ -41,6 +41,7 @@ class TrainedDenoiser:
     vae: AutoencoderKL | None = None  # latent models only, as are the two below
     tokenizer: CLIPTokenizer | None = None
     text_encoder: CLIPTextModel | None = None
+    scheduler_overrides: dict | None = None  # sampler settings the model needs (a turbo student: trailing timesteps)
 
     @property
     def is_text_model(self) -> bool:
@@ -83,7 +84,8 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         source=str(path),
         uses_ema=uses_ema,
     )
-    if meta.get("method") == "latent":
+    denoiser.scheduler_overrides = meta.get("scheduler_overrides")
+    if "vae_config" in meta:  # a latent model (or a turbo student of one)
         from lightdiff.methods.latent import tokenizer_from_state
 
         denoiser.vae = AutoencoderKL.from_config(meta["vae_config"])

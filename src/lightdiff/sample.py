@@ -21,7 +21,15 @@ from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import TrainedDenoiser, export_pipeline, load_trained
 from lightdiff.methods.latent import generate_latent
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
-from lightdiff.sampling import for_latents, generate, generators_for, image_grid, make_scheduler, to_uint8
+from lightdiff.sampling import (
+    for_latents,
+    generate,
+    generators_for,
+    image_grid,
+    make_scheduler,
+    reconfigured,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,7 @@ def run(cfg: DictConfig) -> Path:
     scheduler = make_scheduler(instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type)
     if denoiser.is_text_model:
         scheduler = for_latents(scheduler)
+    scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # e.g. a turbo student's timesteps
     if cfg.export:
         folder = export_pipeline(denoiser, scheduler, cfg.export)
         log.info("exported %s to %s (load with diffusers' DDPMPipeline.from_pretrained)", denoiser.source, folder)
@@ -195,7 +204,7 @@ def judge_samples(
     features = build(cfg.metrics.features)
     evaluator = FrechetEvaluator(
         features,
-        num_images=cfg.metrics.num_images,
+        num_images=cfg.metrics.num_samples,
         batch_size=cfg.metrics.batch_size,
         kid_subset_size=min(cfg.metrics.kid_subset_size, len(pixels)),
         cache_dir=cfg.metrics.cache_dir,
@@ -208,7 +217,7 @@ def judge_samples(
     result: dict[str, object] = {
         **evaluator.compute(),
         "num_images": len(pixels),
-        "reference_images": cfg.metrics.num_images,
+        "reference_samples": cfg.metrics.num_samples,
         "reference_data": datamodule.identity,
         "features": cfg.metrics.features._target_,
     }

@@ -32,9 +32,16 @@ def for_latents(scheduler: SchedulerMixin) -> SchedulerMixin:
     bounded like pixels) and `steps_offset=1`; the pipeline rewrites both when it is built, so sampling with this
     scheduler reproduces an exported pipeline."""
     fixes = {key: value for key, value in (("clip_sample", False), ("steps_offset", 1)) if key in scheduler.config}
-    # Private keys dropped: `_use_default_values` would make from_config ignore the fixes.
+    return reconfigured(scheduler, fixes)
+
+
+def reconfigured(scheduler: SchedulerMixin, changes: dict[str, object]) -> SchedulerMixin:
+    """A scheduler of the same class with `changes` to its config (e.g. a turbo student's trailing timesteps)."""
+    if not changes:
+        return scheduler
+    # Private keys dropped: `_use_default_values` would make from_config ignore the changes.
     config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
-    return type(scheduler).from_config({**config, **fixes}) if fixes else scheduler
+    return type(scheduler).from_config({**config, **changes})
 
 
 def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:

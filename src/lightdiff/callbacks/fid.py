@@ -7,7 +7,7 @@ for the autoencoder, whose numbers are logged as rFID / rKID (`val/rfid`). The f
 features (lightdiff/metrics/features.py). The statistics, their cache and multi-process handling are
 `lightdiff.metrics.fid.FrechetEvaluator`'s.
 
-Multi-GPU: rank r generates seeds r, r + W, r + 2W, ... of the `num_images` (no padding, so no image is counted
+Multi-GPU: rank r generates seeds r, r + W, r + 2W, ... of the `num_samples` (no padding, so no image is counted
 twice) and the statistics of all ranks are summed; the result equals the single-process one on the same images.
 Every rank evaluates at the same steps, which the step-based schedule guarantees.
 """
@@ -19,36 +19,49 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from lightdiff.callbacks.samples import method_previews
+from lightdiff.data.shapes import ShapesDataset
 from lightdiff.metrics.fid import FrechetEvaluator
-from lightdiff.sampling import SchedulerFactory
+from lightdiff.metrics.shapes import ShapeJudgement, judge_image, summarise_judgements, wanted_classes
+from lightdiff.sampling import SchedulerFactory, to_uint8
 
 log = logging.getLogger(__name__)
 
 
+def all_ranks(items: list[Any]) -> list[Any]:
+    """The concatenation of every rank's `items` (in rank order); `items` itself in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 class FrechetDistance(pl.Callback):
-    """Logs `val/fid` and `val/kid` (`val/rfid`, `val/rkid` for methods whose images are reconstructions)."""
+    """Logs `val/fid` and `val/kid` (`val/rfid`, `val/rkid` for methods whose images are reconstructions), and on
+    shapes data the shapes metric of the same images (`val/shapes_valid`, `val/shapes_both`, ...)."""
 
     def __init__(
         self,
         features: nn.Module,  # maps float images in [0, 1] (B, 3, H, W) to features (B, D)
         sampler: SchedulerFactory,  # the diffusers scheduler that generates (the `sampler` config group)
         every_n_steps: int = 5000,  # optimiser steps between evaluations; 0: only at the end of training
-        num_images: int = 1000,  # generated images per evaluation, and real images in the reference set
+        num_samples: int = 1000,  # generated images per evaluation, and real images in the reference set
         batch_size: int = 100,  # images generated at once
         steps: int | list[int] = 50,  # denoising steps per image; a list evaluates each, e.g. [1, 2, 4] for a student
         seed: int = 0,  # image i uses seed + i (the autoencoder reconstructs data set image seed + i)
-        kid_subset_size: int = 1000,  # KID's subset size (at most num_images)
+        kid_subset_size: int = 1000,  # KID's subset size (at most num_samples)
         cache_dir: str | None = "outputs/fid_cache",  # reference statistics kept here; None: never cached
     ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"metrics.every_n_steps={every_n_steps} must be >= 0")
-        self.evaluator = FrechetEvaluator(features, num_images, batch_size, kid_subset_size, cache_dir, seed)
+        self.evaluator = FrechetEvaluator(features, num_samples, batch_size, kid_subset_size, cache_dir, seed)
         self.sampler = sampler
         self.every_n_steps = every_n_steps
-        self.num_images = num_images
+        self.num_samples = num_samples
         self.batch_size = batch_size
         self.steps = [steps] if isinstance(steps, int) else list(steps)
         if not self.steps or min(self.steps) < 1:
@@ -78,17 +91,27 @@ class FrechetDistance(pl.Callback):
             datamodule = trainer.datamodule
             identity = f"{datamodule.identity}|random_views={datamodule.random_views}" if datamodule.identity else ""
             evaluator.set_reference(datamodule.source_dataset, identity, trainer.global_rank)
-        seeds = list(range(self.seed, self.seed + self.num_images))[trainer.global_rank :: trainer.world_size]
+        seeds = list(range(self.seed, self.seed + self.num_samples))[trainer.global_rank :: trainer.world_size]
         prefix = getattr(pl_module, "distance_prefix", "")  # "r": the images are reconstructions
         metrics: dict[str, float] = {}
+        on_shapes = isinstance(trainer.datamodule.source_dataset, ShapesDataset)
         for steps in self.steps:
+            judged: list[tuple[ShapeJudgement, tuple[str | None, str | None] | None]] = []
             for preview in method_previews(trainer, pl_module, seeds, self.sampler, steps, self.batch_size):
                 evaluator.update(preview.images)
+                if on_shapes:  # the same images, judged by the shapes metric
+                    wanted = wanted_classes(len(preview.images), preview.labels) or [None] * len(preview.images)
+                    judged += [(judge_image(image), w) for image, w in zip(to_uint8(preview.images), wanted)]
             suffix = "" if len(self.steps) == 1 else f"_{steps}step" + ("s" if steps > 1 else "")
             metrics.update({f"val/{prefix}{name}{suffix}": value for name, value in evaluator.compute().items()})
+            if on_shapes:
+                judged = all_ranks(judged)
+                wanted = None if judged[0][1] is None else [w for _, w in judged]
+                shapes = summarise_judgements([j for j, _ in judged], wanted)
+                metrics.update({f"val/shapes_{name}{suffix}": value for name, value in shapes.items()})
         metrics["perf/fid_seconds"] = time.perf_counter() - started  # the cost of this evaluation, for its share
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-            log.info("step %d: %s over %d images", trainer.global_step, metrics, self.num_images)
+            log.info("step %d: %s over %d images", trainer.global_step, metrics, self.num_samples)
         return metrics

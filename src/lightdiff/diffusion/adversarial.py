@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +38,12 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0)
     """Peak signal-to-noise ratio in dB, per image, for images in [-1, 1] (data_range 2)."""
     mse = (images.float() - reference.float()).pow(2).flatten(1).mean(dim=1)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+def r1_penalty(logits: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """E[||grad_x D(x)||^2] on real inputs (Mescheder et al. 2018, "Which training methods for GANs do actually
+    converge?", Equation 9, without the gamma / 2, which is the caller's weight); the squared norm is summed over all
+    `inputs` (e.g. the feature maps entering each head). Each input must require grad; the graph is kept so the
+    penalty itself can be back-propagated."""
+    gradients = torch.autograd.grad(logits.sum(), list(inputs), create_graph=True)
+    return sum(g.pow(2).flatten(1).sum(dim=1) for g in gradients).mean()

@@ -3,8 +3,8 @@
 `FrechetEvaluator` wraps torchmetrics' `FrechetInceptionDistance` and `KernelInceptionDistance` (float64
 statistics) around one feature network, and adds what a training framework needs:
 
-- reference statistics (the first `num_images` images of a data set) computed once, by rank 0, and cached on disk
-  under a key made of the data set's identity (source, size, resolution, preprocessing), `num_images` and a hash of
+- reference statistics (the first `num_samples` images of a data set) computed once, by rank 0, and cached on disk
+  under a key made of the data set's identity (source, size, resolution, preprocessing), `num_samples` and a hash of
   the feature network, so a later run on the same data reuses them (logged as a cache hit);
 - multi-process correctness: each rank adds only its own generated images, compute() sums the statistics of all
   ranks, and only rank 0 holds the reference statistics (the others hold zeros), so the sum counts them once;
@@ -38,22 +38,22 @@ class FrechetEvaluator:
     def __init__(
         self,
         features: nn.Module,  # float images in [0, 1] (B, 3, H, W) -> features (B, D)
-        num_images: int = 1000,  # reference images (the first of the data set)
+        num_samples: int = 1000,  # reference images (the first of the data set)
         batch_size: int = 100,  # reference images read at once
         kid_subset_size: int = 1000,  # KID's subset size (at most the number of images)
         cache_dir: str | Path | None = None,  # reference statistics kept here; None: never cached
         seed: int = 0,  # KID's subsets
     ) -> None:
-        if num_images < 2:
-            raise ValueError(f"metrics.num_images={num_images}: a covariance needs at least 2 images")
+        if num_samples < 2:
+            raise ValueError(f"metrics.num_samples={num_samples}: a covariance needs at least 2 images")
         self.features = features
-        self.num_images = num_images
+        self.num_samples = num_samples
         self.batch_size = batch_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.seed = seed
         self.fid = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False)
         self.kid = KernelInceptionDistance(
-            feature=features, normalize=True, reset_real_features=False, subset_size=min(kid_subset_size, num_images)
+            feature=features, normalize=True, reset_real_features=False, subset_size=min(kid_subset_size, num_samples)
         )
         self.has_reference = False
 
@@ -70,14 +70,14 @@ class FrechetEvaluator:
         if self.cache_dir is None or not identity:
             return None
         network = module_fingerprint({"class": type(self.features).__qualname__}, self.features)
-        key = f"{identity}|num_images={self.num_images}|features={network}"
+        key = f"{identity}|num_samples={self.num_samples}|features={network}"
         return self.cache_dir / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
     def set_reference(self, dataset: Dataset, identity: str, rank: int = 0) -> None:
-        """Reference statistics of `dataset`'s first `num_images` items ({"pixel_values": [-1, 1]}): loaded from
+        """Reference statistics of `dataset`'s first `num_samples` items ({"pixel_values": [-1, 1]}): loaded from
         the cache or computed (and cached) on rank 0; other ranks hold none."""
-        if len(dataset) < self.num_images:  # checked on every rank, so none is left waiting for the others
-            raise ValueError(f"metrics.num_images={self.num_images} exceeds the data set's {len(dataset)} images")
+        if len(dataset) < self.num_samples:  # checked on every rank, so none is left waiting for the others
+            raise ValueError(f"metrics.num_samples={self.num_samples} exceeds the data set's {len(dataset)} images")
         self.has_reference = True
         if rank != 0:
             return
@@ -90,8 +90,8 @@ class FrechetEvaluator:
             self.kid.real_features = [stored["features"]]
             log.info("FID reference statistics: cache hit %s", path)
             return
-        for start in range(0, self.num_images, self.batch_size):
-            indices = range(start, min(start + self.batch_size, self.num_images))
+        for start in range(0, self.num_samples, self.batch_size):
+            indices = range(start, min(start + self.batch_size, self.num_samples))
             images = torch.stack([dataset[i]["pixel_values"] for i in indices]).to(self.device) / 2 + 0.5
             self._update(images.clamp(0, 1), real=True)
         if path is not None:
@@ -102,7 +102,7 @@ class FrechetEvaluator:
                 "features": torch.cat(self.kid.real_features),
             }
             save_atomically({k: v.cpu() for k, v in stored.items()}, path)
-            log.info("FID reference statistics: cache miss, %d images written to %s", self.num_images, path)
+            log.info("FID reference statistics: cache miss, %d images written to %s", self.num_samples, path)
 
     def _update(self, images: torch.Tensor, real: bool) -> None:
         images = check_unit_range(images.float())

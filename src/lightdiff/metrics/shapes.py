@@ -118,30 +118,27 @@ def _parse_prompt(prompt: str) -> tuple[str | None, str | None]:
     return shape, color
 
 
-def shapes_metric(
-    images: np.ndarray | torch.Tensor,
-    labels: Sequence[int] | None = None,
-    prompts: Sequence[str] | None = None,
-) -> dict[str, float]:
-    """Fractions of `images` that are valid, of the right colour, shape and both; class coverage.
-
-    `labels` (shapes class labels) or `prompts` ("a red circle") say what each image was made for; without
-    either, only validity and coverage (the share of the 24 classes seen among valid images) are reported.
-    """
-    images = _as_uint8_images(images)
+def wanted_classes(
+    count: int, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None
+) -> list[tuple[str | None, str | None]] | None:
+    """(shape, colour) each of `count` images was made for, from shapes class labels or prompts; None if neither."""
     if labels is not None and prompts is not None:
         raise ValueError("give labels or prompts, not both")
-    wanted: list[tuple[str | None, str | None]] | None = None
     if labels is not None:
-        if len(labels) != len(images):
-            raise ValueError(f"{len(labels)} labels for {len(images)} images")
-        wanted = [(SHAPES[int(lbl) // len(COLORS)], COLOR_NAMES[int(lbl) % len(COLORS)]) for lbl in labels]
-    elif prompts is not None:
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        wanted = [_parse_prompt(p) for p in prompts]
+        if len(labels) != count:
+            raise ValueError(f"{len(labels)} labels for {count} images")
+        return [(SHAPES[int(lbl) // len(COLORS)], COLOR_NAMES[int(lbl) % len(COLORS)]) for lbl in labels]
+    if prompts is not None:
+        if len(prompts) != count:
+            raise ValueError(f"{len(prompts)} prompts for {count} images")
+        return [_parse_prompt(p) for p in prompts]
+    return None
 
-    judgements = [judge_image(image) for image in images]
+
+def summarise_judgements(
+    judgements: Sequence[ShapeJudgement], wanted: Sequence[tuple[str | None, str | None]] | None = None
+) -> dict[str, float]:
+    """Fractions valid (and right in colour, shape and both where `wanted` is known) and class coverage."""
     valid = np.array([j.valid for j in judgements])
     seen_classes = {class_label(j.shape, j.color) for j in judgements if j.valid and j.shape and j.color}
     result = {"valid": float(valid.mean()), "coverage": len(seen_classes) / (len(SHAPES) * len(COLORS))}
@@ -154,3 +151,18 @@ def shapes_metric(
             both=float((right_shape & right_color).mean()),
         )
     return result
+
+
+def shapes_metric(
+    images: np.ndarray | torch.Tensor,
+    labels: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Fractions of `images` that are valid, of the right colour, shape and both; class coverage.
+
+    `labels` (shapes class labels) or `prompts` ("a red circle") say what each image was made for; without
+    either, only validity and coverage (the share of the 24 classes seen among valid images) are reported.
+    """
+    images = _as_uint8_images(images)
+    wanted = wanted_classes(len(images), labels, prompts)
+    return summarise_judgements([judge_image(image) for image in images], wanted)

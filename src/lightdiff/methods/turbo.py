@@ -1,0 +1,420 @@
+"""Turbo: adversarial diffusion distillation of a teacher into a student that samples in 1 to 4 steps.
+
+ADD (Sauer et al. 2023, arXiv 2311.17042, Section 3): the student starts as a copy of the teacher's denoiser; the
+teacher (and a latent teacher's VAE and text encoder) stay frozen. Each step:
+
+1. real data x_0 is noised at one of the student's timesteps s (evenly spaced, ending at T - 1) and the student
+   predicts x_0 in one step: x_theta = x_0-prediction(student(x_s, s));
+2. the student minimises L = L_adv + lambda L_distill, where L_adv = -E[D(x_theta)] (hinge, generator side) and
+   L_distill = E_t[c(t) ||x_theta - x_psi(x_t, t)||^2], x_t = alpha_t sg(x_theta) + sigma_t eps, x_psi the
+   teacher's x_0 prediction (with classifier-free guidance for text models), c(t) = `distill_weighting`;
+3. the discriminator minimises the hinge loss on real x_0 and sg(x_theta), plus `r1_weight` x R1 on its heads'
+   inputs (real data), `disc_updates` times per student update.
+
+LADD (arXiv 2403.12015) is the default discriminator (`discriminator=teacher`): heads on the frozen teacher's
+encoder features at inputs re-noised to a level skewed high; `model.distill_weight=0` drops the distillation term.
+The student samples with DDIM at "trailing" timesteps (a 1-step student starts from pure noise at T - 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from diffusers import DDIMScheduler, SchedulerMixin
+
+from lightdiff.config import ConfigError
+from lightdiff.data import ImageDataModule
+from lightdiff.diffusion import (
+    DistillWeighting,
+    add_noise,
+    distillation_weight,
+    high_noise_timesteps,
+    predicted_x0,
+    trailing_timesteps,
+)
+from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
+from lightdiff.export import TrainedDenoiser, load_trained
+from lightdiff.methods.latent import _plain_config, tokenizer_state
+from lightdiff.methods.optimization import global_grad_norm
+from lightdiff.methods.preview import Preview
+from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
+from lightdiff.nets.text import tokenize_prompts
+from lightdiff.sampling import SchedulerFactory, generate, generators_for, make_scheduler
+
+CHECKPOINT_FORMAT = 1
+STUDENT_SCHEDULER = {"timestep_spacing": "trailing"}  # how the student samples, in sample.py and exported pipelines
+
+
+def load_teacher(source: str) -> TrainedDenoiser:
+    """A lightdiff checkpoint (pixel, latent or turbo), a diffusers pipeline folder, or a hub id of one."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source))
+        except Exception as error:  # offline, unknown id, no access
+            raise ConfigError(
+                f"model.teacher={source!r} is neither a file, a folder nor a reachable hub id ({error})"
+            ) from error
+    try:
+        teacher = load_trained(path)
+    except ValueError as error:
+        raise ConfigError(f"model.teacher={source!r}: {error}") from error
+    if not isinstance(teacher, TrainedDenoiser):
+        raise ConfigError(
+            f"model.teacher={source!r} is an autoencoder checkpoint; give a pixel or latent diffusion checkpoint "
+            "or a diffusers pipeline folder"
+        )
+    return teacher
+
+
+class TurboDistillation(pl.LightningModule):
+    """Distils `teacher` into a 1-4 step student (`self.net`) against a `discriminator`."""
+
+    def __init__(
+        self,
+        teacher: str,  # lightdiff checkpoint of a pixel or latent model, or a diffusers pipeline folder / hub id
+        discriminator: Callable[..., FeatureDiscriminator],  # the `discriminator` group (a partial; backbone null:
+        # the teacher's UNet encoder, LADD)
+        student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1
+        distill_weight: float = 2.5,  # lambda; 0 gives pure adversarial training (LADD)
+        distill_weighting: DistillWeighting = "alpha_bar",  # c(t): alpha_bar | sds | none
+        teacher_guidance_scale: float = 4.0,  # the teacher's classifier-free guidance (text models only)
+        r1_weight: float = 1e-5,  # weight of the R1 penalty on the heads' real inputs
+        disc_noise_mean: float = 1.0,  # discriminator noise levels: sigmoid(N(mean, std)) of the schedule
+        disc_noise_std: float = 1.0,
+        disc_updates: int = 1,  # discriminator updates per student update
+        lr: float = 1e-5,  # student learning rate (Adam)
+        disc_lr: float = 1e-4,  # discriminator heads' learning rate (Adam)
+        adam_betas: tuple[float, float] = (0.0, 0.99),  # Adam (beta1, beta2) of both, as GANs usually take
+        max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
+        teacher_steps: int = 50,  # the teacher's steps in the preview grids
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave out the frozen teacher: it is reloaded from `teacher`
+        if disc_updates < 1:
+            raise ConfigError(f"model.disc_updates={disc_updates} must be at least 1")
+        if distill_weight < 0 or r1_weight < 0:
+            raise ConfigError(f"model.distill_weight={distill_weight} and model.r1_weight={r1_weight} must be >= 0")
+        loaded = load_teacher(teacher)
+        self.teacher_source = teacher
+        self.schedule = loaded.schedule
+        self.prediction_type = loaded.prediction_type
+        steps = self.schedule.num_train_timesteps
+        self.student_timesteps = list(student_timesteps or trailing_timesteps(steps, 4))
+        outside = [t for t in self.student_timesteps if not 0 <= t < steps]
+        if outside or not self.student_timesteps:
+            raise ConfigError(
+                f"model.student_timesteps={self.student_timesteps}: {outside or 'none'} outside the teacher's "
+                f"schedule 0..{steps - 1}"
+            )
+        if self.student_timesteps[0] == steps - 1 and self.prediction_type == "epsilon":
+            alpha_bar_last = float(self.schedule.alphas_cumprod()[-1])
+            if alpha_bar_last == 0.0:  # x_0 = (x_t - sigma eps) / alpha is undefined at zero terminal SNR
+                raise ConfigError(
+                    "the teacher's schedule has zero terminal SNR and predicts epsilon: x_0 cannot be recovered at "
+                    "t = T - 1; use a v_prediction teacher or model.student_timesteps below T - 1"
+                )
+        self.teacher = loaded.net.requires_grad_(False).eval()
+        self.net = copy.deepcopy(loaded.net).requires_grad_(True).train()  # the student
+        self.vae = loaded.vae.requires_grad_(False).eval() if loaded.vae is not None else None
+        self.text_encoder = loaded.text_encoder
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(False).eval()
+        self.tokenizer = loaded.tokenizer
+        self.class_names = loaded.class_names
+        self.num_classes = self.net.config.get("num_class_embeds") or 0
+        backbone = getattr(discriminator, "keywords", {}).get("backbone")
+        self.discriminator = discriminator(
+            backbone=backbone if backbone is not None else UNetEncoderFeatures(self.teacher),
+            num_classes=self.num_classes,
+            text_dim=self.text_encoder.config.hidden_size if self.text_encoder is not None else 0,
+            num_train_timesteps=steps,
+        )
+        if distill_weighting not in typing.get_args(DistillWeighting):
+            raise ConfigError(
+                f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
+            )
+        self.distill_weight, self.distill_weighting = distill_weight, distill_weighting
+        self.teacher_guidance_scale = teacher_guidance_scale
+        self.r1_weight = r1_weight
+        self.disc_noise_mean, self.disc_noise_std, self.disc_updates = disc_noise_mean, disc_noise_std, disc_updates
+        self.lr, self.disc_lr, self.adam_betas = lr, disc_lr, tuple(adam_betas)
+        self.max_grad_norm = max_grad_norm
+        self.teacher_steps = teacher_steps
+        self._teacher_previews: dict[tuple[int, ...], torch.Tensor] = {}  # the teacher never changes
+        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod().float(), persistent=False)
+
+    def train(self, mode: bool = True) -> TurboDistillation:
+        super().train(mode)
+        for frozen in (self.teacher, self.vae, self.text_encoder):  # frozen networks stay in inference mode
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def attach_data(self, datamodule: ImageDataModule) -> None:
+        if datamodule.cache_latents:
+            raise ConfigError("data.cache_latents=true is for model=latent; model=turbo encodes on the fly")
+        if self.text_encoder is not None and not datamodule.captions():
+            raise ConfigError(
+                f"model.teacher={self.teacher_source!r} is text-conditioned; the data set has no captions"
+            )
+        if self.num_classes and datamodule.num_classes == 0:
+            raise ConfigError(f"model.teacher={self.teacher_source!r} is class-conditional; the data has no labels")
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        if self.net.config.sample_size * factor != datamodule.resolution:
+            raise ConfigError(
+                f"data.resolution={datamodule.resolution} differs from the teacher's "
+                f"{self.net.config.sample_size * factor} px"
+            )
+        if self.class_names is None:
+            self.class_names = datamodule.class_names
+
+    # ----- the networks as x_0 predictors -------------------------------------------------------------------
+
+    def condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The networks' condition: {"class_labels"} or {"text_states"} (frozen text encoder), or nothing."""
+        if self.text_encoder is not None:
+            with torch.no_grad():
+                return {"text_states": self.encode_prompts([str(text) for text in batch["text"]])}
+        if self.num_classes:
+            return {"class_labels": batch["label"]}
+        return {}
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        assert self.tokenizer is not None and self.text_encoder is not None
+        return self.text_encoder(tokenize_prompts(self.tokenizer, prompts).to(self.device))[0]
+
+    def x0_of(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
+        if "text_states" in condition:
+            output = net(x_t, t, encoder_hidden_states=condition["text_states"]).sample
+        else:
+            output = net(x_t, t, class_labels=condition.get("class_labels")).sample
+        return predicted_x0(self.prediction_type, output, x_t, self.alphas_cumprod, t)
+
+    @torch.no_grad()
+    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
+        """The teacher's x_0, guided for text models: x0(x, "") + w (x0(x, c) - x0(x, "")) (Ho & Salimans 2022)."""
+        prediction = self.x0_of(self.teacher, x_t, t, condition)
+        if "text_states" not in condition or self.teacher_guidance_scale == 1.0:
+            return prediction
+        empty = self.encode_prompts([""]).expand_as(condition["text_states"])
+        unconditional = self.x0_of(self.teacher, x_t, t, {"text_states": empty})
+        return unconditional + self.teacher_guidance_scale * (prediction - unconditional)
+
+    def clean_inputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """x_0 of the batch: pixels, or the VAE's scaled latents of a latent teacher."""
+        pixels = batch["pixel_values"]
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            return self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def discriminator_view(self, x0: torch.Tensor, t_d: torch.Tensor) -> torch.Tensor:
+        """What the discriminator sees of a clean sample: re-noised to t_d for the teacher backbone (LADD); else
+        the sample itself (in pixels: latents are decoded for a pixel backbone such as DINOv2, as ADD does)."""
+        backbone = self.discriminator.backbone
+        if isinstance(backbone, UNetEncoderFeatures):
+            return add_noise(x0, torch.randn_like(x0), self.alphas_cumprod, t_d)
+        if self.vae is not None and getattr(backbone, "pixel_inputs", False):
+            return self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return x0
+
+    # ----- training -----------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        optimizer_student, optimizer_disc = self.optimizers()
+        x0 = self.clean_inputs(batch)
+        condition = self.condition(batch)
+        size, steps = len(x0), self.schedule.num_train_timesteps
+
+        # 1. The student's one-step x_0 from real data noised at a student timestep (ADD, Section 3.1).
+        choice = torch.randint(0, len(self.student_timesteps), (size,), device=self.device)
+        t_student = torch.tensor(self.student_timesteps, device=self.device)[choice]
+        x_student = add_noise(x0, torch.randn_like(x0), self.alphas_cumprod, t_student)
+        student_x0 = self.x0_of(self.net, x_student, t_student, condition)
+
+        # 2. Student update: fool the discriminator, and match the teacher's x_0 of a re-noised output.
+        self.toggle_optimizer(optimizer_student)
+        t_disc = self.discriminator_timesteps(size)
+        adversarial_loss = hinge_generator_loss(
+            self.discriminator(self.discriminator_view(student_x0, t_disc), t_disc, **condition)
+        )
+        t = torch.randint(0, steps, (size,), device=self.device)
+        x_t = add_noise(student_x0.detach(), torch.randn_like(x0), self.alphas_cumprod, t)
+        teacher_x0 = self.teacher_x0(x_t, t, condition)
+        weight = distillation_weight(self.distill_weighting, self.alphas_cumprod, t)
+        distill_loss = (weight * (student_x0.float() - teacher_x0.float()).pow(2).flatten(1).mean(dim=1)).mean()
+        loss = adversarial_loss + self.distill_weight * distill_loss
+        optimizer_student.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        norm = global_grad_norm(self.net.parameters())
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer_student, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer_student.step()
+        optimizer_student.zero_grad(set_to_none=True)  # frees the memory during the discriminator's update
+        self.untoggle_optimizer(optimizer_student)
+
+        # 3. Discriminator updates: hinge on real x_0 vs the student's (detached), R1 on the heads' real inputs.
+        self.toggle_optimizer(optimizer_disc)
+        fake_x0 = student_x0.detach()
+        for _ in range(self.disc_updates):
+            t_disc = self.discriminator_timesteps(size)
+            real_features, r1_inputs = self.real_features(self.discriminator_view(x0, t_disc), t_disc, condition)
+            logits_real = self.discriminator.heads_logits(real_features, t_disc, **condition)
+            with torch.set_grad_enabled(self.discriminator.backbone_trains):  # a frozen backbone needs no graph
+                fake_view = self.discriminator_view(fake_x0, t_disc)
+                fake_features = self.discriminator.features(fake_view, t_disc, **condition)
+            logits_fake = self.discriminator.heads_logits(fake_features, t_disc, **condition)
+            r1 = r1_penalty(logits_real, r1_inputs) if self.r1_weight > 0 else logits_real.new_zeros(())
+            disc_loss = hinge_discriminator_loss(logits_real, logits_fake) + self.r1_weight * r1
+            optimizer_disc.zero_grad(set_to_none=True)
+            self.manual_backward(disc_loss)
+            optimizer_disc.step()
+        optimizer_disc.zero_grad(set_to_none=True)
+        self.untoggle_optimizer(optimizer_disc)
+
+        accuracy = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/adversarial_loss": adversarial_loss,
+                "train/distill_loss": distill_loss,
+                "train/d_loss": disc_loss,
+                "train/d_accuracy": accuracy,
+                "train/logits_real": logits_real.mean(),
+                "train/logits_fake": logits_fake.mean(),
+                "train/r1": r1,
+                "train/lr": optimizer_student.param_groups[0]["lr"],
+            },
+            prog_bar=False,
+        )
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+
+    def discriminator_timesteps(self, size: int) -> torch.Tensor:
+        """Noise levels of the discriminator's inputs: skewed high for the teacher backbone; 0 (clean) otherwise."""
+        if not isinstance(self.discriminator.backbone, UNetEncoderFeatures):
+            return torch.zeros(size, dtype=torch.long, device=self.device)
+        steps = self.schedule.num_train_timesteps
+        return high_noise_timesteps(size, steps, self.disc_noise_mean, self.disc_noise_std, self.device)
+
+    def real_features(
+        self, view: torch.Tensor, t_disc: torch.Tensor, condition: dict
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Features of real data and what R1 differentiates: the heads' inputs behind a frozen backbone (ADD), the
+        images themselves when the backbone trains (PatchGAN)."""
+        if self.discriminator.backbone_trains:
+            view = view.detach().requires_grad_(True)
+            return self.discriminator.features(view, t_disc, **condition), [view]
+        with torch.no_grad():
+            features = self.discriminator.features(view, t_disc, **condition)
+        features = [f.detach().requires_grad_(True) for f in features]
+        return features, features
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=self.adam_betas),
+            torch.optim.Adam(self.discriminator.head_parameters(), lr=self.disc_lr, betas=self.adam_betas),
+        ]
+
+    # ----- sampling -----------------------------------------------------------------------------------------
+
+    def student_scheduler(self, sampler: SchedulerFactory | None = None) -> SchedulerMixin:
+        """DDIM at trailing timesteps, as the exported pipeline samples (no guidance, eta 0)."""
+        scheduler = make_scheduler(sampler or DDIMScheduler, self.schedule, self.prediction_type)
+        config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+        if self.vae is not None:  # latents are not clipped, as in StableDiffusionPipeline
+            config.update(clip_sample=False, steps_offset=1)
+        return DDIMScheduler.from_config({**config, **STUDENT_SCHEDULER})
+
+    @torch.no_grad()
+    def generate(
+        self,
+        net: torch.nn.Module,
+        scheduler: SchedulerMixin,
+        seeds: Sequence[int],
+        steps: int,
+        labels: torch.Tensor | None,
+        prompts: Sequence[str] | None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Images in [0, 1] of `net` (student or teacher) in `steps` steps."""
+        if self.vae is None:
+            return generate(net, scheduler, steps, generators_for(seeds), class_labels=labels)
+        from lightdiff.methods.latent import generate_latent
+
+        assert prompts is not None and self.tokenizer is not None and self.text_encoder is not None
+        return generate_latent(
+            net, self.vae, self.tokenizer, self.text_encoder, scheduler, prompts, seeds, steps, guidance_scale
+        )
+
+    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+        """The student at min(steps, its timesteps) steps (what the metrics judge); the grid shows, per seed, the
+        student at 1, 2 and 4 steps (those within its timesteps) next to the teacher at `teacher_steps`."""
+        labels, prompts = None, None
+        if self.num_classes:
+            labels = torch.tensor(list(seeds)) % self.num_classes
+        if self.text_encoder is not None:
+            captions = self.class_names or self.trainer.datamodule.captions()
+            prompts = [captions[int(seed) % len(captions)] for seed in seeds]
+        count = len(self.student_timesteps)
+        columns = [n for n in (1, 2, 4) if n <= count]
+        student = {n: self.generate(self.net, self.student_scheduler(), seeds, n, labels, prompts) for n in columns}
+        key = tuple(int(seed) for seed in seeds)
+        if key not in self._teacher_previews:
+            scheduler = make_scheduler(sampler, self.schedule, self.prediction_type)
+            if self.vae is not None:
+                from lightdiff.sampling import for_latents
+
+                scheduler = for_latents(scheduler)
+            guidance = self.teacher_guidance_scale if self.text_encoder is not None else 1.0
+            self._teacher_previews[key] = self.generate(
+                self.teacher, scheduler, seeds, self.teacher_steps, labels, prompts, guidance
+            ).cpu()
+        teacher = self._teacher_previews[key].to(self.device)
+        grid = torch.stack([*(student[n] for n in columns), teacher], dim=1).flatten(0, 1)
+        judged = min(steps, count)
+        images = (
+            student[judged]
+            if judged in student
+            else self.generate(self.net, self.student_scheduler(), seeds, judged, labels, prompts)
+        )
+        shapes_labels = labels
+        if prompts is not None and self.class_names:
+            shapes_labels = torch.tensor([self.class_names.index(p) for p in prompts])
+        return Preview(images=images, labels=shapes_labels, grid_images=grid)
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
+        frozen = ("teacher.", "discriminator.backbone.unet.")
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        meta: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "method": "turbo",
+            "net_class": type(self.net).__name__,
+            "net_config": _plain_config(self.net.config),
+            "schedule": dict(vars(self.schedule)),
+            "prediction_type": self.prediction_type,
+            "class_names": self.class_names,
+            "student_timesteps": self.student_timesteps,
+            "scheduler_overrides": dict(STUDENT_SCHEDULER),
+            "teacher": self.teacher_source,
+        }
+        if self.vae is not None and self.text_encoder is not None and self.tokenizer is not None:
+            meta.update(
+                vae_config=_plain_config(self.vae.config),
+                text_encoder_config=self.text_encoder.config.to_dict(),
+                tokenizer=tokenizer_state(self.tokenizer),
+            )
+        checkpoint["lightdiff"] = meta

@@ -1,0 +1,247 @@
+"""The discriminator of adversarial diffusion distillation: a feature network plus small trainable heads.
+
+ADD (Sauer et al. 2023, Section 3.2) puts heads on a frozen DINOv2 ViT; LADD (Sauer et al. 2024, Section 3.1) puts
+them on the frozen teacher's own features at a re-noised input. Each head sees one feature map and gives a logit
+per location; it is conditioned on the noise level (added to its hidden features) and on the condition, class
+label or text embedding, by projection (Miyato & Koyama 2018, "cGANs with projection discriminator", Equation 3).
+
+Backbones (the `discriminator` config group):
+- `UNetEncoderFeatures`: the teacher UNet's down-block and mid-block outputs (LADD); frozen, shared with the teacher.
+- `ViTFeatures`: hidden states of a transformers vision transformer (DINOv2 for ADD) loaded with `from_pretrained`
+  from a folder or hub id; frozen. Takes pixels in [-1, 1].
+- `PatchFeatures`: PatchGAN-like strided convolutions trained from scratch (no frozen network at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import nn
+
+from lightdiff.config import ConfigError
+
+
+class _StopForward(Exception):
+    """Raised by the mid-block hook: the UNet's decoder half is not needed for the features."""
+
+
+class UNetEncoderFeatures(nn.Module):
+    """Outputs of each down block and of the mid block of a frozen diffusers UNet, at (x_t, t, condition)."""
+
+    trainable = False
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet.requires_grad_(False).eval()
+        block_channels = list(unet.config.block_out_channels)
+        self.channels = [*block_channels, block_channels[-1]]  # each down block, then the mid block
+
+    def train(self, mode: bool = True) -> UNetEncoderFeatures:
+        return super().train(False)  # frozen: dropout and norms stay in inference mode
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        captured: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: object, output: object) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        def stop(module: nn.Module, args: object, output: object) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handles = [block.register_forward_hook(keep) for block in self.unet.down_blocks]
+        handles.append(self.unet.mid_block.register_forward_hook(stop))
+        conditioning = {"encoder_hidden_states": text_states} if text_states is not None else {}
+        try:
+            self.unet(x_t, timesteps, class_labels=class_labels, **conditioning)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+
+class ViTFeatures(nn.Module):
+    """Hidden states of chosen layers of a frozen transformers ViT (e.g. DINOv2), as (B, D, h, w) maps."""
+
+    trainable = False
+    pixel_inputs = True  # a latent method decodes its samples before this backbone sees them
+
+    def __init__(
+        self,
+        model: str,  # folder or hub id of a transformers vision model (e.g. facebook/dinov2-small)
+        layers: Sequence[int] = (3, 6, 9, 12),  # hidden states given to the heads (0 is the patch embedding)
+        image_size: int = 224,  # images are resized to this before the ViT
+        mean: Sequence[float] = (0.485, 0.456, 0.406),  # the ViT's input normalisation (ImageNet for DINOv2)
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        try:
+            self.vit = AutoModel.from_pretrained(model).requires_grad_(False).eval()
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"discriminator.backbone.model={model!r} cannot be loaded ({error}); give a local folder of a "
+                "transformers vision model (e.g. a saved facebook/dinov2-small) or a reachable hub id"
+            ) from error
+        depth = self.vit.config.num_hidden_layers
+        if not all(0 <= layer <= depth for layer in layers):
+            raise ConfigError(f"discriminator.backbone.layers={list(layers)} must lie in 0..{depth} for {model!r}")
+        self.layers = list(layers)
+        self.image_size = image_size
+        self.channels = [self.vit.config.hidden_size] * len(self.layers)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> ViTFeatures:
+        return super().train(False)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        pixels = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        pixels = ((pixels + 1) / 2 - self.mean) / self.std
+        hidden = self.vit(pixel_values=pixels, output_hidden_states=True).hidden_states
+        maps = []
+        for layer in self.layers:
+            tokens = hidden[layer][:, 1:]  # without the class token
+            side = int(tokens.shape[1] ** 0.5)
+            tokens = tokens[:, -side * side :]  # without register tokens, if any
+            maps.append(tokens.transpose(1, 2).reshape(len(images), -1, side, side))
+        return maps
+
+
+class PatchFeatures(nn.Module):
+    """Strided convolutions trained from scratch; each stage's output goes to a head."""
+
+    trainable = True
+
+    def __init__(
+        self,
+        in_channels: int = 3,  # image (or latent) channels
+        base_channels: int = 32,  # width of the first stage, doubled per stage
+        num_stages: int = 2,  # stride-2 stages
+    ) -> None:
+        super().__init__()
+        self.channels = [base_channels * 2**index for index in range(num_stages)]
+        widths = [in_channels, *self.channels]
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(min(8, c_out), c_out), nn.LeakyReLU(0.2))
+            for c_in, c_out in zip(widths[:-1], widths[1:])
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        maps, x = [], images
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+
+class DiscriminatorHead(nn.Module):
+    """One feature map -> a logit per location, shifted by the noise level and projected onto the condition."""
+
+    def __init__(self, in_channels: int, channels: int, condition_dim: int) -> None:
+        super().__init__()
+        self.inp = nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.GroupNorm(min(8, channels), channels))
+        self.body = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.2))
+        self.noise_shift = nn.Linear(channels, channels)
+        self.out = nn.Conv2d(channels, 1, 1)
+        self.condition = nn.Linear(condition_dim, channels, bias=False) if condition_dim else None
+
+    def forward(self, features: torch.Tensor, noise: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.inp(features.float()) + self.noise_shift(noise)[:, :, None, None]
+        hidden = self.body(hidden)
+        logits = self.out(hidden).flatten(1)  # (B, h w)
+        if self.condition is not None and condition is not None:  # projection: + <phi(x), W c> per location
+            logits = logits + (hidden * self.condition(condition)[:, :, None, None]).sum(dim=1).flatten(1)
+        return logits
+
+
+class FeatureDiscriminator(nn.Module):
+    """`backbone` features -> trainable heads -> logits (B, locations of all heads)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module | None,  # UNetEncoderFeatures | ViTFeatures | PatchFeatures (None: the method gives one)
+        num_classes: int = 0,  # class-conditional: embed the label (0: no class condition)
+        text_dim: int = 0,  # text-conditional: width of the text encoder's states (0: no text condition)
+        head_channels: int = 64,  # width of each head
+        num_train_timesteps: int = 1000,  # scale of the noise-level input
+    ) -> None:
+        super().__init__()
+        if backbone is None:
+            raise ConfigError(
+                "discriminator.backbone is null and no backbone was given (model=turbo gives the teacher's)"
+            )
+        self.backbone = backbone
+        self.head_channels = head_channels
+        self.num_train_timesteps = num_train_timesteps
+        condition_dim = head_channels if (num_classes or text_dim) else 0
+        self.class_embedding = nn.Embedding(num_classes, head_channels) if num_classes else None
+        self.text_projection = nn.Linear(text_dim, head_channels) if text_dim else None
+        self.heads = nn.ModuleList(DiscriminatorHead(c, head_channels, condition_dim) for c in backbone.channels)
+
+    @property
+    def backbone_trains(self) -> bool:
+        return bool(getattr(self.backbone, "trainable", False))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What the discriminator's optimiser trains: the heads and embeddings, and the backbone if it trains."""
+        frozen = set() if self.backbone_trains else {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+    def features(
+        self,
+        inputs: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        return self.backbone(inputs, timesteps, class_labels, text_states)
+
+    def heads_logits(
+        self,
+        features: Sequence[torch.Tensor],
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        noise = get_timestep_embedding(timesteps.float().reshape(-1), self.head_channels)
+        condition = None
+        if self.class_embedding is not None and class_labels is not None:
+            condition = self.class_embedding(class_labels)
+        elif self.text_projection is not None and text_states is not None:
+            condition = self.text_projection(text_states.float().mean(dim=1))  # mean over tokens
+        return torch.cat([head(f, noise.to(f.device), condition) for head, f in zip(self.heads, features)], dim=1)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        features = self.features(inputs, timesteps, class_labels, text_states)
+        return self.heads_logits(features, timesteps, class_labels, text_states)

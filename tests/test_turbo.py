@@ -1,0 +1,235 @@
+"""Turbo (ADD / LADD): distillation math against closed forms, frozen parts, optimiser separation, sampling, export."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
+
+from lightdiff.config import ConfigError
+from lightdiff.diffusion import (
+    NoiseSchedule,
+    distillation_weight,
+    high_noise_timesteps,
+    predicted_x0,
+    trailing_timesteps,
+)
+from lightdiff.diffusion.adversarial import hinge_discriminator_loss, r1_penalty
+from lightdiff.export import load_checkpoint_file, load_denoiser
+from lightdiff.methods.turbo import load_teacher
+from lightdiff.nets.feature_discriminator import UNetEncoderFeatures
+from lightdiff.sample import run as sample_run
+from lightdiff.train import run as train_run
+
+from .conftest import TINY, compose_config
+
+ALPHAS_CUMPROD = NoiseSchedule("linear", 1000, 1e-4, 0.02).alphas_cumprod().float()
+
+
+def test_student_timesteps_are_diffusers_trailing_steps() -> None:
+    scheduler = DDIMScheduler(timestep_spacing="trailing")
+    for count in (1, 2, 4):
+        scheduler.set_timesteps(count)
+        assert trailing_timesteps(1000, count) == scheduler.timesteps.tolist()
+    assert trailing_timesteps(1000, 4) == [999, 749, 499, 249]
+
+
+def test_distillation_weights_closed_forms() -> None:
+    t = torch.tensor([0, 499, 999])
+    alpha_bar = ALPHAS_CUMPROD[t]
+    torch.testing.assert_close(distillation_weight("alpha_bar", ALPHAS_CUMPROD, t), alpha_bar)
+    torch.testing.assert_close(distillation_weight("sds", ALPHAS_CUMPROD, t), (alpha_bar * (1 - alpha_bar)).sqrt() / 2)
+    assert torch.equal(distillation_weight("none", ALPHAS_CUMPROD, t), torch.ones(3))
+    with pytest.raises(ValueError, match="distill_weighting='sdss'"):
+        distillation_weight("sdss", ALPHAS_CUMPROD, t)
+
+
+def test_sds_weighting_gives_the_score_distillation_gradient() -> None:
+    """grad of c(t) ||x_s - x_teacher||^2 equals SDS's w(t) (eps_teacher - eps) with w = sigma^2 (DreamFusion)."""
+    torch.manual_seed(0)
+    t = torch.tensor([300])
+    x_student = torch.randn(1, 3, 4, 4, requires_grad=True)
+    eps, eps_teacher = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    x_t = ALPHAS_CUMPROD[t].sqrt() * x_student.detach() + (1 - ALPHAS_CUMPROD[t]).sqrt() * eps
+    x_teacher = predicted_x0("epsilon", eps_teacher, x_t, ALPHAS_CUMPROD, t)
+    loss = distillation_weight("sds", ALPHAS_CUMPROD, t) * (x_student - x_teacher).pow(2).sum()
+    (gradient,) = torch.autograd.grad(loss, x_student)
+    sds = (1 - ALPHAS_CUMPROD[t]) * (eps_teacher - eps)
+    torch.testing.assert_close(gradient, sds, atol=1e-5, rtol=1e-4)
+
+
+def test_hinge_and_r1_against_hand_computed_values() -> None:
+    real, fake = torch.tensor([[0.5, 2.0]]), torch.tensor([[-0.5, 1.0]])
+    # real: relu(1 - [0.5, 2]) = [0.5, 0] -> 0.25; fake: relu(1 + [-0.5, 1]) = [0.5, 2] -> 1.25; half the sum: 0.75
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(0.75)
+    features = [torch.randn(2, 3, requires_grad=True), torch.randn(2, 1, 2, 2, requires_grad=True)]
+    weights = torch.tensor([1.0, -2.0, 3.0])
+    logits = (features[0] * weights).sum(dim=1) + 0.5 * features[1].flatten(1).sum(dim=1)
+    # d logits / d features = weights and 0.5 everywhere: |w|^2 + 4 x 0.25 = 14 + 1 = 15 per sample
+    assert r1_penalty(logits, features).item() == pytest.approx(15.0)
+
+
+def test_discriminator_noise_levels_are_skewed_high() -> None:
+    t = high_noise_timesteps(20000, 1000, generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= 999
+    assert 0.8 < (t >= 500).float().mean() < 0.88  # P(N(1, 1) > 0) = 84% of draws in the noisier half
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("teacher")
+    cfg = compose_config(
+        "train", [f"output_root={root}", *TINY, "run_name=teacher", "trainer.max_steps=3", "experiment=shapes_class"]
+    )
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def _turbo(root: Path, teacher: Path, *extra: str) -> list[str]:
+    return [f"output_root={root}", *TINY, "model=turbo", f"model.teacher={teacher}", "model.teacher_steps=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def student_run(teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("student")
+    cfg = compose_config("train", _turbo(root, teacher_ckpt, "run_name=student", "trainer.max_steps=4"))
+    return train_run(cfg), Path(cfg.run_dir)
+
+
+def test_teacher_and_frozen_backbone_are_bit_identical_student_moved(teacher_ckpt: Path, student_run) -> None:
+    trainer, _ = student_run
+    module = trainer.lightning_module
+    reference = load_teacher(str(teacher_ckpt)).net.state_dict()
+    for name, value in module.teacher.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    assert isinstance(module.discriminator.backbone, UNetEncoderFeatures)
+    assert module.discriminator.backbone.unet is module.teacher  # LADD: the teacher is the feature network
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    moved = [name for name, value in module.net.state_dict().items() if not torch.equal(value, reference[name])]
+    assert moved  # the student trained
+    assert module.discriminator.class_embedding is not None  # the class-conditional teacher conditions the heads
+
+
+def test_generator_step_updates_only_the_student_and_discriminator_step_only_the_heads(
+    student_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer, _ = student_run
+    module = trainer.lightning_module
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    stepped: list[set[str]] = []
+    for optimizer in module.optimizers():
+        original = optimizer.optimizer.step
+
+        def step(*args, original=original, **kwargs):
+            stepped.append({names[id(p)] for p in module.parameters() if p.grad is not None})
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(optimizer.optimizer, "step", step)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    module.training_step(batch, 0)
+    student, discriminator = stepped
+    assert student and all(name.startswith("net.") for name in student)
+    assert discriminator and all(name.startswith("discriminator.") for name in discriminator)
+    assert not any(name.startswith("discriminator.backbone.") for name in discriminator)  # frozen feature network
+    after = dict(module.named_parameters())
+    changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
+    assert changed and changed <= student | discriminator  # nothing outside the two optimisers moved
+    assert not any(name.startswith(("teacher.", "discriminator.backbone.")) for name in changed)
+
+
+def test_checkpoint_leaves_the_teacher_out_and_samples_in_one_step(student_run, tmp_path: Path) -> None:
+    _, run_dir = student_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint_file(ckpt)
+    assert not any(k.startswith(("teacher.", "discriminator.backbone.unet.")) for k in checkpoint["state_dict"])
+    assert checkpoint["lightdiff"]["method"] == "turbo"
+    assert checkpoint["lightdiff"]["student_timesteps"] == [999, 749, 499, 249]
+
+    out = sample_run(compose_config("sample", [f"ckpt={ckpt}", f"out={tmp_path / 'one'}", "num_images=3", "steps=1"]))
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(3)])
+    folder = sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={tmp_path / 'pipe'}"]))
+    pipeline = DDIMPipeline.from_pretrained(folder)
+    assert pipeline.scheduler.config.timestep_spacing == "trailing"
+    # Plain diffusers, one step, the seeds sample.py used: labels cycle 0, 1, 2 (class-conditional teacher).
+    student = load_denoiser(ckpt)
+    generators = [torch.Generator().manual_seed(seed) for seed in range(3)]
+    noise = torch.stack([torch.randn(3, 16, 16, generator=g) for g in generators])
+    pipeline.scheduler.set_timesteps(1)
+    (t,) = pipeline.scheduler.timesteps
+    with torch.no_grad():
+        output = pipeline.unet(noise, t, class_labels=torch.arange(3)).sample
+    image = pipeline.scheduler.step(output, t, noise).prev_sample
+    theirs = ((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1  # PNG rounding
+    assert student.scheduler_overrides == {"timestep_spacing": "trailing"}
+
+
+def test_bad_teachers_and_timesteps_are_named(teacher_ckpt: Path, tmp_path: Path) -> None:
+    autoencoder = compose_config(
+        "train", [f"output_root={tmp_path}", *TINY, "model=autoencoder", "run_name=ae", "trainer.max_steps=1"]
+    )
+    train_run(autoencoder)
+    with pytest.raises(ConfigError, match="model.teacher=.* is an autoencoder checkpoint"):
+        train_run(compose_config("train", _turbo(tmp_path, Path(autoencoder.run_dir) / "checkpoints" / "last.ckpt")))
+    with pytest.raises(ConfigError, match="model.teacher='nowhere/none' is neither a file"):
+        train_run(compose_config("train", _turbo(tmp_path, Path("nowhere/none"))))
+    with pytest.raises(ConfigError, match=r"model.student_timesteps=\[999, 1000\]: \[1000\] outside"):
+        train_run(compose_config("train", _turbo(tmp_path, teacher_ckpt, "model.student_timesteps=[999,1000]")))
+    missing = tmp_path / "no_dinov2"
+    with pytest.raises(ConfigError, match="discriminator.backbone.model=.*no_dinov2.* cannot be loaded"):
+        train_run(
+            compose_config(
+                "train",
+                _turbo(tmp_path, teacher_ckpt, "discriminator=dinov2", f"discriminator.backbone.model={missing}"),
+            )
+        )
+
+
+def test_zero_terminal_snr_epsilon_teacher_is_refused(tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "run_name=zsnr",
+            "trainer.max_steps=1",
+            "schedule.rescale_betas_zero_snr=true",
+        ],
+    )
+    train_run(cfg)
+    with pytest.raises(ConfigError, match="zero terminal SNR"):
+        train_run(compose_config("train", _turbo(tmp_path, Path(cfg.run_dir) / "checkpoints" / "last.ckpt")))
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "patchgan"])
+def test_other_discriminators_train(backbone: str, teacher_ckpt: Path, tmp_path: Path) -> None:
+    extra = ["discriminator=patchgan"]
+    if backbone == "dinov2":
+        folder = tmp_path / "tiny-dinov2"
+        config = Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=4,
+            image_size=16,
+        )
+        Dinov2Model(config).save_pretrained(folder)
+        extra = [
+            "discriminator=dinov2",
+            f"discriminator.backbone.model={folder}",
+            "discriminator.backbone.layers=[1,2]",
+            "discriminator.backbone.image_size=16",
+        ]
+    cfg = compose_config("train", _turbo(tmp_path, teacher_ckpt, f"run_name={backbone}", "trainer.max_steps=2", *extra))
+    module = train_run(cfg).lightning_module
+    frozen_backbone = backbone == "dinov2"
+    assert all(p.requires_grad != frozen_backbone for p in module.discriminator.backbone.parameters())
+    trained = {id(p) for p in module.discriminator.head_parameters()}
+    assert all((id(p) in trained) != frozen_backbone for p in module.discriminator.backbone.parameters())
