@@ -198,3 +198,29 @@ def test_two_processes_give_the_single_process_result(tmp_path) -> None:
     expected = single.evaluate(_trainer(dataset), _Reconstructor(dataset, 0.2))
     for rank in ranks:  # every rank gets the synchronised result
         assert _values(rank["metrics"]) == pytest.approx(_values(expected), rel=1e-6)
+
+
+def test_fid_callback_does_not_change_training(tiny_train_config) -> None:
+    import csv
+    from pathlib import Path
+
+    from lightdiff.train import run
+
+    def losses(*extra: str) -> list[str]:
+        cfg = tiny_train_config(*extra, "trainer.max_steps=3")
+        run(cfg)
+        rows = csv.DictReader(next(Path(cfg.run_dir).glob("csv/version_*/metrics.csv")).open())
+        return [row["train/loss"] for row in rows if row.get("train/loss")]
+
+    plain = losses("run_name=plain")
+    with_fid = losses(
+        "run_name=fid",
+        "metrics=fid",
+        "metrics/features=random_conv",
+        "metrics.every_n_steps=2",
+        "metrics.num_samples=8",
+        "metrics.batch_size=8",
+        "metrics.steps=2",
+        "metrics.cache_dir=null",
+    )
+    assert len(plain) == 3 and with_fid == plain  # evaluating at step 2 leaves step 3's loss untouched

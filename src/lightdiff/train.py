@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
@@ -58,7 +59,8 @@ def run(cfg: DictConfig) -> pl.Trainer:
     model.attach_data(datamodule)  # each method checks that its networks fit the data
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
     if cfg.get("metrics"):
-        callbacks.append(build(cfg.metrics))
+        with torch.random.fork_rng(devices=[]):  # building a feature network must not shift training's random stream
+            callbacks.append(build(cfg.metrics))
     ckpt_path = _resume_path(cfg, run_dir)
 
     # Everything is built: from here on files are written.
