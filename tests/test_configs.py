@@ -21,7 +21,9 @@ def _options(group: str) -> list[str]:
 def _group_overrides() -> list[list[str]]:
     cases = []
     for group in ("model", "net", "schedule", "sampler", "trainer", "logger", "callbacks", "metrics"):
-        cases += [[f"{group}={option}"] for option in _options(group)]
+        cases += [[f"{group}={option}"] for option in _options(group) if (group, option) != ("model", "turbo")]
+    cases += [["model=turbo", "model.teacher=ROOT"]]
+    cases += [["model=turbo", "model.teacher=ROOT", f"discriminator={option}"] for option in _options("discriminator")]
     cases += [["metrics=fid", f"metrics/features={option}"] for option in _options("metrics/features")]
     cases += [["data=shapes"], ["data=image_folder", "data.root=ROOT"], ["data=hf", "data.name=ROOT"]]
     cases += [[f"experiment={name}"] for name in _options("experiment")]

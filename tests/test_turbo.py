@@ -95,8 +95,25 @@ def _turbo(root: Path, teacher: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def student_run(teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("student")
-    cfg = compose_config("train", _turbo(root, teacher_ckpt, "run_name=student", "trainer.max_steps=4"))
+    metrics = ["metrics=fid", "metrics/features=random_conv", "metrics.every_n_steps=0", "metrics.num_samples=8"]
+    metrics += ["metrics.batch_size=8", "metrics.cache_dir=null"]
+    cfg = compose_config("train", _turbo(root, teacher_ckpt, "run_name=student", "trainer.max_steps=4", *metrics))
     return train_run(cfg), Path(cfg.run_dir)
+
+
+def test_losses_discriminator_numbers_and_fid_at_1_2_4_steps_are_logged(student_run) -> None:
+    import csv
+
+    _, run_dir = student_run
+    rows = list(csv.DictReader(next(run_dir.glob("csv/version_*/metrics.csv")).open()))
+    logged = {key for row in rows for key, value in row.items() if value}
+    for key in ("adversarial_loss", "distill_loss", "d_loss", "d_accuracy", "logits_real", "logits_fake", "r1"):
+        assert f"train/{key}" in logged, key
+    assert {"val/fid_1step", "val/fid_2steps", "val/fid_4steps", "val/shapes_both_1step"} <= logged
+    accuracy = [float(row["train/d_accuracy"]) for row in rows if row.get("train/d_accuracy")]
+    assert all(0 <= value <= 1 for value in accuracy)
+    grid = next((run_dir / "samples").glob("final_step*.png"))
+    assert Image.open(grid).width > 0
 
 
 def test_teacher_and_frozen_backbone_are_bit_identical_student_moved(teacher_ckpt: Path, student_run) -> None:

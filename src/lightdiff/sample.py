@@ -204,7 +204,7 @@ def judge_samples(
     features = build(cfg.metrics.features)
     evaluator = FrechetEvaluator(
         features,
-        num_images=cfg.metrics.num_samples,
+        num_samples=cfg.metrics.num_samples,
         batch_size=cfg.metrics.batch_size,
         kid_subset_size=min(cfg.metrics.kid_subset_size, len(pixels)),
         cache_dir=cfg.metrics.cache_dir,

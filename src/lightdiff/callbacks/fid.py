@@ -82,8 +82,8 @@ class FrechetDistance(pl.Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Every rank generates its share; every rank gets the metrics; rank 0 logs them, and the seconds it took.
 
-        Keys: `val/fid`, `val/kid` (`r` before `fid`/`kid` for reconstructions); with a list of step counts one pair
-        per count, e.g. `val/fid_1step`, `val/fid_4steps`.
+        Keys: `val/fid`, `val/kid` (`r` before `fid`/`kid` for reconstructions); with a list of step counts (the
+        `steps` argument, or the method's own `metric_steps`, which wins) one pair per count, e.g. `val/fid_1step`.
         """
         started = time.perf_counter()
         evaluator = self.evaluator.to(pl_module.device)
@@ -95,14 +95,15 @@ class FrechetDistance(pl.Callback):
         prefix = getattr(pl_module, "distance_prefix", "")  # "r": the images are reconstructions
         metrics: dict[str, float] = {}
         on_shapes = isinstance(trainer.datamodule.source_dataset, ShapesDataset)
-        for steps in self.steps:
+        step_counts = getattr(pl_module, "metric_steps", None) or self.steps  # a turbo student: its 1, 2, 4 steps
+        for steps in step_counts:
             judged: list[tuple[ShapeJudgement, tuple[str | None, str | None] | None]] = []
             for preview in method_previews(trainer, pl_module, seeds, self.sampler, steps, self.batch_size):
                 evaluator.update(preview.images)
                 if on_shapes:  # the same images, judged by the shapes metric
                     wanted = wanted_classes(len(preview.images), preview.labels) or [None] * len(preview.images)
                     judged += [(judge_image(image), w) for image, w in zip(to_uint8(preview.images), wanted)]
-            suffix = "" if len(self.steps) == 1 else f"_{steps}step" + ("s" if steps > 1 else "")
+            suffix = "" if len(step_counts) == 1 else f"_{steps}step" + ("s" if steps > 1 else "")
             metrics.update({f"val/{prefix}{name}{suffix}": value for name, value in evaluator.compute().items()})
             if on_shapes:
                 judged = all_ranks(judged)

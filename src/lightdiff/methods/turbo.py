@@ -153,6 +153,11 @@ class TurboDistillation(pl.LightningModule):
         self._teacher_previews: dict[tuple[int, ...], torch.Tensor] = {}  # the teacher never changes
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod().float(), persistent=False)
 
+    @property
+    def metric_steps(self) -> list[int]:
+        """The step counts FID is measured at (metrics=fid): 1, 2 and 4, those the student has timesteps for."""
+        return [n for n in (1, 2, 4) if n <= len(self.student_timesteps)]
+
     def train(self, mode: bool = True) -> TurboDistillation:
         super().train(mode)
         for frozen in (self.teacher, self.vae, self.text_encoder):  # frozen networks stay in inference mode
@@ -367,7 +372,7 @@ class TurboDistillation(pl.LightningModule):
             captions = self.class_names or self.trainer.datamodule.captions()
             prompts = [captions[int(seed) % len(captions)] for seed in seeds]
         count = len(self.student_timesteps)
-        columns = [n for n in (1, 2, 4) if n <= count]
+        columns = self.metric_steps
         student = {n: self.generate(self.net, self.student_scheduler(), seeds, n, labels, prompts) for n in columns}
         key = tuple(int(seed) for seed in seeds)
         if key not in self._teacher_previews:
