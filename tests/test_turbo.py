@@ -220,8 +220,16 @@ def test_zero_terminal_snr_epsilon_teacher_is_refused(tmp_path: Path) -> None:
         ],
     )
     train_run(cfg)
-    with pytest.raises(ConfigError, match="zero terminal SNR"):
-        train_run(compose_config("train", _turbo(tmp_path, Path(cfg.run_dir) / "checkpoints" / "last.ckpt")))
+    teacher = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="zero terminal SNR.*student_prediction_type=sample"):
+        train_run(compose_config("train", _turbo(tmp_path, teacher)))
+    # An x_0-predicting student is well defined at T - 1: it trains, and its checkpoint says how it predicts.
+    student = compose_config(
+        "train", _turbo(tmp_path, teacher, "run_name=x0", "trainer.max_steps=2", "model.student_prediction_type=sample")
+    )
+    train_run(student)
+    meta = load_checkpoint_file(Path(student.run_dir) / "checkpoints" / "last.ckpt")["lightdiff"]
+    assert meta["prediction_type"] == "sample" and meta["teacher_prediction_type"] == "epsilon"
 
 
 @pytest.mark.parametrize("backbone", ["dinov2", "patchgan"])

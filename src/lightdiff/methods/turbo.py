@@ -32,6 +32,7 @@ from lightdiff.config import ConfigError
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import (
     DistillWeighting,
+    PredictionType,
     add_noise,
     distillation_weight,
     high_noise_timesteps,
@@ -84,6 +85,8 @@ class TurboDistillation(pl.LightningModule):
         discriminator: Callable[..., FeatureDiscriminator],  # the `discriminator` group (a partial; backbone null:
         # the teacher's UNet encoder, LADD)
         student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1
+        student_prediction_type: PredictionType | None = None,  # None: the teacher's; "sample" (x_0) stays well
+        # conditioned at T - 1, where an epsilon output is amplified by 1 / alpha_T (157x for linear betas)
         distill_weight: float = 2.5,  # lambda; 0 gives pure adversarial training (LADD)
         distill_weighting: DistillWeighting = "alpha_bar",  # c(t): alpha_bar | sds | none
         teacher_guidance_scale: float = 4.0,  # the teacher's classifier-free guidance (text models only)
@@ -107,7 +110,13 @@ class TurboDistillation(pl.LightningModule):
         loaded = load_teacher(teacher)
         self.teacher_source = teacher
         self.schedule = loaded.schedule
-        self.prediction_type = loaded.prediction_type
+        self.prediction_type = loaded.prediction_type  # the teacher's
+        if student_prediction_type is not None and student_prediction_type not in typing.get_args(PredictionType):
+            raise ConfigError(
+                f"model.student_prediction_type={student_prediction_type!r} is not one of "
+                f"{typing.get_args(PredictionType)}"
+            )
+        self.student_prediction_type = student_prediction_type or self.prediction_type
         steps = self.schedule.num_train_timesteps
         self.student_timesteps = list(student_timesteps or trailing_timesteps(steps, 4))
         outside = [t for t in self.student_timesteps if not 0 <= t < steps]
@@ -116,12 +125,12 @@ class TurboDistillation(pl.LightningModule):
                 f"model.student_timesteps={self.student_timesteps}: {outside or 'none'} outside the teacher's "
                 f"schedule 0..{steps - 1}"
             )
-        if self.student_timesteps[0] == steps - 1 and self.prediction_type == "epsilon":
+        if self.student_timesteps[0] == steps - 1 and self.student_prediction_type == "epsilon":
             alpha_bar_last = float(self.schedule.alphas_cumprod()[-1])
             if alpha_bar_last == 0.0:  # x_0 = (x_t - sigma eps) / alpha is undefined at zero terminal SNR
                 raise ConfigError(
-                    "the teacher's schedule has zero terminal SNR and predicts epsilon: x_0 cannot be recovered at "
-                    "t = T - 1; use a v_prediction teacher or model.student_timesteps below T - 1"
+                    "the teacher's schedule has zero terminal SNR and the student would predict epsilon: x_0 cannot be "
+                    "recovered at t = T - 1; set model.student_prediction_type=sample (or v_prediction)"
                 )
         self.teacher = loaded.net.requires_grad_(False).eval()
         self.net = copy.deepcopy(loaded.net).requires_grad_(True).train()  # the student
@@ -199,11 +208,13 @@ class TurboDistillation(pl.LightningModule):
         return self.text_encoder(tokenize_prompts(self.tokenizer, prompts).to(self.device))[0]
 
     def x0_of(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
+        """x_0 as `net` (the student or the teacher) predicts it, each through its own output parametrisation."""
         if "text_states" in condition:
             output = net(x_t, t, encoder_hidden_states=condition["text_states"]).sample
         else:
             output = net(x_t, t, class_labels=condition.get("class_labels")).sample
-        return predicted_x0(self.prediction_type, output, x_t, self.alphas_cumprod, t)
+        prediction_type = self.student_prediction_type if net is self.net else self.prediction_type
+        return predicted_x0(prediction_type, output, x_t, self.alphas_cumprod, t)
 
     @torch.no_grad()
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
@@ -335,7 +346,7 @@ class TurboDistillation(pl.LightningModule):
 
     def student_scheduler(self, sampler: SchedulerFactory | None = None) -> SchedulerMixin:
         """DDIM at trailing timesteps, as the exported pipeline samples (no guidance, eta 0)."""
-        scheduler = make_scheduler(sampler or DDIMScheduler, self.schedule, self.prediction_type)
+        scheduler = make_scheduler(sampler or DDIMScheduler, self.schedule, self.student_prediction_type)
         config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
         if self.vae is not None:  # latents are not clipped, as in StableDiffusionPipeline
             config.update(clip_sample=False, steps_offset=1)
@@ -410,7 +421,8 @@ class TurboDistillation(pl.LightningModule):
             "net_class": type(self.net).__name__,
             "net_config": _plain_config(self.net.config),
             "schedule": dict(vars(self.schedule)),
-            "prediction_type": self.prediction_type,
+            "prediction_type": self.student_prediction_type,
+            "teacher_prediction_type": self.prediction_type,
             "class_names": self.class_names,
             "student_timesteps": self.student_timesteps,
             "scheduler_overrides": dict(STUDENT_SCHEDULER),
