@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Reproduce experiments/turbo_shapes: a v-prediction, zero-terminal-SNR teacher (the default run otherwise), its
+# turbo student, then both compared side by side (steps, time, shapes metric, FID substitute) in one process.
+# Usage: bash experiments/turbo_shapes/run.sh   (from the repository root; ~45 minutes on 2 cores)
+set -euo pipefail
+teacher=outputs/teacher_v_ztsnr/checkpoints/last.ckpt
+if [ ! -f "$teacher" ]; then
+    python train.py run_name=teacher_v_ztsnr logger=csv model.prediction_type=v_prediction \
+        schedule.rescale_betas_zero_snr=true
+fi
+run_name=turbo_shapes_$(date +%Y%m%d_%H%M%S)
+start=$(date +%s)
+python train.py experiment=turbo_shapes model.teacher=$teacher run_name=$run_name logger=csv "$@"
+echo "distillation wall time: $(($(date +%s) - start)) s"
+python experiments/turbo_shapes/compare.py $teacher outputs/$run_name/checkpoints/last.ckpt
