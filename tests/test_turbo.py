@@ -258,3 +258,55 @@ def test_other_discriminators_train(backbone: str, teacher_ckpt: Path, tmp_path:
     assert all(p.requires_grad != frozen_backbone for p in module.discriminator.backbone.parameters())
     trained = {id(p) for p in module.discriminator.head_parameters()}
     assert all((id(p) in trained) != frozen_backbone for p in module.discriminator.backbone.parameters())
+
+
+def test_latent_text_teacher_distils_and_exports(tmp_path: Path) -> None:
+    """A text-conditioned latent teacher: frozen VAE and text encoder, guided teacher, text-conditioned heads."""
+    from diffusers import StableDiffusionPipeline
+
+    from .test_latent import _latent_overrides, _tiny_vae
+
+    vae_dir = tmp_path / "vae"
+    _tiny_vae().save_pretrained(vae_dir)
+    teacher_cfg = compose_config("train", _latent_overrides(tmp_path, vae_dir, "run_name=lt", "trainer.max_steps=2"))
+    train_run(teacher_cfg)
+    teacher = Path(teacher_cfg.run_dir) / "checkpoints" / "last.ckpt"
+    cfg = compose_config("train", _turbo(tmp_path, teacher, "run_name=lt_student", "trainer.max_steps=2"))
+    module = train_run(cfg).lightning_module
+    assert module.discriminator.text_projection is not None and module.vae is not None
+    reference = load_teacher(str(teacher))
+    for part in ("vae", "text_encoder"):
+        mine, theirs = getattr(module, part).state_dict(), getattr(reference, part).state_dict()
+        assert all(torch.equal(value, theirs[name]) for name, value in mine.items()), part  # frozen
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'sd'}"]))
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipeline.scheduler.config.timestep_spacing == "trailing"
+    out = sample_run(
+        compose_config(
+            "sample",
+            [
+                f"ckpt={student}",
+                f"out={tmp_path / 'one'}",
+                "num_images=2",
+                "steps=1",
+                "prompt=a red circle",
+                "guidance_scale=1",
+            ],
+        )
+    )
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    generators = [torch.Generator().manual_seed(seed) for seed in range(2)]
+    theirs = pipeline(
+        ["a red circle"] * 2, num_inference_steps=1, guidance_scale=1.0, generator=generators, output_type="np"
+    ).images
+    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1  # plain diffusers, one step, same images
+
+
+def test_a_diffusers_pipeline_folder_is_a_teacher(teacher_ckpt: Path, tmp_path: Path) -> None:
+    folder = sample_run(compose_config("sample", [f"ckpt={teacher_ckpt}", f"export={tmp_path / 'teacher_pipe'}"]))
+    cfg = compose_config("train", _turbo(tmp_path, folder, "run_name=from_folder", "trainer.max_steps=2"))
+    module = train_run(cfg).lightning_module
+    reference = load_teacher(str(teacher_ckpt)).net.state_dict()  # the folder holds the same (EMA) weights
+    assert all(torch.equal(value, reference[name]) for name, value in module.teacher.state_dict().items())
+    assert module.class_names == load_teacher(str(teacher_ckpt)).class_names
