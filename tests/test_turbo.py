@@ -258,6 +258,9 @@ def test_other_discriminators_train(backbone: str, teacher_ckpt: Path, tmp_path:
     assert all(p.requires_grad != frozen_backbone for p in module.discriminator.backbone.parameters())
     trained = {id(p) for p in module.discriminator.head_parameters()}
     assert all((id(p) in trained) != frozen_backbone for p in module.discriminator.backbone.parameters())
+    if frozen_backbone:  # the ViT is exactly the saved one after training steps
+        saved = Dinov2Model.from_pretrained(folder).state_dict()
+        assert all(torch.equal(v, saved[k]) for k, v in module.discriminator.backbone.vit.state_dict().items())
 
 
 def test_latent_text_teacher_distils_and_exports(tmp_path: Path) -> None:
