@@ -26,7 +26,10 @@ def _group_overrides() -> list[list[str]]:
     cases += [["model=turbo", "model.teacher=ROOT", f"discriminator={option}"] for option in _options("discriminator")]
     cases += [["metrics=fid", f"metrics/features={option}"] for option in _options("metrics/features")]
     cases += [["data=shapes"], ["data=image_folder", "data.root=ROOT"], ["data=hf", "data.name=ROOT"]]
-    cases += [[f"experiment={name}"] for name in _options("experiment")]
+    # Turbo experiments need the teacher they distil (a path, given on the command line).
+    cases += [
+        [f"experiment={name}", *(["model.teacher=ROOT"] if "turbo" in name else [])] for name in _options("experiment")
+    ]
     return cases
 
 
