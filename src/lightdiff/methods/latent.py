@@ -241,8 +241,8 @@ class LatentDiffusion(pl.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "method": "latent",
             "net_class": type(self.net).__name__,
-            "net_config": _plain_config(self.net.config),
-            "vae_config": _plain_config(self.vae.config),
+            "net_config": plain_config(self.net.config),
+            "vae_config": plain_config(self.vae.config),
             "text_encoder_config": self.text_encoder.config.to_dict(),
             "tokenizer": tokenizer_state(self.tokenizer),
             "schedule": dict(vars(self.schedule)),
@@ -269,7 +269,8 @@ def tokenizer_from_state(state: dict[str, Any]) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=state["vocab"], merges=merges, model_max_length=state["model_max_length"])
 
 
-def _plain_config(config: Any) -> dict[str, Any]:
+def plain_config(config: Any) -> dict[str, Any]:
+    """A diffusers config without its private keys, for a checkpoint's plain-data `lightdiff` block."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 

@@ -41,7 +41,7 @@ from lightdiff.diffusion import (
 )
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.export import TrainedDenoiser, load_trained
-from lightdiff.methods.latent import _plain_config, tokenizer_state
+from lightdiff.methods.latent import plain_config, tokenizer_state
 from lightdiff.methods.optimization import global_grad_norm
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
@@ -419,7 +419,7 @@ class TurboDistillation(pl.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "method": "turbo",
             "net_class": type(self.net).__name__,
-            "net_config": _plain_config(self.net.config),
+            "net_config": plain_config(self.net.config),
             "schedule": dict(vars(self.schedule)),
             "prediction_type": self.student_prediction_type,
             "teacher_prediction_type": self.prediction_type,
@@ -430,7 +430,7 @@ class TurboDistillation(pl.LightningModule):
         }
         if self.vae is not None and self.text_encoder is not None and self.tokenizer is not None:
             meta.update(
-                vae_config=_plain_config(self.vae.config),
+                vae_config=plain_config(self.vae.config),
                 text_encoder_config=self.text_encoder.config.to_dict(),
                 tokenizer=tokenizer_state(self.tokenizer),
             )
