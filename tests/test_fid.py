@@ -100,7 +100,7 @@ def _values(metrics: dict[str, float]) -> dict[str, float]:
 def _trainer(dataset: ShapesDataset, rank: int = 0, world_size: int = 1, identity: str = "") -> SimpleNamespace:
     logged: list[dict] = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append({**metrics, "step": step}), logged=logged)
-    datamodule = SimpleNamespace(source_dataset=dataset, identity=identity, random_views=False)
+    datamodule = SimpleNamespace(source_dataset=dataset, reference_identity=identity)
     return SimpleNamespace(
         datamodule=datamodule, loggers=[logger], global_step=7, callbacks=[], global_rank=rank, world_size=world_size
     )

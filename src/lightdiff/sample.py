@@ -210,8 +210,7 @@ def judge_samples(
         cache_dir=cfg.metrics.cache_dir,
         seed=cfg.metrics.seed,
     ).to(device)
-    identity = f"{datamodule.identity}|random_views={datamodule.random_views}" if datamodule.identity else ""
-    evaluator.set_reference(datamodule.source_dataset, identity)
+    evaluator.set_reference(datamodule.source_dataset, datamodule.reference_identity)
     for batch in np.array_split(pixels, max(1, len(pixels) // cfg.metrics.batch_size)):
         evaluator.update(torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255)
     result: dict[str, object] = {

@@ -89,8 +89,7 @@ class FrechetDistance(pl.Callback):
         evaluator = self.evaluator.to(pl_module.device)
         if not evaluator.has_reference:
             datamodule = trainer.datamodule
-            identity = f"{datamodule.identity}|random_views={datamodule.random_views}" if datamodule.identity else ""
-            evaluator.set_reference(datamodule.source_dataset, identity, trainer.global_rank)
+            evaluator.set_reference(datamodule.source_dataset, datamodule.reference_identity, trainer.global_rank)
         seeds = list(range(self.seed, self.seed + self.num_samples))[trainer.global_rank :: trainer.world_size]
         prefix = getattr(pl_module, "distance_prefix", "")  # "r": the images are reconstructions
         metrics: dict[str, float] = {}

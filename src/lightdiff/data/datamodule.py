@@ -69,6 +69,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.dataset = cache
 
     @property
+    def reference_identity(self) -> str:
+        """What makes the served images themselves, random augmentation included: the key of cached reference
+        statistics (FID); empty when the data set has no identity (nothing is then cached)."""
+        return f"{self.identity}|random_views={self.random_views}" if self.identity else ""
+
+    @property
     def num_classes(self) -> int:
         """Number of class labels the data set provides (0 when it has none)."""
         return int(getattr(self.source_dataset, "num_classes", 0))

@@ -41,12 +41,19 @@ from lightdiff.diffusion import (
 )
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.export import TrainedDenoiser, load_trained
-from lightdiff.methods.latent import plain_config, tokenizer_state
+from lightdiff.methods.latent import generate_latent, plain_config, tokenizer_state
 from lightdiff.methods.optimization import global_grad_norm
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
 from lightdiff.nets.text import tokenize_prompts
-from lightdiff.sampling import SchedulerFactory, generate, generators_for, make_scheduler
+from lightdiff.sampling import (
+    SchedulerFactory,
+    for_latents,
+    generate,
+    generators_for,
+    make_scheduler,
+    reconfigured,
+)
 
 CHECKPOINT_FORMAT = 1
 STUDENT_SCHEDULER = {"timestep_spacing": "trailing"}  # how the student samples, in sample.py and exported pipelines
@@ -344,13 +351,12 @@ class TurboDistillation(pl.LightningModule):
 
     # ----- sampling -----------------------------------------------------------------------------------------
 
-    def student_scheduler(self, sampler: SchedulerFactory | None = None) -> SchedulerMixin:
+    def student_scheduler(self) -> SchedulerMixin:
         """DDIM at trailing timesteps, as the exported pipeline samples (no guidance, eta 0)."""
-        scheduler = make_scheduler(sampler or DDIMScheduler, self.schedule, self.student_prediction_type)
-        config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
-        if self.vae is not None:  # latents are not clipped, as in StableDiffusionPipeline
-            config.update(clip_sample=False, steps_offset=1)
-        return DDIMScheduler.from_config({**config, **STUDENT_SCHEDULER})
+        scheduler = make_scheduler(DDIMScheduler, self.schedule, self.student_prediction_type)
+        if self.vae is not None:
+            scheduler = for_latents(scheduler)
+        return reconfigured(scheduler, STUDENT_SCHEDULER)
 
     @torch.no_grad()
     def generate(
@@ -366,8 +372,6 @@ class TurboDistillation(pl.LightningModule):
         """Images in [0, 1] of `net` (student or teacher) in `steps` steps."""
         if self.vae is None:
             return generate(net, scheduler, steps, generators_for(seeds), class_labels=labels)
-        from lightdiff.methods.latent import generate_latent
-
         assert prompts is not None and self.tokenizer is not None and self.text_encoder is not None
         return generate_latent(
             net, self.vae, self.tokenizer, self.text_encoder, scheduler, prompts, seeds, steps, guidance_scale
@@ -389,8 +393,6 @@ class TurboDistillation(pl.LightningModule):
         if key not in self._teacher_previews:
             scheduler = make_scheduler(sampler, self.schedule, self.prediction_type)
             if self.vae is not None:
-                from lightdiff.sampling import for_latents
-
                 scheduler = for_latents(scheduler)
             guidance = self.teacher_guidance_scale if self.text_encoder is not None else 1.0
             self._teacher_previews[key] = self.generate(
