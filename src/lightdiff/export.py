@@ -23,6 +23,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lightdiff.diffusion import NoiseSchedule
+from lightdiff.methods.checkpoint_checks import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ def load_checkpoint_file(path: Path) -> dict:
 
 def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -> TrainedDenoiser:
     net_class = NET_CLASSES.get(meta.get("net_class", ""))
-    if net_class is None:
-        raise ValueError(f"{path}: network class {meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
+    if net_class is None:  # a class name read from a file is never imported: only these are built
+        raise ValueError(f"{path}: lightdiff.net_class={meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
     net = net_class.from_config(meta["net_config"])
-    net.load_state_dict(_weights(checkpoint, "net."))
+    load_weights(net, _weights(checkpoint, "net."), f"{path} (net.)")
     ema_state = checkpoint.get("callbacks", {}).get("ema") or {}
     uses_ema = bool(use_ema and ema_state)
     if uses_ema:
@@ -72,7 +73,12 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         if len(shadow) != len(parameters):
             raise ValueError(f"{path}: EMA holds {len(shadow)} tensors for {len(parameters)} parameters")
         with torch.no_grad():
-            for parameter, average in zip(parameters, shadow):
+            for (name, parameter), average in zip(net.named_parameters(), shadow):
+                if average.shape != parameter.shape:  # copy_ would broadcast a smaller tensor without a word
+                    raise ValueError(
+                        f"{path}: EMA weights of net.{name} have shape {tuple(average.shape)}, "
+                        f"the network's {tuple(parameter.shape)}"
+                    )
                 parameter.copy_(average)
     elif use_ema:
         log.warning("%s has no EMA weights; sampling with the raw weights", path)
@@ -89,9 +95,9 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         from lightdiff.methods.latent import tokenizer_from_state
 
         denoiser.vae = AutoencoderKL.from_config(meta["vae_config"])
-        denoiser.vae.load_state_dict(_weights(checkpoint, "vae."))
+        load_weights(denoiser.vae, _weights(checkpoint, "vae."), f"{path} (vae.)")
         denoiser.text_encoder = CLIPTextModel(CLIPTextConfig(**meta["text_encoder_config"]))
-        denoiser.text_encoder.load_state_dict(_weights(checkpoint, "text_encoder."))
+        load_weights(denoiser.text_encoder, _weights(checkpoint, "text_encoder."), f"{path} (text_encoder.)")
         denoiser.tokenizer = tokenizer_from_state(meta["tokenizer"])
         denoiser.vae.eval()
         denoiser.text_encoder.eval()
@@ -130,9 +136,9 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     return denoiser
 
 
-def _autoencoder_from_checkpoint(checkpoint: dict, meta: dict) -> AutoencoderKL:
+def _autoencoder_from_checkpoint(path: Path, checkpoint: dict, meta: dict) -> AutoencoderKL:
     vae = AutoencoderKL.from_config(meta["vae_config"])
-    vae.load_state_dict(_weights(checkpoint, "vae."))
+    load_weights(vae, _weights(checkpoint, "vae."), f"{path} (vae.)")
     return vae.eval()
 
 
@@ -149,7 +155,7 @@ def load_trained(path: str | Path, use_ema: bool = True) -> TrainedDenoiser | Au
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a lightdiff checkpoint (no 'lightdiff' block)")
     if meta.get("method") == "autoencoder":
-        return _autoencoder_from_checkpoint(checkpoint, meta)
+        return _autoencoder_from_checkpoint(path, checkpoint, meta)
     return _from_lightning_checkpoint(path, checkpoint, meta, use_ema)
 
 

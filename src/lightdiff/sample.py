@@ -186,10 +186,33 @@ def reference_data(cfg: DictConfig) -> ImageDataModule:
             f"metrics=fid needs reference images: give data=... (no run config at {run_config} beside ckpt)"
         )
     data = OmegaConf.load(run_config).get("data")
-    if data is None or data.get("_target_") not in _DATA_MODULES:
-        raise ConfigError(f"{run_config} names no lightdiff data module (data._target_); give data=...")
+    if not isinstance(data, DictConfig) or data.get("_target_") not in _DATA_MODULES:
+        target = data.get("_target_") if isinstance(data, DictConfig) else None
+        raise ConfigError(
+            f"{run_config} names no lightdiff data module (data._target_={target!r}, allowed: "
+            f"{sorted(_DATA_MODULES)}); give data=..."
+        )
+    # Hydra instantiates nested `_target_`s too, and a resolver (oc.create, oc.decode) can make one out of a
+    # string: the file is written resolved by train.py, so it may hold neither.
+    arguments = {k: v for k, v in OmegaConf.to_container(data, resolve=False).items() if k != "_target_"}
+    _refuse_code(arguments, "data", run_config)
     log.info("reference data for metrics: %s of %s", data._target_, run_config)
     return build(data)
+
+
+def _refuse_code(node: object, key: str, source: Path) -> None:
+    """Raise ConfigError naming the key of any `_target_` or `${...}` interpolation in `node` (at `key`)."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            child = f"{key}.{name}"
+            if name == "_target_":
+                raise ConfigError(f"{source}: {child}={value!r}: a run config's data may name no nested _target_")
+            _refuse_code(value, child, source)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _refuse_code(value, f"{key}[{index}]", source)
+    elif isinstance(node, str) and "${" in node:
+        raise ConfigError(f"{source}: {key}={node!r}: a run config is written resolved; it may hold no interpolation")
 
 
 def judge_samples(

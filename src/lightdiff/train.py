@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from lightdiff.checkpointing import AtomicCheckpointIO
 from lightdiff.config import ConfigError, build, check_config
@@ -22,16 +25,24 @@ log = logging.getLogger(__name__)
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    from lightdiff.checkpointing import checkpoint_problem, newest_loadable_checkpoint
+
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file")
+        problem = checkpoint_problem(path)
+        if problem is not None:  # a file asked for by name: an error, never a silent fallback to another one
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} cannot be loaded: {problem}")
         return str(path)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file() and not cfg.resume:
+    folder = run_dir / "checkpoints"
+    if not cfg.resume and any(folder.glob("*.ckpt")):
         # Starting over would overwrite the run's checkpoints: refuse rather than lose them.
         raise ConfigError(f"resume=false but {run_dir} already holds checkpoints; pick another run_name")
-    return str(last) if last.is_file() else None
+    # The newest checkpoint that loads: a last.ckpt damaged by a crash or a full disk falls back to the newest
+    # step checkpoint (with a warning naming it); a folder of only damaged files is an error, not a fresh start.
+    path = newest_loadable_checkpoint(folder)
+    return str(path) if path is not None else None
 
 
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -49,12 +60,39 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     path.write_text(text)
 
 
+def _check_launch(cfg: DictConfig) -> None:
+    """Refuse a multirun whose jobs would start their own DDP processes: Lightning re-launches `sys.argv` for each
+    rank, which in a multirun is the whole sweep again (Hydra multirun + in-process DDP is unsupported upstream)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or SLURMEnvironment.detect():
+        return
+    devices, num_nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    several = num_nodes > 1 or devices in ("auto", -1, "-1") or (isinstance(devices, int) and devices > 1)
+    several = several or (isinstance(devices, (list, ListConfig)) and len(devices) > 1)
+    if several and "launch_single_process" not in str(cfg.trainer.get("strategy", "")):
+        raise ConfigError(
+            f"python train.py -m with trainer.devices={devices} trainer.num_nodes={num_nodes}: each job would "
+            "re-launch the whole sweep for its extra ranks. Sweep with one process per GPU through a cluster "
+            "launcher (hydra/launcher=submitit_slurm, see README 'Running on a cluster'), or run each multi-GPU "
+            "job without -m, or sweep single-device jobs (trainer.devices=1)"
+        )
+
+
 def run(cfg: DictConfig) -> pl.Trainer:
     check_config(cfg)
+    if cfg.trainer.get("max_steps") in (None, -1):
+        # The training sampler is endless (data/sampler.py): a run is as long as its number of steps.
+        raise ConfigError("trainer.max_steps is not set: lightdiff trains for a number of steps, e.g. 100000")
+    _check_launch(cfg)
     run_dir = Path(cfg.run_dir)
+    # Under DDP every rank runs this function; rank 0 alone writes the run folder's config and log.
+    is_rank_zero = rank_zero_only.rank == 0
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build(cfg.data)
+    datamodule.order_seed = cfg.seed  # the shuffle of each epoch follows the run's seed (data/sampler.py)
     model = build(cfg.model)
     model.attach_data(datamodule)  # each method checks that its networks fit the data
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
@@ -62,19 +100,28 @@ def run(cfg: DictConfig) -> pl.Trainer:
         with torch.random.fork_rng(devices=[]):  # building a feature network must not shift training's random stream
             callbacks.append(build(cfg.metrics))
     ckpt_path = _resume_path(cfg, run_dir)
+    if rank_zero_only.rank > 0:
+        # Every rank built the same networks from `seed` (DDP also copies rank 0's weights); from here each rank
+        # draws its own noise and timesteps, or all ranks would train on the same noise.
+        pl.seed_everything(cfg.seed + rank_zero_only.rank, workers=True, verbose=False)
 
     # Everything is built: from here on files are written.
     run_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(run_dir / "train.log")
+    file_handler = logging.FileHandler(run_dir / "train.log") if is_rank_zero else logging.NullHandler()
     file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(file_handler)
     package_logger = logging.getLogger("lightdiff")
     if package_logger.getEffectiveLevel() > logging.INFO:
         package_logger.setLevel(logging.INFO)  # resumes, metrics and the run folder belong in train.log
-    _write_config(cfg, run_dir)
+    if is_rank_zero:
+        _write_config(cfg, run_dir)
     logger = build(cfg.logger) if cfg.logger is not None else False
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # callbacks.Preemption saves last.ckpt and requeues; Lightning's own requeue would save hpc_ckpt files.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer: pl.Trainer = build(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger, plugins=plugins
     )
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -84,6 +131,9 @@ def run(cfg: DictConfig) -> pl.Trainer:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         # The last step is saved even when max_steps is not a multiple of the checkpoint interval.
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    except SIGTERMException:
+        # Lightning stops on SIGTERM after the batch in which it arrived; callbacks.Preemption saved last.ckpt then.
+        log.warning("stopped by SIGTERM at step %d; run the same command to resume", trainer.global_step)
     finally:
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()

@@ -1,8 +1,23 @@
-"""Training machinery shared by every method: EMA, sample grids, FID / KID, throughput."""
+"""Training machinery shared by every method: EMA, sample grids, FID / KID, throughput, checkpoints, NaN guard."""
 
+from lightdiff.callbacks.checkpoint import StepCheckpoint
 from lightdiff.callbacks.ema import EMA, find_ema
 from lightdiff.callbacks.fid import FrechetDistance
+from lightdiff.callbacks.nonfinite import NonFiniteGuard
+from lightdiff.callbacks.preemption import Preemption
+from lightdiff.callbacks.random_state import RandomState
 from lightdiff.callbacks.samples import SampleGrid, method_previews
 from lightdiff.callbacks.throughput import ImagesPerSecond
 
-__all__ = ["EMA", "FrechetDistance", "ImagesPerSecond", "SampleGrid", "find_ema", "method_previews"]
+__all__ = [
+    "EMA",
+    "FrechetDistance",
+    "ImagesPerSecond",
+    "NonFiniteGuard",
+    "Preemption",
+    "RandomState",
+    "SampleGrid",
+    "StepCheckpoint",
+    "find_ema",
+    "method_previews",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 from lightdiff.config import ConfigError
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
 from lightdiff.data.latent_cache import cached_latents, cached_text_states
+from lightdiff.data.sampler import ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -51,6 +55,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.order_seed = 0  # the run's seed (train.py sets it): the shuffle of epoch e is a function of it and e
+        self.sampler: ResumableSampler | None = None  # the training sampler, made by train_dataloader
+        self._batches_seen: int | None = None  # from a checkpoint, until the sampler exists
 
     def use_latent_cache(
         self,
@@ -93,15 +100,48 @@ class ImageDataModule(pl.LightningDataModule):
         return getattr(self.source_dataset, "class_names", None)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        self.sampler = ResumableSampler(
+            len(self.dataset),
+            self.batch_size,
+            seed=self.order_seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+        if self._batches_seen is not None:
+            self.sampler.resume_from(self._batches_seen)
+            self._batches_seen = None
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self.sampler,
             drop_last=True,  # a constant batch size keeps images/s and the loss scale comparable
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            # Worker seeds come from this generator, not the global RNG, whose state is the training run's own
+            # (restored exactly on resume by callbacks.RandomState).
+            generator=torch.Generator().manual_seed(self.order_seed),
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training loader stands: saved in every checkpoint so a resumed run continues mid-epoch."""
+        trainer = self.trainer
+        if trainer is None or self.sampler is None:
+            return {}
+        # Batches trained on since the run began (Lightning's epoch counters are not fit for this: an epoch cut short
+        # by max_steps counts as complete).
+        return {"batches_seen": trainer.fit_loop.epoch_loop.batch_progress.total.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            if self.random_views:
+                log.warning(
+                    "resuming with random augmentation (flips or random crops): the data order continues exactly, but "
+                    "the views are drawn from the random stream in a different order, so the run will not be "
+                    "bit-identical to one never interrupted"
+                )
+            self._batches_seen = int(state_dict["batches_seen"])
 
 
 class ShapesDataModule(ImageDataModule):

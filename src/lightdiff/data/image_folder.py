@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -20,14 +20,59 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def _too_many_pixels(image: Image.Image) -> str | None:
+    """Why an opened (header-only) image is refused as a possible decompression bomb, or None. Pillow itself only
+    warns between MAX_IMAGE_PIXELS and twice that, and a warning does not stop the decoding."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        return f"{width}x{height} = {width * height} pixels is above PIL.Image.MAX_IMAGE_PIXELS={limit}"
+    return None
+
+
+def _refused(name: object, reason: str) -> ValueError:
+    return ValueError(
+        f"refusing image {name}: {reason} (a possible decompression bomb; resize it, or raise "
+        "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted)"
+    )
+
+
 def _open_rgb(path: Path) -> Image.Image:
-    """Decode fully (not only the header) so a truncated file fails here, with its name."""
+    """Decode fully (not only the header) so a truncated file fails here, with its name; the size is checked
+    from the header first, so a decompression bomb is never decoded."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+            reason = _too_many_pixels(image)
+            if reason is None:
+                image.load()
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # the warning under -W error
+        reason = str(error)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
+    raise _refused(path, reason)
+
+
+def _outside(root: Path, path: Path) -> bool:
+    """Whether `path` (a symlink, once resolved) lies outside `root` (resolved)."""
+    return not path.resolve().is_relative_to(root)
+
+
+def _scan(root: Path) -> list[Path]:
+    """The images below `root`. A symlink, to a file or a folder, that leads out of the root is refused: a data
+    folder someone else prepared must not make training read (or a sample grid show) files elsewhere."""
+    resolved_root = root.resolve()
+    paths = []
+    for path in root.rglob("*"):  # rglob lists a folder symlink without entering it; it is checked here
+        is_image = path.suffix.lower() in IMAGE_SUFFIXES
+        if path.is_symlink() and (is_image or path.is_dir()) and _outside(resolved_root, path):
+            raise ValueError(
+                f"{path} is a symlink to {path.resolve()}, outside data.root={str(root)!r} ({resolved_root}); "
+                "copy the files in, or make data.root the folder that holds them"
+            )
+        if is_image and path.is_file():
+            paths.append(path)
+    return sorted(paths)
 
 
 def _read_metadata(root: Path) -> dict[str, dict]:
@@ -40,9 +85,16 @@ def _read_metadata(root: Path) -> dict[str, dict]:
             continue
         try:
             record = json.loads(line)
-            records[str(record["file_name"])] = record
+            name = str(record["file_name"])
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{metadata_path}:{line_number}: not a JSON object with 'file_name': {error}") from error
+        # Names are relative to the root, as in Hugging Face's imagefolder; an absolute name or `..` reaches out.
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise ValueError(
+                f"{metadata_path}:{line_number}: file_name={name!r} points outside data.root={str(root)!r}; "
+                "file names must be relative paths inside the data folder"
+            )
+        records[name] = record
     return records
 
 
@@ -62,7 +114,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"data.root={root!r} is not a folder")
         self.resolution = resolution
         self.transform = ImageTransform(resolution, center_crop, random_flip)
-        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = _scan(self.root)
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.root={root!r}")
         metadata = _read_metadata(self.root)
@@ -156,8 +208,12 @@ class HFImageDataset(Dataset):
         row = self.dataset[index]
         try:
             image = row[self.image_column]
-            pixels = self.transform(image if isinstance(image, Image.Image) else Image.open(image))
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            image = image if isinstance(image, Image.Image) else Image.open(image)
+            reason = _too_many_pixels(image)  # `datasets` opens images lazily: nothing is decoded yet
+            if reason is not None:
+                raise _refused(f"{index} of {self.name!r}", reason)
+            pixels = self.transform(image)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read image {index} of {self.name!r}: {error}") from error
         return {
             "pixel_values": pixels,

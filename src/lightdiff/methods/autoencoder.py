@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
+from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.discriminator import PatchDiscriminator
 from lightdiff.sampling import SchedulerFactory
@@ -181,6 +182,9 @@ class AutoencoderTraining(pl.LightningModule):
             latents.append(self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist.sample().float())
         factor = 1.0 / torch.cat(latents).std().item()
         self.vae.register_to_config(scaling_factor=factor)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint)  # a checkpoint of another net config: name the keys, not a torch error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightdiff"] = {

@@ -34,6 +34,7 @@ from lightdiff.diffusion import (
     training_target,
     weighted_mse,
 )
+from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.optimization import adamw_with_warmup, global_grad_norm
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
@@ -158,7 +159,7 @@ class LatentDiffusion(pl.LightningModule):
             self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
         )
         loss = weighted_mse(prediction, target, weight)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/cond_dropped", sum(c == "" for c in captions) / len(captions))
         return loss
@@ -234,6 +235,9 @@ class LatentDiffusion(pl.LightningModule):
             prompts = [captions[int(seed) % len(captions)] for seed in seeds]
         images = self.generate(prompts, seeds, sampler, steps, guidance_scale=self.guidance_scale)
         return Preview(images=images, labels=labels)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint)  # a checkpoint of another net config: name the keys, not a torch error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         assert self.tokenizer is not None and self.text_encoder is not None

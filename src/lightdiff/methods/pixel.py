@@ -22,6 +22,7 @@ from lightdiff.diffusion import (
     training_target,
     weighted_mse,
 )
+from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.optimization import adamw_with_warmup, global_grad_norm
 from lightdiff.methods.preview import Preview
 from lightdiff.sampling import SchedulerFactory, generate, generators_for, make_scheduler
@@ -99,7 +100,7 @@ class PixelDiffusion(pl.LightningModule):
             self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
         )
         loss = weighted_mse(prediction, target, weight)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # the rate this step's update uses
         return loss
 
@@ -150,6 +151,9 @@ class PixelDiffusion(pl.LightningModule):
         if self.net.config.num_class_embeds is not None:
             labels = torch.tensor(list(seeds)) % self.net.config.num_class_embeds
         return Preview(images=self.generate(seeds, sampler, steps, labels=labels), labels=labels)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint)  # a checkpoint of another net config: name the keys, not a torch error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only: enough to rebuild the network and sampler without this class or its config.

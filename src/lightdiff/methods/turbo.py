@@ -41,6 +41,7 @@ from lightdiff.diffusion import (
 )
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.export import TrainedDenoiser, load_trained
+from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.latent import generate_latent, plain_config, tokenizer_state
 from lightdiff.methods.optimization import global_grad_norm
 from lightdiff.methods.preview import Preview
@@ -57,6 +58,8 @@ from lightdiff.sampling import (
 
 CHECKPOINT_FORMAT = 1
 STUDENT_SCHEDULER = {"timestep_spacing": "trailing"}  # how the student samples, in sample.py and exported pipelines
+# The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
+FROZEN_PREFIXES = ("teacher.", "discriminator.backbone.unet.")
 
 
 def load_teacher(source: str) -> TrainedDenoiser:
@@ -413,10 +416,14 @@ class TurboDistillation(pl.LightningModule):
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Another net / discriminator config: name the keys, not a torch error. The teacher is not in the file.
+        check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
-        frozen = ("teacher.", "discriminator.backbone.unet.")
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
+        }
         meta: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "method": "turbo",

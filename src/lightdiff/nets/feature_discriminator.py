@@ -89,7 +89,9 @@ class ViTFeatures(nn.Module):
         from transformers import AutoModel
 
         try:
-            self.vit = AutoModel.from_pretrained(model).requires_grad_(False).eval()
+            # Never code from the folder or hub repo (a config.json `auto_map`): False also stops transformers asking
+            # on a terminal, as it does when the argument is left out.
+            self.vit = AutoModel.from_pretrained(model, trust_remote_code=False).requires_grad_(False).eval()
         except (OSError, ValueError) as error:
             raise ConfigError(
                 f"discriminator.backbone.model={model!r} cannot be loaded ({error}); give a local folder of a "

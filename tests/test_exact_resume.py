@@ -1,0 +1,206 @@
+"""Exact resume: a run killed with SIGKILL at an arbitrary step and resumed ends bit-identical to one never
+interrupted (weights, EMA, optimiser state, loss curve), including across epoch boundaries. Negative controls show
+the comparison catches a missing RNG restore and a missing data-loader restore."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightdiff.callbacks import random_state
+from lightdiff.data.sampler import ResumableSampler
+from lightdiff.export import load_checkpoint_file
+from lightdiff.train import run
+
+from .conftest import REPO, TINY
+
+# 4 batches per epoch, so 12 steps cross two epoch boundaries; a sample grid every 2 steps, so a kill can land in
+# the middle of sampling; a checkpoint every step.
+OVERRIDES = [
+    *TINY,
+    "trainer.max_steps=12",
+    "data.size=16",
+    "callbacks.samples.every_n_steps=2",
+    "callbacks.checkpoint.every_n_train_steps=1",
+]
+
+# The interrupted run: the real train.py in a child process, slowed down by a callback that sleeps after every batch
+# so the parent can kill it part-way (the sleep touches no random state).
+KILLABLE = """
+import sys, time
+import pytorch_lightning as pl
+from omegaconf import open_dict
+sys.path.insert(0, {repo!r})
+from tests.conftest import compose_config
+from lightdiff import train
+
+class Slow(pl.Callback):
+    def on_train_batch_end(self, *args):
+        time.sleep(0.4)
+
+cfg = compose_config("train", {overrides!r})
+original_build = train.build
+def build(node, **kwargs):
+    made = original_build(node, **kwargs)
+    if isinstance(made, pl.Trainer):
+        made.callbacks.append(Slow())
+    return made
+train.build = build
+train.run(cfg)
+"""
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss over every CSV version of the run (a resumed session writes a new version)."""
+    losses: dict[int, float] = {}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+def _assert_same_state(expected: dict, actual: dict) -> None:
+    assert actual["global_step"] == expected["global_step"]
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(value, actual["state_dict"][key]), f"weights differ at {key}"
+    for a, b in zip(expected["callbacks"]["ema"]["shadow_params"], actual["callbacks"]["ema"]["shadow_params"]):
+        assert torch.equal(a, b), "EMA weights differ"
+    expected_optimizer = expected["optimizer_states"][0]["state"]
+    actual_optimizer = actual["optimizer_states"][0]["state"]
+    for index, moments in expected_optimizer.items():
+        for name, value in moments.items():
+            assert torch.equal(value, actual_optimizer[index][name]), f"optimiser {name} of parameter {index} differs"
+
+
+def _signal_part_way(
+    tmp_path: Path, run_name: str, min_step: int, signum: signal.Signals = signal.SIGKILL, env: dict | None = None
+) -> int:
+    """Start the run in a child process, send `signum` once checkpoint `min_step` exists, wait for the child to end;
+    return the step of the last checkpoint."""
+    overrides = [f"output_root={tmp_path}", f"run_name={run_name}", *OVERRIDES]
+    code = KILLABLE.format(repo=str(REPO), overrides=overrides)
+    checkpoints = tmp_path / run_name / "checkpoints"
+    environment = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=environment)
+    try:
+        deadline = time.monotonic() + 300
+        while not (checkpoints / f"step{min_step:07d}.ckpt").exists():
+            assert child.poll() is None, f"the child run exited with {child.returncode} before step {min_step}"
+            assert time.monotonic() < deadline, "the child run did not reach its checkpoint in time"
+            time.sleep(0.05)
+        os.kill(child.pid, signum)
+        child.wait(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    expected_code = -signal.SIGKILL if signum == signal.SIGKILL else 0  # a preempted run exits cleanly
+    assert child.returncode == expected_code
+    last = load_checkpoint_file(checkpoints / "last.ckpt")
+    assert last["global_step"] < 12, "the child run finished before it was killed: the test proves nothing"
+    return last["global_step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[int, float]]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    from .conftest import compose_config
+
+    cfg = compose_config("train", [f"output_root={root}", "run_name=whole", *OVERRIDES])
+    torch.set_num_threads(2)
+    run(cfg)
+    run_dir = root / "whole"
+    return load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt"), _losses(run_dir)
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_train_config, tmp_path: Path, uninterrupted) -> None:
+    expected, expected_losses = uninterrupted
+    killed_at = _signal_part_way(tmp_path, "cut", min_step=5)  # mid-epoch 2 at the earliest
+    run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :]))
+    actual = load_checkpoint_file(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    _assert_same_state(expected, actual)
+    losses = _losses(tmp_path / "cut")
+    resumed_steps = [step for step in losses if step >= killed_at]
+    assert resumed_steps, "the resumed session logged no loss"
+    for step, loss in losses.items():
+        assert loss == expected_losses[step], f"loss at step {step}: {loss} vs {expected_losses[step]}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_stops_requeues_and_resumes(
+    signum: signal.Signals, tiny_train_config, tmp_path: Path, uninterrupted
+) -> None:
+    """SIGTERM / SLURM's SIGUSR1: the run saves last.ckpt at the end of the batch and exits 0; under SLURM it
+    requeues its job (a fake `scontrol` records the call); the same command then finishes the run exactly."""
+    expected, _ = uninterrupted
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    stopped_at = _signal_part_way(tmp_path, "cut", min_step=3, signum=signum, env=env)
+    log_text = (tmp_path / "cut" / "train.log").read_text()
+    assert f"{signum.name} received: saving" in log_text
+    saved = load_checkpoint_file(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == stopped_at and stopped_at >= 3
+    if signum == signal.SIGUSR1:
+        assert calls.read_text().split() == ["requeue", "4242"]
+    else:
+        assert not calls.exists()  # a plain SIGTERM (not SLURM's warning) does not requeue
+    run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :]))
+    _assert_same_state(expected, load_checkpoint_file(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
+
+
+def _resume_in_process(tiny_train_config, stop_at: int) -> dict:
+    run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :], f"trainer.max_steps={stop_at}"))
+    run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :]))
+    return load_checkpoint_file(Path(tiny_train_config().output_root) / "cut" / "checkpoints" / "last.ckpt")
+
+
+def test_resume_mid_epoch_is_bit_identical(tiny_train_config, uninterrupted) -> None:
+    """Stopped at step 6 (mid-epoch) and resumed: the same weights, EMA and optimiser state as never stopping."""
+    expected, _ = uninterrupted
+    _assert_same_state(expected, _resume_in_process(tiny_train_config, stop_at=6))
+
+
+def test_negative_control_without_rng_restore(tiny_train_config, uninterrupted, monkeypatch) -> None:
+    expected, _ = uninterrupted
+    monkeypatch.setattr(random_state, "restore_random_state", lambda state: None)
+    with pytest.raises(AssertionError, match="weights differ"):
+        _assert_same_state(expected, _resume_in_process(tiny_train_config, stop_at=6))
+
+
+def test_negative_control_without_data_position(tiny_train_config, uninterrupted, monkeypatch) -> None:
+    expected, _ = uninterrupted
+    monkeypatch.setattr(ResumableSampler, "resume_from", lambda self, batches_seen: None)
+    with pytest.raises(AssertionError, match="weights differ"):
+        _assert_same_state(expected, _resume_in_process(tiny_train_config, stop_at=6))
+
+
+def test_sampler_splits_global_batches_over_ranks_and_resumes() -> None:
+    one = ResumableSampler(40, batch_size=8, seed=3)
+    ranks = [ResumableSampler(40, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    whole = one.epoch_indices().view(-1, 8)
+    shares = [r.epoch_indices().view(-1, 4) for r in ranks]
+    # Step b of both ranks together is step b of one process with the same global batch.
+    assert torch.equal(torch.cat(shares, dim=1), whole)
+    assert sorted(whole.flatten().tolist()) == list(range(40))  # a permutation: no image twice in an epoch
+    stream = list(itertools.islice(iter(one), 120))  # endless: epoch after epoch, each reshuffled
+    epochs = [stream[:40], stream[40:80], stream[80:]]
+    assert epochs[0] != epochs[1] and all(sorted(epoch) == list(range(40)) for epoch in epochs)
+    resumed = ResumableSampler(40, batch_size=8, seed=3)
+    resumed.resume_from(7)  # 5 batches per epoch: epoch 1, two batches in
+    assert list(itertools.islice(iter(resumed), 64)) == stream[56:120]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ResumableSampler(7, batch_size=4, seed=0, world_size=2)
