@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lightdiff.callbacks import random_state
+from lightdiff.config import ConfigError
 from lightdiff.data.sampler import ResumableSampler
 from lightdiff.export import load_checkpoint_file
 from lightdiff.train import run
@@ -123,6 +124,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[
     return load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt"), _losses(run_dir)
 
 
+@pytest.mark.slow  # subprocesses: run by .ci/run with -m slow
 def test_sigkill_then_resume_is_bit_identical(tiny_train_config, tmp_path: Path, uninterrupted) -> None:
     expected, expected_losses = uninterrupted
     killed_at = _signal_part_way(tmp_path, "cut", min_step=5)  # mid-epoch 2 at the earliest
@@ -136,6 +138,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_train_config, tmp_path: Path,
         assert loss == expected_losses[step], f"loss at step {step}: {loss} vs {expected_losses[step]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_saves_stops_requeues_and_resumes(
     signum: signal.Signals, tiny_train_config, tmp_path: Path, uninterrupted
@@ -204,3 +207,10 @@ def test_sampler_splits_global_batches_over_ranks_and_resumes() -> None:
     assert list(itertools.islice(iter(resumed), 64)) == stream[56:120]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ResumableSampler(7, batch_size=4, seed=0, world_size=2)
+
+
+def test_a_run_without_max_steps_is_refused(tiny_train_config, tmp_path: Path) -> None:
+    """The training sampler is endless, so trainer.max_steps is what ends a run."""
+    with pytest.raises(ConfigError, match="trainer.max_steps is not set"):
+        run(tiny_train_config("run_name=endless", "trainer.max_steps=-1"))
+    assert not (tmp_path / "endless").exists()  # refused before anything was written

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Reproduce experiments/turbo_shapes: a v-prediction, zero-terminal-SNR teacher (the default run otherwise), its
-# turbo student, then both compared side by side (steps, time, shapes metric, FID substitute) in one process.
-# Usage: bash experiments/turbo_shapes/run.sh   (from the repository root; ~45 minutes on 2 cores)
+# Reproduce experiments/turbo_shapes: a class-conditional, v-prediction, zero-terminal-SNR shapes teacher, its turbo
+# student, then both compared side by side (steps, time, shapes metric, FID substitute) in one process.
+# Usage: bash experiments/turbo_shapes/run.sh   (from the repository root; ~45 minutes on 2 idle cores)
 set -euo pipefail
-teacher=outputs/teacher_v_ztsnr/checkpoints/last.ckpt
+teacher=outputs/teacher_class_v_ztsnr/checkpoints/last.ckpt
 if [ ! -f "$teacher" ]; then
-    python train.py run_name=teacher_v_ztsnr logger=csv model.prediction_type=v_prediction \
-        schedule.rescale_betas_zero_snr=true
+    python train.py experiment=shapes_class run_name=teacher_class_v_ztsnr logger=csv \
+        model.prediction_type=v_prediction schedule.rescale_betas_zero_snr=true
 fi
 run_name=turbo_shapes_$(date +%Y%m%d_%H%M%S)
 start=$(date +%s)

@@ -37,8 +37,52 @@ def asset(name: str) -> str:
     return str(path)
 
 
+MAX_JOB_FOLDER_CHARS = 160  # a folder name may have 255 bytes; past this the name is shortened with a hash
+
+
+def _multirun_job_overrides() -> str | None:
+    """The job's overrides as one folder name (Hydra's `hydra.job.override_dirname`), or None outside a multirun."""
+    import hashlib
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    # `/` in a value (data.root=/data/x) or a group override (metrics/features=...) would make nested folders.
+    name = HydraConfig.get().job.override_dirname.replace("/", "_") or "defaults"
+    if len(name) > MAX_JOB_FOLDER_CHARS:
+        # Still a pure function of the overrides: a requeued job finds the same folder.
+        name = f"{name[: MAX_JOB_FOLDER_CHARS - 13]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def sweep_job_path(base: str) -> str:
+    """`${lightdiff.sweep_job_path:BASE}`: BASE in a single run; BASE/<the job's overrides> in a multirun job.
+
+    Each job of `python train.py -m model.lr=1e-4,3e-4` gets its own run folder (`.../model.lr=1e-4`) and wandb
+    name, named after its overrides alone, so the same command run again, or a requeued SLURM job, resumes it.
+    """
+    job = _multirun_job_overrides()
+    return base if job is None else f"{base}/{job}"
+
+
+def sweep_group() -> str | None:
+    """`${lightdiff.sweep_group:}`: the name of the multirun's folder (`hydra.sweep.dir`), shared by all its jobs;
+    None in a single run."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if _multirun_job_overrides() is None:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
 OmegaConf.register_new_resolver("lightdiff.auto_precision", auto_precision, replace=True)
 OmegaConf.register_new_resolver("lightdiff.asset", asset, replace=True)
+OmegaConf.register_new_resolver("lightdiff.sweep_job_path", sweep_job_path, replace=True)
+OmegaConf.register_new_resolver("lightdiff.sweep_group", sweep_group, replace=True)
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,5 @@
-"""wandb that never blocks: online with credentials, offline (with the sync command) without, same run on resume."""
+"""wandb that never blocks: online with credentials, offline (with the sync command) without, same run on resume;
+and the metrics memory a sweep's objective is read from."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning import Trainer
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+from lightdiff.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +74,43 @@ def wandb_logger(
         offline=offline,
         log_model=False,  # checkpoints stay in the run folder; uploading them is the user's choice
     )
+
+
+class LatestMetrics(Logger):
+    """Keeps the last value of every metric logged. The sample and FID callbacks log `final/shapes_*` and `val/fid`
+    through the loggers only, not into `trainer.callback_metrics`; a sweep's objective is read back from here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "latest_metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update({key: float(value) for key, value in metrics.items()})
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def objective(trainer: Trainer, key: str) -> float | None:
+    """The value of metric `key` (`optimize_metric`) at the end of training, for a sweeper; None on ranks other
+    than 0, which log nothing (a launcher reads rank 0's return value)."""
+    if trainer.global_rank != 0:
+        return None
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    for logger in trainer.loggers:
+        if isinstance(logger, LatestMetrics):
+            metrics.update(logger.metrics)
+    if key not in metrics:
+        raise ConfigError(
+            f"optimize_metric={key!r} was not logged by this run (at step {trainer.global_step}); "
+            f"logged metrics: {', '.join(sorted(metrics)) or 'none'}"
+        )
+    return metrics[key]

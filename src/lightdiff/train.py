@@ -20,6 +20,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from lightdiff.checkpointing import AtomicCheckpointIO
 from lightdiff.config import ConfigError, build, check_config
+from lightdiff.loggers import LatestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _check_launch(cfg: DictConfig) -> None:
         raise ConfigError(
             f"python train.py -m with trainer.devices={devices} trainer.num_nodes={num_nodes}: each job would "
             "re-launch the whole sweep for its extra ranks. Sweep with one process per GPU through a cluster "
-            "launcher (hydra/launcher=submitit_slurm, see README 'Running on a cluster'), or run each multi-GPU "
+            "launcher (hydra/launcher=slurm, see README 'Running on a cluster'), or run each multi-GPU "
             "job without -m, or sweep single-device jobs (trainer.devices=1)"
         )
 
@@ -116,12 +117,15 @@ def run(cfg: DictConfig) -> pl.Trainer:
     if is_rank_zero:
         _write_config(cfg, run_dir)
     logger = build(cfg.logger) if cfg.logger is not None else False
+    loggers = [logger] if logger else []
+    if cfg.get("optimize_metric"):
+        loggers.append(LatestMetrics())  # where train.py reads the sweep's objective (lightdiff.loggers.objective)
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # callbacks.Preemption saves last.ckpt and requeues; Lightning's own requeue would save hpc_ckpt files.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer: pl.Trainer = build(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger, plugins=plugins
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

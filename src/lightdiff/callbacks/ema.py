@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from diffusers.training_utils import EMAModel
+from pytorch_lightning.strategies import FSDPStrategy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class EMA(pl.Callback):
         if not isinstance(getattr(pl_module, "net", None), torch.nn.Module):
             log.info("%s has no denoiser `net` to average: EMA is off", type(pl_module).__name__)
             return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Under FSDP each rank holds shards of flattened parameters: an average of those is not a network.
+            raise ValueError("callbacks.ema does not support trainer=fsdp yet: set callbacks.ema=null")
         if self.ema is None:
             self.ema = EMAModel(
                 pl_module.net.parameters(),

@@ -16,9 +16,9 @@ from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    """Indices of one epoch for one rank: batch b of rank r is images [b * G + r * B, b * G + (r + 1) * B) of the
-    epoch's permutation, where B is the per-rank batch size and G = B x world size (the last partial global batch
-    is dropped, as drop_last does, so every rank takes the same number of steps)."""
+    """An endless stream of indices for one rank, epoch after epoch. In each epoch, batch b of rank r is images
+    [b * G + r * B, b * G + (r + 1) * B) of the epoch's permutation, where B is the per-rank batch size and
+    G = B x world size (the last partial global batch is dropped, so every rank takes the same number of steps)."""
 
     def __init__(
         self,
