@@ -71,3 +71,26 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     assert abs(mean(two_losses[early]) - mean(one_losses[early])) < 0.15 * mean(one_losses[early])
     assert abs(mean(two_losses[late]) - mean(one_losses[late])) < 0.15 * mean(one_losses[late])
     assert mean(two_losses[late]) < 0.8 * mean(two_losses[early])  # and both actually learn
+
+
+def test_fsdp_config_builds_its_strategy_and_ema_refuses_it(tmp_path: Path) -> None:
+    """trainer=fsdp needs CUDA GPUs (Lightning refuses it on CPU), so here: the strategy it builds, and the EMA
+    callback's refusal (an average of parameter shards is not a network)."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from lightdiff.callbacks import EMA
+
+    from .conftest import compose_config
+
+    cfg = compose_config("train", [f"output_root={tmp_path}", "trainer=fsdp"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "full"
+    module = SimpleNamespace(net=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="callbacks.ema does not support trainer=fsdp"):
+        EMA().setup(SimpleNamespace(strategy=strategy), module, "fit")

@@ -6,6 +6,13 @@ from lightdiff.diffusion.distillation import (
     high_noise_timesteps,
     trailing_timesteps,
 )
+from lightdiff.diffusion.flow_matching import (
+    interpolate,
+    logit_normal_timesteps,
+    shift_timesteps,
+    velocity_target,
+    x0_from_velocity,
+)
 from lightdiff.diffusion.objectives import (
     LossWeighting,
     PredictionType,
@@ -32,13 +39,18 @@ __all__ = [
     "check_objective",
     "distillation_weight",
     "high_noise_timesteps",
+    "interpolate",
+    "logit_normal_timesteps",
     "loss_weight",
     "min_snr_weight",
     "offset_noise",
     "predicted_x0",
     "snr",
+    "shift_timesteps",
     "trailing_timesteps",
     "training_target",
     "velocity",
+    "velocity_target",
     "weighted_mse",
+    "x0_from_velocity",
 ]

@@ -176,10 +176,13 @@ class AutoencoderTraining(pl.LightningModule):
         """Set the latent scaling factor to 1 / std(z) on training data (Rombach et al. 2022, Section 4.3.2)."""
         loader = self.trainer.datamodule.train_dataloader()
         latents = []
-        for index, batch in enumerate(loader):
-            if index >= self.scaling_batches:
-                break
-            latents.append(self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist.sample().float())
+        cuda_devices = [self.device] if self.device.type == "cuda" else []
+        # In a forked random stream: a run continued later with a larger max_steps stays identical to one never stopped.
+        with torch.random.fork_rng(devices=cuda_devices):
+            for index, batch in enumerate(loader):
+                if index >= self.scaling_batches:
+                    break
+                latents.append(self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist.sample().float())
         factor = 1.0 / torch.cat(latents).std().item()
         self.vae.register_to_config(scaling_factor=factor)
 
