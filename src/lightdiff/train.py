@@ -18,7 +18,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from lightdiff.checkpointing import AtomicCheckpointIO
+from lightdiff.checkpointing import AtomicCheckpointIO, checkpoint_problem, newest_loadable_checkpoint
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.loggers import LatestMetrics
 
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    from lightdiff.checkpointing import checkpoint_problem, newest_loadable_checkpoint
-
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path).expanduser()
         if not path.is_file():
@@ -136,7 +134,8 @@ def run(cfg: DictConfig) -> pl.Trainer:
         # The last step is saved even when max_steps is not a multiple of the checkpoint interval.
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     except SIGTERMException:
-        # Lightning stops on SIGTERM after the batch in which it arrived; callbacks.Preemption saved last.ckpt then.
+        # Lightning's own SIGTERM handling, in force when callbacks.preemption is off: it stops after the batch and
+        # saves nothing, so the run resumes from its last periodic checkpoint.
         log.warning("stopped by SIGTERM at step %d; run the same command to resume", trainer.global_step)
     finally:
         logging.getLogger().removeHandler(file_handler)
