@@ -22,7 +22,7 @@ from lightdiff.data.sampler import ResumableSampler
 from lightdiff.export import load_checkpoint_file
 from lightdiff.train import run
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, compose_config
 
 # 4 batches per epoch, so 12 steps cross two epoch boundaries; a sample grid every 2 steps, so a kill can land in
 # the middle of sampling; a checkpoint every step.
@@ -115,8 +115,6 @@ def _signal_part_way(
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[int, float]]:
     root = tmp_path_factory.mktemp("uninterrupted")
-    from .conftest import compose_config
-
     cfg = compose_config("train", [f"output_root={root}", "run_name=whole", *OVERRIDES])
     torch.set_num_threads(2)
     run(cfg)
@@ -167,8 +165,9 @@ def test_preemption_signal_saves_stops_requeues_and_resumes(
 
 def _resume_in_process(tiny_train_config, stop_at: int) -> dict:
     run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :], f"trainer.max_steps={stop_at}"))
-    run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :]))
-    return load_checkpoint_file(Path(tiny_train_config().output_root) / "cut" / "checkpoints" / "last.ckpt")
+    cfg = tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :])
+    run(cfg)
+    return load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
 
 
 def test_resume_mid_epoch_is_bit_identical(tiny_train_config, uninterrupted) -> None:

@@ -27,7 +27,6 @@ class ResumableSampler(Sampler[int]):
         seed: int,  # the run's seed: the permutation of epoch e is randperm(seed + e)
         rank: int = 0,  # this process's global rank
         world_size: int = 1,  # number of ranks
-        shuffle: bool = True,  # false: items in order (each epoch the same)
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
@@ -36,7 +35,6 @@ class ResumableSampler(Sampler[int]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.shuffle = shuffle
         self.epoch = 0  # the epoch of the next pass
         self._skip = 0  # batches of the next pass already trained on (a resumed run)
         self.batches_per_epoch = dataset_size // (batch_size * world_size)
@@ -52,11 +50,8 @@ class ResumableSampler(Sampler[int]):
 
     def epoch_indices(self) -> torch.Tensor:
         """This rank's indices of the whole current epoch, in order."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.dataset_size, generator=generator)
-        else:
-            order = torch.arange(self.dataset_size)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.dataset_size, generator=generator)
         global_batch = self.batch_size * self.world_size
         order = order[: self.batches_per_epoch * global_batch].view(self.batches_per_epoch, self.world_size, -1)
         return order[:, self.rank].reshape(-1)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+from lightdiff.diffusion.objectives import _per_sample
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
