@@ -19,6 +19,7 @@ from lightdiff.config import ConfigError
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
 from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
+from lightdiff.methods.optimization import clip_and_measure_gradients
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.discriminator import PatchDiscriminator
 from lightdiff.sampling import SchedulerFactory
@@ -112,8 +113,7 @@ class AutoencoderTraining(pl.LightningModule):
             self.log_dict({"train/g_loss": gen_loss, "train/d_weight": weight})
         optimizer_vae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer_vae, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        clip_and_measure_gradients(self, self.vae.parameters(), self.max_grad_norm)
         optimizer_vae.step()
 
         # Critic update on real images and detached reconstructions.

@@ -35,10 +35,11 @@ from lightdiff.diffusion import (
     weighted_mse,
 )
 from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
-from lightdiff.methods.optimization import adamw_with_warmup, global_grad_norm
+from lightdiff.methods.optimization import adamw_with_warmup, clip_and_measure_gradients
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
 from lightdiff.sampling import SchedulerFactory, denoise, for_latents, generators_for, make_scheduler
+from lightdiff.speed import prepare_for_training
 
 CHECKPOINT_FORMAT = 1
 
@@ -75,6 +76,10 @@ class LatentDiffusion(pl.LightningModule):
         warmup_steps: int = 0,  # linear warm-up steps
         max_grad_norm: float | None = 1.0,  # gradient clipping (global L2 norm); None: off
         guidance_scale: float = 4.0,  # guidance of the training-time previews
+        compile: bool = False,  # torch.compile the denoiser (regional where diffusers defines repeated blocks)
+        channels_last: bool = False,  # NHWC weights: faster convolutions on GPU (the yaml turns it on with CUDA)
+        gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
+        fused_adamw: bool = False,  # one fused AdamW kernel for all parameters (the yaml turns it on with CUDA)
     ) -> None:
         super().__init__()
         check_objective(prediction_type, loss_weighting, min_snr_gamma)
@@ -102,6 +107,10 @@ class LatentDiffusion(pl.LightningModule):
         self.lr, self.adam_betas, self.weight_decay = lr, tuple(adam_betas), weight_decay
         self.lr_schedule, self.warmup_steps, self.max_grad_norm = lr_schedule, warmup_steps, max_grad_norm
         self.guidance_scale = guidance_scale
+        self.compile_net = compile  # not `self.compile`: that is nn.Module's method
+        self.channels_last = channels_last
+        self.gradient_checkpointing = gradient_checkpointing
+        self.fused_adamw = fused_adamw
         self.class_names: list[str] | None = None
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod().float(), persistent=False)
 
@@ -170,10 +179,9 @@ class LatentDiffusion(pl.LightningModule):
             parameters += list(self.text_encoder.parameters())
         return parameters
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norm = global_grad_norm(self.trainable_parameters())  # before clipping
-        if norm is not None:
-            self.log("train/grad_norm", norm)
+    def configure_model(self) -> None:
+        # Lightning calls this once the trainer exists and before the module reaches its device.
+        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
 
     def configure_gradient_clipping(
         self,
@@ -181,8 +189,9 @@ class LatentDiffusion(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        norm = clip_and_measure_gradients(self, self.trainable_parameters(), self.max_grad_norm)
+        if norm is not None:
+            self.log("train/grad_norm", norm)  # before clipping
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_with_warmup(
@@ -193,6 +202,7 @@ class LatentDiffusion(pl.LightningModule):
             self.lr_schedule,
             self.warmup_steps,
             self.trainer.max_steps,
+            fused=self.fused_adamw,
         )
 
     # ----- sampling ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_gene
 from lightdiff.export import TrainedDenoiser, load_trained
 from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.latent import generate_latent, plain_config, tokenizer_state
-from lightdiff.methods.optimization import global_grad_norm
+from lightdiff.methods.optimization import clip_and_measure_gradients
 from lightdiff.methods.preview import Preview
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
 from lightdiff.nets.text import tokenize_prompts
@@ -55,6 +55,7 @@ from lightdiff.sampling import (
     make_scheduler,
     reconfigured,
 )
+from lightdiff.speed import prepare_for_training
 
 CHECKPOINT_FORMAT = 1
 STUDENT_SCHEDULER = {"timestep_spacing": "trailing"}  # how the student samples, in sample.py and exported pipelines
@@ -109,6 +110,10 @@ class TurboDistillation(pl.LightningModule):
         adam_betas: tuple[float, float] = (0.0, 0.99),  # Adam (beta1, beta2) of both, as GANs usually take
         max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
+        compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
+        channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU (on with CUDA in the yaml)
+        gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
+        fused_adamw: bool = False,  # fused Adam kernels for student and heads (on with CUDA in the yaml)
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -143,6 +148,10 @@ class TurboDistillation(pl.LightningModule):
                     "recovered at t = T - 1; set model.student_prediction_type=sample (or v_prediction)"
                 )
         self.teacher = loaded.net.requires_grad_(False).eval()
+        self.compile_net = compile  # not `self.compile`: that is nn.Module's method
+        self.channels_last = channels_last
+        self.gradient_checkpointing = gradient_checkpointing
+        self.fused_adamw = fused_adamw
         self.net = copy.deepcopy(loaded.net).requires_grad_(True).train()  # the student
         self.vae = loaded.vae.requires_grad_(False).eval() if loaded.vae is not None else None
         self.text_encoder = loaded.text_encoder
@@ -282,9 +291,7 @@ class TurboDistillation(pl.LightningModule):
         loss = adversarial_loss + self.distill_weight * distill_loss
         optimizer_student.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        norm = global_grad_norm(self.net.parameters())
-        if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer_student, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        norm = clip_and_measure_gradients(self, self.net.parameters(), self.max_grad_norm)
         optimizer_student.step()
         optimizer_student.zero_grad(set_to_none=True)  # frees the memory during the discriminator's update
         self.untoggle_optimizer(optimizer_student)
@@ -346,10 +353,15 @@ class TurboDistillation(pl.LightningModule):
         features = [f.detach().requires_grad_(True) for f in features]
         return features, features
 
+    def configure_model(self) -> None:
+        # The student only: the teacher is frozen and the discriminator's backbone is its own choice.
+        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        fused = self.fused_adamw or None
         return [
-            torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=self.adam_betas),
-            torch.optim.Adam(self.discriminator.head_parameters(), lr=self.disc_lr, betas=self.adam_betas),
+            torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=self.adam_betas, fused=fused),
+            torch.optim.Adam(self.discriminator.head_parameters(), lr=self.disc_lr, betas=self.adam_betas, fused=fused),
         ]
 
     # ----- sampling -----------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The speed path: each switch is applied where it is asked for, and changes results only within tolerance."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from lightdiff.config import ConfigError
+from lightdiff.export import load_checkpoint_file
+from lightdiff.methods.optimization import clip_and_measure_gradients
+from lightdiff.speed import compile_denoiser, is_compiled, prepare_for_sampling, prepare_for_training
+from lightdiff.train import run
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+
+
+def tiny_cond_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+    )
+
+
+def test_compile_is_regional_where_diffusers_defines_repeated_blocks_else_whole() -> None:
+    cond = tiny_cond_unet()
+    names_before = list(cond.state_dict())
+    assert compile_denoiser(cond) == "regional"
+    blocks = [m for m in cond.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    assert getattr(cond, "_compiled_call_impl", None) is None  # the whole UNet is not compiled
+    assert list(cond.state_dict()) == names_before  # in place: no `_orig_mod.` prefix in checkpoints
+    plain = tiny_unet()
+    assert not is_compiled(plain)
+    assert compile_denoiser(plain) == "whole"
+    assert plain._compiled_call_impl is not None
+
+
+def test_attention_runs_through_sdpa_by_default() -> None:
+    processors = tiny_cond_unet().attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    plain, checkpointed = tiny_unet(), tiny_unet()
+    prepare_for_training(checkpointed, compile=False, channels_last=False, gradient_checkpointing=True)
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
+    for net in (plain, checkpointed):
+        net.train()
+        net(x, t).sample.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_on_a_network_without_it_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"model\.gradient_checkpointing=true.*Conv2d"):
+        prepare_for_training(torch.nn.Conv2d(3, 3, 1), compile=False, channels_last=False, gradient_checkpointing=True)
+
+
+def test_channels_last_changes_layout_not_outputs() -> None:
+    plain, nhwc = tiny_unet(), tiny_unet()
+    prepare_for_training(nhwc, compile=False, channels_last=True, gradient_checkpointing=False)
+    assert nhwc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x, t).sample, plain(x, t).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_one_pass_clipping_matches_torch_and_returns_the_norm_before_clipping() -> None:
+    class Holder:  # what the helper reads of a LightningModule: its trainer's strategy
+        trainer = type("T", (), {"strategy": object()})()
+
+    ours, reference = tiny_unet(), tiny_unet()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 999])
+    for net in (ours, reference):
+        (net(x, t).sample * 100).square().mean().backward()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    norm = clip_and_measure_gradients(Holder(), ours.parameters(), 0.5)
+    torch.testing.assert_close(norm, expected)
+    assert float(norm) > 0.5  # the gradients were large enough to be clipped
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    measured_only = clip_and_measure_gradients(Holder(), ours.parameters(), None)  # None: measure, do not clip
+    torch.testing.assert_close(measured_only, torch.tensor(0.5), rtol=1e-4, atol=0)
+
+
+def test_training_switches_reach_the_run(tiny_train_config) -> None:
+    cfg = tiny_train_config(
+        "model.channels_last=true", "model.gradient_checkpointing=true", "model.fused_adamw=true", "callbacks.ema=null"
+    )
+    trainer = run(cfg)
+    net = trainer.lightning_module.net
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert net.is_gradient_checkpointing
+    assert trainer.optimizers[0].defaults["fused"] is True
+    # The checkpoint is an ordinary one: its weights load into a plain network.
+    state = load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")["state_dict"]
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+
+
+def test_switches_default_off_on_a_cpu_machine(tiny_train_config) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU defaults")
+    model = tiny_train_config().model
+    assert (model.compile, model.channels_last, model.gradient_checkpointing, model.fused_adamw) == (
+        False,
+        False,
+        False,
+        False,
+    )
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_within_tolerance(tiny_train_config) -> None:
+    """model.compile=true on the real path (Inductor on CPU, ~2 min of compilation): same losses as eager."""
+    losses = {}
+    for compile in (False, True):
+        cfg = tiny_train_config(f"model.compile={compile}", f"run_name=compile_{compile}", "trainer.max_steps=3")
+        trainer = run(cfg)
+        assert is_compiled(trainer.lightning_module.net) == compile
+        losses[compile] = float(trainer.callback_metrics["train/loss"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_sampling_path_applies_dtype_layout_and_fused_qkv() -> None:
+    net = tiny_cond_unet()
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        reference = net(x, t, encoder_hidden_states=text).sample
+        prepare_for_sampling(net, "float32", channels_last=True, fuse_qkv=True, quantize=None, compile=False)
+        fused = net(x, t, encoder_hidden_states=text).sample
+    attention = next(m for m in net.modules() if type(m).__name__ == "Attention")
+    assert attention.fused_projections and hasattr(attention, "to_qkv")
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+    prepare_for_sampling(net, "bfloat16", channels_last=False, fuse_qkv=False, quantize=None, compile=False)
+    assert net.dtype == torch.bfloat16
+
+
+def test_sampling_path_refuses_what_the_network_cannot_do() -> None:
+    with pytest.raises(ConfigError, match=r"speed\.fuse_qkv=true.*Conv2d"):
+        prepare_for_sampling(torch.nn.Conv2d(3, 3, 1), "float32", False, True, None, False)
+    with pytest.raises(ConfigError, match=r"speed\.dtype='float64'"):
+        prepare_for_sampling(tiny_unet(), "float64", False, False, None, False)
