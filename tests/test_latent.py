@@ -413,3 +413,17 @@ def test_training_step_from_cached_text_states_matches_encoding(
     )
     assert "text_states" not in trainable.datamodule.dataset[0]  # a text encoder that learns is never cached
     assert len(list((tmp_path / "cache").glob("text-*.pt"))) == 1
+
+
+def test_sampling_speed_path_on_a_text_model(latent_ckpt: Path, tmp_path: Path) -> None:
+    """bf16 + fused QKV on the cross-attention UNet: VAE and text encoder follow the dtype, the check passes."""
+    common = [f"ckpt={latent_ckpt}", "num_images=2", "steps=3", "prompt=a red circle"]
+    plain = sample_run(compose_config("sample", [*common, f"out={tmp_path / 'plain'}"]))
+    fast = sample_run(
+        compose_config("sample", [*common, f"out={tmp_path / 'fast'}", "speed.dtype=bfloat16", "speed.fuse_qkv=true"])
+    )
+    a, b = (
+        np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in sorted(f.glob("0*.png"))]) for f in (plain, fast)
+    )
+    assert np.abs(a - b).mean(axis=(1, 2, 3)).max() / 255 <= 3e-2
+    assert json.loads((fast / "metadata.jsonl").read_text().splitlines()[0])["speed"]["fuse_qkv"] is True

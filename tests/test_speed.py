@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
 
 from lightdiff.config import ConfigError
 from lightdiff.export import load_checkpoint_file
 from lightdiff.methods.optimization import clip_and_measure_gradients
+from lightdiff.sample import FastPathMismatch
+from lightdiff.sample import run as sample_run
 from lightdiff.speed import compile_denoiser, is_compiled, prepare_for_sampling, prepare_for_training
 from lightdiff.train import run
+
+from .conftest import TINY, compose_config
 
 
 def tiny_unet() -> UNet2DModel:
@@ -170,3 +178,57 @@ def test_sampling_path_refuses_what_the_network_cannot_do() -> None:
         prepare_for_sampling(torch.nn.Conv2d(3, 3, 1), "float32", False, True, None, False)
     with pytest.raises(ConfigError, match=r"speed\.dtype='float64'"):
         prepare_for_sampling(tiny_unet(), "float64", False, False, None, False)
+
+
+# ----- sample.py's speed path ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def class_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("speed_runs")
+    cfg = compose_config("train", [f"output_root={root}", *TINY, "experiment=shapes_class", "trainer.max_steps=3"])
+    run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def _sample(ckpt: Path, out: Path, *overrides: str) -> Path:
+    return sample_run(compose_config("sample", [f"ckpt={ckpt}", f"out={out}", "num_images=4", "steps=4", *overrides]))
+
+
+def _pixels(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("0*.png"))]).astype(np.float64)
+
+
+def test_bfloat16_sampling_passes_its_check_and_stays_close(class_ckpt: Path, tmp_path: Path, caplog) -> None:
+    plain = _pixels(_sample(class_ckpt, tmp_path / "plain"))
+    with caplog.at_level(logging.INFO, logger="lightdiff"):
+        fast_folder = _sample(class_ckpt, tmp_path / "bf16", "speed.dtype=bfloat16", "speed.channels_last=true")
+    fast = _pixels(fast_folder)
+    assert "speed path checked on 4 images" in caplog.text
+    difference = np.abs(plain - fast).mean(axis=(1, 2, 3)) / 255
+    assert difference.max() <= 3e-2  # the bf16 tolerance the check enforced
+    assert not np.array_equal(plain, fast)  # bf16 really ran: rounding moves some pixels
+    record = json.loads((fast_folder / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["speed"]["dtype"] == "bfloat16" and "speed" not in json.loads(
+        (tmp_path / "plain" / "metadata.jsonl").read_text().splitlines()[0]
+    )
+
+
+def test_a_fast_path_past_its_tolerance_stops_before_writing(class_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(FastPathMismatch, match=r"speed\.tolerance=0\.0"):
+        _sample(class_ckpt, tmp_path / "strict", "speed.dtype=bfloat16", "speed.tolerance=0.0")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_sampling_switch_errors_name_the_key(class_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"speed\.fuse_qkv=true.*UNet2DModel"):
+        _sample(class_ckpt, tmp_path / "fuse", "speed.fuse_qkv=true")
+    with pytest.raises(ConfigError, match=r"speed\.dtype='half'"):
+        _sample(class_ckpt, tmp_path / "half", "speed.dtype=half")
+
+
+def test_sampling_progress_and_speed_summary(class_ckpt: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="lightdiff"):
+        _sample(class_ckpt, tmp_path / "s", "batch_size=3")
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("sampled 4 images in"))
+    assert "images/s" in summary and "per batch of 3" in summary

@@ -5,8 +5,10 @@ The output folder follows the Hugging Face imagefolder convention, so it can be 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from diffusers import AutoencoderKL
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from tqdm.auto import tqdm
 
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, ShapesDataset
@@ -30,8 +33,13 @@ from lightdiff.sampling import (
     reconfigured,
     to_uint8,
 )
+from lightdiff.speed import SamplingSpeed, fast_path_difference
 
 log = logging.getLogger(__name__)
+
+
+class FastPathMismatch(RuntimeError):
+    """The sampling speed path moved the images further from the plain fp32 path than its tolerance allows."""
 
 
 def _device(name: str) -> torch.device:
@@ -103,6 +111,7 @@ def run(cfg: DictConfig) -> Path:
         return folder
 
     reference = reference_data(cfg) if cfg.get("metrics") else None  # before sampling: a bad choice fails at once
+    speed: SamplingSpeed = build(cfg.speed)
     device = _device(cfg.device)
     net = denoiser.net.to(device)
     prompts = _prompts(cfg, denoiser, cfg.num_images)
@@ -110,6 +119,48 @@ def run(cfg: DictConfig) -> Path:
     if denoiser.is_text_model:
         denoiser.vae.to(device)
         denoiser.text_encoder.to(device)
+
+    def draw(start: int, count: int) -> torch.Tensor:
+        """Images start .. start + count - 1 in [0, 1], each from its own seed, with the net as it is now."""
+        seeds = list(range(cfg.seed + start, cfg.seed + start + count))
+        if prompts is not None:
+            return generate_latent(
+                net,
+                denoiser.vae,
+                denoiser.tokenizer,
+                denoiser.text_encoder,
+                scheduler,
+                prompts[start : start + count],
+                seeds,
+                cfg.steps,
+                cfg.guidance_scale,
+                cfg.negative_prompt,
+                cfg.eta,
+            )
+        batch_labels = labels[start : start + count] if labels is not None else None
+        return generate(net, scheduler, cfg.steps, generators_for(seeds), class_labels=batch_labels, eta=cfg.eta)
+
+    if not speed.is_plain:
+        check_count = min(speed.check_images, cfg.num_images)
+        plain_images = draw(0, check_count) if speed.check else None  # before the switches: fp32, eager
+        speed.apply(net)
+        if denoiser.is_text_model:  # the whole pipeline in one dtype, as diffusers' pipelines are cast
+            denoiser.vae.to(dtype=net.dtype)
+            denoiser.text_encoder.to(dtype=net.dtype)
+        if plain_images is not None:
+            difference = fast_path_difference(plain_images, draw(0, check_count))
+            if difference > speed.allowed_difference:
+                raise FastPathMismatch(
+                    f"the speed path ({speed}) moves the first {check_count} images by up to {difference:.4f} "
+                    f"(mean |difference| in [0, 1]) from the plain fp32 path, more than speed.tolerance="
+                    f"{speed.allowed_difference}; turn the switch that causes it off, or raise speed.tolerance"
+                )
+            log.info(
+                "speed path checked on %d images: mean |difference| from fp32 eager <= %.2e (tolerance %.0e)",
+                check_count,
+                difference,
+                speed.allowed_difference,
+            )
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     sampler_settings = {
@@ -118,47 +169,44 @@ def run(cfg: DictConfig) -> Path:
         "eta": cfg.eta,
         **{k: v for k, v in OmegaConf.to_container(cfg.sampler).items() if not k.startswith("_")},
     }
+    if not speed.is_plain:
+        sampler_settings["speed"] = dataclasses.asdict(speed)
     all_pixels = []
-    with (out / "metadata.jsonl").open("w") as metadata:
+    started = time.perf_counter()
+    with (
+        (out / "metadata.jsonl").open("w") as metadata,
+        tqdm(total=cfg.num_images, unit="image", desc="sampling", disable=None) as progress,
+    ):
         for start in range(0, cfg.num_images, cfg.batch_size):
-            seeds = list(range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.num_images)))
-            batch_labels = labels[start : start + len(seeds)] if labels is not None else None
-            if prompts is not None:
-                batch_prompts = prompts[start : start + len(seeds)]
-                images = generate_latent(
-                    net,
-                    denoiser.vae,
-                    denoiser.tokenizer,
-                    denoiser.text_encoder,
-                    scheduler,
-                    batch_prompts,
-                    seeds,
-                    cfg.steps,
-                    cfg.guidance_scale,
-                    cfg.negative_prompt,
-                    cfg.eta,
-                )
-            else:
-                images = generate(
-                    net, scheduler, cfg.steps, generators_for(seeds), class_labels=batch_labels, eta=cfg.eta
-                )
-            pixels = to_uint8(images)
+            count = min(cfg.batch_size, cfg.num_images - start)
+            pixels = to_uint8(draw(start, count))
             all_pixels.append(pixels)
-            for offset, (seed, image) in enumerate(zip(seeds, pixels)):
-                file_name = f"{start + offset:06d}.png"
+            for offset, image in enumerate(pixels):
+                index = start + offset
+                file_name = f"{index:06d}.png"
                 Image.fromarray(image).save(out / file_name)
-                record: dict[str, object] = {"file_name": file_name, "seed": seed, **sampler_settings}
+                record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **sampler_settings}
                 if prompts is not None:
-                    record["text"] = batch_prompts[offset]
+                    record["text"] = prompts[index]
                     record["guidance_scale"] = cfg.guidance_scale
                     record["negative_prompt"] = cfg.negative_prompt
-                if batch_labels is not None:
-                    label = int(batch_labels[offset])
+                if labels is not None:
+                    label = int(labels[index])
                     record["label"] = label
                     if denoiser.class_names:
                         record["text"] = denoiser.class_names[label]
                 metadata.write(json.dumps(record) + "\n")
-            log.info("sampled %d / %d images", start + len(seeds), cfg.num_images)
+            progress.update(count)
+    seconds = time.perf_counter() - started
+    log.info(
+        "sampled %d images in %.1f s: %.2f images/s, %.3f s per batch of %d (%d steps, PNG writing included)",
+        cfg.num_images,
+        seconds,
+        cfg.num_images / seconds,
+        seconds / -(-cfg.num_images // cfg.batch_size),
+        cfg.batch_size,
+        cfg.steps,
+    )
     image_grid(np.concatenate(all_pixels)).save(out / "grid.png")
     log.info("wrote %d images, metadata.jsonl and grid.png to %s", cfg.num_images, out)
     if reference is not None:

@@ -9,6 +9,8 @@ flash / memory-efficient kernels on GPU) by default, and nothing in lightdiff re
 from __future__ import annotations
 
 import logging
+import typing
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -60,6 +62,46 @@ def prepare_for_training(
     if compile:
         how = compile_denoiser(net)
         log.info("compiled %s (%s); the first steps include the compilation", type(net).__name__, how)
+
+
+@dataclass(frozen=True)
+class SamplingSpeed:
+    """`sample.py`'s `speed` block: how the denoiser is run, and how far that may move the images."""
+
+    dtype: SamplingDtype = "float32"  # the denoiser's (and a text model's VAE and text encoder's) weights and latents
+    channels_last: bool = False  # NHWC weights: faster cuDNN convolutions on a GPU
+    fuse_qkv: bool = False  # fused query/key/value projections (diffusers' fuse_qkv_projections)
+    quantize: Quantization | None = None  # torchao weight quantisation of the linear layers
+    compile: bool = False  # torch.compile, regional where diffusers defines repeated blocks
+    check: bool = True  # compare the first images with the plain fp32 eager path; stop past the tolerance
+    check_images: int = 4  # how many images the check draws (both ways)
+    tolerance: float | None = None  # largest per-image mean |difference| in [0, 1]; None: TOLERANCES by dtype
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"speed.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.quantize not in (None, *typing.get_args(Quantization)):
+            raise ConfigError(f"speed.quantize={self.quantize!r} is not one of {typing.get_args(Quantization)} or null")
+        if self.check_images < 1:
+            raise ConfigError(f"speed.check_images={self.check_images} must be at least 1")
+
+    @property
+    def is_plain(self) -> bool:
+        """No switch on: the network runs as trained, in fp32 eager mode."""
+        return (self.dtype, self.channels_last, self.fuse_qkv, self.quantize, self.compile) == (
+            "float32",
+            False,
+            False,
+            None,
+            False,
+        )
+
+    @property
+    def allowed_difference(self) -> float:
+        return self.tolerance if self.tolerance is not None else tolerance_for(self.dtype, self.quantize)
+
+    def apply(self, net: torch.nn.Module) -> torch.nn.Module:
+        return prepare_for_sampling(net, self.dtype, self.channels_last, self.fuse_qkv, self.quantize, self.compile)
 
 
 def prepare_for_sampling(
