@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
+from lightdiff.callbacks import StepProgressBar
 from lightdiff.config import ConfigError
 from lightdiff.export import load_checkpoint_file
 from lightdiff.methods.optimization import clip_and_measure_gradients
@@ -232,3 +233,25 @@ def test_sampling_progress_and_speed_summary(class_ckpt: Path, tmp_path: Path, c
         _sample(class_ckpt, tmp_path / "s", "batch_size=3")
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("sampled 4 images in"))
     assert "images/s" in summary and "per batch of 3" in summary
+
+
+# ----- progress and speed summary during training ----------------------------------------------------------------
+
+
+def test_progress_bar_counts_the_runs_steps_and_shows_images_per_sec(tiny_train_config) -> None:
+    first = run(tiny_train_config("trainer.max_steps=2"))
+    resumed = run(tiny_train_config("trainer.max_steps=5", "trainer.log_every_n_steps=1"))  # the same run, resumed
+    for trainer, steps in ((first, 2), (resumed, 5)):
+        bar = trainer.progress_bar_callback
+        assert isinstance(bar, StepProgressBar)
+        task = bar.progress.tasks[bar.train_progress_bar_id]
+        assert (task.completed, task.total) == (steps, steps)  # steps of the whole run, not batches of this session
+    assert "train/images_per_sec" in resumed.progress_bar_metrics
+    log_text = (Path(tiny_train_config().run_dir) / "train.log").read_text()
+    assert "this session trained 3 steps on 12 images" in log_text  # the resumed session: steps 3..5, batch 4
+    assert "images/s" in log_text and "s/step" in log_text
+
+
+def test_progress_bar_off_through_the_trainer_key(tiny_train_config) -> None:
+    trainer = run(tiny_train_config("trainer.enable_progress_bar=false"))
+    assert trainer.progress_bar_callback is None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -95,6 +96,8 @@ def run(cfg: DictConfig) -> pl.Trainer:
     model = build(cfg.model)
     model.attach_data(datamodule)  # each method checks that its networks fit the data
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false wins over the callback
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if cfg.get("metrics"):
         with torch.random.fork_rng(devices=[]):  # building a feature network must not shift training's random stream
             callbacks.append(build(cfg.metrics))

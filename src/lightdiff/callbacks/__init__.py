@@ -7,7 +7,7 @@ from lightdiff.callbacks.nonfinite import NonFiniteGuard
 from lightdiff.callbacks.preemption import Preemption
 from lightdiff.callbacks.random_state import RandomState
 from lightdiff.callbacks.samples import SampleGrid, method_previews
-from lightdiff.callbacks.throughput import ImagesPerSecond
+from lightdiff.callbacks.throughput import ImagesPerSecond, StepProgressBar
 
 __all__ = [
     "EMA",
@@ -18,6 +18,7 @@ __all__ = [
     "RandomState",
     "SampleGrid",
     "StepCheckpoint",
+    "StepProgressBar",
     "find_ema",
     "method_previews",
 ]
