@@ -138,13 +138,16 @@ def test_training_switches_reach_the_run(tiny_train_config) -> None:
 def test_switches_default_off_on_a_cpu_machine(tiny_train_config) -> None:
     if torch.cuda.is_available():
         pytest.skip("checks the CPU defaults")
-    model = tiny_train_config().model
+    cfg = tiny_train_config()
+    model = cfg.model
     assert (model.compile, model.channels_last, model.gradient_checkpointing, model.fused_adamw) == (
         False,
         False,
         False,
         False,
     )
+    # The shapes are drawn in the training process: loader processes would only compete for the cores.
+    assert (cfg.data.num_workers, cfg.data.pin_memory) == (0, False)
 
 
 @pytest.mark.slow

@@ -1,23 +1,31 @@
 """Training throughput of lightdiff against a plain PyTorch loop and a diffusers-example-style loop, in one process.
 
-    python experiments/train_throughput/benchmark.py [--steps 60] [--warmup 10] [--repeats 3] [overrides ...]
+    python experiments/train_throughput/benchmark.py [--steps 60] [--warmup 10] [--repeats 3] [--speed-path]
+        [--device cpu|cuda] [overrides ...]
 
-All variants train the same network (`net=` of the config, by default the shapes `unet_tiny`), on the same data
-loader (lightdiff's shapes data module), batch, precision (fp32 on CPU) and objective (epsilon MSE, linear schedule):
-- plain: the shortest correct loop (noise, timesteps, forward, MSE, backward, AdamW step);
-- diffusers example: plus what diffusers' train_unconditional.py does by default (cosine LR schedule with warm-up,
-  gradient clipping at 1.0, EMA of the weights);
-- lightdiff (bare): `model=pixel` in a Lightning Trainer without callbacks, logger or progress bar (the framework);
-- lightdiff (defaults): plus the default callbacks that cost time every step (EMA, non-finite guard, RNG states,
-  preemption, images/s; grids, checkpoints and the progress bar off, as their cost is I/O the user chooses).
-Runs alternate (A B C D A B C D ...) so drifts in machine load hit all; each is timed from the end of warm-up step
-`--warmup` to the end of the last step; the best of `--repeats` is reported. Prints a markdown table.
+All variants train the same network (`net=` of the config, by default the shapes `unet_tiny`) on the same data
+loader (lightdiff's shapes data module), batch and objective (epsilon MSE, linear schedule):
+- plain loop: the same training math as the lightdiff config, by hand: noise, timesteps, forward, MSE, backward,
+  gradient clipping at `model.max_grad_norm` (if set), AdamW, the config's LR schedule; fp32. What lightdiff (bare)
+  costs on top of it is the framework's cost (goal: lightdiff (bare) >= 0.97x the plain loop on CPU);
+- diffusers example: train_unconditional.py's defaults: fp32 (`--mixed_precision no`), no EMA (`--use_ema` off),
+  clipping at 1.0, cosine LR with 500 warm-up steps, `loss.item()` and a log dict every step;
+- lightdiff (bare): `model=pixel` in a Lightning Trainer, fp32, speed switches off, no callbacks, logger or bar;
+- lightdiff (defaults): what `python train.py` runs: the config's precision and speed switches (bf16-mixed,
+  channels_last and fused AdamW on a GPU; fp32 and off on a CPU) and the default callbacks that work every step
+  (EMA, non-finite guard, RNG states, preemption, images/s); grids, checkpoints and the bar off (I/O the user picks);
+- lightdiff (speed path), with --speed-path: the defaults plus `model.compile=true` (the goal on GPU: >= 1.5x the
+  diffusers example).
+Runs alternate (A B C D A B C D ...) so drifts in machine load hit all. Every step after `--warmup` is timed on its
+own (on GPU after a synchronise); a variant's time per step is the median over its runs' steps, which a burst of
+load on this shared machine moves less than a total would. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -29,7 +37,6 @@ import diffusers
 import pytorch_lightning as pl
 import torch
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -41,24 +48,30 @@ from lightdiff.diffusion import NoiseSchedule, add_noise
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class StepClock(pl.Callback):
-    """Seconds from the end of step `warmup` to the end of the last step."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimes(pl.Callback):
+    """Seconds of each training step after step `warmup`."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.started: float | None = None
-        self.seconds = 0.0
+        self.last: float | None = None
+        self.times: list[float] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
-            self.started = time.perf_counter()
-        elif trainer.global_step == trainer.max_steps and self.started is not None:
-            self.seconds = time.perf_counter() - self.started
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        synchronize(pl_module.device)
+        now = time.perf_counter()
+        if trainer.global_step > self.warmup and self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
 
 
 def make_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=cpu", *overrides], return_hydra_config=True)
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -66,58 +79,74 @@ def make_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def loop_seconds(cfg: DictConfig, steps: int, warmup: int, example_extras: bool) -> float:
-    """A hand-written loop; with `example_extras`, diffusers' train_unconditional.py defaults on top."""
+def loop_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch.device, example: bool) -> list[float]:
+    """A hand-written loop: the config's math (`example=False`) or train_unconditional.py's defaults."""
     torch.manual_seed(cfg.seed)
     datamodule = build(cfg.data)
-    net = build(cfg.net)
+    net = build(cfg.net).to(device)
     schedule: NoiseSchedule = build(cfg.schedule)
-    alphas_cumprod = schedule.alphas_cumprod().float()
+    alphas_cumprod = schedule.alphas_cumprod().float().to(device)
     model_cfg = cfg.model
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=model_cfg.lr, betas=tuple(model_cfg.adam_betas), weight_decay=model_cfg.weight_decay,
         eps=model_cfg.adam_eps,
     )  # fmt: skip
-    lr_scheduler = ema = None
-    if example_extras:
+    if example:
+        max_grad_norm: float | None = 1.0
         lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=500, num_training_steps=steps)
-        ema = EMAModel(net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    else:
+        max_grad_norm = model_cfg.max_grad_norm
+        name = "cosine" if model_cfg.lr_schedule == "cosine" else "constant_with_warmup"
+        lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=model_cfg.warmup_steps, num_training_steps=steps)
     net.train()
-    started = 0.0
+    times: list[float] = []
+    last = time.perf_counter()
     for step, batch in enumerate(datamodule.train_dataloader(), start=1):
-        x0 = batch["pixel_values"]
+        x0 = batch["pixel_values"].to(device, non_blocking=True)
         noise = torch.randn_like(x0)
-        timesteps = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],))
+        timesteps = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=device)
         prediction = net(add_noise(x0, noise, alphas_cumprod, timesteps), timesteps).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         loss.backward()
-        if example_extras:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
         optimizer.step()
-        if lr_scheduler is not None and ema is not None:
-            lr_scheduler.step()
-            ema.step(net.parameters())
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if step == warmup:
-            started = time.perf_counter()
+        if example:  # the example's per-step log (a host synchronisation on GPU)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": step}
+            del logs
+        synchronize(device)
+        now = time.perf_counter()
+        if step > warmup:
+            times.append(now - last)
+        last = now
         if step == steps:
-            return time.perf_counter() - started
+            return times
     raise RuntimeError("the data loader ended early")
 
 
-def lightdiff_seconds(cfg: DictConfig, steps: int, warmup: int, default_callbacks: bool) -> float:
+def lightdiff_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch.device, variant: str) -> list[float]:
+    """variant: bare | defaults | speed path."""
+    overrides = {
+        "bare": ["model.channels_last=false", "model.fused_adamw=false", "trainer.precision=32-true"],
+        "defaults": [],
+        "speed path": ["model.compile=true"],
+    }[variant]
+    cfg = make_config([*OVERRIDES, *overrides])
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = build(cfg.data)
     model = build(cfg.model)
     model.attach_data(datamodule)
-    clock = StepClock(warmup)
-    callbacks = [clock]
-    if default_callbacks:
+    clock = StepTimes(warmup)
+    callbacks: list[pl.Callback] = [clock]
+    if variant != "bare":
         kept = ("ema", "nonfinite", "random_state", "preemption", "images_per_sec")
         callbacks += [build(node) for key, node in cfg.callbacks.items() if key in kept]
     trainer = pl.Trainer(
-        accelerator="cpu",
-        precision="32-true",
+        accelerator=device.type,
+        devices=1,
+        precision=cfg.trainer.precision,
         max_steps=steps,
         logger=False,
         callbacks=callbacks,
@@ -127,7 +156,10 @@ def lightdiff_seconds(cfg: DictConfig, steps: int, warmup: int, default_callback
         use_distributed_sampler=False,
     )
     trainer.fit(model, datamodule=datamodule)
-    return clock.seconds
+    return clock.times
+
+
+OVERRIDES: list[str] = []  # the command line's Hydra overrides, shared by every variant
 
 
 def main() -> None:
@@ -135,39 +167,50 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--speed-path", action="store_true", help="add the lightdiff speed-path row (compiles)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=32")
     args = parser.parse_args()
-    cfg = make_config(args.overrides)
-    variants: dict[str, Callable[[], float]] = {
-        "plain PyTorch loop": lambda: loop_seconds(cfg, args.steps, args.warmup, example_extras=False),
-        "diffusers example loop": lambda: loop_seconds(cfg, args.steps, args.warmup, example_extras=True),
-        "lightdiff (bare)": lambda: lightdiff_seconds(cfg, args.steps, args.warmup, default_callbacks=False),
-        "lightdiff (defaults)": lambda: lightdiff_seconds(cfg, args.steps, args.warmup, default_callbacks=True),
+    device = torch.device(args.device)
+    OVERRIDES[:] = ["trainer=cpu" if device.type == "cpu" else "trainer=gpu", *args.overrides]
+    cfg = make_config(OVERRIDES)
+    variants: dict[str, Callable[[], list[float]]] = {
+        "plain PyTorch loop": lambda: loop_step_times(cfg, args.steps, args.warmup, device, example=False),
+        "diffusers example loop": lambda: loop_step_times(cfg, args.steps, args.warmup, device, example=True),
+        "lightdiff (bare)": lambda: lightdiff_step_times(cfg, args.steps, args.warmup, device, "bare"),
+        "lightdiff (defaults)": lambda: lightdiff_step_times(cfg, args.steps, args.warmup, device, "defaults"),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    if args.speed_path:
+        variants["lightdiff (speed path)"] = lambda: lightdiff_step_times(
+            cfg, args.steps, args.warmup, device, "speed path"
+        )
+    times: dict[str, list[list[float]]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, measure in variants.items():
             times[name].append(measure())
-    timed_images = (args.steps - args.warmup) * cfg.data.batch_size
-    best = {name: min(values) for name, values in times.items()}
+    median = {name: statistics.median(t for run in runs for t in run) for name, runs in times.items()}
+    batch = cfg.data.batch_size
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    machine = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch "
-        f"{torch.__version__}, lightning {pl.__version__}, diffusers {diffusers.__version__}; commit "
-        f"{commit.stdout.strip()}"
+        f"machine: {machine}, {torch.get_num_threads()} CPU threads; torch {torch.__version__}, lightning "
+        f"{pl.__version__}, diffusers {diffusers.__version__}; commit {commit.stdout.strip()}"
     )
     print(
         f"net {cfg.net._target_.split('.')[-1]} {list(cfg.net.block_out_channels)}, {cfg.data.resolution} px, batch "
-        f"{cfg.data.batch_size}, fp32; {args.steps - args.warmup} timed steps after {args.warmup}, best of "
-        f"{args.repeats}\n"
+        f"{batch}, max_grad_norm {cfg.model.max_grad_norm}; lightdiff defaults: precision {cfg.trainer.precision}, "
+        f"channels_last {cfg.model.channels_last}, fused_adamw {cfg.model.fused_adamw}; {args.steps - args.warmup} "
+        f"timed steps after {args.warmup}, {args.repeats} runs each, median step\n"
     )
-    print("| variant | seconds | images/s | vs plain loop | vs diffusers example | all runs (s) |")
+    print("| variant | ms/step (median) | images/s | vs plain loop | vs diffusers example | runs' medians (ms) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, seconds in best.items():
-        runs = ", ".join(f"{value:.2f}" for value in times[name])
+    for name, seconds in median.items():
+        runs = ", ".join(f"{statistics.median(run) * 1e3:.1f}" for run in times[name])
         print(
-            f"| {name} | {seconds:.2f} | {timed_images / seconds:.0f} | {best['plain PyTorch loop'] / seconds:.3f}x | "
-            f"{best['diffusers example loop'] / seconds:.3f}x | {runs} |"
+            f"| {name} | {seconds * 1e3:.1f} | {batch / seconds:.0f} | {median['plain PyTorch loop'] / seconds:.3f}x "
+            f"| {median['diffusers example loop'] / seconds:.3f}x | {runs} |"
         )
 
 

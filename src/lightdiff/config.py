@@ -35,6 +35,18 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def loader_workers() -> int:
+    """`${lightdiff.loader_workers:}`: data-loader processes that keep GPUs fed: up to 8 per GPU, from the CPU cores
+    (shared among the GPUs of the node); 0 without CUDA, where extra processes compete with training for the cores."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // torch.cuda.device_count()))
+
+
 def asset(name: str) -> str:
     """`${lightdiff.asset:NAME}`: the path of a file or folder shipped in the package (src/lightdiff/assets/NAME)."""
     from pathlib import Path
@@ -89,6 +101,7 @@ def sweep_group() -> str | None:
 
 OmegaConf.register_new_resolver("lightdiff.auto_precision", auto_precision, replace=True)
 OmegaConf.register_new_resolver("lightdiff.on_cuda", on_cuda, replace=True)
+OmegaConf.register_new_resolver("lightdiff.loader_workers", loader_workers, replace=True)
 OmegaConf.register_new_resolver("lightdiff.asset", asset, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_job_path", sweep_job_path, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_group", sweep_group, replace=True)

@@ -1,0 +1,139 @@
+"""Sampling latency and throughput of lightdiff (what `python sample.py` runs per batch) against diffusers' own
+pipeline on the same network, scheduler, steps and seeds, in one process.
+
+    python experiments/sampling_speed/benchmark.py [--steps 50] [--repeats 5] [--device cpu|cuda] [--speed-path]
+        [overrides ...]
+
+Rows, each at batch 1 (latency) and batch 16 (images/s):
+- diffusers DDIMPipeline: `pipeline(batch_size, generator=[...], num_inference_steps, output_type="np")`, eager fp32;
+- lightdiff eager: `lightdiff.sampling.generate` + `to_uint8`, the body of sample.py's batch loop, fp32;
+- lightdiff speed path (--speed-path): sample.py's `speed` block: bfloat16 on a GPU (float32 on a CPU), channels_last
+  on a GPU, and compile; its first (compiling) call is warm-up, not timed.
+Goal (issue 7): lightdiff eager >= 1.0x the pipeline; with compile on GPU >= 2x. Both draw the same images: the
+script checks that lightdiff eager and the pipeline agree to 1/255 before timing. Calls alternate between rows;
+the median of `--repeats` calls is reported. The network has random weights (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import lightdiff.config  # noqa: F401  (registers the config resolvers)
+from lightdiff.config import build
+from lightdiff.diffusion import NoiseSchedule
+from lightdiff.sampling import generate, generators_for, make_scheduler, to_uint8
+from lightdiff.speed import SamplingSpeed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def timed(call: Callable[[int], np.ndarray], batch: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    call(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--speed-path", action="store_true", help="add the compiled (and on GPU bf16) row")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config, e.g. net=unet_small")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=args.overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    torch.manual_seed(0)
+    net = build(cfg.net).to(device).eval()
+    schedule: NoiseSchedule = build(cfg.schedule)
+    scheduler = make_scheduler(DDIMScheduler, schedule, "epsilon")
+    pipeline = DDIMPipeline(unet=net, scheduler=copy.deepcopy(scheduler)).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def diffusers_call(batch: int) -> np.ndarray:
+        images = pipeline(
+            batch_size=batch, generator=generators_for(range(batch)), num_inference_steps=args.steps, output_type="np"
+        ).images
+        return (images * 255).round().astype(np.uint8)
+
+    def lightdiff_call(model: torch.nn.Module, batch: int) -> np.ndarray:
+        return to_uint8(generate(model, scheduler, args.steps, generators_for(range(batch))))
+
+    reference, ours = diffusers_call(4), lightdiff_call(net, 4)
+    mismatch = np.abs(reference.astype(int) - ours.astype(int)).max()
+    if mismatch > 1:
+        raise SystemExit(f"lightdiff and the pipeline draw different images (max |difference| {mismatch}/255)")
+    rows: dict[str, Callable[[int], np.ndarray]] = {
+        "diffusers DDIMPipeline": diffusers_call,
+        "lightdiff eager": lambda batch: lightdiff_call(net, batch),
+    }
+    speed_description = ""
+    if args.speed_path:
+        on_gpu = device.type == "cuda"
+        speed = SamplingSpeed(
+            dtype="bfloat16" if on_gpu else "float32", channels_last=on_gpu, compile=True, check=False
+        )
+        fast = speed.apply(copy.deepcopy(net))
+        speed_description = f"speed path: dtype {speed.dtype}, channels_last {speed.channels_last}, compile"
+        for batch in (1, 16):  # compilation (per batch shape) is warm-up
+            lightdiff_call(fast, batch)
+        difference = np.abs(lightdiff_call(fast, 4).astype(float) - ours.astype(float)).mean() / 255
+        speed_description += (
+            f"; mean |difference| from eager fp32 {difference:.2e} (tolerance {speed.allowed_difference})"
+        )
+        rows["lightdiff speed path"] = lambda batch: lightdiff_call(fast, batch)
+    seconds: dict[tuple[str, int], list[float]] = {(name, b): [] for name in rows for b in (1, 16)}
+    for name in rows:  # warm-up of every row and batch
+        for batch in (1, 16):
+            rows[name](batch)
+    for _ in range(args.repeats):
+        for batch in (1, 16):
+            for name, call in rows.items():
+                seconds[(name, batch)].append(timed(call, batch, device))
+    median = {key: statistics.median(values) for key, values in seconds.items()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    machine = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    print(
+        f"machine: {machine}, {torch.get_num_threads()} CPU threads; torch {torch.__version__}, diffusers "
+        f"{diffusers.__version__}; commit {commit.stdout.strip()}"
+    )
+    print(
+        f"net {cfg.net._target_.split('.')[-1]} {list(cfg.net.block_out_channels)}, {cfg.data.resolution} px, DDIM "
+        f"{args.steps} steps, median of {args.repeats} calls; {speed_description}\n"
+    )
+    print("| row | batch 1 latency (s) | vs pipeline | batch 16 (s) | images/s at 16 | vs pipeline |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    base1, base16 = median[("diffusers DDIMPipeline", 1)], median[("diffusers DDIMPipeline", 16)]
+    for name in rows:
+        one, sixteen = median[(name, 1)], median[(name, 16)]
+        ratios = f"{base1 / one:.3f}x | {sixteen:.3f} | {16 / sixteen:.1f} | {base16 / sixteen:.3f}x"
+        print(f"| {name} | {one:.3f} | {ratios} |")
+
+
+if __name__ == "__main__":
+    main()
