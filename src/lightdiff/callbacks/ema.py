@@ -62,6 +62,7 @@ class EMA(pl.Callback):
                 use_ema_warmup=self.use_warmup,
                 inv_gamma=self.inv_gamma,
                 power=self.power,
+                foreach=True,  # one fused update over all tensors, not a Python loop over ~100s of parameters
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
