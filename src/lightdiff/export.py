@@ -2,6 +2,17 @@
 
 Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain data only, so a crafted file cannot
 run code, and the network class comes from a fixed allow-list, never from a path stored in the file.
+
+Export layouts, by network and objective (the sampler is the scheduler written to `scheduler/`):
+- pixel UNet2DModel: `DDPMPipeline` (a flow-matching one too: DDPMPipeline's loop runs FlowMatchEulerDiscreteScheduler);
+- latent UNet2DConditionModel: `StableDiffusionPipeline` (a flow-matching one keeps the layout, but diffusers'
+  StableDiffusionPipeline calls `scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks: sample it with
+  lightdiff's sample.py);
+- latent SD3Transformer2DModel (MMDiT): `StableDiffusion3Pipeline` with `text_encoder_2` = `text_encoder` (lightdiff
+  trains one CLIPTextModelWithProjection, and SD3 concatenates the two encoders' outputs) and no T5; diffusers
+  reproduces lightdiff's samples with `max_sequence_length=0` (no zero T5 tokens appended; see nets/denoiser.py);
+- pixel DiTTransformer2DModel: diffusers' DiTPipeline needs a VAE, so the documented equivalent is `transformer/` +
+  `scheduler/` + `lightdiff.json` without `model_index.json`; lightdiff's sample.py reads it like any export.
 """
 
 from __future__ import annotations
@@ -15,25 +26,38 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMPipeline,
+    DiTTransformer2DModel,
     SchedulerMixin,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lightdiff.diffusion import NoiseSchedule
+from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, Objective, objective_from_state
 from lightdiff.methods.checkpoint_checks import load_weights
+from lightdiff.nets.denoiser import Denoiser
 
 log = logging.getLogger(__name__)
 
-NET_CLASSES: dict[str, type] = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+NET_CLASSES: dict[str, type] = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "DiTTransformer2DModel": DiTTransformer2DModel,
+    "SD3Transformer2DModel": SD3Transformer2DModel,
+}
+TEXT_ENCODER_CLASSES: dict[str, type] = {
+    "CLIPTextModel": CLIPTextModel,
+    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+}
 METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
 
 
 @dataclass
 class TrainedDenoiser:
-    net: UNet2DModel | UNet2DConditionModel
+    net: Denoiser
     schedule: NoiseSchedule
     prediction_type: str
     class_names: list[str] | None
@@ -41,8 +65,9 @@ class TrainedDenoiser:
     uses_ema: bool  # whether `net` holds the EMA weights
     vae: AutoencoderKL | None = None  # latent models only, as are the two below
     tokenizer: CLIPTokenizer | None = None
-    text_encoder: CLIPTextModel | None = None
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection | None = None
     scheduler_overrides: dict | None = None  # sampler settings the model needs (a turbo student: trailing timesteps)
+    objective: Objective = DDPM()  # how it was trained, hence which sampler fits it
 
     @property
     def is_text_model(self) -> bool:
@@ -91,12 +116,19 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         uses_ema=uses_ema,
     )
     denoiser.scheduler_overrides = meta.get("scheduler_overrides")
+    denoiser.objective = objective_from_state(meta.get("objective"))  # absent before flow matching existed: ddpm
     if "vae_config" in meta:  # a latent model (or a turbo student of one)
         from lightdiff.methods.latent import tokenizer_from_state
 
         denoiser.vae = AutoencoderKL.from_config(meta["vae_config"])
         load_weights(denoiser.vae, _weights(checkpoint, "vae."), f"{path} (vae.)")
-        denoiser.text_encoder = CLIPTextModel(CLIPTextConfig(**meta["text_encoder_config"]))
+        text_class = TEXT_ENCODER_CLASSES.get(meta.get("text_encoder_class", "CLIPTextModel"))
+        if text_class is None:  # as for the net: a class named in a file is only ever looked up
+            raise ValueError(
+                f"{path}: lightdiff.text_encoder_class={meta.get('text_encoder_class')!r} is not one of "
+                f"{sorted(TEXT_ENCODER_CLASSES)}"
+            )
+        denoiser.text_encoder = text_class(CLIPTextConfig(**meta["text_encoder_config"]))
         load_weights(denoiser.text_encoder, _weights(checkpoint, "text_encoder."), f"{path} (text_encoder.)")
         denoiser.tokenizer = tokenizer_from_state(meta["tokenizer"])
         denoiser.vae.eval()
@@ -109,15 +141,23 @@ def _weights(checkpoint: dict, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
-    if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
-        raise ValueError(f"{folder} is not a diffusers pipeline folder (it needs unet/ and scheduler/)")
-    unet_class = json.loads((folder / "unet" / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    if unet_class not in NET_CLASSES:
-        raise ValueError(f"{folder}: unet class {unet_class!r} is not one of {sorted(NET_CLASSES)}")
-    net = NET_CLASSES[unet_class].from_pretrained(folder / "unet")
+    part = "transformer" if (folder / "transformer").is_dir() else "unet"
+    if not (folder / part).is_dir() or not (folder / "scheduler").is_dir():
+        raise ValueError(f"{folder} is not a diffusers pipeline folder (it needs unet/ or transformer/ and scheduler/)")
+    net_class = json.loads((folder / part / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if net_class not in NET_CLASSES:
+        raise ValueError(f"{folder}: {part} class {net_class!r} is not one of {sorted(NET_CLASSES)}")
+    net = NET_CLASSES[net_class].from_pretrained(folder / part)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     metadata_path = folder / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
+    objective = objective_from_state(metadata.get("objective"))
+    if scheduler_config.get("_class_name", "").startswith("FlowMatch") and not isinstance(objective, FlowMatching):
+        # A flow-matching folder written elsewhere: its scheduler says how many timesteps and which shift.
+        objective = FlowMatching(
+            shift=float(scheduler_config.get("shift", 1.0)),
+            num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+        )
     denoiser = TrainedDenoiser(
         net=net.eval(),
         schedule=NoiseSchedule.from_scheduler_config(scheduler_config),
@@ -125,15 +165,35 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         class_names=metadata.get("class_names"),
         source=str(folder),
         uses_ema=bool(metadata.get("uses_ema", False)),
+        objective=objective,
     )
-    if unet_class == "UNet2DConditionModel":
-        for part in ("vae", "text_encoder", "tokenizer"):
-            if not (folder / part).is_dir():
-                raise ValueError(f"{folder} has a text-conditioned unet but no {part}/")
+    if net_class in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+        for component in ("vae", "text_encoder", "tokenizer"):
+            if not (folder / component).is_dir():
+                raise ValueError(f"{folder} has a text-conditioned {part} but no {component}/")
+        text_class = CLIPTextModelWithProjection if net_class == "SD3Transformer2DModel" else CLIPTextModel
         denoiser.vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-        denoiser.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+        denoiser.text_encoder = text_class.from_pretrained(folder / "text_encoder").eval()
         denoiser.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        if net_class == "SD3Transformer2DModel":
+            _check_lightdiff_sd3_layout(folder, denoiser.text_encoder)
     return denoiser
+
+
+def _check_lightdiff_sd3_layout(folder: Path, text_encoder: CLIPTextModelWithProjection) -> None:
+    """lightdiff samples an SD3 folder with `text_encoder` standing in for both CLIP encoders and no T5, as it exports
+    them; a folder that holds another second encoder or a T5 would sample differently here than in diffusers."""
+    if (folder / "text_encoder_3").is_dir():
+        raise ValueError(f"{folder} has a T5 text_encoder_3/; lightdiff samples only its own SD3 exports (no T5)")
+    second = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    first_state, second_state = text_encoder.state_dict(), second.state_dict()
+    if first_state.keys() != second_state.keys() or any(
+        not torch.equal(first_state[key], second_state[key]) for key in first_state
+    ):
+        raise ValueError(
+            f"{folder}: text_encoder_2 differs from text_encoder; lightdiff samples only its own SD3 exports, "
+            "which use one encoder for both"
+        )
 
 
 def _autoencoder_from_checkpoint(path: Path, checkpoint: dict, meta: dict) -> AutoencoderKL:
@@ -179,9 +239,30 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
 
 def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: str | Path) -> Path:
     """Write a diffusers pipeline folder (safetensors) with `scheduler` as its sampler: `StableDiffusionPipeline`
-    for text-conditioned latent models, `DDPMPipeline` for pixel models."""
+    for text-conditioned latent UNets, `StableDiffusion3Pipeline` for latent MMDiTs, `DDPMPipeline` for pixel UNets,
+    and `transformer/` + `scheduler/` for pixel DiTs (the layouts are described at the top of this module)."""
     folder = Path(folder).expanduser()
-    if denoiser.is_text_model:
+    if isinstance(denoiser.net, SD3Transformer2DModel):
+        vae = denoiser.vae
+        if vae.config.shift_factor is None:
+            # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor; lightdiff never shifts.
+            vae.register_to_config(shift_factor=0.0)
+        pipeline = StableDiffusion3Pipeline(
+            transformer=denoiser.net,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=denoiser.text_encoder,
+            tokenizer=denoiser.tokenizer,
+            text_encoder_2=denoiser.text_encoder,  # one encoder stands in for SD3's two CLIPs (nets/denoiser.py)
+            tokenizer_2=denoiser.tokenizer,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    elif isinstance(denoiser.net, DiTTransformer2DModel):
+        pipeline = None  # no diffusers pipeline runs a pixel-space DiT: the parts alone (see the module docstring)
+        denoiser.net.save_pretrained(folder / "transformer", safe_serialization=True)
+        scheduler.save_pretrained(folder / "scheduler")
+    elif denoiser.is_text_model:
         pipeline = StableDiffusionPipeline(
             vae=denoiser.vae,
             text_encoder=denoiser.text_encoder,
@@ -194,7 +275,13 @@ def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder
         )
     else:
         pipeline = DDPMPipeline(unet=denoiser.net, scheduler=scheduler)
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    metadata = {"class_names": denoiser.class_names, "uses_ema": denoiser.uses_ema, "source": denoiser.source}
+    if pipeline is not None:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    metadata = {
+        "class_names": denoiser.class_names,
+        "uses_ema": denoiser.uses_ema,
+        "source": denoiser.source,
+        "objective": denoiser.objective.state(),
+    }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

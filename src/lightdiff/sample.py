@@ -24,6 +24,7 @@ from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import TrainedDenoiser, export_pipeline, load_trained
 from lightdiff.methods.latent import generate_latent
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
+from lightdiff.nets.denoiser import num_classes
 from lightdiff.sampling import (
     for_latents,
     generate,
@@ -101,13 +102,15 @@ def run(cfg: DictConfig) -> Path:
         log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, folder)
         return folder
     denoiser = trained
-    scheduler = make_scheduler(instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type)
+    scheduler = make_scheduler(
+        instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type, denoiser.objective
+    )  # a sampler of the other kind (DDPM vs flow matching) than the model is a ConfigError
     if denoiser.is_text_model:
         scheduler = for_latents(scheduler)
     scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # e.g. a turbo student's timesteps
     if cfg.export:
         folder = export_pipeline(denoiser, scheduler, cfg.export)
-        log.info("exported %s to %s (load with diffusers' DDPMPipeline.from_pretrained)", denoiser.source, folder)
+        log.info("exported %s to %s (layouts: lightdiff/export.py)", denoiser.source, folder)
         return folder
 
     reference = reference_data(cfg) if cfg.get("metrics") else None  # before sampling: a bad choice fails at once
@@ -115,7 +118,7 @@ def run(cfg: DictConfig) -> Path:
     device = _device(cfg.device)
     net = denoiser.net.to(device)
     prompts = _prompts(cfg, denoiser, cfg.num_images)
-    labels = None if denoiser.is_text_model else _labels(cfg, net.config.num_class_embeds, cfg.num_images)
+    labels = None if denoiser.is_text_model else _labels(cfg, num_classes(net), cfg.num_images)
     if denoiser.is_text_model:
         denoiser.vae.to(device)
         denoiser.text_encoder.to(device)

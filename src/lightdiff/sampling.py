@@ -6,24 +6,54 @@ seed alone, not on the batch it was drawn in, and a diffusers pipeline given the
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
+from diffusers import DiTTransformer2DModel, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from lightdiff.diffusion import NoiseSchedule, PredictionType
+from lightdiff.config import ConfigError
+from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, Objective, PredictionType
+from lightdiff.nets.denoiser import denoiser_output, num_classes
 
 SchedulerFactory = Callable[..., SchedulerMixin]  # a diffusers scheduler class, or a partial of one
 
 
+def is_flow_sampler(factory: SchedulerFactory) -> bool:
+    """Whether a `sampler` (a scheduler class or a partial of one) integrates a flow (diffusers' FlowMatch*)."""
+    scheduler_class = factory.func if isinstance(factory, functools.partial) else factory
+    return getattr(scheduler_class, "__name__", "").startswith("FlowMatch")
+
+
 def make_scheduler(
-    factory: SchedulerFactory, schedule: NoiseSchedule, prediction_type: PredictionType
+    factory: SchedulerFactory,
+    schedule: NoiseSchedule,
+    prediction_type: PredictionType,
+    objective: Objective = DDPM(),  # noqa: B008  (a frozen dataclass: immutable)
 ) -> SchedulerMixin:
-    """A sampling scheduler (the `sampler` config) configured with the training schedule and objective."""
+    """A sampling scheduler (the `sampler` config) configured with the training schedule and objective.
+
+    A flow-matching model gets its number of training timesteps and, unless the sampler sets its own, the training
+    shift (SD3, Equation 23); a sampler of the other kind than the model is a ConfigError naming both.
+    """
+    name = getattr(factory.func if isinstance(factory, functools.partial) else factory, "__name__", str(factory))
+    if isinstance(objective, FlowMatching):
+        if not is_flow_sampler(factory):
+            raise ConfigError(
+                f"sampler {name} is a DDPM sampler, but the model was trained with objective=flow_matching: "
+                "use sampler=flow_euler"
+            )
+        shift = getattr(factory, "keywords", {}).get("shift", objective.shift)
+        return factory(num_train_timesteps=objective.num_train_timesteps, shift=shift)
+    if is_flow_sampler(factory):
+        raise ConfigError(
+            f"sampler {name} integrates a flow, but the model was trained with objective=ddpm: "
+            "use a DDPM sampler (ddim, ddpm, dpm, euler)"
+        )
     return factory(**schedule.scheduler_kwargs(), prediction_type=prediction_type)
 
 
@@ -76,19 +106,21 @@ def denoise(
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
     sample = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    sample = sample * scheduler.init_noise_sigma
+    # Flow-matching schedulers start from plain noise and scale nothing (they have neither attribute).
+    sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     step_kwargs: dict[str, object] = {"generator": generators}
     if "eta" in step_parameters:
         step_kwargs["eta"] = eta
     for t in scheduler.timesteps:
-        model_output = model(scheduler.scale_model_input(sample, t), t)
+        model_output = model(scale_model_input(sample, t), t)
         sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
     return sample
 
 
 @torch.no_grad()
 def generate(
-    net: UNet2DModel,
+    net: UNet2DModel | DiTTransformer2DModel,
     scheduler: SchedulerMixin,
     num_inference_steps: int,
     generators: list[torch.Generator],
@@ -96,9 +128,9 @@ def generate(
     eta: float = 0.0,
 ) -> torch.Tensor:
     """Pixel-space images in [0, 1], shaped (B, 3, H, W), float32: DDPMPipeline's / DDIMPipeline's result."""
-    if class_labels is None and net.config.num_class_embeds is not None:
+    if class_labels is None and num_classes(net) is not None:
         raise ValueError("this model is class-conditional: give labels to sample")
-    if class_labels is not None and net.config.num_class_embeds is None:
+    if class_labels is not None and num_classes(net) is None:
         raise ValueError("this model is unconditional: it takes no labels")
     size = net.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
@@ -106,7 +138,7 @@ def generate(
         class_labels = class_labels.to(net.device)
 
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return net(x_t, t, class_labels=class_labels).sample
+        return denoiser_output(net, x_t, t, class_labels=class_labels)
 
     shape = (len(generators), net.config.in_channels, height, width)
     sample = denoise(model, scheduler, num_inference_steps, shape, generators, net.device, net.dtype, eta)

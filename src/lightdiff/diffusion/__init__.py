@@ -5,15 +5,21 @@ from lightdiff.diffusion.distillation import (
     distillation_weight,
     high_noise_timesteps,
     trailing_timesteps,
+    weight_from_alpha_sigma,
 )
 from lightdiff.diffusion.flow_matching import (
+    FlowMatching,
+    Objective,
+    flow_alpha_sigma,
     interpolate,
     logit_normal_timesteps,
+    objective_from_state,
     shift_timesteps,
     velocity_target,
     x0_from_velocity,
 )
 from lightdiff.diffusion.objectives import (
+    DDPM,
     LossWeighting,
     PredictionType,
     add_noise,
@@ -30,19 +36,24 @@ from lightdiff.diffusion.objectives import (
 from lightdiff.diffusion.schedules import BetaScheduleName, NoiseSchedule
 
 __all__ = [
+    "DDPM",
     "BetaScheduleName",
     "DistillWeighting",
+    "FlowMatching",
     "LossWeighting",
     "NoiseSchedule",
+    "Objective",
     "PredictionType",
     "add_noise",
     "check_objective",
     "distillation_weight",
+    "flow_alpha_sigma",
     "high_noise_timesteps",
     "interpolate",
     "logit_normal_timesteps",
     "loss_weight",
     "min_snr_weight",
+    "objective_from_state",
     "offset_noise",
     "predicted_x0",
     "snr",
@@ -51,6 +62,7 @@ __all__ = [
     "training_target",
     "velocity",
     "velocity_target",
+    "weight_from_alpha_sigma",
     "weighted_mse",
     "x0_from_velocity",
 ]

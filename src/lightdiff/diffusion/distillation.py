@@ -35,6 +35,12 @@ def distillation_weight(
     w(t) (eps_teacher - eps) = 2 c(t) (x_student - x_teacher) gives c(t) = alpha_t sigma_t / 2. none: c(t) = 1.
     """
     alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
+    return weight_from_alpha_sigma(weighting, alpha, sigma)
+
+
+def weight_from_alpha_sigma(weighting: DistillWeighting, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """c(t) of `distillation_weight` for any path x_t = alpha x_0 + sigma eps: a DDPM's, or rectified flow's
+    (alpha, sigma) = (1 - t, t) (`flow_alpha_sigma`), for which the SDS derivation holds unchanged."""
     if weighting == "alpha_bar":
         return alpha**2
     if weighting == "sds":

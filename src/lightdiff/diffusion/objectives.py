@@ -7,12 +7,23 @@ alpha = sqrt(alpha_bar_t) and sigma = sqrt(1 - alpha_bar_t) throughout, so x_t =
 from __future__ import annotations
 
 import typing
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 LossWeighting = Literal["none", "min_snr"]
+
+
+@dataclass(frozen=True)
+class DDPM:
+    """The discrete-time denoising objective (`objective=ddpm`, the default): x_t = alpha_t x_0 + sigma_t eps over
+    the `schedule` group's betas; the prediction type and loss weighting are the method's own keys (model.*)."""
+
+    def state(self) -> dict[str, Any]:
+        """Plain data for a checkpoint's `lightdiff` block."""
+        return {"name": "ddpm"}
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,10 @@
 text-encoder hidden states through the cross-attention of a `UNet2DConditionModel`, with classifier-free guidance
 (Ho & Salimans 2022): captions are dropped to the empty prompt with probability `cond_drop_prob` while training.
 
+The denoiser may also be an MMDiT (`net=mmdit`: diffusers' SD3Transformer2DModel, joint attention over an image
+and a text stream, Esser et al. 2024), and the objective rectified flow (`objective=flow_matching`); text states are
+then made as StableDiffusion3Pipeline makes them (`lightdiff.nets.denoiser.encode_text`).
+
 Text side, two ways: `pretrained=ID_OR_DIR` loads the tokenizer and text encoder of a diffusers pipeline (frozen
 unless `train_text_encoder`); without it, a tokenizer is built from the data set's captions and a small
 `CLIPTextModel` is trained from scratch with the UNet.
@@ -16,27 +20,42 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageDataModule
 from lightdiff.data.latent_cache import text_encoder_fingerprint
 from lightdiff.diffusion import (
+    DDPM,
+    FlowMatching,
     LossWeighting,
     NoiseSchedule,
+    Objective,
     PredictionType,
     add_noise,
     check_objective,
+    interpolate,
     loss_weight,
     offset_noise,
     training_target,
+    velocity_target,
     weighted_mse,
 )
 from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.optimization import adamw_with_warmup, clip_and_measure_gradients
+from lightdiff.methods.pixel import check_flow_settings, check_same_objective
 from lightdiff.methods.preview import Preview
+from lightdiff.nets.denoiser import (
+    TextCondition,
+    denoiser_output,
+    encode_text,
+    takes_pooled_text,
+    takes_text,
+    text_widths,
+    zero_adaln_gates,
+)
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
 from lightdiff.sampling import SchedulerFactory, denoise, for_latents, generators_for, make_scheduler
 from lightdiff.speed import prepare_for_training
@@ -54,9 +73,10 @@ class LatentDiffusion(pl.LightningModule):
 
     def __init__(
         self,
-        net: UNet2DConditionModel,  # the denoiser (the `net` group), cross-attending to the text encoder's states
-        schedule: NoiseSchedule,  # the forward process (the `schedule` group)
+        net: UNet2DConditionModel | SD3Transformer2DModel,  # the denoiser (the `net` group), conditioned on the text
+        schedule: NoiseSchedule,  # the forward process of objective=ddpm (the `schedule` group)
         vae: str | None,  # AutoencoderKL folder or hub id, frozen; None: the VAE of `pretrained`
+        objective: Objective = DDPM(),  # noqa: B008  ddpm | flow_matching (the `objective` group; frozen dataclass)
         pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
         load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
         train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
@@ -83,19 +103,30 @@ class LatentDiffusion(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_objective(prediction_type, loss_weighting, min_snr_gamma)
+        check_flow_settings(objective, prediction_type, loss_weighting)
         if not 0 <= cond_drop_prob < 1:
             raise ConfigError(f"model.cond_drop_prob={cond_drop_prob} must lie in [0, 1)")
+        if not takes_text(net):
+            raise ConfigError(
+                f"net: {type(net).__name__} takes no text; model=latent needs a text-conditioned net (net=latent, "
+                "net=mmdit)"
+            )
         if pretrained is not None and load_pretrained_unet:
             net = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
+        else:
+            net = zero_adaln_gates(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
         self.net = net
         self.schedule = schedule
+        self.objective = objective
         self.vae = _load_vae(pretrained, vae).requires_grad_(False).eval()
         self.tokenizer: CLIPTokenizer | None = None
-        self.text_encoder: CLIPTextModel | None = None
+        self.text_encoder: CLIPTextModel | CLIPTextModelWithProjection | None = None
         self.train_text_encoder = train_text_encoder
         if pretrained is not None:
             self.tokenizer = _load_component(CLIPTokenizer, pretrained, "tokenizer")
-            self.text_encoder = _load_component(CLIPTextModel, pretrained, "text_encoder")
+            # An SD3 transformer takes the pooled, projected prompt (`text_embeds`), which only this class has.
+            text_class = CLIPTextModelWithProjection if takes_pooled_text(net) else CLIPTextModel
+            self.text_encoder = _load_component(text_class, pretrained, "text_encoder")
             self.text_encoder.requires_grad_(train_text_encoder)
         self.text_hidden_size, self.text_layers, self.text_heads = text_hidden_size, text_layers, text_heads
         self.max_prompt_tokens = max_prompt_tokens
@@ -124,12 +155,18 @@ class LatentDiffusion(pl.LightningModule):
         if self.text_encoder is None:
             self.tokenizer = build_caption_tokenizer(captions, model_max_length=self.max_prompt_tokens)
             self.text_encoder = text_encoder_from_scratch(
-                self.tokenizer, self.text_hidden_size, self.text_layers, self.text_heads, 2 * self.text_hidden_size
+                self.tokenizer,
+                self.text_hidden_size,
+                self.text_layers,
+                self.text_heads,
+                2 * self.text_hidden_size,
+                with_projection=takes_pooled_text(self.net),
             )
             self.train_text_encoder = True
         check_components(self.net, self.vae, self.text_encoder, datamodule.resolution)
         self.class_names = datamodule.class_names
-        if datamodule.cache_latents and self.train_text_encoder:  # a text encoder that learns cannot be cached
+        # A text encoder that learns cannot be cached; nor are an SD3 transformer's two text inputs (states, pooled).
+        if datamodule.cache_latents and (self.train_text_encoder or takes_pooled_text(self.net)):
             datamodule.use_latent_cache(self.vae)
         elif datamodule.cache_latents:
             assert self.tokenizer is not None
@@ -145,6 +182,11 @@ class LatentDiffusion(pl.LightningModule):
         ids = tokenize_prompts(self.tokenizer, prompts).to(self.device)
         return self.text_encoder(ids)[0]
 
+    def encode_condition(self, prompts: Sequence[str]) -> TextCondition:
+        """The net's text input for `prompts`, as its diffusers pipeline makes it (states, and SD3's pooled vector)."""
+        assert self.tokenizer is not None and self.text_encoder is not None, "attach_data builds the text side"
+        return encode_text(self.net, self.tokenizer, self.text_encoder, prompts)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             if "latent_moments" in batch:  # data.cache_latents: q(z | x) was encoded once; draw a fresh z from it
@@ -156,17 +198,26 @@ class LatentDiffusion(pl.LightningModule):
         if "text_states" in batch:  # data.cache_latents with a frozen text encoder: states were encoded once
             empty = self.encode_prompts([""])  # what the frozen encoder gives a dropped caption
             dropped = torch.tensor([caption == "" for caption in captions], device=empty.device)
-            text_states = torch.where(dropped[:, None, None], empty, batch["text_states"].to(empty.dtype))
+            text = TextCondition(torch.where(dropped[:, None, None], empty, batch["text_states"].to(empty.dtype)))
         else:
-            text_states = self.encode_prompts(captions)
+            text = self.encode_condition(captions)
         noise = offset_noise(torch.randn_like(latents), self.offset_noise)
-        timesteps = torch.randint(0, self.schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        noisy = add_noise(latents, noise, self.alphas_cumprod, timesteps)
-        prediction = self.net(noisy, timesteps, encoder_hidden_states=text_states).sample
-        target = training_target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
-        weight = loss_weight(
-            self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
-        )
+        if isinstance(self.objective, FlowMatching):
+            # Rectified flow: z_t = (1 - t) x_0 + t eps, regress the velocity eps - x_0 (SD3, Equations 3 and 6),
+            # t logit-normal and shifted; the network sees t * 1000.
+            t = self.objective.training_times(latents.shape[0]).to(latents.device)
+            noisy = interpolate(latents, noise, t)
+            timesteps = self.objective.network_timesteps(t)
+            target = velocity_target(latents, noise)
+            weight = torch.ones_like(t)
+        else:
+            timesteps = torch.randint(0, self.schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            noisy = add_noise(latents, noise, self.alphas_cumprod, timesteps)
+            target = training_target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
+            weight = loss_weight(
+                self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
+            )
+        prediction = denoiser_output(self.net, noisy, timesteps, text=text)
         loss = weighted_mse(prediction, target, weight)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
@@ -219,7 +270,7 @@ class LatentDiffusion(pl.LightningModule):
         eta: float = 0.0,
     ) -> torch.Tensor:
         """Images in [0, 1], (B, 3, H, W): StableDiffusionPipeline's loop, step for step."""
-        scheduler = for_latents(make_scheduler(sampler, self.schedule, self.prediction_type))
+        scheduler = for_latents(make_scheduler(sampler, self.schedule, self.prediction_type, self.objective))
         return generate_latent(
             self.net,
             self.vae,
@@ -247,6 +298,7 @@ class LatentDiffusion(pl.LightningModule):
         return Preview(images=images, labels=labels)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_same_objective(self.objective, checkpoint)
         check_checkpoint_fits(self, checkpoint)  # a checkpoint of another net config: name the keys, not a torch error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -257,10 +309,12 @@ class LatentDiffusion(pl.LightningModule):
             "net_class": type(self.net).__name__,
             "net_config": plain_config(self.net.config),
             "vae_config": plain_config(self.vae.config),
+            "text_encoder_class": type(self.text_encoder).__name__,  # absent in older checkpoints: CLIPTextModel
             "text_encoder_config": self.text_encoder.config.to_dict(),
             "tokenizer": tokenizer_state(self.tokenizer),
             "schedule": dict(vars(self.schedule)),
             "prediction_type": self.prediction_type,
+            "objective": self.objective.state(),  # absent in older checkpoints: ddpm
             "class_names": self.class_names,
         }
 
@@ -309,7 +363,10 @@ def _load_vae(pretrained: str | None, vae: str | None) -> AutoencoderKL:
 
 
 def check_components(
-    net: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, resolution: int
+    net: UNet2DConditionModel | SD3Transformer2DModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
+    resolution: int,
 ) -> None:
     """The three networks must agree on latent channels, latent size and text width; say which key does not."""
     if net.config.in_channels != vae.config.latent_channels or net.config.out_channels != vae.config.latent_channels:
@@ -323,19 +380,28 @@ def check_components(
             f"net.sample_size={net.config.sample_size} does not match data.resolution={resolution} / "
             f"the VAE's down-sampling {factor} = {resolution / factor:g}"
         )
-    if net.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise ConfigError(
-            f"net.cross_attention_dim={net.config.cross_attention_dim} differs from the text encoder's "
-            f"hidden_size={text_encoder.config.hidden_size} (model.text_hidden_size)"
-        )
+    hidden, projection = text_encoder.config.hidden_size, text_encoder.config.projection_dim
+    for key, width, expected, name in text_widths(net, hidden, projection):
+        if width != expected:
+            raise ConfigError(f"{key}={width} differs from the text encoder's {name} (model.text_hidden_size)")
+    if isinstance(net, SD3Transformer2DModel):
+        if not isinstance(text_encoder, CLIPTextModelWithProjection):
+            raise ConfigError("an SD3 transformer (net=mmdit) needs a CLIPTextModelWithProjection text encoder")
+        if net.config.joint_attention_dim < 2 * hidden:
+            raise ConfigError(
+                f"net.joint_attention_dim={net.config.joint_attention_dim} is below 2 x the text encoder's "
+                f"hidden_size={hidden} (SD3 concatenates two CLIP encoders' states; model.text_hidden_size)"
+            )
+        if vae.config.get("shift_factor"):
+            raise ConfigError(f"the VAE's shift_factor={vae.config.shift_factor}: lightdiff does not shift latents")
 
 
 @torch.no_grad()
 def generate_latent(
-    net: UNet2DConditionModel,
+    net: UNet2DConditionModel | SD3Transformer2DModel,
     vae: AutoencoderKL,
     tokenizer: CLIPTokenizer,
-    text_encoder: CLIPTextModel,
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
     scheduler: Any,
     prompts: Sequence[str],
     seeds: Sequence[int],
@@ -344,25 +410,26 @@ def generate_latent(
     negative_prompt: str | Sequence[str] = "",
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """Text-to-image as diffusers' StableDiffusionPipeline does it: CFG with the negative prompt as unconditional.
+    """Text-to-image as diffusers' StableDiffusionPipeline (UNet) or StableDiffusion3Pipeline (SD3 transformer) does
+    it: CFG with the negative prompt as unconditional.
 
-    eps = eps(x, "") + w (eps(x, prompt) - eps(x, "")) (Ho & Salimans 2022, Equation 6 with w = 1 + their w).
+    eps = eps(x, "") + w (eps(x, prompt) - eps(x, "")) (Ho & Salimans 2022, Equation 6 with w = 1 + their w); the
+    same combination of velocities for a flow-matching model, as the SD3 pipeline does.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     device = net.device
-    conditional = text_encoder(tokenize_prompts(tokenizer, prompts).to(device))[0]
+    text = encode_text(net, tokenizer, text_encoder, prompts)
     guided = guidance_scale > 1.0
     if guided:
-        unconditional = text_encoder(tokenize_prompts(tokenizer, negatives).to(device))[0]
-        text_states = torch.cat([unconditional, conditional])
-    else:
-        text_states = conditional
+        unconditional = encode_text(net, tokenizer, text_encoder, negatives)
+        pooled = None if text.pooled is None else torch.cat([unconditional.pooled, text.pooled])
+        text = TextCondition(torch.cat([unconditional.states, text.states]), pooled)
 
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         model_input = torch.cat([x_t, x_t]) if guided else x_t
-        prediction = net(model_input, t, encoder_hidden_states=text_states).sample
+        prediction = denoiser_output(net, model_input, t, text=text)
         if not guided:
             return prediction
         uncond, cond = prediction.chunk(2)
@@ -370,6 +437,6 @@ def generate_latent(
 
     size = net.config.sample_size
     shape = (len(prompts), net.config.in_channels, size, size)
-    latents = denoise(model, scheduler, steps, shape, generators_for(seeds), device, text_states.dtype, eta)
+    latents = denoise(model, scheduler, steps, shape, generators_for(seeds), device, text.states.dtype, eta)
     images = vae.decode(latents / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)

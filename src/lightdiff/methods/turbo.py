@@ -14,6 +14,12 @@ teacher (and a latent teacher's VAE and text encoder) stay frozen. Each step:
 LADD (arXiv 2403.12015) is the default discriminator (`discriminator=teacher`): heads on the frozen teacher's
 encoder features at inputs re-noised to a level skewed high; `model.distill_weight=0` drops the distillation term.
 The student samples with DDIM at "trailing" timesteps (a 1-step student starts from pure noise at T - 1).
+
+A flow-matching teacher (objective=flow_matching; LADD distils SD3, a rectified flow) is distilled the same way on
+its own path x_t = (1 - t) x_0 + t eps: the student predicts the velocity v, x_theta = x_t - t v, at the times
+FlowMatchEulerDiscreteScheduler visits in 4 steps (t = 1 first: pure noise), and samples with that scheduler;
+re-noising draws t uniformly, the discriminator's t logit-normally (LADD, Section 3.2); c(t) takes (alpha, sigma) =
+(1 - t, t). Networks are called through `lightdiff.nets.denoiser`; an SD3 (MMDiT) teacher is not supported yet.
 """
 
 from __future__ import annotations
@@ -26,18 +32,23 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin, UNet2DConditionModel, UNet2DModel
 
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import (
     DistillWeighting,
+    FlowMatching,
     PredictionType,
     add_noise,
     distillation_weight,
+    flow_alpha_sigma,
     high_noise_timesteps,
+    interpolate,
     predicted_x0,
     trailing_timesteps,
+    weight_from_alpha_sigma,
+    x0_from_velocity,
 )
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.export import TrainedDenoiser, load_trained
@@ -45,6 +56,7 @@ from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.latent import generate_latent, plain_config, tokenizer_state
 from lightdiff.methods.optimization import clip_and_measure_gradients
 from lightdiff.methods.preview import Preview
+from lightdiff.nets.denoiser import TextCondition, denoiser_output, num_classes, takes_pooled_text
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
 from lightdiff.nets.text import tokenize_prompts
 from lightdiff.sampling import (
@@ -52,6 +64,7 @@ from lightdiff.sampling import (
     for_latents,
     generate,
     generators_for,
+    is_flow_sampler,
     make_scheduler,
     reconfigured,
 )
@@ -132,9 +145,24 @@ class TurboDistillation(pl.LightningModule):
                 f"{typing.get_args(PredictionType)}"
             )
         self.student_prediction_type = student_prediction_type or self.prediction_type
+        self.objective = loaded.objective  # the teacher's: the student is trained and samples on the same path
+        if takes_pooled_text(loaded.net):
+            raise ConfigError(f"model.teacher={teacher!r} is an SD3 transformer (MMDiT); turbo distils UNets and DiTs")
         steps = self.schedule.num_train_timesteps
-        self.student_timesteps = list(student_timesteps or trailing_timesteps(steps, 4))
-        outside = [t for t in self.student_timesteps if not 0 <= t < steps]
+        if isinstance(self.objective, FlowMatching):
+            if student_timesteps is not None or student_prediction_type is not None:
+                raise ConfigError(
+                    "model.student_timesteps / model.student_prediction_type are for DDPM teachers; a flow-matching "
+                    "teacher's student predicts the velocity at the times its flow sampler visits in 4 steps"
+                )
+            steps = self.objective.num_train_timesteps
+            # Network timesteps (t * T) of FlowMatchEulerDiscreteScheduler in 4 steps; those of 1 and 2 steps are
+            # among them (T, then 1), so the student trains exactly where it samples.
+            self.student_timesteps = [float(t) for t in self.flow_student_timesteps(4)]
+        else:
+            self.student_timesteps = list(student_timesteps or trailing_timesteps(steps, 4))
+        flow = isinstance(self.objective, FlowMatching)
+        outside = [] if flow else [t for t in self.student_timesteps if not 0 <= t < steps]
         if outside or not self.student_timesteps:
             raise ConfigError(
                 f"model.student_timesteps={self.student_timesteps}: {outside or 'none'} outside the teacher's "
@@ -159,8 +187,13 @@ class TurboDistillation(pl.LightningModule):
             self.text_encoder.requires_grad_(False).eval()
         self.tokenizer = loaded.tokenizer
         self.class_names = loaded.class_names
-        self.num_classes = self.net.config.get("num_class_embeds") or 0
+        self.num_classes = num_classes(self.net) or 0
         backbone = getattr(discriminator, "keywords", {}).get("backbone")
+        if backbone is None and not isinstance(self.teacher, UNet2DModel | UNet2DConditionModel):
+            raise ConfigError(
+                f"discriminator=teacher reads a UNet teacher's encoder; model.teacher={teacher!r} is a "
+                f"{type(self.teacher).__name__}: use discriminator=dinov2 or discriminator=patchgan"
+            )
         self.discriminator = discriminator(
             backbone=backbone if backbone is not None else UNetEncoderFeatures(self.teacher),
             num_classes=self.num_classes,
@@ -229,11 +262,20 @@ class TurboDistillation(pl.LightningModule):
     def x0_of(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
         """x_0 as `net` (the student or the teacher) predicts it, each through its own output parametrisation."""
         if "text_states" in condition:
-            output = net(x_t, t, encoder_hidden_states=condition["text_states"]).sample
+            output = denoiser_output(net, x_t, t, text=TextCondition(condition["text_states"]))
         else:
-            output = net(x_t, t, class_labels=condition.get("class_labels")).sample
+            output = denoiser_output(net, x_t, t, class_labels=condition.get("class_labels"))
+        if isinstance(self.objective, FlowMatching):  # x_0 = x_t - t v (one Euler step to t = 0)
+            return x0_from_velocity(x_t, output, t / self.objective.num_train_timesteps)
         prediction_type = self.student_prediction_type if net is self.net else self.prediction_type
         return predicted_x0(prediction_type, output, x_t, self.alphas_cumprod, t)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_0 taken to network timestep t along the teacher's path: DDPM's q(x_t | x_0), or the flow's line."""
+        noise = torch.randn_like(x0)
+        if isinstance(self.objective, FlowMatching):
+            return interpolate(x0, noise, t / self.objective.num_train_timesteps)
+        return add_noise(x0, noise, self.alphas_cumprod, t)
 
     @torch.no_grad()
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
@@ -258,7 +300,7 @@ class TurboDistillation(pl.LightningModule):
         the sample itself (in pixels: latents are decoded for a pixel backbone such as DINOv2, as ADD does)."""
         backbone = self.discriminator.backbone
         if isinstance(backbone, UNetEncoderFeatures):
-            return add_noise(x0, torch.randn_like(x0), self.alphas_cumprod, t_d)
+            return self.noised(x0, t_d)
         if self.vae is not None and getattr(backbone, "pixel_inputs", False):
             return self.vae.decode(x0 / self.vae.config.scaling_factor).sample
         return x0
@@ -274,7 +316,7 @@ class TurboDistillation(pl.LightningModule):
         # 1. The student's one-step x_0 from real data noised at a student timestep (ADD, Section 3.1).
         choice = torch.randint(0, len(self.student_timesteps), (size,), device=self.device)
         t_student = torch.tensor(self.student_timesteps, device=self.device)[choice]
-        x_student = add_noise(x0, torch.randn_like(x0), self.alphas_cumprod, t_student)
+        x_student = self.noised(x0, t_student)
         student_x0 = self.x0_of(self.net, x_student, t_student, condition)
 
         # 2. Student update: fool the discriminator, and match the teacher's x_0 of a re-noised output.
@@ -283,10 +325,14 @@ class TurboDistillation(pl.LightningModule):
         adversarial_loss = hinge_generator_loss(
             self.discriminator(self.discriminator_view(student_x0, t_disc), t_disc, **condition)
         )
-        t = torch.randint(0, steps, (size,), device=self.device)
-        x_t = add_noise(student_x0.detach(), torch.randn_like(x0), self.alphas_cumprod, t)
+        if isinstance(self.objective, FlowMatching):
+            t = torch.rand(size, device=self.device) * self.objective.num_train_timesteps
+            weight = weight_from_alpha_sigma(self.distill_weighting, *flow_alpha_sigma(t / steps))
+        else:
+            t = torch.randint(0, steps, (size,), device=self.device)
+            weight = distillation_weight(self.distill_weighting, self.alphas_cumprod, t)
+        x_t = self.noised(student_x0.detach(), t)
         teacher_x0 = self.teacher_x0(x_t, t, condition)
-        weight = distillation_weight(self.distill_weighting, self.alphas_cumprod, t)
         distill_loss = (weight * (student_x0.float() - teacher_x0.float()).pow(2).flatten(1).mean(dim=1)).mean()
         loss = adversarial_loss + self.distill_weight * distill_loss
         optimizer_student.zero_grad(set_to_none=True)
@@ -338,6 +384,9 @@ class TurboDistillation(pl.LightningModule):
         if not isinstance(self.discriminator.backbone, UNetEncoderFeatures):
             return torch.zeros(size, dtype=torch.long, device=self.device)
         steps = self.schedule.num_train_timesteps
+        if isinstance(self.objective, FlowMatching):  # LADD's logit-normal t itself, as a network timestep
+            draws = torch.randn(size, device=self.device) * self.disc_noise_std + self.disc_noise_mean
+            return torch.sigmoid(draws) * self.objective.num_train_timesteps
         return high_noise_timesteps(size, steps, self.disc_noise_mean, self.disc_noise_std, self.device)
 
     def real_features(
@@ -367,11 +416,20 @@ class TurboDistillation(pl.LightningModule):
     # ----- sampling -----------------------------------------------------------------------------------------
 
     def student_scheduler(self) -> SchedulerMixin:
-        """DDIM at trailing timesteps, as the exported pipeline samples (no guidance, eta 0)."""
+        """DDIM at trailing timesteps, as the exported pipeline samples (no guidance, eta 0); FlowMatchEuler for the
+        student of a flow-matching teacher."""
+        if isinstance(self.objective, FlowMatching):
+            return make_scheduler(FlowMatchEulerDiscreteScheduler, self.schedule, "epsilon", self.objective)
         scheduler = make_scheduler(DDIMScheduler, self.schedule, self.student_prediction_type)
         if self.vae is not None:
             scheduler = for_latents(scheduler)
         return reconfigured(scheduler, STUDENT_SCHEDULER)
+
+    def flow_student_timesteps(self, steps: int) -> list[float]:
+        """The network timesteps a flow student's scheduler visits in `steps` steps."""
+        scheduler = self.student_scheduler()
+        scheduler.set_timesteps(steps)
+        return scheduler.timesteps.tolist()
 
     @torch.no_grad()
     def generate(
@@ -406,7 +464,9 @@ class TurboDistillation(pl.LightningModule):
         student = {n: self.generate(self.net, self.student_scheduler(), seeds, n, labels, prompts) for n in columns}
         key = tuple(int(seed) for seed in seeds)
         if key not in self._teacher_previews:
-            scheduler = make_scheduler(sampler, self.schedule, self.prediction_type)
+            if isinstance(self.objective, FlowMatching) and not is_flow_sampler(sampler):
+                sampler = FlowMatchEulerDiscreteScheduler  # the grid's DDPM sampler cannot run a flow teacher
+            scheduler = make_scheduler(sampler, self.schedule, self.prediction_type, self.objective)
             if self.vae is not None:
                 scheduler = for_latents(scheduler)
             guidance = self.teacher_guidance_scale if self.text_encoder is not None else 1.0
@@ -446,7 +506,8 @@ class TurboDistillation(pl.LightningModule):
             "teacher_prediction_type": self.prediction_type,
             "class_names": self.class_names,
             "student_timesteps": self.student_timesteps,
-            "scheduler_overrides": dict(STUDENT_SCHEDULER),
+            "scheduler_overrides": {} if isinstance(self.objective, FlowMatching) else dict(STUDENT_SCHEDULER),
+            "objective": self.objective.state(),
             "teacher": self.teacher_source,
         }
         if self.vae is not None and self.text_encoder is not None and self.tokenizer is not None:

@@ -1,0 +1,195 @@
+"""objective=flow_matching (issue 8): the objective object, sampler pairing, a pixel run, export, old checkpoints,
+and turbo distillation of a flow-matching teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from hydra.utils import instantiate
+from PIL import Image
+
+from lightdiff.config import ConfigError
+from lightdiff.diffusion import (
+    DDPM,
+    FlowMatching,
+    NoiseSchedule,
+    distillation_weight,
+    flow_alpha_sigma,
+    logit_normal_timesteps,
+    objective_from_state,
+    shift_timesteps,
+    weight_from_alpha_sigma,
+)
+from lightdiff.export import load_checkpoint_file, load_denoiser
+from lightdiff.methods.pixel import PixelDiffusion
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import generate, generators_for, make_scheduler
+from lightdiff.train import run as train_run
+
+from .conftest import TINY, compose_config
+
+SCHEDULE = NoiseSchedule("linear", 1000, 1e-4, 0.02)
+
+
+def _tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[8, 16],
+        down_block_types=["DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
+def _pixels(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("0*.png"))])
+
+
+def test_training_times_are_shifted_logit_normal_draws_and_state_round_trips() -> None:
+    objective = FlowMatching(logit_mean=0.3, logit_std=0.7, shift=3.0)
+    drawn = objective.training_times(5, generator=torch.Generator().manual_seed(4))
+    expected = shift_timesteps(logit_normal_timesteps(5, 0.3, 0.7, torch.Generator().manual_seed(4)), 3.0)
+    torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
+    torch.testing.assert_close(objective.network_timesteps(torch.tensor([0.25, 1.0])), torch.tensor([250.0, 1000.0]))
+    assert objective_from_state(objective.state()) == objective
+    assert objective_from_state(None) == DDPM() and objective_from_state({"name": "ddpm"}) == DDPM()
+    with pytest.raises(ValueError, match="unknown objective 'edm'"):
+        objective_from_state({"name": "edm"})
+    with pytest.raises(ValueError, match="objective.shift=0"):
+        FlowMatching(shift=0)
+
+
+def test_flow_distillation_weights_are_the_ddpm_formulas_on_the_flow_path() -> None:
+    t = torch.tensor([0.1, 0.5, 0.9])
+    alpha, sigma = flow_alpha_sigma(t)
+    torch.testing.assert_close(weight_from_alpha_sigma("alpha_bar", alpha, sigma), (1 - t) ** 2)
+    torch.testing.assert_close(weight_from_alpha_sigma("sds", alpha, sigma), (1 - t) * t / 2)
+    # The DDPM entry point is the same function on (sqrt(alpha_bar), sqrt(1 - alpha_bar)).
+    alphas_cumprod, timesteps = SCHEDULE.alphas_cumprod().float(), torch.tensor([10, 500])
+    alpha_bar = alphas_cumprod[timesteps]
+    torch.testing.assert_close(
+        distillation_weight("sds", alphas_cumprod, timesteps), (alpha_bar * (1 - alpha_bar)).sqrt() / 2
+    )
+
+
+def test_sampler_and_objective_must_match() -> None:
+    flow = FlowMatching(shift=2.0)
+    with pytest.raises(ConfigError, match="DDIMScheduler is a DDPM sampler.*use sampler=flow_euler"):
+        make_scheduler(DDIMScheduler, SCHEDULE, "epsilon", flow)
+    with pytest.raises(ConfigError, match="FlowMatchEulerDiscreteScheduler integrates a flow.*objective=ddpm"):
+        make_scheduler(FlowMatchEulerDiscreteScheduler, SCHEDULE, "epsilon")
+    factory = instantiate(compose_config("sample", ["ckpt=x", "sampler=flow_euler"]).sampler)
+    scheduler = make_scheduler(factory, SCHEDULE, "epsilon", flow)
+    assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and scheduler.config.shift == 2.0  # the training's
+    own = instantiate(compose_config("sample", ["ckpt=x", "sampler=flow_euler", "+sampler.shift=3.0"]).sampler)
+    assert make_scheduler(own, SCHEDULE, "epsilon", flow).config.shift == 3.0  # the sampler's own wins
+
+
+def test_flow_training_step_regresses_the_velocity_at_t_times_1000(monkeypatch: pytest.MonkeyPatch) -> None:
+    objective = FlowMatching(shift=3.0)
+    module = PixelDiffusion(net=_tiny_unet(), schedule=SCHEDULE, objective=objective)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(module, "optimizers", lambda: SimpleNamespace(param_groups=[{"lr": 0.0}]))
+    seen = {}
+    module.net.register_forward_hook(lambda net, args, output: seen.update(x_t=args[0], timesteps=args[1]))
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    torch.manual_seed(7)
+    loss = module.training_step({"pixel_values": x0, "label": torch.zeros(4, dtype=torch.long)}, 0)
+    torch.manual_seed(7)  # the same draws, in the method's order: noise, then t
+    noise = torch.randn_like(x0)
+    t = objective.training_times(4)
+    torch.testing.assert_close(seen["timesteps"], t * 1000)
+    torch.testing.assert_close(seen["x_t"], (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise)
+    with torch.no_grad():
+        prediction = module.net(seen["x_t"], seen["timesteps"]).sample
+    torch.testing.assert_close(loss, ((prediction - (noise - x0)) ** 2).mean())
+    with pytest.raises(ConfigError, match="model.prediction_type='v_prediction'.*objective=ddpm"):
+        PixelDiffusion(net=_tiny_unet(), schedule=SCHEDULE, objective=objective, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def flow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("flow")
+    overrides = [f"output_root={root}", *TINY, "run_name=flow", "trainer.max_steps=2", "objective=flow_matching"]
+    cfg = compose_config("train", overrides)
+    assert cfg.sampler._target_ == "diffusers.FlowMatchEulerDiscreteScheduler"  # the objective picks the grid sampler
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_flow_checkpoint_needs_the_flow_sampler_and_exports_to_ddpm_pipeline(flow_ckpt: Path, tmp_path: Path) -> None:
+    assert load_checkpoint_file(flow_ckpt)["lightdiff"]["objective"] == FlowMatching().state()
+    with pytest.raises(ConfigError, match="use sampler=flow_euler"):  # sample.yaml's default sampler is DDIM
+        sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"out={tmp_path / 'x'}"]))
+    assert not (tmp_path / "x").exists()
+    flow = ["sampler=flow_euler", "num_images=3", "steps=4"]
+    from_ckpt = _pixels(sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"out={tmp_path / 'a'}", *flow])))
+    folder = sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"export={tmp_path / 'pipe'}", *flow]))
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert json.loads((folder / "lightdiff.json").read_text())["objective"]["name"] == "flow_matching"
+    from_export = _pixels(sample_run(compose_config("sample", [f"ckpt={folder}", f"out={tmp_path / 'b'}", *flow])))
+    assert np.array_equal(from_ckpt, from_export) and from_ckpt.std() > 0
+    # Plain diffusers: DDPMPipeline's loop runs the exported FlowMatchEuler scheduler to the same images.
+    pipeline = DDPMPipeline.from_pretrained(folder)
+    assert isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+    theirs = pipeline(batch_size=3, generator=generators_for([0, 1, 2]), num_inference_steps=4, output_type="np").images
+    denoiser = load_denoiser(flow_ckpt)
+    scheduler = make_scheduler(FlowMatchEulerDiscreteScheduler, denoiser.schedule, "epsilon", denoiser.objective)
+    ours = generate(denoiser.net, scheduler, 4, generators_for([0, 1, 2])).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_resuming_with_another_objective_is_refused(flow_ckpt: Path) -> None:
+    checkpoint = load_checkpoint_file(flow_ckpt)
+    with pytest.raises(ConfigError, match="trained with objective=flow_matching, this config says objective=ddpm"):
+        PixelDiffusion(net=_tiny_unet(), schedule=SCHEDULE).on_load_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_from_before_objectives_loads_as_ddpm(tmp_path: Path) -> None:
+    net = _tiny_unet()
+    meta = {
+        "format": 1,
+        "method": "pixel",
+        "net_class": "UNet2DModel",
+        "net_config": {k: v for k, v in net.config.items() if not k.startswith("_")},
+        "schedule": dict(vars(SCHEDULE)),
+        "prediction_type": "epsilon",
+        "class_names": None,
+    }
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "lightdiff": meta}, tmp_path / "a")
+    denoiser = load_denoiser(tmp_path / "a")
+    assert denoiser.objective == DDPM()
+    out = sample_run(compose_config("sample", [f"ckpt={tmp_path / 'a'}", f"out={tmp_path / 'o'}", "num_images=2"]))
+    assert len(_pixels(out)) == 2  # the default DDIM sampler serves it, as before
+
+
+def test_turbo_distils_a_flow_matching_teacher(flow_ckpt: Path, tmp_path: Path) -> None:
+    overrides = [f"output_root={tmp_path}", *TINY, "model=turbo", f"model.teacher={flow_ckpt}", "model.teacher_steps=2"]
+    trainer = train_run(compose_config("train", [*overrides, "run_name=student", "trainer.max_steps=2"]))
+    module = trainer.lightning_module
+    assert module.student_timesteps == [1000.0, 667.0, 334.0, 1.0]  # FlowMatchEuler's 4 steps (1 and 2 are among them)
+    assert isinstance(module.student_scheduler(), FlowMatchEulerDiscreteScheduler)
+    teacher = load_denoiser(flow_ckpt).net.state_dict()
+    assert any(not torch.equal(value, teacher[name]) for name, value in module.net.state_dict().items())
+    assert all(torch.isfinite(value) for key, value in trainer.callback_metrics.items() if key.startswith("train/"))
+    ckpt = Path(tmp_path / "student" / "checkpoints" / "last.ckpt")
+    meta = load_checkpoint_file(ckpt)["lightdiff"]
+    assert meta["objective"]["name"] == "flow_matching" and meta["scheduler_overrides"] == {}
+    one_step = sample_run(
+        compose_config(
+            "sample", [f"ckpt={ckpt}", f"out={tmp_path / 's'}", "sampler=flow_euler", "steps=1", "num_images=2"]
+        )
+    )
+    assert _pixels(one_step).shape == (2, 16, 16, 3)
+    with pytest.raises(ConfigError, match="model.student_timesteps / model.student_prediction_type are for DDPM"):
+        train_run(compose_config("train", [*overrides, "run_name=bad", "model.student_timesteps=[999]"]))
