@@ -1,8 +1,8 @@
 """Sampling latency and throughput of lightdiff (what `python sample.py` runs per batch) against diffusers' own
 pipeline on the same network, scheduler, steps and seeds, in one process.
 
-    python experiments/sampling_speed/benchmark.py [--steps 50] [--repeats 5] [--device cpu|cuda] [--speed-path]
-        [overrides ...]
+    python experiments/sampling_speed/benchmark.py [--ckpt PATH] [--steps 50] [--repeats 5] [--device cpu|cuda]
+        [--speed-path] [overrides ...]
 
 Rows, each at batch 1 (latency) and batch 16 (images/s):
 - diffusers DDIMPipeline: `pipeline(batch_size, generator=[...], num_inference_steps, output_type="np")`, eager fp32;
@@ -11,7 +11,8 @@ Rows, each at batch 1 (latency) and batch 16 (images/s):
   on a GPU, and compile; its first (compiling) call is warm-up, not timed.
 Goal (issue 7): lightdiff eager >= 1.0x the pipeline; with compile on GPU >= 2x. Both draw the same images: the
 script checks that lightdiff eager and the pipeline agree to 1/255 before timing. Calls alternate between rows;
-the median of `--repeats` calls is reported. The network has random weights (speed does not depend on them).
+the median of `--repeats` calls is reported. The network is an unconditional checkpoint's (`--ckpt`), or the
+config's `net` with random weights, which times the same but makes the speed path's difference meaningless.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from omegaconf import open_dict
 
 import lightdiff.config  # noqa: F401  (registers the config resolvers)
 from lightdiff.config import build
-from lightdiff.diffusion import NoiseSchedule
+from lightdiff.export import load_denoiser
 from lightdiff.sampling import generate, generators_for, make_scheduler, to_uint8
 from lightdiff.speed import SamplingSpeed
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--speed-path", action="store_true", help="add the compiled (and on GPU bf16) row")
+    parser.add_argument("--ckpt", help="an unconditional pixel checkpoint (default: the config's net, random weights)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config, e.g. net=unet_small")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -66,10 +68,17 @@ def main() -> None:
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-    torch.manual_seed(0)
-    net = build(cfg.net).to(device).eval()
-    schedule: NoiseSchedule = build(cfg.schedule)
-    scheduler = make_scheduler(DDIMScheduler, schedule, "epsilon")
+    if args.ckpt:
+        # Trained weights: the numerical check of the speed path is only meaningful on a model that denoises
+        # (a random network's 50-step trajectories are chaotic, so any rounding change moves the images).
+        denoiser = load_denoiser(args.ckpt)
+        if getattr(denoiser.net.config, "num_class_embeds", None) is not None:
+            raise SystemExit(f"{args.ckpt}: DDIMPipeline passes no class labels; give an unconditional model")
+        net, schedule, prediction_type = denoiser.net.to(device).eval(), denoiser.schedule, denoiser.prediction_type
+    else:
+        torch.manual_seed(0)
+        net, schedule, prediction_type = build(cfg.net).to(device).eval(), build(cfg.schedule), "epsilon"
+    scheduler = make_scheduler(DDIMScheduler, schedule, prediction_type)
     pipeline = DDIMPipeline(unet=net, scheduler=copy.deepcopy(scheduler)).to(device)
     pipeline.set_progress_bar_config(disable=True)
 
@@ -123,7 +132,8 @@ def main() -> None:
         f"{diffusers.__version__}; commit {commit.stdout.strip()}"
     )
     print(
-        f"net {cfg.net._target_.split('.')[-1]} {list(cfg.net.block_out_channels)}, {cfg.data.resolution} px, DDIM "
+        f"net {type(net).__name__} {list(net.config.block_out_channels)} ({args.ckpt or 'random weights'}), "
+        f"{net.config.sample_size} px, DDIM "
         f"{args.steps} steps, median of {args.repeats} calls; {speed_description}\n"
     )
     print("| row | batch 1 latency (s) | vs pipeline | batch 16 (s) | images/s at 16 | vs pipeline |")

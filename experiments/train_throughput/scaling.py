@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     base = ["trainer=cpu" if device.type == "cpu" else "trainer=gpu", *args.overrides]
-    print("| resolution \\\\ batch | " + " | ".join(str(b) for b in args.batches) + " |")
+    print("| resolution / batch | " + " | ".join(str(b) for b in args.batches) + " |")
     print("| --- |" + " --- |" * len(args.batches))
     for resolution in args.resolutions:
         cells = []

@@ -207,7 +207,7 @@ def run(cfg: DictConfig) -> Path:
         seconds,
         cfg.num_images / seconds,
         seconds / -(-cfg.num_images // cfg.batch_size),
-        cfg.batch_size,
+        min(cfg.batch_size, cfg.num_images),
         cfg.steps,
     )
     image_grid(np.concatenate(all_pixels)).save(out / "grid.png")

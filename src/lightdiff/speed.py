@@ -116,7 +116,8 @@ def prepare_for_sampling(
     dtype, memory format, fused QKV projections, weight quantisation, then compilation of the result."""
     if dtype not in DTYPES:
         raise ConfigError(f"speed.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    net.to(dtype=DTYPES[dtype])
+    if next(net.parameters()).dtype != DTYPES[dtype]:  # diffusers warns on every cast, even a no-op one
+        net.to(dtype=DTYPES[dtype])
     if channels_last:
         net.to(memory_format=torch.channels_last)
     if fuse_qkv:
