@@ -24,6 +24,7 @@ load on this shared machine moves less than a total would. Prints a markdown tab
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lightdiff.config  # noqa: F401  (registers the config resolvers)
 from lightdiff.config import build
@@ -127,13 +128,15 @@ def loop_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch.devi
 
 
 def lightdiff_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch.device, variant: str) -> list[float]:
-    """variant: bare | defaults | speed path."""
-    overrides = {
-        "bare": ["model.channels_last=false", "model.fused_adamw=false", "trainer.precision=32-true"],
-        "defaults": [],
-        "speed path": ["model.compile=true"],
+    """variant: bare | defaults | speed path (`cfg` is a composed config, or a run's resolved config.yaml)."""
+    cfg = copy.deepcopy(cfg)
+    changes = {
+        "bare": {"model.channels_last": False, "model.fused_adamw": False, "trainer.precision": "32-true"},
+        "defaults": {},
+        "speed path": {"model.compile": True},
     }[variant]
-    cfg = make_config([*OVERRIDES, *overrides])
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = build(cfg.data)
     model = build(cfg.model)
@@ -159,9 +162,6 @@ def lightdiff_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch
     return clock.times
 
 
-OVERRIDES: list[str] = []  # the command line's Hydra overrides, shared by every variant
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
@@ -172,8 +172,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=32")
     args = parser.parse_args()
     device = torch.device(args.device)
-    OVERRIDES[:] = ["trainer=cpu" if device.type == "cpu" else "trainer=gpu", *args.overrides]
-    cfg = make_config(OVERRIDES)
+    cfg = make_config(["trainer=cpu" if device.type == "cpu" else "trainer=gpu", *args.overrides])
     variants: dict[str, Callable[[], list[float]]] = {
         "plain PyTorch loop": lambda: loop_step_times(cfg, args.steps, args.warmup, device, example=False),
         "diffusers example loop": lambda: loop_step_times(cfg, args.steps, args.warmup, device, example=True),

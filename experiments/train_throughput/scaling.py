@@ -14,7 +14,7 @@ import argparse
 import statistics
 
 import torch
-from benchmark import OVERRIDES, lightdiff_step_times, make_config
+from benchmark import lightdiff_step_times, make_config
 
 
 def main() -> None:
@@ -33,8 +33,8 @@ def main() -> None:
     for resolution in args.resolutions:
         cells = []
         for batch in args.batches:
-            OVERRIDES[:] = [*base, f"data.resolution={resolution}", f"data.batch_size={batch}"]
-            times = lightdiff_step_times(make_config(OVERRIDES), args.steps, args.warmup, device, "defaults")
+            cfg = make_config([*base, f"data.resolution={resolution}", f"data.batch_size={batch}"])
+            times = lightdiff_step_times(cfg, args.steps, args.warmup, device, "defaults")
             seconds = statistics.median(times)
             cells.append(f"{seconds * 1e3:.0f} ms, {batch / seconds:.0f} img/s")
         print(f"| {resolution} px | " + " | ".join(cells) + " |")

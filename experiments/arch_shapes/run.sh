@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Reproduce experiments/arch_shapes: UNet vs DiT (class-conditional pixels) and UNet vs MMDiT (text-conditioned
+# latents) at similar parameter counts, all trained with flow matching for the same steps, batch and learning rate,
+# then judged side by side in one process (compare.py).
+# Usage: bash experiments/arch_shapes/run.sh [STEPS]   (from the repository root)
+set -euo pipefail
+steps=${1:-2000}
+common="objective=flow_matching trainer.max_steps=$steps logger=csv"
+# Two runs at a time, one thread each, on a 2-core machine.
+OMP_NUM_THREADS=1 python train.py experiment=shapes_class run_name=arch_unet_pixel $common &
+OMP_NUM_THREADS=1 python train.py net=dit run_name=arch_dit_pixel $common &
+wait
+OMP_NUM_THREADS=1 python train.py model=latent run_name=arch_unet_latent $common &
+OMP_NUM_THREADS=1 python train.py model=latent net=mmdit run_name=arch_mmdit_latent $common &
+wait
+python experiments/arch_shapes/compare.py outputs/arch_unet_pixel outputs/arch_dit_pixel outputs/arch_unet_latent \
+    outputs/arch_mmdit_latent
