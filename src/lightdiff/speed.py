@@ -142,7 +142,7 @@ def quantize_weights(net: torch.nn.Module, quantize: Quantization) -> None:
             quantize_,
         )
     except ImportError as error:
-        raise ConfigError(f"speed.quantize={quantize}: needs torchao (pip install "lightdiff[quant]")") from error
+        raise ConfigError(f"speed.quantize={quantize}: needs torchao (pip install 'lightdiff[quant]')") from error
     if quantize == "fp8":
         device = next(net.parameters()).device
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
