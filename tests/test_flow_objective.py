@@ -193,3 +193,23 @@ def test_turbo_distils_a_flow_matching_teacher(flow_ckpt: Path, tmp_path: Path) 
     assert _pixels(one_step).shape == (2, 16, 16, 3)
     with pytest.raises(ConfigError, match="model.student_timesteps / model.student_prediction_type are for DDPM"):
         train_run(compose_config("train", [*overrides, "run_name=bad", "model.student_timesteps=[999]"]))
+
+
+def test_noisy_batch_of_each_objective_matches_its_closed_form() -> None:
+    from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, noisy_batch
+
+    torch.manual_seed(0)
+    x0, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    alphas_cumprod = NoiseSchedule(beta_schedule="linear").alphas_cumprod().float()
+    flow = noisy_batch(FlowMatching(shift=3.0), x0, noise, alphas_cumprod, "epsilon", "none", 5.0)
+    t = (flow.timesteps / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(flow.x_t, (1 - t) * x0 + t * noise)
+    torch.testing.assert_close(flow.target, noise - x0)
+    assert torch.equal(flow.weight, torch.ones(6)) and bool(((t > 0) & (t < 1)).all())
+    ddpm = noisy_batch(DDPM(), x0, noise, alphas_cumprod, "v_prediction", "min_snr", 5.0)
+    assert ddpm.timesteps.dtype == torch.int64 and int(ddpm.timesteps.max()) < 1000
+    alpha_bar = alphas_cumprod[ddpm.timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(ddpm.x_t, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
+    torch.testing.assert_close(ddpm.target, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0)
+    snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
+    torch.testing.assert_close(ddpm.weight, torch.clamp(snr, max=5.0) / (snr + 1))  # min-SNR for v (Hang et al.)

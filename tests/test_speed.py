@@ -280,3 +280,13 @@ def test_int8_weight_quantisation_stays_close() -> None:
     assert type(linear.weight).__module__.startswith("torchao")  # the weight is now torchao's int8 tensor
     relative = (quantized - reference).abs().mean() / reference.abs().mean()
     assert 0 < float(relative) < 5e-2  # int8 moved the outputs, a little
+
+
+def test_quantisation_without_torchao_says_how_to_get_it() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"speed\.quantize=int8_dynamic: needs torchao"):
+            prepare_for_sampling(tiny_cond_unet(), "float32", False, False, "int8_dynamic", False)
+    else:
+        pytest.skip("torchao is installed")

@@ -34,6 +34,7 @@ from lightdiff.diffusion.objectives import (
     weighted_mse,
 )
 from lightdiff.diffusion.schedules import BetaScheduleName, NoiseSchedule
+from lightdiff.diffusion.training import NoisyBatch, noisy_batch
 
 __all__ = [
     "DDPM",
@@ -42,6 +43,7 @@ __all__ = [
     "FlowMatching",
     "LossWeighting",
     "NoiseSchedule",
+    "NoisyBatch",
     "Objective",
     "PredictionType",
     "add_noise",
@@ -53,6 +55,7 @@ __all__ = [
     "logit_normal_timesteps",
     "loss_weight",
     "min_snr_weight",
+    "noisy_batch",
     "objective_from_state",
     "offset_noise",
     "predicted_x0",

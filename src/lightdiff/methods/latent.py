@@ -29,18 +29,13 @@ from lightdiff.data import ImageDataModule
 from lightdiff.data.latent_cache import text_encoder_fingerprint
 from lightdiff.diffusion import (
     DDPM,
-    FlowMatching,
     LossWeighting,
     NoiseSchedule,
     Objective,
     PredictionType,
-    add_noise,
     check_objective,
-    interpolate,
-    loss_weight,
+    noisy_batch,
     offset_noise,
-    training_target,
-    velocity_target,
     weighted_mse,
 )
 from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
@@ -202,23 +197,17 @@ class LatentDiffusion(pl.LightningModule):
         else:
             text = self.encode_condition(captions)
         noise = offset_noise(torch.randn_like(latents), self.offset_noise)
-        if isinstance(self.objective, FlowMatching):
-            # Rectified flow: z_t = (1 - t) x_0 + t eps, regress the velocity eps - x_0 (SD3, Equations 3 and 6),
-            # t logit-normal and shifted; the network sees t * 1000.
-            t = self.objective.training_times(latents.shape[0]).to(latents.device)
-            noisy = interpolate(latents, noise, t)
-            timesteps = self.objective.network_timesteps(t)
-            target = velocity_target(latents, noise)
-            weight = torch.ones_like(t)
-        else:
-            timesteps = torch.randint(0, self.schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
-            noisy = add_noise(latents, noise, self.alphas_cumprod, timesteps)
-            target = training_target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
-            weight = loss_weight(
-                self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
-            )
-        prediction = denoiser_output(self.net, noisy, timesteps, text=text)
-        loss = weighted_mse(prediction, target, weight)
+        example = noisy_batch(
+            self.objective,
+            latents,
+            noise,
+            self.alphas_cumprod,
+            self.prediction_type,
+            self.loss_weighting,
+            self.min_snr_gamma,
+        )
+        prediction = denoiser_output(self.net, example.x_t, example.timesteps, text=text)
+        loss = weighted_mse(prediction, example.target, example.weight)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/cond_dropped", sum(c == "" for c in captions) / len(captions))

@@ -19,14 +19,10 @@ from lightdiff.diffusion import (
     NoiseSchedule,
     Objective,
     PredictionType,
-    add_noise,
     check_objective,
-    interpolate,
-    loss_weight,
+    noisy_batch,
     objective_from_state,
     offset_noise,
-    training_target,
-    velocity_target,
     weighted_mse,
 )
 from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
@@ -114,23 +110,17 @@ class PixelDiffusion(pl.LightningModule):
         x0 = batch["pixel_values"]
         labels = batch["label"] if num_classes(self.net) is not None else None
         noise = offset_noise(torch.randn_like(x0), self.offset_noise)
-        if isinstance(self.objective, FlowMatching):
-            # Rectified flow: z_t = (1 - t) x_0 + t eps, regress the velocity eps - x_0 (SD3, Equations 3 and 6),
-            # t logit-normal and shifted; the network sees t * 1000.
-            t = self.objective.training_times(x0.shape[0]).to(x0.device)
-            x_t = interpolate(x0, noise, t)
-            timesteps = self.objective.network_timesteps(t)
-            target = velocity_target(x0, noise)
-            weight = torch.ones_like(t)
-        else:
-            timesteps = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
-            x_t = add_noise(x0, noise, self.alphas_cumprod, timesteps)
-            target = training_target(self.prediction_type, x0, noise, self.alphas_cumprod, timesteps)
-            weight = loss_weight(
-                self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
-            )
-        prediction = denoiser_output(self.net, x_t, timesteps, class_labels=labels)
-        loss = weighted_mse(prediction, target, weight)
+        example = noisy_batch(
+            self.objective,
+            x0,
+            noise,
+            self.alphas_cumprod,
+            self.prediction_type,
+            self.loss_weighting,
+            self.min_snr_gamma,
+        )
+        prediction = denoiser_output(self.net, example.x_t, example.timesteps, class_labels=labels)
+        loss = weighted_mse(prediction, example.target, example.weight)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # the rate this step's update uses
         return loss
