@@ -1,5 +1,5 @@
 """Transformer backbones (issue 8): presets, adaLN-Zero gates, both MMDiT streams learning, the SD3 text layout,
-2-step runs of each new config, export round trips."""
+PixArt's text path learning, 2-step runs of each new config, export round trips."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from diffusers import (
     AutoencoderKL,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
+    PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -42,6 +43,16 @@ SMALL_MMDIT = [
     "net.joint_attention_dim=32",
     "net.pooled_projection_dim=32",
 ]
+# A smaller PixArt and text encoder than the presets.
+SMALL_PIXART = [
+    "model.text_hidden_size=16",
+    "model.text_layers=2",
+    "model.text_heads=2",
+    "net.num_layers=2",
+    "net.attention_head_dim=8",
+    "net.caption_channels=16",
+    "net.cross_attention_dim=32",
+]
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -58,6 +69,7 @@ def _net(*overrides: str) -> torch.nn.Module:
     [
         (["net=dit"], DiTTransformer2DModel, ["net=unet_tiny", "net.num_class_embeds=24"]),
         (["model=latent", "net=mmdit"], SD3Transformer2DModel, ["model=latent"]),
+        (["model=latent", "net=dit"], PixArtTransformer2DModel, ["model=latent"]),  # net=dit picks PixArt for text
     ],
 )
 def test_presets_build_diffusers_transformers_the_size_of_the_unets(
@@ -102,9 +114,19 @@ def _mmdit_inputs(net: SD3Transformer2DModel) -> dict:
     }
 
 
+def _pixart_inputs(net: PixArtTransformer2DModel) -> dict:
+    generator = torch.Generator().manual_seed(2)
+    return {
+        "x_t": torch.randn(2, 4, 8, 8, generator=generator),
+        "timesteps": torch.tensor([100.0, 900.0]),
+        "text": TextCondition(torch.randn(2, 5, net.config.caption_channels, generator=generator)),
+    }
+
+
 def test_gates_start_at_zero_so_each_block_returns_its_input_streams() -> None:
     mmdit = _net("model=latent", "net=mmdit")
     dit = _net("net=dit")
+    pixart = _net("model=latent", "net=dit")
     dit_inputs = {
         "x_t": torch.randn(2, 3, 16, 16),
         "timesteps": torch.tensor([3, 700]),
@@ -113,10 +135,17 @@ def test_gates_start_at_zero_so_each_block_returns_its_input_streams() -> None:
     # diffusers leaves the modulation at nn.Linear's random init: the blocks are not the identity...
     assert not all(_blocks_return_their_inputs(mmdit, _mmdit_inputs(mmdit)))
     assert not all(_blocks_return_their_inputs(dit, dit_inputs))
-    # ...until lightdiff zeroes it (DiT's adaLN-Zero): every block's output equals its input, in both streams.
-    for net, inputs in ((zero_adaln_gates(mmdit), _mmdit_inputs(mmdit)), (zero_adaln_gates(dit), dit_inputs)):
-        same = _blocks_return_their_inputs(net, inputs)
+    assert not any(_blocks_return_their_inputs(pixart, _pixart_inputs(pixart)))  # and PixArt's cross-attention
+    # ...until lightdiff zeroes it (DiT's adaLN-Zero): every block's output equals its input, in both streams;
+    # PixArt's adaLN-single tables and shared timestep projection, and its ungated cross-attention's output, too.
+    zeroed = ((mmdit, _mmdit_inputs), (dit, lambda _: dit_inputs), (pixart, _pixart_inputs))
+    for net, inputs in zeroed:
+        same = _blocks_return_their_inputs(zero_adaln_gates(net), inputs(net))
         assert same and all(same)
+    assert len(_blocks_return_their_inputs(pixart, _pixart_inputs(pixart))) == pixart.config.num_layers
+    assert not pixart.adaln_single.linear.weight.any() and not pixart.adaln_single.linear.bias.any()
+    assert all(not b.scale_shift_table.any() and not b.attn2.to_out[0].weight.any() for b in pixart.transformer_blocks)
+    assert pixart.scale_shift_table.any()  # the final layer's shift and scale keep diffusers' init, as a DiT's do
     assert len(_blocks_return_their_inputs(mmdit, _mmdit_inputs(mmdit))) == 2 * mmdit.config.num_layers - 1
     gates = [m.linear for m in mmdit.modules() if type(m).__name__ == "AdaLayerNormZero"]
     assert len(gates) == 2 * mmdit.config.num_layers - 1  # image and text stream of each block, no text in the last
@@ -147,6 +176,34 @@ def test_both_streams_receive_gradients_once_the_gates_open() -> None:
         optimizer.step()
     for parameter in image_stream + text_stream + pooled + text_gates:
         assert parameter.grad.abs().sum() > 0
+
+
+def test_pixart_text_path_and_blocks_receive_gradients_once_the_gates_open() -> None:
+    captions = ["a red circle", "a blue square"]
+    tokenizer = build_caption_tokenizer(captions * 3, vocab_size=300, model_max_length=8)
+    torch.manual_seed(0)
+    encoder = text_encoder_from_scratch(tokenizer, 16, 2, 2, 32)
+    net = zero_adaln_gates(_net("model=latent", "net=dit", *SMALL_PIXART))
+    optimizer = torch.optim.AdamW([*net.parameters(), *encoder.parameters()], lr=1e-3)
+    block = net.transformer_blocks[0]
+    cross_output = [b.attn2.to_out[0].weight for b in net.transformer_blocks]
+    gates = [b.scale_shift_table for b in net.transformer_blocks] + [net.adaln_single.linear.weight]
+    text_path = [block.attn2.to_k.weight, net.caption_projection.linear_1.weight, *encoder.parameters()]
+    blocks = [block.attn1.to_q.weight, block.ff.net[2].weight]
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for step in range(3):
+        noise, t = torch.randn_like(x0), torch.tensor([0.3, 0.8])
+        text = encode_text(net, tokenizer, encoder, captions)
+        prediction = denoiser_output(net, interpolate(x0, noise, t), t * 1000, text=text)
+        optimizer.zero_grad()
+        ((prediction - velocity_target(x0, noise)) ** 2).mean().backward()
+        if step == 0:  # closed: the gates and the cross-attention's zero output projection learn first; nothing
+            # passes back through that projection yet, so the text encoder waits a step, and so do the gated layers
+            assert all(p.grad.abs().sum() > 0 for p in gates + cross_output)
+            assert all(p.grad is None or not p.grad.any() for p in text_path + blocks)
+        optimizer.step()
+    for parameter in text_path + blocks + gates + cross_output:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
 
 
 def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
@@ -180,7 +237,9 @@ def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=latent", "net=dit"], "DiTTransformer2DModel takes no text"),
+        (["model=latent", "net=dit_tiny"], "DiTTransformer2DModel takes no text"),
+        (["model=latent", "net=dit", "net.caption_channels=32"], "net.caption_channels=32 differs .* hidden_size=64"),
+        (["model=latent", "net=dit", "net.cross_attention_dim=64"], "net.cross_attention_dim=64 must be the width"),
         (["net=mmdit"], "SD3Transformer2DModel is text-conditioned; model=pixel has no text"),
         (
             ["model=latent", "net=mmdit", "net.pooled_projection_dim=64"],
@@ -201,7 +260,10 @@ RUNS = {
     "dit_flow": ["net=dit", "objective=flow_matching"],
     "mmdit": ["model=latent", "net=mmdit", *SMALL_MMDIT],
     "mmdit_flow": ["model=latent", "net=mmdit", "objective=flow_matching", *SMALL_MMDIT],
+    "pixart": ["model=latent", "net=dit", *SMALL_PIXART],
+    "pixart_flow": ["model=latent", "net=dit", "objective=flow_matching", *SMALL_PIXART],
 }
+TEXT_RUNS = ("mmdit", "pixart")
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +286,16 @@ def _sampler(name: str) -> list[str]:
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_step_run_samples_the_same_from_checkpoint_and_export(name: str, runs: dict, tmp_path: Path) -> None:
     ckpt = runs[name]
-    text = ["prompt=a red circle"] if name.startswith("mmdit") else []
+    text = ["prompt=a red circle"] if name.startswith(TEXT_RUNS) else []
     options = ["num_images=2", "steps=3", *_sampler(name), *text]
     folder = sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={tmp_path / 'export'}", *_sampler(name)]))
     if name.startswith("mmdit"):
         assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    elif name.startswith("pixart"):  # the documented equivalent: PixArtAlphaPipeline expects a T5 text encoder
+        parts = {"transformer", "scheduler", "vae", "text_encoder", "tokenizer", "lightdiff.json"}
+        assert {p.name for p in folder.iterdir()} == parts
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        assert config["_class_name"] == "PixArtTransformer2DModel"
     else:  # the documented equivalent of a pixel DiT: no diffusers pipeline runs one without a VAE
         assert {p.name for p in folder.iterdir()} == {"transformer", "scheduler", "lightdiff.json"}
     pixels = []

@@ -12,7 +12,11 @@ Export layouts, by network and objective (the sampler is the scheduler written t
   trains one CLIPTextModelWithProjection, and SD3 concatenates the two encoders' outputs) and no T5; diffusers
   reproduces lightdiff's samples with `max_sequence_length=0` (no zero T5 tokens appended; see nets/denoiser.py);
 - pixel DiTTransformer2DModel: diffusers' DiTPipeline needs a VAE, so the documented equivalent is `transformer/` +
-  `scheduler/` + `lightdiff.json` without `model_index.json`; lightdiff's sample.py reads it like any export.
+  `scheduler/` + `lightdiff.json` without `model_index.json`; lightdiff's sample.py reads it like any export;
+- latent PixArtTransformer2DModel: diffusers' PixArtAlphaPipeline expects a T5 encoder and masked T5 states, lightdiff
+  trains a CLIPTextModel, so the documented equivalent is `transformer/` + `scheduler/` + `vae/` + `text_encoder/`
+  (CLIPTextModel) + `tokenizer/` (CLIPTokenizer) + `lightdiff.json`, without `model_index.json`: each part is a
+  diffusers / transformers folder (`from_pretrained`), and sample.py reads it back like any export.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from diffusers import (
     AutoencoderKL,
     DDPMPipeline,
     DiTTransformer2DModel,
+    PixArtTransformer2DModel,
     SchedulerMixin,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -47,6 +52,7 @@ NET_CLASSES: dict[str, type] = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "DiTTransformer2DModel": DiTTransformer2DModel,
     "SD3Transformer2DModel": SD3Transformer2DModel,
+    "PixArtTransformer2DModel": PixArtTransformer2DModel,
 }
 TEXT_ENCODER_CLASSES: dict[str, type] = {
     "CLIPTextModel": CLIPTextModel,
@@ -167,7 +173,7 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         uses_ema=bool(metadata.get("uses_ema", False)),
         objective=objective,
     )
-    if net_class in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+    if net_class in ("UNet2DConditionModel", "SD3Transformer2DModel", "PixArtTransformer2DModel"):
         for component in ("vae", "text_encoder", "tokenizer"):
             if not (folder / component).is_dir():
                 raise ValueError(f"{folder} has a text-conditioned {part} but no {component}/")
@@ -240,7 +246,8 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
 def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: str | Path) -> Path:
     """Write a diffusers pipeline folder (safetensors) with `scheduler` as its sampler: `StableDiffusionPipeline`
     for text-conditioned latent UNets, `StableDiffusion3Pipeline` for latent MMDiTs, `DDPMPipeline` for pixel UNets,
-    and `transformer/` + `scheduler/` for pixel DiTs (the layouts are described at the top of this module)."""
+    `transformer/` + `scheduler/` for pixel DiTs, and those plus `vae/`, `text_encoder/`, `tokenizer/` for latent
+    PixArts (the layouts are described at the top of this module)."""
     folder = Path(folder).expanduser()
     if isinstance(denoiser.net, SD3Transformer2DModel):
         vae = denoiser.vae
@@ -262,6 +269,13 @@ def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder
         pipeline = None  # no diffusers pipeline runs a pixel-space DiT: the parts alone (see the module docstring)
         denoiser.net.save_pretrained(folder / "transformer", safe_serialization=True)
         scheduler.save_pretrained(folder / "scheduler")
+    elif isinstance(denoiser.net, PixArtTransformer2DModel):
+        pipeline = None  # PixArtAlphaPipeline expects a T5 encoder: the parts alone (see the module docstring)
+        denoiser.net.save_pretrained(folder / "transformer", safe_serialization=True)
+        scheduler.save_pretrained(folder / "scheduler")
+        denoiser.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        denoiser.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        denoiser.tokenizer.save_pretrained(folder / "tokenizer")
     elif denoiser.is_text_model:
         pipeline = StableDiffusionPipeline(
             vae=denoiser.vae,

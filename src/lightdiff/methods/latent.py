@@ -3,8 +3,9 @@ text-encoder hidden states through the cross-attention of a `UNet2DConditionMode
 (Ho & Salimans 2022): captions are dropped to the empty prompt with probability `cond_drop_prob` while training.
 
 The denoiser may also be an MMDiT (`net=mmdit`: diffusers' SD3Transformer2DModel, joint attention over an image
-and a text stream, Esser et al. 2024), and the objective rectified flow (`objective=flow_matching`); text states are
-then made as StableDiffusion3Pipeline makes them (`lightdiff.nets.denoiser.encode_text`).
+and a text stream, Esser et al. 2024) or a single-stream DiT that cross-attends to the text (`net=dit`: diffusers'
+PixArtTransformer2DModel, Chen et al. 2023), and the objective rectified flow (`objective=flow_matching`); text
+states are then made as the family's pipeline makes them (`lightdiff.nets.denoiser.encode_text`).
 
 Text side, two ways: `pretrained=ID_OR_DIR` loads the tokenizer and text encoder of a diffusers pipeline (frozen
 unless `train_text_encoder`); without it, a tokenizer is built from the data set's captions and a small
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -68,7 +69,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def __init__(
         self,
-        net: UNet2DConditionModel | SD3Transformer2DModel,  # the denoiser (the `net` group), conditioned on the text
+        net: UNet2DConditionModel | SD3Transformer2DModel | PixArtTransformer2DModel,  # the denoiser, text-conditioned
         schedule: NoiseSchedule,  # the forward process of objective=ddpm (the `schedule` group)
         vae: str | None,  # AutoencoderKL folder or hub id, frozen; None: the VAE of `pretrained`
         objective: Objective = DDPM(),  # noqa: B008  ddpm | flow_matching (the `objective` group; frozen dataclass)
@@ -104,7 +105,7 @@ class LatentDiffusion(pl.LightningModule):
         if not takes_text(net):
             raise ConfigError(
                 f"net: {type(net).__name__} takes no text; model=latent needs a text-conditioned net (net=latent, "
-                "net=mmdit)"
+                "net=mmdit, net=dit)"
             )
         if pretrained is not None and load_pretrained_unet:
             net = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
@@ -352,7 +353,7 @@ def _load_vae(pretrained: str | None, vae: str | None) -> AutoencoderKL:
 
 
 def check_components(
-    net: UNet2DConditionModel | SD3Transformer2DModel,
+    net: UNet2DConditionModel | SD3Transformer2DModel | PixArtTransformer2DModel,
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
     resolution: int,
@@ -383,11 +384,20 @@ def check_components(
             )
         if vae.config.get("shift_factor"):
             raise ConfigError(f"the VAE's shift_factor={vae.config.shift_factor}: lightdiff does not shift latents")
+    if isinstance(net, PixArtTransformer2DModel):
+        width = net.config.num_attention_heads * net.config.attention_head_dim
+        if net.config.caption_channels is not None and net.config.cross_attention_dim != width:
+            raise ConfigError(
+                f"net.cross_attention_dim={net.config.cross_attention_dim} must be the width num_attention_heads x "
+                f"attention_head_dim={width}: the caption projection (net.caption_channels) maps the text to it"
+            )
+        if net.config.use_additional_conditions:
+            raise ConfigError("net.use_additional_conditions=true: lightdiff has no resolution / aspect-ratio input")
 
 
 @torch.no_grad()
 def generate_latent(
-    net: UNet2DConditionModel | SD3Transformer2DModel,
+    net: UNet2DConditionModel | SD3Transformer2DModel | PixArtTransformer2DModel,
     vae: AutoencoderKL,
     tokenizer: CLIPTokenizer,
     text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
@@ -400,7 +410,7 @@ def generate_latent(
     eta: float = 0.0,
 ) -> torch.Tensor:
     """Text-to-image as diffusers' StableDiffusionPipeline (UNet) or StableDiffusion3Pipeline (SD3 transformer) does
-    it: CFG with the negative prompt as unconditional.
+    it (and the same loop for PixArt): CFG with the negative prompt as unconditional.
 
     eps = eps(x, "") + w (eps(x, prompt) - eps(x, "")) (Ho & Salimans 2022, Equation 6 with w = 1 + their w); the
     same combination of velocities for a flow-matching model, as the SD3 pipeline does.
