@@ -43,7 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, Objective, objective_from_state
 from lightdiff.methods.checkpoint_checks import load_weights
-from lightdiff.nets.denoiser import Denoiser
+from lightdiff.nets.denoiser import Denoiser, takes_pooled_text, takes_text
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +173,15 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         uses_ema=bool(metadata.get("uses_ema", False)),
         objective=objective,
     )
-    if net_class in ("UNet2DConditionModel", "SD3Transformer2DModel", "PixArtTransformer2DModel"):
+    if takes_text(net):
         for component in ("vae", "text_encoder", "tokenizer"):
             if not (folder / component).is_dir():
                 raise ValueError(f"{folder} has a text-conditioned {part} but no {component}/")
-        text_class = CLIPTextModelWithProjection if net_class == "SD3Transformer2DModel" else CLIPTextModel
+        text_class = CLIPTextModelWithProjection if takes_pooled_text(net) else CLIPTextModel
         denoiser.vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
         denoiser.text_encoder = text_class.from_pretrained(folder / "text_encoder").eval()
         denoiser.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        if net_class == "SD3Transformer2DModel":
+        if takes_pooled_text(net):
             _check_lightdiff_sd3_layout(folder, denoiser.text_encoder)
     return denoiser
 

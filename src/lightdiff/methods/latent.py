@@ -52,7 +52,7 @@ from lightdiff.nets.denoiser import (
     text_widths,
     zero_adaln_gates,
 )
-from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
+from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
 from lightdiff.sampling import SchedulerFactory, denoise, for_latents, generators_for, make_scheduler
 from lightdiff.speed import prepare_for_training
 
@@ -173,10 +173,9 @@ class LatentDiffusion(pl.LightningModule):
     # ----- training ---------------------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP hidden states (B, tokens, width) of `prompts`, as StableDiffusionPipeline.encode_prompt makes them."""
-        assert self.tokenizer is not None and self.text_encoder is not None, "attach_data builds the text side"
-        ids = tokenize_prompts(self.tokenizer, prompts).to(self.device)
-        return self.text_encoder(ids)[0]
+        """The text states (B, tokens, width) of `prompts` alone: what the latent cache stores, for the nets whose
+        whole text input they are (not an SD3 transformer's, which also takes a pooled vector)."""
+        return self.encode_condition(prompts).states
 
     def encode_condition(self, prompts: Sequence[str]) -> TextCondition:
         """The net's text input for `prompts`, as its diffusers pipeline makes it (states, and SD3's pooled vector)."""

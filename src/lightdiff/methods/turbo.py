@@ -161,13 +161,12 @@ class TurboDistillation(pl.LightningModule):
             self.student_timesteps = [float(t) for t in self.flow_student_timesteps(4)]
         else:
             self.student_timesteps = list(student_timesteps or trailing_timesteps(steps, 4))
-        flow = isinstance(self.objective, FlowMatching)
-        outside = [] if flow else [t for t in self.student_timesteps if not 0 <= t < steps]
-        if outside or not self.student_timesteps:
-            raise ConfigError(
-                f"model.student_timesteps={self.student_timesteps}: {outside or 'none'} outside the teacher's "
-                f"schedule 0..{steps - 1}"
-            )
+            outside = [t for t in self.student_timesteps if not 0 <= t < steps]
+            if outside or not self.student_timesteps:
+                raise ConfigError(
+                    f"model.student_timesteps={self.student_timesteps}: {outside or 'none'} outside the teacher's "
+                    f"schedule 0..{steps - 1}"
+                )
         if self.student_timesteps[0] == steps - 1 and self.student_prediction_type == "epsilon":
             alpha_bar_last = float(self.schedule.alphas_cumprod()[-1])
             if alpha_bar_last == 0.0:  # x_0 = (x_t - sigma eps) / alpha is undefined at zero terminal SNR
