@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import subprocess
@@ -123,13 +124,19 @@ def main() -> None:
             for name, call in rows.items():
                 seconds[(name, batch)].append(timed(call, batch, device))
     median = {key: statistics.median(values) for key, values in seconds.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    # A copy without .git (a lent GPU machine) is told its commit: experiments/gpu_checks/run.sh
+    commit = (
+        os.environ.get("LIGHTDIFF_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
     machine = platform.processor() or platform.machine()
     if device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     print(
         f"machine: {machine}, {torch.get_num_threads()} CPU threads; torch {torch.__version__}, diffusers "
-        f"{diffusers.__version__}; commit {commit.stdout.strip()}"
+        f"{diffusers.__version__}; commit {commit}"
     )
     print(
         f"net {type(net).__name__} {list(net.config.block_out_channels)} ({args.ckpt or 'random weights'}), "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import subprocess
@@ -189,13 +190,19 @@ def main() -> None:
             times[name].append(measure())
     median = {name: statistics.median(t for run in runs for t in run) for name, runs in times.items()}
     batch = cfg.data.batch_size
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    # A copy without .git (a lent GPU machine) is told its commit: experiments/gpu_checks/run.sh
+    commit = (
+        os.environ.get("LIGHTDIFF_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
     machine = platform.processor() or platform.machine()
     if device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     print(
         f"machine: {machine}, {torch.get_num_threads()} CPU threads; torch {torch.__version__}, lightning "
-        f"{pl.__version__}, diffusers {diffusers.__version__}; commit {commit.stdout.strip()}"
+        f"{pl.__version__}, diffusers {diffusers.__version__}; commit {commit}"
     )
     print(
         f"net {cfg.net._target_.split('.')[-1]} {list(cfg.net.block_out_channels)}, {cfg.data.resolution} px, batch "
