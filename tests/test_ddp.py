@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
 
+from lightdiff.config import ConfigError
 from lightdiff.export import load_checkpoint_file
+from lightdiff.sharding import block_wrap_policy
 
 from .conftest import REPO, TINY
 
@@ -94,3 +98,21 @@ def test_fsdp_config_builds_its_strategy_and_ema_refuses_it(tmp_path: Path) -> N
     module = SimpleNamespace(net=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="callbacks.ema does not support trainer=fsdp"):
         EMA().setup(SimpleNamespace(strategy=strategy), module, "fit")
+
+    # Every residual and transformer block of each network family is an FSDP unit of its own, nothing else is.
+    policy = strategy.kwargs["auto_wrap_policy"]
+    block_types = (ResnetBlock2D, BasicTransformerBlock, JointTransformerBlock)
+    for net_choice, model in [("pixel", "pixel"), ("latent", "latent"), ("mmdit", "latent"), ("dit", "pixel")]:
+        net = instantiate(
+            compose_config("train", [f"output_root={tmp_path}", f"model={model}", f"net={net_choice}"]).net
+        )
+        wrapped = [m for m in net.modules() if policy(m, recurse=False, nonwrapped_numel=0)]
+        assert wrapped and wrapped == [m for m in net.modules() if isinstance(m, block_types)], net_choice
+        assert all(policy(m, recurse=True, nonwrapped_numel=0) for m in net.modules())  # it looks inside all
+
+
+def test_fsdp_wrap_policy_names_a_bad_block_class() -> None:
+    with pytest.raises(ConfigError, match=r"block_classes: 'diffusers.models.resnet.NoSuchBlock'"):
+        block_wrap_policy(["diffusers.models.resnet.ResnetBlock2D", "diffusers.models.resnet.NoSuchBlock"])
+    with pytest.raises(ConfigError, match=r"'collections.OrderedDict' is not a torch module"):
+        block_wrap_policy(["collections.OrderedDict"])
