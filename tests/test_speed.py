@@ -20,7 +20,13 @@ from lightdiff.export import load_checkpoint_file
 from lightdiff.methods.optimization import clip_and_measure_gradients
 from lightdiff.sample import FastPathMismatch
 from lightdiff.sample import run as sample_run
-from lightdiff.speed import compile_denoiser, is_compiled, prepare_for_sampling, prepare_for_training
+from lightdiff.speed import (
+    SamplingSpeed,
+    compile_denoiser,
+    is_compiled,
+    prepare_for_sampling,
+    prepare_for_training,
+)
 from lightdiff.train import run
 
 from .conftest import TINY, compose_config
@@ -68,6 +74,19 @@ def test_compile_is_regional_where_diffusers_defines_repeated_blocks_else_whole(
     assert not is_compiled(plain)
     assert compile_denoiser(plain) == "whole"
     assert plain._compiled_call_impl is not None
+
+
+def test_compile_mode_reaches_torch_compile_for_whole_and_regional(monkeypatch: pytest.MonkeyPatch) -> None:
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: modes.append(options.get("mode")) or fn)
+    prepare_for_sampling(tiny_unet(), "float32", False, False, None, True, "reduce-overhead")
+    assert modes == ["reduce-overhead"]  # UNet2DModel: the whole net, once
+    modes.clear()
+    cond = tiny_cond_unet()
+    compile_denoiser(cond, "max-autotune")
+    assert modes == ["max-autotune"] * sum(type(m).__name__ == "BasicTransformerBlock" for m in cond.modules())
+    with pytest.raises(ConfigError, match=r"speed\.compile_mode='fast'"):
+        SamplingSpeed(compile=True, compile_mode="fast")
 
 
 def test_attention_runs_through_sdpa_by_default() -> None:

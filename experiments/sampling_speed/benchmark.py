@@ -8,7 +8,8 @@ Rows, each at batch 1 (latency) and batch 16 (images/s):
 - diffusers DDIMPipeline: `pipeline(batch_size, generator=[...], num_inference_steps, output_type="np")`, eager fp32;
 - lightdiff eager: `lightdiff.sampling.generate` + `to_uint8`, the body of sample.py's batch loop, fp32;
 - lightdiff speed path (--speed-path): sample.py's `speed` block: bfloat16 on a GPU (float32 on a CPU), channels_last
-  on a GPU, and compile; its first (compiling) call is warm-up, not timed.
+  on a GPU, and compile; its first (compiling) call is warm-up, not timed. On a GPU a second such row compiles with
+  `speed.compile_mode=reduce-overhead` (CUDA graphs).
 Goal (issue 7): lightdiff eager >= 1.0x the pipeline; with compile on GPU >= 2x. Both draw the same images: the
 script checks that lightdiff eager and the pipeline agree to 1/255 before timing. Calls alternate between rows;
 the median of `--repeats` calls is reported. The network is an unconditional checkpoint's (`--ckpt`), or the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import statistics
@@ -115,6 +117,13 @@ def main() -> None:
             f"; mean |difference| from eager fp32 {difference:.2e} (tolerance {speed.allowed_difference})"
         )
         rows["lightdiff speed path"] = lambda batch: lightdiff_call(fast, batch)
+        if on_gpu:  # the same with CUDA graphs: one launch per step, what a small net's GPU time is mostly spent on
+            graphed = dataclasses.replace(speed, compile_mode="reduce-overhead").apply(copy.deepcopy(net))
+            for batch in (1, 16):
+                lightdiff_call(graphed, batch)
+            difference = np.abs(lightdiff_call(graphed, 4).astype(float) - ours.astype(float)).mean() / 255
+            speed_description += f"; with CUDA graphs (compile_mode reduce-overhead) {difference:.2e}"
+            rows["lightdiff speed path, CUDA graphs"] = lambda batch: lightdiff_call(graphed, batch)
     seconds: dict[tuple[str, int], list[float]] = {(name, b): [] for name in rows for b in (1, 16)}
     for name in rows:  # warm-up of every row and batch
         for batch in (1, 16):

@@ -113,7 +113,9 @@ def denoise(
     if "eta" in step_parameters:
         step_kwargs["eta"] = eta
     for t in scheduler.timesteps:
-        model_output = model(scale_model_input(sample, t), t)
+        # A copy: a net compiled with CUDA graphs (speed.compile_mode=reduce-overhead) returns its output in a buffer
+        # that its next call overwrites, and multistep schedulers (DPM-Solver, UniPC) keep past outputs.
+        model_output = model(scale_model_input(sample, t), t).clone()
         sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
     return sample
 
