@@ -70,6 +70,12 @@ def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
     cfg = compose_config("train", ["schedule=cosine"])
     assert cfg.run_name == "pixel-shapes-cosine"
     assert cfg.run_dir == "outputs/pixel-shapes-cosine"
+    # A non-default net or objective is a different run: it must not resume the default one's checkpoint.
+    assert compose_config("train", ["net=dit"]).run_name == "pixel-shapes-linear-dit"
+    assert compose_config("train", ["model=latent", "net=mmdit", "objective=flow_matching"]).run_name == (
+        "latent-shapes-linear-mmdit-flow_matching"
+    )
+    assert compose_config("train", ["model=latent"]).run_name == "latent-shapes-linear"  # its own default net
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,21 @@ def asset(name: str) -> str:
     return str(path)
 
 
+def default_run_name() -> str:
+    """`${lightdiff.default_run_name:}`: `<model>-<data>-<schedule>` from the group choices, then the net when it is
+    not the method's default and the objective when it is not ddpm (`pixel-shapes-linear-dit-flow_matching`), so
+    `python train.py net=dit` after `python train.py` starts its own run instead of resuming the UNet's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices
+    parts = [choices["model"], choices["data"], choices["schedule"]]
+    if choices.get("net") not in (None, choices["model"]):
+        parts.append(choices["net"])
+    if choices.get("objective") not in (None, "ddpm"):
+        parts.append(choices["objective"])
+    return "-".join(parts)
+
+
 MAX_JOB_FOLDER_CHARS = 160  # a folder name may have 255 bytes; past this the name is shortened with a hash
 
 
@@ -103,6 +118,7 @@ OmegaConf.register_new_resolver("lightdiff.auto_precision", auto_precision, repl
 OmegaConf.register_new_resolver("lightdiff.on_cuda", on_cuda, replace=True)
 OmegaConf.register_new_resolver("lightdiff.loader_workers", loader_workers, replace=True)
 OmegaConf.register_new_resolver("lightdiff.asset", asset, replace=True)
+OmegaConf.register_new_resolver("lightdiff.default_run_name", default_run_name, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_job_path", sweep_job_path, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_group", sweep_group, replace=True)
 
