@@ -129,11 +129,17 @@ def flow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_flow_checkpoint_needs_the_flow_sampler_and_exports_to_ddpm_pipeline(flow_ckpt: Path, tmp_path: Path) -> None:
     assert load_checkpoint_file(flow_ckpt)["lightdiff"]["objective"] == FlowMatching().state()
-    with pytest.raises(ConfigError, match="use sampler=flow_euler"):  # sample.yaml's default sampler is DDIM
-        sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"out={tmp_path / 'x'}"]))
+    with pytest.raises(ConfigError, match="use sampler=flow_euler"):  # a DDPM sampler, asked for by name
+        sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"out={tmp_path / 'x'}", "sampler=ddim"]))
     assert not (tmp_path / "x").exists()
     flow = ["sampler=flow_euler", "num_images=3", "steps=4"]
     from_ckpt = _pixels(sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"out={tmp_path / 'a'}", *flow])))
+    # No sampler given (sampler=auto): the checkpoint's objective picks flow_euler, the same images.
+    auto = sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"out={tmp_path / 'auto'}", *flow[1:]]))
+    assert np.array_equal(_pixels(auto), from_ckpt)
+    assert json.loads((auto / "metadata.jsonl").read_text().splitlines()[0])["sampler"] == (
+        "FlowMatchEulerDiscreteScheduler"
+    )
     folder = sample_run(compose_config("sample", [f"ckpt={flow_ckpt}", f"export={tmp_path / 'pipe'}", *flow]))
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     assert json.loads((folder / "lightdiff.json").read_text())["objective"]["name"] == "flow_matching"

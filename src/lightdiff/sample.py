@@ -102,8 +102,10 @@ def run(cfg: DictConfig) -> Path:
         log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, folder)
         return folder
     denoiser = trained
+    # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's
+    sampler_cfg = cfg.sampler if "_target_" in cfg.sampler else cfg.sampler[denoiser.objective.state()["name"]]
     scheduler = make_scheduler(
-        instantiate(cfg.sampler), denoiser.schedule, denoiser.prediction_type, denoiser.objective
+        instantiate(sampler_cfg), denoiser.schedule, denoiser.prediction_type, denoiser.objective
     )  # a sampler of the other kind (DDPM vs flow matching) than the model is a ConfigError
     if denoiser.is_text_model:
         scheduler = for_latents(scheduler)
@@ -167,10 +169,10 @@ def run(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     sampler_settings = {
-        "sampler": get_object(cfg.sampler._target_).__name__,
+        "sampler": get_object(sampler_cfg._target_).__name__,
         "steps": cfg.steps,
         "eta": cfg.eta,
-        **{k: v for k, v in OmegaConf.to_container(cfg.sampler).items() if not k.startswith("_")},
+        **{k: v for k, v in OmegaConf.to_container(sampler_cfg).items() if not k.startswith("_")},
     }
     if not speed.is_plain:
         sampler_settings["speed"] = dataclasses.asdict(speed)
