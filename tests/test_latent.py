@@ -251,7 +251,7 @@ def test_export_round_trip_with_plain_diffusers(latent_ckpt: Path, tmp_path: Pat
         output_type="np",
     ).images
     denoiser = load_denoiser(latent_ckpt)
-    sampler = instantiate(compose_config("sample", ["ckpt=x"]).sampler)
+    sampler = instantiate(compose_config("sample", ["ckpt=x", "sampler=ddim"]).sampler)
     scheduler = for_latents(make_scheduler(sampler, denoiser.schedule, denoiser.prediction_type))
     ours = (
         generate_latent(

@@ -92,7 +92,8 @@ def main() -> None:
         return (images * 255).round().astype(np.uint8)
 
     def lightdiff_call(model: torch.nn.Module, batch: int) -> np.ndarray:
-        return to_uint8(generate(model, scheduler, args.steps, generators_for(range(batch))))
+        with torch.inference_mode():  # as sample.py's draw
+            return to_uint8(generate(model, scheduler, args.steps, generators_for(range(batch))))
 
     reference, ours = diffusers_call(4), lightdiff_call(net, 4)
     mismatch = np.abs(reference.astype(int) - ours.astype(int)).max()
