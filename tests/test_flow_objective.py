@@ -117,6 +117,13 @@ def test_flow_training_step_regresses_the_velocity_at_t_times_1000(monkeypatch: 
         PixelDiffusion(net=_tiny_unet(), schedule=SCHEDULE, objective=objective, prediction_type="v_prediction")
 
 
+def test_sampler_auto_is_refused_by_training_before_any_folder(tiny_train_config) -> None:
+    cfg = tiny_train_config("sampler=auto")
+    with pytest.raises(ConfigError, match=r"sampler=auto is sample\.py's"):
+        train_run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
 @pytest.fixture(scope="module")
 def flow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("flow")

@@ -85,6 +85,12 @@ def run(cfg: DictConfig) -> pl.Trainer:
     if cfg.trainer.get("max_steps") in (None, -1):
         # The training sampler is endless (data/sampler.py): a run is as long as its number of steps.
         raise ConfigError("trainer.max_steps is not set: lightdiff trains for a number of steps, e.g. 100000")
+    if "_target_" not in cfg.sampler:  # sampler/auto.yaml: one sampler per objective, for sample.py's checkpoints
+        raise ConfigError(
+            "sampler=auto is sample.py's (it picks by a checkpoint's objective); training grids use the "
+            "objective's own sampler by default (sampler: default_${objective}), or name one: "
+            "sampler=ddim|ddpm|dpm|euler|flow_euler"
+        )
     _check_launch(cfg)
     run_dir = Path(cfg.run_dir)
     # Under DDP every rank runs this function; rank 0 alone writes the run folder's config and log.
