@@ -196,6 +196,30 @@ def test_sampling_path_applies_dtype_layout_and_fused_qkv() -> None:
     assert net.dtype == torch.bfloat16
 
 
+def test_a_seed_is_the_same_trajectory_at_any_network_dtype() -> None:
+    """The noise is drawn and the scheduler steps in float32 whatever the net's dtype: bf16 changes only what the
+    network computes (torch's bf16 randn can draw other numbers than its fp32 one for the same generator)."""
+    from diffusers import DDPMScheduler
+
+    from lightdiff.sampling import denoise, generators_for
+
+    def run(dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+        inputs = []
+
+        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            inputs.append(x_t)
+            return torch.zeros_like(x_t)  # the same prediction at any dtype: only the loop's own arithmetic differs
+
+        scheduler = DDPMScheduler(num_train_timesteps=1000)  # DDPM: fresh noise at every step, from the generators
+        out = denoise(model, scheduler, 5, (2, 3, 8, 8), generators_for([0, 1]), torch.device("cpu"), dtype)
+        return inputs, out
+
+    (plain_inputs, plain), (fast_inputs, fast) = run(torch.float32), run(torch.bfloat16)
+    assert fast.dtype == torch.float32 and torch.equal(plain, fast)
+    assert all(f.dtype == torch.bfloat16 for f in fast_inputs)
+    assert all(torch.equal(p.bfloat16(), f) for p, f in zip(plain_inputs, fast_inputs))
+
+
 def test_sampling_path_refuses_what_the_network_cannot_do() -> None:
     with pytest.raises(ConfigError, match=r"speed\.fuse_qkv=true.*Conv2d"):
         prepare_for_sampling(torch.nn.Conv2d(3, 3, 1), "float32", False, True, None, False)

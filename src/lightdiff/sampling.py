@@ -95,6 +95,10 @@ def denoise(
 ) -> torch.Tensor:
     """The sampling loop of diffusers' pipelines: noise from `generators`, then one scheduler step per timestep.
 
+    The trajectory stays float32 whatever the network's `dtype` (its inputs are cast to it, its outputs back): the
+    noise a seed gives is drawn in float32 (torch's bf16 `randn` can draw other numbers than its fp32 one), and the
+    scheduler's steps and their noise are float32 too, so `speed.dtype=bfloat16` changes only the network's rounding,
+    never which image a seed is. Returns float32.
     `eta` is DDIM's stochasticity (Song et al. 2021, Equation 16): 0 is deterministic, 1 is DDPM's variance.
     """
     if num_inference_steps < 1:
@@ -104,7 +108,7 @@ def denoise(
         raise ValueError(f"eta={eta} has no meaning for {type(scheduler).__name__}; only the ddim sampler takes eta")
     if len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
-    sample = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+    sample = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
     scheduler.set_timesteps(num_inference_steps, device=device)
     # Flow-matching schedulers start from plain noise and scale nothing (they have neither attribute).
     sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -113,9 +117,9 @@ def denoise(
     if "eta" in step_parameters:
         step_kwargs["eta"] = eta
     for t in scheduler.timesteps:
-        # A copy: a net compiled with CUDA graphs (speed.compile_mode=reduce-overhead) returns its output in a buffer
-        # that its next call overwrites, and multistep schedulers (DPM-Solver, UniPC) keep past outputs.
-        model_output = model(scale_model_input(sample, t), t).clone()
+        # Always a float32 copy: a net compiled with CUDA graphs (speed.compile_mode=reduce-overhead) returns its
+        # output in a buffer that its next call overwrites, and multistep schedulers (DPM-Solver) keep past outputs.
+        model_output = model(scale_model_input(sample, t).to(dtype), t).to(torch.float32, copy=True)
         sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
     return sample
 

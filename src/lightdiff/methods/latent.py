@@ -430,11 +430,11 @@ def generate_latent(
         prediction = denoiser_output(net, model_input, t, text=text)
         if not guided:
             return prediction
-        uncond, cond = prediction.chunk(2)
+        uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
         return uncond + guidance_scale * (cond - uncond)
 
     size = net.config.sample_size
     shape = (len(prompts), net.config.in_channels, size, size)
     latents = denoise(model, scheduler, steps, shape, generators_for(seeds), device, text.states.dtype, eta)
-    images = vae.decode(latents / vae.config.scaling_factor).sample
+    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
