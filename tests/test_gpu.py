@@ -87,3 +87,21 @@ def test_compiled_bfloat16_sampling_passes_its_check_on_cuda(tmp_path: Path) -> 
     assert len(list(folder.glob("0*.png"))) == 4
     record = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
     assert record["speed"]["dtype"] == "bfloat16" and record["speed"]["compile"] is True
+
+
+@pytest.mark.parametrize("quantize", ["int8_dynamic", "fp8"])
+def test_torchao_quantised_text_model_sampling_passes_its_check_on_cuda(quantize: str, tmp_path: Path) -> None:
+    pytest.importorskip("torchao", reason="torchao is optional (lightdiff[quant])")
+    if quantize == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9 (H100, L40S, RTX 4090)")
+    overrides = [f"output_root={tmp_path}", *TINY, "model=latent", "trainer=gpu", "trainer.max_steps=3"]
+    cfg = compose_config("train", overrides)
+    run(cfg)
+    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    fast = ["speed.dtype=bfloat16", f"speed.quantize={quantize}", "prompt=a red circle"]
+    folder = sample_run(
+        compose_config("sample", [f"ckpt={ckpt}", f"out={tmp_path / 'q'}", "num_images=4", "steps=4", *fast])
+    )
+    assert len(list(folder.glob("0*.png"))) == 4  # sample.py's check against fp32 eager passed (5e-2)
+    record = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["speed"]["quantize"] == quantize
