@@ -1,0 +1,29 @@
+"""experiments/gpu_checks/run.sh is the command a session with a lent GPU runs once, with no time to debug it: its
+CPU smoke mode (every stage at toy sizes) must keep working as the benchmarks and tests it calls change."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+
+@pytest.mark.slow  # about a minute: a nested pytest, two benchmarks, a 3-step training run
+def test_gpu_checks_smoke_run_passes_every_stage(tmp_path: Path) -> None:
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "LIGHTDIFF_COMMIT": "test"}
+    result = subprocess.run(
+        ["bash", "experiments/gpu_checks/run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    stages = dict(re.findall(r"^## (\w+): exit (\d+)", summary, flags=re.MULTILINE))
+    assert stages == {name: "0" for name in ("tests", "train", "teacher", "sample", "mfu")}, summary
+    assert "| lightdiff (bare) |" in summary and "| lightdiff eager |" in summary  # both benchmark tables
+    assert "17.26 TFLOP" in summary  # the SD2-size UNet's FLOPs per step at batch 32
+    assert "commit test" in (tmp_path / "train.log").read_text()
