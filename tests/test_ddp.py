@@ -78,8 +78,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
 
 
 def test_fsdp_config_builds_its_strategy_and_ema_refuses_it(tmp_path: Path) -> None:
-    """trainer=fsdp needs CUDA GPUs (Lightning refuses it on CPU), so here: the strategy it builds, and the EMA
-    callback's refusal (an average of parameter shards is not a network)."""
+    """trainer=fsdp needs CUDA GPUs (PyTorch's FSDP refuses CPU devices; the run is tests/test_gpu.py), so here: the
+    strategy it builds, its wrap policy, and the EMA callback's refusal (an average of parameter shards is not a
+    network)."""
     from types import SimpleNamespace
 
     from hydra.utils import instantiate
@@ -112,7 +113,7 @@ def test_fsdp_config_builds_its_strategy_and_ema_refuses_it(tmp_path: Path) -> N
 
 
 def test_fsdp_wrap_policy_names_a_bad_block_class() -> None:
-    with pytest.raises(ConfigError, match=r"block_classes: 'diffusers.models.resnet.NoSuchBlock'"):
+    with pytest.raises(ConfigError, match=r"trainer.strategy.block_classes: 'diffusers.models.resnet.NoSuchBlock'"):
         block_wrap_policy(["diffusers.models.resnet.ResnetBlock2D", "diffusers.models.resnet.NoSuchBlock"])
     with pytest.raises(ConfigError, match=r"'collections.OrderedDict' is not a torch module"):
         block_wrap_policy(["collections.OrderedDict"])
