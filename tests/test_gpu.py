@@ -66,10 +66,11 @@ def test_fsdp_trains_clips_and_resumes_on_one_gpu(tmp_path: Path) -> None:
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in net_state.values())
 
 
-def test_cuda_run_turns_on_channels_last_and_fused_adamw(tiny_train_config) -> None:
+def test_cuda_run_turns_on_channels_last_fused_adamw_and_cudnn_benchmark(tiny_train_config) -> None:
     cfg = tiny_train_config("trainer=gpu")
     assert (cfg.model.channels_last, cfg.model.fused_adamw, cfg.data.pin_memory) == (True, True, True)
     trainer = run(cfg)
+    assert torch.backends.cudnn.benchmark is True  # trainer.benchmark: cuDNN picks its fastest convolutions
     net = trainer.lightning_module.net
     assert trainer.optimizers[0].defaults["fused"] is True
     assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

@@ -167,6 +167,7 @@ def test_switches_default_off_on_a_cpu_machine(tiny_train_config) -> None:
     )
     # The shapes are drawn in the training process: loader processes would only compete for the cores.
     assert (cfg.data.num_workers, cfg.data.pin_memory) == (0, False)
+    assert cfg.trainer.benchmark is False  # cuDNN autotuning is a GPU switch
 
 
 @pytest.mark.slow

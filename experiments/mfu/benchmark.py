@@ -7,8 +7,8 @@
 
 FLOPs of one step (forward + backward) are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls and
 convolutions; a multiply-add counts 2) on the meta device, so the count runs anywhere. The step is lightdiff's speed
-path: bf16 autocast with fp32 weights (Lightning's bf16-mixed), channels_last, fused AdamW, `torch.compile`
-(regional: the UNet's transformer blocks, lightdiff.speed.compile_denoiser), SDPA attention.
+path: bf16 autocast with fp32 weights (Lightning's bf16-mixed), channels_last, cuDNN autotuning, fused AdamW,
+`torch.compile` (regional: the UNet's transformer blocks, lightdiff.speed.compile_denoiser), SDPA attention.
 MFU = FLOPs per step / seconds per step / the GPU's dense bf16 peak (H100 SXM 989 TFLOPS, H100 PCIe 756,
 A100 312). Published anchor: MosaicML's SD2 training reached about 28% of A100 peak; our goal on H100 is >= 40%.
 `--count-only` (or no GPU) prints the FLOP count and no MFU: a CPU has no comparable bf16 peak.
@@ -90,6 +90,7 @@ def main() -> None:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     peak = peak_for(name, args.peak_tflops)
+    torch.backends.cudnn.benchmark = True  # as lightdiff's trainer.benchmark on CUDA
     torch.manual_seed(0)
     net = UNet2DConditionModel(**SD2_UNET).to(device).train()
     prepare_for_training(net, compile=not args.no_compile, channels_last=True, gradient_checkpointing=False)
