@@ -12,8 +12,9 @@ loader (lightdiff's shapes data module), batch and objective (epsilon MSE, linea
   clipping at 1.0, cosine LR with 500 warm-up steps, `loss.item()` and a log dict every step;
 - lightdiff (bare): `model=pixel` in a Lightning Trainer, fp32, speed switches off, no callbacks, logger or bar;
 - lightdiff (defaults): what `python train.py` runs: the config's precision and speed switches (bf16-mixed,
-  channels_last and fused AdamW on a GPU; fp32 and off on a CPU) and the default callbacks that work every step
-  (EMA, non-finite guard, RNG states, preemption, images/s); grids, checkpoints and the bar off (I/O the user picks);
+  channels_last, fused AdamW and cuDNN autotuning on a GPU; fp32 and off on a CPU) and the default callbacks that
+  work every step (EMA, non-finite guard, RNG states, preemption, images/s); grids, checkpoints and the bar off (I/O
+  the user picks);
 - lightdiff (speed path), with --speed-path: the defaults plus `model.compile=true` (the goal on GPU: >= 1.5x the
   diffusers example).
 Runs alternate (A B C D A B C D ...) so drifts in machine load hit all. Every step after `--warmup` is timed on its
@@ -83,6 +84,7 @@ def make_config(overrides: list[str]) -> DictConfig:
 
 def loop_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch.device, example: bool) -> list[float]:
     """A hand-written loop: the config's math (`example=False`) or train_unconditional.py's defaults."""
+    torch.backends.cudnn.benchmark = False  # PyTorch's default, which neither loop changes (a lightdiff row may have)
     torch.manual_seed(cfg.seed)
     datamodule = build(cfg.data)
     net = build(cfg.net).to(device)
@@ -158,6 +160,7 @@ def lightdiff_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        benchmark=False if variant == "bare" else cfg.trainer.benchmark,  # cuDNN autotuning: on with CUDA
     )
     trainer.fit(model, datamodule=datamodule)
     return clock.times
