@@ -1,7 +1,7 @@
 """Paths that only a CUDA GPU runs (skipped without one; `python -m pytest -q -m gpu` on a GPU machine, or
 experiments/gpu_checks/run.sh, which also runs the GPU benchmarks). What CPU CI cannot show: FSDP trains, clips
 and logs its gradient norm, writes whole-tensor checkpoints and resumes; the CUDA defaults of the speed path are on
-in a real run; compiled bf16 sampling passes sample.py's own numerical check."""
+in a real run; compiled bf16 and torchao-quantised sampling pass sample.py's own numerical check."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_fsdp_trains_clips_and_resumes_on_one_gpu(tmp_path: Path) -> None:
     assert "resuming fsdp from" in (run_dir / "train.log").read_text()
 
     # The gradient norm is measured by the root FSDP module (reduced over ranks) for every step of both sessions,
-    # and it is a real norm: finite, positive, above the clip threshold on a fresh net (so clipping acted).
+    # and it is a real norm: finite, positive, above the clip threshold on a fresh net (so the clip had work).
     norms = _logged(run_dir, "train/grad_norm")
     assert sorted(norms) == list(range(8)) or sorted(norms) == list(range(1, 9)), sorted(norms)
     assert all(math.isfinite(v) and v > 0 for v in norms.values())
