@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -297,6 +299,22 @@ def test_progress_bar_counts_the_runs_steps_and_shows_images_per_sec(tiny_train_
     log_text = (Path(tiny_train_config().run_dir) / "train.log").read_text()
     assert "this session trained 3 steps on 12 images" in log_text  # the resumed session: steps 3..5, batch 4
     assert "images/s" in log_text and "s/step" in log_text
+
+
+def test_progress_lines_in_the_log_where_no_terminal_shows_the_bar(tiny_train_config, monkeypatch) -> None:
+    every = "callbacks.images_per_sec.progress_every_n_steps=2"
+    cfg = tiny_train_config("trainer.max_steps=5", every)
+    run(cfg)  # pytest captures stdout: not a terminal
+    lines = [line for line in (Path(cfg.run_dir) / "train.log").read_text().splitlines() if "ETA" in line]
+    assert [line.split(" - ")[-1].split(":")[0] for line in lines] == ["step 2/5 (40.0%)", "step 4/5 (80.0%)"]
+    assert all(re.search(r"loss [0-9.e-]+, \d+ images/s, elapsed \d+m\d\ds, ETA \d+m\d\ds$", line) for line in lines)
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the bar shows it, no lines
+    cfg = tiny_train_config("trainer.max_steps=4", every, "run_name=tty")
+    run(cfg)
+    assert "ETA" not in (Path(cfg.run_dir) / "train.log").read_text()
+    with pytest.raises(ConfigError, match=r"progress_every_n_steps=-1"):
+        run(tiny_train_config("callbacks.images_per_sec.progress_every_n_steps=-1", "run_name=bad"))
 
 
 def test_progress_bar_off_through_the_trainer_key(tiny_train_config) -> None:
