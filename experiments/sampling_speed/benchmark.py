@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -109,22 +110,18 @@ def main() -> None:
         speed = SamplingSpeed(
             dtype="bfloat16" if on_gpu else "float32", channels_last=on_gpu, compile=True, check=False
         )
-        fast = speed.apply(copy.deepcopy(net))
-        speed_description = f"speed path: dtype {speed.dtype}, channels_last {speed.channels_last}, compile"
-        for batch in (1, 16):  # compilation (per batch shape) is warm-up
-            lightdiff_call(fast, batch)
-        difference = np.abs(lightdiff_call(fast, 4).astype(float) - ours.astype(float)).mean() / 255
-        speed_description += (
-            f"; mean |difference| from eager fp32 {difference:.2e} (tolerance {speed.allowed_difference})"
-        )
-        rows["lightdiff speed path"] = lambda batch: lightdiff_call(fast, batch)
+        variants = {"lightdiff speed path": speed}
         if on_gpu:  # the same with CUDA graphs: one launch per step, what a small net's GPU time is mostly spent on
-            graphed = dataclasses.replace(speed, compile_mode="reduce-overhead").apply(copy.deepcopy(net))
-            for batch in (1, 16):
-                lightdiff_call(graphed, batch)
-            difference = np.abs(lightdiff_call(graphed, 4).astype(float) - ours.astype(float)).mean() / 255
-            speed_description += f"; with CUDA graphs (compile_mode reduce-overhead) {difference:.2e}"
-            rows["lightdiff speed path, CUDA graphs"] = lambda batch: lightdiff_call(graphed, batch)
+            variants["lightdiff speed path, CUDA graphs"] = dataclasses.replace(speed, compile_mode="reduce-overhead")
+        speed_description = (
+            f"speed path: dtype {speed.dtype}, channels_last {speed.channels_last}, compile; mean |difference| from "
+            f"eager fp32 (tolerance {speed.allowed_difference}):"
+        )
+        for name, variant in variants.items():  # compilation (per batch shape) happens in the warm-up below
+            fast = variant.apply(copy.deepcopy(net))
+            difference = np.abs(lightdiff_call(fast, 4).astype(float) - ours.astype(float)).mean() / 255
+            speed_description += f" {name} {difference:.2e}"
+            rows[name] = functools.partial(lightdiff_call, fast)
     seconds: dict[tuple[str, int], list[float]] = {(name, b): [] for name in rows for b in (1, 16)}
     for name in rows:  # warm-up of every row and batch
         for batch in (1, 16):
