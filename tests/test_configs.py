@@ -20,9 +20,8 @@ def _options(group: str) -> list[str]:
 
 def _group_overrides() -> list[list[str]]:
     cases = []
+    skip = {("model", "turbo"), ("sampler", "auto")}  # turbo needs a teacher (below); auto: sample.py
     for group in ("model", "net", "schedule", "sampler", "trainer", "logger", "callbacks", "metrics"):
-        # model=turbo needs a teacher (below); sampler=auto is sample.py's (tested with it)
-        skip = {("model", "turbo"), ("sampler", "auto")}
         cases += [[f"{group}={option}"] for option in _options(group) if (group, option) not in skip]
     cases += [["model=turbo", "model.teacher=ROOT"]]
     cases += [["model=turbo", "model.teacher=ROOT", f"discriminator={option}"] for option in _options("discriminator")]

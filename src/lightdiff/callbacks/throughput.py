@@ -26,7 +26,7 @@ def _duration(seconds: float) -> str:
 class ImagesPerSecond(pl.Callback):
     """Wall-clock training throughput over each logging window (all ranks' images), and progress lines in the log.
 
-    A Rich bar shows nothing in a file (SLURM's output, nohup): there, every `progress_every_n_steps` steps, rank 0
+    A Rich bar does not update in a file (SLURM's output, nohup): there, every `progress_every_n_steps` steps, rank 0
     writes `step 1200/3000 (40.0%): loss 0.0421, 310 images/s, elapsed 4m02s, ETA 6m05s` to train.log."""
 
     def __init__(
