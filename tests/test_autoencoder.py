@@ -9,10 +9,10 @@ from diffusers import AutoencoderKL
 
 from lightdiff.config import build
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
-from lightdiff.export import load_autoencoder, load_checkpoint_file
 from lightdiff.nets.discriminator import PatchDiscriminator
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
+from lightdiff.trained import load_autoencoder, load_checkpoint_file
 
 from .conftest import TINY, compose_config
 
@@ -99,10 +99,11 @@ def test_perceptual_loss_is_added_per_pixel_and_stays_frozen() -> None:
         "train",
         ["model=autoencoder", "model.perceptual_loss={_target_:torch.nn.L1Loss}", "model.perceptual_weight=2.0"],
     )
-    assert isinstance(build(cfg.model).perceptual_loss, torch.nn.L1Loss)  # the config path builds the module
+    data = build(cfg.data)
+    assert isinstance(build(cfg.model, data=data).perceptual_loss, torch.nn.L1Loss)  # the config path builds it
 
-    plain = build(compose_config("train", ["model=autoencoder"]).model)
-    weighted = build(compose_config("train", ["model=autoencoder", "model.perceptual_weight=2.0"]).model)
+    plain = build(compose_config("train", ["model=autoencoder"]).model, data=data)
+    weighted = build(compose_config("train", ["model=autoencoder", "model.perceptual_weight=2.0"]).model, data=data)
     weighted.perceptual_loss = _ConstantDistance().requires_grad_(False)
     images, reconstructions = torch.zeros(2, 3, 16, 16), torch.full((2, 3, 16, 16), 0.5)
     base = plain._pixel_loss(images, reconstructions)
@@ -113,7 +114,8 @@ def test_perceptual_loss_is_added_per_pixel_and_stays_frozen() -> None:
         compose_config(
             "train",
             ["model=autoencoder", "model.perceptual_loss={_target_:torch.nn.Linear,in_features:2,out_features:2}"],
-        ).model
+        ).model,
+        data=data,
     )
     assert not any(p.requires_grad for p in frozen.perceptual_loss.parameters())
 

@@ -28,10 +28,10 @@ from lightdiff.checkpointing import (
     save_atomically,
 )
 from lightdiff.config import ConfigError
-from lightdiff.export import load_checkpoint_file
 from lightdiff.methods.autoencoder import AutoencoderTraining
-from lightdiff.methods.pixel import PixelDiffusion
+from lightdiff.methods.diffusion import DiffusionTraining
 from lightdiff.train import run
+from lightdiff.trained import load_checkpoint_file
 
 NAN = float("nan")
 
@@ -230,8 +230,8 @@ def test_a_checkpoint_with_nonfinite_tensors_is_refused(tmp_path: Path) -> None:
 
 
 def _poison_pixel_step(monkeypatch, bad_batch: int) -> list[list[torch.Tensor]]:
-    """PixelDiffusion whose loss is NaN at batch `bad_batch`; returns the weights seen at the start of each step."""
-    training_step = PixelDiffusion.training_step
+    """DiffusionTraining whose loss is NaN at batch `bad_batch`; returns the weights seen at the start of each step."""
+    training_step = DiffusionTraining.training_step
     weights: list[list[torch.Tensor]] = []
 
     def poisoned(self, batch, batch_idx: int) -> torch.Tensor:
@@ -239,7 +239,7 @@ def _poison_pixel_step(monkeypatch, bad_batch: int) -> list[list[torch.Tensor]]:
         loss = training_step(self, batch, batch_idx)
         return loss * NAN if batch_idx == bad_batch else loss
 
-    monkeypatch.setattr(PixelDiffusion, "training_step", poisoned)
+    monkeypatch.setattr(DiffusionTraining, "training_step", poisoned)
     return weights
 
 
@@ -317,7 +317,7 @@ def test_a_run_that_only_skips_stops(broken: str, caplog) -> None:
 
 def test_nan_weights_are_never_checkpointed(tiny_train_config, monkeypatch) -> None:
     """A weight made NaN outside any optimiser step (here: directly, at step 3) stops the run at the next save."""
-    training_step = PixelDiffusion.training_step
+    training_step = DiffusionTraining.training_step
 
     def corrupting(self, batch, batch_idx: int) -> torch.Tensor:
         if batch_idx == 2:
@@ -325,7 +325,7 @@ def test_nan_weights_are_never_checkpointed(tiny_train_config, monkeypatch) -> N
                 self.net.conv_in.weight[0, 0, 0, 0] = NAN
         return training_step(self, batch, batch_idx)
 
-    monkeypatch.setattr(PixelDiffusion, "training_step", corrupting)
+    monkeypatch.setattr(DiffusionTraining, "training_step", corrupting)
     cfg = tiny_train_config("run_name=nanweights", "trainer.max_steps=4")
     folder = Path(cfg.run_dir) / "checkpoints"
     with pytest.raises(

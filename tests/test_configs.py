@@ -83,11 +83,11 @@ def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["data.batch_size=abc"], "data.batch_size='abc'"),
-        (["model.prediction_type=eps"], "model.prediction_type='eps'"),
+        (["objective.prediction_type=eps"], "objective.prediction_type='eps'"),
         (["+data.colour=red"], "data.colour is not an argument"),
         (["data=image_folder"], "data.root"),
         (["schedule.num_train_timesteps=1.5"], "schedule.num_train_timesteps=1.5"),
-        (["net.sample_size=32"], "net.sample_size=32 differs from data.resolution=16"),
+        (["net.sample_size=32"], "net.sample_size=32 does not match data.resolution=16"),
         (["net.num_class_embeds=3"], "net.num_class_embeds=3 is below the data set's 24 classes"),
     ],
 )

@@ -16,8 +16,8 @@ from diffusers.models.attention import BasicTransformerBlock, JointTransformerBl
 from diffusers.models.resnet import ResnetBlock2D
 
 from lightdiff.config import ConfigError
-from lightdiff.export import load_checkpoint_file
 from lightdiff.sharding import block_wrap_policy
+from lightdiff.trained import load_checkpoint_file
 
 from .conftest import REPO, TINY
 

@@ -7,9 +7,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from lightdiff.diffusion import (
+    DDPM,
     NoiseSchedule,
     add_noise,
-    check_objective,
     loss_weight,
     min_snr_weight,
     offset_noise,
@@ -147,10 +147,11 @@ def test_ddim_eta_one_has_ddpm_variance() -> None:
 
 
 def test_objective_settings_are_checked_by_name() -> None:
-    check_objective("v_prediction", "min_snr", 5.0)
-    with pytest.raises(ValueError, match="model.prediction_type='eps'"):
-        check_objective("eps", "none", 5.0)
-    with pytest.raises(ValueError, match="model.loss_weighting='snr'"):
-        check_objective("epsilon", "snr", 5.0)
-    with pytest.raises(ValueError, match="model.min_snr_gamma=0"):
-        check_objective("epsilon", "min_snr", 0)
+    schedule = NoiseSchedule("linear")
+    DDPM(schedule, "v_prediction", "min_snr", 5.0)
+    with pytest.raises(ValueError, match="objective.prediction_type='eps'"):
+        DDPM(schedule, "eps", "none", 5.0)
+    with pytest.raises(ValueError, match="objective.loss_weighting='snr'"):
+        DDPM(schedule, "epsilon", "snr", 5.0)
+    with pytest.raises(ValueError, match="objective.min_snr_gamma=0"):
+        DDPM(schedule, "epsilon", "min_snr", 0)

@@ -19,8 +19,8 @@ import torch
 from lightdiff.callbacks import random_state
 from lightdiff.config import ConfigError
 from lightdiff.data.sampler import ResumableSampler
-from lightdiff.export import load_checkpoint_file
 from lightdiff.train import run
+from lightdiff.trained import load_checkpoint_file
 
 from .conftest import REPO, TINY, compose_config
 

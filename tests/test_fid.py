@@ -9,8 +9,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from lightdiff.callbacks import FrechetDistance
 from lightdiff.config import ConfigError
+from lightdiff.contract import Preview
 from lightdiff.data import ShapesDataset
-from lightdiff.methods.preview import Preview
 from lightdiff.metrics.features import InceptionFeatures, RandomConvFeatures, check_unit_range
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from PIL import Image
 
 from lightdiff.config import ConfigError
+from lightdiff.data import ShapesDataModule
 from lightdiff.diffusion import (
     DDPM,
     FlowMatching,
@@ -24,17 +26,18 @@ from lightdiff.diffusion import (
     logit_normal_timesteps,
     objective_from_state,
     shift_timesteps,
-    weight_from_alpha_sigma,
 )
-from lightdiff.export import load_checkpoint_file, load_denoiser
-from lightdiff.methods.pixel import PixelDiffusion
+from lightdiff.methods.diffusion import DiffusionTraining
+from lightdiff.nets.conditioning import NoCondition
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import generate, generators_for, make_scheduler
+from lightdiff.sampling import generate
 from lightdiff.train import run as train_run
+from lightdiff.trained import load_checkpoint_file, load_denoiser
 
 from .conftest import TINY, compose_config
 
 SCHEDULE = NoiseSchedule("linear", 1000, 1e-4, 0.02)
+DATA = ShapesDataModule(resolution=8, size=16, batch_size=4)
 
 
 def _tiny_unet() -> UNet2DModel:
@@ -62,7 +65,11 @@ def test_training_times_are_shifted_logit_normal_draws_and_state_round_trips() -
     torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
     torch.testing.assert_close(objective.network_timesteps(torch.tensor([0.25, 1.0])), torch.tensor([250.0, 1000.0]))
     assert objective_from_state(objective.state()) == objective
-    assert objective_from_state(None) == DDPM() and objective_from_state({"name": "ddpm"}) == DDPM()
+    ddpm = DDPM(SCHEDULE, "v_prediction")
+    assert objective_from_state(ddpm.state()) == ddpm
+    # Format-1 checkpoints kept the schedule and prediction type beside the objective's name (or had none).
+    assert objective_from_state(None, vars(SCHEDULE), "v_prediction") == ddpm
+    assert objective_from_state({"name": "ddpm"}, vars(SCHEDULE), "v_prediction") == ddpm
     with pytest.raises(ValueError, match="unknown objective 'edm'"):
         objective_from_state({"name": "edm"})
     with pytest.raises(ValueError, match="objective.shift=0"):
@@ -72,39 +79,43 @@ def test_training_times_are_shifted_logit_normal_draws_and_state_round_trips() -
 def test_flow_distillation_weights_are_the_ddpm_formulas_on_the_flow_path() -> None:
     t = torch.tensor([0.1, 0.5, 0.9])
     alpha, sigma = flow_alpha_sigma(t)
-    torch.testing.assert_close(weight_from_alpha_sigma("alpha_bar", alpha, sigma), (1 - t) ** 2)
-    torch.testing.assert_close(weight_from_alpha_sigma("sds", alpha, sigma), (1 - t) * t / 2)
-    # The DDPM entry point is the same function on (sqrt(alpha_bar), sqrt(1 - alpha_bar)).
+    torch.testing.assert_close(distillation_weight("alpha_bar", alpha, sigma), (1 - t) ** 2)
+    torch.testing.assert_close(distillation_weight("sds", alpha, sigma), (1 - t) * t / 2)
+    torch.testing.assert_close(distillation_weight("sds", *FlowMatching().alpha_sigma(t * 1000)), (1 - t) * t / 2)
+    # A DDPM's (alpha, sigma) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) through the same function.
     alphas_cumprod, timesteps = SCHEDULE.alphas_cumprod().float(), torch.tensor([10, 500])
     alpha_bar = alphas_cumprod[timesteps]
     torch.testing.assert_close(
-        distillation_weight("sds", alphas_cumprod, timesteps), (alpha_bar * (1 - alpha_bar)).sqrt() / 2
+        distillation_weight("sds", *DDPM(SCHEDULE).alpha_sigma(timesteps)), (alpha_bar * (1 - alpha_bar)).sqrt() / 2
     )
 
 
 def test_sampler_and_objective_must_match() -> None:
     flow = FlowMatching(shift=2.0)
     with pytest.raises(ConfigError, match="DDIMScheduler is a DDPM sampler.*use sampler=flow_euler"):
-        make_scheduler(DDIMScheduler, SCHEDULE, "epsilon", flow)
+        flow.scheduler(DDIMScheduler)
     with pytest.raises(ConfigError, match="FlowMatchEulerDiscreteScheduler integrates a flow.*objective=ddpm"):
-        make_scheduler(FlowMatchEulerDiscreteScheduler, SCHEDULE, "epsilon")
+        DDPM(SCHEDULE).scheduler(FlowMatchEulerDiscreteScheduler)
     factory = instantiate(compose_config("sample", ["ckpt=x", "sampler=flow_euler"]).sampler)
-    scheduler = make_scheduler(factory, SCHEDULE, "epsilon", flow)
+    scheduler = flow.scheduler(factory)
     assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and scheduler.config.shift == 2.0  # the training's
     own = instantiate(compose_config("sample", ["ckpt=x", "sampler=flow_euler", "+sampler.shift=3.0"]).sampler)
-    assert make_scheduler(own, SCHEDULE, "epsilon", flow).config.shift == 3.0  # the sampler's own wins
+    assert flow.scheduler(own).config.shift == 3.0  # the sampler's own wins
 
 
 def test_flow_training_step_regresses_the_velocity_at_t_times_1000(monkeypatch: pytest.MonkeyPatch) -> None:
     objective = FlowMatching(shift=3.0)
-    module = PixelDiffusion(net=_tiny_unet(), schedule=SCHEDULE, objective=objective)
+    module = DiffusionTraining(DATA, net=_tiny_unet(), objective=objective)
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     monkeypatch.setattr(module, "optimizers", lambda: SimpleNamespace(param_groups=[{"lr": 0.0}]))
     seen = {}
-    module.net.register_forward_hook(lambda net, args, output: seen.update(x_t=args[0], timesteps=args[1]))
+    hook = module.net.register_forward_hook(
+        lambda net, args, kwargs, output: seen.update(x_t=args[0], timesteps=kwargs["timestep"]), with_kwargs=True
+    )
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     torch.manual_seed(7)
     loss = module.training_step({"pixel_values": x0, "label": torch.zeros(4, dtype=torch.long)}, 0)
+    hook.remove()
     torch.manual_seed(7)  # the same draws, in the method's order: noise, then t
     noise = torch.randn_like(x0)
     t = objective.training_times(4)
@@ -113,8 +124,9 @@ def test_flow_training_step_regresses_the_velocity_at_t_times_1000(monkeypatch: 
     with torch.no_grad():
         prediction = module.net(seen["x_t"], seen["timesteps"]).sample
     torch.testing.assert_close(loss, ((prediction - (noise - x0)) ** 2).mean())
-    with pytest.raises(ConfigError, match="model.prediction_type='v_prediction'.*objective=ddpm"):
-        PixelDiffusion(net=_tiny_unet(), schedule=SCHEDULE, objective=objective, prediction_type="v_prediction")
+    # objective.prediction_type belongs to objective=ddpm: flow matching has no such key to set (Hydra says so).
+    with pytest.raises(ConfigCompositionException, match="Could not override 'objective.prediction_type'"):
+        compose_config("train", ["objective=flow_matching", "objective.prediction_type=v_prediction"])
 
 
 def test_sampler_auto_is_refused_by_training_before_any_folder(tiny_train_config) -> None:
@@ -155,17 +167,18 @@ def test_flow_checkpoint_needs_the_flow_sampler_and_exports_to_ddpm_pipeline(flo
     # Plain diffusers: DDPMPipeline's loop runs the exported FlowMatchEuler scheduler to the same images.
     pipeline = DDPMPipeline.from_pretrained(folder)
     assert isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
-    theirs = pipeline(batch_size=3, generator=generators_for([0, 1, 2]), num_inference_steps=4, output_type="np").images
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1, 2)]
+    theirs = pipeline(batch_size=3, generator=generators, num_inference_steps=4, output_type="np").images
     denoiser = load_denoiser(flow_ckpt)
-    scheduler = make_scheduler(FlowMatchEulerDiscreteScheduler, denoiser.schedule, "epsilon", denoiser.objective)
-    ours = generate(denoiser.net, scheduler, 4, generators_for([0, 1, 2])).permute(0, 2, 3, 1).numpy()
+    scheduler = denoiser.objective.scheduler(FlowMatchEulerDiscreteScheduler)
+    ours = generate(denoiser.net, scheduler, 4, [0, 1, 2], NoCondition(), {}).permute(0, 2, 3, 1).numpy()
     assert np.abs(ours - theirs).max() < 1e-5
 
 
 def test_resuming_with_another_objective_is_refused(flow_ckpt: Path) -> None:
     checkpoint = load_checkpoint_file(flow_ckpt)
     with pytest.raises(ConfigError, match="trained with objective=flow_matching, this config says objective=ddpm"):
-        PixelDiffusion(net=_tiny_unet(), schedule=SCHEDULE).on_load_checkpoint(checkpoint)
+        DiffusionTraining(DATA, net=_tiny_unet(), objective=DDPM(SCHEDULE)).on_load_checkpoint(checkpoint)
 
 
 def test_a_checkpoint_from_before_objectives_loads_as_ddpm(tmp_path: Path) -> None:
@@ -181,7 +194,7 @@ def test_a_checkpoint_from_before_objectives_loads_as_ddpm(tmp_path: Path) -> No
     }
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "lightdiff": meta}, tmp_path / "a")
     denoiser = load_denoiser(tmp_path / "a")
-    assert denoiser.objective == DDPM()
+    assert denoiser.objective == DDPM(SCHEDULE)
     out = sample_run(compose_config("sample", [f"ckpt={tmp_path / 'a'}", f"out={tmp_path / 'o'}", "num_images=2"]))
     assert len(_pixels(out)) == 2  # the default DDIM sampler serves it, as before
 
@@ -204,22 +217,21 @@ def test_turbo_distils_a_flow_matching_teacher(flow_ckpt: Path, tmp_path: Path) 
         )
     )
     assert _pixels(one_step).shape == (2, 16, 16, 3)
-    with pytest.raises(ConfigError, match="model.student_timesteps / model.student_prediction_type are for DDPM"):
+    with pytest.raises(ConfigError, match="model.student_timesteps is for DDPM teachers"):
         train_run(compose_config("train", [*overrides, "run_name=bad", "model.student_timesteps=[999]"]))
 
 
-def test_noisy_batch_of_each_objective_matches_its_closed_form() -> None:
-    from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, noisy_batch
-
+def test_training_example_of_each_objective_matches_its_closed_form() -> None:
     torch.manual_seed(0)
     x0, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
-    alphas_cumprod = NoiseSchedule(beta_schedule="linear").alphas_cumprod().float()
-    flow = noisy_batch(FlowMatching(shift=3.0), x0, noise, alphas_cumprod, "epsilon", "none", 5.0)
+    schedule = NoiseSchedule(beta_schedule="linear")
+    alphas_cumprod = schedule.alphas_cumprod().float()
+    flow = FlowMatching(shift=3.0).training_example(x0, noise)
     t = (flow.timesteps / 1000).view(-1, 1, 1, 1)
     torch.testing.assert_close(flow.x_t, (1 - t) * x0 + t * noise)
     torch.testing.assert_close(flow.target, noise - x0)
     assert torch.equal(flow.weight, torch.ones(6)) and bool(((t > 0) & (t < 1)).all())
-    ddpm = noisy_batch(DDPM(), x0, noise, alphas_cumprod, "v_prediction", "min_snr", 5.0)
+    ddpm = DDPM(schedule, "v_prediction", "min_snr", 5.0).training_example(x0, noise)
     assert ddpm.timesteps.dtype == torch.int64 and int(ddpm.timesteps.max()) < 1000
     alpha_bar = alphas_cumprod[ddpm.timesteps].view(-1, 1, 1, 1)
     torch.testing.assert_close(ddpm.x_t, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)

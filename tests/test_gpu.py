@@ -17,9 +17,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lightdiff.export import load_checkpoint_file
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run
+from lightdiff.trained import load_checkpoint_file
 
 from .conftest import REPO, TINY, compose_config
 

@@ -26,12 +26,12 @@ from lightdiff.checkpointing import AtomicCheckpointIO
 from lightdiff.config import ConfigError, build
 from lightdiff.data import ShapesDataModule
 from lightdiff.data.image_folder import ImageFolderDataset
-from lightdiff.export import load_autoencoder, load_checkpoint_file, load_denoiser, load_trained
 from lightdiff.methods.turbo import FROZEN_PREFIXES, load_teacher
 from lightdiff.nets.feature_discriminator import ViTFeatures
 from lightdiff.sample import reference_data
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
+from lightdiff.trained import load_autoencoder, load_checkpoint_file, load_denoiser, load_trained
 
 from .conftest import TINY, compose_config
 
@@ -380,7 +380,7 @@ def test_loading_weights_of_another_config_names_the_mismatched_keys(tiny_ckpt: 
 
 def test_turbo_checks_its_checkpoints_but_not_for_the_teacher_it_leaves_out(tiny_ckpt: Path, tmp_path: Path) -> None:
     cfg = compose_config("train", [f"output_root={tmp_path}", *TINY, "model=turbo", f"model.teacher={tiny_ckpt}"])
-    module = build(cfg.model)
+    module = build(cfg.model, data=build(cfg.data))
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     assert not any(key.startswith(FROZEN_PREFIXES) for key in checkpoint["state_dict"])

@@ -14,14 +14,13 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from lightdiff.config import ConfigError
-from lightdiff.data.latent_cache import text_encoder_fingerprint
 from lightdiff.diffusion import NoiseSchedule
-from lightdiff.export import load_checkpoint_file, load_denoiser
-from lightdiff.methods.latent import drop_captions, generate_latent, tokenizer_from_state
+from lightdiff.nets.conditioning import CLIPText, drop_conditions, text_encoder_fingerprint, tokenizer_from_state
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import for_latents, generators_for, make_scheduler
+from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
+from lightdiff.trained import load_checkpoint_file, load_denoiser
 
 from .conftest import TINY, compose_config
 
@@ -100,11 +99,13 @@ def _latent_overrides(root: Path, vae: Path, *extra: str) -> list[str]:
 
 
 def test_condition_dropout_rate() -> None:
+    tokenizer = build_caption_tokenizer(CAPTIONS, model_max_length=8)
+    family = CLIPText(tokenizer, text_encoder_from_scratch(tokenizer, 16, 1, 2), trainable=False)
     random.seed(0)
-    dropped = drop_captions(["a red circle"] * 20000, 0.1)
+    dropped = drop_conditions(family, {"text": ["a red circle"] * 20000}, 0.1)["text"]
     assert abs(dropped.count("") / len(dropped) - 0.1) < 0.01
     assert set(dropped) == {"", "a red circle"}
-    assert drop_captions(["x"] * 100, 0.0) == ["x"] * 100
+    assert drop_conditions(family, {"text": ["x"] * 100}, 0.0)["text"] == ["x"] * 100
 
 
 def test_guidance_scale_one_is_the_conditional_prediction() -> None:
@@ -115,7 +116,8 @@ def test_guidance_scale_one_is_the_conditional_prediction() -> None:
 
     def sample(scale: float, negative: str = "") -> torch.Tensor:
         scheduler = DDIMScheduler(**schedule.scheduler_kwargs())
-        return generate_latent(unet, vae, tokenizer, encoder, scheduler, CAPTIONS[:2], [0, 1], 3, scale, negative)
+        text = CLIPText(tokenizer, encoder, trainable=False)
+        return generate(unet, scheduler, 3, [0, 1], text, {"text": CAPTIONS[:2]}, scale, negative, vae=vae)
 
     plain = sample(1.0)  # no guidance: the conditional network alone
     guided_by_one = sample(1.0 + 1e-7)  # the guided path with w ~ 1: uncond + (cond - uncond) = cond
@@ -134,13 +136,13 @@ def test_two_step_run_trains_text_and_unet_keeps_vae_frozen(vae_dir: Path, tmp_p
         assert torch.equal(value, module.vae.state_dict()[name]), name  # the VAE never moved
     checkpoint = load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
     meta = checkpoint["lightdiff"]
-    assert meta["method"] == "latent" and meta["net_class"] == "UNet2DConditionModel"
-    tokenizer = tokenizer_from_state(meta["tokenizer"])
+    assert meta["method"] == "diffusion" and meta["net_class"] == "UNet2DConditionModel"
+    tokenizer = tokenizer_from_state(meta["conditioning"]["tokenizer"])
     assert tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
-    text_keys = [k for k in checkpoint["state_dict"] if k.startswith("text_encoder.")]
+    text_keys = [k for k in checkpoint["state_dict"] if k.startswith("conditioning.text_encoder.")]
     assert text_keys  # the from-scratch text encoder is saved and was optimised
     optimised = sum(len(group["params"]) for group in checkpoint["optimizer_states"][0]["param_groups"])
-    assert optimised == len(list(module.net.parameters())) + len(list(module.text_encoder.parameters()))
+    assert optimised == len(list(module.net.parameters())) + len(list(module.conditioning.text_encoder.parameters()))
     assert (Path(cfg.run_dir) / "final_metrics.json").exists()
 
 
@@ -151,8 +153,10 @@ def test_pretrained_folder_gives_frozen_text_side(pipeline_dir: Path, tmp_path: 
     )
     trainer = train_run(cfg)
     module = trainer.lightning_module
-    assert not any(p.requires_grad for p in module.text_encoder.parameters())
-    assert module.tokenizer.model_max_length == 8  # the pipeline's tokenizer, not one built from the captions
+    assert not any(p.requires_grad for p in module.conditioning.text_encoder.parameters())
+    assert (
+        module.conditioning.tokenizer.model_max_length == 8
+    )  # the pipeline's tokenizer, not one built from the captions
     unfrozen = compose_config(
         "train",
         _latent_overrides(
@@ -164,7 +168,7 @@ def test_pretrained_folder_gives_frozen_text_side(pipeline_dir: Path, tmp_path: 
             "model.train_text_encoder=true",
         ),
     )
-    assert all(p.requires_grad for p in train_run(unfrozen).lightning_module.text_encoder.parameters())
+    assert all(p.requires_grad for p in train_run(unfrozen).lightning_module.conditioning.text_encoder.parameters())
 
 
 def test_pretrained_folder_missing_a_part_is_named(pipeline_dir: Path, tmp_path: Path) -> None:
@@ -252,14 +256,10 @@ def test_export_round_trip_with_plain_diffusers(latent_ckpt: Path, tmp_path: Pat
     ).images
     denoiser = load_denoiser(latent_ckpt)
     sampler = instantiate(compose_config("sample", ["ckpt=x", "sampler=ddim"]).sampler)
-    scheduler = for_latents(make_scheduler(sampler, denoiser.schedule, denoiser.prediction_type))
-    ours = (
-        generate_latent(
-            denoiser.net, denoiser.vae, denoiser.tokenizer, denoiser.text_encoder, scheduler, prompts, seeds, 5, 4.0, ""
-        )
-        .permute(0, 2, 3, 1)
-        .numpy()
-    )
+    scheduler = for_latents(denoiser.objective.scheduler(sampler))
+    inputs = {"text": prompts}
+    ours = generate(denoiser.net, scheduler, 5, seeds, denoiser.conditioning, inputs, 4.0, "", vae=denoiser.vae)
+    ours = ours.permute(0, 2, 3, 1).numpy()
     assert np.abs(ours - theirs).max() < 1e-4
     # sample.py gives the same images from the checkpoint and from the exported folder
     a = sample_run(
@@ -396,8 +396,9 @@ def test_training_step_from_cached_text_states_matches_encoding(
         torch.manual_seed(3)  # the same z, noise and timesteps
         return module.training_step(batch, 0)
 
-    encode, encoded_prompts = module.encode_prompts, []
-    monkeypatch.setattr(module, "encode_prompts", lambda prompts: encoded_prompts.append(prompts) or encode(prompts))
+    family = module.conditioning
+    encode, encoded_prompts = family.encode, []
+    monkeypatch.setattr(family, "encode", lambda prompts: encoded_prompts.append(prompts) or encode(prompts))
     with torch.no_grad():
         from_cache = step(batch)
         assert encoded_prompts == [[""]]  # only the dropped captions' state is computed; the rest come from the cache

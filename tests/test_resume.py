@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightdiff.config import ConfigError
-from lightdiff.export import load_checkpoint_file
 from lightdiff.train import run
+from lightdiff.trained import load_checkpoint_file
 
 
 def _state(path: Path) -> dict:

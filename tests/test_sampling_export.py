@@ -14,10 +14,10 @@ from PIL import Image
 
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageFolderDataModule
-from lightdiff.export import load_denoiser
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import generate, generators_for, make_scheduler
+from lightdiff.sampling import generate, generators_for
 from lightdiff.train import run as train_run
+from lightdiff.trained import load_denoiser
 
 from .conftest import TINY, compose_config
 
@@ -103,9 +103,9 @@ def test_export_round_trip_with_plain_diffusers(
     denoiser = load_denoiser(trained["uncond"])
     assert denoiser.uses_ema
     sampler_factory = instantiate(compose_config("sample", ["ckpt=unused", f"sampler={sampler}"]).sampler)
-    scheduler = make_scheduler(sampler_factory, denoiser.schedule, denoiser.prediction_type)
+    scheduler = denoiser.objective.scheduler(sampler_factory)
     seeds = [0, 1, 2]
-    ours = generate(denoiser.net, scheduler, 10, generators_for(seeds)).permute(0, 2, 3, 1).numpy()
+    ours = generate(denoiser.net, scheduler, 10, seeds, denoiser.conditioning, {}).permute(0, 2, 3, 1).numpy()
     pipeline = pipeline_class.from_pretrained(folder)
     theirs = pipeline(batch_size=3, generator=generators_for(seeds), num_inference_steps=10, output_type="np").images
     assert np.abs(ours - theirs).max() < 1e-5

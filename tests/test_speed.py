@@ -18,7 +18,6 @@ from PIL import Image
 
 from lightdiff.callbacks import StepProgressBar
 from lightdiff.config import ConfigError
-from lightdiff.export import load_checkpoint_file
 from lightdiff.methods.optimization import clip_and_measure_gradients
 from lightdiff.sample import FastPathMismatch
 from lightdiff.sample import run as sample_run
@@ -30,6 +29,7 @@ from lightdiff.speed import (
     prepare_for_training,
 )
 from lightdiff.train import run
+from lightdiff.trained import load_checkpoint_file
 
 from .conftest import TINY, compose_config
 

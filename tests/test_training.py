@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lightdiff.export import load_checkpoint_file
 from lightdiff.train import run
+from lightdiff.trained import load_checkpoint_file
 
 from .conftest import TINY, compose_config
 
@@ -28,9 +28,9 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
     [
         [],
         ["schedule=cosine"],
-        ["schedule=scaled_linear", "model.prediction_type=v_prediction"],
-        ["schedule=sigmoid", "model.prediction_type=sample", "model.loss_weighting=min_snr"],
-        ["model.loss_weighting=min_snr", "model.offset_noise=0.1", "model.lr_schedule=constant"],
+        ["schedule=scaled_linear", "objective.prediction_type=v_prediction"],
+        ["schedule=sigmoid", "objective.prediction_type=sample", "objective.loss_weighting=min_snr"],
+        ["objective.loss_weighting=min_snr", "model.offset_noise=0.1", "model.lr_schedule=constant"],
         ["experiment=shapes_class"],
         ["sampler=dpm"],
         ["sampler=euler"],
@@ -47,8 +47,8 @@ def test_two_step_run_writes_checkpoint_grid_and_metrics(overrides: list[str], t
     checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2
     meta = checkpoint["lightdiff"]
-    assert meta["prediction_type"] == cfg.model.prediction_type
-    assert meta["schedule"]["beta_schedule"] == cfg.schedule.beta_schedule
+    assert meta["objective"]["prediction_type"] == cfg.objective.prediction_type
+    assert meta["objective"]["schedule"]["beta_schedule"] == cfg.schedule.beta_schedule
     ema = checkpoint["callbacks"]["ema"]
     assert ema["optimization_step"] == 2
     raw = [v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")]
@@ -59,7 +59,7 @@ def test_two_step_run_writes_checkpoint_grid_and_metrics(overrides: list[str], t
     assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # fp32 weights at any precision
     grid = Image.open(run_dir / "samples" / "final_step0000002.png")
     assert grid.size == (2 * 16 * 4, 2 * 16 * 4)  # 4 images of 16 px, 2x2, upscaled 4x
-    assert (run_dir / "config.yaml").read_text().count("prediction_type") == 1
+    assert (run_dir / "config.yaml").read_text().count("prediction_type: ") == 2  # objective, model.objective
     final = (run_dir / "final_metrics.json").read_text()
     assert "final/shapes_valid" in final
 

@@ -19,16 +19,17 @@ from diffusers import (
 )
 from hydra.utils import instantiate
 from PIL import Image
+from transformers import CLIPTextModelWithProjection
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import interpolate, velocity_target
-from lightdiff.export import load_denoiser
-from lightdiff.methods.latent import generate_latent
-from lightdiff.nets.denoiser import TextCondition, denoiser_output, encode_text, zero_adaln_gates
+from lightdiff.nets.conditioning import Condition, text_conditioning
+from lightdiff.nets.denoiser import network_output, zero_adaln_gates
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import for_latents, generators_for, make_scheduler
+from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
+from lightdiff.trained import load_denoiser
 
 from .conftest import TINY, compose_config
 
@@ -95,7 +96,7 @@ def _blocks_return_their_inputs(net: torch.nn.Module, inputs: dict) -> list[bool
 
     handles = [block.register_forward_hook(check, with_kwargs=True) for block in net.transformer_blocks]
     with torch.no_grad():
-        denoiser_output(net, **inputs)
+        network_output(net, inputs["x_t"], inputs["timesteps"], inputs["condition"])
     for handle in handles:
         handle.remove()
     return same
@@ -103,14 +104,16 @@ def _blocks_return_their_inputs(net: torch.nn.Module, inputs: dict) -> list[bool
 
 def _mmdit_inputs(net: SD3Transformer2DModel) -> dict:
     generator = torch.Generator().manual_seed(1)
-    text = TextCondition(
-        torch.randn(2, 5, net.config.joint_attention_dim, generator=generator),
-        torch.randn(2, net.config.pooled_projection_dim, generator=generator),
+    text = Condition(
+        {
+            "encoder_hidden_states": torch.randn(2, 5, net.config.joint_attention_dim, generator=generator),
+            "pooled_projections": torch.randn(2, net.config.pooled_projection_dim, generator=generator),
+        }
     )
     return {
         "x_t": torch.randn(2, 4, 8, 8, generator=generator),
         "timesteps": torch.tensor([100.0, 900.0]),
-        "text": text,
+        "condition": text,
     }
 
 
@@ -119,7 +122,12 @@ def _pixart_inputs(net: PixArtTransformer2DModel) -> dict:
     return {
         "x_t": torch.randn(2, 4, 8, 8, generator=generator),
         "timesteps": torch.tensor([100.0, 900.0]),
-        "text": TextCondition(torch.randn(2, 5, net.config.caption_channels, generator=generator)),
+        "condition": Condition(
+            {
+                "encoder_hidden_states": torch.randn(2, 5, net.config.caption_channels, generator=generator),
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+            }
+        ),
     }
 
 
@@ -130,7 +138,7 @@ def test_gates_start_at_zero_so_each_block_returns_its_input_streams() -> None:
     dit_inputs = {
         "x_t": torch.randn(2, 3, 16, 16),
         "timesteps": torch.tensor([3, 700]),
-        "class_labels": torch.tensor([0, 5]),
+        "condition": Condition({"class_labels": torch.tensor([0, 5])}),
     }
     # diffusers leaves the modulation at nn.Linear's random init: the blocks are not the identity...
     assert not all(_blocks_return_their_inputs(mmdit, _mmdit_inputs(mmdit)))
@@ -165,7 +173,7 @@ def test_both_streams_receive_gradients_once_the_gates_open() -> None:
     x0 = torch.randn_like(inputs["x_t"])
     for step in range(3):
         noise, t = torch.randn_like(x0), torch.tensor([0.3, 0.8])
-        prediction = denoiser_output(net, interpolate(x0, noise, t), t * 1000, text=inputs["text"])
+        prediction = network_output(net, interpolate(x0, noise, t), t * 1000, inputs["condition"])
         optimizer.zero_grad()
         ((prediction - velocity_target(x0, noise)) ** 2).mean().backward()
         if step == 0:  # closed gates: the image gates and the output layers (with the pooled text, which steers
@@ -193,8 +201,8 @@ def test_pixart_text_path_and_blocks_receive_gradients_once_the_gates_open() -> 
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     for step in range(3):
         noise, t = torch.randn_like(x0), torch.tensor([0.3, 0.8])
-        text = encode_text(net, tokenizer, encoder, captions)
-        prediction = denoiser_output(net, interpolate(x0, noise, t), t * 1000, text=text)
+        text = text_conditioning(net, tokenizer, encoder, trainable=True)({"text": captions})
+        prediction = network_output(net, interpolate(x0, noise, t), t * 1000, text)
         optimizer.zero_grad()
         ((prediction - velocity_target(x0, noise)) ** 2).mean().backward()
         if step == 0:  # closed: the gates and the cross-attention's zero output projection learn first; nothing
@@ -210,7 +218,7 @@ def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
     captions = ["a red circle", "a blue square"]
     tokenizer = build_caption_tokenizer(captions * 3, vocab_size=300, model_max_length=8)
     torch.manual_seed(0)
-    encoder = text_encoder_from_scratch(tokenizer, 16, 2, 2, 32, with_projection=True).eval()
+    encoder = text_encoder_from_scratch(tokenizer, 16, 2, 2, 32, CLIPTextModelWithProjection).eval()
     net = _net("model=latent", "net=mmdit", *SMALL_MMDIT)
     vae = AutoencoderKL(block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4, shift_factor=0.0)
     vae.config.down_block_types, vae.config.up_block_types = ["DownEncoderBlock2D"] * 2, ["UpDecoderBlock2D"] * 2
@@ -229,18 +237,21 @@ def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
         states, _, pooled, _ = pipeline.encode_prompt(
             captions, None, None, do_classifier_free_guidance=False, max_sequence_length=0
         )
-        ours = encode_text(net, tokenizer, encoder, captions)
-    assert torch.equal(ours.states, states) and torch.equal(ours.pooled, pooled)
-    assert ours.states.shape == (2, 8, 32) and ours.pooled.shape == (2, 32)
+        ours = text_conditioning(net, tokenizer, encoder, trainable=False)({"text": captions}).kwargs
+    assert torch.equal(ours["encoder_hidden_states"], states) and torch.equal(ours["pooled_projections"], pooled)
+    assert states.shape == (2, 8, 32) and pooled.shape == (2, 32)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=latent", "net=dit_tiny"], "DiTTransformer2DModel takes no text"),
+        (
+            ["model=latent", "net=dit_tiny"],
+            "net.in_channels=3 / net.out_channels=3 do not match the VAE's latent_channels=4",
+        ),
         (["model=latent", "net=dit", "net.caption_channels=32"], "net.caption_channels=32 differs .* hidden_size=64"),
         (["model=latent", "net=dit", "net.cross_attention_dim=64"], "net.cross_attention_dim=64 must be the width"),
-        (["net=mmdit"], "SD3Transformer2DModel is text-conditioned; model=pixel has no text"),
+        (["net=mmdit"], "net.in_channels=4 / net.out_channels=4 do not match RGB=3"),
         (
             ["model=latent", "net=mmdit", "net.pooled_projection_dim=64"],
             "net.pooled_projection_dim=64 differs from the text encoder's 2 x projection_dim=128",
@@ -320,9 +331,7 @@ def test_mmdit_flow_export_runs_in_plain_stable_diffusion_3_pipeline(runs: dict)
         output_type="np",
         max_sequence_length=0,  # lightdiff appends no (zero) T5 tokens
     ).images
-    scheduler = for_latents(
-        make_scheduler(FlowMatchEulerDiscreteScheduler, denoiser.schedule, "epsilon", denoiser.objective)
-    )
-    net, vae, tokenizer, encoder = denoiser.net, denoiser.vae, denoiser.tokenizer, denoiser.text_encoder
-    ours = generate_latent(net, vae, tokenizer, encoder, scheduler, prompts, seeds, 4, 4.0, "")
+    scheduler = for_latents(denoiser.objective.scheduler(FlowMatchEulerDiscreteScheduler))
+    inputs = {"text": prompts}
+    ours = generate(denoiser.net, scheduler, 4, seeds, denoiser.conditioning, inputs, 4.0, "", vae=denoiser.vae)
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4

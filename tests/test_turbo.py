@@ -10,23 +10,18 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from lightdiff.config import ConfigError
-from lightdiff.diffusion import (
-    NoiseSchedule,
-    distillation_weight,
-    high_noise_timesteps,
-    predicted_x0,
-    trailing_timesteps,
-)
+from lightdiff.diffusion import DDPM, NoiseSchedule, distillation_weight, trailing_timesteps
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, r1_penalty
-from lightdiff.export import load_checkpoint_file, load_denoiser
 from lightdiff.methods.turbo import load_teacher
 from lightdiff.nets.feature_discriminator import UNetEncoderFeatures
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
+from lightdiff.trained import load_checkpoint_file, load_denoiser
 
 from .conftest import TINY, compose_config
 
-ALPHAS_CUMPROD = NoiseSchedule("linear", 1000, 1e-4, 0.02).alphas_cumprod().float()
+OBJECTIVE = DDPM(NoiseSchedule("linear", 1000, 1e-4, 0.02))
+ALPHAS_CUMPROD = OBJECTIVE.alphas_cumprod
 
 
 def test_student_timesteps_are_diffusers_trailing_steps() -> None:
@@ -40,11 +35,12 @@ def test_student_timesteps_are_diffusers_trailing_steps() -> None:
 def test_distillation_weights_closed_forms() -> None:
     t = torch.tensor([0, 499, 999])
     alpha_bar = ALPHAS_CUMPROD[t]
-    torch.testing.assert_close(distillation_weight("alpha_bar", ALPHAS_CUMPROD, t), alpha_bar)
-    torch.testing.assert_close(distillation_weight("sds", ALPHAS_CUMPROD, t), (alpha_bar * (1 - alpha_bar)).sqrt() / 2)
-    assert torch.equal(distillation_weight("none", ALPHAS_CUMPROD, t), torch.ones(3))
+    alpha, sigma = OBJECTIVE.alpha_sigma(t)
+    torch.testing.assert_close(distillation_weight("alpha_bar", alpha, sigma), alpha_bar)
+    torch.testing.assert_close(distillation_weight("sds", alpha, sigma), (alpha_bar * (1 - alpha_bar)).sqrt() / 2)
+    assert torch.equal(distillation_weight("none", alpha, sigma), torch.ones(3))
     with pytest.raises(ValueError, match="distill_weighting='sdss'"):
-        distillation_weight("sdss", ALPHAS_CUMPROD, t)
+        distillation_weight("sdss", alpha, sigma)
 
 
 def test_sds_weighting_gives_the_score_distillation_gradient() -> None:
@@ -54,8 +50,8 @@ def test_sds_weighting_gives_the_score_distillation_gradient() -> None:
     x_student = torch.randn(1, 3, 4, 4, requires_grad=True)
     eps, eps_teacher = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
     x_t = ALPHAS_CUMPROD[t].sqrt() * x_student.detach() + (1 - ALPHAS_CUMPROD[t]).sqrt() * eps
-    x_teacher = predicted_x0("epsilon", eps_teacher, x_t, ALPHAS_CUMPROD, t)
-    loss = distillation_weight("sds", ALPHAS_CUMPROD, t) * (x_student - x_teacher).pow(2).sum()
+    x_teacher = OBJECTIVE.predicted_x0(eps_teacher, x_t, t)
+    loss = distillation_weight("sds", *OBJECTIVE.alpha_sigma(t)) * (x_student - x_teacher).pow(2).sum()
     (gradient,) = torch.autograd.grad(loss, x_student)
     sds = (1 - ALPHAS_CUMPROD[t]) * (eps_teacher - eps)
     torch.testing.assert_close(gradient, sds, atol=1e-5, rtol=1e-4)
@@ -73,7 +69,8 @@ def test_hinge_and_r1_against_hand_computed_values() -> None:
 
 
 def test_discriminator_noise_levels_are_skewed_high() -> None:
-    t = high_noise_timesteps(20000, 1000, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    t = OBJECTIVE.high_noise_timesteps(20000, 1.0, 1.0, "cpu")
     assert t.min() >= 0 and t.max() <= 999
     assert 0.8 < (t >= 500).float().mean() < 0.88  # P(N(1, 1) > 0) = 84% of draws in the noisier half
 
@@ -127,7 +124,8 @@ def test_teacher_and_frozen_backbone_are_bit_identical_student_moved(teacher_ckp
     assert not any(p.requires_grad for p in module.teacher.parameters())
     moved = [name for name, value in module.net.state_dict().items() if not torch.equal(value, reference[name])]
     assert moved  # the student trained
-    assert module.discriminator.class_embedding is not None  # the class-conditional teacher conditions the heads
+    # The class-conditional teacher conditions the heads: its family's one-hot labels are projected.
+    assert module.discriminator.condition_projection.in_features == 24
 
 
 def test_generator_step_updates_only_the_student_and_discriminator_step_only_the_heads(
@@ -229,7 +227,8 @@ def test_zero_terminal_snr_epsilon_teacher_is_refused(tmp_path: Path) -> None:
     )
     train_run(student)
     meta = load_checkpoint_file(Path(student.run_dir) / "checkpoints" / "last.ckpt")["lightdiff"]
-    assert meta["prediction_type"] == "sample" and meta["teacher_prediction_type"] == "epsilon"
+    assert meta["objective"]["prediction_type"] == "sample"
+    assert meta["teacher_objective"]["prediction_type"] == "epsilon"
 
 
 @pytest.mark.parametrize("backbone", ["dinov2", "patchgan"])
@@ -276,9 +275,9 @@ def test_latent_text_teacher_distils_and_exports(tmp_path: Path) -> None:
     teacher = Path(teacher_cfg.run_dir) / "checkpoints" / "last.ckpt"
     cfg = compose_config("train", _turbo(tmp_path, teacher, "run_name=lt_student", "trainer.max_steps=2"))
     module = train_run(cfg).lightning_module
-    assert module.discriminator.text_projection is not None and module.vae is not None
+    assert module.discriminator.condition_projection.in_features == 16 and module.vae is not None  # text width
     reference = load_teacher(str(teacher))
-    for part in ("vae", "text_encoder"):
+    for part in ("vae", "conditioning"):
         mine, theirs = getattr(module, part).state_dict(), getattr(reference, part).state_dict()
         assert all(torch.equal(value, theirs[name]) for name, value in mine.items()), part  # frozen
     student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"

@@ -30,8 +30,9 @@ from omegaconf import OmegaConf, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightdiff.config  # noqa: F401  (registers the config resolvers)
-from lightdiff.export import load_denoiser
+from lightdiff.nets.denoiser import network_output
 from lightdiff.sample import run as sample_run
+from lightdiff.trained import load_denoiser
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments" / "train_throughput"))
@@ -46,17 +47,10 @@ def forward_flops(run_dir: Path) -> tuple[int, int]:
     x = torch.randn(1, channels, size, size)
     t = torch.tensor([500])
     counter = FlopCounterMode(display=False)
+    inputs = {"label": torch.tensor([0]), "text": ["a red circle"]}  # each family reads what it needs
+    condition = denoiser.conditioning(inputs)
     with counter, torch.no_grad():
-        if denoiser.is_text_model:
-            from lightdiff.nets.denoiser import denoiser_output, encode_text
-
-            text = encode_text(net, denoiser.tokenizer, denoiser.text_encoder, ["a red circle"])
-            denoiser_output(net, x, t, text=text)
-        else:
-            from lightdiff.nets.denoiser import denoiser_output, num_classes
-
-            labels = torch.tensor([0]) if num_classes(net) is not None else None
-            denoiser_output(net, x, t, class_labels=labels)
+        network_output(net, x, t, condition)
     return sum(p.numel() for p in net.parameters()), counter.get_total_flops()
 
 

@@ -30,8 +30,9 @@ def train_seconds(cfg, cache_latents: bool, steps: int) -> tuple[float, float]:
     """(seconds for `steps` training steps, seconds spent preparing the data, the cache included)."""
     started = time.perf_counter()
     datamodule = build(cfg.data, cache_latents=cache_latents)
-    model = build(cfg.model)
-    model.attach_data(datamodule)
+    model = build(cfg.model, data=datamodule)
+    if cache_latents:
+        datamodule.use_latent_cache(*model.latent_cache_encoders())
     prepared = time.perf_counter()
     trainer = pl.Trainer(
         max_steps=steps,

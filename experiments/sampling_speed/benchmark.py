@@ -40,9 +40,10 @@ from omegaconf import open_dict
 
 import lightdiff.config  # noqa: F401  (registers the config resolvers)
 from lightdiff.config import build
-from lightdiff.export import load_denoiser
-from lightdiff.sampling import generate, generators_for, make_scheduler, to_uint8
+from lightdiff.nets.conditioning import NoCondition
+from lightdiff.sampling import generate, generators_for, to_uint8
 from lightdiff.speed import SamplingSpeed
+from lightdiff.trained import load_denoiser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,11 +79,11 @@ def main() -> None:
         denoiser = load_denoiser(args.ckpt)
         if getattr(denoiser.net.config, "num_class_embeds", None) is not None:
             raise SystemExit(f"{args.ckpt}: DDIMPipeline passes no class labels; give an unconditional model")
-        net, schedule, prediction_type = denoiser.net.to(device).eval(), denoiser.schedule, denoiser.prediction_type
+        net, objective = denoiser.net.to(device).eval(), denoiser.objective
     else:
         torch.manual_seed(0)
-        net, schedule, prediction_type = build(cfg.net).to(device).eval(), build(cfg.schedule), "epsilon"
-    scheduler = make_scheduler(DDIMScheduler, schedule, prediction_type)
+        net, objective = build(cfg.net).to(device).eval(), build(cfg.objective)
+    scheduler = objective.scheduler(DDIMScheduler)
     pipeline = DDIMPipeline(unet=net, scheduler=copy.deepcopy(scheduler)).to(device)
     pipeline.set_progress_bar_config(disable=True)
 
@@ -94,7 +95,7 @@ def main() -> None:
 
     def lightdiff_call(model: torch.nn.Module, batch: int) -> np.ndarray:
         with torch.inference_mode():  # as sample.py's draw
-            return to_uint8(generate(model, scheduler, args.steps, generators_for(range(batch))))
+            return to_uint8(generate(model, scheduler, args.steps, range(batch), NoCondition(), {}))
 
     reference, ours = diffusers_call(4), lightdiff_call(net, 4)
     mismatch = np.abs(reference.astype(int) - ours.astype(int)).max()

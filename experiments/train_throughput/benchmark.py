@@ -142,8 +142,7 @@ def lightdiff_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch
         OmegaConf.update(cfg, key, value)
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = build(cfg.data)
-    model = build(cfg.model)
-    model.attach_data(datamodule)
+    model = build(cfg.model, data=datamodule)
     clock = StepTimes(warmup)
     callbacks: list[pl.Callback] = [clock]
     if variant != "bare":

@@ -18,21 +18,21 @@ import torch
 from diffusers import DDIMScheduler
 
 from lightdiff.data import ShapesDataset
-from lightdiff.export import load_denoiser
 from lightdiff.metrics import FrechetEvaluator, RandomConvFeatures, shapes_metric
-from lightdiff.sampling import generate, generators_for, make_scheduler, reconfigured, to_uint8
+from lightdiff.sampling import generate, reconfigured, to_uint8
+from lightdiff.trained import load_denoiser
 
 
 def sample(denoiser, steps: int, seeds: list[int], batch: int = 250) -> tuple[torch.Tensor, torch.Tensor | None]:
-    scheduler = make_scheduler(DDIMScheduler, denoiser.schedule, denoiser.prediction_type)
+    scheduler = denoiser.objective.scheduler(DDIMScheduler)
     scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # the student's trailing timesteps
     classes = denoiser.net.config.num_class_embeds
     labels = torch.tensor(seeds) % classes if classes else None
     images = []
     for start in range(0, len(seeds), batch):
         part = seeds[start : start + batch]
-        part_labels = labels[start : start + batch] if labels is not None else None
-        images.append(generate(denoiser.net, scheduler, steps, generators_for(part), class_labels=part_labels))
+        inputs = {"label": labels[start : start + batch] if labels is not None else None}
+        images.append(generate(denoiser.net, scheduler, steps, part, denoiser.conditioning, inputs))
     return torch.cat(images), labels
 
 

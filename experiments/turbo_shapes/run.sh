@@ -6,7 +6,7 @@ set -euo pipefail
 teacher=outputs/teacher_class_v_ztsnr/checkpoints/last.ckpt
 if [ ! -f "$teacher" ]; then
     python train.py experiment=shapes_class run_name=teacher_class_v_ztsnr logger=csv \
-        model.prediction_type=v_prediction schedule.rescale_betas_zero_snr=true
+        objective.prediction_type=v_prediction schedule.rescale_betas_zero_snr=true
 fi
 run_name=turbo_shapes_$(date +%Y%m%d_%H%M%S)
 start=$(date +%s)

@@ -21,20 +21,11 @@ from tqdm.auto import tqdm
 
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, ShapesDataset
-from lightdiff.export import TrainedDenoiser, export_pipeline, load_trained
-from lightdiff.methods.latent import generate_latent
+from lightdiff.export import export_pipeline
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
-from lightdiff.nets.denoiser import num_classes
-from lightdiff.sampling import (
-    for_latents,
-    generate,
-    generators_for,
-    image_grid,
-    make_scheduler,
-    reconfigured,
-    to_uint8,
-)
+from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
 from lightdiff.speed import SamplingSpeed, fast_path_difference
+from lightdiff.trained import TrainedDenoiser, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +43,7 @@ def _device(name: str) -> torch.device:
 def _labels(cfg: DictConfig, num_classes: int | None, count: int) -> torch.Tensor | None:
     if num_classes is None:
         if cfg.label is not None:
-            raise ConfigError(f"label={cfg.label} given, but the model is unconditional")
+            raise ConfigError(f"label={cfg.label} given, but the model takes no class labels")
         return None
     if cfg.label is None:
         return torch.arange(count) % num_classes
@@ -63,7 +54,7 @@ def _labels(cfg: DictConfig, num_classes: int | None, count: int) -> torch.Tenso
 
 def _prompts(cfg: DictConfig, denoiser: TrainedDenoiser, count: int) -> list[str] | None:
     """Image i's prompt: `prompt`, or line i % n of `prompts_file`, or (shapes models) class caption i % 24."""
-    if not denoiser.is_text_model:
+    if "text" not in denoiser.conditioning.reads:
         if cfg.prompt is not None or cfg.prompts_file is not None:
             raise ConfigError("prompt / prompts_file given, but the model is not text-conditioned")
         return None
@@ -103,11 +94,10 @@ def run(cfg: DictConfig) -> Path:
         return folder
     denoiser = trained
     # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's
-    sampler_cfg = cfg.sampler if "_target_" in cfg.sampler else cfg.sampler[denoiser.objective.state()["name"]]
-    scheduler = make_scheduler(
-        instantiate(sampler_cfg), denoiser.schedule, denoiser.prediction_type, denoiser.objective
-    )  # a sampler of the other kind (DDPM vs flow matching) than the model is a ConfigError
-    if denoiser.is_text_model:
+    sampler_cfg = cfg.sampler if "_target_" in cfg.sampler else cfg.sampler[denoiser.objective.name]
+    # A sampler of the other kind (DDPM vs flow matching) than the model is a ConfigError.
+    scheduler = denoiser.objective.scheduler(instantiate(sampler_cfg))
+    if denoiser.vae is not None:
         scheduler = for_latents(scheduler)
     scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # e.g. a turbo student's timesteps
     if cfg.export:
@@ -119,40 +109,43 @@ def run(cfg: DictConfig) -> Path:
     speed: SamplingSpeed = build(cfg.speed)
     device = _device(cfg.device)
     net = denoiser.net.to(device)
+    conditioning = denoiser.conditioning.to(device)
     prompts = _prompts(cfg, denoiser, cfg.num_images)
-    labels = None if denoiser.is_text_model else _labels(cfg, num_classes(net), cfg.num_images)
-    if denoiser.is_text_model:
+    # A family that reads labels has a class count (ClassLabels.num_classes); others take none.
+    classes = getattr(conditioning, "num_classes", None) if "label" in conditioning.reads else None
+    labels = _labels(cfg, classes, cfg.num_images)
+    guidance_scale = cfg.guidance_scale if prompts is not None else 1.0  # guidance is for text models
+    if denoiser.vae is not None:
         denoiser.vae.to(device)
-        denoiser.text_encoder.to(device)
 
     @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still keeps version counters): a few % on CPU
     def draw(start: int, count: int) -> torch.Tensor:
         """Images start .. start + count - 1 in [0, 1], each from its own seed, with the net as it is now."""
         seeds = list(range(cfg.seed + start, cfg.seed + start + count))
-        if prompts is not None:
-            return generate_latent(
-                net,
-                denoiser.vae,
-                denoiser.tokenizer,
-                denoiser.text_encoder,
-                scheduler,
-                prompts[start : start + count],
-                seeds,
-                cfg.steps,
-                cfg.guidance_scale,
-                cfg.negative_prompt,
-                cfg.eta,
-            )
-        batch_labels = labels[start : start + count] if labels is not None else None
-        return generate(net, scheduler, cfg.steps, generators_for(seeds), class_labels=batch_labels, eta=cfg.eta)
+        inputs = {
+            "label": labels[start : start + count] if labels is not None else None,
+            "text": prompts[start : start + count] if prompts is not None else None,
+        }
+        return generate(
+            net,
+            scheduler,
+            cfg.steps,
+            seeds,
+            conditioning,
+            inputs,
+            guidance_scale,
+            cfg.negative_prompt,
+            cfg.eta,
+            denoiser.vae,
+        )
 
     if not speed.is_plain:
         check_count = min(speed.check_images, cfg.num_images)
         plain_images = draw(0, check_count) if speed.check else None  # before the switches: fp32, eager
         speed.apply(net)
-        if denoiser.is_text_model:  # the whole pipeline in one dtype, as diffusers' pipelines are cast
+        conditioning.to(dtype=net.dtype)  # the whole pipeline in one dtype, as diffusers' pipelines are cast
+        if denoiser.vae is not None:
             denoiser.vae.to(dtype=net.dtype)
-            denoiser.text_encoder.to(dtype=net.dtype)
         if plain_images is not None:
             difference = fast_path_difference(plain_images, draw(0, check_count))
             if difference > speed.allowed_difference:

@@ -1,4 +1,4 @@
-"""Sampling with diffusers schedulers, step for step the loop of diffusers' DDPMPipeline / DDIMPipeline.
+"""Sampling with diffusers schedulers, step for step the loops of diffusers' pipelines, for every lightdiff model.
 
 Image i of a call is drawn from its own generator (seeded `seed + i` by the callers), so an image depends on its
 seed alone, not on the batch it was drawn in, and a diffusers pipeline given the same generators reproduces it.
@@ -6,55 +6,18 @@ seed alone, not on the batch it was drawn in, and a diffusers pipeline given the
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import DiTTransformer2DModel, SchedulerMixin, UNet2DModel
+from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from lightdiff.config import ConfigError
-from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, Objective, PredictionType
-from lightdiff.nets.denoiser import denoiser_output, num_classes
-
-SchedulerFactory = Callable[..., SchedulerMixin]  # a diffusers scheduler class, or a partial of one
-
-
-def is_flow_sampler(factory: SchedulerFactory) -> bool:
-    """Whether a `sampler` (a scheduler class or a partial of one) integrates a flow (diffusers' FlowMatch*)."""
-    scheduler_class = factory.func if isinstance(factory, functools.partial) else factory
-    return getattr(scheduler_class, "__name__", "").startswith("FlowMatch")
-
-
-def make_scheduler(
-    factory: SchedulerFactory,
-    schedule: NoiseSchedule,
-    prediction_type: PredictionType,
-    objective: Objective = DDPM(),  # noqa: B008  (a frozen dataclass: immutable)
-) -> SchedulerMixin:
-    """A sampling scheduler (the `sampler` config) configured with the training schedule and objective.
-
-    A flow-matching model gets its number of training timesteps and, unless the sampler sets its own, the training
-    shift (SD3, Equation 23); a sampler of the other kind than the model is a ConfigError naming both.
-    """
-    name = getattr(factory.func if isinstance(factory, functools.partial) else factory, "__name__", str(factory))
-    if isinstance(objective, FlowMatching):
-        if not is_flow_sampler(factory):
-            raise ConfigError(
-                f"sampler {name} is a DDPM sampler, but the model was trained with objective=flow_matching: "
-                "use sampler=flow_euler"
-            )
-        shift = getattr(factory, "keywords", {}).get("shift", objective.shift)
-        return factory(num_train_timesteps=objective.num_train_timesteps, shift=shift)
-    if is_flow_sampler(factory):
-        raise ConfigError(
-            f"sampler {name} integrates a flow, but the model was trained with objective=ddpm: "
-            "use a DDPM sampler (ddim, ddpm, dpm, euler)"
-        )
-    return factory(**schedule.scheduler_kwargs(), prediction_type=prediction_type)
+from lightdiff.nets.conditioning import Conditioning, Inputs
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.vae import decode_latents
 
 
 def for_latents(scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -126,29 +89,58 @@ def denoise(
 
 @torch.no_grad()
 def generate(
-    net: UNet2DModel | DiTTransformer2DModel,
-    scheduler: SchedulerMixin,
+    net: torch.nn.Module,  # the denoiser
+    scheduler: SchedulerMixin,  # from `Objective.scheduler` (and `for_latents` in a latent space)
     num_inference_steps: int,
-    generators: list[torch.Generator],
-    class_labels: torch.Tensor | None = None,
-    eta: float = 0.0,
+    seeds: Sequence[int],  # image i is drawn from its own generator seeded seeds[i]
+    conditioning: Conditioning,  # the network's conditioning family
+    inputs: Inputs,  # what each image is conditioned on: {"label": (B,)} or {"text": B prompts}, or nothing
+    guidance_scale: float = 1.0,  # classifier-free guidance; 1: none
+    negative_prompt: str = "",  # the unconditional input of a guided text model
+    eta: float = 0.0,  # DDIM's stochasticity
+    vae: AutoencoderKL | None = None,  # decode the samples through it (a latent model)
 ) -> torch.Tensor:
-    """Pixel-space images in [0, 1], shaped (B, 3, H, W), float32: DDPMPipeline's / DDIMPipeline's result."""
-    if class_labels is None and num_classes(net) is not None:
-        raise ValueError("this model is class-conditional: give labels to sample")
-    if class_labels is not None and num_classes(net) is None:
-        raise ValueError("this model is unconditional: it takes no labels")
-    size = net.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    if class_labels is not None:
-        class_labels = class_labels.to(net.device)
+    """Images in [0, 1], (B, 3, H, W), float32: step for step what DDPMPipeline / DDIMPipeline (pixels) or
+    StableDiffusionPipeline / StableDiffusion3Pipeline (latents) draw from the same generators.
+
+    Guided: out = out(x, uncond) + w (out(x, c) - out(x, uncond)) (Ho & Salimans 2022, Equation 6 with w = 1 + their
+    w), both halves in one network call as the pipelines do; the same combination of velocities for a flow.
+    """
+    device = net.device
+    condition = conditioning(inputs).to(device)
+    guided = guidance_scale > 1.0
+    if guided:
+        if not conditioning.has_unconditional:
+            raise ValueError(f"guidance_scale={guidance_scale}: this model has no unconditional input to guide with")
+        unconditional = conditioning.without_condition(inputs, [True] * len(seeds), negative_prompt)
+        condition = conditioning(unconditional).to(device).cat(condition)
 
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return denoiser_output(net, x_t, t, class_labels=class_labels)
+        prediction = network_output(net, torch.cat([x_t, x_t]) if guided else x_t, t, condition)
+        if not guided:
+            return prediction
+        uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
+        return uncond + guidance_scale * (cond - uncond)
 
-    shape = (len(generators), net.config.in_channels, height, width)
-    sample = denoise(model, scheduler, num_inference_steps, shape, generators, net.device, net.dtype, eta)
-    return (sample.float() / 2 + 0.5).clamp(0, 1)
+    size = net.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = (len(seeds), net.config.in_channels, height, width)
+    sample = denoise(model, scheduler, num_inference_steps, shape, generators_for(seeds), device, net.dtype, eta)
+    images = decode_latents(vae, sample) if vae is not None else sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def preview_inputs(
+    seeds: Sequence[int], conditioning: Conditioning, class_names: list[str] | None, captions: list[str]
+) -> tuple[Inputs, torch.Tensor | None]:
+    """What a training-time preview conditions seed i on: class i % classes (as a label, and by name as the prompt),
+    or the data set's caption i % captions; and the class labels the shapes metric judges, where the model is
+    conditioned on them (None for an unconditional model)."""
+    conditioned = bool(class_names) and bool(conditioning.reads)
+    labels = torch.tensor(list(seeds)) % len(class_names) if conditioned else None
+    texts = class_names or captions
+    prompts = [texts[int(seed) % len(texts)] for seed in seeds] if texts else None
+    return {"label": labels, "text": prompts}, labels
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

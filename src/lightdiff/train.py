@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from lightdiff.checkpointing import AtomicCheckpointIO, checkpoint_problem, newest_loadable_checkpoint
 from lightdiff.config import ConfigError, build, check_config
+from lightdiff.contract import LatentCaching
 from lightdiff.loggers import LatestMetrics
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,11 @@ def run(cfg: DictConfig) -> pl.Trainer:
 
     datamodule = build(cfg.data)
     datamodule.order_seed = cfg.seed  # the shuffle of each epoch follows the run's seed (data/sampler.py)
-    model = build(cfg.model)
-    model.attach_data(datamodule)  # each method checks that its networks fit the data
+    model = build(cfg.model, data=datamodule)  # each method builds its networks for the data and checks they fit
+    if datamodule.cache_latents:
+        if not isinstance(model, LatentCaching):
+            raise ConfigError(f"data.cache_latents=true: {type(model).__name__} cannot train from cached latents")
+        datamodule.use_latent_cache(*model.latent_cache_encoders())
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false wins over the callback
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

@@ -24,9 +24,10 @@ from torch import nn
 
 from lightdiff.callbacks.samples import method_previews
 from lightdiff.data.shapes import ShapesDataset
+from lightdiff.diffusion import SchedulerFactory
 from lightdiff.metrics.fid import FrechetEvaluator
 from lightdiff.metrics.shapes import ShapeJudgement, judge_image, summarise_judgements, wanted_classes
-from lightdiff.sampling import SchedulerFactory, to_uint8
+from lightdiff.sampling import to_uint8
 
 log = logging.getLogger(__name__)
 

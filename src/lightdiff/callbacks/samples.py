@@ -14,10 +14,11 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from lightdiff.callbacks.ema import find_ema
+from lightdiff.contract import Preview
 from lightdiff.data.shapes import ShapesDataset
-from lightdiff.methods.preview import Preview
+from lightdiff.diffusion import SchedulerFactory
 from lightdiff.metrics import shapes_metric
-from lightdiff.sampling import SchedulerFactory, grid_columns, image_grid, to_uint8
+from lightdiff.sampling import grid_columns, image_grid, to_uint8
 
 log = logging.getLogger(__name__)
 

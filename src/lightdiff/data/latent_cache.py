@@ -14,42 +14,22 @@ Both are stored as float16 (half the disk and memory; the difference is below th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Dataset
 
-from lightdiff.checkpointing import save_atomically
+from lightdiff.checkpointing import module_fingerprint, save_atomically
 
 log = logging.getLogger(__name__)
-
-
-def module_fingerprint(config: dict[str, Any], module: torch.nn.Module) -> str:
-    """Hash of a network's config and weights."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def vae_fingerprint(vae: AutoencoderKL) -> str:
     """Hash of the VAE's config and weights."""
     return module_fingerprint(dict(vae.config), vae)
-
-
-def text_encoder_fingerprint(tokenizer: Any, text_encoder: torch.nn.Module) -> str:
-    """Hash of a transformers tokenizer (vocabulary, merges, length limit) and text encoder (config, weights)."""
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    for call_state in ("truncation", "padding"):  # set by the last call, not part of what the tokenizer is
-        backend.pop(call_state, None)
-    tokenizer_state = {"tokenizer": backend, "max_length": tokenizer.model_max_length}
-    return module_fingerprint({**text_encoder.config.to_dict(), **tokenizer_state}, text_encoder)
 
 
 def _cache_path(cache_dir: Path, kind: str, *parts: str) -> Path:

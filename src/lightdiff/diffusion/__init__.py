@@ -1,15 +1,9 @@
-"""Pure diffusion math: schedules and objectives. Tensor in, tensor out; no modules, no state."""
+"""Diffusion math: schedules, the two objectives behind one interface (`Objective`), distillation weights.
+Tensor in, tensor out; each function cites its paper and equation."""
 
-from lightdiff.diffusion.distillation import (
-    DistillWeighting,
-    distillation_weight,
-    high_noise_timesteps,
-    trailing_timesteps,
-    weight_from_alpha_sigma,
-)
+from lightdiff.diffusion.distillation import DistillWeighting, distillation_weight, trailing_timesteps
 from lightdiff.diffusion.flow_matching import (
     FlowMatching,
-    Objective,
     flow_alpha_sigma,
     interpolate,
     logit_normal_timesteps,
@@ -18,12 +12,12 @@ from lightdiff.diffusion.flow_matching import (
     velocity_target,
     x0_from_velocity,
 )
+from lightdiff.diffusion.objective import NoisyBatch, Objective, SchedulerFactory, is_flow_sampler
 from lightdiff.diffusion.objectives import (
     DDPM,
     LossWeighting,
     PredictionType,
     add_noise,
-    check_objective,
     loss_weight,
     min_snr_weight,
     offset_noise,
@@ -34,7 +28,6 @@ from lightdiff.diffusion.objectives import (
     weighted_mse,
 )
 from lightdiff.diffusion.schedules import BetaScheduleName, NoiseSchedule
-from lightdiff.diffusion.training import NoisyBatch, noisy_batch
 
 __all__ = [
     "DDPM",
@@ -46,16 +39,15 @@ __all__ = [
     "NoisyBatch",
     "Objective",
     "PredictionType",
+    "SchedulerFactory",
     "add_noise",
-    "check_objective",
     "distillation_weight",
     "flow_alpha_sigma",
-    "high_noise_timesteps",
     "interpolate",
+    "is_flow_sampler",
     "logit_normal_timesteps",
     "loss_weight",
     "min_snr_weight",
-    "noisy_batch",
     "objective_from_state",
     "offset_noise",
     "predicted_x0",
@@ -65,7 +57,6 @@ __all__ = [
     "training_target",
     "velocity",
     "velocity_target",
-    "weight_from_alpha_sigma",
     "weighted_mse",
     "x0_from_velocity",
 ]

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 
+from lightdiff.config import ConfigError
+from lightdiff.diffusion.objective import NoisyBatch, Objective, SchedulerFactory, is_flow_sampler, scheduler_name
 from lightdiff.diffusion.objectives import DDPM, _per_sample
+from lightdiff.diffusion.schedules import NoiseSchedule
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -57,11 +61,12 @@ def flow_alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class FlowMatching:
-    """The rectified-flow objective (`objective=flow_matching`): what a method needs to train and sample with it.
+    """The rectified-flow objective (`objective=flow_matching`), implementing `lightdiff.diffusion.objective.Objective`.
 
     Training draws t from the logit-normal density (SD3, Section 3.1, Equation 19) and shifts it (Equation 23); the
     network sees t * num_train_timesteps, the timestep diffusers' FlowMatchEulerDiscreteScheduler and the SD3
-    pipelines pass to the transformer, and regresses the velocity eps - x_0 (Equation 6; Liu et al. 2022, Eq. 1).
+    pipelines pass to the transformer, and regresses the velocity eps - x_0 (Equation 6; Liu et al. 2022, Eq. 1),
+    unweighted.
     """
 
     logit_mean: float = 0.0  # m of the logit-normal timestep density (SD3's best: 0)
@@ -69,13 +74,15 @@ class FlowMatching:
     shift: float = 1.0  # timestep shift, training and (unless the sampler sets its own) sampling; 1: none
     num_train_timesteps: int = 1000  # the network's timestep is t * this (diffusers' FlowMatch convention)
 
+    name = "flow_matching"
+
     def __post_init__(self) -> None:
         if self.logit_std <= 0:
-            raise ValueError(f"objective.logit_std={self.logit_std} must be positive")
+            raise ConfigError(f"objective.logit_std={self.logit_std} must be positive")
         if self.shift <= 0:
-            raise ValueError(f"objective.shift={self.shift} must be positive")
+            raise ConfigError(f"objective.shift={self.shift} must be positive")
         if self.num_train_timesteps < 1:
-            raise ValueError(f"objective.num_train_timesteps={self.num_train_timesteps} must be positive")
+            raise ConfigError(f"objective.num_train_timesteps={self.num_train_timesteps} must be positive")
 
     def training_times(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """t in (0, 1) per sample: logit-normal, then shifted (SD3, Equations 19 and 23)."""
@@ -86,10 +93,76 @@ class FlowMatching:
         """The timestep argument of the network for time t: t * num_train_timesteps (float)."""
         return t * self.num_train_timesteps
 
+    def time_of(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """t in [0, 1] of network timesteps."""
+        return timesteps.float() / self.num_train_timesteps
+
+    def training_example(self, x0: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        t = self.training_times(x0.shape[0]).to(x0.device)
+        weight = torch.ones_like(t)
+        return NoisyBatch(interpolate(x0, noise, t), self.network_timesteps(t), velocity_target(x0, noise), weight)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return interpolate(x0, noise, self.time_of(timesteps))
+
+    def predicted_x0(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return x0_from_velocity(x_t, output, self.time_of(timesteps))
+
+    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return flow_alpha_sigma(self.time_of(timesteps))
+
+    def uniform_timesteps(self, size: int, device: torch.device | str) -> torch.Tensor:
+        return torch.rand(size, device=device) * self.num_train_timesteps
+
+    def high_noise_timesteps(self, size: int, mean: float, std: float, device: torch.device | str) -> torch.Tensor:
+        """LADD's logit-normal t itself (Section 3.2), as a network timestep."""
+        draws = torch.randn(size, device=device) * std + mean
+        return torch.sigmoid(draws) * self.num_train_timesteps
+
+    def accepts(self, factory: SchedulerFactory) -> bool:
+        return is_flow_sampler(factory)
+
+    def scheduler(self, factory: SchedulerFactory) -> SchedulerMixin:
+        """`factory` with the training timesteps and, unless the sampler sets its own, the training shift (SD3,
+        Equation 23)."""
+        if not self.accepts(factory):
+            raise ConfigError(
+                f"sampler {scheduler_name(factory)} is a DDPM sampler, but the model was trained with "
+                "objective=flow_matching: use sampler=flow_euler"
+            )
+        shift = getattr(factory, "keywords", {}).get("shift", self.shift)
+        return factory(num_train_timesteps=self.num_train_timesteps, shift=shift)
+
+    @property
+    def default_sampler(self) -> SchedulerFactory:
+        return FlowMatchEulerDiscreteScheduler
+
+    @property
+    def few_step_overrides(self) -> dict[str, Any]:
+        return {}  # FlowMatchEuler's first step is t = 1, pure noise, at any step count
+
+    def student_timesteps(self, count: int, requested: list[int] | None) -> list[float]:
+        """The network timesteps FlowMatchEulerDiscreteScheduler visits in `count` steps; those of 1 and 2 steps are
+        among the 4-step ones (T, then 1), so the student trains exactly where it samples."""
+        if requested:
+            raise ConfigError(
+                "model.student_timesteps is for DDPM teachers; a flow-matching teacher's student trains at the times "
+                "its flow sampler visits in 4 steps"
+            )
+        scheduler = self.scheduler(self.default_sampler)
+        scheduler.set_timesteps(count)
+        return [float(t) for t in scheduler.timesteps.tolist()]
+
+    def with_prediction_type(self, prediction_type: str | None) -> FlowMatching:
+        if prediction_type is not None:
+            raise ConfigError(
+                "model.student_prediction_type is for DDPM teachers; a flow-matching student predicts the velocity"
+            )
+        return self
+
     def state(self) -> dict[str, Any]:
-        """Plain data for a checkpoint's `lightdiff` block (read back by `objective_from_state`)."""
         return {
-            "name": "flow_matching",
+            "name": self.name,
             "logit_mean": self.logit_mean,
             "logit_std": self.logit_std,
             "shift": self.shift,
@@ -97,14 +170,25 @@ class FlowMatching:
         }
 
 
-Objective = DDPM | FlowMatching
-
-
-def objective_from_state(state: dict[str, Any] | None) -> Objective:
-    """The objective a checkpoint was trained with; a checkpoint from before objectives existed (no state) is DDPM."""
-    if state is None or state.get("name") == "ddpm":
-        return DDPM()
-    if state.get("name") == "flow_matching":
+def objective_from_state(
+    state: dict[str, Any] | None,
+    legacy_schedule: dict[str, Any] | None = None,  # a checkpoint of format 1 kept the schedule beside the objective
+    legacy_prediction_type: str = "epsilon",  # ... and the prediction type
+) -> Objective:
+    """The objective a checkpoint or export was trained with; one from before objectives existed (no state) is DDPM."""
+    name = (state or {}).get("name", "ddpm")
+    if name == "ddpm":
+        state = state or {}
+        schedule = state.get("schedule", legacy_schedule)
+        if schedule is None:
+            raise ValueError("a DDPM objective's state holds no schedule")
+        return DDPM(
+            schedule=NoiseSchedule(**schedule),
+            prediction_type=state.get("prediction_type", legacy_prediction_type),
+            loss_weighting=state.get("loss_weighting", "none"),
+            min_snr_gamma=state.get("min_snr_gamma", 5.0),
+        )
+    if name == "flow_matching":
         fields = ("logit_mean", "logit_std", "shift", "num_train_timesteps")
         return FlowMatching(**{key: state[key] for key in fields if key in state})
-    raise ValueError(f"unknown objective {state.get('name')!r} (known: ddpm, flow_matching)")
+    raise ValueError(f"unknown objective {name!r} (known: ddpm, flow_matching)")

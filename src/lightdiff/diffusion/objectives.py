@@ -6,39 +6,26 @@ alpha = sqrt(alpha_bar_t) and sigma = sqrt(1 - alpha_bar_t) throughout, so x_t =
 
 from __future__ import annotations
 
+import functools
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
+from diffusers import DDIMScheduler, SchedulerMixin
+
+from lightdiff.config import ConfigError
+from lightdiff.diffusion.distillation import trailing_timesteps
+from lightdiff.diffusion.objective import NoisyBatch, SchedulerFactory, is_flow_sampler, scheduler_name
+from lightdiff.diffusion.schedules import NoiseSchedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 LossWeighting = Literal["none", "min_snr"]
 
 
-@dataclass(frozen=True)
-class DDPM:
-    """The discrete-time denoising objective (`objective=ddpm`, the default): x_t = alpha_t x_0 + sigma_t eps over
-    the `schedule` group's betas; the prediction type and loss weighting are the method's own keys (model.*)."""
-
-    def state(self) -> dict[str, Any]:
-        """Plain data for a checkpoint's `lightdiff` block."""
-        return {"name": "ddpm"}
-
-
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector (B,) to broadcast against a batch shaped like `like` (B, C, H, W)."""
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
-
-
-def check_objective(prediction_type: str, loss_weighting: str, min_snr_gamma: float) -> None:
-    """Fail at construction, naming the config key, rather than at the first training step."""
-    if prediction_type not in typing.get_args(PredictionType):
-        raise ValueError(f"model.prediction_type={prediction_type!r} is not one of {typing.get_args(PredictionType)}")
-    if loss_weighting not in typing.get_args(LossWeighting):
-        raise ValueError(f"model.loss_weighting={loss_weighting!r} is not one of {typing.get_args(LossWeighting)}")
-    if min_snr_gamma <= 0:
-        raise ValueError(f"model.min_snr_gamma={min_snr_gamma} must be positive")
 
 
 def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,3 +145,126 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.T
     """mean_b( w_b * mean_{c,h,w} (prediction - target)^2 ), computed in fp32 whatever the autocast dtype."""
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return (weight.to(per_sample) * per_sample).mean()
+
+
+@dataclass(frozen=True)
+class DDPM:
+    """Discrete-time denoising diffusion (`objective=ddpm`, the default; Ho et al. 2020): x_t = alpha_t x_0 + sigma_t
+    eps over the `schedule` group's betas, the network predicting eps, v or x_0, optionally min-SNR weighted.
+
+    Implements `lightdiff.diffusion.objective.Objective`; network timesteps are the integer steps 0..T-1.
+    """
+
+    schedule: NoiseSchedule  # the forward process (the `schedule` config group)
+    prediction_type: PredictionType = "epsilon"  # network target: epsilon | v_prediction | sample
+    loss_weighting: LossWeighting = "none"  # none | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
+
+    name = "ddpm"
+
+    def __post_init__(self) -> None:
+        # Checked here, not at the first step, so a typo fails before any output is written.
+        if self.prediction_type not in typing.get_args(PredictionType):
+            raise ConfigError(
+                f"objective.prediction_type={self.prediction_type!r} is not one of {typing.get_args(PredictionType)}"
+            )
+        if self.loss_weighting not in typing.get_args(LossWeighting):
+            raise ConfigError(
+                f"objective.loss_weighting={self.loss_weighting!r} is not one of {typing.get_args(LossWeighting)}"
+            )
+        if self.min_snr_gamma <= 0:
+            raise ConfigError(f"objective.min_snr_gamma={self.min_snr_gamma} must be positive")
+
+    @functools.cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar_t as float32 (what every formula here indexes), computed once from the float64 schedule."""
+        return self.schedule.alphas_cumprod().float()
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    def training_example(self, x0: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        """t uniform over the steps (Ho et al. 2020, Algorithm 1), the target of `prediction_type`, its weight."""
+        timesteps = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        return NoisyBatch(
+            x_t=add_noise(x0, noise, self.alphas_cumprod, timesteps),
+            timesteps=timesteps,
+            target=training_target(self.prediction_type, x0, noise, self.alphas_cumprod, timesteps),
+            weight=loss_weight(
+                self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
+            ),
+        )
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return add_noise(x0, noise, self.alphas_cumprod, timesteps.long())
+
+    def predicted_x0(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return predicted_x0(self.prediction_type, output, x_t, self.alphas_cumprod, timesteps.long())
+
+    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return alpha_sigma(self.alphas_cumprod, timesteps.long())
+
+    def uniform_timesteps(self, size: int, device: torch.device | str) -> torch.Tensor:
+        return torch.randint(0, self.num_train_timesteps, (size,), device=device)
+
+    def high_noise_timesteps(self, size: int, mean: float, std: float, device: torch.device | str) -> torch.Tensor:
+        """t = round(sigmoid(n) (T - 1)), n ~ N(mean, std): LADD's logit-normal noise levels on the discrete steps
+        (Section 3.2; mean 1, std 1 puts 84% of the draws, P(N(1, 1) > 0), in the noisier half)."""
+        draws = torch.randn(size, device=device) * std + mean
+        return (torch.sigmoid(draws) * (self.num_train_timesteps - 1)).round().long()
+
+    def accepts(self, factory: SchedulerFactory) -> bool:
+        return not is_flow_sampler(factory)
+
+    def scheduler(self, factory: SchedulerFactory) -> SchedulerMixin:
+        """`factory` with exactly this schedule's betas and this prediction type."""
+        if not self.accepts(factory):
+            raise ConfigError(
+                f"sampler {scheduler_name(factory)} integrates a flow, but the model was trained with objective=ddpm: "
+                "use a DDPM sampler (ddim, ddpm, dpm, euler)"
+            )
+        return factory(**self.schedule.scheduler_kwargs(), prediction_type=self.prediction_type)
+
+    @property
+    def default_sampler(self) -> SchedulerFactory:
+        return DDIMScheduler
+
+    @property
+    def few_step_overrides(self) -> dict[str, Any]:
+        """DDIM at "trailing" timesteps: the first step is T - 1 (Lin et al. 2024, Table 2)."""
+        return {"timestep_spacing": "trailing"}
+
+    def student_timesteps(self, count: int, requested: list[int] | None) -> list[float]:
+        timesteps = list(requested) if requested else trailing_timesteps(self.num_train_timesteps, count)
+        outside = [t for t in timesteps if not 0 <= t < self.num_train_timesteps]
+        if outside or not timesteps:
+            raise ConfigError(
+                f"model.student_timesteps={timesteps}: {outside or 'none'} outside the schedule "
+                f"0..{self.num_train_timesteps - 1}"
+            )
+        if self.num_train_timesteps - 1 in timesteps and self.prediction_type == "epsilon":
+            if float(self.alphas_cumprod[-1]) == 0.0:  # x_0 = (x_t - sigma eps) / alpha is undefined there
+                raise ConfigError(
+                    "the schedule has zero terminal SNR and the student would predict epsilon: x_0 cannot be "
+                    "recovered at t = T - 1; set model.student_prediction_type=sample (or v_prediction)"
+                )
+        return [float(t) for t in timesteps]
+
+    def with_prediction_type(self, prediction_type: str | None) -> DDPM:
+        if prediction_type is None:
+            return self
+        if prediction_type not in typing.get_args(PredictionType):
+            raise ConfigError(
+                f"model.student_prediction_type={prediction_type!r} is not one of {typing.get_args(PredictionType)}"
+            )
+        return replace(self, prediction_type=prediction_type)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "schedule": dict(vars(self.schedule)),
+            "prediction_type": self.prediction_type,
+            "loss_weighting": self.loss_weighting,
+            "min_snr_gamma": self.min_snr_gamma,
+        }

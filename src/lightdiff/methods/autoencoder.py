@@ -15,14 +15,14 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL
 
+from lightdiff.checkpointing import check_checkpoint_fits, plain_config
 from lightdiff.config import ConfigError
+from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
+from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
-from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
 from lightdiff.methods.optimization import clip_and_measure_gradients
-from lightdiff.methods.preview import Preview
 from lightdiff.nets.discriminator import PatchDiscriminator
-from lightdiff.sampling import SchedulerFactory
 
 CHECKPOINT_FORMAT = 1
 
@@ -31,9 +31,12 @@ class AutoencoderTraining(pl.LightningModule):
     """Trains `vae` to reconstruct images through a KL-regularised latent, with a PatchGAN critic."""
 
     distance_prefix = "r"  # its previews are reconstructions: metrics=fid logs rFID / rKID (val/rfid, val/rkid)
+    metric_steps = None
+    net = None  # no denoiser: EMA has nothing to average
 
     def __init__(
         self,
+        data: ImageDataModule,  # given by train.py: the resolution is checked against the VAE
         vae: AutoencoderKL,  # the autoencoder being trained (diffusers)
         discriminator: PatchDiscriminator,  # the PatchGAN critic
         reconstruction_loss: Literal["l1", "l2"] = "l1",  # pixel loss: l1 (latent-diffusion's choice) or l2
@@ -67,17 +70,14 @@ class AutoencoderTraining(pl.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.perceptual_loss = perceptual_loss.requires_grad_(False) if perceptual_loss is not None else None  # frozen
         self.perceptual_weight = perceptual_weight
-        self.class_names: list[str] | None = None
-
-    def attach_data(self, datamodule: ImageDataModule) -> None:
-        if self.vae.config.in_channels != 3 or self.vae.config.out_channels != 3:
+        if vae.config.in_channels != 3 or vae.config.out_channels != 3:
             raise ConfigError("model.vae must map RGB images to RGB images (in_channels = out_channels = 3)")
-        levels = len(self.vae.config.block_out_channels) - 1
-        if datamodule.resolution % (2**levels):
-            raise ConfigError(f"data.resolution={datamodule.resolution} is not divisible by the VAE's 2^{levels}")
-        if datamodule.cache_latents:
+        levels = len(vae.config.block_out_channels) - 1
+        if data.resolution % (2**levels):
+            raise ConfigError(f"data.resolution={data.resolution} is not divisible by the VAE's 2^{levels}")
+        if data.cache_latents:
             raise ConfigError("data.cache_latents=true is for model=latent; the autoencoder trains on pixels")
-        self.class_names = datamodule.class_names
+        self.class_names = data.class_names
 
     def autoencoder_updates(self) -> int:
         """How many times the autoencoder's optimiser has stepped (restored with the optimiser state on resume)."""
@@ -193,5 +193,5 @@ class AutoencoderTraining(pl.LightningModule):
         checkpoint["lightdiff"] = {
             "format": CHECKPOINT_FORMAT,
             "method": "autoencoder",
-            "vae_config": {k: v for k, v in self.vae.config.items() if not k.startswith("_")},
+            "vae_config": plain_config(self.vae.config),
         }

@@ -19,7 +19,8 @@ A flow-matching teacher (objective=flow_matching; LADD distils SD3, a rectified 
 its own path x_t = (1 - t) x_0 + t eps: the student predicts the velocity v, x_theta = x_t - t v, at the times
 FlowMatchEulerDiscreteScheduler visits in 4 steps (t = 1 first: pure noise), and samples with that scheduler;
 re-noising draws t uniformly, the discriminator's t logit-normally (LADD, Section 3.2); c(t) takes (alpha, sigma) =
-(1 - t, t). Networks are called through `lightdiff.nets.denoiser`; an SD3 (MMDiT) teacher is not supported yet.
+(1 - t, t). Every step above is written once against `lightdiff.diffusion.Objective` and the teacher's conditioning
+family (`lightdiff.nets.conditioning`); an SD3 (MMDiT) teacher is not supported yet.
 """
 
 from __future__ import annotations
@@ -32,46 +33,24 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import SchedulerMixin, SD3Transformer2DModel
 
+from lightdiff.checkpointing import check_checkpoint_fits, plain_config
 from lightdiff.config import ConfigError
+from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
-from lightdiff.diffusion import (
-    DistillWeighting,
-    FlowMatching,
-    PredictionType,
-    add_noise,
-    distillation_weight,
-    flow_alpha_sigma,
-    high_noise_timesteps,
-    interpolate,
-    predicted_x0,
-    trailing_timesteps,
-    weight_from_alpha_sigma,
-    x0_from_velocity,
-)
+from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_weight
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
-from lightdiff.export import TrainedDenoiser, load_trained
-from lightdiff.methods.checkpoint_checks import check_checkpoint_fits
-from lightdiff.methods.latent import generate_latent, plain_config, tokenizer_state
 from lightdiff.methods.optimization import clip_and_measure_gradients
-from lightdiff.methods.preview import Preview
-from lightdiff.nets.denoiser import TextCondition, denoiser_output, num_classes, takes_pooled_text
+from lightdiff.nets.conditioning import Condition
+from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
-from lightdiff.nets.text import tokenize_prompts
-from lightdiff.sampling import (
-    SchedulerFactory,
-    for_latents,
-    generate,
-    generators_for,
-    is_flow_sampler,
-    make_scheduler,
-    reconfigured,
-)
+from lightdiff.nets.vae import decode_latents, encode_latents, vae_scale_factor
+from lightdiff.sampling import for_latents, generate, preview_inputs, reconfigured
 from lightdiff.speed import prepare_for_training
+from lightdiff.trained import TrainedDenoiser, load_trained
 
-CHECKPOINT_FORMAT = 1
-STUDENT_SCHEDULER = {"timestep_spacing": "trailing"}  # how the student samples, in sample.py and exported pipelines
+CHECKPOINT_FORMAT = 2
 # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
 FROZEN_PREFIXES = ("teacher.", "discriminator.backbone.unet.")
 
@@ -103,13 +82,16 @@ def load_teacher(source: str) -> TrainedDenoiser:
 class TurboDistillation(pl.LightningModule):
     """Distils `teacher` into a 1-4 step student (`self.net`) against a `discriminator`."""
 
+    distance_prefix = ""
+
     def __init__(
         self,
+        data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
         teacher: str,  # lightdiff checkpoint of a pixel or latent model, or a diffusers pipeline folder / hub id
         discriminator: Callable[..., FeatureDiscriminator],  # the `discriminator` group (a partial; backbone null:
         # the teacher's UNet encoder, LADD)
         student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1
-        student_prediction_type: PredictionType | None = None,  # None: the teacher's; "sample" (x_0) stays well
+        student_prediction_type: str | None = None,  # None: the teacher's; "sample" (x_0) stays well
         # conditioned at T - 1, where an epsilon output is amplified by 1 / alpha_T (157x for linear betas)
         distill_weight: float = 2.5,  # lambda; 0 gives pure adversarial training (LADD)
         distill_weighting: DistillWeighting = "alpha_bar",  # c(t): alpha_bar | sds | none
@@ -135,74 +117,44 @@ class TurboDistillation(pl.LightningModule):
             raise ConfigError(f"model.disc_updates={disc_updates} must be at least 1")
         if distill_weight < 0 or r1_weight < 0:
             raise ConfigError(f"model.distill_weight={distill_weight} and model.r1_weight={r1_weight} must be >= 0")
-        loaded = load_teacher(teacher)
-        self.teacher_source = teacher
-        self.schedule = loaded.schedule
-        self.prediction_type = loaded.prediction_type  # the teacher's
-        if student_prediction_type is not None and student_prediction_type not in typing.get_args(PredictionType):
+        if distill_weighting not in typing.get_args(DistillWeighting):
             raise ConfigError(
-                f"model.student_prediction_type={student_prediction_type!r} is not one of "
-                f"{typing.get_args(PredictionType)}"
+                f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
             )
-        self.student_prediction_type = student_prediction_type or self.prediction_type
-        self.objective = loaded.objective  # the teacher's: the student is trained and samples on the same path
-        if takes_pooled_text(loaded.net):
+        if data.cache_latents:
+            raise ConfigError("data.cache_latents=true is for model=latent; model=turbo encodes on the fly")
+        loaded = load_teacher(teacher)
+        if isinstance(loaded.net, SD3Transformer2DModel):
             raise ConfigError(f"model.teacher={teacher!r} is an SD3 transformer (MMDiT); turbo distils UNets and DiTs")
-        steps = self.schedule.num_train_timesteps
-        if isinstance(self.objective, FlowMatching):
-            if student_timesteps is not None or student_prediction_type is not None:
-                raise ConfigError(
-                    "model.student_timesteps / model.student_prediction_type are for DDPM teachers; a flow-matching "
-                    "teacher's student predicts the velocity at the times its flow sampler visits in 4 steps"
-                )
-            steps = self.objective.num_train_timesteps
-            # Network timesteps (t * T) of FlowMatchEulerDiscreteScheduler in 4 steps; those of 1 and 2 steps are
-            # among them (T, then 1), so the student trains exactly where it samples.
-            self.student_timesteps = [float(t) for t in self.flow_student_timesteps(4)]
-        else:
-            self.student_timesteps = list(student_timesteps or trailing_timesteps(steps, 4))
-            outside = [t for t in self.student_timesteps if not 0 <= t < steps]
-            if outside or not self.student_timesteps:
-                raise ConfigError(
-                    f"model.student_timesteps={self.student_timesteps}: {outside or 'none'} outside the teacher's "
-                    f"schedule 0..{steps - 1}"
-                )
-        if self.student_timesteps[0] == steps - 1 and self.student_prediction_type == "epsilon":
-            alpha_bar_last = float(self.schedule.alphas_cumprod()[-1])
-            if alpha_bar_last == 0.0:  # x_0 = (x_t - sigma eps) / alpha is undefined at zero terminal SNR
-                raise ConfigError(
-                    "the teacher's schedule has zero terminal SNR and the student would predict epsilon: x_0 cannot be "
-                    "recovered at t = T - 1; set model.student_prediction_type=sample (or v_prediction)"
-                )
+        self.teacher_source = teacher
+        self.teacher_objective = loaded.objective
+        # The student walks the teacher's path; it may parametrise its output otherwise (student_prediction_type).
+        self.objective = loaded.objective.with_prediction_type(student_prediction_type)
+        self.student_timesteps = self.objective.student_timesteps(4, student_timesteps)
         self.teacher = loaded.net.requires_grad_(False).eval()
+        self.net = copy.deepcopy(loaded.net).requires_grad_(True).train()  # the student
+        self.vae = loaded.vae.requires_grad_(False).eval() if loaded.vae is not None else None
+        self.conditioning = loaded.conditioning.requires_grad_(False).eval()
+        self.class_names = loaded.class_names if loaded.class_names is not None else data.class_names
+        self.conditioning.check(self.net, data)
+        teacher_pixels = self.net.config.sample_size * (vae_scale_factor(self.vae) if self.vae is not None else 1)
+        if teacher_pixels != data.resolution:
+            raise ConfigError(f"data.resolution={data.resolution} differs from the teacher's {teacher_pixels} px")
         self.compile_net = compile  # not `self.compile`: that is nn.Module's method
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
         self.fused_adamw = fused_adamw
-        self.net = copy.deepcopy(loaded.net).requires_grad_(True).train()  # the student
-        self.vae = loaded.vae.requires_grad_(False).eval() if loaded.vae is not None else None
-        self.text_encoder = loaded.text_encoder
-        if self.text_encoder is not None:
-            self.text_encoder.requires_grad_(False).eval()
-        self.tokenizer = loaded.tokenizer
-        self.class_names = loaded.class_names
-        self.num_classes = num_classes(self.net) or 0
         backbone = getattr(discriminator, "keywords", {}).get("backbone")
-        if backbone is None and not isinstance(self.teacher, UNet2DModel | UNet2DConditionModel):
+        if backbone is None and not hasattr(self.teacher, "down_blocks"):
             raise ConfigError(
                 f"discriminator=teacher reads a UNet teacher's encoder; model.teacher={teacher!r} is a "
                 f"{type(self.teacher).__name__}: use discriminator=dinov2 or discriminator=patchgan"
             )
         self.discriminator = discriminator(
             backbone=backbone if backbone is not None else UNetEncoderFeatures(self.teacher),
-            num_classes=self.num_classes,
-            text_dim=self.text_encoder.config.hidden_size if self.text_encoder is not None else 0,
-            num_train_timesteps=steps,
+            condition_dim=self.conditioning.summary_dim,
+            num_train_timesteps=self.objective.num_train_timesteps,
         )
-        if distill_weighting not in typing.get_args(DistillWeighting):
-            raise ConfigError(
-                f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
-            )
         self.distill_weight, self.distill_weighting = distill_weight, distill_weighting
         self.teacher_guidance_scale = teacher_guidance_scale
         self.r1_weight = r1_weight
@@ -211,7 +163,6 @@ class TurboDistillation(pl.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.teacher_steps = teacher_steps
         self._teacher_previews: dict[tuple[int, ...], torch.Tensor] = {}  # the teacher never changes
-        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod().float(), persistent=False)
 
     @property
     def metric_steps(self) -> list[int]:
@@ -220,118 +171,66 @@ class TurboDistillation(pl.LightningModule):
 
     def train(self, mode: bool = True) -> TurboDistillation:
         super().train(mode)
-        for frozen in (self.teacher, self.vae, self.text_encoder):  # frozen networks stay in inference mode
+        for frozen in (self.teacher, self.vae, self.conditioning):  # frozen networks stay in inference mode
             if frozen is not None:
                 frozen.eval()
         return self
 
-    def attach_data(self, datamodule: ImageDataModule) -> None:
-        if datamodule.cache_latents:
-            raise ConfigError("data.cache_latents=true is for model=latent; model=turbo encodes on the fly")
-        if self.text_encoder is not None and not datamodule.captions():
-            raise ConfigError(
-                f"model.teacher={self.teacher_source!r} is text-conditioned; the data set has no captions"
-            )
-        if self.num_classes and datamodule.num_classes == 0:
-            raise ConfigError(f"model.teacher={self.teacher_source!r} is class-conditional; the data has no labels")
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        if self.net.config.sample_size * factor != datamodule.resolution:
-            raise ConfigError(
-                f"data.resolution={datamodule.resolution} differs from the teacher's "
-                f"{self.net.config.sample_size * factor} px"
-            )
-        if self.class_names is None:
-            self.class_names = datamodule.class_names
-
     # ----- the networks as x_0 predictors -------------------------------------------------------------------
 
-    def condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The networks' condition: {"class_labels"} or {"text_states"} (frozen text encoder), or nothing."""
-        if self.text_encoder is not None:
-            with torch.no_grad():
-                return {"text_states": self.encode_prompts([str(text) for text in batch["text"]])}
-        if self.num_classes:
-            return {"class_labels": batch["label"]}
-        return {}
-
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        assert self.tokenizer is not None and self.text_encoder is not None
-        return self.text_encoder(tokenize_prompts(self.tokenizer, prompts).to(self.device))[0]
-
-    def x0_of(self, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
-        """x_0 as `net` (the student or the teacher) predicts it, each through its own output parametrisation."""
-        if "text_states" in condition:
-            output = denoiser_output(net, x_t, t, text=TextCondition(condition["text_states"]))
-        else:
-            output = denoiser_output(net, x_t, t, class_labels=condition.get("class_labels"))
-        if isinstance(self.objective, FlowMatching):  # x_0 = x_t - t v (one Euler step to t = 0)
-            return x0_from_velocity(x_t, output, t / self.objective.num_train_timesteps)
-        prediction_type = self.student_prediction_type if net is self.net else self.prediction_type
-        return predicted_x0(prediction_type, output, x_t, self.alphas_cumprod, t)
-
-    def noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_0 taken to network timestep t along the teacher's path: DDPM's q(x_t | x_0), or the flow's line."""
-        noise = torch.randn_like(x0)
-        if isinstance(self.objective, FlowMatching):
-            return interpolate(x0, noise, t / self.objective.num_train_timesteps)
-        return add_noise(x0, noise, self.alphas_cumprod, t)
+    def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        return self.objective.predicted_x0(network_output(self.net, x_t, t, condition), x_t, t)
 
     @torch.no_grad()
-    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict) -> torch.Tensor:
-        """The teacher's x_0, guided for text models: x0(x, "") + w (x0(x, c) - x0(x, "")) (Ho & Salimans 2022)."""
-        prediction = self.x0_of(self.teacher, x_t, t, condition)
-        if "text_states" not in condition or self.teacher_guidance_scale == 1.0:
+    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, batch: dict) -> torch.Tensor:
+        """The teacher's x_0, guided where its family has an unconditional input: x0(x, uncond) + w (x0(x, c) -
+        x0(x, uncond)) (Ho & Salimans 2022)."""
+        output = network_output(self.teacher, x_t, t, condition)
+        prediction = self.teacher_objective.predicted_x0(output, x_t, t)
+        if self.teacher_guidance_scale == 1.0 or not self.conditioning.reads or not self.conditioning.has_unconditional:
             return prediction
-        empty = self.encode_prompts([""]).expand_as(condition["text_states"])
-        unconditional = self.x0_of(self.teacher, x_t, t, {"text_states": empty})
-        return unconditional + self.teacher_guidance_scale * (prediction - unconditional)
+        unconditional = self.conditioning(self.conditioning.without_condition(batch, [True] * len(x_t)))
+        output = network_output(self.teacher, x_t, t, unconditional)
+        unconditional_x0 = self.teacher_objective.predicted_x0(output, x_t, t)
+        return unconditional_x0 + self.teacher_guidance_scale * (prediction - unconditional_x0)
 
-    def clean_inputs(self, batch: dict[str, Any]) -> torch.Tensor:
-        """x_0 of the batch: pixels, or the VAE's scaled latents of a latent teacher."""
-        pixels = batch["pixel_values"]
-        if self.vae is None:
-            return pixels
-        with torch.no_grad():
-            return self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+    def noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.objective.noised(x0, torch.randn_like(x0), t)
 
     def discriminator_view(self, x0: torch.Tensor, t_d: torch.Tensor) -> torch.Tensor:
         """What the discriminator sees of a clean sample: re-noised to t_d for the teacher backbone (LADD); else
         the sample itself (in pixels: latents are decoded for a pixel backbone such as DINOv2, as ADD does)."""
         backbone = self.discriminator.backbone
-        if isinstance(backbone, UNetEncoderFeatures):
+        if getattr(backbone, "noised_inputs", False):
             return self.noised(x0, t_d)
         if self.vae is not None and getattr(backbone, "pixel_inputs", False):
-            return self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+            return decode_latents(self.vae, x0)
         return x0
 
     # ----- training -----------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer_student, optimizer_disc = self.optimizers()
-        x0 = self.clean_inputs(batch)
-        condition = self.condition(batch)
-        size, steps = len(x0), self.schedule.num_train_timesteps
+        x0 = batch["pixel_values"] if self.vae is None else encode_latents(self.vae, batch["pixel_values"])
+        with torch.no_grad():
+            condition = self.conditioning(batch)
+        size = len(x0)
 
         # 1. The student's one-step x_0 from real data noised at a student timestep (ADD, Section 3.1).
         choice = torch.randint(0, len(self.student_timesteps), (size,), device=self.device)
         t_student = torch.tensor(self.student_timesteps, device=self.device)[choice]
-        x_student = self.noised(x0, t_student)
-        student_x0 = self.x0_of(self.net, x_student, t_student, condition)
+        student_x0 = self.student_x0(self.noised(x0, t_student), t_student, condition)
 
         # 2. Student update: fool the discriminator, and match the teacher's x_0 of a re-noised output.
         self.toggle_optimizer(optimizer_student)
         t_disc = self.discriminator_timesteps(size)
         adversarial_loss = hinge_generator_loss(
-            self.discriminator(self.discriminator_view(student_x0, t_disc), t_disc, **condition)
+            self.discriminator(self.discriminator_view(student_x0, t_disc), t_disc, condition)
         )
-        if isinstance(self.objective, FlowMatching):
-            t = torch.rand(size, device=self.device) * self.objective.num_train_timesteps
-            weight = weight_from_alpha_sigma(self.distill_weighting, *flow_alpha_sigma(t / steps))
-        else:
-            t = torch.randint(0, steps, (size,), device=self.device)
-            weight = distillation_weight(self.distill_weighting, self.alphas_cumprod, t)
-        x_t = self.noised(student_x0.detach(), t)
-        teacher_x0 = self.teacher_x0(x_t, t, condition)
+        t = self.teacher_objective.uniform_timesteps(size, self.device)
+        weight = distillation_weight(self.distill_weighting, *self.teacher_objective.alpha_sigma(t))
+        x_t = self.teacher_objective.noised(student_x0.detach(), torch.randn_like(student_x0), t)
+        teacher_x0 = self.teacher_x0(x_t, t, condition, batch)
         distill_loss = (weight * (student_x0.float() - teacher_x0.float()).pow(2).flatten(1).mean(dim=1)).mean()
         loss = adversarial_loss + self.distill_weight * distill_loss
         optimizer_student.zero_grad(set_to_none=True)
@@ -347,11 +246,10 @@ class TurboDistillation(pl.LightningModule):
         for _ in range(self.disc_updates):
             t_disc = self.discriminator_timesteps(size)
             real_features, r1_inputs = self.real_features(self.discriminator_view(x0, t_disc), t_disc, condition)
-            logits_real = self.discriminator.heads_logits(real_features, t_disc, **condition)
+            logits_real = self.discriminator.heads_logits(real_features, t_disc, condition)
             with torch.set_grad_enabled(self.discriminator.backbone_trains):  # a frozen backbone needs no graph
-                fake_view = self.discriminator_view(fake_x0, t_disc)
-                fake_features = self.discriminator.features(fake_view, t_disc, **condition)
-            logits_fake = self.discriminator.heads_logits(fake_features, t_disc, **condition)
+                fake_features = self.discriminator.features(self.discriminator_view(fake_x0, t_disc), t_disc, condition)
+            logits_fake = self.discriminator.heads_logits(fake_features, t_disc, condition)
             r1 = r1_penalty(logits_real, r1_inputs) if self.r1_weight > 0 else logits_real.new_zeros(())
             disc_loss = hinge_discriminator_loss(logits_real, logits_fake) + self.r1_weight * r1
             optimizer_disc.zero_grad(set_to_none=True)
@@ -380,24 +278,20 @@ class TurboDistillation(pl.LightningModule):
 
     def discriminator_timesteps(self, size: int) -> torch.Tensor:
         """Noise levels of the discriminator's inputs: skewed high for the teacher backbone; 0 (clean) otherwise."""
-        if not isinstance(self.discriminator.backbone, UNetEncoderFeatures):
+        if not getattr(self.discriminator.backbone, "noised_inputs", False):
             return torch.zeros(size, dtype=torch.long, device=self.device)
-        steps = self.schedule.num_train_timesteps
-        if isinstance(self.objective, FlowMatching):  # LADD's logit-normal t itself, as a network timestep
-            draws = torch.randn(size, device=self.device) * self.disc_noise_std + self.disc_noise_mean
-            return torch.sigmoid(draws) * self.objective.num_train_timesteps
-        return high_noise_timesteps(size, steps, self.disc_noise_mean, self.disc_noise_std, self.device)
+        return self.objective.high_noise_timesteps(size, self.disc_noise_mean, self.disc_noise_std, self.device)
 
     def real_features(
-        self, view: torch.Tensor, t_disc: torch.Tensor, condition: dict
+        self, view: torch.Tensor, t_disc: torch.Tensor, condition: Condition
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Features of real data and what R1 differentiates: the heads' inputs behind a frozen backbone (ADD), the
         images themselves when the backbone trains (PatchGAN)."""
         if self.discriminator.backbone_trains:
             view = view.detach().requires_grad_(True)
-            return self.discriminator.features(view, t_disc, **condition), [view]
+            return self.discriminator.features(view, t_disc, condition), [view]
         with torch.no_grad():
-            features = self.discriminator.features(view, t_disc, **condition)
+            features = self.discriminator.features(view, t_disc, condition)
         features = [f.detach().requires_grad_(True) for f in features]
         return features, features
 
@@ -415,75 +309,40 @@ class TurboDistillation(pl.LightningModule):
     # ----- sampling -----------------------------------------------------------------------------------------
 
     def student_scheduler(self) -> SchedulerMixin:
-        """DDIM at trailing timesteps, as the exported pipeline samples (no guidance, eta 0); FlowMatchEuler for the
-        student of a flow-matching teacher."""
-        if isinstance(self.objective, FlowMatching):
-            return make_scheduler(FlowMatchEulerDiscreteScheduler, self.schedule, "epsilon", self.objective)
-        scheduler = make_scheduler(DDIMScheduler, self.schedule, self.student_prediction_type)
-        if self.vae is not None:
-            scheduler = for_latents(scheduler)
-        return reconfigured(scheduler, STUDENT_SCHEDULER)
+        """The objective's few-step sampler (DDIM at trailing timesteps, or FlowMatchEuler), as the exported
+        pipeline samples: no guidance, eta 0."""
+        scheduler = self.objective.scheduler(self.objective.default_sampler)
+        scheduler = for_latents(scheduler) if self.vae is not None else scheduler
+        return reconfigured(scheduler, self.objective.few_step_overrides)
 
-    def flow_student_timesteps(self, steps: int) -> list[float]:
-        """The network timesteps a flow student's scheduler visits in `steps` steps."""
-        scheduler = self.student_scheduler()
-        scheduler.set_timesteps(steps)
-        return scheduler.timesteps.tolist()
+    def teacher_scheduler(self, sampler: SchedulerFactory) -> SchedulerMixin:
+        """The grid's sampler where it fits the teacher's objective, else the objective's own."""
+        factory = sampler if self.teacher_objective.accepts(sampler) else self.teacher_objective.default_sampler
+        scheduler = self.teacher_objective.scheduler(factory)
+        return for_latents(scheduler) if self.vae is not None else scheduler
 
     @torch.no_grad()
-    def generate(
-        self,
-        net: torch.nn.Module,
-        scheduler: SchedulerMixin,
-        seeds: Sequence[int],
-        steps: int,
-        labels: torch.Tensor | None,
-        prompts: Sequence[str] | None,
-        guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
-        """Images in [0, 1] of `net` (student or teacher) in `steps` steps."""
-        if self.vae is None:
-            return generate(net, scheduler, steps, generators_for(seeds), class_labels=labels)
-        assert prompts is not None and self.tokenizer is not None and self.text_encoder is not None
-        return generate_latent(
-            net, self.vae, self.tokenizer, self.text_encoder, scheduler, prompts, seeds, steps, guidance_scale
-        )
-
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
         """The student at min(steps, its timesteps) steps (what the metrics judge); the grid shows, per seed, the
         student at 1, 2 and 4 steps (those within its timesteps) next to the teacher at `teacher_steps`."""
-        labels, prompts = None, None
-        if self.num_classes:
-            labels = torch.tensor(list(seeds)) % self.num_classes
-        if self.text_encoder is not None:
-            captions = self.class_names or self.trainer.datamodule.captions()
-            prompts = [captions[int(seed) % len(captions)] for seed in seeds]
-        count = len(self.student_timesteps)
-        columns = self.metric_steps
-        student = {n: self.generate(self.net, self.student_scheduler(), seeds, n, labels, prompts) for n in columns}
+        captions = self.trainer.datamodule.captions()
+        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions)
+
+        def draw(net: torch.nn.Module, scheduler: SchedulerMixin, count: int, guidance: float = 1.0) -> torch.Tensor:
+            return generate(net, scheduler, count, seeds, self.conditioning, inputs, guidance, vae=self.vae)
+
+        student = {n: draw(self.net, self.student_scheduler(), n) for n in self.metric_steps}
         key = tuple(int(seed) for seed in seeds)
         if key not in self._teacher_previews:
-            if isinstance(self.objective, FlowMatching) and not is_flow_sampler(sampler):
-                sampler = FlowMatchEulerDiscreteScheduler  # the grid's DDPM sampler cannot run a flow teacher
-            scheduler = make_scheduler(sampler, self.schedule, self.prediction_type, self.objective)
-            if self.vae is not None:
-                scheduler = for_latents(scheduler)
-            guidance = self.teacher_guidance_scale if self.text_encoder is not None else 1.0
-            self._teacher_previews[key] = self.generate(
-                self.teacher, scheduler, seeds, self.teacher_steps, labels, prompts, guidance
+            guidance = self.teacher_guidance_scale if self.conditioning.has_unconditional else 1.0
+            self._teacher_previews[key] = draw(
+                self.teacher, self.teacher_scheduler(sampler), self.teacher_steps, guidance
             ).cpu()
         teacher = self._teacher_previews[key].to(self.device)
-        grid = torch.stack([*(student[n] for n in columns), teacher], dim=1).flatten(0, 1)
-        judged = min(steps, count)
-        images = (
-            student[judged]
-            if judged in student
-            else self.generate(self.net, self.student_scheduler(), seeds, judged, labels, prompts)
-        )
-        shapes_labels = labels
-        if prompts is not None and self.class_names:
-            shapes_labels = torch.tensor([self.class_names.index(p) for p in prompts])
-        return Preview(images=images, labels=shapes_labels, grid_images=grid)
+        grid = torch.stack([*(student[n] for n in self.metric_steps), teacher], dim=1).flatten(0, 1)
+        judged = min(steps, len(self.student_timesteps))
+        images = student[judged] if judged in student else draw(self.net, self.student_scheduler(), judged)
+        return Preview(images=images, labels=labels, grid_images=grid)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
@@ -495,24 +354,17 @@ class TurboDistillation(pl.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
         }
-        meta: dict[str, Any] = {
+        checkpoint["lightdiff"] = {
             "format": CHECKPOINT_FORMAT,
             "method": "turbo",
             "net_class": type(self.net).__name__,
             "net_config": plain_config(self.net.config),
-            "schedule": dict(vars(self.schedule)),
-            "prediction_type": self.student_prediction_type,
-            "teacher_prediction_type": self.prediction_type,
+            "objective": self.objective.state(),  # the student's (its prediction type)
+            "teacher_objective": self.teacher_objective.state(),
+            "conditioning": self.conditioning.state(),
+            "vae_config": plain_config(self.vae.config) if self.vae is not None else None,
             "class_names": self.class_names,
             "student_timesteps": self.student_timesteps,
-            "scheduler_overrides": {} if isinstance(self.objective, FlowMatching) else dict(STUDENT_SCHEDULER),
-            "objective": self.objective.state(),
+            "scheduler_overrides": self.objective.few_step_overrides,
             "teacher": self.teacher_source,
         }
-        if self.vae is not None and self.text_encoder is not None and self.tokenizer is not None:
-            meta.update(
-                vae_config=plain_config(self.vae.config),
-                text_encoder_config=self.text_encoder.config.to_dict(),
-                tokenizer=tokenizer_state(self.tokenizer),
-            )
-        checkpoint["lightdiff"] = meta

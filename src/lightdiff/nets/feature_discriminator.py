@@ -3,7 +3,8 @@
 ADD (Sauer et al. 2023, Section 3.2) puts heads on a frozen DINOv2 ViT; LADD (Sauer et al. 2024, Section 3.1) puts
 them on the frozen teacher's own features at a re-noised input. Each head sees one feature map and gives a logit
 per location; it is conditioned on the noise level (added to its hidden features) and on the condition, class
-label or text embedding, by projection (Miyato & Koyama 2018, "cGANs with projection discriminator", Equation 3).
+label or text embedding (the conditioning family's `Condition.summary`: a one-hot label, the mean text state), by
+projection (Miyato & Koyama 2018, "cGANs with projection discriminator", Equation 3).
 
 Backbones (the `discriminator` config group):
 - `UNetEncoderFeatures`: the teacher UNet's down-block and mid-block outputs (LADD); frozen, shared with the teacher.
@@ -22,6 +23,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from lightdiff.config import ConfigError
+from lightdiff.nets.conditioning import Condition
+from lightdiff.nets.denoiser import network_output
 
 
 class _StopForward(Exception):
@@ -32,6 +35,7 @@ class UNetEncoderFeatures(nn.Module):
     """Outputs of each down block and of the mid block of a frozen diffusers UNet, at (x_t, t, condition)."""
 
     trainable = False
+    noised_inputs = True  # it reads the teacher at re-noised inputs (LADD)
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
@@ -42,13 +46,7 @@ class UNetEncoderFeatures(nn.Module):
     def train(self, mode: bool = True) -> UNetEncoderFeatures:
         return super().train(False)  # frozen: dropout and norms stay in inference mode
 
-    def forward(
-        self,
-        x_t: torch.Tensor,
-        timesteps: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        text_states: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
         captured: list[torch.Tensor] = []
 
         def keep(module: nn.Module, args: object, output: object) -> None:
@@ -60,9 +58,8 @@ class UNetEncoderFeatures(nn.Module):
 
         handles = [block.register_forward_hook(keep) for block in self.unet.down_blocks]
         handles.append(self.unet.mid_block.register_forward_hook(stop))
-        conditioning = {"encoder_hidden_states": text_states} if text_states is not None else {}
         try:
-            self.unet(x_t, timesteps, class_labels=class_labels, **conditioning)
+            network_output(self.unet, x_t, timesteps, condition)  # the teacher's own call, with all its conditioning
         except _StopForward:
             pass
         finally:
@@ -109,13 +106,7 @@ class ViTFeatures(nn.Module):
     def train(self, mode: bool = True) -> ViTFeatures:
         return super().train(False)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        timesteps: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-        text_states: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
         pixels = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         pixels = ((pixels + 1) / 2 - self.mean) / self.std
         hidden = self.vit(pixel_values=pixels, output_hidden_states=True).hidden_states
@@ -147,13 +138,7 @@ class PatchFeatures(nn.Module):
             for c_in, c_out in zip(widths[:-1], widths[1:])
         )
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        timesteps: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-        text_states: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
         maps, x = [], images
         for stage in self.stages:
             x = stage(x)
@@ -187,8 +172,7 @@ class FeatureDiscriminator(nn.Module):
     def __init__(
         self,
         backbone: nn.Module | None,  # UNetEncoderFeatures | ViTFeatures | PatchFeatures (None: the method gives one)
-        num_classes: int = 0,  # class-conditional: embed the label (0: no class condition)
-        text_dim: int = 0,  # text-conditional: width of the text encoder's states (0: no text condition)
+        condition_dim: int = 0,  # width of the condition's summary vector (0: an unconditional discriminator)
         head_channels: int = 64,  # width of each head
         num_train_timesteps: int = 1000,  # scale of the noise-level input
     ) -> None:
@@ -200,50 +184,30 @@ class FeatureDiscriminator(nn.Module):
         self.backbone = backbone
         self.head_channels = head_channels
         self.num_train_timesteps = num_train_timesteps
-        condition_dim = head_channels if (num_classes or text_dim) else 0
-        self.class_embedding = nn.Embedding(num_classes, head_channels) if num_classes else None
-        self.text_projection = nn.Linear(text_dim, head_channels) if text_dim else None
-        self.heads = nn.ModuleList(DiscriminatorHead(c, head_channels, condition_dim) for c in backbone.channels)
+        self.condition_projection = nn.Linear(condition_dim, head_channels) if condition_dim else None
+        heads_condition = head_channels if condition_dim else 0
+        self.heads = nn.ModuleList(DiscriminatorHead(c, head_channels, heads_condition) for c in backbone.channels)
 
     @property
     def backbone_trains(self) -> bool:
         return bool(getattr(self.backbone, "trainable", False))
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """What the discriminator's optimiser trains: the heads and embeddings, and the backbone if it trains."""
+        """What the discriminator's optimiser trains: the heads and the projection, and the backbone if it trains."""
         frozen = set() if self.backbone_trains else {id(p) for p in self.backbone.parameters()}
         return [p for p in self.parameters() if id(p) not in frozen]
 
-    def features(
-        self,
-        inputs: torch.Tensor,
-        timesteps: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        text_states: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
-        return self.backbone(inputs, timesteps, class_labels, text_states)
+    def features(self, inputs: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
+        return self.backbone(inputs, timesteps, condition)
 
     def heads_logits(
-        self,
-        features: Sequence[torch.Tensor],
-        timesteps: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        text_states: torch.Tensor | None = None,
+        self, features: Sequence[torch.Tensor], timesteps: torch.Tensor, condition: Condition
     ) -> torch.Tensor:
         noise = get_timestep_embedding(timesteps.float().reshape(-1), self.head_channels)
-        condition = None
-        if self.class_embedding is not None and class_labels is not None:
-            condition = self.class_embedding(class_labels)
-        elif self.text_projection is not None and text_states is not None:
-            condition = self.text_projection(text_states.float().mean(dim=1))  # mean over tokens
-        return torch.cat([head(f, noise.to(f.device), condition) for head, f in zip(self.heads, features)], dim=1)
+        projected = None
+        if self.condition_projection is not None and condition.summary is not None:
+            projected = self.condition_projection(condition.summary.float())
+        return torch.cat([head(f, noise.to(f.device), projected) for head, f in zip(self.heads, features)], dim=1)
 
-    def forward(
-        self,
-        inputs: torch.Tensor,
-        timesteps: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        text_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        features = self.features(inputs, timesteps, class_labels, text_states)
-        return self.heads_logits(features, timesteps, class_labels, text_states)
+    def forward(self, inputs: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+        return self.heads_logits(self.features(inputs, timesteps, condition), timesteps, condition)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def text_encoder_from_scratch(
     num_hidden_layers: int = 2,  # transformer layers
     num_attention_heads: int = 4,  # attention heads per layer
     intermediate_size: int = 128,  # MLP width
-    with_projection: bool = False,  # a CLIPTextModelWithProjection (pooled `text_embeds`, what SD3 pipelines take)
-) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """A randomly initialised `CLIPTextModel` sized to `tokenizer`, to be trained jointly with the denoiser."""
+    encoder_class: type[CLIPTextModel] = CLIPTextModel,  # or CLIPTextModelWithProjection (pooled `text_embeds`, SD3)
+) -> CLIPTextModel:
+    """A randomly initialised `encoder_class` sized to `tokenizer`, to be trained jointly with the denoiser."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -88,7 +88,7 @@ def text_encoder_from_scratch(
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=hidden_size,
     )
-    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+    return encoder_class(config)
 
 
 def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:

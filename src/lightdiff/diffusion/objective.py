@@ -1,0 +1,111 @@
+"""The interface every training objective (parametrisation) offers: what a method, a sampler or an exporter may ask.
+
+One object holds one parametrisation, as k-diffusion's `Denoiser`, minRF's `RF` and EDM2's loss class do: DDPM over
+a beta schedule with its prediction type (`lightdiff.diffusion.objectives.DDPM`) and rectified flow
+(`lightdiff.diffusion.flow_matching.FlowMatching`) expose the same methods, so no method asks which one it has.
+
+Times travel as the network's timestep argument throughout ("network timesteps"): DDPM's integer step 0..T-1, or
+flow matching's t * num_train_timesteps, which is what diffusers' schedulers pass to a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from diffusers import SchedulerMixin
+
+SchedulerFactory = Callable[..., SchedulerMixin]  # a diffusers scheduler class, or a partial of one
+
+
+@dataclass(frozen=True)
+class NoisyBatch:
+    x_t: torch.Tensor  # the network's input, shaped like x_0
+    timesteps: torch.Tensor  # (B,) the network's timestep argument
+    target: torch.Tensor  # what the network regresses, shaped like x_0
+    weight: torch.Tensor  # (B,) per-sample loss weight
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A forward process x_t = alpha_t x_0 + sigma_t eps, what the network predicts of it, and how it is sampled."""
+
+    @property
+    def name(self) -> str:
+        """The `objective` config choice: ddpm | flow_matching."""
+        ...
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """The scale of network timesteps (T)."""
+        ...
+
+    def training_example(self, x0: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        """Draw the batch's training times (global random stream) and noise `x0` with `noise`."""
+        ...
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t at the given network timesteps (B,)."""
+        ...
+
+    def predicted_x0(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_0 implied by the network's `output` at (x_t, timesteps)."""
+        ...
+
+    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) per sample, for weightings written for any path x_t = alpha x_0 + sigma eps."""
+        ...
+
+    def uniform_timesteps(self, size: int, device: torch.device | str) -> torch.Tensor:
+        """Network timesteps drawn uniformly over the whole path (the teacher's re-noising in distillation)."""
+        ...
+
+    def high_noise_timesteps(self, size: int, mean: float, std: float, device: torch.device | str) -> torch.Tensor:
+        """Network timesteps sigmoid(N(mean, std)) of the path: skewed to high noise (LADD, Section 3.2)."""
+        ...
+
+    def scheduler(self, factory: SchedulerFactory) -> SchedulerMixin:
+        """A diffusers sampler (the `sampler` config) configured for this objective; a ConfigError for a sampler of
+        the other kind (a DDPM sampler for a flow, a flow sampler for a DDPM)."""
+        ...
+
+    def accepts(self, factory: SchedulerFactory) -> bool:
+        """Whether `factory` can sample this objective."""
+        ...
+
+    @property
+    def default_sampler(self) -> SchedulerFactory:
+        """The sampler a few-step student and the preview of a teacher use when none other fits."""
+        ...
+
+    @property
+    def few_step_overrides(self) -> dict[str, Any]:
+        """Changes to `default_sampler`'s config under which its first step starts from pure noise."""
+        ...
+
+    def student_timesteps(self, count: int, requested: list[int] | None) -> list[float]:
+        """The network timesteps a few-step student trains at (those its sampler visits); `requested` is the
+        user's list (model.student_timesteps), checked, or a ConfigError where this objective fixes them."""
+        ...
+
+    def with_prediction_type(self, prediction_type: str | None) -> Objective:
+        """The same path with the network predicting `prediction_type` (None: unchanged), for a student that
+        parametrises its output otherwise than its teacher; a ConfigError where the objective has no choice."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """Plain data for a checkpoint or an export's lightdiff.json (read back by `objective_from_state`)."""
+        ...
+
+
+def scheduler_name(factory: SchedulerFactory) -> str:
+    """The class name of a scheduler factory (a class or a functools.partial of one)."""
+    function = getattr(factory, "func", factory)
+    return getattr(function, "__name__", str(factory))
+
+
+def is_flow_sampler(factory: SchedulerFactory) -> bool:
+    """Whether a `sampler` integrates a flow (diffusers' FlowMatch* schedulers)."""
+    return scheduler_name(factory).startswith("FlowMatch")

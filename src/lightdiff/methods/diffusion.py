@@ -1,0 +1,253 @@
+"""Diffusion training (`model=pixel`, `model=latent`): a denoiser learns the `objective` (DDPM with eps / v / x0
+prediction, Ho et al. 2020; or rectified flow, Esser et al. 2024) on pixels, or on the latents of a frozen
+`AutoencoderKL` (latent diffusion, Rombach et al. 2022), conditioned by the family its network takes
+(`lightdiff.nets.conditioning`): nothing, class labels, or CLIP text with classifier-free guidance (Ho & Salimans
+2022: conditions are dropped with probability `cond_drop_prob` while training).
+
+The two config presets differ only in their defaults: `model=pixel` has no VAE and a UNet2DModel / DiT,
+`model=latent` the shapes VAE and a text-conditioned UNet2DConditionModel / MMDiT / PixArt.
+
+Text side, two ways: `pretrained=ID_OR_DIR` loads the tokenizer and text encoder of a diffusers pipeline (frozen
+unless `train_text_encoder`); without it, a tokenizer is built from the data set's captions and a small
+`CLIPTextModel` is trained from scratch with the denoiser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from diffusers import AutoencoderKL, SchedulerMixin
+
+from lightdiff.checkpointing import check_checkpoint_fits, plain_config
+from lightdiff.config import ConfigError
+from lightdiff.contract import Preview
+from lightdiff.data import ImageDataModule
+from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
+from lightdiff.methods.optimization import adamw_with_warmup, clip_and_measure_gradients
+from lightdiff.nets.conditioning import (
+    CLIPText,
+    Conditioning,
+    drop_conditions,
+    label_conditioning,
+    takes_text,
+    text_conditioning,
+    text_encoder_class,
+)
+from lightdiff.nets.denoiser import Denoiser, network_output, zero_adaln_gates
+from lightdiff.nets.pretrained import load_unet, load_vae, pretrained_text_conditioning
+from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
+from lightdiff.nets.vae import encode_latents, vae_scale_factor
+from lightdiff.sampling import for_latents, generate, preview_inputs
+from lightdiff.speed import prepare_for_training
+
+CHECKPOINT_FORMAT = 2  # 2: objective and conditioning as their own states; 1 (read still): schedule, text encoder
+
+
+class DiffusionTraining(pl.LightningModule):
+    """Learns to denoise (or to follow the flow of) data or VAE latents with a diffusers denoiser."""
+
+    metric_steps = None  # FID at the metrics callback's step counts
+    distance_prefix = ""
+
+    def __init__(
+        self,
+        data: ImageDataModule,  # given by train.py: the networks are sized, checked and (text) built for it
+        net: Denoiser,  # the denoiser (the `net` group); its class decides the conditioning family
+        objective: Objective,  # ddpm | flow_matching (the `objective` group)
+        conditioning: Conditioning | None = None,  # a conditioning family (a plug-in); None: the one `net` takes
+        vae: str | None = None,  # frozen AutoencoderKL folder or hub id; None: pixel space (or `pretrained`'s VAE)
+        pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
+        load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
+        train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
+        text_hidden_size: int = 64,  # width of a from-scratch text encoder (= net.cross_attention_dim)
+        text_layers: int = 2,  # layers of a from-scratch text encoder
+        text_heads: int = 4,  # attention heads of a from-scratch text encoder
+        max_prompt_tokens: int = 16,  # a from-scratch tokenizer's length limit (start and end tokens included)
+        cond_drop_prob: float = 0.0,  # probability of training a sample unconditionally (classifier-free guidance)
+        guidance_scale: float = 1.0,  # guidance of the training-time previews (1: none)
+        offset_noise: float = 0.0,  # strength of per-channel offset noise (0 disables)
+        lr: float = 1e-4,  # peak AdamW learning rate
+        adam_betas: tuple[float, float] = (0.9, 0.999),  # AdamW (beta1, beta2)
+        weight_decay: float = 0.0,  # AdamW decoupled weight decay
+        adam_eps: float = 1e-8,  # AdamW epsilon
+        lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
+        warmup_steps: int = 0,  # linear learning-rate warm-up from 0
+        max_grad_norm: float | None = 1.0,  # clip the gradients' global L2 norm to this (None: no clipping)
+        compile: bool = False,  # torch.compile the denoiser (regional where diffusers defines repeated blocks)
+        channels_last: bool = False,  # NHWC weights: faster convolutions on GPU (the yaml turns it on with CUDA)
+        gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
+        fused_adamw: bool = False,  # one fused AdamW kernel for all parameters (the yaml turns it on with CUDA)
+    ) -> None:
+        super().__init__()
+        if not 0 <= cond_drop_prob < 1:
+            raise ConfigError(f"model.cond_drop_prob={cond_drop_prob} must lie in [0, 1)")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
+        if pretrained is not None and load_pretrained_unet:
+            net = load_unet(pretrained)
+        else:
+            net = zero_adaln_gates(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
+        self.net = net
+        self.objective = objective
+        self.vae = load_vae(pretrained, vae).requires_grad_(False).eval() if (vae or pretrained) else None
+        self.conditioning: Conditioning = conditioning or self._conditioning_for(
+            data, pretrained, train_text_encoder, text_hidden_size, text_layers, text_heads, max_prompt_tokens
+        )
+        check_fits(net, self.vae, self.conditioning, data)
+        if cond_drop_prob > 0 and not self.conditioning.has_unconditional:
+            raise ConfigError(f"model.cond_drop_prob={cond_drop_prob}: {type(net).__name__} has no unconditional input")
+        self.cond_drop_prob = cond_drop_prob
+        self.guidance_scale = guidance_scale
+        self.offset_noise = offset_noise
+        self.lr, self.adam_betas, self.weight_decay, self.adam_eps = lr, tuple(adam_betas), weight_decay, adam_eps
+        self.lr_schedule, self.warmup_steps, self.max_grad_norm = lr_schedule, warmup_steps, max_grad_norm
+        self.compile_net = compile  # not `self.compile`: that is nn.Module's method
+        self.channels_last = channels_last
+        self.gradient_checkpointing = gradient_checkpointing
+        self.fused_adamw = fused_adamw
+        self.class_names = data.class_names
+
+    def _conditioning_for(
+        self,
+        data: ImageDataModule,
+        pretrained: str | None,
+        train_text_encoder: bool,
+        hidden_size: int,
+        layers: int,
+        heads: int,
+        max_prompt_tokens: int,
+    ) -> Conditioning:
+        """The family `self.net` takes; a text encoder from `pretrained`, or built from the data's captions."""
+        if not takes_text(self.net):
+            return label_conditioning(self.net)
+        if pretrained is not None:
+            return pretrained_text_conditioning(pretrained, self.net, train_text_encoder)
+        captions = data.captions()
+        if not captions:
+            raise ConfigError(f"net: {type(self.net).__name__} is text-conditioned and the data set has no captions")
+        tokenizer = build_caption_tokenizer(captions, model_max_length=max_prompt_tokens)
+        encoder_class = text_encoder_class(self.net)
+        encoder = text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, encoder_class)
+        return text_conditioning(self.net, tokenizer, encoder, trainable=True)
+
+    def latent_cache_encoders(self) -> tuple[AutoencoderKL, str | None, Any]:
+        """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""
+        if self.vae is None:
+            raise ConfigError("data.cache_latents=true is for model=latent: a pixel model has no VAE (model.vae)")
+        if isinstance(self.conditioning, CLIPText) and self.conditioning.cacheable:
+            return self.vae, self.conditioning.cache_fingerprint(), self.conditioning.encode
+        return self.vae, None, None
+
+    # ----- training ---------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.vae is None:
+            x0 = batch["pixel_values"]
+        else:  # data.cache_latents: q(z | x) was encoded once; a fresh z is drawn from it either way
+            x0 = encode_latents(self.vae, batch.get("pixel_values"), batch.get("latent_moments"))
+        inputs = drop_conditions(self.conditioning, batch, self.cond_drop_prob)
+        condition = self.conditioning(inputs)
+        example = self.objective.training_example(x0, offset_noise(torch.randn_like(x0), self.offset_noise))
+        prediction = network_output(self.net, example.x_t, example.timesteps, condition)
+        loss = weighted_mse(prediction, example.target, example.weight)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # the rate this step's update uses
+        if self.cond_drop_prob > 0:
+            self.log("train/cond_dropped", sum(c == "" for c in inputs["text"]) / len(inputs["text"]))
+        return loss
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.net.parameters()) + self.conditioning.trainable_parameters()
+
+    def configure_model(self) -> None:
+        # Lightning calls this once the trainer exists and before the module reaches its device.
+        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # The method owns its clipping (model.max_grad_norm): trainer.gradient_clip_val cannot serve GAN methods,
+        # which Lightning runs under manual optimisation. The norm is logged before clipping, at its true size.
+        norm = clip_and_measure_gradients(self, self.trainable_parameters(), self.max_grad_norm)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_with_warmup(
+            self.trainable_parameters(),
+            self.lr,
+            self.adam_betas,
+            self.weight_decay,
+            self.lr_schedule,
+            self.warmup_steps,
+            self.trainer.max_steps,
+            self.adam_eps,
+            fused=self.fused_adamw,
+        )
+
+    # ----- sampling ---------------------------------------------------------------------------------------------
+
+    def scheduler(self, sampler: SchedulerFactory) -> SchedulerMixin:
+        """`sampler` configured for the objective, as the exported pipeline runs it."""
+        scheduler = self.objective.scheduler(sampler)
+        return for_latents(scheduler) if self.vae is not None else scheduler
+
+    @torch.no_grad()
+    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+        """Samples for the grid: class seed % classes (labels, or their names as prompts), or the data's captions."""
+        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
+        scheduler = self.scheduler(sampler)
+        images = generate(
+            self.net, scheduler, steps, seeds, self.conditioning, inputs, self.guidance_scale, vae=self.vae
+        )
+        return Preview(images=images, labels=labels)
+
+    # ----- checkpoints ------------------------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get("lightdiff") or {}).get("objective") or {"name": "ddpm"}
+        if saved["name"] != self.objective.name:  # resuming would silently re-purpose the weights
+            raise ConfigError(
+                f"the checkpoint was trained with objective={saved['name']}, this config says "
+                f"objective={self.objective.name}: pick another run_name"
+            )
+        check_checkpoint_fits(self, checkpoint)  # a checkpoint of another net config: name the keys, not a torch error
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain data only: enough to rebuild the networks and the sampler without this class or its config.
+        checkpoint["lightdiff"] = {
+            "format": CHECKPOINT_FORMAT,
+            "method": "diffusion",
+            "net_class": type(self.net).__name__,
+            "net_config": plain_config(self.net.config),
+            "objective": self.objective.state(),
+            "conditioning": self.conditioning.state(),
+            "vae_config": plain_config(self.vae.config) if self.vae is not None else None,
+            "class_names": self.class_names,
+        }
+
+
+def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Conditioning, data: ImageDataModule) -> None:
+    """The networks must agree with each other and with the data; say which key does not."""
+    channels = vae.config.latent_channels if vae is not None else 3
+    factor = vae_scale_factor(vae) if vae is not None else 1
+    what = "the VAE's latent_channels" if vae is not None else "RGB"
+    if net.config.in_channels != channels or net.config.out_channels != channels:
+        raise ConfigError(
+            f"net.in_channels={net.config.in_channels} / net.out_channels={net.config.out_channels} do not match "
+            f"{what}={channels}"
+        )
+    if data.resolution % factor or net.config.sample_size != data.resolution // factor:
+        downsampling = f" / the VAE's down-sampling {factor} = {data.resolution / factor:g}" if vae is not None else ""
+        raise ConfigError(
+            f"net.sample_size={net.config.sample_size} does not match data.resolution={data.resolution}{downsampling}"
+        )
+    if vae is not None and vae.config.get("shift_factor"):
+        raise ConfigError(f"the VAE's shift_factor={vae.config.shift_factor}: lightdiff does not shift latents yet")
+    conditioning.check(net, data)

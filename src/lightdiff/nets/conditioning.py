@@ -1,0 +1,441 @@
+"""Conditioning families: one object per family turns a batch's labels or prompts into the network's keyword
+arguments, and into their unconditional twin for guidance.
+
+Training, guided sampling, the turbo teacher, the discriminator, the text cache and the exporter all go through the
+same object, so a new family (SDXL's two encoders and size / crop ids, FLUX's CLIP + T5 and position ids) is a new
+class here (plus a net preset and an export writer), with no edits across methods. diffusers' SDXL training script
+builds `encoder_hidden_states`, `text_embeds` and `time_ids` in three helpers every call site must remember; here a
+`Condition` carries all of a family's inputs at once.
+
+The families:
+- `NoCondition`: unconditional networks (`UNet2DModel` without class embeddings);
+- `ClassLabels`: `class_labels` (a class-conditional `UNet2DModel`, a `DiTTransformer2DModel`);
+- `CLIPText`: one CLIP encoder's last hidden states as cross-attention keys, as `StableDiffusionPipeline` makes them
+  (`UNet2DConditionModel`; `PixArtTransformer2DModel`, with no size conditioning);
+- `SD3CLIPText`: SD3's joint-attention text stream and pooled vector made from one CLIP encoder standing in for
+  SD3's two (`SD3Transformer2DModel`; see the class).
+
+What a family is given (`inputs`) is a batch as the data modules serve it, or as the samplers make it: a mapping
+with "label" (a (B,) tensor) and "text" (B captions), of which each family reads what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lightdiff.checkpointing import module_fingerprint
+from lightdiff.config import ConfigError
+from lightdiff.nets.text import tokenize_prompts
+
+log = logging.getLogger(__name__)
+
+
+class DataDescription(Protocol):
+    """What a family may ask of the data set it trains on (`lightdiff.data.ImageDataModule` has it)."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def captions(self) -> list[str]: ...
+
+
+Inputs = Mapping[str, Any]  # {"label": (B,) tensor, "text": B captions, ...}: what a family reads its condition from
+
+
+def _tree_map(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return function(tree)
+    if isinstance(tree, dict):
+        return {key: _tree_map(function, value) for key, value in tree.items()}
+    return tree  # None, numbers, strings: the same for every sample
+
+
+def _tree_cat(first: Any, second: Any) -> Any:
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, dict):
+        return {key: _tree_cat(first[key], second[key]) for key in first}
+    return first
+
+
+@dataclass
+class Condition:
+    """One batch's condition, as the network and the discriminator take it."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the network's keyword arguments (tensors (B, ...), dicts)
+    summary: torch.Tensor | None = None  # (B, D): one vector per sample, projected by the discriminator's heads
+
+    def cat(self, other: Condition) -> Condition:
+        """This batch followed by `other` (classifier-free guidance runs both halves in one network call)."""
+        summary = None if self.summary is None else torch.cat([self.summary, other.summary])
+        return Condition(_tree_cat(self.kwargs, other.kwargs), summary)
+
+    def to(self, device: torch.device | str) -> Condition:
+        move = lambda tensor: tensor.to(device)  # noqa: E731
+        return Condition(_tree_map(move, self.kwargs), None if self.summary is None else self.summary.to(device))
+
+
+@runtime_checkable
+class Conditioning(Protocol):
+    """What every family offers; families are `nn.Module`s so that an encoder that trains is part of the method."""
+
+    summary_dim: int  # width of `Condition.summary`; 0: the family gives none (the discriminator is unconditional)
+    has_unconditional: bool  # whether `without_condition` exists: needed by caption dropping and guidance
+    reads: tuple[str, ...]  # the keys of `inputs` it reads ("label", "text"): what a sampler must give it
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        """A ConfigError naming the key where the family, `net` and the data set do not fit together."""
+        ...
+
+    def __call__(self, inputs: Inputs) -> Condition:
+        """The network's keyword arguments for a batch."""
+        ...
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        """`inputs` with the samples marked in `which` made unconditional (the negative prompt where there is one)."""
+        ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the method's optimiser trains of this family (a from-scratch text encoder), else nothing."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """Plain data that rebuilds the family with `conditioning_from_state` (weights apart, under `conditioning.`)."""
+        ...
+
+
+def drop_conditions(conditioning: Conditioning, inputs: Inputs, probability: float) -> Inputs:
+    """Each sample made unconditional with `probability`: one network then learns p(x | c) and p(x), which
+    classifier-free guidance combines (Ho & Salimans 2022, Section 3.2). Python's RNG, seeded by seed_everything."""
+    if probability == 0:
+        return inputs
+    size = len(inputs["text"]) if "text" in inputs else len(inputs["label"])
+    return conditioning.without_condition(inputs, [random.random() < probability for _ in range(size)])
+
+
+class NoCondition(nn.Module):
+    """An unconditional network: no keyword arguments."""
+
+    summary_dim = 0
+    has_unconditional = True
+    reads = ()
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        pass
+
+    def forward(self, inputs: Inputs) -> Condition:
+        return Condition()
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return inputs
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def state(self) -> dict[str, Any]:
+        return {"family": "none"}
+
+
+class ClassLabels(nn.Module):
+    """`class_labels` of a class-conditional network; the discriminator sees the label one-hot."""
+
+    has_unconditional = False  # a DiT drops labels to its null class itself while training (diffusers' embedding)
+    reads = ("label",)
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.summary_dim = num_classes
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        key = "net.num_embeds_ada_norm" if isinstance(net, DiTTransformer2DModel) else "net.num_class_embeds"
+        if data.num_classes == 0:
+            raise ConfigError(f"{key} is set but the data set has no labels; set it to null (a DiT needs labels)")
+        if data.num_classes > self.num_classes:
+            raise ConfigError(f"{key}={self.num_classes} is below the data set's {data.num_classes} classes")
+
+    def forward(self, inputs: Inputs) -> Condition:
+        labels = inputs.get("label")
+        if labels is None:
+            raise ValueError("this model is class-conditional: give labels to sample")
+        labels = torch.as_tensor(labels).long()
+        return Condition({"class_labels": labels}, F.one_hot(labels, self.num_classes).float())
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        raise ValueError("a class-conditional network has no unconditional input here (no guidance, no dropping)")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def state(self) -> dict[str, Any]:
+        return {"family": "class_labels", "num_classes": self.num_classes}
+
+
+class CLIPText(nn.Module):
+    """A CLIP text encoder's last hidden states as cross-attention keys, padded to the tokenizer's length, no mask:
+    `StableDiffusionPipeline.encode_prompt` for a UNet; the same states for PixArt (whose pipeline takes masked T5
+    states; lightdiff's CLIP ones attend to every token, as a UNet's cross-attention does)."""
+
+    has_unconditional = True
+    reads = ("text",)
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,  # a pipeline's, or one built from the captions (nets/text.py)
+        text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
+        trainable: bool,  # whether the method trains the encoder (a from-scratch one always does)
+        network_extras: dict[str, Any] | None = None,  # fixed keyword arguments (PixArt: no size conditioning)
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.requires_grad_(trainable)
+        self.trainable = trainable
+        self.network_extras = dict(network_extras or {})
+        self.summary_dim = text_encoder.config.hidden_size
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        if not data.captions():
+            raise ConfigError(f"net: {type(net).__name__} is text-conditioned and the data set has no captions")
+        for key, width, expected, name in text_widths(net, self.text_encoder):
+            if width != expected:
+                raise ConfigError(f"{key}={width} differs from the text encoder's {name} (model.text_hidden_size)")
+        if isinstance(net, PixArtTransformer2DModel):
+            width = net.config.num_attention_heads * net.config.attention_head_dim
+            if net.config.caption_channels is not None and net.config.cross_attention_dim != width:
+                raise ConfigError(
+                    f"net.cross_attention_dim={net.config.cross_attention_dim} must be the width num_attention_heads "
+                    f"x attention_head_dim={width}: the caption projection (net.caption_channels) maps the text to it"
+                )
+            if net.config.use_additional_conditions:
+                raise ConfigError(
+                    "net.use_additional_conditions=true: lightdiff has no resolution / aspect-ratio input"
+                )
+
+    def train(self, mode: bool = True) -> CLIPText:
+        return super().train(mode and self.trainable)  # a frozen encoder stays in inference mode
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        return tokenize_prompts(self.tokenizer, prompts).to(self.text_encoder.device)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The states (B, tokens, width) of `prompts`: what the text cache stores."""
+        return self.text_encoder(self.token_ids(prompts))[0]
+
+    @property
+    def cacheable(self) -> bool:
+        """A frozen encoder's states can be encoded once per caption (data.cache_latents)."""
+        return not self.trainable
+
+    def cache_fingerprint(self) -> str:
+        return text_encoder_fingerprint(self.tokenizer, self.text_encoder)
+
+    def forward(self, inputs: Inputs) -> Condition:
+        captions = [str(text) for text in inputs["text"]]
+        if "text_states" in inputs:  # data.cache_latents with a frozen encoder: states were encoded once
+            empty = self.encode([""])  # what a dropped caption gets
+            dropped = torch.tensor([caption == "" for caption in captions], device=empty.device)
+            states = torch.where(dropped[:, None, None], empty, inputs["text_states"].to(empty))
+        else:
+            states = self.encode(captions)
+        return Condition({"encoder_hidden_states": states, **self.network_extras}, states.float().mean(dim=1))
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
+        return {**inputs, "text": texts}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.text_encoder.parameters()) if self.trainable else []
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": "clip_text",
+            "text_encoder_class": type(self.text_encoder).__name__,
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            "tokenizer": tokenizer_state(self.tokenizer),
+            "network_extras": self.network_extras,
+        }
+
+
+class SD3CLIPText(CLIPText):
+    """SD3's text inputs (`StableDiffusion3Pipeline.encode_prompt`) with one CLIPTextModelWithProjection standing in
+    for both CLIP encoders and no T5 (`max_sequence_length=0`): the penultimate hidden states of the two encoders
+    concatenated along the width and zero-padded to `joint_attention_dim`, and the pooled vector their two projected
+    end-of-text embeddings (`text_embeds`) side by side. lightdiff exports the encoder twice (`lightdiff.export`)."""
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModelWithProjection,
+        trainable: bool,
+        joint_attention_dim: int,  # the transformer's text-stream input width (states are zero-padded to it)
+    ) -> None:
+        super().__init__(tokenizer, text_encoder, trainable)
+        self.joint_attention_dim = joint_attention_dim
+
+    @property
+    def cacheable(self) -> bool:
+        return False  # the cache holds one tensor per caption; SD3 takes two
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        super().check(net, data)
+        hidden = self.text_encoder.config.hidden_size
+        if not isinstance(self.text_encoder, CLIPTextModelWithProjection):
+            raise ConfigError("an SD3 transformer (net=mmdit) needs a CLIPTextModelWithProjection text encoder")
+        if self.joint_attention_dim < 2 * hidden:
+            raise ConfigError(
+                f"net.joint_attention_dim={self.joint_attention_dim} is below 2 x the text encoder's "
+                f"hidden_size={hidden} (SD3 concatenates two CLIP encoders' states; model.text_hidden_size)"
+            )
+
+    def forward(self, inputs: Inputs) -> Condition:
+        output = self.text_encoder(self.token_ids([str(text) for text in inputs["text"]]), output_hidden_states=True)
+        hidden = output.hidden_states[-2]
+        states = F.pad(torch.cat([hidden, hidden], dim=-1), (0, self.joint_attention_dim - 2 * hidden.shape[-1]))
+        pooled = torch.cat([output[0], output[0]], dim=-1)
+        return Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, states.float().mean(dim=1))
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "family": "sd3_clip_text", "joint_attention_dim": self.joint_attention_dim}
+
+
+# ----- which family a network takes --------------------------------------------------------------------------------
+
+TEXT_NETS = (UNet2DConditionModel, SD3Transformer2DModel, PixArtTransformer2DModel)
+
+
+def takes_text(net: nn.Module) -> bool:
+    return isinstance(net, TEXT_NETS)
+
+
+def num_classes(net: nn.Module) -> int | None:
+    """How many class labels the network embeds (None: it takes no labels)."""
+    if isinstance(net, UNet2DModel):
+        return net.config.num_class_embeds
+    if isinstance(net, DiTTransformer2DModel):
+        return net.config.num_embeds_ada_norm
+    return None
+
+
+def label_conditioning(net: nn.Module) -> NoCondition | ClassLabels:
+    """The family of a network without text: class labels when it embeds classes."""
+    classes = num_classes(net)
+    return ClassLabels(classes) if classes is not None else NoCondition()
+
+
+def text_encoder_class(net: nn.Module) -> type[CLIPTextModel]:
+    """SD3 transformers take the pooled, projected prompt (`text_embeds`), which only the projection class has."""
+    return CLIPTextModelWithProjection if isinstance(net, SD3Transformer2DModel) else CLIPTextModel
+
+
+def text_conditioning(
+    net: nn.Module, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, trainable: bool
+) -> CLIPText:
+    """The text family of a text-conditioned network, as its diffusers pipeline conditions it."""
+    if isinstance(net, SD3Transformer2DModel):
+        return SD3CLIPText(tokenizer, text_encoder, trainable, net.config.joint_attention_dim)
+    if isinstance(net, PixArtTransformer2DModel):
+        # No resolution / aspect-ratio embedding (net.use_additional_conditions=false, checked by the method).
+        return CLIPText(
+            tokenizer, text_encoder, trainable, {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        )
+    if isinstance(net, UNet2DConditionModel):
+        return CLIPText(tokenizer, text_encoder, trainable)
+    raise TypeError(f"{type(net).__name__} takes no text")
+
+
+def text_widths(net: nn.Module, text_encoder: CLIPTextModel) -> list[tuple[str, int, int, str]]:
+    """(key, the network's width, what the text encoder gives, that width's name) per text input."""
+    hidden = text_encoder.config.hidden_size
+    if isinstance(net, UNet2DConditionModel) or (
+        isinstance(net, PixArtTransformer2DModel) and net.config.caption_channels is None
+    ):
+        return [("net.cross_attention_dim", net.config.cross_attention_dim, hidden, f"hidden_size={hidden}")]
+    if isinstance(net, PixArtTransformer2DModel):  # the caption projection takes the states (PixArt's layout)
+        return [("net.caption_channels", net.config.caption_channels, hidden, f"hidden_size={hidden}")]
+    if isinstance(net, SD3Transformer2DModel):
+        # The states are padded up to joint_attention_dim, so it needs to be at least 2 x the width (checked apart).
+        width = 2 * text_encoder.config.projection_dim
+        return [("net.pooled_projection_dim", net.config.pooled_projection_dim, width, f"2 x projection_dim={width}")]
+    return []
+
+
+def text_encoder_fingerprint(tokenizer: Any, text_encoder: torch.nn.Module) -> str:
+    """Hash of a transformers tokenizer (vocabulary, merges, length limit) and text encoder (config, weights)."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    for call_state in ("truncation", "padding"):  # set by the last call, not part of what the tokenizer is
+        backend.pop(call_state, None)
+    tokenizer_state = {"tokenizer": backend, "max_length": tokenizer.model_max_length}
+    return module_fingerprint({**text_encoder.config.to_dict(), **tokenizer_state}, text_encoder)
+
+
+# ----- checkpoints -------------------------------------------------------------------------------------------------
+
+TEXT_ENCODER_CLASSES: dict[str, type] = {
+    "CLIPTextModel": CLIPTextModel,
+    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+}
+
+
+def tokenizer_state(tokenizer: CLIPTokenizer) -> dict[str, Any]:
+    """A CLIP tokenizer as plain data (vocabulary, merges, length limit) for a weights-only checkpoint."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+    return {"vocab": dict(model["vocab"]), "merges": merges, "model_max_length": tokenizer.model_max_length}
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> CLIPTokenizer:
+    merges = [tuple(pair) for pair in state["merges"]]
+    return CLIPTokenizer(vocab=state["vocab"], merges=merges, model_max_length=state["model_max_length"])
+
+
+def _text_from_state(state: dict[str, Any]) -> CLIPText:
+    encoder_class = TEXT_ENCODER_CLASSES.get(state.get("text_encoder_class", ""))
+    if encoder_class is None:  # a class named in a file is only ever looked up
+        raise ValueError(
+            f"text_encoder_class={state.get('text_encoder_class')!r} is not one of {sorted(TEXT_ENCODER_CLASSES)}"
+        )
+    tokenizer = tokenizer_from_state(state["tokenizer"])
+    text_encoder = encoder_class(CLIPTextConfig(**state["text_encoder_config"])).eval()
+    if state["family"] == "sd3_clip_text":
+        return SD3CLIPText(tokenizer, text_encoder, False, state["joint_attention_dim"])
+    return CLIPText(tokenizer, text_encoder, False, state.get("network_extras"))
+
+
+# family name -> how to rebuild it from `state()`; a plug-in family registers itself here to be loadable by
+# sample.py and the exporter (register_family).
+FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "none": lambda state: NoCondition(),
+    "class_labels": lambda state: ClassLabels(state["num_classes"]),
+    "clip_text": _text_from_state,
+    "sd3_clip_text": _text_from_state,
+}
+
+
+def register_family(name: str, from_state: Callable[[dict[str, Any]], nn.Module]) -> None:
+    """Make a conditioning family outside lightdiff loadable from checkpoints (its `state()["family"]` is `name`)."""
+    FAMILIES[name] = from_state
+
+
+def conditioning_from_state(state: dict[str, Any]) -> nn.Module:
+    """A family rebuilt from its `state()`, frozen, its weights still to be loaded (under `conditioning.`)."""
+    rebuild = FAMILIES.get(state.get("family", ""))
+    if rebuild is None:
+        raise ValueError(f"conditioning family {state.get('family')!r} is not one of {sorted(FAMILIES)}")
+    return rebuild(state).requires_grad_(False).eval()

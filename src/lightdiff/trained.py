@@ -1,0 +1,254 @@
+"""A trained model, read from a Lightning checkpoint or a diffusers pipeline folder: what sample.py, the exporter and
+a turbo teacher use. No training method is imported: a checkpoint's plain-data `lightdiff` block says everything.
+
+Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain data only, so a crafted file cannot
+run code, and every class comes from a fixed allow-list, never from a path stored in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from transformers import CLIPTokenizer
+
+from lightdiff.checkpointing import load_weights
+from lightdiff.diffusion import FlowMatching, NoiseSchedule, Objective, objective_from_state
+from lightdiff.nets.conditioning import (
+    TEXT_ENCODER_CLASSES,
+    Conditioning,
+    conditioning_from_state,
+    label_conditioning,
+    takes_text,
+    text_conditioning,
+    text_encoder_class,
+    tokenizer_from_state,
+)
+from lightdiff.nets.denoiser import Denoiser
+
+log = logging.getLogger(__name__)
+
+NET_CLASSES: dict[str, type] = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "DiTTransformer2DModel": DiTTransformer2DModel,
+    "SD3Transformer2DModel": SD3Transformer2DModel,
+    "PixArtTransformer2DModel": PixArtTransformer2DModel,
+}
+METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
+
+
+@dataclass
+class TrainedDenoiser:
+    net: Denoiser
+    objective: Objective  # how it was trained, hence which sampler fits it
+    conditioning: Conditioning  # the family that makes its network's conditioning (frozen)
+    class_names: list[str] | None
+    source: str  # the checkpoint file or pipeline folder it came from
+    uses_ema: bool  # whether `net` holds the EMA weights
+    vae: AutoencoderKL | None = None  # latent models only
+    scheduler_overrides: dict | None = None  # sampler settings the model needs (a turbo student: trailing timesteps)
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """`torch.load` restricted to tensors and plain data, with errors that name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # pickle errors, truncated zip archives, refused globals
+        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
+
+
+def _weights(checkpoint: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
+def _load_ema(net: torch.nn.Module, checkpoint: dict, path: Path) -> bool:
+    """Copy the EMA weights of the checkpoint into `net`; False where it has none."""
+    ema_state = checkpoint.get("callbacks", {}).get("ema") or {}
+    if not ema_state:
+        return False
+    shadow = ema_state["shadow_params"]
+    parameters = list(net.parameters())
+    if len(shadow) != len(parameters):
+        raise ValueError(f"{path}: EMA holds {len(shadow)} tensors for {len(parameters)} parameters")
+    with torch.no_grad():
+        for (name, parameter), average in zip(net.named_parameters(), shadow):
+            if average.shape != parameter.shape:  # copy_ would broadcast a smaller tensor without a word
+                raise ValueError(
+                    f"{path}: EMA weights of net.{name} have shape {tuple(average.shape)}, "
+                    f"the network's {tuple(parameter.shape)}"
+                )
+            parameter.copy_(average)
+    return True
+
+
+def _conditioning_of_checkpoint(path: Path, checkpoint: dict, meta: dict, net: torch.nn.Module) -> Conditioning:
+    if "conditioning" in meta:
+        conditioning = conditioning_from_state(meta["conditioning"])
+        load_weights(conditioning, _weights(checkpoint, "conditioning."), f"{path} (conditioning.)")
+        return conditioning
+    if "text_encoder_config" not in meta:  # format 1 without text: the net's labels, if any
+        return label_conditioning(net)
+    # Format 1 (before conditioning families): the text encoder's weights under `text_encoder.`.
+    encoder_class = TEXT_ENCODER_CLASSES.get(meta.get("text_encoder_class", "CLIPTextModel"))
+    if encoder_class is None:
+        raise ValueError(
+            f"{path}: lightdiff.text_encoder_class={meta.get('text_encoder_class')!r} is not one of "
+            f"{sorted(TEXT_ENCODER_CLASSES)}"
+        )
+    from transformers import CLIPTextConfig
+
+    text_encoder = encoder_class(CLIPTextConfig(**meta["text_encoder_config"]))
+    load_weights(text_encoder, _weights(checkpoint, "text_encoder."), f"{path} (text_encoder.)")
+    return text_conditioning(net, tokenizer_from_state(meta["tokenizer"]), text_encoder.eval(), trainable=False)
+
+
+def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -> TrainedDenoiser:
+    net_class = NET_CLASSES.get(meta.get("net_class", ""))
+    if net_class is None:  # a class name read from a file is never imported: only these are built
+        raise ValueError(f"{path}: lightdiff.net_class={meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
+    net = net_class.from_config(meta["net_config"])
+    load_weights(net, _weights(checkpoint, "net."), f"{path} (net.)")
+    uses_ema = use_ema and _load_ema(net, checkpoint, path)
+    if use_ema and not uses_ema:
+        log.warning("%s has no EMA weights; sampling with the raw weights", path)
+    vae = None
+    if meta.get("vae_config"):  # a latent model (or a turbo student of one)
+        vae = AutoencoderKL.from_config(meta["vae_config"])
+        load_weights(vae, _weights(checkpoint, "vae."), f"{path} (vae.)")
+        vae.eval()
+    return TrainedDenoiser(
+        net=net.eval(),
+        # format 1 kept the schedule and prediction type beside the objective's name
+        objective=objective_from_state(
+            meta.get("objective"), meta.get("schedule"), meta.get("prediction_type", "epsilon")
+        ),
+        conditioning=_conditioning_of_checkpoint(path, checkpoint, meta, net),
+        class_names=meta.get("class_names"),
+        source=str(path),
+        uses_ema=uses_ema,
+        vae=vae,
+        scheduler_overrides=meta.get("scheduler_overrides"),
+    )
+
+
+def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
+    part = "transformer" if (folder / "transformer").is_dir() else "unet"
+    if not (folder / part).is_dir() or not (folder / "scheduler").is_dir():
+        raise ValueError(f"{folder} is not a diffusers pipeline folder (it needs unet/ or transformer/ and scheduler/)")
+    net_class = json.loads((folder / part / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if net_class not in NET_CLASSES:
+        raise ValueError(f"{folder}: {part} class {net_class!r} is not one of {sorted(NET_CLASSES)}")
+    net = NET_CLASSES[net_class].from_pretrained(folder / part).eval()
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    metadata_path = folder / METADATA_FILE
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
+    saved_objective = metadata.get("objective") or {}
+    if saved_objective.get("name") == "flow_matching":  # lightdiff's own export: the training settings too
+        objective = objective_from_state(saved_objective)
+    elif scheduler_config.get("_class_name", "").startswith("FlowMatch"):
+        # A flow-matching folder written elsewhere: its scheduler says how many timesteps and which shift.
+        objective = FlowMatching(
+            shift=float(scheduler_config.get("shift", 1.0)),
+            num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+        )
+    else:  # a DDPM folder: its scheduler holds the schedule and the prediction type
+        objective = objective_from_state(
+            {
+                "name": "ddpm",
+                "schedule": vars(NoiseSchedule.from_scheduler_config(scheduler_config)),
+                "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+            }
+        )
+    vae = None
+    if takes_text(net):
+        for component in ("vae", "text_encoder", "tokenizer"):
+            if not (folder / component).is_dir():
+                raise ValueError(f"{folder} has a text-conditioned {part} but no {component}/")
+        vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+        text_encoder = text_encoder_class(net).from_pretrained(folder / "text_encoder").eval()
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        if isinstance(net, SD3Transformer2DModel):
+            _check_lightdiff_sd3_layout(folder, text_encoder)
+        conditioning = text_conditioning(net, tokenizer, text_encoder, trainable=False)
+    else:
+        conditioning = label_conditioning(net)
+    return TrainedDenoiser(
+        net=net,
+        objective=objective,
+        conditioning=conditioning,
+        class_names=metadata.get("class_names"),
+        source=str(folder),
+        uses_ema=bool(metadata.get("uses_ema", False)),
+        vae=vae,
+    )
+
+
+def _check_lightdiff_sd3_layout(folder: Path, text_encoder: torch.nn.Module) -> None:
+    """lightdiff samples an SD3 folder with `text_encoder` standing in for both CLIP encoders and no T5, as it exports
+    them; a folder that holds another second encoder or a T5 would sample differently here than in diffusers."""
+    if (folder / "text_encoder_3").is_dir():
+        raise ValueError(f"{folder} has a T5 text_encoder_3/; lightdiff samples only its own SD3 exports (no T5)")
+    second = type(text_encoder).from_pretrained(folder / "text_encoder_2")
+    first_state, second_state = text_encoder.state_dict(), second.state_dict()
+    if first_state.keys() != second_state.keys() or any(
+        not torch.equal(first_state[key], second_state[key]) for key in first_state
+    ):
+        raise ValueError(
+            f"{folder}: text_encoder_2 differs from text_encoder; lightdiff samples only its own SD3 exports, "
+            "which use one encoder for both"
+        )
+
+
+def _autoencoder_from_checkpoint(path: Path, checkpoint: dict, meta: dict) -> AutoencoderKL:
+    vae = AutoencoderKL.from_config(meta["vae_config"])
+    load_weights(vae, _weights(checkpoint, "vae."), f"{path} (vae.)")
+    return vae.eval()
+
+
+def load_trained(path: str | Path, use_ema: bool = True) -> TrainedDenoiser | AutoencoderKL:
+    """What a checkpoint file holds, read once: a denoiser (EMA weights by default) or, from the autoencoder
+    stage, its VAE; a folder is read as an exported pipeline."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _from_pipeline_folder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
+    checkpoint = load_checkpoint_file(path)
+    meta = checkpoint.get("lightdiff")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a lightdiff checkpoint (no 'lightdiff' block)")
+    if meta.get("method") == "autoencoder":
+        return _autoencoder_from_checkpoint(path, checkpoint, meta)
+    return _from_lightning_checkpoint(path, checkpoint, meta, use_ema)
+
+
+def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:
+    """A denoiser from a Lightning checkpoint file (EMA weights by default) or an exported pipeline folder."""
+    trained = load_trained(path, use_ema)
+    if not isinstance(trained, TrainedDenoiser):
+        raise ValueError(f"{path} holds an autoencoder, not a denoiser")
+    return trained
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """The VAE of an autoencoder-stage checkpoint, or a diffusers AutoencoderKL folder."""
+    if Path(path).expanduser().is_dir():
+        return AutoencoderKL.from_pretrained(Path(path).expanduser()).eval()
+    trained = load_trained(path)
+    if not isinstance(trained, AutoencoderKL):
+        raise ValueError(f"{path} is not an autoencoder checkpoint")
+    return trained
