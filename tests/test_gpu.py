@@ -68,7 +68,7 @@ def test_fsdp_trains_clips_and_resumes_on_one_gpu(tmp_path: Path) -> None:
 
 def test_cuda_run_turns_on_channels_last_fused_adamw_and_cudnn_benchmark(tiny_train_config) -> None:
     cfg = tiny_train_config("trainer=gpu")
-    assert (cfg.model.channels_last, cfg.model.fused_adamw, cfg.data.pin_memory) == (True, True, True)
+    assert (cfg.model.channels_last, cfg.optimizer.fused, cfg.data.pin_memory) == (True, True, True)
     trainer = run(cfg)
     assert torch.backends.cudnn.benchmark is True  # trainer.benchmark: cuDNN picks its fastest convolutions
     net = trainer.lightning_module.net

@@ -143,7 +143,7 @@ def test_one_pass_clipping_matches_torch_and_returns_the_norm_before_clipping() 
 
 def test_training_switches_reach_the_run(tiny_train_config) -> None:
     cfg = tiny_train_config(
-        "model.channels_last=true", "model.gradient_checkpointing=true", "model.fused_adamw=true", "callbacks.ema=null"
+        "model.channels_last=true", "model.gradient_checkpointing=true", "optimizer.fused=true", "callbacks.ema=null"
     )
     trainer = run(cfg)
     net = trainer.lightning_module.net
@@ -161,7 +161,7 @@ def test_switches_default_off_on_a_cpu_machine(tiny_train_config) -> None:
         pytest.skip("checks the CPU defaults")
     cfg = tiny_train_config()
     model = cfg.model
-    assert (model.compile, model.channels_last, model.gradient_checkpointing, model.fused_adamw) == (
+    assert (model.compile, model.channels_last, model.gradient_checkpointing, cfg.optimizer.fused) == (
         False,
         False,
         False,

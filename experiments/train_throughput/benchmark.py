@@ -90,10 +90,10 @@ def loop_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch.devi
     net = build(cfg.net).to(device)
     schedule: NoiseSchedule = build(cfg.schedule)
     alphas_cumprod = schedule.alphas_cumprod().float().to(device)
-    model_cfg = cfg.model
+    model_cfg, optimizer_cfg = cfg.model, cfg.optimizer
     optimizer = torch.optim.AdamW(
-        net.parameters(), lr=model_cfg.lr, betas=tuple(model_cfg.adam_betas), weight_decay=model_cfg.weight_decay,
-        eps=model_cfg.adam_eps,
+        net.parameters(), lr=model_cfg.lr, betas=tuple(optimizer_cfg.betas), weight_decay=optimizer_cfg.weight_decay,
+        eps=optimizer_cfg.eps,
     )  # fmt: skip
     if example:
         max_grad_norm: float | None = 1.0
@@ -134,7 +134,7 @@ def lightdiff_step_times(cfg: DictConfig, steps: int, warmup: int, device: torch
     """variant: bare | defaults | speed path (`cfg` is a composed config, or a run's resolved config.yaml)."""
     cfg = copy.deepcopy(cfg)
     changes = {
-        "bare": {"model.channels_last": False, "model.fused_adamw": False, "trainer.precision": "32-true"},
+        "bare": {"model.channels_last": False, "optimizer.fused": False, "trainer.precision": "32-true"},
         "defaults": {},
         "speed path": {"model.compile": True},
     }[variant]
@@ -209,7 +209,7 @@ def main() -> None:
     print(
         f"net {cfg.net._target_.split('.')[-1]} {list(cfg.net.block_out_channels)}, {cfg.data.resolution} px, batch "
         f"{batch}, max_grad_norm {cfg.model.max_grad_norm}; lightdiff defaults: precision {cfg.trainer.precision}, "
-        f"channels_last {cfg.model.channels_last}, fused_adamw {cfg.model.fused_adamw}; {args.steps - args.warmup} "
+        f"channels_last {cfg.model.channels_last}, fused AdamW {cfg.optimizer.fused}; {args.steps - args.warmup} "
         f"timed steps after {args.warmup}, {args.repeats} runs each, median step\n"
     )
     print("| variant | ms/step (median) | images/s | vs plain loop | vs diffusers example | runs' medians (ms) |")

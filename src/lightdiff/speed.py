@@ -1,6 +1,7 @@
 """The speed path: switches that make a denoiser train or sample faster without changing what it computes beyond
 floating-point rounding. Training switches are the methods' arguments (`model.compile`, `model.channels_last`,
-`model.gradient_checkpointing`, `model.fused_adamw`); sampling switches are `sample.py`'s `speed` block.
+`model.gradient_checkpointing`; the fused optimiser kernel is `optimizer.fused`); sampling switches are `sample.py`'s
+`speed` block.
 
 Attention needs no switch: diffusers' attention layers use `F.scaled_dot_product_attention` (AttnProcessor2_0,
 flash / memory-efficient kernels on GPU) by default, and nothing in lightdiff replaces it.

@@ -21,7 +21,7 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
-from lightdiff.methods.optimization import clip_and_measure_gradients
+from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
 from lightdiff.nets.discriminator import PatchDiscriminator
 
 CHECKPOINT_FORMAT = 1
@@ -43,9 +43,9 @@ class AutoencoderTraining(pl.LightningModule):
         kl_weight: float = 1e-6,  # weight of KL(q(z|x) || N(0, I)), summed over latent elements
         disc_weight: float = 0.5,  # scale of the adaptive adversarial weight
         disc_start: int = 1000,  # autoencoder updates before the adversarial loss switches on
-        lr: float = 4.5e-6,  # autoencoder learning rate (Adam)
-        disc_lr: float = 4.5e-6,  # discriminator learning rate (Adam)
-        adam_betas: tuple[float, float] = (0.5, 0.9),  # Adam (beta1, beta2) for both, as in latent-diffusion
+        optimizer: OptimizerFactory = torch.optim.Adam,  # (parameters, lr) -> optimiser, for both networks
+        lr: float = 4.5e-6,  # autoencoder learning rate
+        disc_lr: float = 4.5e-6,  # discriminator learning rate
         scaling_batches: int = 8,  # batches encoded at the end to set the latent scaling factor
         max_grad_norm: float | None = 1.0,  # clip the autoencoder's gradient norm (None: no clipping)
         perceptual_loss: torch.nn.Module | None = None,  # (reconstructions, images) in [-1, 1] -> distance, e.g. LPIPS
@@ -63,9 +63,7 @@ class AutoencoderTraining(pl.LightningModule):
         self.kl_weight = kl_weight
         self.disc_weight = disc_weight
         self.disc_start = disc_start
-        self.lr = lr
-        self.disc_lr = disc_lr
-        self.adam_betas = tuple(adam_betas)
+        self.optimizer_factory, self.lr, self.disc_lr = optimizer, lr, disc_lr
         self.scaling_batches = scaling_batches
         self.max_grad_norm = max_grad_norm
         self.perceptual_loss = perceptual_loss.requires_grad_(False) if perceptual_loss is not None else None  # frozen
@@ -146,8 +144,8 @@ class AutoencoderTraining(pl.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
-            torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.adam_betas),
-            torch.optim.Adam(self.discriminator.parameters(), lr=self.disc_lr, betas=self.adam_betas),
+            self.optimizer_factory(self.vae.parameters(), lr=self.lr),
+            self.optimizer_factory(self.discriminator.parameters(), lr=self.disc_lr),
         ]
 
     @torch.no_grad()

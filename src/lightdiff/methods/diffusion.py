@@ -26,7 +26,7 @@ from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
-from lightdiff.methods.optimization import adamw_with_warmup, clip_and_measure_gradients
+from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients, with_lr_schedule
 from lightdiff.nets.conditioning import (
     CLIPText,
     Conditioning,
@@ -69,17 +69,14 @@ class DiffusionTraining(pl.LightningModule):
         cond_drop_prob: float = 0.0,  # probability of training a sample unconditionally (classifier-free guidance)
         guidance_scale: float = 1.0,  # guidance of the training-time previews (1: none)
         offset_noise: float = 0.0,  # strength of per-channel offset noise (0 disables)
-        lr: float = 1e-4,  # peak AdamW learning rate
-        adam_betas: tuple[float, float] = (0.9, 0.999),  # AdamW (beta1, beta2)
-        weight_decay: float = 0.0,  # AdamW decoupled weight decay
-        adam_eps: float = 1e-8,  # AdamW epsilon
+        optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser (the `optimizer` group)
+        lr: float = 1e-4,  # peak learning rate
         lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
         warmup_steps: int = 0,  # linear learning-rate warm-up from 0
         max_grad_norm: float | None = 1.0,  # clip the gradients' global L2 norm to this (None: no clipping)
         compile: bool = False,  # torch.compile the denoiser (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC weights: faster convolutions on GPU (the yaml turns it on with CUDA)
         gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
-        fused_adamw: bool = False,  # one fused AdamW kernel for all parameters (the yaml turns it on with CUDA)
     ) -> None:
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
@@ -102,12 +99,11 @@ class DiffusionTraining(pl.LightningModule):
         self.cond_drop_prob = cond_drop_prob
         self.guidance_scale = guidance_scale
         self.offset_noise = offset_noise
-        self.lr, self.adam_betas, self.weight_decay, self.adam_eps = lr, tuple(adam_betas), weight_decay, adam_eps
+        self.optimizer_factory, self.lr = optimizer, lr
         self.lr_schedule, self.warmup_steps, self.max_grad_norm = lr_schedule, warmup_steps, max_grad_norm
         self.compile_net = compile  # not `self.compile`: that is nn.Module's method
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
-        self.fused_adamw = fused_adamw
         self.class_names = data.class_names
 
     def _conditioning_for(
@@ -179,17 +175,8 @@ class DiffusionTraining(pl.LightningModule):
             self.log("train/grad_norm", norm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_with_warmup(
-            self.trainable_parameters(),
-            self.lr,
-            self.adam_betas,
-            self.weight_decay,
-            self.lr_schedule,
-            self.warmup_steps,
-            self.trainer.max_steps,
-            self.adam_eps,
-            fused=self.fused_adamw,
-        )
+        optimizer = self.optimizer_factory(self.trainable_parameters(), lr=self.lr)
+        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.max_steps)
 
     # ----- sampling ---------------------------------------------------------------------------------------------
 

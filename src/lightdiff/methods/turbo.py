@@ -41,7 +41,7 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_weight
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
-from lightdiff.methods.optimization import clip_and_measure_gradients
+from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
@@ -100,15 +100,14 @@ class TurboDistillation(pl.LightningModule):
         disc_noise_mean: float = 1.0,  # discriminator noise levels: sigmoid(N(mean, std)) of the schedule
         disc_noise_std: float = 1.0,
         disc_updates: int = 1,  # discriminator updates per student update
-        lr: float = 1e-5,  # student learning rate (Adam)
-        disc_lr: float = 1e-4,  # discriminator heads' learning rate (Adam)
-        adam_betas: tuple[float, float] = (0.0, 0.99),  # Adam (beta1, beta2) of both, as GANs usually take
+        optimizer: OptimizerFactory = torch.optim.Adam,  # (parameters, lr) -> optimiser, for student and heads
+        lr: float = 1e-5,  # student learning rate
+        disc_lr: float = 1e-4,  # discriminator heads' learning rate
         max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU (on with CUDA in the yaml)
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
-        fused_adamw: bool = False,  # fused Adam kernels for student and heads (on with CUDA in the yaml)
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -143,7 +142,6 @@ class TurboDistillation(pl.LightningModule):
         self.compile_net = compile  # not `self.compile`: that is nn.Module's method
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
-        self.fused_adamw = fused_adamw
         backbone = getattr(discriminator, "keywords", {}).get("backbone")
         if backbone is None and not hasattr(self.teacher, "down_blocks"):
             raise ConfigError(
@@ -159,7 +157,7 @@ class TurboDistillation(pl.LightningModule):
         self.teacher_guidance_scale = teacher_guidance_scale
         self.r1_weight = r1_weight
         self.disc_noise_mean, self.disc_noise_std, self.disc_updates = disc_noise_mean, disc_noise_std, disc_updates
-        self.lr, self.disc_lr, self.adam_betas = lr, disc_lr, tuple(adam_betas)
+        self.optimizer_factory, self.lr, self.disc_lr = optimizer, lr, disc_lr
         self.max_grad_norm = max_grad_norm
         self.teacher_steps = teacher_steps
         self._teacher_previews: dict[tuple[int, ...], torch.Tensor] = {}  # the teacher never changes
@@ -300,10 +298,9 @@ class TurboDistillation(pl.LightningModule):
         prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        fused = self.fused_adamw or None
         return [
-            torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=self.adam_betas, fused=fused),
-            torch.optim.Adam(self.discriminator.head_parameters(), lr=self.disc_lr, betas=self.adam_betas, fused=fused),
+            self.optimizer_factory(self.net.parameters(), lr=self.lr),
+            self.optimizer_factory(self.discriminator.head_parameters(), lr=self.disc_lr),
         ]
 
     # ----- sampling -----------------------------------------------------------------------------------------
