@@ -281,7 +281,7 @@ def test_latent_cache_hit_miss_and_invalidation(
     from lightdiff.data import ShapesDataModule
 
     cache = tmp_path / "cache"
-    data = ShapesDataModule(resolution=16, size=24, batch_size=8, cache_latents=True, cache_dir=str(cache))
+    data = ShapesDataModule(resolution=16, size=24, batch_size=8, cache_latents=True, latent_cache_dir=str(cache))
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     with caplog.at_level("INFO"):
         data.use_latent_cache(vae)
@@ -295,18 +295,18 @@ def test_latent_cache_hit_miss_and_invalidation(
     caplog.clear()
     with caplog.at_level("INFO"):
         ShapesDataModule(
-            resolution=16, size=24, batch_size=8, cache_latents=True, cache_dir=str(cache)
+            resolution=16, size=24, batch_size=8, cache_latents=True, latent_cache_dir=str(cache)
         ).use_latent_cache(vae)
     assert "latent cache hit" in caplog.text and len(list(cache.glob("latents-*.pt"))) == 1
 
     changed = AutoencoderKL.from_pretrained(vae_dir).eval()
     with torch.no_grad():
         changed.decoder.conv_out.bias.add_(0.1)  # another VAE: the cache must not be reused
-    ShapesDataModule(resolution=16, size=24, batch_size=8, cache_latents=True, cache_dir=str(cache)).use_latent_cache(
+    ShapesDataModule(resolution=16, size=24, batch_size=8, cache_latents=True, latent_cache_dir=str(cache)).use_latent_cache(
         changed
     )
     other_data = ShapesDataModule(
-        resolution=16, size=24, seed=1, batch_size=8, cache_latents=True, cache_dir=str(cache)
+        resolution=16, size=24, seed=1, batch_size=8, cache_latents=True, latent_cache_dir=str(cache)
     )
     other_data.use_latent_cache(vae)  # another data set: likewise
     assert len(list(cache.glob("latents-*.pt"))) == 3
@@ -319,7 +319,7 @@ def test_training_from_the_latent_cache(vae_dir: Path, tmp_path: Path) -> None:
     cfg = compose_config(
         "train",
         _latent_overrides(
-            tmp_path, vae_dir, "run_name=cached", "data.cache_latents=true", f"data.cache_dir={tmp_path / 'cache'}"
+            tmp_path, vae_dir, "run_name=cached", "data.cache_latents=true", f"data.latent_cache_dir={tmp_path / 'cache'}"
         ),
     )
     trainer = train_run(cfg)
@@ -346,7 +346,7 @@ def test_text_cache_for_a_frozen_encoder_hit_miss_and_invalidation(tmp_path: Pat
         return encoder(tokenize_prompts(tokenizer, prompts))[0]
 
     def data() -> ShapesDataModule:
-        return ShapesDataModule(resolution=16, size=48, batch_size=8, cache_latents=True, cache_dir=str(cache))
+        return ShapesDataModule(resolution=16, size=48, batch_size=8, cache_latents=True, latent_cache_dir=str(cache))
 
     first = data()
     first.use_latent_cache(vae, text_encoder_fingerprint(tokenizer, encoder), encode)
@@ -377,7 +377,7 @@ def test_training_step_from_cached_text_states_matches_encoding(
         "model.vae=null",
         "model.cond_drop_prob=0.5",
         "data.cache_latents=true",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.latent_cache_dir={tmp_path / 'cache'}",
     ]
     trainer = train_run(compose_config("train", _latent_overrides(tmp_path, pipeline_dir, "run_name=tc", *overrides)))
     module = trainer.lightning_module

@@ -69,7 +69,7 @@ def _net(*overrides: str) -> torch.nn.Module:
     ("overrides", "net_class", "unet_overrides"),
     [
         (["net=dit"], DiTTransformer2DModel, ["net=unet_tiny", "net.num_class_embeds=24"]),
-        (["model=latent", "net=mmdit"], SD3Transformer2DModel, ["model=latent"]),
+        (["model=latent", "net=mmdit_tiny"], SD3Transformer2DModel, ["model=latent"]),
         (["model=latent", "net=dit"], PixArtTransformer2DModel, ["model=latent"]),  # net=dit picks PixArt for text
     ],
 )
@@ -132,7 +132,7 @@ def _pixart_inputs(net: PixArtTransformer2DModel) -> dict:
 
 
 def test_gates_start_at_zero_so_each_block_returns_its_input_streams() -> None:
-    mmdit = _net("model=latent", "net=mmdit")
+    mmdit = _net("model=latent", "net=mmdit_tiny")
     dit = _net("net=dit")
     pixart = _net("model=latent", "net=dit")
     dit_inputs = {
@@ -161,7 +161,7 @@ def test_gates_start_at_zero_so_each_block_returns_its_input_streams() -> None:
 
 
 def test_both_streams_receive_gradients_once_the_gates_open() -> None:
-    net = zero_adaln_gates(_net("model=latent", "net=mmdit"))
+    net = zero_adaln_gates(_net("model=latent", "net=mmdit_tiny"))
     inputs = _mmdit_inputs(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     block = net.transformer_blocks[0]
@@ -219,7 +219,7 @@ def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
     tokenizer = build_caption_tokenizer(captions * 3, vocab_size=300, model_max_length=8)
     torch.manual_seed(0)
     encoder = text_encoder_from_scratch(tokenizer, 16, 2, 2, 32, CLIPTextModelWithProjection).eval()
-    net = _net("model=latent", "net=mmdit", *SMALL_MMDIT)
+    net = _net("model=latent", "net=mmdit_tiny", *SMALL_MMDIT)
     vae = AutoencoderKL(block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4, shift_factor=0.0)
     vae.config.down_block_types, vae.config.up_block_types = ["DownEncoderBlock2D"] * 2, ["UpDecoderBlock2D"] * 2
     pipeline = StableDiffusion3Pipeline(
@@ -251,12 +251,12 @@ def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
         ),
         (["model=latent", "net=dit", "net.caption_channels=32"], "net.caption_channels=32 differs .* hidden_size=64"),
         (["model=latent", "net=dit", "net.cross_attention_dim=64"], "net.cross_attention_dim=64 must be the width"),
-        (["net=mmdit"], "net.in_channels=4 / net.out_channels=4 do not match RGB=3"),
+        (["net=mmdit_tiny"], "net.in_channels=4 / net.out_channels=4 do not match RGB=3"),
         (
-            ["model=latent", "net=mmdit", "net.pooled_projection_dim=64"],
+            ["model=latent", "net=mmdit_tiny", "net.pooled_projection_dim=64"],
             "net.pooled_projection_dim=64 differs from the text encoder's 2 x projection_dim=128",
         ),
-        (["model=latent", "net=mmdit", "model.text_hidden_size=96", "net.pooled_projection_dim=192"], "below 2 x"),
+        (["model=latent", "net=mmdit_tiny", "model.text_hidden_size=96", "net.pooled_projection_dim=192"], "below 2 x"),
         (["net=dit", "net.num_embeds_ada_norm=3"], "net.num_embeds_ada_norm=3 is below the data set's 24 classes"),
     ],
 )
@@ -269,8 +269,8 @@ def test_mismatched_transformer_configs_are_named(overrides: list[str], message:
 RUNS = {
     "dit": ["net=dit"],
     "dit_flow": ["net=dit", "objective=flow_matching"],
-    "mmdit": ["model=latent", "net=mmdit", *SMALL_MMDIT],
-    "mmdit_flow": ["model=latent", "net=mmdit", "objective=flow_matching", *SMALL_MMDIT],
+    "mmdit": ["model=latent", "net=mmdit_tiny", *SMALL_MMDIT],
+    "mmdit_flow": ["model=latent", "net=mmdit_tiny", "objective=flow_matching", *SMALL_MMDIT],
     "pixart": ["model=latent", "net=dit", *SMALL_PIXART],
     "pixart_flow": ["model=latent", "net=dit", "objective=flow_matching", *SMALL_PIXART],
 }

@@ -11,7 +11,7 @@ OMP_NUM_THREADS=1 python train.py experiment=shapes_class run_name=arch_unet_pix
 OMP_NUM_THREADS=1 python train.py net=dit run_name=arch_dit_pixel $common &
 wait
 OMP_NUM_THREADS=1 python train.py model=latent run_name=arch_unet_latent $common &
-OMP_NUM_THREADS=1 python train.py model=latent net=mmdit run_name=arch_mmdit_latent $common &
+OMP_NUM_THREADS=1 python train.py model=latent net=mmdit_tiny run_name=arch_mmdit_latent $common &
 wait
 python experiments/arch_shapes/compare.py outputs/arch_unet_pixel outputs/arch_dit_pixel outputs/arch_unet_latent \
     outputs/arch_mmdit_latent

@@ -60,7 +60,7 @@ def main() -> None:
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-        cfg.data.cache_dir = tempfile.mkdtemp(prefix="latent_cache_bench_")
+        cfg.data.latent_cache_dir = tempfile.mkdtemp(prefix="latent_cache_bench_")
     batch = cfg.data.batch_size
     _, build_cache = train_seconds(cfg, True, 1)  # builds the cache (and warms up)
     _, _ = train_seconds(cfg, False, 1)

@@ -8,6 +8,7 @@ not fit the constructor it is meant for: `data.batch_size=abc`, `model.predictio
 from __future__ import annotations
 
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -57,17 +58,41 @@ def asset(name: str) -> str:
     return str(path)
 
 
-def default_run_name() -> str:
-    """`${lightdiff.default_run_name:}`: `<model>-<data>-<schedule>` from the group choices, then the net when it is
-    not the method's default and the objective when it is not ddpm (`pixel-shapes-linear-dit-flow_matching`), so
-    `python train.py net=dit` after `python train.py` starts its own run instead of resuming the UNet's."""
+# The groups that describe the model; a method may leave some unused (turbo: the teacher's net, objective, schedule).
+MODEL_GROUPS = ("net", "objective", "schedule", "optimizer", "discriminator")
+
+
+def groups_used_by_model(root: DictConfig) -> set[str]:
+    """The top-level groups the `model` node uses, directly or through another used group (objective=ddpm uses
+    `schedule`; objective=flow_matching does not): the `${group}` interpolations of their unresolved nodes."""
+    used: set[str] = set()
+    todo = ["model"]
+    while todo:
+        node = root.get(todo.pop())
+        if not isinstance(node, DictConfig):
+            continue
+        for name in re.findall(r"\$\{(\w+)", OmegaConf.to_yaml(node, resolve=False)):
+            if name in MODEL_GROUPS and name not in used:
+                used.add(name)
+                todo.append(name)
+    return used
+
+
+def default_run_name(*, _root_: DictConfig) -> str:
+    """`${lightdiff.default_run_name:}`: `<model>-<data>` from the group choices, then the schedule where the model
+    uses one, the net when it is not the method's default and the objective when it is not ddpm
+    (`pixel-shapes-linear-dit`, `pixel-shapes-flow_matching`), so `python train.py net=dit` after
+    `python train.py` starts its own run instead of resuming the UNet's. Groups a method ignores never name it."""
     from hydra.core.hydra_config import HydraConfig
 
     choices = HydraConfig.get().runtime.choices
-    parts = [choices["model"], choices["data"], choices["schedule"]]
-    if choices.get("net") not in (None, choices["model"]):
+    used = groups_used_by_model(_root_)
+    parts = [choices["model"], choices["data"]]
+    if "schedule" in used:
+        parts.append(choices["schedule"])
+    if "net" in used and choices.get("net") not in (None, choices["model"]):
         parts.append(choices["net"])
-    if choices.get("objective") not in (None, "ddpm"):
+    if "objective" in used and choices.get("objective") not in (None, "ddpm"):
         parts.append(choices["objective"])
     return "-".join(parts)
 

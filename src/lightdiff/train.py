@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from lightdiff.checkpointing import AtomicCheckpointIO, checkpoint_problem, newest_loadable_checkpoint
-from lightdiff.config import ConfigError, build, check_config
+from lightdiff.config import MODEL_GROUPS, ConfigError, build, check_config, groups_used_by_model
 from lightdiff.contract import LatentCaching
 from lightdiff.loggers import LatestMetrics
 
@@ -81,7 +81,33 @@ def _check_launch(cfg: DictConfig) -> None:
         )
 
 
+def _check_used_groups(cfg: DictConfig) -> None:
+    """A group chosen or set on the command line that the model does not use would be silently ignored: refuse it
+    (model=turbo takes net, objective and schedule from its teacher; objective=flow_matching has no schedule)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    used = groups_used_by_model(cfg)
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        group = key.split(".")[0].split("/")[0].split("@")[0]
+        if group in MODEL_GROUPS and group not in used:
+            model = HydraConfig.get().runtime.choices.get("model")
+            raise ConfigError(
+                f"{override}: this run does not use the `{group}` group (model={model}, objective="
+                f"{HydraConfig.get().runtime.choices.get('objective')}): a turbo student takes its net, objective and "
+                "schedule from model.teacher, and flow matching has no beta schedule; drop it"
+            )
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        raise ConfigError(
+            "trainer.gradient_clip_val: clipping is the method's, model.max_grad_norm (GAN methods train "
+            "under manual optimisation, where Lightning's clipping does not apply)"
+        )
+
+
 def run(cfg: DictConfig) -> pl.Trainer:
+    _check_used_groups(cfg)
     check_config(cfg)
     if cfg.trainer.get("max_steps") in (None, -1):
         # The training sampler is endless (data/sampler.py): a run is as long as its number of steps.

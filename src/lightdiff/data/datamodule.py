@@ -31,7 +31,7 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool = False,  # page-locked batches for faster host-to-GPU copies
         persistent_workers: bool = False,  # keep workers alive between epochs (needs num_workers > 0)
         cache_latents: bool = False,  # latent models: serve VAE posteriors encoded once (see use_latent_cache)
-        cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
         identity: str = "",  # what makes this data set itself (source, size, preprocessing): the cache key
         random_views: bool = False,  # whether items are randomly augmented (flips, random crops)
     ) -> None:
@@ -48,7 +48,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.source_dataset = dataset  # the images; `dataset` is what is served (the images, or their latent cache)
         self.dataset: Dataset = dataset
         self.cache_latents = cache_latents
-        self.cache_dir = Path(cache_dir)
+        self.latent_cache_dir = Path(latent_cache_dir)
         self.identity = identity
         self.random_views = random_views
         self.batch_size = batch_size
@@ -67,10 +67,15 @@ class ImageDataModule(pl.LightningDataModule):
     ) -> None:
         """Serve {"latent_moments", "label", "text"} from the cache of this data set under `vae` (made if missing);
         with a frozen text encoder (its fingerprint and prompt encoding given) also "text_states", cached likewise."""
-        cache = cached_latents(self.source_dataset, self.identity, vae, self.cache_dir, self.batch_size)
+        cache = cached_latents(self.source_dataset, self.identity, vae, self.latent_cache_dir, self.batch_size)
         if text_encoder_fingerprint is not None and encode_prompts is not None:
             states, index = cached_text_states(
-                cache.texts, self.identity, text_encoder_fingerprint, encode_prompts, self.cache_dir, self.batch_size
+                cache.texts,
+                self.identity,
+                text_encoder_fingerprint,
+                encode_prompts,
+                self.latent_cache_dir,
+                self.batch_size,
             )
             cache.attach_text_states(states, index)
         self.dataset = cache
@@ -158,7 +163,7 @@ class ShapesDataModule(ImageDataModule):
         pin_memory: bool = False,  # page-locked batches
         persistent_workers: bool = False,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
-        cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
         dataset = ShapesDataset(size=size, resolution=resolution, seed=seed, random_flip=random_flip)
         identity = f"shapes|size={size}|seed={seed}|resolution={resolution}"
@@ -169,7 +174,7 @@ class ShapesDataModule(ImageDataModule):
             pin_memory,
             persistent_workers,
             cache_latents,
-            cache_dir,
+            latent_cache_dir,
             identity,
             random_views=random_flip,
         )
@@ -190,7 +195,7 @@ class ImageFolderDataModule(ImageDataModule):
         pin_memory: bool = True,  # page-locked batches
         persistent_workers: bool = True,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
-        cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
         dataset = ImageFolderDataset(root, resolution, center_crop, random_flip, skip_bad)
         newest = max(path.stat().st_mtime_ns for path in dataset.paths)
@@ -202,7 +207,7 @@ class ImageFolderDataModule(ImageDataModule):
             pin_memory,
             persistent_workers,
             cache_latents,
-            cache_dir,
+            latent_cache_dir,
             identity,
             random_views=random_flip or not center_crop,
         )

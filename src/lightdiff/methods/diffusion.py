@@ -35,6 +35,7 @@ from lightdiff.nets.conditioning import (
     takes_text,
     text_conditioning,
     text_encoder_class,
+    text_width,
 )
 from lightdiff.nets.denoiser import Denoiser, network_output, zero_adaln_gates
 from lightdiff.nets.pretrained import load_unet, load_vae, pretrained_text_conditioning
@@ -62,7 +63,7 @@ class DiffusionTraining(pl.LightningModule):
         pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
         load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
         train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
-        text_hidden_size: int = 64,  # width of a from-scratch text encoder (= net.cross_attention_dim)
+        text_hidden_size: int | None = None,  # width of a from-scratch text encoder; None: the width the net takes
         text_layers: int = 2,  # layers of a from-scratch text encoder
         text_heads: int = 4,  # attention heads of a from-scratch text encoder
         max_prompt_tokens: int = 16,  # a from-scratch tokenizer's length limit (start and end tokens included)
@@ -111,7 +112,7 @@ class DiffusionTraining(pl.LightningModule):
         data: ImageDataModule,
         pretrained: str | None,
         train_text_encoder: bool,
-        hidden_size: int,
+        hidden_size: int | None,
         layers: int,
         heads: int,
         max_prompt_tokens: int,
@@ -125,6 +126,7 @@ class DiffusionTraining(pl.LightningModule):
         if not captions:
             raise ConfigError(f"net: {type(self.net).__name__} is text-conditioned and the data set has no captions")
         tokenizer = build_caption_tokenizer(captions, model_max_length=max_prompt_tokens)
+        hidden_size = hidden_size or text_width(self.net)  # one key decides the width: the net's
         encoder_class = text_encoder_class(self.net)
         encoder = text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, encoder_class)
         return text_conditioning(self.net, tokenizer, encoder, trainable=True)

@@ -297,7 +297,7 @@ class SD3CLIPText(CLIPText):
         super().check(net, data)
         hidden = self.text_encoder.config.hidden_size
         if not isinstance(self.text_encoder, CLIPTextModelWithProjection):
-            raise ConfigError("an SD3 transformer (net=mmdit) needs a CLIPTextModelWithProjection text encoder")
+            raise ConfigError("an SD3 transformer (net=mmdit_tiny) needs a CLIPTextModelWithProjection text encoder")
         if self.joint_attention_dim < 2 * hidden:
             raise ConfigError(
                 f"net.joint_attention_dim={self.joint_attention_dim} is below 2 x the text encoder's "
@@ -358,6 +358,15 @@ def text_conditioning(
     if isinstance(net, UNet2DConditionModel):
         return CLIPText(tokenizer, text_encoder, trainable)
     raise TypeError(f"{type(net).__name__} takes no text")
+
+
+def text_width(net: nn.Module) -> int:
+    """The hidden size a text encoder must have to fit `net` (what a from-scratch encoder is built with)."""
+    if isinstance(net, SD3Transformer2DModel):
+        return net.config.pooled_projection_dim // 2  # two pooled vectors side by side (SD3CLIPText)
+    if isinstance(net, PixArtTransformer2DModel) and net.config.caption_channels is not None:
+        return net.config.caption_channels
+    return net.config.cross_attention_dim
 
 
 def text_widths(net: nn.Module, text_encoder: CLIPTextModel) -> list[tuple[str, int, int, str]]:
