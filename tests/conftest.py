@@ -1,4 +1,6 @@
-"""Shared fixtures: compose the real Hydra configs in-process, with tiny sizes, writing under tmp_path."""
+"""Shared fixtures: compose the real Hydra configs in-process, with tiny sizes, writing under tmp_path; the tiny
+networks and the tiny trained checkpoints that several test files use, built once per session (read them, never
+write into them: copy a checkpoint before changing it)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -64,3 +67,40 @@ def tiny_train_config(tmp_path: Path):
         return compose_config("train", [f"output_root={tmp_path}", *TINY, *overrides])
 
     return make
+
+
+def _trained_checkpoint(root: Path, name: str, *overrides: str) -> Path:
+    from lightdiff.train import run
+
+    cfg = compose_config("train", [f"output_root={root}", *TINY, f"run_name={name}", *overrides])
+    run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def pixel_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default pixel model (unet_tiny, unconditional DDPM) trained for 3 steps."""
+    return _trained_checkpoint(tmp_path_factory.mktemp("pixel"), "uncond", "trainer.max_steps=3")
+
+
+@pytest.fixture(scope="session")
+def class_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A class-conditional pixel model (experiment=shapes_class) trained for 3 steps: also the turbo tests' teacher."""
+    return _trained_checkpoint(
+        tmp_path_factory.mktemp("class"), "class", "experiment=shapes_class", "trainer.max_steps=3"
+    )
+
+
+def tiny_unet(sample_size: int = 8) -> UNet2DModel:
+    """A pixel UNet of two 8/16-channel levels, seeded: the same weights in every test that builds it."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[8, 16],
+        down_block_types=["DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        norm_num_groups=4,
+    )

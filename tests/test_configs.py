@@ -1,14 +1,21 @@
 """Every config group option composes and instantiates; config mistakes fail before any folder is made."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from PIL import Image
 
-from lightdiff.config import ConfigError, check_config
+from lightdiff.config import ConfigError, build, check_config
+from lightdiff.contract import TrainingMethod
 from lightdiff.train import run
 
 from .conftest import CONF, REPO, compose_config
@@ -20,29 +27,94 @@ def _options(group: str) -> list[str]:
 
 def _group_overrides() -> list[list[str]]:
     cases = []
-    skip = {("model", "turbo"), ("sampler", "auto")}  # turbo needs a teacher (below); auto: sample.py
-    for group in ("model", "net", "schedule", "sampler", "trainer", "logger", "callbacks", "metrics"):
+    skip = {("model", "turbo"), ("sampler", "auto")}  # turbo needs a teacher (below); auto: sample.py's
+    for group in ("model", "schedule", "objective", "optimizer", "sampler", "trainer", "logger", "callbacks"):
         cases += [[f"{group}={option}"] for option in _options(group) if (group, option) not in skip]
-    cases += [["model=turbo", "model.teacher=ROOT"]]
-    cases += [["model=turbo", "model.teacher=ROOT", f"discriminator={option}"] for option in _options("discriminator")]
+    # Each net preset with the method it is for: 4-channel presets denoise the latent VAE's latents.
+    latent_nets = {o for o in _options("net") if "in_channels: 4" in (CONF / "net" / f"{o}.yaml").read_text()}
+    cases += [["model=latent", "net=latent"], ["model=latent", "net=dit"]]
+    cases += [[*(["model=latent"] if o in latent_nets else []), f"net={o}"] for o in _options("net") if o != "latent"]
+    cases += [["metrics=none"]]
+    cases += [["model=turbo", "model.teacher=TEACHER"]]
+    cases += [
+        ["model=turbo", "model.teacher=TEACHER", f"discriminator={option}"] for option in _options("discriminator")
+    ]
     cases += [["metrics=fid", f"metrics/features={option}"] for option in _options("metrics/features")]
-    cases += [["data=shapes"], ["data=image_folder", "data.root=ROOT"], ["data=hf", "data.name=ROOT"]]
+    cases += [["data=shapes"], ["data=image_folder", "data.root=IMAGES"], ["data=hf", "data.name=IMAGES"]]
     # Turbo experiments need the teacher they distil (a path, given on the command line).
     cases += [
-        [f"experiment={name}", *(["model.teacher=ROOT"] if "turbo" in name else [])] for name in _options("experiment")
+        [f"experiment={name}", *(["model.teacher=TEACHER"] if "turbo" in name else [])]
+        for name in _options("experiment")
     ]
     return cases
 
 
+def _image_folder(root: Path) -> Path:
+    """Four captioned 16 px images in the imagefolder layout (metadata.jsonl), enough to build any data module."""
+    folder = root / "images"
+    folder.mkdir()
+    with (folder / "metadata.jsonl").open("w") as metadata:
+        for index in range(4):
+            Image.new("RGB", (16, 16), (60 * index, 30, 200)).save(folder / f"{index}.png")
+            metadata.write(json.dumps({"file_name": f"{index}.png", "text": f"a picture {index}"}) + "\n")
+    return folder
+
+
+def _tiny_dinov2(root: Path) -> list[str]:
+    """A 2-layer DINOv2 saved locally, for discriminator=dinov2 (no download)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4
+    )
+    Dinov2Model(config).save_pretrained(root / "dinov2")
+    return [f"discriminator.backbone.model={root / 'dinov2'}", "discriminator.backbone.layers=[1,2]"]
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 @pytest.mark.parametrize("overrides", _group_overrides(), ids=lambda o: " ".join(o))
-def test_every_option_composes_and_checks(overrides: list[str], tmp_path: Path) -> None:
-    overrides = [o.replace("ROOT", str(tmp_path)) for o in overrides]
+def test_every_option_composes_and_builds(overrides: list[str], tmp_path: Path, class_ckpt: Path) -> None:
+    """Each option composes, passes the argument check, and builds what it names: the data module, the method for
+    that data (its networks, objective, conditioning), its optimisers and schedule, every callback, the sampler,
+    the metrics callback, the logger and the trainer. Only what this machine cannot have is left out, by name:
+    a download (hub data sets are replaced by a local image folder), a CUDA trainer, optional packages."""
+    images = _image_folder(tmp_path)
+    overrides = [o.replace("IMAGES", str(images)).replace("TEACHER", str(class_ckpt)) for o in overrides]
+    overrides += _tiny_dinov2(tmp_path) if "discriminator=dinov2" in overrides else []
     cfg = compose_config("train", [f"output_root={tmp_path}", *overrides])
+    tiny = ["data.batch_size=4", "trainer.max_steps=10"] + (["data.size=64"] if "size" in cfg.data else [])
+    if cfg.data._target_.endswith("HFDataModule") and not Path(cfg.data.name).exists():  # a hub data set
+        tiny += [f"data.name={images}", "data.image_column=image", "data.label_column=null"]
+    cfg = compose_config("train", [f"output_root={tmp_path}", *overrides, *tiny])
     check_config(cfg)
     assert cfg.run_dir.startswith(str(tmp_path))
-    schedule = instantiate(cfg.schedule)
-    assert schedule.alphas_cumprod().shape == (cfg.schedule.num_train_timesteps,)
-    assert callable(instantiate(cfg.sampler))
+    data = build(cfg.data)
+    if cfg.optimizer._target_.endswith("AdamW8bit") and not (_installed("bitsandbytes") and torch.cuda.is_available()):
+        with pytest.raises(ConfigError, match="optimizer=adamw_8bit needs"):  # before anything is written
+            build(cfg.model, data=data)
+        return
+    model = build(cfg.model, data=data)
+    assert isinstance(model, TrainingMethod)
+    model.trainer = SimpleNamespace(max_steps=cfg.trainer.max_steps)  # what configure_optimizers reads
+    optimizers = model.configure_optimizers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers["optimizer"]]
+    assert all(isinstance(o, torch.optim.Optimizer) for o in optimizers)
+    assert all(group["params"] for o in optimizers for group in o.param_groups)  # each optimiser has weights to train
+    callbacks = [build(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    assert all(isinstance(c, pl.Callback) for c in callbacks)
+    if cfg.get("metrics") and (_installed("torch_fidelity") or "Inception" not in cfg.metrics.features._target_):
+        assert isinstance(build(cfg.metrics), pl.Callback)
+    objective = getattr(model, "objective", None)
+    if objective is not None and objective.accepts(instantiate(cfg.sampler)):
+        assert objective.scheduler(instantiate(cfg.sampler)).config.num_train_timesteps == objective.num_train_timesteps
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        return  # trainer=gpu | ddp | fsdp: Lightning refuses to build a GPU trainer without one
+    logger = build(cfg.logger) if cfg.logger is not None else None
+    trainer = build(cfg.trainer, logger=[logger] if logger else False, default_root_dir=str(tmp_path))
+    assert isinstance(trainer, pl.Trainer) and trainer.max_steps == 10
 
 
 @pytest.mark.parametrize("option", [o for o in _options("net") if o.startswith("unet_") and "cond" not in o])
@@ -98,8 +170,6 @@ def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
         (["objective=flow_matching", "schedule.beta_end=0.03"], "schedule.beta_end=0.03: this run does not use"),
         (["model=turbo", "model.teacher=t.ckpt", "net=unet_small"], "net=unet_small: this run does not use"),
         (["+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val: clipping is the method's"),
-        # optional optimisers fail before any folder where their package or GPU is missing
-        (["optimizer=adamw_8bit"], "optimizer=adamw_8bit needs"),
     ],
 )
 def test_config_mistakes_name_the_key_and_write_nothing(overrides: list[str], message: str, tmp_path: Path) -> None:
@@ -137,6 +207,14 @@ def test_offline_fid_config_builds_its_callback(tmp_path: Path) -> None:
     assert isinstance(callback, FrechetDistance) and isinstance(callback.evaluator.features, RandomConvFeatures)
     assert callback.num_samples == cfg.metrics.num_samples == 1000
     assert compose_config("train", [f"output_root={tmp_path}"]).get("metrics") == {}  # off by default
+
+
+@pytest.mark.skipif(_installed("bitsandbytes") and torch.cuda.is_available(), reason="8-bit AdamW can run here")
+def test_optional_optimizer_fails_before_any_folder_where_it_cannot_run(tmp_path: Path) -> None:
+    cfg = compose_config("train", [f"output_root={tmp_path}", "logger=csv", "optimizer=adamw_8bit"])
+    with pytest.raises(ConfigError, match="optimizer=adamw_8bit needs (bitsandbytes|a CUDA GPU)"):
+        run(cfg)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_every_method_takes_any_optimizer_from_the_group(tiny_train_config) -> None:

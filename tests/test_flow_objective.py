@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from PIL import Image
@@ -34,24 +34,10 @@ from lightdiff.sampling import generate
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config
+from .conftest import TINY, compose_config, tiny_unet
 
 SCHEDULE = NoiseSchedule("linear", 1000, 1e-4, 0.02)
 DATA = ShapesDataModule(resolution=8, size=16, batch_size=4)
-
-
-def _tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=[8, 16],
-        down_block_types=["DownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "UpBlock2D"],
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
 
 
 def _pixels(folder: Path) -> np.ndarray:
@@ -105,7 +91,7 @@ def test_sampler_and_objective_must_match() -> None:
 
 def test_flow_training_step_regresses_the_velocity_at_t_times_1000(monkeypatch: pytest.MonkeyPatch) -> None:
     objective = FlowMatching(shift=3.0)
-    module = DiffusionTraining(DATA, net=_tiny_unet(), objective=objective)
+    module = DiffusionTraining(DATA, net=tiny_unet(), objective=objective)
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     monkeypatch.setattr(module, "optimizers", lambda: SimpleNamespace(param_groups=[{"lr": 0.0}]))
     seen = {}
@@ -178,11 +164,11 @@ def test_flow_checkpoint_needs_the_flow_sampler_and_exports_to_ddpm_pipeline(flo
 def test_resuming_with_another_objective_is_refused(flow_ckpt: Path) -> None:
     checkpoint = load_checkpoint_file(flow_ckpt)
     with pytest.raises(ConfigError, match="trained with objective=flow_matching, this config says objective=ddpm"):
-        DiffusionTraining(DATA, net=_tiny_unet(), objective=DDPM(SCHEDULE)).on_load_checkpoint(checkpoint)
+        DiffusionTraining(DATA, net=tiny_unet(), objective=DDPM(SCHEDULE)).on_load_checkpoint(checkpoint)
 
 
 def test_a_checkpoint_from_before_objectives_loads_as_ddpm(tmp_path: Path) -> None:
-    net = _tiny_unet()
+    net = tiny_unet()
     meta = {
         "format": 1,
         "method": "pixel",

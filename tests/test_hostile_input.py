@@ -72,12 +72,9 @@ def _crafted(folder: Path, payload: str, where: str) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A pixel model trained for one step (unet_tiny: block_out_channels [32, 64, 64])."""
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = compose_config("train", [f"output_root={root}", *TINY, "run_name=tiny", "trainer.max_steps=1"])
-    train_run(cfg)
-    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+def tiny_ckpt(pixel_ckpt: Path) -> Path:
+    """A pixel model (unet_tiny: block_out_channels [32, 64, 64]; conftest's, trained once per session)."""
+    return pixel_ckpt
 
 
 def _png(path: Path, side: int = 8) -> Path:

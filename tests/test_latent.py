@@ -302,9 +302,9 @@ def test_latent_cache_hit_miss_and_invalidation(
     changed = AutoencoderKL.from_pretrained(vae_dir).eval()
     with torch.no_grad():
         changed.decoder.conv_out.bias.add_(0.1)  # another VAE: the cache must not be reused
-    ShapesDataModule(resolution=16, size=24, batch_size=8, cache_latents=True, latent_cache_dir=str(cache)).use_latent_cache(
-        changed
-    )
+    ShapesDataModule(
+        resolution=16, size=24, batch_size=8, cache_latents=True, latent_cache_dir=str(cache)
+    ).use_latent_cache(changed)
     other_data = ShapesDataModule(
         resolution=16, size=24, seed=1, batch_size=8, cache_latents=True, latent_cache_dir=str(cache)
     )
@@ -319,7 +319,11 @@ def test_training_from_the_latent_cache(vae_dir: Path, tmp_path: Path) -> None:
     cfg = compose_config(
         "train",
         _latent_overrides(
-            tmp_path, vae_dir, "run_name=cached", "data.cache_latents=true", f"data.latent_cache_dir={tmp_path / 'cache'}"
+            tmp_path,
+            vae_dir,
+            "run_name=cached",
+            "data.cache_latents=true",
+            f"data.latent_cache_dir={tmp_path / 'cache'}",
         ),
     )
     trainer = train_run(cfg)

@@ -34,19 +34,29 @@ def test_same_run_name_resumes_from_last(tiny_train_config) -> None:
     assert "resuming r from" in (Path(first.run_dir) / "train.log").read_text()
 
 
+def _same_weights(a: dict, b: dict) -> bool:
+    return a["state_dict"].keys() == b["state_dict"].keys() and all(
+        torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items()
+    )
+
+
 def test_resume_restores_weights_exactly(tiny_train_config) -> None:
-    """A resumed run that trains 0 more steps ends with exactly the weights and EMA it loaded."""
+    """A resumed run that trains 0 more steps ends with exactly the weights and EMA it loaded, even run with another
+    seed: a run that silently started afresh would draw other weights (the control below shows it would)."""
     cfg = tiny_train_config("run_name=same", "trainer.max_steps=2")
     run(cfg)
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     before = _state(last)
-    trainer = run(tiny_train_config("run_name=same", "trainer.max_steps=2"))
+    trainer = run(tiny_train_config("run_name=same", "trainer.max_steps=2", "seed=1"))
     assert trainer.global_step == 2
     after = _state(last)
-    for key, value in before["state_dict"].items():
-        assert torch.equal(value, after["state_dict"][key]), key
+    assert _same_weights(before, after)
     for a, b in zip(before["callbacks"]["ema"]["shadow_params"], after["callbacks"]["ema"]["shadow_params"]):
         assert torch.equal(a, b)
+    # Negative control: the same command in a fresh folder (no checkpoint to resume) ends elsewhere.
+    fresh = tiny_train_config("run_name=fresh_control", "trainer.max_steps=2", "seed=1")
+    run(fresh)
+    assert not _same_weights(before, _state(Path(fresh.run_dir) / "checkpoints" / "last.ckpt"))
 
 
 def test_resume_false_never_overwrites_and_ckpt_path_is_checked(tiny_train_config) -> None:
@@ -62,8 +72,16 @@ def test_resume_false_never_overwrites_and_ckpt_path_is_checked(tiny_train_confi
 
 
 def test_ckpt_path_resumes_another_checkpoint(tiny_train_config) -> None:
+    """ckpt_path=FILE starts a new run from FILE's weights and step, not from scratch: with 0 steps left it keeps
+    exactly FILE's weights although its own seed would draw others (the control)."""
     cfg = tiny_train_config("run_name=source", "trainer.max_steps=2")
     run(cfg)
     source = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    trainer = run(tiny_train_config("run_name=target", "trainer.max_steps=3", f"ckpt_path={source}"))
-    assert trainer.global_step == 3
+    target = tiny_train_config("run_name=target", "trainer.max_steps=2", "seed=1", f"ckpt_path={source}")
+    assert run(target).global_step == 2
+    assert _same_weights(_state(source), _state(Path(target.run_dir) / "checkpoints" / "last.ckpt"))
+    onward = run(tiny_train_config("run_name=onward", "trainer.max_steps=3", "seed=1", f"ckpt_path={source}"))
+    assert onward.global_step == 3  # one step on from the source's two
+    control = tiny_train_config("run_name=target_control", "trainer.max_steps=2", "seed=1")
+    run(control)
+    assert not _same_weights(_state(source), _state(Path(control.run_dir) / "checkpoints" / "last.ckpt"))

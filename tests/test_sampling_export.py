@@ -16,22 +16,15 @@ from lightdiff.config import ConfigError
 from lightdiff.data import ImageFolderDataModule
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import generate, generators_for
-from lightdiff.train import run as train_run
 from lightdiff.trained import load_denoiser
 
-from .conftest import TINY, compose_config
+from .conftest import compose_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One unconditional and one class-conditional tiny model, trained once for the whole module."""
-    root = tmp_path_factory.mktemp("runs")
-    paths = {}
-    for name, extra in (("uncond", []), ("class", ["experiment=shapes_class"])):
-        cfg = compose_config("train", [f"output_root={root}", *TINY, f"run_name={name}", "trainer.max_steps=3", *extra])
-        train_run(cfg)
-        paths[name] = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    return paths
+def trained(pixel_ckpt: Path, class_ckpt: Path) -> dict[str, Path]:
+    """One unconditional and one class-conditional tiny model (conftest: trained once per session)."""
+    return {"uncond": pixel_ckpt, "class": class_ckpt}
 
 
 class _Payload:

@@ -31,7 +31,7 @@ from lightdiff.speed import (
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
 
-from .conftest import TINY, compose_config
+from .conftest import compose_config
 
 
 def tiny_unet() -> UNet2DModel:
@@ -231,14 +231,6 @@ def test_sampling_path_refuses_what_the_network_cannot_do() -> None:
 
 
 # ----- sample.py's speed path ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def class_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("speed_runs")
-    cfg = compose_config("train", [f"output_root={root}", *TINY, "experiment=shapes_class", "trainer.max_steps=3"])
-    run(cfg)
-    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
 
 
 def _sample(ckpt: Path, out: Path, *overrides: str) -> Path:

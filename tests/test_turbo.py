@@ -76,13 +76,9 @@ def test_discriminator_noise_levels_are_skewed_high() -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("teacher")
-    cfg = compose_config(
-        "train", [f"output_root={root}", *TINY, "run_name=teacher", "trainer.max_steps=3", "experiment=shapes_class"]
-    )
-    train_run(cfg)
-    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+def teacher_ckpt(class_ckpt: Path) -> Path:
+    """The class-conditional teacher (conftest's, trained once per session)."""
+    return class_ckpt
 
 
 def _turbo(root: Path, teacher: Path, *extra: str) -> list[str]:
