@@ -170,6 +170,9 @@ def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
         (["objective=flow_matching", "schedule.beta_end=0.03"], "schedule.beta_end=0.03: this run does not use"),
         (["model=turbo", "model.teacher=t.ckpt", "net=unet_small"], "net=unet_small: this run does not use"),
         (["+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val: clipping is the method's"),
+        # a typo in an optional group (net, discriminator) is not silently dropped
+        (["net=unet_tinny"], "net=unet_tinny: there is no such option"),
+        (["model=turbo", "model.teacher=t.ckpt", "discriminator=dinov3"], "discriminator=dinov3: there is no such"),
     ],
 )
 def test_config_mistakes_name_the_key_and_write_nothing(overrides: list[str], message: str, tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def test_fsdp_config_builds_its_strategy_and_ema_refuses_it(tmp_path: Path) -> N
     # Every residual and transformer block of each network family is an FSDP unit of its own, nothing else is.
     policy = strategy.kwargs["auto_wrap_policy"]
     block_types = (ResnetBlock2D, BasicTransformerBlock, JointTransformerBlock)
-    for net_choice, model in [("pixel", "pixel"), ("latent", "latent"), ("mmdit", "latent"), ("dit", "pixel")]:
+    for net_choice, model in [("pixel", "pixel"), ("latent", "latent"), ("mmdit_tiny", "latent"), ("dit", "pixel")]:
         net = instantiate(
             compose_config("train", [f"output_root={tmp_path}", f"model={model}", f"net={net_choice}"]).net
         )

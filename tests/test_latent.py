@@ -102,10 +102,11 @@ def test_condition_dropout_rate() -> None:
     tokenizer = build_caption_tokenizer(CAPTIONS, model_max_length=8)
     family = CLIPText(tokenizer, text_encoder_from_scratch(tokenizer, 16, 1, 2), trainable=False)
     random.seed(0)
-    dropped = drop_conditions(family, {"text": ["a red circle"] * 20000}, 0.1)["text"]
+    inputs, which = drop_conditions(family, {"text": ["a red circle"] * 20000}, 0.1, 20000)
+    dropped = inputs["text"]
     assert abs(dropped.count("") / len(dropped) - 0.1) < 0.01
-    assert set(dropped) == {"", "a red circle"}
-    assert drop_conditions(family, {"text": ["x"] * 100}, 0.0)["text"] == ["x"] * 100
+    assert set(dropped) == {"", "a red circle"} and [c == "" for c in dropped] == which.tolist()
+    assert drop_conditions(family, {"text": ["x"] * 100}, 0.0, 100)[0]["text"] == ["x"] * 100
 
 
 def test_guidance_scale_one_is_the_conditional_prediction() -> None:

@@ -249,11 +249,14 @@ def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
             ["model=latent", "net=dit_tiny"],
             "net.in_channels=3 / net.out_channels=3 do not match the VAE's latent_channels=4",
         ),
-        (["model=latent", "net=dit", "net.caption_channels=32"], "net.caption_channels=32 differs .* hidden_size=64"),
+        (
+            ["model=latent", "net=dit", "net.caption_channels=32", "model.text_hidden_size=64"],
+            "net.caption_channels=32 differs .* hidden_size=64",
+        ),
         (["model=latent", "net=dit", "net.cross_attention_dim=64"], "net.cross_attention_dim=64 must be the width"),
         (["net=mmdit_tiny"], "net.in_channels=4 / net.out_channels=4 do not match RGB=3"),
         (
-            ["model=latent", "net=mmdit_tiny", "net.pooled_projection_dim=64"],
+            ["model=latent", "net=mmdit_tiny", "net.pooled_projection_dim=64", "model.text_hidden_size=64"],
             "net.pooled_projection_dim=64 differs from the text encoder's 2 x projection_dim=128",
         ),
         (["model=latent", "net=mmdit_tiny", "model.text_hidden_size=96", "net.pooled_projection_dim=192"], "below 2 x"),

@@ -8,7 +8,6 @@ not fit the constructor it is meant for: `data.batch_size=abc`, `model.predictio
 from __future__ import annotations
 
 import inspect
-import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -64,17 +63,18 @@ MODEL_GROUPS = ("net", "objective", "schedule", "optimizer", "discriminator")
 
 def groups_used_by_model(root: DictConfig) -> set[str]:
     """The top-level groups the `model` node uses, directly or through another used group (objective=ddpm uses
-    `schedule`; objective=flow_matching does not): the `${group}` interpolations of their unresolved nodes."""
+    `schedule`; objective=flow_matching does not): a node uses group g where its key g holds the group's node
+    (`model.net: ${net}`). Compared by value, so the answer is the same before and after the config is resolved."""
     used: set[str] = set()
-    todo = ["model"]
+    todo = [root.get("model")]
     while todo:
-        node = root.get(todo.pop())
+        node = todo.pop()
         if not isinstance(node, DictConfig):
             continue
-        for name in re.findall(r"\$\{(\w+)", OmegaConf.to_yaml(node, resolve=False)):
-            if name in MODEL_GROUPS and name not in used:
-                used.add(name)
-                todo.append(name)
+        for group in MODEL_GROUPS:
+            if group not in used and group in node and group in root and node[group] == root[group]:
+                used.add(group)
+                todo.append(root[group])
     return used
 
 

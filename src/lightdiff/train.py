@@ -92,6 +92,9 @@ def _check_used_groups(cfg: DictConfig) -> None:
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
         group = key.split(".")[0].split("/")[0].split("@")[0]
+        if key == group and group in MODEL_GROUPS and group not in cfg:
+            # An optional group (`- optional net: ${model}`) makes Hydra skip an option it cannot find, typos too.
+            raise ConfigError(f"{override}: there is no such option (no conf/{group}/{override.split('=', 1)[1]}.yaml)")
         if group in MODEL_GROUPS and group not in used:
             model = HydraConfig.get().runtime.choices.get("model")
             raise ConfigError(

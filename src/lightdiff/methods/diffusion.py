@@ -28,7 +28,7 @@ from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients, with_lr_schedule
 from lightdiff.nets.conditioning import (
-    CLIPText,
+    CacheableText,
     Conditioning,
     drop_conditions,
     label_conditioning,
@@ -135,7 +135,7 @@ class DiffusionTraining(pl.LightningModule):
         """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""
         if self.vae is None:
             raise ConfigError("data.cache_latents=true is for model=latent: a pixel model has no VAE (model.vae)")
-        if isinstance(self.conditioning, CLIPText) and self.conditioning.cacheable:
+        if isinstance(self.conditioning, CacheableText) and self.conditioning.cacheable:
             return self.vae, self.conditioning.cache_fingerprint(), self.conditioning.encode
         return self.vae, None, None
 
@@ -146,7 +146,7 @@ class DiffusionTraining(pl.LightningModule):
             x0 = batch["pixel_values"]
         else:  # data.cache_latents: q(z | x) was encoded once; a fresh z is drawn from it either way
             x0 = encode_latents(self.vae, batch.get("pixel_values"), batch.get("latent_moments"))
-        inputs = drop_conditions(self.conditioning, batch, self.cond_drop_prob)
+        inputs, dropped = drop_conditions(self.conditioning, batch, self.cond_drop_prob, len(x0))
         condition = self.conditioning(inputs)
         example = self.objective.training_example(x0, offset_noise(torch.randn_like(x0), self.offset_noise))
         prediction = network_output(self.net, example.x_t, example.timesteps, condition)
@@ -154,7 +154,7 @@ class DiffusionTraining(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # the rate this step's update uses
         if self.cond_drop_prob > 0:
-            self.log("train/cond_dropped", sum(c == "" for c in inputs["text"]) / len(inputs["text"]))
+            self.log("train/cond_dropped", dropped.float().mean())
         return loss
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -121,13 +121,32 @@ class Conditioning(Protocol):
         ...
 
 
-def drop_conditions(conditioning: Conditioning, inputs: Inputs, probability: float) -> Inputs:
-    """Each sample made unconditional with `probability`: one network then learns p(x | c) and p(x), which
-    classifier-free guidance combines (Ho & Salimans 2022, Section 3.2). Python's RNG, seeded by seed_everything."""
+@runtime_checkable
+class CacheableText(Protocol):
+    """A family whose whole condition is one text state per caption, encoded by a frozen encoder: what
+    `data.cache_latents` can store once per distinct caption (lightdiff.data.latent_cache)."""
+
+    cacheable: bool  # False while the encoder trains (or where the family takes more than the states)
+
+    def cache_fingerprint(self) -> str:
+        """A hash of the tokenizer and the encoder: the text cache's key."""
+        ...
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The states (B, tokens, width) the cache stores for `prompts`."""
+        ...
+
+
+def drop_conditions(
+    conditioning: Conditioning, inputs: Inputs, probability: float, size: int
+) -> tuple[Inputs, torch.Tensor]:
+    """Each of the batch's `size` samples made unconditional with `probability`: one network then learns p(x | c) and
+    p(x), which classifier-free guidance combines (Ho & Salimans 2022, Section 3.2). Python's RNG, seeded by
+    seed_everything. Returns the inputs and which samples were dropped (B,)."""
     if probability == 0:
-        return inputs
-    size = len(inputs["text"]) if "text" in inputs else len(inputs["label"])
-    return conditioning.without_condition(inputs, [random.random() < probability for _ in range(size)])
+        return inputs, torch.zeros(size, dtype=torch.bool)
+    which = [random.random() < probability for _ in range(size)]
+    return conditioning.without_condition(inputs, which), torch.tensor(which)
 
 
 class NoCondition(nn.Module):
