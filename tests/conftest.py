@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -103,4 +103,34 @@ def tiny_unet(sample_size: int = 8) -> UNet2DModel:
         up_block_types=["UpBlock2D", "UpBlock2D"],
         layers_per_block=1,
         norm_num_groups=4,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    """A two-level AutoencoderKL with 4 latent channels (16 px images -> 8 x 8 latents), seeded."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[8, 16],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+def tiny_cond_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:
+    """A text-conditioned UNet for tiny_vae's latents, seeded."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[16, 32],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import default_collate
@@ -22,43 +22,15 @@ from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config
+from .conftest import TINY, compose_config, tiny_cond_unet, tiny_vae
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
-
-
-def _tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        block_out_channels=[8, 16],
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-
-
-def _tiny_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=[16, 32],
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        layers_per_block=1,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("vae") / "vae"
-    _tiny_vae().save_pretrained(folder)
+    tiny_vae().save_pretrained(folder)
     return folder
 
 
@@ -67,10 +39,10 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Stable-Diffusion-layout folder made offline from tiny parts, as `from_pretrained` expects on a hub."""
     tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
     pipeline = StableDiffusionPipeline(
-        vae=_tiny_vae(),
+        vae=tiny_vae(),
         text_encoder=text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
         tokenizer=tokenizer,
-        unet=_tiny_unet(16),
+        unet=tiny_cond_unet(16),
         scheduler=DDIMScheduler(**NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).scheduler_kwargs()),
         safety_checker=None,
         feature_extractor=None,
@@ -112,7 +84,7 @@ def test_condition_dropout_rate() -> None:
 def test_guidance_scale_one_is_the_conditional_prediction() -> None:
     tokenizer = build_caption_tokenizer(CAPTIONS, model_max_length=8)
     encoder = text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
-    vae, unet = _tiny_vae().eval(), _tiny_unet().eval()
+    vae, unet = tiny_vae().eval(), tiny_cond_unet().eval()
     schedule = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)
 
     def sample(scale: float, negative: str = "") -> torch.Tensor:
@@ -341,7 +313,7 @@ def test_text_cache_for_a_frozen_encoder_hit_miss_and_invalidation(tmp_path: Pat
     from lightdiff.data import ShapesDataModule
 
     cache = tmp_path / "cache"
-    vae = _tiny_vae().eval()
+    vae = tiny_vae().eval()
     tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
     encoder = text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).eval()
     calls: list[list[str]] = []

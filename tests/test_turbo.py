@@ -262,10 +262,11 @@ def test_latent_text_teacher_distils_and_exports(tmp_path: Path) -> None:
     """A text-conditioned latent teacher: frozen VAE and text encoder, guided teacher, text-conditioned heads."""
     from diffusers import StableDiffusionPipeline
 
-    from .test_latent import _latent_overrides, _tiny_vae
+    from .conftest import tiny_vae
+    from .test_latent import _latent_overrides
 
     vae_dir = tmp_path / "vae"
-    _tiny_vae().save_pretrained(vae_dir)
+    tiny_vae().save_pretrained(vae_dir)
     teacher_cfg = compose_config("train", _latent_overrides(tmp_path, vae_dir, "run_name=lt", "trainer.max_steps=2"))
     train_run(teacher_cfg)
     teacher = Path(teacher_cfg.run_dir) / "checkpoints" / "last.ckpt"
