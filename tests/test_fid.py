@@ -73,12 +73,17 @@ def test_inception_features_name_what_to_install_or_provide(tmp_path) -> None:
 
 
 class _Reconstructor(torch.nn.Module):
-    """A method stand-in whose previews are data set images, optionally degraded; it records the seeds it drew."""
+    """A method stand-in (lightdiff.contract.TrainingMethod) whose previews are data set images, optionally degraded;
+    it records the seeds it drew."""
+
+    net = None
+    class_names = None
+    metric_steps = None
+    distance_prefix = "r"
 
     def __init__(self, dataset: ShapesDataset, noise: float) -> None:
         super().__init__()
         self.dataset, self.noise = dataset, noise
-        self.distance_prefix = "r"
         self.seeds_drawn: list[int] = []
 
     @property

@@ -15,7 +15,14 @@ from torch.utils.data import default_collate
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import NoiseSchedule
-from lightdiff.nets.conditioning import CLIPText, drop_conditions, text_encoder_fingerprint, tokenizer_from_state
+from lightdiff.methods import diffusion as diffusion_method
+from lightdiff.nets.conditioning import (
+    CLIPText,
+    drop_conditions,
+    text_encoder_fingerprint,
+    tokenizer_from_state,
+    tokenizer_state,
+)
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import for_latents, generate, generators_for
@@ -175,6 +182,40 @@ def latent_ckpt(vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     cfg = compose_config("train", _latent_overrides(root, vae_dir, "run_name=lat", "trainer.max_steps=3"))
     train_run(cfg)
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_a_format_1_latent_checkpoint_still_samples_the_same_images(latent_ckpt: Path, tmp_path: Path) -> None:
+    """Checkpoints written before conditioning families (format 1: the text encoder under `text_encoder.`, its
+    config, tokenizer, schedule and prediction type beside the objective's name) load and sample as before."""
+    checkpoint = load_checkpoint_file(latent_ckpt)
+    meta = checkpoint["lightdiff"]
+    text = meta["conditioning"]
+    objective = meta["objective"]
+    legacy = {
+        "format": 1,
+        "method": "latent",
+        "net_class": meta["net_class"],
+        "net_config": meta["net_config"],
+        "vae_config": meta["vae_config"],
+        "text_encoder_class": text["text_encoder_class"],
+        "text_encoder_config": text["text_encoder_config"],
+        "tokenizer": text["tokenizer"],
+        "schedule": objective["schedule"],
+        "prediction_type": objective["prediction_type"],
+        "objective": {"name": "ddpm"},
+        "class_names": meta["class_names"],
+    }
+    renamed = {
+        k.replace("conditioning.text_encoder.", "text_encoder.", 1): v for k, v in checkpoint["state_dict"].items()
+    }
+    assert renamed.keys() != checkpoint["state_dict"].keys()  # the text encoder's weights really moved
+    torch.save({**checkpoint, "state_dict": renamed, "lightdiff": legacy}, tmp_path / "format1.ckpt")
+    new, old = load_denoiser(latent_ckpt), load_denoiser(tmp_path / "format1.ckpt")
+    assert old.objective == new.objective and old.conditioning.state() == new.conditioning.state()
+    scheduler = for_latents(new.objective.scheduler(DDIMScheduler))
+    inputs = {"text": ["a red circle", "a blue square"]}
+    images = [generate(d.net, scheduler, 3, [0, 1], d.conditioning, inputs, 4.0, vae=d.vae) for d in (new, old)]
+    assert torch.equal(images[0], images[1])
 
 
 def test_sample_prompts_and_metadata(latent_ckpt: Path, tmp_path: Path) -> None:
@@ -405,3 +446,26 @@ def test_sampling_speed_path_on_a_text_model(latent_ckpt: Path, tmp_path: Path) 
     )
     assert np.abs(a - b).mean(axis=(1, 2, 3)).max() / 255 <= 3e-2
     assert json.loads((fast / "metadata.jsonl").read_text().splitlines()[0])["speed"]["fuse_qkv"] is True
+
+
+def test_resume_takes_the_checkpoints_tokenizer_not_a_rebuilt_one(
+    vae_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A from-scratch tokenizer is rebuilt from the captions when a run starts, and the `tokenizers` BPE trainer
+    numbers tokens differently from one process to the next: a resumed run must use the checkpoint's tokenizer, or
+    its trained text encoder reads every prompt through the wrong embedding rows."""
+    first = train_run(compose_config("train", _latent_overrides(tmp_path, vae_dir, "run_name=tok")))
+    saved = first.lightning_module.conditioning.tokenizer
+    state = tokenizer_state(saved)
+    red, blue = state["vocab"]["red</w>"], state["vocab"]["blue</w>"]
+    state["vocab"]["red</w>"], state["vocab"]["blue</w>"] = blue, red  # what another process may number
+    renumbered = tokenizer_from_state(state)
+    monkeypatch.setattr(diffusion_method, "build_caption_tokenizer", lambda *args, **kwargs: renumbered)
+    resumed = train_run(
+        compose_config("train", _latent_overrides(tmp_path, vae_dir, "run_name=tok", "trainer.max_steps=3"))
+    )
+    assert resumed.global_step == 3
+    tokenizer = resumed.lightning_module.conditioning.tokenizer
+    assert tokenizer("a red circle").input_ids == saved("a red circle").input_ids
+    # Negative control: the tokenizer the resumed run built reads "red" as another token.
+    assert renumbered("a red circle").input_ids != saved("a red circle").input_ids

@@ -202,6 +202,31 @@ def plain_config(config: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+CHECKPOINT_FORMAT = 2  # 2: objective and conditioning as their own states; 1 (still read): schedule, text encoder
+
+
+def denoiser_metadata(
+    method: str,  # the method's name (diffusion, turbo)
+    net: torch.nn.Module,  # the trained denoiser (a diffusers model)
+    objective: Any,  # lightdiff.diffusion.Objective
+    conditioning: Any,  # lightdiff.nets.conditioning.Conditioning
+    vae: torch.nn.Module | None,  # the frozen AutoencoderKL of a latent model
+    class_names: list[str] | None,
+) -> dict[str, Any]:
+    """A denoiser's plain-data `lightdiff` block: what `lightdiff.trained.load_trained` rebuilds it from, without the
+    method's class or config (network class from an allow-list, configs, objective and conditioning states)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "method": method,
+        "net_class": type(net).__name__,
+        "net_config": plain_config(net.config),
+        "objective": objective.state(),
+        "conditioning": conditioning.state(),
+        "vae_config": plain_config(vae.config) if vae is not None else None,
+        "class_names": class_names,
+    }
+
+
 # ----- weights that do not fit: refused before any tensor is copied, naming the keys and shapes -----------------
 # torch's own `load_state_dict` error comes from deep inside a resume or an export, after other state has been
 # restored, and does not say what to do. A checkpoint from another `net` or `model` config is a user mistake, so

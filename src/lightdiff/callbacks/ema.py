@@ -48,7 +48,7 @@ class EMA(pl.Callback):
         return "ema"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(getattr(pl_module, "net", None), torch.nn.Module):
+        if pl_module.net is None:  # lightdiff.contract.TrainingMethod: the autoencoder trains no denoiser
             log.info("%s has no denoiser `net` to average: EMA is off", type(pl_module).__name__)
             return
         if isinstance(trainer.strategy, FSDPStrategy):

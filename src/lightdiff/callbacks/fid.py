@@ -92,10 +92,10 @@ class FrechetDistance(pl.Callback):
             datamodule = trainer.datamodule
             evaluator.set_reference(datamodule.source_dataset, datamodule.reference_identity, trainer.global_rank)
         seeds = list(range(self.seed, self.seed + self.num_samples))[trainer.global_rank :: trainer.world_size]
-        prefix = getattr(pl_module, "distance_prefix", "")  # "r": the images are reconstructions
+        prefix = pl_module.distance_prefix  # "r": the images are reconstructions (lightdiff.contract.TrainingMethod)
         metrics: dict[str, float] = {}
         on_shapes = isinstance(trainer.datamodule.source_dataset, ShapesDataset)
-        step_counts = getattr(pl_module, "metric_steps", None) or self.steps  # a turbo student: its 1, 2, 4 steps
+        step_counts = pl_module.metric_steps or self.steps  # a turbo student: its 1, 2, 4 steps
         for steps in step_counts:
             judged: list[tuple[ShapeJudgement, tuple[str | None, str | None] | None]] = []
             for preview in method_previews(trainer, pl_module, seeds, self.sampler, steps, self.batch_size):

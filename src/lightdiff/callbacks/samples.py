@@ -115,7 +115,7 @@ class SampleGrid(pl.Callback):
             if metrics:
                 logger.log_metrics(metrics, step=step)
             if isinstance(logger, WandbLogger):
-                if labels is not None and getattr(pl_module, "class_names", None):
+                if labels is not None and pl_module.class_names:
                     caption = ", ".join(pl_module.class_names[int(label)] for label in labels[: grid_columns(shown)])
                     logger.log_image(key=f"{prefix}/grid", images=[grid], caption=[f"first row: {caption}"], step=step)
                 else:

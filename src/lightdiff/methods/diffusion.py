@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 
-from lightdiff.checkpointing import check_checkpoint_fits, plain_config
+from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
@@ -43,8 +43,6 @@ from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scrat
 from lightdiff.nets.vae import encode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.speed import prepare_for_training
-
-CHECKPOINT_FORMAT = 2  # 2: objective and conditioning as their own states; 1 (read still): schedule, text encoder
 
 
 class DiffusionTraining(pl.LightningModule):
@@ -210,16 +208,9 @@ class DiffusionTraining(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only: enough to rebuild the networks and the sampler without this class or its config.
-        checkpoint["lightdiff"] = {
-            "format": CHECKPOINT_FORMAT,
-            "method": "diffusion",
-            "net_class": type(self.net).__name__,
-            "net_config": plain_config(self.net.config),
-            "objective": self.objective.state(),
-            "conditioning": self.conditioning.state(),
-            "vae_config": plain_config(self.vae.config) if self.vae is not None else None,
-            "class_names": self.class_names,
-        }
+        checkpoint["lightdiff"] = denoiser_metadata(
+            "diffusion", self.net, self.objective, self.conditioning, self.vae, self.class_names
+        )
 
 
 def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Conditioning, data: ImageDataModule) -> None:

@@ -35,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import SchedulerMixin, SD3Transformer2DModel
 
-from lightdiff.checkpointing import check_checkpoint_fits, plain_config
+from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
@@ -50,7 +50,6 @@ from lightdiff.sampling import for_latents, generate, preview_inputs, reconfigur
 from lightdiff.speed import prepare_for_training
 from lightdiff.trained import TrainedDenoiser, load_trained
 
-CHECKPOINT_FORMAT = 2
 # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
 FROZEN_PREFIXES = ("teacher.", "discriminator.backbone.unet.")
 
@@ -352,15 +351,9 @@ class TurboDistillation(pl.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
         }
         checkpoint["lightdiff"] = {
-            "format": CHECKPOINT_FORMAT,
-            "method": "turbo",
-            "net_class": type(self.net).__name__,
-            "net_config": plain_config(self.net.config),
-            "objective": self.objective.state(),  # the student's (its prediction type)
+            # the student's objective (its prediction type); the teacher's below
+            **denoiser_metadata("turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names),
             "teacher_objective": self.teacher_objective.state(),
-            "conditioning": self.conditioning.state(),
-            "vae_config": plain_config(self.vae.config) if self.vae is not None else None,
-            "class_names": self.class_names,
             "student_timesteps": self.student_timesteps,
             "scheduler_overrides": self.objective.few_step_overrides,
             "teacher": self.teacher_source,

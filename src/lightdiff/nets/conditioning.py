@@ -88,8 +88,8 @@ class Condition:
         return Condition(_tree_cat(self.kwargs, other.kwargs), summary)
 
     def to(self, device: torch.device | str) -> Condition:
-        move = lambda tensor: tensor.to(device)  # noqa: E731
-        return Condition(_tree_map(move, self.kwargs), None if self.summary is None else self.summary.to(device))
+        summary = None if self.summary is None else self.summary.to(device)
+        return Condition(_tree_map(lambda tensor: tensor.to(device), self.kwargs), summary)
 
 
 @runtime_checkable
@@ -281,6 +281,21 @@ class CLIPText(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.text_encoder.parameters()) if self.trainable else []
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The tokenizer travels in the state dict with the encoder's weights: the two only make sense together. A
+        tokenizer built from captions is not reproducible across processes (the `tokenizers` BPE trainer breaks ties
+        in hash order), so a resumed run must take the checkpoint's, not build its own (`set_extra_state`)."""
+        return {"tokenizer": tokenizer_state(self.tokenizer)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = tokenizer_from_state(state["tokenizer"])
+        if len(saved) != self.text_encoder.config.vocab_size:
+            raise ValueError(
+                f"the checkpoint's tokenizer has {len(saved)} tokens, the text encoder embeds "
+                f"{self.text_encoder.config.vocab_size}"
+            )
+        self.tokenizer = saved
 
     def state(self) -> dict[str, Any]:
         return {
