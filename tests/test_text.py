@@ -1,6 +1,8 @@
 """The caption tokenizer (CLIP format, built offline) and the from-scratch text encoder."""
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,42 @@ def test_text_encoder_from_scratch_encodes_every_caption(tokenizer: CLIPTokenize
     assert torch.isfinite(hidden).all()
     assert not torch.allclose(hidden[0], hidden[1])  # different captions, different states
     assert encoder.config.vocab_size == len(tokenizer)
+
+
+_BUILD = """
+import hashlib, json, sys
+from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
+from lightdiff.nets.text import build_caption_tokenizer
+captions = [label_to_caption(label) for label in range(NUM_CLASSES)] * 3 + ["a zebra", "two red squares"]
+tokenizer = build_caption_tokenizer(captions, vocab_size=300)
+state = json.dumps([tokenizer.get_vocab(), tokenizer.tokenize("a zebra")], sort_keys=True)
+print(hashlib.sha256(state.encode()).hexdigest())
+"""
+
+# The `tokenizers` trainer as lightdiff called it before: word-final symbols numbered in hash order.
+_BUILD_UNRESERVED = """
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
+captions = [label_to_caption(label) for label in range(NUM_CLASSES)] * 3 + ["a zebra", "two red squares"]
+tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"], end_of_word_suffix="</w>",
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+tokenizer.train_from_iterator(captions, trainer)
+print(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])[:400])
+"""
+
+
+def _in_new_processes(script: str, count: int) -> set[str]:
+    return {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        for _ in range(count)
+    }
+
+
+def test_the_caption_tokenizer_is_the_same_in_every_process() -> None:
+    """A run rebuilds its tokenizer at every start (and every DDP rank builds one): it must be a function of the
+    captions alone, or a seed would not reproduce a run and ranks would not agree on token ids."""
+    assert len(_in_new_processes(_BUILD, 2)) == 1
+    # Negative control: the trainer left to number symbols itself gives another vocabulary in another process.
+    assert len(_in_new_processes(_BUILD_UNRESERVED, 3)) > 1

@@ -283,9 +283,10 @@ class CLIPText(nn.Module):
         return list(self.text_encoder.parameters()) if self.trainable else []
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The tokenizer travels in the state dict with the encoder's weights: the two only make sense together. A
-        tokenizer built from captions is not reproducible across processes (the `tokenizers` BPE trainer breaks ties
-        in hash order), so a resumed run must take the checkpoint's, not build its own (`set_extra_state`)."""
+        """The tokenizer travels in the state dict with the encoder's weights: the two only make sense together, so a
+        resumed run takes the checkpoint's instead of the one it built from the captions (`set_extra_state`). Before
+        `build_caption_tokenizer` reserved the word-final symbols, a rebuilt tokenizer numbered tokens otherwise in
+        every process; and the captions a run starts with may not be the ones its checkpoint was trained on."""
         return {"tokenizer": tokenizer_state(self.tokenizer)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:

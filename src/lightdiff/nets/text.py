@@ -48,11 +48,15 @@ def build_caption_tokenizer(
     """
     if model_max_length < 3:
         raise ValueError(f"model_max_length={model_max_length} leaves no room between the start and end tokens")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokenizer = _clip_pipeline(Tokenizer(models.BPE(end_of_word_suffix=WORD_END, continuing_subword_prefix="")))
+    # The trainer numbers a word-final symbol ("e</w>") when it first meets it, in hash order, which differs from one
+    # process to the next; ties between equally frequent merges are broken by those numbers, so the vocabulary was
+    # not a function of the captions. Declared up front (as reserved tokens), every symbol has a fixed number.
+    word_ends = [symbol + WORD_END for symbol in alphabet]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
+        vocab_size=vocab_size + len(word_ends),  # the reserved forms do not take the place of merges
+        special_tokens=[BOS, EOS, *word_ends],
         end_of_word_suffix=WORD_END,
         initial_alphabet=alphabet,
         min_frequency=1,
@@ -60,9 +64,7 @@ def build_caption_tokenizer(
     )
     tokenizer.train_from_iterator(captions, trainer)
     model = json.loads(tokenizer.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    for symbol in sorted(alphabet):  # word-final forms of every byte, which the trainer adds only where seen
-        vocab.setdefault(symbol + WORD_END, len(vocab))
+    vocab: dict[str, int] = dict(model["vocab"])  # the word-final forms of every byte are in it (reserved above)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
