@@ -81,6 +81,15 @@ def _check_launch(cfg: DictConfig) -> None:
         )
 
 
+UNUSED_GROUP_REASONS = {
+    "net": "model=turbo distils its teacher's network, and the autoencoder's is model.vae",
+    "objective": "model=turbo takes its teacher's objective, and the autoencoder has none",
+    "schedule": "a beta schedule belongs to objective=ddpm (a turbo student takes its teacher's)",
+    "discriminator": "only model=turbo takes the discriminator group (the autoencoder's is model.discriminator)",
+    "optimizer": "this method builds no optimiser from the group",
+}
+
+
 def _check_used_groups(cfg: DictConfig) -> None:
     """A group chosen or set on the command line that the model does not use would be silently ignored: refuse it
     (model=turbo takes net, objective and schedule from its teacher; objective=flow_matching has no schedule)."""
@@ -96,11 +105,10 @@ def _check_used_groups(cfg: DictConfig) -> None:
             # An optional group (`- optional net: ${model}`) makes Hydra skip an option it cannot find, typos too.
             raise ConfigError(f"{override}: there is no such option (no conf/{group}/{override.split('=', 1)[1]}.yaml)")
         if group in MODEL_GROUPS and group not in used:
-            model = HydraConfig.get().runtime.choices.get("model")
+            choices = HydraConfig.get().runtime.choices
             raise ConfigError(
-                f"{override}: this run does not use the `{group}` group (model={model}, objective="
-                f"{HydraConfig.get().runtime.choices.get('objective')}): a turbo student takes its net, objective and "
-                "schedule from model.teacher, and flow matching has no beta schedule; drop it"
+                f"{override}: this run (model={choices.get('model')}, objective={choices.get('objective')}) does not "
+                f"use the `{group}` group: {UNUSED_GROUP_REASONS[group]}; drop it"
             )
     if cfg.trainer.get("gradient_clip_val") is not None:
         raise ConfigError(
