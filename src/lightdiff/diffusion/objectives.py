@@ -180,6 +180,14 @@ class DDPM:
         """alpha_bar_t as float32 (what every formula here indexes), computed once from the float64 schedule."""
         return self.schedule.alphas_cumprod().float()
 
+    def _alphas_on(self, device: torch.device) -> torch.Tensor:
+        """`alphas_cumprod` on `device`, copied there once: the methods call this objective every step, and a
+        host-to-device copy per call would sit in the training loop (the methods kept a device buffer before)."""
+        copies = self.__dict__.setdefault("_alphas_by_device", {})  # a cache, as cached_property keeps its value
+        if device not in copies:
+            copies[device] = self.alphas_cumprod.to(device)
+        return copies[device]
+
     @property
     def num_train_timesteps(self) -> int:
         return self.schedule.num_train_timesteps
@@ -187,23 +195,24 @@ class DDPM:
     def training_example(self, x0: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
         """t uniform over the steps (Ho et al. 2020, Algorithm 1), the target of `prediction_type`, its weight."""
         timesteps = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        alphas_cumprod = self._alphas_on(timesteps.device)
         return NoisyBatch(
-            x_t=add_noise(x0, noise, self.alphas_cumprod, timesteps),
+            x_t=add_noise(x0, noise, alphas_cumprod, timesteps),
             timesteps=timesteps,
-            target=training_target(self.prediction_type, x0, noise, self.alphas_cumprod, timesteps),
+            target=training_target(self.prediction_type, x0, noise, alphas_cumprod, timesteps),
             weight=loss_weight(
-                self.loss_weighting, self.prediction_type, self.alphas_cumprod, timesteps, self.min_snr_gamma
+                self.loss_weighting, self.prediction_type, alphas_cumprod, timesteps, self.min_snr_gamma
             ),
         )
 
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return add_noise(x0, noise, self.alphas_cumprod, timesteps.long())
+        return add_noise(x0, noise, self._alphas_on(timesteps.device), timesteps.long())
 
     def predicted_x0(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return predicted_x0(self.prediction_type, output, x_t, self.alphas_cumprod, timesteps.long())
+        return predicted_x0(self.prediction_type, output, x_t, self._alphas_on(timesteps.device), timesteps.long())
 
     def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return alpha_sigma(self.alphas_cumprod, timesteps.long())
+        return alpha_sigma(self._alphas_on(timesteps.device), timesteps.long())
 
     def uniform_timesteps(self, size: int, device: torch.device | str) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (size,), device=device)
