@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from lightdiff.config import ConfigError
-from lightdiff.diffusion import DDPM, NoiseSchedule, distillation_weight, trailing_timesteps
+from lightdiff.diffusion import DDPM, NoiseSchedule, distillation_distance, distillation_weight, trailing_timesteps
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, r1_penalty
 from lightdiff.methods.turbo import load_teacher
 from lightdiff.nets.feature_discriminator import UNetEncoderFeatures
@@ -68,11 +68,33 @@ def test_hinge_and_r1_against_hand_computed_values() -> None:
     assert r1_penalty(logits, features).item() == pytest.approx(15.0)
 
 
-def test_discriminator_noise_levels_are_skewed_high() -> None:
-    torch.manual_seed(0)
-    t = OBJECTIVE.high_noise_timesteps(20000, 1.0, 1.0, "cpu")
-    assert t.min() >= 0 and t.max() <= 999
-    assert 0.8 < (t >= 500).float().mean() < 0.88  # P(N(1, 1) > 0) = 84% of draws in the noisier half
+def test_distillation_distance_is_adds_squared_norm_per_sample() -> None:
+    student = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])  # (2, 1, 2, 2)
+    teacher = torch.tensor([[[[0.0, 2.0], [1.0, 4.0]]], [[[1.0, 1.0], [1.0, -1.0]]]])
+    weight = torch.tensor([0.5, 2.0])
+    # sample 0: ||(1, 0, 2, 0)||^2 = 5, x 0.5 = 2.5; sample 1: ||(-1, -1, -1, 1)||^2 = 4, x 2 = 8; mean 5.25
+    assert distillation_distance(student, teacher, weight).item() == pytest.approx(5.25)
+    # Not a per-element mean (which would give 5.25 / 4): lambda = 2.5 is ADD's lambda on this scale.
+    doubled = torch.cat([student, student], dim=1), torch.cat([teacher, teacher], dim=1)
+    assert distillation_distance(*doubled, weight).item() == pytest.approx(10.5)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "teacher", "student"),
+    [
+        (NoiseSchedule("linear", 1000, 1e-4, 0.02), "epsilon", "v_prediction"),  # 1 / alpha_999 = 157
+        (NoiseSchedule("squaredcos_cap_v2", 1000), "epsilon", "v_prediction"),  # 20000
+        (NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012), "epsilon", "epsilon"),  # 15: SD(XL)-Turbo's choice
+        (NoiseSchedule("linear", 1000, 1e-4, 0.02), "v_prediction", "v_prediction"),
+        (NoiseSchedule("linear", 1000, 1e-4, 0.02), "sample", "sample"),
+    ],
+)
+def test_default_student_prediction_is_well_conditioned_at_the_first_step(
+    schedule: NoiseSchedule, teacher: str, student: str
+) -> None:
+    objective = DDPM(schedule, prediction_type=teacher)
+    assert objective.with_prediction_type(None).prediction_type == student
+    assert objective.with_prediction_type("sample").prediction_type == "sample"  # an explicit choice stands
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +224,7 @@ def test_bad_teachers_and_timesteps_are_named(teacher_ckpt: Path, tmp_path: Path
         )
 
 
-def test_zero_terminal_snr_epsilon_teacher_is_refused(tmp_path: Path) -> None:
+def test_epsilon_student_is_refused_where_ill_conditioned_and_the_default_predicts_v(tmp_path: Path) -> None:
     cfg = compose_config(
         "train",
         [
@@ -215,15 +237,13 @@ def test_zero_terminal_snr_epsilon_teacher_is_refused(tmp_path: Path) -> None:
     )
     train_run(cfg)
     teacher = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigError, match="zero terminal SNR.*student_prediction_type=sample"):
-        train_run(compose_config("train", _turbo(tmp_path, teacher)))
-    # An x_0-predicting student is well defined at T - 1: it trains, and its checkpoint says how it predicts.
-    student = compose_config(
-        "train", _turbo(tmp_path, teacher, "run_name=x0", "trainer.max_steps=2", "model.student_prediction_type=sample")
-    )
+    with pytest.raises(ConfigError, match="zero terminal SNR.*student_prediction_type=null"):
+        train_run(compose_config("train", _turbo(tmp_path, teacher, "model.student_prediction_type=epsilon")))
+    # The default is a v-predicting student, well defined at T - 1: it trains, and its checkpoint says how it predicts.
+    student = compose_config("train", _turbo(tmp_path, teacher, "run_name=v", "trainer.max_steps=2"))
     train_run(student)
     meta = load_checkpoint_file(Path(student.run_dir) / "checkpoints" / "last.ckpt")["lightdiff"]
-    assert meta["objective"]["prediction_type"] == "sample"
+    assert meta["objective"]["prediction_type"] == "v_prediction"
     assert meta["teacher_objective"]["prediction_type"] == "epsilon"
 
 

@@ -1,7 +1,12 @@
 """Diffusion math: schedules, the two objectives behind one interface (`Objective`), distillation weights.
 Tensor in, tensor out; each function cites its paper and equation."""
 
-from lightdiff.diffusion.distillation import DistillWeighting, distillation_weight, trailing_timesteps
+from lightdiff.diffusion.distillation import (
+    DistillWeighting,
+    distillation_distance,
+    distillation_weight,
+    trailing_timesteps,
+)
 from lightdiff.diffusion.flow_matching import (
     FlowMatching,
     flow_alpha_sigma,
@@ -41,6 +46,7 @@ __all__ = [
     "PredictionType",
     "SchedulerFactory",
     "add_noise",
+    "distillation_distance",
     "distillation_weight",
     "flow_alpha_sigma",
     "interpolate",

@@ -91,8 +91,9 @@ class Objective(Protocol):
         ...
 
     def with_prediction_type(self, prediction_type: str | None) -> Objective:
-        """The same path with the network predicting `prediction_type` (None: unchanged), for a student that
-        parametrises its output otherwise than its teacher; a ConfigError where the objective has no choice."""
+        """The same path with the network predicting `prediction_type`, for a student that parametrises its output
+        otherwise than its teacher; None: what suits a few-step student (the teacher's own where it is well
+        conditioned at the first, purest-noise step); a ConfigError where the objective has no choice."""
         ...
 
     def state(self) -> dict[str, Any]:

@@ -6,13 +6,15 @@ teacher (and a latent teacher's VAE and text encoder) stay frozen. Each step:
 1. real data x_0 is noised at one of the student's timesteps s (evenly spaced, ending at T - 1) and the student
    predicts x_0 in one step: x_theta = x_0-prediction(student(x_s, s));
 2. the student minimises L = L_adv + lambda L_distill, where L_adv = -E[D(x_theta)] (hinge, generator side) and
-   L_distill = E_t[c(t) ||x_theta - x_psi(x_t, t)||^2], x_t = alpha_t sg(x_theta) + sigma_t eps, x_psi the
-   teacher's x_0 prediction (with classifier-free guidance for text models), c(t) = `distill_weighting`;
+   L_distill = E_t[c(t) ||x_theta - x_psi(x_t, t)||_2^2], the squared norm per sample (the paper's scale, so the
+   default lambda = 2.5 is ADD's), x_t = alpha_t sg(x_theta) + sigma_t eps, x_psi the teacher's x_0 prediction
+   (with classifier-free guidance for text models), c(t) = `distill_weighting`;
 3. the discriminator minimises the hinge loss on real x_0 and sg(x_theta), plus `r1_weight` x R1 on its heads'
    inputs (real data), `disc_updates` times per student update.
 
 LADD (arXiv 2403.12015) is the default discriminator (`discriminator=teacher`): heads on the frozen teacher's
-encoder features at inputs re-noised to a level skewed high; `model.distill_weight=0` drops the distillation term.
+encoder features at inputs re-noised to a level skewed high (LADD's logit-normal flow times, at equal SNR on a DDPM
+schedule: `Objective.high_noise_timesteps`); `model.distill_weight=0` drops the distillation term.
 The student samples with DDIM at "trailing" timesteps (a 1-step student starts from pure noise at T - 1).
 
 A flow-matching teacher (objective=flow_matching; LADD distils SD3, a rectified flow) is distilled the same way on
@@ -39,7 +41,7 @@ from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
-from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_weight
+from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_distance, distillation_weight
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
 from lightdiff.nets.conditioning import Condition
@@ -90,8 +92,8 @@ class TurboDistillation(pl.LightningModule):
         discriminator: Callable[..., FeatureDiscriminator],  # the `discriminator` group (a partial; backbone null:
         # the teacher's UNet encoder, LADD)
         student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1
-        student_prediction_type: str | None = None,  # None: the teacher's; "sample" (x_0) stays well
-        # conditioned at T - 1, where an epsilon output is amplified by 1 / alpha_T (157x for linear betas)
+        student_prediction_type: str | None = None,  # None: the teacher's, or v_prediction where an epsilon
+        # student's x_0 would amplify its error over 20x at T - 1 (linear and cosine schedules; `with_prediction_type`)
         distill_weight: float = 2.5,  # lambda; 0 gives pure adversarial training (LADD)
         distill_weighting: DistillWeighting = "alpha_bar",  # c(t): alpha_bar | sds | none
         teacher_guidance_scale: float = 4.0,  # the teacher's classifier-free guidance (text models only)
@@ -228,7 +230,7 @@ class TurboDistillation(pl.LightningModule):
         weight = distillation_weight(self.distill_weighting, *self.teacher_objective.alpha_sigma(t))
         x_t = self.teacher_objective.noised(student_x0.detach(), torch.randn_like(student_x0), t)
         teacher_x0 = self.teacher_x0(x_t, t, condition, batch)
-        distill_loss = (weight * (student_x0.float() - teacher_x0.float()).pow(2).flatten(1).mean(dim=1)).mean()
+        distill_loss = distillation_distance(student_x0, teacher_x0, weight)
         loss = adversarial_loss + self.distill_weight * distill_loss
         optimizer_student.zero_grad(set_to_none=True)
         self.manual_backward(loss)

@@ -267,13 +267,22 @@ class CLIPText(nn.Module):
 
     def forward(self, inputs: Inputs) -> Condition:
         captions = [str(text) for text in inputs["text"]]
+        token_ids = self.token_ids(captions)
         if "text_states" in inputs:  # data.cache_latents with a frozen encoder: states were encoded once
             empty = self.encode([""])  # what a dropped caption gets
             dropped = torch.tensor([caption == "" for caption in captions], device=empty.device)
             states = torch.where(dropped[:, None, None], empty, inputs["text_states"].to(empty))
         else:
-            states = self.encode(captions)
-        return Condition({"encoder_hidden_states": states, **self.network_extras}, states.float().mean(dim=1))
+            states = self.text_encoder(token_ids)[0]
+        return Condition({"encoder_hidden_states": states, **self.network_extras}, self.pooled(states, token_ids))
+
+    def pooled(self, states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt's pooled embedding, the end-of-text token's final state (CLIP's `pooler_output`, which ADD's
+        discriminator is conditioned on): picked from the states, so cached states give it too."""
+        eos_token_id = self.text_encoder.config.eos_token_id
+        # transformers' rule: configs from before eos_token_id was set (id 2) take the highest id, the end token.
+        ends = token_ids.argmax(dim=-1) if eos_token_id == 2 else (token_ids == eos_token_id).int().argmax(dim=-1)
+        return states[torch.arange(len(states), device=states.device), ends.to(states.device)].float()
 
     def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
         texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
@@ -323,6 +332,7 @@ class SD3CLIPText(CLIPText):
     ) -> None:
         super().__init__(tokenizer, text_encoder, trainable)
         self.joint_attention_dim = joint_attention_dim
+        self.summary_dim = 2 * text_encoder.config.projection_dim  # the pooled projections
 
     @property
     def cacheable(self) -> bool:
@@ -344,7 +354,7 @@ class SD3CLIPText(CLIPText):
         hidden = output.hidden_states[-2]
         states = F.pad(torch.cat([hidden, hidden], dim=-1), (0, self.joint_attention_dim - 2 * hidden.shape[-1]))
         pooled = torch.cat([output[0], output[0]], dim=-1)
-        return Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, states.float().mean(dim=1))
+        return Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, pooled.float())
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "family": "sd3_clip_text", "joint_attention_dim": self.joint_attention_dim}

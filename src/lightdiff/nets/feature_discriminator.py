@@ -3,8 +3,8 @@
 ADD (Sauer et al. 2023, Section 3.2) puts heads on a frozen DINOv2 ViT; LADD (Sauer et al. 2024, Section 3.1) puts
 them on the frozen teacher's own features at a re-noised input. Each head sees one feature map and gives a logit
 per location; it is conditioned on the noise level (added to its hidden features) and on the condition, class
-label or text embedding (the conditioning family's `Condition.summary`: a one-hot label, the mean text state), by
-projection (Miyato & Koyama 2018, "cGANs with projection discriminator", Equation 3).
+label or text embedding (the conditioning family's `Condition.summary`: a one-hot label, the pooled text embedding),
+by projection (Miyato & Koyama 2018, "cGANs with projection discriminator", Equation 3).
 
 Backbones (the `discriminator` config group):
 - `UNetEncoderFeatures`: the teacher UNet's down-block and mid-block outputs (LADD); frozen, shared with the teacher.
