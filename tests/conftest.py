@@ -134,3 +134,24 @@ def tiny_cond_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:
         attention_head_dim=4,
         norm_num_groups=8,
     )
+
+
+@pytest.fixture(scope="session")
+def text_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text-conditioned latent model (tiny VAE, 1-layer text encoder from the captions, 16/32-channel UNet) trained
+    for 2 steps: the teacher of the text distillation tests (turbo, lcm, dmd2)."""
+    root = tmp_path_factory.mktemp("text")
+    tiny_vae().save_pretrained(root / "vae")
+    return _trained_checkpoint(
+        root,
+        "text",
+        "model=latent",
+        f"model.vae={root / 'vae'}",
+        "model.text_hidden_size=16",
+        "model.text_layers=1",
+        "model.text_heads=2",
+        "net.block_out_channels=[16,32]",
+        "net.cross_attention_dim=16",
+        "net.attention_head_dim=4",
+        "net.norm_num_groups=8",
+    )

@@ -26,7 +26,8 @@ from lightdiff.checkpointing import AtomicCheckpointIO
 from lightdiff.config import ConfigError, build
 from lightdiff.data import ShapesDataModule
 from lightdiff.data.image_folder import ImageFolderDataset
-from lightdiff.methods.turbo import FROZEN_PREFIXES, load_teacher
+from lightdiff.methods.teacher import load_teacher
+from lightdiff.methods.turbo import FROZEN_PREFIXES
 from lightdiff.nets.feature_discriminator import ViTFeatures
 from lightdiff.sample import reference_data
 from lightdiff.sample import run as sample_run

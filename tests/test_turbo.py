@@ -12,7 +12,7 @@ from transformers import Dinov2Config, Dinov2Model
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import DDPM, NoiseSchedule, distillation_distance, distillation_weight, trailing_timesteps
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, r1_penalty
-from lightdiff.methods.turbo import load_teacher
+from lightdiff.methods.teacher import load_teacher
 from lightdiff.nets.feature_discriminator import UNetEncoderFeatures
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
@@ -135,10 +135,10 @@ def test_teacher_and_frozen_backbone_are_bit_identical_student_moved(teacher_ckp
     trainer, _ = student_run
     module = trainer.lightning_module
     reference = load_teacher(str(teacher_ckpt)).net.state_dict()
-    for name, value in module.teacher.state_dict().items():
+    for name, value in module.teacher.net.state_dict().items():
         assert torch.equal(value, reference[name]), name
     assert isinstance(module.discriminator.backbone, UNetEncoderFeatures)
-    assert module.discriminator.backbone.unet is module.teacher  # LADD: the teacher is the feature network
+    assert module.discriminator.backbone.unet is module.teacher.net  # LADD: the teacher is the feature network
     assert not any(p.requires_grad for p in module.teacher.parameters())
     moved = [name for name, value in module.net.state_dict().items() if not torch.equal(value, reference[name])]
     assert moved  # the student trained
@@ -332,5 +332,5 @@ def test_a_diffusers_pipeline_folder_is_a_teacher(teacher_ckpt: Path, tmp_path: 
     cfg = compose_config("train", _turbo(tmp_path, folder, "run_name=from_folder", "trainer.max_steps=2"))
     module = train_run(cfg).lightning_module
     reference = load_teacher(str(teacher_ckpt)).net.state_dict()  # the folder holds the same (EMA) weights
-    assert all(torch.equal(value, reference[name]) for name, value in module.teacher.state_dict().items())
+    assert all(torch.equal(value, reference[name]) for name, value in module.teacher.net.state_dict().items())
     assert module.class_names == load_teacher(str(teacher_ckpt)).class_names

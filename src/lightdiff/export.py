@@ -7,7 +7,8 @@ Export layouts, by network and objective (the sampler is the scheduler written t
 - pixel UNet2DModel: `DDPMPipeline` (a flow-matching one too: DDPMPipeline's loop runs FlowMatchEulerDiscreteScheduler);
 - latent UNet2DConditionModel: `StableDiffusionPipeline` (a flow-matching one keeps the layout, but diffusers'
   StableDiffusionPipeline calls `scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks: sample it with
-  lightdiff's sample.py);
+  lightdiff's sample.py); with a guidance-scale input (`model=lcm`), `LatentConsistencyModelPipeline` with
+  LCMScheduler, whose `guidance_scale` is the student's input (lightdiff.json keeps the trained default);
 - latent SD3Transformer2DModel (MMDiT): `StableDiffusion3Pipeline` with `text_encoder_2` = `text_encoder` (lightdiff
   trains one CLIPTextModelWithProjection, and SD3 concatenates the two encoders' outputs) and no T5; diffusers
   reproduces lightdiff's samples with `max_sequence_length=0` (no zero T5 tokens appended; see nets/denoiser.py);
@@ -25,7 +26,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from diffusers import DDPMPipeline, SchedulerMixin, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (
+    DDPMPipeline,
+    LatentConsistencyModelPipeline,
+    SchedulerMixin,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
 
 from lightdiff.trained import METADATA_FILE, TrainedDenoiser
 
@@ -36,7 +43,10 @@ def _write_ddpm(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pa
 
 def _write_stable_diffusion(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
     text = denoiser.conditioning
-    pipeline = StableDiffusionPipeline(
+    # A latent consistency model (guidance-scale input, LCMScheduler) is diffusers' LatentConsistencyModelPipeline.
+    consistency = bool(denoiser.net.config.time_cond_proj_dim)
+    pipeline_class = LatentConsistencyModelPipeline if consistency else StableDiffusionPipeline
+    pipeline = pipeline_class(
         vae=denoiser.vae,
         text_encoder=text.text_encoder,
         tokenizer=text.tokenizer,
@@ -103,6 +113,8 @@ def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder
         "uses_ema": denoiser.uses_ema,
         "source": denoiser.source,
         "objective": denoiser.objective.state(),
+        # a consistency model's guidance-scale input at sampling (GuidanceEmbedded); None for other families
+        "guidance_scale": getattr(denoiser.conditioning, "guidance_scale", None),
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

@@ -23,9 +23,10 @@ from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import export_pipeline
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
+from lightdiff.nets.conditioning import GuidanceEmbedded
 from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
 from lightdiff.speed import SamplingSpeed, fast_path_difference
-from lightdiff.trained import TrainedDenoiser, load_trained
+from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ def run(cfg: DictConfig) -> Path:
     # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's
     sampler_cfg = cfg.sampler if "_target_" in cfg.sampler else cfg.sampler[denoiser.objective.name]
     # A sampler of the other kind (DDPM vs flow matching) than the model is a ConfigError.
-    scheduler = denoiser.objective.scheduler(instantiate(sampler_cfg))
+    # A model that fits one sampler only (a latent consistency model: LCMScheduler) takes it whatever `sampler` says.
+    factory = REQUIRED_SAMPLERS[denoiser.required_sampler] if denoiser.required_sampler else instantiate(sampler_cfg)
+    scheduler = denoiser.objective.scheduler(factory)
     if denoiser.vae is not None:
         scheduler = for_latents(scheduler)
     scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # e.g. a turbo student's timesteps
@@ -115,6 +118,8 @@ def run(cfg: DictConfig) -> Path:
     classes = getattr(conditioning, "num_classes", None) if "label" in conditioning.reads else None
     labels = _labels(cfg, classes, cfg.num_images)
     guidance_scale = cfg.guidance_scale if prompts is not None else 1.0  # guidance is for text models
+    if isinstance(conditioning, GuidanceEmbedded):  # a consistency model takes the scale as an input, unguided
+        conditioning.guidance_scale, guidance_scale = guidance_scale, 1.0
     if denoiser.vae is not None:
         denoiser.vae.to(device)
 

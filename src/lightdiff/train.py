@@ -82,9 +82,9 @@ def _check_launch(cfg: DictConfig) -> None:
 
 
 UNUSED_GROUP_REASONS = {
-    "net": "model=turbo distils its teacher's network, and the autoencoder's is model.vae",
-    "objective": "model=turbo takes its teacher's objective, and the autoencoder has none",
-    "schedule": "a beta schedule belongs to objective=ddpm (a turbo student takes its teacher's)",
+    "net": "a distillation method (turbo, lcm, dmd2) distils its teacher's network, and the autoencoder's is model.vae",
+    "objective": "a distillation method takes its teacher's objective, and the autoencoder has none",
+    "schedule": "a beta schedule belongs to objective=ddpm (a distilled student takes its teacher's)",
     "discriminator": "only model=turbo takes the discriminator group (the autoencoder's is model.discriminator)",
     "optimizer": "this method builds no optimiser from the group",
 }
@@ -92,7 +92,7 @@ UNUSED_GROUP_REASONS = {
 
 def _check_used_groups(cfg: DictConfig) -> None:
     """A group chosen or set on the command line that the model does not use would be silently ignored: refuse it
-    (model=turbo takes net, objective and schedule from its teacher; objective=flow_matching has no schedule)."""
+    (distillation takes net, objective and schedule from its teacher; objective=flow_matching has no schedule)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():

@@ -16,6 +16,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DiTTransformer2DModel,
+    LCMScheduler,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -28,6 +29,7 @@ from lightdiff.diffusion import FlowMatching, NoiseSchedule, Objective, objectiv
 from lightdiff.nets.conditioning import (
     TEXT_ENCODER_CLASSES,
     Conditioning,
+    GuidanceEmbedded,
     conditioning_from_state,
     label_conditioning,
     takes_text,
@@ -46,6 +48,9 @@ NET_CLASSES: dict[str, type] = {
     "SD3Transformer2DModel": SD3Transformer2DModel,
     "PixArtTransformer2DModel": PixArtTransformer2DModel,
 }
+# Samplers a model may require whatever `sampler=` says (a latent consistency model: LCMScheduler), by class name.
+REQUIRED_SAMPLERS: dict[str, type] = {"LCMScheduler": LCMScheduler}
+LCM_PIPELINE_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default, for LCM folders written elsewhere
 METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
 
 
@@ -59,6 +64,7 @@ class TrainedDenoiser:
     uses_ema: bool  # whether `net` holds the EMA weights
     vae: AutoencoderKL | None = None  # latent models only
     scheduler_overrides: dict | None = None  # sampler settings the model needs (a turbo student: trailing timesteps)
+    required_sampler: str | None = None  # a key of REQUIRED_SAMPLERS: the only sampler that fits (LCM students)
 
 
 def load_checkpoint_file(path: Path) -> dict:
@@ -142,7 +148,14 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         uses_ema=uses_ema,
         vae=vae,
         scheduler_overrides=meta.get("scheduler_overrides"),
+        required_sampler=_required_sampler(meta.get("sampler"), path),
     )
+
+
+def _required_sampler(name: str | None, source: Path) -> str | None:
+    if name is not None and name not in REQUIRED_SAMPLERS:
+        raise ValueError(f"{source}: sampler {name!r} is not one of {sorted(REQUIRED_SAMPLERS)}")
+    return name
 
 
 def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
@@ -184,6 +197,9 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         if isinstance(net, SD3Transformer2DModel):
             _check_lightdiff_sd3_layout(folder, text_encoder)
         conditioning = text_conditioning(net, tokenizer, text_encoder, trainable=False)
+        if getattr(net.config, "time_cond_proj_dim", None):  # a latent consistency model: guidance is an input
+            scale = float(metadata.get("guidance_scale") or LCM_PIPELINE_GUIDANCE_SCALE)
+            conditioning = GuidanceEmbedded(conditioning, scale, net.config.time_cond_proj_dim)
     else:
         conditioning = label_conditioning(net)
     return TrainedDenoiser(
@@ -194,6 +210,7 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         source=str(folder),
         uses_ema=bool(metadata.get("uses_ema", False)),
         vae=vae,
+        required_sampler="LCMScheduler" if scheduler_config.get("_class_name") == "LCMScheduler" else None,
     )
 
 

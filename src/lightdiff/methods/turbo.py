@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import typing
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -44,40 +43,16 @@ from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_distance, distillation_weight
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
+from lightdiff.methods.teacher import FrozenTeacher, few_step_preview
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
-from lightdiff.nets.vae import decode_latents, encode_latents, vae_scale_factor
+from lightdiff.nets.vae import decode_latents
 from lightdiff.sampling import for_latents, generate, preview_inputs, reconfigured
 from lightdiff.speed import prepare_for_training
-from lightdiff.trained import TrainedDenoiser, load_trained
 
 # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
 FROZEN_PREFIXES = ("teacher.", "discriminator.backbone.unet.")
-
-
-def load_teacher(source: str) -> TrainedDenoiser:
-    """A lightdiff checkpoint (pixel, latent or turbo), a diffusers pipeline folder, or a hub id of one."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(source))
-        except Exception as error:  # offline, unknown id, no access
-            raise ConfigError(
-                f"model.teacher={source!r} is neither a file, a folder nor a reachable hub id ({error})"
-            ) from error
-    try:
-        teacher = load_trained(path)
-    except ValueError as error:
-        raise ConfigError(f"model.teacher={source!r}: {error}") from error
-    if not isinstance(teacher, TrainedDenoiser):
-        raise ConfigError(
-            f"model.teacher={source!r} is an autoencoder checkpoint; give a pixel or latent diffusion checkpoint "
-            "or a diffusers pipeline folder"
-        )
-    return teacher
 
 
 class TurboDistillation(pl.LightningModule):
@@ -121,77 +96,45 @@ class TurboDistillation(pl.LightningModule):
             raise ConfigError(
                 f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
             )
-        if data.cache_latents:
-            raise ConfigError("data.cache_latents=true is for model=latent; model=turbo encodes on the fly")
-        loaded = load_teacher(teacher)
-        if isinstance(loaded.net, SD3Transformer2DModel):
+        self.teacher = FrozenTeacher(teacher, data, teacher_guidance_scale, "turbo")
+        if isinstance(self.teacher.net, SD3Transformer2DModel):
             raise ConfigError(f"model.teacher={teacher!r} is an SD3 transformer (MMDiT); turbo distils UNets and DiTs")
-        self.teacher_source = teacher
-        self.teacher_objective = loaded.objective
         # The student walks the teacher's path; it may parametrise its output otherwise (student_prediction_type).
-        self.objective = loaded.objective.with_prediction_type(student_prediction_type)
+        self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         self.student_timesteps = self.objective.student_timesteps(4, student_timesteps)
-        self.teacher = loaded.net.requires_grad_(False).eval()
-        self.net = copy.deepcopy(loaded.net).requires_grad_(True).train()  # the student
-        self.vae = loaded.vae.requires_grad_(False).eval() if loaded.vae is not None else None
-        self.conditioning = loaded.conditioning.requires_grad_(False).eval()
-        self.class_names = loaded.class_names if loaded.class_names is not None else data.class_names
-        self.conditioning.check(self.net, data)
-        teacher_pixels = self.net.config.sample_size * (vae_scale_factor(self.vae) if self.vae is not None else 1)
-        if teacher_pixels != data.resolution:
-            raise ConfigError(f"data.resolution={data.resolution} differs from the teacher's {teacher_pixels} px")
+        self.net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the student
+        self.vae, self.conditioning = self.teacher.vae, self.teacher.conditioning  # shared, frozen
+        self.class_names = self.teacher.class_names
         self.compile_net = compile  # not `self.compile`: that is nn.Module's method
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
         backbone = getattr(discriminator, "keywords", {}).get("backbone")
-        if backbone is None and not hasattr(self.teacher, "down_blocks"):
+        if backbone is None and not hasattr(self.teacher.net, "down_blocks"):
             raise ConfigError(
                 f"discriminator=teacher reads a UNet teacher's encoder; model.teacher={teacher!r} is a "
-                f"{type(self.teacher).__name__}: use discriminator=dinov2 or discriminator=patchgan"
+                f"{type(self.teacher.net).__name__}: use discriminator=dinov2 or discriminator=patchgan"
             )
         self.discriminator = discriminator(
-            backbone=backbone if backbone is not None else UNetEncoderFeatures(self.teacher),
+            backbone=backbone if backbone is not None else UNetEncoderFeatures(self.teacher.net),
             condition_dim=self.conditioning.summary_dim,
             num_train_timesteps=self.objective.num_train_timesteps,
         )
         self.distill_weight, self.distill_weighting = distill_weight, distill_weighting
-        self.teacher_guidance_scale = teacher_guidance_scale
         self.r1_weight = r1_weight
         self.disc_noise_mean, self.disc_noise_std, self.disc_updates = disc_noise_mean, disc_noise_std, disc_updates
         self.optimizer_factory, self.lr, self.disc_lr = optimizer, lr, disc_lr
         self.max_grad_norm = max_grad_norm
         self.teacher_steps = teacher_steps
-        self._teacher_previews: dict[tuple[int, ...], torch.Tensor] = {}  # the teacher never changes
 
     @property
     def metric_steps(self) -> list[int]:
         """The step counts FID is measured at (metrics=fid): 1, 2 and 4, those the student has timesteps for."""
         return [n for n in (1, 2, 4) if n <= len(self.student_timesteps)]
 
-    def train(self, mode: bool = True) -> TurboDistillation:
-        super().train(mode)
-        for frozen in (self.teacher, self.vae, self.conditioning):  # frozen networks stay in inference mode
-            if frozen is not None:
-                frozen.eval()
-        return self
-
-    # ----- the networks as x_0 predictors -------------------------------------------------------------------
+    # ----- the student as an x_0 predictor -----------------------------------------------------------------
 
     def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         return self.objective.predicted_x0(network_output(self.net, x_t, t, condition), x_t, t)
-
-    @torch.no_grad()
-    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, batch: dict) -> torch.Tensor:
-        """The teacher's x_0, guided where its family has an unconditional input: x0(x, uncond) + w (x0(x, c) -
-        x0(x, uncond)) (Ho & Salimans 2022)."""
-        output = network_output(self.teacher, x_t, t, condition)
-        prediction = self.teacher_objective.predicted_x0(output, x_t, t)
-        if self.teacher_guidance_scale == 1.0 or not self.conditioning.reads or not self.conditioning.has_unconditional:
-            return prediction
-        unconditional = self.conditioning(self.conditioning.without_condition(batch, [True] * len(x_t)))
-        output = network_output(self.teacher, x_t, t, unconditional)
-        unconditional_x0 = self.teacher_objective.predicted_x0(output, x_t, t)
-        return unconditional_x0 + self.teacher_guidance_scale * (prediction - unconditional_x0)
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.objective.noised(x0, torch.randn_like(x0), t)
@@ -210,7 +153,7 @@ class TurboDistillation(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer_student, optimizer_disc = self.optimizers()
-        x0 = batch["pixel_values"] if self.vae is None else encode_latents(self.vae, batch["pixel_values"])
+        x0 = self.teacher.encode(batch["pixel_values"])
         with torch.no_grad():
             condition = self.conditioning(batch)
         size = len(x0)
@@ -226,10 +169,10 @@ class TurboDistillation(pl.LightningModule):
         adversarial_loss = hinge_generator_loss(
             self.discriminator(self.discriminator_view(student_x0, t_disc), t_disc, condition)
         )
-        t = self.teacher_objective.uniform_timesteps(size, self.device)
-        weight = distillation_weight(self.distill_weighting, *self.teacher_objective.alpha_sigma(t))
-        x_t = self.teacher_objective.noised(student_x0.detach(), torch.randn_like(student_x0), t)
-        teacher_x0 = self.teacher_x0(x_t, t, condition, batch)
+        t = self.teacher.objective.uniform_timesteps(size, self.device)
+        weight = distillation_weight(self.distill_weighting, *self.teacher.objective.alpha_sigma(t))
+        x_t = self.teacher.objective.noised(student_x0.detach(), torch.randn_like(student_x0), t)
+        teacher_x0 = self.teacher.x0(x_t, t, condition, batch)
         distill_loss = distillation_distance(student_x0, teacher_x0, weight)
         loss = adversarial_loss + self.distill_weight * distill_loss
         optimizer_student.zero_grad(set_to_none=True)
@@ -313,34 +256,17 @@ class TurboDistillation(pl.LightningModule):
         scheduler = for_latents(scheduler) if self.vae is not None else scheduler
         return reconfigured(scheduler, self.objective.few_step_overrides)
 
-    def teacher_scheduler(self, sampler: SchedulerFactory) -> SchedulerMixin:
-        """The grid's sampler where it fits the teacher's objective, else the objective's own."""
-        factory = sampler if self.teacher_objective.accepts(sampler) else self.teacher_objective.default_sampler
-        scheduler = self.teacher_objective.scheduler(factory)
-        return for_latents(scheduler) if self.vae is not None else scheduler
-
     @torch.no_grad()
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
         """The student at min(steps, its timesteps) steps (what the metrics judge); the grid shows, per seed, the
         student at 1, 2 and 4 steps (those within its timesteps) next to the teacher at `teacher_steps`."""
-        captions = self.trainer.datamodule.captions()
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions)
+        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
 
-        def draw(net: torch.nn.Module, scheduler: SchedulerMixin, count: int, guidance: float = 1.0) -> torch.Tensor:
-            return generate(net, scheduler, count, seeds, self.conditioning, inputs, guidance, vae=self.vae)
+        def draw(count: int) -> torch.Tensor:
+            return generate(self.net, self.student_scheduler(), count, seeds, self.conditioning, inputs, vae=self.vae)
 
-        student = {n: draw(self.net, self.student_scheduler(), n) for n in self.metric_steps}
-        key = tuple(int(seed) for seed in seeds)
-        if key not in self._teacher_previews:
-            guidance = self.teacher_guidance_scale if self.conditioning.has_unconditional else 1.0
-            self._teacher_previews[key] = draw(
-                self.teacher, self.teacher_scheduler(sampler), self.teacher_steps, guidance
-            ).cpu()
-        teacher = self._teacher_previews[key].to(self.device)
-        grid = torch.stack([*(student[n] for n in self.metric_steps), teacher], dim=1).flatten(0, 1)
-        judged = min(steps, len(self.student_timesteps))
-        images = student[judged] if judged in student else draw(self.net, self.student_scheduler(), judged)
-        return Preview(images=images, labels=labels, grid_images=grid)
+        teacher = self.teacher.preview(seeds, inputs, sampler, self.teacher_steps)
+        return few_step_preview(draw, self.metric_steps, teacher, min(steps, len(self.student_timesteps)), labels)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
@@ -355,8 +281,8 @@ class TurboDistillation(pl.LightningModule):
         checkpoint["lightdiff"] = {
             # the student's objective (its prediction type); the teacher's below
             **denoiser_metadata("turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names),
-            "teacher_objective": self.teacher_objective.state(),
+            "teacher_objective": self.teacher.objective.state(),
             "student_timesteps": self.student_timesteps,
             "scheduler_overrides": self.objective.few_step_overrides,
-            "teacher": self.teacher_source,
+            "teacher": self.teacher.source,
         }

@@ -13,7 +13,8 @@ The families:
 - `CLIPText`: one CLIP encoder's last hidden states as cross-attention keys, as `StableDiffusionPipeline` makes them
   (`UNet2DConditionModel`; `PixArtTransformer2DModel`, with no size conditioning);
 - `SD3CLIPText`: SD3's joint-attention text stream and pooled vector made from one CLIP encoder standing in for
-  SD3's two (`SD3Transformer2DModel`; see the class).
+  SD3's two (`SD3Transformer2DModel`; see the class);
+- `GuidanceEmbedded`: a text family plus the guidance-scale input of a latent consistency model (`model=lcm`).
 
 What a family is given (`inputs`) is a batch as the data modules serve it, or as the samplers make it: a mapping
 with "label" (a (B,) tensor) and "text" (B captions), of which each family reads what it needs.
@@ -360,6 +361,77 @@ class SD3CLIPText(CLIPText):
         return {**super().state(), "family": "sd3_clip_text", "joint_attention_dim": self.joint_attention_dim}
 
 
+def guidance_scale_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of w = guidance_scale - 1, scaled by 1000 (VDM's timestep embedding, Kingma et al. 2021;
+    LCM, Section 4.2): (B,) -> (B, dim), as LatentConsistencyModelPipeline's `get_guidance_scale_embedding`."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (guidance.float() * 1000.0)[:, None] * frequencies.to(guidance.device)[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(embedding, (0, 1)) if dim % 2 == 1 else embedding
+
+
+class GuidanceEmbedded(nn.Module):
+    """A text family plus LCM's guidance-scale input (`timestep_cond`, Luo et al. 2023, Section 4.2): a student
+    distilled from classifier-free guidance at scale w + 1 takes w as an input, so it samples unguided, one network
+    call per step, as LatentConsistencyModelPipeline does with its `guidance_scale`. A batch may carry its own
+    per-sample scales ("guidance_scale", (B,)), as LCM training draws them; otherwise `guidance_scale` applies."""
+
+    has_unconditional = False  # the guidance is an input: no unconditional twin, no guidance at sampling
+
+    def __init__(
+        self,
+        text: CLIPText,  # the teacher's text family (its encoder stays frozen)
+        guidance_scale: float,  # the scale samples are drawn at (the pipeline's guidance_scale)
+        embedding_dim: int,  # the network's time_cond_proj_dim
+    ) -> None:
+        super().__init__()
+        self.text = text
+        self.guidance_scale = guidance_scale
+        self.embedding_dim = embedding_dim
+        self.reads = text.reads
+        self.summary_dim = text.summary_dim
+
+    @property
+    def text_encoder(self) -> nn.Module:  # what an exporter writes, as for the text family itself
+        return self.text.text_encoder
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.text.tokenizer
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        self.text.check(net, data)
+        width = getattr(net.config, "time_cond_proj_dim", None)
+        if width != self.embedding_dim:
+            raise ConfigError(
+                f"the network's time_cond_proj_dim={width} differs from the guidance embedding's {self.embedding_dim}"
+            )
+
+    def forward(self, inputs: Inputs) -> Condition:
+        condition = self.text(inputs)
+        states = condition.kwargs["encoder_hidden_states"]
+        scales = inputs.get("guidance_scale")
+        if scales is None:
+            scales = torch.full((len(states),), self.guidance_scale)
+        embedding = guidance_scale_embedding(torch.as_tensor(scales).to(states.device) - 1, self.embedding_dim)
+        return Condition({**condition.kwargs, "timestep_cond": embedding.to(states.dtype)}, condition.summary)
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return self.text.without_condition(inputs, which, negative_prompt)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": "guidance_embedded",
+            "guidance_scale": self.guidance_scale,
+            "embedding_dim": self.embedding_dim,
+            "text": self.text.state(),
+        }
+
+
 # ----- which family a network takes --------------------------------------------------------------------------------
 
 TEXT_NETS = (UNet2DConditionModel, SD3Transformer2DModel, PixArtTransformer2DModel)
@@ -479,6 +551,9 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "class_labels": lambda state: ClassLabels(state["num_classes"]),
     "clip_text": _text_from_state,
     "sd3_clip_text": _text_from_state,
+    "guidance_embedded": lambda state: GuidanceEmbedded(
+        _text_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]
+    ),
 }
 
 

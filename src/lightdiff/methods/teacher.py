@@ -1,0 +1,153 @@
+"""The frozen teacher that every distillation method shares (model=turbo, model=lcm, model=dmd2), as one piece.
+
+A teacher is a trained denoiser (`lightdiff.trained.TrainedDenoiser`: a lightdiff checkpoint, a diffusers pipeline
+folder or a hub id of one) with its objective, VAE and conditioning family. `FrozenTeacher` holds it frozen, checks
+that it fits the data, encodes batches into its space, gives its (guided) x_0 prediction, and draws the preview
+column the grids show next to the student. `few_step_preview` is the grid every distilled student shows: the
+student at 1, 2 and 4 steps beside the teacher, per seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import SchedulerMixin
+from torch import nn
+
+from lightdiff.config import ConfigError
+from lightdiff.contract import Preview
+from lightdiff.data import ImageDataModule
+from lightdiff.diffusion import SchedulerFactory
+from lightdiff.nets.conditioning import Condition, Inputs
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.vae import encode_latents, vae_scale_factor
+from lightdiff.sampling import for_latents, generate
+from lightdiff.trained import TrainedDenoiser, load_trained
+
+
+def load_teacher(source: str) -> TrainedDenoiser:
+    """A lightdiff checkpoint (pixel, latent or a distilled student), a diffusers pipeline folder, or a hub id."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source))
+        except Exception as error:  # offline, unknown id, no access
+            raise ConfigError(
+                f"model.teacher={source!r} is neither a file, a folder nor a reachable hub id ({error})"
+            ) from error
+    try:
+        teacher = load_trained(path)
+    except ValueError as error:
+        raise ConfigError(f"model.teacher={source!r}: {error}") from error
+    if not isinstance(teacher, TrainedDenoiser):
+        raise ConfigError(
+            f"model.teacher={source!r} is an autoencoder checkpoint; give a pixel or latent diffusion checkpoint "
+            "or a diffusers pipeline folder"
+        )
+    return teacher
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher's network, VAE and conditioning family, frozen and in inference mode whatever the method does."""
+
+    def __init__(
+        self,
+        source: str,  # model.teacher
+        data: ImageDataModule,  # must be what the teacher was trained on
+        guidance_scale: float,  # its classifier-free guidance where its family has an unconditional input
+        method: str,  # the method's model= name, for messages
+    ) -> None:
+        super().__init__()
+        if data.cache_latents:
+            raise ConfigError(f"data.cache_latents=true is for model=latent; model={method} encodes on the fly")
+        loaded = load_teacher(source)
+        self.source = source
+        self.objective = loaded.objective
+        self.net = loaded.net.requires_grad_(False).eval()
+        self.vae = loaded.vae.requires_grad_(False).eval() if loaded.vae is not None else None
+        self.conditioning = loaded.conditioning.requires_grad_(False).eval()
+        self.class_names = loaded.class_names if loaded.class_names is not None else data.class_names
+        self.guidance_scale = guidance_scale
+        self.conditioning.check(self.net, data)
+        pixels = self.net.config.sample_size * (vae_scale_factor(self.vae) if self.vae is not None else 1)
+        if pixels != data.resolution:
+            raise ConfigError(f"data.resolution={data.resolution} differs from the teacher's {pixels} px")
+        self._previews: dict[tuple[Any, ...], torch.Tensor] = {}  # the teacher never changes: drawn once per seeds
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    @property
+    def can_guide(self) -> bool:
+        """Whether its family has an unconditional input to guide with (text; not labels, not an unconditional net)."""
+        return bool(self.conditioning.reads) and self.conditioning.has_unconditional
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A batch's images in the teacher's space: themselves, or their VAE latents."""
+        return pixels if self.vae is None else encode_latents(self.vae, pixels)
+
+    @torch.no_grad()
+    def x0(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        condition: Condition,
+        batch: Inputs,
+        guidance_scale: float | torch.Tensor | None = None,  # None: the teacher's; a (B,) tensor: one per sample
+    ) -> torch.Tensor:
+        """The teacher's x_0, guided where its family has an unconditional input: x0(x, uncond) + w (x0(x, c) -
+        x0(x, uncond)) (Ho & Salimans 2022), both halves in one network call."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if not self.can_guide or (not torch.is_tensor(scale) and scale == 1.0):
+            return self.objective.predicted_x0(network_output(self.net, x_t, t, condition), x_t, t)
+        unconditional = self.conditioning(self.conditioning.without_condition(batch, [True] * len(x_t)))
+        both = unconditional.to(x_t.device).cat(condition)
+        x_twice, t_twice = torch.cat([x_t, x_t]), torch.cat([t, t])
+        unconditional_x0, conditional_x0 = (
+            self.objective.predicted_x0(network_output(self.net, x_twice, t_twice, both), x_twice, t_twice)
+            .float()
+            .chunk(2)
+        )
+        if torch.is_tensor(scale):
+            scale = scale.float().reshape(-1, *([1] * (x_t.ndim - 1)))
+        return unconditional_x0 + scale * (conditional_x0 - unconditional_x0)
+
+    def scheduler(self, sampler: SchedulerFactory) -> SchedulerMixin:
+        """The grid's sampler where it fits the teacher's objective, else the objective's own."""
+        factory = sampler if self.objective.accepts(sampler) else self.objective.default_sampler
+        scheduler = self.objective.scheduler(factory)
+        return for_latents(scheduler) if self.vae is not None else scheduler
+
+    @torch.no_grad()
+    def preview(self, seeds: Sequence[int], inputs: Inputs, sampler: SchedulerFactory, steps: int) -> torch.Tensor:
+        """The teacher's images for `seeds` (guided for text), drawn once and kept on the CPU."""
+        key = (tuple(int(seed) for seed in seeds), steps)
+        if key not in self._previews:
+            guidance = self.guidance_scale if self.can_guide else 1.0
+            images = generate(
+                self.net, self.scheduler(sampler), steps, seeds, self.conditioning, inputs, guidance, vae=self.vae
+            )
+            self._previews[key] = images.cpu()
+        return self._previews[key]
+
+
+def few_step_preview(
+    draw_student: Callable[[int], torch.Tensor],  # steps -> the student's images for the grid's seeds
+    metric_steps: Sequence[int],  # the student's step counts shown (1, 2, 4, those it can take)
+    teacher_images: torch.Tensor,  # the teacher's images for the same seeds
+    judged_steps: int,  # the step count the metrics judge
+    labels: torch.Tensor | None,
+) -> Preview:
+    """The grid of a distilled student: per seed, the student at each of `metric_steps` then the teacher; the metrics
+    judge the student at `judged_steps`."""
+    student = {steps: draw_student(steps) for steps in metric_steps}
+    device = student[metric_steps[0]].device
+    grid = torch.stack([*(student[n] for n in metric_steps), teacher_images.to(device)], dim=1).flatten(0, 1)
+    images = student[judged_steps] if judged_steps in student else draw_student(judged_steps)
+    return Preview(images=images, labels=labels, grid_images=grid)
