@@ -7,7 +7,8 @@ label or text embedding (the conditioning family's `Condition.summary`: a one-ho
 by projection (Miyato & Koyama 2018, "cGANs with projection discriminator", Equation 3).
 
 Backbones (the `discriminator` config group):
-- `UNetEncoderFeatures`: the teacher UNet's down-block and mid-block outputs (LADD); frozen, shared with the teacher.
+- `UNetEncoderFeatures`: the teacher UNet's down-block and mid-block outputs (LADD); frozen, shared with the teacher
+  (or DMD2's fake-score UNet's bottleneck, trained with the heads).
 - `ViTFeatures`: hidden states of a transformers vision transformer (DINOv2 for ADD) loaded with `from_pretrained`
   from a folder or hub id; frozen. Takes pixels in [-1, 1].
 - `PatchFeatures`: PatchGAN-like strided convolutions trained from scratch (no frozen network at all).
@@ -32,19 +33,23 @@ class _StopForward(Exception):
 
 
 class UNetEncoderFeatures(nn.Module):
-    """Outputs of each down block and of the mid block of a frozen diffusers UNet, at (x_t, t, condition)."""
+    """Outputs of each down block and of the mid block of a diffusers UNet, at (x_t, t, condition): of the frozen
+    teacher (LADD), or of a network that trains with the heads (`trainable`: DMD2's fake-score network, whose
+    classifier reads its bottleneck alone, `mid_block_only`)."""
 
-    trainable = False
-    noised_inputs = True  # it reads the teacher at re-noised inputs (LADD)
+    noised_inputs = True  # it reads the network at re-noised inputs
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, trainable: bool = False, mid_block_only: bool = False) -> None:
         super().__init__()
-        self.unet = unet.requires_grad_(False).eval()
+        self.unet = unet if trainable else unet.requires_grad_(False).eval()
+        self.trainable = trainable
+        self.mid_block_only = mid_block_only
         block_channels = list(unet.config.block_out_channels)
-        self.channels = [*block_channels, block_channels[-1]]  # each down block, then the mid block
+        # each down block, then the mid block (whose width is the last down block's)
+        self.channels = [block_channels[-1]] if mid_block_only else [*block_channels, block_channels[-1]]
 
     def train(self, mode: bool = True) -> UNetEncoderFeatures:
-        return super().train(False)  # frozen: dropout and norms stay in inference mode
+        return super().train(mode and self.trainable)  # frozen: dropout and norms stay in inference mode
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
         captured: list[torch.Tensor] = []
@@ -56,7 +61,7 @@ class UNetEncoderFeatures(nn.Module):
             captured.append(output[0] if isinstance(output, tuple) else output)
             raise _StopForward
 
-        handles = [block.register_forward_hook(keep) for block in self.unet.down_blocks]
+        handles = [] if self.mid_block_only else [block.register_forward_hook(keep) for block in self.unet.down_blocks]
         handles.append(self.unet.mid_block.register_forward_hook(stop))
         try:
             network_output(self.unet, x_t, timesteps, condition)  # the teacher's own call, with all its conditioning

@@ -1,0 +1,278 @@
+"""DMD2: distribution matching distillation into a 1-4 step student (`model=dmd2`).
+
+Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis" (arXiv 2405.14867), on DMD
+(Yin et al. 2023, arXiv 2311.18828). Three networks start as the teacher's: the student G (trained), the frozen
+teacher ("real score") and a "fake score" network that learns the distribution of G's samples; a classifier head on
+the fake network's bottleneck makes the GAN term. Every batch:
+
+1. G makes samples from pure noise at the student's timesteps: a 1-step student denoises T - 1; a multi-step one
+   picks a step i, runs itself from noise through the steps before i without gradient (denoise, re-noise at the
+   next timestep: "backward simulation", DMD2 Section 4.5) and denoises at t_i;
+2. every `fake_updates`-th batch, G's update (two time-scale update rule, DMD2 Section 4.2): the distribution-
+   matching gradient (DMD, Equation 7) at x_t = noised(G's x_0, t), t ~ U[`min_t`, `max_t`] of the schedule,
+   grad = (x0_fake(x_t) - x0_real(x_t)) / mean|x_0 - x0_real(x_t)|, the teacher guided at `real_guidance_scale`,
+   applied as 0.5 ||x_0 - sg(x_0 - grad)||^2; plus `gen_gan_weight` x softplus(-D(G's x_0)) (non-saturating GAN);
+3. the fake network's update on G's samples (detached): the teacher's objective's denoising loss, plus
+   `disc_gan_weight` x the classifier's softplus(D(fake)) + softplus(-D(real)) on data (DMD2 Section 4.3).
+
+The student samples with LCMScheduler on the grid of its timesteps (each step: x_0, then re-noised with fresh noise,
+as it trained; the 4-step DMD2 SDXL recipe in diffusers' docs) and exports the teacher's pipeline with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers import LCMScheduler, SchedulerMixin
+
+from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
+from lightdiff.config import ConfigError
+from lightdiff.contract import Preview
+from lightdiff.data import ImageDataModule
+from lightdiff.diffusion import DDPM, SchedulerFactory, trailing_timesteps, weighted_mse
+from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
+from lightdiff.methods.teacher import FrozenTeacher, few_step_preview
+from lightdiff.nets.conditioning import Condition
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
+from lightdiff.sampling import for_latents, generate, preview_inputs
+from lightdiff.speed import prepare_for_training
+
+# The frozen teacher is reloaded from `teacher`; the classifier's backbone is `fake_net`, saved under that name.
+FROZEN_PREFIXES = ("teacher.", "classifier.backbone.unet.")
+
+
+class DistributionMatchingDistillation(pl.LightningModule):
+    """Distils `teacher` into a 1-4 step student (`self.net`) by distribution matching against a fake-score network."""
+
+    distance_prefix = ""
+
+    def __init__(
+        self,
+        data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
+        teacher: str,  # lightdiff checkpoint or diffusers pipeline folder / hub id of a DDPM teacher with a UNet
+        student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1; [999]: 1-step
+        student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
+        real_guidance_scale: float = 4.0,  # the teacher's guidance in the matching gradient (text models)
+        fake_updates: int = 5,  # fake-network updates per student update (DMD2's TTUR ratio)
+        min_t: float = 0.02,  # the matching gradient's noise levels, as fractions of the schedule
+        max_t: float = 0.98,
+        gen_gan_weight: float = 3e-3,  # weight of the student's GAN term
+        disc_gan_weight: float = 1e-2,  # weight of the classifier's GAN loss in the fake network's update
+        classifier_channels: int = 64,  # width of the classifier head on the fake network's bottleneck
+        optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser, for both
+        lr: float = 1e-5,  # the student's learning rate
+        fake_lr: float = 1e-5,  # the fake network's and the classifier's
+        max_grad_norm: float | None = 1.0,  # clip each update's gradient norm (None: off)
+        teacher_steps: int = 50,  # the teacher's steps in the preview grids
+        compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
+        channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU
+        gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave out the frozen teacher: it is reloaded from `teacher`
+        if fake_updates < 1:
+            raise ConfigError(f"model.fake_updates={fake_updates} must be at least 1")
+        if not 0 <= min_t < max_t <= 1:
+            raise ConfigError(f"model.min_t={min_t} and model.max_t={max_t} must satisfy 0 <= min_t < max_t <= 1")
+        if gen_gan_weight < 0 or disc_gan_weight < 0:
+            raise ConfigError(
+                f"model.gen_gan_weight={gen_gan_weight} and disc_gan_weight={disc_gan_weight} must be >= 0"
+            )
+        self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2")
+        if not isinstance(self.teacher.objective, DDPM) or not hasattr(self.teacher.net, "mid_block"):
+            raise ConfigError(
+                f"model=dmd2 distils DDPM teachers with a UNet (its classifier reads the bottleneck, its student "
+                f"samples with LCMScheduler); model.teacher={teacher!r} is a {type(self.teacher.net).__name__} "
+                f"trained with objective={self.teacher.objective.name}: use model=turbo"
+            )
+        self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
+        self.student_timesteps = [int(t) for t in self.objective.student_timesteps(4, student_timesteps)]
+        if self.student_timesteps != trailing_timesteps(
+            self.objective.num_train_timesteps, len(self.student_timesteps)
+        ):
+            raise ConfigError(
+                f"model.student_timesteps={self.student_timesteps}: the student samples with LCMScheduler, whose grid "
+                "is n steps evenly spaced ending at T - 1 (e.g. [999, 749, 499, 249] or [999])"
+            )
+        self.net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the student
+        self.fake_net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the fake score
+        self.classifier = FeatureDiscriminator(
+            UNetEncoderFeatures(self.fake_net, trainable=True, mid_block_only=True),
+            head_channels=classifier_channels,
+            num_train_timesteps=self.objective.num_train_timesteps,
+        )
+        self.vae, self.conditioning = self.teacher.vae, self.teacher.conditioning  # shared, frozen
+        self.class_names = self.teacher.class_names
+        self.fake_updates, self.min_t, self.max_t = fake_updates, min_t, max_t
+        self.gen_gan_weight, self.disc_gan_weight = gen_gan_weight, disc_gan_weight
+        self.optimizer_factory, self.lr, self.fake_lr = optimizer, lr, fake_lr
+        self.max_grad_norm = max_grad_norm
+        self.teacher_steps = teacher_steps
+        self.compile_net, self.channels_last = compile, channels_last
+        self.gradient_checkpointing = gradient_checkpointing
+        # Batches trained so far: which of them update the student; in the state dict, so a resume keeps the rhythm.
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+
+    @property
+    def metric_steps(self) -> list[int]:
+        return [n for n in (1, 2, 4) if n <= len(self.student_timesteps)]
+
+    # ----- the student's samples ----------------------------------------------------------------------------
+
+    def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        return self.objective.predicted_x0(network_output(self.net, x_t, t, condition), x_t, t)
+
+    def student_samples(self, like: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """G's x_0 from pure noise, with gradient through its last call only (backward simulation, DMD2 Sec. 4.5)."""
+        size, device = len(like), like.device
+        last = int(torch.randint(0, len(self.student_timesteps), ()).item())
+        x_t = torch.randn_like(like)
+        with torch.no_grad():
+            for index in range(last):
+                t = torch.full((size,), self.student_timesteps[index], device=device)
+                x0 = self.student_x0(x_t, t, condition)
+                x_t = self.objective.noised(
+                    x0, torch.randn_like(x0), torch.full_like(t, self.student_timesteps[index + 1])
+                )
+        t = torch.full((size,), self.student_timesteps[last], device=device)
+        return self.student_x0(x_t, t, condition)
+
+    def matching_timesteps(self, size: int) -> torch.Tensor:
+        steps = self.objective.num_train_timesteps
+        low, high = int(self.min_t * steps), max(int(self.max_t * steps), int(self.min_t * steps) + 1)
+        return torch.randint(low, high, (size,), device=self.device)
+
+    # ----- training -----------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        optimizer_student, optimizer_fake = self.optimizers()
+        real_x0 = self.teacher.encode(batch["pixel_values"])
+        with torch.no_grad():
+            condition = self.conditioning(batch)
+        size = len(real_x0)
+        logged: dict[str, torch.Tensor] = {}
+
+        # 2. The student's update, every `fake_updates`-th batch.
+        if int(self.batches_seen) % self.fake_updates == 0:
+            self.toggle_optimizer(optimizer_student)
+            fake_x0 = self.student_samples(real_x0, condition)
+            t = self.matching_timesteps(size)
+            with torch.no_grad():
+                x_t = self.objective.noised(fake_x0.detach(), torch.randn_like(fake_x0), t)
+                real_score_x0 = self.teacher.x0(x_t, t, condition, batch)
+                fake_output = network_output(self.fake_net, x_t, t, condition)
+                fake_score_x0 = self.teacher.objective.predicted_x0(fake_output, x_t, t)
+                # DMD, Equation 7 with its normaliser: the gradient's scale is free of the sample's distance.
+                normaliser = (fake_x0.detach() - real_score_x0).abs().flatten(1).mean(dim=1).clamp_min(1e-8)
+                gradient = (fake_score_x0 - real_score_x0) / normaliser.reshape(-1, *([1] * (fake_x0.ndim - 1)))
+                gradient = torch.nan_to_num(gradient)
+            matching_loss = 0.5 * F.mse_loss(fake_x0.float(), (fake_x0 - gradient).detach().float())
+            t_gan = self.matching_timesteps(size)
+            gan_loss = F.softplus(-self.classifier(self.noised(fake_x0, t_gan), t_gan, condition)).mean()
+            loss = matching_loss + self.gen_gan_weight * gan_loss
+            optimizer_student.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            norm = clip_and_measure_gradients(self, self.net.parameters(), self.max_grad_norm)
+            optimizer_student.step()
+            optimizer_student.zero_grad(set_to_none=True)
+            optimizer_fake.zero_grad(set_to_none=True)  # the GAN term reached the fake network: not its update
+            self.untoggle_optimizer(optimizer_student)
+            logged.update({"train/matching_loss": matching_loss, "train/gen_gan_loss": gan_loss})
+            if norm is not None:
+                logged["train/grad_norm"] = norm
+
+        # 3. The fake network learns G's distribution (denoising loss); its classifier tells data from G's samples.
+        self.toggle_optimizer(optimizer_fake)
+        with torch.no_grad():
+            fake_x0 = self.student_samples(real_x0, condition)
+        example = self.teacher.objective.training_example(fake_x0, torch.randn_like(fake_x0))
+        output = network_output(self.fake_net, example.x_t, example.timesteps, condition)
+        denoising_loss = weighted_mse(output, example.target, example.weight)
+        t_gan = self.matching_timesteps(size)
+        logits_fake = self.classifier(self.noised(fake_x0, t_gan), t_gan, condition)
+        logits_real = self.classifier(self.noised(real_x0, t_gan), t_gan, condition)
+        classifier_loss = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+        fake_loss = denoising_loss + self.disc_gan_weight * classifier_loss
+        optimizer_fake.zero_grad(set_to_none=True)
+        self.manual_backward(fake_loss)
+        clip_and_measure_gradients(self, self.classifier.head_parameters(), self.max_grad_norm)
+        optimizer_fake.step()
+        optimizer_fake.zero_grad(set_to_none=True)
+        self.untoggle_optimizer(optimizer_fake)
+        self.batches_seen += 1
+
+        accuracy = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+        logged.update(
+            {
+                "train/fake_denoising_loss": denoising_loss,
+                "train/d_loss": classifier_loss,
+                "train/d_accuracy": accuracy,
+                "train/logits_real": logits_real.mean(),
+                "train/logits_fake": logits_fake.mean(),
+                "train/lr": optimizer_student.param_groups[0]["lr"],
+            }
+        )
+        self.log_dict(logged)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.objective.noised(x0, torch.randn_like(x0), t)
+
+    def configure_model(self) -> None:
+        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        # The classifier's trainable parameters are its heads and its backbone, the fake network.
+        return [
+            self.optimizer_factory(self.net.parameters(), lr=self.lr),
+            self.optimizer_factory(self.classifier.head_parameters(), lr=self.fake_lr),
+        ]
+
+    # ----- sampling -----------------------------------------------------------------------------------------
+
+    @property
+    def scheduler_overrides(self) -> dict[str, Any]:
+        """LCMScheduler whose grid is the student's timesteps: `original_inference_steps` = their count gives the
+        trailing steps T - 1, ... (for 1, 2 and 4 of them); its tiny c_skip (s = 10) leaves the x_0 as is."""
+        return {"original_inference_steps": len(self.student_timesteps)}
+
+    def student_scheduler(self) -> SchedulerMixin:
+        scheduler = self.objective.scheduler(functools.partial(LCMScheduler, **self.scheduler_overrides))
+        return for_latents(scheduler) if self.vae is not None else scheduler
+
+    @torch.no_grad()
+    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+        """The student at min(steps, its timesteps) steps (what the metrics judge); per seed, the grid shows it at
+        1, 2, 4 steps next to the teacher at `teacher_steps`."""
+        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
+
+        def draw(count: int) -> torch.Tensor:
+            return generate(self.net, self.student_scheduler(), count, seeds, self.conditioning, inputs, vae=self.vae)
+
+        teacher = self.teacher.preview(seeds, inputs, sampler, self.teacher_steps)
+        return few_step_preview(draw, self.metric_steps, teacher, min(steps, len(self.student_timesteps)), labels)
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
+        }
+        checkpoint["lightdiff"] = {
+            **denoiser_metadata("dmd2", self.net, self.objective, self.conditioning, self.vae, self.class_names),
+            "teacher_objective": self.teacher.objective.state(),
+            "student_timesteps": self.student_timesteps,
+            "sampler": "LCMScheduler",
+            "scheduler_overrides": self.scheduler_overrides,
+            "teacher": self.teacher.source,
+        }

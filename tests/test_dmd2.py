@@ -1,0 +1,88 @@
+"""DMD2 (model=dmd2): a few offline steps on a text teacher that keep it bit-identical and move the student, the
+fake-score network and its classifier; the two time-scale rhythm; the export that plain diffusers reproduces."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from lightdiff.config import ConfigError
+from lightdiff.methods.teacher import load_teacher
+from lightdiff.sample import run as sample_run
+from lightdiff.train import run as train_run
+from lightdiff.trained import load_checkpoint_file
+
+from .conftest import TINY, compose_config
+
+
+def _dmd2(root: Path, teacher: Path, *extra: str) -> list[str]:
+    return [f"output_root={root}", *TINY, "model=dmd2", f"model.teacher={teacher}", "model.teacher_steps=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def dmd2_run(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("dmd2")
+    # fake_updates=2: batch 0 steps the student and the fake network, batch 1 the fake network only (3 steps).
+    cfg = compose_config(
+        "train", _dmd2(root, text_ckpt, "run_name=dmd2", "trainer.max_steps=3", "model.fake_updates=2")
+    )
+    return train_run(cfg).lightning_module, Path(cfg.run_dir)
+
+
+def test_dmd2_keeps_the_teacher_and_trains_student_fake_network_and_classifier(text_ckpt: Path, dmd2_run) -> None:
+    module, run_dir = dmd2_run
+    teacher = load_teacher(str(text_ckpt)).net.state_dict()
+    assert all(torch.equal(value, teacher[name]) for name, value in module.teacher.net.state_dict().items())
+    student, fake = module.net.state_dict(), module.fake_net.state_dict()
+    assert any(not torch.equal(student[name], value) for name, value in teacher.items())
+    assert any(not torch.equal(fake[name], value) for name, value in teacher.items())
+    assert module.classifier.backbone.unet is module.fake_net  # the GAN term reads the fake network's bottleneck
+    assert int(module.batches_seen) == 2  # two batches: the student stepped on the first only
+    # Two time-scale rule: 1 student update per fake_updates=2 fake-network updates (AdamW's per-parameter steps).
+    student_optimizer, fake_optimizer = (optimizer.optimizer for optimizer in module.optimizers())
+    assert student_optimizer.state[next(module.net.parameters())]["step"].item() == 1
+    assert fake_optimizer.state[next(module.fake_net.parameters())]["step"].item() == 2
+    checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
+    assert not any(k.startswith(("teacher.", "classifier.backbone.unet.")) for k in checkpoint["state_dict"])
+    assert any(k.startswith("fake_net.") for k in checkpoint["state_dict"])
+    assert checkpoint["lightdiff"]["sampler"] == "LCMScheduler"
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_dmd2_export_is_reproduced_by_stable_diffusion_pipeline(dmd2_run, tmp_path: Path, steps: int) -> None:
+    _, run_dir = dmd2_run
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'dmd2'}"]))
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipeline.scheduler, LCMScheduler)
+    pipeline.scheduler.set_timesteps(4)
+    assert pipeline.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # the student's timesteps
+    out = sample_run(
+        compose_config(
+            "sample",
+            [
+                f"ckpt={checkpoint}",
+                f"out={tmp_path / 'ours'}",
+                "num_images=2",
+                f"steps={steps}",
+                "prompt=a red circle",
+                "guidance_scale=1",
+            ],
+        )
+    )
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    generators = [torch.Generator().manual_seed(seed) for seed in range(2)]
+    theirs = pipeline(
+        ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=1.0, generator=generators, output_type="np"
+    ).images
+    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+
+
+def test_dmd2_refuses_what_it_cannot_sample(text_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"student_timesteps=\[999, 500\]: the student samples with LCMScheduler"):
+        train_run(compose_config("train", _dmd2(tmp_path, text_ckpt, "model.student_timesteps=[999,500]")))
+    with pytest.raises(ConfigError, match="model.fake_updates=0 must be at least 1"):
+        train_run(compose_config("train", _dmd2(tmp_path, text_ckpt, "model.fake_updates=0")))
