@@ -27,7 +27,8 @@ def _options(group: str) -> list[str]:
 
 def _group_overrides() -> list[list[str]]:
     cases = []
-    skip = {("model", "turbo"), ("sampler", "auto")}  # turbo needs a teacher (below); auto: sample.py's
+    # Distillation needs a teacher (below); auto is sample.py's.
+    skip = {("model", "turbo"), ("model", "lcm"), ("model", "dmd2"), ("sampler", "auto")}
     for group in ("model", "schedule", "objective", "optimizer", "sampler", "trainer", "logger", "callbacks"):
         cases += [[f"{group}={option}"] for option in _options(group) if (group, option) not in skip]
     # Each net preset with the method it is for: 4-channel presets denoise the latent VAE's latents.
@@ -35,7 +36,8 @@ def _group_overrides() -> list[list[str]]:
     cases += [["model=latent", "net=latent"], ["model=latent", "net=dit"]]
     cases += [[*(["model=latent"] if o in latent_nets else []), f"net={o}"] for o in _options("net") if o != "latent"]
     cases += [["metrics=none"]]
-    cases += [["model=turbo", "model.teacher=TEACHER"]]
+    cases += [["model=turbo", "model.teacher=TEACHER"], ["model=dmd2", "model.teacher=TEACHER"]]
+    cases += [[f"model={method}", "model.teacher=TEXT_TEACHER"] for method in ("turbo", "lcm", "dmd2")]
     cases += [
         ["model=turbo", "model.teacher=TEACHER", f"discriminator={option}"] for option in _options("discriminator")
     ]
@@ -76,13 +78,18 @@ def _installed(package: str) -> bool:
 
 
 @pytest.mark.parametrize("overrides", _group_overrides(), ids=lambda o: " ".join(o))
-def test_every_option_composes_and_builds(overrides: list[str], tmp_path: Path, class_ckpt: Path) -> None:
+def test_every_option_composes_and_builds(
+    overrides: list[str], tmp_path: Path, class_ckpt: Path, text_ckpt: Path
+) -> None:
     """Each option composes, passes the argument check, and builds what it names: the data module, the method for
     that data (its networks, objective, conditioning), its optimisers and schedule, every callback, the sampler,
     the metrics callback, the logger and the trainer. Only what this machine cannot have is left out, by name:
     a download (hub data sets are replaced by a local image folder), a CUDA trainer, optional packages."""
     images = _image_folder(tmp_path)
-    overrides = [o.replace("IMAGES", str(images)).replace("TEACHER", str(class_ckpt)) for o in overrides]
+    teachers = {"TEXT_TEACHER": str(text_ckpt), "TEACHER": str(class_ckpt)}
+    overrides = [o.replace("IMAGES", str(images)) for o in overrides]
+    for placeholder, teacher in teachers.items():  # TEXT_TEACHER first: it contains TEACHER
+        overrides = [o.replace(placeholder, teacher) for o in overrides]
     overrides += _tiny_dinov2(tmp_path) if "discriminator=dinov2" in overrides else []
     cfg = compose_config("train", [f"output_root={tmp_path}", *overrides])
     tiny = ["data.batch_size=4", "trainer.max_steps=10"] + (["data.size=64"] if "size" in cfg.data else [])

@@ -86,3 +86,31 @@ def test_dmd2_refuses_what_it_cannot_sample(text_ckpt: Path, tmp_path: Path) -> 
         train_run(compose_config("train", _dmd2(tmp_path, text_ckpt, "model.student_timesteps=[999,500]")))
     with pytest.raises(ConfigError, match="model.fake_updates=0 must be at least 1"):
         train_run(compose_config("train", _dmd2(tmp_path, text_ckpt, "model.fake_updates=0")))
+
+
+def test_dmd2_resume_is_bit_identical_and_keeps_the_update_rhythm(text_ckpt: Path, tmp_path: Path) -> None:
+    """3 optimiser steps, stop, resume to 6 == 6 at once (student, fake network, classifier, optimisers). Negative
+    control: a resume that forgets how many batches it has seen updates the student on other batches, and differs."""
+    base = _dmd2(tmp_path, text_ckpt, "model.fake_updates=2")
+
+    def final_state(name: str, *steps: int, forget_batches: bool = False) -> dict:
+        for index, max_steps in enumerate(steps):
+            if forget_batches and index > 0:
+                path = tmp_path / name / "checkpoints" / "last.ckpt"
+                checkpoint = torch.load(path, weights_only=True)
+                checkpoint["state_dict"]["batches_seen"].fill_(1)  # off by one: the student's turn moves
+                torch.save(checkpoint, path)
+            train_run(compose_config("train", [*base, f"run_name={name}", f"trainer.max_steps={max_steps}"]))
+        return load_checkpoint_file(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    expected, resumed = final_state("full", 6), final_state("part", 3, 6)
+    assert resumed["global_step"] == expected["global_step"] == 6
+    for key, value in expected["state_dict"].items():  # tensors, and the text family's tokenizer (extra state)
+        other = resumed["state_dict"][key]
+        assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    for expected_optimizer, resumed_optimizer in zip(expected["optimizer_states"], resumed["optimizer_states"]):
+        for index, moments in expected_optimizer["state"].items():
+            assert all(torch.equal(v, resumed_optimizer["state"][index][k]) for k, v in moments.items())
+    forgetful = final_state("forgetful", 3, 6, forget_batches=True)
+    student = [key for key in expected["state_dict"] if key.startswith("net.")]
+    assert any(not torch.equal(expected["state_dict"][key], forgetful["state_dict"][key]) for key in student)

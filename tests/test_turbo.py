@@ -334,3 +334,20 @@ def test_a_diffusers_pipeline_folder_is_a_teacher(teacher_ckpt: Path, tmp_path: 
     reference = load_teacher(str(teacher_ckpt)).net.state_dict()  # the folder holds the same (EMA) weights
     assert all(torch.equal(value, reference[name]) for name, value in module.teacher.net.state_dict().items())
     assert module.class_names == load_teacher(str(teacher_ckpt)).class_names
+
+
+def test_turbo_trains_on_teacher_generated_data(text_ckpt: Path, tmp_path: Path) -> None:
+    """LADD's option: distil on the teacher's own samples (sample.py writes an imagefolder with the prompts)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    folder = tmp_path / "teacher_samples"
+    sample_run(
+        compose_config(
+            "sample", [f"ckpt={text_ckpt}", f"out={folder}", f"prompts_file={prompts}", "num_images=4", "steps=2"]
+        )
+    )
+    overrides = _turbo(tmp_path, text_ckpt, "run_name=synthetic", "data=image_folder", f"data.root={folder}")
+    cfg = compose_config("train", [o for o in overrides if not o.startswith("data.size=")])  # a folder has its size
+    module = train_run(cfg).lightning_module
+    assert sorted(module.trainer.datamodule.captions()) == ["a blue square", "a red circle"]
+    assert (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file()

@@ -33,13 +33,13 @@ from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
-from lightdiff.diffusion import DDPM, SchedulerFactory
+from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.consistency import boundary_scalings, ddim_step, pseudo_huber, solver_timesteps
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
-from lightdiff.methods.teacher import FrozenTeacher, few_step_preview
+from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition, GuidanceEmbedded
 from lightdiff.nets.denoiser import network_output
-from lightdiff.sampling import for_latents, generate, preview_inputs
+from lightdiff.sampling import for_latents
 from lightdiff.speed import prepare_for_training
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
@@ -103,8 +103,8 @@ class ConsistencyDistillation(pl.LightningModule):
                 f"model=lcm distils a text-conditioned UNet (it embeds the guidance scale); model.teacher={teacher!r} "
                 f"is a {type(self.teacher.net).__name__}: use model=turbo or model=dmd2"
             )
-        if not isinstance(self.teacher.objective, DDPM):
-            raise ConfigError(f"model=lcm samples with LCMScheduler (DDPM); model.teacher={teacher!r} is a flow")
+        if not self.teacher.objective.accepts(LCMScheduler):
+            raise ConfigError(f"model=lcm samples with LCMScheduler (DDPM paths); model.teacher={teacher!r} is a flow")
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         self.timesteps = solver_timesteps(self.objective.num_train_timesteps, num_solver_steps)
         self.skip = self.objective.num_train_timesteps // num_solver_steps
@@ -184,8 +184,8 @@ class ConsistencyDistillation(pl.LightningModule):
         if norm is not None:
             self.log("train/grad_norm", norm)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.net.parameters(), lr=self.lr)
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer_factory(self.net.parameters(), lr=self.lr)]
 
     # ----- sampling -----------------------------------------------------------------------------------------
 
@@ -198,18 +198,10 @@ class ConsistencyDistillation(pl.LightningModule):
         factory = functools.partial(LCMScheduler, **self.scheduler_overrides)
         return for_latents(self.objective.scheduler(factory))
 
-    @torch.no_grad()
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
         """The student at min(steps, 4) steps (what the metrics judge); per seed, the grid shows it at 1, 2, 4 steps
         next to the teacher at `teacher_steps` (guided at `sample_guidance_scale`)."""
-        captions = self.trainer.datamodule.captions()
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions)
-
-        def draw(count: int) -> torch.Tensor:
-            return generate(self.net, self.student_scheduler(), count, seeds, self.conditioning, inputs, vae=self.vae)
-
-        teacher = self.teacher.preview(seeds, inputs, sampler, self.teacher_steps)
-        return few_step_preview(draw, self.metric_steps, teacher, min(steps, 4), labels)
+        return few_step_preview(self, seeds, sampler, min(steps, 4))
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
@@ -217,13 +209,11 @@ class ConsistencyDistillation(pl.LightningModule):
         check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
-        }
-        checkpoint["lightdiff"] = {
-            **denoiser_metadata("lcm", self.net, self.objective, self.conditioning, self.vae, self.class_names),
-            "teacher_objective": self.teacher.objective.state(),
-            "sampler": "LCMScheduler",
-            "scheduler_overrides": self.scheduler_overrides,
-            "teacher": self.teacher.source,
-        }
+        student = denoiser_metadata("lcm", self.net, self.objective, self.conditioning, self.vae, self.class_names)
+        save_student(
+            checkpoint,
+            FROZEN_PREFIXES,
+            student,
+            self.teacher,
+            {"sampler": "LCMScheduler", "scheduler_overrides": self.scheduler_overrides},
+        )

@@ -35,13 +35,13 @@ from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
-from lightdiff.diffusion import DDPM, SchedulerFactory, trailing_timesteps, weighted_mse
+from lightdiff.diffusion import SchedulerFactory, trailing_timesteps, weighted_mse
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
-from lightdiff.methods.teacher import FrozenTeacher, few_step_preview
+from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
-from lightdiff.sampling import for_latents, generate, preview_inputs
+from lightdiff.sampling import for_latents
 from lightdiff.speed import prepare_for_training
 
 # The frozen teacher is reloaded from `teacher`; the classifier's backbone is `fake_net`, saved under that name.
@@ -87,7 +87,7 @@ class DistributionMatchingDistillation(pl.LightningModule):
                 f"model.gen_gan_weight={gen_gan_weight} and disc_gan_weight={disc_gan_weight} must be >= 0"
             )
         self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2")
-        if not isinstance(self.teacher.objective, DDPM) or not hasattr(self.teacher.net, "mid_block"):
+        if not self.teacher.objective.accepts(LCMScheduler) or not hasattr(self.teacher.net, "mid_block"):
             raise ConfigError(
                 f"model=dmd2 distils DDPM teachers with a UNet (its classifier reads the bottleneck, its student "
                 f"samples with LCMScheduler); model.teacher={teacher!r} is a {type(self.teacher.net).__name__} "
@@ -247,17 +247,10 @@ class DistributionMatchingDistillation(pl.LightningModule):
         scheduler = self.objective.scheduler(functools.partial(LCMScheduler, **self.scheduler_overrides))
         return for_latents(scheduler) if self.vae is not None else scheduler
 
-    @torch.no_grad()
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
         """The student at min(steps, its timesteps) steps (what the metrics judge); per seed, the grid shows it at
         1, 2, 4 steps next to the teacher at `teacher_steps`."""
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
-
-        def draw(count: int) -> torch.Tensor:
-            return generate(self.net, self.student_scheduler(), count, seeds, self.conditioning, inputs, vae=self.vae)
-
-        teacher = self.teacher.preview(seeds, inputs, sampler, self.teacher_steps)
-        return few_step_preview(draw, self.metric_steps, teacher, min(steps, len(self.student_timesteps)), labels)
+        return few_step_preview(self, seeds, sampler, min(steps, len(self.student_timesteps)))
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
@@ -265,14 +258,15 @@ class DistributionMatchingDistillation(pl.LightningModule):
         check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
-        }
-        checkpoint["lightdiff"] = {
-            **denoiser_metadata("dmd2", self.net, self.objective, self.conditioning, self.vae, self.class_names),
-            "teacher_objective": self.teacher.objective.state(),
-            "student_timesteps": self.student_timesteps,
-            "sampler": "LCMScheduler",
-            "scheduler_overrides": self.scheduler_overrides,
-            "teacher": self.teacher.source,
-        }
+        student = denoiser_metadata("dmd2", self.net, self.objective, self.conditioning, self.vae, self.class_names)
+        save_student(
+            checkpoint,
+            FROZEN_PREFIXES,
+            student,
+            self.teacher,
+            {
+                "student_timesteps": self.student_timesteps,
+                "sampler": "LCMScheduler",
+                "scheduler_overrides": self.scheduler_overrides,
+            },
+        )

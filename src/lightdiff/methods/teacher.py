@@ -3,15 +3,15 @@
 A teacher is a trained denoiser (`lightdiff.trained.TrainedDenoiser`: a lightdiff checkpoint, a diffusers pipeline
 folder or a hub id of one) with its objective, VAE and conditioning family. `FrozenTeacher` holds it frozen, checks
 that it fits the data, encodes batches into its space, gives its (guided) x_0 prediction, and draws the preview
-column the grids show next to the student. `few_step_preview` is the grid every distilled student shows: the
-student at 1, 2 and 4 steps beside the teacher, per seed.
+column the grids show next to the student. `few_step_preview` is the grid every distilled student shows (the
+student at 1, 2 and 4 steps beside the teacher, per seed), `save_student` its checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import SchedulerMixin
@@ -21,10 +21,10 @@ from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
-from lightdiff.nets.conditioning import Condition, Inputs
+from lightdiff.nets.conditioning import Condition, Conditioning, Inputs
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.vae import encode_latents, vae_scale_factor
-from lightdiff.sampling import for_latents, generate
+from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.trained import TrainedDenoiser, load_trained
 
 
@@ -137,17 +137,55 @@ class FrozenTeacher(nn.Module):
         return self._previews[key]
 
 
+class DistilledStudent(Protocol):
+    """What the shared preview reads of a distillation method (turbo, lcm and dmd2 have these members)."""
+
+    net: nn.Module  # the student
+    conditioning: Conditioning  # the student's family
+    teacher: FrozenTeacher
+    class_names: list[str] | None
+    metric_steps: list[int]  # the student's step counts in the grid (1, 2, 4: those it can take)
+    teacher_steps: int
+    trainer: Any  # the Lightning trainer (its data module's captions)
+
+    def student_scheduler(self) -> SchedulerMixin: ...
+
+
+@torch.no_grad()
 def few_step_preview(
-    draw_student: Callable[[int], torch.Tensor],  # steps -> the student's images for the grid's seeds
-    metric_steps: Sequence[int],  # the student's step counts shown (1, 2, 4, those it can take)
-    teacher_images: torch.Tensor,  # the teacher's images for the same seeds
-    judged_steps: int,  # the step count the metrics judge
-    labels: torch.Tensor | None,
+    method: DistilledStudent, seeds: Sequence[int], sampler: SchedulerFactory, judged_steps: int
 ) -> Preview:
-    """The grid of a distilled student: per seed, the student at each of `metric_steps` then the teacher; the metrics
-    judge the student at `judged_steps`."""
-    student = {steps: draw_student(steps) for steps in metric_steps}
-    device = student[metric_steps[0]].device
-    grid = torch.stack([*(student[n] for n in metric_steps), teacher_images.to(device)], dim=1).flatten(0, 1)
-    images = student[judged_steps] if judged_steps in student else draw_student(judged_steps)
-    return Preview(images=images, labels=labels, grid_images=grid)
+    """The grid of a distilled student: per seed, the student at each of its `metric_steps` then the teacher at
+    `teacher_steps` (guided for text; `sampler` where it fits the teacher); the metrics judge the student at
+    `judged_steps`."""
+    captions = method.trainer.datamodule.captions()
+    inputs, labels = preview_inputs(seeds, method.conditioning, method.class_names, captions)
+    scheduler = method.student_scheduler()
+
+    def draw(count: int) -> torch.Tensor:
+        return generate(method.net, scheduler, count, seeds, method.conditioning, inputs, vae=method.teacher.vae)
+
+    shown = method.metric_steps
+    images = {count: draw(count) for count in shown}
+    teacher_images = method.teacher.preview(seeds, inputs, sampler, method.teacher_steps).to(images[shown[0]].device)
+    grid = torch.stack([*(images[n] for n in shown), teacher_images], dim=1).flatten(0, 1)
+    judged = images[judged_steps] if judged_steps in images else draw(judged_steps)
+    return Preview(images=judged, labels=labels, grid_images=grid)
+
+
+def save_student(
+    checkpoint: dict[str, Any],
+    frozen_prefixes: tuple[str, ...],  # what is reloaded from `model.teacher`, not saved
+    student: dict[str, Any],  # the student's `denoiser_metadata`
+    teacher: FrozenTeacher,
+    sampling: dict[str, Any],  # how the student samples (scheduler_overrides, sampler, student_timesteps)
+) -> None:
+    """A distilled student's checkpoint: without the frozen networks, with a plain-data block that `load_trained`
+    reads like any denoiser's, plus the teacher's objective and source."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen_prefixes)}
+    checkpoint["lightdiff"] = {
+        **student,
+        "teacher_objective": teacher.objective.state(),
+        "teacher": teacher.source,
+        **sampling,
+    }

@@ -43,12 +43,12 @@ from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_distance, distillation_weight
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
-from lightdiff.methods.teacher import FrozenTeacher, few_step_preview
+from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
 from lightdiff.nets.vae import decode_latents
-from lightdiff.sampling import for_latents, generate, preview_inputs, reconfigured
+from lightdiff.sampling import for_latents, reconfigured
 from lightdiff.speed import prepare_for_training
 
 # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
@@ -73,7 +73,7 @@ class TurboDistillation(pl.LightningModule):
         distill_weighting: DistillWeighting = "alpha_bar",  # c(t): alpha_bar | sds | none
         teacher_guidance_scale: float = 4.0,  # the teacher's classifier-free guidance (text models only)
         r1_weight: float = 1e-5,  # weight of the R1 penalty on the heads' real inputs
-        disc_noise_mean: float = 1.0,  # discriminator noise levels: sigmoid(N(mean, std)) of the schedule
+        disc_noise_mean: float = 1.0,  # discriminator noise levels: flow times sigmoid(N(mean, std)), at equal SNR
         disc_noise_std: float = 1.0,
         disc_updates: int = 1,  # discriminator updates per student update
         optimizer: OptimizerFactory = torch.optim.Adam,  # (parameters, lr) -> optimiser, for student and heads
@@ -256,17 +256,10 @@ class TurboDistillation(pl.LightningModule):
         scheduler = for_latents(scheduler) if self.vae is not None else scheduler
         return reconfigured(scheduler, self.objective.few_step_overrides)
 
-    @torch.no_grad()
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
         """The student at min(steps, its timesteps) steps (what the metrics judge); the grid shows, per seed, the
         student at 1, 2 and 4 steps (those within its timesteps) next to the teacher at `teacher_steps`."""
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
-
-        def draw(count: int) -> torch.Tensor:
-            return generate(self.net, self.student_scheduler(), count, seeds, self.conditioning, inputs, vae=self.vae)
-
-        teacher = self.teacher.preview(seeds, inputs, sampler, self.teacher_steps)
-        return few_step_preview(draw, self.metric_steps, teacher, min(steps, len(self.student_timesteps)), labels)
+        return few_step_preview(self, seeds, sampler, min(steps, len(self.student_timesteps)))
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
@@ -275,14 +268,14 @@ class TurboDistillation(pl.LightningModule):
         check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
-        }
-        checkpoint["lightdiff"] = {
-            # the student's objective (its prediction type); the teacher's below
-            **denoiser_metadata("turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names),
-            "teacher_objective": self.teacher.objective.state(),
-            "student_timesteps": self.student_timesteps,
-            "scheduler_overrides": self.objective.few_step_overrides,
-            "teacher": self.teacher.source,
-        }
+        student = denoiser_metadata("turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names)
+        save_student(
+            checkpoint,
+            FROZEN_PREFIXES,
+            student,
+            self.teacher,
+            {
+                "student_timesteps": self.student_timesteps,
+                "scheduler_overrides": self.objective.few_step_overrides,
+            },
+        )
