@@ -35,7 +35,7 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.consistency import boundary_scalings, ddim_step, pseudo_huber, solver_timesteps
-from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
+from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradients
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition, GuidanceEmbedded
 from lightdiff.nets.denoiser import network_output
@@ -147,8 +147,8 @@ class ConsistencyDistillation(pl.LightningModule):
         scales = scales + self.guidance_scale_min
         x_start = self.objective.noised(x0, torch.randn_like(x0), t_start)
         with torch.no_grad():
-            text = self.teacher.conditioning(batch)
-            student_condition = self.conditioning({**batch, "guidance_scale": scales})
+            text = self.teacher.conditioning(batch)  # encoded once: the teacher's condition and the student's
+            student_condition = self.conditioning.with_guidance(text, scales)
         # 2. The student's consistency output.
         prediction = self.consistency_output(self.net, x_start, t_start, student_condition)
         with torch.no_grad():
@@ -180,9 +180,7 @@ class ConsistencyDistillation(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        norm = clip_and_measure_gradients(self, self.net.parameters(), self.max_grad_norm)
-        if norm is not None:
-            self.log("train/grad_norm", norm)
+        clip_and_log_gradients(self, self.net.parameters(), self.max_grad_norm)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer_factory(self.net.parameters(), lr=self.lr)]

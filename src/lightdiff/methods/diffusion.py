@@ -26,7 +26,7 @@ from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
-from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients, with_lr_schedule
+from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradients, with_lr_schedule
 from lightdiff.nets.conditioning import (
     CacheableText,
     Conditioning,
@@ -170,9 +170,7 @@ class DiffusionTraining(pl.LightningModule):
     ) -> None:
         # The method owns its clipping (model.max_grad_norm): trainer.gradient_clip_val cannot serve GAN methods,
         # which Lightning runs under manual optimisation. The norm is logged before clipping, at its true size.
-        norm = clip_and_measure_gradients(self, self.trainable_parameters(), self.max_grad_norm)
-        if norm is not None:
-            self.log("train/grad_norm", norm)
+        clip_and_log_gradients(self, self.trainable_parameters(), self.max_grad_norm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.trainable_parameters(), lr=self.lr)

@@ -86,3 +86,13 @@ def clip_and_measure_gradients(
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm
+
+
+def clip_and_log_gradients(
+    module: pl.LightningModule, parameters: Iterable[torch.nn.Parameter], max_norm: float | None
+) -> None:
+    """`clip_and_measure_gradients`, logging the norm as `train/grad_norm`: a method's `configure_gradient_clipping`
+    under automatic optimisation (model=pixel, latent, lcm)."""
+    norm = clip_and_measure_gradients(module, parameters, max_norm)
+    if norm is not None:
+        module.log("train/grad_norm", norm)

@@ -409,13 +409,16 @@ class GuidanceEmbedded(nn.Module):
             )
 
     def forward(self, inputs: Inputs) -> Condition:
-        condition = self.text(inputs)
-        states = condition.kwargs["encoder_hidden_states"]
-        scales = inputs.get("guidance_scale")
+        return self.with_guidance(self.text(inputs), inputs.get("guidance_scale"))
+
+    def with_guidance(self, text: Condition, scales: torch.Tensor | None = None) -> Condition:
+        """The text family's `Condition` plus the guidance input: `scales` (B,), or `guidance_scale` for all. A method
+        that has the text condition already (LCM's teacher call) adds the input without encoding the prompts again."""
+        states = text.kwargs["encoder_hidden_states"]
         if scales is None:
             scales = torch.full((len(states),), self.guidance_scale)
         embedding = guidance_scale_embedding(torch.as_tensor(scales).to(states.device) - 1, self.embedding_dim)
-        return Condition({**condition.kwargs, "timestep_cond": embedding.to(states.dtype)}, condition.summary)
+        return Condition({**text.kwargs, "timestep_cond": embedding.to(states.dtype)}, text.summary)
 
     def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
         return self.text.without_condition(inputs, which, negative_prompt)
