@@ -99,3 +99,21 @@ def test_the_caption_tokenizer_is_the_same_in_every_process() -> None:
     assert len(_in_new_processes(_BUILD, 2)) == 1
     # Negative control: the trainer left to number symbols itself gives another vocabulary in another process.
     assert len(_in_new_processes(_BUILD_UNRESERVED, 3)) > 1
+
+
+def test_text_summary_is_clips_pooled_output_also_from_cached_states() -> None:
+    """The discriminator's text condition is CLIP's pooled embedding (the end-of-text state), as ADD conditions it;
+    cached states give the same vector. Negative control: the mean of the states, used before, differs."""
+    from lightdiff.nets.conditioning import CLIPText
+
+    tokenizer = build_caption_tokenizer(CAPTIONS, model_max_length=8)
+    torch.manual_seed(0)
+    family = CLIPText(tokenizer, text_encoder_from_scratch(tokenizer, 16, 1, 2), trainable=False).eval()
+    prompts = ["a red circle", "a blue square", ""]
+    with torch.no_grad():
+        output = family.text_encoder(tokenize_prompts(tokenizer, prompts))
+        condition = family({"text": prompts})
+        cached = family({"text": prompts, "text_states": output.last_hidden_state})
+    torch.testing.assert_close(condition.summary, output.pooler_output)
+    torch.testing.assert_close(cached.summary, output.pooler_output)
+    assert not torch.allclose(condition.summary, output.last_hidden_state.mean(dim=1))
