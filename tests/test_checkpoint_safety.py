@@ -159,6 +159,9 @@ def test_resume_skips_a_truncated_last_checkpoint(tiny_train_config, caplog) -> 
     losses = [r for r in _metrics(run_dir) if r.get("train/loss")]
     assert len(losses) == 3  # 2 steps, then 1: continued, not started over
     assert load_checkpoint_file(last)["global_step"] == 3  # rewritten whole
+    # save_top_k=1 prunes the step checkpoint the run fell back to, as any other (Lightning alone would keep the file
+    # it resumed from for ever).
+    assert _steps_of(folder) == {"last.ckpt": 3, "step0000003.ckpt": 3}
 
     # Nothing loadable left: an error naming every file, and nothing is overwritten.
     for path in folder.glob("*.ckpt"):

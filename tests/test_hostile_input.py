@@ -313,15 +313,16 @@ def test_images_above_pillows_pixel_limit_are_refused(
     _png(root / "small.png", side=8)  # 64 pixels, under the limit
     _png(root / "bomb.png", side=side)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # instead of writing a gigapixel file
-    dataset = ImageFolderDataset(str(root), resolution=8)
-    index = [p.name for p in dataset.paths].index("bomb.png")
-    assert dataset[1 - index]["pixel_values"].shape == (3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error" if warnings_are_errors else "ignore", Image.DecompressionBombWarning)
         with pytest.raises(ValueError, match=r"refusing image .*bomb.png: .*MAX_IMAGE_PIXELS"):
-            dataset[index]
+            ImageFolderDataset(str(root), resolution=8)  # the start-up scan opens every image
         skipping = ImageFolderDataset(str(root), resolution=8, skip_bad=True)
     assert [p.name for p in skipping.skipped] == ["bomb.png"] and len(skipping) == 1
+    assert skipping[0]["pixel_values"].shape == (3, 8, 8)
+    _png(root / "small.png", side=side)  # swapped for a bomb after the scan: reading it still refuses it
+    with pytest.raises(ValueError, match=r"refusing image .*small.png: .*MAX_IMAGE_PIXELS"):
+        skipping[0]
 
 
 def test_pillows_pixel_limit_stays_in_force() -> None:
@@ -344,9 +345,10 @@ def test_pillows_pixel_limit_stays_in_force() -> None:
 
 def test_resume_with_another_net_config_names_the_mismatched_keys(tiny_ckpt: Path, tiny_train_config) -> None:
     cfg = tiny_train_config("run_name=resized", f"ckpt_path={tiny_ckpt}", "net.block_out_channels=[16,32,32]")
-    with pytest.raises(ValueError, match=r"last.ckpt does not fit the model") as error:
+    with pytest.raises(ValueError, match=r"resuming from .*last.ckpt: the checkpoint does not fit the model") as error:
         train_run(cfg)
     assert "net.conv_in.weight: checkpoint (32, 3, 3, 3) vs model (16, 3, 3, 3)" in str(error.value)
+    assert not Path(cfg.run_dir).exists()  # refused before the run folder is made
     other_layers = tiny_train_config("run_name=deeper", f"ckpt_path={tiny_ckpt}", "net.layers_per_block=2")
     with pytest.raises(ValueError, match=r"key\(s\) missing from the checkpoint: net.down_blocks.0.resnets.1"):
         train_run(other_layers)

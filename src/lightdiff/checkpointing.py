@@ -1,4 +1,5 @@
-"""Checkpoint files that are either complete or absent: write to a temporary file, fsync, then rename.
+"""Checkpoint files (and sample / export folders) that are either complete or absent: write to a temporary file or
+folder beside the target, then rename it into place.
 
 Every checkpoint a run writes goes through `AtomicCheckpointIO`, which also refuses to write NaN or infinite
 tensors; a resume starts from the newest file that loads (`newest_loadable_checkpoint`), skipping damaged ones.
@@ -10,10 +11,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +39,94 @@ class NonFiniteError(RuntimeError):
     """A loss, gradient or tensor about to be checkpointed is NaN or infinite; the message says which."""
 
 
+TEMPORARY_SUFFIX = ".tmp"  # save_atomically's partial files: `.NAME.<random>.tmp` beside NAME
+
+
+class _WriteErrorRecorder:
+    """The file object torch.save writes through: keeps the operating system's error of a failed write, which
+    torch.save replaces with its own (`RuntimeError: [enforce fail at inline_container.cc] . unexpected pos`)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_atomically(data: Any, path: str | Path) -> None:
     """torch.save `data` to `path` so that the file is either complete or absent: a crash in the middle of the write
-    leaves the previous file at `path` untouched and loadable."""
+    leaves the previous file at `path` untouched and loadable. A full disk (or a file size limit) is an OSError that
+    names the file and says the previous one is intact; the partial temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    recorder: _WriteErrorRecorder | None = None
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            torch.save(data, handle)
+            recorder = _WriteErrorRecorder(handle)
+            torch.save(data, recorder)
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600 files; these are ordinary files
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; these are ordinary files
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        cause = recorder.error if recorder is not None and recorder.error is not None else error
+        if isinstance(cause, OSError) and cause.errno is not None:
+            previous = f"the previous checkpoint {path} is intact" if path.exists() else f"no earlier {path} existed"
+            raise OSError(
+                cause.errno, f"{os.strerror(cause.errno)} while writing {path}; {previous} (partial file removed)"
+            ) from error
         raise
+
+
+def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the partial files `save_atomically` leaves when its process is killed mid-write (`.NAME.*.tmp`; a
+    kill -9 gives it no chance to clean up). Called once a run has passed its checks, before training writes again;
+    returns what was removed."""
+    removed = []
+    for path in sorted(Path(folder).glob(f".*.ckpt.*{TEMPORARY_SUFFIX}")):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        log.warning("removed %s, a partial checkpoint left by a process killed while saving", path)
+    return removed
+
+
+@contextmanager
+def folder_written_atomically(folder: str | Path) -> Iterator[Path]:
+    """Yields an empty folder beside `folder` to write into; once the block completes it replaces `folder` (whose
+    old contents are then deleted), and if the block raises it is deleted and `folder` is left as it was. So an
+    output folder never holds a mix of two runs' files, and a refused or failed command never empties one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; this is an ordinary one
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+    os.rename(folder, old / folder.name)  # the previous contents stay whole until the new ones are in place
+    os.rename(staging, folder)
+    shutil.rmtree(old)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 # The parts of a Lightning checkpoint that training updates: the weights, the optimiser's moments, and callback

@@ -8,10 +8,12 @@ not fit the constructor it is meant for: `data.batch_size=abc`, `model.predictio
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
@@ -152,11 +154,37 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A range a number argument must lie in, checked with the types before anything is built or written
+    (`lr: PositiveFloat`): torch's own error for `lr=-1` comes from inside `fit`, after the run folder is written,
+    and names no key. NaN and infinities are never inside a bound."""
+
+    minimum: float
+    inclusive: bool = False  # False: the value must be above `minimum`
+
+    def holds(self, value: float) -> bool:
+        return math.isfinite(value) and (value >= self.minimum if self.inclusive else value > self.minimum)
+
+    def __str__(self) -> str:
+        return f"a finite number {'>=' if self.inclusive else '>'} {self.minimum:g}"
+
+
+PositiveFloat = Annotated[float, Bound(0.0)]  # learning rates, scales
+NonNegativeFloat = Annotated[float, Bound(0.0, inclusive=True)]  # loss weights (0: off)
+PositiveInt = Annotated[int, Bound(1.0, inclusive=True)]  # counts and sizes
+
+
 def _matches(value: Any, hint: Any) -> bool | None:
     """True/False when the hint can be checked, None when it is too complex to judge (then it is not judged)."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
+    if origin is Annotated:
+        base, *metadata = typing.get_args(hint)
+        fits = _matches(value, base)
+        bounds = [m for m in metadata if isinstance(m, Bound)]
+        return fits if not fits or isinstance(value, bool) else all(b.holds(value) for b in bounds)
     if origin is Literal:
         return value in typing.get_args(hint)
     if origin in (Union, types.UnionType):
@@ -179,11 +207,21 @@ def _matches(value: Any, hint: Any) -> bool | None:
     return None
 
 
+def _described(hint: Any) -> str:
+    """A hint as the error shows it: `float, a finite number > 0` for PositiveFloat (Optional ones included)."""
+    if typing.get_origin(hint) is Annotated:
+        base, *metadata = typing.get_args(hint)
+        return ", ".join([_described(base), *(str(m) for m in metadata if isinstance(m, Bound))])
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(_described(arg) for arg in typing.get_args(hint))
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
 def _signature_of(target: Callable) -> tuple[inspect.Signature, dict[str, Any]]:
     function = target.__init__ if inspect.isclass(target) else target
     signature = inspect.signature(function)
     try:
-        hints = typing.get_type_hints(function)
+        hints = typing.get_type_hints(function, include_extras=True)  # extras: the `Bound`s of Annotated hints
     except Exception:  # third-party annotations that cannot be evaluated here: check names only
         hints = {}
     return signature, hints
@@ -213,17 +251,18 @@ def _check_node(node: DictConfig, path: str) -> None:
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         if key in hints and _matches(value, hints[key]) is False:
-            raise ConfigError(f"{key_path}={value!r} does not fit {target_name}'s argument type {hints[key]}")
+            raise ConfigError(f"{key_path}={value!r} does not fit {target_name}'s argument: {_described(hints[key])}")
 
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, but a ConfigError or missing file raised by a constructor surfaces as itself
-    (Hydra wraps it in an InstantiationException whose message buries the key it names)."""
+    """`hydra.utils.instantiate`, but an error a constructor raises about its input (ConfigError, a bad value or file:
+    ValueError, a missing file) surfaces as itself: Hydra wraps it in an InstantiationException whose message buries
+    the key or file it names."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__
-        if isinstance(cause, (ConfigError, FileNotFoundError)):
+        if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None
         raise
 

@@ -49,3 +49,12 @@ class LatentCaching(Protocol):
         """The VAE, and where the text states can be cached too, the text encoder's fingerprint and prompt encoding
         (None, None otherwise)."""
         ...
+
+
+@runtime_checkable
+class FinishesTraining(Protocol):
+    """A method with state to compute once training ends that belongs in the final checkpoint (the autoencoder's
+    latent scaling factor): `callbacks.FinalCheckpoint` calls it just before it writes last.ckpt, and before any
+    callback's end-of-run work, which may fail."""
+
+    def finish_training(self) -> None: ...

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lightdiff.checkpointing import folder_written_atomically
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import export_pipeline
@@ -77,22 +80,68 @@ def _prompts(cfg: DictConfig, denoiser: TrainedDenoiser, count: int) -> list[str
     return [prompts[index % len(prompts)] for index in range(count)]
 
 
+# What sample.py writes into `out`: a folder holding anything else is never replaced, even with overwrite=true.
+SAMPLE_FILES = re.compile(r"\d{6}\.png|metadata\.jsonl|grid\.png|metrics\.json")
+# What marks a folder as an export (a diffusers pipeline or model folder, or lightdiff's parts layout).
+EXPORT_MARKERS = ("model_index.json", "config.json", "lightdiff.json")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Every value sample.py uses itself, checked before any file is opened."""
+    for key in ("num_images", "batch_size", "steps"):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be at least 1")
+    for key, least in (("eta", 0.0), ("guidance_scale", None)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        if least is not None and value < least:
+            raise ConfigError(f"{key}={value!r} must be >= {least}")
+
+
+def _check_output_folder(cfg: DictConfig) -> Path:
+    """The folder to write (`export` if given, else `out`): a new or empty folder, or with overwrite=true one that
+    holds an earlier output of the same kind only, since it is replaced whole (`folder_written_atomically`)."""
+    key = "export" if cfg.export else "out"
+    target = Path(cfg[key]).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{key}={cfg[key]!r} is a file, not a folder")
+    entries = sorted(target.iterdir()) if target.is_dir() else []
+    if not entries:
+        return target
+    if not cfg.overwrite:
+        raise ConfigError(f"{key}={cfg[key]!r} is not empty; choose a new folder or pass overwrite=true")
+    if key == "export":
+        foreign = [] if any((target / name).is_file() for name in EXPORT_MARKERS) else entries
+    else:
+        foreign = [entry for entry in entries if not (entry.is_file() and SAMPLE_FILES.fullmatch(entry.name))]
+    if foreign:
+        shown = ", ".join(entry.name for entry in foreign[:5])
+        raise ConfigError(
+            f"{key}={cfg[key]!r} holds what sample.py did not write ({shown}); overwrite=true replaces the whole "
+            "folder, so it only replaces an earlier "
+            + (
+                "export (a folder with model_index.json, config.json or lightdiff.json)"
+                if key == "export"
+                else "samples folder (NNNNNN.png, metadata.jsonl, grid.png, metrics.json)"
+            )
+        )
+    return target
+
+
 def run(cfg: DictConfig) -> Path:
     check_config(cfg)
-    if cfg.num_images < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"num_images={cfg.num_images} and batch_size={cfg.batch_size} must be positive")
-    target = Path(cfg.export or cfg.out).expanduser()
-    if target.exists() and any(target.iterdir()) and not cfg.overwrite:
-        key = "export" if cfg.export else "out"
-        raise ConfigError(f"{key}={str(target)!r} is not empty; choose a new folder or pass overwrite=true")
+    _check_values(cfg)
+    target = _check_output_folder(cfg)
     trained = load_trained(cfg.ckpt, use_ema=cfg.use_ema)  # the file is read once, whatever it holds
     if isinstance(trained, AutoencoderKL):
         if not cfg.export:
             raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
-        folder = Path(cfg.export).expanduser()
-        trained.save_pretrained(folder, safe_serialization=True)
-        log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, folder)
-        return folder
+        with folder_written_atomically(target) as staging:
+            trained.save_pretrained(staging, safe_serialization=True)
+        log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, target)
+        return target
     denoiser = trained
     # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's
     sampler_cfg = cfg.sampler if "_target_" in cfg.sampler else cfg.sampler[denoiser.objective.name]
@@ -104,9 +153,10 @@ def run(cfg: DictConfig) -> Path:
         scheduler = for_latents(scheduler)
     scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # e.g. a turbo student's timesteps
     if cfg.export:
-        folder = export_pipeline(denoiser, scheduler, cfg.export)
-        log.info("exported %s to %s (layouts: lightdiff/export.py)", denoiser.source, folder)
-        return folder
+        with folder_written_atomically(target) as staging:
+            export_pipeline(denoiser, scheduler, staging)
+        log.info("exported %s to %s (layouts: lightdiff/export.py)", denoiser.source, target)
+        return target
 
     reference = reference_data(cfg) if cfg.get("metrics") else None  # before sampling: a bad choice fails at once
     speed: SamplingSpeed = build(cfg.speed)
@@ -165,8 +215,6 @@ def run(cfg: DictConfig) -> Path:
                 difference,
                 speed.allowed_difference,
             )
-    out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     sampler_settings = {
         "sampler": get_object(sampler_cfg._target_).__name__,
         "steps": cfg.steps,
@@ -177,31 +225,33 @@ def run(cfg: DictConfig) -> Path:
         sampler_settings["speed"] = dataclasses.asdict(speed)
     all_pixels = []
     started = time.perf_counter()
-    with (
-        (out / "metadata.jsonl").open("w") as metadata,
-        tqdm(total=cfg.num_images, unit="image", desc="sampling", disable=None) as progress,
-    ):
-        for start in range(0, cfg.num_images, cfg.batch_size):
-            count = min(cfg.batch_size, cfg.num_images - start)
-            pixels = to_uint8(draw(start, count))
-            all_pixels.append(pixels)
-            for offset, image in enumerate(pixels):
-                index = start + offset
-                file_name = f"{index:06d}.png"
-                Image.fromarray(image).save(out / file_name)
-                record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **sampler_settings}
-                if prompts is not None:
-                    record["text"] = prompts[index]
-                    record["guidance_scale"] = cfg.guidance_scale
-                    record["negative_prompt"] = cfg.negative_prompt
-                if labels is not None:
-                    label = int(labels[index])
-                    record["label"] = label
-                    if denoiser.class_names:
-                        record["text"] = denoiser.class_names[label]
-                metadata.write(json.dumps(record) + "\n")
-            progress.update(count)
-    seconds = time.perf_counter() - started
+    with folder_written_atomically(target) as out:  # replaces `target` once every file below is written
+        with (
+            (out / "metadata.jsonl").open("w") as metadata,
+            tqdm(total=cfg.num_images, unit="image", desc="sampling", disable=None) as progress,
+        ):
+            for start in range(0, cfg.num_images, cfg.batch_size):
+                count = min(cfg.batch_size, cfg.num_images - start)
+                pixels = to_uint8(draw(start, count))
+                all_pixels.append(pixels)
+                for offset, image in enumerate(pixels):
+                    index = start + offset
+                    file_name = f"{index:06d}.png"
+                    Image.fromarray(image).save(out / file_name)
+                    record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **sampler_settings}
+                    if prompts is not None:
+                        record["text"] = prompts[index]
+                        record["guidance_scale"] = cfg.guidance_scale
+                        record["negative_prompt"] = cfg.negative_prompt
+                    if labels is not None:
+                        label = int(labels[index])
+                        record["label"] = label
+                        if denoiser.class_names:
+                            record["text"] = denoiser.class_names[label]
+                    metadata.write(json.dumps(record) + "\n")
+                progress.update(count)
+        seconds = time.perf_counter() - started
+        image_grid(np.concatenate(all_pixels)).save(out / "grid.png")
     log.info(
         "sampled %d images in %.1f s: %.2f images/s, %.3f s per batch of %d (%d steps, PNG writing included)",
         cfg.num_images,
@@ -211,13 +261,12 @@ def run(cfg: DictConfig) -> Path:
         min(cfg.batch_size, cfg.num_images),
         cfg.steps,
     )
-    image_grid(np.concatenate(all_pixels)).save(out / "grid.png")
-    log.info("wrote %d images, metadata.jsonl and grid.png to %s", cfg.num_images, out)
-    if reference is not None:
+    log.info("wrote %d images, metadata.jsonl and grid.png to %s", cfg.num_images, target)
+    if reference is not None:  # after the samples are in place: a failing metric never costs them
         metrics = judge_samples(cfg, reference, np.concatenate(all_pixels), prompts, labels, device)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info("metrics of %d images: %s (written to %s)", cfg.num_images, metrics, out / "metrics.json")
-    return out
+        (target / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("metrics of %d images: %s (written to %s)", cfg.num_images, metrics, target / "metrics.json")
+    return target
 
 
 # Data modules a run's config.yaml may name: a `_target_` read from a file is code to run, so only these are built.

@@ -14,14 +14,21 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from lightdiff.checkpointing import AtomicCheckpointIO, checkpoint_problem, newest_loadable_checkpoint
+from lightdiff.callbacks.checkpoint import FinalCheckpoint
+from lightdiff.checkpointing import (
+    AtomicCheckpointIO,
+    checkpoint_problem,
+    newest_loadable_checkpoint,
+    remove_orphaned_temporaries,
+)
 from lightdiff.config import MODEL_GROUPS, ConfigError, build, check_config, groups_used_by_model
 from lightdiff.contract import LatentCaching
+from lightdiff.data import ImageDataModule
 from lightdiff.loggers import LatestMetrics
 
 log = logging.getLogger(__name__)
@@ -117,12 +124,40 @@ def _check_used_groups(cfg: DictConfig) -> None:
         )
 
 
+def _report_skipped_images(datamodule: ImageDataModule, loggers: list[Logger]) -> None:
+    """`data.skip_bad=true`: the images left out, in train.log (written only now: the scan ran before the log file
+    existed) and as the metric `data/skipped_images`, so a run's record says how much of its data it saw."""
+    skipped = getattr(datamodule.source_dataset, "skipped", None)
+    if skipped is None:  # a data set that skips nothing
+        return
+    if skipped:
+        shown = ", ".join(str(path) for path in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        log.warning("data.skip_bad=true: skipped %d unreadable image(s): %s%s", len(skipped), shown, more)
+    for logger in loggers:
+        logger.log_metrics({"data/skipped_images": float(len(skipped))}, step=0)
+
+
+def _check_resume_fits(model: pl.LightningModule, ckpt_path: str | None) -> None:
+    """A checkpoint of another net / method config is refused before anything is written: every method's
+    `on_load_checkpoint` only checks that the checkpoint fits it (Lightning calls it again inside `fit`). The tensors
+    are memory-mapped, not read."""
+    if ckpt_path is not None:
+        try:
+            model.on_load_checkpoint(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
+        except ValueError as error:  # ConfigError included
+            raise ConfigError(f"resuming from {ckpt_path}: {error}") from None
+
+
 def run(cfg: DictConfig) -> pl.Trainer:
     _check_used_groups(cfg)
     check_config(cfg)
-    if cfg.trainer.get("max_steps") in (None, -1):
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps in (None, -1):
         # The training sampler is endless (data/sampler.py): a run is as long as its number of steps.
         raise ConfigError("trainer.max_steps is not set: lightdiff trains for a number of steps, e.g. 100000")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={max_steps!r} must be a positive number of optimiser steps")
     if "_target_" not in cfg.sampler:  # sampler/auto.yaml: one sampler per objective, for sample.py's checkpoints
         raise ConfigError(
             "sampler=auto is sample.py's (it picks by a checkpoint's objective); training grids use the "
@@ -135,7 +170,7 @@ def run(cfg: DictConfig) -> pl.Trainer:
     is_rank_zero = rank_zero_only.rank == 0
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build(cfg.data)
+    datamodule = build(cfg.data)  # an image folder is scanned here: unreadable images and bad labels fail now
     datamodule.order_seed = cfg.seed  # the shuffle of each epoch follows the run's seed (data/sampler.py)
     model = build(cfg.model, data=datamodule)  # each method builds its networks for the data and checks they fit
     if datamodule.cache_latents:
@@ -148,22 +183,11 @@ def run(cfg: DictConfig) -> pl.Trainer:
     if cfg.get("metrics"):
         with torch.random.fork_rng(devices=[]):  # building a feature network must not shift training's random stream
             callbacks.append(build(cfg.metrics))
+    # First of the end-of-run hooks: the final state is on disk before grids, metrics or anything else that can fail.
+    final_checkpoint = FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt")
+    callbacks.insert(0, final_checkpoint)
     ckpt_path = _resume_path(cfg, run_dir)
-    if rank_zero_only.rank > 0:
-        # Every rank built the same networks from `seed` (DDP also copies rank 0's weights); from here each rank
-        # draws its own noise and timesteps, or all ranks would train on the same noise.
-        pl.seed_everything(cfg.seed + rank_zero_only.rank, workers=True, verbose=False)
-
-    # Everything is built: from here on files are written.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(run_dir / "train.log") if is_rank_zero else logging.NullHandler()
-    file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(file_handler)
-    package_logger = logging.getLogger("lightdiff")
-    if package_logger.getEffectiveLevel() > logging.INFO:
-        package_logger.setLevel(logging.INFO)  # resumes, metrics and the run folder belong in train.log
-    if is_rank_zero:
-        _write_config(cfg, run_dir)
+    _check_resume_fits(model, ckpt_path)
     logger = build(cfg.logger) if cfg.logger is not None else False
     loggers = [logger] if logger else []
     if cfg.get("optimize_metric"):
@@ -175,14 +199,31 @@ def run(cfg: DictConfig) -> pl.Trainer:
     trainer: pl.Trainer = build(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
+    if rank_zero_only.rank > 0:
+        # Every rank built the same networks from `seed` (DDP also copies rank 0's weights); from here each rank
+        # draws its own noise and timesteps, or all ranks would train on the same noise.
+        pl.seed_everything(cfg.seed + rank_zero_only.rank, workers=True, verbose=False)
+
+    # Everything is built and checked: from here on files are written.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(run_dir / "train.log") if is_rank_zero else logging.NullHandler()
+    file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(file_handler)
+    package_logger = logging.getLogger("lightdiff")
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)  # resumes, metrics and the run folder belong in train.log
+    if is_rank_zero:
+        _write_config(cfg, run_dir)
+        remove_orphaned_temporaries(run_dir / "checkpoints")
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    _report_skipped_images(datamodule, loggers)
     if ckpt_path:
         log.info("resuming %s from %s", cfg.run_name, ckpt_path)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        # The last step is saved even when max_steps is not a multiple of the checkpoint interval.
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        if not final_checkpoint.saved:  # nothing was left to train (resumed at max_steps): no on_train_end ran
+            final_checkpoint.save(trainer)
     except SIGTERMException:
         # Lightning's own SIGTERM handling, in force when callbacks.preemption is off: it stops after the batch and
         # saves nothing, so the run resumes from its last periodic checkpoint.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,19 @@ class TrainedDenoiser:
     required_sampler: str | None = None  # a key of REQUIRED_SAMPLERS: the only sampler that fits (LCM students)
 
 
+PICKLE_PROTOCOL_2_OR_LATER = 0x80  # first byte of torch.save's legacy (non-zip) format: a pickle, protocol >= 2
+
+
 def load_checkpoint_file(path: Path) -> dict:
     """`torch.load` restricted to tensors and plain data, with errors that name the file."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive (a pickle before torch 1.6)
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        if head[:1] != bytes([PICKLE_PROTOCOL_2_OR_LATER]):
+            raise ValueError(
+                f"{path} is not a checkpoint: neither torch.save's archive nor a pickle (it starts with {head!r}); "
+                "give a lightdiff .ckpt file or an exported pipeline folder"
+            )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -1,6 +1,6 @@
 """Training machinery shared by every method: EMA, sample grids, FID / KID, throughput, checkpoints, NaN guard."""
 
-from lightdiff.callbacks.checkpoint import StepCheckpoint
+from lightdiff.callbacks.checkpoint import FinalCheckpoint, StepCheckpoint
 from lightdiff.callbacks.ema import EMA, find_ema
 from lightdiff.callbacks.fid import FrechetDistance
 from lightdiff.callbacks.nonfinite import NonFiniteGuard
@@ -11,6 +11,7 @@ from lightdiff.callbacks.throughput import ImagesPerSecond, StepProgressBar
 
 __all__ = [
     "EMA",
+    "FinalCheckpoint",
     "FrechetDistance",
     "ImagesPerSecond",
     "NonFiniteGuard",

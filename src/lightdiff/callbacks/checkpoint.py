@@ -1,13 +1,16 @@
-"""Periodic checkpoints: last.ckpt plus the k newest step checkpoints, never deleting the last one that loads."""
+"""Periodic checkpoints: last.ckpt plus the k newest step checkpoints, never deleting the last one that loads; and
+the final checkpoint, written before any other end-of-run work."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightdiff.checkpointing import checkpoint_problem
+from lightdiff.contract import FinishesTraining
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,15 @@ class StepCheckpoint(ModelCheckpoint):
             auto_insert_metric_name=auto_insert_metric_name,
         )
 
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        # Lightning never removes the file a run resumed from. A resume that fell back to a step checkpoint (last.ckpt
+        # was damaged) would then keep that file for ever: here a file in this folder is pruned like any other, once
+        # the newer one loads (`_remove_checkpoint`). Files elsewhere are still never touched.
+        in_this_folder = self.dirpath is not None and Path(previous).absolute().parent == Path(self.dirpath).absolute()
+        if previous != current and in_this_folder:
+            return True
+        return super()._should_remove_checkpoint(trainer, previous, current)
+
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         # Lightning calls this only after writing `_last_checkpoint_saved`; only global rank 0 deletes files.
         newest = self._last_checkpoint_saved
@@ -51,3 +63,24 @@ class StepCheckpoint(ModelCheckpoint):
                 )
                 return
         super()._remove_checkpoint(trainer, filepath)
+
+
+class FinalCheckpoint(pl.Callback):
+    """Writes `path` (the run's last.ckpt) when training ends, before the other callbacks' end-of-run work (final
+    sample grids, metrics), which may fail: train.py puts it first in the callback list. A run stopped by an
+    exception (not by max_steps, max_time or a preemption signal) writes nothing here: its last periodic checkpoint
+    stands. Lightning skips `on_train_end` when no step is left to train; train.py then calls `save` itself."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.saved = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(pl_module, FinishesTraining):
+            pl_module.finish_training()
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        # The last step is saved even when max_steps is not a multiple of the checkpoint interval.
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved = True

@@ -14,6 +14,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from lightdiff.callbacks.ema import find_ema
+from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data.shapes import ShapesDataset
 from lightdiff.diffusion import SchedulerFactory
@@ -62,11 +63,18 @@ class SampleGrid(pl.Callback):
         num_images: int = 64,  # images in the grid
         steps: int = 50,  # denoising steps per image
         seed: int = 0,  # image i uses seed + i
-        final_num_images: int = 256,  # images judged by the shapes metric at the end of training
+        final_num_images: int = 256,  # images judged by the shapes metric at the end of training; 0: no final round
         upscale: int = 4,  # nearest-neighbour upscaling of the saved grid, so small images stay visible
     ) -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"callbacks.samples.every_n_steps={every_n_steps} must be >= 0")
+        for key, value, least in (
+            ("every_n_steps", every_n_steps, 0),
+            ("num_images", num_images, 1),
+            ("steps", steps, 1),
+            ("final_num_images", final_num_images, 0),
+            ("upscale", upscale, 1),
+        ):
+            if value < least:
+                raise ConfigError(f"callbacks.samples.{key}={value} must be >= {least}")
         self.sampler = sampler
         self.every_n_steps = every_n_steps
         self.num_images = num_images
@@ -83,6 +91,8 @@ class SampleGrid(pl.Callback):
             self._sample_and_log(trainer, pl_module, self.num_images, "samples")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.final_num_images == 0:
+            return
         metrics = self._sample_and_log(trainer, pl_module, self.final_num_images, "final")
         if metrics and trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / "final_metrics.json"

@@ -189,7 +189,8 @@ class ImageFolderDataModule(ImageDataModule):
         resolution: int = 32,  # output side in pixels
         center_crop: bool = True,  # centre crop; false takes a random crop
         random_flip: bool = True,  # horizontal flip
-        skip_bad: bool = False,  # skip (and count) unreadable images instead of stopping at the first
+        skip_bad: bool = False,  # skip (and count) unreadable images instead of stopping
+        scan_cache_dir: str | None = None,  # where the start-up scan's answer is kept per folder state (None: not kept)
         batch_size: int = 64,  # per-device batch size
         num_workers: int = 2,  # loader processes
         pin_memory: bool = True,  # page-locked batches
@@ -197,7 +198,7 @@ class ImageFolderDataModule(ImageDataModule):
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
-        dataset = ImageFolderDataset(root, resolution, center_crop, random_flip, skip_bad)
+        dataset = ImageFolderDataset(root, resolution, center_crop, random_flip, skip_bad, scan_cache_dir)
         newest = max(path.stat().st_mtime_ns for path in dataset.paths)
         identity = f"image_folder|{dataset.root.resolve()}|files={len(dataset)}|newest={newest}|resolution={resolution}"
         super().__init__(

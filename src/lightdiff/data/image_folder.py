@@ -6,6 +6,7 @@ object a line, so the output of `sample.py` is itself a valid training set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path, PurePosixPath
@@ -13,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from lightdiff.data.transforms import ImageTransform
+from lightdiff.data.transforms import ImageTransform, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _open_rgb(path: Path) -> Image.Image:
             reason = _too_many_pixels(image)
             if reason is None:
                 image.load()
-                return image.convert("RGB")
+                return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # the warning under -W error
         reason = str(error)
     except (OSError, UnidentifiedImageError, ValueError) as error:
@@ -75,27 +76,92 @@ def _scan(root: Path) -> list[Path]:
     return sorted(paths)
 
 
+def _label(value: object, where: str) -> int:
+    """A class label from metadata.jsonl: a non-negative integer (2.0 is 2); anything else is refused, naming the
+    line, since truncating it (2.7 -> 2, true -> 1) would silently train on another class."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{where}: label={value!r} is not a class index (an integer >= 0)")
+    return value
+
+
 def _read_metadata(root: Path) -> dict[str, dict]:
+    """metadata.jsonl's records by file name, every line checked: JSON, UTF-8, a relative `file_name` listed once,
+    and labels on every line or none."""
     metadata_path = root / "metadata.jsonl"
     if not metadata_path.exists():
         return {}
     records: dict[str, dict] = {}
-    for line_number, line in enumerate(metadata_path.read_text().splitlines(), start=1):
+    lines_of: dict[str, int] = {}
+    for line_number, raw in enumerate(metadata_path.read_bytes().splitlines(), start=1):
+        where = f"{metadata_path}:{line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{where}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                "metadata.jsonl must be UTF-8 text"
+            ) from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             name = str(record["file_name"])
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{metadata_path}:{line_number}: not a JSON object with 'file_name': {error}") from error
+            raise ValueError(f"{where}: not a JSON object with 'file_name': {error}") from error
         # Names are relative to the root, as in Hugging Face's imagefolder; an absolute name or `..` reaches out.
         if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             raise ValueError(
-                f"{metadata_path}:{line_number}: file_name={name!r} points outside data.root={str(root)!r}; "
+                f"{where}: file_name={name!r} points outside data.root={str(root)!r}; "
                 "file names must be relative paths inside the data folder"
             )
-        records[name] = record
+        if name in records:
+            raise ValueError(f"{where}: file_name={name!r} is listed again (first on line {lines_of[name]})")
+        if "label" in record:
+            record["label"] = _label(record["label"], where)
+        records[name], lines_of[name] = record, line_number
+    labelled = [name for name, record in records.items() if "label" in record]
+    if labelled and len(labelled) != len(records):
+        unlabelled = next(name for name in records if "label" not in records[name])
+        raise ValueError(
+            f"{metadata_path}:{lines_of[unlabelled]}: file_name={unlabelled!r} has no label, while "
+            f"{len(labelled)} other line(s) have one (line {lines_of[labelled[0]]}); label every image or none"
+        )
     return records
+
+
+def _scan_key(root: Path, paths: list[Path]) -> str:
+    """What the scan of these files depends on: their names, sizes and modification times (nothing is read)."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def unreadable_images(root: Path, paths: list[Path], cache_dir: Path | None) -> dict[Path, str]:
+    """Every image of `paths` that cannot be decoded into RGB, with the reason: each file is decoded once, and the
+    answer is cached in `cache_dir` under the folder's file list, sizes and modification times, so a resume (or any
+    later run on an unchanged folder) does not read a large folder again."""
+    cache_file = cache_dir / f"scan-{_scan_key(root, paths)}.json" if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        cached = json.loads(cache_file.read_text())
+        return {root / name: reason for name, reason in cached["unreadable"].items()}
+    bad: dict[Path, str] = {}
+    for path in paths:
+        try:
+            _open_rgb(path)
+        except ValueError as error:
+            bad[path] = str(error)
+    if cache_file is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        record = {"root": str(root.resolve()), "files": len(paths)}
+        record["unreadable"] = {path.relative_to(root).as_posix(): reason for path, reason in bad.items()}
+        temporary = cache_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(record, indent=1) + "\n")
+        temporary.replace(cache_file)  # complete or absent, as every cache
+    return bad
 
 
 class ImageFolderDataset(Dataset):
@@ -107,7 +173,8 @@ class ImageFolderDataset(Dataset):
         resolution: int,  # output side in pixels
         center_crop: bool = True,  # centre crop; false takes a random crop
         random_flip: bool = False,  # horizontal flip with probability 1/2
-        skip_bad: bool = False,  # skip (and count) unreadable images instead of failing on the first
+        skip_bad: bool = False,  # skip (and count) unreadable images instead of failing
+        scan_cache_dir: str | None = None,  # where the start-up scan's answer is kept per folder state (None: not kept)
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -126,27 +193,29 @@ class ImageFolderDataset(Dataset):
             if missing:
                 raise FileNotFoundError(f"{self.root / 'metadata.jsonl'} lists missing image(s): {missing[:5]}")
             paths = [listed[name] for name in sorted(metadata)]
-        self.skipped: list[Path] = []
-        if skip_bad:
-            # Checked once up front so that every worker and rank agrees on the index -> file mapping.
-            readable = []
-            for path in paths:
-                try:
-                    _open_rgb(path)
-                    readable.append(path)
-                except ValueError as error:
-                    self.skipped.append(path)
-                    log.warning("skipping %s", error)
-            paths = readable
-            if self.skipped:
-                log.warning("skipped %d unreadable image(s) under %s", len(self.skipped), self.root)
-            if not paths:
-                raise FileNotFoundError(f"every image under data.root={root!r} is unreadable")
+        # Scanned once up front (every image decoded, or the cached answer for an unchanged folder): an unreadable
+        # image fails here, before a run writes anything, and every worker and rank agrees on index -> file.
+        bad = unreadable_images(self.root, paths, Path(scan_cache_dir).expanduser() if scan_cache_dir else None)
+        if bad and not skip_bad:
+            reasons = "\n  ".join(list(bad.values())[:10])
+            more = f"\n  and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise ValueError(
+                f"{len(bad)} of {len(paths)} images under data.root={root!r} cannot be read:\n  {reasons}{more}\n"
+                "fix or remove them, or set data.skip_bad=true to train without them"
+            )
+        self.skipped: list[Path] = [path for path in paths if path in bad]
+        for path in self.skipped:
+            log.warning("skipping %s", bad[path])
+        if self.skipped:
+            log.warning("skipped %d unreadable image(s) under %s", len(self.skipped), self.root)
+        paths = [path for path in paths if path not in bad]
+        if not paths:
+            raise FileNotFoundError(f"every image under data.root={root!r} is unreadable")
         self.paths = paths
         relative = [p.relative_to(self.root).as_posix() for p in paths]
         self.records = [metadata.get(name, {}) for name in relative]
         labels = [r["label"] for r in self.records if "label" in r]
-        self.num_classes = max(int(label) for label in labels) + 1 if labels else 0
+        self.num_classes = max(labels) + 1 if labels else 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -158,7 +227,7 @@ class ImageFolderDataset(Dataset):
         record = self.records[index]
         return {
             "pixel_values": self.transform(_open_rgb(self.paths[index])),
-            "label": int(record.get("label", -1)),
+            "label": record.get("label", -1),  # checked when metadata.jsonl was read: an int >= 0 on every line
             "text": str(record.get("text", "")),
         }
 

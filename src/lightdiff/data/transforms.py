@@ -5,10 +5,29 @@ Written on PIL because torchvision is an optional extra (its wheels are tied to 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
 from lightdiff.data.shapes import pil_to_tensor
+
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit grey (PNG, TIFF), as Pillow opens it
+SIXTEEN_BIT_TO_EIGHT = 257  # 65535 / 255: maps 0..65535 onto 0..255 exactly at both ends
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own `convert("RGB")` clips 16-bit grey to 255 instead of scaling it (a 16-bit PNG turns
+    white): those are scaled here. 32-bit integer images are taken as 16-bit when their values fit, and floating-point
+    images (mode F), whose range no file states, are refused (ValueError)."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"mode {image.mode} image with values {values.min()}..{values.max()}, outside 16 bits")
+        eight = np.round(values / SIXTEEN_BIT_TO_EIGHT).astype(np.uint8)
+        return Image.fromarray(eight).convert("RGB")  # uint8, 2-D: mode L
+    if image.mode == "F":
+        raise ValueError("floating-point image (mode F): its range is unknown; convert it to 8 or 16 bits")
+    return image.convert("RGB")
 
 
 class ImageTransform:
@@ -27,7 +46,7 @@ class ImageTransform:
         self.random_flip = random_flip
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         width, height = image.size
         scale = self.resolution / min(width, height)
         new_size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from lightdiff.checkpointing import check_checkpoint_fits, plain_config
-from lightdiff.config import ConfigError
+from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
@@ -40,16 +40,16 @@ class AutoencoderTraining(pl.LightningModule):
         vae: AutoencoderKL,  # the autoencoder being trained (diffusers)
         discriminator: PatchDiscriminator,  # the PatchGAN critic
         reconstruction_loss: Literal["l1", "l2"] = "l1",  # pixel loss: l1 (latent-diffusion's choice) or l2
-        kl_weight: float = 1e-6,  # weight of KL(q(z|x) || N(0, I)), summed over latent elements
-        disc_weight: float = 0.5,  # scale of the adaptive adversarial weight
+        kl_weight: NonNegativeFloat = 1e-6,  # weight of KL(q(z|x) || N(0, I)), summed over latent elements
+        disc_weight: NonNegativeFloat = 0.5,  # scale of the adaptive adversarial weight
         disc_start: int = 1000,  # autoencoder updates before the adversarial loss switches on
         optimizer: OptimizerFactory = torch.optim.Adam,  # (parameters, lr) -> optimiser, for both networks
-        lr: float = 4.5e-6,  # autoencoder learning rate
-        disc_lr: float = 4.5e-6,  # discriminator learning rate
+        lr: PositiveFloat = 4.5e-6,  # autoencoder learning rate
+        disc_lr: PositiveFloat = 4.5e-6,  # discriminator learning rate
         scaling_batches: int = 8,  # batches encoded at the end to set the latent scaling factor
         max_grad_norm: float | None = 1.0,  # clip the autoencoder's gradient norm (None: no clipping)
         perceptual_loss: torch.nn.Module | None = None,  # (reconstructions, images) in [-1, 1] -> distance, e.g. LPIPS
-        perceptual_weight: float = 1.0,  # weight of the perceptual distance, added to every pixel's loss as in LDM
+        perceptual_weight: NonNegativeFloat = 1.0,  # perceptual distance's weight, added to each pixel's loss (LDM)
     ) -> None:
         super().__init__()
         if reconstruction_loss not in ("l1", "l2"):
@@ -170,8 +170,9 @@ class AutoencoderTraining(pl.LightningModule):
         )
 
     @torch.no_grad()
-    def on_train_end(self) -> None:
-        """Set the latent scaling factor to 1 / std(z) on training data (Rombach et al. 2022, Section 4.3.2)."""
+    def finish_training(self) -> None:
+        """Set the latent scaling factor to 1 / std(z) on training data (Rombach et al. 2022, Section 4.3.2); called
+        by callbacks.FinalCheckpoint right before the final checkpoint is written (contract.FinishesTraining)."""
         loader = self.trainer.datamodule.train_dataloader()
         latents = []
         cuda_devices = [self.device] if self.device.type == "cuda" else []

@@ -30,7 +30,7 @@ import torch
 from diffusers import LCMScheduler, SchedulerMixin, UNet2DConditionModel
 
 from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
-from lightdiff.config import ConfigError
+from lightdiff.config import ConfigError, PositiveFloat
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
@@ -79,7 +79,7 @@ class ConsistencyDistillation(pl.LightningModule):
         target_decay: float = 0.95,  # EMA decay of the target network
         student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser
-        lr: float = 1e-4,
+        lr: PositiveFloat = 1e-4,
         max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)

@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 
 from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
-from lightdiff.config import ConfigError
+from lightdiff.config import ConfigError, PositiveFloat
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
@@ -69,7 +69,7 @@ class DiffusionTraining(pl.LightningModule):
         guidance_scale: float = 1.0,  # guidance of the training-time previews (1: none)
         offset_noise: float = 0.0,  # strength of per-channel offset noise (0 disables)
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser (the `optimizer` group)
-        lr: float = 1e-4,  # peak learning rate
+        lr: PositiveFloat = 1e-4,  # peak learning rate
         lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
         warmup_steps: int = 0,  # linear learning-rate warm-up from 0
         max_grad_norm: float | None = 1.0,  # clip the gradients' global L2 norm to this (None: no clipping)
@@ -211,6 +211,15 @@ class DiffusionTraining(pl.LightningModule):
         )
 
 
+def side_multiple(net: Denoiser) -> int:
+    """What the side of the net's input must be a multiple of: a UNet halves it after every down block but the last,
+    a transformer cuts it into patches."""
+    down_blocks = net.config.get("down_block_types")
+    if down_blocks is not None:
+        return 2 ** (len(down_blocks) - 1)
+    return int(net.config.get("patch_size") or 1)
+
+
 def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Conditioning, data: ImageDataModule) -> None:
     """The networks must agree with each other and with the data; say which key does not."""
     channels = vae.config.latent_channels if vae is not None else 3
@@ -221,7 +230,14 @@ def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Condition
             f"net.in_channels={net.config.in_channels} / net.out_channels={net.config.out_channels} do not match "
             f"{what}={channels}"
         )
-    if data.resolution % factor or net.config.sample_size != data.resolution // factor:
+    multiple = side_multiple(net)
+    if data.resolution % (factor * multiple):
+        why = f"the VAE down-samples {factor}x and the net" if vae is not None else "the net"
+        raise ConfigError(
+            f"data.resolution={data.resolution} must be a multiple of {factor * multiple}: {why} "
+            f"({type(net).__name__}) needs a side divisible by {multiple}"
+        )
+    if net.config.sample_size != data.resolution // factor:
         downsampling = f" / the VAE's down-sampling {factor} = {data.resolution / factor:g}" if vae is not None else ""
         raise ConfigError(
             f"net.sample_size={net.config.sample_size} does not match data.resolution={data.resolution}{downsampling}"

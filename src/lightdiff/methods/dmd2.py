@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import LCMScheduler, SchedulerMixin
 
 from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
-from lightdiff.config import ConfigError
+from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory, trailing_timesteps, weighted_mse
@@ -60,15 +60,15 @@ class DistributionMatchingDistillation(pl.LightningModule):
         student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1; [999]: 1-step
         student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
         real_guidance_scale: float = 4.0,  # the teacher's guidance in the matching gradient (text models)
-        fake_updates: int = 5,  # fake-network updates per student update (DMD2's TTUR ratio)
+        fake_updates: PositiveInt = 5,  # fake-network updates per student update (DMD2's TTUR ratio)
         min_t: float = 0.02,  # the matching gradient's noise levels, as fractions of the schedule
         max_t: float = 0.98,
-        gen_gan_weight: float = 3e-3,  # weight of the student's GAN term
-        disc_gan_weight: float = 1e-2,  # weight of the classifier's GAN loss in the fake network's update
+        gen_gan_weight: NonNegativeFloat = 3e-3,  # weight of the student's GAN term
+        disc_gan_weight: NonNegativeFloat = 1e-2,  # weight of the classifier's GAN loss in the fake network's update
         classifier_channels: int = 64,  # width of the classifier head on the fake network's bottleneck
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser, for both
-        lr: float = 1e-5,  # the student's learning rate
-        fake_lr: float = 1e-5,  # the fake network's and the classifier's
+        lr: PositiveFloat = 1e-5,  # the student's learning rate
+        fake_lr: PositiveFloat = 1e-5,  # the fake network's and the classifier's
         max_grad_norm: float | None = 1.0,  # clip each update's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)

@@ -37,7 +37,7 @@ import torch
 from diffusers import SchedulerMixin, SD3Transformer2DModel
 
 from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
-from lightdiff.config import ConfigError
+from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_distance, distillation_weight
@@ -69,16 +69,16 @@ class TurboDistillation(pl.LightningModule):
         student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1
         student_prediction_type: str | None = None,  # None: the teacher's, or v_prediction where an epsilon
         # student's x_0 would amplify its error over 20x at T - 1 (linear and cosine schedules; `with_prediction_type`)
-        distill_weight: float = 2.5,  # lambda; 0 gives pure adversarial training (LADD)
+        distill_weight: NonNegativeFloat = 2.5,  # lambda; 0 gives pure adversarial training (LADD)
         distill_weighting: DistillWeighting = "alpha_bar",  # c(t): alpha_bar | sds | none
         teacher_guidance_scale: float = 4.0,  # the teacher's classifier-free guidance (text models only)
-        r1_weight: float = 1e-5,  # weight of the R1 penalty on the heads' real inputs
+        r1_weight: NonNegativeFloat = 1e-5,  # weight of the R1 penalty on the heads' real inputs
         disc_noise_mean: float = 1.0,  # discriminator noise levels: flow times sigmoid(N(mean, std)), at equal SNR
         disc_noise_std: float = 1.0,
-        disc_updates: int = 1,  # discriminator updates per student update
+        disc_updates: PositiveInt = 1,  # discriminator updates per student update
         optimizer: OptimizerFactory = torch.optim.Adam,  # (parameters, lr) -> optimiser, for student and heads
-        lr: float = 1e-5,  # student learning rate
-        disc_lr: float = 1e-4,  # discriminator heads' learning rate
+        lr: PositiveFloat = 1e-5,  # student learning rate
+        disc_lr: PositiveFloat = 1e-4,  # discriminator heads' learning rate
         max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
