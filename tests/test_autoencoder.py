@@ -156,3 +156,7 @@ def test_export_gives_a_diffusers_autoencoder_with_the_same_outputs(autoencoder_
     assert exported.config.scaling_factor == original.config.scaling_factor
     with pytest.raises(ValueError, match="is an autoencoder"):
         sample_run(compose_config("sample", [f"ckpt={ckpt}", f"out={tmp_path / 'images'}"]))
+    lora = tmp_path / "adapters.safetensors"
+    with pytest.raises(ValueError, match="takes no adapters"):  # checked before the file is even opened
+        sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={tmp_path / 'vae2'}", f"lora={lora}"]))
+    assert not (tmp_path / "vae2").exists()

@@ -25,6 +25,9 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
+from lightdiff.config import ConfigError
+from lightdiff.nets.lora import is_adapter_key
+
 log = logging.getLogger(__name__)
 
 # What a resume needs at the least: the weights, and the step that orders checkpoints.
@@ -285,6 +288,7 @@ def denoiser_metadata(
     conditioning: Any,  # lightdiff.nets.conditioning.Conditioning
     vae: torch.nn.Module | None,  # the frozen AutoencoderKL of a latent model
     class_names: list[str] | None,
+    lora: dict[str, Any] | None = None,  # LoRA adapters' config and base (`lightdiff.nets.lora.adapt`), if any
 ) -> dict[str, Any]:
     """A denoiser's plain-data `lightdiff` block: what `lightdiff.trained.load_trained` rebuilds it from, without the
     method's class or config (network class from an allow-list, configs, objective and conditioning states)."""
@@ -297,7 +301,33 @@ def denoiser_metadata(
         "conditioning": conditioning.state(),
         "vae_config": plain_config(vae.config) if vae is not None else None,
         "class_names": class_names,
+        "lora": lora,
     }
+
+
+def adapter_weights(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA adapters' entries of a state dict: all an adapter checkpoint holds of the networks."""
+    return {key: value for key, value in state_dict.items() if is_adapter_key(key)}
+
+
+def check_adapter_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any], lora: dict[str, Any]) -> None:
+    """For `on_load_checkpoint` of a method with adapters: the file must hold adapters of the same shapes made on
+    the same base weights (its fingerprint), else resuming would add them to a network they were not trained on."""
+    recorded = (checkpoint.get("lightdiff") or {}).get("lora")
+    if not recorded:
+        raise ConfigError(
+            "the checkpoint holds no LoRA adapters (trained without model.lora.rank): resume it without model.lora"
+        )
+    if recorded["base"]["fingerprint"] != lora["base"]["fingerprint"]:
+        raise ConfigError(
+            f"the checkpoint's adapters were trained on the base {recorded['base']['source']!r} (weights "
+            f"{recorded['base']['fingerprint'][:12]}), this run's base {lora['base']['source']!r} has other weights "
+            f"({lora['base']['fingerprint'][:12]})"
+        )
+    # The student's adapters, under `net.` (a turbo student's network is also the teacher's, under other names).
+    expected = {k: v for k, v in adapter_weights(module.state_dict()).items() if k.startswith("net.")}
+    saved = {k: v for k, v in adapter_weights(checkpoint.get("state_dict") or {}).items() if k.startswith("net.")}
+    check_state_dict(expected, saved, "the checkpoint")
 
 
 # ----- weights that do not fit: refused before any tensor is copied, naming the keys and shapes -----------------

@@ -22,6 +22,7 @@ Export layouts, by network and objective (the sampler is the scheduler written t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from lightdiff.nets.lora import has_adapters, without_adapters, write_lora_file
 from lightdiff.trained import METADATA_FILE, TrainedDenoiser
 
 
@@ -100,14 +102,30 @@ WRITERS: dict[str, Writer] = {
 }
 
 
-def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: str | Path) -> Path:
+def export_pipeline(
+    denoiser: TrainedDenoiser,
+    scheduler: SchedulerMixin,
+    folder: str | Path,
+    fuse_lora: bool = False,  # a network with LoRA adapters: merge them into the weights instead of a LoRA file
+) -> Path:
     """Write a diffusers pipeline folder with `scheduler` as its sampler, in the layout of the network's class (the
-    layouts are described at the top of this module), plus lightdiff.json (class names, EMA, objective)."""
+    layouts are described at the top of this module), plus lightdiff.json (class names, EMA, objective).
+
+    A network with LoRA adapters is written as its base plus `pytorch_lora_weights.safetensors` in diffusers' LoRA
+    format (`pipe.load_lora_weights(DIR)` for the Stable Diffusion and SD3 pipelines), or with `fuse_lora` as one
+    network with the adapters merged in at their current scale."""
     folder = Path(folder).expanduser()
     writer = WRITERS.get(type(denoiser.net).__name__)
     if writer is None:
         raise ValueError(f"no export layout for {type(denoiser.net).__name__} (known: {sorted(WRITERS)})")
+    adapted = denoiser.net if has_adapters(denoiser.net) else None
+    if fuse_lora and adapted is None:
+        raise ValueError("fuse_lora: the network has no LoRA adapters to fuse")
+    if adapted is not None:
+        denoiser = dataclasses.replace(denoiser, net=without_adapters(adapted, fused=fuse_lora))
     writer(denoiser, scheduler, folder)
+    if adapted is not None and not fuse_lora:
+        write_lora_file(adapted, folder)
     metadata = {
         "class_names": denoiser.class_names,
         "uses_ema": denoiser.uses_ema,
@@ -115,6 +133,8 @@ def export_pipeline(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder
         "objective": denoiser.objective.state(),
         # a consistency model's guidance-scale input at sampling (GuidanceEmbedded); None for other families
         "guidance_scale": getattr(denoiser.conditioning, "guidance_scale", None),
+        # the LoRA adapters: in LORA_WEIGHTS_FILE beside the base ("file"), merged into the weights, or none
+        "lora": None if adapted is None else ("fused" if fuse_lora else "file"),
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

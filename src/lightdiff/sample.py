@@ -27,6 +27,7 @@ from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import export_pipeline
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
 from lightdiff.nets.conditioning import GuidanceEmbedded
+from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
 from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
 from lightdiff.speed import SamplingSpeed, fast_path_difference
 from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_trained
@@ -86,13 +87,36 @@ SAMPLE_FILES = re.compile(r"\d{6}\.png|metadata\.jsonl|grid\.png|metrics\.json")
 EXPORT_MARKERS = ("model_index.json", "config.json", "lightdiff.json")
 
 
+def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
+    """`lora=FILE` adds a diffusers-format LoRA file's adapters to the model; `lora_scale` scales whichever adapters
+    it has (the file's or its checkpoint's). Everything is checked before any file is written."""
+    if cfg.lora:
+        if has_adapters(denoiser.net):
+            raise ConfigError(
+                f"lora={cfg.lora!r}: ckpt={cfg.ckpt!r} already has LoRA adapters; apply one set at a time"
+            )
+        load_lora_file(denoiser.net, cfg.lora)
+        log.info("applied the LoRA adapters of %s (scale %g)", cfg.lora, cfg.lora_scale)
+    adapted = has_adapters(denoiser.net)
+    if not adapted and (cfg.lora_scale != 1.0 or cfg.export_fused):
+        key = "export_fused=true" if cfg.export_fused else f"lora_scale={cfg.lora_scale}"
+        raise ConfigError(f"{key}: ckpt={cfg.ckpt!r} has no LoRA adapters (give lora=FILE)")
+    if cfg.export and adapted and cfg.lora_scale != 1.0 and not cfg.export_fused:
+        raise ConfigError(
+            f"lora_scale={cfg.lora_scale} with export: the LoRA file holds the adapters as trained and diffusers "
+            "takes the scale when it loads them (pipe.set_adapters); pass export_fused=true to bake the scale in"
+        )
+    if adapted:
+        set_adapter_scale(denoiser.net, cfg.lora_scale)
+
+
 def _check_values(cfg: DictConfig) -> None:
     """Every value sample.py uses itself, checked before any file is opened."""
     for key in ("num_images", "batch_size", "steps"):
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key}={value!r} must be at least 1")
-    for key, least in (("eta", 0.0), ("guidance_scale", None)):
+    for key, least in (("eta", 0.0), ("guidance_scale", None), ("lora_scale", None)):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} must be a finite number")
@@ -136,6 +160,10 @@ def run(cfg: DictConfig) -> Path:
     target = _check_output_folder(cfg)
     trained = load_trained(cfg.ckpt, use_ema=cfg.use_ema)  # the file is read once, whatever it holds
     if isinstance(trained, AutoencoderKL):
+        if cfg.lora or cfg.lora_scale != 1.0 or cfg.export_fused:
+            raise ConfigError(
+                f"lora / lora_scale / export_fused: ckpt={cfg.ckpt!r} is an autoencoder, which takes no adapters"
+            )
         if not cfg.export:
             raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
         with folder_written_atomically(target) as staging:
@@ -143,6 +171,7 @@ def run(cfg: DictConfig) -> Path:
         log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, target)
         return target
     denoiser = trained
+    _apply_lora(cfg, denoiser)
     # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's
     sampler_cfg = cfg.sampler if "_target_" in cfg.sampler else cfg.sampler[denoiser.objective.name]
     # A sampler of the other kind (DDPM vs flow matching) than the model is a ConfigError.
@@ -154,7 +183,7 @@ def run(cfg: DictConfig) -> Path:
     scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # e.g. a turbo student's timesteps
     if cfg.export:
         with folder_written_atomically(target) as staging:
-            export_pipeline(denoiser, scheduler, staging)
+            export_pipeline(denoiser, scheduler, staging, fuse_lora=cfg.export_fused)
         log.info("exported %s to %s (layouts: lightdiff/export.py)", denoiser.source, target)
         return target
 
@@ -239,6 +268,9 @@ def run(cfg: DictConfig) -> Path:
                     file_name = f"{index:06d}.png"
                     Image.fromarray(image).save(out / file_name)
                     record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **sampler_settings}
+                    if cfg.lora or has_adapters(net):
+                        record["lora"] = cfg.lora or denoiser.source
+                        record["lora_scale"] = cfg.lora_scale
                     if prompts is not None:
                         record["text"] = prompts[index]
                         record["guidance_scale"] = cfg.guidance_scale

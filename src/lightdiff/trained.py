@@ -16,16 +16,13 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
-    DiTTransformer2DModel,
     LCMScheduler,
-    PixArtTransformer2DModel,
     SD3Transformer2DModel,
-    UNet2DConditionModel,
-    UNet2DModel,
 )
+from peft import LoraConfig
 from transformers import CLIPTokenizer
 
-from lightdiff.checkpointing import load_weights
+from lightdiff.checkpointing import adapter_weights, check_state_dict, load_weights
 from lightdiff.diffusion import FlowMatching, NoiseSchedule, Objective, objective_from_state
 from lightdiff.nets.conditioning import (
     TEXT_ENCODER_CLASSES,
@@ -38,17 +35,19 @@ from lightdiff.nets.conditioning import (
     text_encoder_class,
     tokenizer_from_state,
 )
-from lightdiff.nets.denoiser import Denoiser
+from lightdiff.nets.denoiser import DENOISER_CLASSES, Denoiser
+from lightdiff.nets.lora import (
+    LORA_WEIGHTS_FILE,
+    add_adapters,
+    base_fingerprint,
+    has_adapters,
+    is_adapter_key,
+    load_lora_file,
+)
 
 log = logging.getLogger(__name__)
 
-NET_CLASSES: dict[str, type] = {
-    "UNet2DModel": UNet2DModel,
-    "UNet2DConditionModel": UNet2DConditionModel,
-    "DiTTransformer2DModel": DiTTransformer2DModel,
-    "SD3Transformer2DModel": SD3Transformer2DModel,
-    "PixArtTransformer2DModel": PixArtTransformer2DModel,
-}
+NET_CLASSES = DENOISER_CLASSES
 # Samplers a model may require whatever `sampler=` says (a latent consistency model: LCMScheduler), by class name.
 REQUIRED_SAMPLERS: dict[str, type] = {"LCMScheduler": LCMScheduler}
 LCM_PIPELINE_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default, for LCM folders written elsewhere
@@ -94,16 +93,17 @@ def _weights(checkpoint: dict, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _load_ema(net: torch.nn.Module, checkpoint: dict, path: Path) -> bool:
-    """Copy the EMA weights of the checkpoint into `net`; False where it has none."""
+    """Copy the EMA weights of the checkpoint into `net` (its adapters alone, if it has any: what trained); False
+    where it has none."""
     ema_state = checkpoint.get("callbacks", {}).get("ema") or {}
     if not ema_state:
         return False
     shadow = ema_state["shadow_params"]
-    parameters = list(net.parameters())
-    if len(shadow) != len(parameters):
-        raise ValueError(f"{path}: EMA holds {len(shadow)} tensors for {len(parameters)} parameters")
+    named = [(n, p) for n, p in net.named_parameters() if is_adapter_key(n) or not has_adapters(net)]
+    if len(shadow) != len(named):
+        raise ValueError(f"{path}: EMA holds {len(shadow)} tensors for {len(named)} parameters")
     with torch.no_grad():
-        for (name, parameter), average in zip(net.named_parameters(), shadow):
+        for (name, parameter), average in zip(named, shadow):
             if average.shape != parameter.shape:  # copy_ would broadcast a smaller tensor without a word
                 raise ValueError(
                     f"{path}: EMA weights of net.{name} have shape {tuple(average.shape)}, "
@@ -135,6 +135,8 @@ def _conditioning_of_checkpoint(path: Path, checkpoint: dict, meta: dict, net: t
 
 
 def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -> TrainedDenoiser:
+    if meta.get("lora"):
+        return _adapters_on_base(path, checkpoint, meta, use_ema)
     net_class = NET_CLASSES.get(meta.get("net_class", ""))
     if net_class is None:  # a class name read from a file is never imported: only these are built
         raise ValueError(f"{path}: lightdiff.net_class={meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
@@ -162,6 +164,54 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         scheduler_overrides=meta.get("scheduler_overrides"),
         required_sampler=_required_sampler(meta.get("sampler"), path),
     )
+
+
+def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -> TrainedDenoiser:
+    """A checkpoint of LoRA adapters: its base, reloaded from where it was trained and checked to be the same weights,
+    with the adapters (EMA ones by default); the objective and sampler settings are the checkpoint's."""
+    record = meta["lora"]
+    source = record["base"]["source"]
+    try:
+        base = load_denoiser(_local(source))
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(
+            f"{path}: its LoRA adapters belong to the base {source!r}, which cannot be loaded: {error}"
+        ) from error
+    net = base.net
+    if base_fingerprint(net) != record["base"]["fingerprint"]:
+        raise ValueError(
+            f"{path}: the base {source!r} no longer holds the weights its adapters were trained on (fingerprint "
+            f"{base_fingerprint(net)[:12]}, recorded {record['base']['fingerprint'][:12]})"
+        )
+    add_adapters(net, LoraConfig(**record["config"]))
+    adapters = _weights(checkpoint, "net.")
+    check_state_dict(adapter_weights(net.state_dict()), adapters, f"{path} (net. adapters)")
+    net.load_state_dict(adapters, strict=False)  # the base's weights are already in place
+    uses_ema = use_ema and _load_ema(net, checkpoint, path)
+    return TrainedDenoiser(
+        net=net.requires_grad_(False).eval(),
+        objective=objective_from_state(meta["objective"]),
+        conditioning=base.conditioning,
+        class_names=meta.get("class_names"),
+        source=str(path),
+        uses_ema=uses_ema,
+        vae=base.vae,
+        scheduler_overrides=meta.get("scheduler_overrides"),
+        required_sampler=_required_sampler(meta.get("sampler"), path),
+    )
+
+
+def _local(source: str) -> Path:
+    """A file or folder, or a hub id's snapshot (downloaded once, then read from the cache)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source))
+    except Exception as error:  # offline, unknown id, no access
+        raise FileNotFoundError(f"{source!r} is neither a file, a folder nor a reachable hub id ({error})") from error
 
 
 def _required_sampler(name: str | None, source: Path) -> str | None:
@@ -214,6 +264,8 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
             conditioning = GuidanceEmbedded(conditioning, scale, net.config.time_cond_proj_dim)
     else:
         conditioning = label_conditioning(net)
+    if (folder / LORA_WEIGHTS_FILE).is_file():  # an export of LoRA adapters: the base with them applied
+        load_lora_file(net, folder / LORA_WEIGHTS_FILE)
     return TrainedDenoiser(
         net=net,
         objective=objective,

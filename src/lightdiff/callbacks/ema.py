@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class EMA(pl.Callback):
-    """EMA of `pl_module.net` with decay min(decay, 1 - (1 + step / inv_gamma) ** -power) after warm-up."""
+    """EMA of `pl_module.net`'s trainable parameters, decay min(decay, 1 - (1 + step / inv_gamma) ** -power)."""
 
     def __init__(
         self,
@@ -56,7 +56,7 @@ class EMA(pl.Callback):
             raise ValueError("callbacks.ema does not support trainer=fsdp yet: set callbacks.ema=null")
         if self.ema is None:
             self.ema = EMAModel(
-                pl_module.net.parameters(),
+                averaged_parameters(pl_module.net),
                 decay=self.decay,
                 update_after_step=self.update_after_step,
                 use_ema_warmup=self.use_warmup,
@@ -78,19 +78,19 @@ class EMA(pl.Callback):
             return
         # Under gradient accumulation only real optimiser steps move the average.
         if self.ema.optimization_step < trainer.global_step:
-            self.ema.step(pl_module.net.parameters())
+            self.ema.step(averaged_parameters(pl_module.net))
 
     @contextmanager
     def averaged_weights(self, net: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Temporarily load the EMA weights into `net`; the raw weights come back on exit, even after an error."""
         assert self.ema is not None
-        self.ema.store(net.parameters())
-        self.ema.copy_to(net.parameters())
+        self.ema.store(averaged_parameters(net))
+        self.ema.copy_to(averaged_parameters(net))
         self._swapped_in = True
         try:
             yield net
         finally:
-            self.ema.restore(net.parameters())
+            self.ema.restore(averaged_parameters(net))
             self._swapped_in = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,6 +109,12 @@ class EMA(pl.Callback):
             self._pending_state = state_dict
         else:
             self.ema.load_state_dict(state_dict)
+
+
+def averaged_parameters(net: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the average covers: the parameters that train (with LoRA the adapters alone, so the EMA state is as small
+    as the checkpoint's weights), in the network's order, which `lightdiff.trained` relies on to load it back."""
+    return [parameter for parameter in net.parameters() if parameter.requires_grad]
 
 
 def find_ema(trainer: pl.Trainer) -> EMA | None:

@@ -164,9 +164,15 @@ class ShapesDataModule(ImageDataModule):
         persistent_workers: bool = False,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        classes: list[str] | None = None,  # captions of the classes to keep ("a blue triangle"); None: all 24
+        exclude: list[str] | None = None,  # captions of classes to leave out
     ) -> None:
-        dataset = ShapesDataset(size=size, resolution=resolution, seed=seed, random_flip=random_flip)
+        dataset = ShapesDataset(
+            size=size, resolution=resolution, seed=seed, random_flip=random_flip, classes=classes, exclude=exclude
+        )
         identity = f"shapes|size={size}|seed={seed}|resolution={resolution}"
+        if len(dataset.kept_labels) < len(dataset.class_names):  # the full set keeps the identity caches know it by
+            identity += f"|classes={','.join(map(str, dataset.kept_labels))}"
         super().__init__(
             dataset,
             batch_size,

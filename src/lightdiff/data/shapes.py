@@ -6,6 +6,8 @@ same index. The exact specification (colours, sizes, placement) is the one the s
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -56,15 +58,26 @@ def draw_shape(shape: str, color: str, side: float, left: float, top: float, res
     return canvas.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-def shapes_sample(seed: int, index: int, resolution: int) -> tuple[Image.Image, int, str]:
-    """(image, label, caption) of sample `index`; a pure function of (seed, index, resolution)."""
+def _drawn_class(seed: int, index: int) -> tuple[np.random.Generator, str, str]:
+    """The shape and colour of sample `index`, and the generator that goes on to place it."""
     rng = np.random.default_rng([seed, index])
     shape_index = int(rng.integers(len(SHAPES)))
     color_index = int(rng.integers(len(COLORS)))
+    return rng, SHAPES[shape_index], COLOR_NAMES[color_index]
+
+
+def shapes_label(seed: int, index: int) -> int:
+    """The class of sample `index`, without drawing it."""
+    _, shape, color = _drawn_class(seed, index)
+    return class_label(shape, color)
+
+
+def shapes_sample(seed: int, index: int, resolution: int) -> tuple[Image.Image, int, str]:
+    """(image, label, caption) of sample `index`; a pure function of (seed, index, resolution)."""
+    rng, shape, color = _drawn_class(seed, index)
     side = float(rng.uniform(MIN_SIDE, MAX_SIDE)) * resolution
     left = float(rng.uniform(0, resolution - side))
     top = float(rng.uniform(0, resolution - side))
-    shape, color = SHAPES[shape_index], COLOR_NAMES[color_index]
     image = draw_shape(shape, color, side, left, top, resolution)
     return image, class_label(shape, color), f"a {color} {shape}"
 
@@ -75,8 +88,20 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
+def _checked_captions(key: str, captions: list[str]) -> set[int]:
+    labels = {label_to_caption(label): label for label in range(NUM_CLASSES)}
+    unknown = [caption for caption in captions if caption not in labels]
+    if unknown:
+        raise ValueError(f"data.{key}: {unknown} are not shapes classes (captions such as 'a blue triangle')")
+    return {labels[caption] for caption in captions}
+
+
 class ShapesDataset(Dataset):
-    """Procedural shapes; items are {"pixel_values", "label", "text"} like every lightdiff image data set."""
+    """Procedural shapes; items are {"pixel_values", "label", "text"} like every lightdiff image data set.
+
+    `classes` / `exclude` keep some of the 24 classes (e.g. a model that never saw "a blue triangle", and a few dozen
+    images of it to teach it later): item i is then the i-th sample of the stream whose class is kept, so the
+    selection is as reproducible as the full set."""
 
     def __init__(
         self,
@@ -84,29 +109,42 @@ class ShapesDataset(Dataset):
         resolution: int = 32,  # image side in pixels
         seed: int = 0,  # data seed: sample i is a pure function of (seed, i)
         random_flip: bool = False,  # horizontal flip (all three shapes are mirror-symmetric)
+        classes: list[str] | None = None,  # captions of the classes to keep; None: all 24
+        exclude: list[str] | None = None,  # captions of classes to leave out
     ) -> None:
         if size < 1:
             raise ValueError(f"data.size={size} must be positive")
         if resolution < 8:
             raise ValueError(f"data.resolution={resolution} is too small to draw shapes (minimum 8)")
+        kept = _checked_captions("classes", list(classes)) if classes is not None else set(range(NUM_CLASSES))
+        kept -= _checked_captions("exclude", list(exclude or []))
+        if not kept:
+            raise ValueError(f"data.classes={classes} and data.exclude={exclude} leave no class")
         self.size = size
         self.resolution = resolution
         self.seed = seed
         self.random_flip = random_flip
         self.num_classes = NUM_CLASSES
         self.class_names = [label_to_caption(label) for label in range(NUM_CLASSES)]
+        self.kept_labels = sorted(kept)
+        # Stream index of each item; None: the identity (every class kept), computed without a list.
+        self._stream_index: list[int] | None = None
+        if len(kept) < NUM_CLASSES:
+            stream = (index for index in itertools.count() if shapes_label(seed, index) in kept)
+            self._stream_index = list(itertools.islice(stream, size))
 
     def __len__(self) -> int:
         return self.size
 
     def captions(self) -> list[str]:
-        """The 24 distinct captions (each equally likely): all a tokenizer needs to see."""
-        return list(self.class_names)
+        """The distinct captions of the kept classes (each equally likely): all a tokenizer needs to see."""
+        return [self.class_names[label] for label in self.kept_labels]
 
     def __getitem__(self, index: int) -> dict[str, object]:
         if not 0 <= index < self.size:
             raise IndexError(f"shapes index {index} out of range [0, {self.size})")
-        image, label, caption = shapes_sample(self.seed, index, self.resolution)
+        stream_index = self._stream_index[index] if self._stream_index is not None else index
+        image, label, caption = shapes_sample(self.seed, stream_index, self.resolution)
         pixels = pil_to_tensor(image)
         if self.random_flip and torch.rand(()) < 0.5:
             pixels = pixels.flip(-1)

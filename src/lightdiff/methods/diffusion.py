@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 
-from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
+from lightdiff.checkpointing import adapter_weights, check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, PositiveFloat
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
@@ -38,7 +38,8 @@ from lightdiff.nets.conditioning import (
     text_width,
 )
 from lightdiff.nets.denoiser import Denoiser, network_output, zero_adaln_gates
-from lightdiff.nets.pretrained import load_unet, load_vae, pretrained_text_conditioning
+from lightdiff.nets.lora import LoraSettings, adapt
+from lightdiff.nets.pretrained import load_denoiser, load_vae, pipeline_parts, pretrained_text_conditioning
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
 from lightdiff.nets.vae import encode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, generate, preview_inputs
@@ -76,6 +77,7 @@ class DiffusionTraining(pl.LightningModule):
         compile: bool = False,  # torch.compile the denoiser (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC weights: faster convolutions on GPU (the yaml turns it on with CUDA)
         gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
+        lora: LoraSettings | None = None,  # adapters on the net (`model.lora.rank`); only they train (nets/lora.py)
     ) -> None:
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
@@ -83,12 +85,26 @@ class DiffusionTraining(pl.LightningModule):
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
         if pretrained is not None and load_pretrained_unet:
-            net = load_unet(pretrained)
+            net = load_denoiser(pretrained)
         else:
             net = zero_adaln_gates(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
+        self.lora_base: dict[str, Any] | None = None  # what the adapters belong to, recorded in every checkpoint
+        if lora is not None and lora.enabled:
+            if pretrained is None or not load_pretrained_unet:
+                raise ConfigError(
+                    f"model.lora.rank={lora.rank}: LoRA adapts a trained network; set model.pretrained=PIPELINE_DIR"
+                    "_OR_HUB_ID and model.load_pretrained_unet=true (a lightdiff checkpoint: export it first)"
+                )
+            if train_text_encoder:
+                raise ConfigError("model.lora trains adapters on the denoiser only: set model.train_text_encoder=false")
+            if vae is not None:  # its checkpoints hold the adapters alone: every other part must come from the base
+                raise ConfigError(f"model.lora uses model.pretrained's VAE: set model.vae=null (it is {vae!r})")
+            self.lora_base = adapt(net, lora, base_source=pretrained)
+            self.strict_loading = False  # checkpoints hold the adapters alone
         self.net = net
         self.objective = objective
-        self.vae = load_vae(pretrained, vae).requires_grad_(False).eval() if (vae or pretrained) else None
+        pipeline_vae = pretrained is not None and "vae" in pipeline_parts(pretrained)  # a DDPM pipeline has none
+        self.vae = load_vae(pretrained, vae).requires_grad_(False).eval() if (vae or pipeline_vae) else None
         self.conditioning: Conditioning = conditioning or self._conditioning_for(
             data, pretrained, train_text_encoder, text_hidden_size, text_layers, text_heads, max_prompt_tokens
         )
@@ -156,7 +172,8 @@ class DiffusionTraining(pl.LightningModule):
         return loss
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.net.parameters()) + self.conditioning.trainable_parameters()
+        """The net's (its adapters alone with LoRA) and a trainable text encoder's."""
+        return [p for p in self.net.parameters() if p.requires_grad] + self.conditioning.trainable_parameters()
 
     def configure_model(self) -> None:
         # Lightning calls this once the trainer exists and before the module reaches its device.
@@ -202,13 +219,20 @@ class DiffusionTraining(pl.LightningModule):
                 f"the checkpoint was trained with objective={saved['name']}, this config says "
                 f"objective={self.objective.name}: pick another run_name"
             )
-        check_checkpoint_fits(self, checkpoint)  # a checkpoint of another net config: name the keys, not a torch error
+        if self.lora_base is not None:  # adapters only: they must belong to this base
+            check_adapter_checkpoint(self, checkpoint, self.lora_base)
+        else:
+            check_checkpoint_fits(
+                self, checkpoint
+            )  # a checkpoint of another net config: name the keys, not a torch error
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only: enough to rebuild the networks and the sampler without this class or its config.
         checkpoint["lightdiff"] = denoiser_metadata(
-            "diffusion", self.net, self.objective, self.conditioning, self.vae, self.class_names
+            "diffusion", self.net, self.objective, self.conditioning, self.vae, self.class_names, self.lora_base
         )
+        if self.lora_base is not None:  # the frozen base is reloaded from its source, not saved
+            checkpoint["state_dict"] = adapter_weights(checkpoint["state_dict"])
 
 
 def side_multiple(net: Denoiser) -> int:

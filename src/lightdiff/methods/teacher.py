@@ -23,6 +23,7 @@ from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.nets.conditioning import Condition, Conditioning, Inputs
 from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.lora import adapters_disabled
 from lightdiff.nets.vae import encode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.trained import TrainedDenoiser, load_trained
@@ -103,6 +104,17 @@ class FrozenTeacher(nn.Module):
     ) -> torch.Tensor:
         """The teacher's x_0, guided where its family has an unconditional input: x0(x, uncond) + w (x0(x, c) -
         x0(x, uncond)) (Ho & Salimans 2022), both halves in one network call."""
+        with adapters_disabled(self.net):  # a LoRA student shares the network: the teacher is it without adapters
+            return self._x0(x_t, t, condition, batch, guidance_scale)
+
+    def _x0(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        condition: Condition,
+        batch: Inputs,
+        guidance_scale: float | torch.Tensor | None,
+    ) -> torch.Tensor:
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if not self.can_guide or (not torch.is_tensor(scale) and scale == 1.0):
             return self.objective.predicted_x0(network_output(self.net, x_t, t, condition), x_t, t)
@@ -130,9 +142,10 @@ class FrozenTeacher(nn.Module):
         key = (tuple(int(seed) for seed in seeds), steps)
         if key not in self._previews:
             guidance = self.guidance_scale if self.can_guide else 1.0
-            images = generate(
-                self.net, self.scheduler(sampler), steps, seeds, self.conditioning, inputs, guidance, vae=self.vae
-            )
+            with adapters_disabled(self.net):
+                images = generate(
+                    self.net, self.scheduler(sampler), steps, seeds, self.conditioning, inputs, guidance, vae=self.vae
+                )
             self._previews[key] = images.cpu()
         return self._previews[key]
 

@@ -36,7 +36,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import SchedulerMixin, SD3Transformer2DModel
 
-from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
+from lightdiff.checkpointing import check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
@@ -47,6 +47,7 @@ from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_stud
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
+from lightdiff.nets.lora import LoraSettings, adapt, is_adapter_key
 from lightdiff.nets.vae import decode_latents
 from lightdiff.sampling import for_latents, reconfigured
 from lightdiff.speed import prepare_for_training
@@ -84,6 +85,7 @@ class TurboDistillation(pl.LightningModule):
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU (on with CUDA in the yaml)
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
+        lora: LoraSettings | None = None,  # a LoRA student: the teacher's own network + adapters (`model.lora.rank`)
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -102,7 +104,6 @@ class TurboDistillation(pl.LightningModule):
         # The student walks the teacher's path; it may parametrise its output otherwise (student_prediction_type).
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         self.student_timesteps = self.objective.student_timesteps(4, student_timesteps)
-        self.net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the student
         self.vae, self.conditioning = self.teacher.vae, self.teacher.conditioning  # shared, frozen
         self.class_names = self.teacher.class_names
         self.compile_net = compile  # not `self.compile`: that is nn.Module's method
@@ -119,6 +120,15 @@ class TurboDistillation(pl.LightningModule):
             condition_dim=self.conditioning.summary_dim,
             num_train_timesteps=self.objective.num_train_timesteps,
         )
+        self.lora_base: dict[str, Any] | None = None  # what a LoRA student's adapters belong to: the teacher
+        if lora is not None and lora.enabled:
+            # One copy of the network: adapters off it is the teacher (FrozenTeacher and the teacher-feature
+            # discriminator switch them off), on it is the student; B = 0 at the start, so the student starts as the
+            # teacher, as ADD's does. Added after the discriminator, which freezes the network it reads.
+            self.lora_base = adapt(self.teacher.net, lora, base_source=teacher)
+            self.net = self.teacher.net
+        else:
+            self.net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the student
         self.distill_weight, self.distill_weighting = distill_weight, distill_weighting
         self.r1_weight = r1_weight
         self.disc_noise_mean, self.disc_noise_std, self.disc_updates = disc_noise_mean, disc_noise_std, disc_updates
@@ -243,7 +253,7 @@ class TurboDistillation(pl.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
-            self.optimizer_factory(self.net.parameters(), lr=self.lr),
+            self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad], lr=self.lr),
             self.optimizer_factory(self.discriminator.head_parameters(), lr=self.disc_lr),
         ]
 
@@ -265,10 +275,16 @@ class TurboDistillation(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Another net / discriminator config: name the keys, not a torch error. The teacher is not in the file.
-        check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
+        if self.lora_base is not None:  # of the student, the adapters alone: checked against the teacher's weights
+            check_adapter_checkpoint(self, checkpoint, self.lora_base)
+            check_checkpoint_fits(self, checkpoint, may_be_missing=(*FROZEN_PREFIXES, "net."))
+        else:
+            check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        student = denoiser_metadata("turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names)
+        student = denoiser_metadata(
+            "turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names, self.lora_base
+        )
         save_student(
             checkpoint,
             FROZEN_PREFIXES,
@@ -279,3 +295,6 @@ class TurboDistillation(pl.LightningModule):
                 "scheduler_overrides": self.objective.few_step_overrides,
             },
         )
+        if self.lora_base is not None:  # the student's base is the teacher, reloaded from `teacher`
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("net.") or is_adapter_key(k)}

@@ -14,6 +14,8 @@ conditioning, which a family object makes (`lightdiff.nets.conditioning`):
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from diffusers import (
     DiTTransformer2DModel,
@@ -26,6 +28,9 @@ from diffusers import (
 from lightdiff.nets.conditioning import Condition
 
 Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | SD3Transformer2DModel | PixArtTransformer2DModel
+# The denoiser classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is never
+# imported, only looked up here.
+DENOISER_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Denoiser)}
 ADALN_ZERO = ("AdaLayerNormZero", "SD35AdaLayerNormZeroX")  # diffusers' modulations that carry gates
 
 

@@ -17,6 +17,7 @@ Backbones (the `discriminator` config group):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 from lightdiff.config import ConfigError
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.lora import adapters_disabled
 
 
 class _StopForward(Exception):
@@ -64,7 +66,9 @@ class UNetEncoderFeatures(nn.Module):
         handles = [] if self.mid_block_only else [block.register_forward_hook(keep) for block in self.unet.down_blocks]
         handles.append(self.unet.mid_block.register_forward_hook(stop))
         try:
-            network_output(self.unet, x_t, timesteps, condition)  # the teacher's own call, with all its conditioning
+            # the teacher's own call, with all its conditioning; as the teacher where a LoRA student shares its network
+            with adapters_disabled(self.unet) if not self.trainable else nullcontext():
+                network_output(self.unet, x_t, timesteps, condition)
         except _StopForward:
             pass
         finally:
