@@ -318,15 +318,21 @@ def check_adapter_checkpoint(module: pl.LightningModule, checkpoint: dict[str, A
         raise ConfigError(
             "the checkpoint holds no LoRA adapters (trained without model.lora.rank): resume it without model.lora"
         )
+    recorded_encoder, encoder = recorded.get("text_encoder") or {}, lora.get("text_encoder") or {}
+    if recorded_encoder and encoder and recorded_encoder["fingerprint"] != encoder["fingerprint"]:
+        raise ConfigError(
+            f"the checkpoint's text-encoder adapters belong to another encoder than {lora['base']['source']!r}'s"
+        )
     if recorded["base"]["fingerprint"] != lora["base"]["fingerprint"]:
         raise ConfigError(
             f"the checkpoint's adapters were trained on the base {recorded['base']['source']!r} (weights "
             f"{recorded['base']['fingerprint'][:12]}), this run's base {lora['base']['source']!r} has other weights "
             f"({lora['base']['fingerprint'][:12]})"
         )
-    # The student's adapters, under `net.` (a turbo student's network is also the teacher's, under other names).
-    expected = {k: v for k, v in adapter_weights(module.state_dict()).items() if k.startswith("net.")}
-    saved = {k: v for k, v in adapter_weights(checkpoint.get("state_dict") or {}).items() if k.startswith("net.")}
+    # The adapters under `net.` and `conditioning.` (a turbo student's network is the teacher's too, under other names)
+    owned = ("net.", "conditioning.")
+    expected = {k: v for k, v in adapter_weights(module.state_dict()).items() if k.startswith(owned)}
+    saved = {k: v for k, v in adapter_weights(checkpoint.get("state_dict") or {}).items() if k.startswith(owned)}
     check_state_dict(expected, saved, "the checkpoint")
 
 

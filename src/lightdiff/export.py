@@ -22,6 +22,7 @@ Export layouts, by network and objective (the sampler is the scheduler written t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -121,11 +122,17 @@ def export_pipeline(
     adapted = denoiser.net if has_adapters(denoiser.net) else None
     if fuse_lora and adapted is None:
         raise ValueError("fuse_lora: the network has no LoRA adapters to fuse")
+    encoder = getattr(denoiser.conditioning, "text_encoder", None)
+    adapted_encoder = encoder if encoder is not None and has_adapters(encoder) else None
     if adapted is not None:
         denoiser = dataclasses.replace(denoiser, net=without_adapters(adapted, fused=fuse_lora))
+    if adapted_encoder is not None:  # the pipeline's text encoder: its base (or fused) weights, the family a copy
+        conditioning = copy.deepcopy(denoiser.conditioning)
+        conditioning.text_encoder = without_adapters(adapted_encoder, fused=fuse_lora)
+        denoiser = dataclasses.replace(denoiser, conditioning=conditioning)
     writer(denoiser, scheduler, folder)
     if adapted is not None and not fuse_lora:
-        write_lora_file(adapted, folder)
+        write_lora_file(adapted, folder, adapted_encoder)
     metadata = {
         "class_names": denoiser.class_names,
         "uses_ema": denoiser.uses_ema,

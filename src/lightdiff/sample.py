@@ -95,7 +95,7 @@ def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
             raise ConfigError(
                 f"lora={cfg.lora!r}: ckpt={cfg.ckpt!r} already has LoRA adapters; apply one set at a time"
             )
-        load_lora_file(denoiser.net, cfg.lora)
+        load_lora_file(denoiser.net, cfg.lora, getattr(denoiser.conditioning, "text_encoder", None))
         log.info("applied the LoRA adapters of %s (scale %g)", cfg.lora, cfg.lora_scale)
     adapted = has_adapters(denoiser.net)
     if not adapted and (cfg.lora_scale != 1.0 or cfg.export_fused):
@@ -108,6 +108,7 @@ def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
         )
     if adapted:
         set_adapter_scale(denoiser.net, cfg.lora_scale)
+        set_adapter_scale(denoiser.conditioning, cfg.lora_scale)  # a text encoder's adapters, if it has any
 
 
 def _check_values(cfg: DictConfig) -> None:

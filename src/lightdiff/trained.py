@@ -188,6 +188,17 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
     check_state_dict(adapter_weights(net.state_dict()), adapters, f"{path} (net. adapters)")
     net.load_state_dict(adapters, strict=False)  # the base's weights are already in place
     uses_ema = use_ema and _load_ema(net, checkpoint, path)
+    if record.get("text_encoder"):  # model.lora.text_encoder: the pipeline's encoder had adapters too
+        encoder = base.conditioning.text_encoder
+        if base_fingerprint(encoder) != record["text_encoder"]["fingerprint"]:
+            raise ValueError(f"{path}: the text encoder of {source!r} is not the one its adapters were trained on")
+        add_adapters(encoder, LoraConfig(**record["text_encoder"]["config"]))
+        encoder_adapters = _weights(checkpoint, "conditioning.text_encoder.")
+        check_state_dict(
+            adapter_weights(encoder.state_dict()), encoder_adapters, f"{path} (conditioning.text_encoder.)"
+        )
+        encoder.load_state_dict(encoder_adapters, strict=False)
+        encoder.requires_grad_(False).eval()
     return TrainedDenoiser(
         net=net.requires_grad_(False).eval(),
         objective=objective_from_state(meta["objective"]),
@@ -265,7 +276,7 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     else:
         conditioning = label_conditioning(net)
     if (folder / LORA_WEIGHTS_FILE).is_file():  # an export of LoRA adapters: the base with them applied
-        load_lora_file(net, folder / LORA_WEIGHTS_FILE)
+        load_lora_file(net, folder / LORA_WEIGHTS_FILE, getattr(conditioning, "text_encoder", None))
     return TrainedDenoiser(
         net=net,
         objective=objective,

@@ -99,8 +99,6 @@ class DiffusionTraining(pl.LightningModule):
                 raise ConfigError("model.lora trains adapters on the denoiser only: set model.train_text_encoder=false")
             if vae is not None:  # its checkpoints hold the adapters alone: every other part must come from the base
                 raise ConfigError(f"model.lora uses model.pretrained's VAE: set model.vae=null (it is {vae!r})")
-            self.lora_base = adapt(net, lora, base_source=pretrained)
-            self.strict_loading = False  # checkpoints hold the adapters alone
         self.net = net
         self.objective = objective
         pipeline_vae = pretrained is not None and "vae" in pipeline_parts(pretrained)  # a DDPM pipeline has none
@@ -108,6 +106,14 @@ class DiffusionTraining(pl.LightningModule):
         self.conditioning: Conditioning = conditioning or self._conditioning_for(
             data, pretrained, train_text_encoder, text_hidden_size, text_layers, text_heads, max_prompt_tokens
         )
+        if lora is not None and lora.enabled:
+            # The pipeline's text encoder too with lora.text_encoder (the method then trains its adapters alone).
+            text_encoder = self.conditioning.text_encoder if lora.text_encoder and takes_text(net) else None
+            if lora.text_encoder and text_encoder is None:
+                raise ConfigError(f"model.lora.text_encoder=true: {type(net).__name__} takes no text")
+            self.lora_base = adapt(net, lora, base_source=pretrained, text_encoder=text_encoder)
+            self.conditioning.trainable = text_encoder is not None
+            self.strict_loading = False  # checkpoints hold the adapters alone
         check_fits(net, self.vae, self.conditioning, data)
         if cond_drop_prob > 0 and not self.conditioning.has_unconditional:
             raise ConfigError(f"model.cond_drop_prob={cond_drop_prob}: {type(net).__name__} has no unconditional input")

@@ -122,6 +122,10 @@ class TurboDistillation(pl.LightningModule):
         )
         self.lora_base: dict[str, Any] | None = None  # what a LoRA student's adapters belong to: the teacher
         if lora is not None and lora.enabled:
+            if lora.text_encoder:
+                raise ConfigError(
+                    "model.lora.text_encoder=true: turbo's text encoder is the teacher's and stays frozen"
+                )
             # One copy of the network: adapters off it is the teacher (FrozenTeacher and the teacher-feature
             # discriminator switch them off), on it is the student; B = 0 at the start, so the student starts as the
             # teacher, as ADD's does. Added after the discriminator, which freezes the network it reads.

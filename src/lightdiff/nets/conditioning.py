@@ -290,7 +290,8 @@ class CLIPText(nn.Module):
         return {**inputs, "text": texts}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.text_encoder.parameters()) if self.trainable else []
+        # all of a from-scratch or unfrozen encoder; its LoRA adapters alone (model.lora.text_encoder)
+        return [p for p in self.text_encoder.parameters() if p.requires_grad] if self.trainable else []
 
     def get_extra_state(self) -> dict[str, Any]:
         """The tokenizer travels in the state dict with the encoder's weights: the two only make sense together, so a

@@ -39,6 +39,7 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # every diffusers Attention: U
 JOINT_ATTENTION = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # MMDiT's text stream
 FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]  # transformer blocks
 RESNET_CONVOLUTIONS = ["conv1", "conv2"]  # the 3x3 convolutions of a UNet's ResNet blocks (`convolutions: true`)
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's attention (`text_encoder: true`)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class LoraSettings:
     dropout: float = 0.0  # dropout on the adapters' input
     target_modules: list[str] | None = None  # module-name suffixes; null: the preset of the network's family
     convolutions: bool = False  # add the UNet ResNet blocks' convolutions to the preset
+    text_encoder: bool = False  # also adapt a pretrained CLIP text encoder's attention (model=latent)
 
     def __post_init__(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or self.rank < 1):
@@ -104,13 +106,21 @@ def target_modules(net: torch.nn.Module, settings: LoraSettings) -> list[str]:
 
 
 def lora_config(net: torch.nn.Module, settings: LoraSettings) -> LoraConfig:
+    return _config(settings, target_modules(net, settings))
+
+
+def text_encoder_lora_config(settings: LoraSettings) -> LoraConfig:
+    return _config(settings, TEXT_ENCODER_TARGETS)
+
+
+def _config(settings: LoraSettings, targets: list[str]) -> LoraConfig:
     rank = int(settings.rank)
     return LoraConfig(
         r=rank,
         lora_alpha=float(settings.alpha) if settings.alpha is not None else rank,
         lora_dropout=float(settings.dropout),
         init_lora_weights="gaussian",  # A Gaussian, B zero: the adapted network starts as its base (diffusers')
-        target_modules=target_modules(net, settings),
+        target_modules=targets,
     )
 
 
@@ -130,13 +140,26 @@ def add_adapters(net: torch.nn.Module, config: LoraConfig) -> None:
         parameter.requires_grad_(is_adapter_key(name))
 
 
-def adapt(net: torch.nn.Module, settings: LoraSettings, base_source: str) -> dict[str, Any]:
-    """Add `settings`' adapters to `net` (the base, loaded from `base_source`); returns the record every adapter
-    checkpoint carries: the adapters' LoraConfig, the base's source and fingerprint (checked wherever it is loaded)."""
+def adapt(
+    net: torch.nn.Module,
+    settings: LoraSettings,
+    base_source: str,  # where the base comes from (a pipeline folder or hub id, a teacher checkpoint)
+    text_encoder: torch.nn.Module | None = None,  # with `settings.text_encoder`: the pipeline's text encoder
+) -> dict[str, Any]:
+    """Add `settings`' adapters to `net` (and `text_encoder`); returns the record every adapter checkpoint carries:
+    the adapters' LoraConfigs, the base's source and fingerprints (checked wherever the adapters are loaded)."""
     config = lora_config(net, settings)
     base = {"source": _source(base_source), "fingerprint": base_fingerprint(net), "net_class": type(net).__name__}
     add_adapters(net, config)
-    return {"config": config_record(config), "base": base}
+    record: dict[str, Any] = {"config": config_record(config), "base": base}
+    if text_encoder is not None:
+        encoder_config = text_encoder_lora_config(settings)
+        record["text_encoder"] = {
+            "config": config_record(encoder_config),
+            "fingerprint": base_fingerprint(text_encoder),
+        }
+        add_adapters(text_encoder, encoder_config)
+    return record
 
 
 def _source(source: str) -> str:
@@ -201,7 +224,8 @@ def without_adapters(net: torch.nn.Module, fused: bool) -> torch.nn.Module:
             if isinstance(module, BaseTunerLayer):
                 module.merge(adapter_names=[ADAPTER])
     state = {k.replace(".base_layer", ""): v for k, v in source.state_dict().items() if not is_adapter_key(k)}
-    plain = type(net).from_config(net.config)
+    # diffusers models are built from their config with from_config, transformers models by their constructor
+    plain = type(net).from_config(net.config) if hasattr(type(net), "from_config") else type(net)(net.config)
     plain.load_state_dict(state)
     return plain.eval()
 
@@ -214,28 +238,45 @@ def lora_prefix(net: torch.nn.Module) -> str:
     return "unet" if hasattr(net, "down_blocks") else "transformer"
 
 
-def write_lora_file(net: torch.nn.Module, folder: Path) -> Path:
-    """`folder/pytorch_lora_weights.safetensors` with `net`'s adapters, written by diffusers' own pipeline writer."""
+def write_lora_file(net: torch.nn.Module, folder: Path, text_encoder: torch.nn.Module | None = None) -> Path:
+    """`folder/pytorch_lora_weights.safetensors` with the adapters of `net` (and of `text_encoder`, if it has any),
+    written by diffusers' own pipeline writer. SD3's pipeline has two CLIP encoders where lightdiff trains one for
+    both (nets/conditioning.py), so its adapters are written for both."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
-    metadata = net.peft_config[ADAPTER].to_dict()
+    def layers_and_config(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return get_peft_model_state_dict(module, adapter_name=ADAPTER), module.peft_config[ADAPTER].to_dict()
+
+    net_layers, net_config = layers_and_config(net)
+    encoder = layers_and_config(text_encoder) if text_encoder is not None and has_adapters(text_encoder) else None
     if lora_prefix(net) == "unet":
         StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=LORA_WEIGHTS_FILE
+            folder,
+            unet_lora_layers=net_layers,
+            unet_lora_adapter_metadata=net_config,
+            text_encoder_lora_layers=encoder[0] if encoder else None,
+            text_encoder_lora_adapter_metadata=encoder[1] if encoder else None,
+            weight_name=LORA_WEIGHTS_FILE,
         )
     else:
         StableDiffusion3Pipeline.save_lora_weights(
             folder,
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=metadata,
+            transformer_lora_layers=net_layers,
+            transformer_lora_adapter_metadata=net_config,
+            text_encoder_lora_layers=encoder[0] if encoder else None,
+            text_encoder_lora_adapter_metadata=encoder[1] if encoder else None,
+            text_encoder_2_lora_layers=encoder[0] if encoder else None,
+            text_encoder_2_lora_adapter_metadata=encoder[1] if encoder else None,
             weight_name=LORA_WEIGHTS_FILE,
         )
     return folder / LORA_WEIGHTS_FILE
 
 
-def _read_lora_file(path: Path, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The tensors under `prefix.` (prefix removed) and their LoraConfig from the header, if it has one."""
+LoraPart = tuple[dict[str, torch.Tensor], dict[str, Any] | None]  # a component's tensors and LoraConfig, if given
+
+
+def _read_lora_file(path: Path, prefix: str) -> dict[str, LoraPart]:
+    """The file's adapters per component (`prefix`, the denoiser's, and `text_encoder`), with prefixes removed."""
     if path.is_dir():
         path = path / LORA_WEIGHTS_FILE
     if not path.is_file():
@@ -248,47 +289,58 @@ def _read_lora_file(path: Path, prefix: str) -> tuple[dict[str, torch.Tensor], d
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # not a safetensors file, truncated
         raise ConfigError(f"lora={str(path)!r} is not a readable safetensors file ({error})") from error
-    ours = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
-    others = sorted({key.split(".")[0] for key in tensors if not key.startswith(prefix + ".")})
-    if others:
+    components = sorted({key.split(".")[0] for key in tensors})
+    unknown = [name for name in components if name not in (prefix, "text_encoder", "text_encoder_2")]
+    if unknown or prefix not in components:
         raise ConfigError(
-            f"lora={str(path)!r} holds adapters for {others}; lightdiff applies a file whose keys all start with "
-            f"{prefix!r} (the denoiser's)"
+            f"lora={str(path)!r} holds adapters for {components}; lightdiff applies a file with the denoiser's "
+            f"({prefix!r}) and optionally the text encoder's"
         )
-    if not ours:
-        raise ConfigError(f"lora={str(path)!r} holds no tensor")
-    if not any(".lora_A." in key for key in ours):
-        from diffusers.utils import convert_unet_state_dict_to_peft
-
-        ours = convert_unet_state_dict_to_peft(ours)  # diffusers' older `lora.down` / `lora.up` names
     metadata = json.loads(header[LORA_METADATA_KEY]) if LORA_METADATA_KEY in header else None
-    if metadata is not None:  # the pipeline writer keys it by component: {"unet.r": 4, ...}
-        metadata = {k[len(prefix) + 1 :]: v for k, v in metadata.items() if k.startswith(prefix + ".")} or metadata
-    return ours, metadata
+    parts: dict[str, LoraPart] = {}
+    for name in components:
+        state = {key[len(name) + 1 :]: value for key, value in tensors.items() if key.startswith(name + ".")}
+        if not any(".lora_A." in key for key in state):
+            from diffusers.utils import convert_unet_state_dict_to_peft
+
+            state = convert_unet_state_dict_to_peft(state)  # diffusers' older `lora.down` / `lora.up` names
+        config = None
+        if metadata is not None:  # the pipeline writer keys it by component: {"unet.r": 4, ...}
+            config = {k[len(name) + 1 :]: v for k, v in metadata.items() if k.startswith(name + ".")} or None
+        parts[name] = (state, config)
+    second = parts.pop("text_encoder_2", None)  # SD3: lightdiff's one encoder stands for both
+    if second is not None:
+        first = parts.get("text_encoder")
+        if (
+            first is None
+            or first[0].keys() != second[0].keys()
+            or any(not torch.equal(first[0][key], second[0][key]) for key in first[0])
+        ):
+            raise ConfigError(
+                f"lora={str(path)!r} adapts SD3's two CLIP encoders differently; lightdiff's SD3 uses one for both"
+            )
+    return parts
 
 
-def load_lora_file(net: torch.nn.Module, path: str | Path) -> LoraConfig:
-    """Add the adapters of a diffusers-format LoRA file to `net` (lightdiff's export or any other), checked to fit:
-    a file made for another network names the keys that do not, before `net` changes."""
-    path = Path(path).expanduser()
-    state, metadata = _read_lora_file(path, lora_prefix(net))
-    if metadata is not None:
-        config = LoraConfig(**{k: v for k, v in metadata.items() if k in LoraConfig.__dataclass_fields__})
+def _fitted_config(module: torch.nn.Module, state: dict[str, torch.Tensor], config: dict | None) -> LoraConfig:
+    """The LoraConfig that makes `state` fit `module`, checked on a copy: a file made for another network names the
+    keys that do not fit, before `module` changes."""
+    if config is not None:
+        lora = LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__})
     else:  # no header: ranks from the shapes, alpha = rank (diffusers' reading of such files)
         from diffusers.utils.peft_utils import get_peft_kwargs
 
         ranks = {f"^{key}": value.shape[1] for key, value in state.items() if "lora_B" in key and value.ndim > 1}
-        config = LoraConfig(**get_peft_kwargs(ranks, None, state))
-    names = _module_names(net)
-    targets = sorted({key.split(".lora_")[0] for key in state})
-    unknown = [target for target in targets if target not in names]
+        lora = LoraConfig(**get_peft_kwargs(ranks, None, state))
+    names = set(_module_names(module))
+    unknown = sorted({key.split(".lora_")[0] for key in state} - names)
     if unknown:
         raise ConfigError(
-            f"lora={str(path)!r} was made for another network: {len(unknown)} of its modules are not in "
-            f"{type(net).__name__} (e.g. {unknown[:3]})"
+            f"was made for another network: {len(unknown)} of its modules are not in {type(module).__name__} "
+            f"(e.g. {unknown[:3]})"
         )
-    trial = copy.deepcopy(net)  # the check runs on a copy: `net` is untouched if the file does not fit
-    inject_adapter_in_model(config, trial, adapter_name=ADAPTER)
+    trial = copy.deepcopy(module)
+    inject_adapter_in_model(lora, trial, adapter_name=ADAPTER)
     expected = get_peft_model_state_dict(trial, adapter_name=ADAPTER)
     wrong = [
         f"{key}: file {tuple(state[key].shape)}, network {tuple(expected[key].shape)}"
@@ -298,8 +350,26 @@ def load_lora_file(net: torch.nn.Module, path: str | Path) -> LoraConfig:
     missing = sorted(set(expected) - set(state))
     if wrong or missing:
         detail = "; ".join(wrong[:3]) if wrong else f"no weights for {missing[:3]}"
-        raise ConfigError(f"lora={str(path)!r} does not fit {type(net).__name__}: {detail}")
-    add_adapters(net, config)
-    set_peft_model_state_dict(net, state, adapter_name=ADAPTER)
-    net.requires_grad_(False)
-    return config
+        raise ConfigError(f"does not fit {type(module).__name__}: {detail}")
+    return lora
+
+
+def load_lora_file(net: torch.nn.Module, path: str | Path, text_encoder: torch.nn.Module | None = None) -> None:
+    """Add the adapters of a diffusers-format LoRA file to `net` (and its text-encoder adapters to `text_encoder`):
+    lightdiff's export or any other. Every part is checked to fit before anything changes."""
+    path = Path(path).expanduser()
+    parts = _read_lora_file(path, lora_prefix(net))
+    if "text_encoder" in parts and text_encoder is None:
+        raise ConfigError(f"lora={str(path)!r} adapts a text encoder and this model has none")
+    targets = {lora_prefix(net): net, "text_encoder": text_encoder}
+    configs = {}
+    for name, (state, config) in parts.items():
+        try:
+            configs[name] = _fitted_config(targets[name], state, config)
+        except ConfigError as error:
+            raise ConfigError(f"lora={str(path)!r} ({name}) {error}") from error
+    for name, (state, _) in parts.items():
+        module = targets[name]
+        add_adapters(module, configs[name])
+        set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+        module.requires_grad_(False)
