@@ -106,6 +106,8 @@ def test_only_adapters_train_and_are_saved_and_the_base_stays_bit_identical(sd_b
     optimised = sum(len(group["params"]) for group in checkpoint["optimizer_states"][0]["param_groups"])
     assert optimised == len(adapters)  # the optimiser holds the adapters alone
     assert len(checkpoint["callbacks"]["ema"]["shadow_params"]) == len(adapters)  # and so does the EMA
+    # The whole file (adapters, their Adam moments and EMA, metadata) is smaller than the base UNet's weights alone.
+    assert lora_ckpt.stat().st_size < 0.5 * (sd_base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     # The base is bit-identical to the pipeline's UNet; the adapters moved (B starts at zero).
     base = _base_unet(sd_base).state_dict()
     kept = without_adapters(trained.net, fused=False).state_dict()
@@ -436,3 +438,24 @@ def test_text_encoder_adapters_train_and_export(sd_base: Path, tmp_path: Path) -
     fused = sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={tmp_path / 'fused'}", "export_fused=true"]))
     plain = StableDiffusionPipeline.from_pretrained(fused)
     assert np.abs(_diffusers_images(plain, prompts, seeds) - ours).max() < 1e-4
+
+
+def test_adapters_are_refused_on_a_base_whose_weights_changed(sd_base: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(sd_base, base)
+    cfg = compose_config("train", _lora_overrides(tmp_path, base, "run_name=moved", "trainer.max_steps=1"))
+    train_run(cfg)
+    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    assert has_adapters(load_denoiser(ckpt).net)  # the base as trained: accepted
+    unet = _base_unet(base)
+    with torch.no_grad():
+        unet.conv_in.bias.add_(1e-3)  # another base: the same architecture, other weights
+    unet.save_pretrained(base / "unet")
+    with pytest.raises(ValueError, match="no longer holds the weights its adapters were trained on"):
+        load_denoiser(ckpt)
+    resumed = compose_config(
+        "train", _lora_overrides(tmp_path, base, "run_name=moved", "trainer.max_steps=2", "resume=true")
+    )
+    with pytest.raises(ConfigError, match="other weights"):
+        train_run(resumed)
+    assert load_checkpoint_file(ckpt)["global_step"] == 1  # the checkpoint is untouched
