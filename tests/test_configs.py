@@ -16,6 +16,7 @@ from PIL import Image
 
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.contract import TrainingMethod
+from lightdiff.sample import run as sample_run
 from lightdiff.train import run
 
 from .conftest import CONF, REPO, compose_config
@@ -43,11 +44,14 @@ def _group_overrides() -> list[list[str]]:
     ]
     cases += [["metrics=fid", f"metrics/features={option}"] for option in _options("metrics/features")]
     cases += [["data=shapes"], ["data=image_folder", "data.root=IMAGES"], ["data=hf", "data.name=IMAGES"]]
-    # Turbo experiments need the teacher they distil (a path, given on the command line).
-    cases += [
-        [f"experiment={name}", *(["model.teacher=TEACHER"] if "turbo" in name else [])]
-        for name in _options("experiment")
-    ]
+    # Turbo experiments need the teacher they distil, LoRA ones the pipeline they adapt (paths given on the command
+    # line; PIPELINE is the text teacher exported as a StableDiffusionPipeline).
+    needs = {
+        "turbo_shapes": ["model.teacher=TEACHER"],
+        "lora_finetune": ["model.pretrained=PIPELINE", "data.root=IMAGES", "data.resolution=16"],
+        "lora_shapes": ["model.pretrained=PIPELINE"],
+    }
+    cases += [[f"experiment={name}", *needs.get(name, [])] for name in _options("experiment")]
     return cases
 
 
@@ -90,6 +94,9 @@ def test_every_option_composes_and_builds(
     overrides = [o.replace("IMAGES", str(images)) for o in overrides]
     for placeholder, teacher in teachers.items():  # TEXT_TEACHER first: it contains TEACHER
         overrides = [o.replace(placeholder, teacher) for o in overrides]
+    if any("PIPELINE" in o for o in overrides):
+        pipeline = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={tmp_path / 'pipeline'}"]))
+        overrides = [o.replace("PIPELINE", str(pipeline)) for o in overrides]
     overrides += _tiny_dinov2(tmp_path) if "discriminator=dinov2" in overrides else []
     cfg = compose_config("train", [f"output_root={tmp_path}", *overrides])
     tiny = ["data.batch_size=4", "trainer.max_steps=10"] + (["data.size=64"] if "size" in cfg.data else [])
