@@ -34,6 +34,18 @@ TINY = [
 ]
 
 
+# The tiny text model's sizes (model=latent): a 1-layer, 16-wide text encoder and a 16/32-channel UNet.
+TINY_TEXT_MODEL = [
+    "model.text_hidden_size=16",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    "net.block_out_channels=[16,32]",
+    "net.cross_attention_dim=16",
+    "net.attention_head_dim=4",
+    "net.norm_num_groups=8",
+]
+
+
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """What `python train.py overrides...` would see, with the `hydra:` resolver working."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -142,16 +154,4 @@ def text_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for 2 steps: the teacher of the text distillation tests (turbo, lcm, dmd2)."""
     root = tmp_path_factory.mktemp("text")
     tiny_vae().save_pretrained(root / "vae")
-    return _trained_checkpoint(
-        root,
-        "text",
-        "model=latent",
-        f"model.vae={root / 'vae'}",
-        "model.text_hidden_size=16",
-        "model.text_layers=1",
-        "model.text_heads=2",
-        "net.block_out_channels=[16,32]",
-        "net.cross_attention_dim=16",
-        "net.attention_head_dim=4",
-        "net.norm_num_groups=8",
-    )
+    return _trained_checkpoint(root, "text", "model=latent", f"model.vae={root / 'vae'}", *TINY_TEXT_MODEL)

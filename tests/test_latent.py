@@ -29,7 +29,7 @@ from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config, tiny_cond_unet, tiny_vae
+from .conftest import TINY, TINY_TEXT_MODEL, compose_config, tiny_cond_unet, tiny_vae
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 
@@ -66,13 +66,7 @@ def _latent_overrides(root: Path, vae: Path, *extra: str) -> list[str]:
         *TINY,
         "model=latent",
         f"model.vae={vae}",
-        "model.text_hidden_size=16",
-        "model.text_layers=1",
-        "model.text_heads=2",
-        "net.block_out_channels=[16,32]",
-        "net.cross_attention_dim=16",
-        "net.attention_head_dim=4",
-        "net.norm_num_groups=8",
+        *TINY_TEXT_MODEL,
         *extra,
     ]
 

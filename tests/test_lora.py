@@ -43,23 +43,12 @@ from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config
-
-# A tiny latent model exported as a Stable Diffusion pipeline is the base every LoRA run here adapts.
-BASE_NET = [
-    "model.text_hidden_size=16",
-    "model.text_layers=1",
-    "model.text_heads=2",
-    "net.block_out_channels=[16,32]",
-    "net.cross_attention_dim=16",
-    "net.attention_head_dim=4",
-    "net.norm_num_groups=8",
-]
+from .conftest import TINY, TINY_TEXT_MODEL, compose_config
 
 
 @pytest.fixture(scope="module")
 def sd_base(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's tiny text model exported as a StableDiffusionPipeline folder: the base of the LoRA runs."""
+    """The session's tiny text model exported as a StableDiffusionPipeline folder: the base every LoRA run adapts."""
     folder = tmp_path_factory.mktemp("lora_base") / "sd"
     return sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={folder}"]))
 
@@ -75,7 +64,7 @@ def _lora_overrides(root: Path, base: Path, *extra: str) -> list[str]:
         "model.lora.rank=4",
         "model.lr=0.05",  # adapters that move visibly in 2 steps: the exports below must show them
         "model.warmup_steps=0",
-        *BASE_NET,
+        *TINY_TEXT_MODEL,
         *extra,
     ]
 

@@ -42,7 +42,7 @@ def adherence(source: str, per_caption: int, steps: int, guidance: float) -> dic
                 guidance,
                 vae=model.vae,
             )
-        scores[caption] = shapes_metric(to_uint8(images), prompts=[caption] * per_caption)["shapes_both"]
+        scores[caption] = shapes_metric(to_uint8(images), prompts=[caption] * per_caption)["both"]
     return scores
 
 

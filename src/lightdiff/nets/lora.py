@@ -248,14 +248,15 @@ def write_lora_file(net: torch.nn.Module, folder: Path, text_encoder: torch.nn.M
         return get_peft_model_state_dict(module, adapter_name=ADAPTER), module.peft_config[ADAPTER].to_dict()
 
     net_layers, net_config = layers_and_config(net)
-    encoder = layers_and_config(text_encoder) if text_encoder is not None and has_adapters(text_encoder) else None
+    adapted_encoder = text_encoder is not None and has_adapters(text_encoder)
+    encoder_layers, encoder_config = layers_and_config(text_encoder) if adapted_encoder else (None, None)
     if lora_prefix(net) == "unet":
         StableDiffusionPipeline.save_lora_weights(
             folder,
             unet_lora_layers=net_layers,
             unet_lora_adapter_metadata=net_config,
-            text_encoder_lora_layers=encoder[0] if encoder else None,
-            text_encoder_lora_adapter_metadata=encoder[1] if encoder else None,
+            text_encoder_lora_layers=encoder_layers,
+            text_encoder_lora_adapter_metadata=encoder_config,
             weight_name=LORA_WEIGHTS_FILE,
         )
     else:
@@ -263,10 +264,10 @@ def write_lora_file(net: torch.nn.Module, folder: Path, text_encoder: torch.nn.M
             folder,
             transformer_lora_layers=net_layers,
             transformer_lora_adapter_metadata=net_config,
-            text_encoder_lora_layers=encoder[0] if encoder else None,
-            text_encoder_lora_adapter_metadata=encoder[1] if encoder else None,
-            text_encoder_2_lora_layers=encoder[0] if encoder else None,
-            text_encoder_2_lora_adapter_metadata=encoder[1] if encoder else None,
+            text_encoder_lora_layers=encoder_layers,
+            text_encoder_lora_adapter_metadata=encoder_config,
+            text_encoder_2_lora_layers=encoder_layers,
+            text_encoder_2_lora_adapter_metadata=encoder_config,
             weight_name=LORA_WEIGHTS_FILE,
         )
     return folder / LORA_WEIGHTS_FILE
