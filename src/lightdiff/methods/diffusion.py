@@ -112,7 +112,8 @@ class DiffusionTraining(pl.LightningModule):
             if lora.text_encoder and text_encoder is None:
                 raise ConfigError(f"model.lora.text_encoder=true: {type(net).__name__} takes no text")
             self.lora_base = adapt(net, lora, base_source=pretrained, text_encoder=text_encoder)
-            self.conditioning.trainable = text_encoder is not None
+            if text_encoder is not None:
+                self.conditioning.trainable = True  # its adapters train (and its states are never cached)
             self.strict_loading = False  # checkpoints hold the adapters alone
         check_fits(net, self.vae, self.conditioning, data)
         if cond_drop_prob > 0 and not self.conditioning.has_unconditional:
@@ -228,9 +229,8 @@ class DiffusionTraining(pl.LightningModule):
         if self.lora_base is not None:  # adapters only: they must belong to this base
             check_adapter_checkpoint(self, checkpoint, self.lora_base)
         else:
-            check_checkpoint_fits(
-                self, checkpoint
-            )  # a checkpoint of another net config: name the keys, not a torch error
+            # a checkpoint of another net config: name the keys, not a torch error
+            check_checkpoint_fits(self, checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only: enough to rebuild the networks and the sampler without this class or its config.
