@@ -22,6 +22,7 @@ from diffusers import (
 from hydra.utils import instantiate
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 from lightdiff.config import ConfigError, check_config
@@ -396,6 +397,10 @@ def test_lora_file_for_another_base_or_model_is_refused(
     shutil.copy(wrong, unet_lora)
     with pytest.raises(ConfigError, match="another network"):  # a UNet's adapters on a pixel UNet without attention
         sample_run(compose_config("sample", [f"ckpt={pixel_ckpt}", f"out={out}", f"lora={unet_lora}", "num_images=1"]))
+    kohya = tmp_path / "kohya.safetensors"  # another tool's key format: named, not half-applied
+    save_file({"lora_unet_mid_block_attn1_to_q.lora_down.weight": torch.zeros(4, 32)}, kohya)
+    with pytest.raises(ConfigError, match="lora_unet_mid_block_attn1_to_q; lightdiff applies diffusers' format"):
+        sample_run(compose_config("sample", [f"ckpt={sd_base}", f"out={out}", f"lora={kohya}", "num_images=1"]))
     with pytest.raises(ConfigError, match="is not a file"):
         sample_run(compose_config("sample", [f"ckpt={sd_base}", f"out={out}", f"lora={tmp_path / 'none.st'}"]))
     assert not out.exists()

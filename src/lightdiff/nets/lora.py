@@ -293,9 +293,10 @@ def _read_lora_file(path: Path, prefix: str) -> dict[str, LoraPart]:
     components = sorted({key.split(".")[0] for key in tensors})
     unknown = [name for name in components if name not in (prefix, "text_encoder", "text_encoder_2")]
     if unknown or prefix not in components:
+        shown = ", ".join(components[:5]) + (f" and {len(components) - 5} more" if len(components) > 5 else "")
         raise ConfigError(
-            f"lora={str(path)!r} holds adapters for {components}; lightdiff applies a file with the denoiser's "
-            f"({prefix!r}) and optionally the text encoder's"
+            f"lora={str(path)!r} holds adapters under {shown}; lightdiff applies diffusers' format: keys under the "
+            f"denoiser's {prefix!r} (and optionally 'text_encoder'); convert other formats with diffusers first"
         )
     metadata = json.loads(header[LORA_METADATA_KEY]) if LORA_METADATA_KEY in header else None
     parts: dict[str, LoraPart] = {}
