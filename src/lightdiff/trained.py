@@ -99,7 +99,8 @@ def _load_ema(net: torch.nn.Module, checkpoint: dict, path: Path) -> bool:
     if not ema_state:
         return False
     shadow = ema_state["shadow_params"]
-    named = [(n, p) for n, p in net.named_parameters() if is_adapter_key(n) or not has_adapters(net)]
+    adapted = has_adapters(net)
+    named = [(n, p) for n, p in net.named_parameters() if is_adapter_key(n) or not adapted]
     if len(shadow) != len(named):
         raise ValueError(f"{path}: EMA holds {len(shadow)} tensors for {len(named)} parameters")
     with torch.no_grad():
@@ -172,7 +173,7 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
     record = meta["lora"]
     source = record["base"]["source"]
     try:
-        base = load_denoiser(_local(source))
+        base = load_denoiser(local_path(source))
     except (FileNotFoundError, ValueError) as error:
         raise ValueError(
             f"{path}: its LoRA adapters belong to the base {source!r}, which cannot be loaded: {error}"
@@ -212,7 +213,7 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
     )
 
 
-def _local(source: str) -> Path:
+def local_path(source: str) -> Path:
     """A file or folder, or a hub id's snapshot (downloaded once, then read from the cache)."""
     path = Path(source).expanduser()
     if path.exists():

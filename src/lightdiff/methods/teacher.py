@@ -10,7 +10,6 @@ student at 1, 2 and 4 steps beside the teacher, per seed), `save_student` its ch
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -26,21 +25,15 @@ from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.lora import adapters_disabled
 from lightdiff.nets.vae import encode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, generate, preview_inputs
-from lightdiff.trained import TrainedDenoiser, load_trained
+from lightdiff.trained import TrainedDenoiser, load_trained, local_path
 
 
 def load_teacher(source: str) -> TrainedDenoiser:
     """A lightdiff checkpoint (pixel, latent or a distilled student), a diffusers pipeline folder, or a hub id."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(source))
-        except Exception as error:  # offline, unknown id, no access
-            raise ConfigError(
-                f"model.teacher={source!r} is neither a file, a folder nor a reachable hub id ({error})"
-            ) from error
+    try:
+        path = local_path(source)
+    except FileNotFoundError as error:  # offline, unknown id, no access
+        raise ConfigError(f"model.teacher={error}") from error  # the error starts with the quoted source
     try:
         teacher = load_trained(path)
     except ValueError as error:
