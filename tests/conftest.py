@@ -81,6 +81,21 @@ def tiny_train_config(tmp_path: Path):
     return make
 
 
+# The tiny SDXL model (model=latent net=sdxl_tiny): two 1-layer, 16-wide text encoders side by side (32), the pooled
+# 16-wide projection plus six 4-wide size / crop ids (6 x 4 + 16 = 40), a 16/32-channel UNet.
+TINY_SDXL_MODEL = [
+    "net=sdxl_tiny",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    "net.block_out_channels=[16,32]",
+    "net.attention_head_dim=[2,4]",
+    "net.norm_num_groups=8",
+    "net.cross_attention_dim=32",
+    "net.addition_time_embed_dim=4",
+    "net.projection_class_embeddings_input_dim=40",
+]
+
+
 def _trained_checkpoint(root: Path, name: str, *overrides: str) -> Path:
     from lightdiff.train import run
 
@@ -146,6 +161,36 @@ def tiny_cond_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:
         attention_head_dim=4,
         norm_num_groups=8,
     )
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """An SDXL-shaped UNet (text_time added embedding) for tiny_vae's latents and two 16-wide encoders, seeded."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[16, 32],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        transformer_layers_per_block=[1, 2],
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        cross_attention_dim=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=40,
+        norm_num_groups=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def sdxl_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SDXL-shaped latent model trained from scratch for 2 steps (both text encoders from the captions)."""
+    root = tmp_path_factory.mktemp("sdxl")
+    tiny_vae().save_pretrained(root / "vae")
+    return _trained_checkpoint(root, "sdxl", "model=latent", f"model.vae={root / 'vae'}", *TINY_SDXL_MODEL)
 
 
 @pytest.fixture(scope="session")

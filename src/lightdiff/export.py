@@ -8,7 +8,9 @@ Export layouts, by network and objective (the sampler is the scheduler written t
 - latent UNet2DConditionModel: `StableDiffusionPipeline` (a flow-matching one keeps the layout, but diffusers'
   StableDiffusionPipeline calls `scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks: sample it with
   lightdiff's sample.py); with a guidance-scale input (`model=lcm`), `LatentConsistencyModelPipeline` with
-  LCMScheduler, whose `guidance_scale` is the student's input (lightdiff.json keeps the trained default);
+  LCMScheduler, whose `guidance_scale` is the student's input (lightdiff.json keeps the trained default); an SDXL UNet
+  (`addition_embed_type="text_time"`): `StableDiffusionXLPipeline` with both text encoders, zeros as the empty
+  negative prompt (`force_zeros_for_empty_prompt`) and no watermarker;
 - latent SD3Transformer2DModel (MMDiT): `StableDiffusion3Pipeline` with `text_encoder_2` = `text_encoder` (lightdiff
   trains one CLIPTextModelWithProjection, and SD3 concatenates the two encoders' outputs) and no T5; diffusers
   reproduces lightdiff's samples with `max_sequence_length=0` (no zero T5 tokens appended; see nets/denoiser.py);
@@ -34,8 +36,10 @@ from diffusers import (
     SchedulerMixin,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
 
+from lightdiff.nets.conditioning import is_sdxl
 from lightdiff.nets.lora import has_adapters, without_adapters, write_lora_file
 from lightdiff.trained import METADATA_FILE, TrainedDenoiser
 
@@ -45,6 +49,9 @@ def _write_ddpm(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pa
 
 
 def _write_stable_diffusion(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
+    if is_sdxl(denoiser.net):
+        _write_sdxl(denoiser, scheduler, folder)
+        return
     text = denoiser.conditioning
     # A latent consistency model (guidance-scale input, LCMScheduler) is diffusers' LatentConsistencyModelPipeline.
     consistency = bool(denoiser.net.config.time_cond_proj_dim)
@@ -58,6 +65,22 @@ def _write_stable_diffusion(denoiser: TrainedDenoiser, scheduler: SchedulerMixin
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def _write_sdxl(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
+    text = denoiser.conditioning
+    pipeline = StableDiffusionXLPipeline(
+        vae=denoiser.vae,
+        text_encoder=text.text_encoder,
+        text_encoder_2=text.text_encoder_2,
+        tokenizer=text.tokenizer,
+        tokenizer_2=text.tokenizer_2,
+        unet=denoiser.net,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=text.force_zeros_for_empty_prompt,  # the unconditional input (SDXLText)
+        add_watermarker=False,  # the watermark changes pixels: parity with sample.py, and an optional package
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
 

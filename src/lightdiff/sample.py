@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -26,9 +26,10 @@ from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import export_pipeline
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
-from lightdiff.nets.conditioning import GuidanceEmbedded
+from lightdiff.nets.conditioning import SIZE_AND_CROP, GuidanceEmbedded, size_and_crop
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
-from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
+from lightdiff.nets.vae import vae_scale_factor
+from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, sample_size, to_uint8
 from lightdiff.speed import SamplingSpeed, fast_path_difference
 from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_trained
 
@@ -87,6 +88,16 @@ SAMPLE_FILES = re.compile(r"\d{6}\.png|metadata\.jsonl|grid\.png|metrics\.json")
 EXPORT_MARKERS = ("model_index.json", "config.json", "lightdiff.json")
 
 
+def _image_size(cfg: DictConfig, denoiser: TrainedDenoiser) -> tuple[int, int]:
+    """(height, width) in pixels: `height` / `width`, each defaulting to the model's own size."""
+    factor = vae_scale_factor(denoiser.vae) if denoiser.vae is not None else 1
+    default_height, default_width = sample_size(denoiser.net, factor)
+    height, width = cfg.height or default_height, cfg.width or default_width
+    if height % factor or width % factor:
+        raise ConfigError(f"height={height} / width={width} must be multiples of the VAE's down-sampling {factor}")
+    return height, width
+
+
 def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
     """`lora=FILE` adds a diffusers-format LoRA file's adapters to the model; `lora_scale` scales whichever adapters
     it has (the file's or its checkpoint's). Everything is checked before any file is written."""
@@ -123,6 +134,17 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be a finite number")
         if least is not None and value < least:
             raise ConfigError(f"{key}={value!r} must be >= {least}")
+    for key in ("height", "width"):
+        value = cfg[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{key}={value!r} must be a positive number of pixels (or null: the model's size)")
+    for key, least in (("original_size", 1), ("crop_top_left", 0)):
+        value = cfg[key]
+        if value is None and key == "original_size":
+            continue
+        numbers = list(value) if isinstance(value, (list, ListConfig)) else []
+        if len(numbers) != 2 or any(not isinstance(n, int) or isinstance(n, bool) or n < least for n in numbers):
+            raise ConfigError(f"{key}={value!r} must be two whole numbers (height, width / top, left) >= {least}")
 
 
 def _check_output_folder(cfg: DictConfig) -> Path:
@@ -194,6 +216,10 @@ def run(cfg: DictConfig) -> Path:
     net = denoiser.net.to(device)
     conditioning = denoiser.conditioning.to(device)
     prompts = _prompts(cfg, denoiser, cfg.num_images)
+    size = _image_size(cfg, denoiser)
+    sized = SIZE_AND_CROP in conditioning.reads  # SDXL: the size and crop ids as StableDiffusionXLPipeline takes them
+    if not sized and (cfg.original_size is not None or list(cfg.crop_top_left) != [0, 0]):
+        raise ConfigError("original_size / crop_top_left given, but the model takes no size conditioning (SDXL does)")
     # A family that reads labels has a class count (ClassLabels.num_classes); others take none.
     classes = getattr(conditioning, "num_classes", None) if "label" in conditioning.reads else None
     labels = _labels(cfg, classes, cfg.num_images)
@@ -211,6 +237,9 @@ def run(cfg: DictConfig) -> Path:
             "label": labels[start : start + count] if labels is not None else None,
             "text": prompts[start : start + count] if prompts is not None else None,
         }
+        if sized:
+            original = list(cfg.original_size) if cfg.original_size is not None else None
+            inputs[SIZE_AND_CROP] = size_and_crop(*size, count, original, list(cfg.crop_top_left))
         return generate(
             net,
             scheduler,
@@ -222,6 +251,7 @@ def run(cfg: DictConfig) -> Path:
             cfg.negative_prompt,
             cfg.eta,
             denoiser.vae,
+            size,
         )
 
     if not speed.is_plain:
@@ -272,6 +302,10 @@ def run(cfg: DictConfig) -> Path:
                     if cfg.lora or has_adapters(net):
                         record["lora"] = cfg.lora or denoiser.source
                         record["lora_scale"] = cfg.lora_scale
+                    record["height"], record["width"] = size
+                    if sized:
+                        record["original_size"] = list(cfg.original_size or size)
+                        record["crop_top_left"] = list(cfg.crop_top_left)
                     if prompts is not None:
                         record["text"] = prompts[index]
                         record["guidance_scale"] = cfg.guidance_scale

@@ -15,9 +15,9 @@ from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from lightdiff.nets.conditioning import Conditioning, Inputs
+from lightdiff.nets.conditioning import SIZE_AND_CROP, Conditioning, Inputs, size_and_crop
 from lightdiff.nets.denoiser import network_output
-from lightdiff.nets.vae import decode_latents
+from lightdiff.nets.vae import decode_latents, vae_scale_factor
 
 
 def for_latents(scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -99,6 +99,7 @@ def generate(
     negative_prompt: str = "",  # the unconditional input of a guided text model
     eta: float = 0.0,  # DDIM's stochasticity
     vae: AutoencoderKL | None = None,  # decode the samples through it (a latent model)
+    size: tuple[int, int] | None = None,  # (height, width) of the images in pixels; None: the net's sample_size
 ) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W), float32: step for step what DDPMPipeline / DDIMPipeline (pixels) or
     StableDiffusionPipeline / StableDiffusion3Pipeline (latents) draw from the same generators.
@@ -107,6 +108,13 @@ def generate(
     w), both halves in one network call as the pipelines do; the same combination of velocities for a flow.
     """
     device = net.device
+    factor = vae_scale_factor(vae) if vae is not None else 1
+    height, width = size or sample_size(net, factor)
+    if height % factor or width % factor:
+        raise ValueError(f"height={height} and width={width} must be multiples of the VAE's down-sampling {factor}")
+    if SIZE_AND_CROP in conditioning.reads and SIZE_AND_CROP not in inputs:
+        # as StableDiffusionXLPipeline's default: an uncropped image of the size drawn
+        inputs = {**inputs, SIZE_AND_CROP: size_and_crop(height, width, len(seeds))}
     condition = conditioning(inputs).to(device)
     guided = guidance_scale > 1.0
     if guided:
@@ -122,12 +130,17 @@ def generate(
         uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
         return uncond + guidance_scale * (cond - uncond)
 
-    size = net.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    shape = (len(seeds), net.config.in_channels, height, width)
+    shape = (len(seeds), net.config.in_channels, height // factor, width // factor)
     sample = denoise(model, scheduler, num_inference_steps, shape, generators_for(seeds), device, net.dtype, eta)
     images = decode_latents(vae, sample) if vae is not None else sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def sample_size(net: torch.nn.Module, factor: int = 1) -> tuple[int, int]:
+    """(height, width) in pixels a network draws by default: its `sample_size` (latents) times the VAE's `factor`."""
+    size = net.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return height * factor, width * factor
 
 
 def preview_inputs(

@@ -29,6 +29,7 @@ from lightdiff.nets.conditioning import (
     Conditioning,
     GuidanceEmbedded,
     conditioning_from_state,
+    is_sdxl,
     label_conditioning,
     takes_text,
     text_conditioning,
@@ -44,6 +45,7 @@ from lightdiff.nets.lora import (
     is_adapter_key,
     load_lora_file,
 )
+from lightdiff.nets.pretrained import pretrained_text_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +263,10 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
             }
         )
     vae = None
-    if takes_text(net):
+    if is_sdxl(net):  # both encoders and tokenizers, and the pipeline's choice of negative prompt
+        vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+        conditioning = pretrained_text_conditioning(str(folder), net, trainable=False, key="ckpt")
+    elif takes_text(net):
         for component in ("vae", "text_encoder", "tokenizer"):
             if not (folder / component).is_dir():
                 raise ValueError(f"{folder} has a text-conditioned {part} but no {component}/")

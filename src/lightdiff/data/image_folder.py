@@ -225,8 +225,10 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]
+        pixels, size_and_crop = self.transform(_open_rgb(self.paths[index]))
         return {
-            "pixel_values": self.transform(_open_rgb(self.paths[index])),
+            "pixel_values": pixels,
+            "size_and_crop": size_and_crop,  # (original h, w, crop top, left, target h, w): SDXL's time_ids
             "label": record.get("label", -1),  # checked when metadata.jsonl was read: an int >= 0 on every line
             "text": str(record.get("text", "")),
         }
@@ -281,11 +283,12 @@ class HFImageDataset(Dataset):
             reason = _too_many_pixels(image)  # `datasets` opens images lazily: nothing is decoded yet
             if reason is not None:
                 raise _refused(f"{index} of {self.name!r}", reason)
-            pixels = self.transform(image)
+            pixels, size_and_crop = self.transform(image)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read image {index} of {self.name!r}: {error}") from error
         return {
             "pixel_values": pixels,
+            "size_and_crop": size_and_crop,
             "label": int(row[self.label_column]) if self.label_column else -1,
             "text": str(row[self.caption_column]) if self.caption_column else "",
         }

@@ -37,13 +37,25 @@ def _cache_path(cache_dir: Path, kind: str, *parts: str) -> Path:
 
 
 class LatentCacheDataset(Dataset):
-    """Items {"latent_moments": (2C, h, w), "label", "text"} (+ "text_states": (tokens, width) once a text cache is
-    attached) in the order of the data set they were encoded from."""
+    """Items {"latent_moments": (2C, h, w), "size_and_crop": (6,), "label", "text"} (+ "text_states": (tokens, width)
+    once a text cache is attached) in the order of the data set they were encoded from."""
 
-    def __init__(self, moments: torch.Tensor, labels: torch.Tensor, texts: list[str], resolution: int) -> None:
+    def __init__(
+        self,
+        moments: torch.Tensor,
+        labels: torch.Tensor,
+        texts: list[str],
+        resolution: int,
+        sizes_and_crops: torch.Tensor | None = None,  # (N, 6); None (a cache from before they were kept): uncropped
+    ) -> None:
         self.moments = moments
         self.labels = labels
         self.texts = texts
+        if sizes_and_crops is None:
+            sizes_and_crops = torch.tensor([resolution, resolution, 0, 0, resolution, resolution]).expand(
+                len(moments), 6
+            )
+        self.sizes_and_crops = sizes_and_crops
         self.resolution = resolution  # of the images the latents encode
         self.text_states: torch.Tensor | None = None  # (distinct captions, tokens, width)
         self.text_index: torch.Tensor | None = None  # (images,): the row of text_states of each image's caption
@@ -59,6 +71,7 @@ class LatentCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, object]:
         item: dict[str, object] = {
             "latent_moments": self.moments[index].float(),
+            "size_and_crop": self.sizes_and_crops[index],
             "label": int(self.labels[index]),
             "text": self.texts[index],
         }
@@ -80,17 +93,26 @@ def cached_latents(
     if path.exists():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         log.info("latent cache hit: %s (%d images)", path, len(stored["moments"]))
-        return LatentCacheDataset(stored["moments"], stored["labels"], stored["texts"], resolution)
+        return LatentCacheDataset(
+            stored["moments"], stored["labels"], stored["texts"], resolution, stored.get("sizes_and_crops")
+        )
     log.info("latent cache miss: encoding %d images into %s", len(dataset), path)
-    moments, labels, texts = [], [], []
+    moments, labels, texts, sizes_and_crops = [], [], [], []
     device = next(vae.parameters()).device
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         moments.append(vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters.half().cpu())
         labels.append(torch.as_tensor(batch["label"]))
+        sizes_and_crops.append(batch["size_and_crop"])
         texts += list(batch["text"])
-    stored = {"moments": torch.cat(moments), "labels": torch.cat(labels), "texts": texts, "identity": identity}
+    stored = {
+        "moments": torch.cat(moments),
+        "labels": torch.cat(labels),
+        "texts": texts,
+        "sizes_and_crops": torch.cat(sizes_and_crops),
+        "identity": identity,
+    }
     save_atomically(stored, path)
-    return LatentCacheDataset(stored["moments"], stored["labels"], texts, resolution)
+    return LatentCacheDataset(stored["moments"], stored["labels"], texts, resolution, stored["sizes_and_crops"])
 
 
 @torch.no_grad()

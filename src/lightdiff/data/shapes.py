@@ -148,4 +148,6 @@ class ShapesDataset(Dataset):
         pixels = pil_to_tensor(image)
         if self.random_flip and torch.rand(()) < 0.5:
             pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "label": label, "text": caption}
+        side = self.resolution  # drawn at its size: never resized or cropped
+        size_and_crop = torch.tensor([side, side, 0, 0, side, side])
+        return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": caption}

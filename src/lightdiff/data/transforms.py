@@ -31,11 +31,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageTransform:
-    """PIL image -> (3, resolution, resolution) tensor in [-1, 1]."""
+    """PIL image -> (3, height, width) tensor in [-1, 1], and its size and crop record."""
 
     def __init__(
         self,
-        resolution: int,  # output side in pixels
+        resolution: int,  # output side in pixels (a square), unless a call asks for another size (a bucket's)
         center_crop: bool = True,  # centre crop after resizing; false takes a random crop
         random_flip: bool = False,  # flip horizontally with probability 1/2
     ) -> None:
@@ -45,21 +45,31 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image resized to cover `size` = (height, width) (default: the square resolution) and cropped to it;
+        and its record (original height, width, crop top, left, target height, width) as SDXL conditions on it
+        (Podell et al. 2023, 2.2-2.3): the crop in the resized image, mirrored with the image when it is flipped,
+        as diffusers' SDXL training script records it."""
+        target_height, target_width = size or (self.resolution, self.resolution)
         image = to_rgb(image)
-        width, height = image.size
-        scale = self.resolution / min(width, height)
-        new_size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        original_width, original_height = image.size
+        scale = max(target_height / original_height, target_width / original_width)
+        new_size = (
+            max(target_width, round(original_width * scale)),
+            max(target_height, round(original_height * scale)),
+        )
         if new_size != image.size:
             image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=None)
         width, height = image.size
         if self.center_crop:
-            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
+            left, top = (width - target_width) // 2, (height - target_height) // 2
         else:
-            left = int(torch.randint(width - self.resolution + 1, ()))
-            top = int(torch.randint(height - self.resolution + 1, ()))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            left = int(torch.randint(width - target_width + 1, ()))
+            top = int(torch.randint(height - target_height + 1, ()))
+        image = image.crop((left, top, left + target_width, top + target_height))
         pixels = pil_to_tensor(image)
         if self.random_flip and torch.rand(()) < 0.5:
             pixels = pixels.flip(-1)
-        return pixels
+            left = width - left - target_width  # where the crop lies in the mirrored image
+        record = torch.tensor([original_height, original_width, top, left, target_height, target_width])
+        return pixels, record

@@ -32,15 +32,13 @@ from lightdiff.nets.conditioning import (
     Conditioning,
     drop_conditions,
     label_conditioning,
+    scratch_text_conditioning,
     takes_text,
-    text_conditioning,
-    text_encoder_class,
-    text_width,
 )
 from lightdiff.nets.denoiser import Denoiser, network_output, zero_adaln_gates
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.pretrained import load_denoiser, load_vae, pipeline_parts, pretrained_text_conditioning
-from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
+from lightdiff.nets.text import build_caption_tokenizer
 from lightdiff.nets.vae import encode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.speed import prepare_for_training
@@ -147,10 +145,8 @@ class DiffusionTraining(pl.LightningModule):
         if not captions:
             raise ConfigError(f"net: {type(self.net).__name__} is text-conditioned and the data set has no captions")
         tokenizer = build_caption_tokenizer(captions, model_max_length=max_prompt_tokens)
-        hidden_size = hidden_size or text_width(self.net)  # one key decides the width: the net's
-        encoder_class = text_encoder_class(self.net)
-        encoder = text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, encoder_class)
-        return text_conditioning(self.net, tokenizer, encoder, trainable=True)
+        # one key decides the width: the net's (model.text_hidden_size overrides it, and the check then names both)
+        return scratch_text_conditioning(self.net, tokenizer, hidden_size, layers, heads)
 
     def latent_cache_encoders(self) -> tuple[AutoencoderKL, str | None, Any]:
         """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""

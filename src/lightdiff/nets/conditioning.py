@@ -14,10 +14,13 @@ The families:
   (`UNet2DConditionModel`; `PixArtTransformer2DModel`, with no size conditioning);
 - `SD3CLIPText`: SD3's joint-attention text stream and pooled vector made from one CLIP encoder standing in for
   SD3's two (`SD3Transformer2DModel`; see the class);
+- `SDXLText`: SDXL's two CLIP encoders (penultimate states side by side, the second's pooled projection) and the
+  size / crop ids of each image (`UNet2DConditionModel` with `addition_embed_type="text_time"`);
 - `GuidanceEmbedded`: a text family plus the guidance-scale input of a latent consistency model (`model=lcm`).
 
 What a family is given (`inputs`) is a batch as the data modules serve it, or as the samplers make it: a mapping
-with "label" (a (B,) tensor) and "text" (B captions), of which each family reads what it needs.
+with "label" (a (B,) tensor), "text" (B captions) and "size_and_crop" (B, 6), of which each family reads what it
+needs.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lightdiff.checkpointing import module_fingerprint
 from lightdiff.config import ConfigError
-from lightdiff.nets.text import tokenize_prompts
+from lightdiff.nets.text import EOS, text_encoder_from_scratch, tokenize_prompts
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,27 @@ class DataDescription(Protocol):
 
 
 Inputs = Mapping[str, Any]  # {"label": (B,) tensor, "text": B captions, ...}: what a family reads its condition from
+# Each image's (original height, original width, crop top, crop left, target height, target width) in pixels: the data
+# sets record the size an image had and the crop taken of it (after resizing), as SDXL's training conditions on them
+# (Podell et al. 2023, Sections 2.2-2.3); a sampler asks for an uncropped image of the size it draws.
+SIZE_AND_CROP = "size_and_crop"
+# Which samples' text is zeroed rather than encoded (B bools): SDXL's empty negative prompt (`without_condition`).
+ZEROED_TEXT = "zeroed_text"
+
+
+def size_and_crop(
+    height: int,  # target height in pixels
+    width: int,  # target width in pixels
+    count: int,  # batch size
+    original_size: Sequence[int] | None = None,  # (height, width) the image claims to come from; None: the target
+    crop_top_left: Sequence[int] = (0, 0),  # where its crop began
+) -> torch.Tensor:
+    """(count, 6) size and crop records, as StableDiffusionXLPipeline's `_get_add_time_ids` builds them."""
+    original = tuple(original_size) if original_size is not None else (height, width)
+    record = torch.tensor([*original, *crop_top_left, height, width], dtype=torch.long)
+    if record.shape != (6,):
+        raise ValueError(f"original_size={original_size} and crop_top_left={crop_top_left} must be two numbers each")
+    return record.expand(count, 6).clone()
 
 
 def _tree_map(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
@@ -362,6 +386,140 @@ class SD3CLIPText(CLIPText):
         return {**super().state(), "family": "sd3_clip_text", "joint_attention_dim": self.joint_attention_dim}
 
 
+class SDXLText(nn.Module):
+    """SDXL's conditioning (`StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids`; Podell et al. 2023,
+    Sections 2.1-2.3): the penultimate hidden states of a CLIPTextModel and a CLIPTextModelWithProjection side by side
+    as cross-attention keys, the second encoder's pooled projection as `text_embeds`, and `time_ids` = each image's
+    size and crop record (`SIZE_AND_CROP`).
+
+    The empty negative prompt is zeros, states and pooled vector alike, as the pipeline makes it by default
+    (`force_zeros_for_empty_prompt`, negative_prompt=None; SDXL's own pipelines set it): caption dropout in training
+    zeroes the same way, so the unconditional branch trained is the one guidance samples with. A pipeline with the
+    flag off encodes "" instead, and so does this family then. The size and crop ids are never dropped (the
+    pipeline's negative ids are the positive ones)."""
+
+    has_unconditional = True
+    reads = ("text", SIZE_AND_CROP)
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,  # SDXL's CLIP ViT-L
+        tokenizer_2: CLIPTokenizer,  # its own padding token in SDXL ("!"); one from the captions may be `tokenizer`
+        text_encoder_2: CLIPTextModelWithProjection,  # SDXL's OpenCLIP ViT-bigG: states and the pooled projection
+        trainable: bool,  # whether the method trains the encoders (from-scratch ones do)
+        force_zeros_for_empty_prompt: bool = True,  # the pipeline's flag: the empty negative prompt is zeros
+    ) -> None:
+        super().__init__()
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.text_encoder = text_encoder.requires_grad_(trainable)
+        self.text_encoder_2 = text_encoder_2.requires_grad_(trainable)
+        self.trainable = trainable
+        self.summary_dim = text_encoder_2.config.projection_dim
+
+    @property
+    def state_width(self) -> int:
+        return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        if not data.captions():
+            raise ConfigError(f"net: {type(net).__name__} is text-conditioned and the data set has no captions")
+        if not isinstance(self.text_encoder_2, CLIPTextModelWithProjection):
+            raise ConfigError("an SDXL UNet needs a CLIPTextModelWithProjection as text_encoder_2 (its pooled vector)")
+        for key, width, expected, name in text_widths(net, self.text_encoder, self.text_encoder_2):
+            if width != expected:
+                raise ConfigError(f"{key}={width} differs from the text encoders' {name} (model.text_hidden_size)")
+        lengths = (self.tokenizer.model_max_length, self.tokenizer_2.model_max_length)
+        if lengths[0] != lengths[1]:
+            raise ConfigError(f"the two tokenizers' lengths {lengths} differ; SDXL concatenates their states per token")
+
+    def train(self, mode: bool = True) -> SDXLText:
+        return super().train(mode and self.trainable)
+
+    def encoded(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (B, tokens, width 1 + width 2), pooled (B, projection)) of `prompts`, as the pipeline's
+        `encode_prompt` with clip_skip=None: each encoder's penultimate hidden states, the second's `text_embeds`."""
+        states = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            output = encoder(tokenize_prompts(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+            states.append(output.hidden_states[-2])
+        return torch.cat(states, dim=-1), output.text_embeds
+
+    @property
+    def cacheable(self) -> bool:
+        """Frozen encoders' outputs can be cached, packed in one tensor per caption (`encode`)."""
+        return not self.trainable and self.summary_dim <= self.state_width
+
+    def cache_fingerprint(self) -> str:
+        first = text_encoder_fingerprint(self.tokenizer, self.text_encoder)
+        return f"sdxl|{first}|{text_encoder_fingerprint(self.tokenizer_2, self.text_encoder_2)}"
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """What the text cache stores: the states with the pooled vector, zero-padded, as one more row (B, tokens + 1,
+        width); `forward` unpacks it."""
+        states, pooled = self.encoded(prompts)
+        return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+
+    def forward(self, inputs: Inputs) -> Condition:
+        captions = [str(text) for text in inputs["text"]]
+        if "text_states" in inputs:  # data.cache_latents: packed by `encode`
+            packed = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
+            states, pooled = packed[:, :-1], packed[:, -1, : self.summary_dim]
+        else:
+            states, pooled = self.encoded(captions)
+        zeroed = inputs.get(ZEROED_TEXT)
+        if zeroed is not None:
+            keep = ~torch.as_tensor(zeroed, dtype=torch.bool, device=states.device)
+            states, pooled = states * keep[:, None, None], pooled * keep[:, None]
+        if SIZE_AND_CROP not in inputs:
+            raise ValueError(f"an SDXL model needs each image's {SIZE_AND_CROP} (B, 6): sizes and crops")
+        time_ids = torch.as_tensor(inputs[SIZE_AND_CROP]).to(states.device, states.dtype)
+        if time_ids.shape != (len(captions), 6):
+            raise ValueError(
+                f"{SIZE_AND_CROP} of shape {tuple(time_ids.shape)} for {len(captions)} prompts: need (B, 6)"
+            )
+        kwargs = {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        return Condition(kwargs, pooled.float())
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
+        zeroed = inputs.get(ZEROED_TEXT) or [False] * len(texts)
+        zero = self.force_zeros_for_empty_prompt and negative_prompt == ""
+        zeroed = [bool(done) or (drop and zero) for done, drop in zip(zeroed, which)]
+        return {**inputs, "text": texts, ZEROED_TEXT: zeroed}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.trainable:
+            return []
+        return [
+            p for encoder in (self.text_encoder, self.text_encoder_2) for p in encoder.parameters() if p.requires_grad
+        ]
+
+    def get_extra_state(self) -> dict[str, Any]:  # both tokenizers travel with the weights (see CLIPText's)
+        return {"tokenizer": tokenizer_state(self.tokenizer), "tokenizer_2": tokenizer_state(self.tokenizer_2)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        tokenizers = [tokenizer_from_state(state["tokenizer"]), tokenizer_from_state(state["tokenizer_2"])]
+        for tokenizer, encoder in zip(tokenizers, (self.text_encoder, self.text_encoder_2)):
+            if len(tokenizer) != encoder.config.vocab_size:
+                raise ValueError(
+                    f"the checkpoint's tokenizer has {len(tokenizer)} tokens, its text encoder embeds "
+                    f"{encoder.config.vocab_size}"
+                )
+        self.tokenizer, self.tokenizer_2 = tokenizers
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": "sdxl_text",
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            "text_encoder_2_config": self.text_encoder_2.config.to_dict(),
+            "tokenizer": tokenizer_state(self.tokenizer),
+            "tokenizer_2": tokenizer_state(self.tokenizer_2),
+            "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+        }
+
+
 def guidance_scale_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of w = guidance_scale - 1, scaled by 1000 (VDM's timestep embedding, Kingma et al. 2021;
     LCM, Section 4.2): (B,) -> (B, dim), as LatentConsistencyModelPipeline's `get_guidance_scale_embedding`."""
@@ -445,6 +603,16 @@ def takes_text(net: nn.Module) -> bool:
     return isinstance(net, TEXT_NETS)
 
 
+def is_sdxl(net: nn.Module) -> bool:
+    """An SDXL-shaped UNet: pooled text and size / crop ids added to the timestep embedding."""
+    return isinstance(net, UNet2DConditionModel) and net.config.addition_embed_type == "text_time"
+
+
+def sdxl_pooled_width(net: UNet2DConditionModel) -> int:
+    """The pooled text width an SDXL UNet's added embedding takes besides its six embedded size / crop ids."""
+    return net.config.projection_class_embeddings_input_dim - 6 * net.config.addition_time_embed_dim
+
+
 def num_classes(net: nn.Module) -> int | None:
     """How many class labels the network embeds (None: it takes no labels)."""
     if isinstance(net, UNet2DModel):
@@ -476,9 +644,30 @@ def text_conditioning(
         return CLIPText(
             tokenizer, text_encoder, trainable, {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
         )
+    if is_sdxl(net):
+        raise TypeError("an SDXL UNet takes two text encoders: use SDXLText")
     if isinstance(net, UNet2DConditionModel):
         return CLIPText(tokenizer, text_encoder, trainable)
     raise TypeError(f"{type(net).__name__} takes no text")
+
+
+def scratch_text_conditioning(
+    net: nn.Module,
+    tokenizer: CLIPTokenizer,  # built from the data's captions (nets/text.py)
+    hidden_size: int | None,  # each encoder's width; None: what the net takes
+    layers: int,
+    heads: int,
+) -> CLIPText | SDXLText:
+    """The text family of `net` with encoders built from scratch (they train with the denoiser)."""
+    hidden_size = hidden_size or text_width(net)
+    if is_sdxl(net):  # two encoders sharing the caption tokenizer; the second's projection is the pooled width
+        first = text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, CLIPTextModel)
+        second = text_encoder_from_scratch(
+            tokenizer, hidden_size, layers, heads, 2 * hidden_size, CLIPTextModelWithProjection, sdxl_pooled_width(net)
+        )
+        return SDXLText(tokenizer, first, tokenizer, second, trainable=True)
+    encoder = text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, text_encoder_class(net))
+    return text_conditioning(net, tokenizer, encoder, trainable=True)
 
 
 def text_width(net: nn.Module) -> int:
@@ -487,12 +676,28 @@ def text_width(net: nn.Module) -> int:
         return net.config.pooled_projection_dim // 2  # two pooled vectors side by side (SD3CLIPText)
     if isinstance(net, PixArtTransformer2DModel) and net.config.caption_channels is not None:
         return net.config.caption_channels
+    if is_sdxl(net):  # two encoders of equal width side by side (SDXL's are 768 + 1280; built ones are equal)
+        return net.config.cross_attention_dim // 2
     return net.config.cross_attention_dim
 
 
-def text_widths(net: nn.Module, text_encoder: CLIPTextModel) -> list[tuple[str, int, int, str]]:
-    """(key, the network's width, what the text encoder gives, that width's name) per text input."""
+def text_widths(
+    net: nn.Module, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection | None = None
+) -> list[tuple[str, int, int, str]]:
+    """(key, the network's width, what the text encoder(s) give, that width's name) per text input."""
     hidden = text_encoder.config.hidden_size
+    if is_sdxl(net) and text_encoder_2 is not None:
+        both = hidden + text_encoder_2.config.hidden_size
+        pooled = text_encoder_2.config.projection_dim
+        return [
+            ("net.cross_attention_dim", net.config.cross_attention_dim, both, f"hidden sizes side by side={both}"),
+            (
+                "net.projection_class_embeddings_input_dim",
+                net.config.projection_class_embeddings_input_dim,
+                6 * net.config.addition_time_embed_dim + pooled,
+                f"6 x net.addition_time_embed_dim + text_encoder_2's projection_dim={pooled}",
+            ),
+        ]
     if isinstance(net, UNet2DConditionModel) or (
         isinstance(net, PixArtTransformer2DModel) and net.config.caption_channels is None
     ):
@@ -527,12 +732,23 @@ def tokenizer_state(tokenizer: CLIPTokenizer) -> dict[str, Any]:
     """A CLIP tokenizer as plain data (vocabulary, merges, length limit) for a weights-only checkpoint."""
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
-    return {"vocab": dict(model["vocab"]), "merges": merges, "model_max_length": tokenizer.model_max_length}
+    return {
+        "vocab": dict(model["vocab"]),
+        "merges": merges,
+        "model_max_length": tokenizer.model_max_length,
+        # SD 2.x's and SDXL's second tokenizer pad with "!", not the end token: other ids, other states
+        "pad_token": str(tokenizer.pad_token),
+    }
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> CLIPTokenizer:
     merges = [tuple(pair) for pair in state["merges"]]
-    return CLIPTokenizer(vocab=state["vocab"], merges=merges, model_max_length=state["model_max_length"])
+    return CLIPTokenizer(
+        vocab=state["vocab"],
+        merges=merges,
+        model_max_length=state["model_max_length"],
+        pad_token=state.get("pad_token", EOS),  # checkpoints from before it was recorded: CLIPTokenizer's default
+    )
 
 
 def _text_from_state(state: dict[str, Any]) -> CLIPText:
@@ -555,6 +771,14 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "class_labels": lambda state: ClassLabels(state["num_classes"]),
     "clip_text": _text_from_state,
     "sd3_clip_text": _text_from_state,
+    "sdxl_text": lambda state: SDXLText(
+        tokenizer_from_state(state["tokenizer"]),
+        CLIPTextModel(CLIPTextConfig(**state["text_encoder_config"])).eval(),
+        tokenizer_from_state(state["tokenizer_2"]),
+        CLIPTextModelWithProjection(CLIPTextConfig(**state["text_encoder_2_config"])).eval(),
+        trainable=False,
+        force_zeros_for_empty_prompt=state["force_zeros_for_empty_prompt"],
+    ),
     "guidance_embedded": lambda state: GuidanceEmbedded(
         _text_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]
     ),

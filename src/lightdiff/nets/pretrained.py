@@ -7,21 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
-from transformers import CLIPTokenizer
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.conditioning import CLIPText, text_conditioning, text_encoder_class
+from lightdiff.nets.conditioning import CLIPText, SDXLText, is_sdxl, text_conditioning, text_encoder_class
 from lightdiff.nets.denoiser import DENOISER_CLASSES, Denoiser
 
 
-def load_component(cls: Any, source: str, subfolder: str) -> Any:
+def load_component(cls: Any, source: str, subfolder: str, key: str = "model.pretrained") -> Any:
     try:
         return cls.from_pretrained(source, subfolder=subfolder)
     except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"model.pretrained={source!r} has no usable {subfolder}/ ({cls.__name__}): {error}"
-        ) from error
+        raise ConfigError(f"{key}={source!r} has no usable {subfolder}/ ({cls.__name__}): {error}") from error
 
 
 def load_vae(pretrained: str | None, vae: str | None) -> AutoencoderKL:
@@ -36,8 +34,14 @@ def load_vae(pretrained: str | None, vae: str | None) -> AutoencoderKL:
     return load_component(AutoencoderKL, pretrained, "vae")
 
 
-def pipeline_parts(pretrained: str) -> dict[str, Any]:
+def pipeline_parts(pretrained: str, key: str = "model.pretrained") -> dict[str, Any]:
     """The components a pipeline folder or hub id lists in its model_index.json (name -> [library, class])."""
+    parts = pipeline_config(pretrained, key)
+    return {name: value for name, value in parts.items() if isinstance(value, list) and value and value[0]}
+
+
+def pipeline_config(pretrained: str, key: str = "model.pretrained") -> dict[str, Any]:
+    """A pipeline folder's or hub id's model_index.json: its parts and its own settings."""
     path = Path(pretrained).expanduser()
     try:
         if path.is_dir():
@@ -48,10 +52,8 @@ def pipeline_parts(pretrained: str) -> dict[str, Any]:
             index = Path(hf_hub_download(pretrained, "model_index.json"))
         parts = json.loads(index.read_text())
     except Exception as error:  # no such folder or file, offline, not JSON
-        raise ConfigError(
-            f"model.pretrained={pretrained!r} is not a diffusers pipeline (no model_index.json): {error}"
-        ) from error
-    return {name: value for name, value in parts.items() if not name.startswith("_") and value and value[0]}
+        raise ConfigError(f"{key}={pretrained!r} is not a diffusers pipeline (no model_index.json): {error}") from error
+    return {name: value for name, value in parts.items() if not name.startswith("_")}
 
 
 def load_denoiser(pretrained: str) -> Denoiser:
@@ -66,8 +68,49 @@ def load_denoiser(pretrained: str) -> Denoiser:
     return load_component(DENOISER_CLASSES[class_name], pretrained, part)
 
 
-def pretrained_text_conditioning(pretrained: str, net: torch.nn.Module, trainable: bool) -> CLIPText:
-    """The pipeline's tokenizer and text encoder, as the text family `net` takes."""
-    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer")
-    text_encoder = load_component(text_encoder_class(net), pretrained, "text_encoder")
+# Parts of a pipeline that training never uses, whatever the family: the sampler is lightdiff's own (`sampler=`), and
+# the safety checker and its feature extractor only filter a pipeline's outputs.
+UNUSED_PARTS = ("scheduler", "safety_checker", "feature_extractor")
+
+
+def pretrained_text_conditioning(
+    pretrained: str,
+    net: torch.nn.Module,
+    trainable: bool,
+    key: str = "model.pretrained",  # the setting that named the pipeline (error messages)
+) -> CLIPText | SDXLText:
+    """The pipeline's tokenizer(s) and text encoder(s), as the text family `net` takes; a pipeline with a part that
+    family would leave unused (an SDXL pipeline's text_encoder_2 for a one-encoder net, SD3's T5) is refused, naming
+    the part, rather than half-loaded."""
+    parts = pipeline_parts(pretrained, key)
+    if is_sdxl(net):
+        if "text_encoder_2" not in parts or "tokenizer_2" not in parts:
+            raise ConfigError(
+                f"{key}={pretrained!r} has no text_encoder_2 / tokenizer_2: an SDXL UNet "
+                "(addition_embed_type='text_time') takes two text encoders"
+            )
+        used = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
+    else:
+        used = {"tokenizer", "text_encoder"}
+        if isinstance(net, SD3Transformer2DModel):  # lightdiff's own SD3 layout: one encoder under both names
+            used |= {"tokenizer_2", "text_encoder_2"}
+    denoiser_and_vae = {"unet", "transformer", "vae"}
+    unused = sorted(set(parts) - used - denoiser_and_vae - set(UNUSED_PARTS))
+    if unused:
+        raise ConfigError(
+            f"{key}={pretrained!r} has {', '.join(unused)}, which {type(net).__name__} "
+            f"(net={net.config.get('_class_name', type(net).__name__)}) cannot use: a pipeline of another family "
+            "(an SDXL pipeline needs an SDXL UNet: model.load_pretrained_unet=true or net=sdxl_tiny)"
+        )
+    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
+    if is_sdxl(net):
+        return SDXLText(
+            tokenizer,
+            load_component(CLIPTextModel, pretrained, "text_encoder", key),
+            load_component(CLIPTokenizer, pretrained, "tokenizer_2", key),
+            load_component(CLIPTextModelWithProjection, pretrained, "text_encoder_2", key),
+            trainable,
+            bool(pipeline_config(pretrained, key).get("force_zeros_for_empty_prompt", True)),
+        )
+    text_encoder = load_component(text_encoder_class(net), pretrained, "text_encoder", key)
     return text_conditioning(net, tokenizer, text_encoder, trainable)

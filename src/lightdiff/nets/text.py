@@ -76,6 +76,7 @@ def text_encoder_from_scratch(
     num_attention_heads: int = 4,  # attention heads per layer
     intermediate_size: int = 128,  # MLP width
     encoder_class: type[CLIPTextModel] = CLIPTextModel,  # or CLIPTextModelWithProjection (pooled `text_embeds`, SD3)
+    projection_dim: int | None = None,  # width of the pooled projection (WithProjection); None: hidden_size
 ) -> CLIPTextModel:
     """A randomly initialised `encoder_class` sized to `tokenizer`, to be trained jointly with the denoiser."""
     config = CLIPTextConfig(
@@ -88,7 +89,7 @@ def text_encoder_from_scratch(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_dim=hidden_size,
+        projection_dim=projection_dim or hidden_size,
     )
     return encoder_class(config)
 

@@ -1,0 +1,245 @@
+"""SDXL: two text encoders, pooled text and size / crop ids, from scratch and from a pipeline, exported as
+StableDiffusionXLPipeline (tiny pipelines built here with diffusers' own test layout, no downloads)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from hydra.utils import instantiate
+from PIL import Image
+
+from lightdiff.config import ConfigError
+from lightdiff.diffusion import NoiseSchedule
+from lightdiff.nets.conditioning import (
+    SIZE_AND_CROP,
+    SDXLText,
+    drop_conditions,
+    size_and_crop,
+    tokenizer_from_state,
+    tokenizer_state,
+)
+from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import for_latents, generate, generators_for
+from lightdiff.train import run as train_run
+from lightdiff.trained import load_denoiser
+
+from .conftest import TINY, TINY_SDXL_MODEL, compose_config, tiny_sdxl_unet, tiny_vae
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
+
+
+def _family(pad_token: str = "!") -> SDXLText:
+    """Two 16-wide encoders; the second tokenizer pads with "!" as SDXL's tokenizer_2 does."""
+    tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
+    tokenizer_2 = tokenizer_from_state({**tokenizer_state(tokenizer), "pad_token": pad_token})
+    torch.manual_seed(1)
+    first = text_encoder_from_scratch(tokenizer, 16, 1, 2, 32)
+    second = text_encoder_from_scratch(tokenizer_2, 16, 1, 2, 32, encoder_class=_with_projection(), projection_dim=16)
+    return SDXLText(tokenizer, first.eval(), tokenizer_2, second.eval(), trainable=False)
+
+
+def _with_projection() -> type:
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection
+
+
+def _pipeline(family: SDXLText) -> StableDiffusionXLPipeline:
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=family.text_encoder,
+        text_encoder_2=family.text_encoder_2,
+        tokenizer=family.tokenizer,
+        tokenizer_2=family.tokenizer_2,
+        unet=tiny_sdxl_unet(),
+        scheduler=EulerDiscreteScheduler(**NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).scheduler_kwargs()),
+        add_watermarker=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline folder, as `from_pretrained` reads one from the hub."""
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sdxl"
+    _pipeline(_family()).save_pretrained(folder)
+    return folder
+
+
+def test_conditioning_is_the_pipelines_encode_prompt_and_time_ids() -> None:
+    family = _family()
+    pipeline = _pipeline(family)
+    prompts = ["a red circle", "a blue square"]
+    states, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=True
+    )
+    record = size_and_crop(16, 24, 2, original_size=(40, 30), crop_top_left=(3, 5))
+    condition = family({"text": prompts, SIZE_AND_CROP: record})
+    torch.testing.assert_close(condition.kwargs["encoder_hidden_states"], states, rtol=0, atol=0)
+    torch.testing.assert_close(condition.kwargs["added_cond_kwargs"]["text_embeds"], pooled, rtol=0, atol=0)
+    time_ids = pipeline._get_add_time_ids(
+        (40, 30), (3, 5), (16, 24), dtype=states.dtype, text_encoder_projection_dim=16
+    )
+    torch.testing.assert_close(condition.kwargs["added_cond_kwargs"]["time_ids"], time_ids.repeat(2, 1))
+    # the empty negative prompt is the pipeline's zeros (force_zeros_for_empty_prompt, negative_prompt=None) ...
+    unconditional = family(family.without_condition({"text": prompts, SIZE_AND_CROP: record}, [True, True]))
+    assert torch.equal(unconditional.kwargs["encoder_hidden_states"], negative)
+    assert not negative.any() and not negative_pooled.any()
+    assert torch.equal(unconditional.kwargs["added_cond_kwargs"]["text_embeds"], negative_pooled)
+    # ... a given negative prompt is encoded like any prompt, and the size / crop ids are never dropped
+    named = family(family.without_condition({"text": prompts, SIZE_AND_CROP: record}, [True, False], "blurry"))
+    torch.testing.assert_close(named.kwargs["encoder_hidden_states"][0], family.encoded(["blurry"])[0][0])
+    assert torch.equal(named.kwargs["added_cond_kwargs"]["time_ids"], condition.kwargs["added_cond_kwargs"]["time_ids"])
+    # negative control: the second tokenizer's padding matters (SDXL's "!" is not the end token)
+    other = _family(pad_token="<|endoftext|>")
+    assert not torch.equal(other.encoded(prompts)[0], states)
+
+
+def test_caption_dropout_zeroes_both_encoders_and_the_pooled_vector() -> None:
+    family = _family()
+    prompts = ["a red circle"] * 400
+    inputs, which = drop_conditions(family, {"text": prompts, SIZE_AND_CROP: size_and_crop(16, 16, 400)}, 0.5, 400)
+    assert 120 < int(which.sum()) < 280
+    condition = family(inputs)
+    states, pooled = condition.kwargs["encoder_hidden_states"], condition.kwargs["added_cond_kwargs"]["text_embeds"]
+    assert not states[which].any() and not pooled[which].any()
+    assert torch.equal(states[~which][0], family.encoded(["a red circle"])[0][0])
+
+
+def test_the_text_cache_packs_states_and_pooled_exactly() -> None:
+    family = _family()
+    prompts = ["a red circle", "a blue square"]
+    record = size_and_crop(16, 16, 2)
+    packed = family.encode(prompts)
+    assert packed.shape == (2, 8 + 1, 32)
+    cached = family({"text": prompts, "text_states": packed, SIZE_AND_CROP: record})
+    encoded = family({"text": prompts, SIZE_AND_CROP: record})
+    assert torch.equal(cached.kwargs["encoder_hidden_states"], encoded.kwargs["encoder_hidden_states"])
+    assert torch.equal(
+        cached.kwargs["added_cond_kwargs"]["text_embeds"], encoded.kwargs["added_cond_kwargs"]["text_embeds"]
+    )
+    assert family.cacheable and family.cache_fingerprint() != _family(pad_token="<|endoftext|>").cache_fingerprint()
+
+
+def test_from_scratch_run_trains_both_encoders_and_exports_an_sdxl_pipeline(sdxl_ckpt: Path, tmp_path: Path) -> None:
+    denoiser = load_denoiser(sdxl_ckpt)
+    family = denoiser.conditioning
+    assert isinstance(family, SDXLText)
+    assert type(family.text_encoder).__name__ == "CLIPTextModel"
+    assert type(family.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    folder = sample_run(compose_config("sample", [f"ckpt={sdxl_ckpt}", f"export={tmp_path / 'sdxl'}"]))
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    theirs = pipeline(
+        prompts,
+        height=16,
+        width=32,  # not square: the size ids and the latent shape both follow it
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=generators_for(seeds),
+        output_type="np",
+    ).images
+    sampler = instantiate(compose_config("sample", ["ckpt=x", "sampler=ddim"]).sampler)
+    scheduler = for_latents(denoiser.objective.scheduler(sampler))
+    ours = generate(
+        denoiser.net, scheduler, 4, seeds, family, {"text": prompts}, 4.0, "", vae=denoiser.vae, size=(16, 32)
+    )
+    assert ours.shape == (2, 3, 16, 32)
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
+    # sample.py reads the export like the checkpoint, and its size / crop settings reach the UNet
+    common = ["num_images=2", "steps=3", "prompt=a red circle", "height=16", "width=32"]
+    a = sample_run(compose_config("sample", [f"ckpt={sdxl_ckpt}", f"out={tmp_path / 'a'}", *common]))
+    b = sample_run(compose_config("sample", [f"ckpt={folder}", f"out={tmp_path / 'b'}", *common]))
+    c = sample_run(
+        compose_config(
+            "sample",
+            [f"ckpt={folder}", f"out={tmp_path / 'c'}", *common, "original_size=[64,64]", "crop_top_left=[8,8]"],
+        )
+    )
+    first = [np.asarray(Image.open(out / "000000.png")).astype(int) for out in (a, b, c)]
+    assert first[0].shape == (16, 32, 3)
+    assert np.abs(first[0] - first[1]).max() <= 1
+    assert np.abs(first[0] - first[2]).max() > 1  # other ids, another image
+    record = json.loads((c / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["original_size"] == [64, 64] and record["crop_top_left"] == [8, 8] and record["width"] == 32
+
+
+def test_pretrained_sdxl_pipeline_loads_both_encoders_and_fine_tunes(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=latent",
+            f"model.pretrained={sdxl_pipeline_dir}",
+            "model.load_pretrained_unet=true",
+            "model.vae=null",
+            "run_name=ft",
+        ],
+    )
+    train_run(cfg)
+    denoiser = load_denoiser(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+    family = denoiser.conditioning
+    assert isinstance(family, SDXLText) and family.tokenizer_2.pad_token == "!"
+    original = StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline_dir)
+    for mine, theirs in (
+        (family.text_encoder, original.text_encoder),
+        (family.text_encoder_2, original.text_encoder_2),
+    ):
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[key], value), key  # frozen: the pipeline's weights
+    moved = [k for k, v in original.unet.state_dict().items() if not torch.equal(denoiser.net.state_dict()[k], v)]
+    assert moved  # the UNet trained
+
+
+def test_a_pipeline_without_text_encoder_2_is_refused_by_name(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "no-second-encoder"
+    shutil.copytree(sdxl_pipeline_dir, broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    del index["text_encoder_2"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(broken / "text_encoder_2")
+    overrides = [f"output_root={tmp_path}", *TINY, "model=latent", "model.load_pretrained_unet=true", "model.vae=null"]
+    with pytest.raises(ConfigError, match="text_encoder_2"):
+        train_run(compose_config("train", [*overrides, f"model.pretrained={broken}", "run_name=a"]))
+    # an SDXL pipeline under a one-encoder UNet would silently drop its second encoder: refused, naming it
+    with pytest.raises(ConfigError, match="text_encoder_2, tokenizer_2"):
+        train_run(
+            compose_config(
+                "train",
+                [*overrides[:-2], f"model.pretrained={sdxl_pipeline_dir}", "model.vae=null", "run_name=b"],
+            )
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["net.projection_class_embeddings_input_dim=48", "net.cross_attention_dim=64", "net.addition_time_embed_dim=2"],
+)
+def test_an_sdxl_net_that_does_not_fit_the_pipelines_encoders_is_named(
+    override: str, sdxl_pipeline_dir: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=latent",
+            f"model.pretrained={sdxl_pipeline_dir}",
+            "model.vae=null",
+            *TINY_SDXL_MODEL,
+            override,
+            "run_name=x",
+        ],
+    )
+    key = override.split("=")[0] if "addition" not in override else "net.projection_class_embeddings_input_dim"
+    with pytest.raises(ConfigError, match=key):
+        train_run(cfg)
+    assert not (tmp_path / "x").exists()
