@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from lightdiff.data import HFDataModule, ImageFolderDataModule, ImageTransform
+from lightdiff.data.shapes import pil_to_tensor
 
 
 def _write_folder(root: Path, count: int = 6, size: tuple[int, int] = (40, 24)) -> None:
@@ -75,11 +76,34 @@ def test_transform_crops_and_flips() -> None:
     array = np.zeros((20, 40, 3), dtype=np.uint8)
     array[:, :20] = 255  # left half white
     image = Image.fromarray(array)
-    centre = ImageTransform(10, center_crop=True)(image)
+    centre, record = ImageTransform(10, center_crop=True)(image)
     assert centre.shape == (3, 10, 10)
+    assert record.tolist() == [20, 40, 0, 5, 10, 10]  # original size, the crop in the 10 x 20 resized image, target
     assert centre[:, :, 0].mean() > 0.9 and centre[:, :, -1].mean() < -0.9  # the crop straddles the edge
     torch.manual_seed(0)
-    flips = [ImageTransform(10, random_flip=True)(image)[0, 0, 0].item() for _ in range(20)]
+    flips = [ImageTransform(10, random_flip=True)(image)[0][0, 0, 0].item() for _ in range(20)]
     assert min(flips) < -0.9 and max(flips) > 0.9  # both orientations occur
-    crops = {tuple(ImageTransform(10, center_crop=False)(image)[0, 0].tolist()) for _ in range(20)}
+    crops = {tuple(ImageTransform(10, center_crop=False)(image)[0][0, 0].tolist()) for _ in range(20)}
     assert len(crops) > 1  # random crops differ
+
+
+def test_size_and_crop_record_is_the_crop_actually_taken() -> None:
+    """SDXL's time_ids come from this record: the crop it names must be where the pixels came from, in the image as
+    the model sees it (mirrored when flipped), for random crops of a non-square target."""
+    height, width = 24, 40
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 6, y * 10, (x + y) % 7 * 30], axis=-1).astype(np.uint8)  # every position distinct
+    full = pil_to_tensor(Image.fromarray(array))
+    transform = ImageTransform(8, center_crop=False, random_flip=True)
+    torch.manual_seed(0)
+    seen = set()
+    for target_h, target_w in ((24, 32), (20, 40)) * 15:  # the image covers both at scale 1: crops only
+        pixels, record = transform(Image.fromarray(array), size=(target_h, target_w))
+        assert record.tolist()[:2] == [height, width] and record.tolist()[4:] == [target_h, target_w]
+        top, left = record.tolist()[2:4]
+        unflipped = full[:, top : top + target_h, left : left + target_w]
+        flipped = full.flip(-1)[:, top : top + target_h, left : left + target_w]
+        # exactly one frame holds the pixels (every column differs), so a record in the wrong frame would fail here
+        assert torch.equal(pixels, flipped) != torch.equal(pixels, unflipped)
+        seen.add((torch.equal(pixels, flipped), top, left))
+    assert {flip for flip, _, _ in seen} == {True, False} and len(seen) > 5
