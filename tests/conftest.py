@@ -185,6 +185,23 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
     )
 
 
+def tiny_dinov2_overrides(folder: Path) -> list[str]:
+    """`discriminator=dinov2` on a 2-layer, 32-wide DINOv2 saved to `folder` (16 px inputs), as overrides."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=16
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    return [
+        "discriminator=dinov2",
+        f"discriminator.backbone.model={folder}",
+        "discriminator.backbone.layers=[1,2]",
+        "discriminator.backbone.image_size=16",
+    ]
+
+
 @pytest.fixture(scope="session")
 def sdxl_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SDXL-shaped latent model trained from scratch for 2 steps (both text encoders from the captions)."""

@@ -28,7 +28,7 @@ from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_denoiser
 
-from .conftest import TINY, TINY_SDXL_MODEL, compose_config, tiny_sdxl_unet, tiny_vae
+from .conftest import TINY, TINY_SDXL_MODEL, compose_config, tiny_dinov2_overrides, tiny_sdxl_unet, tiny_vae
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 
@@ -243,3 +243,137 @@ def test_an_sdxl_net_that_does_not_fit_the_pipelines_encoders_is_named(
     with pytest.raises(ConfigError, match=key):
         train_run(cfg)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("backbone", ["teacher", "patchgan", "dinov2"])
+def test_turbo_distils_an_sdxl_teacher_with_every_discriminator(backbone: str, sdxl_ckpt: Path, tmp_path: Path) -> None:
+    """The student, the teacher's guided prediction and the teacher-feature discriminator all take the pooled text
+    and size / crop ids (an SDXL UNet called without them raises); the heads are conditioned on the pooled vector."""
+    extra = {
+        "teacher": ["discriminator=teacher"],
+        "patchgan": ["discriminator=patchgan", "discriminator.backbone.in_channels=4"],
+        "dinov2": tiny_dinov2_overrides(tmp_path / "tiny-dinov2"),
+    }[backbone]
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=turbo",
+            f"model.teacher={sdxl_ckpt}",
+            "model.teacher_steps=2",
+            "run_name=student",
+            *extra,
+        ],
+    )
+    module = train_run(cfg).lightning_module
+    assert isinstance(module.conditioning, SDXLText)
+    assert module.discriminator.condition_projection.in_features == 16  # text_encoder_2's projection
+    if backbone != "teacher":
+        return
+    # exported as SDXL-Turbo ships: trailing timesteps, sampled unguided in 1-4 steps, and plain diffusers agrees
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'turbo'}"]))
+    pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert pipeline.scheduler.config.timestep_spacing == "trailing"
+    for steps in (1, 4):
+        out = sample_run(
+            compose_config(
+                "sample",
+                [
+                    f"ckpt={student}",
+                    f"out={tmp_path / f'steps{steps}'}",
+                    "num_images=2",
+                    f"steps={steps}",
+                    "prompt=a red circle",
+                    "guidance_scale=1",
+                ],
+            )
+        )
+        ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+        theirs = pipeline(
+            ["a red circle"] * 2,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            generator=generators_for([0, 1]),
+            output_type="np",
+        ).images
+        assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+
+
+def _sd2_pipeline_dir(root: Path) -> Path:
+    """A tiny SD 2.1-shaped pipeline (what SD-Turbo was distilled from): v-prediction, one wider CLIP encoder whose
+    tokenizer pads with "!", linear projections in the UNet's transformers, as diffusers' SD2 tests build it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
+    tokenizer = tokenizer_from_state({**tokenizer_state(tokenizer), "pad_token": "!"})
+    torch.manual_seed(0)
+    encoder = text_encoder_from_scratch(tokenizer, 32, 1, 2, 37)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[16, 32],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    schedule = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).scheduler_kwargs()
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**schedule, prediction_type="v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = root / "tiny-sd2"
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def test_turbo_distils_an_sd2_v_prediction_teacher(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    teacher = _sd2_pipeline_dir(tmp_path)
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=turbo",
+            f"model.teacher={teacher}",
+            "model.teacher_steps=2",
+            "run_name=sd_turbo",
+        ],
+    )
+    module = train_run(cfg).lightning_module
+    assert module.teacher.objective.prediction_type == "v_prediction"
+    assert module.conditioning.tokenizer.pad_token == "!"  # the teacher's padding, kept through the checkpoint
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'sd_turbo_export'}"]))
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipeline.tokenizer.pad_token == "!"
+    out = sample_run(
+        compose_config(
+            "sample",
+            [f"ckpt={student}", f"out={tmp_path / 'one'}", "num_images=2", "steps=1", "prompt=a red circle"]
+            + ["guidance_scale=1"],
+        )
+    )
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    theirs = pipeline(
+        ["a red circle"] * 2,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        generator=generators_for([0, 1]),
+        output_type="np",
+    ).images
+    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 from PIL import Image
-from transformers import Dinov2Config, Dinov2Model
+from transformers import Dinov2Model
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import DDPM, NoiseSchedule, distillation_distance, distillation_weight, trailing_timesteps
@@ -18,7 +18,7 @@ from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config
+from .conftest import TINY, compose_config, tiny_dinov2_overrides
 
 OBJECTIVE = DDPM(NoiseSchedule("linear", 1000, 1e-4, 0.02))
 ALPHAS_CUMPROD = OBJECTIVE.alphas_cumprod
@@ -249,24 +249,8 @@ def test_epsilon_student_is_refused_where_ill_conditioned_and_the_default_predic
 
 @pytest.mark.parametrize("backbone", ["dinov2", "patchgan"])
 def test_other_discriminators_train(backbone: str, teacher_ckpt: Path, tmp_path: Path) -> None:
-    extra = ["discriminator=patchgan"]
-    if backbone == "dinov2":
-        folder = tmp_path / "tiny-dinov2"
-        config = Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            patch_size=4,
-            image_size=16,
-        )
-        Dinov2Model(config).save_pretrained(folder)
-        extra = [
-            "discriminator=dinov2",
-            f"discriminator.backbone.model={folder}",
-            "discriminator.backbone.layers=[1,2]",
-            "discriminator.backbone.image_size=16",
-        ]
+    folder = tmp_path / "tiny-dinov2"
+    extra = tiny_dinov2_overrides(folder) if backbone == "dinov2" else ["discriminator=patchgan"]
     cfg = compose_config("train", _turbo(tmp_path, teacher_ckpt, f"run_name={backbone}", "trainer.max_steps=2", *extra))
     module = train_run(cfg).lightning_module
     frozen_backbone = backbone == "dinov2"
