@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from lightdiff.config import ConfigError
+from lightdiff.data.buckets import BucketSpec
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
 from lightdiff.data.latent_cache import cached_latents, cached_text_states
-from lightdiff.data.sampler import ResumableSampler
+from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.order_seed = 0  # the run's seed (train.py sets it): the shuffle of epoch e is a function of it and e
-        self.sampler: ResumableSampler | None = None  # the training sampler, made by train_dataloader
+        self.sampler: ResumableSampler | BucketBatchSampler | None = None  # made by train_dataloader
         self._batches_seen: int | None = None  # from a checkpoint, until the sampler exists
 
     def use_latent_cache(
@@ -104,23 +107,28 @@ class ImageDataModule(pl.LightningDataModule):
     def class_names(self) -> list[str] | None:
         return getattr(self.source_dataset, "class_names", None)
 
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """The (height, width) aspect-ratio buckets the images are trained at (data/buckets.py); None: squares."""
+        return getattr(self.source_dataset, "buckets", None)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        self.sampler = ResumableSampler(
-            len(self.dataset),
-            self.batch_size,
-            seed=self.order_seed,
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
-        )
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        bucket_of = getattr(self.source_dataset, "bucket_of", None)  # the latent cache keeps the images' order
+        if bucket_of is not None:  # every batch one bucket: one tensor of one size
+            self.sampler = BucketBatchSampler(bucket_of, self.batch_size, self.order_seed, rank, world_size)
+            batching: dict = {"batch_sampler": self.sampler}
+        else:
+            self.sampler = ResumableSampler(len(self.dataset), self.batch_size, self.order_seed, rank, world_size)
+            # drop_last: a constant batch size keeps images/s and the loss scale comparable
+            batching = {"batch_size": self.batch_size, "sampler": self.sampler, "drop_last": True}
         if self._batches_seen is not None:
             self.sampler.resume_from(self._batches_seen)
             self._batches_seen = None
         return DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            drop_last=True,  # a constant batch size keeps images/s and the loss scale comparable
+            **batching,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -149,6 +157,11 @@ class ImageDataModule(pl.LightningDataModule):
             self._batches_seen = int(state_dict["batches_seen"])
 
 
+def _plain(value: Any) -> Any:
+    """A config value as plain lists and dicts (Hydra passes ListConfig / DictConfig)."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
 class ShapesDataModule(ImageDataModule):
     """The embedded shapes data set (`data=shapes`)."""
 
@@ -166,13 +179,24 @@ class ShapesDataModule(ImageDataModule):
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
         classes: list[str] | None = None,  # captions of the classes to keep ("a blue triangle"); None: all 24
         exclude: list[str] | None = None,  # captions of classes to leave out
+        aspect_ratios: list[float] | None = None,  # variable aspect: pictures of these width / height ratios
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: centre-cropped squares
     ) -> None:
         dataset = ShapesDataset(
-            size=size, resolution=resolution, seed=seed, random_flip=random_flip, classes=classes, exclude=exclude
+            size=size,
+            resolution=resolution,
+            seed=seed,
+            random_flip=random_flip,
+            classes=classes,
+            exclude=exclude,
+            aspect_ratios=_plain(aspect_ratios),
+            buckets=_plain(buckets),
         )
         identity = f"shapes|size={size}|seed={seed}|resolution={resolution}"
         if len(dataset.kept_labels) < len(dataset.class_names):  # the full set keeps the identity caches know it by
             identity += f"|classes={','.join(map(str, dataset.kept_labels))}"
+        if dataset.aspect_ratios is not None:
+            identity += f"|aspect_ratios={dataset.aspect_ratios}|buckets={dataset.buckets}"
         super().__init__(
             dataset,
             batch_size,
@@ -203,10 +227,15 @@ class ImageFolderDataModule(ImageDataModule):
         persistent_workers: bool = True,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
     ) -> None:
-        dataset = ImageFolderDataset(root, resolution, center_crop, random_flip, skip_bad, scan_cache_dir)
+        dataset = ImageFolderDataset(
+            root, resolution, center_crop, random_flip, skip_bad, scan_cache_dir, _plain(buckets)
+        )
         newest = max(path.stat().st_mtime_ns for path in dataset.paths)
         identity = f"image_folder|{dataset.root.resolve()}|files={len(dataset)}|newest={newest}|resolution={resolution}"
+        if dataset.buckets is not None:
+            identity += f"|buckets={dataset.buckets}"
         super().__init__(
             dataset,
             batch_size,
@@ -240,11 +269,23 @@ class HFDataModule(ImageDataModule):
         persistent_workers: bool = True,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
     ) -> None:
         dataset = HFImageDataset(
-            name, resolution, split, image_column, caption_column, label_column, center_crop, random_flip, cache_dir
+            name,
+            resolution,
+            split,
+            image_column,
+            caption_column,
+            label_column,
+            center_crop,
+            random_flip,
+            cache_dir,
+            _plain(buckets),
         )
         identity = f"hf|{name}|{split}|rows={len(dataset)}|{image_column}|{caption_column}|resolution={resolution}"
+        if dataset.buckets is not None:
+            identity += f"|buckets={dataset.buckets}"
         super().__init__(
             dataset,
             batch_size,

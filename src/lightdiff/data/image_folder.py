@@ -7,6 +7,7 @@ object a line, so the output of `sample.py` is itself a valid training set.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path, PurePosixPath
@@ -14,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket, smaller_than_every_bucket
 from lightdiff.data.transforms import ImageTransform, to_rgb
 
 log = logging.getLogger(__name__)
@@ -140,28 +142,36 @@ def _scan_key(root: Path, paths: list[Path]) -> str:
     return digest.hexdigest()[:24]
 
 
-def unreadable_images(root: Path, paths: list[Path], cache_dir: Path | None) -> dict[Path, str]:
-    """Every image of `paths` that cannot be decoded into RGB, with the reason: each file is decoded once, and the
-    answer is cached in `cache_dir` under the folder's file list, sizes and modification times, so a resume (or any
-    later run on an unchanged folder) does not read a large folder again."""
+def scan_images(
+    root: Path, paths: list[Path], cache_dir: Path | None
+) -> tuple[dict[Path, str], dict[Path, tuple[int, int]]]:
+    """Every image of `paths` that cannot be decoded into RGB, with the reason, and the (height, width) of every other
+    one (what aspect-ratio buckets are assigned by): each file is decoded once, and the answer is cached in
+    `cache_dir` under the folder's file list, sizes and modification times, so a resume (or any later run on an
+    unchanged folder) does not read a large folder again."""
     cache_file = cache_dir / f"scan-{_scan_key(root, paths)}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
         cached = json.loads(cache_file.read_text())
-        return {root / name: reason for name, reason in cached["unreadable"].items()}
+        if "sizes" in cached:  # scans from before sizes were recorded are made again
+            bad = {root / name: reason for name, reason in cached["unreadable"].items()}
+            return bad, {root / name: (int(h), int(w)) for name, (h, w) in cached["sizes"].items()}
     bad: dict[Path, str] = {}
+    sizes: dict[Path, tuple[int, int]] = {}
     for path in paths:
         try:
-            _open_rgb(path)
+            width, height = _open_rgb(path).size
+            sizes[path] = (height, width)
         except ValueError as error:
             bad[path] = str(error)
     if cache_file is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        record = {"root": str(root.resolve()), "files": len(paths)}
+        record: dict[str, object] = {"root": str(root.resolve()), "files": len(paths)}
         record["unreadable"] = {path.relative_to(root).as_posix(): reason for path, reason in bad.items()}
+        record["sizes"] = {path.relative_to(root).as_posix(): list(size) for path, size in sizes.items()}
         temporary = cache_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(record, indent=1) + "\n")
         temporary.replace(cache_file)  # complete or absent, as every cache
-    return bad
+    return bad, sizes
 
 
 class ImageFolderDataset(Dataset):
@@ -175,6 +185,7 @@ class ImageFolderDataset(Dataset):
         random_flip: bool = False,  # horizontal flip with probability 1/2
         skip_bad: bool = False,  # skip (and count) unreadable images instead of failing
         scan_cache_dir: str | None = None,  # where the start-up scan's answer is kept per folder state (None: not kept)
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -195,13 +206,22 @@ class ImageFolderDataset(Dataset):
             paths = [listed[name] for name in sorted(metadata)]
         # Scanned once up front (every image decoded, or the cached answer for an unchanged folder): an unreadable
         # image fails here, before a run writes anything, and every worker and rank agrees on index -> file.
-        bad = unreadable_images(self.root, paths, Path(scan_cache_dir).expanduser() if scan_cache_dir else None)
+        bad, sizes = scan_images(self.root, paths, Path(scan_cache_dir).expanduser() if scan_cache_dir else None)
+        self.buckets: list[Bucket] | None = bucket_sizes(buckets, resolution) if buckets is not None else None
+        if self.buckets is not None:  # an image that would be enlarged for every bucket has no place in training
+            for path in paths:
+                if path in sizes and smaller_than_every_bucket(*sizes[path], self.buckets):
+                    bad[path] = (
+                        f"{path} is {sizes[path][0]}x{sizes[path][1]} (height x width), smaller than every bucket"
+                    )
+
         if bad and not skip_bad:
             reasons = "\n  ".join(list(bad.values())[:10])
             more = f"\n  and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise ValueError(
-                f"{len(bad)} of {len(paths)} images under data.root={root!r} cannot be read:\n  {reasons}{more}\n"
-                "fix or remove them, or set data.skip_bad=true to train without them"
+                f"{len(bad)} of {len(paths)} images under data.root={root!r} cannot be read"
+                + (f" or are smaller than every bucket of data.buckets={self.buckets}" if self.buckets else "")
+                + f":\n  {reasons}{more}\nfix or remove them, or set data.skip_bad=true to train without them"
             )
         self.skipped: list[Path] = [path for path in paths if path in bad]
         for path in self.skipped:
@@ -212,6 +232,8 @@ class ImageFolderDataset(Dataset):
         if not paths:
             raise FileNotFoundError(f"every image under data.root={root!r} is unreadable")
         self.paths = paths
+        # the bucket of each image: the nearest in aspect ratio (BucketBatchSampler draws each batch from one)
+        self.bucket_of = [nearest_bucket(*sizes[p], self.buckets) for p in paths] if self.buckets else None
         relative = [p.relative_to(self.root).as_posix() for p in paths]
         self.records = [metadata.get(name, {}) for name in relative]
         labels = [r["label"] for r in self.records if "label" in r]
@@ -225,7 +247,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]
-        pixels, size_and_crop = self.transform(_open_rgb(self.paths[index]))
+        size = self.buckets[self.bucket_of[index]] if self.bucket_of is not None else None
+        pixels, size_and_crop = self.transform(_open_rgb(self.paths[index]), size)
         return {
             "pixel_values": pixels,
             "size_and_crop": size_and_crop,  # (original h, w, crop top, left, target h, w): SDXL's time_ids
@@ -248,6 +271,7 @@ class HFImageDataset(Dataset):
         center_crop: bool = True,  # centre crop; false takes a random crop
         random_flip: bool = False,  # horizontal flip with probability 1/2
         cache_dir: str | None = None,  # where `datasets` caches downloads
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
     ) -> None:
         import datasets  # imported here: pyarrow start-up costs a second that shapes runs should not pay
 
@@ -268,6 +292,34 @@ class HFImageDataset(Dataset):
         if label_column is not None:
             feature = self.dataset.features[label_column]
             self.num_classes = int(getattr(feature, "num_classes", 0) or max(self.dataset[label_column]) + 1)
+        self.buckets: list[Bucket] | None = bucket_sizes(buckets, resolution) if buckets is not None else None
+        self.bucket_of: list[int] | None = None
+        if self.buckets is not None:
+            sizes = self._image_sizes()
+            small = [row for row, size in enumerate(sizes) if smaller_than_every_bucket(*size, self.buckets)]
+            if small:
+                raise ValueError(
+                    f"{len(small)} image(s) of {name!r} are smaller than every bucket of data.buckets={self.buckets}: "
+                    f"rows {small[:10]} ({sizes[small[0]][0]}x{sizes[small[0]][1]}, ...); give smaller buckets"
+                )
+            self.bucket_of = [nearest_bucket(*size, self.buckets) for size in sizes]
+
+    def _image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every row's image, read from the file headers (nothing is decoded)."""
+        import datasets
+
+        column = self.image_column
+        rows = self.dataset
+        if isinstance(rows.features[column], datasets.Image):
+            rows = rows.cast_column(column, datasets.Image(decode=False))  # {"bytes", "path"}: the encoded file
+        sizes = []
+        for row in rows.select_columns([column]):
+            value = row[column]
+            if isinstance(value, dict):
+                value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with value if isinstance(value, Image.Image) else Image.open(value) as image:
+                sizes.append((image.height, image.width))
+        return sizes
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -283,7 +335,8 @@ class HFImageDataset(Dataset):
             reason = _too_many_pixels(image)  # `datasets` opens images lazily: nothing is decoded yet
             if reason is not None:
                 raise _refused(f"{index} of {self.name!r}", reason)
-            pixels, size_and_crop = self.transform(image)
+            size = self.buckets[self.bucket_of[index]] if self.bucket_of is not None else None
+            pixels, size_and_crop = self.transform(image, size)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read image {index} of {self.name!r}: {error}") from error
         return {

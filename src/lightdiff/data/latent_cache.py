@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightdiff.checkpointing import module_fingerprint, save_atomically
 
@@ -42,7 +42,7 @@ class LatentCacheDataset(Dataset):
 
     def __init__(
         self,
-        moments: torch.Tensor,
+        moments: torch.Tensor | list[torch.Tensor],  # (N, 2C, h, w), or N tensors of their buckets' sizes
         labels: torch.Tensor,
         texts: list[str],
         resolution: int,
@@ -97,22 +97,35 @@ def cached_latents(
             stored["moments"], stored["labels"], stored["texts"], resolution, stored.get("sizes_and_crops")
         )
     log.info("latent cache miss: encoding %d images into %s", len(dataset), path)
-    moments, labels, texts, sizes_and_crops = [], [], [], []
+    count = len(dataset)
+    moments: list[torch.Tensor | None] = [None] * count
+    labels, texts, sizes_and_crops = torch.zeros(count, dtype=torch.long), [""] * count, torch.zeros(count, 6).long()
     device = next(vae.parameters()).device
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        moments.append(vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters.half().cpu())
-        labels.append(torch.as_tensor(batch["label"]))
-        sizes_and_crops.append(batch["size_and_crop"])
-        texts += list(batch["text"])
+    # One bucket at a time (data/buckets.py): a batch must be one size; without buckets, one group of everything.
+    bucket_of = getattr(dataset, "bucket_of", None) or [0] * count
+    for bucket in sorted(set(bucket_of)):
+        indices = [index for index in range(count) if bucket_of[index] == bucket]
+        done = 0
+        for batch in DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False):
+            encoded = vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters.half().cpu()
+            for offset, index in enumerate(indices[done : done + len(encoded)]):
+                moments[index] = encoded[offset]
+                labels[index] = int(batch["label"][offset])
+                texts[index] = batch["text"][offset]
+                sizes_and_crops[index] = batch["size_and_crop"][offset]
+            done += len(encoded)
+    shapes = {tuple(moment.shape) for moment in moments}
+    # one tensor when every image has one size; a list of per-image tensors across buckets
+    stacked: torch.Tensor | list[torch.Tensor] = torch.stack(moments) if len(shapes) == 1 else list(moments)
     stored = {
-        "moments": torch.cat(moments),
-        "labels": torch.cat(labels),
+        "moments": stacked,
+        "labels": labels,
         "texts": texts,
-        "sizes_and_crops": torch.cat(sizes_and_crops),
+        "sizes_and_crops": sizes_and_crops,
         "identity": identity,
     }
     save_atomically(stored, path)
-    return LatentCacheDataset(stored["moments"], stored["labels"], texts, resolution, stored["sizes_and_crops"])
+    return LatentCacheDataset(stacked, labels, texts, resolution, sizes_and_crops)
 
 
 @torch.no_grad()

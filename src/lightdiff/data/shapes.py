@@ -7,11 +7,15 @@ same index. The exact specification (colours, sizes, placement) is the one the s
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+
+from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket
+from lightdiff.data.transforms import ImageTransform, pil_to_tensor
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -28,6 +32,7 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 NUM_CLASSES = len(SHAPES) * len(COLORS)
 MIN_SIDE, MAX_SIDE = 0.35, 0.75  # bounding-box side as a fraction of the resolution
 _SUPERSAMPLE = 4  # draw at 4x and downsample with a box filter: anti-aliasing with exact coverage
+ORIGINAL_SCALE = 2  # variable-aspect pictures: sides 2x those of the training square of equal area
 
 
 def class_label(shape: str, color: str) -> int:
@@ -40,12 +45,20 @@ def label_to_caption(label: int) -> str:
     return f"a {color} {shape}"
 
 
-def draw_shape(shape: str, color: str, side: float, left: float, top: float, resolution: int) -> Image.Image:
+def draw_shape(
+    shape: str,
+    color: str,
+    side: float,
+    left: float,
+    top: float,
+    resolution: int,
+    canvas_size: tuple[int, int] | None = None,  # (height, width) of a non-square picture; None: resolution square
+) -> Image.Image:
     """Render one shape whose bounding box is (left, top, left + side, top + side), in pixels of the output."""
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
-    size = resolution * _SUPERSAMPLE
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    height, width = canvas_size or (resolution, resolution)
+    canvas = Image.new("RGB", (width * _SUPERSAMPLE, height * _SUPERSAMPLE), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     x0, y0, s = left * _SUPERSAMPLE, top * _SUPERSAMPLE, side * _SUPERSAMPLE
     fill = COLORS[color]
@@ -55,7 +68,7 @@ def draw_shape(shape: str, color: str, side: float, left: float, top: float, res
         draw.rectangle((x0, y0, x0 + s, y0 + s), fill=fill)
     else:  # isosceles, apex up, base along the bottom of the box
         draw.polygon([(x0 + s / 2, y0), (x0 + s, y0 + s), (x0, y0 + s)], fill=fill)
-    return canvas.resize((resolution, resolution), Image.Resampling.BOX)
+    return canvas.resize((width, height), Image.Resampling.BOX)
 
 
 def _drawn_class(seed: int, index: int) -> tuple[np.random.Generator, str, str]:
@@ -82,10 +95,24 @@ def shapes_sample(seed: int, index: int, resolution: int) -> tuple[Image.Image, 
     return image, class_label(shape, color), f"a {color} {shape}"
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 RGB PIL image -> float tensor (3, H, W) in [-1, 1], the range every model in lightdiff trains on."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+def variable_aspect_size(resolution: int, ratio: float) -> tuple[int, int]:
+    """(height, width) of a variable-aspect picture of width / height `ratio`."""
+    return round(ORIGINAL_SCALE * resolution / ratio**0.5), round(ORIGINAL_SCALE * resolution * ratio**0.5)
+
+
+def variable_aspect_sample(
+    seed: int, index: int, resolution: int, aspect_ratios: Sequence[float]
+) -> tuple[Image.Image, int, str]:
+    """Sample `index` of the variable-aspect stream: a picture of aspect ratio (width / height) drawn from
+    `aspect_ratios`, of twice the area of a `resolution` square... side, so every training size is a reduction of it,
+    with the shape placed anywhere in it (its side a fraction of the short side, as in the square set)."""
+    rng, shape, color = _drawn_class(seed, index)
+    height, width = variable_aspect_size(resolution, float(aspect_ratios[int(rng.integers(len(aspect_ratios)))]))
+    side = float(rng.uniform(MIN_SIDE, MAX_SIDE)) * min(height, width)
+    left = float(rng.uniform(0, width - side))
+    top = float(rng.uniform(0, height - side))
+    image = draw_shape(shape, color, side, left, top, resolution, canvas_size=(height, width))
+    return image, class_label(shape, color), f"a {color} {shape}"
 
 
 def _checked_captions(key: str, captions: list[str]) -> set[int]:
@@ -111,6 +138,8 @@ class ShapesDataset(Dataset):
         random_flip: bool = False,  # horizontal flip (all three shapes are mirror-symmetric)
         classes: list[str] | None = None,  # captions of the classes to keep; None: all 24
         exclude: list[str] | None = None,  # captions of classes to leave out
+        aspect_ratios: list[float] | None = None,  # variable aspect: each picture's width / height drawn from these
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops
     ) -> None:
         if size < 1:
             raise ValueError(f"data.size={size} must be positive")
@@ -127,11 +156,30 @@ class ShapesDataset(Dataset):
         self.num_classes = NUM_CLASSES
         self.class_names = [label_to_caption(label) for label in range(NUM_CLASSES)]
         self.kept_labels = sorted(kept)
+        if aspect_ratios is not None and (not aspect_ratios or any(float(r) <= 0 for r in aspect_ratios)):
+            raise ValueError(f"data.aspect_ratios={aspect_ratios} must be positive width / height ratios")
+        self.aspect_ratios = [float(ratio) for ratio in aspect_ratios] if aspect_ratios is not None else None
+        # a variable-aspect picture is resized and cropped like a photograph (centre crop, or its bucket's)
+        self.transform = ImageTransform(resolution, center_crop=True, random_flip=random_flip)
+        self.buckets: list[Bucket] | None = bucket_sizes(buckets, resolution) if buckets is not None else None
+        self.bucket_of: list[int] | None = None
         # Stream index of each item; None: the identity (every class kept), computed without a list.
         self._stream_index: list[int] | None = None
         if len(kept) < NUM_CLASSES:
             stream = (index for index in itertools.count() if shapes_label(seed, index) in kept)
             self._stream_index = list(itertools.islice(stream, size))
+        if self.buckets is not None:
+            sizes = [self.picture_size(index) for index in range(size)]
+            self.bucket_of = [nearest_bucket(height, width, self.buckets) for height, width in sizes]
+
+    def picture_size(self, index: int) -> tuple[int, int]:
+        """(height, width) item `index` is drawn at, before any resizing (nothing is drawn)."""
+        if self.aspect_ratios is None:
+            return self.resolution, self.resolution
+        stream_index = self._stream_index[index] if self._stream_index is not None else index
+        rng, _, _ = _drawn_class(self.seed, stream_index)
+        ratio = self.aspect_ratios[int(rng.integers(len(self.aspect_ratios)))]
+        return variable_aspect_size(self.resolution, ratio)
 
     def __len__(self) -> int:
         return self.size
@@ -144,6 +192,11 @@ class ShapesDataset(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"shapes index {index} out of range [0, {self.size})")
         stream_index = self._stream_index[index] if self._stream_index is not None else index
+        if self.aspect_ratios is not None:
+            image, label, caption = variable_aspect_sample(self.seed, stream_index, self.resolution, self.aspect_ratios)
+            bucket = self.buckets[self.bucket_of[index]] if self.bucket_of is not None else None
+            pixels, size_and_crop = self.transform(image, bucket)
+            return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": caption}
         image, label, caption = shapes_sample(self.seed, stream_index, self.resolution)
         pixels = pil_to_tensor(image)
         if self.random_flip and torch.rand(()) < 0.5:

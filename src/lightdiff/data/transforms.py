@@ -9,10 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightdiff.data.shapes import pil_to_tensor
-
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit grey (PNG, TIFF), as Pillow opens it
 SIXTEEN_BIT_TO_EIGHT = 257  # 65535 / 255: maps 0..65535 onto 0..255 exactly at both ends
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 RGB PIL image -> float tensor (3, H, W) in [-1, 1], the range every model in lightdiff trains on."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

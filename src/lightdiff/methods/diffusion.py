@@ -263,6 +263,12 @@ def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Condition
             f"data.resolution={data.resolution} must be a multiple of {factor * multiple}: {why} "
             f"({type(net).__name__}) needs a side divisible by {multiple}"
         )
+    for height, width in data.buckets or []:
+        if height % (factor * multiple) or width % (factor * multiple):
+            raise ConfigError(
+                f"data.buckets: {height}x{width} (height x width) has a side that is not a multiple of "
+                f"{factor * multiple} ({type(net).__name__}{' behind the VAE' if vae is not None else ''})"
+            )
     if net.config.sample_size != data.resolution // factor:
         downsampling = f" / the VAE's down-sampling {factor} = {data.resolution / factor:g}" if vae is not None else ""
         raise ConfigError(
