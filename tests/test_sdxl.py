@@ -26,7 +26,7 @@ from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scrat
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
-from lightdiff.trained import load_denoiser
+from lightdiff.trained import load_checkpoint_file, load_denoiser
 
 from .conftest import TINY, TINY_SDXL_MODEL, compose_config, tiny_dinov2_overrides, tiny_sdxl_unet, tiny_vae
 
@@ -377,3 +377,34 @@ def test_turbo_distils_an_sd2_v_prediction_teacher(tmp_path: Path) -> None:
         output_type="np",
     ).images
     assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+
+
+def test_memory_options_half_precision_frozen_parts_and_offloaded_ema(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
+    """model.frozen_dtype puts the frozen VAE and both encoders in half precision (a force_upcast VAE stays float32
+    under float16, where SDXL's overflows); callbacks.ema.offload keeps the same average, bit for bit."""
+    common = [
+        f"output_root={tmp_path}",
+        *TINY,
+        "model=latent",
+        f"model.pretrained={sdxl_pipeline_dir}",
+        "model.load_pretrained_unet=true",
+        "model.vae=null",
+        "trainer.max_steps=3",
+    ]
+    plain = train_run(compose_config("train", [*common, "run_name=plain"])).lightning_module
+    offloaded = train_run(compose_config("train", [*common, "run_name=off", "callbacks.ema.offload=true"]))
+    averages = [
+        load_checkpoint_file(tmp_path / name / "checkpoints" / "last.ckpt")["callbacks"]["ema"]["shadow_params"]
+        for name in ("plain", "off")
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*averages)) and len(averages[0]) > 0
+    assert offloaded.lightning_module.net.dtype == torch.float32
+    bf16 = train_run(compose_config("train", [*common, "run_name=bf16", "model.frozen_dtype=bfloat16"]))
+    module = bf16.lightning_module
+    assert module.vae.dtype == torch.bfloat16 and module.net.dtype == torch.float32
+    assert module.conditioning.text_encoder.dtype == module.conditioning.text_encoder_2.dtype == torch.bfloat16
+    assert bf16.callback_metrics["train/loss"].isfinite()
+    fp16 = train_run(compose_config("train", [*common, "run_name=fp16", "model.frozen_dtype=float16"]))
+    assert fp16.lightning_module.vae.dtype == torch.float32  # tiny_vae says force_upcast, as SDXL's does
+    assert fp16.lightning_module.conditioning.text_encoder.dtype == torch.float16
+    assert plain.vae.dtype == torch.float32

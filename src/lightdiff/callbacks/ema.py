@@ -30,6 +30,7 @@ class EMA(pl.Callback):
         inv_gamma: float = 1.0,  # warm-up speed: decay = 1 - (1 + step / inv_gamma) ** -power
         power: float = 2 / 3,  # 2/3 suits ~1M-step runs, 3/4 short ones (Karras et al. 2022 style warm-up)
         update_after_step: int = 0,  # optimiser steps before averaging starts
+        offload: bool = False,  # keep the average in CPU memory between updates (diffusers' --offload_ema)
     ) -> None:
         if not 0 <= decay < 1:
             raise ValueError(f"callbacks.ema.decay={decay} must lie in [0, 1)")
@@ -38,6 +39,7 @@ class EMA(pl.Callback):
         self.inv_gamma = inv_gamma
         self.power = power
         self.update_after_step = update_after_step
+        self.offload = offload
         self.ema: EMAModel | None = None
         self._pending_state: dict[str, Any] | None = None
         self._swapped_in = False
@@ -71,14 +73,23 @@ class EMA(pl.Callback):
         if self._pending_state is not None:  # restored from a checkpoint before the module reached its device
             self.ema.load_state_dict(self._pending_state)
             self._pending_state = None
-        self.ema.to(device=pl_module.device)
+        self.ema.to(device=self._home(pl_module))
+
+    def _home(self, pl_module: pl.LightningModule) -> torch.device:
+        """Where the average lives between updates: the module's device, or (offloaded) CPU memory; it then costs two
+        copies of the trained parameters per step instead of their size in GPU memory."""
+        return torch.device("cpu") if self.offload else pl_module.device
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.ema is None:
             return
         # Under gradient accumulation only real optimiser steps move the average.
         if self.ema.optimization_step < trainer.global_step:
+            if self.offload:  # the update runs where the weights are; the average goes back to CPU memory after it
+                self.ema.to(device=pl_module.device)
             self.ema.step(averaged_parameters(pl_module.net))
+            if self.offload:
+                self.ema.to(device="cpu")
 
     @contextmanager
     def averaged_weights(self, net: torch.nn.Module) -> Iterator[torch.nn.Module]:

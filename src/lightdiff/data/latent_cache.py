@@ -107,7 +107,8 @@ def cached_latents(
         indices = [index for index in range(count) if bucket_of[index] == bucket]
         done = 0
         for batch in DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False):
-            encoded = vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters.half().cpu()
+            pixels = batch["pixel_values"].to(device, vae.dtype)  # the VAE may be half precision (frozen_dtype)
+            encoded = vae.encode(pixels).latent_dist.parameters.half().cpu()
             for offset, index in enumerate(indices[done : done + len(encoded)]):
                 moments[index] = encoded[offset]
                 labels[index] = int(batch["label"][offset])

@@ -39,7 +39,7 @@ from lightdiff.nets.denoiser import Denoiser, network_output, zero_adaln_gates
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.pretrained import load_denoiser, load_vae, pipeline_parts, pretrained_text_conditioning
 from lightdiff.nets.text import build_caption_tokenizer
-from lightdiff.nets.vae import encode_latents, vae_scale_factor
+from lightdiff.nets.vae import encode_latents, frozen_vae_dtype, vae_scale_factor
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.speed import prepare_for_training
 
@@ -76,6 +76,7 @@ class DiffusionTraining(pl.LightningModule):
         channels_last: bool = False,  # NHWC weights: faster convolutions on GPU (the yaml turns it on with CUDA)
         gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
         lora: LoraSettings | None = None,  # adapters on the net (`model.lora.rank`); only they train (nets/lora.py)
+        frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",  # the frozen VAE and text encoders' dtype
     ) -> None:
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
@@ -114,6 +115,14 @@ class DiffusionTraining(pl.LightningModule):
                 self.conditioning.trainable = True  # its adapters train (and its states are never cached)
             self.strict_loading = False  # checkpoints hold the adapters alone
         check_fits(net, self.vae, self.conditioning, data)
+        if frozen_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.frozen_dtype={frozen_dtype!r} is not one of float32, bfloat16, float16")
+        # Memory for large pipelines (SDXL): the parts that never train, in half precision; the denoiser stays fp32.
+        dtype = getattr(torch, frozen_dtype)
+        if self.vae is not None:
+            self.vae.to(frozen_vae_dtype(self.vae, dtype))
+        if not self.conditioning.trainable_parameters():
+            self.conditioning.to(dtype)
         if cond_drop_prob > 0 and not self.conditioning.has_unconditional:
             raise ConfigError(f"model.cond_drop_prob={cond_drop_prob}: {type(net).__name__} has no unconditional input")
         self.cond_drop_prob = cond_drop_prob

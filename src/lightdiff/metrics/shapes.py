@@ -166,3 +166,14 @@ def shapes_metric(
     images = _as_uint8_images(images)
     wanted = wanted_classes(len(images), labels, prompts)
     return summarise_judgements([judge_image(image) for image in images], wanted)
+
+
+def cut_by_border(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(N,) bools: whether each uint8 image's shape runs into the picture's border (a foreground pixel in the outer
+    row or column), i.e. it is cut off. A shapes-data image keeps its shape whole inside the picture; a model trained
+    on centre crops of wider pictures learns shapes cut by the crop (SDXL's motivation for crop conditioning, Podell
+    et al. 2023, Section 2.2 and Figure 4)."""
+    images = _as_uint8_images(images)
+    foreground = images.max(axis=-1) > _FOREGROUND
+    edges = [foreground[:, 0, :], foreground[:, -1, :], foreground[:, :, 0], foreground[:, :, -1]]
+    return np.stack([edge.any(axis=1) for edge in edges]).any(axis=0)

@@ -84,11 +84,11 @@ def size_and_crop(
     return record.expand(count, 6).clone()
 
 
-def _tree_map(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+def tree_map(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
     if isinstance(tree, torch.Tensor):
         return function(tree)
     if isinstance(tree, dict):
-        return {key: _tree_map(function, value) for key, value in tree.items()}
+        return {key: tree_map(function, value) for key, value in tree.items()}
     return tree  # None, numbers, strings: the same for every sample
 
 
@@ -114,7 +114,7 @@ class Condition:
 
     def to(self, device: torch.device | str) -> Condition:
         summary = None if self.summary is None else self.summary.to(device)
-        return Condition(_tree_map(lambda tensor: tensor.to(device), self.kwargs), summary)
+        return Condition(tree_map(lambda tensor: tensor.to(device), self.kwargs), summary)
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from diffusers import (
     UNet2DModel,
 )
 
-from lightdiff.nets.conditioning import Condition
+from lightdiff.nets.conditioning import Condition, tree_map
 
 Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | SD3Transformer2DModel | PixArtTransformer2DModel
 # The denoiser classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is never
@@ -46,7 +46,9 @@ def network_output(
     same way itself, so its output is the pipeline's to the bit."""
     if timesteps.ndim == 0:
         timesteps = timesteps.expand(x_t.shape[0])
-    return net(x_t, timestep=timesteps, **condition.kwargs).sample
+    # Frozen text encoders may run in half precision (model.frozen_dtype): their outputs meet the network in its dtype.
+    kwargs = tree_map(lambda tensor: tensor.to(x_t.dtype) if tensor.is_floating_point() else tensor, condition.kwargs)
+    return net(x_t, timestep=timesteps, **kwargs).sample
 
 
 def zero_adaln_gates(net: torch.nn.Module) -> torch.nn.Module:

@@ -12,14 +12,24 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def frozen_vae_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a frozen VAE runs in when `dtype` is asked for: float16 overflows in SD's and SDXL's VAEs (their
+    configs say `force_upcast`), so they stay float32 then, as diffusers' pipelines upcast them; bfloat16 has float32's
+    range and is kept."""
+    if dtype == torch.float16 and vae.config.get("force_upcast", False):
+        return torch.float32
+    return dtype
+
+
 @torch.no_grad()
 def encode_latents(
     vae: AutoencoderKL, pixels: torch.Tensor | None, moments: torch.Tensor | None = None
 ) -> torch.Tensor:
     """z ~ q(z | x), scaled by the VAE's scaling factor; from cached posterior `moments` (data.cache_latents) when
     given, so a fresh z is drawn every step either way."""
-    posterior = DiagonalGaussianDistribution(moments) if moments is not None else vae.encode(pixels).latent_dist
-    return posterior.sample() * vae.config.scaling_factor
+    if moments is None:  # the VAE may run in half precision (model.frozen_dtype); the latents are float32
+        moments = vae.encode(pixels.to(vae.dtype)).latent_dist.parameters.float()
+    return DiagonalGaussianDistribution(moments.float()).sample() * vae.config.scaling_factor
 
 
 @torch.no_grad()
