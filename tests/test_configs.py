@@ -50,6 +50,7 @@ def _group_overrides() -> list[list[str]]:
         "turbo_shapes": ["model.teacher=TEACHER"],
         "lora_finetune": ["model.pretrained=PIPELINE", "data.root=IMAGES", "data.resolution=16"],
         "lora_shapes": ["model.pretrained=PIPELINE"],
+        "sdxl_turbo_shapes": ["model.teacher=SDXL_TEACHER"],
     }
     cases += [[f"experiment={name}", *needs.get(name, [])] for name in _options("experiment")]
     return cases
@@ -83,16 +84,16 @@ def _installed(package: str) -> bool:
 
 @pytest.mark.parametrize("overrides", _group_overrides(), ids=lambda o: " ".join(o))
 def test_every_option_composes_and_builds(
-    overrides: list[str], tmp_path: Path, class_ckpt: Path, text_ckpt: Path
+    overrides: list[str], tmp_path: Path, class_ckpt: Path, text_ckpt: Path, sdxl_ckpt: Path
 ) -> None:
     """Each option composes, passes the argument check, and builds what it names: the data module, the method for
     that data (its networks, objective, conditioning), its optimisers and schedule, every callback, the sampler,
     the metrics callback, the logger and the trainer. Only what this machine cannot have is left out, by name:
     a download (hub data sets are replaced by a local image folder), a CUDA trainer, optional packages."""
     images = _image_folder(tmp_path)
-    teachers = {"TEXT_TEACHER": str(text_ckpt), "TEACHER": str(class_ckpt)}
+    teachers = {"TEXT_TEACHER": str(text_ckpt), "SDXL_TEACHER": str(sdxl_ckpt), "TEACHER": str(class_ckpt)}
     overrides = [o.replace("IMAGES", str(images)) for o in overrides]
-    for placeholder, teacher in teachers.items():  # TEXT_TEACHER first: it contains TEACHER
+    for placeholder, teacher in teachers.items():  # TEXT_ and SDXL_TEACHER first: they contain TEACHER
         overrides = [o.replace(placeholder, teacher) for o in overrides]
     if any("PIPELINE" in o for o in overrides):
         pipeline = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={tmp_path / 'pipeline'}"]))

@@ -408,3 +408,37 @@ def test_memory_options_half_precision_frozen_parts_and_offloaded_ema(sdxl_pipel
     assert fp16.lightning_module.vae.dtype == torch.float32  # tiny_vae says force_upcast, as SDXL's does
     assert fp16.lightning_module.conditioning.text_encoder.dtype == torch.float16
     assert plain.vae.dtype == torch.float32
+
+
+def test_lora_on_an_sdxl_base_exports_for_plain_diffusers(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
+    overrides = [
+        f"output_root={tmp_path}",
+        *TINY,
+        "model=latent",
+        f"model.pretrained={sdxl_pipeline_dir}",
+        "model.load_pretrained_unet=true",
+        "model.vae=null",
+        "model.lora.rank=4",
+    ]
+    with pytest.raises(ConfigError, match="two text encoders"):
+        train_run(compose_config("train", [*overrides, "model.lora.text_encoder=true", "run_name=te"]))
+    # adapters far enough from zero in two steps to change the images
+    cfg = compose_config("train", [*overrides, "model.lr=0.05", "run_name=lora"])
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'export'}"]))
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
+    arguments = {"num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "np"}
+    base = pipeline(["a red circle"] * 2, generator=generators_for([0, 1]), **arguments).images
+    pipeline.load_lora_weights(folder)
+    theirs = pipeline(["a red circle"] * 2, generator=generators_for([0, 1]), **arguments).images
+    out = sample_run(
+        compose_config(
+            "sample",
+            [f"ckpt={checkpoint}", f"out={tmp_path / 'ours'}", "num_images=2", "steps=3", "prompt=a red circle"],
+        )
+    )
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    assert np.abs(theirs - base).max() > 1e-4  # the adapters loaded by diffusers change its images

@@ -107,6 +107,11 @@ class DiffusionTraining(pl.LightningModule):
         )
         if lora is not None and lora.enabled:
             # The pipeline's text encoder too with lora.text_encoder (the method then trains its adapters alone).
+            if lora.text_encoder and getattr(self.conditioning, "text_encoder_2", None) is not None:
+                raise ConfigError(
+                    "model.lora.text_encoder=true: this model has two text encoders (SDXL) and lightdiff adapts one "
+                    "only; set model.lora.text_encoder=false"
+                )
             text_encoder = self.conditioning.text_encoder if lora.text_encoder and takes_text(net) else None
             if lora.text_encoder and text_encoder is None:
                 raise ConfigError(f"model.lora.text_encoder=true: {type(net).__name__} takes no text")
