@@ -7,7 +7,8 @@
 #   device, in two calls of at most 5.5 minutes (a stage that overruns then costs less of the 15 minutes):
 #            run(command="LIGHTDIFF_COMMIT=<short HEAD> STAGES='tests train' bash experiments/gpu_checks/run.sh",
 #                carry=[".whl"], timeout_s=330), then the same with STAGES='teacher sample mfu'
-#   or in one call: the same without STAGES, timeout_s=600 (the stage limits add up to 610 s; typical is half)
+#            (issue 17's SDXL memory stage on its own: STAGES='sdxl_memory', timeout_s=120)
+#   or in one call: the same without STAGES, timeout_s=600 (the stage limits add up to 700 s; typical is half)
 #   here, on a CPU (checks the plumbing in seconds, every GPU stage shrunk): SMOKE=1 bash experiments/gpu_checks/run.sh
 #
 # Stages (seconds: their limits, 610 in all; on an H200 each should take well under its limit):
@@ -18,6 +19,8 @@
 #   3. sample  (150) experiments/sampling_speed: DDIMPipeline vs lightdiff eager vs speed path (bf16, compile),
 #                    and with CUDA graphs, on a 400-step unconditional model trained first (teacher, 60)
 #   4. mfu     (100) experiments/mfu: SD2-size UNet2DConditionModel, 32x32 latents, batch 32, compiled
+#   5. sdxl_memory (90) experiments/sdxl_shapes/gpu_memory.py: peak memory of a real-size SDXL UNet step, 1024 px,
+#                    batch 1, with each memory option (issue 17)
 # Results: $OUT/<stage>.log and $OUT/summary.md (versions, GPU, each stage's exit status and table).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,11 +47,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TEACHER=(trainer.max_steps=3 data.batch_size=8)
   SAMPLE=(--steps 2 --repeats 1)
   MFU=(--count-only)
+  SDXL=(--smoke)
 else
   TRAIN=(--steps 40 --warmup 10 --repeats 2 --speed-path data.batch_size=256 net=unet_small data.resolution=32)
   TEACHER=(trainer=gpu trainer.max_steps=400 data.batch_size=64)
   SAMPLE=(--steps 50 --repeats 5 --speed-path)
   MFU=(--batch 32 --steps 20 --warmup 5)
+  SDXL=(--resolution 1024 --batch 1)
 fi
 
 summary=$OUT/summary.md
@@ -60,7 +65,7 @@ summary=$OUT/summary.md
 '| transformers', transformers.__version__)"
 } >"$summary" 2>&1
 
-STAGES=${STAGES:-tests train teacher sample mfu}
+STAGES=${STAGES:-tests train teacher sample mfu sdxl_memory}
 stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log to $OUT/NAME.log, record the exit status
   local name=$1 limit=$2
   shift 2
@@ -83,4 +88,5 @@ stage teacher 60 $PY train.py output_root=$teacher_root run_name=teacher logger=
   "${TEACHER[@]}"
 stage sample 150 $PY experiments/sampling_speed/benchmark.py --ckpt $teacher_root/teacher/checkpoints/last.ckpt "${SAMPLE[@]}"
 stage mfu 100 $PY experiments/mfu/benchmark.py "${MFU[@]}"
+stage sdxl_memory 90 $PY experiments/sdxl_shapes/gpu_memory.py "${SDXL[@]}"
 cat "$summary"
