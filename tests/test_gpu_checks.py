@@ -23,7 +23,8 @@ def test_gpu_checks_smoke_run_passes_every_stage(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
     stages = dict(re.findall(r"^## (\w+): exit (\d+)", summary, flags=re.MULTILINE))
-    assert stages == {name: "0" for name in ("tests", "train", "teacher", "sample", "mfu")}, summary
+    assert stages == {name: "0" for name in ("tests", "train", "teacher", "sample", "mfu", "sdxl_memory")}, summary
     assert "| lightdiff (bare) |" in summary and "| lightdiff eager |" in summary  # both benchmark tables
     assert "17.26 TFLOP" in summary  # the SD2-size UNet's FLOPs per step at batch 32
+    assert "| ema_offloaded |" in summary  # the SDXL memory table, every option's row
     assert "commit test" in (tmp_path / "train.log").read_text()

@@ -1,13 +1,14 @@
 """Cut-off shapes and prompt adherence of SDXL-shaped shapes models (issue 17, experiment a) and of a turbo student
 against its teacher (experiment b), all drawn in one process from the same seeds.
 
-    python experiments/sdxl_shapes/compare.py NAME=CKPT[@STEPS] ... [--per-caption 8] [--out F.json]
+    python experiments/sdxl_shapes/compare.py NAME=CKPT[@STEPS][#H,W,TOP,LEFT] ... [--per-caption 8] [--out F.json]
 
 Every model draws `--per-caption` images of each of the 24 captions at 16 x 16 with SDXL's default size and crop ids
-(original size = target, crop (0, 0): "an uncropped picture"), DDIM at STEPS (default 25; a turbo student uses its
-trailing timesteps and no guidance), guidance 4 for the others, EMA weights. Reported: the share of images whose shape
-runs into the border (lightdiff.metrics.shapes.cut_by_border), the shapes metric's valid share and right shape and
-colour, and the seconds per image.
+(original size = target, crop (0, 0): "an uncropped picture"), or with the original size H x W and crop (TOP, LEFT)
+given after `#` (e.g. the ids a centre crop of a 2:1 picture had in training: `#23,45,0,7`), DDIM at STEPS (default
+25; a turbo student uses its trailing timesteps and no guidance), guidance 4 for the others, EMA weights. Reported: the
+share of images whose shape is cut by the border (lightdiff.metrics.shapes.cut_by_border: touching it and not a valid
+shapes image), the shapes metric's valid share and right shape and colour, and the seconds per image.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from diffusers import DDIMScheduler
 from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
 from lightdiff.metrics import shapes_metric
 from lightdiff.metrics.shapes import cut_by_border
+from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
 from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
 from lightdiff.trained import load_denoiser
 
 
-def draw(source: str, steps: int, per_caption: int, guidance: float) -> tuple[np.ndarray, list[str], float]:
+def draw(
+    source: str, steps: int, per_caption: int, guidance: float, ids: list[int] | None
+) -> tuple[np.ndarray, list[str], float]:
     model = load_denoiser(source)
     scheduler = reconfigured(for_latents(model.objective.scheduler(DDIMScheduler)), model.scheduler_overrides or {})
     guidance = 1.0 if model.scheduler_overrides else guidance  # a turbo student samples unguided
@@ -38,9 +42,10 @@ def draw(source: str, steps: int, per_caption: int, guidance: float) -> tuple[np
         for start in range(0, len(prompts), 48):
             batch = prompts[start : start + 48]
             seeds = list(range(1000 + start, 1000 + start + len(batch)))
-            pixels = generate(
-                model.net, scheduler, steps, seeds, model.conditioning, {"text": batch}, guidance, vae=model.vae
-            )
+            inputs: dict[str, object] = {"text": batch}
+            if ids is not None:  # original size and crop as given; the target is the 16 x 16 drawn
+                inputs[SIZE_AND_CROP] = size_and_crop(16, 16, len(batch), ids[:2], ids[2:])
+            pixels = generate(model.net, scheduler, steps, seeds, model.conditioning, inputs, guidance, vae=model.vae)
             images.append(to_uint8(pixels))
     return np.concatenate(images), prompts, time.perf_counter() - started
 
@@ -56,12 +61,15 @@ def main() -> None:
     results = {}
     for entry in args.models:
         name, source = entry.split("=", 1)
+        source, _, ids_text = source.partition("#")
         source, _, steps = source.partition("@")
-        images, prompts, seconds = draw(source, int(steps or 25), args.per_caption, args.guidance)
+        ids = [int(value) for value in ids_text.split(",")] if ids_text else None
+        images, prompts, seconds = draw(source, int(steps or 25), args.per_caption, args.guidance, ids)
         metric = shapes_metric(images, prompts=prompts)
         results[name] = {
             "source": source,
             "steps": int(steps or 25),
+            "original_size_and_crop": ids,
             "images": len(images),
             "cut_by_border": float(cut_by_border(images).mean()),
             "valid": metric["valid"],

@@ -16,6 +16,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 GIB = 2**30
+# Copied from experiments/lora_shapes/memory.py (SDXL): experiments are standalone scripts, so the published config
+# is kept in each that counts it.
 UNET = dict(
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],

@@ -30,3 +30,9 @@ python experiments/sdxl_shapes/compare.py \
     "student_1=outputs/sdxl_turbo_shapes_$stamp/checkpoints/last.ckpt@1" \
     "student_4=outputs/sdxl_turbo_shapes_$stamp/checkpoints/last.ckpt@4" \
     --grids "outputs/sdxl_shapes_$stamp" --out "outputs/sdxl_shapes_$stamp.json" | tee "outputs/sdxl_shapes_$stamp.md"
+# control: both models asked for the size and crop ids a centre crop of a 2:1 picture had in training
+python experiments/sdxl_shapes/compare.py \
+    "centre_crop_cropped_ids=outputs/sdxl_shapes_centre_crop_$stamp/checkpoints/last.ckpt#23,45,0,7" \
+    "buckets_cropped_ids=$teacher#23,45,0,7" \
+    --grids "outputs/sdxl_shapes_$stamp" --out "outputs/sdxl_shapes_${stamp}_control.json" \
+    | tee "outputs/sdxl_shapes_${stamp}_control.md"

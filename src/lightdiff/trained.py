@@ -265,7 +265,7 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     vae = None
     if is_sdxl(net):  # both encoders and tokenizers, and the pipeline's choice of negative prompt
         vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-        conditioning = pretrained_text_conditioning(str(folder), net, trainable=False, key="ckpt")
+        conditioning = pretrained_text_conditioning(str(folder), net, trainable=False, key="the pipeline folder")
     elif takes_text(net):
         for component in ("vae", "text_encoder", "tokenizer"):
             if not (folder / component).is_dir():
