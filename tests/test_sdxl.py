@@ -442,3 +442,37 @@ def test_lora_on_an_sdxl_base_exports_for_plain_diffusers(sdxl_pipeline_dir: Pat
     ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
     assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
     assert np.abs(theirs - base).max() > 1e-4  # the adapters loaded by diffusers change its images
+
+
+def test_lcm_of_an_sdxl_teacher_exports_as_lcm_sdxl(sdxl_ckpt: Path, tmp_path: Path) -> None:
+    """model=lcm on an SDXL teacher: the student's guidance input rides on the SDXL family, its checkpoint loads back,
+    and it exports as LCM-SDXL ships (StableDiffusionXLPipeline + LCMScheduler, which embeds the guidance scale for a
+    UNet with time_cond_proj_dim); plain diffusers reproduces sample.py."""
+    from diffusers import LCMScheduler
+
+    cfg = compose_config(
+        "train",
+        [f"output_root={tmp_path}", *TINY, "model=lcm", f"model.teacher={sdxl_ckpt}", "model.teacher_steps=2"]
+        + ["run_name=lcm_sdxl", "trainer.max_steps=2"],
+    )
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'lcm_sdxl_export'}"]))
+    pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert isinstance(pipeline.scheduler, LCMScheduler) and pipeline.unet.config.time_cond_proj_dim
+    out = sample_run(
+        compose_config(
+            "sample",
+            [f"ckpt={checkpoint}", f"out={tmp_path / 'ours'}", "num_images=2", "steps=2", "prompt=a red circle"]
+            + ["guidance_scale=3"],
+        )
+    )
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    theirs = pipeline(
+        ["a red circle"] * 2,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=generators_for([0, 1]),
+        output_type="np",
+    ).images
+    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1

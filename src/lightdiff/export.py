@@ -70,7 +70,9 @@ def _write_stable_diffusion(denoiser: TrainedDenoiser, scheduler: SchedulerMixin
 
 
 def _write_sdxl(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
-    text = denoiser.conditioning
+    # A latent consistency student's family wraps the text family (GuidanceEmbedded): StableDiffusionXLPipeline embeds
+    # the guidance scale itself for a UNet with time_cond_proj_dim (LCM-SDXL), from the same encoders.
+    text = getattr(denoiser.conditioning, "text", denoiser.conditioning)
     pipeline = StableDiffusionXLPipeline(
         vae=denoiser.vae,
         text_encoder=text.text_encoder,

@@ -276,11 +276,11 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         if isinstance(net, SD3Transformer2DModel):
             _check_lightdiff_sd3_layout(folder, text_encoder)
         conditioning = text_conditioning(net, tokenizer, text_encoder, trainable=False)
-        if getattr(net.config, "time_cond_proj_dim", None):  # a latent consistency model: guidance is an input
-            scale = float(metadata.get("guidance_scale") or LCM_PIPELINE_GUIDANCE_SCALE)
-            conditioning = GuidanceEmbedded(conditioning, scale, net.config.time_cond_proj_dim)
     else:
         conditioning = label_conditioning(net)
+    if takes_text(net) and getattr(net.config, "time_cond_proj_dim", None):  # a latent consistency model (LCM)
+        scale = float(metadata.get("guidance_scale") or LCM_PIPELINE_GUIDANCE_SCALE)  # guidance is an input
+        conditioning = GuidanceEmbedded(conditioning, scale, net.config.time_cond_proj_dim)
     if (folder / LORA_WEIGHTS_FILE).is_file():  # an export of LoRA adapters: the base with them applied
         load_lora_file(net, folder / LORA_WEIGHTS_FILE, getattr(conditioning, "text_encoder", None))
     return TrainedDenoiser(

@@ -540,7 +540,7 @@ class GuidanceEmbedded(nn.Module):
 
     def __init__(
         self,
-        text: CLIPText,  # the teacher's text family (its encoder stays frozen)
+        text: CLIPText | SDXLText,  # the teacher's text family (its encoders stay frozen)
         guidance_scale: float,  # the scale samples are drawn at (the pipeline's guidance_scale)
         embedding_dim: int,  # the network's time_cond_proj_dim
     ) -> None:
@@ -780,7 +780,7 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
         force_zeros_for_empty_prompt=state["force_zeros_for_empty_prompt"],
     ),
     "guidance_embedded": lambda state: GuidanceEmbedded(
-        _text_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]
+        conditioning_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]
     ),
 }
 
