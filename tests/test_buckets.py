@@ -23,7 +23,7 @@ from .test_exact_resume import _assert_same_state
 
 # Variable-aspect shapes (pictures of 1:2, 1:1 and 2:1) in the three buckets of area <= 16 x 16 with sides multiples
 # of 4: (20, 12), (16, 16), (12, 20).
-BUCKETED = ["data.aspect_ratios=[0.5,1.0,2.0]", "+data.buckets={step: 4}"]
+BUCKETED = ["data.aspect_ratios=[0.5,1.0,2.0]", "data.buckets={step: 4}"]
 
 
 def test_generated_buckets_have_equal_area_sides_on_the_step_and_both_orientations() -> None:
@@ -170,7 +170,7 @@ def test_buckets_that_do_not_fit_the_network_are_named_before_the_run_folder(tmp
             *TINY,
             "run_name=x",
             "data.aspect_ratios=[0.5,2]",
-            "+data.buckets=[[16,16],[10,26]]",
+            "data.buckets=[[16,16],[10,26]]",
         ],
     )
     with pytest.raises(ConfigError, match=r"data.buckets: 10x26 .* not a multiple of 4"):

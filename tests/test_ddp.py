@@ -77,6 +77,17 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     assert mean(two_losses[late]) < 0.8 * mean(two_losses[early])  # and both actually learn
 
 
+@pytest.mark.slow
+def test_a_bucketed_run_trains_under_ddp(tmp_path: Path) -> None:
+    """Aspect-ratio buckets under two gloo processes: every global batch one bucket, split over the ranks by the
+    bucket sampler (unit-tested in test_buckets.py, with the exact resume), through Lightning's DDP launch."""
+    buckets = ["data.aspect_ratios=[0.5,1.0,2.0]", "data.buckets={step: 4}", "data.size=48"]
+    two = _train(tmp_path, "two", "trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=4", *buckets)
+    checkpoint = load_checkpoint_file(two / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == STEPS and checkpoint["ShapesDataModule"] == {"batches_seen": STEPS}
+    assert len(_losses(two)) == STEPS and all(loss == loss for loss in _losses(two))  # finite, one per step
+
+
 def test_fsdp_config_builds_its_strategy_and_ema_refuses_it(tmp_path: Path) -> None:
     """trainer=fsdp needs CUDA GPUs (PyTorch's FSDP refuses CPU devices; the run is tests/test_gpu.py), so here: the
     strategy it builds, its wrap policy, and the EMA callback's refusal (an average of parameter shards is not a
