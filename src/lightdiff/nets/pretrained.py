@@ -98,9 +98,8 @@ def pretrained_text_conditioning(
     unused = sorted(set(parts) - used - denoiser_and_vae - set(UNUSED_PARTS))
     if unused:
         raise ConfigError(
-            f"{key}={pretrained!r} has {', '.join(unused)}, which {type(net).__name__} "
-            f"(net={net.config.get('_class_name', type(net).__name__)}) cannot use: a pipeline of another family "
-            "(an SDXL pipeline needs an SDXL UNet: model.load_pretrained_unet=true or net=sdxl_tiny)"
+            f"{key}={pretrained!r} has {', '.join(unused)}, which this {type(net).__name__} cannot use: a pipeline "
+            "of another family (an SDXL pipeline needs an SDXL UNet: model.load_pretrained_unet=true or net=sdxl_tiny)"
         )
     tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
     if is_sdxl(net):
