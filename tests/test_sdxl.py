@@ -62,6 +62,16 @@ def _pipeline(family: SDXLText) -> StableDiffusionXLPipeline:
     )
 
 
+def _two_samples(checkpoint: Path, out: Path, *overrides: str) -> np.ndarray:
+    """sample.py's first two images of "a red circle" (seeds 0 and 1) as integers (2, H, W, 3)."""
+    folder = sample_run(
+        compose_config(
+            "sample", [f"ckpt={checkpoint}", f"out={out}", "num_images=2", "prompt=a red circle", *overrides]
+        )
+    )
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")).astype(int) for i in range(2)])
+
+
 @pytest.fixture(scope="module")
 def sdxl_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL pipeline folder, as `from_pretrained` reads one from the hub."""
@@ -277,20 +287,7 @@ def test_turbo_distils_an_sdxl_teacher_with_every_discriminator(backbone: str, s
     pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
     assert pipeline.scheduler.config.timestep_spacing == "trailing"
     for steps in (1, 4):
-        out = sample_run(
-            compose_config(
-                "sample",
-                [
-                    f"ckpt={student}",
-                    f"out={tmp_path / f'steps{steps}'}",
-                    "num_images=2",
-                    f"steps={steps}",
-                    "prompt=a red circle",
-                    "guidance_scale=1",
-                ],
-            )
-        )
-        ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+        ours = _two_samples(student, tmp_path / f"steps{steps}", f"steps={steps}", "guidance_scale=1")
         theirs = pipeline(
             ["a red circle"] * 2,
             num_inference_steps=steps,
@@ -361,14 +358,7 @@ def test_turbo_distils_an_sd2_v_prediction_teacher(tmp_path: Path) -> None:
     folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'sd_turbo_export'}"]))
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     assert pipeline.tokenizer.pad_token == "!"
-    out = sample_run(
-        compose_config(
-            "sample",
-            [f"ckpt={student}", f"out={tmp_path / 'one'}", "num_images=2", "steps=1", "prompt=a red circle"]
-            + ["guidance_scale=1"],
-        )
-    )
-    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    ours = _two_samples(student, tmp_path / "one", "steps=1", "guidance_scale=1")
     theirs = pipeline(
         ["a red circle"] * 2,
         num_inference_steps=1,
@@ -433,13 +423,7 @@ def test_lora_on_an_sdxl_base_exports_for_plain_diffusers(sdxl_pipeline_dir: Pat
     base = pipeline(["a red circle"] * 2, generator=generators_for([0, 1]), **arguments).images
     pipeline.load_lora_weights(folder)
     theirs = pipeline(["a red circle"] * 2, generator=generators_for([0, 1]), **arguments).images
-    out = sample_run(
-        compose_config(
-            "sample",
-            [f"ckpt={checkpoint}", f"out={tmp_path / 'ours'}", "num_images=2", "steps=3", "prompt=a red circle"],
-        )
-    )
-    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    ours = _two_samples(checkpoint, tmp_path / "ours", "steps=3")
     assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
     assert np.abs(theirs - base).max() > 1e-4  # the adapters loaded by diffusers change its images
 
@@ -460,14 +444,7 @@ def test_lcm_of_an_sdxl_teacher_exports_as_lcm_sdxl(sdxl_ckpt: Path, tmp_path: P
     folder = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'lcm_sdxl_export'}"]))
     pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
     assert isinstance(pipeline.scheduler, LCMScheduler) and pipeline.unet.config.time_cond_proj_dim
-    out = sample_run(
-        compose_config(
-            "sample",
-            [f"ckpt={checkpoint}", f"out={tmp_path / 'ours'}", "num_images=2", "steps=2", "prompt=a red circle"]
-            + ["guidance_scale=3"],
-        )
-    )
-    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    ours = _two_samples(checkpoint, tmp_path / "ours", "steps=2", "guidance_scale=3")
     theirs = pipeline(
         ["a red circle"] * 2,
         num_inference_steps=2,
