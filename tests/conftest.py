@@ -163,8 +163,9 @@ def tiny_cond_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:
     )
 
 
-def tiny_sdxl_unet() -> UNet2DConditionModel:
-    """An SDXL-shaped UNet (text_time added embedding) for tiny_vae's latents and two 16-wide encoders, seeded."""
+def tiny_sd2_unet(**sdxl: object) -> UNet2DConditionModel:
+    """An SD 2.x-shaped UNet (linear projections, attention at the second level only) for tiny_vae's latents and 32-wide
+    text, seeded; `sdxl` adds SDXL's arguments (tiny_sdxl_unet)."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
         sample_size=8,
@@ -174,14 +175,21 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
         up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
         layers_per_block=1,
-        transformer_layers_per_block=[1, 2],
         attention_head_dim=[2, 4],
         use_linear_projection=True,
         cross_attention_dim=32,
+        norm_num_groups=8,
+        **sdxl,
+    )
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """An SDXL-shaped UNet (text_time added embedding) for tiny_vae's latents and two 16-wide encoders, seeded."""
+    return tiny_sd2_unet(
+        transformer_layers_per_block=[1, 2],
         addition_embed_type="text_time",
         addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=40,
-        norm_num_groups=8,
+        projection_class_embeddings_input_dim=40,  # 6 ids x 4 + the 16-wide pooled text
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -28,7 +28,15 @@ from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, TINY_SDXL_MODEL, compose_config, tiny_dinov2_overrides, tiny_sdxl_unet, tiny_vae
+from .conftest import (
+    TINY,
+    TINY_SDXL_MODEL,
+    compose_config,
+    tiny_dinov2_overrides,
+    tiny_sd2_unet,
+    tiny_sdxl_unet,
+    tiny_vae,
+)
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 
@@ -70,6 +78,18 @@ def _two_samples(checkpoint: Path, out: Path, *overrides: str) -> np.ndarray:
         )
     )
     return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")).astype(int) for i in range(2)])
+
+
+def _diffusers_two(pipeline: DiffusionPipeline, steps: int, guidance_scale: float) -> np.ndarray:
+    """Plain diffusers' two images of "a red circle" from seeds 0 and 1, as sample.py's PNGs round them."""
+    images = pipeline(
+        ["a red circle"] * 2,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=generators_for([0, 1]),
+        output_type="np",
+    ).images
+    return (images * 255).round().astype(int)
 
 
 @pytest.fixture(scope="module")
@@ -288,38 +308,19 @@ def test_turbo_distils_an_sdxl_teacher_with_every_discriminator(backbone: str, s
     assert pipeline.scheduler.config.timestep_spacing == "trailing"
     for steps in (1, 4):
         ours = _two_samples(student, tmp_path / f"steps{steps}", f"steps={steps}", "guidance_scale=1")
-        theirs = pipeline(
-            ["a red circle"] * 2,
-            num_inference_steps=steps,
-            guidance_scale=0.0,
-            generator=generators_for([0, 1]),
-            output_type="np",
-        ).images
-        assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+        assert np.abs(_diffusers_two(pipeline, steps, 0.0) - ours).max() <= 1
 
 
 def _sd2_pipeline_dir(root: Path) -> Path:
     """A tiny SD 2.1-shaped pipeline (what SD-Turbo was distilled from): v-prediction, one wider CLIP encoder whose
     tokenizer pads with "!", linear projections in the UNet's transformers, as diffusers' SD2 tests build it."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
     tokenizer = tokenizer_from_state({**tokenizer_state(tokenizer), "pad_token": "!"})
     torch.manual_seed(0)
     encoder = text_encoder_from_scratch(tokenizer, 32, 1, 2, 37)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=[16, 32],
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        layers_per_block=1,
-        attention_head_dim=[2, 4],
-        use_linear_projection=True,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-    )
+    unet = tiny_sd2_unet()
     schedule = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).scheduler_kwargs()
     pipeline = StableDiffusionPipeline(
         vae=tiny_vae(),
@@ -359,14 +360,7 @@ def test_turbo_distils_an_sd2_v_prediction_teacher(tmp_path: Path) -> None:
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     assert pipeline.tokenizer.pad_token == "!"
     ours = _two_samples(student, tmp_path / "one", "steps=1", "guidance_scale=1")
-    theirs = pipeline(
-        ["a red circle"] * 2,
-        num_inference_steps=1,
-        guidance_scale=0.0,
-        generator=generators_for([0, 1]),
-        output_type="np",
-    ).images
-    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    assert np.abs(_diffusers_two(pipeline, 1, 0.0) - ours).max() <= 1
 
 
 def test_memory_options_half_precision_frozen_parts_and_offloaded_ema(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
@@ -445,11 +439,4 @@ def test_lcm_of_an_sdxl_teacher_exports_as_lcm_sdxl(sdxl_ckpt: Path, tmp_path: P
     pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
     assert isinstance(pipeline.scheduler, LCMScheduler) and pipeline.unet.config.time_cond_proj_dim
     ours = _two_samples(checkpoint, tmp_path / "ours", "steps=2", "guidance_scale=3")
-    theirs = pipeline(
-        ["a red circle"] * 2,
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        generator=generators_for([0, 1]),
-        output_type="np",
-    ).images
-    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    assert np.abs(_diffusers_two(pipeline, 2, 3.0) - ours).max() <= 1

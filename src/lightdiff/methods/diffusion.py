@@ -30,6 +30,7 @@ from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradie
 from lightdiff.nets.conditioning import (
     CacheableText,
     Conditioning,
+    check_captions,
     drop_conditions,
     label_conditioning,
     scratch_text_conditioning,
@@ -155,10 +156,8 @@ class DiffusionTraining(pl.LightningModule):
             return label_conditioning(self.net)
         if pretrained is not None:
             return pretrained_text_conditioning(pretrained, self.net, train_text_encoder)
-        captions = data.captions()
-        if not captions:
-            raise ConfigError(f"net: {type(self.net).__name__} is text-conditioned and the data set has no captions")
-        tokenizer = build_caption_tokenizer(captions, model_max_length=max_prompt_tokens)
+        check_captions(self.net, data)  # before a tokenizer is learnt from them
+        tokenizer = build_caption_tokenizer(data.captions(), model_max_length=max_prompt_tokens)
         # one key decides the width: the net's (model.text_hidden_size overrides it, and the check then names both)
         return scratch_text_conditioning(self.net, tokenizer, hidden_size, layers, heads)
 

@@ -162,6 +162,12 @@ class CacheableText(Protocol):
         ...
 
 
+def check_captions(net: nn.Module, data: DataDescription) -> None:
+    """A text family trains on captions: a data set without any is a ConfigError naming the net."""
+    if not data.captions():
+        raise ConfigError(f"net: {type(net).__name__} is text-conditioned and the data set has no captions")
+
+
 def drop_conditions(
     conditioning: Conditioning, inputs: Inputs, probability: float, size: int
 ) -> tuple[Inputs, torch.Tensor]:
@@ -255,8 +261,7 @@ class CLIPText(nn.Module):
         self.summary_dim = text_encoder.config.hidden_size
 
     def check(self, net: nn.Module, data: DataDescription) -> None:
-        if not data.captions():
-            raise ConfigError(f"net: {type(net).__name__} is text-conditioned and the data set has no captions")
+        check_captions(net, data)
         for key, width, expected, name in text_widths(net, self.text_encoder):
             if width != expected:
                 raise ConfigError(f"{key}={width} differs from the text encoder's {name} (model.text_hidden_size)")
@@ -325,13 +330,7 @@ class CLIPText(nn.Module):
         return {"tokenizer": tokenizer_state(self.tokenizer)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        saved = tokenizer_from_state(state["tokenizer"])
-        if len(saved) != self.text_encoder.config.vocab_size:
-            raise ValueError(
-                f"the checkpoint's tokenizer has {len(saved)} tokens, the text encoder embeds "
-                f"{self.text_encoder.config.vocab_size}"
-            )
-        self.tokenizer = saved
+        self.tokenizer = tokenizer_for(self.text_encoder, state["tokenizer"])
 
     def state(self) -> dict[str, Any]:
         return {
@@ -423,8 +422,7 @@ class SDXLText(nn.Module):
         return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
 
     def check(self, net: nn.Module, data: DataDescription) -> None:
-        if not data.captions():
-            raise ConfigError(f"net: {type(net).__name__} is text-conditioned and the data set has no captions")
+        check_captions(net, data)
         if not isinstance(self.text_encoder_2, CLIPTextModelWithProjection):
             raise ConfigError("an SDXL UNet needs a CLIPTextModelWithProjection as text_encoder_2 (its pooled vector)")
         for key, width, expected, name in text_widths(net, self.text_encoder, self.text_encoder_2):
@@ -500,14 +498,8 @@ class SDXLText(nn.Module):
         return {"tokenizer": tokenizer_state(self.tokenizer), "tokenizer_2": tokenizer_state(self.tokenizer_2)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        tokenizers = [tokenizer_from_state(state["tokenizer"]), tokenizer_from_state(state["tokenizer_2"])]
-        for tokenizer, encoder in zip(tokenizers, (self.text_encoder, self.text_encoder_2)):
-            if len(tokenizer) != encoder.config.vocab_size:
-                raise ValueError(
-                    f"the checkpoint's tokenizer has {len(tokenizer)} tokens, its text encoder embeds "
-                    f"{encoder.config.vocab_size}"
-                )
-        self.tokenizer, self.tokenizer_2 = tokenizers
+        tokenizer = tokenizer_for(self.text_encoder, state["tokenizer"])  # both checked before either is replaced
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_for(self.text_encoder_2, state["tokenizer_2"])
 
     def state(self) -> dict[str, Any]:
         return {
@@ -749,6 +741,17 @@ def tokenizer_from_state(state: dict[str, Any]) -> CLIPTokenizer:
         model_max_length=state["model_max_length"],
         pad_token=state.get("pad_token", EOS),  # checkpoints from before it was recorded: CLIPTokenizer's default
     )
+
+
+def tokenizer_for(text_encoder: nn.Module, state: dict[str, Any]) -> CLIPTokenizer:
+    """A checkpoint's tokenizer (`tokenizer_state`), refused if its vocabulary is not the one `text_encoder` embeds."""
+    tokenizer = tokenizer_from_state(state)
+    if len(tokenizer) != text_encoder.config.vocab_size:
+        raise ValueError(
+            f"the checkpoint's tokenizer has {len(tokenizer)} tokens, the text encoder embeds "
+            f"{text_encoder.config.vocab_size}"
+        )
+    return tokenizer
 
 
 def _text_from_state(state: dict[str, Any]) -> CLIPText:

@@ -36,8 +36,12 @@ def load_vae(pretrained: str | None, vae: str | None) -> AutoencoderKL:
 
 def pipeline_parts(pretrained: str, key: str = "model.pretrained") -> dict[str, Any]:
     """The components a pipeline folder or hub id lists in its model_index.json (name -> [library, class])."""
-    parts = pipeline_config(pretrained, key)
-    return {name: value for name, value in parts.items() if isinstance(value, list) and value and value[0]}
+    return listed_parts(pipeline_config(pretrained, key))
+
+
+def listed_parts(config: dict[str, Any]) -> dict[str, Any]:
+    """The components of a model_index.json's contents (its own settings, and parts listed as null, left out)."""
+    return {name: value for name, value in config.items() if isinstance(value, list) and value and value[0]}
 
 
 def pipeline_config(pretrained: str, key: str = "model.pretrained") -> dict[str, Any]:
@@ -82,7 +86,8 @@ def pretrained_text_conditioning(
     """The pipeline's tokenizer(s) and text encoder(s), as the text family `net` takes; a pipeline with a part that
     family would leave unused (an SDXL pipeline's text_encoder_2 for a one-encoder net, SD3's T5) is refused, naming
     the part, rather than half-loaded."""
-    parts = pipeline_parts(pretrained, key)
+    config = pipeline_config(pretrained, key)  # read once: its parts, and SDXL's force_zeros_for_empty_prompt
+    parts = listed_parts(config)
     if is_sdxl(net):
         if "text_encoder_2" not in parts or "tokenizer_2" not in parts:
             raise ConfigError(
@@ -109,7 +114,7 @@ def pretrained_text_conditioning(
             load_component(CLIPTokenizer, pretrained, "tokenizer_2", key),
             load_component(CLIPTextModelWithProjection, pretrained, "text_encoder_2", key),
             trainable,
-            bool(pipeline_config(pretrained, key).get("force_zeros_for_empty_prompt", True)),
+            bool(config.get("force_zeros_for_empty_prompt", True)),
         )
     text_encoder = load_component(text_encoder_class(net), pretrained, "text_encoder", key)
     return text_conditioning(net, tokenizer, text_encoder, trainable)
