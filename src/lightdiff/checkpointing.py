@@ -289,6 +289,7 @@ def denoiser_metadata(
     vae: torch.nn.Module | None,  # the frozen AutoencoderKL of a latent model
     class_names: list[str] | None,
     lora: dict[str, Any] | None = None,  # LoRA adapters' config and base (`lightdiff.nets.lora.adapt`), if any
+    image_size: int | None = None,  # the side in pixels it trained at: sample.py's default for a net without one
 ) -> dict[str, Any]:
     """A denoiser's plain-data `lightdiff` block: what `lightdiff.trained.load_trained` rebuilds it from, without the
     method's class or config (network class from an allow-list, configs, objective and conditioning states)."""
@@ -302,6 +303,7 @@ def denoiser_metadata(
         "vae_config": plain_config(vae.config) if vae is not None else None,
         "class_names": class_names,
         "lora": lora,
+        "image_size": [image_size, image_size] if image_size else None,
     }
 
 

@@ -41,6 +41,7 @@ from diffusers import (
 
 from lightdiff.nets.conditioning import is_sdxl
 from lightdiff.nets.lora import has_adapters, without_adapters, write_lora_file
+from lightdiff.nets.vae import latent_shift
 from lightdiff.trained import METADATA_FILE, TrainedDenoiser
 
 
@@ -49,6 +50,12 @@ def _write_ddpm(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pa
 
 
 def _write_stable_diffusion(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
+    shift = latent_shift(denoiser.vae)
+    if shift:  # checked before anything is written
+        raise ValueError(
+            f"the VAE's shift_factor={shift}: StableDiffusionPipeline and StableDiffusionXLPipeline decode latents / "
+            "scaling_factor without a shift, so an export would not reproduce this model; sample it with sample.py"
+        )
     if is_sdxl(denoiser.net):
         _write_sdxl(denoiser, scheduler, folder)
         return
@@ -90,7 +97,7 @@ def _write_sdxl(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pa
 def _write_sd3(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
     vae, text = denoiser.vae, denoiser.conditioning
     if vae.config.shift_factor is None:
-        # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor; lightdiff never shifts.
+        # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor and needs the key; none is 0.
         vae.register_to_config(shift_factor=0.0)
     pipeline = StableDiffusion3Pipeline(
         transformer=denoiser.net,
@@ -167,6 +174,7 @@ def export_pipeline(
         "guidance_scale": getattr(denoiser.conditioning, "guidance_scale", None),
         # the LoRA adapters: in LORA_WEIGHTS_FILE beside the base ("file"), merged into the weights, or none
         "lora": None if adapted is None else ("fused" if fuse_lora else "file"),
+        "image_size": list(denoiser.image_size) if denoiser.image_size else None,  # the size it trained at
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

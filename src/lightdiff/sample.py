@@ -29,7 +29,7 @@ from lightdiff.metrics import FrechetEvaluator, shapes_metric
 from lightdiff.nets.conditioning import SIZE_AND_CROP, GuidanceEmbedded, size_and_crop
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
 from lightdiff.nets.vae import vae_scale_factor
-from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, sample_size, to_uint8
+from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
 from lightdiff.speed import SamplingSpeed, fast_path_difference
 from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_trained
 
@@ -91,7 +91,7 @@ EXPORT_MARKERS = ("model_index.json", "config.json", "lightdiff.json")
 def _image_size(cfg: DictConfig, denoiser: TrainedDenoiser) -> tuple[int, int]:
     """(height, width) in pixels: `height` / `width`, each defaulting to the model's own size."""
     factor = vae_scale_factor(denoiser.vae) if denoiser.vae is not None else 1
-    default_height, default_width = sample_size(denoiser.net, factor)
+    default_height, default_width = denoiser.default_size()
     height, width = cfg.height or default_height, cfg.width or default_width
     if height % factor or width % factor:
         raise ConfigError(f"height={height} / width={width} must be multiples of the VAE's down-sampling {factor}")

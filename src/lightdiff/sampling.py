@@ -11,13 +11,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, SchedulerMixin
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from lightdiff.diffusion.flow_matching import resolution_shift_mu
 from lightdiff.nets.conditioning import SIZE_AND_CROP, Conditioning, Inputs, size_and_crop
-from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.denoiser import image_tokens, latent_channels, network_output
 from lightdiff.nets.vae import decode_latents, vae_scale_factor
+
+FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: latents a side when no size is given
 
 
 def for_latents(scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -55,6 +58,7 @@ def denoise(
     device: torch.device,
     dtype: torch.dtype,
     eta: float = 0.0,
+    timestep_arguments: dict[str, object] | None = None,  # `set_timesteps`'s other arguments (`pipeline_timesteps`)
 ) -> torch.Tensor:
     """The sampling loop of diffusers' pipelines: noise from `generators`, then one scheduler step per timestep.
 
@@ -72,7 +76,7 @@ def denoise(
     if len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
     sample = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler.set_timesteps(num_inference_steps, device=device, **(timestep_arguments or {}))
     # Flow-matching schedulers start from plain noise and scale nothing (they have neither attribute).
     sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
     scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
@@ -130,15 +134,40 @@ def generate(
         uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
         return uncond + guidance_scale * (cond - uncond)
 
-    shape = (len(seeds), net.config.in_channels, height // factor, width // factor)
-    sample = denoise(model, scheduler, num_inference_steps, shape, generators_for(seeds), device, net.dtype, eta)
+    shape = (len(seeds), latent_channels(net), height // factor, width // factor)
+    timesteps = pipeline_timesteps(net, scheduler, num_inference_steps, shape[-2], shape[-1])
+    generators = generators_for(seeds)
+    sample = denoise(model, scheduler, num_inference_steps, shape, generators, device, net.dtype, eta, timesteps)
     images = decode_latents(vae, sample) if vae is not None else sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def pipeline_timesteps(
+    net: torch.nn.Module, scheduler: SchedulerMixin, num_inference_steps: int, height: int, width: int
+) -> dict[str, object]:
+    """What the network's pipeline passes to `set_timesteps` for latents `height` x `width` besides the step count:
+    FluxPipeline its own sigmas, linspace(1, 1 / N, N) (FlowMatchEulerDiscreteScheduler's default grid ends at
+    1 / num_train_timesteps instead); a scheduler with dynamic shifting mu of the image's tokens (`calculate_shift`,
+    which FluxPipeline and StableDiffusion3Pipeline compute from the scheduler's config)."""
+    arguments: dict[str, object] = {}
+    if isinstance(net, FluxTransformer2DModel) and isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if not scheduler.config.get("use_flow_sigmas"):
+            arguments["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if scheduler.config.get("use_dynamic_shifting"):
+        arguments["mu"] = resolution_shift_mu(
+            image_tokens(net, height, width),
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+    return arguments
+
+
 def sample_size(net: torch.nn.Module, factor: int = 1) -> tuple[int, int]:
-    """(height, width) in pixels a network draws by default: its `sample_size` (latents) times the VAE's `factor`."""
-    size = net.config.sample_size
+    """(height, width) in pixels a network draws by default: its `sample_size` (latents) times the VAE's `factor`;
+    a FLUX transformer has none (rotary positions fit any size): FluxPipeline's default, 128 latents a side."""
+    size = net.config.get("sample_size") or FLUX_DEFAULT_SAMPLE_SIZE
     height, width = (size, size) if isinstance(size, int) else size
     return height * factor, width * factor
 

@@ -46,6 +46,8 @@ from lightdiff.nets.lora import (
     load_lora_file,
 )
 from lightdiff.nets.pretrained import pretrained_text_conditioning
+from lightdiff.nets.vae import vae_scale_factor
+from lightdiff.sampling import sample_size
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,14 @@ class TrainedDenoiser:
     vae: AutoencoderKL | None = None  # latent models only
     scheduler_overrides: dict | None = None  # sampler settings the model needs (a turbo student: trailing timesteps)
     required_sampler: str | None = None  # a key of REQUIRED_SAMPLERS: the only sampler that fits (LCM students)
+    image_size: tuple[int, int] | None = None  # (height, width) in pixels it trained at, where recorded
+
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels sample.py draws without `height` / `width`: the training size where recorded
+        (a FLUX transformer has no size of its own), else the network's `sample_size` through the VAE."""
+        if self.image_size is not None:
+            return self.image_size
+        return sample_size(self.net, vae_scale_factor(self.vae) if self.vae is not None else 1)
 
 
 PICKLE_PROTOCOL_2_OR_LATER = 0x80  # first byte of torch.save's legacy (non-zip) format: a pickle, protocol >= 2
@@ -166,6 +176,7 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         vae=vae,
         scheduler_overrides=meta.get("scheduler_overrides"),
         required_sampler=_required_sampler(meta.get("sampler"), path),
+        image_size=_image_size(meta.get("image_size")),
     )
 
 
@@ -212,6 +223,7 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
         vae=base.vae,
         scheduler_overrides=meta.get("scheduler_overrides"),
         required_sampler=_required_sampler(meta.get("sampler"), path),
+        image_size=_image_size(meta.get("image_size")),
     )
 
 
@@ -292,7 +304,12 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         uses_ema=bool(metadata.get("uses_ema", False)),
         vae=vae,
         required_sampler="LCMScheduler" if scheduler_config.get("_class_name") == "LCMScheduler" else None,
+        image_size=_image_size(metadata.get("image_size")),
     )
+
+
+def _image_size(recorded: list[int] | None) -> tuple[int, int] | None:
+    return (int(recorded[0]), int(recorded[1])) if recorded else None
 
 
 def _check_lightdiff_sd3_layout(folder: Path, text_encoder: torch.nn.Module) -> None:

@@ -8,6 +8,7 @@ Transformers for High-Resolution Image Synthesis" (SD3), cited by equation below
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,21 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def resolution_shift_mu(
+    image_seq_len: int | torch.Tensor,
+    base_image_seq_len: int = 256,
+    max_image_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float | torch.Tensor:
+    """mu, linear in the image's token count from `base_shift` at `base_image_seq_len` to `max_shift` at
+    `max_image_seq_len` (FLUX.1's resolution-dependent shift, diffusers' `calculate_shift`; the defaults are FLUX's).
+    The shifted time exp(mu) / (exp(mu) + 1 / t - 1) (FlowMatchEulerDiscreteScheduler's exponential `time_shift` with
+    sigma = 1) is SD3's Equation 23 with shift = exp(mu): `shift_timesteps(t, exp(mu))`."""
+    slope = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_image_seq_len)
+
+
 def flow_alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, sigma_t) = (1 - t, t): the rectified-flow path written as x_t = alpha_t x_0 + sigma_t eps (SD3,
     Equation 3), so formulas stated for a DDPM's (alpha, sigma), such as a distillation weight, apply unchanged."""
@@ -73,6 +89,13 @@ class FlowMatching:
     logit_std: float = 1.0  # s of the logit-normal timestep density (SD3's best: 1)
     shift: float = 1.0  # timestep shift, training and (unless the sampler sets its own) sampling; 1: none
     num_train_timesteps: int = 1000  # the network's timestep is t * this (diffusers' FlowMatch convention)
+    # FLUX's resolution-dependent shift instead of `shift`: exp(mu), mu linear in the image's 2x2-patch token count
+    # from base_shift at base_image_seq_len to max_shift at max_image_seq_len (`resolution_shift_mu`)
+    resolution_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
 
     name = "flow_matching"
 
@@ -83,11 +106,30 @@ class FlowMatching:
             raise ConfigError(f"objective.shift={self.shift} must be positive")
         if self.num_train_timesteps < 1:
             raise ConfigError(f"objective.num_train_timesteps={self.num_train_timesteps} must be positive")
+        if self.resolution_shift and self.max_image_seq_len <= self.base_image_seq_len:
+            raise ConfigError(
+                f"objective.max_image_seq_len={self.max_image_seq_len} must exceed "
+                f"objective.base_image_seq_len={self.base_image_seq_len}"
+            )
 
-    def training_times(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """t in (0, 1) per sample: logit-normal, then shifted (SD3, Equations 19 and 23)."""
+    def training_times(
+        self, batch_size: int, generator: torch.Generator | None = None, image_seq_len: int | None = None
+    ) -> torch.Tensor:
+        """t in (0, 1) per sample: logit-normal, then shifted (SD3, Equations 19 and 23; with `resolution_shift`, by
+        exp(mu) of `image_seq_len` tokens, as FluxPipeline samples them)."""
         t = logit_normal_timesteps(batch_size, self.logit_mean, self.logit_std, generator)
-        return shift_timesteps(t, self.shift)
+        return shift_timesteps(t, self.shift_for(image_seq_len))
+
+    def shift_for(self, image_seq_len: int | None) -> float:
+        """The shift at `image_seq_len` image tokens: exp(mu) with `resolution_shift`, else `shift`."""
+        if not self.resolution_shift:
+            return self.shift
+        if image_seq_len is None:
+            raise ValueError("objective.resolution_shift=true: the shift depends on the image's token count")
+        mu = resolution_shift_mu(
+            image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift, self.max_shift
+        )
+        return math.exp(mu)
 
     def network_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep argument of the network for time t: t * num_train_timesteps (float)."""
@@ -98,7 +140,9 @@ class FlowMatching:
         return timesteps.float() / self.num_train_timesteps
 
     def training_example(self, x0: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
-        t = self.training_times(x0.shape[0]).to(x0.device)
+        # 2x2-patch tokens, FLUX's packing and SD3's patch size (only `resolution_shift` reads them)
+        tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
+        t = self.training_times(x0.shape[0], image_seq_len=tokens).to(x0.device)
         weight = torch.ones_like(t)
         return NoisyBatch(interpolate(x0, noise, t), self.network_timesteps(t), velocity_target(x0, noise), weight)
 
@@ -130,8 +174,17 @@ class FlowMatching:
                 f"sampler {scheduler_name(factory)} is a DDPM sampler, but the model was trained with "
                 "objective=flow_matching: use sampler=flow_euler"
             )
-        shift = getattr(factory, "keywords", {}).get("shift", self.shift)
-        return factory(num_train_timesteps=self.num_train_timesteps, shift=shift)
+        keywords = getattr(factory, "keywords", {})
+        if self.resolution_shift and "shift" not in keywords:  # the sampler computes mu per image (FluxPipeline)
+            return factory(
+                num_train_timesteps=self.num_train_timesteps,
+                use_dynamic_shifting=True,
+                base_shift=self.base_shift,
+                max_shift=self.max_shift,
+                base_image_seq_len=self.base_image_seq_len,
+                max_image_seq_len=self.max_image_seq_len,
+            )
+        return factory(num_train_timesteps=self.num_train_timesteps, shift=keywords.get("shift", self.shift))
 
     @property
     def default_sampler(self) -> SchedulerFactory:
@@ -148,6 +201,11 @@ class FlowMatching:
             raise ConfigError(
                 "model.student_timesteps is for DDPM teachers; a flow-matching teacher's student trains at the times "
                 "its flow sampler visits in 4 steps"
+            )
+        if self.resolution_shift:
+            raise ConfigError(
+                "objective.resolution_shift=true: a few-step student's timesteps would depend on the image size; "
+                "distil from a teacher trained with a fixed objective.shift"
             )
         scheduler = self.scheduler(self.default_sampler)
         scheduler.set_timesteps(count)
@@ -167,6 +225,11 @@ class FlowMatching:
             "logit_std": self.logit_std,
             "shift": self.shift,
             "num_train_timesteps": self.num_train_timesteps,
+            "resolution_shift": self.resolution_shift,
+            "base_shift": self.base_shift,
+            "max_shift": self.max_shift,
+            "base_image_seq_len": self.base_image_seq_len,
+            "max_image_seq_len": self.max_image_seq_len,
         }
 
 
@@ -189,6 +252,16 @@ def objective_from_state(
             min_snr_gamma=state.get("min_snr_gamma", 5.0),
         )
     if name == "flow_matching":
-        fields = ("logit_mean", "logit_std", "shift", "num_train_timesteps")
+        fields = (
+            "logit_mean",
+            "logit_std",
+            "shift",
+            "num_train_timesteps",
+            "resolution_shift",
+            "base_shift",
+            "max_shift",
+            "base_image_seq_len",
+            "max_image_seq_len",
+        )
         return FlowMatching(**{key: state[key] for key in fields if key in state})
     raise ValueError(f"unknown objective {name!r} (known: ddpm, flow_matching)")

@@ -47,6 +47,7 @@ class AutoencoderTraining(pl.LightningModule):
         lr: PositiveFloat = 4.5e-6,  # autoencoder learning rate
         disc_lr: PositiveFloat = 4.5e-6,  # discriminator learning rate
         scaling_batches: int = 8,  # batches encoded at the end to set the latent scaling factor
+        shift_latents: bool = False,  # also set the VAE's shift_factor to the latents' mean (SD3's and FLUX's VAEs)
         max_grad_norm: float | None = 1.0,  # clip the autoencoder's gradient norm (None: no clipping)
         perceptual_loss: torch.nn.Module | None = None,  # (reconstructions, images) in [-1, 1] -> distance, e.g. LPIPS
         perceptual_weight: NonNegativeFloat = 1.0,  # perceptual distance's weight, added to each pixel's loss (LDM)
@@ -57,6 +58,7 @@ class AutoencoderTraining(pl.LightningModule):
         if disc_start < 0:
             raise ConfigError(f"model.disc_start={disc_start} must be >= 0")
         self.automatic_optimization = False
+        self.shift_latents = shift_latents
         self.vae = vae
         self.discriminator = discriminator
         self.reconstruction_loss = reconstruction_loss
@@ -171,8 +173,10 @@ class AutoencoderTraining(pl.LightningModule):
 
     @torch.no_grad()
     def finish_training(self) -> None:
-        """Set the latent scaling factor to 1 / std(z) on training data (Rombach et al. 2022, Section 4.3.2); called
-        by callbacks.FinalCheckpoint right before the final checkpoint is written (contract.FinishesTraining)."""
+        """Set the latent scaling factor to 1 / std(z) on training data (Rombach et al. 2022, Section 4.3.2), and with
+        `shift_latents` the shift factor to mean(z) first, so (z - shift) * scale has zero mean and unit variance, as
+        SD3's and FLUX's VAEs are configured; called by callbacks.FinalCheckpoint right before the final checkpoint is
+        written (contract.FinishesTraining)."""
         loader = self.trainer.datamodule.train_dataloader()
         latents = []
         cuda_devices = [self.device] if self.device.type == "cuda" else []
@@ -182,8 +186,10 @@ class AutoencoderTraining(pl.LightningModule):
                 if index >= self.scaling_batches:
                     break
                 latents.append(self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist.sample().float())
-        factor = 1.0 / torch.cat(latents).std().item()
-        self.vae.register_to_config(scaling_factor=factor)
+        latents = torch.cat(latents)
+        shift = latents.mean().item() if self.shift_latents else None
+        factor = 1.0 / (latents - (shift or 0.0)).std().item()
+        self.vae.register_to_config(scaling_factor=factor, shift_factor=shift)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_fits(self, checkpoint)  # a checkpoint of another net config: name the keys, not a torch error

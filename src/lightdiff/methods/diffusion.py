@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import AutoencoderKL, SchedulerMixin
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SchedulerMixin
 
 from lightdiff.checkpointing import adapter_weights, check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, PositiveFloat
@@ -36,7 +36,7 @@ from lightdiff.nets.conditioning import (
     scratch_text_conditioning,
     takes_text,
 )
-from lightdiff.nets.denoiser import Denoiser, network_output, zero_adaln_gates
+from lightdiff.nets.denoiser import PACKED_PATCH, Denoiser, latent_channels, network_output, zero_adaln_gates
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.pretrained import load_denoiser, load_vae, pipeline_parts, pretrained_text_conditioning
 from lightdiff.nets.text import build_caption_tokenizer
@@ -65,6 +65,8 @@ class DiffusionTraining(pl.LightningModule):
         text_layers: int = 2,  # layers of a from-scratch text encoder
         text_heads: int = 4,  # attention heads of a from-scratch text encoder
         max_prompt_tokens: int = 16,  # a from-scratch tokenizer's length limit (start and end tokens included)
+        max_sequence_length: int = 16,  # T5 tokens per prompt (FLUX; FluxPipeline's max_sequence_length)
+        embedded_guidance_scale: float = 3.5,  # a guidance-embedding FLUX transformer's `guidance` input in training
         cond_drop_prob: float = 0.0,  # probability of training a sample unconditionally (classifier-free guidance)
         guidance_scale: float = 1.0,  # guidance of the training-time previews (1: none)
         offset_noise: float = 0.0,  # strength of per-channel offset noise (0 disables)
@@ -104,7 +106,15 @@ class DiffusionTraining(pl.LightningModule):
         pipeline_vae = pretrained is not None and "vae" in pipeline_parts(pretrained)  # a DDPM pipeline has none
         self.vae = load_vae(pretrained, vae).requires_grad_(False).eval() if (vae or pipeline_vae) else None
         self.conditioning: Conditioning = conditioning or self._conditioning_for(
-            data, pretrained, train_text_encoder, text_hidden_size, text_layers, text_heads, max_prompt_tokens
+            data,
+            pretrained,
+            train_text_encoder,
+            text_hidden_size,
+            text_layers,
+            text_heads,
+            max_prompt_tokens,
+            max_sequence_length,
+            embedded_guidance_scale,
         )
         if lora is not None and lora.enabled:
             # The pipeline's text encoder too with lora.text_encoder (the method then trains its adapters alone).
@@ -150,6 +160,8 @@ class DiffusionTraining(pl.LightningModule):
         layers: int,
         heads: int,
         max_prompt_tokens: int,
+        max_sequence_length: int,
+        embedded_guidance_scale: float,
     ) -> Conditioning:
         """The family `self.net` takes; a text encoder from `pretrained`, or built from the data's captions."""
         if not takes_text(self.net):
@@ -159,7 +171,16 @@ class DiffusionTraining(pl.LightningModule):
         check_captions(self.net, data)  # before a tokenizer is learnt from them
         tokenizer = build_caption_tokenizer(data.captions(), model_max_length=max_prompt_tokens)
         # one key decides the width: the net's (model.text_hidden_size overrides it, and the check then names both)
-        return scratch_text_conditioning(self.net, tokenizer, hidden_size, layers, heads)
+        return scratch_text_conditioning(
+            self.net,
+            tokenizer,
+            hidden_size,
+            layers,
+            heads,
+            data.captions(),
+            max_sequence_length,
+            embedded_guidance_scale,
+        )
 
     def latent_cache_encoders(self) -> tuple[AutoencoderKL, str | None, Any]:
         """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""
@@ -221,8 +242,17 @@ class DiffusionTraining(pl.LightningModule):
         """Samples for the grid: class seed % classes (labels, or their names as prompts), or the data's captions."""
         inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
         scheduler = self.scheduler(sampler)
+        side = self.trainer.datamodule.resolution  # the net's own size, or a FLUX transformer's (it has none)
         images = generate(
-            self.net, scheduler, steps, seeds, self.conditioning, inputs, self.guidance_scale, vae=self.vae
+            self.net,
+            scheduler,
+            steps,
+            seeds,
+            self.conditioning,
+            inputs,
+            self.guidance_scale,
+            vae=self.vae,
+            size=(side, side),
         )
         return Preview(images=images, labels=labels)
 
@@ -244,7 +274,14 @@ class DiffusionTraining(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only: enough to rebuild the networks and the sampler without this class or its config.
         checkpoint["lightdiff"] = denoiser_metadata(
-            "diffusion", self.net, self.objective, self.conditioning, self.vae, self.class_names, self.lora_base
+            "diffusion",
+            self.net,
+            self.objective,
+            self.conditioning,
+            self.vae,
+            self.class_names,
+            self.lora_base,
+            self.trainer.datamodule.resolution,
         )
         if self.lora_base is not None:  # the frozen base is reloaded from its source, not saved
             checkpoint["state_dict"] = adapter_weights(checkpoint["state_dict"])
@@ -252,11 +289,12 @@ class DiffusionTraining(pl.LightningModule):
 
 def side_multiple(net: Denoiser) -> int:
     """What the side of the net's input must be a multiple of: a UNet halves it after every down block but the last,
-    a transformer cuts it into patches."""
+    a transformer cuts it into patches (FLUX: packed 2x2 patches of its patch_size)."""
     down_blocks = net.config.get("down_block_types")
     if down_blocks is not None:
         return 2 ** (len(down_blocks) - 1)
-    return int(net.config.get("patch_size") or 1)
+    patch = int(net.config.get("patch_size") or 1)
+    return patch * PACKED_PATCH if isinstance(net, FluxTransformer2DModel) else patch
 
 
 def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Conditioning, data: ImageDataModule) -> None:
@@ -264,10 +302,12 @@ def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Condition
     channels = vae.config.latent_channels if vae is not None else 3
     factor = vae_scale_factor(vae) if vae is not None else 1
     what = "the VAE's latent_channels" if vae is not None else "RGB"
-    if net.config.in_channels != channels or net.config.out_channels != channels:
+    out_channels = net.config.out_channels or net.config.in_channels  # FLUX's None: in_channels
+    if latent_channels(net) != channels or out_channels != net.config.in_channels:
+        packed = " (FLUX: 4 x the latent channels, packed 2x2)" if isinstance(net, FluxTransformer2DModel) else ""
         raise ConfigError(
             f"net.in_channels={net.config.in_channels} / net.out_channels={net.config.out_channels} do not match "
-            f"{what}={channels}"
+            f"{what}={channels}{packed}"
         )
     multiple = side_multiple(net)
     if data.resolution % (factor * multiple):
@@ -282,11 +322,10 @@ def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Condition
                 f"data.buckets: {height}x{width} (height x width) has a side that is not a multiple of "
                 f"{factor * multiple} ({type(net).__name__}{' behind the VAE' if vae is not None else ''})"
             )
-    if net.config.sample_size != data.resolution // factor:
+    # A FLUX transformer has no size of its own: rotary position ids place tokens at any resolution.
+    if net.config.get("sample_size") is not None and net.config.sample_size != data.resolution // factor:
         downsampling = f" / the VAE's down-sampling {factor} = {data.resolution / factor:g}" if vae is not None else ""
         raise ConfigError(
             f"net.sample_size={net.config.sample_size} does not match data.resolution={data.resolution}{downsampling}"
         )
-    if vae is not None and vae.config.get("shift_factor"):
-        raise ConfigError(f"the VAE's shift_factor={vae.config.shift_factor}: lightdiff does not shift latents yet")
     conditioning.check(net, data)

@@ -36,17 +36,33 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     DiTTransformer2DModel,
+    FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from lightdiff.checkpointing import module_fingerprint
 from lightdiff.config import ConfigError
-from lightdiff.nets.text import EOS, text_encoder_from_scratch, tokenize_prompts
+from lightdiff.nets.text import (
+    EOS,
+    build_t5_tokenizer,
+    t5_encoder_from_scratch,
+    t5_tokenizer_from_vocab,
+    text_encoder_from_scratch,
+    tokenize_prompts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +81,7 @@ Inputs = Mapping[str, Any]  # {"label": (B,) tensor, "text": B captions, ...}: w
 # sets record the size an image had and the crop taken of it (after resizing), as SDXL's training conditions on them
 # (Podell et al. 2023, Sections 2.2-2.3); a sampler asks for an uncropped image of the size it draws.
 SIZE_AND_CROP = "size_and_crop"
+FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline refuses longer T5 sequences
 # Which samples' text is zeroed rather than encoded (B bools): SDXL's empty negative prompt (`without_condition`).
 ZEROED_TEXT = "zeroed_text"
 
@@ -512,6 +529,136 @@ class SDXLText(nn.Module):
         }
 
 
+class FluxText(nn.Module):
+    """FLUX's conditioning (`FluxPipeline.encode_prompt`): a CLIPTextModel's pooled output as `pooled_projections`
+    (the modulation) and a T5 encoder's last hidden states, padded to `max_sequence_length` tokens, as the
+    joint-attention text stream (`encoder_hidden_states`); with a transformer that embeds the guidance scale
+    (`guidance_embeds`, FLUX.1-dev's guidance distillation), that scale as `guidance`. Text position ids (zeros) and
+    image ones (the latent grid) are made per call by `lightdiff.nets.denoiser`, from the shapes.
+
+    The unconditional twin encodes the negative prompt, "" by default: FluxPipeline's true classifier-free guidance
+    (`true_cfg_scale` with `negative_prompt`) encodes it the same way."""
+
+    has_unconditional = True
+    reads = ("text",)
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,  # FLUX's CLIP ViT-L: its pooled output only
+        tokenizer_2: T5Tokenizer,
+        text_encoder_2: T5EncoderModel,  # FLUX's T5-XXL encoder: the token states
+        trainable: bool,  # whether the method trains the encoders (from-scratch ones do)
+        max_sequence_length: int,  # T5 tokens per prompt (FluxPipeline's max_sequence_length: 512 for dev, 256 schnell)
+        guidance_scale: float | None = None,  # the `guidance` input of a guidance-embedding transformer; None: none
+    ) -> None:
+        super().__init__()
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.text_encoder = text_encoder.requires_grad_(trainable)
+        self.text_encoder_2 = text_encoder_2.requires_grad_(trainable)
+        self.trainable = trainable
+        self.max_sequence_length = max_sequence_length
+        self.guidance_scale = guidance_scale
+        self.summary_dim = text_encoder.config.hidden_size
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        check_captions(net, data)
+        pooled, states = self.text_encoder.config.hidden_size, self.text_encoder_2.config.d_model
+        if net.config.pooled_projection_dim != pooled:
+            raise ConfigError(
+                f"net.pooled_projection_dim={net.config.pooled_projection_dim} differs from the CLIP encoder's "
+                f"hidden_size={pooled} (model.text_hidden_size)"
+            )
+        if net.config.joint_attention_dim != states:
+            raise ConfigError(
+                f"net.joint_attention_dim={net.config.joint_attention_dim} differs from the T5 encoder's "
+                f"d_model={states}"
+            )
+        if net.config.guidance_embeds and self.guidance_scale is None:
+            raise ConfigError("net.guidance_embeds=true: set model.embedded_guidance_scale (the scale it is fed)")
+        if not 1 <= self.max_sequence_length <= FLUX_MAX_SEQUENCE_LENGTH:
+            raise ConfigError(
+                f"model.max_sequence_length={self.max_sequence_length} must be in 1..{FLUX_MAX_SEQUENCE_LENGTH} "
+                "(FluxPipeline's limit)"
+            )
+
+    def train(self, mode: bool = True) -> FluxText:
+        return super().train(mode and self.trainable)
+
+    def encoded(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 states (B, max_sequence_length, d_model), CLIP pooled (B, hidden)) of `prompts`, as FluxPipeline's
+        `_get_t5_prompt_embeds` and `_get_clip_prompt_embeds` make them."""
+        clip_ids = tokenize_prompts(self.tokenizer, prompts).to(self.text_encoder.device)
+        pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+        t5_ids = tokenize_prompts(self.tokenizer_2, prompts, self.max_sequence_length).to(self.text_encoder_2.device)
+        return self.text_encoder_2(t5_ids, output_hidden_states=False)[0], pooled
+
+    @property
+    def cacheable(self) -> bool:
+        """Frozen encoders' outputs can be cached, the pooled vector packed as one more row (`encode`)."""
+        return not self.trainable and self.summary_dim <= self.text_encoder_2.config.d_model
+
+    def cache_fingerprint(self) -> str:
+        first = text_encoder_fingerprint(self.tokenizer, self.text_encoder)
+        second = module_fingerprint(
+            {**t5_tokenizer_state(self.tokenizer_2), "max_sequence_length": self.max_sequence_length},
+            self.text_encoder_2,
+        )
+        return f"flux|{first}|{second}"
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """What the text cache stores: the T5 states with the pooled vector, zero-padded, as one more row
+        (B, max_sequence_length + 1, d_model); `forward` unpacks it."""
+        states, pooled = self.encoded(prompts)
+        return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+
+    def forward(self, inputs: Inputs) -> Condition:
+        captions = [str(text) for text in inputs["text"]]
+        if "text_states" in inputs:  # data.cache_latents: packed by `encode`; a dropped caption is encoded as ""
+            packed = inputs["text_states"].to(self.text_encoder_2.device, self.text_encoder_2.dtype)
+            dropped = torch.tensor([caption == "" for caption in captions], device=packed.device)
+            packed = torch.where(dropped[:, None, None], self.encode([""]).to(packed), packed)
+            states, pooled = packed[:, :-1], packed[:, -1, : self.summary_dim]
+        else:
+            states, pooled = self.encoded(captions)
+        kwargs: dict[str, Any] = {"encoder_hidden_states": states, "pooled_projections": pooled}
+        if self.guidance_scale is not None:  # FluxPipeline: torch.full([1], guidance_scale).expand(B), float32
+            scales = inputs.get("guidance_scale")
+            if scales is None:
+                scales = torch.full((len(captions),), self.guidance_scale)
+            kwargs["guidance"] = torch.as_tensor(scales, dtype=torch.float32).to(states.device)
+        return Condition(kwargs, pooled.float())
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
+        return {**inputs, "text": texts}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.trainable:
+            return []
+        return [
+            p for encoder in (self.text_encoder, self.text_encoder_2) for p in encoder.parameters() if p.requires_grad
+        ]
+
+    def get_extra_state(self) -> dict[str, Any]:  # both tokenizers travel with the weights (see CLIPText's)
+        return {"tokenizer": tokenizer_state(self.tokenizer), "tokenizer_2": t5_tokenizer_state(self.tokenizer_2)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        tokenizer = tokenizer_for(self.text_encoder, state["tokenizer"])  # both checked before either is replaced
+        self.tokenizer, self.tokenizer_2 = tokenizer, t5_tokenizer_for(self.text_encoder_2, state["tokenizer_2"])
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": "flux_text",
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            "text_encoder_2_config": self.text_encoder_2.config.to_dict(),
+            "tokenizer": tokenizer_state(self.tokenizer),
+            "tokenizer_2": t5_tokenizer_state(self.tokenizer_2),
+            "max_sequence_length": self.max_sequence_length,
+            "guidance_scale": self.guidance_scale,
+        }
+
+
 def guidance_scale_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of w = guidance_scale - 1, scaled by 1000 (VDM's timestep embedding, Kingma et al. 2021;
     LCM, Section 4.2): (B,) -> (B, dim), as LatentConsistencyModelPipeline's `get_guidance_scale_embedding`."""
@@ -588,7 +735,7 @@ class GuidanceEmbedded(nn.Module):
 
 # ----- which family a network takes --------------------------------------------------------------------------------
 
-TEXT_NETS = (UNet2DConditionModel, SD3Transformer2DModel, PixArtTransformer2DModel)
+TEXT_NETS = (UNet2DConditionModel, SD3Transformer2DModel, PixArtTransformer2DModel, FluxTransformer2DModel)
 
 
 def takes_text(net: nn.Module) -> bool:
@@ -646,12 +793,27 @@ def text_conditioning(
 def scratch_text_conditioning(
     net: nn.Module,
     tokenizer: CLIPTokenizer,  # built from the data's captions (nets/text.py)
-    hidden_size: int | None,  # each encoder's width; None: what the net takes
+    hidden_size: int | None,  # each CLIP encoder's width; None: what the net takes
     layers: int,
     heads: int,
-) -> CLIPText | SDXLText:
+    captions: Sequence[str] = (),  # the data's captions: a T5 tokenizer is learnt from them (FLUX)
+    max_sequence_length: int = 16,  # T5 tokens per prompt (FLUX)
+    embedded_guidance_scale: float | None = None,  # the `guidance` input of a guidance-embedding FLUX transformer
+) -> CLIPText | SDXLText | FluxText:
     """The text family of `net` with encoders built from scratch (they train with the denoiser)."""
     hidden_size = hidden_size or text_width(net)
+    if isinstance(net, FluxTransformer2DModel):  # CLIP for the pooled vector, T5 as wide as the text stream
+        t5_tokenizer = build_t5_tokenizer(captions, model_max_length=max_sequence_length)
+        width = net.config.joint_attention_dim
+        return FluxText(
+            tokenizer,
+            text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, CLIPTextModel),
+            t5_tokenizer,
+            t5_encoder_from_scratch(t5_tokenizer, width, layers, heads, 2 * width),
+            trainable=True,
+            max_sequence_length=max_sequence_length,
+            guidance_scale=embedded_guidance_scale if net.config.guidance_embeds else None,
+        )
     if is_sdxl(net):  # two encoders sharing the caption tokenizer; the second's projection is the pooled width
         first = text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, CLIPTextModel)
         second = text_encoder_from_scratch(
@@ -663,7 +825,9 @@ def scratch_text_conditioning(
 
 
 def text_width(net: nn.Module) -> int:
-    """The hidden size a text encoder must have to fit `net` (what a from-scratch encoder is built with)."""
+    """The hidden size a (CLIP) text encoder must have to fit `net` (what a from-scratch encoder is built with)."""
+    if isinstance(net, FluxTransformer2DModel):
+        return net.config.pooled_projection_dim  # CLIP's pooled output (the T5 states are joint_attention_dim wide)
     if isinstance(net, SD3Transformer2DModel):
         return net.config.pooled_projection_dim // 2  # two pooled vectors side by side (SD3CLIPText)
     if isinstance(net, PixArtTransformer2DModel) and net.config.caption_channels is not None:
@@ -754,6 +918,39 @@ def tokenizer_for(text_encoder: nn.Module, state: dict[str, Any]) -> CLIPTokeniz
     return tokenizer
 
 
+def t5_tokenizer_state(tokenizer: T5Tokenizer) -> dict[str, Any]:
+    """A T5 tokenizer as plain data (its unigram pieces with their scores, length limit)."""
+    vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]
+    return {
+        "vocab": [[str(piece), float(score)] for piece, score in vocab],
+        "model_max_length": tokenizer.model_max_length,
+    }
+
+
+def t5_tokenizer_for(text_encoder: nn.Module, state: dict[str, Any]) -> T5Tokenizer:
+    """A checkpoint's T5 tokenizer (`t5_tokenizer_state`), refused if `text_encoder` embeds another vocabulary."""
+    tokenizer = t5_tokenizer_from_vocab([(piece, score) for piece, score in state["vocab"]], state["model_max_length"])
+    if len(tokenizer) != text_encoder.config.vocab_size:
+        raise ValueError(
+            f"the checkpoint's T5 tokenizer has {len(tokenizer)} tokens, the T5 encoder embeds "
+            f"{text_encoder.config.vocab_size}"
+        )
+    return tokenizer
+
+
+def _flux_text_from_state(state: dict[str, Any]) -> FluxText:
+    text_encoder_2 = T5EncoderModel(T5Config(**state["text_encoder_2_config"])).eval()
+    return FluxText(
+        tokenizer_from_state(state["tokenizer"]),
+        CLIPTextModel(CLIPTextConfig(**state["text_encoder_config"])).eval(),
+        t5_tokenizer_for(text_encoder_2, state["tokenizer_2"]),
+        text_encoder_2,
+        trainable=False,
+        max_sequence_length=state["max_sequence_length"],
+        guidance_scale=state["guidance_scale"],
+    )
+
+
 def _text_from_state(state: dict[str, Any]) -> CLIPText:
     encoder_class = TEXT_ENCODER_CLASSES.get(state.get("text_encoder_class", ""))
     if encoder_class is None:  # a class named in a file is only ever looked up
@@ -782,6 +979,7 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
         trainable=False,
         force_zeros_for_empty_prompt=state["force_zeros_for_empty_prompt"],
     ),
+    "flux_text": _flux_text_from_state,
     "guidance_embedded": lambda state: GuidanceEmbedded(
         conditioning_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]
     ),

@@ -9,7 +9,11 @@ conditioning, which a family object makes (`lightdiff.nets.conditioning`):
 - `SD3Transformer2DModel(hidden_states, encoder_hidden_states, pooled_projections, timestep)`: joint attention of an
   image and a text stream (MMDiT, Esser et al. 2024, Section 4), plus the pooled text vector in the modulation;
 - `PixArtTransformer2DModel(hidden_states, encoder_hidden_states, timestep, added_cond_kwargs)`: a single-stream DiT
-  whose blocks cross-attend to the text states (PixArt-alpha, Chen et al. 2023, Section 2.3), adaLN-single modulation.
+  whose blocks cross-attend to the text states (PixArt-alpha, Chen et al. 2023, Section 2.3), adaLN-single modulation;
+- `FluxTransformer2DModel(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+  guidance)`: FLUX.1's double-stream (MMDiT) then single-stream blocks with rotary position embeddings of each token's
+  (0, row, column) id. It takes latents packed into 2x2 patches, as a token sequence, and its timestep / 1000
+  (`FluxPipeline`): `network_output` packs, makes the ids and unpacks, so every method sees (B, C, H, W) latents.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import typing
 import torch
 from diffusers import (
     DiTTransformer2DModel,
+    FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -27,11 +32,58 @@ from diffusers import (
 
 from lightdiff.nets.conditioning import Condition, tree_map
 
-Denoiser = UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel | SD3Transformer2DModel | PixArtTransformer2DModel
+Denoiser = (
+    UNet2DModel
+    | UNet2DConditionModel
+    | DiTTransformer2DModel
+    | SD3Transformer2DModel
+    | PixArtTransformer2DModel
+    | FluxTransformer2DModel
+)
 # The denoiser classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is never
 # imported, only looked up here.
 DENOISER_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Denoiser)}
-ADALN_ZERO = ("AdaLayerNormZero", "SD35AdaLayerNormZeroX")  # diffusers' modulations that carry gates
+# diffusers' modulations that carry gates (FLUX's single-stream blocks: AdaLayerNormZeroSingle)
+ADALN_ZERO = ("AdaLayerNormZero", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle")
+PACKED_PATCH = 2  # FLUX packs 2x2 latent pixels into one token (FluxPipeline._pack_latents)
+FLUX_TIMESTEP_SCALE = 1000  # FluxPipeline passes timestep / 1000; the transformer multiplies by 1000 again
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, row-major (FluxPipeline._pack_latents)."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `pack_latents` for latents of `height` x `width` (FluxPipeline._unpack_latents)."""
+    batch, _, packed = tokens.shape
+    patches = tokens.view(batch, height // 2, width // 2, packed // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, packed // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H/2 * W/2, 3): each packed token's (0, row, column), the positions FLUX's rotary embedding encodes
+    (FluxPipeline._prepare_latent_image_ids); text tokens all have (0, 0, 0)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(height // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def latent_channels(net: torch.nn.Module) -> int:
+    """Channels of the latents (or pixels) the network denoises: a FLUX transformer's in_channels count the four
+    latent pixels of a packed token."""
+    channels = net.config.in_channels
+    return channels // (PACKED_PATCH * PACKED_PATCH) if isinstance(net, FluxTransformer2DModel) else channels
+
+
+def image_tokens(net: torch.nn.Module, height: int, width: int) -> int:
+    """Image tokens of latents `height` x `width`: FLUX's packed 2x2 patches, a DiT's patches, a UNet's pixels (the
+    sequence length resolution-dependent timestep shifts are computed from, FluxPipeline's `image_seq_len`)."""
+    patch = PACKED_PATCH if isinstance(net, FluxTransformer2DModel) else int(net.config.get("patch_size") or 1)
+    return (height // patch) * (width // patch)
 
 
 def network_output(
@@ -48,7 +100,34 @@ def network_output(
         timesteps = timesteps.expand(x_t.shape[0])
     # Frozen text encoders may run in half precision (model.frozen_dtype): their outputs meet the network in its dtype.
     kwargs = tree_map(lambda tensor: tensor.to(x_t.dtype) if tensor.is_floating_point() else tensor, condition.kwargs)
+    if isinstance(net, FluxTransformer2DModel):
+        return _flux_output(net, x_t, timesteps, kwargs, condition.kwargs.get("guidance"))
     return net(x_t, timestep=timesteps, **kwargs).sample
+
+
+def _flux_output(
+    net: FluxTransformer2DModel,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    kwargs: dict[str, torch.Tensor],  # the condition in the latents' dtype
+    guidance: torch.Tensor | None,  # (B,) the embedded guidance scale, float32 as FluxPipeline passes it
+) -> torch.Tensor:
+    """FluxPipeline's transformer call: packed latents, timestep / 1000 in the latents' dtype, guidance in float32,
+    text ids zeros and image ids the latent grid; the output unpacked to (B, C, H, W)."""
+    height, width = x_t.shape[-2:]
+    if height % PACKED_PATCH or width % PACKED_PATCH:
+        raise ValueError(f"FLUX packs 2x2 latent patches: latents of {height}x{width} have an odd side")
+    states = kwargs["encoder_hidden_states"]
+    output = net(
+        pack_latents(x_t),
+        encoder_hidden_states=states,
+        pooled_projections=kwargs["pooled_projections"],
+        timestep=timesteps.to(x_t.dtype) / FLUX_TIMESTEP_SCALE,
+        img_ids=latent_image_ids(height, width, x_t.device, x_t.dtype),
+        txt_ids=torch.zeros(states.shape[1], 3, device=x_t.device, dtype=states.dtype),
+        guidance=guidance,
+    ).sample
+    return unpack_latents(output, height, width)
 
 
 def zero_adaln_gates(net: torch.nn.Module) -> torch.nn.Module:

@@ -1,20 +1,25 @@
-"""Text conditioning without downloads: a CLIP-format tokenizer built from a data set's captions, and a small
-`CLIPTextModel` trained from scratch with it.
+"""Text conditioning without downloads: tokenizers built from a data set's captions, and small text encoders
+trained from scratch with them.
 
-The tokenizer is a transformers `CLIPTokenizer` (lower-casing, CLIP's pre-tokenizer, byte-level BPE with `</w>`
-word ends), so `save_pretrained` / `from_pretrained` and diffusers' `StableDiffusionPipeline` treat it like the
-tokenizer of Stable Diffusion. Its vocabulary is learnt from the captions with the `tokenizers` library.
+- CLIP: a transformers `CLIPTokenizer` (lower-casing, CLIP's pre-tokenizer, byte-level BPE with `</w>` word ends),
+  so `save_pretrained` / `from_pretrained` and diffusers' pipelines treat it like Stable Diffusion's; a
+  `CLIPTextModel` (or `...WithProjection`).
+- T5 (FLUX, SD3): a transformers `T5Tokenizer` (SentencePiece-style unigram over "▁"-prefixed words, `</s>` appended,
+  `<pad>` = 0), as FLUX's `tokenizer_2` is; a `T5EncoderModel`.
+Both vocabularies are learnt from the captions with the `tokenizers` library.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +99,76 @@ def text_encoder_from_scratch(
     return encoder_class(config)
 
 
-def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """Token ids (B, model_max_length), padded; a prompt over the limit is truncated with a warning naming it.
+# T5's special tokens and their ids, as T5Tokenizer numbers them: <pad> = 0, </s> = 1, <unk> = 2.
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+# Characters always in a built T5 vocabulary (printable ASCII): a prompt in them never falls into <unk>.
+_T5_ALPHABET = [chr(code) for code in range(33, 127)]
+WORD_START = "▁"  # SentencePiece's mark of a word's first piece
+
+
+def build_t5_tokenizer(captions: Iterable[str], vocab_size: int = 1000, model_max_length: int = 32) -> T5Tokenizer:
+    """A `T5Tokenizer` (a unigram model, T5's word splitting and "▁" word starts, `</s>` appended) whose pieces are
+    the captions' `vocab_size` most frequent words, each scored by its log frequency, and every printable character
+    far below them, so a known word is one token and an unknown one falls apart into characters, never into <unk>.
+
+    Whole words rather than a trained unigram model: the `tokenizers` library's UnigramTrainer on a few hundred short
+    captions keeps fragments ("▁", "re", "d" for "red") and orders equally scored pieces in hash order, so its ids
+    were neither useful nor a function of the captions; these are both (ties are broken alphabetically)."""
+    if model_max_length < 2:
+        raise ValueError(f"model_max_length={model_max_length} leaves no room for a token before </s>")
+    splitter = T5Tokenizer(vocab=None, extra_ids=0).backend_tokenizer.pre_tokenizer  # T5's own word splitting
+    counts: Counter[str] = Counter(
+        word for caption in captions for word, _ in splitter.pre_tokenize_str(" ".join(str(caption).split()))
+    )
+    words = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:vocab_size]
+    total = sum(counts.values()) or 1
+    vocab = [(token, 0.0) for token in T5_SPECIAL_TOKENS] + [(word, math.log(count / total)) for word, count in words]
+    known = {word for word, _ in words}
+    floor = math.log(1 / total) - 10.0  # any word in the vocabulary outscores its spelling
+    vocab += [(piece, floor) for piece in [WORD_START, *_T5_ALPHABET] if piece not in known]
+    return t5_tokenizer_from_vocab(vocab, model_max_length)
+
+
+def t5_tokenizer_from_vocab(vocab: list[tuple[str, float]], model_max_length: int) -> T5Tokenizer:
+    """A `T5Tokenizer` of a unigram vocabulary [(piece, score), ...] whose first pieces are `T5_SPECIAL_TOKENS`."""
+    if tuple(piece for piece, _ in vocab[: len(T5_SPECIAL_TOKENS)]) != T5_SPECIAL_TOKENS:
+        raise ValueError(f"a T5 vocabulary starts with {T5_SPECIAL_TOKENS}, this one with {vocab[:3]}")
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def t5_encoder_from_scratch(
+    tokenizer: T5Tokenizer,
+    d_model: int = 64,  # width of the token embeddings and of the encoder's states (FLUX's joint_attention_dim)
+    num_layers: int = 2,
+    num_heads: int = 4,
+    d_ff: int = 128,  # MLP width
+) -> T5EncoderModel:
+    """A randomly initialised `T5EncoderModel` sized to `tokenizer`, trained jointly with the denoiser; no dropout,
+    as the CLIP encoders built here (a from-scratch encoder is small and trains on few captions)."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def tokenize_prompts(
+    tokenizer: CLIPTokenizer | T5Tokenizer, prompts: Sequence[str], max_length: int | None = None
+) -> torch.Tensor:
+    """Token ids (B, max_length), padded; a prompt over the limit is truncated with a warning naming it. `max_length`:
+    the tokenizer's `model_max_length` (CLIP), or a pipeline's `max_sequence_length` (T5).
 
     Truncation (rather than an error) is what Stable Diffusion pipelines do; the warning makes it visible.
     """
-    limit = tokenizer.model_max_length
+    limit = max_length or tokenizer.model_max_length
     for prompt in prompts:
         length = len(tokenizer(prompt).input_ids)
         if length > limit:
