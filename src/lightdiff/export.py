@@ -14,6 +14,10 @@ Export layouts, by network and objective (the sampler is the scheduler written t
 - latent SD3Transformer2DModel (MMDiT): `StableDiffusion3Pipeline` with `text_encoder_2` = `text_encoder` (lightdiff
   trains one CLIPTextModelWithProjection, and SD3 concatenates the two encoders' outputs) and no T5; diffusers
   reproduces lightdiff's samples with `max_sequence_length=0` (no zero T5 tokens appended; see nets/denoiser.py);
+- latent FluxTransformer2DModel (FLUX): `FluxPipeline` with its CLIP `text_encoder` and T5 `text_encoder_2`; plain
+  diffusers reproduces lightdiff's samples with `max_sequence_length` = lightdiff.json's, and, for a transformer
+  without the guidance embedding, lightdiff's `guidance_scale` as `true_cfg_scale` with `negative_prompt=""` (its
+  `guidance_scale` is the embedded input of a guidance-distilled transformer, and lightdiff's then too);
 - pixel DiTTransformer2DModel: diffusers' DiTPipeline needs a VAE, so the documented equivalent is `transformer/` +
   `scheduler/` + `lightdiff.json` without `model_index.json`; lightdiff's sample.py reads it like any export;
 - latent PixArtTransformer2DModel: diffusers' PixArtAlphaPipeline expects a T5 encoder and masked T5 states, lightdiff
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from diffusers import (
     DDPMPipeline,
+    FluxPipeline,
     LatentConsistencyModelPipeline,
     SchedulerMixin,
     StableDiffusion3Pipeline,
@@ -113,6 +118,22 @@ def _write_sd3(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pat
     pipeline.save_pretrained(folder, safe_serialization=True)
 
 
+def _write_flux(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
+    vae, text = denoiser.vae, denoiser.conditioning
+    if vae.config.shift_factor is None:  # FluxPipeline decodes latents / scaling_factor + shift_factor
+        vae.register_to_config(shift_factor=0.0)
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text.text_encoder,
+        tokenizer=text.tokenizer,
+        text_encoder_2=text.text_encoder_2,
+        tokenizer_2=text.tokenizer_2,
+        transformer=denoiser.net,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
 def _write_parts(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
     """No diffusers pipeline fits: each part as a diffusers / transformers folder (see the module docstring)."""
     denoiser.net.save_pretrained(folder / "transformer", safe_serialization=True)
@@ -130,6 +151,7 @@ WRITERS: dict[str, Writer] = {
     "UNet2DModel": _write_ddpm,
     "UNet2DConditionModel": _write_stable_diffusion,
     "SD3Transformer2DModel": _write_sd3,
+    "FluxTransformer2DModel": _write_flux,
     "DiTTransformer2DModel": _write_parts,
     "PixArtTransformer2DModel": _write_parts,
 }
@@ -175,6 +197,8 @@ def export_pipeline(
         # the LoRA adapters: in LORA_WEIGHTS_FILE beside the base ("file"), merged into the weights, or none
         "lora": None if adapted is None else ("fused" if fuse_lora else "file"),
         "image_size": list(denoiser.image_size) if denoiser.image_size else None,  # the size it trained at
+        # T5 tokens per prompt (FLUX): FluxPipeline's `max_sequence_length` to reproduce it with
+        "max_sequence_length": getattr(denoiser.conditioning, "max_sequence_length", None),
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

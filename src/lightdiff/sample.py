@@ -26,7 +26,7 @@ from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, ShapesDataset
 from lightdiff.export import export_pipeline
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
-from lightdiff.nets.conditioning import SIZE_AND_CROP, GuidanceEmbedded, size_and_crop
+from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
 from lightdiff.nets.vae import vae_scale_factor
 from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
@@ -224,7 +224,8 @@ def run(cfg: DictConfig) -> Path:
     classes = getattr(conditioning, "num_classes", None) if "label" in conditioning.reads else None
     labels = _labels(cfg, classes, cfg.num_images)
     guidance_scale = cfg.guidance_scale if prompts is not None else 1.0  # guidance is for text models
-    if isinstance(conditioning, GuidanceEmbedded):  # a consistency model takes the scale as an input, unguided
+    if getattr(conditioning, "guidance_scale", None) is not None:
+        # the scale is the network's input (a consistency model, a guidance-embedding FLUX), one call per step
         conditioning.guidance_scale, guidance_scale = guidance_scale, 1.0
     if denoiser.vae is not None:
         denoiser.vae.to(device)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    FluxTransformer2DModel,
     LCMScheduler,
     SD3Transformer2DModel,
 )
@@ -25,6 +26,7 @@ from transformers import CLIPTokenizer
 from lightdiff.checkpointing import adapter_weights, check_state_dict, load_weights
 from lightdiff.diffusion import FlowMatching, NoiseSchedule, Objective, objective_from_state
 from lightdiff.nets.conditioning import (
+    FLUX_MAX_SEQUENCE_LENGTH,
     TEXT_ENCODER_CLASSES,
     Conditioning,
     GuidanceEmbedded,
@@ -55,6 +57,7 @@ NET_CLASSES = DENOISER_CLASSES
 # Samplers a model may require whatever `sampler=` says (a latent consistency model: LCMScheduler), by class name.
 REQUIRED_SAMPLERS: dict[str, type] = {"LCMScheduler": LCMScheduler}
 LCM_PIPELINE_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default, for LCM folders written elsewhere
+FLUX_PIPELINE_GUIDANCE_SCALE = 3.5  # FluxPipeline's default `guidance_scale` (a guidance-embedding transformer's input)
 METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
 
 
@@ -275,9 +278,17 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
             }
         )
     vae = None
-    if is_sdxl(net):  # both encoders and tokenizers, and the pipeline's choice of negative prompt
+    if is_sdxl(net) or isinstance(net, FluxTransformer2DModel):  # both encoders and tokenizers (and their settings)
         vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-        conditioning = pretrained_text_conditioning(str(folder), net, trainable=False, key="the pipeline folder")
+        conditioning = pretrained_text_conditioning(
+            str(folder),
+            net,
+            trainable=False,
+            key="the pipeline folder",
+            # lightdiff's export records what it trained with; FluxPipeline's defaults otherwise
+            max_sequence_length=int(metadata.get("max_sequence_length") or FLUX_MAX_SEQUENCE_LENGTH),
+            embedded_guidance_scale=float(metadata.get("guidance_scale") or FLUX_PIPELINE_GUIDANCE_SCALE),
+        )
     elif takes_text(net):
         for component in ("vae", "text_encoder", "tokenizer"):
             if not (folder / component).is_dir():

@@ -167,7 +167,13 @@ class DiffusionTraining(pl.LightningModule):
         if not takes_text(self.net):
             return label_conditioning(self.net)
         if pretrained is not None:
-            return pretrained_text_conditioning(pretrained, self.net, train_text_encoder)
+            return pretrained_text_conditioning(
+                pretrained,
+                self.net,
+                train_text_encoder,
+                max_sequence_length=max_sequence_length,
+                embedded_guidance_scale=embedded_guidance_scale,
+            )
         check_captions(self.net, data)  # before a tokenizer is learnt from them
         tokenizer = build_caption_tokenizer(data.captions(), model_max_length=max_prompt_tokens)
         # one key decides the width: the net's (model.text_hidden_size overrides it, and the check then names both)

@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.conditioning import CLIPText, SDXLText, is_sdxl, text_conditioning, text_encoder_class
+from lightdiff.nets.conditioning import (
+    FLUX_MAX_SEQUENCE_LENGTH,
+    CLIPText,
+    FluxText,
+    SDXLText,
+    is_sdxl,
+    text_conditioning,
+    text_encoder_class,
+)
 from lightdiff.nets.denoiser import DENOISER_CLASSES, Denoiser
 
 
@@ -74,7 +82,8 @@ def load_denoiser(pretrained: str) -> Denoiser:
 
 # Parts of a pipeline that training never uses, whatever the family: the sampler is lightdiff's own (`sampler=`), and
 # the safety checker and its feature extractor only filter a pipeline's outputs.
-UNUSED_PARTS = ("scheduler", "safety_checker", "feature_extractor")
+# FLUX's image encoder and its processor are for IP-adapters only (listed as null in FLUX.1's pipelines).
+UNUSED_PARTS = ("scheduler", "safety_checker", "feature_extractor", "image_encoder")
 
 
 def pretrained_text_conditioning(
@@ -82,18 +91,20 @@ def pretrained_text_conditioning(
     net: torch.nn.Module,
     trainable: bool,
     key: str = "model.pretrained",  # the setting that named the pipeline (error messages)
-) -> CLIPText | SDXLText:
+    max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH,  # T5 tokens per prompt (FLUX)
+    embedded_guidance_scale: float = 3.5,  # the `guidance` input of a guidance-embedding FLUX transformer
+) -> CLIPText | SDXLText | FluxText:
     """The pipeline's tokenizer(s) and text encoder(s), as the text family `net` takes; a pipeline with a part that
     family would leave unused (an SDXL pipeline's text_encoder_2 for a one-encoder net, SD3's T5) is refused, naming
     the part, rather than half-loaded."""
     config = pipeline_config(pretrained, key)  # read once: its parts, and SDXL's force_zeros_for_empty_prompt
     parts = listed_parts(config)
-    if is_sdxl(net):
-        if "text_encoder_2" not in parts or "tokenizer_2" not in parts:
-            raise ConfigError(
-                f"{key}={pretrained!r} has no text_encoder_2 / tokenizer_2: an SDXL UNet "
-                "(addition_embed_type='text_time') takes two text encoders"
-            )
+    flux = isinstance(net, FluxTransformer2DModel)
+    if is_sdxl(net) or flux:
+        for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+            if part not in parts:
+                takes = "a CLIP and a T5 encoder" if flux else "two text encoders"
+                raise ConfigError(f"{key}={pretrained!r} has no {part}/: a {type(net).__name__} takes {takes}")
         used = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
     else:
         used = {"tokenizer", "text_encoder"}
@@ -107,6 +118,16 @@ def pretrained_text_conditioning(
             "of another family (an SDXL pipeline needs an SDXL UNet: model.load_pretrained_unet=true or net=sdxl_tiny)"
         )
     tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
+    if flux:
+        return FluxText(
+            tokenizer,
+            load_component(CLIPTextModel, pretrained, "text_encoder", key),
+            load_component(T5Tokenizer, pretrained, "tokenizer_2", key),
+            load_component(T5EncoderModel, pretrained, "text_encoder_2", key),
+            trainable,
+            max_sequence_length,
+            embedded_guidance_scale if net.config.guidance_embeds else None,
+        )
     if is_sdxl(net):
         return SDXLText(
             tokenizer,

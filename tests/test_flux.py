@@ -1,0 +1,388 @@
+"""FLUX: packed latents and position ids, CLIP pooled + T5 text, shifted 16-channel-style VAEs, the resolution-dependent
+shift, from scratch and from a pipeline folder, exported as FluxPipeline (tiny models built here, no downloads)."""
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+
+from lightdiff.config import ConfigError
+from lightdiff.diffusion import FlowMatching
+from lightdiff.diffusion.flow_matching import resolution_shift_mu
+from lightdiff.export import export_pipeline
+from lightdiff.methods.autoencoder import AutoencoderTraining
+from lightdiff.nets.conditioning import FluxText, conditioning_from_state
+from lightdiff.nets.denoiser import latent_image_ids, pack_latents, unpack_latents
+from lightdiff.nets.text import (
+    build_caption_tokenizer,
+    build_t5_tokenizer,
+    t5_encoder_from_scratch,
+    text_encoder_from_scratch,
+    tokenize_prompts,
+)
+from lightdiff.nets.vae import decode_latents, encode_latents
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import generate, generators_for, pipeline_timesteps
+from lightdiff.train import run as train_run
+from lightdiff.trained import TrainedDenoiser, load_checkpoint_file, load_denoiser
+
+from .conftest import TINY, compose_config, tiny_vae
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
+MAX_SEQUENCE_LENGTH = 8
+# A 1 + 1-block, 32-wide FLUX transformer for tiny_vae's 4 latent channels (16 packed), 16-wide CLIP, 32-wide T5.
+TINY_FLUX_NET = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 16,
+    "axes_dims_rope": [4, 6, 6],
+}
+TINY_FLUX_MODEL = [
+    "net=flux_tiny",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    f"model.max_sequence_length={MAX_SEQUENCE_LENGTH}",
+    *(f"net.{key}={value}".replace(" ", "") for key, value in TINY_FLUX_NET.items()),
+]
+
+
+def _family(guidance_scale: float | None = None) -> FluxText:
+    tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
+    tokenizer_2 = build_t5_tokenizer(CAPTIONS * 5, model_max_length=MAX_SEQUENCE_LENGTH)
+    torch.manual_seed(1)
+    clip = text_encoder_from_scratch(tokenizer, 16, 1, 2, 32).eval()
+    t5 = t5_encoder_from_scratch(tokenizer_2, 32, 1, 2, 64).eval()
+    return FluxText(tokenizer, clip, tokenizer_2, t5, False, MAX_SEQUENCE_LENGTH, guidance_scale)
+
+
+def _transformer(guidance_embeds: bool = False) -> FluxTransformer2DModel:
+    torch.manual_seed(2)
+    return FluxTransformer2DModel(**TINY_FLUX_NET, guidance_embeds=guidance_embeds).eval()
+
+
+def _shifted_vae() -> AutoencoderKL:
+    vae = tiny_vae().eval()
+    vae.register_to_config(scaling_factor=0.7, shift_factor=0.2)
+    return vae
+
+
+def _pipeline(family: FluxText, net: FluxTransformer2DModel) -> FluxPipeline:
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_shifted_vae(),
+        text_encoder=family.text_encoder,
+        tokenizer=family.tokenizer,
+        text_encoder_2=family.text_encoder_2,
+        tokenizer_2=family.tokenizer_2,
+        transformer=net,
+    )
+
+
+@pytest.fixture(scope="module")
+def flux_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX pipeline folder with a shifted VAE, as `from_pretrained` reads one from the hub."""
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-flux"
+    _pipeline(_family(), _transformer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flux_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FLUX-tiny trained from scratch for 2 steps (CLIP and T5 from the captions), with FLUX's resolution shift."""
+    root = tmp_path_factory.mktemp("flux")
+    tiny_vae().save_pretrained(root / "vae")
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={root}",
+            *TINY,
+            "model=latent",
+            f"model.vae={root / 'vae'}",
+            "objective=flow_matching",
+            "objective.resolution_shift=true",
+            "run_name=flux",
+            *TINY_FLUX_MODEL,
+        ],
+    )
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_packing_round_trips_and_matches_flux_pipeline() -> None:
+    latents = torch.randn(2, 4, 6, 10)
+    packed = pack_latents(latents)
+    assert packed.shape == (2, 15, 16)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 4, 6, 10))
+    assert torch.equal(unpack_latents(packed, 6, 10), latents)
+    # FluxPipeline unpacks by pixel size: latents of 6 x 10 are 12 x 20 pixels with a 2x VAE
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 12, 20, 2), latents)
+    assert not torch.equal(unpack_latents(packed, 10, 6).transpose(-1, -2), latents)  # control: sides matter
+    ids = latent_image_ids(6, 10, torch.device("cpu"), torch.float32)
+    assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32))
+    assert ids[7].tolist() == [0.0, 1.0, 2.0]  # token 7 of a 3 x 5 grid: row 1, column 2
+
+
+def test_t5_tokenizer_from_captions_is_deterministic_and_round_trips(tmp_path: Path, caplog) -> None:
+    from transformers import T5Tokenizer
+
+    first = build_t5_tokenizer(CAPTIONS * 3, model_max_length=6)
+    assert (
+        first.backend_tokenizer.to_str()
+        == build_t5_tokenizer(CAPTIONS * 3, model_max_length=6).backend_tokenizer.to_str()
+    )
+    assert first.convert_ids_to_tokens(first("a red circle").input_ids) == ["▁a", "▁red", "▁circle", "</s>"]
+    unknown = first.convert_ids_to_tokens(first("a Zebra!").input_ids)
+    assert unknown == ["▁a", "▁", "Z", "e", "b", "r", "a", "!", "</s>"] and "<unk>" not in unknown
+    first.save_pretrained(tmp_path / "tokenizer_2")
+    loaded = T5Tokenizer.from_pretrained(tmp_path / "tokenizer_2")
+    assert loaded("a Zebra! circle").input_ids == first("a Zebra! circle").input_ids
+    with caplog.at_level(logging.WARNING):
+        ids = tokenize_prompts(first, ["a red circle and a blue square"], 6)
+    assert ids.shape == (1, 6) and ids[0, -1].item() == first.eos_token_id
+    assert "'a red circle and a blue square'" in caplog.text  # the truncated prompt is named
+
+
+def test_text_is_what_flux_pipeline_encodes_and_its_cache_packs_it_exactly() -> None:
+    family = _family()
+    pipeline = _pipeline(family, _transformer())
+    with torch.no_grad():
+        states, pooled, text_ids = pipeline.encode_prompt(CAPTIONS, None, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        ours = family({"text": CAPTIONS})
+        cached = family({"text": CAPTIONS, "text_states": family.encode(CAPTIONS)})
+        dropped = family({"text": ["", *CAPTIONS[1:]], "text_states": family.encode(CAPTIONS)})
+        empty = family({"text": [""]})
+    assert torch.equal(ours.kwargs["encoder_hidden_states"], states) and states.shape == (4, MAX_SEQUENCE_LENGTH, 32)
+    assert torch.equal(ours.kwargs["pooled_projections"], pooled) and torch.equal(ours.summary, pooled)
+    assert not text_ids.any() and "guidance" not in ours.kwargs
+    for key in ("encoder_hidden_states", "pooled_projections"):
+        assert torch.equal(cached.kwargs[key], ours.kwargs[key])  # the cache holds both, exactly
+        assert torch.equal(dropped.kwargs[key][:1], empty.kwargs[key])  # a dropped caption is the empty prompt's
+        assert not torch.equal(dropped.kwargs[key][:1], ours.kwargs[key][:1])
+    rebuilt = conditioning_from_state(family.state())
+    rebuilt.load_state_dict(family.state_dict())
+    with torch.no_grad():
+        again = rebuilt({"text": CAPTIONS})
+    assert torch.equal(again.kwargs["encoder_hidden_states"], states)
+    assert family.cache_fingerprint() == rebuilt.cache_fingerprint()
+
+
+def test_a_shifted_vae_encodes_and_decodes_as_flux_and_sd3_pipelines_do() -> None:
+    vae = _shifted_vae()
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        moments = vae.encode(pixels).latent_dist.parameters
+        torch.manual_seed(5)
+        latents = encode_latents(vae, None, moments)
+        torch.manual_seed(5)
+        raw = vae.encode(pixels).latent_dist.sample()
+        assert torch.allclose(latents, (raw - 0.2) * 0.7, atol=1e-6)
+        decoded = decode_latents(vae, latents)
+        assert torch.allclose(decoded, vae.decode(latents / 0.7 + 0.2).sample, atol=1e-6)
+        assert not torch.allclose(decoded, vae.decode(latents / 0.7).sample, atol=1e-3)  # control: the shift counts
+
+
+def test_the_autoencoder_stage_can_set_a_shift_factor() -> None:
+    vae = tiny_vae().eval()
+    batches = [{"pixel_values": torch.rand(4, 3, 16, 16) + 0.5} for _ in range(2)]  # latents far from zero mean
+    stage = SimpleNamespace(
+        vae=vae,
+        scaling_batches=2,
+        shift_latents=True,
+        device=torch.device("cpu"),
+        trainer=SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: batches)),
+    )
+    torch.manual_seed(3)
+    AutoencoderTraining.finish_training(stage)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(batch["pixel_values"]).latent_dist.sample() for batch in batches])
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    assert shift == pytest.approx(latents.mean().item()) and abs(shift) > 1e-3
+    normalised = (latents - shift) * scale
+    assert normalised.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert normalised.std().item() == pytest.approx(1.0, abs=1e-5)
+    stage.shift_latents = False  # the SD layout: no shift, scale 1 / std(z)
+    AutoencoderTraining.finish_training(stage)
+    assert vae.config.shift_factor is None
+
+
+def test_resolution_shift_is_fluxs_calculate_shift_in_training_and_sampling() -> None:
+    for tokens in (16, 256, 1024, 4096):
+        assert resolution_shift_mu(tokens) == pytest.approx(calculate_shift(tokens))
+    objective = FlowMatching(resolution_shift=True)
+    assert objective.shift_for(1024) == pytest.approx(math.exp(calculate_shift(1024)))
+    scheduler = objective.scheduler(FlowMatchEulerDiscreteScheduler)
+    assert scheduler.config.use_dynamic_shifting
+    arguments = pipeline_timesteps(_transformer(), scheduler, 4, 64, 64)  # 32 x 32 packed tokens
+    assert arguments["mu"] == pytest.approx(calculate_shift(1024))
+    assert np.allclose(arguments["sigmas"], [1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(ConfigError, match="resolution_shift"):
+        objective.student_timesteps(4, None)
+
+
+def test_from_scratch_flux_exports_a_flux_pipeline_that_diffusers_reproduces(flux_ckpt: Path, tmp_path: Path) -> None:
+    meta = load_checkpoint_file(flux_ckpt)["lightdiff"]
+    assert meta["net_class"] == "FluxTransformer2DModel" and meta["image_size"] == [16, 16]
+    denoiser = load_denoiser(flux_ckpt)
+    family = denoiser.conditioning
+    assert isinstance(family, FluxText) and type(family.text_encoder_2).__name__ == "T5EncoderModel"
+    assert denoiser.objective.resolution_shift
+    folder = sample_run(compose_config("sample", [f"ckpt={flux_ckpt}", f"export={tmp_path / 'flux'}"]))
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and index["tokenizer_2"] == ["transformers", "T5Tokenizer"]
+    assert json.loads((folder / "lightdiff.json").read_text())["max_sequence_length"] == MAX_SEQUENCE_LENGTH
+    pipeline = FluxPipeline.from_pretrained(folder)
+    assert pipeline.scheduler.config.use_dynamic_shifting
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    theirs = pipeline(
+        prompts,
+        negative_prompt=["", ""],
+        true_cfg_scale=4.0,  # FluxPipeline's classifier-free guidance: lightdiff's guidance_scale
+        height=16,
+        width=24,  # not square: the position ids and the packed shape follow it
+        num_inference_steps=4,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=generators_for(seeds),
+        output_type="np",
+    ).images
+    sampler = instantiate_sampler()
+    ours = generate(
+        denoiser.net,
+        denoiser.objective.scheduler(sampler),
+        4,
+        seeds,
+        family,
+        {"text": prompts},
+        4.0,
+        "",
+        vae=denoiser.vae,
+        size=(16, 24),
+    )
+    assert ours.shape == (2, 3, 16, 24)
+    # FluxPipeline runs the two halves of guidance as two calls, lightdiff as one of twice the batch: the same
+    # arithmetic on CPU up to the batched matmuls' summation order.
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
+    # sample.py draws at the training size by default, and reads the export like the checkpoint
+    common = ["num_images=2", "steps=3", "prompt=a red circle"]
+    a = sample_run(compose_config("sample", [f"ckpt={flux_ckpt}", f"out={tmp_path / 'a'}", *common]))
+    b = sample_run(compose_config("sample", [f"ckpt={folder}", f"out={tmp_path / 'b'}", *common]))
+    first = [np.asarray(Image.open(out / "000000.png")).astype(int) for out in (a, b)]
+    assert first[0].shape == (16, 16, 3)
+    assert np.abs(first[0] - first[1]).max() <= 1
+
+
+def instantiate_sampler():
+    from hydra.utils import instantiate
+
+    return instantiate(compose_config("sample", ["ckpt=x", "sampler=flow_euler"]).sampler)
+
+
+def test_an_embedded_guidance_scale_is_fluxpipelines_guidance_scale(tmp_path: Path) -> None:
+    family, net = _family(guidance_scale=3.5), _transformer(guidance_embeds=True)
+    denoiser = TrainedDenoiser(
+        net=net,
+        objective=FlowMatching(shift=3.0),
+        conditioning=family,
+        class_names=None,
+        source="test",
+        uses_ema=False,
+        vae=_shifted_vae(),
+        image_size=(16, 16),
+    )
+    scheduler = denoiser.objective.scheduler(FlowMatchEulerDiscreteScheduler)
+    folder = export_pipeline(denoiser, scheduler, tmp_path / "dev")
+    pipeline = FluxPipeline.from_pretrained(folder)
+    images = {}
+    for scale in (2.0, 5.0):
+        family.guidance_scale = scale  # what sample.py sets from guidance_scale for a guidance-embedding family
+        ours = generate(net, scheduler, 3, [0], family, {"text": ["a red circle"]}, vae=denoiser.vae, size=(16, 16))
+        theirs = pipeline(
+            "a red circle",
+            guidance_scale=scale,
+            height=16,
+            width=16,
+            num_inference_steps=3,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            generator=generators_for([0]),
+            output_type="np",
+        ).images
+        assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-5
+        images[scale] = ours
+    assert not torch.allclose(images[2.0], images[5.0])  # control: the scale reaches the network
+
+
+def test_a_flux_pipeline_fine_tunes_with_its_frozen_encoders_and_cached_t5_states(
+    flux_pipeline_dir: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=latent",
+            f"model.pretrained={flux_pipeline_dir}",
+            "model.load_pretrained_unet=true",
+            "model.vae=null",
+            f"model.max_sequence_length={MAX_SEQUENCE_LENGTH}",
+            "objective=flow_matching",
+            "data.cache_latents=true",
+            f"data.latent_cache_dir={tmp_path / 'cache'}",
+            "run_name=ft",
+        ],
+    )
+    trainer = train_run(cfg)
+    assert len(list((tmp_path / "cache").glob("text-*.pt"))) == 1  # T5 states and pooled vectors, encoded once
+    assert trainer.datamodule.dataset[0]["text_states"].shape == (MAX_SEQUENCE_LENGTH + 1, 32)
+    denoiser = load_denoiser(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+    assert isinstance(denoiser.conditioning, FluxText) and denoiser.vae.config.shift_factor == 0.2
+    original = FluxPipeline.from_pretrained(flux_pipeline_dir)
+    for mine, theirs in (
+        (denoiser.conditioning.text_encoder, original.text_encoder),
+        (denoiser.conditioning.text_encoder_2, original.text_encoder_2),
+    ):
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[key], value), key  # frozen: the pipeline's weights
+    moved = [
+        k for k, v in original.transformer.state_dict().items() if not torch.equal(denoiser.net.state_dict()[k], v)
+    ]
+    assert moved  # the transformer trained
+
+
+def test_bad_flux_inputs_are_named(flux_pipeline_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "no-t5"
+    shutil.copytree(flux_pipeline_dir, broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    del index["text_encoder_2"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    common = [f"output_root={tmp_path}", *TINY, "model=latent", "objective=flow_matching"]
+    with pytest.raises(ConfigError, match="text_encoder_2"):
+        train_run(
+            compose_config(
+                "train",
+                [
+                    *common,
+                    f"model.pretrained={broken}",
+                    "model.load_pretrained_unet=true",
+                    "model.vae=null",
+                    "run_name=a",
+                ],
+            )
+        )
+    # a VAE of 4 latent channels under a transformer packed for 16 (64 in_channels)
+    with pytest.raises(ConfigError, match="net.in_channels=64"):
+        train_run(compose_config("train", [*common, *TINY_FLUX_MODEL, "net.in_channels=64", "run_name=b"]))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
