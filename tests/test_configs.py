@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +33,14 @@ def _group_overrides() -> list[list[str]]:
     skip = {("model", "turbo"), ("model", "lcm"), ("model", "dmd2"), ("sampler", "auto")}
     for group in ("model", "schedule", "objective", "optimizer", "sampler", "trainer", "logger", "callbacks"):
         cases += [[f"{group}={option}"] for option in _options(group) if (group, option) not in skip]
-    # Each net preset with the method it is for: 4-channel presets denoise the latent VAE's latents.
-    latent_nets = {o for o in _options("net") if "in_channels: 4" in (CONF / "net" / f"{o}.yaml").read_text()}
+    # Each net preset with the method it is for: 4-channel presets denoise the latent VAE's latents (FLUX's 16 input
+    # channels are its 4 packed 2x2).
+    latent_nets = {
+        o for o in _options("net") if re.search(r"in_channels: (4|16) ", (CONF / "net" / f"{o}.yaml").read_text())
+    }
     cases += [["model=latent", "net=latent"], ["model=latent", "net=dit"]]
     cases += [[*(["model=latent"] if o in latent_nets else []), f"net={o}"] for o in _options("net") if o != "latent"]
-    cases += [["metrics=none"]]
+    cases += [["metrics=none"], ["model=latent", "net=mmdit_tiny", "objective=flow_matching", "model.t5=true"]]
     cases += [["model=turbo", "model.teacher=TEACHER"], ["model=dmd2", "model.teacher=TEACHER"]]
     cases += [[f"model={method}", "model.teacher=TEXT_TEACHER"] for method in ("turbo", "lcm", "dmd2")]
     cases += [

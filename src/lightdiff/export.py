@@ -11,9 +11,10 @@ Export layouts, by network and objective (the sampler is the scheduler written t
   LCMScheduler, whose `guidance_scale` is the student's input (lightdiff.json keeps the trained default); an SDXL UNet
   (`addition_embed_type="text_time"`): `StableDiffusionXLPipeline` with both text encoders, zeros as the empty
   negative prompt (`force_zeros_for_empty_prompt`) and no watermarker;
-- latent SD3Transformer2DModel (MMDiT): `StableDiffusion3Pipeline` with `text_encoder_2` = `text_encoder` (lightdiff
-  trains one CLIPTextModelWithProjection, and SD3 concatenates the two encoders' outputs) and no T5; diffusers
-  reproduces lightdiff's samples with `max_sequence_length=0` (no zero T5 tokens appended; see nets/denoiser.py);
+- latent SD3Transformer2DModel (MMDiT): `StableDiffusion3Pipeline` with SD3's encoders; lightdiff's from-scratch
+  layout trains one CLIPTextModelWithProjection for both CLIPs, written as `text_encoder` and `text_encoder_2`, with or
+  without a T5 `text_encoder_3` (`model.t5`); diffusers reproduces lightdiff's samples with `max_sequence_length` =
+  lightdiff.json's (0 without a T5: no zero T5 tokens appended);
 - latent FluxTransformer2DModel (FLUX): `FluxPipeline` with its CLIP `text_encoder` and T5 `text_encoder_2`; plain
   diffusers reproduces lightdiff's samples with `max_sequence_length` = lightdiff.json's, and, for a transformer
   without the guidance embedding, lightdiff's `guidance_scale` as `true_cfg_scale` with `negative_prompt=""` (its
@@ -104,16 +105,19 @@ def _write_sd3(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pat
     if vae.config.shift_factor is None:
         # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor and needs the key; none is 0.
         vae.register_to_config(shift_factor=0.0)
+    # SD3Text's encoders as they are; lightdiff's one CLIP (SD3CLIPText, or SD3Text without text_encoder_2) stands in
+    # for both of SD3's CLIPs, so it is written as both
+    second = getattr(text, "text_encoder_2", None)
     pipeline = StableDiffusion3Pipeline(
         transformer=denoiser.net,
         scheduler=scheduler,
         vae=vae,
         text_encoder=text.text_encoder,
         tokenizer=text.tokenizer,
-        text_encoder_2=text.text_encoder,  # one encoder stands in for SD3's two CLIPs (nets/conditioning.py)
-        tokenizer_2=text.tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_2=second if second is not None else text.text_encoder,
+        tokenizer_2=text.tokenizer_2 if second is not None else text.tokenizer,
+        text_encoder_3=getattr(text, "text_encoder_3", None),
+        tokenizer_3=getattr(text, "tokenizer_3", None),
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
 

@@ -26,7 +26,6 @@ from transformers import CLIPTokenizer
 from lightdiff.checkpointing import adapter_weights, check_state_dict, load_weights
 from lightdiff.diffusion import FlowMatching, NoiseSchedule, Objective, objective_from_state
 from lightdiff.nets.conditioning import (
-    FLUX_MAX_SEQUENCE_LENGTH,
     TEXT_ENCODER_CLASSES,
     Conditioning,
     GuidanceEmbedded,
@@ -278,7 +277,7 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
             }
         )
     vae = None
-    if is_sdxl(net) or isinstance(net, FluxTransformer2DModel):  # both encoders and tokenizers (and their settings)
+    if is_sdxl(net) or isinstance(net, (FluxTransformer2DModel, SD3Transformer2DModel)):  # every encoder it takes
         vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
         conditioning = pretrained_text_conditioning(
             str(folder),
@@ -286,7 +285,7 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
             trainable=False,
             key="the pipeline folder",
             # lightdiff's export records what it trained with; FluxPipeline's defaults otherwise
-            max_sequence_length=int(metadata.get("max_sequence_length") or FLUX_MAX_SEQUENCE_LENGTH),
+            max_sequence_length=metadata.get("max_sequence_length"),
             embedded_guidance_scale=float(metadata.get("guidance_scale") or FLUX_PIPELINE_GUIDANCE_SCALE),
         )
     elif takes_text(net):
@@ -296,8 +295,6 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
         text_encoder = text_encoder_class(net).from_pretrained(folder / "text_encoder").eval()
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        if isinstance(net, SD3Transformer2DModel):
-            _check_lightdiff_sd3_layout(folder, text_encoder)
         conditioning = text_conditioning(net, tokenizer, text_encoder, trainable=False)
     else:
         conditioning = label_conditioning(net)
@@ -321,22 +318,6 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
 
 def _image_size(recorded: list[int] | None) -> tuple[int, int] | None:
     return (int(recorded[0]), int(recorded[1])) if recorded else None
-
-
-def _check_lightdiff_sd3_layout(folder: Path, text_encoder: torch.nn.Module) -> None:
-    """lightdiff samples an SD3 folder with `text_encoder` standing in for both CLIP encoders and no T5, as it exports
-    them; a folder that holds another second encoder or a T5 would sample differently here than in diffusers."""
-    if (folder / "text_encoder_3").is_dir():
-        raise ValueError(f"{folder} has a T5 text_encoder_3/; lightdiff samples only its own SD3 exports (no T5)")
-    second = type(text_encoder).from_pretrained(folder / "text_encoder_2")
-    first_state, second_state = text_encoder.state_dict(), second.state_dict()
-    if first_state.keys() != second_state.keys() or any(
-        not torch.equal(first_state[key], second_state[key]) for key in first_state
-    ):
-        raise ValueError(
-            f"{folder}: text_encoder_2 differs from text_encoder; lightdiff samples only its own SD3 exports, "
-            "which use one encoder for both"
-        )
 
 
 def _autoencoder_from_checkpoint(path: Path, checkpoint: dict, meta: dict) -> AutoencoderKL:

@@ -65,7 +65,8 @@ class DiffusionTraining(pl.LightningModule):
         text_layers: int = 2,  # layers of a from-scratch text encoder
         text_heads: int = 4,  # attention heads of a from-scratch text encoder
         max_prompt_tokens: int = 16,  # a from-scratch tokenizer's length limit (start and end tokens included)
-        max_sequence_length: int = 16,  # T5 tokens per prompt (FLUX; FluxPipeline's max_sequence_length)
+        max_sequence_length: int | None = None,  # T5 tokens per prompt; None: the pipeline's (FLUX 512, SD3 256), 16
+        t5: bool = False,  # add a T5 encoder built from the captions to an SD3 transformer's CLIP (SD3's third)
         embedded_guidance_scale: float = 3.5,  # a guidance-embedding FLUX transformer's `guidance` input in training
         cond_drop_prob: float = 0.0,  # probability of training a sample unconditionally (classifier-free guidance)
         guidance_scale: float = 1.0,  # guidance of the training-time previews (1: none)
@@ -115,6 +116,7 @@ class DiffusionTraining(pl.LightningModule):
             max_prompt_tokens,
             max_sequence_length,
             embedded_guidance_scale,
+            t5,
         )
         if lora is not None and lora.enabled:
             # The pipeline's text encoder too with lora.text_encoder (the method then trains its adapters alone).
@@ -160,13 +162,18 @@ class DiffusionTraining(pl.LightningModule):
         layers: int,
         heads: int,
         max_prompt_tokens: int,
-        max_sequence_length: int,
+        max_sequence_length: int | None,
         embedded_guidance_scale: float,
+        t5: bool,
     ) -> Conditioning:
         """The family `self.net` takes; a text encoder from `pretrained`, or built from the data's captions."""
         if not takes_text(self.net):
             return label_conditioning(self.net)
         if pretrained is not None:
+            if t5:
+                raise ConfigError(
+                    "model.t5=true builds a T5 from the captions; model.pretrained brings its own encoders"
+                )
             return pretrained_text_conditioning(
                 pretrained,
                 self.net,
@@ -186,6 +193,7 @@ class DiffusionTraining(pl.LightningModule):
             data.captions(),
             max_sequence_length,
             embedded_guidance_scale,
+            t5,
         )
 
     def latent_cache_encoders(self) -> tuple[AutoencoderKL, str | None, Any]:

@@ -14,6 +14,9 @@ The families:
   (`UNet2DConditionModel`; `PixArtTransformer2DModel`, with no size conditioning);
 - `SD3CLIPText`: SD3's joint-attention text stream and pooled vector made from one CLIP encoder standing in for
   SD3's two (`SD3Transformer2DModel`; see the class);
+- `SD3Text`: SD3's three encoders (CLIP-L, CLIP-G, T5) as StableDiffusion3Pipeline uses them, or one CLIP standing in
+  for both plus a T5 (`model.t5`);
+- `FluxText`: FLUX's CLIP pooled vector and T5 states (`FluxTransformer2DModel`);
 - `SDXLText`: SDXL's two CLIP encoders (penultimate states side by side, the second's pooled projection) and the
   size / crop ids of each image (`UNet2DConditionModel` with `addition_embed_type="text_time"`);
 - `GuidanceEmbedded`: a text family plus the guidance-scale input of a latent consistency model (`model=lcm`).
@@ -82,6 +85,7 @@ Inputs = Mapping[str, Any]  # {"label": (B,) tensor, "text": B captions, ...}: w
 # (Podell et al. 2023, Sections 2.2-2.3); a sampler asks for an uncropped image of the size it draws.
 SIZE_AND_CROP = "size_and_crop"
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline refuses longer T5 sequences
+SCRATCH_MAX_SEQUENCE_LENGTH = 16  # T5 tokens per prompt of a T5 built from the captions (short shape captions)
 # Which samples' text is zeroed rather than encoded (B bools): SDXL's empty negative prompt (`without_condition`).
 ZEROED_TEXT = "zeroed_text"
 
@@ -375,6 +379,7 @@ class SD3CLIPText(CLIPText):
         super().__init__(tokenizer, text_encoder, trainable)
         self.joint_attention_dim = joint_attention_dim
         self.summary_dim = 2 * text_encoder.config.projection_dim  # the pooled projections
+        self.max_sequence_length = 0  # no T5 rows: StableDiffusion3Pipeline(max_sequence_length=0) reproduces it
 
     @property
     def cacheable(self) -> bool:
@@ -400,6 +405,154 @@ class SD3CLIPText(CLIPText):
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "family": "sd3_clip_text", "joint_attention_dim": self.joint_attention_dim}
+
+
+class SD3Text(nn.Module):
+    """SD3's text inputs as `StableDiffusion3Pipeline.encode_prompt` makes them from its three encoders (Esser et al.
+    2024, Section 5.2): the penultimate hidden states of CLIP-L and CLIP-G side by side, zero-padded to the T5 width,
+    followed by T5's states (`max_sequence_length` tokens; zeros where the pipeline has no T5) as the joint-attention
+    text stream, and the two CLIPs' projected end tokens (`text_embeds`) side by side as the pooled vector.
+
+    `text_encoder_2=None` is lightdiff's from-scratch layout: one CLIP encoder stands in for both (as `SD3CLIPText`),
+    written twice by the exporter. The unconditional twin encodes the negative prompt ("" by default, as the
+    pipeline's)."""
+
+    has_unconditional = True
+    reads = ("text",)
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModelWithProjection,  # CLIP-L
+        tokenizer_2: CLIPTokenizer | None,  # None with text_encoder_2
+        text_encoder_2: CLIPTextModelWithProjection | None,  # CLIP-G; None: text_encoder stands in for both
+        tokenizer_3: T5Tokenizer | None,
+        text_encoder_3: T5EncoderModel | None,  # T5-XXL; None: zeros, as the pipeline without T5
+        trainable: bool,  # whether the method trains the encoders
+        joint_attention_dim: int,  # the transformer's text-stream input width
+        max_sequence_length: int,  # T5 tokens per prompt (the pipeline's max_sequence_length; 0: no T5 rows)
+    ) -> None:
+        super().__init__()
+        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
+        self.text_encoder = text_encoder.requires_grad_(trainable)
+        self.text_encoder_2 = text_encoder_2.requires_grad_(trainable) if text_encoder_2 is not None else None
+        self.text_encoder_3 = text_encoder_3.requires_grad_(trainable) if text_encoder_3 is not None else None
+        self.trainable = trainable
+        self.joint_attention_dim = joint_attention_dim
+        self.max_sequence_length = max_sequence_length
+        self.summary_dim = sum(encoder.config.projection_dim for _, encoder in self._clips())
+
+    def _clips(self) -> list[tuple[CLIPTokenizer, CLIPTextModelWithProjection]]:
+        first = (self.tokenizer, self.text_encoder)
+        return [first, (self.tokenizer_2, self.text_encoder_2) if self.text_encoder_2 is not None else first]
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        check_captions(net, data)
+        widths = [encoder.config.hidden_size for _, encoder in self._clips()]
+        if sum(widths) > self.joint_attention_dim:
+            raise ConfigError(
+                f"net.joint_attention_dim={self.joint_attention_dim} is below the two CLIP encoders' hidden sizes "
+                f"side by side ({' + '.join(map(str, widths))}; model.text_hidden_size)"
+            )
+        if net.config.pooled_projection_dim != self.summary_dim:
+            raise ConfigError(
+                f"net.pooled_projection_dim={net.config.pooled_projection_dim} differs from the two CLIP projections "
+                f"side by side={self.summary_dim}"
+            )
+        if self.text_encoder_3 is not None and self.text_encoder_3.config.d_model != self.joint_attention_dim:
+            raise ConfigError(
+                f"net.joint_attention_dim={self.joint_attention_dim} differs from the T5 encoder's "
+                f"d_model={self.text_encoder_3.config.d_model}"
+            )
+        if self.max_sequence_length < 0:
+            raise ConfigError(f"model.max_sequence_length={self.max_sequence_length} must be >= 0")
+
+    def train(self, mode: bool = True) -> SD3Text:
+        return super().train(mode and self.trainable)
+
+    def encoded(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (B, CLIP tokens + max_sequence_length, joint_attention_dim), pooled (B, projections)) of
+        `prompts`: `encode_prompt` with clip_skip=None."""
+        states, pooled = [], []
+        for tokenizer, encoder in self._clips():
+            output = encoder(tokenize_prompts(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+            states.append(output.hidden_states[-2])
+            pooled.append(output[0])
+        clip = torch.cat(states, dim=-1)
+        if self.text_encoder_3 is not None:
+            ids = tokenize_prompts(self.tokenizer_3, prompts, self.max_sequence_length).to(self.text_encoder_3.device)
+            t5 = self.text_encoder_3(ids)[0]
+        else:
+            t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.joint_attention_dim)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    @property
+    def cacheable(self) -> bool:
+        """Frozen encoders' outputs can be cached, the pooled vector packed as one more row (`encode`)."""
+        return not self.trainable and self.summary_dim <= self.joint_attention_dim
+
+    def cache_fingerprint(self) -> str:
+        parts = [text_encoder_fingerprint(tokenizer, encoder) for tokenizer, encoder in self._clips()]
+        if self.text_encoder_3 is not None:
+            parts.append(module_fingerprint(t5_tokenizer_state(self.tokenizer_3), self.text_encoder_3))
+        return f"sd3|{self.max_sequence_length}|{'|'.join(parts)}"
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """What the text cache stores: the states with the pooled vector, zero-padded, as one more row."""
+        states, pooled = self.encoded(prompts)
+        return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+
+    def forward(self, inputs: Inputs) -> Condition:
+        captions = [str(text) for text in inputs["text"]]
+        if "text_states" in inputs:  # data.cache_latents: packed by `encode`; a dropped caption is encoded as ""
+            packed = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
+            dropped = torch.tensor([caption == "" for caption in captions], device=packed.device)
+            packed = torch.where(dropped[:, None, None], self.encode([""]).to(packed), packed)
+            states, pooled = packed[:, :-1], packed[:, -1, : self.summary_dim]
+        else:
+            states, pooled = self.encoded(captions)
+        return Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, pooled.float())
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
+        return {**inputs, "text": texts}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.trainable:
+            return []
+        encoders = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
+        return [p for encoder in encoders if encoder is not None for p in encoder.parameters() if p.requires_grad]
+
+    def get_extra_state(self) -> dict[str, Any]:  # the tokenizers travel with the weights (see CLIPText's)
+        state: dict[str, Any] = {"tokenizer": tokenizer_state(self.tokenizer)}
+        if self.tokenizer_2 is not None:
+            state["tokenizer_2"] = tokenizer_state(self.tokenizer_2)
+        if self.tokenizer_3 is not None:
+            state["tokenizer_3"] = t5_tokenizer_state(self.tokenizer_3)
+        return state
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        tokenizers = [tokenizer_for(self.text_encoder, state["tokenizer"])]  # all checked before any is replaced
+        if self.text_encoder_2 is not None:
+            tokenizers.append(tokenizer_for(self.text_encoder_2, state["tokenizer_2"]))
+        if self.text_encoder_3 is not None:
+            self.tokenizer_3 = t5_tokenizer_for(self.text_encoder_3, state["tokenizer_3"])
+        self.tokenizer = tokenizers[0]
+        if self.text_encoder_2 is not None:
+            self.tokenizer_2 = tokenizers[1]
+
+    def state(self) -> dict[str, Any]:
+        second, third = self.text_encoder_2, self.text_encoder_3
+        return {
+            "family": "sd3_text",
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            "text_encoder_2_config": second.config.to_dict() if second is not None else None,
+            "text_encoder_3_config": third.config.to_dict() if third is not None else None,
+            **self.get_extra_state(),
+            "joint_attention_dim": self.joint_attention_dim,
+            "max_sequence_length": self.max_sequence_length,
+        }
 
 
 class SDXLText(nn.Module):
@@ -796,20 +949,34 @@ def scratch_text_conditioning(
     hidden_size: int | None,  # each CLIP encoder's width; None: what the net takes
     layers: int,
     heads: int,
-    captions: Sequence[str] = (),  # the data's captions: a T5 tokenizer is learnt from them (FLUX)
-    max_sequence_length: int = 16,  # T5 tokens per prompt (FLUX)
+    captions: Sequence[str] = (),  # the data's captions: a T5 tokenizer is learnt from them (FLUX, `t5`)
+    max_sequence_length: int | None = None,  # T5 tokens per prompt; None: SCRATCH_MAX_SEQUENCE_LENGTH
     embedded_guidance_scale: float | None = None,  # the `guidance` input of a guidance-embedding FLUX transformer
-) -> CLIPText | SDXLText | FluxText:
+    t5: bool = False,  # add a T5 encoder to an SD3 transformer's CLIP (SD3's third encoder); FLUX always has one
+) -> CLIPText | SDXLText | FluxText | SD3Text:
     """The text family of `net` with encoders built from scratch (they train with the denoiser)."""
     hidden_size = hidden_size or text_width(net)
-    if isinstance(net, FluxTransformer2DModel):  # CLIP for the pooled vector, T5 as wide as the text stream
+    max_sequence_length = max_sequence_length or SCRATCH_MAX_SEQUENCE_LENGTH
+    if t5 and not isinstance(net, SD3Transformer2DModel):
+        raise ConfigError(
+            f"model.t5=true adds SD3's T5 encoder to an SD3 transformer (net=mmdit_tiny), not a {type(net).__name__}"
+            " (a FLUX transformer always has one)"
+        )
+    if t5 or isinstance(net, FluxTransformer2DModel):  # T5 as wide as the joint-attention text stream
         t5_tokenizer = build_t5_tokenizer(captions, model_max_length=max_sequence_length)
         width = net.config.joint_attention_dim
+        t5_encoder = t5_encoder_from_scratch(t5_tokenizer, width, layers, heads, 2 * width)
+    if t5:  # one CLIP standing in for both of SD3's, plus the T5 (SD3Text with text_encoder_2=None)
+        clip = text_encoder_from_scratch(
+            tokenizer, hidden_size, layers, heads, 2 * hidden_size, CLIPTextModelWithProjection
+        )
+        return SD3Text(tokenizer, clip, None, None, t5_tokenizer, t5_encoder, True, width, max_sequence_length)
+    if isinstance(net, FluxTransformer2DModel):  # CLIP for the pooled vector
         return FluxText(
             tokenizer,
             text_encoder_from_scratch(tokenizer, hidden_size, layers, heads, 2 * hidden_size, CLIPTextModel),
             t5_tokenizer,
-            t5_encoder_from_scratch(t5_tokenizer, width, layers, heads, 2 * width),
+            t5_encoder,
             trainable=True,
             max_sequence_length=max_sequence_length,
             guidance_scale=embedded_guidance_scale if net.config.guidance_embeds else None,
@@ -951,6 +1118,23 @@ def _flux_text_from_state(state: dict[str, Any]) -> FluxText:
     )
 
 
+def _sd3_text_from_state(state: dict[str, Any]) -> SD3Text:
+    second, third = state["text_encoder_2_config"], state["text_encoder_3_config"]
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**second)).eval() if second else None
+    text_encoder_3 = T5EncoderModel(T5Config(**third)).eval() if third else None
+    return SD3Text(
+        tokenizer_from_state(state["tokenizer"]),
+        CLIPTextModelWithProjection(CLIPTextConfig(**state["text_encoder_config"])).eval(),
+        tokenizer_from_state(state["tokenizer_2"]) if second else None,
+        text_encoder_2,
+        t5_tokenizer_for(text_encoder_3, state["tokenizer_3"]) if third else None,
+        text_encoder_3,
+        trainable=False,
+        joint_attention_dim=state["joint_attention_dim"],
+        max_sequence_length=state["max_sequence_length"],
+    )
+
+
 def _text_from_state(state: dict[str, Any]) -> CLIPText:
     encoder_class = TEXT_ENCODER_CLASSES.get(state.get("text_encoder_class", ""))
     if encoder_class is None:  # a class named in a file is only ever looked up
@@ -980,6 +1164,7 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
         force_zeros_for_empty_prompt=state["force_zeros_for_empty_prompt"],
     ),
     "flux_text": _flux_text_from_state,
+    "sd3_text": _sd3_text_from_state,
     "guidance_embedded": lambda state: GuidanceEmbedded(
         conditioning_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]
     ),

@@ -15,6 +15,8 @@ from lightdiff.nets.conditioning import (
     FLUX_MAX_SEQUENCE_LENGTH,
     CLIPText,
     FluxText,
+    SD3CLIPText,
+    SD3Text,
     SDXLText,
     is_sdxl,
     text_conditioning,
@@ -91,9 +93,9 @@ def pretrained_text_conditioning(
     net: torch.nn.Module,
     trainable: bool,
     key: str = "model.pretrained",  # the setting that named the pipeline (error messages)
-    max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH,  # T5 tokens per prompt (FLUX)
+    max_sequence_length: int | None = None,  # T5 tokens per prompt; None: the pipeline's default (FLUX 512, SD3 256)
     embedded_guidance_scale: float = 3.5,  # the `guidance` input of a guidance-embedding FLUX transformer
-) -> CLIPText | SDXLText | FluxText:
+) -> CLIPText | SDXLText | FluxText | SD3Text:
     """The pipeline's tokenizer(s) and text encoder(s), as the text family `net` takes; a pipeline with a part that
     family would leave unused (an SDXL pipeline's text_encoder_2 for a one-encoder net, SD3's T5) is refused, naming
     the part, rather than half-loaded."""
@@ -108,8 +110,8 @@ def pretrained_text_conditioning(
         used = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
     else:
         used = {"tokenizer", "text_encoder"}
-        if isinstance(net, SD3Transformer2DModel):  # lightdiff's own SD3 layout: one encoder under both names
-            used |= {"tokenizer_2", "text_encoder_2"}
+        if isinstance(net, SD3Transformer2DModel):  # CLIP-L, CLIP-G and T5 (or lightdiff's one CLIP under two names)
+            used |= {"tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3"}
     denoiser_and_vae = {"unet", "transformer", "vae"}
     unused = sorted(set(parts) - used - denoiser_and_vae - set(UNUSED_PARTS))
     if unused:
@@ -118,6 +120,8 @@ def pretrained_text_conditioning(
             "of another family (an SDXL pipeline needs an SDXL UNet: model.load_pretrained_unet=true or net=sdxl_tiny)"
         )
     tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
+    if isinstance(net, SD3Transformer2DModel):
+        return _sd3_text(pretrained, net, parts, trainable, key, max_sequence_length)
     if flux:
         return FluxText(
             tokenizer,
@@ -125,7 +129,7 @@ def pretrained_text_conditioning(
             load_component(T5Tokenizer, pretrained, "tokenizer_2", key),
             load_component(T5EncoderModel, pretrained, "text_encoder_2", key),
             trainable,
-            max_sequence_length,
+            max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH,
             embedded_guidance_scale if net.config.guidance_embeds else None,
         )
     if is_sdxl(net):
@@ -139,3 +143,46 @@ def pretrained_text_conditioning(
         )
     text_encoder = load_component(text_encoder_class(net), pretrained, "text_encoder", key)
     return text_conditioning(net, tokenizer, text_encoder, trainable)
+
+
+SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+def _sd3_text(
+    pretrained: str,
+    net: SD3Transformer2DModel,
+    parts: dict[str, Any],
+    trainable: bool,
+    key: str,
+    max_sequence_length: int | None,
+) -> SD3CLIPText | SD3Text:
+    """An SD3 pipeline's encoders as StableDiffusion3Pipeline uses them (`SD3Text`); lightdiff's own exports (one
+    CLIP encoder written twice, no T5) as they were trained (`SD3CLIPText`: no T5 rows)."""
+    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
+    text_encoder = load_component(CLIPTextModelWithProjection, pretrained, "text_encoder", key)
+    if "text_encoder_2" not in parts:
+        return SD3CLIPText(tokenizer, text_encoder, trainable, net.config.joint_attention_dim)
+    text_encoder_2 = load_component(CLIPTextModelWithProjection, pretrained, "text_encoder_2", key)
+    has_t5 = "text_encoder_3" in parts
+    if not has_t5 and same_weights(text_encoder, text_encoder_2):
+        return SD3CLIPText(tokenizer, text_encoder, trainable, net.config.joint_attention_dim)
+    return SD3Text(
+        tokenizer,
+        text_encoder,
+        load_component(CLIPTokenizer, pretrained, "tokenizer_2", key),
+        text_encoder_2,
+        load_component(T5Tokenizer, pretrained, "tokenizer_3", key) if has_t5 else None,
+        load_component(T5EncoderModel, pretrained, "text_encoder_3", key) if has_t5 else None,
+        trainable,
+        net.config.joint_attention_dim,
+        SD3_MAX_SEQUENCE_LENGTH if max_sequence_length is None else max_sequence_length,
+    )
+
+
+def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    """Whether two modules hold the same tensors under the same names (lightdiff's SD3 exports write one encoder
+    as both CLIPs)."""
+    first_state, second_state = first.state_dict(), second.state_dict()
+    return first_state.keys() == second_state.keys() and all(
+        torch.equal(first_state[name], second_state[name]) for name in first_state
+    )
