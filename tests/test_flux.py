@@ -22,6 +22,7 @@ from lightdiff.export import export_pipeline
 from lightdiff.methods.autoencoder import AutoencoderTraining
 from lightdiff.nets.conditioning import FluxText, conditioning_from_state
 from lightdiff.nets.denoiser import latent_image_ids, pack_latents, unpack_latents
+from lightdiff.nets.feature_discriminator import TransformerBlockFeatures
 from lightdiff.nets.text import (
     build_caption_tokenizer,
     build_t5_tokenizer,
@@ -35,7 +36,7 @@ from lightdiff.sampling import generate, generators_for, pipeline_timesteps
 from lightdiff.train import run as train_run
 from lightdiff.trained import TrainedDenoiser, load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config, tiny_vae
+from .conftest import TINY, compose_config, tiny_dinov2_overrides, tiny_vae
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 MAX_SEQUENCE_LENGTH = 8
@@ -115,6 +116,28 @@ def flux_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "objective=flow_matching",
             "objective.resolution_shift=true",
             "run_name=flux",
+            *TINY_FLUX_MODEL,
+        ],
+    )
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def flux_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FLUX-tiny trained for 2 steps with a fixed shift (a few-step student's times must not depend on the size)."""
+    root = tmp_path_factory.mktemp("flux-teacher")
+    tiny_vae().save_pretrained(root / "vae")
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={root}",
+            *TINY,
+            "model=latent",
+            f"model.vae={root / 'vae'}",
+            "objective=flow_matching",
+            "objective.shift=3.0",
+            "run_name=teacher",
             *TINY_FLUX_MODEL,
         ],
     )
@@ -386,3 +409,69 @@ def test_bad_flux_inputs_are_named(flux_pipeline_dir: Path, tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="net.in_channels=64"):
         train_run(compose_config("train", [*common, *TINY_FLUX_MODEL, "net.in_channels=64", "run_name=b"]))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("backbone", ["teacher", "patchgan", "dinov2"])
+def test_turbo_distils_a_flux_teacher_with_every_discriminator(
+    backbone: str, flux_teacher: Path, tmp_path: Path
+) -> None:
+    """LADD on a FLUX teacher: discriminator=teacher reads its block tokens; the student trains at FluxPipeline's
+    sigmas and exports as a FluxPipeline that plain diffusers samples like sample.py at 1 and 4 steps."""
+    extra = {
+        "teacher": ["discriminator=teacher"],
+        "patchgan": ["discriminator=patchgan", "discriminator.backbone.in_channels=4"],
+        "dinov2": tiny_dinov2_overrides(tmp_path / "tiny-dinov2"),
+    }[backbone]
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=turbo",
+            f"model.teacher={flux_teacher}",
+            "model.teacher_steps=2",
+            "run_name=student",
+            *extra,
+        ],
+    )
+    module = train_run(cfg).lightning_module
+    assert isinstance(module.conditioning, FluxText)
+    # FluxPipeline's sigmas 1, 3/4, 1/2, 1/4 shifted by 3 (s t / (1 + 2 t)); FlowMatchEuler's own grid would end at 1
+    assert module.student_timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])
+    if backbone != "teacher":
+        return
+    backbone_module = module.discriminator.backbone
+    assert isinstance(backbone_module, TransformerBlockFeatures) and backbone_module.channels == [32, 32]
+    with torch.no_grad():  # block tokens on the 4 x 4 grid of packed 8 x 8 latents
+        condition = module.conditioning({"text": ["a red circle"]})
+        maps = backbone_module(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), condition)
+    assert [tuple(m.shape) for m in maps] == [(1, 32, 4, 4), (1, 32, 4, 4)]
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'turbo'}"]))
+    pipeline = FluxPipeline.from_pretrained(folder)
+    for steps in (1, 4):
+        out = tmp_path / f"steps{steps}"
+        sample_run(
+            compose_config(
+                "sample",
+                [
+                    f"ckpt={student}",
+                    f"out={out}",
+                    "num_images=2",
+                    "prompt=a red circle",
+                    f"steps={steps}",
+                    "guidance_scale=1",
+                ],
+            )
+        )
+        ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+        theirs = pipeline(
+            ["a red circle"] * 2,
+            height=16,
+            width=16,
+            num_inference_steps=steps,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            generator=generators_for([0, 1]),
+            output_type="np",
+        ).images
+        assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1

@@ -12,6 +12,7 @@ from transformers import CLIPTextModelWithProjection
 
 from lightdiff.config import ConfigError
 from lightdiff.nets.conditioning import SD3Text, conditioning_from_state
+from lightdiff.nets.feature_discriminator import TransformerBlockFeatures
 from lightdiff.nets.text import (
     build_caption_tokenizer,
     build_t5_tokenizer,
@@ -169,27 +170,80 @@ def test_an_sd3_pipeline_fine_tunes_and_exports_for_plain_diffusers(tmp_path: Pa
     assert np.abs(ours - _diffusers(original)).max() > 1e-3  # control: the fine-tuned transformer draws otherwise
 
 
-def test_from_scratch_sd3_with_a_t5_exports_all_three_encoders(tmp_path: Path) -> None:
-    tiny_vae().save_pretrained(tmp_path / "vae")
-    small = ["model.text_hidden_size=16", "model.text_layers=1", "model.text_heads=2", "net.num_layers=2"]
-    small += ["net.attention_head_dim=8", "net.caption_projection_dim=32", "net.joint_attention_dim=32"]
-    small += ["net.pooled_projection_dim=32", f"model.max_sequence_length={MAX_SEQUENCE_LENGTH}"]
-    common = [f"output_root={tmp_path}", *TINY, "model=latent", f"model.vae={tmp_path / 'vae'}", "net=mmdit_tiny"]
-    cfg = compose_config("train", [*common, *small, "objective=flow_matching", "model.t5=true", "run_name=t5"])
+SMALL_MMDIT = [
+    "net=mmdit_tiny",
+    "model.text_hidden_size=16",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    "net.num_layers=2",
+    "net.attention_head_dim=8",
+    "net.caption_projection_dim=32",
+    "net.joint_attention_dim=32",
+    "net.pooled_projection_dim=32",
+    f"model.max_sequence_length={MAX_SEQUENCE_LENGTH}",
+]
+
+
+@pytest.fixture(scope="module")
+def sd3_t5_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MMDiT trained for 2 steps from scratch with one CLIP and a T5 (model.t5=true)."""
+    root = tmp_path_factory.mktemp("sd3-t5")
+    tiny_vae().save_pretrained(root / "vae")
+    common = [f"output_root={root}", *TINY, "model=latent", f"model.vae={root / 'vae'}", *SMALL_MMDIT]
+    cfg = compose_config("train", [*common, "objective=flow_matching", "model.t5=true", "run_name=t5"])
     train_run(cfg)
-    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    family = load_denoiser(checkpoint).conditioning
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_from_scratch_sd3_with_a_t5_exports_all_three_encoders(sd3_t5_ckpt: Path, tmp_path: Path) -> None:
+    family = load_denoiser(sd3_t5_ckpt).conditioning
     assert isinstance(family, SD3Text) and family.text_encoder_2 is None  # one CLIP for both, plus the T5
     assert family.text_encoder_3.config.d_model == 32
-    export = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'sd3'}"]))
+    export = sample_run(compose_config("sample", [f"ckpt={sd3_t5_ckpt}", f"export={tmp_path / 'sd3'}"]))
     pipeline = StableDiffusion3Pipeline.from_pretrained(export)
     assert pipeline.text_encoder_3 is not None
-    assert np.abs(_ours(checkpoint) - _diffusers(pipeline)).max() < 1e-4
+    assert np.abs(_ours(sd3_t5_ckpt) - _diffusers(pipeline)).max() < 1e-4
     # sample.py reads the export back as the same three-encoder family
-    assert np.abs(_ours(export) - _ours(checkpoint)).max() < 1e-5
+    assert np.abs(_ours(export) - _ours(sd3_t5_ckpt)).max() < 1e-5
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    unet = [f"output_root={tmp_path}", *TINY, "model=latent", f"model.vae={tmp_path / 'vae'}", "model.t5=true"]
     with pytest.raises(ConfigError, match="model.t5=true"):  # a T5 is SD3's, not a UNet's
-        train_run(compose_config("train", [*common[:-1], "model.t5=true", "run_name=unet"]))
+        train_run(compose_config("train", [*unet, "run_name=unet"]))
     assert not (tmp_path / "unet").exists()
+
+
+def test_turbo_distils_an_mmdit_teacher_on_its_block_tokens(sd3_t5_ckpt: Path, tmp_path: Path) -> None:
+    """LADD as SD3-Turbo was distilled: the discriminator's heads read the frozen MMDiT's image tokens."""
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=turbo",
+            f"model.teacher={sd3_t5_ckpt}",
+            "model.teacher_steps=2",
+            "discriminator=teacher",
+            "run_name=student",
+        ],
+    )
+    module = train_run(cfg).lightning_module
+    backbone = module.discriminator.backbone
+    assert isinstance(backbone, TransformerBlockFeatures) and len(backbone.channels) == 2  # both joint blocks
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    export = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'turbo'}"]))
+    pipeline = StableDiffusion3Pipeline.from_pretrained(export)
+    theirs = pipeline(
+        PROMPTS,
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=generators_for(SEEDS),
+        output_type="np",
+    ).images
+    denoiser = load_denoiser(student)
+    scheduler = for_latents(denoiser.objective.scheduler(FlowMatchEulerDiscreteScheduler))
+    ours = generate(denoiser.net, scheduler, 1, SEEDS, denoiser.conditioning, {"text": PROMPTS}, vae=denoiser.vae)
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
 
 
 def test_a_vae_that_does_not_fit_the_transformer_is_named(tmp_path: Path) -> None:

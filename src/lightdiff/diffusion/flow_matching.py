@@ -194,9 +194,12 @@ class FlowMatching:
     def few_step_overrides(self) -> dict[str, Any]:
         return {}  # FlowMatchEuler's first step is t = 1, pure noise, at any step count
 
-    def student_timesteps(self, count: int, requested: list[int] | None) -> list[float]:
-        """The network timesteps FlowMatchEulerDiscreteScheduler visits in `count` steps; those of 1 and 2 steps are
-        among the 4-step ones (T, then 1), so the student trains exactly where it samples."""
+    def student_timesteps(
+        self, count: int, requested: list[int] | None, timestep_arguments: dict[str, Any] | None = None
+    ) -> list[float]:
+        """The network timesteps FlowMatchEulerDiscreteScheduler visits in `count` steps, given the pipeline's own
+        `set_timesteps` arguments (FluxPipeline's sigmas linspace(1, 1 / N, N)); those of 1 and 2 steps are among
+        the 4-step ones (T, then 1; FLUX: 1, 1/2), so the student trains exactly where it samples."""
         if requested:
             raise ConfigError(
                 "model.student_timesteps is for DDPM teachers; a flow-matching teacher's student trains at the times "
@@ -208,7 +211,7 @@ class FlowMatching:
                 "distil from a teacher trained with a fixed objective.shift"
             )
         scheduler = self.scheduler(self.default_sampler)
-        scheduler.set_timesteps(count)
+        scheduler.set_timesteps(count, **(timestep_arguments or {}))
         return [float(t) for t in scheduler.timesteps.tolist()]
 
     def with_prediction_type(self, prediction_type: str | None) -> FlowMatching:

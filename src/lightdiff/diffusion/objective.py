@@ -85,9 +85,12 @@ class Objective(Protocol):
         """Changes to `default_sampler`'s config under which its first step starts from pure noise."""
         ...
 
-    def student_timesteps(self, count: int, requested: list[int] | None) -> list[float]:
+    def student_timesteps(
+        self, count: int, requested: list[int] | None, timestep_arguments: dict[str, Any] | None = None
+    ) -> list[float]:
         """The network timesteps a few-step student trains at (those its sampler visits); `requested` is the
-        user's list (model.student_timesteps), checked, or a ConfigError where this objective fixes them."""
+        user's list (model.student_timesteps), checked, or a ConfigError where this objective fixes them;
+        `timestep_arguments`: what the student's pipeline passes to `set_timesteps` (`sampling.pipeline_timesteps`)."""
         ...
 
     def with_prediction_type(self, prediction_type: str | None) -> Objective:

@@ -255,7 +255,10 @@ class DDPM:
         """DDIM at "trailing" timesteps: the first step is T - 1 (Lin et al. 2024, Table 2)."""
         return {"timestep_spacing": "trailing"}
 
-    def student_timesteps(self, count: int, requested: list[int] | None) -> list[float]:
+    def student_timesteps(
+        self, count: int, requested: list[int] | None, timestep_arguments: dict[str, Any] | None = None
+    ) -> list[float]:
+        # DDPM pipelines pass nothing but the count to set_timesteps: `timestep_arguments` is always empty here
         timesteps = list(requested) if requested else trailing_timesteps(self.num_train_timesteps, count)
         outside = [t for t in timesteps if not 0 <= t < self.num_train_timesteps]
         if outside or not timesteps:

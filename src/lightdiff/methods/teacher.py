@@ -23,7 +23,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.nets.conditioning import Condition, Conditioning, Inputs
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.lora import adapters_disabled
-from lightdiff.nets.vae import encode_latents, vae_scale_factor
+from lightdiff.nets.vae import encode_latents
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.trained import TrainedDenoiser, load_trained, local_path
 
@@ -68,9 +68,10 @@ class FrozenTeacher(nn.Module):
         self.class_names = loaded.class_names if loaded.class_names is not None else data.class_names
         self.guidance_scale = guidance_scale
         self.conditioning.check(self.net, data)
-        pixels = self.net.config.sample_size * (vae_scale_factor(self.vae) if self.vae is not None else 1)
-        if pixels != data.resolution:
-            raise ConfigError(f"data.resolution={data.resolution} differs from the teacher's {pixels} px")
+        height, width = loaded.default_size()  # its net's size, or what it trained at (a FLUX transformer has none)
+        if (height, width) != (data.resolution, data.resolution):
+            raise ConfigError(f"data.resolution={data.resolution} differs from the teacher's {height}x{width} px")
+        self.resolution = data.resolution
         self._previews: dict[tuple[Any, ...], torch.Tensor] = {}  # the teacher never changes: drawn once per seeds
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -137,7 +138,15 @@ class FrozenTeacher(nn.Module):
             guidance = self.guidance_scale if self.can_guide else 1.0
             with adapters_disabled(self.net):
                 images = generate(
-                    self.net, self.scheduler(sampler), steps, seeds, self.conditioning, inputs, guidance, vae=self.vae
+                    self.net,
+                    self.scheduler(sampler),
+                    steps,
+                    seeds,
+                    self.conditioning,
+                    inputs,
+                    guidance,
+                    vae=self.vae,
+                    size=(self.resolution, self.resolution),
                 )
             self._previews[key] = images.cpu()
         return self._previews[key]
@@ -168,8 +177,12 @@ def few_step_preview(
     inputs, labels = preview_inputs(seeds, method.conditioning, method.class_names, captions)
     scheduler = method.student_scheduler()
 
+    side = method.teacher.resolution
+
     def draw(count: int) -> torch.Tensor:
-        return generate(method.net, scheduler, count, seeds, method.conditioning, inputs, vae=method.teacher.vae)
+        return generate(
+            method.net, scheduler, count, seeds, method.conditioning, inputs, vae=method.teacher.vae, size=(side, side)
+        )
 
     shown = method.metric_steps
     images = {count: draw(count) for count in shown}

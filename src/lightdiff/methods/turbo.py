@@ -22,7 +22,8 @@ its own path x_t = (1 - t) x_0 + t eps: the student predicts the velocity v, x_t
 FlowMatchEulerDiscreteScheduler visits in 4 steps (t = 1 first: pure noise), and samples with that scheduler;
 re-noising draws t uniformly, the discriminator's t logit-normally (LADD, Section 3.2); c(t) takes (alpha, sigma) =
 (1 - t, t). Every step above is written once against `lightdiff.diffusion.Objective` and the teacher's conditioning
-family (`lightdiff.nets.conditioning`); an SD3 (MMDiT) teacher is not supported yet.
+family (`lightdiff.nets.conditioning`); an SD3 (MMDiT) or FLUX teacher's discriminator=teacher reads its block
+tokens (`TransformerBlockFeatures`), as LADD distilled SD3-Turbo.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from diffusers import SchedulerMixin, SD3Transformer2DModel
+from diffusers import SchedulerMixin
 
 from lightdiff.checkpointing import check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -46,10 +47,14 @@ from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gr
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
-from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
+from lightdiff.nets.feature_discriminator import (
+    FeatureDiscriminator,
+    TransformerBlockFeatures,
+    UNetEncoderFeatures,
+)
 from lightdiff.nets.lora import LoraSettings, adapt, is_adapter_key
-from lightdiff.nets.vae import decode_latents
-from lightdiff.sampling import for_latents, reconfigured
+from lightdiff.nets.vae import decode_latents, vae_scale_factor
+from lightdiff.sampling import for_latents, pipeline_timesteps, reconfigured
 from lightdiff.speed import prepare_for_training
 
 # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
@@ -99,24 +104,25 @@ class TurboDistillation(pl.LightningModule):
                 f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
             )
         self.teacher = FrozenTeacher(teacher, data, teacher_guidance_scale, "turbo")
-        if isinstance(self.teacher.net, SD3Transformer2DModel):
-            raise ConfigError(f"model.teacher={teacher!r} is an SD3 transformer (MMDiT); turbo distils UNets and DiTs")
         # The student walks the teacher's path; it may parametrise its output otherwise (student_prediction_type).
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
-        self.student_timesteps = self.objective.student_timesteps(4, student_timesteps)
+        # the times the student's pipeline visits in 4 steps (FluxPipeline passes its own sigmas)
+        latent_side = self.teacher.resolution // (vae_scale_factor(self.teacher.vae) if self.teacher.vae else 1)
+        arguments = pipeline_timesteps(
+            self.teacher.net, self.objective.scheduler(self.objective.default_sampler), 4, latent_side, latent_side
+        )
+        self.student_timesteps = self.objective.student_timesteps(4, student_timesteps, arguments)
         self.vae, self.conditioning = self.teacher.vae, self.teacher.conditioning  # shared, frozen
         self.class_names = self.teacher.class_names
         self.compile_net = compile  # not `self.compile`: that is nn.Module's method
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
         backbone = getattr(discriminator, "keywords", {}).get("backbone")
-        if backbone is None and not hasattr(self.teacher.net, "down_blocks"):
-            raise ConfigError(
-                f"discriminator=teacher reads a UNet teacher's encoder; model.teacher={teacher!r} is a "
-                f"{type(self.teacher.net).__name__}: use discriminator=dinov2 or discriminator=patchgan"
-            )
+        if backbone is None:  # discriminator=teacher: a UNet's encoder, a transformer's block tokens (LADD)
+            unet = hasattr(self.teacher.net, "down_blocks")
+            backbone = UNetEncoderFeatures(self.teacher.net) if unet else TransformerBlockFeatures(self.teacher.net)
         self.discriminator = discriminator(
-            backbone=backbone if backbone is not None else UNetEncoderFeatures(self.teacher.net),
+            backbone=backbone,
             condition_dim=self.conditioning.summary_dim,
             num_train_timesteps=self.objective.num_train_timesteps,
         )
@@ -287,7 +293,14 @@ class TurboDistillation(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         student = denoiser_metadata(
-            "turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names, self.lora_base
+            "turbo",
+            self.net,
+            self.objective,
+            self.conditioning,
+            self.vae,
+            self.class_names,
+            self.lora_base,
+            self.teacher.resolution,
         )
         save_student(
             checkpoint,

@@ -79,10 +79,15 @@ def latent_channels(net: torch.nn.Module) -> int:
     return channels // (PACKED_PATCH * PACKED_PATCH) if isinstance(net, FluxTransformer2DModel) else channels
 
 
+def side_multiple_of_tokens(net: torch.nn.Module) -> int:
+    """Latent pixels per image token along a side: FLUX's packed 2x2 patches, a DiT's patch size, a UNet's 1."""
+    return PACKED_PATCH if isinstance(net, FluxTransformer2DModel) else int(net.config.get("patch_size") or 1)
+
+
 def image_tokens(net: torch.nn.Module, height: int, width: int) -> int:
-    """Image tokens of latents `height` x `width`: FLUX's packed 2x2 patches, a DiT's patches, a UNet's pixels (the
-    sequence length resolution-dependent timestep shifts are computed from, FluxPipeline's `image_seq_len`)."""
-    patch = PACKED_PATCH if isinstance(net, FluxTransformer2DModel) else int(net.config.get("patch_size") or 1)
+    """Image tokens of latents `height` x `width` (the sequence length resolution-dependent timestep shifts are
+    computed from, FluxPipeline's `image_seq_len`)."""
+    patch = side_multiple_of_tokens(net)
     return (height // patch) * (width // patch)
 
 

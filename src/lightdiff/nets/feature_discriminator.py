@@ -9,6 +9,8 @@ by projection (Miyato & Koyama 2018, "cGANs with projection discriminator", Equa
 Backbones (the `discriminator` config group):
 - `UNetEncoderFeatures`: the teacher UNet's down-block and mid-block outputs (LADD); frozen, shared with the teacher
   (or DMD2's fake-score UNet's bottleneck, trained with the heads).
+- `TransformerBlockFeatures`: image tokens after chosen blocks of a transformer teacher (SD3's MMDiT, FLUX's double-
+  and single-stream blocks, DiT, PixArt) as maps (LADD's generative features of an MMDiT, Section 3.1); frozen.
 - `ViTFeatures`: hidden states of a transformers vision transformer (DINOv2 for ADD) loaded with `from_pretrained`
   from a folder or hub id; frozen. Takes pixels in [-1, 1].
 - `PatchFeatures`: PatchGAN-like strided convolutions trained from scratch (no frozen network at all).
@@ -26,7 +28,7 @@ from torch import nn
 
 from lightdiff.config import ConfigError
 from lightdiff.nets.conditioning import Condition
-from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.denoiser import network_output, side_multiple_of_tokens
 from lightdiff.nets.lora import adapters_disabled
 
 
@@ -69,6 +71,52 @@ class UNetEncoderFeatures(nn.Module):
             # the teacher's own call, with all its conditioning; as the teacher where a LoRA student shares its network
             with adapters_disabled(self.unet) if not self.trainable else nullcontext():
                 network_output(self.unet, x_t, timesteps, condition)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+
+class TransformerBlockFeatures(nn.Module):
+    """Image tokens after up to `num_features` evenly spaced blocks of a frozen diffusers transformer at (x_t, t,
+    condition), the last block always among them, reshaped to (B, width, h, w) maps on the token grid: LADD's
+    discriminator reads the MMDiT teacher's tokens this way ("we reshape the token sequence to its spatial layout",
+    Sauer et al. 2024, Section 3.1). Joint blocks (SD3, FLUX) return (text tokens, image tokens), others the tokens;
+    the forward stops after the last block read. FLUX's single-stream blocks count after its double-stream ones."""
+
+    noised_inputs = True  # it reads the network at re-noised inputs
+    trainable = False
+
+    def __init__(self, transformer: nn.Module, num_features: int = 4) -> None:
+        super().__init__()
+        self.transformer = transformer.requires_grad_(False).eval()
+        blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+        count = min(num_features, len(blocks))
+        # evenly spaced, ending at the last block: 4 of 12 -> blocks 3, 6, 9, 12 (1-based)
+        self.blocks = [blocks[round((index + 1) * len(blocks) / count) - 1] for index in range(count)]
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.channels = [width] * count
+        self.token_patch = side_multiple_of_tokens(transformer)
+
+    def train(self, mode: bool = True) -> TransformerBlockFeatures:
+        return super().train(False)
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        height, width = x_t.shape[-2] // self.token_patch, x_t.shape[-1] // self.token_patch
+
+        def keep(module: nn.Module, args: object, output: object) -> None:
+            tokens = output[1] if isinstance(output, tuple) else output  # (text, image) of a joint block
+            captured.append(tokens.transpose(1, 2).reshape(len(tokens), -1, height, width))
+            if len(captured) == len(self.blocks):
+                raise _StopForward
+
+        handles = [block.register_forward_hook(keep) for block in self.blocks]
+        try:
+            with adapters_disabled(self.transformer):  # the teacher, where a LoRA student shares its network
+                network_output(self.transformer, x_t, timesteps, condition)
         except _StopForward:
             pass
         finally:
