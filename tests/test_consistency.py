@@ -94,11 +94,11 @@ def test_lcm_trains_the_student_only_and_keeps_the_teacher_bit_identical(text_ck
 
 def test_lcm_student_starts_as_the_teacher(text_ckpt: Path, tmp_path: Path) -> None:
     """Zero-initialised guidance input: at step 0 the student's output is the teacher's, whatever the scale."""
-    from lightdiff.methods.consistency import with_guidance_input
     from lightdiff.nets.denoiser import network_output
+    from lightdiff.nets.guidance import unet_with_guidance_input
 
     teacher = load_teacher(str(text_ckpt))
-    student = with_guidance_input(teacher.net, 256)
+    student = unet_with_guidance_input(teacher.net, 256)
     condition = teacher.conditioning({"text": ["a red circle", "a blue square"]})
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 300])
     expected = network_output(teacher.net, x, t, condition)

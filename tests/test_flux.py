@@ -21,8 +21,9 @@ from lightdiff.diffusion.flow_matching import resolution_shift_mu
 from lightdiff.export import export_pipeline
 from lightdiff.methods.autoencoder import AutoencoderTraining
 from lightdiff.nets.conditioning import FluxText, conditioning_from_state
-from lightdiff.nets.denoiser import latent_image_ids, pack_latents, unpack_latents
+from lightdiff.nets.denoiser import latent_image_ids, network_output, pack_latents, unpack_latents
 from lightdiff.nets.feature_discriminator import TransformerBlockFeatures
+from lightdiff.nets.guidance import with_guidance_input
 from lightdiff.nets.text import (
     build_caption_tokenizer,
     build_t5_tokenizer,
@@ -475,3 +476,131 @@ def test_turbo_distils_a_flux_teacher_with_every_discriminator(
             output_type="np",
         ).images
         assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+
+
+def test_a_guidance_input_starts_as_the_teacher(flux_teacher: Path) -> None:
+    teacher = load_denoiser(flux_teacher)
+    student, family = with_guidance_input(teacher.net, teacher.conditioning, 4.0, 256)
+    assert student.config.guidance_embeds and family.guidance_scale == 4.0
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        text = teacher.conditioning({"text": CAPTIONS[:2]})
+        expected = network_output(teacher.net, x_t, t, text)
+        assert torch.equal(
+            network_output(student, x_t, t, family.with_guidance(text, torch.tensor([1.0, 7.0]))), expected
+        )
+        student.time_text_embed.guidance_embedder.linear_2.bias.fill_(0.1)  # control: a live embedding changes it
+        assert not torch.allclose(network_output(student, x_t, t, family.with_guidance(text)), expected)
+    with pytest.raises(ConfigError, match="no guidance-scale input"):
+        with_guidance_input(_sd3_like_net(), teacher.conditioning, 4.0, 256)
+
+
+def _sd3_like_net() -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=8,
+    )
+
+
+def test_guidance_distillation_of_a_flux_teacher_exports_flux_dev_style(flux_teacher: Path, tmp_path: Path) -> None:
+    """The student regresses the teacher's guided output in one call and exports as a FluxPipeline whose
+    `guidance_scale` is the embedded input: plain diffusers reproduces sample.py at two scales."""
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "trainer.max_steps=3",
+            "model=guidance_distill",
+            f"model.teacher={flux_teacher}",
+            "model.lr=0.01",
+            "run_name=dev",
+        ],
+    )
+    trainer = train_run(cfg)
+    losses = [float(row["train/loss"]) for row in _metrics(Path(cfg.run_dir)) if row.get("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert trainer.lightning_module.net.config.guidance_embeds
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'dev-pipeline'}"]))
+    pipeline = FluxPipeline.from_pretrained(folder)
+    images = {}
+    for scale in (2.0, 6.0):
+        out = tmp_path / f"scale{scale}"
+        common = ["num_images=2", "prompt=a red circle", "steps=3", f"guidance_scale={scale}"]
+        sample_run(compose_config("sample", [f"ckpt={student}", f"out={out}", *common]))
+        ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+        theirs = pipeline(
+            ["a red circle"] * 2,
+            guidance_scale=scale,
+            height=16,
+            width=16,
+            num_inference_steps=3,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            generator=generators_for([0, 1]),
+            output_type="np",
+        ).images
+        assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+        images[scale] = ours
+    assert np.abs(images[2.0] - images[6.0]).max() > 0  # the trained embedding reads the scale
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with next(run_dir.glob("csv/version_*/metrics.csv")).open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_guidance_distillation_of_a_unet_exports_a_stable_diffusion_pipeline(
+    text_ckpt: Path, class_ckpt: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    cfg = compose_config(
+        "train",
+        [f"output_root={tmp_path}", *TINY, "model=guidance_distill", f"model.teacher={text_ckpt}", "run_name=sd"],
+    )
+    train_run(cfg)
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'sd-pipeline'}"]))
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"  # not the LCM pipeline: a full-step sampler
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipeline.unet.config.time_cond_proj_dim == 256
+    out = tmp_path / "ours"
+    common = ["num_images=2", "prompt=a red circle", "steps=3", "guidance_scale=5"]
+    sample_run(compose_config("sample", [f"ckpt={student}", f"out={out}", *common]))
+    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
+    theirs = pipeline(
+        ["a red circle"] * 2,
+        guidance_scale=5.0,
+        num_inference_steps=3,
+        generator=generators_for([0, 1]),
+        output_type="np",
+    ).images
+    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    with pytest.raises(ConfigError, match="no unconditional input"):  # a class-conditional pixel teacher
+        train_run(
+            compose_config(
+                "train",
+                [
+                    f"output_root={tmp_path}",
+                    *TINY,
+                    "model=guidance_distill",
+                    f"model.teacher={class_ckpt}",
+                    "run_name=x",
+                ],
+            )
+        )

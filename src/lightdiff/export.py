@@ -8,7 +8,9 @@ Export layouts, by network and objective (the sampler is the scheduler written t
 - latent UNet2DConditionModel: `StableDiffusionPipeline` (a flow-matching one keeps the layout, but diffusers'
   StableDiffusionPipeline calls `scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks: sample it with
   lightdiff's sample.py); with a guidance-scale input (`model=lcm`), `LatentConsistencyModelPipeline` with
-  LCMScheduler, whose `guidance_scale` is the student's input (lightdiff.json keeps the trained default); an SDXL UNet
+  LCMScheduler, whose `guidance_scale` is the student's input (lightdiff.json keeps the trained default); a
+  guidance-distilled UNet (`model=guidance_distill`: the same input, a full-step sampler) `StableDiffusionPipeline`,
+  which embeds its `guidance_scale` for a UNet with `time_cond_proj_dim` instead of guiding; an SDXL UNet
   (`addition_embed_type="text_time"`): `StableDiffusionXLPipeline` with both text encoders, zeros as the empty
   negative prompt (`force_zeros_for_empty_prompt`) and no watermarker;
 - latent SD3Transformer2DModel (MMDiT): `StableDiffusion3Pipeline` with SD3's encoders; lightdiff's from-scratch
@@ -39,6 +41,7 @@ from diffusers import (
     DDPMPipeline,
     FluxPipeline,
     LatentConsistencyModelPipeline,
+    LCMScheduler,
     SchedulerMixin,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -66,8 +69,9 @@ def _write_stable_diffusion(denoiser: TrainedDenoiser, scheduler: SchedulerMixin
         _write_sdxl(denoiser, scheduler, folder)
         return
     text = denoiser.conditioning
-    # A latent consistency model (guidance-scale input, LCMScheduler) is diffusers' LatentConsistencyModelPipeline.
-    consistency = bool(denoiser.net.config.time_cond_proj_dim)
+    # A latent consistency model (guidance-scale input, LCMScheduler) is diffusers' LatentConsistencyModelPipeline; a
+    # guidance-distilled UNet (the same input, a full-step sampler) StableDiffusionPipeline, which feeds that input too.
+    consistency = isinstance(scheduler, LCMScheduler)
     pipeline_class = LatentConsistencyModelPipeline if consistency else StableDiffusionPipeline
     pipeline = pipeline_class(
         vae=denoiser.vae,

@@ -89,7 +89,10 @@ def _check_launch(cfg: DictConfig) -> None:
 
 
 UNUSED_GROUP_REASONS = {
-    "net": "a distillation method (turbo, lcm, dmd2) distils its teacher's network, and the autoencoder's is model.vae",
+    "net": (
+        "a distillation method (turbo, lcm, dmd2, guidance_distill) distils its teacher's network, and the "
+        "autoencoder's is model.vae"
+    ),
     "objective": "a distillation method takes its teacher's objective, and the autoencoder has none",
     "schedule": "a beta schedule belongs to objective=ddpm (a distilled student takes its teacher's)",
     "discriminator": "only model=turbo takes the discriminator group (the autoencoder's is model.discriminator)",

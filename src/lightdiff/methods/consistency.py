@@ -39,23 +39,11 @@ from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradie
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition, GuidanceEmbedded
 from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.guidance import unet_with_guidance_input
 from lightdiff.sampling import for_latents
 from lightdiff.speed import prepare_for_training
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
-
-
-def with_guidance_input(teacher_net: UNet2DConditionModel, embedding_dim: int) -> UNet2DConditionModel:
-    """The teacher's UNet with a guidance-scale input of `embedding_dim` (diffusers' `time_cond_proj_dim`), its new
-    projection zero-initialised: the student starts as exactly the teacher's network."""
-    if teacher_net.config.time_cond_proj_dim == embedding_dim:
-        return copy.deepcopy(teacher_net)
-    student = UNet2DConditionModel.from_config({**teacher_net.config, "time_cond_proj_dim": embedding_dim})
-    missing, unexpected = student.load_state_dict(teacher_net.state_dict(), strict=False)
-    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
-        raise ConfigError(f"the teacher's UNet does not take a guidance input: missing {missing}, extra {unexpected}")
-    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    return student
 
 
 class ConsistencyDistillation(pl.LightningModule):
@@ -108,7 +96,7 @@ class ConsistencyDistillation(pl.LightningModule):
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         self.timesteps = solver_timesteps(self.objective.num_train_timesteps, num_solver_steps)
         self.skip = self.objective.num_train_timesteps // num_solver_steps
-        self.net = with_guidance_input(self.teacher.net, guidance_embedding_dim).requires_grad_(True).train()
+        self.net = unet_with_guidance_input(self.teacher.net, guidance_embedding_dim).requires_grad_(True).train()
         self.target_net = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.vae = self.teacher.vae
         self.conditioning = GuidanceEmbedded(self.teacher.conditioning, sample_guidance_scale, guidance_embedding_dim)

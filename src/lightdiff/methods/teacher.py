@@ -112,17 +112,29 @@ class FrozenTeacher(nn.Module):
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if not self.can_guide or (not torch.is_tensor(scale) and scale == 1.0):
             return self.objective.predicted_x0(network_output(self.net, x_t, t, condition), x_t, t)
+        unconditional, conditional = self._both_halves(x_t, t, condition, batch)
+        x0 = self.objective.predicted_x0
+        return _guided(x0(unconditional, x_t, t).float(), x0(conditional, x_t, t).float(), scale)
+
+    @torch.no_grad()
+    def guided_output(
+        self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, batch: Inputs, guidance_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """The teacher's classifier-free-guided network output at per-sample scales (B,), in float32: out(x, uncond) +
+        w (out(x, c) - out(x, uncond)), the target a guidance-distilled student matches in one call."""
+        with adapters_disabled(self.net):
+            unconditional, conditional = self._both_halves(x_t, t, condition, batch)
+        return _guided(unconditional.float(), conditional.float(), guidance_scale)
+
+    def _both_halves(
+        self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, batch: Inputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's unconditional and conditional outputs, both halves in one call."""
         unconditional = self.conditioning(self.conditioning.without_condition(batch, [True] * len(x_t)))
         both = unconditional.to(x_t.device).cat(condition)
-        x_twice, t_twice = torch.cat([x_t, x_t]), torch.cat([t, t])
-        unconditional_x0, conditional_x0 = (
-            self.objective.predicted_x0(network_output(self.net, x_twice, t_twice, both), x_twice, t_twice)
-            .float()
-            .chunk(2)
-        )
-        if torch.is_tensor(scale):
-            scale = scale.float().reshape(-1, *([1] * (x_t.ndim - 1)))
-        return unconditional_x0 + scale * (conditional_x0 - unconditional_x0)
+        output = network_output(self.net, torch.cat([x_t, x_t]), torch.cat([t, t]), both)
+        unconditional_output, conditional_output = output.chunk(2)
+        return unconditional_output, conditional_output
 
     def scheduler(self, sampler: SchedulerFactory) -> SchedulerMixin:
         """The grid's sampler where it fits the teacher's objective, else the objective's own."""
@@ -150,6 +162,13 @@ class FrozenTeacher(nn.Module):
                 )
             self._previews[key] = images.cpu()
         return self._previews[key]
+
+
+def _guided(unconditional: torch.Tensor, conditional: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """unconditional + w (conditional - unconditional) (Ho & Salimans 2022), w a number or one per sample (B,)."""
+    if torch.is_tensor(scale):
+        scale = scale.float().reshape(-1, *([1] * (conditional.ndim - 1)))
+    return unconditional + scale * (conditional - unconditional)
 
 
 class DistilledStudent(Protocol):

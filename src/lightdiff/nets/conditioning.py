@@ -774,13 +774,19 @@ class FluxText(nn.Module):
             states, pooled = packed[:, :-1], packed[:, -1, : self.summary_dim]
         else:
             states, pooled = self.encoded(captions)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": states, "pooled_projections": pooled}
-        if self.guidance_scale is not None:  # FluxPipeline: torch.full([1], guidance_scale).expand(B), float32
-            scales = inputs.get("guidance_scale")
-            if scales is None:
-                scales = torch.full((len(captions),), self.guidance_scale)
-            kwargs["guidance"] = torch.as_tensor(scales, dtype=torch.float32).to(states.device)
-        return Condition(kwargs, pooled.float())
+        text = Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, pooled.float())
+        return text if self.guidance_scale is None else self.with_guidance(text, inputs.get("guidance_scale"))
+
+    def with_guidance(self, text: Condition, scales: torch.Tensor | None = None) -> Condition:
+        """The text condition plus the `guidance` input: `scales` (B,), or `guidance_scale` for all, in float32 as
+        FluxPipeline passes it (torch.full([1], guidance_scale).expand(B)); as `GuidanceEmbedded.with_guidance`."""
+        states = text.kwargs["encoder_hidden_states"]
+        if scales is None:
+            if self.guidance_scale is None:
+                raise ValueError("this FLUX transformer has no guidance embedding (net.guidance_embeds=false)")
+            scales = torch.full((len(states),), self.guidance_scale)
+        guidance = torch.as_tensor(scales, dtype=torch.float32).to(states.device)
+        return Condition({**text.kwargs, "guidance": guidance}, text.summary)
 
     def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
         texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
