@@ -13,5 +13,7 @@ wait
 OMP_NUM_THREADS=1 python train.py model=latent run_name=arch_unet_latent $common &
 OMP_NUM_THREADS=1 python train.py model=latent net=mmdit_tiny run_name=arch_mmdit_latent $common &
 wait
+# FLUX-tiny (issue 19): FluxTransformer2DModel with a CLIP pooled vector and T5 states, at the MMDiT's FLOPs
+python train.py model=latent net=flux_tiny run_name=arch_flux_latent $common
 python experiments/arch_shapes/compare.py outputs/arch_unet_pixel outputs/arch_dit_pixel outputs/arch_unet_latent \
-    outputs/arch_mmdit_latent
+    outputs/arch_mmdit_latent outputs/arch_flux_latent

@@ -189,6 +189,24 @@ def check_captions(net: nn.Module, data: DataDescription) -> None:
         raise ConfigError(f"net: {type(net).__name__} is text-conditioned and the data set has no captions")
 
 
+def pack_pooled(states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """States (B, tokens, width) with the pooled vector (B, <= width) zero-padded as one more row: what a family with
+    pooled text stores in the text cache, one tensor per caption (`unpack_pooled` undoes it)."""
+    return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+
+
+def unpack_pooled(packed: torch.Tensor, pooled_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states, pooled) of `pack_pooled`'s output."""
+    return packed[:, :-1], packed[:, -1, :pooled_width]
+
+
+def encoder_parameters(trainable: bool, *encoders: nn.Module | None) -> list[nn.Parameter]:
+    """What a text family's optimiser trains: its encoders' trainable parameters, or nothing when frozen."""
+    if not trainable:
+        return []
+    return [p for encoder in encoders if encoder is not None for p in encoder.parameters() if p.requires_grad]
+
+
 def drop_conditions(
     conditioning: Conditioning, inputs: Inputs, probability: float, size: int
 ) -> tuple[Inputs, torch.Tensor]:
@@ -501,7 +519,7 @@ class SD3Text(nn.Module):
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """What the text cache stores: the states with the pooled vector, zero-padded, as one more row."""
         states, pooled = self.encoded(prompts)
-        return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+        return pack_pooled(states, pooled)
 
     def forward(self, inputs: Inputs) -> Condition:
         captions = [str(text) for text in inputs["text"]]
@@ -509,7 +527,7 @@ class SD3Text(nn.Module):
             packed = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
             dropped = torch.tensor([caption == "" for caption in captions], device=packed.device)
             packed = torch.where(dropped[:, None, None], self.encode([""]).to(packed), packed)
-            states, pooled = packed[:, :-1], packed[:, -1, : self.summary_dim]
+            states, pooled = unpack_pooled(packed, self.summary_dim)
         else:
             states, pooled = self.encoded(captions)
         return Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, pooled.float())
@@ -519,10 +537,7 @@ class SD3Text(nn.Module):
         return {**inputs, "text": texts}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        if not self.trainable:
-            return []
-        encoders = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
-        return [p for encoder in encoders if encoder is not None for p in encoder.parameters() if p.requires_grad]
+        return encoder_parameters(self.trainable, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
 
     def get_extra_state(self) -> dict[str, Any]:  # the tokenizers travel with the weights (see CLIPText's)
         state: dict[str, Any] = {"tokenizer": tokenizer_state(self.tokenizer)}
@@ -627,13 +642,13 @@ class SDXLText(nn.Module):
         """What the text cache stores: the states with the pooled vector, zero-padded, as one more row (B, tokens + 1,
         width); `forward` unpacks it."""
         states, pooled = self.encoded(prompts)
-        return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+        return pack_pooled(states, pooled)
 
     def forward(self, inputs: Inputs) -> Condition:
         captions = [str(text) for text in inputs["text"]]
         if "text_states" in inputs:  # data.cache_latents: packed by `encode`
             packed = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
-            states, pooled = packed[:, :-1], packed[:, -1, : self.summary_dim]
+            states, pooled = unpack_pooled(packed, self.summary_dim)
         else:
             states, pooled = self.encoded(captions)
         zeroed = inputs.get(ZEROED_TEXT)
@@ -658,11 +673,7 @@ class SDXLText(nn.Module):
         return {**inputs, "text": texts, ZEROED_TEXT: zeroed}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        if not self.trainable:
-            return []
-        return [
-            p for encoder in (self.text_encoder, self.text_encoder_2) for p in encoder.parameters() if p.requires_grad
-        ]
+        return encoder_parameters(self.trainable, self.text_encoder, self.text_encoder_2)
 
     def get_extra_state(self) -> dict[str, Any]:  # both tokenizers travel with the weights (see CLIPText's)
         return {"tokenizer": tokenizer_state(self.tokenizer), "tokenizer_2": tokenizer_state(self.tokenizer_2)}
@@ -763,7 +774,7 @@ class FluxText(nn.Module):
         """What the text cache stores: the T5 states with the pooled vector, zero-padded, as one more row
         (B, max_sequence_length + 1, d_model); `forward` unpacks it."""
         states, pooled = self.encoded(prompts)
-        return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+        return pack_pooled(states, pooled)
 
     def forward(self, inputs: Inputs) -> Condition:
         captions = [str(text) for text in inputs["text"]]
@@ -771,7 +782,7 @@ class FluxText(nn.Module):
             packed = inputs["text_states"].to(self.text_encoder_2.device, self.text_encoder_2.dtype)
             dropped = torch.tensor([caption == "" for caption in captions], device=packed.device)
             packed = torch.where(dropped[:, None, None], self.encode([""]).to(packed), packed)
-            states, pooled = packed[:, :-1], packed[:, -1, : self.summary_dim]
+            states, pooled = unpack_pooled(packed, self.summary_dim)
         else:
             states, pooled = self.encoded(captions)
         text = Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, pooled.float())
@@ -793,11 +804,7 @@ class FluxText(nn.Module):
         return {**inputs, "text": texts}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        if not self.trainable:
-            return []
-        return [
-            p for encoder in (self.text_encoder, self.text_encoder_2) for p in encoder.parameters() if p.requires_grad
-        ]
+        return encoder_parameters(self.trainable, self.text_encoder, self.text_encoder_2)
 
     def get_extra_state(self) -> dict[str, Any]:  # both tokenizers travel with the weights (see CLIPText's)
         return {"tokenizer": tokenizer_state(self.tokenizer), "tokenizer_2": t5_tokenizer_state(self.tokenizer_2)}

@@ -36,6 +36,23 @@ class _StopForward(Exception):
     """Raised by the mid-block hook: the UNet's decoder half is not needed for the features."""
 
 
+def _call_until_stopped(
+    net: nn.Module,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    condition: Condition,
+    hooks: list[torch.utils.hooks.RemovableHandle],  # the feature hooks, the last raising _StopForward
+) -> None:
+    """The network's call, cut short by a hook once the features are read; the hooks are removed whatever happens."""
+    try:
+        network_output(net, x_t, timesteps, condition)
+    except _StopForward:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class UNetEncoderFeatures(nn.Module):
     """Outputs of each down block and of the mid block of a diffusers UNet, at (x_t, t, condition): of the frozen
     teacher (LADD), or of a network that trains with the heads (`trainable`: DMD2's fake-score network, whose
@@ -67,15 +84,9 @@ class UNetEncoderFeatures(nn.Module):
 
         handles = [] if self.mid_block_only else [block.register_forward_hook(keep) for block in self.unet.down_blocks]
         handles.append(self.unet.mid_block.register_forward_hook(stop))
-        try:
-            # the teacher's own call, with all its conditioning; as the teacher where a LoRA student shares its network
-            with adapters_disabled(self.unet) if not self.trainable else nullcontext():
-                network_output(self.unet, x_t, timesteps, condition)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        # the teacher's own call, with all its conditioning; as the teacher where a LoRA student shares its network
+        with adapters_disabled(self.unet) if not self.trainable else nullcontext():
+            _call_until_stopped(self.unet, x_t, timesteps, condition, handles)
         return captured
 
 
@@ -114,14 +125,8 @@ class TransformerBlockFeatures(nn.Module):
                 raise _StopForward
 
         handles = [block.register_forward_hook(keep) for block in self.blocks]
-        try:
-            with adapters_disabled(self.transformer):  # the teacher, where a LoRA student shares its network
-                network_output(self.transformer, x_t, timesteps, condition)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        with adapters_disabled(self.transformer):  # the teacher, where a LoRA student shares its network
+            _call_until_stopped(self.transformer, x_t, timesteps, condition, handles)
         return captured
 
 
