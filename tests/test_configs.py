@@ -30,7 +30,7 @@ def _options(group: str) -> list[str]:
 def _group_overrides() -> list[list[str]]:
     cases = []
     # Distillation needs a teacher (below); auto is sample.py's.
-    skip = {("model", "turbo"), ("model", "lcm"), ("model", "dmd2"), ("sampler", "auto")}
+    skip = {("model", "turbo"), ("model", "lcm"), ("model", "dmd2"), ("model", "guidance_distill"), ("sampler", "auto")}
     for group in ("model", "schedule", "objective", "optimizer", "sampler", "trainer", "logger", "callbacks"):
         cases += [[f"{group}={option}"] for option in _options(group) if (group, option) not in skip]
     # Each net preset with the method it is for: 4-channel presets denoise the latent VAE's latents (FLUX's 16 input
@@ -42,7 +42,9 @@ def _group_overrides() -> list[list[str]]:
     cases += [[*(["model=latent"] if o in latent_nets else []), f"net={o}"] for o in _options("net") if o != "latent"]
     cases += [["metrics=none"], ["model=latent", "net=mmdit_tiny", "objective=flow_matching", "model.t5=true"]]
     cases += [["model=turbo", "model.teacher=TEACHER"], ["model=dmd2", "model.teacher=TEACHER"]]
-    cases += [[f"model={method}", "model.teacher=TEXT_TEACHER"] for method in ("turbo", "lcm", "dmd2")]
+    cases += [
+        [f"model={method}", "model.teacher=TEXT_TEACHER"] for method in ("turbo", "lcm", "dmd2", "guidance_distill")
+    ]
     cases += [
         ["model=turbo", "model.teacher=TEACHER", f"discriminator={option}"] for option in _options("discriminator")
     ]

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "experiments" / "train_throughput"))
 from benchmark import lightdiff_step_times  # noqa: E402
 
 
-def forward_flops(run_dir: Path) -> tuple[int, int]:
-    """(parameters, forward FLOPs per image) of the run's denoiser, counted on one image."""
+def forward_flops(run_dir: Path) -> tuple[str, int, int]:
+    """(class, parameters, forward FLOPs per image) of the run's denoiser, counted on one image."""
     denoiser = load_denoiser(run_dir / "checkpoints" / "last.ckpt")
     net = denoiser.net.eval()
     factor = vae_scale_factor(denoiser.vae) if denoiser.vae is not None else 1
@@ -53,7 +53,7 @@ def forward_flops(run_dir: Path) -> tuple[int, int]:
     condition = denoiser.conditioning(inputs)
     with counter, torch.no_grad():
         network_output(net, x, t, condition)
-    return sum(p.numel() for p in net.parameters()), counter.get_total_flops()
+    return type(net).__name__, sum(p.numel() for p in net.parameters()), counter.get_total_flops()
 
 
 def training_step_seconds(run_dir: Path, steps: int) -> tuple[float, int]:
@@ -105,13 +105,13 @@ def main() -> None:
     rows = []
     for run_dir in args.runs:
         config = OmegaConf.load(run_dir / "config.yaml")
-        parameters, flops = forward_flops(run_dir)
+        net_class, parameters, flops = forward_flops(run_dir)  # a distilled student has no `net` group: its class
         step_seconds, batch = training_step_seconds(run_dir, args.train_steps)
         metrics, sample_seconds = sample_and_judge(run_dir, args.num_images, args.steps)
         shapes = metrics["shapes"]
         right = shapes.get("both", shapes.get("caption_both"))
         rows.append(
-            f"| {run_dir.name} | {config.model._target_.split('.')[-1]} | {config.net._target_.split('.')[-1]} | "
+            f"| {run_dir.name} | {config.model._target_.split('.')[-1]} | {net_class} | "
             f"{parameters / 1e6:.2f}M | {flops / 1e6:.1f} | {config.trainer.max_steps} | {batch / step_seconds:.0f} | "
             f"{args.num_images / sample_seconds:.1f} | {shapes['valid']:.1%} | "
             f"{'-' if right is None else f'{right:.1%}'} | {metrics['fid']:.3f} | {metrics['kid']:.4f} |"
