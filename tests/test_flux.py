@@ -102,48 +102,26 @@ def flux_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def flux_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """FLUX-tiny trained from scratch for 2 steps (CLIP and T5 from the captions), with FLUX's resolution shift."""
-    root = tmp_path_factory.mktemp("flux")
+def _trained_flux(root: Path, shift: str) -> Path:
+    """FLUX-tiny trained from scratch for 2 steps (CLIP and T5 from the captions) with the flow objective's `shift`
+    override, on tiny_vae's latents."""
     tiny_vae().save_pretrained(root / "vae")
-    cfg = compose_config(
-        "train",
-        [
-            f"output_root={root}",
-            *TINY,
-            "model=latent",
-            f"model.vae={root / 'vae'}",
-            "objective=flow_matching",
-            "objective.resolution_shift=true",
-            "run_name=flux",
-            *TINY_FLUX_MODEL,
-        ],
-    )
+    overrides = ["model=latent", f"model.vae={root / 'vae'}", "objective=flow_matching", shift, *TINY_FLUX_MODEL]
+    cfg = compose_config("train", [f"output_root={root}", *TINY, "run_name=flux", *overrides])
     train_run(cfg)
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def flux_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """With FLUX's resolution-dependent shift (the exported scheduler shifts dynamically)."""
+    return _trained_flux(tmp_path_factory.mktemp("flux"), "objective.resolution_shift=true")
 
 
 @pytest.fixture(scope="module")
 def flux_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """FLUX-tiny trained for 2 steps with a fixed shift (a few-step student's times must not depend on the size)."""
-    root = tmp_path_factory.mktemp("flux-teacher")
-    tiny_vae().save_pretrained(root / "vae")
-    cfg = compose_config(
-        "train",
-        [
-            f"output_root={root}",
-            *TINY,
-            "model=latent",
-            f"model.vae={root / 'vae'}",
-            "objective=flow_matching",
-            "objective.shift=3.0",
-            "run_name=teacher",
-            *TINY_FLUX_MODEL,
-        ],
-    )
-    train_run(cfg)
-    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    """With a fixed shift (a few-step student's times must not depend on the size)."""
+    return _trained_flux(tmp_path_factory.mktemp("flux-teacher"), "objective.shift=3.0")
 
 
 def test_packing_round_trips_and_matches_flux_pipeline() -> None:
