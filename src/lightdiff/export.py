@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffusers import (
+    AutoencoderKL,
     DDPMPipeline,
     FluxPipeline,
     LatentConsistencyModelPipeline,
@@ -104,11 +105,16 @@ def _write_sdxl(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pa
     pipeline.save_pretrained(folder, safe_serialization=True)
 
 
-def _write_sd3(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
-    vae, text = denoiser.vae, denoiser.conditioning
+def _with_shift_key(vae: AutoencoderKL) -> AutoencoderKL:
+    """`vae` with a `shift_factor` in its config (None becomes 0): StableDiffusion3Pipeline and FluxPipeline decode
+    latents / scaling_factor + shift_factor and need the key."""
     if vae.config.shift_factor is None:
-        # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor and needs the key; none is 0.
         vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
+def _write_sd3(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
+    vae, text = _with_shift_key(denoiser.vae), denoiser.conditioning
     # SD3Text's encoders as they are; lightdiff's one CLIP (SD3CLIPText, or SD3Text without text_encoder_2) stands in
     # for both of SD3's CLIPs, so it is written as both
     second = getattr(text, "text_encoder_2", None)
@@ -127,9 +133,7 @@ def _write_sd3(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pat
 
 
 def _write_flux(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
-    vae, text = denoiser.vae, denoiser.conditioning
-    if vae.config.shift_factor is None:  # FluxPipeline decodes latents / scaling_factor + shift_factor
-        vae.register_to_config(shift_factor=0.0)
+    vae, text = _with_shift_key(denoiser.vae), denoiser.conditioning
     pipeline = FluxPipeline(
         scheduler=scheduler,
         vae=vae,

@@ -195,15 +195,7 @@ class ConsistencyDistillation(pl.LightningModule):
         check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        student = denoiser_metadata(
-            "lcm",
-            self.net,
-            self.objective,
-            self.conditioning,
-            self.vae,
-            self.class_names,
-            image_size=self.teacher.resolution,
-        )
+        student = denoiser_metadata("lcm", self.net, self.objective, self.conditioning, self.vae, self.class_names)
         save_student(
             checkpoint,
             FROZEN_PREFIXES,

@@ -182,7 +182,8 @@ class DiffusionTraining(pl.LightningModule):
                 embedded_guidance_scale=embedded_guidance_scale,
             )
         check_captions(self.net, data)  # before a tokenizer is learnt from them
-        tokenizer = build_caption_tokenizer(data.captions(), model_max_length=max_prompt_tokens)
+        captions = data.captions()
+        tokenizer = build_caption_tokenizer(captions, model_max_length=max_prompt_tokens)
         # one key decides the width: the net's (model.text_hidden_size overrides it, and the check then names both)
         return scratch_text_conditioning(
             self.net,
@@ -190,7 +191,7 @@ class DiffusionTraining(pl.LightningModule):
             hidden_size,
             layers,
             heads,
-            data.captions(),
+            captions,
             max_sequence_length,
             embedded_guidance_scale,
             t5,

@@ -258,15 +258,7 @@ class DistributionMatchingDistillation(pl.LightningModule):
         check_checkpoint_fits(self, checkpoint, may_be_missing=FROZEN_PREFIXES)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        student = denoiser_metadata(
-            "dmd2",
-            self.net,
-            self.objective,
-            self.conditioning,
-            self.vae,
-            self.class_names,
-            image_size=self.teacher.resolution,
-        )
+        student = denoiser_metadata("dmd2", self.net, self.objective, self.conditioning, self.vae, self.class_names)
         save_student(
             checkpoint,
             FROZEN_PREFIXES,

@@ -137,12 +137,6 @@ class GuidanceDistillation(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         student = denoiser_metadata(
-            "guidance_distill",
-            self.net,
-            self.objective,
-            self.conditioning,
-            self.vae,
-            self.class_names,
-            image_size=self.teacher.resolution,
+            "guidance_distill", self.net, self.objective, self.conditioning, self.vae, self.class_names
         )
         save_student(checkpoint, FROZEN_PREFIXES, student, self.teacher, {})

@@ -219,10 +219,12 @@ def save_student(
     sampling: dict[str, Any],  # how the student samples (scheduler_overrides, sampler, student_timesteps)
 ) -> None:
     """A distilled student's checkpoint: without the frozen networks, with a plain-data block that `load_trained`
-    reads like any denoiser's, plus the teacher's objective and source."""
+    reads like any denoiser's, plus the teacher's objective and source, and the size the student trained at (the
+    teacher's: sample.py's default for a network without a size of its own, FLUX)."""
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen_prefixes)}
     checkpoint["lightdiff"] = {
         **student,
+        "image_size": [teacher.resolution, teacher.resolution],
         "teacher_objective": teacher.objective.state(),
         "teacher": teacher.source,
         **sampling,

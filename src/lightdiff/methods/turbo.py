@@ -293,14 +293,7 @@ class TurboDistillation(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         student = denoiser_metadata(
-            "turbo",
-            self.net,
-            self.objective,
-            self.conditioning,
-            self.vae,
-            self.class_names,
-            self.lora_base,
-            self.teacher.resolution,
+            "turbo", self.net, self.objective, self.conditioning, self.vae, self.class_names, self.lora_base
         )
         save_student(
             checkpoint,

@@ -121,7 +121,7 @@ def pretrained_text_conditioning(
         )
     tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
     if isinstance(net, SD3Transformer2DModel):
-        return _sd3_text(pretrained, net, parts, trainable, key, max_sequence_length)
+        return _sd3_text(pretrained, net, parts, tokenizer, trainable, key, max_sequence_length)
     if flux:
         return FluxText(
             tokenizer,
@@ -152,13 +152,13 @@ def _sd3_text(
     pretrained: str,
     net: SD3Transformer2DModel,
     parts: dict[str, Any],
+    tokenizer: CLIPTokenizer,  # the pipeline's first tokenizer, already loaded
     trainable: bool,
     key: str,
     max_sequence_length: int | None,
 ) -> SD3CLIPText | SD3Text:
     """An SD3 pipeline's encoders as StableDiffusion3Pipeline uses them (`SD3Text`); lightdiff's own exports (one
     CLIP encoder written twice, no T5) as they were trained (`SD3CLIPText`: no T5 rows)."""
-    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
     text_encoder = load_component(CLIPTextModelWithProjection, pretrained, "text_encoder", key)
     if "text_encoder_2" not in parts:
         return SD3CLIPText(tokenizer, text_encoder, trainable, net.config.joint_attention_dim)
