@@ -290,6 +290,7 @@ def denoiser_metadata(
     class_names: list[str] | None,
     lora: dict[str, Any] | None = None,  # LoRA adapters' config and base (`lightdiff.nets.lora.adapt`), if any
     image_size: int | None = None,  # the side in pixels it trained at: sample.py's default for a net without one
+    num_frames: int | None = None,  # frames per clip it trained on (a video model): sample.py's default
 ) -> dict[str, Any]:
     """A denoiser's plain-data `lightdiff` block: what `lightdiff.trained.load_trained` rebuilds it from, without the
     method's class or config (network class from an allow-list, configs, objective and conditioning states)."""
@@ -301,9 +302,11 @@ def denoiser_metadata(
         "objective": objective.state(),
         "conditioning": conditioning.state(),
         "vae_config": plain_config(vae.config) if vae is not None else None,
+        "vae_class": type(vae).__name__ if vae is not None else None,
         "class_names": class_names,
         "lora": lora,
         "image_size": [image_size, image_size] if image_size else None,
+        "num_frames": num_frames,
     }
 
 

@@ -94,7 +94,8 @@ def default_run_name(*, _root_: DictConfig) -> str:
         parts.append(choices["schedule"])
     if "net" in used and choices.get("net") not in (None, choices["model"]):
         parts.append(choices["net"])
-    if "objective" in used and choices.get("objective") not in (None, "ddpm"):
+    # (objective=cogvideox under schedule=cogvideox, as model=video picks them, is named once)
+    if "objective" in used and choices.get("objective") not in (None, "ddpm", choices.get("schedule")):
         parts.append(choices["objective"])
     return "-".join(parts)
 

@@ -20,10 +20,12 @@ from diffusers import AutoencoderKL
 class Preview:
     """What a method shows of itself during training: images for the grid, and what the metrics need to judge them."""
 
-    images: torch.Tensor  # (B, 3, H, W) in [0, 1]: what the shapes metric and FID judge
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]: what the shapes metric and FID judge (a video's: every frame)
     labels: torch.Tensor | None = None  # shapes class label each image should show, if known
     grid_images: torch.Tensor | None = None  # what the grid shows, if not `images` (e.g. input | reconstruction)
     metrics: dict[str, float] = field(default_factory=dict)  # method-specific numbers (e.g. PSNR), logged as is
+    videos: torch.Tensor | None = None  # (B, F, 3, H, W) in [0, 1]: a video method's clips (the video judge's input)
+    prompts: list[str] | None = None  # what each clip was asked for ("a red circle moving left"), if known
 
 
 @runtime_checkable

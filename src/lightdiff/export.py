@@ -21,6 +21,10 @@ Export layouts, by network and objective (the sampler is the scheduler written t
   diffusers reproduces lightdiff's samples with `max_sequence_length` = lightdiff.json's, and, for a transformer
   without the guidance embedding, lightdiff's `guidance_scale` as `true_cfg_scale` with `negative_prompt=""` (its
   `guidance_scale` is the embedded input of a guidance-distilled transformer, and lightdiff's then too);
+- latent CogVideoXTransformer3DModel (video): `CogVideoXPipeline` with its T5 `text_encoder` and the video VAE; plain
+  diffusers reproduces lightdiff's clips with `num_frames`, `height` / `width` and `max_sequence_length` =
+  lightdiff.json's (`max_sequence_length` is the transformer's text length, so the pipeline's default 226 fits a
+  CogVideoX model trained at its own length only);
 - pixel DiTTransformer2DModel: diffusers' DiTPipeline needs a VAE, so the documented equivalent is `transformer/` +
   `scheduler/` + `lightdiff.json` without `model_index.json`; lightdiff's sample.py reads it like any export;
 - latent PixArtTransformer2DModel: diffusers' PixArtAlphaPipeline expects a T5 encoder and masked T5 states, lightdiff
@@ -39,6 +43,7 @@ from pathlib import Path
 
 from diffusers import (
     AutoencoderKL,
+    CogVideoXPipeline,
     DDPMPipeline,
     FluxPipeline,
     LatentConsistencyModelPipeline,
@@ -146,6 +151,18 @@ def _write_flux(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Pa
     pipeline.save_pretrained(folder, safe_serialization=True)
 
 
+def _write_cogvideox(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
+    text = denoiser.conditioning
+    pipeline = CogVideoXPipeline(
+        tokenizer=text.tokenizer,
+        text_encoder=text.text_encoder,
+        vae=denoiser.vae,
+        transformer=denoiser.net,
+        scheduler=scheduler,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
 def _write_parts(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
     """No diffusers pipeline fits: each part as a diffusers / transformers folder (see the module docstring)."""
     denoiser.net.save_pretrained(folder / "transformer", safe_serialization=True)
@@ -164,6 +181,7 @@ WRITERS: dict[str, Writer] = {
     "UNet2DConditionModel": _write_stable_diffusion,
     "SD3Transformer2DModel": _write_sd3,
     "FluxTransformer2DModel": _write_flux,
+    "CogVideoXTransformer3DModel": _write_cogvideox,
     "DiTTransformer2DModel": _write_parts,
     "PixArtTransformer2DModel": _write_parts,
 }
@@ -209,8 +227,9 @@ def export_pipeline(
         # the LoRA adapters: in LORA_WEIGHTS_FILE beside the base ("file"), merged into the weights, or none
         "lora": None if adapted is None else ("fused" if fuse_lora else "file"),
         "image_size": list(denoiser.image_size) if denoiser.image_size else None,  # the size it trained at
-        # T5 tokens per prompt (FLUX): FluxPipeline's `max_sequence_length` to reproduce it with
+        # T5 tokens per prompt (FLUX, CogVideoX): the pipeline's `max_sequence_length` to reproduce it with
         "max_sequence_length": getattr(denoiser.conditioning, "max_sequence_length", None),
+        "num_frames": denoiser.num_frames,  # frames per clip a video model trained on
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

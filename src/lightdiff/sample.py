@@ -1,6 +1,8 @@
-"""The body of `python sample.py`: images + metadata.jsonl + grid.png from a checkpoint, or a diffusers export.
+"""The body of `python sample.py`: images + metadata.jsonl + grid.png from a checkpoint, or a diffusers export; a video
+model's clips as mp4 (or gif) files, with a grid.png of their frames (a clip per row).
 
-The output folder follows the Hugging Face imagefolder convention, so it can be trained on (`data=image_folder`).
+The output folder follows the Hugging Face imagefolder / videofolder convention (`file_name` in metadata.jsonl), so it
+can be trained on (`data=image_folder`).
 """
 
 from __future__ import annotations
@@ -15,21 +17,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
 from lightdiff.checkpointing import folder_written_atomically
 from lightdiff.config import ConfigError, build, check_config
-from lightdiff.data import ImageDataModule, ShapesDataset
+from lightdiff.data import ImageDataModule, MovingShapesDataset, ShapesDataset
 from lightdiff.export import export_pipeline
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
+from lightdiff.metrics.motion import motion_metric, video_distance
 from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
+from lightdiff.nets.denoiser import is_video_net
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
-from lightdiff.nets.vae import vae_scale_factor
-from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
+from lightdiff.nets.vae import temporal_compression, vae_scale_factor
+from lightdiff.sampling import (
+    VIDEO_FORMATS,
+    for_latents,
+    frames_grid,
+    generate,
+    image_grid,
+    reconfigured,
+    to_uint8,
+    write_video,
+)
 from lightdiff.speed import SamplingSpeed, fast_path_difference
 from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_trained
 
@@ -83,7 +95,7 @@ def _prompts(cfg: DictConfig, denoiser: TrainedDenoiser, count: int) -> list[str
 
 
 # What sample.py writes into `out`: a folder holding anything else is never replaced, even with overwrite=true.
-SAMPLE_FILES = re.compile(r"\d{6}\.png|metadata\.jsonl|grid\.png|metrics\.json")
+SAMPLE_FILES = re.compile(r"\d{6}\.(png|mp4|gif)|metadata\.jsonl|grid\.png|metrics\.json")
 # What marks a folder as an export (a diffusers pipeline or model folder, or lightdiff's parts layout).
 EXPORT_MARKERS = ("model_index.json", "config.json", "lightdiff.json")
 
@@ -96,6 +108,26 @@ def _image_size(cfg: DictConfig, denoiser: TrainedDenoiser) -> tuple[int, int]:
     if height % factor or width % factor:
         raise ConfigError(f"height={height} / width={width} must be multiples of the VAE's down-sampling {factor}")
     return height, width
+
+
+def _num_frames(cfg: DictConfig, denoiser: TrainedDenoiser) -> int | None:
+    """Frames per clip of a video model: `num_frames`, defaulting to what it trained on; None for an image model."""
+    if not is_video_net(denoiser.net):
+        if cfg.num_frames is not None:
+            raise ConfigError(f"num_frames={cfg.num_frames}: {type(denoiser.net).__name__} draws images, not clips")
+        return None
+    frames = cfg.num_frames or denoiser.num_frames or denoiser.net.config.sample_frames
+    compression = temporal_compression(denoiser.vae)
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % compression:
+        raise ConfigError(
+            f"num_frames={frames} must be {compression}k + 1: the video VAE keeps the first frame and compresses the "
+            f"rest {compression}x in time"
+        )
+    if cfg.video_format not in VIDEO_FORMATS:
+        raise ConfigError(f"video_format={cfg.video_format!r} is not one of {VIDEO_FORMATS}")
+    if not isinstance(cfg.fps, int) or cfg.fps < 1:
+        raise ConfigError(f"fps={cfg.fps!r} must be a positive whole number")
+    return frames
 
 
 def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
@@ -182,7 +214,7 @@ def run(cfg: DictConfig) -> Path:
     _check_values(cfg)
     target = _check_output_folder(cfg)
     trained = load_trained(cfg.ckpt, use_ema=cfg.use_ema)  # the file is read once, whatever it holds
-    if isinstance(trained, AutoencoderKL):
+    if not isinstance(trained, TrainedDenoiser):  # an autoencoder-stage checkpoint
         if cfg.lora or cfg.lora_scale != 1.0 or cfg.export_fused:
             raise ConfigError(
                 f"lora / lora_scale / export_fused: ckpt={cfg.ckpt!r} is an autoencoder, which takes no adapters"
@@ -191,12 +223,17 @@ def run(cfg: DictConfig) -> Path:
             raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
         with folder_written_atomically(target) as staging:
             trained.save_pretrained(staging, safe_serialization=True)
-        log.info("exported the autoencoder of %s to %s (diffusers AutoencoderKL)", cfg.ckpt, target)
+        log.info("exported the autoencoder of %s to %s (diffusers %s)", cfg.ckpt, target, type(trained).__name__)
         return target
     denoiser = trained
     _apply_lora(cfg, denoiser)
-    # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's
-    sampler_cfg = cfg.sampler if "_target_" in cfg.sampler else cfg.sampler[denoiser.objective.name]
+    # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's, with
+    # what its objective needs of it (a zero-terminal-SNR model: trailing timesteps)
+    sampler_cfg = cfg.sampler
+    if "_target_" not in cfg.sampler:
+        sampler_cfg = OmegaConf.merge(
+            cfg.sampler[denoiser.objective.name], denoiser.objective.default_sampler_overrides
+        )
     # A sampler of the other kind (DDPM vs flow matching) than the model is a ConfigError.
     # A model that fits one sampler only (a latent consistency model: LCMScheduler) takes it whatever `sampler` says.
     factory = REQUIRED_SAMPLERS[denoiser.required_sampler] if denoiser.required_sampler else instantiate(sampler_cfg)
@@ -217,6 +254,7 @@ def run(cfg: DictConfig) -> Path:
     conditioning = denoiser.conditioning.to(device)
     prompts = _prompts(cfg, denoiser, cfg.num_images)
     size = _image_size(cfg, denoiser)
+    frames = _num_frames(cfg, denoiser)
     sized = SIZE_AND_CROP in conditioning.reads  # SDXL: the size and crop ids as StableDiffusionXLPipeline takes them
     if not sized and (cfg.original_size is not None or list(cfg.crop_top_left) != [0, 0]):
         raise ConfigError("original_size / crop_top_left given, but the model takes no size conditioning (SDXL does)")
@@ -253,6 +291,7 @@ def run(cfg: DictConfig) -> Path:
             cfg.eta,
             denoiser.vae,
             size,
+            frames,
         )
 
     if not speed.is_plain:
@@ -276,11 +315,17 @@ def run(cfg: DictConfig) -> Path:
                 difference,
                 speed.allowed_difference,
             )
+    # what ran, as the scheduler was built: the class the objective picked (an SNR-shifted schedule's CogVideoX DDIM),
+    # and the configured keys' values after the model's changes (a latent model's unclipped x0)
     sampler_settings = {
-        "sampler": get_object(sampler_cfg._target_).__name__,
+        "sampler": type(scheduler).__name__,
         "steps": cfg.steps,
         "eta": cfg.eta,
-        **{k: v for k, v in OmegaConf.to_container(sampler_cfg).items() if not k.startswith("_")},
+        **{
+            key: scheduler.config.get(key, value)
+            for key, value in OmegaConf.to_container(sampler_cfg).items()
+            if not key.startswith("_")
+        },
     }
     if not speed.is_plain:
         sampler_settings["speed"] = dataclasses.asdict(speed)
@@ -297,9 +342,15 @@ def run(cfg: DictConfig) -> Path:
                 all_pixels.append(pixels)
                 for offset, image in enumerate(pixels):
                     index = start + offset
-                    file_name = f"{index:06d}.png"
-                    Image.fromarray(image).save(out / file_name)
+                    if frames is None:
+                        file_name = f"{index:06d}.png"
+                        Image.fromarray(image).save(out / file_name)
+                    else:  # a clip (F, H, W, 3)
+                        file_name = f"{index:06d}.{cfg.video_format}"
+                        write_video([Image.fromarray(frame) for frame in image], out / file_name, cfg.fps)
                     record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **sampler_settings}
+                    if frames is not None:
+                        record["num_frames"], record["fps"] = frames, cfg.fps
                     if cfg.lora or has_adapters(net):
                         record["lora"] = cfg.lora or denoiser.source
                         record["lora_scale"] = cfg.lora_scale
@@ -319,7 +370,8 @@ def run(cfg: DictConfig) -> Path:
                     metadata.write(json.dumps(record) + "\n")
                 progress.update(count)
         seconds = time.perf_counter() - started
-        image_grid(np.concatenate(all_pixels)).save(out / "grid.png")
+        grid = image_grid if frames is None else frames_grid  # clips: one per row, a frame per column
+        grid(np.concatenate(all_pixels)).save(out / "grid.png")
     log.info(
         "sampled %d images in %.1f s: %.2f images/s, %.3f s per batch of %d (%d steps, PNG writing included)",
         cfg.num_images,
@@ -331,7 +383,8 @@ def run(cfg: DictConfig) -> Path:
     )
     log.info("wrote %d images, metadata.jsonl and grid.png to %s", cfg.num_images, target)
     if reference is not None:  # after the samples are in place: a failing metric never costs them
-        metrics = judge_samples(cfg, reference, np.concatenate(all_pixels), prompts, labels, device)
+        judge = judge_samples if frames is None else judge_clips
+        metrics = judge(cfg, reference, np.concatenate(all_pixels), prompts, labels, device)
         (target / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("metrics of %d images: %s (written to %s)", cfg.num_images, metrics, target / "metrics.json")
     return target
@@ -340,6 +393,7 @@ def run(cfg: DictConfig) -> Path:
 # Data modules a run's config.yaml may name: a `_target_` read from a file is code to run, so only these are built.
 _DATA_MODULES = {
     "lightdiff.data.ShapesDataModule",
+    "lightdiff.data.MovingShapesDataModule",
     "lightdiff.data.ImageFolderDataModule",
     "lightdiff.data.HFDataModule",
 }
@@ -414,4 +468,34 @@ def judge_samples(
     }
     if isinstance(datamodule.source_dataset, ShapesDataset):
         result["shapes"] = shapes_metric(pixels, labels.tolist() if labels is not None else None, prompts)
+    return result
+
+
+def judge_clips(
+    cfg: DictConfig,
+    datamodule: ImageDataModule,
+    clips: np.ndarray,
+    prompts: list[str] | None,
+    labels: torch.Tensor | None,
+    device: torch.device,
+) -> dict[str, object]:
+    """The FVD substitute of uint8 clips (N, F, H, W, 3) against `datamodule`'s first `metrics.num_samples` clips
+    (`lightdiff.metrics.motion.video_distance`), plus the video judge on moving-shapes data."""
+    dataset = datamodule.source_dataset
+    count = min(cfg.metrics.num_samples, len(dataset))
+    reference = torch.stack([dataset[index]["pixel_values"] for index in range(count)]).float() / 2 + 0.5
+    generated = torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 255
+    if reference.shape[1:] != generated.shape[1:]:
+        raise ConfigError(
+            f"the reference clips are {tuple(reference.shape[1:])} (frames, channels, height, width), the samples "
+            f"{tuple(generated.shape[1:])}: sample at the data's size and num_frames"
+        )
+    result: dict[str, object] = {
+        "fvd_random": video_distance(reference.to(device), generated.to(device)),
+        "num_clips": len(clips),
+        "reference_samples": count,
+        "reference_data": datamodule.identity,
+    }
+    if isinstance(dataset, MovingShapesDataset):
+        result["motion"] = motion_metric(clips, prompts)
     return result

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SchedulerMixin
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from lightdiff.diffusion.flow_matching import resolution_shift_mu
 from lightdiff.nets.conditioning import SIZE_AND_CROP, Conditioning, Inputs, size_and_crop
-from lightdiff.nets.denoiser import image_tokens, latent_channels, network_output
-from lightdiff.nets.vae import decode_latents, vae_scale_factor
+from lightdiff.nets.denoiser import image_tokens, is_video_net, latent_channels, network_output
+from lightdiff.nets.vae import Autoencoder, decode_latents, latent_frames, vae_scale_factor
 
 FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: latents a side when no size is given
 
@@ -102,11 +103,13 @@ def generate(
     guidance_scale: float = 1.0,  # classifier-free guidance; 1: none
     negative_prompt: str = "",  # the unconditional input of a guided text model
     eta: float = 0.0,  # DDIM's stochasticity
-    vae: AutoencoderKL | None = None,  # decode the samples through it (a latent model)
+    vae: Autoencoder | None = None,  # decode the samples through it (a latent model)
     size: tuple[int, int] | None = None,  # (height, width) of the images in pixels; None: the net's sample_size
+    num_frames: int | None = None,  # frames per clip of a video net; None: its `sample_frames`
 ) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W), float32: step for step what DDPMPipeline / DDIMPipeline (pixels) or
-    StableDiffusionPipeline / StableDiffusion3Pipeline (latents) draw from the same generators.
+    StableDiffusionPipeline / StableDiffusion3Pipeline (latents) draw from the same generators; clips (B, F, 3, H, W)
+    of a video net, as CogVideoXPipeline draws them (noise in the transformer's (B, F, C, H, W) latent layout).
 
     Guided: out = out(x, uncond) + w (out(x, c) - out(x, uncond)) (Ho & Salimans 2022, Equation 6 with w = 1 + their
     w), both halves in one network call as the pipelines do; the same combination of velocities for a flow.
@@ -134,7 +137,10 @@ def generate(
         uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
         return uncond + guidance_scale * (cond - uncond)
 
-    shape = (len(seeds), latent_channels(net), height // factor, width // factor)
+    shape: tuple[int, ...] = (len(seeds), latent_channels(net), height // factor, width // factor)
+    if is_video_net(net):
+        frames = num_frames or net.config.sample_frames
+        shape = (len(seeds), latent_frames(vae, frames), *shape[1:])
     timesteps = pipeline_timesteps(net, scheduler, num_inference_steps, shape[-2], shape[-1])
     generators = generators_for(seeds)
     sample = denoise(model, scheduler, num_inference_steps, shape, generators, device, net.dtype, eta, timesteps)
@@ -186,8 +192,9 @@ def preview_inputs(
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounding as diffusers' `numpy_to_pil` does."""
-    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounding as diffusers' `numpy_to_pil` does; clips
+    (B, F, 3, H, W) -> (B, F, H, W, 3)."""
+    return (images.movedim(-3, -1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def grid_columns(count: int) -> int:
@@ -208,3 +215,32 @@ def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 1) -
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     return picture
+
+
+def frames_grid(clips: np.ndarray, scale: int = 1) -> Image.Image:
+    """uint8 clips (B, F, H, W, 3) -> one PIL grid, a clip per row and a frame per column."""
+    count, frames = clips.shape[:2]
+    return image_grid(clips.reshape(count * frames, *clips.shape[2:]), columns=frames, scale=scale)
+
+
+def grid_video(clips: np.ndarray, scale: int = 1) -> list[Image.Image]:
+    """uint8 clips (B, F, H, W, 3) -> F frames, each a square grid of every clip at that time: one video of all."""
+    return [image_grid(np.ascontiguousarray(clips[:, index]), scale=scale) for index in range(clips.shape[1])]
+
+
+VIDEO_FORMATS = ("mp4", "gif")
+
+
+def write_video(frames: Sequence[Image.Image], path: Path, fps: int) -> Path:
+    """Frames as an mp4 (H.264 through imageio's ffmpeg, as diffusers' `export_to_video`) or a gif (`export_to_gif`),
+    by `path`'s suffix."""
+    from diffusers.utils import export_to_gif, export_to_video
+
+    if path.suffix == ".gif":
+        export_to_gif(list(frames), str(path), fps=fps)
+    elif path.suffix == ".mp4":
+        # macro_block_size 1: sides are kept as they are (16 would resize a 24 px frame); quality 10: near lossless
+        export_to_video([np.asarray(frame) for frame in frames], str(path), fps=fps, quality=10, macro_block_size=1)
+    else:
+        raise ValueError(f"{path}: a video is written as one of {VIDEO_FORMATS}")
+    return path

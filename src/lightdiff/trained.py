@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
     LCMScheduler,
     SD3Transformer2DModel,
@@ -46,8 +47,8 @@ from lightdiff.nets.lora import (
     is_adapter_key,
     load_lora_file,
 )
-from lightdiff.nets.pretrained import pretrained_text_conditioning
-from lightdiff.nets.vae import vae_scale_factor
+from lightdiff.nets.pretrained import load_vae, pretrained_text_conditioning
+from lightdiff.nets.vae import VAE_CLASSES, Autoencoder, vae_scale_factor
 from lightdiff.sampling import sample_size
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,11 @@ NET_CLASSES = DENOISER_CLASSES
 # Samplers a model may require whatever `sampler=` says (a latent consistency model: LCMScheduler), by class name.
 REQUIRED_SAMPLERS: dict[str, type] = {"LCMScheduler": LCMScheduler}
 LCM_PIPELINE_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default, for LCM folders written elsewhere
+# Networks whose pipeline folders are read with `pretrained_text_conditioning` (each part by its class)
+PRETRAINED_TEXT_NETS = (FluxTransformer2DModel, SD3Transformer2DModel, CogVideoXTransformer3DModel)
 FLUX_PIPELINE_GUIDANCE_SCALE = 3.5  # FluxPipeline's default `guidance_scale` (a guidance-embedding transformer's input)
 METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
+VAE_CLASSES_TUPLE = tuple(VAE_CLASSES.values())
 
 
 @dataclass
@@ -68,10 +72,11 @@ class TrainedDenoiser:
     class_names: list[str] | None
     source: str  # the checkpoint file or pipeline folder it came from
     uses_ema: bool  # whether `net` holds the EMA weights
-    vae: AutoencoderKL | None = None  # latent models only
+    vae: Autoencoder | None = None  # latent models only
     scheduler_overrides: dict | None = None  # sampler settings the model needs (a turbo student: trailing timesteps)
     required_sampler: str | None = None  # a key of REQUIRED_SAMPLERS: the only sampler that fits (LCM students)
     image_size: tuple[int, int] | None = None  # (height, width) in pixels it trained at, where recorded
+    num_frames: int | None = None  # frames per clip a video model trained on, where recorded
 
     def default_size(self) -> tuple[int, int]:
         """(height, width) in pixels sample.py draws without `height` / `width`: the training size where recorded
@@ -160,11 +165,7 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
     uses_ema = use_ema and _load_ema(net, checkpoint, path)
     if use_ema and not uses_ema:
         log.warning("%s has no EMA weights; sampling with the raw weights", path)
-    vae = None
-    if meta.get("vae_config"):  # a latent model (or a turbo student of one)
-        vae = AutoencoderKL.from_config(meta["vae_config"])
-        load_weights(vae, _weights(checkpoint, "vae."), f"{path} (vae.)")
-        vae.eval()
+    vae = _autoencoder_from_checkpoint(path, checkpoint, meta) if meta.get("vae_config") else None
     return TrainedDenoiser(
         net=net.eval(),
         # format 1 kept the schedule and prediction type beside the objective's name
@@ -179,6 +180,7 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         scheduler_overrides=meta.get("scheduler_overrides"),
         required_sampler=_required_sampler(meta.get("sampler"), path),
         image_size=_image_size(meta.get("image_size")),
+        num_frames=meta.get("num_frames"),
     )
 
 
@@ -277,8 +279,8 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
             }
         )
     vae = None
-    if is_sdxl(net) or isinstance(net, (FluxTransformer2DModel, SD3Transformer2DModel)):  # every encoder it takes
-        vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    if is_sdxl(net) or isinstance(net, PRETRAINED_TEXT_NETS):  # every encoder it takes, and its VAE
+        vae = load_vae(str(folder), None).eval()
         conditioning = pretrained_text_conditioning(
             str(folder),
             net,
@@ -313,6 +315,7 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
         vae=vae,
         required_sampler="LCMScheduler" if scheduler_config.get("_class_name") == "LCMScheduler" else None,
         image_size=_image_size(metadata.get("image_size")),
+        num_frames=metadata.get("num_frames"),
     )
 
 
@@ -320,13 +323,17 @@ def _image_size(recorded: list[int] | None) -> tuple[int, int] | None:
     return (int(recorded[0]), int(recorded[1])) if recorded else None
 
 
-def _autoencoder_from_checkpoint(path: Path, checkpoint: dict, meta: dict) -> AutoencoderKL:
-    vae = AutoencoderKL.from_config(meta["vae_config"])
+def _autoencoder_from_checkpoint(path: Path, checkpoint: dict, meta: dict) -> Autoencoder:
+    """The checkpoint's VAE (`vae.`), of the class it records (AutoencoderKL before classes were recorded)."""
+    vae_class = VAE_CLASSES.get(meta.get("vae_class") or "AutoencoderKL")
+    if vae_class is None:
+        raise ValueError(f"{path}: lightdiff.vae_class={meta.get('vae_class')!r} is not one of {sorted(VAE_CLASSES)}")
+    vae = vae_class.from_config(meta["vae_config"])
     load_weights(vae, _weights(checkpoint, "vae."), f"{path} (vae.)")
     return vae.eval()
 
 
-def load_trained(path: str | Path, use_ema: bool = True) -> TrainedDenoiser | AutoencoderKL:
+def load_trained(path: str | Path, use_ema: bool = True) -> TrainedDenoiser | Autoencoder:
     """What a checkpoint file holds, read once: a denoiser (EMA weights by default) or, from the autoencoder
     stage, its VAE; a folder is read as an exported pipeline."""
     path = Path(path).expanduser()
@@ -351,11 +358,11 @@ def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:
     return trained
 
 
-def load_autoencoder(path: str | Path) -> AutoencoderKL:
-    """The VAE of an autoencoder-stage checkpoint, or a diffusers AutoencoderKL folder."""
+def load_autoencoder(path: str | Path) -> Autoencoder:
+    """The VAE of an autoencoder-stage checkpoint, or a diffusers VAE folder (AutoencoderKL, a video VAE)."""
     if Path(path).expanduser().is_dir():
-        return AutoencoderKL.from_pretrained(Path(path).expanduser()).eval()
+        return load_vae(None, str(Path(path).expanduser())).eval()
     trained = load_trained(path)
-    if not isinstance(trained, AutoencoderKL):
+    if not isinstance(trained, VAE_CLASSES_TUPLE):
         raise ValueError(f"{path} is not an autoencoder checkpoint")
     return trained

@@ -1,4 +1,6 @@
-"""Fixed-seed sample grids during training (and the shapes metric beside them on the shapes data set)."""
+"""Fixed-seed sample grids during training (and the shapes metric beside them on the shapes data set); a video
+method's clips as a grid of frames (a clip per row) and one mp4 of all clips playing side by side, judged by the
+video judge on moving-shapes data."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from pytorch_lightning.utilities import rank_zero_only
 from lightdiff.callbacks.ema import find_ema
 from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
+from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.shapes import ShapesDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.metrics import shapes_metric
-from lightdiff.sampling import grid_columns, image_grid, to_uint8
+from lightdiff.metrics.motion import motion_metric
+from lightdiff.sampling import frames_grid, grid_columns, grid_video, image_grid, to_uint8, write_video
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,8 @@ class SampleGrid(pl.Callback):
         seeds = list(range(self.seed, self.seed + count))
         # The grid's size bounds the batch's memory.
         previews = method_previews(trainer, pl_module, seeds, self.sampler, self.steps, self.num_images)
+        if previews[0].videos is not None:
+            return self._log_clips(trainer, previews, prefix)
         pixels = to_uint8(torch.cat([p.images for p in previews]))
         labels = torch.cat([p.labels for p in previews]) if previews[0].labels is not None else None
         grid_images = previews[0].grid_images if previews[0].grid_images is not None else previews[0].images
@@ -131,3 +137,34 @@ class SampleGrid(pl.Callback):
                 else:
                     logger.log_image(key=f"{prefix}/grid", images=[grid], step=step)
         return metrics
+
+    def _log_clips(self, trainer: pl.Trainer, previews: list[Preview], prefix: str) -> dict[str, float]:
+        """A video method's previews: samples/<prefix>_stepN.png (a clip per row: input above reconstruction for an
+        autoencoder) and .mp4 (every clip side by side), logged to wandb as an image and a video; the video judge's
+        fractions on moving-shapes data."""
+        clips = to_uint8(torch.cat([p.videos for p in previews]))
+        shown_clips = previews[0].grid_images if previews[0].grid_images is not None else previews[0].videos
+        shown = to_uint8(shown_clips[: self.num_images])
+        step = trainer.global_step
+        folder = Path(trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = frames_grid(shown, scale=self.upscale)
+        grid.save(folder / f"{prefix}_step{step:07d}.png")
+        video = write_video(grid_video(shown, scale=self.upscale), folder / f"{prefix}_step{step:07d}.mp4", VIDEO_FPS)
+        metrics = {f"{prefix}/{name}": value for name, value in previews[0].metrics.items()}
+        prompts = [prompt for p in previews for prompt in (p.prompts or [])]
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(getattr(datamodule, "source_dataset", None), MovingShapesDataset):
+            scores = motion_metric(clips, prompts if len(prompts) == len(clips) else None)
+            metrics.update({f"{prefix}/motion_{name}": value for name, value in scores.items()})
+        for logger in trainer.loggers:
+            if metrics:
+                logger.log_metrics(metrics, step=step)
+            if isinstance(logger, WandbLogger):
+                caption = ", ".join(prompts[: len(shown)]) if prompts else None
+                logger.log_image(key=f"{prefix}/grid", images=[grid], caption=[caption] if caption else None, step=step)
+                logger.log_video(key=f"{prefix}/video", videos=[str(video)], step=step, format=["mp4"])
+        return metrics
+
+
+VIDEO_FPS = 4  # the preview videos' frame rate: a 9-frame clip plays in about two seconds

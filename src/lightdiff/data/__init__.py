@@ -1,7 +1,14 @@
 """Data sets and the DataModules that serve them."""
 
-from lightdiff.data.datamodule import HFDataModule, ImageDataModule, ImageFolderDataModule, ShapesDataModule
+from lightdiff.data.datamodule import (
+    HFDataModule,
+    ImageDataModule,
+    ImageFolderDataModule,
+    MovingShapesDataModule,
+    ShapesDataModule,
+)
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
+from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.shapes import ShapesDataset
 from lightdiff.data.transforms import ImageTransform
 
@@ -12,6 +19,8 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "ImageTransform",
+    "MovingShapesDataModule",
+    "MovingShapesDataset",
     "ShapesDataModule",
     "ShapesDataset",
 ]

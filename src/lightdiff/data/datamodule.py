@@ -17,6 +17,7 @@ from lightdiff.config import ConfigError
 from lightdiff.data.buckets import BucketSpec
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
 from lightdiff.data.latent_cache import cached_latents, cached_text_states
+from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Serves batches {"pixel_values": (B, 3, H, W) in [-1, 1], "label": (B,), "text": list[str]}."""
+    """Serves batches {"pixel_values": (B, 3, H, W) in [-1, 1], "label": (B,), "text": list[str]}; a video data set's
+    "pixel_values" are clips (B, F, 3, H, W) (`num_frames`)."""
 
     def __init__(
         self,
@@ -98,6 +100,11 @@ class ImageDataModule(pl.LightningDataModule):
     def resolution(self) -> int:
         """Side in pixels of every image (before any latent encoding)."""
         return int(self.source_dataset.resolution)
+
+    @property
+    def num_frames(self) -> int | None:
+        """Frames per clip of a video data set; None for images."""
+        return getattr(self.source_dataset, "num_frames", None)
 
     def captions(self) -> list[str]:
         """Every caption of the data set (with repeats), e.g. to build a tokenizer; empty if it has none."""
@@ -208,6 +215,25 @@ class ShapesDataModule(ImageDataModule):
             identity,
             random_views=random_flip,
         )
+
+
+class MovingShapesDataModule(ImageDataModule):
+    """The embedded moving-shapes video data set (`data=moving_shapes`): clips (F, 3, H, W)."""
+
+    def __init__(
+        self,
+        resolution: int = 32,  # frame side in pixels
+        num_frames: int = 9,  # frames per clip
+        size: int = 50_000,  # clips per epoch
+        seed: int = 0,  # data seed: clip i is a pure function of (seed, i)
+        batch_size: int = 16,  # per-device batch size (clips)
+        num_workers: int = 0,  # loader processes
+        pin_memory: bool = False,  # page-locked batches
+        persistent_workers: bool = False,  # keep workers between epochs
+    ) -> None:
+        dataset = MovingShapesDataset(size=size, resolution=resolution, num_frames=num_frames, seed=seed)
+        identity = f"moving_shapes|size={size}|seed={seed}|resolution={resolution}|num_frames={num_frames}"
+        super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity)
 
 
 class ImageFolderDataModule(ImageDataModule):

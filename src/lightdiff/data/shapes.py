@@ -71,7 +71,7 @@ def draw_shape(
     return canvas.resize((width, height), Image.Resampling.BOX)
 
 
-def _drawn_class(seed: int, index: int) -> tuple[np.random.Generator, str, str]:
+def drawn_class(seed: int, index: int) -> tuple[np.random.Generator, str, str]:
     """The shape and colour of sample `index`, and the generator that goes on to place it."""
     rng = np.random.default_rng([seed, index])
     shape_index = int(rng.integers(len(SHAPES)))
@@ -81,13 +81,13 @@ def _drawn_class(seed: int, index: int) -> tuple[np.random.Generator, str, str]:
 
 def shapes_label(seed: int, index: int) -> int:
     """The class of sample `index`, without drawing it."""
-    _, shape, color = _drawn_class(seed, index)
+    _, shape, color = drawn_class(seed, index)
     return class_label(shape, color)
 
 
 def shapes_sample(seed: int, index: int, resolution: int) -> tuple[Image.Image, int, str]:
     """(image, label, caption) of sample `index`; a pure function of (seed, index, resolution)."""
-    rng, shape, color = _drawn_class(seed, index)
+    rng, shape, color = drawn_class(seed, index)
     side = float(rng.uniform(MIN_SIDE, MAX_SIDE)) * resolution
     left = float(rng.uniform(0, resolution - side))
     top = float(rng.uniform(0, resolution - side))
@@ -106,7 +106,7 @@ def variable_aspect_sample(
     """Sample `index` of the variable-aspect stream: a picture of aspect ratio (width / height) drawn from
     `aspect_ratios`, of twice the area of a `resolution` square... side, so every training size is a reduction of it,
     with the shape placed anywhere in it (its side a fraction of the short side, as in the square set)."""
-    rng, shape, color = _drawn_class(seed, index)
+    rng, shape, color = drawn_class(seed, index)
     height, width = variable_aspect_size(resolution, float(aspect_ratios[int(rng.integers(len(aspect_ratios)))]))
     side = float(rng.uniform(MIN_SIDE, MAX_SIDE)) * min(height, width)
     left = float(rng.uniform(0, width - side))
@@ -177,7 +177,7 @@ class ShapesDataset(Dataset):
         if self.aspect_ratios is None:
             return self.resolution, self.resolution
         stream_index = self._stream_index[index] if self._stream_index is not None else index
-        rng, _, _ = _drawn_class(self.seed, stream_index)
+        rng, _, _ = drawn_class(self.seed, stream_index)
         ratio = self.aspect_ratios[int(rng.integers(len(self.aspect_ratios)))]
         return variable_aspect_size(self.resolution, ratio)
 

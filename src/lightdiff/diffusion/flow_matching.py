@@ -194,6 +194,10 @@ class FlowMatching:
     def few_step_overrides(self) -> dict[str, Any]:
         return {}  # FlowMatchEuler's first step is t = 1, pure noise, at any step count
 
+    @property
+    def default_sampler_overrides(self) -> dict[str, Any]:
+        return {}  # the flow samplers' defaults fit every flow-matching model
+
     def student_timesteps(
         self, count: int, requested: list[int] | None, timestep_arguments: dict[str, Any] | None = None
     ) -> list[float]:

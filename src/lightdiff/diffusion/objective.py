@@ -85,6 +85,12 @@ class Objective(Protocol):
         """Changes to `default_sampler`'s config under which its first step starts from pure noise."""
         ...
 
+    @property
+    def default_sampler_overrides(self) -> dict[str, Any]:
+        """Changes to the objective's default sampler (sample.py's `sampler=auto`) that this model needs at any step
+        count (a zero-terminal-SNR model: trailing timesteps); an explicitly chosen sampler is taken as it is."""
+        ...
+
     def student_timesteps(
         self, count: int, requested: list[int] | None, timestep_arguments: dict[str, Any] | None = None
     ) -> list[float]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, SchedulerMixin
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion.distillation import trailing_timesteps
@@ -152,6 +152,19 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.T
 MAX_FIRST_STEP_AMPLIFICATION = 20.0
 
 
+def _snr_shifted(factory: SchedulerFactory, scale: float) -> SchedulerFactory:
+    """`factory`'s CogVideoX twin, which takes `snr_shift_scale` (a partial keeps its settings)."""
+    if scheduler_name(factory) == "CogVideoXDDIMScheduler":
+        return factory
+    if scheduler_name(factory) != "DDIMScheduler":
+        raise ConfigError(
+            f"sampler {scheduler_name(factory)}: schedule.snr_shift_scale={scale} is sampled by DDIM only "
+            "(CogVideoXDDIMScheduler); use sampler=ddim"
+        )
+    keywords = getattr(factory, "keywords", {})
+    return functools.partial(CogVideoXDDIMScheduler, **keywords)
+
+
 @dataclass(frozen=True)
 class DDPM:
     """Discrete-time denoising diffusion (`objective=ddpm`, the default; Ho et al. 2020): x_t = alpha_t x_0 + sigma_t
@@ -238,12 +251,16 @@ class DDPM:
         return not is_flow_sampler(factory)
 
     def scheduler(self, factory: SchedulerFactory) -> SchedulerMixin:
-        """`factory` with exactly this schedule's betas and this prediction type."""
+        """`factory` with exactly this schedule's betas and this prediction type. An SNR-shifted schedule (CogVideoX)
+        exists in diffusers' CogVideoX schedulers only: DDIM becomes CogVideoXDDIMScheduler (the same update with the
+        shift, what CogVideoXPipeline ships), any other sampler a ConfigError."""
         if not self.accepts(factory):
             raise ConfigError(
                 f"sampler {scheduler_name(factory)} integrates a flow, but the model was trained with objective=ddpm: "
                 "use a DDPM sampler (ddim, ddpm, dpm, euler)"
             )
+        if self.schedule.snr_shift_scale != 1.0:
+            factory = _snr_shifted(factory, self.schedule.snr_shift_scale)
         return factory(**self.schedule.scheduler_kwargs(), prediction_type=self.prediction_type)
 
     @property
@@ -254,6 +271,12 @@ class DDPM:
     def few_step_overrides(self) -> dict[str, Any]:
         """DDIM at "trailing" timesteps: the first step is T - 1 (Lin et al. 2024, Table 2)."""
         return {"timestep_spacing": "trailing"}
+
+    @property
+    def default_sampler_overrides(self) -> dict[str, Any]:
+        """At zero terminal SNR, "trailing" timesteps at any step count: the model's only pure-noise step is T - 1,
+        which "leading" spacing never visits (Lin et al. 2024, Section 3.3), as CogVideoXPipeline ships its DDIM."""
+        return {"timestep_spacing": "trailing"} if self.schedule.rescale_betas_zero_snr else {}
 
     def student_timesteps(
         self, count: int, requested: list[int] | None, timestep_arguments: dict[str, Any] | None = None

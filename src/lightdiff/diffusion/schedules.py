@@ -51,12 +51,25 @@ def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float) -> tor
     )
 
 
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0 (Lin et al. 2023, arXiv 2305.08891, Algorithm 1)."""
-    sqrt_alpha_bar = torch.cumprod(1 - betas, dim=0).sqrt()
+def rescale_alpha_bar_zero_terminal_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0 and alpha_bar_1 is kept (Lin et al. 2023, arXiv
+    2305.08891, Algorithm 1)."""
+    sqrt_alpha_bar = alpha_bar.sqrt()
     first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
-    sqrt_alpha_bar = (sqrt_alpha_bar - last) * first / (first - last)
-    alpha_bar = sqrt_alpha_bar**2
+    return ((sqrt_alpha_bar - last) * first / (first - last)) ** 2
+
+
+def shift_snr(alpha_bar: torch.Tensor, scale: float) -> torch.Tensor:
+    """alpha_bar / (scale + (1 - scale) alpha_bar), which is SNR(t) / scale at every step: the noise levels of a
+    `scale`-times larger input (Esser et al. 2024, Section 5.3.2's resolution shift; CogVideoX trains with 3.0,
+    CogVideoXDDIMScheduler's `snr_shift_scale`)."""
+    return alpha_bar / (scale + (1 - scale) * alpha_bar)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose alpha_bar is rescaled to zero terminal SNR (`rescale_alpha_bar_zero_terminal_snr`), as diffusers'
+    schedulers apply it to betas."""
+    alpha_bar = rescale_alpha_bar_zero_terminal_snr(torch.cumprod(1 - betas, dim=0))
     alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
     return 1 - alphas
 
@@ -70,6 +83,7 @@ class NoiseSchedule:
     beta_start: float = 1e-4  # beta_1 (ignored by squaredcos_cap_v2)
     beta_end: float = 0.02  # beta_T (ignored by squaredcos_cap_v2)
     rescale_betas_zero_snr: bool = False  # force alpha_bar_T = 0 (Lin et al. 2023); needed for 1-step students
+    snr_shift_scale: float = 1.0  # divide every SNR by this (CogVideoX: 3.0), before any zero-SNR rescaling
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"):
@@ -81,9 +95,11 @@ class NoiseSchedule:
             raise ValueError(f"schedule.num_train_timesteps={self.num_train_timesteps} must be at least 2")
         if not 0 < self.beta_start < 1 or not 0 < self.beta_end < 1:
             raise ValueError(f"schedule betas must lie in (0, 1); got {self.beta_start} and {self.beta_end}")
+        if self.snr_shift_scale <= 0:
+            raise ValueError(f"schedule.snr_shift_scale={self.snr_shift_scale} must be positive")
 
     def betas(self) -> torch.Tensor:
-        """float64 betas of length T."""
+        """float64 betas of length T (before any SNR shift: `alphas_cumprod` applies it)."""
         n = self.num_train_timesteps
         if self.beta_schedule == "linear":
             betas = linear_betas(n, self.beta_start, self.beta_end)
@@ -93,11 +109,18 @@ class NoiseSchedule:
             betas = cosine_betas(n)
         else:
             betas = sigmoid_betas(n, self.beta_start, self.beta_end)
+        if self.snr_shift_scale != 1.0:  # the shift comes first; `alphas_cumprod` rescales after it
+            return betas
         return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
 
     def alphas_cumprod(self) -> torch.Tensor:
-        """alpha_bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, Equation 4), float64."""
-        return torch.cumprod(1 - self.betas(), dim=0)
+        """alpha_bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, Equation 4), float64; SNR-shifted, then rescaled
+        to zero terminal SNR, where the schedule says so (CogVideoXDDIMScheduler's order)."""
+        alpha_bar = torch.cumprod(1 - self.betas(), dim=0)
+        if self.snr_shift_scale == 1.0:
+            return alpha_bar
+        alpha_bar = shift_snr(alpha_bar, self.snr_shift_scale)
+        return rescale_alpha_bar_zero_terminal_snr(alpha_bar) if self.rescale_betas_zero_snr else alpha_bar
 
     def scheduler_kwargs(self) -> dict[str, object]:
         """Arguments that make any diffusers scheduler use exactly these betas.
@@ -111,6 +134,8 @@ class NoiseSchedule:
             "beta_end": self.beta_end,
             "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
         }
+        if self.snr_shift_scale != 1.0:  # only CogVideoX's schedulers take it (DDPM.scheduler picks them)
+            kwargs["snr_shift_scale"] = self.snr_shift_scale
         if self.beta_schedule == "sigmoid":
             kwargs["beta_schedule"] = "linear"
             kwargs["trained_betas"] = sigmoid_betas(self.num_train_timesteps, self.beta_start, self.beta_end).tolist()
@@ -128,4 +153,5 @@ class NoiseSchedule:
             beta_start=float(config.get("beta_start", 1e-4)),
             beta_end=float(config.get("beta_end", 0.02)),
             rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
+            snr_shift_scale=float(config.get("snr_shift_scale", 1.0)),
         )

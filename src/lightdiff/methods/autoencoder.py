@@ -2,6 +2,9 @@
 `AutoencoderKL` trained with a pixel reconstruction loss, a small KL weight, and a PatchGAN hinge loss that is
 switched on after `disc_start` steps and balanced against the reconstruction by the adaptive weight of VQGAN.
 
+On a video data set (`data=moving_shapes`) it trains `video_vae` instead, CogVideoX's `AutoencoderKLCogVideoX`
+(causal 3-D convolutions, 4x in time): the same losses, each clip's frames judged by the PatchGAN as images.
+
 Two optimisers under manual optimisation. Lightning counts each optimiser step in `global_step`, so once the
 discriminator is on, one batch advances `trainer.max_steps` by two; `disc_start` counts autoencoder updates.
 """
@@ -13,7 +16,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 
 from lightdiff.checkpointing import check_checkpoint_fits, plain_config
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat
@@ -23,6 +26,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
 from lightdiff.nets.discriminator import PatchDiscriminator
+from lightdiff.nets.vae import Autoencoder, decode, is_video_vae, posterior, temporal_compression
 
 CHECKPOINT_FORMAT = 1
 
@@ -37,8 +41,8 @@ class AutoencoderTraining(pl.LightningModule):
     def __init__(
         self,
         data: ImageDataModule,  # given by train.py: the resolution is checked against the VAE
-        vae: AutoencoderKL,  # the autoencoder being trained (diffusers)
-        discriminator: PatchDiscriminator,  # the PatchGAN critic
+        vae: AutoencoderKL,  # the autoencoder being trained on images (diffusers)
+        discriminator: PatchDiscriminator,  # the PatchGAN critic (of a clip's frames, on video)
         reconstruction_loss: Literal["l1", "l2"] = "l1",  # pixel loss: l1 (latent-diffusion's choice) or l2
         kl_weight: NonNegativeFloat = 1e-6,  # weight of KL(q(z|x) || N(0, I)), summed over latent elements
         disc_weight: NonNegativeFloat = 0.5,  # scale of the adaptive adversarial weight
@@ -51,6 +55,7 @@ class AutoencoderTraining(pl.LightningModule):
         max_grad_norm: float | None = 1.0,  # clip the autoencoder's gradient norm (None: no clipping)
         perceptual_loss: torch.nn.Module | None = None,  # (reconstructions, images) in [-1, 1] -> distance, e.g. LPIPS
         perceptual_weight: NonNegativeFloat = 1.0,  # perceptual distance's weight, added to each pixel's loss (LDM)
+        video_vae: AutoencoderKLCogVideoX | None = None,  # the autoencoder trained on a video data set instead of `vae`
     ) -> None:
         super().__init__()
         if reconstruction_loss not in ("l1", "l2"):
@@ -59,7 +64,17 @@ class AutoencoderTraining(pl.LightningModule):
             raise ConfigError(f"model.disc_start={disc_start} must be >= 0")
         self.automatic_optimization = False
         self.shift_latents = shift_latents
-        self.vae = vae
+        if data.num_frames is not None:
+            if video_vae is None:
+                raise ConfigError("model.video_vae: the data set serves clips (data.num_frames); give a video VAE")
+            compression = temporal_compression(video_vae)
+            if (data.num_frames - 1) % compression:
+                raise ConfigError(
+                    f"data.num_frames={data.num_frames} must be {compression}k + 1: the video VAE keeps the first "
+                    f"frame and compresses the rest {compression}x in time"
+                )
+            vae = video_vae
+        self.vae: Autoencoder = vae
         self.discriminator = discriminator
         self.reconstruction_loss = reconstruction_loss
         self.kl_weight = kl_weight
@@ -89,9 +104,9 @@ class AutoencoderTraining(pl.LightningModule):
         difference = images - reconstructions
         per_pixel = difference.abs() if self.reconstruction_loss == "l1" else difference.pow(2)
         if self.perceptual_loss is not None:  # added to each pixel's loss, as LDM's LPIPSWithDiscriminator does
-            distance = self.perceptual_loss.eval()(reconstructions, images)
-            per_pixel = per_pixel + self.perceptual_weight * distance.reshape(-1, 1, 1, 1)
-        return per_pixel.flatten(1).sum(dim=1).mean()  # summed per image, as latent-diffusion's nll_loss
+            distance = self.perceptual_loss.eval()(_frames(reconstructions), _frames(images))
+            per_pixel = per_pixel + self.perceptual_weight * distance.reshape(*per_pixel.shape[:-3], 1, 1, 1)
+        return per_pixel.flatten(1).sum(dim=1).mean()  # summed per image (clip), as latent-diffusion's nll_loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer_vae, optimizer_disc = self.optimizers()
@@ -99,15 +114,15 @@ class AutoencoderTraining(pl.LightningModule):
         adversarial = self.autoencoder_updates() >= self.disc_start
 
         # Autoencoder update: reconstruction + KL (+ adaptive-weighted generator loss once the critic is on).
-        posterior = self.vae.encode(images).latent_dist
-        reconstructions = self.vae.decode(posterior.sample()).sample
+        latents = posterior(self.vae, images)
+        reconstructions = decode(self.vae, latents.sample())
         rec_loss = self._pixel_loss(images, reconstructions)
-        kl_loss = posterior.kl().mean()
+        kl_loss = latents.kl().mean()
         loss = rec_loss + self.kl_weight * kl_loss
         if adversarial:
             self.discriminator.requires_grad_(False)  # the generator's loss must not train the critic
-            gen_loss = hinge_generator_loss(self.discriminator(reconstructions))
-            weight = self.disc_weight * adaptive_weight(rec_loss, gen_loss, self.vae.decoder.conv_out.weight)
+            gen_loss = hinge_generator_loss(self.discriminator(_frames(reconstructions)))
+            weight = self.disc_weight * adaptive_weight(rec_loss, gen_loss, self._last_decoder_weight())
             loss = loss + weight * gen_loss
             self.discriminator.requires_grad_(True)
             self.log_dict({"train/g_loss": gen_loss, "train/d_weight": weight})
@@ -118,8 +133,8 @@ class AutoencoderTraining(pl.LightningModule):
 
         # Critic update on real images and detached reconstructions.
         if adversarial:
-            logits_real = self.discriminator(images)
-            logits_fake = self.discriminator(reconstructions.detach())
+            logits_real = self.discriminator(_frames(images))
+            logits_fake = self.discriminator(_frames(reconstructions.detach()))
             disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
             optimizer_disc.zero_grad(set_to_none=True)
             self.manual_backward(disc_loss)
@@ -150,10 +165,15 @@ class AutoencoderTraining(pl.LightningModule):
             self.optimizer_factory(self.discriminator.parameters(), lr=self.disc_lr),
         ]
 
+    def _last_decoder_weight(self) -> torch.Tensor:
+        """The decoder's output convolution: VQGAN's adaptive weight balances the gradients there."""
+        conv_out = self.vae.decoder.conv_out
+        return conv_out.conv.weight if is_video_vae(self.vae) else conv_out.weight  # CogVideoX: a causal wrapper
+
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction through the posterior mean."""
-        return self.vae.decode(self.vae.encode(images).latent_dist.mode()).sample
+        return decode(self.vae, posterior(self.vae, images).mode())
 
     @torch.no_grad()
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
@@ -164,11 +184,20 @@ class AutoencoderTraining(pl.LightningModule):
         reconstructions = self.reconstruct(images).clamp(-1, 1)
         labels = torch.tensor([int(item["label"]) for item in items])
         pairs = torch.stack([images, reconstructions], dim=1).flatten(0, 1)  # input, output, input, output, ...
+        metrics = {"psnr": psnr(reconstructions, images).mean().item()}
+        if images.ndim == 5:  # clips: the grid shows each clip's frames in a row, input above reconstruction
+            return Preview(
+                images=_frames(reconstructions).float() / 2 + 0.5,
+                grid_images=pairs.float() / 2 + 0.5,
+                metrics=metrics,
+                videos=reconstructions.float() / 2 + 0.5,
+                prompts=[str(item["text"]) for item in items],
+            )
         return Preview(
             images=reconstructions.float() / 2 + 0.5,
             labels=labels if bool((labels >= 0).all()) else None,
             grid_images=pairs.float() / 2 + 0.5,
-            metrics={"psnr": psnr(reconstructions, images).mean().item()},
+            metrics=metrics,
         )
 
     @torch.no_grad()
@@ -185,7 +214,7 @@ class AutoencoderTraining(pl.LightningModule):
             for index, batch in enumerate(loader):
                 if index >= self.scaling_batches:
                     break
-                latents.append(self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist.sample().float())
+                latents.append(posterior(self.vae, batch["pixel_values"].to(self.device)).sample().float())
         latents = torch.cat(latents)
         shift = latents.mean().item() if self.shift_latents else None
         factor = 1.0 / (latents - (shift or 0.0)).std().item()
@@ -198,5 +227,11 @@ class AutoencoderTraining(pl.LightningModule):
         checkpoint["lightdiff"] = {
             "format": CHECKPOINT_FORMAT,
             "method": "autoencoder",
+            "vae_class": type(self.vae).__name__,
             "vae_config": plain_config(self.vae.config),
         }
+
+
+def _frames(pixels: torch.Tensor) -> torch.Tensor:
+    """Images as they are; clips (B, F, 3, H, W) as their frames (B * F, 3, H, W), for image critics and LPIPS."""
+    return pixels.flatten(0, 1) if pixels.ndim == 5 else pixels

@@ -4,8 +4,10 @@ prediction, Ho et al. 2020; or rectified flow, Esser et al. 2024) on pixels, or 
 (`lightdiff.nets.conditioning`): nothing, class labels, or CLIP text with classifier-free guidance (Ho & Salimans
 2022: conditions are dropped with probability `cond_drop_prob` while training).
 
-The two config presets differ only in their defaults: `model=pixel` has no VAE and a UNet2DModel / DiT,
-`model=latent` the shapes VAE and a text-conditioned UNet2DConditionModel / MMDiT / PixArt.
+The config presets differ only in their defaults: `model=pixel` has no VAE and a UNet2DModel / DiT,
+`model=latent` the shapes VAE and a text-conditioned UNet2DConditionModel / MMDiT / PixArt, `model=video` the
+moving-shapes video VAE, a CogVideoX transformer and T5 text on clips (B, F, 3, H, W): the same training step, the
+clip layout handled by `lightdiff.nets.vae` and the network call.
 
 Text side, two ways: `pretrained=ID_OR_DIR` loads the tokenizer and text encoder of a diffusers pipeline (frozen
 unless `train_text_encoder`); without it, a tokenizer is built from the data set's captions and a small
@@ -19,7 +21,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SchedulerMixin
+from diffusers import FluxTransformer2DModel, SchedulerMixin
 
 from lightdiff.checkpointing import adapter_weights, check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, PositiveFloat
@@ -36,11 +38,25 @@ from lightdiff.nets.conditioning import (
     scratch_text_conditioning,
     takes_text,
 )
-from lightdiff.nets.denoiser import PACKED_PATCH, Denoiser, latent_channels, network_output, zero_adaln_gates
+from lightdiff.nets.denoiser import (
+    PACKED_PATCH,
+    Denoiser,
+    is_video_net,
+    latent_channels,
+    network_output,
+    zero_adaln_gates,
+)
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.pretrained import load_denoiser, load_vae, pipeline_parts, pretrained_text_conditioning
 from lightdiff.nets.text import build_caption_tokenizer
-from lightdiff.nets.vae import encode_latents, frozen_vae_dtype, vae_scale_factor
+from lightdiff.nets.vae import (
+    Autoencoder,
+    encode_latents,
+    frozen_vae_dtype,
+    is_video_vae,
+    temporal_compression,
+    vae_scale_factor,
+)
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.speed import prepare_for_training
 
@@ -57,7 +73,7 @@ class DiffusionTraining(pl.LightningModule):
         net: Denoiser,  # the denoiser (the `net` group); its class decides the conditioning family
         objective: Objective,  # ddpm | flow_matching (the `objective` group)
         conditioning: Conditioning | None = None,  # a conditioning family (a plug-in); None: the one `net` takes
-        vae: str | None = None,  # frozen AutoencoderKL folder or hub id; None: pixel space (or `pretrained`'s VAE)
+        vae: str | None = None,  # frozen VAE folder or hub id (AutoencoderKL, a video VAE); None: pixel space
         pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
         load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
         train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
@@ -137,7 +153,7 @@ class DiffusionTraining(pl.LightningModule):
             raise ConfigError(f"model.frozen_dtype={frozen_dtype!r} is not one of float32, bfloat16, float16")
         # Memory for large pipelines (SDXL): the parts that never train, in half precision; the denoiser stays fp32.
         dtype = getattr(torch, frozen_dtype)
-        if self.vae is not None:
+        if self.vae is not None and frozen_vae_dtype(self.vae, dtype) != self.vae.dtype:
             self.vae.to(frozen_vae_dtype(self.vae, dtype))
         if not self.conditioning.trainable_parameters():
             self.conditioning.to(dtype)
@@ -197,7 +213,7 @@ class DiffusionTraining(pl.LightningModule):
             t5,
         )
 
-    def latent_cache_encoders(self) -> tuple[AutoencoderKL, str | None, Any]:
+    def latent_cache_encoders(self) -> tuple[Autoencoder, str | None, Any]:
         """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""
         if self.vae is None:
             raise ConfigError("data.cache_latents=true is for model=latent: a pixel model has no VAE (model.vae)")
@@ -258,6 +274,7 @@ class DiffusionTraining(pl.LightningModule):
         inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
         scheduler = self.scheduler(sampler)
         side = self.trainer.datamodule.resolution  # the net's own size, or a FLUX transformer's (it has none)
+        frames = self.trainer.datamodule.num_frames
         images = generate(
             self.net,
             scheduler,
@@ -268,8 +285,11 @@ class DiffusionTraining(pl.LightningModule):
             self.guidance_scale,
             vae=self.vae,
             size=(side, side),
+            num_frames=frames,
         )
-        return Preview(images=images, labels=labels)
+        if frames is None:
+            return Preview(images=images, labels=labels)
+        return Preview(images=images.flatten(0, 1), videos=images, prompts=inputs["text"])
 
     # ----- checkpoints ------------------------------------------------------------------------------------------
 
@@ -297,6 +317,7 @@ class DiffusionTraining(pl.LightningModule):
             self.class_names,
             self.lora_base,
             self.trainer.datamodule.resolution,
+            self.trainer.datamodule.num_frames,
         )
         if self.lora_base is not None:  # the frozen base is reloaded from its source, not saved
             checkpoint["state_dict"] = adapter_weights(checkpoint["state_dict"])
@@ -312,8 +333,41 @@ def side_multiple(net: Denoiser) -> int:
     return patch * PACKED_PATCH if isinstance(net, FluxTransformer2DModel) else patch
 
 
-def check_fits(net: Denoiser, vae: AutoencoderKL | None, conditioning: Conditioning, data: ImageDataModule) -> None:
+def check_video_fits(net: Denoiser, vae: Autoencoder | None, data: ImageDataModule) -> None:
+    """Clips need a video net behind a video VAE, and a frame count the VAE's time compression divides."""
+    frames, video_net = data.num_frames, is_video_net(net)
+    if video_net != (frames is not None):
+        what = "clips (data.num_frames)" if frames is not None else "images"
+        raise ConfigError(f"net: {type(net).__name__} does not denoise {what}; model=video trains on clips")
+    if not video_net:
+        if vae is not None and is_video_vae(vae):
+            raise ConfigError(f"model.vae: {type(vae).__name__} encodes clips; this model trains on images")
+        return
+    if vae is None or not is_video_vae(vae):
+        raise ConfigError(
+            f"model.vae: a {type(net).__name__} denoises video latents; give a video VAE (AutoencoderKLCogVideoX)"
+        )
+    compression = temporal_compression(vae)
+    if (frames - 1) % compression:
+        raise ConfigError(
+            f"data.num_frames={frames} must be {compression}k + 1 (e.g. "
+            f"{compression * ((frames - 1) // compression) + 1}): the VAE keeps the first frame and compresses the "
+            f"rest {compression}x in time"
+        )
+    if net.config.temporal_compression_ratio != compression:
+        raise ConfigError(
+            f"net.temporal_compression_ratio={net.config.temporal_compression_ratio} differs from the VAE's "
+            f"temporal_compression_ratio={compression}"
+        )
+    if net.config.get("patch_size_t") is not None:
+        raise ConfigError(
+            f"net.patch_size_t={net.config.patch_size_t}: CogVideoX 1.5's temporal patches are not supported"
+        )
+
+
+def check_fits(net: Denoiser, vae: Autoencoder | None, conditioning: Conditioning, data: ImageDataModule) -> None:
     """The networks must agree with each other and with the data; say which key does not."""
+    check_video_fits(net, vae, data)
     channels = vae.config.latent_channels if vae is not None else 3
     factor = vae_scale_factor(vae) if vae is not None else 1
     what = "the VAE's latent_channels" if vae is not None else "RGB"

@@ -24,7 +24,7 @@ from scipy import ndimage
 from lightdiff.data.shapes import COLOR_NAMES, COLORS, MAX_SIDE, MIN_SIDE, SHAPES, class_label
 
 _PALETTE = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float64)
-_FOREGROUND = 80  # brightness (0-255) above which a pixel belongs to a shape; the darkest colour peaks at 180
+FOREGROUND = 80  # brightness (0-255) above which a pixel belongs to a shape; the darkest colour peaks at 180
 _MAX_BACKGROUND = 30  # mean brightness allowed for the background away from the shape
 _MAX_COLOR_DISTANCE = 60.0  # RGB distance to the nearest palette colour
 _FILL = {"circle": np.pi / 4, "square": 1.0}
@@ -57,7 +57,7 @@ def judge_image(image: np.ndarray) -> ShapeJudgement:
     resolution = min(image.shape[:2])
     pixels = image.astype(np.float64)
     brightness = pixels.max(axis=-1)
-    foreground = brightness > _FOREGROUND
+    foreground = brightness > FOREGROUND
     components, count = ndimage.label(foreground)
     if count == 0:
         return ShapeJudgement(False, None, None)
@@ -111,7 +111,7 @@ def judge_image(image: np.ndarray) -> ShapeJudgement:
     return ShapeJudgement(valid, shape, color)
 
 
-def _parse_prompt(prompt: str) -> tuple[str | None, str | None]:
+def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
     words = prompt.lower().split()
     shape = next((w for w in words if w in SHAPES), None)
     color = next((w for w in words if w in COLORS), None)
@@ -131,7 +131,7 @@ def wanted_classes(
     if prompts is not None:
         if len(prompts) != count:
             raise ValueError(f"{len(prompts)} prompts for {count} images")
-        return [_parse_prompt(p) for p in prompts]
+        return [parse_prompt(p) for p in prompts]
     return None
 
 
@@ -175,7 +175,7 @@ def cut_by_border(images: np.ndarray | torch.Tensor) -> np.ndarray:
     trained on centre crops of wider pictures learns cut shapes (SDXL's reason for crop conditioning and buckets,
     Podell et al. 2023, Sections 2.2-2.3)."""
     images = _as_uint8_images(images)
-    foreground = images.max(axis=-1) > _FOREGROUND
+    foreground = images.max(axis=-1) > FOREGROUND
     edges = [foreground[:, 0, :], foreground[:, -1, :], foreground[:, :, 0], foreground[:, :, -1]]
     touches = np.stack([edge.any(axis=1) for edge in edges]).any(axis=0)
     return touches & np.array([not judge_image(image).valid for image in images])

@@ -17,6 +17,7 @@ The families:
 - `SD3Text`: SD3's three encoders (CLIP-L, CLIP-G, T5) as StableDiffusion3Pipeline uses them, or one CLIP standing in
   for both plus a T5 (`model.t5`);
 - `FluxText`: FLUX's CLIP pooled vector and T5 states (`FluxTransformer2DModel`);
+- `T5Text`: one T5 encoder's states, CogVideoX's text (`CogVideoXTransformer3DModel`);
 - `SDXLText`: SDXL's two CLIP encoders (penultimate states side by side, the second's pooled projection) and the
   size / crop ids of each image (`UNet2DConditionModel` with `addition_embed_type="text_time"`);
 - `GuidanceEmbedded`: a text family plus the guidance-scale input of a latent consistency model (`model=lcm`).
@@ -38,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from diffusers import (
+    CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
@@ -825,6 +827,92 @@ class FluxText(nn.Module):
         }
 
 
+class T5Text(nn.Module):
+    """CogVideoX's conditioning (`CogVideoXPipeline.encode_prompt`): a T5 encoder's last hidden states of the prompt,
+    padded to `max_sequence_length` tokens without an attention mask, as `encoder_hidden_states`; the transformer
+    joins them to the video tokens in one sequence, so the length is the transformer's `max_text_seq_length` (226).
+    The unconditional twin encodes the negative prompt, "" by default, as the pipeline does. The summary a
+    discriminator projects is the states' mean over tokens (T5 has no pooled output)."""
+
+    has_unconditional = True
+    reads = ("text",)
+
+    def __init__(
+        self,
+        tokenizer: T5Tokenizer,
+        text_encoder: T5EncoderModel,
+        trainable: bool,  # whether the method trains the encoder (a from-scratch one does)
+        max_sequence_length: int,  # T5 tokens per prompt (CogVideoXPipeline's max_sequence_length, 226)
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.requires_grad_(trainable)
+        self.trainable = trainable
+        self.max_sequence_length = max_sequence_length
+        self.summary_dim = text_encoder.config.d_model
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        check_captions(net, data)
+        width = self.text_encoder.config.d_model
+        if net.config.text_embed_dim != width:
+            raise ConfigError(
+                f"net.text_embed_dim={net.config.text_embed_dim} differs from the T5 encoder's d_model={width}"
+            )
+        # learnt / sin-cos positions cover max_text_seq_length text tokens exactly (CogVideoXPatchEmbed)
+        if self.max_sequence_length != net.config.max_text_seq_length:
+            raise ConfigError(
+                f"model.max_sequence_length={self.max_sequence_length} differs from net.max_text_seq_length="
+                f"{net.config.max_text_seq_length}: CogVideoX places exactly that many text tokens before the video's"
+            )
+
+    def train(self, mode: bool = True) -> T5Text:
+        return super().train(mode and self.trainable)
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.trainable
+
+    def cache_fingerprint(self) -> str:
+        state = {**t5_tokenizer_state(self.tokenizer), "max_sequence_length": self.max_sequence_length}
+        return f"t5|{module_fingerprint(state, self.text_encoder)}"
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, max_sequence_length, d_model): CogVideoXPipeline's `_get_t5_prompt_embeds`."""
+        ids = tokenize_prompts(self.tokenizer, prompts, self.max_sequence_length).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    def forward(self, inputs: Inputs) -> Condition:
+        captions = [str(text) for text in inputs["text"]]
+        if "text_states" in inputs:  # data.cache_latents; a dropped caption is encoded as ""
+            states = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
+            dropped = torch.tensor([caption == "" for caption in captions], device=states.device)
+            states = torch.where(dropped[:, None, None], self.encode([""]).to(states), states)
+        else:
+            states = self.encode(captions)
+        return Condition({"encoder_hidden_states": states}, states.float().mean(dim=1))
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
+        return {**inputs, "text": texts}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return encoder_parameters(self.trainable, self.text_encoder)
+
+    def get_extra_state(self) -> dict[str, Any]:  # the tokenizer travels with the weights (see CLIPText's)
+        return {"tokenizer": t5_tokenizer_state(self.tokenizer)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.tokenizer = t5_tokenizer_for(self.text_encoder, state["tokenizer"])
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": "t5_text",
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            "tokenizer": t5_tokenizer_state(self.tokenizer),
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+
 def guidance_scale_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of w = guidance_scale - 1, scaled by 1000 (VDM's timestep embedding, Kingma et al. 2021;
     LCM, Section 4.2): (B,) -> (B, dim), as LatentConsistencyModelPipeline's `get_guidance_scale_embedding`."""
@@ -901,7 +989,13 @@ class GuidanceEmbedded(nn.Module):
 
 # ----- which family a network takes --------------------------------------------------------------------------------
 
-TEXT_NETS = (UNet2DConditionModel, SD3Transformer2DModel, PixArtTransformer2DModel, FluxTransformer2DModel)
+TEXT_NETS = (
+    UNet2DConditionModel,
+    SD3Transformer2DModel,
+    PixArtTransformer2DModel,
+    FluxTransformer2DModel,
+    CogVideoXTransformer3DModel,
+)
 
 
 def takes_text(net: nn.Module) -> bool:
@@ -966,9 +1060,14 @@ def scratch_text_conditioning(
     max_sequence_length: int | None = None,  # T5 tokens per prompt; None: SCRATCH_MAX_SEQUENCE_LENGTH
     embedded_guidance_scale: float | None = None,  # the `guidance` input of a guidance-embedding FLUX transformer
     t5: bool = False,  # add a T5 encoder to an SD3 transformer's CLIP (SD3's third encoder); FLUX always has one
-) -> CLIPText | SDXLText | FluxText | SD3Text:
+) -> CLIPText | SDXLText | FluxText | SD3Text | T5Text:
     """The text family of `net` with encoders built from scratch (they train with the denoiser)."""
     hidden_size = hidden_size or text_width(net)
+    if isinstance(net, CogVideoXTransformer3DModel):  # T5 alone, its length the transformer's text positions
+        length = max_sequence_length or net.config.max_text_seq_length
+        t5_tokenizer = build_t5_tokenizer(captions, model_max_length=length)
+        encoder = t5_encoder_from_scratch(t5_tokenizer, hidden_size, layers, heads, 2 * hidden_size)
+        return T5Text(t5_tokenizer, encoder, trainable=True, max_sequence_length=length)
     max_sequence_length = max_sequence_length or SCRATCH_MAX_SEQUENCE_LENGTH
     if t5 and not isinstance(net, SD3Transformer2DModel):
         raise ConfigError(
@@ -1006,6 +1105,8 @@ def scratch_text_conditioning(
 
 def text_width(net: nn.Module) -> int:
     """The hidden size a (CLIP) text encoder must have to fit `net` (what a from-scratch encoder is built with)."""
+    if isinstance(net, CogVideoXTransformer3DModel):
+        return net.config.text_embed_dim  # the T5 states' width
     if isinstance(net, FluxTransformer2DModel):
         return net.config.pooled_projection_dim  # CLIP's pooled output (the T5 states are joint_attention_dim wide)
     if isinstance(net, SD3Transformer2DModel):
@@ -1131,6 +1232,12 @@ def _flux_text_from_state(state: dict[str, Any]) -> FluxText:
     )
 
 
+def _t5_text_from_state(state: dict[str, Any]) -> T5Text:
+    text_encoder = T5EncoderModel(T5Config(**state["text_encoder_config"])).eval()
+    tokenizer = t5_tokenizer_for(text_encoder, state["tokenizer"])
+    return T5Text(tokenizer, text_encoder, trainable=False, max_sequence_length=state["max_sequence_length"])
+
+
 def _sd3_text_from_state(state: dict[str, Any]) -> SD3Text:
     second, third = state["text_encoder_2_config"], state["text_encoder_3_config"]
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**second)).eval() if second else None
@@ -1177,6 +1284,7 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
         force_zeros_for_empty_prompt=state["force_zeros_for_empty_prompt"],
     ),
     "flux_text": _flux_text_from_state,
+    "t5_text": _t5_text_from_state,
     "sd3_text": _sd3_text_from_state,
     "guidance_embedded": lambda state: GuidanceEmbedded(
         conditioning_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]

@@ -13,7 +13,10 @@ conditioning, which a family object makes (`lightdiff.nets.conditioning`):
 - `FluxTransformer2DModel(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
   guidance)`: FLUX.1's double-stream (MMDiT) then single-stream blocks with rotary position embeddings of each token's
   (0, row, column) id. It takes latents packed into 2x2 patches, as a token sequence, and its timestep / 1000
-  (`FluxPipeline`): `network_output` packs, makes the ids and unpacks, so every method sees (B, C, H, W) latents.
+  (`FluxPipeline`): `network_output` packs, makes the ids and unpacks, so every method sees (B, C, H, W) latents;
+- `CogVideoXTransformer3DModel(hidden_states, encoder_hidden_states, timestep, image_rotary_emb)`: CogVideoX's
+  expert transformer over a clip's latents (B, F, C, H, W) and T5 text states in one sequence (Yang et al. 2024,
+  Section 2.2); CogVideoX 1.0-5B's 3-D rotary embeddings are made per call from the latents' shape.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import typing
 
 import torch
 from diffusers import (
+    CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
@@ -39,7 +43,9 @@ Denoiser = (
     | SD3Transformer2DModel
     | PixArtTransformer2DModel
     | FluxTransformer2DModel
+    | CogVideoXTransformer3DModel
 )
+VIDEO_DENOISERS = (CogVideoXTransformer3DModel,)  # denoisers of clips (B, F, C, H, W)
 # The denoiser classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is never
 # imported, only looked up here.
 DENOISER_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Denoiser)}
@@ -72,6 +78,11 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def is_video_net(net: torch.nn.Module) -> bool:
+    """Whether `net` denoises clips (B, F, C, H, W) rather than images."""
+    return isinstance(net, VIDEO_DENOISERS)
+
+
 def latent_channels(net: torch.nn.Module) -> int:
     """Channels of the latents (or pixels) the network denoises: a FLUX transformer's in_channels count the four
     latent pixels of a packed token."""
@@ -93,7 +104,7 @@ def image_tokens(net: torch.nn.Module, height: int, width: int) -> int:
 
 def network_output(
     net: torch.nn.Module,  # one of `Denoiser`
-    x_t: torch.Tensor,  # (B, C, H, W) noisy input
+    x_t: torch.Tensor,  # (B, C, H, W) noisy input; a clip's (B, F, C, H, W)
     timesteps: torch.Tensor,  # (B,) or a scalar: the network's timestep (DDPM: 0..T-1; flow matching: t * 1000)
     condition: Condition,  # the family's keyword arguments for this batch
 ) -> torch.Tensor:
@@ -107,7 +118,30 @@ def network_output(
     kwargs = tree_map(lambda tensor: tensor.to(x_t.dtype) if tensor.is_floating_point() else tensor, condition.kwargs)
     if isinstance(net, FluxTransformer2DModel):
         return _flux_output(net, x_t, timesteps, kwargs, condition.kwargs.get("guidance"))
+    if isinstance(net, CogVideoXTransformer3DModel) and net.config.use_rotary_positional_embeddings:
+        kwargs = {**kwargs, "image_rotary_emb": cogvideox_rotary_embedding(net, x_t)}
     return net(x_t, timestep=timesteps, **kwargs).sample
+
+
+def cogvideox_rotary_embedding(net: CogVideoXTransformer3DModel, x_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(cos, sin) of CogVideoX 1.0's 3-D rotary position embedding for latents (B, F, C, H, W): the token grid
+    resized into the transformer's trained grid (CogVideoXPipeline._prepare_rotary_positional_embeddings, 1.0 branch;
+    CogVideoX 1.5's temporal patches are refused by `check_video_net`)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    patch = net.config.patch_size
+    grid_height, grid_width = x_t.shape[-2] // patch, x_t.shape[-1] // patch
+    crops = get_resize_crop_region_for_grid(
+        (grid_height, grid_width), net.config.sample_width // patch, net.config.sample_height // patch
+    )
+    return get_3d_rotary_pos_embed(
+        embed_dim=net.config.attention_head_dim,
+        crops_coords=crops,
+        grid_size=(grid_height, grid_width),
+        temporal_size=x_t.shape[1],
+        device=x_t.device,
+    )
 
 
 def _flux_output(

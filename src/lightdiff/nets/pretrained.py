@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import AutoencoderKL, CogVideoXTransformer3DModel, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from lightdiff.config import ConfigError
@@ -18,11 +18,13 @@ from lightdiff.nets.conditioning import (
     SD3CLIPText,
     SD3Text,
     SDXLText,
+    T5Text,
     is_sdxl,
     text_conditioning,
     text_encoder_class,
 )
 from lightdiff.nets.denoiser import DENOISER_CLASSES, Denoiser
+from lightdiff.nets.vae import VAE_CLASSES, Autoencoder
 
 
 def load_component(cls: Any, source: str, subfolder: str, key: str = "model.pretrained") -> Any:
@@ -32,16 +34,25 @@ def load_component(cls: Any, source: str, subfolder: str, key: str = "model.pret
         raise ConfigError(f"{key}={source!r} has no usable {subfolder}/ ({cls.__name__}): {error}") from error
 
 
-def load_vae(pretrained: str | None, vae: str | None) -> AutoencoderKL:
-    """`vae` (a folder or hub id of an AutoencoderKL) if given, else the VAE of the pipeline `pretrained`."""
+def load_vae(pretrained: str | None, vae: str | None) -> Autoencoder:
+    """`vae` (a folder or hub id of an AutoencoderKL or a video VAE) if given, else the VAE of the pipeline
+    `pretrained`; its class is the one its config names, looked up in `VAE_CLASSES`."""
     if vae:  # an explicit VAE wins over the pipeline's
         try:
-            return AutoencoderKL.from_pretrained(vae)
+            class_name = AutoencoderKL.load_config(vae).get("_class_name", "AutoencoderKL")
+            if class_name not in VAE_CLASSES:
+                raise ValueError(f"its class {class_name!r} is not one of {sorted(VAE_CLASSES)}")
+            return VAE_CLASSES[class_name].from_pretrained(vae)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"model.vae={vae!r} is not a diffusers AutoencoderKL folder or id: {error}") from error
+            raise ConfigError(f"model.vae={vae!r} is not a diffusers VAE folder or id: {error}") from error
     if pretrained is None:
         raise ConfigError("model.vae or model.pretrained must name a VAE")
-    return load_component(AutoencoderKL, pretrained, "vae")
+    class_name = (pipeline_parts(pretrained).get("vae") or [None, "AutoencoderKL"])[1]
+    if class_name not in VAE_CLASSES:
+        raise ConfigError(
+            f"model.pretrained={pretrained!r}: its vae is {class_name!r}, not one of {sorted(VAE_CLASSES)}"
+        )
+    return load_component(VAE_CLASSES[class_name], pretrained, "vae")
 
 
 def pipeline_parts(pretrained: str, key: str = "model.pretrained") -> dict[str, Any]:
@@ -95,12 +106,14 @@ def pretrained_text_conditioning(
     key: str = "model.pretrained",  # the setting that named the pipeline (error messages)
     max_sequence_length: int | None = None,  # T5 tokens per prompt; None: the pipeline's default (FLUX 512, SD3 256)
     embedded_guidance_scale: float = 3.5,  # the `guidance` input of a guidance-embedding FLUX transformer
-) -> CLIPText | SDXLText | FluxText | SD3Text:
+) -> CLIPText | SDXLText | FluxText | SD3Text | T5Text:
     """The pipeline's tokenizer(s) and text encoder(s), as the text family `net` takes; a pipeline with a part that
     family would leave unused (an SDXL pipeline's text_encoder_2 for a one-encoder net, SD3's T5) is refused, naming
     the part, rather than half-loaded."""
     config = pipeline_config(pretrained, key)  # read once: its parts, and SDXL's force_zeros_for_empty_prompt
     parts = listed_parts(config)
+    if isinstance(net, CogVideoXTransformer3DModel):
+        return _t5_text(pretrained, net, parts, trainable, key, max_sequence_length)
     flux = isinstance(net, FluxTransformer2DModel)
     if is_sdxl(net) or flux:
         for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
@@ -143,6 +156,26 @@ def pretrained_text_conditioning(
         )
     text_encoder = load_component(text_encoder_class(net), pretrained, "text_encoder", key)
     return text_conditioning(net, tokenizer, text_encoder, trainable)
+
+
+def _t5_text(
+    pretrained: str,
+    net: CogVideoXTransformer3DModel,
+    parts: dict[str, Any],
+    trainable: bool,
+    key: str,
+    max_sequence_length: int | None,
+) -> T5Text:
+    """A CogVideoX pipeline's T5 tokenizer and encoder (`T5Text`); a pipeline with more text parts is refused."""
+    unused = sorted(set(parts) - {"tokenizer", "text_encoder", "transformer", "vae", *UNUSED_PARTS})
+    if unused:
+        raise ConfigError(f"{key}={pretrained!r} has {', '.join(unused)}, which a {type(net).__name__} cannot use")
+    return T5Text(
+        load_component(T5Tokenizer, pretrained, "tokenizer", key),
+        load_component(T5EncoderModel, pretrained, "text_encoder", key),
+        trainable,
+        max_sequence_length or net.config.max_text_seq_length,
+    )
 
 
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length

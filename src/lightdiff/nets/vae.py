@@ -1,27 +1,73 @@
-"""The latent space of a frozen diffusers `AutoencoderKL`, as its pipelines use it (Rombach et al. 2022, Section 3).
+"""The latent space of a frozen diffusers VAE, as its pipelines use it (Rombach et al. 2022, Section 3).
 
 Latents are (z - shift_factor) * scaling_factor: SD 1.x / 2.x / SDXL VAEs have no shift (None), SD3's and FLUX's
 16-channel VAEs do (their pipelines encode and decode with both), so a latent model sees zero-mean, unit-variance
-latents either way."""
+latents either way.
+
+Video: CogVideoX's `AutoencoderKLCogVideoX` compresses time too (4x: F = 4k + 1 frames become k + 1 latent frames)
+and takes and gives (B, C, F, H, W); clips travel through lightdiff as (B, F, C, H, W), the layout of the video
+denoisers and of their pipelines' noise (CogVideoXPipeline.prepare_latents). This module is the one place where the
+two layouts meet (`_to_vae_layout`), so no method or sampler permutes a clip.
+"""
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+Autoencoder = AutoencoderKL | AutoencoderKLCogVideoX
+# The VAE classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is only looked up.
+VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (AutoencoderKL, AutoencoderKLCogVideoX)}
 
-def vae_scale_factor(vae: AutoencoderKL) -> int:
+
+def is_video_vae(vae: torch.nn.Module) -> bool:
+    """Whether `vae` encodes clips (B, F, 3, H, W) rather than images."""
+    return isinstance(vae, AutoencoderKLCogVideoX)
+
+
+def temporal_compression(vae: torch.nn.Module) -> int:
+    """Frames per latent frame after the first (CogVideoX: 4); 1 for an image VAE."""
+    return int(vae.config.temporal_compression_ratio) if is_video_vae(vae) else 1
+
+
+def latent_frames(vae: torch.nn.Module, num_frames: int) -> int:
+    """Latent frames of a clip of `num_frames`: the first frame alone, then one per `temporal_compression` frames
+    (CogVideoXPipeline: (num_frames - 1) // vae_scale_factor_temporal + 1)."""
+    return (num_frames - 1) // temporal_compression(vae) + 1
+
+
+def _to_vae_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, F, C, H, W) <-> (B, C, F, H, W): its own inverse."""
+    return tensor.transpose(1, 2)
+
+
+def posterior(vae: Autoencoder, pixels: torch.Tensor) -> DiagonalGaussianDistribution:
+    """q(z | x) of images (B, 3, H, W) or, through a video VAE, clips (B, F, 3, H, W); its parameters in the VAE's
+    own layout (what the latent cache stores)."""
+    if is_video_vae(vae):
+        return vae.encode(_to_vae_layout(pixels)).latent_dist
+    return vae.encode(pixels).latent_dist
+
+
+def decode(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels of unscaled latents z in the VAE's own layout (the autoencoder stage's reconstructions): images
+    (B, 3, H, W) or clips (B, F, 3, H, W)."""
+    pixels = vae.decode(latents).sample
+    return _to_vae_layout(pixels) if is_video_vae(vae) else pixels
+
+
+def vae_scale_factor(vae: Autoencoder) -> int:
     """Pixels per latent along each side: 2 ** (number of down-sampling levels), as diffusers' pipelines compute it."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def latent_shift(vae: AutoencoderKL) -> float:
+def latent_shift(vae: Autoencoder) -> float:
     """The VAE's `shift_factor` (the latents' mean, taken off before scaling); 0 for VAEs without one."""
     return float(vae.config.get("shift_factor") or 0.0)
 
 
-def frozen_vae_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> torch.dtype:
+def frozen_vae_dtype(vae: Autoencoder, dtype: torch.dtype) -> torch.dtype:
     """The dtype a frozen VAE runs in when `dtype` is asked for: float16 overflows in SD's and SDXL's VAEs (their
     configs say `force_upcast`), so they stay float32 then, as diffusers' pipelines upcast them; bfloat16 has float32's
     range and is kept."""
@@ -31,20 +77,20 @@ def frozen_vae_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def encode_latents(
-    vae: AutoencoderKL, pixels: torch.Tensor | None, moments: torch.Tensor | None = None
-) -> torch.Tensor:
+def encode_latents(vae: Autoencoder, pixels: torch.Tensor | None, moments: torch.Tensor | None = None) -> torch.Tensor:
     """(z - shift_factor) * scaling_factor, z ~ q(z | x), as StableDiffusion3Pipeline and FluxPipeline's training
-    scripts encode; from cached posterior `moments` (data.cache_latents) when given, so a fresh z is drawn every step
-    either way."""
+    scripts encode (CogVideoX's: z * scaling_factor, in (B, F, C, H, W)); from cached posterior `moments`
+    (data.cache_latents) when given, so a fresh z is drawn every step either way."""
     if moments is None:  # the VAE may run in half precision (model.frozen_dtype); the latents are float32
-        moments = vae.encode(pixels.to(vae.dtype)).latent_dist.parameters.float()
-    latents = DiagonalGaussianDistribution(moments.float()).sample()
-    return (latents - latent_shift(vae)) * vae.config.scaling_factor
+        moments = posterior(vae, pixels.to(vae.dtype)).parameters.float()
+    latents = (DiagonalGaussianDistribution(moments.float()).sample() - latent_shift(vae)) * vae.config.scaling_factor
+    return _to_vae_layout(latents) if is_video_vae(vae) else latents
 
 
 @torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] of scaled latents, in the VAE's dtype, as a pipeline decodes them: latents / scaling_factor
-    + shift_factor (StableDiffusion3Pipeline, FluxPipeline)."""
-    return vae.decode((latents / vae.config.scaling_factor + latent_shift(vae)).to(vae.dtype)).sample
+    + shift_factor (StableDiffusion3Pipeline, FluxPipeline); clips (B, F, 3, H, W) of video latents (B, F, C, h, w)
+    (CogVideoXPipeline.decode_latents)."""
+    unscaled = (latents / vae.config.scaling_factor + latent_shift(vae)).to(vae.dtype)
+    return decode(vae, _to_vae_layout(unscaled) if is_video_vae(vae) else unscaled)

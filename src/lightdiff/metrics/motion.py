@@ -1,0 +1,182 @@
+"""The video judge: whether generated clips are moving-shapes clips (`lightdiff.data.moving_shapes`) of the
+captioned shape, colour and direction, and a Fréchet distance between clip sets in a fixed random feature space.
+
+Each clip (uint8 (F, H, W, 3), as `lightdiff.sampling.to_uint8` makes each frame) is judged on its own:
+- every frame is a valid shapes image of the captioned shape and colour (`lightdiff.metrics.shapes.judge_image`):
+  the clip keeps its shape and colour;
+- direction: the shape's centre of brightness moves between the first and the last frame by at least
+  `MIN_DISPLACEMENT` of the picture along one axis, in the captioned sense, and by at most `MAX_CROSS_RATIO` of that
+  across it (a straight line);
+- steady: every frame-to-frame step along that axis goes the same way and stays within `STEP_TOLERANCE` of the mean
+  step (the data set moves at a constant speed; shuffled frames jump back and forth).
+A clip is right when all three hold. The data set's own clips score 1.0 on each (tests/test_video.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import nn
+
+from lightdiff.data.moving_shapes import DIRECTION_NAMES, DIRECTIONS, MIN_TRAVEL
+from lightdiff.data.moving_shapes import MAX_SIDE as MOVING_MAX_SIDE
+from lightdiff.metrics.features import check_unit_range
+from lightdiff.metrics.shapes import FOREGROUND, judge_image, parse_prompt
+
+# Half the data set's least travel (MIN_TRAVEL of the room left by the largest shape): every real clip moves further.
+MIN_DISPLACEMENT = 0.5 * MIN_TRAVEL * (1 - MOVING_MAX_SIDE)
+MAX_CROSS_RATIO = 0.25  # sideways drift allowed, as a fraction of the displacement along the motion
+STEP_TOLERANCE = 0.5  # a step may differ from the mean step by this fraction of it (or half a pixel, if more)
+
+
+@dataclass(frozen=True)
+class ClipJudgement:
+    frames_valid: float  # share of frames that are valid shapes images
+    keeps_class: bool  # every frame valid, of the wanted shape and colour (of one shape and colour if none wanted)
+    direction: str | None  # where the shape went, None if it did not move clearly along one axis
+    steady: bool  # constant speed along that axis
+    right: bool  # keeps its class, moves the wanted way (any clear way if none wanted), steadily
+
+
+def brightness_centre(frame: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) of a uint8 (H, W, 3) frame's foreground, weighted by brightness (anti-aliased edges count in part);
+    None for a frame without foreground."""
+    brightness = frame.astype(np.float64).max(axis=-1)
+    weight = np.where(brightness > FOREGROUND, brightness, 0.0)
+    total = weight.sum()
+    if total == 0:
+        return None
+    rows, columns = np.indices(weight.shape)
+    return float((columns * weight).sum() / total), float((rows * weight).sum() / total)
+
+
+def motion_of(centres: np.ndarray, resolution: int) -> tuple[str | None, bool]:
+    """(direction, steady) of a path of centres (F, 2) in pixels."""
+    displacement = centres[-1] - centres[0]
+    axis = int(np.argmax(np.abs(displacement)))
+    along, across = displacement[axis], displacement[1 - axis]
+    if abs(along) < MIN_DISPLACEMENT * resolution or abs(across) > MAX_CROSS_RATIO * abs(along):
+        return None, False
+    sense = int(np.sign(along))
+    direction = next(name for name, step in DIRECTIONS.items() if step[axis] == sense)
+    steps = np.diff(centres[:, axis])
+    mean = steps.mean()
+    tolerance = max(STEP_TOLERANCE * abs(mean), 0.5)
+    steady = bool(np.all(np.sign(steps) == sense) and np.all(np.abs(steps - mean) <= tolerance))
+    return direction, steady
+
+
+def judge_clip(
+    frames: np.ndarray, wanted: tuple[str | None, str | None, str | None] = (None, None, None)
+) -> ClipJudgement:
+    """Judge one uint8 clip (F, H, W, 3) against the (shape, colour, direction) it was made for (None: any)."""
+    judgements = [judge_image(frame) for frame in frames]
+    valid = [j.valid for j in judgements]
+    classes = {(j.shape, j.color) for j in judgements}
+    shape, color, wanted_direction = wanted
+    keeps_class = (
+        all(valid)
+        and len(classes) == 1
+        and (shape is None or next(iter(classes))[0] == shape)
+        and (color is None or next(iter(classes))[1] == color)
+    )
+    centres = [brightness_centre(frame) for frame in frames]
+    if any(centre is None for centre in centres):
+        direction, steady = None, False
+    else:
+        direction, steady = motion_of(np.array(centres), min(frames.shape[1:3]))
+    moves_right = direction is not None and (wanted_direction is None or direction == wanted_direction)
+    return ClipJudgement(float(np.mean(valid)), keeps_class, direction, steady, keeps_class and moves_right and steady)
+
+
+def parse_motion_prompt(prompt: str) -> tuple[str | None, str | None, str | None]:
+    """(shape, colour, direction) named by a caption such as "a red circle moving left" (None where absent)."""
+    shape, color = parse_prompt(prompt)
+    direction = next((word for word in prompt.lower().split() if word in DIRECTION_NAMES), None)
+    return shape, color, direction
+
+
+def _as_uint8_clips(clips: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(clips, torch.Tensor):
+        clips = clips.detach().cpu().numpy()
+    if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+        raise ValueError(
+            f"the video judge takes uint8 clips shaped (N, F, H, W, 3), got {clips.dtype} {tuple(clips.shape)}; "
+            "convert [0, 1] frames with lightdiff.sampling.to_uint8 first"
+        )
+    return clips
+
+
+def motion_metric(clips: np.ndarray | torch.Tensor, prompts: Sequence[str] | None = None) -> dict[str, float]:
+    """Fractions of `clips` (uint8 (N, F, H, W, 3)) that keep a valid shape of the captioned class in every frame,
+    move the captioned way, move steadily, and do all three ("right"); and the share of valid frames."""
+    clips = _as_uint8_clips(clips)
+    if prompts is not None and len(prompts) != len(clips):
+        raise ValueError(f"{len(prompts)} prompts for {len(clips)} clips")
+    wanted = [parse_motion_prompt(p) for p in prompts] if prompts is not None else [(None, None, None)] * len(clips)
+    judgements = [judge_clip(clip, want) for clip, want in zip(clips, wanted)]
+    return {
+        "frames_valid": float(np.mean([j.frames_valid for j in judgements])),
+        "keeps_class": float(np.mean([j.keeps_class for j in judgements])),
+        "direction": float(
+            np.mean([j.direction is not None and w[2] in (None, j.direction) for j, w in zip(judgements, wanted)])
+        ),
+        "steady": float(np.mean([j.steady for j in judgements])),
+        "right": float(np.mean([j.right for j in judgements])),
+    }
+
+
+class RandomVideoFeatures(nn.Module):
+    """Global means of each stage of a fixed random 3-D conv net over clips (B, F, 3, H, W) in [0, 1], concatenated:
+    features that see motion (each stage mixes neighbouring frames), for an FVD-style distance with its own scale
+    (Unterthiner et al. 2018 use an I3D network trained on Kinetics; this one needs no download, like
+    `RandomConvFeatures` for images)."""
+
+    def __init__(self, seed: int = 0, width: int = 16) -> None:
+        super().__init__()
+        widths = [3, width, 2 * width, 4 * width]
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride=(1, 2, 2), padding=1), nn.LeakyReLU(0.2))
+            for c_in, c_out in zip(widths[:-1], widths[1:])
+        )
+        generator = torch.Generator().manual_seed(seed)
+        for stage in self.stages:
+            nn.init.kaiming_normal_(stage[0].weight, a=0.2, nonlinearity="leaky_relu", generator=generator)
+            nn.init.zeros_(stage[0].bias)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> RandomVideoFeatures:
+        return super().train(False)  # a fixed measuring instrument
+
+    @torch.no_grad()
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        x = check_unit_range(clips.flatten(0, 1)).reshape(clips.shape).float() * 2 - 1
+        x = x.permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W): Conv3d's layout
+        pooled = []
+        for stage in self.stages:
+            x = stage(x)
+            pooled.append(x.mean(dim=(2, 3, 4)))
+        return torch.cat(pooled, dim=1).double()
+
+
+def frechet_distance(first: torch.Tensor, second: torch.Tensor) -> float:
+    """||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) of two feature sets (N, D) (Heusel et al. 2017, Eq. 6)."""
+    a, b = first.double().cpu().numpy(), second.double().cpu().numpy()
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def video_distance(
+    real: torch.Tensor, generated: torch.Tensor, features: nn.Module | None = None, batch_size: int = 64
+) -> float:
+    """The FVD substitute: the Fréchet distance of `RandomVideoFeatures` (seed 0 unless `features` is given) between
+    two sets of clips (N, F, 3, H, W) in [0, 1]; comparable only between numbers measured with the same features."""
+    features = (features or RandomVideoFeatures()).to(real.device)
+    embed = lambda clips: torch.cat([features(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)])  # noqa: E731
+    return frechet_distance(embed(real), embed(generated))
