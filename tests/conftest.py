@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, UNet2DConditionModel, UNet2DModel
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -144,6 +144,40 @@ def tiny_vae() -> AutoencoderKL:
         norm_num_groups=4,
         sample_size=16,
     )
+
+
+def tiny_video_vae() -> AutoencoderKLCogVideoX:
+    """A three-level CogVideoX VAE (4x in space and in time: 9 frames of 16 px -> 3 latent frames of 4 x 4 with 4
+    channels), seeded."""
+    torch.manual_seed(0)
+    return AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+    )
+
+
+# The tiny text-to-video model (model=video) for tiny_video_vae: 9-frame clips of 16 px, a 1-layer CogVideoX
+# transformer of width 16 over 2 x 2 patches, a 1-layer, 16-wide T5 of 8 tokens.
+TINY_VIDEO_MODEL = [
+    "model=video",
+    "data.num_frames=9",
+    "net.num_layers=1",
+    "net.num_attention_heads=2",
+    "net.attention_head_dim=8",
+    "net.time_embed_dim=16",
+    "net.text_embed_dim=16",
+    "net.max_text_seq_length=8",
+    "net.sample_height=4",
+    "net.sample_width=4",
+    "net.sample_frames=9",
+    "model.text_layers=1",
+    "model.text_heads=2",
+]
 
 
 def tiny_cond_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:

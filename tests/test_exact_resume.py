@@ -74,7 +74,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def _assert_same_state(expected: dict, actual: dict) -> None:
     assert actual["global_step"] == expected["global_step"]
     for key, value in expected["state_dict"].items():
-        assert torch.equal(value, actual["state_dict"][key]), f"weights differ at {key}"
+        other = actual["state_dict"][key]  # a text family's tokenizer travels as extra state: plain data
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (
+            f"weights differ at {key}"
+        )
     for a, b in zip(expected["callbacks"]["ema"]["shadow_params"], actual["callbacks"]["ema"]["shadow_params"]):
         assert torch.equal(a, b), "EMA weights differ"
     expected_optimizer = expected["optimizer_states"][0]["state"]

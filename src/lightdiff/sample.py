@@ -31,7 +31,7 @@ from lightdiff.metrics.motion import motion_metric, video_distance
 from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
 from lightdiff.nets.denoiser import is_video_net
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
-from lightdiff.nets.vae import temporal_compression, vae_scale_factor
+from lightdiff.nets.vae import frame_count_problem, vae_scale_factor
 from lightdiff.sampling import (
     VIDEO_FORMATS,
     for_latents,
@@ -117,12 +117,11 @@ def _num_frames(cfg: DictConfig, denoiser: TrainedDenoiser) -> int | None:
             raise ConfigError(f"num_frames={cfg.num_frames}: {type(denoiser.net).__name__} draws images, not clips")
         return None
     frames = cfg.num_frames or denoiser.num_frames or denoiser.net.config.sample_frames
-    compression = temporal_compression(denoiser.vae)
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % compression:
-        raise ConfigError(
-            f"num_frames={frames} must be {compression}k + 1: the video VAE keeps the first frame and compresses the "
-            f"rest {compression}x in time"
-        )
+    if not isinstance(frames, int) or isinstance(frames, bool):
+        raise ConfigError(f"num_frames={frames!r} must be a whole number of frames")
+    problem = frame_count_problem(denoiser.vae, frames)
+    if problem is not None:
+        raise ConfigError(f"num_frames={frames}: {problem}")
     if cfg.video_format not in VIDEO_FORMATS:
         raise ConfigError(f"video_format={cfg.video_format!r} is not one of {VIDEO_FORMATS}")
     if not isinstance(cfg.fps, int) or cfg.fps < 1:

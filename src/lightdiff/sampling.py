@@ -231,16 +231,27 @@ def grid_video(clips: np.ndarray, scale: int = 1) -> list[Image.Image]:
 VIDEO_FORMATS = ("mp4", "gif")
 
 
-def write_video(frames: Sequence[Image.Image], path: Path, fps: int) -> Path:
-    """Frames as an mp4 (H.264 through imageio's ffmpeg, as diffusers' `export_to_video`) or a gif (`export_to_gif`),
-    by `path`'s suffix."""
-    from diffusers.utils import export_to_gif, export_to_video
+MP4_CRF = 18  # x264's constant rate factor: 18 is visually lossless (0 is lossless, 23 its default)
 
+
+def write_video(frames: Sequence[Image.Image], path: Path, fps: int) -> Path:
+    """Frames as an mp4 (H.264 in yuv420p, which every browser and wandb play, through imageio's ffmpeg, as diffusers'
+    `export_to_video`) or a gif (diffusers' `export_to_gif`), by `path`'s suffix.
+
+    The mp4 is written at x264's CRF 18 rather than through `export_to_video`'s `quality`, which maps to a bit rate
+    that leaves small frames blotched (measured on a 32 px moving-shapes clip: 10/255 mean error at its best quality,
+    1/255 at CRF 18). Sides are kept as they are (`macro_block_size=1`: 16 would resize a 24 px frame)."""
     if path.suffix == ".gif":
+        from diffusers.utils import export_to_gif
+
         export_to_gif(list(frames), str(path), fps=fps)
     elif path.suffix == ".mp4":
-        # macro_block_size 1: sides are kept as they are (16 would resize a 24 px frame); quality 10: near lossless
-        export_to_video([np.asarray(frame) for frame in frames], str(path), fps=fps, quality=10, macro_block_size=1)
+        import imageio
+
+        options = {"codec": "libx264", "quality": None, "pixelformat": "yuv420p", "macro_block_size": 1}
+        with imageio.get_writer(path, fps=fps, ffmpeg_params=["-crf", str(MP4_CRF)], **options) as writer:
+            for frame in frames:
+                writer.append_data(np.asarray(frame.convert("RGB")))
     else:
         raise ValueError(f"{path}: a video is written as one of {VIDEO_FORMATS}")
     return path

@@ -26,7 +26,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
 from lightdiff.nets.discriminator import PatchDiscriminator
-from lightdiff.nets.vae import Autoencoder, decode, is_video_vae, posterior, temporal_compression
+from lightdiff.nets.vae import Autoencoder, decode, frame_count_problem, is_video_vae, posterior
 
 CHECKPOINT_FORMAT = 1
 
@@ -67,12 +67,9 @@ class AutoencoderTraining(pl.LightningModule):
         if data.num_frames is not None:
             if video_vae is None:
                 raise ConfigError("model.video_vae: the data set serves clips (data.num_frames); give a video VAE")
-            compression = temporal_compression(video_vae)
-            if (data.num_frames - 1) % compression:
-                raise ConfigError(
-                    f"data.num_frames={data.num_frames} must be {compression}k + 1: the video VAE keeps the first "
-                    f"frame and compresses the rest {compression}x in time"
-                )
+            problem = frame_count_problem(video_vae, data.num_frames)
+            if problem is not None:
+                raise ConfigError(f"data.num_frames={data.num_frames}: {problem}")
             vae = video_vae
         self.vae: Autoencoder = vae
         self.discriminator = discriminator

@@ -52,6 +52,7 @@ from lightdiff.nets.text import build_caption_tokenizer
 from lightdiff.nets.vae import (
     Autoencoder,
     encode_latents,
+    frame_count_problem,
     frozen_vae_dtype,
     is_video_vae,
     temporal_compression,
@@ -347,13 +348,10 @@ def check_video_fits(net: Denoiser, vae: Autoencoder | None, data: ImageDataModu
         raise ConfigError(
             f"model.vae: a {type(net).__name__} denoises video latents; give a video VAE (AutoencoderKLCogVideoX)"
         )
+    problem = frame_count_problem(vae, frames)
+    if problem is not None:
+        raise ConfigError(f"data.num_frames={frames}: {problem}")
     compression = temporal_compression(vae)
-    if (frames - 1) % compression:
-        raise ConfigError(
-            f"data.num_frames={frames} must be {compression}k + 1 (e.g. "
-            f"{compression * ((frames - 1) // compression) + 1}): the VAE keeps the first frame and compresses the "
-            f"rest {compression}x in time"
-        )
     if net.config.temporal_compression_ratio != compression:
         raise ConfigError(
             f"net.temporal_compression_ratio={net.config.temporal_compression_ratio} differs from the VAE's "

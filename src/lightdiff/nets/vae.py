@@ -37,6 +37,24 @@ def latent_frames(vae: torch.nn.Module, num_frames: int) -> int:
     return (num_frames - 1) // temporal_compression(vae) + 1
 
 
+def frame_count_problem(vae: torch.nn.Module, num_frames: int) -> str | None:
+    """Why a video VAE cannot encode and decode clips of `num_frames` frames back to as many (None: it can).
+
+    CogVideoX's VAE keeps the first frame and compresses the rest `temporal_compression` times, so clips have
+    c k + 1 frames; its decoder doubles an odd frame count n to 2n - 1 (the first frame kept) but an even one to 2n,
+    so only an odd number of latent frames decodes to the clip's length: 2 c m + 1 frames (9, 17, ... for c = 4;
+    CogVideoX's 49 frames are 13 latent frames)."""
+    compression = temporal_compression(vae)
+    period = 2 * compression
+    if num_frames >= 1 and (num_frames - 1) % period == 0:
+        return None
+    next_valid = period * max(0, -(-(num_frames - 1) // period)) + 1
+    return (
+        f"{num_frames} frames must be {period}m + 1 (e.g. {next_valid}): the VAE keeps the first frame, compresses the "
+        f"rest {compression}x in time, and decodes only an odd number of latent frames back to as many frames"
+    )
+
+
 def _to_vae_layout(tensor: torch.Tensor) -> torch.Tensor:
     """(B, F, C, H, W) <-> (B, C, F, H, W): its own inverse."""
     return tensor.transpose(1, 2)

@@ -1,0 +1,346 @@
+"""Video: the moving-shapes data and the video judge, CogVideoX's layouts, schedule and T5 text, text-to-video
+training, sampling to mp4 / gif, CogVideoXPipeline export parity, the autoencoder stage on clips, exact resume and
+bad input (tiny models built here, no downloads)."""
+
+import functools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+)
+from diffusers.utils import load_video
+from PIL import Image
+
+from lightdiff.callbacks import random_state
+from lightdiff.config import ConfigError
+from lightdiff.data.moving_shapes import DIRECTIONS, MovingShapesDataset, clip_path
+from lightdiff.diffusion import DDPM, NoiseSchedule
+from lightdiff.diffusion.schedules import shift_snr
+from lightdiff.metrics.motion import motion_metric, video_distance
+from lightdiff.nets.conditioning import T5Text, conditioning_from_state
+from lightdiff.nets.pretrained import load_vae
+from lightdiff.nets.text import build_t5_tokenizer, t5_encoder_from_scratch
+from lightdiff.nets.vae import decode_latents, encode_latents
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import frames_grid, generate, to_uint8, write_video
+from lightdiff.train import run as train_run
+from lightdiff.trained import load_checkpoint_file, load_denoiser
+
+from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, tiny_video_vae
+from .test_exact_resume import _assert_same_state
+
+PROMPTS = ["a red circle moving left", "a blue square moving up"]
+
+
+@pytest.fixture(scope="module")
+def video_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("video-vae") / "vae"
+    tiny_video_vae().save_pretrained(folder)
+    return folder
+
+
+def _video_config(root: Path, vae: Path, *overrides: str):
+    return compose_config("train", [f"output_root={root}", *TINY, *TINY_VIDEO_MODEL, f"model.vae={vae}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def video_ckpt(tmp_path_factory: pytest.TempPathFactory, video_vae_dir: Path) -> Path:
+    """The tiny text-to-video model trained from scratch for 2 steps (T5 built from the captions)."""
+    cfg = _video_config(tmp_path_factory.mktemp("video"), video_vae_dir, "run_name=t2v")
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_moving_shapes_clips_are_pure_functions_of_seed_and_index() -> None:
+    data = MovingShapesDataset(size=32, resolution=16, num_frames=9, seed=3)
+    item, again = data[7], MovingShapesDataset(size=32, resolution=16, num_frames=9, seed=3)[7]
+    assert item["pixel_values"].shape == (9, 3, 16, 16) and torch.equal(item["pixel_values"], again["pixel_values"])
+    assert item["text"] == data.class_names[item["label"]] and len(data.captions()) == 96
+    assert not torch.equal(item["pixel_values"], data[8]["pixel_values"])
+    _, _, direction, side, corners = clip_path(3, 7, 16, 9)
+    steps = np.diff(corners, axis=0)
+    assert np.allclose(steps, steps[0]) and np.array_equal(np.sign(steps[0]), DIRECTIONS[direction])  # steady, straight
+    assert corners.min() >= 0 and corners.max() <= 16 - side  # the shape stays inside the picture
+    assert item["text"].endswith(f"moving {clip_path(3, 7, 16, 9)[2]}")
+    with pytest.raises(ValueError, match="data.num_frames=1"):
+        MovingShapesDataset(num_frames=1)
+
+
+def test_video_judge_scores_real_clips_high_and_broken_clips_low() -> None:
+    data = MovingShapesDataset(size=48, resolution=32, num_frames=9, seed=1)
+    items = [data[index] for index in range(48)]
+    clips = to_uint8(torch.stack([item["pixel_values"] for item in items]) / 2 + 0.5)
+    prompts = [item["text"] for item in items]
+    assert clips.shape == (48, 9, 32, 32, 3)
+    assert motion_metric(clips, prompts) == {
+        "frames_valid": 1.0,
+        "keeps_class": 1.0,
+        "direction": 1.0,
+        "steady": 1.0,
+        "right": 1.0,
+    }
+    shuffled = np.stack([clip[np.random.default_rng(index).permutation(9)] for index, clip in enumerate(clips)])
+    scores = motion_metric(shuffled, prompts)
+    assert scores["keeps_class"] == 1.0 and scores["steady"] <= 0.1 and scores["right"] <= 0.1
+    assert motion_metric(clips[:, ::-1].copy(), prompts)["direction"] == 0.0  # played backwards: the other way
+    assert motion_metric(np.repeat(clips[:, :1], 9, axis=1), prompts)["direction"] == 0.0  # standing still
+    other_colour = [p.replace(p.split()[1], "green" if p.split()[1] != "green" else "red", 1) for p in prompts]
+    assert motion_metric(clips, other_colour)["keeps_class"] == 0.0  # asked for another colour
+
+    # The FVD substitute: a second draw of the data is nearer than the same clips shuffled in time or standing still.
+    def draw(seed: int) -> torch.Tensor:
+        data = MovingShapesDataset(size=160, resolution=32, num_frames=9, seed=seed)
+        return torch.stack([data[index]["pixel_values"] for index in range(160)]) / 2 + 0.5
+
+    reference, real = draw(1), draw(2)
+    order = torch.from_numpy(np.random.default_rng(0).permutation(9))
+    second_draw = video_distance(reference, real)
+    assert second_draw < 0.6 * video_distance(reference, real[:, order])
+    assert second_draw < 0.6 * video_distance(reference, real[:, :1].repeat(1, 9, 1, 1, 1))
+
+
+def test_mp4_and_gif_files_hold_the_clip(tmp_path: Path) -> None:
+    clip = to_uint8(MovingShapesDataset(size=4, resolution=32, num_frames=9)[0]["pixel_values"] / 2 + 0.5)
+    for suffix, tolerance in (("mp4", 2.0), ("gif", 0.5)):  # mean |error| in 0..255: H.264 at CRF 18, a gif palette
+        path = write_video([Image.fromarray(frame) for frame in clip], tmp_path / f"clip.{suffix}", 8)
+        back = np.stack([np.asarray(frame.convert("RGB")) for frame in load_video(str(path))])
+        assert back.shape == clip.shape and np.abs(back.astype(float) - clip).mean() < tolerance, suffix
+        assert np.abs(back.astype(float) - clip[::-1]).mean() > 4 * tolerance  # control: the frames in their order
+    with pytest.raises(ValueError, match="one of"):
+        write_video([Image.fromarray(clip[0])], tmp_path / "clip.avi", 8)
+
+
+def test_video_vae_layout_and_cogvideox_schedule_match_diffusers() -> None:
+    vae = tiny_video_vae().eval()
+    clips = torch.rand(2, 9, 3, 16, 16) * 2 - 1
+    torch.manual_seed(0)
+    latents = encode_latents(vae, clips)
+    torch.manual_seed(0)
+    expected = vae.encode(clips.transpose(1, 2)).latent_dist.sample().transpose(1, 2) * vae.config.scaling_factor
+    assert latents.shape == (2, 3, 4, 4, 4) and torch.equal(latents, expected)  # (B, F, C, H, W), 9 -> 3 frames
+    pipeline_decoded = CogVideoXPipeline.decode_latents(
+        SimpleNamespace(vae=vae, vae_scaling_factor_image=vae.config.scaling_factor), latents
+    )
+    decoded = decode_latents(vae, latents)
+    # (the pipeline multiplies by 1 / scaling_factor, lightdiff divides by it: last-bit differences)
+    assert decoded.shape == (2, 9, 3, 16, 16)
+    assert torch.allclose(decoded, pipeline_decoded.transpose(1, 2), atol=1e-5)
+    assert not torch.equal(decode_latents(vae, latents.flip(1)), decoded)  # control: the frame order matters
+
+    schedule = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012, rescale_betas_zero_snr=True, snr_shift_scale=3.0)
+    reference = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
+    )
+    ours = schedule.alphas_cumprod()
+    assert torch.allclose(ours, reference.alphas_cumprod.double(), atol=1e-6) and ours[-1] == 0
+    unshifted = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012, rescale_betas_zero_snr=True).alphas_cumprod()
+    assert (unshifted - ours).abs().max() > 0.05  # control: the shift moves the schedule
+    plain = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).alphas_cumprod()
+    snr = plain / (1 - plain)
+    shifted = shift_snr(plain, 3.0)
+    assert torch.allclose(shifted / (1 - shifted), snr / 3)  # every SNR divided by 3
+    objective = DDPM(schedule, "v_prediction")
+    scheduler = objective.scheduler(functools.partial(DDIMScheduler, timestep_spacing="trailing"))
+    assert isinstance(scheduler, CogVideoXDDIMScheduler) and scheduler.config.snr_shift_scale == 3.0
+    assert scheduler.config.timestep_spacing == "trailing" and objective.default_sampler_overrides == {
+        "timestep_spacing": "trailing"
+    }
+    with pytest.raises(ConfigError, match="snr_shift_scale=3.0 is sampled by DDIM only"):
+        objective.scheduler(DPMSolverMultistepScheduler)
+
+
+def _tiny_transformer(max_text_seq_length: int = 8) -> CogVideoXTransformer3DModel:
+    torch.manual_seed(2)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=16,
+        num_layers=1,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=max_text_seq_length,
+    ).eval()
+
+
+def test_t5_text_is_cogvideox_encode_prompt() -> None:
+    tokenizer = build_t5_tokenizer(PROMPTS * 3, model_max_length=8)
+    torch.manual_seed(1)
+    family = T5Text(tokenizer, t5_encoder_from_scratch(tokenizer, 16, 1, 2, 32).eval(), False, 8)
+    pipeline = CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=family.text_encoder,
+        vae=tiny_video_vae(),
+        transformer=_tiny_transformer(),
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+    positive, negative = pipeline.encode_prompt(PROMPTS, None, True, max_sequence_length=8, device="cpu")
+    inputs = {"text": PROMPTS}
+    assert torch.equal(family(inputs).kwargs["encoder_hidden_states"], positive)
+    unconditional = family.without_condition(inputs, [True, True])
+    assert torch.equal(family(unconditional).kwargs["encoder_hidden_states"], negative)
+    rebuilt = conditioning_from_state(family.state())
+    rebuilt.load_state_dict(family.state_dict())
+    assert torch.equal(rebuilt.encode(PROMPTS), family.encode(PROMPTS))
+    data = SimpleNamespace(captions=lambda: PROMPTS)
+    family.check(_tiny_transformer(), data)
+    with pytest.raises(ConfigError, match="model.max_sequence_length=8 differs from net.max_text_seq_length=16"):
+        family.check(_tiny_transformer(max_text_seq_length=16), data)
+
+
+def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(video_ckpt: Path, tmp_path: Path) -> None:
+    meta = load_checkpoint_file(video_ckpt)["lightdiff"]
+    assert meta["num_frames"] == 9 and meta["vae_class"] == "AutoencoderKLCogVideoX"
+    assert meta["conditioning"]["family"] == "t5_text" and meta["objective"]["prediction_type"] == "v_prediction"
+    preview = load_video(str(video_ckpt.parents[1] / "samples" / "final_step0000002.mp4"))
+    assert len(preview) == 9  # the final previews: one video of every clip side by side
+
+    out = tmp_path / "samples"
+    sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"out={out}", "num_images=2", "steps=3"]))
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in records] == ["000000.mp4", "000001.mp4"] and records[0]["num_frames"] == 9
+    assert records[0]["sampler"] == "CogVideoXDDIMScheduler" and records[0]["timestep_spacing"] == "trailing"
+    frames = load_video(str(out / "000001.mp4"))
+    assert len(frames) == 9 and frames[0].size == (16, 16)
+    gif = ["num_images=1", "steps=3", "video_format=gif"]
+    sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"out={tmp_path / 'gif'}", *gif]))
+    gif_frames = load_video(str(tmp_path / "gif" / "000000.gif"))
+    assert len(gif_frames) == 9 and np.asarray(gif_frames[0].convert("RGB")).shape == (16, 16, 3)
+    # grid.png holds the sampled clips exactly (a clip per row): what generate() draws for the same seeds
+    denoiser = load_denoiser(video_ckpt)
+    scheduler = denoiser.objective.scheduler(
+        functools.partial(DDIMScheduler, timestep_spacing="trailing", clip_sample=False)
+    )
+    prompts = [record["text"] for record in records]
+    drawn = generate(
+        denoiser.net,
+        scheduler,
+        3,
+        [0, 1],
+        denoiser.conditioning,
+        {"text": prompts},
+        4.0,
+        vae=denoiser.vae,
+        size=(16, 16),
+        num_frames=9,
+    )
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (2 * 16, 9 * 16, 3) and np.array_equal(grid, np.asarray(frames_grid(to_uint8(drawn))))
+
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"export={folder}", "steps=3"]))
+    assert json.loads((folder / "lightdiff.json").read_text())["num_frames"] == 9
+    pipeline = CogVideoXPipeline.from_pretrained(folder)
+    exported = load_denoiser(folder)
+    ours = generate(
+        exported.net,
+        pipeline.scheduler,
+        3,
+        [0, 1],
+        exported.conditioning,
+        {"text": PROMPTS},
+        4.0,
+        vae=exported.vae,
+        size=(16, 16),
+        num_frames=9,
+    )
+    theirs = pipeline(
+        prompt=PROMPTS,
+        num_frames=9,
+        height=16,
+        width=16,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+        output_type="pt",
+        max_sequence_length=8,
+    ).frames
+    assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
+    assert (theirs - ours).abs().max() < 1e-4
+    other_seeds = pipeline(
+        prompt=PROMPTS,
+        num_frames=9,
+        height=16,
+        width=16,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(seed) for seed in (5, 6)],
+        output_type="pt",
+        max_sequence_length=8,
+    ).frames
+    assert (other_seeds - ours).abs().max() > 1e-2  # control: the comparison sees a different draw
+
+
+def test_autoencoder_stage_trains_a_video_vae(tmp_path: Path) -> None:
+    overrides = [
+        f"output_root={tmp_path}",
+        *TINY,
+        "model=autoencoder",
+        "data=moving_shapes",
+        "data.num_frames=9",
+        "model.video_vae.block_out_channels=[8,16,16]",
+        "run_name=video-vae",
+    ]
+    cfg = compose_config("train", overrides)
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    meta = load_checkpoint_file(checkpoint)["lightdiff"]
+    assert meta["vae_class"] == "AutoencoderKLCogVideoX" and meta["vae_config"]["scaling_factor"] != 1.15258426
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'vae'}"]))
+    vae = load_vae(None, str(tmp_path / "vae"))
+    assert type(vae).__name__ == "AutoencoderKLCogVideoX"
+    assert vae.config.scaling_factor == meta["vae_config"]["scaling_factor"]
+    with pytest.raises(ConfigError, match="data.num_frames=5: 5 frames must be 8m \\+ 1 \\(e.g. 9\\)"):
+        train_run(compose_config("train", [*overrides[:-1], "data.num_frames=5", "run_name=bad"]))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_video_input_is_named_before_anything_is_written(
+    video_vae_dir: Path, video_ckpt: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="data.num_frames=6: 6 frames must be 8m \\+ 1"):
+        train_run(_video_config(tmp_path, video_vae_dir, "data.num_frames=6", "run_name=six"))
+    stills = [override for override in TINY_VIDEO_MODEL if not override.startswith("data.num_frames")]
+    with pytest.raises(ConfigError, match="does not denoise images"):
+        train_run(
+            compose_config(
+                "train", [f"output_root={tmp_path}", *TINY, *stills, f"model.vae={video_vae_dir}", "data=shapes"]
+            )
+        )
+    with pytest.raises(ConfigError, match="num_frames=13: 13 frames must be 8m \\+ 1"):
+        sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"out={tmp_path / 'thirteen'}", "num_frames=13"]))
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_video_run_resumes_bit_identical(video_vae_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 steps straight, and 2 + 2 with a resume in between (two batches an epoch: the resume crosses an epoch):
+    the same weights, EMA and optimiser state; without the random state restored, not (the control)."""
+    steps = ["data.size=8", "trainer.max_steps=4"]
+    whole = _video_config(tmp_path, video_vae_dir, "run_name=whole", *steps)
+    train_run(whole)
+    expected = load_checkpoint_file(Path(whole.run_dir) / "checkpoints" / "last.ckpt")
+
+    def resumed(name: str) -> dict:
+        train_run(_video_config(tmp_path, video_vae_dir, f"run_name={name}", "data.size=8", "trainer.max_steps=2"))
+        cfg = _video_config(tmp_path, video_vae_dir, f"run_name={name}", *steps)
+        train_run(cfg)
+        return load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+
+    _assert_same_state(expected, resumed("cut"))
+    monkeypatch.setattr(random_state, "restore_random_state", lambda state: None)
+    with pytest.raises(AssertionError, match="weights differ"):
+        _assert_same_state(expected, resumed("cut-without-rng"))
