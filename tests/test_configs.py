@@ -31,6 +31,7 @@ def _group_overrides() -> list[list[str]]:
     cases = []
     # Distillation needs a teacher (below); auto is sample.py's.
     skip = {("model", "turbo"), ("model", "lcm"), ("model", "dmd2"), ("model", "guidance_distill"), ("sampler", "auto")}
+    skip |= {("model", "video"), ("model", "video_i2v")}  # with their nets, below
     for group in ("model", "schedule", "objective", "optimizer", "sampler", "trainer", "logger", "callbacks"):
         cases += [[f"{group}={option}"] for option in _options(group) if (group, option) not in skip]
     # Each net preset with the method it is for: 4-channel presets denoise the latent VAE's latents (FLUX's 16 input
@@ -38,8 +39,25 @@ def _group_overrides() -> list[list[str]]:
     latent_nets = {
         o for o in _options("net") if re.search(r"in_channels: (4|16) ", (CONF / "net" / f"{o}.yaml").read_text())
     }
+    # Video presets with their models, which pick the moving-shapes clips: CogVideoX with model=video, SVD's UNet
+    # with model=video_i2v.
+    video_model = {
+        o: "video" if "cogvideox" in text else "video_i2v"
+        for o in _options("net")
+        if any(
+            name in (text := (CONF / "net" / f"{o}.yaml").read_text().lower())
+            for name in ("cogvideox", "svd_", "spatiotemporal")
+        )
+    }
+    video_nets = set(video_model)
     cases += [["model=latent", "net=latent"], ["model=latent", "net=dit"]]
-    cases += [[*(["model=latent"] if o in latent_nets else []), f"net={o}"] for o in _options("net") if o != "latent"]
+    cases += [
+        [*(["model=latent"] if o in latent_nets else []), f"net={o}"]
+        for o in _options("net")
+        if o != "latent" and o not in video_nets
+    ]
+    cases += [[f"model={video_model[o]}", f"net={o}"] for o in sorted(video_nets)]
+    cases += [["model=autoencoder", "data=moving_shapes"]]
     cases += [["metrics=none"], ["model=latent", "net=mmdit_tiny", "objective=flow_matching", "model.t5=true"]]
     cases += [["model=turbo", "model.teacher=TEACHER"], ["model=dmd2", "model.teacher=TEACHER"]]
     cases += [

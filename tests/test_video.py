@@ -326,6 +326,7 @@ def test_bad_video_input_is_named_before_anything_is_written(
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # four tiny runs (10 s); the image runs' exact resume is in the default suite
 def test_video_run_resumes_bit_identical(video_vae_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """4 steps straight, and 2 + 2 with a resume in between (two batches an epoch: the resume crosses an epoch):
     the same weights, EMA and optimiser state; without the random state restored, not (the control)."""

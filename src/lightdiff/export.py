@@ -25,6 +25,11 @@ Export layouts, by network and objective (the sampler is the scheduler written t
   diffusers reproduces lightdiff's clips with `num_frames`, `height` / `width` and `max_sequence_length` =
   lightdiff.json's (`max_sequence_length` is the transformer's text length, so the pipeline's default 226 fits a
   CogVideoX model trained at its own length only);
+- latent UNetSpatioTemporalConditionModel (image-to-video): `StableVideoDiffusionPipeline` with its CLIP
+  `image_encoder`, a `feature_extractor` holding the family's normalisation, the VAE (SVD's
+  AutoencoderKLTemporalDecoder, or a frame-wise AutoencoderKL, which the pipeline decodes frame by frame) and an Euler
+  scheduler on continuous timesteps; lightdiff.json records `fps`, `motion_bucket_id`, `noise_aug_strength` and
+  `min_guidance_scale`, the pipeline arguments that reproduce it;
 - pixel DiTTransformer2DModel: diffusers' DiTPipeline needs a VAE, so the documented equivalent is `transformer/` +
   `scheduler/` + `lightdiff.json` without `model_index.json`; lightdiff's sample.py reads it like any export;
 - latent PixArtTransformer2DModel: diffusers' PixArtAlphaPipeline expects a T5 encoder and masked T5 states, lightdiff
@@ -52,6 +57,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    StableVideoDiffusionPipeline,
 )
 
 from lightdiff.nets.conditioning import is_sdxl
@@ -163,6 +169,27 @@ def _write_cogvideox(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folde
     pipeline.save_pretrained(folder, safe_serialization=True)
 
 
+def _write_stable_video_diffusion(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
+    from transformers import CLIPImageProcessor
+
+    family = denoiser.conditioning
+    size = family.image_encoder.config.image_size
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=family.image_mean,
+        image_std=family.image_std,
+    )
+    pipeline = StableVideoDiffusionPipeline(
+        vae=denoiser.vae,
+        image_encoder=family.image_encoder,
+        unet=denoiser.net,
+        scheduler=scheduler,
+        feature_extractor=processor,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
 def _write_parts(denoiser: TrainedDenoiser, scheduler: SchedulerMixin, folder: Path) -> None:
     """No diffusers pipeline fits: each part as a diffusers / transformers folder (see the module docstring)."""
     denoiser.net.save_pretrained(folder / "transformer", safe_serialization=True)
@@ -182,6 +209,7 @@ WRITERS: dict[str, Writer] = {
     "SD3Transformer2DModel": _write_sd3,
     "FluxTransformer2DModel": _write_flux,
     "CogVideoXTransformer3DModel": _write_cogvideox,
+    "UNetSpatioTemporalConditionModel": _write_stable_video_diffusion,
     "DiTTransformer2DModel": _write_parts,
     "PixArtTransformer2DModel": _write_parts,
 }
@@ -230,6 +258,10 @@ def export_pipeline(
         # T5 tokens per prompt (FLUX, CogVideoX): the pipeline's `max_sequence_length` to reproduce it with
         "max_sequence_length": getattr(denoiser.conditioning, "max_sequence_length", None),
         "num_frames": denoiser.num_frames,  # frames per clip a video model trained on
+        # an image-to-video model's micro-conditioning: StableVideoDiffusionPipeline's arguments to reproduce it
+        "first_frame": dict(vars(denoiser.conditioning.settings))
+        if hasattr(denoiser.conditioning, "settings")
+        else None,
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

@@ -110,6 +110,24 @@ def _image_size(cfg: DictConfig, denoiser: TrainedDenoiser) -> tuple[int, int]:
     return height, width
 
 
+def _first_frame(cfg: DictConfig, denoiser: TrainedDenoiser, size: tuple[int, int]) -> torch.Tensor | None:
+    """The frame an image-to-video model animates (`image=FILE`), resized to `size`, in [-1, 1] (1, 3, H, W)."""
+    if "image" not in denoiser.conditioning.reads:
+        if cfg.image is not None:
+            raise ConfigError(f"image={cfg.image!r} given, but {type(denoiser.net).__name__} is not image-conditioned")
+        return None
+    if cfg.image is None:
+        raise ConfigError("this model animates an image (image-to-video): give image=FILE (its first frame)")
+    path = Path(cfg.image).expanduser()
+    try:
+        with Image.open(path) as opened:
+            picture = opened.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"image={cfg.image!r} cannot be read as an image: {error}") from error
+    pixels = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return pixels[None]
+
+
 def _num_frames(cfg: DictConfig, denoiser: TrainedDenoiser) -> int | None:
     """Frames per clip of a video model: `num_frames`, defaulting to what it trained on; None for an image model."""
     if not is_video_net(denoiser.net):
@@ -254,13 +272,15 @@ def run(cfg: DictConfig) -> Path:
     prompts = _prompts(cfg, denoiser, cfg.num_images)
     size = _image_size(cfg, denoiser)
     frames = _num_frames(cfg, denoiser)
+    first_frame = _first_frame(cfg, denoiser, size)
     sized = SIZE_AND_CROP in conditioning.reads  # SDXL: the size and crop ids as StableDiffusionXLPipeline takes them
     if not sized and (cfg.original_size is not None or list(cfg.crop_top_left) != [0, 0]):
         raise ConfigError("original_size / crop_top_left given, but the model takes no size conditioning (SDXL does)")
     # A family that reads labels has a class count (ClassLabels.num_classes); others take none.
     classes = getattr(conditioning, "num_classes", None) if "label" in conditioning.reads else None
     labels = _labels(cfg, classes, cfg.num_images)
-    guidance_scale = cfg.guidance_scale if prompts is not None else 1.0  # guidance is for text models
+    # guidance is for text models and image-to-video ones (the conditioning frame against none)
+    guidance_scale = cfg.guidance_scale if prompts is not None or first_frame is not None else 1.0
     if getattr(conditioning, "guidance_scale", None) is not None:
         # the scale is the network's input (a consistency model, a guidance-embedding FLUX), one call per step
         conditioning.guidance_scale, guidance_scale = guidance_scale, 1.0
@@ -275,6 +295,8 @@ def run(cfg: DictConfig) -> Path:
             "label": labels[start : start + count] if labels is not None else None,
             "text": prompts[start : start + count] if prompts is not None else None,
         }
+        if first_frame is not None:
+            inputs["image"] = first_frame.expand(count, -1, -1, -1).to(device)
         if sized:
             original = list(cfg.original_size) if cfg.original_size is not None else None
             inputs[SIZE_AND_CROP] = size_and_crop(*size, count, original, list(cfg.crop_top_left))
@@ -350,6 +372,8 @@ def run(cfg: DictConfig) -> Path:
                     record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **sampler_settings}
                     if frames is not None:
                         record["num_frames"], record["fps"] = frames, cfg.fps
+                    if first_frame is not None:  # the guidance rises over the frames to guidance_scale (SVD)
+                        record["image"], record["guidance_scale"] = str(cfg.image), cfg.guidance_scale
                     if cfg.lora or has_adapters(net):
                         record["lora"] = cfg.lora or denoiser.source
                         record["lora_scale"] = cfg.lora_scale

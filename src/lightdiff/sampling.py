@@ -122,6 +122,9 @@ def generate(
     if SIZE_AND_CROP in conditioning.reads and SIZE_AND_CROP not in inputs:
         # as StableDiffusionXLPipeline's default: an uncropped image of the size drawn
         inputs = {**inputs, SIZE_AND_CROP: size_and_crop(height, width, len(seeds))}
+    generators = generators_for(seeds)
+    if "generators" in conditioning.reads:  # SVD draws its frame's augmentation noise before the latents' noise
+        inputs = {**inputs, "generators": generators}
     condition = conditioning(inputs).to(device)
     guided = guidance_scale > 1.0
     if guided:
@@ -130,19 +133,23 @@ def generate(
         unconditional = conditioning.without_condition(inputs, [True] * len(seeds), negative_prompt)
         condition = conditioning(unconditional).to(device).cat(condition)
 
+    shape: tuple[int, ...] = (len(seeds), latent_channels(net), height // factor, width // factor)
+    scale: float | torch.Tensor = guidance_scale
+    if is_video_net(net):
+        frames = num_frames or net.config.get("sample_frames") or net.config.num_frames  # CogVideoX's / SVD's own
+        shape = (len(seeds), latent_frames(vae, frames), *shape[1:])
+        ramp_start = getattr(conditioning, "guidance_scale_min", None)
+        if ramp_start is not None:  # StableVideoDiffusionPipeline: guidance rising linearly over the frames
+            scale = torch.linspace(ramp_start, guidance_scale, shape[1], device=device).reshape(1, -1, 1, 1, 1)
+
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         prediction = network_output(net, torch.cat([x_t, x_t]) if guided else x_t, t, condition)
         if not guided:
             return prediction
         uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
-        return uncond + guidance_scale * (cond - uncond)
+        return uncond + scale * (cond - uncond)
 
-    shape: tuple[int, ...] = (len(seeds), latent_channels(net), height // factor, width // factor)
-    if is_video_net(net):
-        frames = num_frames or net.config.sample_frames
-        shape = (len(seeds), latent_frames(vae, frames), *shape[1:])
     timesteps = pipeline_timesteps(net, scheduler, num_inference_steps, shape[-2], shape[-1])
-    generators = generators_for(seeds)
     sample = denoise(model, scheduler, num_inference_steps, shape, generators, device, net.dtype, eta, timesteps)
     images = decode_latents(vae, sample) if vae is not None else sample
     return (images.float() / 2 + 0.5).clamp(0, 1)

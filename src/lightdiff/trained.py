@@ -25,14 +25,17 @@ from peft import LoraConfig
 from transformers import CLIPTokenizer
 
 from lightdiff.checkpointing import adapter_weights, check_state_dict, load_weights
-from lightdiff.diffusion import FlowMatching, NoiseSchedule, Objective, objective_from_state
+from lightdiff.diffusion import EDM, FlowMatching, NoiseSchedule, Objective, objective_from_state
 from lightdiff.nets.conditioning import (
     TEXT_ENCODER_CLASSES,
     Conditioning,
+    EncodesWithVae,
+    FirstFrameSettings,
     GuidanceEmbedded,
     conditioning_from_state,
     is_sdxl,
     label_conditioning,
+    takes_first_frame,
     takes_text,
     text_conditioning,
     text_encoder_class,
@@ -47,7 +50,7 @@ from lightdiff.nets.lora import (
     is_adapter_key,
     load_lora_file,
 )
-from lightdiff.nets.pretrained import load_vae, pretrained_text_conditioning
+from lightdiff.nets.pretrained import load_vae, pretrained_first_frame, pretrained_text_conditioning
 from lightdiff.nets.vae import VAE_CLASSES, Autoencoder, vae_scale_factor
 from lightdiff.sampling import sample_size
 
@@ -166,13 +169,16 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
     if use_ema and not uses_ema:
         log.warning("%s has no EMA weights; sampling with the raw weights", path)
     vae = _autoencoder_from_checkpoint(path, checkpoint, meta) if meta.get("vae_config") else None
+    conditioning = _conditioning_of_checkpoint(path, checkpoint, meta, net)
+    if isinstance(conditioning, EncodesWithVae):  # SVD's conditioning frame goes through the model's VAE
+        conditioning.attach_vae(vae)
     return TrainedDenoiser(
         net=net.eval(),
         # format 1 kept the schedule and prediction type beside the objective's name
         objective=objective_from_state(
             meta.get("objective"), meta.get("schedule"), meta.get("prediction_type", "epsilon")
         ),
-        conditioning=_conditioning_of_checkpoint(path, checkpoint, meta, net),
+        conditioning=conditioning,
         class_names=meta.get("class_names"),
         source=str(path),
         uses_ema=uses_ema,
@@ -262,8 +268,14 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     metadata_path = folder / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
     saved_objective = metadata.get("objective") or {}
-    if saved_objective.get("name") == "flow_matching":  # lightdiff's own export: the training settings too
+    if saved_objective.get("name") in ("flow_matching", "edm"):  # lightdiff's own export: the training settings too
         objective = objective_from_state(saved_objective)
+    elif scheduler_config.get("timestep_type") == "continuous":  # Stable Video Diffusion's EDM sampler
+        objective = EDM(
+            sigma_min=float(scheduler_config.get("sigma_min") or EDM.sigma_min),
+            sigma_max=float(scheduler_config.get("sigma_max") or EDM.sigma_max),
+            num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+        )
     elif scheduler_config.get("_class_name", "").startswith("FlowMatch"):
         # A flow-matching folder written elsewhere: its scheduler says how many timesteps and which shift.
         objective = FlowMatching(
@@ -279,7 +291,12 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
             }
         )
     vae = None
-    if is_sdxl(net) or isinstance(net, PRETRAINED_TEXT_NETS):  # every encoder it takes, and its VAE
+    if takes_first_frame(net):  # Stable Video Diffusion: the image encoder, conditioned through the VAE
+        vae = load_vae(str(folder), None).eval()
+        settings = FirstFrameSettings(**(metadata.get("first_frame") or {}))
+        conditioning = pretrained_first_frame(str(folder), settings, trainable=False)
+        conditioning.attach_vae(vae)
+    elif is_sdxl(net) or isinstance(net, PRETRAINED_TEXT_NETS):  # every encoder it takes, and its VAE
         vae = load_vae(str(folder), None).eval()
         conditioning = pretrained_text_conditioning(
             str(folder),

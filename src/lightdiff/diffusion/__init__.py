@@ -1,4 +1,5 @@
-"""Diffusion math: schedules, the two objectives behind one interface (`Objective`), distillation weights.
+"""Diffusion math: schedules, the objectives behind one interface (`Objective`: DDPM, flow matching, EDM),
+distillation weights.
 Tensor in, tensor out; each function cites its paper and equation."""
 
 from lightdiff.diffusion.distillation import (
@@ -7,6 +8,7 @@ from lightdiff.diffusion.distillation import (
     distillation_weight,
     trailing_timesteps,
 )
+from lightdiff.diffusion.edm import EDM
 from lightdiff.diffusion.flow_matching import (
     FlowMatching,
     flow_alpha_sigma,
@@ -38,6 +40,7 @@ __all__ = [
     "DDPM",
     "BetaScheduleName",
     "DistillWeighting",
+    "EDM",
     "FlowMatching",
     "LossWeighting",
     "NoiseSchedule",

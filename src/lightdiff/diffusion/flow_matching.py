@@ -16,6 +16,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 
 from lightdiff.config import ConfigError
+from lightdiff.diffusion.edm import EDM
 from lightdiff.diffusion.objective import NoisyBatch, Objective, SchedulerFactory, is_flow_sampler, scheduler_name
 from lightdiff.diffusion.objectives import DDPM, _per_sample
 from lightdiff.diffusion.schedules import NoiseSchedule
@@ -258,6 +259,8 @@ def objective_from_state(
             loss_weighting=state.get("loss_weighting", "none"),
             min_snr_gamma=state.get("min_snr_gamma", 5.0),
         )
+    if name == "edm":
+        return EDM(**{key: value for key, value in state.items() if key != "name"})
     if name == "flow_matching":
         fields = (
             "logit_mean",

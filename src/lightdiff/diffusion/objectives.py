@@ -47,7 +47,9 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     """
     if strength == 0:
         return noise
-    shift = torch.randn(noise.shape[0], noise.shape[1], 1, 1, generator=generator, device=noise.device)
+    # per channel: (B, C, 1, 1) for images, (B, 1, C, 1, 1) for clips (B, F, C, H, W), shared by their frames
+    shape = (noise.shape[0], noise.shape[1], 1, 1) if noise.ndim == 4 else (noise.shape[0], 1, noise.shape[2], 1, 1)
+    shift = torch.randn(shape, generator=generator, device=noise.device)
     return noise + strength * shift.to(noise.dtype)
 
 

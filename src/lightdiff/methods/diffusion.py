@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import FluxTransformer2DModel, SchedulerMixin
+from diffusers import CogVideoXTransformer3DModel, FluxTransformer2DModel, SchedulerMixin
 
 from lightdiff.checkpointing import adapter_weights, check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, PositiveFloat
@@ -32,10 +32,14 @@ from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradie
 from lightdiff.nets.conditioning import (
     CacheableText,
     Conditioning,
+    EncodesWithVae,
+    FirstFrameSettings,
     check_captions,
     drop_conditions,
     label_conditioning,
+    scratch_first_frame,
     scratch_text_conditioning,
+    takes_first_frame,
     takes_text,
 )
 from lightdiff.nets.denoiser import (
@@ -47,7 +51,13 @@ from lightdiff.nets.denoiser import (
     zero_adaln_gates,
 )
 from lightdiff.nets.lora import LoraSettings, adapt
-from lightdiff.nets.pretrained import load_denoiser, load_vae, pipeline_parts, pretrained_text_conditioning
+from lightdiff.nets.pretrained import (
+    load_denoiser,
+    load_vae,
+    pipeline_parts,
+    pretrained_first_frame,
+    pretrained_text_conditioning,
+)
 from lightdiff.nets.text import build_caption_tokenizer
 from lightdiff.nets.vae import (
     Autoencoder,
@@ -98,6 +108,7 @@ class DiffusionTraining(pl.LightningModule):
         gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
         lora: LoraSettings | None = None,  # adapters on the net (`model.lora.rank`); only they train (nets/lora.py)
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",  # the frozen VAE and text encoders' dtype
+        first_frame: FirstFrameSettings | None = None,  # an SVD UNet's conditioning (model=video_i2v); None: defaults
     ) -> None:
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
@@ -134,7 +145,10 @@ class DiffusionTraining(pl.LightningModule):
             max_sequence_length,
             embedded_guidance_scale,
             t5,
+            first_frame or FirstFrameSettings(),
         )
+        if isinstance(self.conditioning, EncodesWithVae):  # SVD's conditioning frame goes through this VAE
+            self.conditioning.attach_vae(self.vae)
         if lora is not None and lora.enabled:
             # The pipeline's text encoder too with lora.text_encoder (the method then trains its adapters alone).
             if lora.text_encoder and getattr(self.conditioning, "text_encoder_2", None) is not None:
@@ -182,8 +196,14 @@ class DiffusionTraining(pl.LightningModule):
         max_sequence_length: int | None,
         embedded_guidance_scale: float,
         t5: bool,
+        first_frame: FirstFrameSettings,
     ) -> Conditioning:
-        """The family `self.net` takes; a text encoder from `pretrained`, or built from the data's captions."""
+        """The family `self.net` takes; a text encoder from `pretrained`, or built from the data's captions (an SVD
+        UNet's image encoder from `pretrained`, or built for the data's frames)."""
+        if takes_first_frame(self.net):
+            if pretrained is not None:
+                return pretrained_first_frame(pretrained, first_frame, train_text_encoder)
+            return scratch_first_frame(self.net, first_frame, data.resolution)
         if not takes_text(self.net):
             return label_conditioning(self.net)
         if pretrained is not None:
@@ -273,6 +293,13 @@ class DiffusionTraining(pl.LightningModule):
     def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
         """Samples for the grid: class seed % classes (labels, or their names as prompts), or the data's captions."""
         inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
+        if "image" in self.conditioning.reads:  # image-to-video: the first frames of the data's clips seed % size
+            dataset = self.trainer.datamodule.source_dataset
+            clips = [dataset[int(seed) % len(dataset)] for seed in seeds]
+            inputs["image"] = torch.stack([clip["pixel_values"][0] for clip in clips]).to(self.device)
+            # what the judge holds each clip to: the frame's shape and colour, moving steadily (any way: one frame
+            # does not say where to)
+            inputs["text"] = [str(clip["text"]).split(" moving ")[0] for clip in clips]
         scheduler = self.scheduler(sampler)
         side = self.trainer.datamodule.resolution  # the net's own size, or a FLUX transformer's (it has none)
         frames = self.trainer.datamodule.num_frames
@@ -344,13 +371,20 @@ def check_video_fits(net: Denoiser, vae: Autoencoder | None, data: ImageDataModu
         if vae is not None and is_video_vae(vae):
             raise ConfigError(f"model.vae: {type(vae).__name__} encodes clips; this model trains on images")
         return
-    if vae is None or not is_video_vae(vae):
-        raise ConfigError(
-            f"model.vae: a {type(net).__name__} denoises video latents; give a video VAE (AutoencoderKLCogVideoX)"
+    if vae is None:
+        raise ConfigError(f"model.vae: a {type(net).__name__} denoises video latents; give a VAE")
+    if isinstance(net, CogVideoXTransformer3DModel) != is_video_vae(vae):
+        wanted = (
+            "a frame-wise VAE (AutoencoderKL, AutoencoderKLTemporalDecoder)"
+            if is_video_vae(vae)
+            else ("CogVideoX's 3-D VAE (AutoencoderKLCogVideoX)")
         )
+        raise ConfigError(f"model.vae: a {type(net).__name__} takes {wanted}, not a {type(vae).__name__}")
     problem = frame_count_problem(vae, frames)
     if problem is not None:
         raise ConfigError(f"data.num_frames={frames}: {problem}")
+    if not isinstance(net, CogVideoXTransformer3DModel):
+        return
     compression = temporal_compression(vae)
     if net.config.temporal_compression_ratio != compression:
         raise ConfigError(
@@ -370,7 +404,9 @@ def check_fits(net: Denoiser, vae: Autoencoder | None, conditioning: Conditionin
     factor = vae_scale_factor(vae) if vae is not None else 1
     what = "the VAE's latent_channels" if vae is not None else "RGB"
     out_channels = net.config.out_channels or net.config.in_channels  # FLUX's None: in_channels
-    if latent_channels(net) != channels or out_channels != net.config.in_channels:
+    # FLUX outputs packed tokens (in_channels wide); every other net the latents it denoises (SVD's: half its input)
+    expected_out = net.config.in_channels if isinstance(net, FluxTransformer2DModel) else latent_channels(net)
+    if latent_channels(net) != channels or out_channels != expected_out:
         packed = " (FLUX: 4 x the latent channels, packed 2x2)" if isinstance(net, FluxTransformer2DModel) else ""
         raise ConfigError(
             f"net.in_channels={net.config.in_channels} / net.out_channels={net.config.out_channels} do not match "

@@ -18,13 +18,15 @@ The families:
   for both plus a T5 (`model.t5`);
 - `FluxText`: FLUX's CLIP pooled vector and T5 states (`FluxTransformer2DModel`);
 - `T5Text`: one T5 encoder's states, CogVideoX's text (`CogVideoXTransformer3DModel`);
+- `FirstFrame`: Stable Video Diffusion's image conditioning (`UNetSpatioTemporalConditionModel`): the first frame's CLIP
+  image embedding, its VAE latent concatenated to the noisy latents, and the fps / motion / noise-augmentation ids;
 - `SDXLText`: SDXL's two CLIP encoders (penultimate states side by side, the second's pooled projection) and the
   size / crop ids of each image (`UNet2DConditionModel` with `addition_embed_type="text_time"`);
 - `GuidanceEmbedded`: a text family plus the guidance-scale input of a latent consistency model (`model=lcm`).
 
 What a family is given (`inputs`) is a batch as the data modules serve it, or as the samplers make it: a mapping
-with "label" (a (B,) tensor), "text" (B captions) and "size_and_crop" (B, 6), of which each family reads what it
-needs.
+with "label" (a (B,) tensor), "text" (B captions), "size_and_crop" (B, 6), "image" (B, 3, H, W) and the samplers'
+per-sample "generators", of which each family reads what it needs.
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ from diffusers import (
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
+    UNetSpatioTemporalConditionModel,
 )
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -913,6 +919,166 @@ class T5Text(nn.Module):
         }
 
 
+# CLIP's image normalisation (OpenAI's mean and std), what StableVideoDiffusionPipeline's CLIPImageProcessor applies
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class FirstFrameSettings:
+    """`model.first_frame`: Stable Video Diffusion's micro-conditioning (Blattmann et al. 2023, Section 4.4), as
+    StableVideoDiffusionPipeline takes it, and the size of a CLIP image encoder built from scratch."""
+
+    fps: int = 7  # frames per second asked for; the network is given fps - 1, as SVD was trained
+    motion_bucket_id: int = 127  # the amount of motion asked for (SVD's default)
+    noise_aug_strength: float = 0.02  # noise added to the conditioning frame before it is encoded
+    min_guidance_scale: float = 1.0  # guidance rises linearly over the frames from this to the guidance scale
+    encoder_width: int = 64  # a from-scratch CLIPVisionModelWithProjection's hidden size
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    encoder_patch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.noise_aug_strength < 0:
+            raise ConfigError(f"model.first_frame.noise_aug_strength={self.noise_aug_strength} must be >= 0")
+        if self.fps < 1:
+            raise ConfigError(f"model.first_frame.fps={self.fps} must be at least 1")
+
+
+@runtime_checkable
+class EncodesWithVae(Protocol):
+    """A family that encodes pixels through the method's own VAE (SVD's conditioning frame): given it once the VAE
+    exists (`attach_vae`), without owning it."""
+
+    def attach_vae(self, vae: nn.Module) -> None: ...
+
+
+class FirstFrame(nn.Module):
+    """Stable Video Diffusion's conditioning (`StableVideoDiffusionPipeline`): of the clip's first frame (`"image"`,
+    or frame 0 of a training batch's clips), a CLIP image encoder's `image_embeds` as the one cross-attention token
+    (`encoder_hidden_states`, (B, 1, D)), its VAE latent (the posterior's mode of the frame plus `noise_aug_strength`
+    noise, unscaled) which the network call concatenates to every frame's noisy latents (`image_latents`), and
+    `added_time_ids` = [fps - 1, motion_bucket_id, noise_aug_strength]. The unconditional twin is zeros for the
+    embedding and the latent, as the pipeline's. The augmentation noise of sample i comes from its generator when the
+    sampler gives one (before its latents' noise, the pipeline's order), else from the global random stream."""
+
+    has_unconditional = True
+    reads = ("image", "generators")
+
+    def __init__(
+        self,
+        image_encoder: CLIPVisionModelWithProjection,
+        trainable: bool,  # whether the method trains the encoder (a from-scratch one does)
+        settings: FirstFrameSettings,
+        image_mean: Sequence[float] = CLIP_IMAGE_MEAN,
+        image_std: Sequence[float] = CLIP_IMAGE_STD,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder.requires_grad_(trainable)
+        self.trainable = trainable
+        self.settings = settings
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
+        self.summary_dim = image_encoder.config.projection_dim
+        self.guidance_scale_min = settings.min_guidance_scale  # sampling's per-frame guidance ramp starts here
+        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this family (`attach_vae`)
+
+    def attach_vae(self, vae: nn.Module) -> None:
+        self.__dict__["vae"] = vae
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        if net.config.cross_attention_dim != self.summary_dim:
+            raise ConfigError(
+                f"net.cross_attention_dim={net.config.cross_attention_dim} differs from the image encoder's "
+                f"projection_dim={self.summary_dim}"
+            )
+        ids = 3 * net.config.addition_time_embed_dim
+        if net.config.projection_class_embeddings_input_dim != ids:
+            raise ConfigError(
+                f"net.projection_class_embeddings_input_dim={net.config.projection_class_embeddings_input_dim} must "
+                f"be 3 x net.addition_time_embed_dim={ids}: fps, motion bucket and noise augmentation"
+            )
+
+    def train(self, mode: bool = True) -> FirstFrame:
+        return super().train(mode and self.trainable)
+
+    def _clip_input(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames in [-1, 1] as CLIP takes them: resized to its size with the pipeline's antialiasing (in [-1, 1],
+        as the pipeline resizes), mapped to [0, 1], normalised by the processor's mean and std."""
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+            _resize_with_antialiasing,
+        )
+
+        size = self.image_encoder.config.image_size
+        if tuple(frames.shape[-2:]) != (size, size):
+            frames = _resize_with_antialiasing(frames, (size, size))
+        mean = torch.tensor(self.image_mean, device=frames.device)[:, None, None]
+        std = torch.tensor(self.image_std, device=frames.device)[:, None, None]
+        return ((frames + 1) / 2 - mean) / std
+
+    def forward(self, inputs: Inputs) -> Condition:
+        frames = inputs["image"] if inputs.get("image") is not None else inputs["pixel_values"][:, 0]
+        encoder = self.image_encoder
+        frames = frames.to(encoder.device, torch.float32)
+        count = len(frames)
+        dropped = torch.tensor(list(inputs.get("dropped") or [False] * count), device=frames.device)
+        embeddings = encoder(self._clip_input(frames).to(encoder.dtype)).image_embeds[:, None]
+        generators = inputs.get("generators")
+        if generators is not None:  # only the kept samples draw, as the pipeline draws once for its conditional half
+            noise = torch.zeros_like(frames)
+            for index in (i for i in range(count) if not dropped[i]):
+                noise[index] = randn_tensor(frames[index : index + 1].shape, generator=generators[index])[0]
+        else:
+            noise = torch.randn_like(frames)
+        vae = self.__dict__["vae"]
+        augmented = (frames + self.settings.noise_aug_strength * noise).to(vae.dtype)
+        image_latents = vae.encode(augmented).latent_dist.mode().float()
+        keep = (~dropped).float()
+        embeddings = embeddings * keep[:, None, None].to(embeddings.dtype)
+        image_latents = image_latents * keep[:, None, None, None]
+        ids = [self.settings.fps - 1, self.settings.motion_bucket_id, self.settings.noise_aug_strength]
+        added_time_ids = torch.tensor([ids], dtype=torch.float32, device=frames.device).repeat(count, 1)
+        kwargs = {"encoder_hidden_states": embeddings, "added_time_ids": added_time_ids, "image_latents": image_latents}
+        return Condition(kwargs, embeddings[:, 0].float())
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        previous = list(inputs.get("dropped") or [False] * len(which))
+        return {**inputs, "dropped": [old or new for old, new in zip(previous, which)]}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return encoder_parameters(self.trainable, self.image_encoder)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": "first_frame",
+            "image_encoder_config": self.image_encoder.config.to_dict(),
+            "settings": dict(vars(self.settings)),
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+        }
+
+
+def scratch_first_frame(
+    net: UNetSpatioTemporalConditionModel, settings: FirstFrameSettings, resolution: int
+) -> FirstFrame:
+    """`FirstFrame` with a CLIP image encoder built from scratch (it trains with the denoiser): `resolution` px input
+    (no resizing), its projection as wide as the network's cross-attention."""
+    if resolution % settings.encoder_patch_size:
+        raise ConfigError(
+            f"data.resolution={resolution} is not a multiple of model.first_frame.encoder_patch_size="
+            f"{settings.encoder_patch_size}"
+        )
+    config = CLIPVisionConfig(
+        hidden_size=settings.encoder_width,
+        intermediate_size=2 * settings.encoder_width,
+        num_hidden_layers=settings.encoder_layers,
+        num_attention_heads=settings.encoder_heads,
+        image_size=resolution,
+        patch_size=settings.encoder_patch_size,
+        projection_dim=net.config.cross_attention_dim,
+    )
+    return FirstFrame(CLIPVisionModelWithProjection(config), True, settings)
+
+
 def guidance_scale_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of w = guidance_scale - 1, scaled by 1000 (VDM's timestep embedding, Kingma et al. 2021;
     LCM, Section 4.2): (B,) -> (B, dim), as LatentConsistencyModelPipeline's `get_guidance_scale_embedding`."""
@@ -1000,6 +1166,11 @@ TEXT_NETS = (
 
 def takes_text(net: nn.Module) -> bool:
     return isinstance(net, TEXT_NETS)
+
+
+def takes_first_frame(net: nn.Module) -> bool:
+    """Whether `net` is conditioned on a clip's first frame (Stable Video Diffusion's UNet)."""
+    return isinstance(net, UNetSpatioTemporalConditionModel)
 
 
 def is_sdxl(net: nn.Module) -> bool:
@@ -1238,6 +1409,12 @@ def _t5_text_from_state(state: dict[str, Any]) -> T5Text:
     return T5Text(tokenizer, text_encoder, trainable=False, max_sequence_length=state["max_sequence_length"])
 
 
+def _first_frame_from_state(state: dict[str, Any]) -> FirstFrame:
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**state["image_encoder_config"])).eval()
+    settings = FirstFrameSettings(**state["settings"])
+    return FirstFrame(encoder, False, settings, state["image_mean"], state["image_std"])
+
+
 def _sd3_text_from_state(state: dict[str, Any]) -> SD3Text:
     second, third = state["text_encoder_2_config"], state["text_encoder_3_config"]
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**second)).eval() if second else None
@@ -1285,6 +1462,7 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     ),
     "flux_text": _flux_text_from_state,
     "t5_text": _t5_text_from_state,
+    "first_frame": _first_frame_from_state,
     "sd3_text": _sd3_text_from_state,
     "guidance_embedded": lambda state: GuidanceEmbedded(
         conditioning_from_state(state["text"]), state["guidance_scale"], state["embedding_dim"]

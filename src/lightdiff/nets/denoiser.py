@@ -16,7 +16,10 @@ conditioning, which a family object makes (`lightdiff.nets.conditioning`):
   (`FluxPipeline`): `network_output` packs, makes the ids and unpacks, so every method sees (B, C, H, W) latents;
 - `CogVideoXTransformer3DModel(hidden_states, encoder_hidden_states, timestep, image_rotary_emb)`: CogVideoX's
   expert transformer over a clip's latents (B, F, C, H, W) and T5 text states in one sequence (Yang et al. 2024,
-  Section 2.2); CogVideoX 1.0-5B's 3-D rotary embeddings are made per call from the latents' shape.
+  Section 2.2); CogVideoX 1.0-5B's 3-D rotary embeddings are made per call from the latents' shape;
+- `UNetSpatioTemporalConditionModel(sample, timestep, encoder_hidden_states, added_time_ids)`: Stable Video
+  Diffusion's UNet over (B, F, 2C, H, W): each frame's noisy latents with the conditioning frame's latent
+  concatenated along the channels (the family gives that latent once; the call repeats it over the frames).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from diffusers import (
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
+    UNetSpatioTemporalConditionModel,
 )
 
 from lightdiff.nets.conditioning import Condition, tree_map
@@ -44,8 +48,9 @@ Denoiser = (
     | PixArtTransformer2DModel
     | FluxTransformer2DModel
     | CogVideoXTransformer3DModel
+    | UNetSpatioTemporalConditionModel
 )
-VIDEO_DENOISERS = (CogVideoXTransformer3DModel,)  # denoisers of clips (B, F, C, H, W)
+VIDEO_DENOISERS = (CogVideoXTransformer3DModel, UNetSpatioTemporalConditionModel)  # denoisers of clips (B, F, C, H, W)
 # The denoiser classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is never
 # imported, only looked up here.
 DENOISER_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Denoiser)}
@@ -85,9 +90,11 @@ def is_video_net(net: torch.nn.Module) -> bool:
 
 def latent_channels(net: torch.nn.Module) -> int:
     """Channels of the latents (or pixels) the network denoises: a FLUX transformer's in_channels count the four
-    latent pixels of a packed token."""
+    latent pixels of a packed token, an SVD UNet's the conditioning frame's latent too."""
     channels = net.config.in_channels
-    return channels // (PACKED_PATCH * PACKED_PATCH) if isinstance(net, FluxTransformer2DModel) else channels
+    if isinstance(net, FluxTransformer2DModel):
+        return channels // (PACKED_PATCH * PACKED_PATCH)
+    return channels // 2 if isinstance(net, UNetSpatioTemporalConditionModel) else channels
 
 
 def side_multiple_of_tokens(net: torch.nn.Module) -> int:
@@ -120,6 +127,9 @@ def network_output(
         return _flux_output(net, x_t, timesteps, kwargs, condition.kwargs.get("guidance"))
     if isinstance(net, CogVideoXTransformer3DModel) and net.config.use_rotary_positional_embeddings:
         kwargs = {**kwargs, "image_rotary_emb": cogvideox_rotary_embedding(net, x_t)}
+    if isinstance(net, UNetSpatioTemporalConditionModel):  # StableVideoDiffusionPipeline's channel concatenation
+        image_latents = kwargs.pop("image_latents")[:, None].expand(-1, x_t.shape[1], -1, -1, -1)
+        x_t = torch.cat([x_t, image_latents], dim=2)
     return net(x_t, timestep=timesteps, **kwargs).sample
 
 

@@ -8,12 +8,21 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, CogVideoXTransformer3DModel, FluxTransformer2DModel, SD3Transformer2DModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from lightdiff.config import ConfigError
 from lightdiff.nets.conditioning import (
     FLUX_MAX_SEQUENCE_LENGTH,
     CLIPText,
+    FirstFrame,
+    FirstFrameSettings,
     FluxText,
     SD3CLIPText,
     SD3Text,
@@ -176,6 +185,15 @@ def _t5_text(
         trainable,
         max_sequence_length or net.config.max_text_seq_length,
     )
+
+
+def pretrained_first_frame(pretrained: str, settings: FirstFrameSettings, trainable: bool) -> FirstFrame:
+    """A Stable Video Diffusion pipeline's CLIP image encoder and its processor's normalisation (`FirstFrame`)."""
+    from transformers import CLIPImageProcessor
+
+    processor = load_component(CLIPImageProcessor, pretrained, "feature_extractor")
+    encoder = load_component(CLIPVisionModelWithProjection, pretrained, "image_encoder")
+    return FirstFrame(encoder, trainable, settings, processor.image_mean, processor.image_std)
 
 
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length

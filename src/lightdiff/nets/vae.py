@@ -4,25 +4,29 @@ Latents are (z - shift_factor) * scaling_factor: SD 1.x / 2.x / SDXL VAEs have n
 16-channel VAEs do (their pipelines encode and decode with both), so a latent model sees zero-mean, unit-variance
 latents either way.
 
-Video: CogVideoX's `AutoencoderKLCogVideoX` compresses time too (4x: F = 4k + 1 frames become k + 1 latent frames)
-and takes and gives (B, C, F, H, W); clips travel through lightdiff as (B, F, C, H, W), the layout of the video
-denoisers and of their pipelines' noise (CogVideoXPipeline.prepare_latents). This module is the one place where the
-two layouts meet (`_to_vae_layout`), so no method or sampler permutes a clip.
+Video: clips travel through lightdiff as (B, F, C, H, W), the layout of the video denoisers and of their pipelines'
+noise (CogVideoXPipeline.prepare_latents, StableVideoDiffusionPipeline.prepare_latents). CogVideoX's
+`AutoencoderKLCogVideoX` compresses time too (4x: 8m + 1 frames become 2m + 1 latent frames) and takes and gives
+(B, C, F, H, W); frame-wise VAEs (an `AutoencoderKL`, SVD's `AutoencoderKLTemporalDecoder`, whose decoder also mixes
+frames) encode a clip's frames as images. This module is the one place where the layouts meet, so no method or
+sampler reshapes a clip.
 """
 
 from __future__ import annotations
 
+import typing
+
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLTemporalDecoder
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-Autoencoder = AutoencoderKL | AutoencoderKLCogVideoX
+Autoencoder = AutoencoderKL | AutoencoderKLCogVideoX | AutoencoderKLTemporalDecoder
 # The VAE classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is only looked up.
-VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (AutoencoderKL, AutoencoderKLCogVideoX)}
+VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Autoencoder)}
 
 
 def is_video_vae(vae: torch.nn.Module) -> bool:
-    """Whether `vae` encodes clips (B, F, 3, H, W) rather than images."""
+    """Whether `vae` is a 3-D VAE that encodes whole clips (B, F, 3, H, W), compressing time (CogVideoX's)."""
     return isinstance(vae, AutoencoderKLCogVideoX)
 
 
@@ -44,6 +48,8 @@ def frame_count_problem(vae: torch.nn.Module, num_frames: int) -> str | None:
     c k + 1 frames; its decoder doubles an odd frame count n to 2n - 1 (the first frame kept) but an even one to 2n,
     so only an odd number of latent frames decodes to the clip's length: 2 c m + 1 frames (9, 17, ... for c = 4;
     CogVideoX's 49 frames are 13 latent frames)."""
+    if not is_video_vae(vae):
+        return None if num_frames >= 1 else f"{num_frames} frames: a clip needs at least one"
     compression = temporal_compression(vae)
     period = 2 * compression
     if num_frames >= 1 and (num_frames - 1) % period == 0:
@@ -61,16 +67,16 @@ def _to_vae_layout(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def posterior(vae: Autoencoder, pixels: torch.Tensor) -> DiagonalGaussianDistribution:
-    """q(z | x) of images (B, 3, H, W) or, through a video VAE, clips (B, F, 3, H, W); its parameters in the VAE's
-    own layout (what the latent cache stores)."""
+    """q(z | x) of images (B, 3, H, W) or clips (B, F, 3, H, W), its parameters in the VAE's own layout (what the
+    latent cache stores): (B, 2C, F', h, w) for a 3-D VAE, a frame-wise VAE's (B * F, 2C, h, w)."""
     if is_video_vae(vae):
         return vae.encode(_to_vae_layout(pixels)).latent_dist
-    return vae.encode(pixels).latent_dist
+    return vae.encode(pixels.flatten(0, 1) if pixels.ndim == 5 else pixels).latent_dist
 
 
 def decode(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Pixels of unscaled latents z in the VAE's own layout (the autoencoder stage's reconstructions): images
-    (B, 3, H, W) or clips (B, F, 3, H, W)."""
+    (B, 3, H, W), or a 3-D VAE's clips (B, F, 3, H, W)."""
     pixels = vae.decode(latents).sample
     return _to_vae_layout(pixels) if is_video_vae(vae) else pixels
 
@@ -102,7 +108,11 @@ def encode_latents(vae: Autoencoder, pixels: torch.Tensor | None, moments: torch
     if moments is None:  # the VAE may run in half precision (model.frozen_dtype); the latents are float32
         moments = posterior(vae, pixels.to(vae.dtype)).parameters.float()
     latents = (DiagonalGaussianDistribution(moments.float()).sample() - latent_shift(vae)) * vae.config.scaling_factor
-    return _to_vae_layout(latents) if is_video_vae(vae) else latents
+    if is_video_vae(vae):
+        return _to_vae_layout(latents)
+    if pixels is not None and pixels.ndim == 5:  # a frame-wise VAE's frames back into their clips
+        return latents.unflatten(0, pixels.shape[:2])
+    return latents
 
 
 @torch.no_grad()
@@ -111,4 +121,9 @@ def decode_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     + shift_factor (StableDiffusion3Pipeline, FluxPipeline); clips (B, F, 3, H, W) of video latents (B, F, C, h, w)
     (CogVideoXPipeline.decode_latents)."""
     unscaled = (latents / vae.config.scaling_factor + latent_shift(vae)).to(vae.dtype)
-    return decode(vae, _to_vae_layout(unscaled) if is_video_vae(vae) else unscaled)
+    if is_video_vae(vae):
+        return decode(vae, _to_vae_layout(unscaled))
+    if latents.ndim == 5:  # a frame-wise VAE: the frames as a batch (SVD's decoder mixes a clip's frames: num_frames)
+        frames = {"num_frames": latents.shape[1]} if isinstance(vae, AutoencoderKLTemporalDecoder) else {}
+        return vae.decode(unscaled.flatten(0, 1), **frames).sample.unflatten(0, latents.shape[:2])
+    return decode(vae, unscaled)
