@@ -162,10 +162,12 @@ def tiny_video_vae() -> AutoencoderKLCogVideoX:
 
 
 # The tiny text-to-video model (model=video) for tiny_video_vae: 9-frame clips of 16 px, a 1-layer CogVideoX
-# transformer of width 16 over 2 x 2 patches, a 1-layer, 16-wide T5 of 8 tokens.
+# transformer of width 16 over 2 x 2 patches of its 4 latent channels, a 1-layer, 16-wide T5 of 8 tokens.
 TINY_VIDEO_MODEL = [
     "model=video",
     "data.num_frames=9",
+    "net.in_channels=4",
+    "net.out_channels=4",
     "net.num_layers=1",
     "net.num_attention_heads=2",
     "net.attention_head_dim=8",

@@ -339,8 +339,8 @@ def test_the_scan_is_cached_until_a_file_changes(tmp_path: Path, monkeypatch) ->
     root = _image_folder(tmp_path / "images")
     cache = tmp_path / "scans"
     opened = []
-    real_open = image_folder._open_rgb
-    monkeypatch.setattr(image_folder, "_open_rgb", lambda path: opened.append(path.name) or real_open(path))
+    real_open = image_folder.open_rgb
+    monkeypatch.setattr(image_folder, "open_rgb", lambda path: opened.append(path.name) or real_open(path))
     ImageFolderDataset(str(root), resolution=16, scan_cache_dir=str(cache))
     assert len(opened) == 8  # every image decoded once
     opened.clear()

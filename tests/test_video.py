@@ -23,6 +23,7 @@ from PIL import Image
 from lightdiff.callbacks import random_state
 from lightdiff.config import ConfigError
 from lightdiff.data.moving_shapes import DIRECTIONS, MovingShapesDataset, clip_path
+from lightdiff.data.video_folder import VideoFolderDataset
 from lightdiff.diffusion import DDPM, NoiseSchedule
 from lightdiff.diffusion.schedules import shift_snr
 from lightdiff.metrics.motion import motion_metric, video_distance
@@ -117,6 +118,35 @@ def test_mp4_and_gif_files_hold_the_clip(tmp_path: Path) -> None:
         assert np.abs(back.astype(float) - clip[::-1]).mean() > 4 * tolerance  # control: the frames in their order
     with pytest.raises(ValueError, match="one of"):
         write_video([Image.fromarray(clip[0])], tmp_path / "clip.avi", 8)
+
+
+def test_video_folder_reads_mp4_gif_and_frame_folders_and_names_bad_clips(tmp_path: Path) -> None:
+    source = MovingShapesDataset(size=3, resolution=32, num_frames=9, seed=4)
+    clips = [to_uint8(source[index]["pixel_values"] / 2 + 0.5) for index in range(3)]
+    root = tmp_path / "clips"
+    (root / "c").mkdir(parents=True)
+    write_video([Image.fromarray(frame) for frame in clips[0]], root / "a.mp4", 8)
+    write_video([Image.fromarray(frame) for frame in clips[1]], root / "b.gif", 8)
+    for index, frame in enumerate(clips[2]):
+        Image.fromarray(frame).save(root / "c" / f"{index:03d}.png")
+    captions = {"a.mp4": "first", "b.gif": "second", "c": "third"}
+    lines = [json.dumps({"file_name": name, "text": text}) for name, text in captions.items()]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = VideoFolderDataset(str(root), 32, 9)
+    assert [data[index]["text"] for index in range(3)] == ["first", "second", "third"]
+    assert torch.equal(data[2]["pixel_values"], source[2]["pixel_values"])  # PNG frames: exactly the clip
+    for index in (0, 1):  # H.264 at CRF 18 and a gif palette: within 2/255 on average
+        assert (data[index]["pixel_values"] - source[index]["pixel_values"]).abs().mean() < 4 / 255
+    strided = VideoFolderDataset(str(root), 32, 5, frame_stride=2)
+    assert torch.equal(strided[2]["pixel_values"], source[2]["pixel_values"][::2])
+    with pytest.raises(ValueError, match="has 9 frames, fewer than data.num_frames=17"):
+        VideoFolderDataset(str(root), 32, 17)
+    (root / "metadata.jsonl").unlink()
+    (root / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="cannot read video .*broken.mp4"):
+        VideoFolderDataset(str(root), 32, 9)
+    tolerant = VideoFolderDataset(str(root), 32, 9, skip_bad=True)
+    assert len(tolerant) == 3 and [path.name for path in tolerant.skipped] == ["broken.mp4"]
 
 
 def test_video_vae_layout_and_cogvideox_schedule_match_diffusers() -> None:
@@ -283,6 +313,49 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
         max_sequence_length=8,
     ).frames
     assert (other_seeds - ours).abs().max() > 1e-2  # control: the comparison sees a different draw
+
+
+def test_turbo_distils_a_video_teacher_into_a_one_step_student(video_ckpt: Path, tmp_path: Path) -> None:
+    """LADD on a CogVideoX teacher: the discriminator reads the teacher's tokens of whole clips; the student samples in
+    1 to 4 steps and exports as a CogVideoXPipeline that plain diffusers reproduces in one step."""
+    turbo = [f"output_root={tmp_path}", *TINY, "model=turbo", f"model.teacher={video_ckpt}", "data=moving_shapes"]
+    cfg = compose_config("train", [*turbo, "data.num_frames=9", "model.teacher_steps=2", "run_name=video-turbo"])
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    meta = load_checkpoint_file(checkpoint)["lightdiff"]
+    assert meta["method"] == "turbo" and meta["num_frames"] == 9 and len(meta["student_timesteps"]) == 4
+    grid = np.asarray(Image.open(Path(cfg.run_dir) / "samples" / "final_step0000002.png"))
+    assert grid.shape == (4 * 16 * 4, 9 * 16 * 4, 3)  # 4 rows (num_images): the student at 1, 2, 4 steps, the teacher
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    pipeline = CogVideoXPipeline.from_pretrained(folder)
+    student = load_denoiser(folder)
+    ours = generate(
+        student.net,
+        pipeline.scheduler,
+        1,
+        [0, 1],
+        student.conditioning,
+        {"text": PROMPTS},
+        1.0,
+        vae=student.vae,
+        size=(16, 16),
+        num_frames=9,
+    )
+    theirs = pipeline(
+        prompt=PROMPTS,
+        num_frames=9,
+        height=16,
+        width=16,
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+        output_type="pt",
+        max_sequence_length=8,
+    ).frames
+    assert (theirs - ours).abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="a video teacher is distilled against its own features"):
+        train_run(compose_config("train", [*turbo, "discriminator=patchgan", "run_name=patch"]))
 
 
 def test_autoencoder_stage_trains_a_video_vae(tmp_path: Path) -> None:

@@ -351,11 +351,12 @@ def run(cfg: DictConfig) -> Path:
     if not speed.is_plain:
         sampler_settings["speed"] = dataclasses.asdict(speed)
     all_pixels = []
+    unit = "image" if frames is None else "clip"
     started = time.perf_counter()
     with folder_written_atomically(target) as out:  # replaces `target` once every file below is written
         with (
             (out / "metadata.jsonl").open("w") as metadata,
-            tqdm(total=cfg.num_images, unit="image", desc="sampling", disable=None) as progress,
+            tqdm(total=cfg.num_images, unit=unit, desc="sampling", disable=None) as progress,
         ):
             for start in range(0, cfg.num_images, cfg.batch_size):
                 count = min(cfg.batch_size, cfg.num_images - start)
@@ -396,15 +397,17 @@ def run(cfg: DictConfig) -> Path:
         grid = image_grid if frames is None else frames_grid  # clips: one per row, a frame per column
         grid(np.concatenate(all_pixels)).save(out / "grid.png")
     log.info(
-        "sampled %d images in %.1f s: %.2f images/s, %.3f s per batch of %d (%d steps, PNG writing included)",
+        "sampled %d %ss in %.1f s: %.2f %ss/s, %.3f s per batch of %d (%d steps, file writing included)",
         cfg.num_images,
+        unit,
         seconds,
         cfg.num_images / seconds,
+        unit,
         seconds / -(-cfg.num_images // cfg.batch_size),
         min(cfg.batch_size, cfg.num_images),
         cfg.steps,
     )
-    log.info("wrote %d images, metadata.jsonl and grid.png to %s", cfg.num_images, target)
+    log.info("wrote %d %ss, metadata.jsonl and grid.png to %s", cfg.num_images, unit, target)
     if reference is not None:  # after the samples are in place: a failing metric never costs them
         judge = judge_samples if frames is None else judge_clips
         metrics = judge(cfg, reference, np.concatenate(all_pixels), prompts, labels, device)
@@ -417,6 +420,7 @@ def run(cfg: DictConfig) -> Path:
 _DATA_MODULES = {
     "lightdiff.data.ShapesDataModule",
     "lightdiff.data.MovingShapesDataModule",
+    "lightdiff.data.VideoFolderDataModule",
     "lightdiff.data.ImageFolderDataModule",
     "lightdiff.data.HFDataModule",
 }

@@ -6,11 +6,13 @@ from lightdiff.data.datamodule import (
     ImageFolderDataModule,
     MovingShapesDataModule,
     ShapesDataModule,
+    VideoFolderDataModule,
 )
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.shapes import ShapesDataset
 from lightdiff.data.transforms import ImageTransform
+from lightdiff.data.video_folder import VideoFolderDataset
 
 __all__ = [
     "HFDataModule",
@@ -23,4 +25,6 @@ __all__ = [
     "MovingShapesDataset",
     "ShapesDataModule",
     "ShapesDataset",
+    "VideoFolderDataModule",
+    "VideoFolderDataset",
 ]

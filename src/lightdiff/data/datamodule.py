@@ -20,6 +20,7 @@ from lightdiff.data.latent_cache import cached_latents, cached_text_states
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
+from lightdiff.data.video_folder import VideoFolderDataset
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,31 @@ class MovingShapesDataModule(ImageDataModule):
     ) -> None:
         dataset = MovingShapesDataset(size=size, resolution=resolution, num_frames=num_frames, seed=seed)
         identity = f"moving_shapes|size={size}|seed={seed}|resolution={resolution}|num_frames={num_frames}"
+        super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity)
+
+
+class VideoFolderDataModule(ImageDataModule):
+    """A folder of clips (video files or frame folders) with optional metadata.jsonl captions
+    (`data=video_folder data.root=DIR`)."""
+
+    def __init__(
+        self,
+        root: str,  # the folder of clips
+        resolution: int = 32,  # frame side in pixels (resized, centre-cropped)
+        num_frames: int = 9,  # frames per clip: the first ones, frame_stride apart
+        frame_stride: int = 1,  # every frame_stride-th frame
+        skip_bad: bool = False,  # skip (and count) unreadable or too short clips instead of stopping
+        batch_size: int = 16,  # per-device batch size (clips)
+        num_workers: int = 2,  # loader processes
+        pin_memory: bool = True,  # page-locked batches
+        persistent_workers: bool = True,  # keep workers between epochs
+    ) -> None:
+        dataset = VideoFolderDataset(root, resolution, num_frames, frame_stride, skip_bad)
+        newest = max(path.stat().st_mtime_ns for path in dataset.paths)
+        identity = (
+            f"video_folder|{dataset.root.resolve()}|clips={len(dataset)}|newest={newest}|resolution={resolution}"
+            f"|num_frames={num_frames}|frame_stride={frame_stride}"
+        )
         super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity)
 
 

@@ -40,7 +40,7 @@ def _refused(name: object, reason: str) -> ValueError:
     )
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
     """Decode fully (not only the header) so a truncated file fails here, with its name; the size is checked
     from the header first, so a decompression bomb is never decoded."""
     try:
@@ -88,7 +88,7 @@ def _label(value: object, where: str) -> int:
     return value
 
 
-def _read_metadata(root: Path) -> dict[str, dict]:
+def read_metadata(root: Path) -> dict[str, dict]:
     """metadata.jsonl's records by file name, every line checked: JSON, UTF-8, a relative `file_name` listed once,
     and labels on every line or none."""
     metadata_path = root / "metadata.jsonl"
@@ -159,7 +159,7 @@ def scan_images(
     sizes: dict[Path, tuple[int, int]] = {}
     for path in paths:
         try:
-            width, height = _open_rgb(path).size
+            width, height = open_rgb(path).size
             sizes[path] = (height, width)
         except ValueError as error:
             bad[path] = str(error)
@@ -195,7 +195,7 @@ class ImageFolderDataset(Dataset):
         paths = _scan(self.root)
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.root={root!r}")
-        metadata = _read_metadata(self.root)
+        metadata = read_metadata(self.root)
         if metadata:
             # As in Hugging Face's imagefolder: metadata.jsonl, when present, lists the data set (sample.py's
             # grid.png beside the samples is not a sample).
@@ -248,7 +248,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]
         size = self.buckets[self.bucket_of[index]] if self.bucket_of is not None else None
-        pixels, size_and_crop = self.transform(_open_rgb(self.paths[index]), size)
+        pixels, size_and_crop = self.transform(open_rgb(self.paths[index]), size)
         return {
             "pixel_values": pixels,
             "size_and_crop": size_and_crop,  # (original h, w, crop top, left, target h, w): SDXL's time_ids

@@ -71,7 +71,12 @@ class FrozenTeacher(nn.Module):
         height, width = loaded.default_size()  # its net's size, or what it trained at (a FLUX transformer has none)
         if (height, width) != (data.resolution, data.resolution):
             raise ConfigError(f"data.resolution={data.resolution} differs from the teacher's {height}x{width} px")
+        if loaded.num_frames is not None and data.num_frames != loaded.num_frames:
+            raise ConfigError(
+                f"data.num_frames={data.num_frames} differs from the teacher's {loaded.num_frames} frames"
+            )
         self.resolution = data.resolution
+        self.num_frames = data.num_frames  # frames per clip of a video teacher; None for images
         self._previews: dict[tuple[Any, ...], torch.Tensor] = {}  # the teacher never changes: drawn once per seeds
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -159,6 +164,7 @@ class FrozenTeacher(nn.Module):
                     guidance,
                     vae=self.vae,
                     size=(self.resolution, self.resolution),
+                    num_frames=self.num_frames,
                 )
             self._previews[key] = images.cpu()
         return self._previews[key]
@@ -200,7 +206,15 @@ def few_step_preview(
 
     def draw(count: int) -> torch.Tensor:
         return generate(
-            method.net, scheduler, count, seeds, method.conditioning, inputs, vae=method.teacher.vae, size=(side, side)
+            method.net,
+            scheduler,
+            count,
+            seeds,
+            method.conditioning,
+            inputs,
+            vae=method.teacher.vae,
+            size=(side, side),
+            num_frames=method.teacher.num_frames,
         )
 
     shown = method.metric_steps
@@ -208,6 +222,8 @@ def few_step_preview(
     teacher_images = method.teacher.preview(seeds, inputs, sampler, method.teacher_steps).to(images[shown[0]].device)
     grid = torch.stack([*(images[n] for n in shown), teacher_images], dim=1).flatten(0, 1)
     judged = images[judged_steps] if judged_steps in images else draw(judged_steps)
+    if method.teacher.num_frames is not None:  # clips: a row per clip in the grid, the video judge on the student
+        return Preview(images=judged.flatten(0, 1), grid_images=grid, videos=judged, prompts=inputs["text"])
     return Preview(images=judged, labels=labels, grid_images=grid)
 
 
@@ -225,6 +241,7 @@ def save_student(
     checkpoint["lightdiff"] = {
         **student,
         "image_size": [teacher.resolution, teacher.resolution],
+        "num_frames": teacher.num_frames,
         "teacher_objective": teacher.objective.state(),
         "teacher": teacher.source,
         **sampling,

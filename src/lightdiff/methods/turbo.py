@@ -118,6 +118,11 @@ class TurboDistillation(pl.LightningModule):
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
         backbone = getattr(discriminator, "keywords", {}).get("backbone")
+        if backbone is not None and data.num_frames is not None:
+            raise ConfigError(
+                f"discriminator.backbone={type(backbone).__name__}: a video teacher is distilled against its own "
+                "features of the whole clip (discriminator=teacher, LADD); image backbones judge single frames"
+            )
         if backbone is None:  # discriminator=teacher: a UNet's encoder, a transformer's block tokens (LADD)
             unet = hasattr(self.teacher.net, "down_blocks")
             backbone = UNetEncoderFeatures(self.teacher.net) if unet else TransformerBlockFeatures(self.teacher.net)

@@ -28,7 +28,7 @@ from torch import nn
 
 from lightdiff.config import ConfigError
 from lightdiff.nets.conditioning import Condition
-from lightdiff.nets.denoiser import network_output, side_multiple_of_tokens
+from lightdiff.nets.denoiser import is_video_net, network_output, side_multiple_of_tokens
 from lightdiff.nets.lora import adapters_disabled
 
 
@@ -94,8 +94,10 @@ class TransformerBlockFeatures(nn.Module):
     """Image tokens after up to `num_features` evenly spaced blocks of a frozen diffusers transformer at (x_t, t,
     condition), the last block always among them, reshaped to (B, width, h, w) maps on the token grid: LADD's
     discriminator reads the MMDiT teacher's tokens this way ("we reshape the token sequence to its spatial layout",
-    Sauer et al. 2024, Section 3.1). Joint blocks (SD3, FLUX) return (text tokens, image tokens), others the tokens;
-    the forward stops after the last block read. FLUX's single-stream blocks count after its double-stream ones."""
+    Sauer et al. 2024, Section 3.1). Joint blocks (SD3, FLUX) return (text tokens, image tokens), CogVideoX's (video
+    tokens, text tokens), others the tokens; the forward stops after the last block read. FLUX's single-stream blocks
+    count after its double-stream ones. A clip's tokens, made by attention over all its frames, become one filmstrip
+    map (B, width, F h, w), its latent frames one above the other, so each head judges the whole clip."""
 
     noised_inputs = True  # it reads the network at re-noised inputs
     trainable = False
@@ -110,6 +112,7 @@ class TransformerBlockFeatures(nn.Module):
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.channels = [width] * count
         self.token_patch = side_multiple_of_tokens(transformer)
+        self.image_tokens_first = is_video_net(transformer)  # CogVideoX's blocks return (video, text)
 
     def train(self, mode: bool = True) -> TransformerBlockFeatures:
         return super().train(False)
@@ -117,10 +120,14 @@ class TransformerBlockFeatures(nn.Module):
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
         captured: list[torch.Tensor] = []
         height, width = x_t.shape[-2] // self.token_patch, x_t.shape[-1] // self.token_patch
+        frames = x_t.shape[1] if x_t.ndim == 5 else 1  # a clip's latent frames (B, F, C, H, W)
 
         def keep(module: nn.Module, args: object, output: object) -> None:
-            tokens = output[1] if isinstance(output, tuple) else output  # (text, image) of a joint block
-            captured.append(tokens.transpose(1, 2).reshape(len(tokens), -1, height, width))
+            if isinstance(output, tuple):  # a joint block's (text, image) or CogVideoX's (video, text)
+                tokens = output[0] if self.image_tokens_first else output[1]
+            else:
+                tokens = output
+            captured.append(tokens.transpose(1, 2).reshape(len(tokens), -1, frames * height, width))
             if len(captured) == len(self.blocks):
                 raise _StopForward
 
