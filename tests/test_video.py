@@ -250,6 +250,14 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
     sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"out={tmp_path / 'gif'}", *gif]))
     gif_frames = load_video(str(tmp_path / "gif" / "000000.gif"))
     assert len(gif_frames) == 9 and np.asarray(gif_frames[0].convert("RGB")).shape == (16, 16, 3)
+    # the speed path on clips: bf16, checked against the plain fp32 clips before any file is written
+    # (and judged: the video judge on moving shapes and the FVD substitute against the run's data)
+    fast = ["num_images=2", "steps=3", "speed.dtype=bfloat16", "speed.check_images=2"]
+    judged = ["metrics=fid", "metrics.num_samples=4"]
+    sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"out={tmp_path / 'bf16'}", *fast, *judged]))
+    assert len(load_video(str(tmp_path / "bf16" / "000001.mp4"))) == 9
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert metrics["num_clips"] == 2 and metrics["fvd_random"] > 0 and set(metrics["motion"]) >= {"right", "steady"}
     # grid.png holds the sampled clips exactly (a clip per row): what generate() draws for the same seeds
     denoiser = load_denoiser(video_ckpt)
     scheduler = denoiser.objective.scheduler(
