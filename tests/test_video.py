@@ -61,6 +61,39 @@ def video_ckpt(tmp_path_factory: pytest.TempPathFactory, video_vae_dir: Path) ->
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
 
 
+def _exported_clips(
+    folder: Path, steps: int, guidance_scale: float, seeds: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PROMPTS' clips from an exported CogVideoXPipeline folder, drawn by lightdiff (the folder loaded as a trained
+    model, sampled with the pipeline's scheduler) and by plain diffusers, from the same seeds."""
+    pipeline = CogVideoXPipeline.from_pretrained(folder)
+    exported = load_denoiser(folder)
+    ours = generate(
+        exported.net,
+        pipeline.scheduler,
+        steps,
+        seeds,
+        exported.conditioning,
+        {"text": PROMPTS},
+        guidance_scale,
+        vae=exported.vae,
+        size=(16, 16),
+        num_frames=9,
+    )
+    theirs = pipeline(
+        prompt=PROMPTS,
+        num_frames=9,
+        height=16,
+        width=16,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        output_type="pt",
+        max_sequence_length=8,
+    ).frames
+    return ours, theirs
+
+
 def test_moving_shapes_clips_are_pure_functions_of_seed_and_index() -> None:
     data = MovingShapesDataset(size=32, resolution=16, num_frames=9, seed=3)
     item, again = data[7], MovingShapesDataset(size=32, resolution=16, num_frames=9, seed=3)[7]
@@ -282,44 +315,10 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"export={folder}", "steps=3"]))
     assert json.loads((folder / "lightdiff.json").read_text())["num_frames"] == 9
-    pipeline = CogVideoXPipeline.from_pretrained(folder)
-    exported = load_denoiser(folder)
-    ours = generate(
-        exported.net,
-        pipeline.scheduler,
-        3,
-        [0, 1],
-        exported.conditioning,
-        {"text": PROMPTS},
-        4.0,
-        vae=exported.vae,
-        size=(16, 16),
-        num_frames=9,
-    )
-    theirs = pipeline(
-        prompt=PROMPTS,
-        num_frames=9,
-        height=16,
-        width=16,
-        num_inference_steps=3,
-        guidance_scale=4.0,
-        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
-        output_type="pt",
-        max_sequence_length=8,
-    ).frames
+    ours, theirs = _exported_clips(folder, steps=3, guidance_scale=4.0, seeds=[0, 1])
     assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
     assert (theirs - ours).abs().max() < 1e-4
-    other_seeds = pipeline(
-        prompt=PROMPTS,
-        num_frames=9,
-        height=16,
-        width=16,
-        num_inference_steps=3,
-        guidance_scale=4.0,
-        generator=[torch.Generator().manual_seed(seed) for seed in (5, 6)],
-        output_type="pt",
-        max_sequence_length=8,
-    ).frames
+    _, other_seeds = _exported_clips(folder, steps=3, guidance_scale=4.0, seeds=[5, 6])
     assert (other_seeds - ours).abs().max() > 1e-2  # control: the comparison sees a different draw
 
 
@@ -336,31 +335,7 @@ def test_turbo_distils_a_video_teacher_into_a_one_step_student(video_ckpt: Path,
     assert grid.shape == (4 * 16 * 4, 9 * 16 * 4, 3)  # 4 rows (num_images): the student at 1, 2, 4 steps, the teacher
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    pipeline = CogVideoXPipeline.from_pretrained(folder)
-    student = load_denoiser(folder)
-    ours = generate(
-        student.net,
-        pipeline.scheduler,
-        1,
-        [0, 1],
-        student.conditioning,
-        {"text": PROMPTS},
-        1.0,
-        vae=student.vae,
-        size=(16, 16),
-        num_frames=9,
-    )
-    theirs = pipeline(
-        prompt=PROMPTS,
-        num_frames=9,
-        height=16,
-        width=16,
-        num_inference_steps=1,
-        guidance_scale=1.0,
-        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
-        output_type="pt",
-        max_sequence_length=8,
-    ).frames
+    ours, theirs = _exported_clips(folder, steps=1, guidance_scale=1.0, seeds=[0, 1])
     assert (theirs - ours).abs().max() < 1e-4
     with pytest.raises(ConfigError, match="a video teacher is distilled against its own features"):
         train_run(compose_config("train", [*turbo, "discriminator=patchgan", "run_name=patch"]))

@@ -51,10 +51,26 @@ def _first_frames(count: int, resolution: int = 16) -> torch.Tensor:
     return torch.stack([data[index]["pixel_values"][0] for index in range(count)])
 
 
-def _pipeline_clips(
-    pipeline: StableVideoDiffusionPipeline, frames: torch.Tensor, seeds: list[int], size: int
-) -> torch.Tensor:
-    """The pipeline's clips, one call per conditioning frame (its image batch is one picture), [0, 1] tensors in."""
+def _exported_clips(
+    folder: Path, frames: torch.Tensor, seeds: list[int], size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips of `frames` from an exported StableVideoDiffusionPipeline folder at guidance 1 -> 3 over the frames: drawn
+    by lightdiff (the folder loaded as a trained model, with the pipeline's scheduler) and by plain diffusers, one
+    pipeline call per conditioning frame (its image batch is one picture; [0, 1] tensors in)."""
+    pipeline = StableVideoDiffusionPipeline.from_pretrained(folder)
+    exported = load_denoiser(folder)
+    ours = generate(
+        exported.net,
+        pipeline.scheduler,
+        3,
+        seeds,
+        exported.conditioning,
+        {"image": frames},
+        3.0,
+        vae=exported.vae,
+        size=(size, size),
+        num_frames=9,
+    )
     clips = [
         pipeline(
             image=frame[None] / 2 + 0.5,
@@ -69,7 +85,7 @@ def _pipeline_clips(
         ).frames
         for frame, seed in zip(frames, seeds)
     ]
-    return torch.cat(clips)
+    return ours, torch.cat(clips)
 
 
 @pytest.fixture(scope="module")
@@ -144,25 +160,11 @@ def test_image_to_video_trains_samples_and_exports_to_svd_pipeline(i2v_ckpt: Pat
 
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={i2v_ckpt}", f"export={folder}"]))
-    pipeline = StableVideoDiffusionPipeline.from_pretrained(folder)
-    exported = load_denoiser(folder)
     frames = _first_frames(2)
-    ours = generate(
-        exported.net,
-        pipeline.scheduler,
-        3,
-        [0, 1],
-        exported.conditioning,
-        {"image": frames},
-        3.0,
-        vae=exported.vae,
-        size=(16, 16),
-        num_frames=9,
-    )
-    theirs = _pipeline_clips(pipeline, frames, [0, 1], 16)
+    ours, theirs = _exported_clips(folder, frames, [0, 1], 16)
     assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
     assert (theirs - ours).abs().max() < 1e-4
-    assert (_pipeline_clips(pipeline, frames, [7, 8], 16) - ours).abs().max() > 1e-2  # control: another draw
+    assert (_exported_clips(folder, frames, [7, 8], 16)[1] - ours).abs().max() > 1e-2  # control: another draw
 
     with pytest.raises(ConfigError, match="give image=FILE"):
         sample_run(compose_config("sample", [f"ckpt={i2v_ckpt}", f"out={tmp_path / 'none'}"]))
@@ -252,22 +254,7 @@ def test_svd_pipeline_fine_tunes_and_exports_with_its_temporal_decoder(tmp_path:
     )
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    pipeline = StableVideoDiffusionPipeline.from_pretrained(folder)
-    exported = load_denoiser(folder)
-    frames = _first_frames(2, resolution=32)
-    ours = generate(
-        exported.net,
-        pipeline.scheduler,
-        3,
-        [0, 1],
-        exported.conditioning,
-        {"image": frames},
-        3.0,
-        vae=exported.vae,
-        size=(32, 32),
-        num_frames=9,
-    )
-    theirs = _pipeline_clips(pipeline, frames, [0, 1], 32)
+    ours, theirs = _exported_clips(folder, _first_frames(2, resolution=32), [0, 1], 32)
     assert (theirs - ours).abs().max() < 1e-4  # SVD's VAE decodes each clip's frames together (num_frames)
     tiny_video_vae().save_pretrained(tmp_path / "video-vae")
     with pytest.raises(ConfigError, match="takes a frame-wise VAE"):

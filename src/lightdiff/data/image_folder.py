@@ -174,6 +174,20 @@ def scan_images(
     return bad, sizes
 
 
+def without_bad_files(paths: list[Path], bad: dict[Path, str], kind: str, root: str) -> tuple[list[Path], list[Path]]:
+    """(the paths kept, those skipped): each skipped file logged with its reason (data.skip_bad=true), and a
+    FileNotFoundError when none is left."""
+    skipped = [path for path in paths if path in bad]
+    for path in skipped:
+        log.warning("skipping %s", bad[path])
+    if skipped:
+        log.warning("skipped %d unusable %s(s) under %s", len(skipped), kind, root)
+    kept = [path for path in paths if path not in bad]
+    if not kept:
+        raise FileNotFoundError(f"every {kind} under data.root={root!r} is unusable")
+    return kept, skipped
+
+
 class ImageFolderDataset(Dataset):
     """Every image below `root`, or, when `root/metadata.jsonl` exists, the images it lists with their captions."""
 
@@ -223,14 +237,7 @@ class ImageFolderDataset(Dataset):
                 + (f" or are smaller than every bucket of data.buckets={self.buckets}" if self.buckets else "")
                 + f":\n  {reasons}{more}\nfix or remove them, or set data.skip_bad=true to train without them"
             )
-        self.skipped: list[Path] = [path for path in paths if path in bad]
-        for path in self.skipped:
-            log.warning("skipping %s", bad[path])
-        if self.skipped:
-            log.warning("skipped %d unreadable image(s) under %s", len(self.skipped), self.root)
-        paths = [path for path in paths if path not in bad]
-        if not paths:
-            raise FileNotFoundError(f"every image under data.root={root!r} is unreadable")
+        paths, self.skipped = without_bad_files(paths, bad, "image", root)
         self.paths = paths
         # the bucket of each image: the nearest in aspect ratio (BucketBatchSampler draws each batch from one)
         self.bucket_of = [nearest_bucket(*sizes[p], self.buckets) for p in paths] if self.buckets else None

@@ -9,17 +9,14 @@ written, naming the file, or with `data.skip_bad=true` is skipped and counted (t
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lightdiff.data.image_folder import IMAGE_SUFFIXES, open_rgb, read_metadata
+from lightdiff.data.image_folder import IMAGE_SUFFIXES, open_rgb, read_metadata, without_bad_files
 from lightdiff.data.transforms import ImageTransform, to_rgb
-
-log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 
@@ -99,12 +96,7 @@ class VideoFolderDataset(Dataset):
                 f"{len(bad)} of {len(paths)} clips under data.root={root!r} cannot be used:\n  {reasons}\n"
                 "fix or remove them, or set data.skip_bad=true to train without them"
             )
-        self.skipped = [path for path in paths if path in bad]
-        for path in self.skipped:
-            log.warning("skipping %s", bad[path])
-        self.paths = [path for path in paths if path not in bad]
-        if not self.paths:
-            raise FileNotFoundError(f"every clip under data.root={root!r} is unusable")
+        self.paths, self.skipped = without_bad_files(paths, bad, "clip", root)
         self.records = [metadata.get(path.relative_to(self.root).as_posix(), {}) for path in self.paths]
         labels = [record["label"] for record in self.records if "label" in record]
         self.num_classes = max(labels) + 1 if labels else 0
