@@ -221,11 +221,12 @@ def test_video_vae_layout_and_cogvideox_schedule_match_diffusers() -> None:
         objective.scheduler(DPMSolverMultistepScheduler)
 
 
-def _tiny_transformer(max_text_seq_length: int = 8) -> CogVideoXTransformer3DModel:
+def _tiny_transformer(max_text_seq_length: int = 8, rotary: bool = False) -> CogVideoXTransformer3DModel:
     torch.manual_seed(2)
     return CogVideoXTransformer3DModel(
+        use_rotary_positional_embeddings=rotary,  # CogVideoX-5b's positions (their head width split t / h / w)
         num_attention_heads=2,
-        attention_head_dim=8,
+        attention_head_dim=16 if rotary else 8,
         in_channels=4,
         out_channels=4,
         time_embed_dim=16,
@@ -238,6 +239,42 @@ def _tiny_transformer(max_text_seq_length: int = 8) -> CogVideoXTransformer3DMod
         temporal_compression_ratio=4,
         max_text_seq_length=max_text_seq_length,
     ).eval()
+
+
+def test_rotary_cogvideox_samples_as_its_pipeline() -> None:
+    """CogVideoX-5b's 3-D rotary positions, made per call from the latents' shape (nets/denoiser.py), sample what
+    CogVideoXPipeline samples (untrained tiny parts: the arithmetic, not the weights, is compared)."""
+    tokenizer = build_t5_tokenizer(PROMPTS * 3, model_max_length=8)
+    torch.manual_seed(1)
+    family = T5Text(tokenizer, t5_encoder_from_scratch(tokenizer, 16, 1, 2, 32).eval(), False, 8)
+    net, vae = _tiny_transformer(rotary=True), tiny_video_vae().eval()
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        clip_sample=False,
+    )
+    pipeline = CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=family.text_encoder, vae=vae, transformer=net, scheduler=scheduler
+    )
+    ours = generate(net, scheduler, 2, [0, 1], family, {"text": PROMPTS}, 4.0, vae=vae, size=(16, 16), num_frames=9)
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    theirs = pipeline(
+        prompt=PROMPTS,
+        num_frames=9,
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=generators,
+        output_type="pt",
+        max_sequence_length=8,
+    ).frames
+    assert (theirs - ours).abs().max() < 1e-4
+    net.register_to_config(use_rotary_positional_embeddings=False)  # control: without the rotary tables it differs
+    plain = generate(net, scheduler, 2, [0, 1], family, {"text": PROMPTS}, 4.0, vae=vae, size=(16, 16), num_frames=9)
+    assert (plain - ours).abs().max() > 1e-3
 
 
 def test_t5_text_is_cogvideox_encode_prompt() -> None:

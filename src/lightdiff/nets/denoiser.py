@@ -136,7 +136,7 @@ def network_output(
 def cogvideox_rotary_embedding(net: CogVideoXTransformer3DModel, x_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(cos, sin) of CogVideoX 1.0's 3-D rotary position embedding for latents (B, F, C, H, W): the token grid
     resized into the transformer's trained grid (CogVideoXPipeline._prepare_rotary_positional_embeddings, 1.0 branch;
-    CogVideoX 1.5's temporal patches are refused by `check_video_net`)."""
+    CogVideoX 1.5's temporal patches are refused by `methods.diffusion.check_video_fits`)."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
