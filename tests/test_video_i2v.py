@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from lightdiff.config import ConfigError
 from lightdiff.data.moving_shapes import MovingShapesDataset
-from lightdiff.diffusion import EDM, weighted_mse
+from lightdiff.diffusion import EDM, Objective, weighted_mse
 from lightdiff.diffusion.edm import sigma_of
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import frames_grid, generate, to_uint8
@@ -124,8 +124,19 @@ def test_edm_objective_is_svd_euler_scheduler() -> None:
         lam * (objective.predicted_x0(output, example.x_t, example.timesteps) - x0).pow(2).flatten(1).mean(1)
     ).mean()
     assert torch.allclose(weighted_mse(output, example.target, example.weight), edm_loss, rtol=1e-4)
+    # the Objective interface inverts itself on clips, at every kind of time a method draws
+    assert isinstance(objective, Objective)
+    assert torch.allclose(objective.predicted_x0(example.target, example.x_t, example.timesteps), x0, atol=1e-4)
+    for times in (objective.uniform_timesteps(3, "cpu"), objective.high_noise_timesteps(3, 1.0, 1.0, "cpu")):
+        alpha, s = objective.alpha_sigma(times)
+        assert torch.allclose(alpha**2 + s**2, torch.ones(3), atol=1e-6)  # variance-preserving
+        assert torch.allclose(
+            objective.noised(x0, noise, times), alpha.view(-1, 1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        )
     with pytest.raises(ConfigError, match="samples with sampler=euler"):
         objective.scheduler(DDIMScheduler)
+    with pytest.raises(ConfigError, match="few-step distillation of an objective=edm teacher"):
+        objective.student_timesteps(4, None)
 
 
 def test_image_to_video_trains_samples_and_exports_to_svd_pipeline(i2v_ckpt: Path, tmp_path: Path) -> None:
