@@ -402,6 +402,18 @@ def test_autoencoder_stage_trains_a_video_vae(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+def test_fid_during_video_training_judges_frames(video_vae_dir: Path, tmp_path: Path) -> None:
+    """metrics=fid on a video model: the previews' frames against the data's frames (the reference of clips is
+    their frames too), logged as val/fid at the end of the run."""
+    metrics = ["metrics=fid", "metrics/features=random_conv", "metrics.num_samples=4", "metrics.batch_size=4"]
+    cfg = _video_config(tmp_path, video_vae_dir, *metrics, "metrics.every_n_steps=0", "metrics.steps=2", "run_name=f")
+    train_run(cfg)
+    rows = (Path(cfg.run_dir) / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    values = [row.split(",")[header.index("val/fid")] for row in rows[1:]]
+    assert [float(value) for value in values if value] and all(float(v) > 0 for v in values if v)
+
+
 def test_bad_video_input_is_named_before_anything_is_written(
     video_vae_dir: Path, video_ckpt: Path, tmp_path: Path
 ) -> None:

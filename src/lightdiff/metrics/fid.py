@@ -93,6 +93,8 @@ class FrechetEvaluator:
         for start in range(0, self.num_samples, self.batch_size):
             indices = range(start, min(start + self.batch_size, self.num_samples))
             images = torch.stack([dataset[i]["pixel_values"] for i in indices]).to(self.device) / 2 + 0.5
+            if images.ndim == 5:  # clips: their frames, as a video method's previews give them (Preview.images)
+                images = images.flatten(0, 1)
             self._update(images.clamp(0, 1), real=True)
         if path is not None:
             stored = {
