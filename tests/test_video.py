@@ -61,6 +61,14 @@ def video_ckpt(tmp_path_factory: pytest.TempPathFactory, video_vae_dir: Path) ->
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
 
 
+def exported_family_states(folder: Path) -> torch.Tensor:
+    """PROMPTS' T5 states as CogVideoXPipeline encodes them from `folder` (its own length: the transformer's)."""
+    pipeline = CogVideoXPipeline.from_pretrained(folder)
+    length = pipeline.transformer.config.max_text_seq_length
+    with torch.no_grad():
+        return pipeline.encode_prompt(PROMPTS, None, False, max_sequence_length=length, device="cpu")[0]
+
+
 def _exported_clips(
     folder: Path, steps: int, guidance_scale: float, seeds: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,10 +363,30 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
     ours, theirs = _exported_clips(folder, steps=3, guidance_scale=4.0, seeds=[0, 1])
     assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
     assert (theirs - ours).abs().max() < 1e-4
-    _, other_seeds = _exported_clips(folder, steps=3, guidance_scale=4.0, seeds=[5, 6])
-    assert (other_seeds - ours).abs().max() > 1e-2  # control: the comparison sees a different draw
+    assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' clips are far apart at this scale
+
+    # the export as model.pretrained: its T5 (frozen, at the transformer's text length) and VAE, its transformer
+    # fine-tuned; the family is the pipeline's to the bit
+    tuned = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=video",
+            f"model.pretrained={folder}",
+            "model.vae=null",
+            "model.load_pretrained_unet=true",
+            "run_name=tuned",
+        ],
+    )
+    trainer = train_run(tuned)
+    family = trainer.lightning_module.conditioning
+    assert isinstance(family, T5Text) and not family.trainable and family.max_sequence_length == 8
+    with torch.no_grad():
+        assert torch.equal(family.encode(PROMPTS), exported_family_states(folder))
 
 
+@pytest.mark.slow  # 8 s; turbo's own tests cover the method on images in the default suite
 def test_turbo_distils_a_video_teacher_into_a_one_step_student(video_ckpt: Path, tmp_path: Path) -> None:
     """LADD on a CogVideoX teacher: the discriminator reads the teacher's tokens of whole clips; the student samples in
     1 to 4 steps and exports as a CogVideoXPipeline that plain diffusers reproduces in one step."""
@@ -402,6 +430,7 @@ def test_autoencoder_stage_trains_a_video_vae(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # 5 s: a run with an FID evaluation
 def test_fid_during_video_training_judges_frames(video_vae_dir: Path, tmp_path: Path) -> None:
     """metrics=fid on a video model: the previews' frames against the data's frames (the reference of clips is
     their frames too), logged as val/fid at the end of the run."""

@@ -175,7 +175,7 @@ def test_image_to_video_trains_samples_and_exports_to_svd_pipeline(i2v_ckpt: Pat
     ours, theirs = _exported_clips(folder, frames, [0, 1], 16)
     assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
     assert (theirs - ours).abs().max() < 1e-4
-    assert (_exported_clips(folder, frames, [7, 8], 16)[1] - ours).abs().max() > 1e-2  # control: another draw
+    assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' clips are far apart at this scale
 
     with pytest.raises(ConfigError, match="give image=FILE"):
         sample_run(compose_config("sample", [f"ckpt={i2v_ckpt}", f"out={tmp_path / 'none'}"]))
