@@ -56,8 +56,8 @@ def test_training_times_are_shifted_logit_normal_draws_and_state_round_trips() -
     # Format-1 checkpoints kept the schedule and prediction type beside the objective's name (or had none).
     assert objective_from_state(None, vars(SCHEDULE), "v_prediction") == ddpm
     assert objective_from_state({"name": "ddpm"}, vars(SCHEDULE), "v_prediction") == ddpm
-    with pytest.raises(ValueError, match="unknown objective 'edm'"):
-        objective_from_state({"name": "edm"})
+    with pytest.raises(ValueError, match="unknown objective 'consistency'"):
+        objective_from_state({"name": "consistency"})
     with pytest.raises(ValueError, match="objective.shift=0"):
         FlowMatching(shift=0)
 

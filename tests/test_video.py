@@ -161,6 +161,7 @@ def test_mp4_and_gif_files_hold_the_clip(tmp_path: Path) -> None:
         write_video([Image.fromarray(clip[0])], tmp_path / "clip.avi", 8)
 
 
+@pytest.mark.slow  # 2 s: decodes mp4 and gif files
 def test_video_folder_reads_mp4_gif_and_frame_folders_and_names_bad_clips(tmp_path: Path) -> None:
     source = MovingShapesDataset(size=3, resolution=32, num_frames=9, seed=4)
     clips = [to_uint8(source[index]["pixel_values"] / 2 + 0.5) for index in range(3)]
@@ -249,6 +250,7 @@ def _tiny_transformer(max_text_seq_length: int = 8, rotary: bool = False) -> Cog
     ).eval()
 
 
+@pytest.mark.slow  # 3 s
 def test_rotary_cogvideox_samples_as_its_pipeline() -> None:
     """CogVideoX-5b's 3-D rotary positions, made per call from the latents' shape (nets/denoiser.py), sample what
     CogVideoXPipeline samples (untrained tiny parts: the arithmetic, not the weights, is compared)."""
@@ -365,6 +367,11 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
     assert (theirs - ours).abs().max() < 1e-4
     assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' clips are far apart at this scale
 
+
+@pytest.mark.slow  # 5 s: an export and a fine-tuning run
+def test_a_cogvideox_folder_fine_tunes_with_its_frozen_t5(video_ckpt: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"export={folder}"]))
     # the export as model.pretrained: its T5 (frozen, at the transformer's text length) and VAE, its transformer
     # fine-tuned; the family is the pipeline's to the bit
     tuned = compose_config(
@@ -406,6 +413,7 @@ def test_turbo_distils_a_video_teacher_into_a_one_step_student(video_ckpt: Path,
         train_run(compose_config("train", [*turbo, "discriminator=patchgan", "run_name=patch"]))
 
 
+@pytest.mark.slow  # 4 s: a run of the autoencoder stage on clips
 def test_autoencoder_stage_trains_a_video_vae(tmp_path: Path) -> None:
     overrides = [
         f"output_root={tmp_path}",

@@ -139,6 +139,7 @@ def test_edm_objective_is_svd_euler_scheduler() -> None:
         objective.student_timesteps(4, None)
 
 
+@pytest.mark.slow  # 15 s: a training run, sample.py, an export and four pipeline calls
 def test_image_to_video_trains_samples_and_exports_to_svd_pipeline(i2v_ckpt: Path, tmp_path: Path) -> None:
     meta = load_checkpoint_file(i2v_ckpt)["lightdiff"]
     assert meta["conditioning"]["family"] == "first_frame" and meta["objective"]["name"] == "edm"

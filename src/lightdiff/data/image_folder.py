@@ -175,16 +175,17 @@ def scan_images(
 
 
 def without_bad_files(paths: list[Path], bad: dict[Path, str], kind: str, root: str) -> tuple[list[Path], list[Path]]:
+    # kind: what the files are and why they are left out ("unreadable image", "unusable clip")
     """(the paths kept, those skipped): each skipped file logged with its reason (data.skip_bad=true), and a
     FileNotFoundError when none is left."""
     skipped = [path for path in paths if path in bad]
     for path in skipped:
         log.warning("skipping %s", bad[path])
     if skipped:
-        log.warning("skipped %d unusable %s(s) under %s", len(skipped), kind, root)
+        log.warning("skipped %d %s(s) under %s", len(skipped), kind, root)
     kept = [path for path in paths if path not in bad]
     if not kept:
-        raise FileNotFoundError(f"every {kind} under data.root={root!r} is unusable")
+        raise FileNotFoundError(f"every file under data.root={root!r} is an {kind}")
     return kept, skipped
 
 
@@ -237,7 +238,7 @@ class ImageFolderDataset(Dataset):
                 + (f" or are smaller than every bucket of data.buckets={self.buckets}" if self.buckets else "")
                 + f":\n  {reasons}{more}\nfix or remove them, or set data.skip_bad=true to train without them"
             )
-        paths, self.skipped = without_bad_files(paths, bad, "image", root)
+        paths, self.skipped = without_bad_files(paths, bad, "unreadable image", root)
         self.paths = paths
         # the bucket of each image: the nearest in aspect ratio (BucketBatchSampler draws each batch from one)
         self.bucket_of = [nearest_bucket(*sizes[p], self.buckets) for p in paths] if self.buckets else None

@@ -96,7 +96,7 @@ class VideoFolderDataset(Dataset):
                 f"{len(bad)} of {len(paths)} clips under data.root={root!r} cannot be used:\n  {reasons}\n"
                 "fix or remove them, or set data.skip_bad=true to train without them"
             )
-        self.paths, self.skipped = without_bad_files(paths, bad, "clip", root)
+        self.paths, self.skipped = without_bad_files(paths, bad, "unusable clip", root)
         self.records = [metadata.get(path.relative_to(self.root).as_posix(), {}) for path in self.paths]
         labels = [record["label"] for record in self.records if "label" in record]
         self.num_classes = max(labels) + 1 if labels else 0

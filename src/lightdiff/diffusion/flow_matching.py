@@ -274,4 +274,4 @@ def objective_from_state(
             "max_image_seq_len",
         )
         return FlowMatching(**{key: state[key] for key in fields if key in state})
-    raise ValueError(f"unknown objective {name!r} (known: ddpm, flow_matching)")
+    raise ValueError(f"unknown objective {name!r} (known: ddpm, flow_matching, edm)")
