@@ -245,6 +245,7 @@ def export_pipeline(
     writer(denoiser, scheduler, folder)
     if adapted is not None and not fuse_lora:
         write_lora_file(adapted, folder, adapted_encoder)
+    first_frame = getattr(denoiser.conditioning, "settings", None)  # FirstFrameSettings; None for other families
     metadata = {
         "class_names": denoiser.class_names,
         "uses_ema": denoiser.uses_ema,
@@ -259,9 +260,7 @@ def export_pipeline(
         "max_sequence_length": getattr(denoiser.conditioning, "max_sequence_length", None),
         "num_frames": denoiser.num_frames,  # frames per clip a video model trained on
         # an image-to-video model's micro-conditioning: StableVideoDiffusionPipeline's arguments to reproduce it
-        "first_frame": dict(vars(denoiser.conditioning.settings))
-        if hasattr(denoiser.conditioning, "settings")
-        else None,
+        "first_frame": None if first_frame is None else dataclasses.asdict(first_frame),
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder

@@ -189,6 +189,19 @@ def without_bad_files(paths: list[Path], bad: dict[Path, str], kind: str, root: 
     return kept, skipped
 
 
+class FileRecords:
+    """The metadata.jsonl record of each kept file (empty without one), the captions among them and the number of
+    classes their labels name: what an image folder and a video folder share."""
+
+    def __init__(self, paths: list[Path], metadata: dict[str, dict], root: Path) -> None:
+        self.records = [metadata.get(path.relative_to(root).as_posix(), {}) for path in paths]
+        labels = [record["label"] for record in self.records if "label" in record]
+        self.num_classes = max(labels) + 1 if labels else 0
+
+    def captions(self) -> list[str]:
+        return [str(record["text"]) for record in self.records if record.get("text")]
+
+
 class ImageFolderDataset(Dataset):
     """Every image below `root`, or, when `root/metadata.jsonl` exists, the images it lists with their captions."""
 
@@ -242,16 +255,14 @@ class ImageFolderDataset(Dataset):
         self.paths = paths
         # the bucket of each image: the nearest in aspect ratio (BucketBatchSampler draws each batch from one)
         self.bucket_of = [nearest_bucket(*sizes[p], self.buckets) for p in paths] if self.buckets else None
-        relative = [p.relative_to(self.root).as_posix() for p in paths]
-        self.records = [metadata.get(name, {}) for name in relative]
-        labels = [r["label"] for r in self.records if "label" in r]
-        self.num_classes = max(labels) + 1 if labels else 0
+        self.file_records = FileRecords(paths, metadata, self.root)
+        self.records, self.num_classes = self.file_records.records, self.file_records.num_classes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def captions(self) -> list[str]:
-        return [str(record["text"]) for record in self.records if record.get("text")]
+        return self.file_records.captions()
 
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]

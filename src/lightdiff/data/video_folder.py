@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lightdiff.data.image_folder import IMAGE_SUFFIXES, open_rgb, read_metadata, without_bad_files
+from lightdiff.data.image_folder import IMAGE_SUFFIXES, FileRecords, open_rgb, read_metadata, without_bad_files
 from lightdiff.data.transforms import ImageTransform, to_rgb
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
@@ -97,15 +97,14 @@ class VideoFolderDataset(Dataset):
                 "fix or remove them, or set data.skip_bad=true to train without them"
             )
         self.paths, self.skipped = without_bad_files(paths, bad, "unusable clip", root)
-        self.records = [metadata.get(path.relative_to(self.root).as_posix(), {}) for path in self.paths]
-        labels = [record["label"] for record in self.records if "label" in record]
-        self.num_classes = max(labels) + 1 if labels else 0
+        self.file_records = FileRecords(self.paths, metadata, self.root)
+        self.records, self.num_classes = self.file_records.records, self.file_records.num_classes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def captions(self) -> list[str]:
-        return [str(record["text"]) for record in self.records if record.get("text")]
+        return self.file_records.captions()
 
     def __getitem__(self, index: int) -> dict[str, object]:
         frames = read_clip(self.paths[index])[: (self.num_frames - 1) * self.frame_stride + 1 : self.frame_stride]
