@@ -8,8 +8,9 @@ stage=${1:?vae | t2v | i2v}
 steps=${2:-3000}
 case "$stage" in
 vae)
-    python train.py model=autoencoder data=moving_shapes run_name=vae_moving_shapes logger=csv trainer.max_steps=2000 \
-        data.batch_size=8 callbacks.samples.every_n_steps=500 callbacks.samples.num_images=16 \
+    # reconstruction (L1 + KL) only: the adversarial phase cost the first cut colour and shape (README)
+    python train.py model=autoencoder data=moving_shapes run_name=vae_moving_shapes logger=csv trainer.max_steps=4000 \
+        model.disc_start=100000 data.batch_size=8 callbacks.samples.every_n_steps=500 callbacks.samples.num_images=16 \
         callbacks.samples.final_num_images=64
     python sample.py ckpt=outputs/vae_moving_shapes/checkpoints/last.ckpt \
         export=src/lightdiff/assets/vae_moving_shapes overwrite=true
