@@ -189,17 +189,16 @@ def without_bad_files(paths: list[Path], bad: dict[Path, str], kind: str, root: 
     return kept, skipped
 
 
-class FileRecords:
-    """The metadata.jsonl record of each kept file (empty without one), the captions among them and the number of
-    classes their labels name: what an image folder and a video folder share."""
+def file_records(paths: list[Path], metadata: dict[str, dict], root: Path) -> tuple[list[dict], int]:
+    """(the metadata.jsonl record of each kept file, empty without one; the number of classes their labels name): what
+    an image folder and a video folder share."""
+    records = [metadata.get(path.relative_to(root).as_posix(), {}) for path in paths]
+    labels = [record["label"] for record in records if "label" in record]
+    return records, max(labels) + 1 if labels else 0
 
-    def __init__(self, paths: list[Path], metadata: dict[str, dict], root: Path) -> None:
-        self.records = [metadata.get(path.relative_to(root).as_posix(), {}) for path in paths]
-        labels = [record["label"] for record in self.records if "label" in record]
-        self.num_classes = max(labels) + 1 if labels else 0
 
-    def captions(self) -> list[str]:
-        return [str(record["text"]) for record in self.records if record.get("text")]
+def captions_of(records: list[dict]) -> list[str]:
+    return [str(record["text"]) for record in records if record.get("text")]
 
 
 class ImageFolderDataset(Dataset):
@@ -255,14 +254,13 @@ class ImageFolderDataset(Dataset):
         self.paths = paths
         # the bucket of each image: the nearest in aspect ratio (BucketBatchSampler draws each batch from one)
         self.bucket_of = [nearest_bucket(*sizes[p], self.buckets) for p in paths] if self.buckets else None
-        self.file_records = FileRecords(paths, metadata, self.root)
-        self.records, self.num_classes = self.file_records.records, self.file_records.num_classes
+        self.records, self.num_classes = file_records(paths, metadata, self.root)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def captions(self) -> list[str]:
-        return self.file_records.captions()
+        return captions_of(self.records)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]

@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lightdiff.data.image_folder import IMAGE_SUFFIXES, FileRecords, open_rgb, read_metadata, without_bad_files
+from lightdiff.data.image_folder import (
+    IMAGE_SUFFIXES,
+    captions_of,
+    file_records,
+    open_rgb,
+    read_metadata,
+    without_bad_files,
+)
 from lightdiff.data.transforms import ImageTransform, to_rgb
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
@@ -97,14 +104,13 @@ class VideoFolderDataset(Dataset):
                 "fix or remove them, or set data.skip_bad=true to train without them"
             )
         self.paths, self.skipped = without_bad_files(paths, bad, "unusable clip", root)
-        self.file_records = FileRecords(self.paths, metadata, self.root)
-        self.records, self.num_classes = self.file_records.records, self.file_records.num_classes
+        self.records, self.num_classes = file_records(self.paths, metadata, self.root)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def captions(self) -> list[str]:
-        return self.file_records.captions()
+        return captions_of(self.records)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         frames = read_clip(self.paths[index])[: (self.num_frames - 1) * self.frame_stride + 1 : self.frame_stride]
