@@ -6,6 +6,7 @@ from lightdiff.data.datamodule import (
     ImageFolderDataModule,
     MovingShapesDataModule,
     ShapesDataModule,
+    ShardsDataModule,
     VideoFolderDataModule,
 )
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
@@ -25,6 +26,7 @@ __all__ = [
     "MovingShapesDataset",
     "ShapesDataModule",
     "ShapesDataset",
+    "ShardsDataModule",
     "VideoFolderDataModule",
     "VideoFolderDataset",
 ]

@@ -20,6 +20,8 @@ from lightdiff.data.latent_cache import cached_latents, cached_text_states
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
+from lightdiff.data.shard_stream import STREAM_STATE, ShardHead, ShardStream, StreamPosition, shard_urls
+from lightdiff.data.transforms import ImageTransform
 from lightdiff.data.video_folder import VideoFolderDataset
 
 log = logging.getLogger(__name__)
@@ -349,3 +351,134 @@ class HFDataModule(ImageDataModule):
             identity,
             random_views=random_flip or not center_crop,
         )
+
+
+class ShardsDataModule(ImageDataModule):
+    """WebDataset tar shards streamed from local paths, https:// or s3:// (`data=shards data.urls=...`): each rank and
+    loader worker reads its own shards, and a resumed run continues at the sample it stopped at (data/shard_stream.py).
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],  # shard URLs: 'DIR/train-{000000..000099}.tar', 's3://b/x-{0..9}.tar', or a list
+        resolution: int = 32,  # output side in pixels
+        center_crop: bool = True,  # centre crop; false takes a random crop
+        random_flip: bool = False,  # horizontal flip
+        caption_key: str | None = "txt",  # each sample's caption member; null: images only (no caption needed)
+        skip_bad: bool = True,  # skip and count bad samples and unreadable shards (train.log); false: stop at the first
+        shard_retries: int = 2,  # further attempts at a shard that fails to read before it is skipped
+        reference_size: int = 1000,  # samples (the first, in URL order) for FID statistics, previews and captions
+        batch_size: int = 64,  # per-device batch size
+        num_workers: int = 2,  # loader processes, each reading its own shards (every rank needs as many shards)
+        pin_memory: bool = False,  # page-locked batches
+    ) -> None:
+        self.urls = shard_urls(_plain(urls))
+        self.transform = ImageTransform(resolution, center_crop, random_flip)
+        self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
+        # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
+        head = ShardHead(self.urls, self.transform, caption_key, reference_size)
+        identity = f"shards|{self.urls[0]}..{self.urls[-1]}|shards={len(self.urls)}|resolution={resolution}"
+        super().__init__(
+            head,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers=False,  # the stream is endless: one loader iterator serves the whole run
+            identity=identity,
+            random_views=random_flip or not center_crop,
+        )
+        self.stream: ShardStream | None = None
+        self.positions: dict[int, StreamPosition] = {}  # this rank's streams after the last batch trained on
+        self.skipped_samples = self.skipped_shards = 0  # on this rank, over the whole run
+        self._resume: dict[str, Any] | None = None
+
+    @property
+    def num_streams(self) -> int:
+        return max(1, self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        self.stream = ShardStream(
+            self.urls,
+            self.transform,
+            self.batch_size,
+            self.order_seed,
+            rank,
+            world_size,
+            self.num_streams,
+            self.caption_key,
+            self.skip_bad,
+            self.shard_retries,
+        )
+        if self._resume is not None:
+            self._continue(self._resume, rank, world_size)
+            self._resume = None
+        return DataLoader(
+            self.stream,
+            batch_size=None,  # the workers make the batches (each from its own stream)
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.order_seed),
+        )
+
+    def _continue(self, state: dict[str, Any], rank: int, world_size: int) -> None:
+        saved = (state["world_size"], state["num_streams"])
+        if saved != (world_size, self.num_streams):
+            raise ConfigError(
+                f"the checkpoint's shard streams were made for {saved[0]} rank(s) x {saved[1]} loader stream(s); "
+                f"this run has {world_size} x {self.num_streams}: resume with the same number of devices and "
+                f"data.num_workers={saved[1] if saved[1] > 1 else '0 or 1'} (the data order depends on both)"
+            )
+        mine = state["ranks"][rank]
+        self.positions = {int(stream): StreamPosition(*position) for stream, position in mine["positions"].items()}
+        self.skipped_samples, self.skipped_shards = mine["skipped_samples"], mine["skipped_shards"]
+        assert self.stream is not None
+        self.stream.start = dict(self.positions)
+        # batch k of this rank comes from stream k mod S (the DataLoader asks its workers in turn)
+        self.stream.rotation = state["batches_seen"] % self.num_streams
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record where the batch's stream stands (and its skips) before the batch is trained on."""
+        if isinstance(batch, dict) and STREAM_STATE in batch:
+            stream, epoch, shard, sample, skipped_samples, skipped_shards = batch.pop(STREAM_STATE).tolist()
+            self.positions[stream] = StreamPosition(epoch, shard, sample)
+            if skipped_samples or skipped_shards:
+                self.skipped_samples += skipped_samples
+                self.skipped_shards += skipped_shards
+                log.warning(
+                    "data.skip_bad: %d sample(s) and %d shard(s) skipped on this rank so far (reasons above)",
+                    self.skipped_samples,
+                    self.skipped_shards,
+                )
+                self._log_skips()
+        return batch
+
+    def _log_skips(self) -> None:
+        """`train/skipped_samples` and `train/skipped_shards` (rank zero's counts) to every logger."""
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        counts = {"train/skipped_samples": self.skipped_samples, "train/skipped_shards": self.skipped_shards}
+        for logger in trainer.loggers:
+            logger.log_metrics({key: float(count) for key, count in counts.items()}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or self.stream is None:
+            return {}
+        mine = {
+            "positions": {stream: [p.epoch, p.shard, p.sample] for stream, p in self.positions.items()},
+            "skipped_samples": self.skipped_samples,
+            "skipped_shards": self.skipped_shards,
+        }
+        ranks: list[Any] = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank saves (Lightning)
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+        batches_seen = trainer.fit_loop.epoch_loop.batch_progress.total.processed  # per rank (see ImageDataModule)
+        return {"batches_seen": batches_seen, "world_size": len(ranks), "num_streams": self.num_streams, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume = dict(state_dict)

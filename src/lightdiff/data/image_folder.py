@@ -61,7 +61,7 @@ def _outside(root: Path, path: Path) -> bool:
     return not path.resolve().is_relative_to(root)
 
 
-def _scan(root: Path) -> list[Path]:
+def image_paths(root: Path) -> list[Path]:
     """The images below `root`. A symlink, to a file or a folder, that leads out of the root is refused: a data
     folder someone else prepared must not make training read (or a sample grid show) files elsewhere."""
     resolved_root = root.resolve()
@@ -219,7 +219,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"data.root={root!r} is not a folder")
         self.resolution = resolution
         self.transform = ImageTransform(resolution, center_crop, random_flip)
-        paths = _scan(self.root)
+        paths = image_paths(self.root)
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.root={root!r}")
         metadata = read_metadata(self.root)

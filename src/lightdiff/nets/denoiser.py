@@ -55,7 +55,8 @@ VIDEO_DENOISERS = (CogVideoXTransformer3DModel, UNetSpatioTemporalConditionModel
 # imported, only looked up here.
 DENOISER_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Denoiser)}
 # diffusers' modulations that carry gates (FLUX's single-stream blocks: AdaLayerNormZeroSingle)
-ADALN_ZERO = ("AdaLayerNormZero", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle")
+# CogVideoXLayerNormZero modulates the video and the text tokens in one linear layer, gates included (CogVideoX, 3.1)
+ADALN_ZERO = ("AdaLayerNormZero", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle", "CogVideoXLayerNormZero")
 PACKED_PATCH = 2  # FLUX packs 2x2 latent pixels into one token (FluxPipeline._pack_latents)
 FLUX_TIMESTEP_SCALE = 1000  # FluxPipeline passes timestep / 1000; the transformer multiplies by 1000 again
 

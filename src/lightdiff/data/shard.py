@@ -1,0 +1,128 @@
+"""Write WebDataset tar shards (`data=shards`) from an image folder or a Hugging Face data set:
+
+    python -m lightdiff.data.shard SRC OUT [--max-count 10000]
+    python -m lightdiff.data.shard hf:NAME_OR_FOLDER OUT --caption-column text [--split train]
+
+Each sample is `KEY.<image>` (an image folder's file bytes as they are, when jpg / png / webp; anything else, and a
+data set's decoded images, as PNG), `KEY.txt` (its caption, when it has one) and `KEY.json` ({"width", "height"} of
+the original image, its "label" and source "file_name" where known): img2dataset's layout, so shards from either tool
+train alike. Shards are written by webdataset's ShardWriter as OUT/train-000000.tar, ... of at most `--max-count`
+samples each; an image that cannot be decoded stops the writing, naming it, and the shards written so far are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+from webdataset import ShardWriter
+
+from lightdiff.data.image_folder import image_paths, open_rgb, read_metadata
+
+KEPT_AS_IS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # file suffix -> sample extension
+SHARD_PATTERN = "train-%06d.tar"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def folder_samples(root: Path) -> Iterator[tuple[str, bytes, str | None, dict]]:
+    """(image extension, image bytes, caption or None, json record) of every image of an image folder, in the order
+    `data=image_folder` indexes them (metadata.jsonl's, else sorted paths)."""
+    paths = image_paths(root)
+    metadata = read_metadata(root)
+    names = sorted(metadata) if metadata else [path.relative_to(root).as_posix() for path in paths]
+    if not names:
+        raise FileNotFoundError(f"no images under {root}")
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{root / 'metadata.jsonl'} lists {name!r}, which is not a file under {root}")
+        image = open_rgb(path)  # decoded once: an unreadable file stops here, named
+        record = metadata.get(name, {})
+        info: dict[str, object] = {"width": image.width, "height": image.height, "file_name": name}
+        if "label" in record:
+            info["label"] = record["label"]
+        extension = KEPT_AS_IS.get(path.suffix.lower())
+        data = path.read_bytes() if extension is not None else _png(image)
+        caption = str(record["text"]) if record.get("text") else None
+        yield extension or "png", data, caption, info
+
+
+def hf_samples(
+    name: str, split: str, image_column: str, caption_column: str | None, label_column: str | None
+) -> Iterator[tuple[str, bytes, str | None, dict]]:
+    """The same from a `datasets.load_dataset` data set (hub id or local folder), images stored as PNG."""
+    import datasets
+
+    rows = datasets.load_dataset(name, split=split)
+    for column in (image_column, caption_column, label_column):
+        if column is not None and column not in rows.column_names:
+            raise KeyError(f"{column!r} is not a column of {name!r}; columns: {rows.column_names}")
+    for index, row in enumerate(rows):
+        image = row[image_column]
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"row {index} of {name!r}: column {image_column!r} holds {type(image).__name__}, no image")
+        info: dict[str, object] = {"width": image.width, "height": image.height, "row": index}
+        if label_column is not None:
+            info["label"] = int(row[label_column])
+        caption = str(row[caption_column]) if caption_column is not None and row[caption_column] else None
+        yield "png", _png(image.convert("RGB")), caption, info
+
+
+def write_shards(samples: Iterator[tuple[str, bytes, str | None, dict]], out: Path, max_count: int) -> list[Path]:
+    """Write `samples` into OUT/train-%06d.tar shards of at most `max_count` samples; the shard paths."""
+    if max_count < 1:
+        raise ValueError(f"--max-count={max_count} must be positive")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob("train-*.tar"))
+    if existing:
+        raise FileExistsError(f"{out} already holds shards ({existing[0].name}, ...): write into an empty folder")
+    try:
+        with ShardWriter(str(out / SHARD_PATTERN), maxcount=max_count, verbose=0) as writer:
+            for index, (extension, data, caption, info) in enumerate(samples):
+                sample: dict[str, object] = {"__key__": f"{index:09d}", extension: data}
+                sample["json"] = json.dumps(info).encode()
+                if caption is not None:
+                    sample["txt"] = caption.encode("utf-8")
+                writer.write(sample)
+    except BaseException:
+        for shard in out.glob("train-*.tar"):  # a partial set of shards would train on part of the data unnoticed
+            shard.unlink()
+        raise
+    return sorted(out.glob("train-*.tar"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="an image folder (metadata.jsonl captions / labels), or hf:NAME_OR_FOLDER")
+    parser.add_argument("out", type=Path, help="the (empty or new) folder the shards are written into")
+    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard (img2dataset's default)")
+    parser.add_argument("--split", default="train", help="hf: the split")
+    parser.add_argument("--image-column", default="image", help="hf: the column of images")
+    parser.add_argument("--caption-column", default=None, help="hf: the column of captions")
+    parser.add_argument("--label-column", default=None, help="hf: the column of integer labels")
+    args = parser.parse_args(argv)
+    if args.source.startswith("hf:"):
+        samples = hf_samples(
+            args.source.removeprefix("hf:"), args.split, args.image_column, args.caption_column, args.label_column
+        )
+    else:
+        root = Path(args.source).expanduser()
+        if not root.is_dir():
+            raise SystemExit(f"SRC={args.source!r} is neither a folder nor hf:NAME")
+        samples = folder_samples(root)
+    shards = write_shards(samples, args.out, args.max_count)
+    urls = f"{args.out}/train-{{{0:06d}..{len(shards) - 1:06d}}}.tar"
+    print(f"wrote {len(shards)} shard(s) to {args.out}: train with data=shards 'data.urls=\"{urls}\"'")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Training from WebDataset tar shards (`data=shards`), streamed, split over ranks and loader workers, resumable at the
+sample.
+
+A shard is a tar file in the layout LAION-scale sets are distributed in (img2dataset's output): `KEY.jpg` (or png,
+webp), `KEY.txt` (the caption) and `KEY.json` (the original width and height, ...) per sample. The tar files are
+opened and parsed by the `webdataset` library (`url_opener`, `tar_file_expander`, `group_by_keys`), so every URL form
+it knows works: local paths, `https://` (curl), `pipe:COMMAND`, `gs://`; `s3://` is read through `aws s3 cp` as
+webdataset's documentation does it (`S3_COMMAND`).
+
+The order (why it is resumable at the sample). Each rank's loader has `num_streams` = max(1, data.num_workers)
+streams, one per worker. In epoch e the shard list is permuted by randperm(seed + e); stream s of rank r of R takes
+shards [r * S + s :: R * S] of that order (S streams per rank), reads each whole into memory (the raw bytes, as a
+webdataset shuffle buffer holds them) and serves its samples in the order randperm(hash of (seed, e, shard)), decoding
+each and filling batches of `batch_size`. So a stream's position is three integers, (epoch, shard, sample), and a
+resumed run re-reads one shard per stream, not the epoch. The DataLoader asks its workers for batches in turn, so the
+k-th batch of a rank is the next batch of stream k mod S; every batch carries its stream's position after it, which
+the DataModule records (on_before_batch_transfer) and saves in the checkpoint with those of every rank.
+
+Bad data: a sample whose image cannot be decoded, or that has no image or no caption, is skipped and counted; a
+shard that cannot be read is retried `shard_retries` times and then skipped and counted. The count and the shard
+and key of each go to train.log (`data.skip_bad=false` stops at the first instead).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset.gopen
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from lightdiff.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the image member of a sample: the first of these present
+# webdataset has no s3 opener of its own; its documentation streams s3 shards through the AWS command line
+S3_COMMAND = "pipe:aws s3 cp {url} -"
+STREAM_STATE = "stream_state"  # the batch key of (stream, epoch, shard, sample, skipped samples, skipped shards)
+
+
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **options: object) -> object:
+    if mode != "rb":
+        raise ValueError(f"{url}: shards on s3 are read-only here (mode {mode!r})")
+    return webdataset.gopen.gopen(S3_COMMAND.format(url=url), mode, bufsize)
+
+
+# webdataset.gopen the function shadows the module of the same name; its dispatch table is in the module
+sys.modules["webdataset.gopen"].gopen_schemes.setdefault("s3", _open_s3)
+
+
+def shard_urls(urls: str | list[str]) -> list[str]:
+    """The shard URLs of `data.urls`: brace patterns expanded ('train-{000000..000099}.tar'), '::' separating sets."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    expanded = [url for pattern in patterns for url in expand_urls(str(pattern))]
+    if not expanded:
+        raise ValueError(f"data.urls={urls!r} names no shard")
+    return expanded
+
+
+class BadSample(ValueError):
+    """A sample that cannot be trained on; the message names the shard and key."""
+
+
+class UnreadableShard(OSError):
+    """A shard that could not be read after its retries; the message names it."""
+
+
+def read_shard(url: str, retries: int = 2, retry_delay: float = 1.0) -> list[dict]:
+    """The raw samples of one shard in file order ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}): read
+    whole, so a damaged tar fails here (retried) rather than after some of its samples were trained on."""
+    for attempt in range(retries + 1):
+        try:
+            files = tar_file_expander(url_opener([{"url": url}]))
+            return list(group_by_keys(files))
+        except Exception as error:  # noqa: BLE001 - any failure of the reader or transport: retried, then named
+            if attempt == retries:
+                raise UnreadableShard(f"cannot read shard {url} ({retries + 1} attempts): {error}") from error
+            log.warning("reading shard %s failed (%s); retrying", url, error)
+            time.sleep(retry_delay)
+    raise AssertionError("unreachable")
+
+
+def decode_sample(raw: dict, transform: ImageTransform, caption_key: str | None) -> dict[str, object]:
+    """One training item from a raw sample, as the image data sets give it; BadSample naming shard and key."""
+    where = f"sample {raw.get('__key__')!r} of shard {raw.get('__url__')}"
+    extension = next((extension for extension in IMAGE_EXTENSIONS if extension in raw), None)
+    if extension is None:
+        raise BadSample(f"{where} has no image ({', '.join(IMAGE_EXTENSIONS)}); it has {sorted(raw)}")
+    text = ""
+    if caption_key is not None:
+        if caption_key not in raw:
+            raise BadSample(f"{where} has no caption ({caption_key})")
+        try:
+            text = raw[caption_key].decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise BadSample(f"{where}: caption {caption_key} is not UTF-8 ({error})") from None
+    try:
+        with Image.open(io.BytesIO(raw[extension])) as image:
+            image.load()
+            pixels, size_and_crop = transform(image)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        raise BadSample(f"{where}: cannot decode its {extension}: {error}") from error
+    label = -1
+    if "json" in raw:
+        try:
+            label = int(json.loads(raw["json"]).get("label", -1))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
+            raise BadSample(f"{where}: its json is not a JSON object with an integer label: {error}") from error
+    return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": text}
+
+
+@dataclass
+class StreamPosition:
+    """Where a stream stands: the next sample is sample `sample` (in the shard's shuffled order) of the `shard`-th
+    shard of the stream's share of epoch `epoch`."""
+
+    epoch: int = 0
+    shard: int = 0
+    sample: int = 0
+
+
+def sample_order(seed: int, epoch: int, shard_index: int, count: int) -> list[int]:
+    """The order a shard's samples are served in: a function of the run's seed, the epoch and the shard's index in
+    the URL list only (so every rank, worker and resumed run agrees)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + shard_index)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+class ShardStream(IterableDataset):
+    """Endless batches of one rank, each made by one loader worker from its own shards (see the module docstring)."""
+
+    def __init__(
+        self,
+        urls: list[str],  # every shard of the data set
+        transform: ImageTransform,
+        batch_size: int,  # per rank
+        seed: int,  # the run's seed: shard order of epoch e and each shard's sample order follow it
+        rank: int = 0,
+        world_size: int = 1,
+        num_streams: int = 1,  # = max(1, loader workers)
+        caption_key: str | None = "txt",  # a sample's caption member; None: images only
+        skip_bad: bool = True,  # skip and count bad samples and unreadable shards; false: stop at the first
+        shard_retries: int = 2,
+    ) -> None:
+        if len(urls) < world_size * num_streams:
+            raise ValueError(
+                f"{len(urls)} shard(s) for {world_size} rank(s) x {num_streams} loader stream(s) "
+                "(data.num_workers, at least 1): every stream needs a shard of its own; write more, smaller shards "
+                "(python -m lightdiff.data.shard --max-count) or lower data.num_workers"
+            )
+        self.urls, self.transform, self.batch_size, self.seed = urls, transform, batch_size, seed
+        self.rank, self.world_size, self.num_streams = rank, world_size, num_streams
+        self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
+        self.start: dict[int, StreamPosition] = {}  # each stream's position to start from (a resumed run)
+        self.rotation = 0  # worker w plays stream (w + rotation) mod S, so a resumed run's first batch is the next one
+
+    def shards_of(self, stream: int, epoch: int) -> list[int]:
+        """Indices into `urls` of the shards stream `stream` of this rank reads in `epoch`, in order."""
+        order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        streams_in_all = self.world_size * self.num_streams
+        return order[self.rank * self.num_streams + stream :: streams_in_all]
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.num_streams:
+            raise RuntimeError(f"ShardStream made for {self.num_streams} streams runs in {workers} workers")
+        stream = (worker + self.rotation) % self.num_streams
+        position = self.start.get(stream, StreamPosition())
+        items: list[dict[str, object]] = []
+        skipped_samples = skipped_shards = 0  # since the last batch
+        while True:
+            shards = self.shards_of(stream, position.epoch)
+            while position.shard < len(shards):
+                url = self.urls[shards[position.shard]]
+                try:
+                    raw = read_shard(url, self.shard_retries)
+                except UnreadableShard:
+                    if not self.skip_bad:
+                        raise
+                    log.exception("skipping shard %s", url)
+                    raw, skipped_shards = [], skipped_shards + 1
+                order = sample_order(self.seed, position.epoch, shards[position.shard], len(raw))
+                while position.sample < len(raw):
+                    sample = raw[order[position.sample]]
+                    position.sample += 1
+                    try:
+                        items.append(decode_sample(sample, self.transform, self.caption_key))
+                    except BadSample as error:
+                        if not self.skip_bad:
+                            raise
+                        log.warning("skipping %s", error)
+                        skipped_samples += 1
+                        continue
+                    if len(items) == self.batch_size:
+                        # the position after this batch; a shard served to its end is left for the next one
+                        after = StreamPosition(position.epoch, position.shard, position.sample)
+                        if after.sample == len(raw):
+                            after = StreamPosition(position.epoch, position.shard + 1)
+                        yield collate(items, (stream, after, skipped_samples, skipped_shards))
+                        items, skipped_samples, skipped_shards = [], 0, 0
+                position = StreamPosition(position.epoch, position.shard + 1)
+            position = StreamPosition(position.epoch + 1)
+
+
+def collate(items: list[dict[str, object]], state: tuple[int, StreamPosition, int, int]) -> dict[str, object]:
+    """A batch as the DataLoader's default collation makes it, plus the stream's state after it (STREAM_STATE)."""
+    stream, after, skipped_samples, skipped_shards = state
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "size_and_crop": torch.stack([item["size_and_crop"] for item in items]),
+        "label": torch.tensor([item["label"] for item in items]),
+        "text": [item["text"] for item in items],
+        STREAM_STATE: torch.tensor(
+            [stream, after.epoch, after.shard, after.sample, skipped_samples, skipped_shards], dtype=torch.long
+        ),
+    }
+
+
+class ShardHead(Dataset):
+    """The first `size` good samples of the shards in URL order, decoded on first use: what a stream has no index for
+    (FID reference statistics, image-to-video first frames, preview captions)."""
+
+    def __init__(self, urls: list[str], transform: ImageTransform, caption_key: str | None, size: int) -> None:
+        self.urls, self.transform, self.caption_key, self.size = urls, transform, caption_key, size
+        self.resolution = transform.resolution
+        self._items: list[dict[str, object]] | None = None
+
+    def _read(self) -> list[dict[str, object]]:
+        if self._items is None:
+            items: list[dict[str, object]] = []
+            for url in self.urls:
+                for raw in read_shard(url):
+                    try:
+                        items.append(decode_sample(raw, self.transform, self.caption_key))
+                    except BadSample:
+                        continue
+                    if len(items) == self.size:
+                        break
+                if len(items) == self.size:
+                    break
+            self._items = items
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return self._read()[index]
+
+    def captions(self) -> list[str]:
+        return [str(item["text"]) for item in self._read() if item["text"]]

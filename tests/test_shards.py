@@ -1,0 +1,231 @@
+"""WebDataset shards (`data=shards`, `python -m lightdiff.data.shard`): written shards read back equal their source;
+ranks and loader workers split the samples, each once per epoch; a stopped run resumes at the sample (with a
+negative control); bad samples and unreadable shards are skipped and counted, or stop the run naming them."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from lightdiff.config import ConfigError
+from lightdiff.data import ImageFolderDataModule, ShardsDataModule
+from lightdiff.data.image_folder import ImageFolderDataset
+from lightdiff.data.shard import main as shard_main
+from lightdiff.data.shard_stream import STREAM_STATE, ShardHead, ShardStream, read_shard, shard_urls
+from lightdiff.data.transforms import ImageTransform
+from lightdiff.train import run
+from lightdiff.trained import load_checkpoint_file
+
+from .conftest import compose_config
+
+COUNT, PER_SHARD = 32, 4  # 8 shards
+
+
+def _folder(root: Path, count: int = COUNT) -> Path:
+    """`count` images told apart by colour and caption ("image i"), label i mod 3, of varied sizes."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with (root / "metadata.jsonl").open("w") as metadata:
+        for i in range(count):
+            array = rng.integers(0, 256, size=(20 + i % 5, 18 + i % 3, 3), dtype=np.uint8)
+            array[0, 0] = (i, 255 - i, 7)
+            Image.fromarray(array).save(root / f"{i:03d}.png")
+            metadata.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"image {i}", "label": i % 3}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(the source folder, the data.urls pattern of its shards)."""
+    root = tmp_path_factory.mktemp("shards")
+    folder = _folder(root / "images")
+    shard_main([str(folder), str(root / "shards"), "--max-count", str(PER_SHARD)])
+    return folder, f"{root}/shards/train-{{000000..{COUNT // PER_SHARD - 1:06d}}}.tar"
+
+
+def _index(caption: str) -> int:
+    return int(caption.removeprefix("image "))
+
+
+def test_shards_read_back_equal_their_source(shards: tuple[Path, str], tmp_path: Path) -> None:
+    folder, urls = shards
+    paths = shard_urls(urls)
+    assert len(paths) == COUNT // PER_SHARD and all(Path(p).is_file() for p in paths)
+    transform = ImageTransform(16, center_crop=True, random_flip=False)
+    source = ImageFolderDataset(str(folder), 16, random_flip=False)
+    head = ShardHead(paths, transform, "txt", COUNT)
+    assert len(head) == COUNT
+    for i in range(COUNT):  # written in the folder's order: the same pixels, captions, labels and size records
+        expected, actual = source[i], head[i]
+        assert torch.equal(actual["pixel_values"], expected["pixel_values"]), f"pixels of sample {i} differ"
+        assert torch.equal(actual["size_and_crop"], expected["size_and_crop"])
+        assert (actual["text"], actual["label"]) == (expected["text"], expected["label"])
+    raw = read_shard(paths[1])
+    assert [sample["__key__"] for sample in raw] == [f"{i:09d}" for i in range(4, 8)]
+    assert raw[0]["png"] == (folder / "004.png").read_bytes()  # the file's own bytes, not re-encoded
+    assert json.loads(raw[0]["json"]) == {"width": 18 + 4 % 3, "height": 20 + 4 % 5, "file_name": "004.png", "label": 1}
+
+    # From a Hugging Face data set (the same folder through datasets' imagefolder): decoded, stored as PNG, equal.
+    shard_main([f"hf:{folder}", str(tmp_path / "hf"), "--caption-column", "text", "--label-column", "label"])
+    from_hf = ShardHead(sorted(str(p) for p in (tmp_path / "hf").glob("*.tar")), transform, "txt", COUNT)
+    for i in range(COUNT):
+        assert torch.equal(from_hf[i]["pixel_values"], source[i]["pixel_values"])
+        assert (from_hf[i]["text"], from_hf[i]["label"]) == (source[i]["text"], source[i]["label"])
+
+    with pytest.raises(FileExistsError, match="already holds shards"):  # never written over
+        shard_main([str(folder), str(tmp_path / "hf")])
+
+
+def _captions(urls: list[str], rank: int, world_size: int, workers: int, batches: int) -> list[list[int]]:
+    stream = ShardStream(urls, ImageTransform(8), 4, seed=5, rank=rank, world_size=world_size, num_streams=workers)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return [[_index(text) for text in batch["text"]] for batch in itertools.islice(loader, batches)]
+
+
+def test_ranks_and_workers_split_every_epoch_once(shards: tuple[Path, str]) -> None:
+    urls = shard_urls(shards[1])
+    # 2 ranks x 2 workers: each of the 4 streams reads 2 shards (8 samples, 2 batches) per epoch
+    per_rank = [_captions(urls, rank, 2, 2, batches=8) for rank in range(2)]
+    epochs = [[i for rank in per_rank for batch in rank[start : start + 4] for i in batch] for start in (0, 4)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(COUNT)), "an epoch must see every sample once, over both ranks"
+    assert epochs[0] != epochs[1]  # reshuffled
+    assert not set(per_rank[0][0]) & set(per_rank[1][0])  # step 0's global batch: two disjoint halves
+    # negative control: two processes that both think they are rank 0 read the same samples
+    assert _captions(urls, 0, 2, 2, batches=4) == per_rank[0][:4]
+    with pytest.raises(ValueError, match="8 shard\\(s\\) for 2 rank\\(s\\) x 8 loader stream"):
+        ShardStream(urls, ImageTransform(8), 4, seed=0, world_size=2, num_streams=8)
+
+
+SHARD_RUN = [
+    "logger=csv",
+    "data=shards",
+    "data.resolution=16",
+    "data.batch_size=3",
+    "data.num_workers=2",
+    "data.reference_size=8",
+    "callbacks.samples.every_n_steps=0",
+    "callbacks.samples.steps=2",
+    "callbacks.samples.num_images=4",
+    "callbacks.samples.final_num_images=4",
+    "callbacks.checkpoint.every_n_train_steps=1",
+]
+
+
+def _train(root: Path, urls: str, name: str, steps: int) -> dict:
+    cfg = compose_config(
+        "train",
+        [f"output_root={root}", f"run_name={name}", f'data.urls="{urls}"', f"trainer.max_steps={steps}", *SHARD_RUN],
+    )
+    run(cfg)
+    return load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _train(tmp_path_factory.mktemp("whole"), shards[1], "whole", 7)
+
+
+def _weights_equal(expected: dict, actual: dict) -> bool:
+    return all(torch.equal(value, actual["state_dict"][key]) for key, value in expected["state_dict"].items())
+
+
+def test_a_stopped_run_resumes_at_the_sample(shards: tuple[Path, str], uninterrupted: dict, tmp_path: Path) -> None:
+    """Stopped after 3 steps (stream 1's turn next, mid-shard) and resumed to 7: bit-identical to never stopping."""
+    stopped = _train(tmp_path, shards[1], "cut", 3)
+    state = stopped["ShardsDataModule"]
+    assert state["batches_seen"] == 3 and state["num_streams"] == 2 and state["world_size"] == 1
+    # stream 0 served batches 0 and 2 (6 samples: its first shard and 2 of its second), stream 1 batch 1 (3 samples)
+    assert state["ranks"][0]["positions"] == {0: [0, 1, 2], 1: [0, 0, 3]}
+    resumed = _train(tmp_path, shards[1], "cut", 7)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 7
+    assert _weights_equal(uninterrupted, resumed)
+
+
+def test_negative_control_resume_without_stream_positions(
+    shards: tuple[Path, str], uninterrupted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _train(tmp_path, shards[1], "cut", 3)
+    monkeypatch.setattr(ShardsDataModule, "load_state_dict", lambda self, state: None)  # streams start over
+    assert not _weights_equal(uninterrupted, _train(tmp_path, shards[1], "cut", 7))
+
+
+def test_resume_with_other_workers_is_refused(shards: tuple[Path, str], tmp_path: Path) -> None:
+    _train(tmp_path, shards[1], "cut", 2)
+    cfg = compose_config(
+        "train",
+        [f"output_root={tmp_path}", "run_name=cut", f'data.urls="{shards[1]}"', "trainer.max_steps=4", *SHARD_RUN]
+        + ["data.num_workers=1"],
+    )
+    with pytest.raises(ConfigError, match="1 rank\\(s\\) x 2 loader stream\\(s\\); this run has 1 x 1"):
+        run(cfg)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_and_shards_are_skipped_and_counted(
+    shards: tuple[Path, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = shard_urls(shards[1])
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        png = Path(shards[0] / "000.png").read_bytes()
+        _add(tar, "a.png", png[: len(png) // 2])  # truncated image
+        _add(tar, "a.txt", b"truncated")
+        _add(tar, "b.png", png)  # no caption
+        _add(tar, "c.txt", b"no image")
+        _add(tar, "d.png", png)
+        _add(tar, "d.txt", b"image 0")
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file" * 100)
+    urls = [str(bad), str(garbage), *good[:2]]
+    stream = ShardStream(urls, ImageTransform(8), 3, seed=0, shard_retries=1)
+    with caplog.at_level(logging.WARNING):
+        batches = list(itertools.islice(iter(stream), 3))  # 9 good samples: d + the two good shards' 8
+    assert sorted(_index(text) for batch in batches for text in batch["text"]) == sorted([0, *range(8)])
+    skipped_samples = sum(int(batch[STREAM_STATE][4]) for batch in batches)
+    skipped_shards = sum(int(batch[STREAM_STATE][5]) for batch in batches)
+    assert (skipped_samples, skipped_shards) == (3, 1)
+    log = caplog.text
+    assert f"sample 'a' of shard {bad}: cannot decode its png" in log
+    assert f"sample 'b' of shard {bad} has no caption (txt)" in log
+    assert f"sample 'c' of shard {bad} has no image" in log
+    assert f"skipping shard {garbage}" in log and "retrying" in log
+
+    strict = ShardStream([str(bad)], ImageTransform(8), 3, seed=0, skip_bad=False)
+    with pytest.raises(ValueError, match=f"sample '.' of shard {bad}"):
+        next(iter(strict))
+    strict = ShardStream([str(garbage)], ImageTransform(8), 3, seed=0, skip_bad=False, shard_retries=0)
+    with pytest.raises(OSError, match=f"cannot read shard {garbage}"):
+        next(iter(strict))
+
+
+def test_the_first_shard_must_open_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="cannot read shard .*missing-000.tar"):
+        ShardsDataModule(urls=str(tmp_path / "missing-{000..003}.tar"), resolution=8, batch_size=2)
+    with pytest.raises(ValueError, match="names no shard"):
+        ShardsDataModule(urls=[], resolution=8)
+
+
+def test_shards_serve_what_an_image_folder_serves(shards: tuple[Path, str]) -> None:
+    folder, urls = shards
+    data = ShardsDataModule(urls=urls, resolution=16, batch_size=4, num_workers=0, reference_size=COUNT)
+    same = ImageFolderDataModule(root=str(folder), resolution=16, random_flip=False, batch_size=4, num_workers=0)
+    assert sorted(data.captions()) == sorted(same.captions())
+    batch = next(iter(data.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["label"].dtype == torch.long
+    assert set(batch) == {"pixel_values", "size_and_crop", "label", "text", STREAM_STATE}
