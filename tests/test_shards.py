@@ -8,6 +8,9 @@ import io
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from lightdiff.data.transforms import ImageTransform
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
 
-from .conftest import compose_config
+from .conftest import REPO, compose_config
 
 COUNT, PER_SHARD = 32, 4  # 8 shards
 
@@ -229,3 +232,30 @@ def test_shards_serve_what_an_image_folder_serves(shards: tuple[Path, str]) -> N
     batch = next(iter(data.train_dataloader()))
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["label"].dtype == torch.long
     assert set(batch) == {"pixel_values", "size_and_crop", "label", "text", STREAM_STATE}
+
+
+def _train_ddp(root: Path, urls: str, name: str, steps: int) -> dict:
+    overrides = [o for o in SHARD_RUN if not o.startswith(("data.num_workers", "logger"))]
+    command = [sys.executable, "train.py", f"output_root={root}", f"run_name={name}", f'data.urls="{urls}"']
+    command += [*overrides, "logger=csv", "data.num_workers=0", f"trainer.max_steps={steps}"]
+    command += ["trainer=ddp_cpu", "trainer.devices=2"]
+    environment = {**os.environ, "WANDB_MODE": "offline"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_checkpoint_file(root / name / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow  # three DDP launches of two gloo processes each
+def test_two_ranks_read_their_own_shards_and_resume_at_the_sample(shards: tuple[Path, str], tmp_path: Path) -> None:
+    whole = _train_ddp(tmp_path, shards[1], "whole", 6)
+    state = whole["ShardsDataModule"]
+    assert state["world_size"] == 2 and state["batches_seen"] == 6
+    # each rank's one stream read 6 batches of 3 = 18 samples of its 4 shards of 4: epoch 1, sample 2 of its first
+    expected = [
+        ShardStream(shard_urls(shards[1]), ImageTransform(16), 3, 0, rank, 2).shards_of(0, 0) for rank in (0, 1)
+    ]
+    assert not set(expected[0]) & set(expected[1])
+    assert [rank["positions"] for rank in state["ranks"]] == [{0: [1, 0, 2]}, {0: [1, 0, 2]}]
+    _train_ddp(tmp_path, shards[1], "cut", 3)
+    resumed = _train_ddp(tmp_path, shards[1], "cut", 6)
+    assert _weights_equal(whole, resumed)

@@ -36,8 +36,11 @@ class TrainingMethod(Protocol):
     metric_steps: list[int] | None  # sampling step counts FID is measured at; None: the metrics callback's own
     distance_prefix: str  # "" for samples; "r" where previews are reconstructions (val/rfid)
 
-    def preview(self, seeds: Sequence[int], sampler: Callable[..., Any], steps: int) -> Preview:
-        """Images for the grids and metrics, one per seed, drawn with the current weights."""
+    def preview(
+        self, seeds: Sequence[int], sampler: Callable[..., Any], steps: int, prompts: Sequence[str] | None = None
+    ) -> Preview:
+        """Images for the grids and metrics, one per seed, drawn with the current weights; a text model draws seed i
+        for prompts[i % len(prompts)] when prompts are given (callbacks.samples.prompts), else for the data's."""
         ...
 
 

@@ -186,11 +186,17 @@ def sample_size(net: torch.nn.Module, factor: int = 1) -> tuple[int, int]:
 
 
 def preview_inputs(
-    seeds: Sequence[int], conditioning: Conditioning, class_names: list[str] | None, captions: list[str]
+    seeds: Sequence[int],
+    conditioning: Conditioning,
+    class_names: list[str] | None,
+    captions: list[str],
+    prompts: Sequence[str] | None = None,
 ) -> tuple[Inputs, torch.Tensor | None]:
-    """What a training-time preview conditions seed i on: class i % classes (as a label, and by name as the prompt),
-    or the data set's caption i % captions; and the class labels the shapes metric judges, where the model is
-    conditioned on them (None for an unconditional model)."""
+    """What a training-time preview conditions seed i on: the given prompt i % prompts (the user's validation prompts),
+    else class i % classes (as a label, and by name as the prompt), else the data set's caption i % captions; and the
+    class labels the shapes metric judges, where the model is conditioned on them (None otherwise)."""
+    if prompts:
+        return {"label": None, "text": [prompts[int(seed) % len(prompts)] for seed in seeds]}, None
     conditioned = bool(class_names) and bool(conditioning.reads)
     labels = torch.tensor(list(seeds)) % len(class_names) if conditioned else None
     texts = class_names or captions

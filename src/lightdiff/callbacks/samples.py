@@ -35,9 +35,10 @@ def method_previews(
     sampler: SchedulerFactory,
     steps: int,
     batch_size: int,
+    prompts: list[str] | None = None,
 ) -> list[Preview]:
-    """The method's previews of `seeds`, `batch_size` at a time, in eval mode and with EMA weights where the run
-    averages a denoiser (`pl_module.net`)."""
+    """The method's previews of `seeds` (for `prompts`, when given), `batch_size` at a time, in eval mode and with EMA
+    weights where the run averages a denoiser (`pl_module.net`)."""
     ema = find_ema(trainer)
     weights = ema.averaged_weights(pl_module.net) if ema is not None and ema.ema is not None else nullcontext()
     was_training = pl_module.training
@@ -45,11 +46,31 @@ def method_previews(
     try:
         with weights:
             return [
-                pl_module.preview(seeds[start : start + batch_size], sampler, steps)
+                pl_module.preview(seeds[start : start + batch_size], sampler, steps, prompts)
                 for start in range(0, len(seeds), batch_size)
             ]
     finally:
         pl_module.train(was_training)
+
+
+def validation_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str] | None:
+    """callbacks.samples.prompts, or the lines of prompts_file (blank lines and # comments left out); checked now,
+    before the run writes anything."""
+    if prompts is not None and prompts_file is not None:
+        raise ConfigError("callbacks.samples.prompts and callbacks.samples.prompts_file are both set: give one")
+    if prompts_file is not None:
+        path = Path(prompts_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"callbacks.samples.prompts_file={prompts_file!r} is not a file")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in lines if line and not line.startswith("#")]
+        if not prompts:
+            raise ConfigError(f"callbacks.samples.prompts_file={prompts_file!r} holds no prompt")
+    if prompts is not None:
+        prompts = [str(prompt) for prompt in prompts]
+        if not prompts or not all(prompt.strip() for prompt in prompts):
+            raise ConfigError(f"callbacks.samples.prompts={prompts!r}: give non-empty prompts")
+    return prompts
 
 
 class SampleGrid(pl.Callback):
@@ -58,6 +79,10 @@ class SampleGrid(pl.Callback):
     The method decides what a preview is (`pl_module.preview(seeds, sampler, steps) -> Preview`): samples for a
     diffusion model, reconstructions for an autoencoder. The same seeds each time, so grids are comparable across
     steps and runs. EMA weights are used when the run averages a denoiser (`pl_module.net`).
+
+    Validation prompts (`prompts`, or `prompts_file` with one a line): a text model also draws seed + i for prompt i
+    at every grid and at the end, as samples/validation_stepN.png (and wandb `validation/grid`, captioned), so the
+    prompts a researcher cares about are followed through training, not only the data's captions.
     """
 
     def __init__(
@@ -69,6 +94,8 @@ class SampleGrid(pl.Callback):
         seed: int = 0,  # image i uses seed + i
         final_num_images: int = 256,  # images judged by the shapes metric at the end of training; 0: no final round
         upscale: int = 4,  # nearest-neighbour upscaling of the saved grid, so small images stay visible
+        prompts: list[str] | None = None,  # validation prompts of a text model, drawn at every grid
+        prompts_file: str | None = None,  # or a text file of them, one a line (blank lines and # comments ignored)
     ) -> None:
         for key, value, least in (
             ("every_n_steps", every_n_steps, 0),
@@ -79,6 +106,7 @@ class SampleGrid(pl.Callback):
         ):
             if value < least:
                 raise ConfigError(f"callbacks.samples.{key}={value} must be >= {least}")
+        self.prompts = validation_prompts(prompts, prompts_file)
         self.sampler = sampler
         self.every_n_steps = every_n_steps
         self.num_images = num_images
@@ -87,29 +115,50 @@ class SampleGrid(pl.Callback):
         self.final_num_images = final_num_images
         self.upscale = upscale
         self._last_sampled_step = -1  # under gradient accumulation several batches end on the same step
+        self._last_validated_step = -1  # the final round may fall on a grid's step: drawn once
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reads = getattr(getattr(pl_module, "conditioning", None), "reads", ())
+        if self.prompts and "text" not in reads:
+            raise ConfigError(
+                f"callbacks.samples.prompts: {type(pl_module).__name__} here reads no prompts (its conditioning reads "
+                f"{sorted(reads) or 'nothing'}); validation prompts are for text models"
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_sampled_step:
             self._last_sampled_step = step
             self._sample_and_log(trainer, pl_module, self.num_images, "samples")
+            self._validation_prompts(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.final_num_images == 0:
             return
+        self._validation_prompts(trainer, pl_module)
         metrics = self._sample_and_log(trainer, pl_module, self.final_num_images, "final")
         if metrics and trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / "final_metrics.json"
             path.write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
             log.info("final sample metrics at step %d: %s (written to %s)", trainer.global_step, metrics, path)
 
+    def _validation_prompts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.prompts and trainer.global_step != self._last_validated_step:
+            self._last_validated_step = trainer.global_step
+            self._sample_and_log(trainer, pl_module, len(self.prompts), "validation", self.prompts)
+
     @rank_zero_only
     def _sample_and_log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int, prefix: str
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        count: int,
+        prefix: str,
+        prompts: list[str] | None = None,
     ) -> dict[str, float]:
         seeds = list(range(self.seed, self.seed + count))
         # The grid's size bounds the batch's memory.
-        previews = method_previews(trainer, pl_module, seeds, self.sampler, self.steps, self.num_images)
+        previews = method_previews(trainer, pl_module, seeds, self.sampler, self.steps, self.num_images, prompts)
         if previews[0].videos is not None:
             return self._log_clips(trainer, previews, prefix)
         pixels = to_uint8(torch.cat([p.images for p in previews]))
@@ -131,7 +180,10 @@ class SampleGrid(pl.Callback):
             if metrics:
                 logger.log_metrics(metrics, step=step)
             if isinstance(logger, WandbLogger):
-                if labels is not None and pl_module.class_names:
+                if prompts:
+                    caption = " | ".join(prompts[: grid_columns(shown)])
+                    logger.log_image(key=f"{prefix}/grid", images=[grid], caption=[f"first row: {caption}"], step=step)
+                elif labels is not None and pl_module.class_names:
                     caption = ", ".join(pl_module.class_names[int(label)] for label in labels[: grid_columns(shown)])
                     logger.log_image(key=f"{prefix}/grid", images=[grid], caption=[f"first row: {caption}"], step=step)
                 else:

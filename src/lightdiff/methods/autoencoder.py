@@ -173,8 +173,11 @@ class AutoencoderTraining(pl.LightningModule):
         return decode(self.vae, posterior(self.vae, images).mode())
 
     @torch.no_grad()
-    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
-        """Reconstructions of data set images seed % len(data): the grid pairs each input with its output."""
+    def preview(
+        self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int, prompts: Sequence[str] | None = None
+    ) -> Preview:
+        """Reconstructions of data set images seed % len(data): the grid pairs each input with its output (an
+        autoencoder reads no prompts: callbacks.samples.prompts is refused for it at the start)."""
         dataset = self.trainer.datamodule.source_dataset
         items = [dataset[int(seed) % len(dataset)] for seed in seeds]
         images = torch.stack([item["pixel_values"] for item in items]).to(self.device)

@@ -184,10 +184,12 @@ class ConsistencyDistillation(pl.LightningModule):
         factory = functools.partial(LCMScheduler, **self.scheduler_overrides)
         return for_latents(self.objective.scheduler(factory))
 
-    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+    def preview(
+        self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int, prompts: Sequence[str] | None = None
+    ) -> Preview:
         """The student at min(steps, 4) steps (what the metrics judge); per seed, the grid shows it at 1, 2, 4 steps
         next to the teacher at `teacher_steps` (guided at `sample_guidance_scale`)."""
-        return few_step_preview(self, seeds, sampler, min(steps, 4))
+        return few_step_preview(self, seeds, sampler, min(steps, 4), prompts)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 

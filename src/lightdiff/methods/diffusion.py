@@ -290,9 +290,13 @@ class DiffusionTraining(pl.LightningModule):
         return for_latents(scheduler) if self.vae is not None else scheduler
 
     @torch.no_grad()
-    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
-        """Samples for the grid: class seed % classes (labels, or their names as prompts), or the data's captions."""
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, self.trainer.datamodule.captions())
+    def preview(
+        self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int, prompts: Sequence[str] | None = None
+    ) -> Preview:
+        """Samples for the grid: the given prompts, or class seed % classes (labels, or their names as prompts), or
+        the data's captions."""
+        captions = self.trainer.datamodule.captions()
+        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions, prompts)
         if "image" in self.conditioning.reads:  # image-to-video: the first frames of the data's clips seed % size
             dataset = self.trainer.datamodule.source_dataset
             clips = [dataset[int(seed) % len(dataset)] for seed in seeds]

@@ -247,10 +247,12 @@ class DistributionMatchingDistillation(pl.LightningModule):
         scheduler = self.objective.scheduler(functools.partial(LCMScheduler, **self.scheduler_overrides))
         return for_latents(scheduler) if self.vae is not None else scheduler
 
-    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+    def preview(
+        self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int, prompts: Sequence[str] | None = None
+    ) -> Preview:
         """The student at min(steps, its timesteps) steps (what the metrics judge); per seed, the grid shows it at
         1, 2, 4 steps next to the teacher at `teacher_steps`."""
-        return few_step_preview(self, seeds, sampler, min(steps, len(self.student_timesteps)))
+        return few_step_preview(self, seeds, sampler, min(steps, len(self.student_timesteps)), prompts)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 

@@ -117,11 +117,13 @@ class GuidanceDistillation(pl.LightningModule):
     # ----- sampling -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+    def preview(
+        self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int, prompts: Sequence[str] | None = None
+    ) -> Preview:
         """The student at `steps` (one call per step, the scale `sample_guidance_scale` as its input; what the
         metrics judge) next to the teacher guided at that scale (two calls per step), per seed."""
         captions = self.trainer.datamodule.captions()
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions)
+        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions, prompts)
         side = self.teacher.resolution
         scheduler = self.teacher.scheduler(sampler)
         student = generate(

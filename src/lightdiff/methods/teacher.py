@@ -193,13 +193,17 @@ class DistilledStudent(Protocol):
 
 @torch.no_grad()
 def few_step_preview(
-    method: DistilledStudent, seeds: Sequence[int], sampler: SchedulerFactory, judged_steps: int
+    method: DistilledStudent,
+    seeds: Sequence[int],
+    sampler: SchedulerFactory,
+    judged_steps: int,
+    prompts: Sequence[str] | None = None,
 ) -> Preview:
     """The grid of a distilled student: per seed, the student at each of its `metric_steps` then the teacher at
     `teacher_steps` (guided for text; `sampler` where it fits the teacher); the metrics judge the student at
     `judged_steps`."""
     captions = method.trainer.datamodule.captions()
-    inputs, labels = preview_inputs(seeds, method.conditioning, method.class_names, captions)
+    inputs, labels = preview_inputs(seeds, method.conditioning, method.class_names, captions, prompts)
     scheduler = method.student_scheduler()
 
     side = method.teacher.resolution

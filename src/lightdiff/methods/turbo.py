@@ -281,10 +281,12 @@ class TurboDistillation(pl.LightningModule):
         scheduler = for_latents(scheduler) if self.vae is not None else scheduler
         return reconfigured(scheduler, self.objective.few_step_overrides)
 
-    def preview(self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int) -> Preview:
+    def preview(
+        self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int, prompts: Sequence[str] | None = None
+    ) -> Preview:
         """The student at min(steps, its timesteps) steps (what the metrics judge); the grid shows, per seed, the
         student at 1, 2 and 4 steps (those within its timesteps) next to the teacher at `teacher_steps`."""
-        return few_step_preview(self, seeds, sampler, min(steps, len(self.student_timesteps)))
+        return few_step_preview(self, seeds, sampler, min(steps, len(self.student_timesteps)), prompts)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
