@@ -259,3 +259,15 @@ def test_two_ranks_read_their_own_shards_and_resume_at_the_sample(shards: tuple[
     _train_ddp(tmp_path, shards[1], "cut", 3)
     resumed = _train_ddp(tmp_path, shards[1], "cut", 6)
     assert _weights_equal(whole, resumed)
+
+
+def test_held_out_shards_and_folders_serve_validation_batches(shards: tuple[Path, str]) -> None:
+    folder, urls = shards
+    data = ShardsDataModule(urls=urls, resolution=16, batch_size=4, num_workers=0, val_urls=urls, val_size=6)
+    batches = list(data.val_dataloader())
+    assert [len(batch["text"]) for batch in batches] == [4, 2]  # the first 6 samples in URL order, fixed
+    assert [text for batch in batches for text in batch["text"]] == [f"image {i}" for i in range(6)]
+    same = ImageFolderDataModule(root=str(folder), resolution=16, batch_size=4, num_workers=0, val_root=str(folder))
+    held_out = next(iter(same.val_dataloader()))
+    assert torch.equal(held_out["pixel_values"], batches[0]["pixel_values"])  # centre-cropped, never flipped
+    assert ShardsDataModule(urls=urls, resolution=16, batch_size=4, num_workers=0).val_dataloader() == []

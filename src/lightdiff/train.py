@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -168,6 +169,8 @@ def run(cfg: DictConfig) -> pl.Trainer:
             "sampler=ddim|ddpm|dpm|euler|flow_euler"
         )
     _check_launch(cfg)
+    # A data set without a held-out split (data.val_*) serves an empty validation list: no val/loss, not a problem.
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     run_dir = Path(cfg.run_dir)
     # Under DDP every rank runs this function; rank 0 alone writes the run folder's config and log.
     is_rank_zero = rank_zero_only.rank == 0

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightdiff.config import ConfigError
 from lightdiff.data.buckets import BucketSpec
@@ -42,6 +42,7 @@ class ImageDataModule(pl.LightningDataModule):
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
         identity: str = "",  # what makes this data set itself (source, size, preprocessing): the cache key
         random_views: bool = False,  # whether items are randomly augmented (flips, random crops)
+        val_dataset: Dataset | None = None,  # the held-out split val/loss is measured on (None: no validation)
     ) -> None:
         super().__init__()
         if cache_latents and random_views:
@@ -53,6 +54,9 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size={batch_size} must be positive")
         if len(dataset) < batch_size:
             raise ValueError(f"the data set has {len(dataset)} images, fewer than data.batch_size={batch_size}")
+        if val_dataset is not None and len(val_dataset) == 0:
+            raise ValueError("the held-out validation split (data.val_*) is empty")
+        self.val_dataset = val_dataset
         self.source_dataset = dataset  # the images; `dataset` is what is served (the images, or their latent cache)
         self.dataset: Dataset = dataset
         self.cache_latents = cache_latents
@@ -147,6 +151,22 @@ class ImageDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.order_seed),
         )
 
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out split in a fixed order, each rank its share (items rank, rank + R, ...); none without one."""
+        if self.val_dataset is None:
+            return []  # Lightning then runs no validation
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        share = Subset(self.val_dataset, range(rank, len(self.val_dataset), world_size))
+        return DataLoader(
+            share,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            # a loader without its own generator draws its workers' base seed from the run's random stream
+            generator=torch.Generator().manual_seed(self.order_seed),
+        )
+
     def state_dict(self) -> dict[str, int]:
         """Where the training loader stands: saved in every checkpoint so a resumed run continues mid-epoch."""
         trainer = self.trainer
@@ -191,17 +211,22 @@ class ShapesDataModule(ImageDataModule):
         exclude: list[str] | None = None,  # captions of classes to leave out
         aspect_ratios: list[float] | None = None,  # variable aspect: pictures of these width / height ratios
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: centre-cropped squares
+        val_size: int = 0,  # held-out images for val/loss: items size .. size + val_size - 1, never trained on
     ) -> None:
-        dataset = ShapesDataset(
-            size=size,
-            resolution=resolution,
-            seed=seed,
-            random_flip=random_flip,
-            classes=classes,
-            exclude=exclude,
-            aspect_ratios=_plain(aspect_ratios),
-            buckets=_plain(buckets),
-        )
+        def shapes(count: int) -> ShapesDataset:
+            return ShapesDataset(
+                size=count,
+                resolution=resolution,
+                seed=seed,
+                random_flip=random_flip,
+                classes=classes,
+                exclude=exclude,
+                aspect_ratios=_plain(aspect_ratios),
+                buckets=_plain(buckets),
+            )
+
+        dataset = shapes(size)
+        held_out = Subset(shapes(size + val_size), range(size, size + val_size)) if val_size > 0 else None
         identity = f"shapes|size={size}|seed={seed}|resolution={resolution}"
         if len(dataset.kept_labels) < len(dataset.class_names):  # the full set keeps the identity caches know it by
             identity += f"|classes={','.join(map(str, dataset.kept_labels))}"
@@ -217,6 +242,7 @@ class ShapesDataModule(ImageDataModule):
             latent_cache_dir,
             identity,
             random_views=random_flip,
+            val_dataset=held_out,
         )
 
 
@@ -233,10 +259,17 @@ class MovingShapesDataModule(ImageDataModule):
         num_workers: int = 0,  # loader processes
         pin_memory: bool = False,  # page-locked batches
         persistent_workers: bool = False,  # keep workers between epochs
+        val_size: int = 0,  # held-out clips for val/loss: items size .. size + val_size - 1, never trained on
     ) -> None:
         dataset = MovingShapesDataset(size=size, resolution=resolution, num_frames=num_frames, seed=seed)
+        held_out = None
+        if val_size > 0:
+            longer = MovingShapesDataset(size=size + val_size, resolution=resolution, num_frames=num_frames, seed=seed)
+            held_out = Subset(longer, range(size, size + val_size))
         identity = f"moving_shapes|size={size}|seed={seed}|resolution={resolution}|num_frames={num_frames}"
-        super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity)
+        super().__init__(
+            dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity, val_dataset=held_out
+        )
 
 
 class VideoFolderDataModule(ImageDataModule):
@@ -282,10 +315,12 @@ class ImageFolderDataModule(ImageDataModule):
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
+        val_root: str | None = None,  # a held-out image folder for val/loss (centre-cropped, not flipped)
     ) -> None:
         dataset = ImageFolderDataset(
             root, resolution, center_crop, random_flip, skip_bad, scan_cache_dir, _plain(buckets)
         )
+        held_out = ImageFolderDataset(val_root, resolution, True, False, skip_bad, scan_cache_dir) if val_root else None
         newest = max(path.stat().st_mtime_ns for path in dataset.paths)
         identity = f"image_folder|{dataset.root.resolve()}|files={len(dataset)}|newest={newest}|resolution={resolution}"
         if dataset.buckets is not None:
@@ -300,6 +335,7 @@ class ImageFolderDataModule(ImageDataModule):
             latent_cache_dir,
             identity,
             random_views=random_flip or not center_crop,
+            val_dataset=held_out,
         )
 
 
@@ -324,7 +360,13 @@ class HFDataModule(ImageDataModule):
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
+        val_split: str | None = None,  # a held-out split for val/loss (e.g. "validation"; centre-cropped, not flipped)
     ) -> None:
+        held_out = None
+        if val_split is not None:
+            held_out = HFImageDataset(
+                name, resolution, val_split, image_column, caption_column, label_column, True, False, cache_dir
+            )
         dataset = HFImageDataset(
             name,
             resolution,
@@ -350,6 +392,7 @@ class HFDataModule(ImageDataModule):
             latent_cache_dir,
             identity,
             random_views=random_flip or not center_crop,
+            val_dataset=held_out,
         )
 
 
@@ -371,12 +414,18 @@ class ShardsDataModule(ImageDataModule):
         batch_size: int = 64,  # per-device batch size
         num_workers: int = 2,  # loader processes, each reading its own shards (every rank needs as many shards)
         pin_memory: bool = False,  # page-locked batches
+        val_urls: str | list[str] | None = None,  # held-out shards for val/loss (their first val_size samples)
+        val_size: int = 256,  # held-out samples read from val_urls
     ) -> None:
         self.urls = shard_urls(_plain(urls))
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
         # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
         head = ShardHead(self.urls, self.transform, caption_key, reference_size)
+        held_out = None
+        if val_urls is not None:
+            plain = ImageTransform(resolution, center_crop=True, random_flip=False)
+            held_out = ShardHead(shard_urls(_plain(val_urls)), plain, caption_key, val_size)
         identity = f"shards|{self.urls[0]}..{self.urls[-1]}|shards={len(self.urls)}|resolution={resolution}"
         super().__init__(
             head,
@@ -386,6 +435,7 @@ class ShardsDataModule(ImageDataModule):
             persistent_workers=False,  # the stream is endless: one loader iterator serves the whole run
             identity=identity,
             random_views=random_flip or not center_crop,
+            val_dataset=held_out,
         )
         self.stream: ShardStream | None = None
         self.positions: dict[int, StreamPosition] = {}  # this rank's streams after the last batch trained on

@@ -65,6 +65,17 @@ class EDM:
     def training_example(self, x0: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
         """ln(sigma) ~ N(p_mean, p_std^2) (EDM, Table 1), the v target, weight 1 (the module docstring)."""
         sigma = torch.exp(self.p_mean + self.p_std * torch.randn(x0.shape[0], device=x0.device))
+        return self._example(x0, noise, sigma)
+
+    def quantile_timesteps(self, quantiles: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The log-normal's quantile sigma = exp(p_mean + p_std Phi^-1(u)), as c_noise."""
+        normal = torch.distributions.Normal(0.0, 1.0).icdf(quantiles.double().clamp(1e-6, 1 - 1e-6))
+        return timestep_of(torch.exp(self.p_mean + self.p_std * normal)).float().to(x0.device)
+
+    def example_at(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisyBatch:
+        return self._example(x0, noise, sigma_of(timesteps))
+
+    def _example(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> NoisyBatch:
         alpha, s = (_per_sample(value, x0) for value in edm_alpha_sigma(sigma))
         return NoisyBatch(
             x_t=alpha * x0 + s * noise,

@@ -144,6 +144,19 @@ class FlowMatching:
         # 2x2-patch tokens, FLUX's packing and SD3's patch size (only `resolution_shift` reads them)
         tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
         t = self.training_times(x0.shape[0], image_seq_len=tokens).to(x0.device)
+        return self._example(x0, noise, t)
+
+    def quantile_timesteps(self, quantiles: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The logit-normal's quantile sigmoid(m + s Phi^-1(u)), shifted as `training_times` shifts it."""
+        tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
+        normal = torch.distributions.Normal(0.0, 1.0).icdf(quantiles.double().clamp(1e-6, 1 - 1e-6))
+        t = torch.sigmoid(self.logit_mean + self.logit_std * normal).float()
+        return self.network_timesteps(shift_timesteps(t, self.shift_for(tokens))).to(x0.device)
+
+    def example_at(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisyBatch:
+        return self._example(x0, noise, self.time_of(timesteps))
+
+    def _example(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> NoisyBatch:
         weight = torch.ones_like(t)
         return NoisyBatch(interpolate(x0, noise, t), self.network_timesteps(t), velocity_target(x0, noise), weight)
 

@@ -46,6 +46,15 @@ class Objective(Protocol):
         """Draw the batch's training times (global random stream) and noise `x0` with `noise`."""
         ...
 
+    def quantile_timesteps(self, quantiles: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The network timesteps at the given quantiles (in (0, 1)) of training's noise-level distribution for inputs
+        shaped like `x0`: fixed levels at which a validation loss weighs noise levels as training does."""
+        ...
+
+    def example_at(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisyBatch:
+        """The training example (input, target, weight) at the given network timesteps (B,), not drawn ones."""
+        ...
+
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t at the given network timesteps (B,)."""
         ...

@@ -215,6 +215,13 @@ class DDPM:
     def training_example(self, x0: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
         """t uniform over the steps (Ho et al. 2020, Algorithm 1), the target of `prediction_type`, its weight."""
         timesteps = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        return self.example_at(x0, noise, timesteps)
+
+    def quantile_timesteps(self, quantiles: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """t uniform over the steps: the quantile u is step floor(u T)."""
+        return (quantiles * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1).to(x0.device)
+
+    def example_at(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisyBatch:
         alphas_cumprod = self._alphas_on(timesteps.device)
         return NoisyBatch(
             x_t=add_noise(x0, noise, alphas_cumprod, timesteps),

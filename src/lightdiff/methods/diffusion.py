@@ -71,6 +71,9 @@ from lightdiff.nets.vae import (
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.speed import prepare_for_training
 
+VALIDATION_LEVELS = 8  # fixed noise levels of val/loss
+VALIDATION_SEED = 20_240_601  # seeds val/loss's noise (plus the batch index), apart from the run's seed
+
 
 class DiffusionTraining(pl.LightningModule):
     """Learns to denoise (or to follow the flow of) data or VAE latents with a diffusers denoiser."""
@@ -259,6 +262,28 @@ class DiffusionTraining(pl.LightningModule):
         if self.cond_drop_prob > 0:
             self.log("train/cond_dropped", dropped.float().mean())
         return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """`val/loss`: the training loss on a held-out batch (data.val_*), averaged over VALIDATION_LEVELS fixed noise
+        levels (the quantiles (k + 1/2) / K of training's own noise-level distribution, so levels weigh as in
+        training), with noise drawn from a generator seeded by the batch index: the same numbers for the same
+        weights, so the curve shows the model and not the draw. The run's random streams are left untouched."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(VALIDATION_SEED + batch_idx)
+            if self.vae is None:
+                x0 = batch["pixel_values"]
+            else:
+                x0 = encode_latents(self.vae, batch.get("pixel_values"), batch.get("latent_moments"))
+            condition = self.conditioning(batch)
+            noise = torch.randn_like(x0)
+            levels = (torch.arange(VALIDATION_LEVELS, dtype=torch.float64) + 0.5) / VALIDATION_LEVELS
+            losses = []
+            for timestep in self.objective.quantile_timesteps(levels, x0):
+                example = self.objective.example_at(x0, noise, timestep.expand(len(x0)))
+                prediction = network_output(self.net, example.x_t, example.timesteps, condition)
+                losses.append(weighted_mse(prediction, example.target, example.weight))
+        self.log("val/loss", torch.stack(losses).mean(), sync_dist=True, batch_size=len(x0))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The net's (its adapters alone with LoRA) and a trainable text encoder's."""
