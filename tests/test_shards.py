@@ -24,7 +24,8 @@ from lightdiff.config import ConfigError
 from lightdiff.data import ImageFolderDataModule, ShardsDataModule
 from lightdiff.data.image_folder import ImageFolderDataset
 from lightdiff.data.shard import main as shard_main
-from lightdiff.data.shard_stream import STREAM_STATE, ShardHead, ShardStream, read_shard, shard_urls
+from lightdiff.data.shard_stream import ShardHead, ShardStream, read_shard, shard_urls
+from lightdiff.data.streams import STREAM_STATE
 from lightdiff.data.transforms import ImageTransform
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
@@ -200,8 +201,8 @@ def test_bad_samples_and_shards_are_skipped_and_counted(
     with caplog.at_level(logging.WARNING):
         batches = list(itertools.islice(iter(stream), 3))  # 9 good samples: d + the two good shards' 8
     assert sorted(_index(text) for batch in batches for text in batch["text"]) == sorted([0, *range(8)])
-    skipped_samples = sum(int(batch[STREAM_STATE][4]) for batch in batches)
-    skipped_shards = sum(int(batch[STREAM_STATE][5]) for batch in batches)
+    skipped_samples = sum(batch[STREAM_STATE]["skipped_samples"] for batch in batches)
+    skipped_shards = sum(batch[STREAM_STATE]["skipped_shards"] for batch in batches)
     assert (skipped_samples, skipped_shards) == (3, 1)
     log = caplog.text
     assert f"sample 'a' of shard {bad}: cannot decode its png" in log

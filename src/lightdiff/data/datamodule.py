@@ -20,7 +20,8 @@ from lightdiff.data.latent_cache import cached_latents, cached_text_states
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
-from lightdiff.data.shard_stream import STREAM_STATE, ShardHead, ShardStream, StreamPosition, shard_urls
+from lightdiff.data.shard_stream import ShardHead, ShardStream, shard_urls
+from lightdiff.data.streams import STREAM_STATE, Stream, StreamLedger
 from lightdiff.data.transforms import ImageTransform
 from lightdiff.data.video_folder import VideoFolderDataset
 
@@ -438,13 +439,7 @@ class ShardsDataModule(ImageDataModule):
             val_dataset=held_out,
         )
         self.stream: ShardStream | None = None
-        self.positions: dict[int, StreamPosition] = {}  # this rank's streams after the last batch trained on
-        self.skipped_samples = self.skipped_shards = 0  # on this rank, over the whole run
-        self._resume: dict[str, Any] | None = None
-
-    @property
-    def num_streams(self) -> int:
-        return max(1, self.num_workers)
+        self.ledger = StreamLedger(max(1, num_workers))
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -456,79 +451,44 @@ class ShardsDataModule(ImageDataModule):
             self.order_seed,
             rank,
             world_size,
-            self.num_streams,
+            self.ledger.num_streams,
             self.caption_key,
             self.skip_bad,
             self.shard_retries,
         )
-        if self._resume is not None:
-            self._continue(self._resume, rank, world_size)
-            self._resume = None
-        return DataLoader(
-            self.stream,
-            batch_size=None,  # the workers make the batches (each from its own stream)
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.order_seed),
-        )
-
-    def _continue(self, state: dict[str, Any], rank: int, world_size: int) -> None:
-        saved = (state["world_size"], state["num_streams"])
-        if saved != (world_size, self.num_streams):
-            raise ConfigError(
-                f"the checkpoint's shard streams were made for {saved[0]} rank(s) x {saved[1]} loader stream(s); "
-                f"this run has {world_size} x {self.num_streams}: resume with the same number of devices and "
-                f"data.num_workers={saved[1] if saved[1] > 1 else '0 or 1'} (the data order depends on both)"
-            )
-        mine = state["ranks"][rank]
-        self.positions = {int(stream): StreamPosition(*position) for stream, position in mine["positions"].items()}
-        self.skipped_samples, self.skipped_shards = mine["skipped_samples"], mine["skipped_shards"]
-        assert self.stream is not None
-        self.stream.start = dict(self.positions)
-        # batch k of this rank comes from stream k mod S (the DataLoader asks its workers in turn)
-        self.stream.rotation = state["batches_seen"] % self.num_streams
+        self.ledger.resume(self.stream, rank, world_size)
+        return streamed_loader(self.stream, self.num_workers, self.pin_memory, self.order_seed)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Record where the batch's stream stands (and its skips) before the batch is trained on."""
-        if isinstance(batch, dict) and STREAM_STATE in batch:
-            stream, epoch, shard, sample, skipped_samples, skipped_shards = batch.pop(STREAM_STATE).tolist()
-            self.positions[stream] = StreamPosition(epoch, shard, sample)
-            if skipped_samples or skipped_shards:
-                self.skipped_samples += skipped_samples
-                self.skipped_shards += skipped_shards
-                log.warning(
-                    "data.skip_bad: %d sample(s) and %d shard(s) skipped on this rank so far (reasons above)",
-                    self.skipped_samples,
-                    self.skipped_shards,
-                )
-                self._log_skips()
-        return batch
-
-    def _log_skips(self) -> None:
-        """`train/skipped_samples` and `train/skipped_shards` (rank zero's counts) to every logger."""
-        trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero:
-            return
-        counts = {"train/skipped_samples": self.skipped_samples, "train/skipped_shards": self.skipped_shards}
-        for logger in trainer.loggers:
-            logger.log_metrics({key: float(count) for key, count in counts.items()}, step=trainer.global_step)
+        return record_stream_state(self, self.ledger, batch)
 
     def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None or self.stream is None:
+        if self.trainer is None or self.stream is None:
             return {}
-        mine = {
-            "positions": {stream: [p.epoch, p.shard, p.sample] for stream, p in self.positions.items()},
-            "skipped_samples": self.skipped_samples,
-            "skipped_shards": self.skipped_shards,
-        }
-        ranks: list[Any] = [mine]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank saves (Lightning)
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, mine)
-        batches_seen = trainer.fit_loop.epoch_loop.batch_progress.total.processed  # per rank (see ImageDataModule)
-        return {"batches_seen": batches_seen, "world_size": len(ranks), "num_streams": self.num_streams, "ranks": ranks}
+        return self.ledger.state_dict(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self._resume = dict(state_dict)
+        self.ledger.load_state_dict(state_dict)
+
+
+def streamed_loader(stream: Stream, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_size=None,  # the workers make the batches (each from its own stream)
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def record_stream_state(datamodule: ImageDataModule, ledger: StreamLedger, batch: Any) -> Any:
+    """A streamed batch without its STREAM_STATE, recorded in `ledger` (the batch about to be trained on: Lightning
+    calls on_before_batch_transfer for it, not for one prefetched); skips go to `train/skipped_*` (rank zero's)."""
+    if not isinstance(batch, dict) or STREAM_STATE not in batch:
+        return batch
+    trainer = datamodule.trainer
+    if ledger.record(batch.pop(STREAM_STATE)) and trainer is not None and trainer.is_global_zero:
+        counts = {"train/skipped_samples": ledger.skipped_samples, "train/skipped_shards": ledger.skipped_shards}
+        for logger in trainer.loggers:
+            logger.log_metrics({key: float(count) for key, count in counts.items()}, step=trainer.global_step)
+    return batch

@@ -34,10 +34,11 @@ from dataclasses import dataclass
 import torch
 import webdataset.gopen
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from lightdiff.data.streams import Stream, collate
 from lightdiff.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the image member of a sample: the first of these present
 # webdataset has no s3 opener of its own; its documentation streams s3 shards through the AWS command line
 S3_COMMAND = "pipe:aws s3 cp {url} -"
-STREAM_STATE = "stream_state"  # the batch key of (stream, epoch, shard, sample, skipped samples, skipped shards)
 
 
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **options: object) -> object:
@@ -136,7 +136,7 @@ def sample_order(seed: int, epoch: int, shard_index: int, count: int) -> list[in
     return torch.randperm(count, generator=generator).tolist()
 
 
-class ShardStream(IterableDataset):
+class ShardStream(Stream):
     """Endless batches of one rank, each made by one loader worker from its own shards (see the module docstring)."""
 
     def __init__(
@@ -158,11 +158,9 @@ class ShardStream(IterableDataset):
                 "(data.num_workers, at least 1): every stream needs a shard of its own; write more, smaller shards "
                 "(python -m lightdiff.data.shard --max-count) or lower data.num_workers"
             )
-        self.urls, self.transform, self.batch_size, self.seed = urls, transform, batch_size, seed
-        self.rank, self.world_size, self.num_streams = rank, world_size, num_streams
+        super().__init__(batch_size, seed, rank, world_size, num_streams)
+        self.urls, self.transform = urls, transform
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
-        self.start: dict[int, StreamPosition] = {}  # each stream's position to start from (a resumed run)
-        self.rotation = 0  # worker w plays stream (w + rotation) mod S, so a resumed run's first batch is the next one
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         """Indices into `urls` of the shards stream `stream` of this rank reads in `epoch`, in order."""
@@ -170,13 +168,8 @@ class ShardStream(IterableDataset):
         streams_in_all = self.world_size * self.num_streams
         return order[self.rank * self.num_streams + stream :: streams_in_all]
 
-    def __iter__(self) -> Iterator[dict[str, object]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.num_streams:
-            raise RuntimeError(f"ShardStream made for {self.num_streams} streams runs in {workers} workers")
-        stream = (worker + self.rotation) % self.num_streams
-        position = self.start.get(stream, StreamPosition())
+    def batches(self, stream: int, start: list[int] | None) -> Iterator[dict[str, object]]:
+        position = StreamPosition(*start) if start is not None else StreamPosition()
         items: list[dict[str, object]] = []
         skipped_samples = skipped_shards = 0  # since the last batch
         while True:
@@ -204,27 +197,13 @@ class ShardStream(IterableDataset):
                         continue
                     if len(items) == self.batch_size:
                         # the position after this batch; a shard served to its end is left for the next one
-                        after = StreamPosition(position.epoch, position.shard, position.sample)
-                        if after.sample == len(raw):
-                            after = StreamPosition(position.epoch, position.shard + 1)
-                        yield collate(items, (stream, after, skipped_samples, skipped_shards))
+                        after = [position.epoch, position.shard, position.sample]
+                        if position.sample == len(raw):
+                            after = [position.epoch, position.shard + 1, 0]
+                        yield collate(items, stream, after, skipped_samples, skipped_shards)
                         items, skipped_samples, skipped_shards = [], 0, 0
                 position = StreamPosition(position.epoch, position.shard + 1)
             position = StreamPosition(position.epoch + 1)
-
-
-def collate(items: list[dict[str, object]], state: tuple[int, StreamPosition, int, int]) -> dict[str, object]:
-    """A batch as the DataLoader's default collation makes it, plus the stream's state after it (STREAM_STATE)."""
-    stream, after, skipped_samples, skipped_shards = state
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-        "size_and_crop": torch.stack([item["size_and_crop"] for item in items]),
-        "label": torch.tensor([item["label"] for item in items]),
-        "text": [item["text"] for item in items],
-        STREAM_STATE: torch.tensor(
-            [stream, after.epoch, after.shard, after.sample, skipped_samples, skipped_shards], dtype=torch.long
-        ),
-    }
 
 
 class ShardHead(Dataset):
