@@ -272,3 +272,55 @@ def test_held_out_shards_and_folders_serve_validation_batches(shards: tuple[Path
     held_out = next(iter(same.val_dataloader()))
     assert torch.equal(held_out["pixel_values"], batches[0]["pixel_values"])  # centre-cropped, never flipped
     assert ShardsDataModule(urls=urls, resolution=16, batch_size=4, num_workers=0).val_dataloader() == []
+
+
+def _hf_captions(folder: Path, rank: int, world_size: int, workers: int, batches: int, buffer: int = 1) -> list:
+    import datasets
+
+    from lightdiff.data.hf_stream import HFStream
+
+    source = datasets.load_dataset(str(folder), split="train", streaming=True)
+    stream = HFStream(
+        source, ImageTransform(8), 4, 5, rank, world_size, workers, "image", "text", "label", buffer, True
+    )
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return [[_index(text) for text in batch["text"]] for batch in itertools.islice(loader, batches)]
+
+
+def test_hf_streaming_splits_every_epoch_once(shards: tuple[Path, str]) -> None:
+    folder = shards[0]
+    per_rank = [_hf_captions(folder, rank, 2, 2, batches=8) for rank in range(2)]  # 32 examples, 4 streams of 8
+    epochs = [[i for rank in per_rank for batch in rank[start : start + 4] for i in batch] for start in (0, 4)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(COUNT)), "an epoch must see every example once, over both ranks"
+    assert not set(per_rank[0][0]) & set(per_rank[1][0])
+
+
+HF_RUN = [
+    "data=hf",
+    "data.streaming=true",
+    "data.shuffle_buffer=1",
+    "data.caption_column=text",
+    "data.random_flip=false",
+    "data.reference_size=8",
+]
+
+
+def _train_hf(root: Path, folder: Path, name: str, steps: int) -> dict:
+    overrides = [o for o in SHARD_RUN if o != "data=shards" and not o.startswith("data.reference_size")]
+    cfg = compose_config(
+        "train",
+        [f"output_root={root}", f"run_name={name}", f"data.name={folder}", f"trainer.max_steps={steps}"]
+        + [*overrides, *HF_RUN],
+    )
+    run(cfg)
+    return load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+
+
+def test_a_stopped_hf_stream_resumes_at_the_sample(shards: tuple[Path, str], tmp_path: Path) -> None:
+    whole = _train_hf(tmp_path, shards[0], "whole", 7)
+    stopped = _train_hf(tmp_path, shards[0], "cut", 3)
+    positions = stopped["HFDataModule"]["ranks"][0]["positions"]
+    assert sorted(positions) == [0, 1] and positions[0]["epoch"] == 0  # datasets' own state per stream
+    resumed = _train_hf(tmp_path, shards[0], "cut", 7)
+    assert _weights_equal(whole, resumed)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightdiff.config import ConfigError
 from lightdiff.data.buckets import BucketSpec
+from lightdiff.data.hf_stream import HFHead, HFStream
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
 from lightdiff.data.latent_cache import cached_latents, cached_text_states
 from lightdiff.data.moving_shapes import MovingShapesDataset
@@ -341,7 +342,8 @@ class ImageFolderDataModule(ImageDataModule):
 
 
 class HFDataModule(ImageDataModule):
-    """A data set read by `datasets.load_dataset` (`data=hf data.name=HUB_ID_OR_FOLDER`)."""
+    """A data set read by `datasets.load_dataset` (`data=hf data.name=HUB_ID_OR_FOLDER`), indexed, or streamed without
+    being downloaded whole (`data.streaming=true`: data/hf_stream.py, resumable at the sample like data=shards)."""
 
     def __init__(
         self,
@@ -362,27 +364,58 @@ class HFDataModule(ImageDataModule):
         latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
         val_split: str | None = None,  # a held-out split for val/loss (e.g. "validation"; centre-cropped, not flipped)
+        streaming: bool = False,  # stream the data set (load_dataset(streaming=True)) instead of downloading it
+        shuffle_buffer: int = 1000,  # streaming: examples shuffled in a buffer; 1: exact resume (module docstring)
+        skip_bad: bool = True,  # streaming: skip and count examples without an image or caption; false: stop
+        reference_size: int = 1000,  # streaming: first examples kept for previews, captions, FID reference
+        val_size: int = 256,  # streaming: examples of val_split measured
     ) -> None:
-        held_out = None
-        if val_split is not None:
-            held_out = HFImageDataset(
-                name, resolution, val_split, image_column, caption_column, label_column, True, False, cache_dir
+        self.ledger: StreamLedger | None = None  # streaming only
+        if streaming:
+            if buckets is not None or cache_latents:
+                raise ConfigError("data.streaming=true: data.buckets and data.cache_latents need the data set whole")
+            import datasets
+
+            def streamed(which: str) -> Any:
+                stream = datasets.load_dataset(name, split=which, streaming=True, cache_dir=cache_dir)
+                for key, column in (("image", image_column), ("caption", caption_column), ("label", label_column)):
+                    if column is not None and stream.column_names is not None and column not in stream.column_names:
+                        known = stream.column_names
+                        raise KeyError(f"data.{key}_column={column!r} is not a column of {name!r}; columns: {known}")
+                return stream
+
+            columns = (image_column, caption_column, label_column)
+            self.transform = ImageTransform(resolution, center_crop, random_flip)
+            self.source = streamed(split)
+            dataset: Dataset = HFHead(self.source, self.transform, *columns, reference_size)
+            plain = ImageTransform(resolution, center_crop=True, random_flip=False)
+            held_out = HFHead(streamed(val_split), plain, *columns, val_size) if val_split is not None else None
+            self.columns, self.shuffle_buffer, self.skip_bad = columns, shuffle_buffer, skip_bad
+            self.ledger = StreamLedger(max(1, num_workers))
+            self.stream: HFStream | None = None
+            persistent_workers = False  # the stream is endless: one loader iterator serves the whole run
+            identity = f"hf-stream|{name}|{split}|{image_column}|{caption_column}|resolution={resolution}"
+        else:
+            held_out = None
+            if val_split is not None:
+                held_out = HFImageDataset(
+                    name, resolution, val_split, image_column, caption_column, label_column, True, False, cache_dir
+                )
+            dataset = HFImageDataset(
+                name,
+                resolution,
+                split,
+                image_column,
+                caption_column,
+                label_column,
+                center_crop,
+                random_flip,
+                cache_dir,
+                _plain(buckets),
             )
-        dataset = HFImageDataset(
-            name,
-            resolution,
-            split,
-            image_column,
-            caption_column,
-            label_column,
-            center_crop,
-            random_flip,
-            cache_dir,
-            _plain(buckets),
-        )
-        identity = f"hf|{name}|{split}|rows={len(dataset)}|{image_column}|{caption_column}|resolution={resolution}"
-        if dataset.buckets is not None:
-            identity += f"|buckets={dataset.buckets}"
+            identity = f"hf|{name}|{split}|rows={len(dataset)}|{image_column}|{caption_column}|resolution={resolution}"
+            if dataset.buckets is not None:
+                identity += f"|buckets={dataset.buckets}"
         super().__init__(
             dataset,
             batch_size,
@@ -395,6 +428,42 @@ class HFDataModule(ImageDataModule):
             random_views=random_flip or not center_crop,
             val_dataset=held_out,
         )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.ledger is None:
+            return super().train_dataloader()
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        self.stream = HFStream(
+            self.source,
+            self.transform,
+            self.batch_size,
+            self.order_seed,
+            rank,
+            world_size,
+            self.ledger.num_streams,
+            *self.columns,
+            self.shuffle_buffer,
+            self.skip_bad,
+        )
+        self.ledger.resume(self.stream, rank, world_size)
+        return streamed_loader(self.stream, self.num_workers, self.pin_memory, self.order_seed)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch if self.ledger is None else record_stream_state(self, self.ledger, batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.ledger is None:
+            return super().state_dict()
+        if self.trainer is None or self.stream is None:
+            return {}
+        return self.ledger.state_dict(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.ledger is None:
+            super().load_state_dict(state_dict)
+        else:
+            self.ledger.load_state_dict(state_dict)
 
 
 class ShardsDataModule(ImageDataModule):
