@@ -45,6 +45,7 @@ class ImageDataModule(pl.LightningDataModule):
         identity: str = "",  # what makes this data set itself (source, size, preprocessing): the cache key
         random_views: bool = False,  # whether items are randomly augmented (flips, random crops)
         val_dataset: Dataset | None = None,  # the held-out split val/loss is measured on (None: no validation)
+        streamed: bool = False,  # training batches come from a stream; `dataset` holds only its first items
     ) -> None:
         super().__init__()
         if cache_latents and random_views:
@@ -54,7 +55,7 @@ class ImageDataModule(pl.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
-        if len(dataset) < batch_size:
+        if not streamed and len(dataset) < batch_size:
             raise ValueError(f"the data set has {len(dataset)} images, fewer than data.batch_size={batch_size}")
         if val_dataset is not None and len(val_dataset) == 0:
             raise ValueError("the held-out validation split (data.val_*) is empty")
@@ -427,6 +428,7 @@ class HFDataModule(ImageDataModule):
             identity,
             random_views=random_flip or not center_crop,
             val_dataset=held_out,
+            streamed=streaming,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -506,6 +508,7 @@ class ShardsDataModule(ImageDataModule):
             identity=identity,
             random_views=random_flip or not center_crop,
             val_dataset=held_out,
+            streamed=True,
         )
         self.stream: ShardStream | None = None
         self.ledger = StreamLedger(max(1, num_workers))
