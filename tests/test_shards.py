@@ -150,7 +150,8 @@ def test_a_stopped_run_resumes_at_the_sample(shards: tuple[Path, str], uninterru
     state = stopped["ShardsDataModule"]
     assert state["batches_seen"] == 3 and state["num_streams"] == 2 and state["world_size"] == 1
     # stream 0 served batches 0 and 2 (6 samples: its first shard and 2 of its second), stream 1 batch 1 (3 samples)
-    assert state["ranks"][0]["positions"] == {0: [0, 1, 2], 1: [0, 0, 3]}
+    positions = state["ranks"][0]["positions"]
+    assert positions == {0: {"cursor": [0, 1, 2], "pending": []}, 1: {"cursor": [0, 0, 3], "pending": []}}
     resumed = _train(tmp_path, shards[1], "cut", 7)
     assert resumed["global_step"] == uninterrupted["global_step"] == 7
     assert _weights_equal(uninterrupted, resumed)
@@ -256,7 +257,7 @@ def test_two_ranks_read_their_own_shards_and_resume_at_the_sample(shards: tuple[
         ShardStream(shard_urls(shards[1]), ImageTransform(16), 3, 0, rank, 2).shards_of(0, 0) for rank in (0, 1)
     ]
     assert not set(expected[0]) & set(expected[1])
-    assert [rank["positions"] for rank in state["ranks"]] == [{0: [1, 0, 2]}, {0: [1, 0, 2]}]
+    assert [rank["positions"] for rank in state["ranks"]] == [{0: {"cursor": [1, 0, 2], "pending": []}}] * 2
     _train_ddp(tmp_path, shards[1], "cut", 3)
     resumed = _train_ddp(tmp_path, shards[1], "cut", 6)
     assert _weights_equal(whole, resumed)
@@ -324,3 +325,43 @@ def test_a_stopped_hf_stream_resumes_at_the_sample(shards: tuple[Path, str], tmp
     assert sorted(positions) == [0, 1] and positions[0]["epoch"] == 0  # datasets' own state per stream
     resumed = _train_hf(tmp_path, shards[0], "cut", 7)
     assert _weights_equal(whole, resumed)
+
+
+def test_bucketed_shards_batch_one_bucket_and_resume_with_waiting_samples(tmp_path: Path) -> None:
+    folder = tmp_path / "aspects"
+    folder.mkdir()
+    sizes = [(16, 32), (32, 16), (24, 24)]  # (height, width): wide, tall, square
+    with (folder / "metadata.jsonl").open("w") as metadata:
+        for i in range(24):
+            height, width = sizes[i % 3]
+            array = np.full((height, width, 3), 10 * i, dtype=np.uint8)
+            Image.fromarray(array).save(folder / f"{i:03d}.png")
+            metadata.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"image {i}"}) + "\n")
+    shard_main([str(folder), str(tmp_path / "shards"), "--max-count", "4"])
+    urls = shard_urls(f"{tmp_path}/shards/train-{{000000..000005}}.tar")
+    buckets = [(8, 16), (16, 8), (12, 12)]
+
+    def stream() -> ShardStream:
+        return ShardStream(urls, ImageTransform(12), 3, seed=1, buckets=buckets)
+
+    batches = list(itertools.islice(iter(stream()), 12))  # 24 images a epoch, 8 batches: into the second epoch
+    for batch in batches:  # one bucket a batch, each image in the bucket of its own aspect ratio
+        shape = tuple(batch["pixel_values"].shape[-2:])
+        assert shape in buckets
+        assert all(
+            sizes[_index(text) % 3] == {(8, 16): (16, 32), (16, 8): (32, 16), (12, 12): (24, 24)}[shape]
+            for text in batch["text"]
+        )
+    states = [batch[STREAM_STATE]["position"] for batch in batches]
+    waiting = next(k for k, state in enumerate(states[:8]) if state["pending"])  # samples left waiting after batch k
+    resumed = stream()
+    resumed.start = {0: states[waiting]}
+    again = list(itertools.islice(iter(resumed), 12 - waiting - 1))
+    for expected, actual in zip(batches[waiting + 1 :], again, strict=True):
+        assert expected["text"] == actual["text"]
+        assert torch.equal(expected["pixel_values"], actual["pixel_values"])
+    # negative control: resumed from the cursor alone, the waiting samples are lost and the batches differ
+    forgetful = stream()
+    forgetful.start = {0: {"cursor": states[waiting]["cursor"], "pending": []}}
+    lost = list(itertools.islice(iter(forgetful), 12 - waiting - 1))
+    assert [b["text"] for b in lost] != [b["text"] for b in batches[waiting + 1 :]]

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightdiff.config import ConfigError
-from lightdiff.data.buckets import BucketSpec
+from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes
 from lightdiff.data.hf_stream import HFHead, HFStream
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
 from lightdiff.data.latent_cache import cached_latents, cached_text_states
@@ -488,12 +488,15 @@ class ShardsDataModule(ImageDataModule):
         pin_memory: bool = False,  # page-locked batches
         val_urls: str | list[str] | None = None,  # held-out shards for val/loss (their first val_size samples)
         val_size: int = 256,  # held-out samples read from val_urls
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
     ) -> None:
         self.urls = shard_urls(_plain(urls))
+        self.bucket_list: list[Bucket] | None = bucket_sizes(_plain(buckets), resolution) if buckets else None
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
         # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
-        head = ShardHead(self.urls, self.transform, caption_key, reference_size)
+        head = ShardHead(self.urls, self.transform, caption_key, reference_size)  # square crops, for FID and previews
+        head.buckets = self.bucket_list  # what the methods check their nets against (ImageDataModule.buckets)
         held_out = None
         if val_urls is not None:
             plain = ImageTransform(resolution, center_crop=True, random_flip=False)
@@ -527,6 +530,7 @@ class ShardsDataModule(ImageDataModule):
             self.caption_key,
             self.skip_bad,
             self.shard_retries,
+            self.bucket_list,
         )
         self.ledger.resume(self.stream, rank, world_size)
         return streamed_loader(self.stream, self.num_workers, self.pin_memory, self.order_seed)

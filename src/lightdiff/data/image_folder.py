@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def _too_many_pixels(image: Image.Image) -> str | None:
+def too_many_pixels(image: Image.Image) -> str | None:
     """Why an opened (header-only) image is refused as a possible decompression bomb, or None. Pillow itself only
     warns between MAX_IMAGE_PIXELS and twice that, and a warning does not stop the decoding."""
     limit = Image.MAX_IMAGE_PIXELS
@@ -45,7 +45,7 @@ def open_rgb(path: Path) -> Image.Image:
     from the header first, so a decompression bomb is never decoded."""
     try:
         with Image.open(path) as image:
-            reason = _too_many_pixels(image)
+            reason = too_many_pixels(image)
             if reason is None:
                 image.load()
                 return to_rgb(image)
@@ -349,7 +349,7 @@ class HFImageDataset(Dataset):
         try:
             image = row[self.image_column]
             image = image if isinstance(image, Image.Image) else Image.open(image)
-            reason = _too_many_pixels(image)  # `datasets` opens images lazily: nothing is decoded yet
+            reason = too_many_pixels(image)  # `datasets` opens images lazily: nothing is decoded yet
             if reason is not None:
                 raise _refused(f"{index} of {self.name!r}", reason)
             size = self.buckets[self.bucket_of[index]] if self.bucket_of is not None else None

@@ -38,6 +38,8 @@ from torch.utils.data import Dataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from lightdiff.data.buckets import Bucket, nearest_bucket, smaller_than_every_bucket
+from lightdiff.data.image_folder import too_many_pixels
 from lightdiff.data.streams import Stream, collate
 from lightdiff.data.transforms import ImageTransform
 
@@ -90,8 +92,11 @@ def read_shard(url: str, retries: int = 2, retry_delay: float = 1.0) -> list[dic
     raise AssertionError("unreachable")
 
 
-def decode_sample(raw: dict, transform: ImageTransform, caption_key: str | None) -> dict[str, object]:
-    """One training item from a raw sample, as the image data sets give it; BadSample naming shard and key."""
+def decode_sample(
+    raw: dict, transform: ImageTransform, caption_key: str | None, buckets: list[Bucket] | None = None
+) -> dict[str, object]:
+    """One training item from a raw sample, as the image data sets give it, at the nearest of `buckets` in aspect
+    ratio (its index as "bucket"; 0 without buckets); BadSample naming shard and key."""
     where = f"sample {raw.get('__key__')!r} of shard {raw.get('__url__')}"
     extension = next((extension for extension in IMAGE_EXTENSIONS if extension in raw), None)
     if extension is None:
@@ -104,11 +109,21 @@ def decode_sample(raw: dict, transform: ImageTransform, caption_key: str | None)
             text = raw[caption_key].decode("utf-8").strip()
         except UnicodeDecodeError as error:
             raise BadSample(f"{where}: caption {caption_key} is not UTF-8 ({error})") from None
+    bucket = 0
     try:
         with Image.open(io.BytesIO(raw[extension])) as image:
+            reason = too_many_pixels(image)  # from the header: a decompression bomb is never decoded
+            if reason is not None:
+                raise BadSample(f"{where}: refused as a possible decompression bomb: {reason}")
+            if buckets is not None:
+                if smaller_than_every_bucket(image.height, image.width, buckets):
+                    raise BadSample(f"{where} is {image.height}x{image.width}, smaller than every bucket")
+                bucket = nearest_bucket(image.height, image.width, buckets)
             image.load()
-            pixels, size_and_crop = transform(image)
+            pixels, size_and_crop = transform(image, buckets[bucket] if buckets is not None else None)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, BadSample):
+            raise
         raise BadSample(f"{where}: cannot decode its {extension}: {error}") from error
     label = -1
     if "json" in raw:
@@ -116,7 +131,7 @@ def decode_sample(raw: dict, transform: ImageTransform, caption_key: str | None)
             label = int(json.loads(raw["json"]).get("label", -1))
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
             raise BadSample(f"{where}: its json is not a JSON object with an integer label: {error}") from error
-    return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": text}
+    return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": bucket}
 
 
 @dataclass
@@ -151,6 +166,7 @@ class ShardStream(Stream):
         caption_key: str | None = "txt",  # a sample's caption member; None: images only
         skip_bad: bool = True,  # skip and count bad samples and unreadable shards; false: stop at the first
         shard_retries: int = 2,
+        buckets: list[Bucket] | None = None,  # aspect-ratio buckets: every batch one bucket (data/buckets.py)
     ) -> None:
         if len(urls) < world_size * num_streams:
             raise ValueError(
@@ -161,6 +177,7 @@ class ShardStream(Stream):
         super().__init__(batch_size, seed, rank, world_size, num_streams)
         self.urls, self.transform = urls, transform
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
+        self.buckets = buckets
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         """Indices into `urls` of the shards stream `stream` of this rank reads in `epoch`, in order."""
@@ -168,14 +185,20 @@ class ShardStream(Stream):
         streams_in_all = self.world_size * self.num_streams
         return order[self.rank * self.num_streams + stream :: streams_in_all]
 
-    def batches(self, stream: int, start: list[int] | None) -> Iterator[dict[str, object]]:
-        position = StreamPosition(*start) if start is not None else StreamPosition()
-        items: list[dict[str, object]] = []
+    def batches(self, stream: int, start: dict[str, list] | None) -> Iterator[dict[str, object]]:
+        """Batches of `stream` from `start` = {"cursor": [epoch, shard, sample], "pending": [[epoch, shard, sample],
+        ...]}: the next raw sample, and the samples read but not yet served (waiting in their bucket for a batch),
+        in the order they were read. Every batch carries the state after it."""
+        cursor = StreamPosition(*start["cursor"]) if start is not None else StreamPosition()
+        pending: dict[int, list[tuple[dict[str, object], list[int]]]] = {}  # bucket -> (item, where it was read)
+        for where, raw in self._read_again(stream, start["pending"] if start is not None else []):
+            item = self._decode(raw)
+            pending.setdefault(int(item.pop("bucket")), []).append((item, where))
         skipped_samples = skipped_shards = 0  # since the last batch
         while True:
-            shards = self.shards_of(stream, position.epoch)
-            while position.shard < len(shards):
-                url = self.urls[shards[position.shard]]
+            shards = self.shards_of(stream, cursor.epoch)
+            while cursor.shard < len(shards):
+                url = self.urls[shards[cursor.shard]]
                 try:
                     raw = read_shard(url, self.shard_retries)
                 except UnreadableShard:
@@ -183,27 +206,48 @@ class ShardStream(Stream):
                         raise
                     log.exception("skipping shard %s", url)
                     raw, skipped_shards = [], skipped_shards + 1
-                order = sample_order(self.seed, position.epoch, shards[position.shard], len(raw))
-                while position.sample < len(raw):
-                    sample = raw[order[position.sample]]
-                    position.sample += 1
+                order = sample_order(self.seed, cursor.epoch, shards[cursor.shard], len(raw))
+                while cursor.sample < len(raw):
+                    where = [cursor.epoch, cursor.shard, cursor.sample]
+                    cursor.sample += 1
                     try:
-                        items.append(decode_sample(sample, self.transform, self.caption_key))
+                        item = self._decode(raw[order[where[2]]])
                     except BadSample as error:
                         if not self.skip_bad:
                             raise
                         log.warning("skipping %s", error)
                         skipped_samples += 1
                         continue
-                    if len(items) == self.batch_size:
-                        # the position after this batch; a shard served to its end is left for the next one
-                        after = [position.epoch, position.shard, position.sample]
-                        if position.sample == len(raw):
-                            after = [position.epoch, position.shard + 1, 0]
-                        yield collate(items, stream, after, skipped_samples, skipped_shards)
-                        items, skipped_samples, skipped_shards = [], 0, 0
-                position = StreamPosition(position.epoch, position.shard + 1)
-            position = StreamPosition(position.epoch + 1)
+                    waiting = pending.setdefault(int(item.pop("bucket")), [])
+                    waiting.append((item, where))
+                    if len(waiting) == self.batch_size:
+                        batch = [item for item, _ in waiting]
+                        waiting.clear()
+                        # a shard served to its end is left for the next one
+                        after = [cursor.epoch, cursor.shard, cursor.sample]
+                        if cursor.sample == len(raw):
+                            after = [cursor.epoch, cursor.shard + 1, 0]
+                        still = sorted(where for items in pending.values() for _, where in items)
+                        state = {"cursor": after, "pending": still}
+                        yield collate(batch, stream, state, skipped_samples, skipped_shards)
+                        skipped_samples, skipped_shards = 0, 0
+                cursor = StreamPosition(cursor.epoch, cursor.shard + 1)
+            cursor = StreamPosition(cursor.epoch + 1)
+
+    def _decode(self, raw: dict) -> dict[str, object]:
+        return decode_sample(raw, self.transform, self.caption_key, self.buckets)
+
+    def _read_again(self, stream: int, places: list[list[int]]) -> Iterator[tuple[list[int], dict]]:
+        """The raw samples read at `places` ([epoch, shard, sample] of `stream`, in reading order): a resumed stream's
+        samples that were waiting in their buckets; each shard they lie in is read once more."""
+        shards: dict[tuple[int, int], tuple[list[dict], list[int]]] = {}
+        for epoch, shard, sample in places:
+            if (epoch, shard) not in shards:
+                index = self.shards_of(stream, epoch)[shard]
+                raw = read_shard(self.urls[index], self.shard_retries)
+                shards[epoch, shard] = raw, sample_order(self.seed, epoch, index, len(raw))
+            raw, order = shards[epoch, shard]
+            yield [epoch, shard, sample], raw[order[sample]]
 
 
 class ShardHead(Dataset):
@@ -213,6 +257,7 @@ class ShardHead(Dataset):
     def __init__(self, urls: list[str], transform: ImageTransform, caption_key: str | None, size: int) -> None:
         self.urls, self.transform, self.caption_key, self.size = urls, transform, caption_key, size
         self.resolution = transform.resolution
+        self.buckets: list[Bucket] | None = None  # the training stream's buckets, if any (the head is square)
         self._items: list[dict[str, object]] | None = None
 
     def _read(self) -> list[dict[str, object]]:
@@ -221,9 +266,11 @@ class ShardHead(Dataset):
             for url in self.urls:
                 for raw in read_shard(url):
                     try:
-                        items.append(decode_sample(raw, self.transform, self.caption_key))
+                        item = decode_sample(raw, self.transform, self.caption_key)
                     except BadSample:
                         continue
+                    del item["bucket"]
+                    items.append(item)
                     if len(items) == self.size:
                         break
                 if len(items) == self.size:
