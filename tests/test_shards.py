@@ -365,3 +365,50 @@ def test_bucketed_shards_batch_one_bucket_and_resume_with_waiting_samples(tmp_pa
     forgetful.start = {0: {"cursor": states[waiting]["cursor"], "pending": []}}
     lost = list(itertools.islice(iter(forgetful), 12 - waiting - 1))
     assert [b["text"] for b in lost] != [b["text"] for b in batches[waiting + 1 :]]
+
+
+def test_shards_with_latents_train_a_latent_model_without_encoding(shards: tuple[Path, str], tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from .conftest import tiny_vae
+
+    folder = shards[0]
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    shard_main(
+        [str(folder), str(tmp_path / "latents"), "--max-count", "8", "--vae", str(tmp_path / "vae")]
+        + ["--resolution", "16"]
+    )
+    urls = f"{tmp_path}/latents/train-{{000000..000003}}.tar"
+    raw = read_shard(shard_urls(urls)[0])[2]
+    stored = torch.from_numpy(np.load(io.BytesIO(raw["moments.npy"])))
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    pixels = ImageFolderDataset(str(folder), 16, random_flip=False)[2]["pixel_values"]
+    with torch.no_grad():
+        expected = vae.encode(pixels[None]).latent_dist.parameters[0]
+    assert stored.dtype == torch.float16 and torch.allclose(stored.float(), expected, atol=2e-3)
+
+    def train(name: str, vae_dir: Path) -> Path:
+        cfg = compose_config(
+            "train",
+            [f"output_root={tmp_path}", f"run_name={name}", f'data.urls="{urls}"', "trainer.max_steps=2", *SHARD_RUN]
+            + ["model=latent", f"model.vae={vae_dir}", "data.cache_latents=true", "data.num_workers=0"],
+        )
+        run(cfg)
+        return Path(cfg.run_dir)
+
+    served: list[set[str]] = []
+    original = ShardsDataModule.on_before_batch_transfer
+    try:
+        ShardsDataModule.on_before_batch_transfer = lambda self, batch, index: (
+            served.append(set(batch)) or original(self, batch, index)
+        )
+        train("stored", tmp_path / "vae")
+    finally:
+        ShardsDataModule.on_before_batch_transfer = original
+    assert served and all("latent_moments" in keys and "pixel_values" not in keys for keys in served)
+    other = tiny_vae()
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(1)  # another VAE: different weights
+    other.save_pretrained(tmp_path / "other_vae")
+    with pytest.raises(ConfigError, match="stores latents of another VAE or resolution"):
+        train("other", tmp_path / "other_vae")

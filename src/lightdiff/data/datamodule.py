@@ -17,11 +17,11 @@ from lightdiff.config import ConfigError
 from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes
 from lightdiff.data.hf_stream import HFHead, HFStream
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
-from lightdiff.data.latent_cache import cached_latents, cached_text_states
+from lightdiff.data.latent_cache import cached_latents, cached_text_states, vae_fingerprint
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
-from lightdiff.data.shard_stream import ShardHead, ShardStream, shard_urls
+from lightdiff.data.shard_stream import ShardHead, ShardStream, shard_urls, stored_latent_record
 from lightdiff.data.streams import STREAM_STATE, Stream, StreamLedger
 from lightdiff.data.transforms import ImageTransform
 from lightdiff.data.video_folder import VideoFolderDataset
@@ -489,8 +489,12 @@ class ShardsDataModule(ImageDataModule):
         val_urls: str | list[str] | None = None,  # held-out shards for val/loss (their first val_size samples)
         val_size: int = 256,  # held-out samples read from val_urls
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
+        cache_latents: bool = False,  # latent models: train from the latents stored in the shards (shard --vae)
     ) -> None:
+        if cache_latents and buckets:
+            raise ConfigError("data.cache_latents=true with data.buckets: shards store latents of square crops only")
         self.urls = shard_urls(_plain(urls))
+        self.serve_latents = False  # use_latent_cache switches it on once the shards' VAE is the model's
         self.bucket_list: list[Bucket] | None = bucket_sizes(_plain(buckets), resolution) if buckets else None
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
@@ -508,6 +512,7 @@ class ShardsDataModule(ImageDataModule):
             num_workers,
             pin_memory,
             persistent_workers=False,  # the stream is endless: one loader iterator serves the whole run
+            cache_latents=cache_latents,
             identity=identity,
             random_views=random_flip or not center_crop,
             val_dataset=held_out,
@@ -531,9 +536,32 @@ class ShardsDataModule(ImageDataModule):
             self.skip_bad,
             self.shard_retries,
             self.bucket_list,
+            self.serve_latents,
         )
         self.ledger.resume(self.stream, rank, world_size)
         return streamed_loader(self.stream, self.num_workers, self.pin_memory, self.order_seed)
+
+    def use_latent_cache(
+        self,
+        vae: AutoencoderKL,
+        text_encoder_fingerprint: str | None = None,
+        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> None:
+        """Serve the latents the shards store (`python -m lightdiff.data.shard --vae`), once they are checked to be
+        this VAE's at this resolution; the text is encoded each step (text states are not stored in shards)."""
+        record = stored_latent_record(self.urls[0])
+        if record is None:
+            raise ConfigError(
+                f"data.cache_latents=true: shard {self.urls[0]} stores no latents; write the shards with "
+                "python -m lightdiff.data.shard SRC OUT --vae VAE --resolution R, or set data.cache_latents=false"
+            )
+        if record["vae"] != vae_fingerprint(vae) or record["resolution"] != self.resolution:
+            raise ConfigError(
+                f"data.cache_latents=true: shard {self.urls[0]} stores latents of another VAE or resolution "
+                f"(VAE {record['vae']} at {record['resolution']} px; the model's VAE is {vae_fingerprint(vae)}, "
+                f"data.resolution={self.resolution}): write them with the model's VAE, or set data.cache_latents=false"
+            )
+        self.serve_latents = True
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return record_stream_state(self, self.ledger, batch)

@@ -5,9 +5,13 @@
 
 Each sample is `KEY.<image>` (an image folder's file bytes as they are, when jpg / png / webp; anything else, and a
 data set's decoded images, as PNG), `KEY.txt` (its caption, when it has one) and `KEY.json` ({"width", "height"} of
-the original image, its "label" and source "file_name" where known): img2dataset's layout, so shards from either tool
-train alike. Shards are written by webdataset's ShardWriter as OUT/train-000000.tar, ... of at most `--max-count`
-samples each; an image that cannot be decoded stops the writing, naming it, and the shards written so far are removed.
+the original image, its "label" and source "file_name" where known): img2dataset's layout, so shards from either
+tool train alike. With `--vae DIR --resolution R` each sample also holds `KEY.moments.npy`, the posterior moments
+(float16 mean and log-variance) of its centre-cropped R px image under that AutoencoderKL, and its json the VAE's
+fingerprint and the crop record: the latent cache as shards, so `data=shards data.cache_latents=true` trains a latent
+model on a cluster without encoding again (checked against the model's VAE). Shards are written by webdataset's
+ShardWriter as OUT/train-000000.tar, ... of at most `--max-count` samples each; an image that cannot be decoded stops
+the writing, naming it, and the shards written so far are removed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from webdataset import ShardWriter
 
@@ -77,6 +82,41 @@ def hf_samples(
         yield "png", _png(image.convert("RGB")), caption, info
 
 
+def with_latents(
+    samples: Iterator[tuple[str, bytes, str | None, dict]], vae_path: str, resolution: int, batch_size: int = 32
+) -> Iterator[tuple[str, bytes, str | None, dict]]:
+    """`samples`, each with "moments.npy" (q(z | x) of its centre-cropped image under the VAE at `vae_path`) and the
+    VAE's fingerprint, resolution and the crop record in its json (`info["latent"]`), encoded `batch_size` at a time."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from lightdiff.data.latent_cache import vae_fingerprint
+    from lightdiff.data.transforms import ImageTransform
+
+    vae = AutoencoderKL.from_pretrained(vae_path).eval()
+    fingerprint = vae_fingerprint(vae)
+    transform = ImageTransform(resolution, center_crop=True, random_flip=False)
+
+    def encoded(chunk: list[tuple[str, bytes, str | None, dict]]) -> Iterator[tuple[str, bytes, str | None, dict]]:
+        views = [transform(Image.open(io.BytesIO(data))) for _, data, _, _ in chunk]
+        with torch.no_grad():
+            moments = vae.encode(torch.stack([pixels for pixels, _ in views])).latent_dist.parameters.half()
+        for (extension, data, caption, info), (_, record), moment in zip(chunk, views, moments, strict=True):
+            buffer = io.BytesIO()
+            np.save(buffer, moment.numpy())
+            latent = {"vae": fingerprint, "resolution": resolution, "size_and_crop": record.tolist()}
+            yield extension, data, caption, {**info, "latent": latent, "moments.npy": buffer.getvalue()}
+
+    chunk: list[tuple[str, bytes, str | None, dict]] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            yield from encoded(chunk)
+            chunk = []
+    if chunk:
+        yield from encoded(chunk)
+
+
 def write_shards(samples: Iterator[tuple[str, bytes, str | None, dict]], out: Path, max_count: int) -> list[Path]:
     """Write `samples` into OUT/train-%06d.tar shards of at most `max_count` samples; the shard paths."""
     if max_count < 1:
@@ -89,6 +129,9 @@ def write_shards(samples: Iterator[tuple[str, bytes, str | None, dict]], out: Pa
         with ShardWriter(str(out / SHARD_PATTERN), maxcount=max_count, verbose=0) as writer:
             for index, (extension, data, caption, info) in enumerate(samples):
                 sample: dict[str, object] = {"__key__": f"{index:09d}", extension: data}
+                if "moments.npy" in info:  # with_latents' payload travels beside the json record, not in it
+                    info = dict(info)
+                    sample["moments.npy"] = info.pop("moments.npy")
                 sample["json"] = json.dumps(info).encode()
                 if caption is not None:
                     sample["txt"] = caption.encode("utf-8")
@@ -109,7 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-column", default="image", help="hf: the column of images")
     parser.add_argument("--caption-column", default=None, help="hf: the column of captions")
     parser.add_argument("--label-column", default=None, help="hf: the column of integer labels")
+    parser.add_argument("--vae", default=None, help="an AutoencoderKL folder: store each image's latent moments too")
+    parser.add_argument("--resolution", type=int, default=None, help="with --vae: the side the images are encoded at")
     args = parser.parse_args(argv)
+    if (args.vae is None) != (args.resolution is None):
+        raise SystemExit("--vae and --resolution go together: the latents are of images at one resolution")
     if args.source.startswith("hf:"):
         samples = hf_samples(
             args.source.removeprefix("hf:"), args.split, args.image_column, args.caption_column, args.label_column
@@ -119,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         if not root.is_dir():
             raise SystemExit(f"SRC={args.source!r} is neither a folder nor hf:NAME")
         samples = folder_samples(root)
+    if args.vae is not None:
+        samples = with_latents(samples, args.vae, args.resolution)
     shards = write_shards(samples, args.out, args.max_count)
     urls = f"{args.out}/train-{{{0:06d}..{len(shards) - 1:06d}}}.tar"
     print(f"wrote {len(shards)} shard(s) to {args.out}: train with data=shards 'data.urls=\"{urls}\"'")

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import webdataset.gopen
 from PIL import Image, UnidentifiedImageError
@@ -93,11 +94,18 @@ def read_shard(url: str, retries: int = 2, retry_delay: float = 1.0) -> list[dic
 
 
 def decode_sample(
-    raw: dict, transform: ImageTransform, caption_key: str | None, buckets: list[Bucket] | None = None
+    raw: dict,
+    transform: ImageTransform,
+    caption_key: str | None,
+    buckets: list[Bucket] | None = None,
+    latents: bool = False,
 ) -> dict[str, object]:
     """One training item from a raw sample, as the image data sets give it, at the nearest of `buckets` in aspect
-    ratio (its index as "bucket"; 0 without buckets); BadSample naming shard and key."""
+    ratio (its index as "bucket"; 0 without buckets), or with `latents` its stored latent moments (as the latent
+    cache serves them) instead of its pixels; BadSample naming shard and key."""
     where = f"sample {raw.get('__key__')!r} of shard {raw.get('__url__')}"
+    if latents:
+        return _stored_latents(raw, where, caption_key)
     extension = next((extension for extension in IMAGE_EXTENSIONS if extension in raw), None)
     if extension is None:
         raise BadSample(f"{where} has no image ({', '.join(IMAGE_EXTENSIONS)}); it has {sorted(raw)}")
@@ -134,6 +142,31 @@ def decode_sample(
     return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": bucket}
 
 
+def _stored_latents(raw: dict, where: str, caption_key: str | None) -> dict[str, object]:
+    if "moments.npy" not in raw:
+        raise BadSample(f"{where} has no latents (moments.npy): its shard was written without --vae")
+    try:
+        moments = torch.from_numpy(np.load(io.BytesIO(raw["moments.npy"]), allow_pickle=False).astype(np.float32))
+        record = json.loads(raw["json"])
+        size_and_crop = torch.tensor(record["latent"]["size_and_crop"])
+        label = int(record.get("label", -1))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BadSample(f"{where}: unreadable latents or json: {error}") from error
+    text = ""
+    if caption_key is not None:
+        if caption_key not in raw:
+            raise BadSample(f"{where} has no caption ({caption_key})")
+        text = raw[caption_key].decode("utf-8", errors="replace").strip()
+    return {"latent_moments": moments, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": 0}
+
+
+def stored_latent_record(url: str) -> dict | None:
+    """The latent record ({"vae": fingerprint, "resolution", ...}) of the first sample of shard `url`; None if its
+    samples hold no latents."""
+    first = read_shard(url)[0]
+    return json.loads(first["json"]).get("latent") if "json" in first and "moments.npy" in first else None
+
+
 @dataclass
 class StreamPosition:
     """Where a stream stands: the next sample is sample `sample` (in the shard's shuffled order) of the `shard`-th
@@ -167,6 +200,7 @@ class ShardStream(Stream):
         skip_bad: bool = True,  # skip and count bad samples and unreadable shards; false: stop at the first
         shard_retries: int = 2,
         buckets: list[Bucket] | None = None,  # aspect-ratio buckets: every batch one bucket (data/buckets.py)
+        latents: bool = False,  # serve the samples' stored latent moments instead of their pixels
     ) -> None:
         if len(urls) < world_size * num_streams:
             raise ValueError(
@@ -177,7 +211,7 @@ class ShardStream(Stream):
         super().__init__(batch_size, seed, rank, world_size, num_streams)
         self.urls, self.transform = urls, transform
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
-        self.buckets = buckets
+        self.buckets, self.latents = buckets, latents
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         """Indices into `urls` of the shards stream `stream` of this rank reads in `epoch`, in order."""
@@ -235,7 +269,7 @@ class ShardStream(Stream):
             cursor = StreamPosition(cursor.epoch + 1)
 
     def _decode(self, raw: dict) -> dict[str, object]:
-        return decode_sample(raw, self.transform, self.caption_key, self.buckets)
+        return decode_sample(raw, self.transform, self.caption_key, self.buckets, self.latents)
 
     def _read_again(self, stream: int, places: list[list[int]]) -> Iterator[tuple[list[int], dict]]:
         """The raw samples read at `places` ([epoch, shard, sample] of `stream`, in reading order): a resumed stream's

@@ -46,8 +46,9 @@ class Stream(IterableDataset):
 
 def collate(items: list[dict[str, Any]], stream: int, position: Any, skipped_samples: int, skipped_shards: int) -> dict:
     """A batch as the DataLoader's default collation makes it, plus the stream's state after it (STREAM_STATE)."""
+    served = "latent_moments" if "latent_moments" in items[0] else "pixel_values"  # stored latents, or pixels
     return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        served: torch.stack([item[served] for item in items]),
         "size_and_crop": torch.stack([item["size_and_crop"] for item in items]),
         "label": torch.tensor([item["label"] for item in items]),
         "text": [item["text"] for item in items],

@@ -402,7 +402,7 @@ def check_video_fits(net: Denoiser, vae: Autoencoder | None, data: ImageDataModu
         return
     if vae is None:
         raise ConfigError(f"model.vae: a {type(net).__name__} denoises video latents; give a VAE")
-    if is_video_vae(vae) and not isinstance(net, CogVideoXTransformer3DModel):
+    if isinstance(net, CogVideoXTransformer3DModel) != is_video_vae(vae):
         wanted = (
             "a frame-wise VAE (AutoencoderKL, AutoencoderKLTemporalDecoder)"
             if is_video_vae(vae)
