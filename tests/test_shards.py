@@ -4,14 +4,17 @@ negative control); bad samples and unreadable shards are skipped and counted, or
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +126,7 @@ SHARD_RUN = [
     "callbacks.samples.num_images=4",
     "callbacks.samples.final_num_images=4",
     "callbacks.checkpoint.every_n_train_steps=1",
+    "trainer.log_every_n_steps=1",
 ]
 
 
@@ -412,3 +416,92 @@ def test_shards_with_latents_train_a_latent_model_without_encoding(shards: tuple
     other.save_pretrained(tmp_path / "other_vae")
     with pytest.raises(ConfigError, match="stores latents of another VAE or resolution"):
         train("other", tmp_path / "other_vae")
+
+
+def test_shards_are_read_over_http_as_from_disk(shards: tuple[Path, str]) -> None:
+    """https:// and http:// shards go through webdataset's own opener (curl): the same samples as from the disk."""
+    import http.server
+    import threading
+    from functools import partial
+
+    shard_folder = Path(shard_urls(shards[1])[0]).parent
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = f"http://127.0.0.1:{server.server_address[1]}/train-{{000000..000007}}.tar"
+        transform = ImageTransform(16)
+        over_http = ShardHead(shard_urls(remote), transform, "txt", COUNT)
+        local = ShardHead(shard_urls(shards[1]), transform, "txt", COUNT)
+        assert len(over_http) == COUNT
+        assert all(torch.equal(over_http[i]["pixel_values"], local[i]["pixel_values"]) for i in range(COUNT))
+        with pytest.raises(OSError, match="cannot read shard http://127.0.0.1:.*/missing.tar"):
+            read_shard(remote.replace("train-{000000..000007}", "missing"), retries=0)
+    finally:
+        server.shutdown()
+
+
+KILLABLE = """
+import sys, time
+import pytorch_lightning as pl
+import torch
+torch.set_num_threads(2)  # as the tests' own process (conftest): float sums depend on the thread count
+sys.path.insert(0, {repo!r})
+from tests.conftest import compose_config
+from lightdiff import train
+
+class Slow(pl.Callback):
+    def on_train_batch_end(self, *args):
+        time.sleep(0.5)
+
+original_build = train.build
+def build(node, **kwargs):
+    made = original_build(node, **kwargs)
+    if isinstance(made, pl.Trainer):
+        made.callbacks.append(Slow())
+    return made
+train.build = build
+train.run(compose_config("train", {overrides!r}))
+"""
+
+
+@pytest.mark.slow  # a training subprocess killed with SIGKILL
+def test_sigkill_then_resume_continues_at_the_sample(
+    shards: tuple[Path, str], uninterrupted: dict, tmp_path: Path
+) -> None:
+    overrides = [f"output_root={tmp_path}", "run_name=killed", f'data.urls="{shards[1]}"', "trainer.max_steps=7"]
+    code = KILLABLE.format(repo=str(REPO), overrides=[*overrides, *SHARD_RUN])
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (checkpoints / "step0000003.ckpt").exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the child run did not reach step 3"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    killed_at = load_checkpoint_file(checkpoints / "last.ckpt")
+    assert killed_at["global_step"] < 7, "killed too late to prove anything"
+    resumed = _train(tmp_path, shards[1], "killed", 7)
+    # The same samples at every step: the same stream positions at the end and the same loss at every step. (Not
+    # compared bit for bit: the killed child process may sum floats in another order than this one, 1e-7 apart.)
+    assert resumed["ShardsDataModule"] == uninterrupted["ShardsDataModule"]
+    whole_losses = _losses(next(tmp_path.parent.glob("whole*/whole")))
+    resumed_losses = _losses(tmp_path / "killed")
+    after_the_kill = range(killed_at["global_step"] + 1, 7)  # (the child's last steps may not have reached its CSV)
+    assert set(after_the_kill) <= set(resumed_losses) and sorted(whole_losses) == list(range(7))
+    assert all(loss == pytest.approx(whole_losses[step], rel=1e-5) for step, loss in resumed_losses.items())
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss over every CSV version of a run (a resumed session writes a new one)."""
+    losses = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with path.open() as handle:
+            losses.update(
+                {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")}
+            )
+    return losses
