@@ -21,6 +21,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -32,15 +33,25 @@ KEPT_AS_IS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # 
 SHARD_PATTERN = "train-%06d.tar"
 
 
+class SourceSample(NamedTuple):
+    """One sample on its way into a shard."""
+
+    extension: str  # of the image member: jpg | png | webp
+    image: bytes  # the encoded image
+    caption: str | None
+    record: dict[str, object]  # KEY.json: original width and height, label, where it came from, stored latents
+    members: dict[str, bytes] = {}  # further members by extension (moments.npy), never mutated
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def folder_samples(root: Path) -> Iterator[tuple[str, bytes, str | None, dict]]:
-    """(image extension, image bytes, caption or None, json record) of every image of an image folder, in the order
-    `data=image_folder` indexes them (metadata.jsonl's, else sorted paths)."""
+def folder_samples(root: Path) -> Iterator[SourceSample]:
+    """Every image of an image folder, in the order `data=image_folder` indexes them (metadata.jsonl's, else sorted
+    paths)."""
     paths = image_paths(root)
     metadata = read_metadata(root)
     names = sorted(metadata) if metadata else [path.relative_to(root).as_posix() for path in paths]
@@ -58,12 +69,12 @@ def folder_samples(root: Path) -> Iterator[tuple[str, bytes, str | None, dict]]:
         extension = KEPT_AS_IS.get(path.suffix.lower())
         data = path.read_bytes() if extension is not None else _png(image)
         caption = str(record["text"]) if record.get("text") else None
-        yield extension or "png", data, caption, info
+        yield SourceSample(extension or "png", data, caption, info)
 
 
 def hf_samples(
     name: str, split: str, image_column: str, caption_column: str | None, label_column: str | None
-) -> Iterator[tuple[str, bytes, str | None, dict]]:
+) -> Iterator[SourceSample]:
     """The same from a `datasets.load_dataset` data set (hub id or local folder), images stored as PNG."""
     import datasets
 
@@ -79,12 +90,12 @@ def hf_samples(
         if label_column is not None:
             info["label"] = int(row[label_column])
         caption = str(row[caption_column]) if caption_column is not None and row[caption_column] else None
-        yield "png", _png(image.convert("RGB")), caption, info
+        yield SourceSample("png", _png(image.convert("RGB")), caption, info)
 
 
 def with_latents(
-    samples: Iterator[tuple[str, bytes, str | None, dict]], vae_path: str, resolution: int, batch_size: int = 32
-) -> Iterator[tuple[str, bytes, str | None, dict]]:
+    samples: Iterator[SourceSample], vae_path: str, resolution: int, batch_size: int = 32
+) -> Iterator[SourceSample]:
     """`samples`, each with "moments.npy" (q(z | x) of its centre-cropped image under the VAE at `vae_path`) and the
     VAE's fingerprint, resolution and the crop record in its json (`info["latent"]`), encoded `batch_size` at a time."""
     import torch
@@ -97,17 +108,19 @@ def with_latents(
     fingerprint = vae_fingerprint(vae)
     transform = ImageTransform(resolution, center_crop=True, random_flip=False)
 
-    def encoded(chunk: list[tuple[str, bytes, str | None, dict]]) -> Iterator[tuple[str, bytes, str | None, dict]]:
-        views = [transform(Image.open(io.BytesIO(data))) for _, data, _, _ in chunk]
+    def encoded(chunk: list[SourceSample]) -> Iterator[SourceSample]:
+        views = [transform(Image.open(io.BytesIO(sample.image))) for sample in chunk]
         with torch.no_grad():
             moments = vae.encode(torch.stack([pixels for pixels, _ in views])).latent_dist.parameters.half()
-        for (extension, data, caption, info), (_, record), moment in zip(chunk, views, moments, strict=True):
+        for sample, (_, crop), moment in zip(chunk, views, moments, strict=True):
             buffer = io.BytesIO()
             np.save(buffer, moment.numpy())
-            latent = {"vae": fingerprint, "resolution": resolution, "size_and_crop": record.tolist()}
-            yield extension, data, caption, {**info, "latent": latent, "moments.npy": buffer.getvalue()}
+            latent = {"vae": fingerprint, "resolution": resolution, "size_and_crop": crop.tolist()}
+            yield sample._replace(
+                record={**sample.record, "latent": latent}, members={**sample.members, "moments.npy": buffer.getvalue()}
+            )
 
-    chunk: list[tuple[str, bytes, str | None, dict]] = []
+    chunk: list[SourceSample] = []
     for sample in samples:
         chunk.append(sample)
         if len(chunk) == batch_size:
@@ -117,7 +130,7 @@ def with_latents(
         yield from encoded(chunk)
 
 
-def write_shards(samples: Iterator[tuple[str, bytes, str | None, dict]], out: Path, max_count: int) -> list[Path]:
+def write_shards(samples: Iterator[SourceSample], out: Path, max_count: int) -> list[Path]:
     """Write `samples` into OUT/train-%06d.tar shards of at most `max_count` samples; the shard paths."""
     if max_count < 1:
         raise ValueError(f"--max-count={max_count} must be positive")
@@ -127,15 +140,12 @@ def write_shards(samples: Iterator[tuple[str, bytes, str | None, dict]], out: Pa
         raise FileExistsError(f"{out} already holds shards ({existing[0].name}, ...): write into an empty folder")
     try:
         with ShardWriter(str(out / SHARD_PATTERN), maxcount=max_count, verbose=0) as writer:
-            for index, (extension, data, caption, info) in enumerate(samples):
-                sample: dict[str, object] = {"__key__": f"{index:09d}", extension: data}
-                if "moments.npy" in info:  # with_latents' payload travels beside the json record, not in it
-                    info = dict(info)
-                    sample["moments.npy"] = info.pop("moments.npy")
-                sample["json"] = json.dumps(info).encode()
-                if caption is not None:
-                    sample["txt"] = caption.encode("utf-8")
-                writer.write(sample)
+            for index, sample in enumerate(samples):
+                members: dict[str, object] = {"__key__": f"{index:09d}", sample.extension: sample.image}
+                members["json"] = json.dumps(sample.record).encode()
+                if sample.caption is not None:
+                    members["txt"] = sample.caption.encode("utf-8")
+                writer.write({**members, **sample.members})
     except BaseException:
         for shard in out.glob("train-*.tar"):  # a partial set of shards would train on part of the data unnoticed
             shard.unlink()

@@ -7,14 +7,13 @@ opened and parsed by the `webdataset` library (`url_opener`, `tar_file_expander`
 it knows works: local paths, `https://` (curl), `pipe:COMMAND`, `gs://`; `s3://` is read through `aws s3 cp` as
 webdataset's documentation does it (`S3_COMMAND`).
 
-The order (why it is resumable at the sample). Each rank's loader has `num_streams` = max(1, data.num_workers)
-streams, one per worker. In epoch e the shard list is permuted by randperm(seed + e); stream s of rank r of R takes
-shards [r * S + s :: R * S] of that order (S streams per rank), reads each whole into memory (the raw bytes, as a
-webdataset shuffle buffer holds them) and serves its samples in the order randperm(hash of (seed, e, shard)), decoding
-each and filling batches of `batch_size`. So a stream's position is three integers, (epoch, shard, sample), and a
-resumed run re-reads one shard per stream, not the epoch. The DataLoader asks its workers for batches in turn, so the
-k-th batch of a rank is the next batch of stream k mod S; every batch carries its stream's position after it, which
-the DataModule records (on_before_batch_transfer) and saves in the checkpoint with those of every rank.
+The order (why it is resumable at the sample). Each rank's loader has S = max(1, data.num_workers) streams, one per
+worker (data/streams.py: how batches, workers and checkpoints meet). In epoch e the shard list is permuted by
+randperm(seed + e); stream s of rank r of R takes shards [r * S + s :: R * S] of that order, reads each whole into
+memory (the raw bytes, as a webdataset shuffle buffer holds them) and serves its samples in a permutation seeded by
+(seed, e, shard), decoding each and filling batches. So a stream's position is its read cursor (epoch, shard,
+sample) and, with aspect-ratio buckets, the places of the samples read but still waiting for their bucket's batch: a
+resumed stream re-reads one shard (plus those of its waiting samples), not the epoch.
 
 Bad data: a sample whose image cannot be decoded, or that has no image or no caption, is skipped and counted; a
 shard that cannot be read is retried `shard_retries` times and then skipped and counted. The count and the shard
@@ -109,14 +108,7 @@ def decode_sample(
     extension = next((extension for extension in IMAGE_EXTENSIONS if extension in raw), None)
     if extension is None:
         raise BadSample(f"{where} has no image ({', '.join(IMAGE_EXTENSIONS)}); it has {sorted(raw)}")
-    text = ""
-    if caption_key is not None:
-        if caption_key not in raw:
-            raise BadSample(f"{where} has no caption ({caption_key})")
-        try:
-            text = raw[caption_key].decode("utf-8").strip()
-        except UnicodeDecodeError as error:
-            raise BadSample(f"{where}: caption {caption_key} is not UTF-8 ({error})") from None
+    text = _caption(raw, where, caption_key)
     bucket = 0
     try:
         with Image.open(io.BytesIO(raw[extension])) as image:
@@ -142,6 +134,17 @@ def decode_sample(
     return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": bucket}
 
 
+def _caption(raw: dict, where: str, caption_key: str | None) -> str:
+    if caption_key is None:
+        return ""
+    if caption_key not in raw:
+        raise BadSample(f"{where} has no caption ({caption_key})")
+    try:
+        return raw[caption_key].decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise BadSample(f"{where}: caption {caption_key} is not UTF-8 ({error})") from None
+
+
 def _stored_latents(raw: dict, where: str, caption_key: str | None) -> dict[str, object]:
     if "moments.npy" not in raw:
         raise BadSample(f"{where} has no latents (moments.npy): its shard was written without --vae")
@@ -152,11 +155,7 @@ def _stored_latents(raw: dict, where: str, caption_key: str | None) -> dict[str,
         label = int(record.get("label", -1))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BadSample(f"{where}: unreadable latents or json: {error}") from error
-    text = ""
-    if caption_key is not None:
-        if caption_key not in raw:
-            raise BadSample(f"{where} has no caption ({caption_key})")
-        text = raw[caption_key].decode("utf-8", errors="replace").strip()
+    text = _caption(raw, where, caption_key)
     return {"latent_moments": moments, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": 0}
 
 
