@@ -90,7 +90,7 @@ class _Reconstructor(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def preview(self, seeds, sampler, steps) -> Preview:
+    def preview(self, seeds, sampler, steps, prompts=None) -> Preview:
         self.seeds_drawn += list(seeds)
         images = torch.stack([self.dataset[s]["pixel_values"] for s in seeds]) / 2 + 0.5
         noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])

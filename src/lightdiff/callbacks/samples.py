@@ -46,7 +46,7 @@ def method_previews(
     try:
         with weights:
             return [
-                pl_module.preview(seeds[start : start + batch_size], sampler, steps, prompts)
+                pl_module.preview(seeds[start : start + batch_size], sampler, steps, prompts=prompts)
                 for start in range(0, len(seeds), batch_size)
             ]
     finally:
