@@ -4,6 +4,7 @@ write into them: copy a checkpoint before changing it)."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,45 @@ TINY_SDXL_MODEL = [
     "net.addition_time_embed_dim=4",
     "net.projection_class_embeddings_input_dim=40",
 ]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss over every CSV version of a run (a resumed session writes a new version)."""
+    losses: dict[int, float] = {}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+# An interruptible run: the real train.py in a child process (`KILLABLE.format(repo=..., overrides=[...])`), slowed
+# by a callback that sleeps after every batch so the parent can kill it part-way (the sleep touches no random state).
+# Its torch threads are this process's (`_fast_and_offline`): float sums depend on the thread count.
+KILLABLE = """
+import sys, time
+import pytorch_lightning as pl
+import torch
+torch.set_num_threads(2)
+sys.path.insert(0, {repo!r})
+from tests.conftest import compose_config
+from lightdiff import train
+
+class Slow(pl.Callback):
+    def on_train_batch_end(self, *args):
+        time.sleep(0.4)
+
+cfg = compose_config("train", {overrides!r})
+original_build = train.build
+def build(node, **kwargs):
+    made = original_build(node, **kwargs)
+    if isinstance(made, pl.Trainer):
+        made.callbacks.append(Slow())
+    return made
+train.build = build
+train.run(cfg)
+"""
 
 
 def _trained_checkpoint(root: Path, name: str, *overrides: str) -> Path:

@@ -4,7 +4,6 @@ the comparison catches a missing RNG restore and a missing data-loader restore."
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
 import signal
@@ -22,7 +21,7 @@ from lightdiff.data.sampler import ResumableSampler
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
 
-from .conftest import REPO, TINY, compose_config
+from .conftest import KILLABLE, REPO, TINY, compose_config, losses_by_step
 
 # 4 batches per epoch, so 12 steps cross two epoch boundaries; a sample grid every 2 steps, so a kill can land in
 # the middle of sampling; a checkpoint every step.
@@ -33,42 +32,6 @@ OVERRIDES = [
     "callbacks.samples.every_n_steps=2",
     "callbacks.checkpoint.every_n_train_steps=1",
 ]
-
-# The interrupted run: the real train.py in a child process, slowed down by a callback that sleeps after every batch
-# so the parent can kill it part-way (the sleep touches no random state).
-KILLABLE = """
-import sys, time
-import pytorch_lightning as pl
-from omegaconf import open_dict
-sys.path.insert(0, {repo!r})
-from tests.conftest import compose_config
-from lightdiff import train
-
-class Slow(pl.Callback):
-    def on_train_batch_end(self, *args):
-        time.sleep(0.4)
-
-cfg = compose_config("train", {overrides!r})
-original_build = train.build
-def build(node, **kwargs):
-    made = original_build(node, **kwargs)
-    if isinstance(made, pl.Trainer):
-        made.callbacks.append(Slow())
-    return made
-train.build = build
-train.run(cfg)
-"""
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss over every CSV version of the run (a resumed session writes a new version)."""
-    losses: dict[int, float] = {}
-    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        with path.open() as handle:
-            for row in csv.DictReader(handle):
-                if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    return losses
 
 
 def _assert_same_state(expected: dict, actual: dict) -> None:
@@ -122,7 +85,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[
     torch.set_num_threads(2)
     run(cfg)
     run_dir = root / "whole"
-    return load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt"), _losses(run_dir)
+    return load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt"), losses_by_step(run_dir)
 
 
 @pytest.mark.slow  # subprocesses: run by .ci/run with -m slow
@@ -132,7 +95,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_train_config, tmp_path: Path,
     run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :]))
     actual = load_checkpoint_file(tmp_path / "cut" / "checkpoints" / "last.ckpt")
     _assert_same_state(expected, actual)
-    losses = _losses(tmp_path / "cut")
+    losses = losses_by_step(tmp_path / "cut")
     resumed_steps = [step for step in losses if step >= killed_at]
     assert resumed_steps, "the resumed session logged no loss"
     for step, loss in losses.items():

@@ -4,7 +4,6 @@ negative control); bad samples and unreadable shards are skipped and counted, or
 
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import json
@@ -33,7 +32,7 @@ from lightdiff.data.transforms import ImageTransform
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
 
-from .conftest import REPO, compose_config
+from .conftest import KILLABLE, REPO, compose_config, losses_by_step
 
 COUNT, PER_SHARD = 32, 4  # 8 shards
 
@@ -441,30 +440,6 @@ def test_shards_are_read_over_http_as_from_disk(shards: tuple[Path, str]) -> Non
         server.shutdown()
 
 
-KILLABLE = """
-import sys, time
-import pytorch_lightning as pl
-import torch
-torch.set_num_threads(2)  # as the tests' own process (conftest): float sums depend on the thread count
-sys.path.insert(0, {repo!r})
-from tests.conftest import compose_config
-from lightdiff import train
-
-class Slow(pl.Callback):
-    def on_train_batch_end(self, *args):
-        time.sleep(0.5)
-
-original_build = train.build
-def build(node, **kwargs):
-    made = original_build(node, **kwargs)
-    if isinstance(made, pl.Trainer):
-        made.callbacks.append(Slow())
-    return made
-train.build = build
-train.run(compose_config("train", {overrides!r}))
-"""
-
-
 @pytest.mark.slow  # a training subprocess killed with SIGKILL
 def test_sigkill_then_resume_continues_at_the_sample(
     shards: tuple[Path, str], uninterrupted: dict, tmp_path: Path
@@ -489,19 +464,8 @@ def test_sigkill_then_resume_continues_at_the_sample(
     # The same samples at every step: the same stream positions at the end and the same loss at every step. (Not
     # compared bit for bit: the killed child process may sum floats in another order than this one, 1e-7 apart.)
     assert resumed["ShardsDataModule"] == uninterrupted["ShardsDataModule"]
-    whole_losses = _losses(next(tmp_path.parent.glob("whole*/whole")))
-    resumed_losses = _losses(tmp_path / "killed")
+    whole_losses = losses_by_step(next(tmp_path.parent.glob("whole*/whole")))
+    resumed_losses = losses_by_step(tmp_path / "killed")
     after_the_kill = range(killed_at["global_step"] + 1, 7)  # (the child's last steps may not have reached its CSV)
     assert set(after_the_kill) <= set(resumed_losses) and sorted(whole_losses) == list(range(7))
     assert all(loss == pytest.approx(whole_losses[step], rel=1e-5) for step, loss in resumed_losses.items())
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss over every CSV version of a run (a resumed session writes a new one)."""
-    losses = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with path.open() as handle:
-            losses.update(
-                {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")}
-            )
-    return losses

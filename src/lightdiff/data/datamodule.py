@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -27,6 +27,8 @@ from lightdiff.data.transforms import ImageTransform
 from lightdiff.data.video_folder import VideoFolderDataset
 
 log = logging.getLogger(__name__)
+
+StreamT = TypeVar("StreamT", bound=Stream)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -434,32 +436,29 @@ class HFDataModule(ImageDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.ledger is None:
             return super().train_dataloader()
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        self.stream = HFStream(
-            self.source,
-            self.transform,
-            self.batch_size,
-            self.order_seed,
-            rank,
-            world_size,
-            self.ledger.num_streams,
-            *self.columns,
-            self.shuffle_buffer,
-            self.skip_bad,
-        )
-        self.ledger.resume(self.stream, rank, world_size)
-        return streamed_loader(self.stream, self.num_workers, self.pin_memory, self.order_seed)
+
+        def stream(rank: int, world_size: int) -> HFStream:
+            return HFStream(
+                self.source,
+                self.transform,
+                self.batch_size,
+                self.order_seed,
+                rank,
+                world_size,
+                self.ledger.num_streams,
+                *self.columns,
+                self.shuffle_buffer,
+                self.skip_bad,
+            )
+
+        self.stream, loader = start_stream(self, self.ledger, stream)
+        return loader
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return batch if self.ledger is None else record_stream_state(self, self.ledger, batch)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.ledger is None:
-            return super().state_dict()
-        if self.trainer is None or self.stream is None:
-            return {}
-        return self.ledger.state_dict(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        return super().state_dict() if self.ledger is None else stream_state(self, self.ledger, self.stream)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.ledger is None:
@@ -500,6 +499,8 @@ class ShardsDataModule(ImageDataModule):
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
         # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
         head = ShardHead(self.urls, self.transform, caption_key, reference_size)  # square crops, for FID and previews
+        if len(head) == 0:  # reads the first shards now, so an unreadable one stops the run before it writes anything
+            raise ValueError(f"no usable sample in the shards of data.urls={urls!r} (each skipped: see the log)")
         head.buckets = self.bucket_list  # what the methods check their nets against (ImageDataModule.buckets)
         held_out = None
         if val_urls is not None:
@@ -522,24 +523,24 @@ class ShardsDataModule(ImageDataModule):
         self.ledger = StreamLedger(max(1, num_workers))
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        self.stream = ShardStream(
-            self.urls,
-            self.transform,
-            self.batch_size,
-            self.order_seed,
-            rank,
-            world_size,
-            self.ledger.num_streams,
-            self.caption_key,
-            self.skip_bad,
-            self.shard_retries,
-            self.bucket_list,
-            self.serve_latents,
-        )
-        self.ledger.resume(self.stream, rank, world_size)
-        return streamed_loader(self.stream, self.num_workers, self.pin_memory, self.order_seed)
+        def stream(rank: int, world_size: int) -> ShardStream:
+            return ShardStream(
+                self.urls,
+                self.transform,
+                self.batch_size,
+                self.order_seed,
+                rank,
+                world_size,
+                self.ledger.num_streams,
+                self.caption_key,
+                self.skip_bad,
+                self.shard_retries,
+                self.bucket_list,
+                self.serve_latents,
+            )
+
+        self.stream, loader = start_stream(self, self.ledger, stream)
+        return loader
 
     def use_latent_cache(
         self,
@@ -567,22 +568,35 @@ class ShardsDataModule(ImageDataModule):
         return record_stream_state(self, self.ledger, batch)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.trainer is None or self.stream is None:
-            return {}
-        return self.ledger.state_dict(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        return stream_state(self, self.ledger, self.stream)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state_dict)
 
 
-def streamed_loader(stream: Stream, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
-    return DataLoader(
+def start_stream(
+    datamodule: ImageDataModule, ledger: StreamLedger, make: Callable[[int, int], StreamT]
+) -> tuple[StreamT, DataLoader]:
+    """This rank's stream (`make(rank, world_size)`), started where a loaded checkpoint left off, and its loader."""
+    trainer = datamodule.trainer
+    rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+    stream = make(rank, world_size)
+    ledger.resume(stream, rank, world_size)
+    loader = DataLoader(
         stream,
         batch_size=None,  # the workers make the batches (each from its own stream)
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
+        num_workers=datamodule.num_workers,
+        pin_memory=datamodule.pin_memory,
+        generator=torch.Generator().manual_seed(datamodule.order_seed),
     )
+    return stream, loader
+
+
+def stream_state(datamodule: ImageDataModule, ledger: StreamLedger, stream: Stream | None) -> dict[str, Any]:
+    """What a streamed data module saves in a checkpoint: every rank's stream positions (nothing before training)."""
+    if datamodule.trainer is None or stream is None:
+        return {}
+    return ledger.state_dict(datamodule.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
 
 def record_stream_state(datamodule: ImageDataModule, ledger: StreamLedger, batch: Any) -> Any:
