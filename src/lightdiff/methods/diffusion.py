@@ -267,8 +267,9 @@ class DiffusionTraining(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """`val/loss`: the training loss on a held-out batch (data.val_*), averaged over VALIDATION_LEVELS fixed noise
         levels (the quantiles (k + 1/2) / K of training's own noise-level distribution, so levels weigh as in
-        training), with noise drawn from a generator seeded by the batch index: the same numbers for the same
-        weights, so the curve shows the model and not the draw. The run's random streams are left untouched."""
+        training), its noise (and latent draw) seeded by VALIDATION_SEED + the batch index in a forked random state:
+        the same numbers for the same weights, so the curve shows the model and not the draw, and the run's own
+        random streams are left untouched (training is bit-identical with or without validation)."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(VALIDATION_SEED + batch_idx)
             if self.vae is None:
