@@ -440,3 +440,31 @@ def test_lcm_of_an_sdxl_teacher_exports_as_lcm_sdxl(sdxl_ckpt: Path, tmp_path: P
     assert isinstance(pipeline.scheduler, LCMScheduler) and pipeline.unet.config.time_cond_proj_dim
     ours = _two_samples(checkpoint, tmp_path / "ours", "steps=2", "guidance_scale=3")
     assert np.abs(_diffusers_two(pipeline, 2, 3.0) - ours).max() <= 1
+
+
+def test_shards_store_the_packed_states_of_an_sdxl_pipelines_encoders(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
+    """`python -m lightdiff.data.shard --text-encoder` picks the family of the pipeline's denoiser (an SDXL UNet: both
+    encoders, the pooled vector packed as one more row) from its config alone, as training's text cache stores it."""
+    import io
+
+    from lightdiff.data.shard import main as shard_main
+    from lightdiff.data.shard_stream import read_shard
+    from lightdiff.nets.pretrained import load_denoiser as pipeline_denoiser
+    from lightdiff.nets.pretrained import pretrained_text_conditioning
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with (folder / "metadata.jsonl").open("w") as metadata:
+        for index, caption in enumerate([*CAPTIONS, None]):
+            Image.new("RGB", (16, 16), (60 * index, 0, 0)).save(folder / f"{index}.png")
+            metadata.write(json.dumps({"file_name": f"{index}.png", **({"text": caption} if caption else {})}) + "\n")
+    shard_main([str(folder), str(tmp_path / "shards"), "--text-encoder", str(sdxl_pipeline_dir)])
+    samples = read_shard(str(tmp_path / "shards" / "train-000000.tar"))
+    family = pretrained_text_conditioning(str(sdxl_pipeline_dir), pipeline_denoiser(str(sdxl_pipeline_dir)), False)
+    with torch.no_grad():
+        expected = family.encode(CAPTIONS)
+    stored = torch.stack([torch.from_numpy(np.load(io.BytesIO(raw["text.npy"]))) for raw in samples[:4]])
+    assert stored.dtype == torch.float16 and stored.shape == expected.shape
+    torch.testing.assert_close(stored.float(), expected, atol=5e-3, rtol=1e-2)
+    assert json.loads(samples[0]["json"])["text_states"]["encoder"] == family.cache_fingerprint()
+    assert "text.npy" not in samples[4] and "txt" not in samples[4]  # no caption: nothing to encode

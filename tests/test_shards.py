@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -469,3 +470,95 @@ def test_sigkill_then_resume_continues_at_the_sample(
     after_the_kill = range(killed_at["global_step"] + 1, 7)  # (the child's last steps may not have reached its CSV)
     assert set(after_the_kill) <= set(resumed_losses) and sorted(whole_losses) == list(range(7))
     assert all(loss == pytest.approx(whole_losses[step], rel=1e-5) for step, loss in resumed_losses.items())
+
+
+def _sd_pipeline(folder: Path, captions: list[str]) -> Path:
+    """A tiny Stable Diffusion pipeline folder (CLIP text encoder of width 16)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
+
+    from .conftest import tiny_cond_unet, tiny_vae
+
+    tokenizer = build_caption_tokenizer(captions, vocab_size=300, model_max_length=8)
+    StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+        tokenizer=tokenizer,
+        unet=tiny_cond_unet(16),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_shards_with_text_states_train_without_encoding_a_caption(shards: tuple[Path, str], tmp_path: Path) -> None:
+    """`--text-encoder PIPELINE` stores each caption's states under the pipeline's frozen encoder; a run with that
+    pipeline and data.cache_latents=true trains from them, encoding no caption (negative control: shards without
+    them encode every caption); shards of another encoder are refused."""
+    from transformers import CLIPTextModel
+
+    from lightdiff.methods.diffusion import DiffusionTraining
+    from lightdiff.nets.pretrained import load_denoiser, pretrained_text_conditioning
+
+    folder = shards[0]
+    captions = [f"image {i}" for i in range(COUNT)]
+    pipeline = _sd_pipeline(tmp_path / "pipeline", captions)
+    written = {}
+    for name, text in (("with_text", ["--text-encoder", str(pipeline)]), ("latents_only", [])):
+        shard_main(
+            [str(folder), str(tmp_path / name), "--max-count", "8", "--vae", str(pipeline / "vae"), "--resolution"]
+            + ["16", *text]
+        )
+        written[name] = f"{tmp_path}/{name}/train-{{000000..000003}}.tar"
+    family = pretrained_text_conditioning(str(pipeline), load_denoiser(str(pipeline)), trainable=False)
+    for raw in read_shard(shard_urls(written["with_text"])[1]):
+        stored = torch.from_numpy(np.load(io.BytesIO(raw["text.npy"])))
+        with torch.no_grad():
+            expected = family.encode([raw["txt"].decode()])[0]
+        assert stored.dtype == torch.float16 and stored.shape == expected.shape == (8, 16)
+        torch.testing.assert_close(stored.float(), expected, atol=5e-3, rtol=1e-2)
+        assert json.loads(raw["json"])["text_states"] == {"encoder": family.cache_fingerprint(), "caption": "txt"}
+
+    def train(name: str, urls: str, model: Path) -> list[int]:
+        """The batch sizes the text encoder was called with inside training steps."""
+        calls: list[int] = []
+        in_step = [False]
+        encoder_forward, training_step = CLIPTextModel.forward, DiffusionTraining.training_step
+
+        def counted_forward(self, input_ids=None, *args, **kwargs):
+            if in_step[0]:
+                calls.append(len(input_ids))
+            return encoder_forward(self, input_ids, *args, **kwargs)
+
+        def step(self, batch, index):
+            in_step[0] = True
+            try:
+                return training_step(self, batch, index)
+            finally:
+                in_step[0] = False
+
+        cfg = compose_config(
+            "train",
+            [f"output_root={tmp_path}", f"run_name={name}", f'data.urls="{urls}"', "trainer.max_steps=2", *SHARD_RUN]
+            + ["model=latent", f"model.pretrained={model}", "model.vae=null", "model.load_pretrained_unet=true"]
+            + ["data.cache_latents=true", "data.num_workers=0", "model.cond_drop_prob=0.0"],
+        )
+        try:
+            CLIPTextModel.forward, DiffusionTraining.training_step = counted_forward, step
+            run(cfg)
+        finally:
+            CLIPTextModel.forward, DiffusionTraining.training_step = encoder_forward, training_step
+        return calls
+
+    assert set(train("stored", written["with_text"], pipeline)) == {1}  # only the empty prompt (dropped captions')
+    assert 3 in train("encoded", written["latents_only"], pipeline)  # negative control: every batch's captions
+    other = shutil.copytree(pipeline, tmp_path / "other")  # the same VAE (the latents stay valid), another encoder
+    encoder = CLIPTextModel.from_pretrained(other / "text_encoder")
+    with torch.no_grad():
+        encoder.final_layer_norm.bias.add_(0.1)
+    encoder.save_pretrained(other / "text_encoder")
+    with pytest.raises(ConfigError, match="stores text states of another text encoder"):
+        train("other", written["with_text"], other)

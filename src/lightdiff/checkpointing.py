@@ -264,9 +264,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+# Config keys that say where and by which library version a network was loaded, not what it is: the same VAE read
+# from a pipeline folder and from its vae/ folder, or on another machine, must have one fingerprint (shards written
+# on one machine are trained on by another).
+LOCATION_KEYS = frozenset(
+    {"_name_or_path", "name_or_path", "_commit_hash", "_diffusers_version", "transformers_version"}
+)
+
+
 def module_fingerprint(config: dict[str, Any], module: torch.nn.Module) -> str:
-    """Hash of a network's config and weights."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    """Hash of a network's config (less where it was loaded from) and weights."""
+    identity = {key: value for key, value in config.items() if key not in LOCATION_KEYS}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -21,7 +21,7 @@ from lightdiff.data.latent_cache import cached_latents, cached_text_states, vae_
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.shapes import ShapesDataset
-from lightdiff.data.shard_stream import ShardHead, ShardStream, shard_urls, stored_latent_record
+from lightdiff.data.shard_stream import ShardHead, ShardStream, shard_urls, stored_records
 from lightdiff.data.streams import STREAM_STATE, Stream, StreamLedger
 from lightdiff.data.transforms import ImageTransform
 from lightdiff.data.video_folder import VideoFolderDataset
@@ -494,6 +494,7 @@ class ShardsDataModule(ImageDataModule):
             raise ConfigError("data.cache_latents=true with data.buckets: shards store latents of square crops only")
         self.urls = shard_urls(_plain(urls))
         self.serve_latents = False  # use_latent_cache switches it on once the shards' VAE is the model's
+        self.serve_text_states = False  # and this once their text encoder is the model's (frozen) one
         self.bucket_list: list[Bucket] | None = bucket_sizes(_plain(buckets), resolution) if buckets else None
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
@@ -537,6 +538,7 @@ class ShardsDataModule(ImageDataModule):
                 self.shard_retries,
                 self.bucket_list,
                 self.serve_latents,
+                self.serve_text_states,
             )
 
         self.stream, loader = start_stream(self, self.ledger, stream)
@@ -549,8 +551,9 @@ class ShardsDataModule(ImageDataModule):
         encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> None:
         """Serve the latents the shards store (`python -m lightdiff.data.shard --vae`), once they are checked to be
-        this VAE's at this resolution; the text is encoded each step (text states are not stored in shards)."""
-        record = stored_latent_record(self.urls[0])
+        this VAE's at this resolution, and their text states (`--text-encoder`) where the model's text encoder is frozen
+        and is theirs; shards without text states leave the captions to be encoded each step."""
+        record, text_record = stored_records(self.urls[0])
         if record is None:
             raise ConfigError(
                 f"data.cache_latents=true: shard {self.urls[0]} stores no latents; write the shards with "
@@ -563,6 +566,20 @@ class ShardsDataModule(ImageDataModule):
                 f"data.resolution={self.resolution}): write them with the model's VAE, or set data.cache_latents=false"
             )
         self.serve_latents = True
+        if text_encoder_fingerprint is None:  # no text, or an encoder that trains: its states change every step
+            return
+        if text_record is None:
+            log.info("shards store no text states (shard --text-encoder): captions are encoded every step")
+            return
+        if text_record["encoder"] != text_encoder_fingerprint or text_record["caption"] != self.caption_key:
+            # refused rather than ignored: a cluster run meant to encode nothing would quietly encode every caption
+            raise ConfigError(
+                f"data.cache_latents=true: shard {self.urls[0]} stores text states of another text encoder or caption "
+                f"(encoder {text_record['encoder']}, caption {text_record['caption']!r}; the model's encoder is "
+                f"{text_encoder_fingerprint}, data.caption_key={self.caption_key!r}): write the shards with "
+                "--text-encoder set to the run's model.pretrained, or without --text-encoder"
+            )
+        self.serve_text_states = True
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return record_stream_state(self, self.ledger, batch)

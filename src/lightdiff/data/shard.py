@@ -9,7 +9,13 @@ the original image, its "label" and source "file_name" where known): img2dataset
 tool train alike. With `--vae DIR --resolution R` each sample also holds `KEY.moments.npy`, the posterior moments
 (float16 mean and log-variance) of its centre-cropped R px image under that AutoencoderKL, and its json the VAE's
 fingerprint and the crop record: the latent cache as shards, so `data=shards data.cache_latents=true` trains a latent
-model on a cluster without encoding again (checked against the model's VAE). Shards are written by webdataset's
+model on a cluster without encoding again (checked against the model's VAE). With `--text-encoder PIPELINE` each
+captioned sample also holds `KEY.text.npy`, the float16 states its caption gets from that pipeline's frozen text
+encoder(s), as the family of the pipeline's denoiser encodes it (what the map-style text cache stores: SDXL's two
+encoders with the pooled vector, FLUX's and SD3's packed states), and its json the encoders' fingerprint: a run with
+`model.pretrained=PIPELINE data.cache_latents=true` then encodes no caption either (checked against its encoders).
+Mind the size: CLIP-L's 77 x 768 states are 118 kB a sample in float16, a T5's 512 x 4096 are 4 MB. Shards are
+written by webdataset's
 ShardWriter as OUT/train-000000.tar, ... of at most `--max-count` samples each; an image that cannot be decoded stops
 the writing, naming it, and the shards written so far are removed.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,7 +46,7 @@ class SourceSample(NamedTuple):
     image: bytes  # the encoded image
     caption: str | None
     record: dict[str, object]  # KEY.json: original width and height, label, where it came from, stored latents
-    members: dict[str, bytes] = {}  # further members by extension (moments.npy), never mutated
+    members: dict[str, bytes] = {}  # further members by extension (moments.npy, text.npy), never mutated
 
 
 def _png(image: Image.Image) -> bytes:
@@ -93,6 +99,26 @@ def hf_samples(
         yield SourceSample("png", _png(image.convert("RGB")), caption, info)
 
 
+def _in_chunks(
+    samples: Iterator[SourceSample], batch_size: int, encode: Callable[[list[SourceSample]], Iterator[SourceSample]]
+) -> Iterator[SourceSample]:
+    """`encode` applied to `samples` `batch_size` at a time (a network encodes a batch in about the time of one)."""
+    chunk: list[SourceSample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            yield from encode(chunk)
+            chunk = []
+    if chunk:
+        yield from encode(chunk)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def with_latents(
     samples: Iterator[SourceSample], vae_path: str, resolution: int, batch_size: int = 32
 ) -> Iterator[SourceSample]:
@@ -113,21 +139,44 @@ def with_latents(
         with torch.no_grad():
             moments = vae.encode(torch.stack([pixels for pixels, _ in views])).latent_dist.parameters.half()
         for sample, (_, crop), moment in zip(chunk, views, moments, strict=True):
-            buffer = io.BytesIO()
-            np.save(buffer, moment.numpy())
             latent = {"vae": fingerprint, "resolution": resolution, "size_and_crop": crop.tolist()}
+            members = {**sample.members, "moments.npy": _npy(moment.numpy())}
+            yield sample._replace(record={**sample.record, "latent": latent}, members=members)
+
+    return _in_chunks(samples, batch_size, encoded)
+
+
+def with_text_states(
+    samples: Iterator[SourceSample], pipeline: str, max_sequence_length: int | None, batch_size: int = 32
+) -> Iterator[SourceSample]:
+    """`samples`, each captioned one with "text.npy" (its caption's states under the frozen text encoder(s) of the
+    pipeline at `pipeline`, as the text family of that pipeline's denoiser encodes them) and the encoders' fingerprint
+    in its json (`info["text_states"]`); uncaptioned samples as they are."""
+    import torch
+
+    # The writer is an entry point: it may build a network family, which the data readers never do.
+    from lightdiff.nets.pretrained import denoiser_skeleton, pretrained_text_conditioning
+
+    key = "--text-encoder"
+    family = pretrained_text_conditioning(
+        pipeline, denoiser_skeleton(pipeline, key), False, key, max_sequence_length
+    ).eval()
+    record = {"encoder": family.cache_fingerprint(), "caption": "txt"}  # the states are of the txt member's caption
+
+    def encoded(chunk: list[SourceSample]) -> Iterator[SourceSample]:
+        captioned = [sample.caption.strip() for sample in chunk if sample.caption is not None]
+        with torch.no_grad():
+            states = iter(family.encode(captioned).half().numpy()) if captioned else iter(())
+        for sample in chunk:
+            if sample.caption is None:
+                yield sample
+                continue
             yield sample._replace(
-                record={**sample.record, "latent": latent}, members={**sample.members, "moments.npy": buffer.getvalue()}
+                record={**sample.record, "text_states": record},
+                members={**sample.members, "text.npy": _npy(next(states))},
             )
 
-    chunk: list[SourceSample] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) == batch_size:
-            yield from encoded(chunk)
-            chunk = []
-    if chunk:
-        yield from encoded(chunk)
+    return _in_chunks(samples, batch_size, encoded)
 
 
 def write_shards(samples: Iterator[SourceSample], out: Path, max_count: int) -> list[Path]:
@@ -164,9 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-column", default=None, help="hf: the column of integer labels")
     parser.add_argument("--vae", default=None, help="an AutoencoderKL folder: store each image's latent moments too")
     parser.add_argument("--resolution", type=int, default=None, help="with --vae: the side the images are encoded at")
+    parser.add_argument(
+        "--text-encoder", default=None, help="a pipeline folder or hub id: store its frozen encoders' caption states"
+    )
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None, help="with --text-encoder: T5 tokens (the run's model.*)"
+    )
     args = parser.parse_args(argv)
     if (args.vae is None) != (args.resolution is None):
         raise SystemExit("--vae and --resolution go together: the latents are of images at one resolution")
+    if args.max_sequence_length is not None and args.text_encoder is None:
+        raise SystemExit("--max-sequence-length is the text encoder's: give --text-encoder PIPELINE too")
     if args.source.startswith("hf:"):
         samples = hf_samples(
             args.source.removeprefix("hf:"), args.split, args.image_column, args.caption_column, args.label_column
@@ -178,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         samples = folder_samples(root)
     if args.vae is not None:
         samples = with_latents(samples, args.vae, args.resolution)
+    if args.text_encoder is not None:
+        samples = with_text_states(samples, args.text_encoder, args.max_sequence_length)
     shards = write_shards(samples, args.out, args.max_count)
     urls = f"{args.out}/train-{{{0:06d}..{len(shards) - 1:06d}}}.tar"
     print(f"wrote {len(shards)} shard(s) to {args.out}: train with data=shards 'data.urls=\"{urls}\"'")

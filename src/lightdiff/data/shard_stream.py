@@ -98,13 +98,15 @@ def decode_sample(
     caption_key: str | None,
     buckets: list[Bucket] | None = None,
     latents: bool = False,
+    text_states: bool = False,
 ) -> dict[str, object]:
     """One training item from a raw sample, as the image data sets give it, at the nearest of `buckets` in aspect
     ratio (its index as "bucket"; 0 without buckets), or with `latents` its stored latent moments (as the latent
-    cache serves them) instead of its pixels; BadSample naming shard and key."""
+    cache serves them) instead of its pixels, and with `text_states` its caption's stored text states too;
+    BadSample naming shard and key."""
     where = f"sample {raw.get('__key__')!r} of shard {raw.get('__url__')}"
     if latents:
-        return _stored_latents(raw, where, caption_key)
+        return _stored_latents(raw, where, caption_key, text_states)
     extension = next((extension for extension in IMAGE_EXTENSIONS if extension in raw), None)
     if extension is None:
         raise BadSample(f"{where} has no image ({', '.join(IMAGE_EXTENSIONS)}); it has {sorted(raw)}")
@@ -145,25 +147,35 @@ def _caption(raw: dict, where: str, caption_key: str | None) -> str:
         raise BadSample(f"{where}: caption {caption_key} is not UTF-8 ({error})") from None
 
 
-def _stored_latents(raw: dict, where: str, caption_key: str | None) -> dict[str, object]:
+def _stored_latents(raw: dict, where: str, caption_key: str | None, text_states: bool) -> dict[str, object]:
     if "moments.npy" not in raw:
         raise BadSample(f"{where} has no latents (moments.npy): its shard was written without --vae")
+    if text_states and "text.npy" not in raw:
+        raise BadSample(f"{where} has no text states (text.npy): written without a caption or --text-encoder")
     try:
         moments = torch.from_numpy(np.load(io.BytesIO(raw["moments.npy"]), allow_pickle=False).astype(np.float32))
         record = json.loads(raw["json"])
         size_and_crop = torch.tensor(record["latent"]["size_and_crop"])
         label = int(record.get("label", -1))
+        states = np.load(io.BytesIO(raw["text.npy"]), allow_pickle=False) if text_states else None
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise BadSample(f"{where}: unreadable latents or json: {error}") from error
+        raise BadSample(f"{where}: unreadable latents, text states or json: {error}") from error
     text = _caption(raw, where, caption_key)
-    return {"latent_moments": moments, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": 0}
+    item = {"latent_moments": moments, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": 0}
+    if states is not None:
+        item["text_states"] = torch.from_numpy(states.astype(np.float32))
+    return item
 
 
-def stored_latent_record(url: str) -> dict | None:
-    """The latent record ({"vae": fingerprint, "resolution", ...}) of the first sample of shard `url`; None if its
-    samples hold no latents."""
+def stored_records(url: str) -> tuple[dict | None, dict | None]:
+    """What the first sample of shard `url` stores besides its image: its latent record ({"vae": fingerprint,
+    "resolution", ...}; None without latents) and its text-states record ({"encoder": fingerprint, "caption": its
+    member}; None without text states)."""
     first = read_shard(url)[0]
-    return json.loads(first["json"]).get("latent") if "json" in first and "moments.npy" in first else None
+    record = json.loads(first["json"]) if "json" in first else {}
+    latent = record.get("latent") if "moments.npy" in first else None
+    text = record.get("text_states") if "text.npy" in first else None
+    return latent, text
 
 
 @dataclass
@@ -200,6 +212,7 @@ class ShardStream(Stream):
         shard_retries: int = 2,
         buckets: list[Bucket] | None = None,  # aspect-ratio buckets: every batch one bucket (data/buckets.py)
         latents: bool = False,  # serve the samples' stored latent moments instead of their pixels
+        text_states: bool = False,  # with `latents`: serve the captions' stored text states too
     ) -> None:
         if len(urls) < world_size * num_streams:
             raise ValueError(
@@ -210,7 +223,7 @@ class ShardStream(Stream):
         super().__init__(batch_size, seed, rank, world_size, num_streams)
         self.urls, self.transform = urls, transform
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
-        self.buckets, self.latents = buckets, latents
+        self.buckets, self.latents, self.text_states = buckets, latents, text_states
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         """Indices into `urls` of the shards stream `stream` of this rank reads in `epoch`, in order."""
@@ -268,7 +281,7 @@ class ShardStream(Stream):
             cursor = StreamPosition(cursor.epoch + 1)
 
     def _decode(self, raw: dict) -> dict[str, object]:
-        return decode_sample(raw, self.transform, self.caption_key, self.buckets, self.latents)
+        return decode_sample(raw, self.transform, self.caption_key, self.buckets, self.latents, self.text_states)
 
     def _read_again(self, stream: int, places: list[list[int]]) -> Iterator[tuple[list[int], dict]]:
         """The raw samples read at `places` ([epoch, shard, sample] of `stream`, in reading order): a resumed stream's

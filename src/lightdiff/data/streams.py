@@ -47,8 +47,9 @@ class Stream(IterableDataset):
 def collate(items: list[dict[str, Any]], stream: int, position: Any, skipped_samples: int, skipped_shards: int) -> dict:
     """A batch as the DataLoader's default collation makes it, plus the stream's state after it (STREAM_STATE)."""
     served = "latent_moments" if "latent_moments" in items[0] else "pixel_values"  # stored latents, or pixels
+    stacked = [served, "text_states"] if "text_states" in items[0] else [served]  # with them, the captions' states
     return {
-        served: torch.stack([item[served] for item in items]),
+        **{key: torch.stack([item[key] for item in items]) for key in stacked},
         "size_and_crop": torch.stack([item["size_and_crop"] for item in items]),
         "label": torch.tensor([item["label"] for item in items]),
         "text": [item["text"] for item in items],

@@ -102,6 +102,23 @@ def load_denoiser(pretrained: str) -> Denoiser:
     return load_component(DENOISER_CLASSES[class_name], pretrained, part)
 
 
+def denoiser_skeleton(pretrained: str, key: str = "model.pretrained") -> Denoiser:
+    """The pipeline's denoiser built from its config alone, on the meta device (no weights read): what decides its
+    text family, for tools that need the family and not the network (the shard writer's `--text-encoder`)."""
+    parts = pipeline_parts(pretrained, key)
+    part = "unet" if "unet" in parts else "transformer"
+    class_name = (parts.get(part) or [None, None])[1]
+    if class_name not in DENOISER_CLASSES:
+        raise ConfigError(f"{key}={pretrained!r}: its {part} is {class_name!r}, not one of {sorted(DENOISER_CLASSES)}")
+    cls = DENOISER_CLASSES[class_name]
+    try:
+        config = cls.load_config(pretrained, subfolder=part)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}={pretrained!r} has no usable {part}/config.json: {error}") from error
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
 # Parts of a pipeline that training never uses, whatever the family: the sampler is lightdiff's own (`sampler=`), and
 # the safety checker and its feature extractor only filter a pipeline's outputs.
 # FLUX's image encoder and its processor are for IP-adapters only (listed as null in FLUX.1's pipelines).
