@@ -441,6 +441,34 @@ def test_shards_are_read_over_http_as_from_disk(shards: tuple[Path, str]) -> Non
         server.shutdown()
 
 
+def test_s3_shards_are_streamed_through_the_aws_command_line(
+    shards: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3:// shards are piped from `aws s3 cp URL -`, as webdataset's documentation reads them. Offline, a stand-in
+    `aws` on PATH serves s3://bucket/KEY from a folder and logs its arguments: the same samples as from the disk, and
+    the command line a real AWS CLI gets. (A real bucket is untested here: no network.)"""
+    shard_folder = Path(shard_urls(shards[1])[0]).parent
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "aws"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        '[ "$1 $2 $4" = "s3 cp -" ] || exit 2\n'
+        f'exec cat "{shard_folder}/${{3#s3://bucket/}}"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    transform = ImageTransform(16)
+    from_s3 = ShardHead(shard_urls("s3://bucket/train-{000000..000007}.tar"), transform, "txt", COUNT)
+    local = ShardHead(shard_urls(shards[1]), transform, "txt", COUNT)
+    assert [item["text"] for item in from_s3] == [item["text"] for item in local]
+    assert all(torch.equal(from_s3[i]["pixel_values"], local[i]["pixel_values"]) for i in range(COUNT))
+    assert calls.read_text().splitlines()[0] == "s3 cp s3://bucket/train-000000.tar -"
+    with pytest.raises(OSError, match="cannot read shard s3://bucket/missing.tar"):
+        read_shard("s3://bucket/missing.tar", retries=0)
+
+
 @pytest.mark.slow  # a training subprocess killed with SIGKILL
 def test_sigkill_then_resume_continues_at_the_sample(
     shards: tuple[Path, str], uninterrupted: dict, tmp_path: Path

@@ -488,7 +488,7 @@ class ShardsDataModule(ImageDataModule):
         val_urls: str | list[str] | None = None,  # held-out shards for val/loss (their first val_size samples)
         val_size: int = 256,  # held-out samples read from val_urls
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
-        cache_latents: bool = False,  # latent models: train from the latents stored in the shards (shard --vae)
+        cache_latents: bool = False,  # latent models: the shards' stored latents (shard --vae) and text states
     ) -> None:
         if cache_latents and buckets:
             raise ConfigError("data.cache_latents=true with data.buckets: shards store latents of square crops only")

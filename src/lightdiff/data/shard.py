@@ -1,6 +1,6 @@
 """Write WebDataset tar shards (`data=shards`) from an image folder or a Hugging Face data set:
 
-    python -m lightdiff.data.shard SRC OUT [--max-count 10000]
+    python -m lightdiff.data.shard SRC OUT [--max-count 10000] [--vae VAE --resolution R] [--text-encoder PIPELINE]
     python -m lightdiff.data.shard hf:NAME_OR_FOLDER OUT --caption-column text [--split train]
 
 Each sample is `KEY.<image>` (an image folder's file bytes as they are, when jpg / png / webp; anything else, and a

@@ -22,17 +22,16 @@ and key of each go to train.log (`data.skip_bad=false` stops at the first instea
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset.gopen
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from webdataset.shardlists import expand_urls
@@ -53,11 +52,13 @@ S3_COMMAND = "pipe:aws s3 cp {url} -"
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **options: object) -> object:
     if mode != "rb":
         raise ValueError(f"{url}: shards on s3 are read-only here (mode {mode!r})")
-    return webdataset.gopen.gopen(S3_COMMAND.format(url=url), mode, bufsize)
+    return GOPEN.gopen(S3_COMMAND.format(url=url), mode, bufsize)
 
 
-# webdataset.gopen the function shadows the module of the same name; its dispatch table is in the module
-sys.modules["webdataset.gopen"].gopen_schemes.setdefault("s3", _open_s3)
+# webdataset.gopen the function shadows the module of the same name (`webdataset.gopen.gopen` is an AttributeError):
+# import_module returns the module, with its dispatch table
+GOPEN = importlib.import_module("webdataset.gopen")
+GOPEN.gopen_schemes.setdefault("s3", _open_s3)
 
 
 def shard_urls(urls: str | list[str]) -> list[str]:
