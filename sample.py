@@ -1,5 +1,8 @@
 """Sample images from a trained model, or export it to diffusers: see README.md."""
 
+import re
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -12,4 +15,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # `demo=true` is the switch of the `demo` settings node (demo.port, ...), which Hydra cannot set with a bool
+    sys.argv = [re.sub(r"^demo=(true|false)$", r"demo.enabled=\1", argument) for argument in sys.argv]
     main()

@@ -226,24 +226,22 @@ def _check_output_folder(cfg: DictConfig) -> Path:
     return target
 
 
-def run(cfg: DictConfig) -> Path:
-    check_config(cfg)
-    _check_values(cfg)
-    target = _check_output_folder(cfg)
+def load_for_sampling(cfg: DictConfig) -> TrainedDenoiser | torch.nn.Module:
+    """`ckpt` (a lightdiff checkpoint or a pipeline folder) with `lora` applied at `lora_scale`; an autoencoder-stage
+    checkpoint comes back as its autoencoder."""
     trained = load_trained(cfg.ckpt, use_ema=cfg.use_ema)  # the file is read once, whatever it holds
     if not isinstance(trained, TrainedDenoiser):  # an autoencoder-stage checkpoint
         if cfg.lora or cfg.lora_scale != 1.0 or cfg.export_fused:
             raise ConfigError(
                 f"lora / lora_scale / export_fused: ckpt={cfg.ckpt!r} is an autoencoder, which takes no adapters"
             )
-        if not cfg.export:
-            raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
-        with folder_written_atomically(target) as staging:
-            trained.save_pretrained(staging, safe_serialization=True)
-        log.info("exported the autoencoder of %s to %s (diffusers %s)", cfg.ckpt, target, type(trained).__name__)
-        return target
-    denoiser = trained
-    _apply_lora(cfg, denoiser)
+        return trained
+    _apply_lora(cfg, trained)
+    return trained
+
+
+def scheduler_for(cfg: DictConfig, denoiser: TrainedDenoiser) -> tuple[object, DictConfig]:
+    """(the scheduler `cfg.sampler` makes for this model, the sampler config it was made from)."""
     # sampler=auto (the default) holds one sampler per objective (conf/sampler/auto.yaml): take the model's, with
     # what its objective needs of it (a zero-terminal-SNR model: trailing timesteps)
     sampler_cfg = cfg.sampler
@@ -258,7 +256,161 @@ def run(cfg: DictConfig) -> Path:
     if denoiser.vae is not None:
         scheduler = for_latents(scheduler)
     scheduler = reconfigured(scheduler, denoiser.scheduler_overrides or {})  # e.g. a turbo student's timesteps
+    return scheduler, sampler_cfg
+
+
+class Drawing:
+    """What sample.py draws with a loaded model for one set of settings (`cfg`: prompt, seed, steps, guidance, sampler,
+    size, ...): images start .. start + count - 1, each from seed + its index, and each one's metadata.jsonl record.
+    The demo page (lightdiff.demo) draws through it too, so its pixels are sample.py's."""
+
+    def __init__(self, cfg: DictConfig, denoiser: TrainedDenoiser, device: torch.device, count: int) -> None:
+        self.cfg, self.denoiser, self.device = cfg, denoiser, device
+        self.scheduler, sampler_cfg = scheduler_for(cfg, denoiser)
+        self.net = denoiser.net.to(device)
+        self.conditioning = denoiser.conditioning.to(device)
+        self.prompts = _prompts(cfg, denoiser, count)
+        self.size = _image_size(cfg, denoiser)
+        self.frames = _num_frames(cfg, denoiser)
+        self.first_frame = _first_frame(cfg, denoiser, self.size)
+        # SDXL: the size and crop ids as StableDiffusionXLPipeline takes them
+        self.sized = SIZE_AND_CROP in self.conditioning.reads
+        if not self.sized and (cfg.original_size is not None or list(cfg.crop_top_left) != [0, 0]):
+            raise ConfigError(
+                "original_size / crop_top_left given, but the model takes no size conditioning (SDXL does)"
+            )
+        # A family that reads labels has a class count (ClassLabels.num_classes); others take none.
+        classes = getattr(self.conditioning, "num_classes", None) if "label" in self.conditioning.reads else None
+        self.labels = _labels(cfg, classes, count)
+        # guidance is for text models and image-to-video ones (the conditioning frame against none)
+        guided = self.prompts is not None or self.first_frame is not None
+        self.guidance_scale = cfg.guidance_scale if guided else 1.0
+        # a network that takes the scale as its input (a consistency model, a guidance-embedding FLUX): one call a step
+        self.embedded_guidance = getattr(self.conditioning, "guidance_scale", None) is not None
+        if denoiser.vae is not None:
+            denoiser.vae.to(device)
+        # what ran, as the scheduler was built: the class the objective picked (an SNR-shifted schedule's CogVideoX
+        # DDIM), and the configured keys' values after the model's changes (a latent model's unclipped x0)
+        self.sampler_settings: dict[str, object] = {
+            "sampler": type(self.scheduler).__name__,
+            "steps": cfg.steps,
+            "eta": cfg.eta,
+            **{
+                key: self.scheduler.config.get(key, value)
+                for key, value in OmegaConf.to_container(sampler_cfg).items()
+                if not key.startswith("_")
+            },
+        }
+
+    @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still keeps version counters): a few % on CPU
+    def draw(self, start: int, count: int) -> torch.Tensor:
+        """Images start .. start + count - 1 in [0, 1], each from its own seed, with the net as it is now."""
+        cfg = self.cfg
+        guidance_scale = self.guidance_scale
+        if self.embedded_guidance:  # set at each draw: another Drawing of the same model may have set it otherwise
+            self.conditioning.guidance_scale, guidance_scale = guidance_scale, 1.0
+        seeds = list(range(cfg.seed + start, cfg.seed + start + count))
+        inputs = {
+            "label": self.labels[start : start + count] if self.labels is not None else None,
+            "text": self.prompts[start : start + count] if self.prompts is not None else None,
+        }
+        if self.first_frame is not None:
+            inputs["image"] = self.first_frame.expand(count, -1, -1, -1).to(self.device)
+        if self.sized:
+            original = list(cfg.original_size) if cfg.original_size is not None else None
+            inputs[SIZE_AND_CROP] = size_and_crop(*self.size, count, original, list(cfg.crop_top_left))
+        return generate(
+            self.net,
+            self.scheduler,
+            cfg.steps,
+            seeds,
+            self.conditioning,
+            inputs,
+            guidance_scale,
+            cfg.negative_prompt,
+            cfg.eta,
+            self.denoiser.vae,
+            self.size,
+            self.frames,
+        )
+
+    def record(self, index: int, file_name: str) -> dict[str, object]:
+        """Image `index`'s line of metadata.jsonl: how to draw it again."""
+        cfg, denoiser = self.cfg, self.denoiser
+        record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **self.sampler_settings}
+        if self.frames is not None:
+            record["num_frames"], record["fps"] = self.frames, cfg.fps
+        if self.first_frame is not None:  # the guidance rises over the frames to guidance_scale (SVD)
+            record["image"], record["guidance_scale"] = str(cfg.image), cfg.guidance_scale
+        if cfg.lora or has_adapters(self.net):
+            record["lora"] = cfg.lora or denoiser.source
+            record["lora_scale"] = cfg.lora_scale
+        record["height"], record["width"] = self.size
+        if self.sized:
+            record["original_size"] = list(cfg.original_size or self.size)
+            record["crop_top_left"] = list(cfg.crop_top_left)
+        if self.prompts is not None:
+            record["text"] = self.prompts[index]
+            record["guidance_scale"] = cfg.guidance_scale
+            record["negative_prompt"] = cfg.negative_prompt
+        if self.labels is not None:
+            label = int(self.labels[index])
+            record["label"] = label
+            if denoiser.class_names:
+                record["text"] = denoiser.class_names[label]
+        return record
+
+
+def apply_speed(speed: SamplingSpeed, drawing: Drawing, count: int) -> None:
+    """Turn the speed path's switches on for the drawing's model; with `speed.check`, its first images (of `count`)
+    are drawn the plain way (fp32, eager) first and FastPathMismatch stops sampling if the switches moved them too
+    far."""
+    if speed.is_plain:
+        return
+    check_count = min(speed.check_images, count)
+    plain_images = drawing.draw(0, check_count) if speed.check else None  # before the switches: fp32, eager
+    speed.apply(drawing.net)
+    drawing.conditioning.to(dtype=drawing.net.dtype)  # the whole pipeline in one dtype, as diffusers' pipelines are
+    if drawing.denoiser.vae is not None:
+        drawing.denoiser.vae.to(dtype=drawing.net.dtype)
+    drawing.sampler_settings["speed"] = dataclasses.asdict(speed)
+    if plain_images is None:
+        return
+    difference = fast_path_difference(plain_images, drawing.draw(0, check_count))
+    if difference > speed.allowed_difference:
+        raise FastPathMismatch(
+            f"the speed path ({speed}) moves the first {check_count} images by up to {difference:.4f} "
+            f"(mean |difference| in [0, 1]) from the plain fp32 path, more than speed.tolerance="
+            f"{speed.allowed_difference}; turn the switch that causes it off, or raise speed.tolerance"
+        )
+    log.info(
+        "speed path checked on %d images: mean |difference| from fp32 eager <= %.2e (tolerance %.0e)",
+        check_count,
+        difference,
+        speed.allowed_difference,
+    )
+
+
+def run(cfg: DictConfig) -> Path:
+    check_config(cfg)
+    _check_values(cfg)
+    if cfg.get("demo") and cfg.demo.get("enabled"):  # the live page (lightdiff/demo.py), imported only when asked for
+        from lightdiff.demo import serve
+
+        serve(cfg)
+        return Path(cfg.ckpt)
+    target = _check_output_folder(cfg)
+    trained = load_for_sampling(cfg)
+    if not isinstance(trained, TrainedDenoiser):
+        if not cfg.export:
+            raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
+        with folder_written_atomically(target) as staging:
+            trained.save_pretrained(staging, safe_serialization=True)
+        log.info("exported the autoencoder of %s to %s (diffusers %s)", cfg.ckpt, target, type(trained).__name__)
+        return target
+    denoiser = trained
     if cfg.export:
+        scheduler, _ = scheduler_for(cfg, denoiser)
         with folder_written_atomically(target) as staging:
             export_pipeline(denoiser, scheduler, staging, fuse_lora=cfg.export_fused)
         log.info("exported %s to %s (layouts: lightdiff/export.py)", denoiser.source, target)
@@ -266,90 +418,9 @@ def run(cfg: DictConfig) -> Path:
 
     reference = reference_data(cfg) if cfg.get("metrics") else None  # before sampling: a bad choice fails at once
     speed: SamplingSpeed = build(cfg.speed)
-    device = _device(cfg.device)
-    net = denoiser.net.to(device)
-    conditioning = denoiser.conditioning.to(device)
-    prompts = _prompts(cfg, denoiser, cfg.num_images)
-    size = _image_size(cfg, denoiser)
-    frames = _num_frames(cfg, denoiser)
-    first_frame = _first_frame(cfg, denoiser, size)
-    sized = SIZE_AND_CROP in conditioning.reads  # SDXL: the size and crop ids as StableDiffusionXLPipeline takes them
-    if not sized and (cfg.original_size is not None or list(cfg.crop_top_left) != [0, 0]):
-        raise ConfigError("original_size / crop_top_left given, but the model takes no size conditioning (SDXL does)")
-    # A family that reads labels has a class count (ClassLabels.num_classes); others take none.
-    classes = getattr(conditioning, "num_classes", None) if "label" in conditioning.reads else None
-    labels = _labels(cfg, classes, cfg.num_images)
-    # guidance is for text models and image-to-video ones (the conditioning frame against none)
-    guidance_scale = cfg.guidance_scale if prompts is not None or first_frame is not None else 1.0
-    if getattr(conditioning, "guidance_scale", None) is not None:
-        # the scale is the network's input (a consistency model, a guidance-embedding FLUX), one call per step
-        conditioning.guidance_scale, guidance_scale = guidance_scale, 1.0
-    if denoiser.vae is not None:
-        denoiser.vae.to(device)
-
-    @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still keeps version counters): a few % on CPU
-    def draw(start: int, count: int) -> torch.Tensor:
-        """Images start .. start + count - 1 in [0, 1], each from its own seed, with the net as it is now."""
-        seeds = list(range(cfg.seed + start, cfg.seed + start + count))
-        inputs = {
-            "label": labels[start : start + count] if labels is not None else None,
-            "text": prompts[start : start + count] if prompts is not None else None,
-        }
-        if first_frame is not None:
-            inputs["image"] = first_frame.expand(count, -1, -1, -1).to(device)
-        if sized:
-            original = list(cfg.original_size) if cfg.original_size is not None else None
-            inputs[SIZE_AND_CROP] = size_and_crop(*size, count, original, list(cfg.crop_top_left))
-        return generate(
-            net,
-            scheduler,
-            cfg.steps,
-            seeds,
-            conditioning,
-            inputs,
-            guidance_scale,
-            cfg.negative_prompt,
-            cfg.eta,
-            denoiser.vae,
-            size,
-            frames,
-        )
-
-    if not speed.is_plain:
-        check_count = min(speed.check_images, cfg.num_images)
-        plain_images = draw(0, check_count) if speed.check else None  # before the switches: fp32, eager
-        speed.apply(net)
-        conditioning.to(dtype=net.dtype)  # the whole pipeline in one dtype, as diffusers' pipelines are cast
-        if denoiser.vae is not None:
-            denoiser.vae.to(dtype=net.dtype)
-        if plain_images is not None:
-            difference = fast_path_difference(plain_images, draw(0, check_count))
-            if difference > speed.allowed_difference:
-                raise FastPathMismatch(
-                    f"the speed path ({speed}) moves the first {check_count} images by up to {difference:.4f} "
-                    f"(mean |difference| in [0, 1]) from the plain fp32 path, more than speed.tolerance="
-                    f"{speed.allowed_difference}; turn the switch that causes it off, or raise speed.tolerance"
-                )
-            log.info(
-                "speed path checked on %d images: mean |difference| from fp32 eager <= %.2e (tolerance %.0e)",
-                check_count,
-                difference,
-                speed.allowed_difference,
-            )
-    # what ran, as the scheduler was built: the class the objective picked (an SNR-shifted schedule's CogVideoX DDIM),
-    # and the configured keys' values after the model's changes (a latent model's unclipped x0)
-    sampler_settings = {
-        "sampler": type(scheduler).__name__,
-        "steps": cfg.steps,
-        "eta": cfg.eta,
-        **{
-            key: scheduler.config.get(key, value)
-            for key, value in OmegaConf.to_container(sampler_cfg).items()
-            if not key.startswith("_")
-        },
-    }
-    if not speed.is_plain:
-        sampler_settings["speed"] = dataclasses.asdict(speed)
+    drawing = Drawing(cfg, denoiser, _device(cfg.device), cfg.num_images)
+    apply_speed(speed, drawing, cfg.num_images)
+    frames, prompts, labels = drawing.frames, drawing.prompts, drawing.labels
     all_pixels = []
     unit = "image" if frames is None else "clip"
     started = time.perf_counter()
@@ -360,7 +431,7 @@ def run(cfg: DictConfig) -> Path:
         ):
             for start in range(0, cfg.num_images, cfg.batch_size):
                 count = min(cfg.batch_size, cfg.num_images - start)
-                pixels = to_uint8(draw(start, count))
+                pixels = to_uint8(drawing.draw(start, count))
                 all_pixels.append(pixels)
                 for offset, image in enumerate(pixels):
                     index = start + offset
@@ -370,28 +441,7 @@ def run(cfg: DictConfig) -> Path:
                     else:  # a clip (F, H, W, 3)
                         file_name = f"{index:06d}.{cfg.video_format}"
                         write_video([Image.fromarray(frame) for frame in image], out / file_name, cfg.fps)
-                    record: dict[str, object] = {"file_name": file_name, "seed": cfg.seed + index, **sampler_settings}
-                    if frames is not None:
-                        record["num_frames"], record["fps"] = frames, cfg.fps
-                    if first_frame is not None:  # the guidance rises over the frames to guidance_scale (SVD)
-                        record["image"], record["guidance_scale"] = str(cfg.image), cfg.guidance_scale
-                    if cfg.lora or has_adapters(net):
-                        record["lora"] = cfg.lora or denoiser.source
-                        record["lora_scale"] = cfg.lora_scale
-                    record["height"], record["width"] = size
-                    if sized:
-                        record["original_size"] = list(cfg.original_size or size)
-                        record["crop_top_left"] = list(cfg.crop_top_left)
-                    if prompts is not None:
-                        record["text"] = prompts[index]
-                        record["guidance_scale"] = cfg.guidance_scale
-                        record["negative_prompt"] = cfg.negative_prompt
-                    if labels is not None:
-                        label = int(labels[index])
-                        record["label"] = label
-                        if denoiser.class_names:
-                            record["text"] = denoiser.class_names[label]
-                    metadata.write(json.dumps(record) + "\n")
+                    metadata.write(json.dumps(drawing.record(index, file_name)) + "\n")
                 progress.update(count)
         seconds = time.perf_counter() - started
         grid = image_grid if frames is None else frames_grid  # clips: one per row, a frame per column
@@ -410,7 +460,7 @@ def run(cfg: DictConfig) -> Path:
     log.info("wrote %d %ss, metadata.jsonl and grid.png to %s", cfg.num_images, unit, target)
     if reference is not None:  # after the samples are in place: a failing metric never costs them
         judge = judge_samples if frames is None else judge_clips
-        metrics = judge(cfg, reference, np.concatenate(all_pixels), prompts, labels, device)
+        metrics = judge(cfg, reference, np.concatenate(all_pixels), prompts, labels, device=drawing.device)
         (target / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("metrics of %d images: %s (written to %s)", cfg.num_images, metrics, target / "metrics.json")
     return target

@@ -80,6 +80,8 @@ class TrainedDenoiser:
     required_sampler: str | None = None  # a key of REQUIRED_SAMPLERS: the only sampler that fits (LCM students)
     image_size: tuple[int, int] | None = None  # (height, width) in pixels it trained at, where recorded
     num_frames: int | None = None  # frames per clip a video model trained on, where recorded
+    teacher: str | None = None  # a distilled student's teacher (checkpoint or pipeline), where recorded
+    student_steps: int | None = None  # the steps a few-step student was trained to sample in, where recorded
 
     def default_size(self) -> tuple[int, int]:
         """(height, width) in pixels sample.py draws without `height` / `width`: the training size where recorded
@@ -87,6 +89,12 @@ class TrainedDenoiser:
         if self.image_size is not None:
             return self.image_size
         return sample_size(self.net, vae_scale_factor(self.vae) if self.vae is not None else 1)
+
+
+def _distillation(meta: dict) -> dict[str, object]:
+    """A student's teacher and step count, as its checkpoint records them (methods/teacher.py save_student)."""
+    timesteps = meta.get("student_timesteps")
+    return {"teacher": meta.get("teacher"), "student_steps": len(timesteps) if timesteps else None}
 
 
 PICKLE_PROTOCOL_2_OR_LATER = 0x80  # first byte of torch.save's legacy (non-zip) format: a pickle, protocol >= 2
@@ -187,6 +195,7 @@ def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema
         required_sampler=_required_sampler(meta.get("sampler"), path),
         image_size=_image_size(meta.get("image_size")),
         num_frames=meta.get("num_frames"),
+        **_distillation(meta),
     )
 
 
@@ -234,6 +243,7 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
         scheduler_overrides=meta.get("scheduler_overrides"),
         required_sampler=_required_sampler(meta.get("sampler"), path),
         image_size=_image_size(meta.get("image_size")),
+        **_distillation(meta),
     )
 
 
