@@ -252,7 +252,10 @@ def test_the_page_in_a_real_browser_draws_sample_pys_pixels(served, tmp_path: Pa
         driver.quit()
 
 
-@pytest.mark.parametrize("text", ['blue, "dark" = 1 \\ true', 'a\\"b', "end\\", '\\\\"', "", "true", "12", "it's", "${x}"])
+TRICKY = ['blue, "dark" = 1 \\ true', 'a\\"b', "end\\", '\\\\"', "", "true", "12", "it's", "${x}"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
 def test_the_command_carries_any_prompt_exactly(text: str) -> None:
     """Hydra reads each value of the shown command back as it was (quotes, backslashes, '=', commas, words it would
     parse as other types, interpolations)."""
@@ -261,7 +264,9 @@ def test_the_command_carries_any_prompt_exactly(text: str) -> None:
 
     from lightdiff.demo import sample_command
 
-    cfg = OmegaConf.create({"ckpt": "/runs/a b/last.ckpt", "use_ema": True, "speed": {}, "lora": None, "device": "auto"})
+    ckpt = "/runs/a b/last.ckpt"
+    cfg = OmegaConf.create({"ckpt": ckpt, "use_ema": True, "speed": {}, "lora": None, "device": "auto"})
     command = sample_command(cfg, Settings(prompt=text, negative_prompt=text), True, False)
-    parsed = {o.key_or_group: o.value() for o in map(OverridesParser.create().parse_override, shlex.split(command)[2:])}
-    assert parsed["prompt"] == parsed["negative_prompt"] == text and parsed["ckpt"] == "/runs/a b/last.ckpt"
+    parser = OverridesParser.create()
+    parsed = {override.key_or_group: override.value() for override in map(parser.parse_override, shlex.split(command)[2:])}
+    assert parsed["prompt"] == parsed["negative_prompt"] == text and parsed["ckpt"] == ckpt
