@@ -268,5 +268,6 @@ def test_the_command_carries_any_prompt_exactly(text: str) -> None:
     cfg = OmegaConf.create({"ckpt": ckpt, "use_ema": True, "speed": {}, "lora": None, "device": "auto"})
     command = sample_command(cfg, Settings(prompt=text, negative_prompt=text), True, False)
     parser = OverridesParser.create()
-    parsed = {override.key_or_group: override.value() for override in map(parser.parse_override, shlex.split(command)[2:])}
+    overrides = [parser.parse_override(word) for word in shlex.split(command)[2:]]
+    parsed = {override.key_or_group: override.value() for override in overrides}
     assert parsed["prompt"] == parsed["negative_prompt"] == text and parsed["ckpt"] == ckpt
