@@ -66,6 +66,20 @@ def test_the_pages_images_are_what_its_sample_py_command_writes(text_ckpt: Path,
     assert not np.array_equal(np.asarray(Image.open(other.files[0])), shown[0])
 
 
+def test_an_exported_pipeline_on_the_speed_path_is_drawn_as_sample_py_draws_it(text_ckpt: Path, tmp_path: Path) -> None:
+    """Whatever sample.py takes: an exported pipeline folder; the speed path's switches apply once at load, with their
+    numerical check, and the command carries them."""
+    folder = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={tmp_path / 'pipeline'}"]))
+    model = _loaded(folder, "speed.fuse_qkv=true")
+    assert model.error is None and model.takes_text
+    drawn = model.draw(Settings(prompt="a green triangle", steps=2, seed=3))
+    command = drawn.records[0]["command"]
+    assert "speed.fuse_qkv=true" in command and f"ckpt={folder}" in command
+    assert drawn.records[0]["speed"]["fuse_qkv"] is True  # metadata.jsonl's record of the switches, as sample.py's
+    written = _sample_py(command, tmp_path / "again")
+    assert np.array_equal(np.asarray(Image.open(drawn.files[0])), written[0])
+
+
 def test_class_and_unconditional_models_take_their_own_inputs(class_ckpt: Path, pixel_ckpt: Path) -> None:
     classes = _loaded(class_ckpt)
     assert classes.class_choices and not classes.takes_text

@@ -13,6 +13,7 @@ Gradio is an optional extra (`pip install "lightdiff[demo]"`), imported only her
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from PIL import Image, PngImagePlugin
 from lightdiff.config import ConfigError, build
 from lightdiff.sample import Drawing, _device, apply_speed, load_for_sampling
 from lightdiff.sampling import to_uint8
+from lightdiff.speed import SamplingSpeed
 from lightdiff.trained import TrainedDenoiser, load_trained
 
 log = logging.getLogger(__name__)
@@ -108,14 +110,18 @@ def request_config(cfg: DictConfig, settings: Settings) -> DictConfig:
     return OmegaConf.create(request)
 
 
-def sample_command(cfg: DictConfig, settings: Settings, takes_text: bool, takes_label: bool) -> str:
-    """The `python sample.py` command that writes the page's batch again (image k is its file 00000k.png)."""
-    values: dict[str, object] = {"ckpt": cfg.ckpt}
-    for key in ("lora", "lora_scale", "height", "width", "device"):
+def sample_command(
+    cfg: DictConfig, settings: Settings, takes_text: bool, takes_label: bool, teacher: str | None = None
+) -> str:
+    """The `python sample.py` command that writes the page's batch again (image k is its file 00000k.png); with
+    `teacher`, the teacher's batch (the teacher as it is: without the student's LoRA or speed path)."""
+    values: dict[str, object] = {"ckpt": teacher or cfg.ckpt}
+    own = ("height", "width", "device") if teacher else ("lora", "lora_scale", "height", "width", "device")
+    for key in own:
         if cfg.get(key) not in (None, 1.0, "auto"):
             values[key] = cfg[key]
     if not cfg.use_ema:
-        values["use_ema"] = "false"
+        values["use_ema"] = False
     values.update(
         seed=settings.seed,
         num_images=settings.batch_size,
@@ -130,8 +136,9 @@ def sample_command(cfg: DictConfig, settings: Settings, takes_text: bool, takes_
     elif takes_text:
         values["prompt"] = settings.prompt
         values["negative_prompt"] = settings.negative_prompt
-    for key, value in OmegaConf.to_container(cfg.speed).items():  # the speed path's switches, where on
-        if key != "_target_" and value not in (None, False, "float32", "default", True, 4):
+    defaults = {item.name: item.default for item in dataclasses.fields(SamplingSpeed)}
+    for key, value in OmegaConf.to_container(cfg.speed).items():  # the speed path's settings, where not the default
+        if key in defaults and value != defaults[key] and teacher is None:
             values[f"speed.{key}"] = value
 
     def hydra_value(value: object) -> str:
@@ -142,6 +149,8 @@ def sample_command(cfg: DictConfig, settings: Settings, takes_text: bool, takes_
             # quote), where the run is halved; so such runs are doubled and each quote escaped
             escaped = re.sub(r'(\\*)"', lambda run: run.group(1) * 2 + '\\"', value)
             return '"' + re.sub(r"(\\+)$", lambda run: run.group(1) * 2, escaped) + '"'
+        if isinstance(value, bool):
+            return str(value).lower()
         return str(value)
 
     return "python sample.py " + " ".join(shlex.quote(f"{key}={hydra_value(value)}") for key, value in values.items())
@@ -170,6 +179,7 @@ class DemoModel:
         self.teacher_source: str | None = None
         self.device = _device(cfg.device)
         self.load_seconds = 0.0
+        self.speed = SamplingSpeed()  # the plain path until `load` builds cfg.speed
         self.lock = threading.Lock()
         self.out = Path(tempfile.mkdtemp(prefix="lightdiff-demo-"))
 
@@ -180,9 +190,9 @@ class DemoModel:
             if not isinstance(denoiser, TrainedDenoiser):
                 raise ConfigError(f"ckpt={self.cfg.ckpt!r} is an autoencoder: it draws nothing")
             self.denoiser = denoiser
-            speed = build(self.cfg.speed)
-            if not speed.is_plain:  # switched on once, checked against the plain path on the page's defaults
-                apply_speed(speed, Drawing(self._check_config(), denoiser, self.device, 1), 1)
+            self.speed = build(self.cfg.speed)
+            if not self.speed.is_plain:  # switched on once, checked against the plain path on the page's defaults
+                apply_speed(self.speed, Drawing(self._check_config(), denoiser, self.device, 1), 1)
             self.teacher_source = self.cfg.demo.teacher or denoiser.teacher
             if self.teacher_source:
                 teacher = load_trained(self.teacher_source, use_ema=self.cfg.use_ema)
@@ -261,15 +271,18 @@ class DemoModel:
         if teacher:
             settings = Settings(**{**settings.__dict__, "steps": int(self.cfg.demo.teacher_steps), "sampler": "auto"})
         cfg = request_config(self.cfg, settings)
+        if teacher:  # the student's LoRA is not the teacher's
+            cfg = OmegaConf.merge(cfg, {"lora": None, "lora_scale": 1.0})
         with self.lock:
             drawing = Drawing(cfg, denoiser, self.device, settings.batch_size)
+            if not self.speed.is_plain and not teacher:  # the student's switches, recorded as sample.py records them
+                drawing.sampler_settings["speed"] = dataclasses.asdict(self.speed)
             started = time.perf_counter()
             pixels = to_uint8(drawing.draw(0, settings.batch_size))
             seconds = (time.perf_counter() - started) / settings.batch_size
         folder = Path(tempfile.mkdtemp(dir=self.out))
-        command = sample_command(self.cfg, settings, "text" in denoiser.conditioning.reads, drawing.labels is not None)
-        if teacher:
-            command = command.replace(shlex.quote(f"ckpt={self.cfg.ckpt}"), shlex.quote(f"ckpt={self.teacher_source}"))
+        takes_text, takes_label = "text" in denoiser.conditioning.reads, drawing.labels is not None
+        command = sample_command(self.cfg, settings, takes_text, takes_label, self.teacher_source if teacher else None)
         drawn = Drawn([], [], seconds)
         for index, image in enumerate(pixels):
             file_name = f"{index:06d}.png"
