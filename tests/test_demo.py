@@ -182,6 +182,27 @@ def served(text_ckpt: Path):
         app.close()
 
 
+def test_a_page_whose_checkpoint_fails_to_load_shows_the_error(tmp_path: Path) -> None:
+    """The page still comes up, its status naming the file and the error, and Generate refuses with that error."""
+    from gradio_client import Client
+
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    cfg = _demo_config(broken)
+    app = build_app(cfg)
+    app.queue(default_concurrency_limit=1)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        status = client.predict(fn_index=0)[0]  # what the page's load event shows
+        assert status.startswith(f"**Could not load {broken}**") and "not a checkpoint" in status
+        with pytest.raises(Exception, match="not a checkpoint"):
+            client.predict("a red circle", "", None, 3, 4.0, 0, "auto", 1, False, fn_index=1)
+    finally:
+        app.close()
+
+
 def test_two_visitors_are_served_in_turn(served, monkeypatch: pytest.MonkeyPatch) -> None:
     from gradio_client import Client
 
