@@ -31,6 +31,7 @@ from lightdiff.metrics.motion import motion_metric, video_distance
 from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
 from lightdiff.nets.denoiser import is_video_net
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
+from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.vae import frame_count_problem, vae_scale_factor
 from lightdiff.sampling import (
     VIDEO_FORMATS,
@@ -237,6 +238,9 @@ def load_for_sampling(cfg: DictConfig) -> TrainedDenoiser | torch.nn.Module:
             )
         return trained
     _apply_lora(cfg, trained)
+    parts = {"net": trained.net, "vae": trained.vae, "conditioning": trained.conditioning}
+    networks = torch.nn.ModuleDict({name: part for name, part in parts.items() if part is not None})
+    log.info("the networks of %s:\n%s", cfg.ckpt, summary_table(components(networks)))
     return trained
 
 

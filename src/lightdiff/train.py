@@ -31,6 +31,7 @@ from lightdiff.config import MODEL_GROUPS, ConfigError, build, check_config, gro
 from lightdiff.contract import LatentCaching
 from lightdiff.data import ImageDataModule
 from lightdiff.loggers import LatestMetrics
+from lightdiff.nets.summary import components, summary_table
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,10 @@ def run(cfg: DictConfig) -> pl.Trainer:
     if is_rank_zero:
         _write_config(cfg, run_dir)
         remove_orphaned_temporaries(run_dir / "checkpoints")
+    parts = components(model)  # each network with its class, size and memory: train.log and the logger's config
+    log.info("the model's networks:\n%s", summary_table(parts))
     if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "components": [c.row() for c in parts]})
     _report_skipped_images(datamodule, loggers)
     if ckpt_path:
         log.info("resuming %s from %s", cfg.run_name, ckpt_path)
