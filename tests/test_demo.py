@@ -86,6 +86,7 @@ def test_class_and_unconditional_models_take_their_own_inputs(class_ckpt: Path, 
     drawn = classes.draw(Settings(label=2, steps=2))
     assert json.loads(Image.open(drawn.files[0]).text[PNG_METADATA_KEY])["label"] == 2
     assert "label=2" in drawn.records[0]["command"] and "prompt" not in drawn.records[0]["command"]
+    assert "guidance_scale" not in drawn.records[0]["command"] and not classes.guided  # sample.py guides no class model
     plain = _loaded(pixel_ckpt)
     assert not plain.class_choices and not plain.takes_text
     assert "label" not in plain.draw(Settings(steps=2)).records[0]
@@ -301,7 +302,7 @@ def test_the_command_carries_any_prompt_exactly(text: str) -> None:
 
     ckpt = "/runs/a b/last.ckpt"
     cfg = OmegaConf.create({"ckpt": ckpt, "use_ema": True, "speed": {}, "lora": None, "device": "auto"})
-    command = sample_command(cfg, Settings(prompt=text, negative_prompt=text), True, False)
+    command = sample_command(cfg, Settings(prompt=text, negative_prompt=text), True, False, True)
     parser = OverridesParser.create()
     overrides = [parser.parse_override(word) for word in shlex.split(command)[2:]]
     parsed = {override.key_or_group: override.value() for override in overrides}

@@ -111,7 +111,7 @@ def request_config(cfg: DictConfig, settings: Settings) -> DictConfig:
 
 
 def sample_command(
-    cfg: DictConfig, settings: Settings, takes_text: bool, takes_label: bool, teacher: str | None = None
+    cfg: DictConfig, settings: Settings, takes_text: bool, takes_label: bool, guided: bool, teacher: str | None = None
 ) -> str:
     """The `python sample.py` command that writes the page's batch again (image k is its file 00000k.png); with
     `teacher`, the teacher's batch (the teacher as it is: without the student's LoRA or speed path)."""
@@ -129,7 +129,7 @@ def sample_command(
         steps=settings.steps,
         sampler=settings.sampler,
     )
-    if takes_text or takes_label:
+    if guided:
         values["guidance_scale"] = settings.guidance_scale
     if takes_label and settings.label is not None:
         values["label"] = settings.label
@@ -218,6 +218,12 @@ class DemoModel:
         return self.denoiser is not None and "text" in self.denoiser.conditioning.reads
 
     @property
+    def guided(self) -> bool:
+        """Whether sample.py applies classifier-free guidance to this model (text and image-to-video models)."""
+        reads = self.denoiser.conditioning.reads if self.denoiser is not None else ()
+        return "text" in reads or "image" in reads
+
+    @property
     def class_choices(self) -> list[tuple[str, int]]:
         """(name, label) of each class of a class-conditional model; empty for others."""
         if self.denoiser is None or "label" not in self.denoiser.conditioning.reads:
@@ -281,8 +287,10 @@ class DemoModel:
             pixels = to_uint8(drawing.draw(0, settings.batch_size))
             seconds = (time.perf_counter() - started) / settings.batch_size
         folder = Path(tempfile.mkdtemp(dir=self.out))
-        takes_text, takes_label = "text" in denoiser.conditioning.reads, drawing.labels is not None
-        command = sample_command(self.cfg, settings, takes_text, takes_label, self.teacher_source if teacher else None)
+        takes_text, takes_label = drawing.prompts is not None, drawing.labels is not None
+        guided = takes_text or drawing.first_frame is not None
+        teacher_source = self.teacher_source if teacher else None
+        command = sample_command(self.cfg, settings, takes_text, takes_label, guided, teacher_source)
         drawn = Drawn([], [], seconds)
         for index, image in enumerate(pixels):
             file_name = f"{index:06d}.png"
@@ -335,7 +343,7 @@ def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
         def loaded() -> tuple:
             model.ready.wait()
             if model.error is not None or model.denoiser is None:
-                return (model.status(), *[gr.update()] * 9)
+                return (model.status(), *[gr.update()] * 8)
             defaults = model.default_settings()
             choices = model.class_choices
             return (
@@ -344,16 +352,15 @@ def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
                 gr.update(visible=model.takes_text, value=defaults.negative_prompt),
                 gr.update(visible=bool(choices), choices=choices, value=defaults.label),
                 gr.update(value=defaults.steps),
+                gr.update(visible=model.guided),  # guidance only where sample.py applies it
                 gr.update(visible=model.teacher is not None),
-                gr.update(value=model.live_default),
+                gr.update(visible=model.takes_text, value=model.live_default),
                 gr.update(interactive=True),
-                gr.update(),
-                gr.update(),
             )
 
         app.load(
             loaded,
-            outputs=[status, prompt, negative, label, steps, compare, live, run, gallery, info],
+            outputs=[status, prompt, negative, label, steps, guidance, compare, live, run],
             concurrency_limit=None,  # waiting for the model must not hold a drawing slot
         )
 
