@@ -453,3 +453,44 @@ def test_adapters_are_refused_on_a_base_whose_weights_changed(sd_base: Path, tmp
     with pytest.raises(ConfigError, match="other weights"):
         train_run(resumed)
     assert load_checkpoint_file(ckpt)["global_step"] == 1  # the checkpoint is untouched
+
+
+def test_kohya_export_is_read_by_diffusers_kohya_loader_as_trained(sd_base: Path, tmp_path: Path) -> None:
+    """export_format=kohya writes the UNet's and the text encoder's adapters in kohya's layout (lora_unet_* /
+    lora_te_*, lora_down / lora_up / alpha), one entry per adapted module; diffusers' reader of kohya files loads it
+    into the base pipeline (its conversion refuses any key it cannot place) and draws lightdiff's images."""
+    from safetensors.torch import load_file, save_file
+
+    extra = ["run_name=kohya", "model.lora.text_encoder=true", "model.lora.alpha=8"]
+    cfg = compose_config("train", _lora_overrides(tmp_path, sd_base, *extra))
+    train_run(cfg)
+    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    out = tmp_path / "kohya" / "lora.safetensors"
+    assert sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={out}", "export_format=kohya"])) == out
+    with safe_open(str(out), framework="pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+        alphas = {float(handle.get_tensor(key)) for key in keys if key.endswith(".alpha")}
+    assert metadata["ss_network_dim"] == "4" and alphas == {8.0}
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    adapted = [key for key in load_checkpoint_file(ckpt)["state_dict"] if ".lora_A." in key]
+    assert len([key for key in keys if key.endswith(".lora_down.weight")]) == len(adapted)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    ours = _our_images(ckpt, prompts, seeds)
+    pipeline = StableDiffusionPipeline.from_pretrained(sd_base)
+    pipeline.load_lora_weights(str(out.parent), weight_name=out.name)
+    assert np.abs(_diffusers_images(pipeline, prompts, seeds) - ours).max() < 1e-4
+    base = _diffusers_images(StableDiffusionPipeline.from_pretrained(sd_base), prompts, seeds)
+    assert np.abs(base - ours).max() > 1e-3  # negative control: the file is what moves the base's images
+    unet_only = {key: value for key, value in load_file(out).items() if key.startswith("lora_unet_")}
+    save_file(unet_only, str(tmp_path / "unet_only.safetensors"))
+    partial = StableDiffusionPipeline.from_pretrained(sd_base)
+    partial.load_lora_weights(str(tmp_path), weight_name="unet_only.safetensors")
+    assert np.abs(_diffusers_images(partial, prompts, seeds) - ours).max() > 1e-3  # the lora_te_ part is read too
+    again = ["export_format=kohya", f"ckpt={ckpt}", f"export={out}"]
+    with pytest.raises(ConfigError, match="exists; choose a new file or pass overwrite=true"):
+        sample_run(compose_config("sample", again))
+    with pytest.raises(ConfigError, match="drop export_fused / lora_scale"):
+        sample_run(compose_config("sample", [*again, "overwrite=true", "lora_scale=0.5"]))
+    with pytest.raises(ConfigError, match="no LoRA adapters to write"):
+        sample_run(compose_config("sample", [f"ckpt={sd_base}", f"export={tmp_path / 'x.safetensors'}", again[0]]))

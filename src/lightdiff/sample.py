@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lightdiff.checkpointing import folder_written_atomically
@@ -30,7 +32,7 @@ from lightdiff.metrics import FrechetEvaluator, shapes_metric
 from lightdiff.metrics.motion import motion_metric, video_distance
 from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
 from lightdiff.nets.denoiser import is_video_net
-from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
+from lightdiff.nets.lora import has_adapters, kohya_state_dict, load_lora_file, set_adapter_scale
 from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.vae import frame_count_problem, vae_scale_factor
 from lightdiff.sampling import (
@@ -162,6 +164,11 @@ def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
     if not adapted and (cfg.lora_scale != 1.0 or cfg.export_fused):
         key = "export_fused=true" if cfg.export_fused else f"lora_scale={cfg.lora_scale}"
         raise ConfigError(f"{key}: ckpt={cfg.ckpt!r} has no LoRA adapters (give lora=FILE)")
+    if cfg.export_format == "kohya" and (cfg.export_fused or cfg.lora_scale != 1.0):
+        raise ConfigError(
+            "export_format=kohya writes the adapters as trained (a loader takes the scale): drop export_fused / "
+            "lora_scale, or export a fused pipeline folder (export_format=diffusers export_fused=true)"
+        )
     if cfg.export and adapted and cfg.lora_scale != 1.0 and not cfg.export_fused:
         raise ConfigError(
             f"lora_scale={cfg.lora_scale} with export: the LoRA file holds the adapters as trained and diffusers "
@@ -197,9 +204,24 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be two whole numbers (height, width / top, left) >= {least}")
 
 
+EXPORT_FORMATS = ("diffusers", "kohya")  # a pipeline folder (+ diffusers LoRA file) | a kohya-layout LoRA file
+
+
 def _check_output_folder(cfg: DictConfig) -> Path:
     """The folder to write (`export` if given, else `out`): a new or empty folder, or with overwrite=true one that
-    holds an earlier output of the same kind only, since it is replaced whole (`folder_written_atomically`)."""
+    holds an earlier output of the same kind only, since it is replaced whole (`folder_written_atomically`); for
+    export_format=kohya, the .safetensors file to write (new, or replaced with overwrite=true)."""
+    if cfg.export_format not in EXPORT_FORMATS:
+        raise ConfigError(f"export_format={cfg.export_format!r} is not one of {EXPORT_FORMATS}")
+    if cfg.export_format != "diffusers":
+        if not cfg.export:
+            raise ConfigError(f"export_format={cfg.export_format}: give the file to write, export=FILE.safetensors")
+        target = Path(cfg.export).expanduser().absolute()
+        if target.suffix != ".safetensors" or target.is_dir():
+            raise ConfigError(f"export={cfg.export!r}: export_format={cfg.export_format} writes a .safetensors file")
+        if target.exists() and not cfg.overwrite:
+            raise ConfigError(f"export={cfg.export!r} exists; choose a new file or pass overwrite=true")
+        return target
     key = "export" if cfg.export else "out"
     target = Path(cfg[key]).expanduser().absolute()
     if target.exists() and not target.is_dir():
@@ -365,6 +387,25 @@ class Drawing:
         return record
 
 
+def _write_kohya_lora(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) -> None:
+    """The model's LoRA adapters as one kohya-layout file (nets/lora.py kohya_state_dict), written whole or not at
+    all; the adapters as trained (a loader takes the scale, as with the diffusers file)."""
+    state = kohya_state_dict(denoiser.net, getattr(denoiser.conditioning, "text_encoder", None))
+    ranks = sorted({tensor.shape[0] for key, tensor in state.items() if key.endswith(".lora_down.weight")})
+    alphas = sorted({float(tensor) for key, tensor in state.items() if key.endswith(".alpha")})
+    # sd-scripts' own metadata keys, which ComfyUI / AUTOMATIC1111 show; the weights say the rest
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1])}
+    metadata["ss_network_alpha"] = str(alphas[-1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        save_file(state, str(partial), metadata=metadata)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("wrote the LoRA adapters of %s to %s in kohya's layout (%d tensors)", denoiser.source, target, len(state))
+
+
 def apply_speed(speed: SamplingSpeed, drawing: Drawing, count: int) -> None:
     """Turn the speed path's switches on for the drawing's model; with `speed.check`, its first images (of `count`)
     are drawn the plain way (fp32, eager) first and FastPathMismatch stops sampling if the switches moved them too
@@ -413,6 +454,9 @@ def run(cfg: DictConfig) -> Path:
         log.info("exported the autoencoder of %s to %s (diffusers %s)", cfg.ckpt, target, type(trained).__name__)
         return target
     denoiser = trained
+    if cfg.export_format == "kohya":
+        _write_kohya_lora(cfg, denoiser, target)
+        return target
     if cfg.export:
         scheduler, _ = scheduler_for(cfg, denoiser)
         with folder_written_atomically(target) as staging:

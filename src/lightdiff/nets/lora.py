@@ -273,6 +273,42 @@ def write_lora_file(net: torch.nn.Module, folder: Path, text_encoder: torch.nn.M
     return folder / LORA_WEIGHTS_FILE
 
 
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # kohya's name of each component's adapters
+
+
+def kohya_state_dict(net: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The adapters of a Stable Diffusion 1.x / 2.x UNet (and of its CLIP text encoder, if it has any) in kohya's
+    layout, as sd-scripts writes them and ComfyUI / AUTOMATIC1111 read them: `lora_unet_<module path, dots as
+    underscores>.lora_down.weight` (peft's lora_A), `.lora_up.weight` (lora_B) and `.alpha` (the update is scaled by
+    alpha / rank in both). kohya trains SD 1.x / 2.x on the diffusers UNet, so its module paths are diffusers' own;
+    diffusers' reader of kohya files (`_convert_non_diffusers_lora_to_diffusers`) is the reverse, tested against it."""
+    if lora_prefix(net) != "unet" or getattr(net.config, "addition_embed_type", None) == "text_time":
+        raise ConfigError(
+            f"export_format=kohya writes Stable Diffusion 1.x / 2.x UNet adapters; {type(net).__name__} "
+            f"{'(SDXL) ' if lora_prefix(net) == 'unet' else ''}is not one (kohya's SDXL layout names the original "
+            "UNet's blocks, which needs the single-file key mapping): export the diffusers LoRA file instead"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for component, module in (("unet", net), ("text_encoder", text_encoder)):
+        if module is None or not has_adapters(module):
+            continue
+        config = module.peft_config[ADAPTER]
+        if config.use_rslora or config.use_dora or config.rank_pattern or config.alpha_pattern:
+            raise ConfigError("export_format=kohya: rsLoRA, DoRA or per-module ranks have no kohya layout")
+        for key, tensor in get_peft_model_state_dict(module, adapter_name=ADAPTER).items():
+            path, kind = key.rsplit(".lora_", 1)  # "down_blocks.0....to_q", "A.weight"
+            if component == "text_encoder" and not path.startswith("text_model."):
+                # kohya names CLIP's modules as CLIPTextModel had them (text_model.encoder...); newer transformers
+                # versions dropped the text_model level
+                path = f"text_model.{path}"
+            name = KOHYA_PREFIXES[component] + path.replace(".", "_")
+            state[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.detach().contiguous()
+            state[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
+    if not state:
+        raise ConfigError("export_format=kohya: the model has no LoRA adapters to write")
+    return state
+
+
 LoraPart = tuple[dict[str, torch.Tensor], dict[str, Any] | None]  # a component's tensors and LoraConfig, if given
 
 
