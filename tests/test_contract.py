@@ -71,7 +71,7 @@ def test_methods_and_exporters_never_switch_on_the_objective_type() -> None:
 
 # Each layer may import only from the layers after it (entry -> methods -> the rest).
 LAYERS = [
-    {"train", "sample"},
+    {"train", "sample", "demo"},  # entry points (demo: sample.py demo=true)
     {"methods"},
     {"callbacks", "export", "trained", "sampling", "metrics", "speed", "sharding", "loggers"},
     {"nets", "data", "diffusion", "contract", "checkpointing", "config", "assets"},
