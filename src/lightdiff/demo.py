@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import shlex
+import shutil
 import tempfile
 import threading
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 1000  # a DDPM schedule's length: more steps than timesteps are not steps
 GUIDANCE_RANGE = (0.0, 30.0)  # 1 turns guidance off; past 30 images saturate whatever the model
 MAX_BATCH = 8
+KEPT_BATCHES = 64  # the newest batches' files kept in the page's temporary folder
 # Samplers the page offers besides the checkpoint's own ("auto"): conf/sampler/NAME.yaml, where the repository is.
 SAMPLER_NAMES = ("ddim", "dpm", "euler", "ddpm", "flow_euler")
 SAMPLER_FOLDER = Path(__file__).resolve().parents[2] / "conf" / "sampler"
@@ -287,6 +289,10 @@ class DemoModel:
             pixels = to_uint8(drawing.draw(0, settings.batch_size))
             seconds = (time.perf_counter() - started) / settings.batch_size
         folder = Path(tempfile.mkdtemp(dir=self.out))
+        # Gradio serves copies from its own cache, so only the newest batches are kept here (a live page draws one a
+        # keystroke)
+        for old in sorted(self.out.iterdir(), key=lambda path: path.stat().st_mtime)[:-KEPT_BATCHES]:
+            shutil.rmtree(old, ignore_errors=True)
         takes_text, takes_label = drawing.prompts is not None, drawing.labels is not None
         guided = takes_text or drawing.first_frame is not None
         teacher_source = self.teacher_source if teacher else None
