@@ -494,3 +494,30 @@ def test_kohya_export_is_read_by_diffusers_kohya_loader_as_trained(sd_base: Path
         sample_run(compose_config("sample", [*again, "overwrite=true", "lora_scale=0.5"]))
     with pytest.raises(ConfigError, match="no LoRA adapters to write"):
         sample_run(compose_config("sample", [f"ckpt={sd_base}", f"export={tmp_path / 'x.safetensors'}", again[0]]))
+
+
+def test_the_demo_page_draws_a_lora_file_on_its_base(sd_base: Path, lora_ckpt: Path, tmp_path: Path) -> None:
+    """`sample.py ckpt=BASE lora=FILE lora_scale=S demo=true`: the page applies the file at the scale, and the command
+    it shows (which carries both) writes the same pixels."""
+    pytest.importorskip("gradio", reason="the demo is an optional extra: pip install 'lightdiff[demo]'")
+    import shlex
+
+    from PIL import Image
+
+    from lightdiff.demo import DemoModel, Settings
+
+    folder = sample_run(compose_config("sample", [f"ckpt={lora_ckpt}", f"export={tmp_path / 'lora'}"]))
+    lora = folder / LORA_WEIGHTS_FILE
+    model = DemoModel(compose_config("sample", [f"ckpt={sd_base}", f"lora={lora}", "lora_scale=0.5", "steps=2"]))
+    model.load()
+    assert model.error is None
+    drawn = model.draw(Settings(prompt="a red circle", steps=2, seed=5))
+    command = drawn.records[0]["command"]
+    assert f"lora={lora}" in command and "lora_scale=0.5" in command and drawn.records[0]["lora_scale"] == 0.5
+    out = tmp_path / "again"
+    sample_run(compose_config("sample", [*shlex.split(command)[2:], f"out={out}"]))
+    assert np.array_equal(np.asarray(Image.open(drawn.files[0])), np.asarray(Image.open(out / "000000.png")))
+    plain = DemoModel(compose_config("sample", [f"ckpt={sd_base}", "steps=2"]))
+    plain.load()
+    base = plain.draw(Settings(prompt="a red circle", steps=2, seed=5))
+    assert not np.array_equal(np.asarray(Image.open(base.files[0])), np.asarray(Image.open(drawn.files[0])))
