@@ -73,6 +73,19 @@ class Settings:
     sampler: str = "auto"
     batch_size: int = 1
 
+    def sample_values(self) -> dict[str, object]:
+        """These settings as sample.py's keys: what the drawing is made with and the shown command carries."""
+        return {
+            "seed": self.seed,
+            "num_images": self.batch_size,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "label": self.label,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+        }
+
 
 def settings_problem(settings: Settings) -> str | None:
     """Why the page refuses `settings` (a message naming the value), or None."""
@@ -93,17 +106,7 @@ def settings_problem(settings: Settings) -> str | None:
 def request_config(cfg: DictConfig, settings: Settings) -> DictConfig:
     """sample.py's config for `settings`: the page's values over the command line's."""
     request = OmegaConf.to_container(cfg, resolve=True)
-    request.update(
-        num_images=settings.batch_size,
-        batch_size=settings.batch_size,
-        steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        seed=settings.seed,
-        label=settings.label,
-        prompt=settings.prompt,
-        prompts_file=None,
-        negative_prompt=settings.negative_prompt,
-    )
+    request.update(settings.sample_values(), prompts_file=None)
     if settings.sampler != "auto":
         path = SAMPLER_FOLDER / f"{settings.sampler}.yaml"
         if not path.is_file():
@@ -124,20 +127,11 @@ def sample_command(
             values[key] = cfg[key]
     if not cfg.use_ema:
         values["use_ema"] = False
-    values.update(
-        seed=settings.seed,
-        num_images=settings.batch_size,
-        batch_size=settings.batch_size,
-        steps=settings.steps,
-        sampler=settings.sampler,
-    )
-    if guided:
-        values["guidance_scale"] = settings.guidance_scale
-    if takes_label and settings.label is not None:
-        values["label"] = settings.label
-    elif takes_text:
-        values["prompt"] = settings.prompt
-        values["negative_prompt"] = settings.negative_prompt
+    # the keys this model reads (a prompt given to a class model is an error in sample.py, guidance is unused)
+    shown = ["seed", "num_images", "batch_size", "steps"] + ["guidance_scale"] * guided
+    shown += ["label"] * (takes_label and settings.label is not None) + ["prompt", "negative_prompt"] * takes_text
+    values.update({key: value for key, value in settings.sample_values().items() if key in shown})
+    values["sampler"] = settings.sampler
     defaults = {item.name: item.default for item in dataclasses.fields(SamplingSpeed)}
     for key, value in OmegaConf.to_container(cfg.speed).items():  # the speed path's settings, where not the default
         if key in defaults and value != defaults[key] and teacher is None:
