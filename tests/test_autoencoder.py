@@ -160,3 +160,7 @@ def test_export_gives_a_diffusers_autoencoder_with_the_same_outputs(autoencoder_
     with pytest.raises(ValueError, match="takes no adapters"):  # checked before the file is even opened
         sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={tmp_path / 'vae2'}", f"lora={lora}"]))
     assert not (tmp_path / "vae2").exists()
+    kohya = tmp_path / "vae.safetensors"
+    with pytest.raises(ValueError, match="export_format=diffusers"):  # a kohya LoRA file is no way to write a VAE
+        sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={kohya}", "export_format=kohya"]))
+    assert not kohya.exists()

@@ -447,8 +447,11 @@ def run(cfg: DictConfig) -> Path:
     target = _check_output_folder(cfg)
     trained = load_for_sampling(cfg)
     if not isinstance(trained, TrainedDenoiser):
-        if not cfg.export:
-            raise ConfigError(f"ckpt={cfg.ckpt!r} is an autoencoder: export it (export=DIR) to use it as model.vae")
+        if not cfg.export or cfg.export_format != "diffusers":
+            raise ConfigError(
+                f"ckpt={cfg.ckpt!r} is an autoencoder: export it as a diffusers folder (export=DIR, "
+                "export_format=diffusers) to use it as model.vae"
+            )
         with folder_written_atomically(target) as staging:
             trained.save_pretrained(staging, safe_serialization=True)
         log.info("exported the autoencoder of %s to %s (diffusers %s)", cfg.ckpt, target, type(trained).__name__)
