@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
@@ -32,7 +33,8 @@ from lightdiff.metrics import FrechetEvaluator, shapes_metric
 from lightdiff.metrics.motion import motion_metric, video_distance
 from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
 from lightdiff.nets.denoiser import is_video_net
-from lightdiff.nets.lora import has_adapters, kohya_state_dict, load_lora_file, set_adapter_scale
+from lightdiff.nets.lora import has_adapters, kohya_state_dict, load_lora_file, set_adapter_scale, without_adapters
+from lightdiff.nets.single_file import stable_diffusion_single_file
 from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.vae import frame_count_problem, vae_scale_factor
 from lightdiff.sampling import (
@@ -169,7 +171,7 @@ def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
             "export_format=kohya writes the adapters as trained (a loader takes the scale): drop export_fused / "
             "lora_scale, or export a fused pipeline folder (export_format=diffusers export_fused=true)"
         )
-    if cfg.export and adapted and cfg.lora_scale != 1.0 and not cfg.export_fused:
+    if cfg.export and adapted and cfg.lora_scale != 1.0 and not cfg.export_fused and cfg.export_format == "diffusers":
         raise ConfigError(
             f"lora_scale={cfg.lora_scale} with export: the LoRA file holds the adapters as trained and diffusers "
             "takes the scale when it loads them (pipe.set_adapters); pass export_fused=true to bake the scale in"
@@ -204,7 +206,8 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be two whole numbers (height, width / top, left) >= {least}")
 
 
-EXPORT_FORMATS = ("diffusers", "kohya")  # a pipeline folder (+ diffusers LoRA file) | a kohya-layout LoRA file
+# a pipeline folder (+ diffusers LoRA file) | one original-layout Stable Diffusion file | a kohya-layout LoRA file
+EXPORT_FORMATS = ("diffusers", "single_file", "kohya")
 
 
 def _check_output_folder(cfg: DictConfig) -> Path:
@@ -387,6 +390,35 @@ class Drawing:
         return record
 
 
+def _write_safetensors(state: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
+    """`state` as the safetensors file `target`, complete or not there (a partial file is removed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        save_file(state, str(partial), metadata=metadata)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_single_file(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) -> None:
+    """A Stable Diffusion 1.x / 2.x / SDXL model as one file in the original layout (nets/single_file.py): the UNet
+    (LoRA adapters merged in at lora_scale), the VAE and the text encoders."""
+    encoders = [getattr(denoiser.conditioning, name, None) for name in ("text_encoder", "text_encoder_2")]
+    encoders = [encoder for encoder in encoders if encoder is not None]
+    if not isinstance(denoiser.net, UNet2DConditionModel) or denoiser.vae is None or not encoders:
+        raise ConfigError(
+            f"export_format=single_file writes Stable Diffusion 1.x / 2.x / SDXL models (a text UNet, a VAE, CLIP "
+            f"encoders); ckpt={cfg.ckpt!r} holds a {type(denoiser.net).__name__}"
+            + ("" if denoiser.vae is not None else " without a VAE")
+        )
+    net = without_adapters(denoiser.net, fused=True) if has_adapters(denoiser.net) else denoiser.net
+    encoders = [without_adapters(e, fused=True) if has_adapters(e) else e for e in encoders]
+    state = stable_diffusion_single_file(net, denoiser.vae, encoders)
+    _write_safetensors(state, target, {"format": "pt", "lightdiff_source": str(denoiser.source)})
+    log.info("wrote %s as one original-layout file %s (%d tensors)", denoiser.source, target, len(state))
+
+
 def _write_kohya_lora(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) -> None:
     """The model's LoRA adapters as one kohya-layout file (nets/lora.py kohya_state_dict), written whole or not at
     all; the adapters as trained (a loader takes the scale, as with the diffusers file)."""
@@ -396,13 +428,7 @@ def _write_kohya_lora(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) 
     # sd-scripts' own metadata keys, which ComfyUI / AUTOMATIC1111 show; the weights say the rest
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1])}
     metadata["ss_network_alpha"] = str(alphas[-1])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        save_file(state, str(partial), metadata=metadata)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    _write_safetensors(state, target, metadata)
     log.info("wrote the LoRA adapters of %s to %s in kohya's layout (%d tensors)", denoiser.source, target, len(state))
 
 
@@ -459,6 +485,9 @@ def run(cfg: DictConfig) -> Path:
     denoiser = trained
     if cfg.export_format == "kohya":
         _write_kohya_lora(cfg, denoiser, target)
+        return target
+    if cfg.export_format == "single_file":
+        _write_single_file(cfg, denoiser, target)
         return target
     if cfg.export:
         scheduler, _ = scheduler_for(cfg, denoiser)
