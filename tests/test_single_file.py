@@ -36,10 +36,20 @@ def _images(folder: Path, out: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(path)) for path in sorted(out.glob("0*.png"))]
 
 
-def test_a_trained_model_round_trips_through_one_original_layout_file(text_ckpt: Path, tmp_path: Path) -> None:
-    folder = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={tmp_path / 'folder'}"]))
-    single = tmp_path / "model.safetensors"
+@pytest.fixture(scope="module")
+def sd_files(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The session's tiny text model as (a pipeline folder, one original-layout file), both written by sample.py."""
+    root = tmp_path_factory.mktemp("single_file")
+    folder = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={root / 'folder'}"]))
+    single = root / "model.safetensors"
     sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={single}", "export_format=single_file"]))
+    return folder, single
+
+
+def test_a_trained_model_round_trips_through_one_original_layout_file(
+    sd_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, single = sd_files
     with safe_open(str(single), framework="pt") as handle:
         keys = set(handle.keys())
     assert (
@@ -62,6 +72,59 @@ def test_a_trained_model_round_trips_through_one_original_layout_file(text_ckpt:
     save_file(state, str(tmp_path / "changed.safetensors"))
     changed = StableDiffusionPipeline.from_single_file(str(tmp_path / "changed.safetensors"), config=str(folder))
     assert not _same_weights(original.unet, changed.unet)
+
+
+def test_a_single_file_is_model_pretrained_with_its_configs_offline(
+    sd_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.pretrained=FILE model.pretrained_config=DIR: diffusers' from_single_file makes a pipeline folder once
+    (cached), which a run fine-tunes from; a .ckpt of tensors loads the same, one needing more unpickling is refused,
+    and a file of another pipeline's shapes, or no config, are errors naming the file."""
+    from lightdiff.nets.pretrained import as_pipeline_folder
+    from lightdiff.train import run as train_run
+
+    from .conftest import TINY
+
+    folder, single = sd_files
+    monkeypatch.setenv("LIGHTDIFF_CACHE", str(tmp_path / "cache"))
+    made = Path(as_pipeline_folder(str(single), str(folder)))
+    assert made.parent == tmp_path / "cache" / "single_file" and as_pipeline_folder(str(single), str(folder)) == str(
+        made
+    )
+    original = StableDiffusionPipeline.from_pretrained(folder)
+    for part in ("unet", "vae", "text_encoder"):
+        assert _same_weights(getattr(original, part), getattr(StableDiffusionPipeline.from_pretrained(made), part))
+    cfg = compose_config(
+        "train",
+        [f"output_root={tmp_path}", *TINY, "run_name=from_file", "model=latent", f"model.pretrained={single}"]
+        + [f"model.pretrained_config={folder}", "model.load_pretrained_unet=true", "model.vae=null"],
+    )
+    module = train_run(cfg).lightning_module
+    assert module.net.config.cross_attention_dim == original.unet.config.cross_attention_dim
+
+    with safe_open(str(single), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    torch.save({"state_dict": tensors}, tmp_path / "model.ckpt")  # the original .ckpt layout: tensors only
+    from_ckpt = Path(as_pipeline_folder(str(tmp_path / "model.ckpt"), str(folder)))
+    assert _same_weights(original.unet, StableDiffusionPipeline.from_pretrained(from_ckpt).unet)
+    torch.save({"state_dict": tensors, "callback": Path("x")}, tmp_path / "pickled.ckpt")  # an object to unpickle
+    with pytest.raises(ConfigError, match="pickled.ckpt' cannot be read as tensors only"):
+        as_pipeline_folder(str(tmp_path / "pickled.ckpt"), str(folder))
+    with pytest.raises(ConfigError, match="is a single file: give the pipeline"):
+        as_pipeline_folder(str(single), None)
+    other = tmp_path / "other"
+    StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=_clip(32, "gelu"),
+        tokenizer=original.tokenizer,
+        unet=tiny_sd2_unet(),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(other)
+    with pytest.raises(ConfigError, match="model.safetensors' does not load as the StableDiffusionPipeline"):
+        as_pipeline_folder(str(single), str(other))
 
 
 def _clip(width: int, act: str, projection: bool = False) -> CLIPTextModel:

@@ -52,6 +52,7 @@ from lightdiff.nets.denoiser import (
 )
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.pretrained import (
+    as_pipeline_folder,
     load_denoiser,
     load_vae,
     pipeline_parts,
@@ -89,6 +90,7 @@ class DiffusionTraining(pl.LightningModule):
         conditioning: Conditioning | None = None,  # a conditioning family (a plug-in); None: the one `net` takes
         vae: str | None = None,  # frozen VAE folder or hub id (AutoencoderKL, a video VAE); None: pixel space
         pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
+        pretrained_config: str | None = None,  # `pretrained` a single .safetensors / .ckpt file: its pipeline's configs
         load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
         train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
         text_hidden_size: int | None = None,  # width of a from-scratch text encoder; None: the width the net takes
@@ -118,6 +120,10 @@ class DiffusionTraining(pl.LightningModule):
             raise ConfigError(f"model.cond_drop_prob={cond_drop_prob} must lie in [0, 1)")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
+        if pretrained is not None:  # a single-file checkpoint becomes a diffusers folder here (nets/pretrained.py)
+            pretrained = as_pipeline_folder(pretrained, pretrained_config)
+        elif pretrained_config is not None:
+            raise ConfigError(f"model.pretrained_config={pretrained_config!r} without model.pretrained (a single file)")
         if pretrained is not None and load_pretrained_unet:
             net = load_denoiser(pretrained)
         else:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, CogVideoXTransformer3DModel, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import (
@@ -17,6 +20,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from lightdiff.checkpointing import folder_written_atomically
 from lightdiff.config import ConfigError
 from lightdiff.nets.conditioning import (
     FLUX_MAX_SEQUENCE_LENGTH,
@@ -34,6 +38,70 @@ from lightdiff.nets.conditioning import (
 )
 from lightdiff.nets.denoiser import DENOISER_CLASSES, Denoiser
 from lightdiff.nets.vae import VAE_CLASSES, Autoencoder
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a whole Stable Diffusion model in the original layout
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def single_file_cache() -> Path:
+    """Where single files are kept as diffusers folders: $LIGHTDIFF_CACHE/single_file (default ~/.cache/lightdiff)."""
+    return Path(os.environ.get("LIGHTDIFF_CACHE", "~/.cache/lightdiff")).expanduser() / "single_file"
+
+
+def as_pipeline_folder(source: str, config: str | None, key: str = "model.pretrained") -> str:
+    """`source` as lightdiff loads pipelines: a folder or hub id as it is; a single-file SD 1.x / 2.x / SDXL checkpoint
+    (.safetensors, or .ckpt holding tensors only) read by diffusers' `from_single_file` with the pipeline configs of
+    `config` (a local folder or hub id: no download of configs), written once as a diffusers folder in
+    single_file_cache() and that folder returned. Errors name the file."""
+    path = Path(source).expanduser()
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        if config is not None:
+            raise ConfigError(f"{key}_config={config!r} is for a single-file {key}; {key}={source!r} is not one")
+        return source
+    if not path.is_file():
+        raise ConfigError(f"{key}={source!r} is not a file")
+    if config is None:
+        raise ConfigError(
+            f"{key}={source!r} is a single file: give the pipeline it is a checkpoint of with "
+            f"{key}_config=DIR_OR_HUB_ID (its model_index.json and component configs), so it loads offline"
+        )
+    class_name = pipeline_config_class(config, f"{key}_config")
+    if class_name not in SINGLE_FILE_PIPELINES:
+        raise ConfigError(f"{key}_config={config!r} is a {class_name}; single files load as {SINGLE_FILE_PIPELINES}")
+    if path.suffix == ".ckpt":
+        try:  # refused before diffusers reads it: a checkpoint never needs to run code to load
+            torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except Exception as error:
+            raise ConfigError(
+                f"{key}={source!r} cannot be read as tensors only (weights_only unpickling refused it: {error}); "
+                "convert it to .safetensors with a tool you trust"
+            ) from error
+    stat = path.stat()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{config}"
+    folder = single_file_cache() / f"{path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    if not (folder / "model_index.json").is_file():
+        try:
+            pipeline = getattr(diffusers, class_name).from_single_file(str(path), config=config, local_files_only=True)
+        except Exception as error:  # an unknown layout, a config of another model: nothing is half-loaded
+            raise ConfigError(f"{key}={source!r} does not load as the {class_name} of {config!r}: {error}") from error
+        with folder_written_atomically(folder) as staging:
+            pipeline.save_pretrained(staging)
+    return str(folder)
+
+
+def pipeline_config_class(pretrained: str, key: str) -> str:
+    """The `_class_name` of a pipeline folder's or hub id's model_index.json."""
+    path = Path(pretrained).expanduser()
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(pretrained, "model_index.json"))
+        return str(json.loads(index.read_text()).get("_class_name"))
+    except Exception as error:
+        raise ConfigError(f"{key}={pretrained!r} is not a diffusers pipeline (no model_index.json): {error}") from error
 
 
 def load_component(cls: Any, source: str, subfolder: str, key: str = "model.pretrained") -> Any:
