@@ -78,8 +78,9 @@ def test_a_single_file_is_model_pretrained_with_its_configs_offline(
     sd_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """model.pretrained=FILE model.pretrained_config=DIR: diffusers' from_single_file makes a pipeline folder once
-    (cached), which a run fine-tunes from; a .ckpt of tensors loads the same, one needing more unpickling is refused,
-    and a file of another pipeline's shapes, or no config, are errors naming the file."""
+    (cached), which a run fine-tunes from (and model.teacher=FILE model.teacher_config=DIR distils); a .ckpt of
+    tensors loads the same, one needing more unpickling is refused, and a file of another pipeline's shapes, or no
+    config, are errors naming the file."""
     from lightdiff.nets.pretrained import as_pipeline_folder
     from lightdiff.train import run as train_run
 
@@ -101,6 +102,12 @@ def test_a_single_file_is_model_pretrained_with_its_configs_offline(
     )
     module = train_run(cfg).lightning_module
     assert module.net.config.cross_attention_dim == original.unet.config.cross_attention_dim
+    turbo = compose_config(
+        "train",
+        [f"output_root={tmp_path}", *TINY, "run_name=turbo_from_file", "model=turbo", f"model.teacher={single}"]
+        + [f"model.teacher_config={folder}", "trainer.max_steps=1"],
+    )
+    assert _same_weights(original.unet, train_run(turbo).lightning_module.teacher.net)  # model.teacher=FILE too
 
     with safe_open(str(single), framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}

@@ -56,6 +56,7 @@ class ConsistencyDistillation(pl.LightningModule):
         self,
         data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
         teacher: str,  # lightdiff checkpoint of a text-conditioned latent model, or a diffusers pipeline folder / id
+        teacher_config: str | None = None,  # `teacher` a single-file SD checkpoint: its pipeline's configs
         num_solver_steps: int = 50,  # N of the skipping-step grid (k = T / N); LCMScheduler's original_inference_steps
         guidance_scale_min: float = 2.0,  # the range of the teacher's guidance scale w + 1 drawn per sample
         guidance_scale_max: float = 8.0,
@@ -85,7 +86,7 @@ class ConsistencyDistillation(pl.LightningModule):
             raise ConfigError(f"model.loss={loss!r} is not one of ('huber', 'l2')")
         if not 0 <= target_decay < 1:
             raise ConfigError(f"model.target_decay={target_decay} must lie in [0, 1)")
-        self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "lcm")
+        self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "lcm", teacher_config)
         if not isinstance(self.teacher.net, UNet2DConditionModel) or not self.teacher.conditioning.has_unconditional:
             raise ConfigError(
                 f"model=lcm distils a text-conditioned UNet (it embeds the guidance scale); model.teacher={teacher!r} "

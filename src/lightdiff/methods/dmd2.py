@@ -57,6 +57,7 @@ class DistributionMatchingDistillation(pl.LightningModule):
         self,
         data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
         teacher: str,  # lightdiff checkpoint or diffusers pipeline folder / hub id of a DDPM teacher with a UNet
+        teacher_config: str | None = None,  # `teacher` a single-file SD checkpoint: its pipeline's configs
         student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1; [999]: 1-step
         student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
         real_guidance_scale: float = 4.0,  # the teacher's guidance in the matching gradient (text models)
@@ -86,7 +87,7 @@ class DistributionMatchingDistillation(pl.LightningModule):
             raise ConfigError(
                 f"model.gen_gan_weight={gen_gan_weight} and disc_gan_weight={disc_gan_weight} must be >= 0"
             )
-        self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2")
+        self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2", teacher_config)
         if not self.teacher.objective.accepts(LCMScheduler) or not hasattr(self.teacher.net, "mid_block"):
             raise ConfigError(
                 f"model=dmd2 distils DDPM teachers with a UNet (its classifier reads the bottleneck, its student "

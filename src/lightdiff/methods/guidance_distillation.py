@@ -50,6 +50,7 @@ class GuidanceDistillation(pl.LightningModule):
         self,
         data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
         teacher: str,  # lightdiff checkpoint or pipeline folder of a text model with an unconditional input
+        teacher_config: str | None = None,  # `teacher` a single-file SD checkpoint: its pipeline's configs
         guidance_scale_min: float = 1.0,  # the range of the scale w drawn per sample (the student's inputs)
         guidance_scale_max: float = 8.0,
         sample_guidance_scale: float = 4.0,  # the scale previews and exports sample at (the pipeline's default)
@@ -68,7 +69,7 @@ class GuidanceDistillation(pl.LightningModule):
                 f"model.guidance_scale_min={guidance_scale_min} and model.guidance_scale_max={guidance_scale_max} "
                 "must satisfy 0 < min <= max"
             )
-        self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "guidance_distill")
+        self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "guidance_distill", teacher_config)
         if not self.teacher.can_guide:
             raise ConfigError(
                 f"model.teacher={teacher!r} has no unconditional input to guide with: guidance distillation needs a "

@@ -10,6 +10,7 @@ student at 1, 2 and 4 steps beside the teacher, per seed), `save_student` its ch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +24,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.nets.conditioning import Condition, Conditioning, Inputs
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.lora import adapters_disabled
+from lightdiff.nets.pretrained import as_pipeline_folder
 from lightdiff.nets.vae import encode_latents
 from lightdiff.sampling import for_latents, generate, preview_inputs
 from lightdiff.trained import TrainedDenoiser, load_trained, local_path
@@ -55,10 +57,13 @@ class FrozenTeacher(nn.Module):
         data: ImageDataModule,  # must be what the teacher was trained on
         guidance_scale: float,  # its classifier-free guidance where its family has an unconditional input
         method: str,  # the method's model= name, for messages
+        config: str | None = None,  # model.teacher_config: `source` is a single-file SD checkpoint of this pipeline
     ) -> None:
         super().__init__()
         if data.cache_latents:
             raise ConfigError(f"data.cache_latents=true is for model=latent; model={method} encodes on the fly")
+        if config is not None or Path(source).suffix == ".safetensors":  # a .ckpt alone is a lightdiff checkpoint
+            source = as_pipeline_folder(source, config, "model.teacher")
         loaded = load_teacher(source)
         self.source = source
         self.objective = loaded.objective

@@ -72,6 +72,7 @@ class TurboDistillation(pl.LightningModule):
         teacher: str,  # lightdiff checkpoint of a pixel or latent model, or a diffusers pipeline folder / hub id
         discriminator: Callable[..., FeatureDiscriminator],  # the `discriminator` group (a partial; backbone null:
         # the teacher's UNet encoder, LADD)
+        teacher_config: str | None = None,  # `teacher` a single-file SD checkpoint: its pipeline's configs
         student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1
         student_prediction_type: str | None = None,  # None: the teacher's, or v_prediction where an epsilon
         # student's x_0 would amplify its error over 20x at T - 1 (linear and cosine schedules; `with_prediction_type`)
@@ -103,7 +104,7 @@ class TurboDistillation(pl.LightningModule):
             raise ConfigError(
                 f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
             )
-        self.teacher = FrozenTeacher(teacher, data, teacher_guidance_scale, "turbo")
+        self.teacher = FrozenTeacher(teacher, data, teacher_guidance_scale, "turbo", teacher_config)
         # The student walks the teacher's path; it may parametrise its output otherwise (student_prediction_type).
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         # the times the student's pipeline visits in 4 steps (FluxPipeline passes its own sigmas)
