@@ -136,7 +136,7 @@ def test_a_single_file_is_model_pretrained_with_its_configs_offline(
 
 def _clip(width: int, act: str, projection: bool = False) -> CLIPTextModel:
     config = CLIPTextConfig(
-        vocab_size=300,
+        vocab_size=1000,  # above every id of the caption tokenizer
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=2,
@@ -207,6 +207,12 @@ def test_sd2_and_sdxl_layouts_round_trip_with_their_openclip_encoders(tmp_path: 
         )
         for part in parts:
             assert _same_weights(getattr(pipeline, part), getattr(loaded, part)), (name, part)
+        loaded.save_pretrained(tmp_path / f"{name}_back")  # and sample.py draws the same from what came back
+        shown, again = (
+            _images(tmp_path / name, tmp_path / f"{name}_a"),
+            _images(tmp_path / f"{name}_back", tmp_path / f"{name}_b"),
+        )
+        assert all(np.array_equal(a, b) for a, b in zip(shown, again, strict=True))
 
 
 def test_single_file_export_refuses_what_it_cannot_write(pixel_ckpt: Path, tmp_path: Path) -> None:
