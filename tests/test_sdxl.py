@@ -420,6 +420,18 @@ def test_lora_on_an_sdxl_base_exports_for_plain_diffusers(sdxl_pipeline_dir: Pat
     ours = _two_samples(checkpoint, tmp_path / "ours", "steps=3")
     assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
     assert np.abs(theirs - base).max() > 1e-4  # the adapters loaded by diffusers change its images
+    # kohya's SDXL layout names the original UNet's blocks; diffusers' kohya reader maps them back
+    kohya = tmp_path / "kohya.safetensors"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={kohya}", "export_format=kohya"]))
+    from safetensors import safe_open
+
+    with safe_open(str(kohya), framework="pt") as handle:
+        assert any(key.startswith("lora_unet_input_blocks_") for key in handle.keys())
+        assert not any("down_blocks" in key for key in handle.keys())
+    fresh = StableDiffusionXLPipeline.from_pretrained(folder)
+    fresh.load_lora_weights(str(tmp_path), weight_name=kohya.name)
+    from_kohya = fresh(["a red circle"] * 2, generator=generators_for([0, 1]), **arguments).images
+    assert np.abs(from_kohya - theirs).max() < 1e-4
 
 
 def test_lcm_of_an_sdxl_teacher_exports_as_lcm_sdxl(sdxl_ckpt: Path, tmp_path: Path) -> None:

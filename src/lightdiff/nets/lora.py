@@ -29,6 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from lightdiff.config import ConfigError, PositiveFloat, PositiveInt
+from lightdiff.nets.single_file import original_unet_names
 
 ADAPTER = "default"  # peft's adapter name; files carry no name
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -277,17 +278,25 @@ KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # kohya's n
 
 
 def kohya_state_dict(net: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The adapters of a Stable Diffusion 1.x / 2.x UNet (and of its CLIP text encoder, if it has any) in kohya's
-    layout, as sd-scripts writes them and ComfyUI / AUTOMATIC1111 read them: `lora_unet_<module path, dots as
+    """The adapters of a Stable Diffusion 1.x / 2.x or SDXL UNet (and of its CLIP text encoder, if it has any) in
+    kohya's layout, as sd-scripts writes them and ComfyUI / AUTOMATIC1111 read them: `lora_unet_<module path, dots as
     underscores>.lora_down.weight` (peft's lora_A), `.lora_up.weight` (lora_B) and `.alpha` (the update is scaled by
     alpha / rank in both). kohya trains SD 1.x / 2.x on the diffusers UNet, so its module paths are diffusers' own;
-    diffusers' reader of kohya files (`_convert_non_diffusers_lora_to_diffusers`) is the reverse, tested against it."""
-    if lora_prefix(net) != "unet" or getattr(net.config, "addition_embed_type", None) == "text_time":
+    SDXL on the original UNet, so there they are the original names (nets/single_file.py). diffusers' reader of kohya
+    files (`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`) is the reverse, tested
+    against it."""
+    if lora_prefix(net) != "unet":
         raise ConfigError(
-            f"export_format=kohya writes Stable Diffusion 1.x / 2.x UNet adapters; {type(net).__name__} "
-            f"{'(SDXL) ' if lora_prefix(net) == 'unet' else ''}is not one (kohya's SDXL layout names the original "
-            "UNet's blocks, which needs the single-file key mapping): export the diffusers LoRA file instead"
+            f"export_format=kohya writes Stable Diffusion / SDXL UNet adapters; {type(net).__name__} is not a UNet: "
+            "export the diffusers LoRA file instead"
         )
+    sdxl = getattr(net.config, "addition_embed_type", None) == "text_time"
+    original = {}
+    if sdxl:  # module path -> the original UNet's (kohya's SDXL names)
+        weights = [key.replace(".base_layer", "") for key in net.state_dict() if not is_adapter_key(key)]
+        original = {
+            k.rsplit(".", 1)[0]: v.rsplit(".", 1)[0] for k, v in original_unet_names(weights, dict(net.config)).items()
+        }
     state: dict[str, torch.Tensor] = {}
     for component, module in (("unet", net), ("text_encoder", text_encoder)):
         if module is None or not has_adapters(module):
@@ -301,7 +310,7 @@ def kohya_state_dict(net: torch.nn.Module, text_encoder: torch.nn.Module | None 
                 # kohya names CLIP's modules as CLIPTextModel had them (text_model.encoder...); newer transformers
                 # versions dropped the text_model level
                 path = f"text_model.{path}"
-            name = KOHYA_PREFIXES[component] + path.replace(".", "_")
+            name = KOHYA_PREFIXES[component] + original.get(path, path).replace(".", "_")
             state[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.detach().contiguous()
             state[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
     if not state:

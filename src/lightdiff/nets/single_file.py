@@ -40,6 +40,12 @@ def _renamed(rest: str, names: dict[str, str]) -> str:
 def original_unet(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A diffusers UNet2DConditionModel's state dict in the original layout (keys without `model.diffusion_model.`),
     the inverse of diffusers' convert_ldm_unet_checkpoint for its config."""
+    names = original_unet_names(list(state), config)
+    return {names[key]: tensor for key, tensor in state.items()}
+
+
+def original_unet_names(keys: list[str], config: dict[str, Any]) -> dict[str, str]:
+    """Each diffusers UNet weight name of `keys` -> its original name (what `original_unet` renames by)."""
     per_block = config["layers_per_block"] + 1  # input blocks per down block: its ResNets and its downsampler
     top = {diffusers: original for diffusers, original in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
     if config.get("class_embed_type") in ("timestep", "projection"):
@@ -49,13 +55,10 @@ def original_unet(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dic
     if config.get("num_class_embeds") is not None:
         top["class_embedding.weight"] = "label_emb.weight"
     upsampler_slot = {  # an up block's upsampler follows its last ResNet, and its attention where it has one
-        int(block): 2 if any(k.startswith(f"up_blocks.{block}.attentions.") for k in state) else 1
-        for block in {key.split(".")[1] for key in state if key.startswith("up_blocks.")}
+        int(block): 2 if any(k.startswith(f"up_blocks.{block}.attentions.") for k in keys) else 1
+        for block in {key.split(".")[1] for key in keys if key.startswith("up_blocks.")}
     }
-    original: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        original[_unet_key(key, top, per_block, upsampler_slot)] = tensor
-    return original
+    return {key: _unet_key(key, top, per_block, upsampler_slot) for key in keys}
 
 
 def _unet_key(key: str, top: dict[str, str], per_block: int, upsampler_slot: dict[int, int]) -> str:
