@@ -132,6 +132,13 @@ def test_a_single_file_is_model_pretrained_with_its_configs_offline(
     ).save_pretrained(other)
     with pytest.raises(ConfigError, match="model.safetensors' does not load as the StableDiffusionPipeline"):
         as_pipeline_folder(str(single), str(other))
+    save_file({"unknown.weight": torch.zeros(3)}, str(tmp_path / "unknown.safetensors"))  # no known layout
+    del tensors["model.diffusion_model.out.2.bias"]  # one weight short: never a partly random network
+    save_file(tensors, str(tmp_path / "short.safetensors"))
+    for name in ("unknown", "short"):
+        with pytest.raises(ConfigError, match=f"{name}.safetensors' does not load as"):
+            as_pipeline_folder(str(tmp_path / f"{name}.safetensors"), str(folder))
+    assert len(list((tmp_path / "cache" / "single_file").iterdir())) == 2  # nothing half-written for the refused
 
 
 def _clip(width: int, act: str, projection: bool = False) -> CLIPTextModel:
