@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def as_pipeline_folder(source: str, config: str | None, key: str = "model.pretra
         raise ConfigError(f"{key}_config={config!r} is a {class_name}; single files load as {SINGLE_FILE_PIPELINES}")
     if path.suffix == ".ckpt":
         try:  # refused before diffusers reads it: a checkpoint never needs to run code to load
-            torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            torch.load(path, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as error:
             raise ConfigError(
                 f"{key}={source!r} cannot be read as tensors only (weights_only unpickling refused it: {error}); "
@@ -90,18 +91,8 @@ def as_pipeline_folder(source: str, config: str | None, key: str = "model.pretra
 
 
 def pipeline_config_class(pretrained: str, key: str) -> str:
-    """The `_class_name` of a pipeline folder's or hub id's model_index.json."""
-    path = Path(pretrained).expanduser()
-    try:
-        if path.is_dir():
-            index = path / "model_index.json"
-        else:
-            from huggingface_hub import hf_hub_download
-
-            index = Path(hf_hub_download(pretrained, "model_index.json"))
-        return str(json.loads(index.read_text()).get("_class_name"))
-    except Exception as error:
-        raise ConfigError(f"{key}={pretrained!r} is not a diffusers pipeline (no model_index.json): {error}") from error
+    """The pipeline class a folder's or hub id's model_index.json names (`_class_name`)."""
+    return str(model_index(pretrained, key).get("_class_name"))
 
 
 def load_component(cls: Any, source: str, subfolder: str, key: str = "model.pretrained") -> Any:
@@ -144,6 +135,11 @@ def listed_parts(config: dict[str, Any]) -> dict[str, Any]:
 
 def pipeline_config(pretrained: str, key: str = "model.pretrained") -> dict[str, Any]:
     """A pipeline folder's or hub id's model_index.json: its parts and its own settings."""
+    return {name: value for name, value in model_index(pretrained, key).items() if not name.startswith("_")}
+
+
+def model_index(pretrained: str, key: str = "model.pretrained") -> dict[str, Any]:
+    """A pipeline folder's or hub id's model_index.json, whole."""
     path = Path(pretrained).expanduser()
     try:
         if path.is_dir():
@@ -152,10 +148,9 @@ def pipeline_config(pretrained: str, key: str = "model.pretrained") -> dict[str,
             from huggingface_hub import hf_hub_download
 
             index = Path(hf_hub_download(pretrained, "model_index.json"))
-        parts = json.loads(index.read_text())
+        return json.loads(index.read_text())
     except Exception as error:  # no such folder or file, offline, not JSON
         raise ConfigError(f"{key}={pretrained!r} is not a diffusers pipeline (no model_index.json): {error}") from error
-    return {name: value for name, value in parts.items() if not name.startswith("_")}
 
 
 def load_denoiser(pretrained: str) -> Denoiser:
