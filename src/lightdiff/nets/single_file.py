@@ -1,10 +1,10 @@
 """Stable Diffusion 1.x / 2.x and SDXL in the original single-file layout (one `.safetensors` holding
 `model.diffusion_model.*`, `first_stage_model.*` and `cond_stage_model.*` or `conditioner.embedders.*`): what most
-shared fine-tunes are and what ComfyUI and AUTOMATIC1111 load. diffusers reads that layout (`from_single_file`, `loaders/single_file_utils.py`) but writes none,
-so the writer here is the reverse of diffusers' readers: the top-level names come from diffusers' own table
-(DIFFUSERS_TO_LDM_MAPPING, read backwards), and each block rename below inverts one rename of theirs (named beside it).
-The tests run diffusers' readers on what is written and require every weight back exactly, so a rename that drifts
-from theirs fails."""
+shared fine-tunes are and what ComfyUI and AUTOMATIC1111 load. diffusers reads that layout (`from_single_file`,
+`loaders/single_file_utils.py`) but writes none, so the writer here is the reverse of diffusers' readers: the
+top-level names come from diffusers' own table (DIFFUSERS_TO_LDM_MAPPING, read backwards), and each block rename below
+inverts one rename of theirs (named beside it). The tests run diffusers' readers on what is written and require every
+weight back exactly, so a rename that drifts from theirs fails."""
 
 from __future__ import annotations
 
