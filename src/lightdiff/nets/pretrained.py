@@ -153,27 +153,26 @@ def model_index(pretrained: str, key: str = "model.pretrained") -> dict[str, Any
         raise ConfigError(f"{key}={pretrained!r} is not a diffusers pipeline (no model_index.json): {error}") from error
 
 
-def load_denoiser(pretrained: str) -> Denoiser:
-    """The pipeline's denoiser (`unet/` or `transformer/`), of a class lightdiff knows."""
-    parts = pipeline_parts(pretrained)
-    part = "unet" if "unet" in parts else "transformer"
-    class_name = (parts.get(part) or [None, None])[1]
-    if class_name not in DENOISER_CLASSES:
-        raise ConfigError(
-            f"model.pretrained={pretrained!r}: its {part} is {class_name!r}, not one of {sorted(DENOISER_CLASSES)}"
-        )
-    return load_component(DENOISER_CLASSES[class_name], pretrained, part)
-
-
-def denoiser_skeleton(pretrained: str, key: str = "model.pretrained") -> Denoiser:
-    """The pipeline's denoiser built from its config alone, on the meta device (no weights read): what decides its
-    text family, for tools that need the family and not the network (the shard writer's `--text-encoder`)."""
+def _denoiser_part(pretrained: str, key: str) -> tuple[str, type]:
+    """The pipeline's denoiser part (`unet` or `transformer`) and its class, one lightdiff knows."""
     parts = pipeline_parts(pretrained, key)
     part = "unet" if "unet" in parts else "transformer"
     class_name = (parts.get(part) or [None, None])[1]
     if class_name not in DENOISER_CLASSES:
         raise ConfigError(f"{key}={pretrained!r}: its {part} is {class_name!r}, not one of {sorted(DENOISER_CLASSES)}")
-    cls = DENOISER_CLASSES[class_name]
+    return part, DENOISER_CLASSES[class_name]
+
+
+def load_denoiser(pretrained: str) -> Denoiser:
+    """The pipeline's denoiser (`unet/` or `transformer/`), of a class lightdiff knows."""
+    part, cls = _denoiser_part(pretrained, "model.pretrained")
+    return load_component(cls, pretrained, part)
+
+
+def denoiser_skeleton(pretrained: str, key: str = "model.pretrained") -> Denoiser:
+    """The pipeline's denoiser built from its config alone, on the meta device (no weights read): what decides its
+    text family, for tools that need the family and not the network (the shard writer's `--text-encoder`)."""
+    part, cls = _denoiser_part(pretrained, key)
     try:
         config = cls.load_config(pretrained, subfolder=part)
     except (OSError, ValueError) as error:
