@@ -30,13 +30,13 @@ from lightdiff.metrics.motion import motion_metric, video_distance
 from lightdiff.nets.conditioning import T5Text, conditioning_from_state
 from lightdiff.nets.pretrained import load_vae
 from lightdiff.nets.text import build_t5_tokenizer, t5_encoder_from_scratch
-from lightdiff.nets.vae import decode_latents, encode_latents
+from lightdiff.nets.vae import decode_latents, encode_latents, posterior_moments
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import frames_grid, generate, to_uint8, write_video
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, tiny_video_vae
+from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, tiny_vae, tiny_video_vae
 from .test_exact_resume import _assert_same_state
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
@@ -487,3 +487,59 @@ def test_video_run_resumes_bit_identical(video_vae_dir: Path, tmp_path: Path, mo
     monkeypatch.setattr(random_state, "restore_random_state", lambda state: None)
     with pytest.raises(AssertionError, match="weights differ"):
         _assert_same_state(expected, resumed("cut-without-rng"))
+
+
+def test_clip_latent_cache_holds_each_clips_posterior_for_3d_and_frame_wise_vaes(tmp_path: Path) -> None:
+    """data.cache_latents on clips: each stored item is the clip's q(z | x) in `posterior_moments`' layout, and
+    `encode_latents` draws latents of the on-the-fly shape from it, for CogVideoX's 3-D VAE and a frame-wise one."""
+    from lightdiff.data import MovingShapesDataModule
+
+    clips = torch.stack([MovingShapesDataset(size=8, resolution=16, num_frames=9)[i]["pixel_values"] for i in (2, 5)])
+    # (VAE, a clip's stored moments, its latents): CogVideoX's (2C, F', h, w) -> (F', C, h, w); frame-wise (F, 2C, h, w)
+    for vae, layout, latents in (
+        (tiny_video_vae().eval(), (8, 3, 4, 4), (3, 4, 4, 4)),
+        (tiny_vae().eval(), (9, 8, 8, 8), (9, 4, 8, 8)),
+    ):
+        data = MovingShapesDataModule(
+            resolution=16, num_frames=9, size=8, batch_size=4, cache_latents=True, latent_cache_dir=str(tmp_path)
+        )
+        data.use_latent_cache(vae)
+        stored = torch.stack([data.dataset[i]["latent_moments"] for i in (2, 5)])
+        with torch.no_grad():
+            expected = posterior_moments(vae, clips)
+        assert tuple(stored.shape[1:]) == layout
+        torch.testing.assert_close(stored, expected, atol=2e-2, rtol=1e-2)  # stored as float16
+        torch.manual_seed(0)
+        from_cache = encode_latents(vae, None, stored)
+        torch.manual_seed(0)
+        on_the_fly = encode_latents(vae, clips)
+        assert from_cache.shape == on_the_fly.shape == (2, *latents)
+        torch.testing.assert_close(from_cache, on_the_fly, atol=0.1, rtol=0.05)
+        assert not torch.allclose(from_cache[0], from_cache[1], atol=0.1)  # two clips, not one broadcast
+    assert len(list(tmp_path.glob("latents-*.pt"))) == 2  # one cache per VAE
+
+
+def test_text_to_video_trains_from_the_clip_latent_cache_without_encoding(
+    video_vae_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the cache exists, a run encodes no clip; the control without data.cache_latents encodes every step's."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    calls: list[int] = []
+    encode = AutoencoderKLCogVideoX.encode
+
+    def counted(self, pixels, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(len(pixels))
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "encode", counted)
+    cache = [f"data.latent_cache_dir={tmp_path / 'cache'}", "data.size=8"]
+    train_run(_video_config(tmp_path, video_vae_dir, "run_name=fill", "data.cache_latents=true", *cache))
+    assert sum(calls) == 8 and len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1  # every clip once
+    calls.clear()
+    cfg = _video_config(tmp_path, video_vae_dir, "run_name=cached", "data.cache_latents=true", *cache)
+    trainer = train_run(cfg)
+    assert trainer.global_step == 2 and calls == []
+    assert (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file()
+    train_run(_video_config(tmp_path, video_vae_dir, "run_name=uncached", *cache))
+    assert calls == [4, 4]  # the control: two steps of 4 clips encoded on the fly

@@ -272,3 +272,6 @@ def test_svd_pipeline_fine_tunes_and_exports_with_its_temporal_decoder(tmp_path:
     with pytest.raises(ConfigError, match="takes a frame-wise VAE"):
         train_run(compose_config("train", [*overrides[:-3], f"model.vae={tmp_path / 'video-vae'}", "run_name=wrong"]))
     assert not (tmp_path / "wrong").exists()
+    with pytest.raises(ConfigError, match="first frame in pixels"):  # its conditioning reads the clips' pixels
+        train_run(compose_config("train", [*overrides[:-1], "data.cache_latents=true", "run_name=cached"]))
+    assert not list((tmp_path / "cached" / "checkpoints").glob("*.ckpt"))

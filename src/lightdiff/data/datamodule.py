@@ -265,6 +265,8 @@ class MovingShapesDataModule(ImageDataModule):
         pin_memory: bool = False,  # page-locked batches
         persistent_workers: bool = False,  # keep workers between epochs
         val_size: int = 0,  # held-out clips for val/loss: items size .. size + val_size - 1, never trained on
+        cache_latents: bool = False,  # model=video: encode the clips once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
         dataset = MovingShapesDataset(size=size, resolution=resolution, num_frames=num_frames, seed=seed)
         held_out = None
@@ -273,7 +275,15 @@ class MovingShapesDataModule(ImageDataModule):
             held_out = Subset(longer, range(size, size + val_size))
         identity = f"moving_shapes|size={size}|seed={seed}|resolution={resolution}|num_frames={num_frames}"
         super().__init__(
-            dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity, val_dataset=held_out
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            latent_cache_dir,
+            identity=identity,
+            val_dataset=held_out,
         )
 
 
@@ -292,6 +302,8 @@ class VideoFolderDataModule(ImageDataModule):
         num_workers: int = 2,  # loader processes
         pin_memory: bool = True,  # page-locked batches
         persistent_workers: bool = True,  # keep workers between epochs
+        cache_latents: bool = False,  # model=video: encode the clips once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
     ) -> None:
         dataset = VideoFolderDataset(root, resolution, num_frames, frame_stride, skip_bad)
         newest = max(path.stat().st_mtime_ns for path in dataset.paths)
@@ -299,7 +311,9 @@ class VideoFolderDataModule(ImageDataModule):
             f"video_folder|{dataset.root.resolve()}|clips={len(dataset)}|newest={newest}|resolution={resolution}"
             f"|num_frames={num_frames}|frame_stride={frame_stride}"
         )
-        super().__init__(dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity)
+        super().__init__(
+            dataset, batch_size, num_workers, pin_memory, persistent_workers, cache_latents, latent_cache_dir, identity
+        )
 
 
 class ImageFolderDataModule(ImageDataModule):

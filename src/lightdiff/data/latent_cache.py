@@ -19,15 +19,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightdiff.checkpointing import module_fingerprint, save_atomically
+from lightdiff.nets.vae import Autoencoder, posterior_moments
 
 log = logging.getLogger(__name__)
 
 
-def vae_fingerprint(vae: AutoencoderKL) -> str:
+def vae_fingerprint(vae: Autoencoder) -> str:
     """Hash of the VAE's config and weights."""
     return module_fingerprint(dict(vae.config), vae)
 
@@ -38,7 +38,8 @@ def _cache_path(cache_dir: Path, kind: str, *parts: str) -> Path:
 
 class LatentCacheDataset(Dataset):
     """Items {"latent_moments": (2C, h, w), "size_and_crop": (6,), "label", "text"} (+ "text_states": (tokens, width)
-    once a text cache is attached) in the order of the data set they were encoded from."""
+    once a text cache is attached) in the order of the data set they were encoded from; a clip's moments are in
+    `lightdiff.nets.vae.posterior_moments`' layout."""
 
     def __init__(
         self,
@@ -85,7 +86,7 @@ class LatentCacheDataset(Dataset):
 
 @torch.no_grad()
 def cached_latents(
-    dataset: Dataset, identity: str, vae: AutoencoderKL, cache_dir: Path, batch_size: int = 64
+    dataset: Dataset, identity: str, vae: Autoencoder, cache_dir: Path, batch_size: int = 64
 ) -> LatentCacheDataset:
     """Load the cache of (`identity`, `vae`) from `cache_dir`, or encode `dataset` and write it (atomically)."""
     path = _cache_path(cache_dir, "latents", identity, vae_fingerprint(vae))
@@ -99,7 +100,9 @@ def cached_latents(
     log.info("latent cache miss: encoding %d images into %s", len(dataset), path)
     count = len(dataset)
     moments: list[torch.Tensor | None] = [None] * count
-    labels, texts, sizes_and_crops = torch.zeros(count, dtype=torch.long), [""] * count, torch.zeros(count, 6).long()
+    labels, texts = torch.zeros(count, dtype=torch.long), [""] * count
+    uncropped = torch.tensor([resolution, resolution, 0, 0, resolution, resolution])
+    sizes_and_crops = uncropped.repeat(count, 1)  # what LatentCacheDataset assumes where none were kept
     device = next(vae.parameters()).device
     # One bucket at a time (data/buckets.py): a batch must be one size; without buckets, one group of everything.
     bucket_of = getattr(dataset, "bucket_of", None) or [0] * count
@@ -108,12 +111,13 @@ def cached_latents(
         done = 0
         for batch in DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False):
             pixels = batch["pixel_values"].to(device, vae.dtype)  # the VAE may be half precision (frozen_dtype)
-            encoded = vae.encode(pixels).latent_dist.parameters.half().cpu()
+            encoded = posterior_moments(vae, pixels).half().cpu()  # images' or clips' (lightdiff.nets.vae)
             for offset, index in enumerate(indices[done : done + len(encoded)]):
                 moments[index] = encoded[offset]
                 labels[index] = int(batch["label"][offset])
                 texts[index] = batch["text"][offset]
-                sizes_and_crops[index] = batch["size_and_crop"][offset]
+                if "size_and_crop" in batch:  # images' SDXL micro-conditioning; clips have none
+                    sizes_and_crops[index] = batch["size_and_crop"][offset]
             done += len(encoded)
     shapes = {tuple(moment.shape) for moment in moments}
     # one tensor when every image has one size; a list of per-image tensors across buckets

@@ -247,6 +247,11 @@ class DiffusionTraining(pl.LightningModule):
         """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""
         if self.vae is None:
             raise ConfigError("data.cache_latents=true is for model=latent: a pixel model has no VAE (model.vae)")
+        if "image" in self.conditioning.reads:
+            raise ConfigError(
+                "data.cache_latents=true serves latents only: model=video_i2v conditions on each clip's first frame "
+                "in pixels (its image encoder), so it encodes the clips on the fly"
+            )
         if isinstance(self.conditioning, CacheableText) and self.conditioning.cacheable:
             return self.vae, self.conditioning.cache_fingerprint(), self.conditioning.encode
         return self.vae, None, None

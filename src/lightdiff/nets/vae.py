@@ -100,19 +100,27 @@ def frozen_vae_dtype(vae: Autoencoder, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def posterior_moments(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
+    """The parameters (mean and log-variance) of q(z | x), one row per image or clip (what the latent cache stores and
+    `encode_latents` takes back): images (B, 2C, h, w), a 3-D VAE's clips (B, 2C, F', h, w) in its own layout, a
+    frame-wise VAE's clips (B, F, 2C, h, w)."""
+    moments = posterior(vae, pixels).parameters
+    return moments.unflatten(0, pixels.shape[:2]) if pixels.ndim == 5 and not is_video_vae(vae) else moments
+
+
 @torch.no_grad()
 def encode_latents(vae: Autoencoder, pixels: torch.Tensor | None, moments: torch.Tensor | None = None) -> torch.Tensor:
     """(z - shift_factor) * scaling_factor, z ~ q(z | x), as StableDiffusion3Pipeline and FluxPipeline's training
     scripts encode (CogVideoX's: z * scaling_factor, in (B, F, C, H, W)); from cached posterior `moments`
-    (data.cache_latents) when given, so a fresh z is drawn every step either way."""
+    (data.cache_latents, `posterior_moments`' layout) when given, so a fresh z is drawn every step either way."""
     if moments is None:  # the VAE may run in half precision (model.frozen_dtype); the latents are float32
-        moments = posterior(vae, pixels.to(vae.dtype)).parameters.float()
-    latents = (DiagonalGaussianDistribution(moments.float()).sample() - latent_shift(vae)) * vae.config.scaling_factor
+        moments = posterior_moments(vae, pixels.to(vae.dtype))
+    frame_wise = moments.ndim == 5 and not is_video_vae(vae)  # a frame-wise VAE's clips: the frames as a batch
+    flat = moments.flatten(0, 1) if frame_wise else moments
+    latents = (DiagonalGaussianDistribution(flat.float()).sample() - latent_shift(vae)) * vae.config.scaling_factor
     if is_video_vae(vae):
         return _to_vae_layout(latents)
-    if pixels is not None and pixels.ndim == 5:  # a frame-wise VAE's frames back into their clips
-        return latents.unflatten(0, pixels.shape[:2])
-    return latents
+    return latents.unflatten(0, moments.shape[:2]) if frame_wise else latents
 
 
 @torch.no_grad()
