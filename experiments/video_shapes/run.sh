@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce experiments/video_shapes (from the repository root):
 #   bash experiments/video_shapes/run.sh vae        # the moving-shapes video VAE, exported into the package
-#   bash experiments/video_shapes/run.sh t2v [N]    # text-to-video (model=video) for N steps, judged on 256 clips
+#   bash experiments/video_shapes/run.sh t2v [N]    # text-to-video (experiment=t2v_shapes) for N steps (5000), judged on 256 clips
 #   bash experiments/video_shapes/run.sh i2v [N]    # image-to-video (model=video_i2v) for N steps, judged likewise
 set -euo pipefail
 stage=${1:?vae | t2v | i2v}
@@ -16,9 +16,13 @@ vae)
         export=src/lightdiff/assets/vae_moving_shapes overwrite=true
     ;;
 t2v | i2v)
-    model=$([ "$stage" = t2v ] && echo video || echo video_i2v)
     run=video_shapes_$stage
-    python train.py model=$model run_name=$run logger=csv trainer.max_steps="$steps" callbacks.samples.every_n_steps=1000
+    if [ "$stage" = t2v ]; then  # model=video at the size and batch that fit the task (conf/experiment/t2v_shapes.yaml)
+        python train.py experiment=t2v_shapes run_name=$run logger=csv trainer.max_steps="${2:-5000}"
+    else
+        python train.py model=video_i2v run_name=$run logger=csv trainer.max_steps="$steps" \
+            callbacks.samples.every_n_steps=1000
+    fi
     # 256 clips of seeds 0..255 (prompts cycle through the 96 captions; i2v: the data's first frames are not a prompt,
     # so sample.py draws from one frame: the training previews' final_metrics.json judges 256 data frames instead)
     if [ "$stage" = t2v ]; then
