@@ -83,6 +83,34 @@ def test_ddim_eta_changes_images(trained: dict[str, Path], tmp_path: Path) -> No
         _sample(trained["uncond"], tmp_path / "2", "sampler=euler", "eta=0.5")
 
 
+def test_eta_refused_where_the_step_ignores_it() -> None:
+    """CogVideoXDDIMScheduler.step takes `eta` and ignores it: eta=1 would be recorded in metadata.jsonl and change
+    nothing, so it is refused (model=video's sampler); DDIMScheduler's eta is honoured."""
+    from diffusers import CogVideoXDDIMScheduler, DDIMScheduler
+
+    from lightdiff.sampling import check_eta
+
+    cogvideox = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    cogvideox.set_timesteps(10)
+    sample, output, t = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), cogvideox.timesteps[3]
+    steps = [
+        cogvideox.step(output, t, sample, eta=eta, generator=torch.Generator().manual_seed(0)).prev_sample
+        for eta in (0.0, 1.0)
+    ]
+    # the premise: if diffusers ever honours eta here, this fails and the entry in _STEP_IGNORES_ETA must go
+    assert torch.equal(steps[0], steps[1])
+    with pytest.raises(ValueError, match="eta=1.0 has no meaning for CogVideoXDDIMScheduler"):
+        check_eta(cogvideox, 1.0)
+    assert check_eta(cogvideox, 0.0) is False  # eta=0 is what it does anyway
+    ddim = DDIMScheduler()
+    ddim.set_timesteps(10)
+    honoured = [
+        ddim.step(output, ddim.timesteps[3], sample, eta=eta, generator=torch.Generator().manual_seed(0)).prev_sample
+        for eta in (0.0, 1.0)
+    ]
+    assert check_eta(ddim, 1.0) is True and not torch.equal(honoured[0], honoured[1])  # negative control
+
+
 @pytest.mark.parametrize(("sampler", "pipeline_class"), [("ddim", DDIMPipeline), ("ddpm", DDPMPipeline)])
 def test_export_round_trip_with_plain_diffusers(
     sampler: str, pipeline_class: type, trained: dict[str, Path], tmp_path: Path

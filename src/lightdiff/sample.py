@@ -39,6 +39,7 @@ from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.vae import frame_count_problem, vae_scale_factor
 from lightdiff.sampling import (
     VIDEO_FORMATS,
+    check_eta,
     for_latents,
     frames_grid,
     generate,
@@ -296,6 +297,7 @@ class Drawing:
     def __init__(self, cfg: DictConfig, denoiser: TrainedDenoiser, device: torch.device, count: int) -> None:
         self.cfg, self.denoiser, self.device = cfg, denoiser, device
         self.scheduler, sampler_cfg = scheduler_for(cfg, denoiser)
+        check_eta(self.scheduler, cfg.eta)  # before any image is drawn
         self.net = denoiser.net.to(device)
         self.conditioning = denoiser.conditioning.to(device)
         self.prompts = _prompts(cfg, denoiser, count)

@@ -49,6 +49,23 @@ def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
 ModelFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> the network's prediction
 
 
+# Schedulers whose `step` has an `eta` parameter but never uses it: CogVideoXDDIMScheduler always steps
+# deterministically (diffusers 0.42), so eta=1 would change nothing while metadata.jsonl recorded it.
+_STEP_IGNORES_ETA = ("CogVideoXDDIMScheduler",)
+
+
+def check_eta(scheduler: SchedulerMixin, eta: float) -> bool:
+    """Whether `scheduler.step` uses DDIM's `eta`; a nonzero `eta` for one that does not is an error (it would draw
+    the same images as eta=0)."""
+    name = type(scheduler).__name__
+    takes_eta = "eta" in inspect.signature(scheduler.step).parameters and name not in _STEP_IGNORES_ETA
+    if eta != 0 and not takes_eta:
+        raise ValueError(
+            f"eta={eta} has no meaning for {name} (its step has no eta, or ignores it); only the ddim sampler takes eta"
+        )
+    return takes_eta
+
+
 @torch.no_grad()
 def denoise(
     model: ModelFunction,
@@ -71,9 +88,7 @@ def denoise(
     """
     if num_inference_steps < 1:
         raise ValueError(f"steps={num_inference_steps} must be at least 1")
-    step_parameters = inspect.signature(scheduler.step).parameters
-    if eta != 0 and "eta" not in step_parameters:
-        raise ValueError(f"eta={eta} has no meaning for {type(scheduler).__name__}; only the ddim sampler takes eta")
+    takes_eta = check_eta(scheduler, eta)
     if len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
     sample = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
@@ -82,7 +97,7 @@ def denoise(
     sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
     scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     step_kwargs: dict[str, object] = {"generator": generators}
-    if "eta" in step_parameters:
+    if takes_eta:
         step_kwargs["eta"] = eta
     for t in scheduler.timesteps:
         # Always a float32 copy: a net compiled with CUDA graphs (speed.compile_mode=reduce-overhead) returns its
