@@ -37,6 +37,7 @@ class ShapeJudgement:
     valid: bool  # one shape of the data set on a dark background
     shape: str | None  # recognised shape, None if none
     color: str | None  # nearest palette colour, None if none is close
+    fill: float = float("nan")  # area / (soft width x soft height): square 1, circle pi/4, triangle 1/2; nan: no blob
 
 
 def _as_uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -108,7 +109,7 @@ def judge_image(image: np.ndarray) -> ShapeJudgement:
         and color is not None
         and uniform
     )
-    return ShapeJudgement(valid, shape, color)
+    return ShapeJudgement(valid, shape, color, float(fill))
 
 
 def parse_prompt(prompt: str) -> tuple[str | None, str | None]:

@@ -1,0 +1,109 @@
+"""Why text-to-video clips miss on the video judge: sample a checkpoint as sample.py does, then count each wrong clip
+under its first failing cause, the right share per captioned shape, which shape was drawn for which, and the shapes'
+fill (area / box: square 1, circle pi/4, triangle 1/2; the judge calls the nearest within 0.1) per captioned shape,
+beside the same for data clips and the video VAE's reconstructions of them (what the model could reach).
+
+    python experiments/video_shapes/failure_modes.py outputs/RUN/checkpoints/last.ckpt OUT.json \
+        [sample.py overrides, e.g. num_images=256 guidance_scale=4]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from lightdiff.data.moving_shapes import MovingShapesDataset
+from lightdiff.metrics.motion import judge_clip, motion_metric, parse_motion_prompt
+from lightdiff.metrics.shapes import SHAPES, judge_image
+from lightdiff.nets.vae import decode, posterior_moments
+from lightdiff.sample import Drawing, load_for_sampling
+from lightdiff.sampling import to_uint8
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+REFERENCE_CLIPS = 192  # data clips (and their reconstructions) for the reference fills
+
+
+def cause(clip: np.ndarray, prompt: str) -> str:
+    """The first thing the judge finds wrong with a clip, or "right"."""
+    wanted = parse_motion_prompt(prompt)
+    if judge_clip(clip, wanted).right:
+        return "right"
+    frames = [judge_image(frame) for frame in clip]
+    if not all(frame.valid for frame in frames):
+        return "some frame not a valid shape"
+    if len({(frame.shape, frame.color) for frame in frames}) > 1:
+        return "valid frames, shape or colour changes"
+    if frames[0].shape != wanted[0]:
+        return "wrong shape"
+    if frames[0].color != wanted[1]:
+        return "wrong colour"
+    return "motion"
+
+
+def fills(clips: np.ndarray, prompts: list[str]) -> dict[str, list[float]]:
+    """10th, 50th and 90th percentile of the fill of every frame, per captioned shape."""
+    result = {}
+    for shape in SHAPES:
+        values = [judge_image(frame).fill for clip, p in zip(clips, prompts) if shape in p.split() for frame in clip]
+        result[shape] = [round(float(v), 3) for v in np.nanpercentile(values, [10, 50, 90])]
+    return result
+
+
+def reference_fills(vae: torch.nn.Module, data_size: int) -> dict[str, dict[str, list[float]]]:
+    """Fills of data clips and of the VAE's reconstructions (posterior means) of the same clips."""
+    dataset = MovingShapesDataset(size=data_size)
+    items = [dataset[index] for index in range(REFERENCE_CLIPS)]
+    pixels = torch.stack([item["pixel_values"] for item in items])  # (B, F, 3, H, W) in [-1, 1]
+    prompts = [item["text"] for item in items]
+    with torch.no_grad():
+        moments = posterior_moments(vae, pixels)  # a 3-D VAE's (B, 2C, F', h, w)
+        reconstructions = decode(vae, moments.chunk(2, dim=1)[0])
+    return {
+        "data": fills(to_uint8(pixels / 2 + 0.5), prompts),
+        "vae_reconstructions": fills(to_uint8(reconstructions / 2 + 0.5), prompts),
+    }
+
+
+def main(checkpoint: str, out: str, overrides: list[str]) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={checkpoint}", *overrides])
+    denoiser = load_for_sampling(cfg)
+    drawing = Drawing(cfg, denoiser, torch.device("cpu"), cfg.num_images)
+    clips = np.concatenate(
+        [
+            to_uint8(drawing.draw(start, min(cfg.batch_size, cfg.num_images - start)))
+            for start in range(0, cfg.num_images, cfg.batch_size)
+        ]
+    )
+    prompts = list(drawing.prompts)
+    causes = collections.Counter(cause(clip, prompt) for clip, prompt in zip(clips, prompts))
+    right_by_shape = collections.defaultdict(list)
+    drawn_for = collections.Counter()
+    for clip, prompt in zip(clips, prompts):
+        wanted = parse_motion_prompt(prompt)
+        right_by_shape[wanted[0]].append(judge_clip(clip, wanted).right)
+        if cause(clip, prompt) == "wrong shape":
+            drawn_for[f"{wanted[0]} -> {judge_image(clip[0]).shape}"] += 1
+    report = {
+        "checkpoint": checkpoint,
+        "overrides": overrides,
+        "motion": motion_metric(clips, prompts),
+        "causes": dict(causes.most_common()),
+        "right_by_captioned_shape": {shape: float(np.mean(v)) for shape, v in right_by_shape.items()},
+        "wrong_shape_drawn": dict(drawn_for),
+        "fill_percentiles_10_50_90": {"samples": fills(clips, prompts), **reference_fills(denoiser.vae, 8192)},
+    }
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
