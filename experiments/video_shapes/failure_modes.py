@@ -1,7 +1,8 @@
 """Why text-to-video clips miss on the video judge: sample a checkpoint as sample.py does, then count each wrong clip
 under its first failing cause, the right share per captioned shape, which shape was drawn for which, and the shapes'
 fill (area / box: square 1, circle pi/4, triangle 1/2; the judge calls the nearest within 0.1) per captioned shape,
-beside the same for data clips and the video VAE's reconstructions of them (what the model could reach).
+beside the same for data clips and the video VAE's reconstructions of them (what the model could reach); and how far
+apart the VAE's scaled latents put the same clip drawn as a square, a circle and a triangle (what the net must resolve).
 
     python experiments/video_shapes/failure_modes.py outputs/RUN/checkpoints/last.ckpt OUT.json \
         [sample.py overrides, e.g. num_images=256 guidance_scale=4]
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from lightdiff.data.moving_shapes import MovingShapesDataset
+from lightdiff.data.moving_shapes import MovingShapesDataset, clip_path
+from lightdiff.data.shapes import draw_shape
 from lightdiff.metrics.motion import judge_clip, motion_metric, parse_motion_prompt
 from lightdiff.metrics.shapes import SHAPES, judge_image
 from lightdiff.nets.vae import decode, posterior_moments
@@ -70,6 +72,29 @@ def reference_fills(vae: torch.nn.Module, data_size: int) -> dict[str, dict[str,
     }
 
 
+def latent_gaps(vae: torch.nn.Module, count: int = 32) -> dict[str, float]:
+    """RMS differences between data clips 0..count-1 redrawn as each shape (same colour, size and path), in pixels
+    ([-1, 1]) and in the latents the net is trained on (posterior means x scaling_factor); and the latents' std."""
+
+    def redrawn(shape: str, index: int) -> torch.Tensor:
+        _, color, _, side, corners = clip_path(0, index, 32, 9)
+        frames = [np.asarray(draw_shape(shape, color, side, left, top, 32)) for left, top in corners]
+        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (F, 3, H, W)
+
+    gaps: dict[str, list[float]] = collections.defaultdict(list)
+    latents_std = []
+    with torch.no_grad():
+        for index in range(count):
+            clips = torch.stack([redrawn(shape, index) for shape in ("circle", "square", "triangle")])
+            means = posterior_moments(vae, clips).chunk(2, dim=1)[0] * vae.config.scaling_factor
+            latents_std.append(means.std().item())
+            rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()  # noqa: E731
+            gaps["square_vs_circle_pixels"].append(rms(clips[1], clips[0]))
+            gaps["square_vs_circle_latents"].append(rms(means[1], means[0]))
+            gaps["triangle_vs_circle_latents"].append(rms(means[2], means[0]))
+    return {**{key: round(float(np.mean(v)), 4) for key, v in gaps.items()}, "latents_std": float(np.mean(latents_std))}
+
+
 def main(checkpoint: str, out: str, overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt={checkpoint}", *overrides])
@@ -98,6 +123,7 @@ def main(checkpoint: str, out: str, overrides: list[str]) -> None:
         "right_by_captioned_shape": {shape: float(np.mean(v)) for shape, v in right_by_shape.items()},
         "wrong_shape_drawn": dict(drawn_for),
         "fill_percentiles_10_50_90": {"samples": fills(clips, prompts), **reference_fills(denoiser.vae, 8192)},
+        "latent_gaps": latent_gaps(denoiser.vae),
     }
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

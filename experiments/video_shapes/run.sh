@@ -27,7 +27,7 @@ t2v | i2v)
     # so sample.py draws from one frame: the training previews' final_metrics.json judges 256 data frames instead)
     if [ "$stage" = t2v ]; then
         python sample.py ckpt=outputs/$run/checkpoints/last.ckpt out=outputs/$run/judged num_images=256 \
-            batch_size=64 steps=50 metrics=fid metrics.num_samples=256 overwrite=true
+            batch_size=64 steps=50 guidance_scale=1.5 metrics=fid metrics.num_samples=256 overwrite=true
         cat outputs/$run/judged/metrics.json
     fi
     cat outputs/$run/final_metrics.json

@@ -24,7 +24,8 @@ Export layouts, by network and objective (the sampler is the scheduler written t
 - latent CogVideoXTransformer3DModel (video): `CogVideoXPipeline` with its T5 `text_encoder` and the video VAE; plain
   diffusers reproduces lightdiff's clips with `num_frames`, `height` / `width` and `max_sequence_length` =
   lightdiff.json's (`max_sequence_length` is the transformer's text length, so the pipeline's default 226 fits a
-  CogVideoX model trained at its own length only);
+  CogVideoX model trained at its own length only); a flow-matching one keeps the layout, but CogVideoXPipeline
+  calls `scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks: sample it with lightdiff's sample.py;
 - latent UNetSpatioTemporalConditionModel (image-to-video): `StableVideoDiffusionPipeline` with its CLIP
   `image_encoder`, a `feature_extractor` holding the family's normalisation, the VAE (SVD's
   AutoencoderKLTemporalDecoder, or a frame-wise AutoencoderKL, which the pipeline decodes frame by frame) and an Euler
