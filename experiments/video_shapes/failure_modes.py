@@ -31,9 +31,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 REFERENCE_CLIPS = 192  # data clips (and their reconstructions) for the reference fills
 
 
-def cause(clip: np.ndarray, prompt: str) -> str:
-    """The first thing the judge finds wrong with a clip, or "right"."""
-    wanted = parse_motion_prompt(prompt)
+def cause(clip: np.ndarray, wanted: tuple[str | None, str | None, str | None]) -> str:
+    """The first thing the judge finds wrong with a clip made for `wanted` (shape, colour, direction), or "right"."""
     if judge_clip(clip, wanted).right:
         return "right"
     frames = [judge_image(frame) for frame in clip]
@@ -57,9 +56,9 @@ def fills(clips: np.ndarray, prompts: list[str]) -> dict[str, list[float]]:
     return result
 
 
-def reference_fills(vae: torch.nn.Module, data_size: int) -> dict[str, dict[str, list[float]]]:
+def reference_fills(vae: torch.nn.Module, resolution: int, num_frames: int) -> dict[str, dict[str, list[float]]]:
     """Fills of data clips and of the VAE's reconstructions (posterior means) of the same clips."""
-    dataset = MovingShapesDataset(size=data_size)
+    dataset = MovingShapesDataset(size=REFERENCE_CLIPS, resolution=resolution, num_frames=num_frames)
     items = [dataset[index] for index in range(REFERENCE_CLIPS)]
     pixels = torch.stack([item["pixel_values"] for item in items])  # (B, F, 3, H, W) in [-1, 1]
     prompts = [item["text"] for item in items]
@@ -72,13 +71,13 @@ def reference_fills(vae: torch.nn.Module, data_size: int) -> dict[str, dict[str,
     }
 
 
-def latent_gaps(vae: torch.nn.Module, count: int = 32) -> dict[str, float]:
+def latent_gaps(vae: torch.nn.Module, resolution: int, num_frames: int, count: int = 32) -> dict[str, float]:
     """RMS differences between data clips 0..count-1 redrawn as each shape (same colour, size and path), in pixels
     ([-1, 1]) and in the latents the net is trained on (posterior means x scaling_factor); and the latents' std."""
 
     def redrawn(shape: str, index: int) -> torch.Tensor:
-        _, color, _, side, corners = clip_path(0, index, 32, 9)
-        frames = [np.asarray(draw_shape(shape, color, side, left, top, 32)) for left, top in corners]
+        _, color, _, side, corners = clip_path(0, index, resolution, num_frames)
+        frames = [np.asarray(draw_shape(shape, color, side, left, top, resolution)) for left, top in corners]
         return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (F, 3, H, W)
 
     gaps: dict[str, list[float]] = collections.defaultdict(list)
@@ -107,14 +106,17 @@ def main(checkpoint: str, out: str, overrides: list[str]) -> None:
         ]
     )
     prompts = list(drawing.prompts)
-    causes = collections.Counter(cause(clip, prompt) for clip, prompt in zip(clips, prompts))
+    causes: collections.Counter[str] = collections.Counter()
     right_by_shape = collections.defaultdict(list)
-    drawn_for = collections.Counter()
+    drawn_for: collections.Counter[str] = collections.Counter()
     for clip, prompt in zip(clips, prompts):
         wanted = parse_motion_prompt(prompt)
-        right_by_shape[wanted[0]].append(judge_clip(clip, wanted).right)
-        if cause(clip, prompt) == "wrong shape":
+        reason = cause(clip, wanted)
+        causes[reason] += 1
+        right_by_shape[wanted[0]].append(reason == "right")
+        if reason == "wrong shape":
             drawn_for[f"{wanted[0]} -> {judge_image(clip[0]).shape}"] += 1
+    resolution, num_frames = drawing.size[0], drawing.frames
     report = {
         "checkpoint": checkpoint,
         "overrides": overrides,
@@ -122,8 +124,11 @@ def main(checkpoint: str, out: str, overrides: list[str]) -> None:
         "causes": dict(causes.most_common()),
         "right_by_captioned_shape": {shape: float(np.mean(v)) for shape, v in right_by_shape.items()},
         "wrong_shape_drawn": dict(drawn_for),
-        "fill_percentiles_10_50_90": {"samples": fills(clips, prompts), **reference_fills(denoiser.vae, 8192)},
-        "latent_gaps": latent_gaps(denoiser.vae),
+        "fill_percentiles_10_50_90": {
+            "samples": fills(clips, prompts),
+            **reference_fills(denoiser.vae, resolution, num_frames),
+        },
+        "latent_gaps": latent_gaps(denoiser.vae, resolution, num_frames),
     }
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
