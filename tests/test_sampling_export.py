@@ -15,7 +15,7 @@ from PIL import Image
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageFolderDataModule
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import generate, generators_for
+from lightdiff.sampling import generate, generators_for, to_uint8
 from lightdiff.trained import load_denoiser
 
 from .conftest import compose_config
@@ -81,6 +81,13 @@ def test_ddim_eta_changes_images(trained: dict[str, Path], tmp_path: Path) -> No
     assert not np.array_equal(deterministic, stochastic)
     with pytest.raises(ValueError, match="only the ddim sampler takes eta"):
         _sample(trained["uncond"], tmp_path / "2", "sampler=euler", "eta=0.5")
+
+
+def test_to_uint8_clips_a_decoders_overshoot() -> None:
+    # A VAE decodes a black background to about -0.01: cast unclipped it wraps around to white (the negative control).
+    images = torch.tensor([-0.01, 0.0, 0.5, 1.0, 1.02]).reshape(1, 1, 5, 1).expand(1, 3, 5, 1)
+    assert to_uint8(images)[0, :, 0, 0].tolist() == [0, 0, 128, 255, 255]
+    assert (images.movedim(-3, -1).numpy() * 255).round().astype(np.uint8)[0, 0, 0, 0] != 0
 
 
 def test_eta_refused_where_the_step_ignores_it() -> None:

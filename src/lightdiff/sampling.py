@@ -221,8 +221,9 @@ def preview_inputs(
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounding as diffusers' `numpy_to_pil` does; clips
-    (B, F, 3, H, W) -> (B, F, H, W, 3)."""
-    return (images.movedim(-3, -1).cpu().numpy() * 255).round().astype(np.uint8)
+    (B, F, 3, H, W) -> (B, F, H, W, 3). Clipped to [0, 1] first, as the pipelines' post-processing clamps: a decoder's
+    overshoot (-0.01) would otherwise wrap around to white (255) in the cast."""
+    return (images.movedim(-3, -1).cpu().numpy().clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def grid_columns(count: int) -> int:
