@@ -132,7 +132,11 @@ def build(node, **kwargs):
         made.callbacks.append(Slow())
     return made
 train.build = build
-train.run(cfg)
+from lightdiff.callbacks.preemption import PREEMPTED_EXIT_STATUS, Preempted
+try:
+    train.run(cfg)
+except Preempted:  # as train.py's entry does
+    sys.exit(PREEMPTED_EXIT_STATUS)
 """
 
 
@@ -220,6 +224,33 @@ TINY_VIDEO_MODEL = [
     "model.text_layers=1",
     "model.text_heads=2",
 ]
+
+
+TINY_PIPELINE_CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Stable-Diffusion-layout folder made offline from tiny parts, as `from_pretrained` expects on a hub."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lightdiff.diffusion import NoiseSchedule
+    from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
+
+    tokenizer = build_caption_tokenizer(TINY_PIPELINE_CAPTIONS * 5, vocab_size=300, model_max_length=8)
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+        tokenizer=tokenizer,
+        unet=tiny_cond_unet(16),
+        scheduler=DDIMScheduler(**NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).scheduler_kwargs()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
+    pipeline.save_pretrained(folder)
+    return folder
 
 
 def tiny_cond_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:

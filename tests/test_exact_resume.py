@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lightdiff.callbacks import random_state
+from lightdiff.callbacks.preemption import PREEMPTED_EXIT_STATUS
 from lightdiff.config import ConfigError
 from lightdiff.data.sampler import ResumableSampler
 from lightdiff.train import run
@@ -71,7 +72,8 @@ def _signal_part_way(
     finally:
         if child.poll() is None:
             child.kill()
-    expected_code = -signal.SIGKILL if signum == signal.SIGKILL else 0  # a preempted run exits cleanly
+    # a preempted run exits with its own status: "resume me", neither success nor an error
+    expected_code = -signal.SIGKILL if signum == signal.SIGKILL else PREEMPTED_EXIT_STATUS
     assert child.returncode == expected_code
     last = load_checkpoint_file(checkpoints / "last.ckpt")
     assert last["global_step"] < 12, "the child run finished before it was killed: the test proves nothing"
@@ -107,7 +109,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_train_config, tmp_path: Path,
 def test_preemption_signal_saves_stops_requeues_and_resumes(
     signum: signal.Signals, tiny_train_config, tmp_path: Path, uninterrupted
 ) -> None:
-    """SIGTERM / SLURM's SIGUSR1: the run saves last.ckpt at the end of the batch and exits 0; under SLURM it
+    """SIGTERM / SLURM's SIGUSR1: the run saves last.ckpt at the end of the batch and exits 75; under SLURM it
     requeues its job (a fake `scontrol` records the call); the same command then finishes the run exactly."""
     expected, _ = uninterrupted
     bin_dir = tmp_path / "bin"

@@ -30,33 +30,13 @@ from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
 from .conftest import TINY, TINY_TEXT_MODEL, compose_config, tiny_cond_unet, tiny_vae
-
-CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
+from .conftest import TINY_PIPELINE_CAPTIONS as CAPTIONS
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("vae") / "vae"
     tiny_vae().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Stable-Diffusion-layout folder made offline from tiny parts, as `from_pretrained` expects on a hub."""
-    tokenizer = build_caption_tokenizer(CAPTIONS * 5, vocab_size=300, model_max_length=8)
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=text_encoder_from_scratch(tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
-        tokenizer=tokenizer,
-        unet=tiny_cond_unet(16),
-        scheduler=DDIMScheduler(**NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012).scheduler_kwargs()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    folder = tmp_path_factory.mktemp("pipeline") / "tiny-sd"
-    pipeline.save_pretrained(folder)
     return folder
 
 

@@ -45,14 +45,28 @@ def _pixels(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("0*.png"))])
 
 
+def assert_same_to_one_level(a: np.ndarray, b: np.ndarray) -> None:
+    """uint8 images equal to within one 8-bit level on at most 0.1% of their values. Image i's noise depends on its
+    seed alone, but a batched convolution sums in an order that depends on the batch size (and the CPU's kernels), so
+    a value on a rounding boundary may land one level apart: seen on one pixel of 4,608 on another 2-core machine."""
+    assert a.shape == b.shape
+    difference = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert difference.max() <= 1, f"images differ by up to {difference.max()} levels"
+    assert (difference > 0).mean() <= 1e-3, f"{(difference > 0).mean():.2%} of the values differ"
+
+
 def test_same_seed_same_images_any_batch_size(trained: dict[str, Path], tmp_path: Path) -> None:
     a = _pixels(_sample(trained["uncond"], tmp_path / "a", "seed=5"))
-    b = _pixels(_sample(trained["uncond"], tmp_path / "b", "seed=5", "batch_size=4"))
+    b = _pixels(_sample(trained["uncond"], tmp_path / "b", "seed=5", "batch_size=4"))  # batches of 4 and 2
     c = _pixels(_sample(trained["uncond"], tmp_path / "c", "seed=6"))
     assert a.shape == (6, 16, 16, 3)
-    assert np.array_equal(a, b)
-    assert np.array_equal(a[1:], c[:5])  # image i depends on seed + i only
-    assert not np.array_equal(a, c)
+    assert_same_to_one_level(a, b)
+    assert_same_to_one_level(a[1:], c[:5])  # image i depends on seed + i only (here in another batch position)
+    # Negative control: other seeds are far outside the tolerance, and so is one level everywhere.
+    with pytest.raises(AssertionError):
+        assert_same_to_one_level(a, c)
+    with pytest.raises(AssertionError, match="of the values differ"):
+        assert_same_to_one_level(a, np.clip(a.astype(np.int16) + 1, 0, 255).astype(np.uint8))
 
 
 def test_metadata_and_grid(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
 
 from .conftest import KILLABLE, REPO, compose_config, losses_by_step
+from .test_bad_input import snapshot
 
 COUNT, PER_SHARD = 32, 4  # 8 shards
 
@@ -176,8 +177,11 @@ def test_resume_with_other_workers_is_refused(shards: tuple[Path, str], tmp_path
         [f"output_root={tmp_path}", "run_name=cut", f'data.urls="{shards[1]}"', "trainer.max_steps=4", *SHARD_RUN]
         + ["data.num_workers=1"],
     )
-    with pytest.raises(ConfigError, match="1 rank\\(s\\) x 2 loader stream\\(s\\); this run has 1 x 1"):
-        run(cfg)
+    before = snapshot(Path(cfg.run_dir))
+    for _ in range(2):  # refused before the folder is touched: its config (and history) stay the first run's
+        with pytest.raises(ConfigError, match="1 rank\\(s\\) x 2 loader stream\\(s\\); this run has 1 x 1"):
+            run(cfg)
+    assert snapshot(Path(cfg.run_dir)) == before
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -103,14 +103,59 @@ def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owned_prefix(prefix: str) -> str:
+    """`prefix` plus this process's pid: the name of a temporary folder `remove_stale_folders` can judge later."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def remove_stale_folders(parent: Path, prefix: str) -> list[Path]:
+    """Delete the folders `parent/<prefix><pid>-*` whose process no longer runs (killed with -9, which leaves no
+    chance to clean up); those of live processes are theirs. Returns what was removed."""
+    removed = []
+    for path in sorted(parent.glob(f"{prefix}*")):
+        owner = path.name[len(prefix) :].split("-", 1)[0]
+        if path.is_dir() and owner.isdigit() and int(owner) != os.getpid() and not pid_alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _recover_interrupted_replace(folder: Path) -> None:
+    """A process killed between the two renames of `folder_written_atomically` left the previous contents in
+    `.NAME.old-<pid>-*/NAME` and no `folder`: put them back; other leftovers of dead processes are deleted."""
+    for old in sorted(folder.parent.glob(f".{folder.name}.old-*")):
+        owner = old.name[len(f".{folder.name}.old-") :].split("-", 1)[0]
+        if not owner.isdigit() or int(owner) == os.getpid() or pid_alive(int(owner)):
+            continue
+        if not folder.exists() and (old / folder.name).is_dir():
+            os.rename(old / folder.name, folder)
+            log.warning("restored %s from %s, left by a process killed while replacing it", folder, old)
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in remove_stale_folders(folder.parent, f".{folder.name}.partial-"):
+        log.warning("removed %s, a partial output left by a killed process", stale)
+
+
 @contextmanager
 def folder_written_atomically(folder: str | Path) -> Iterator[Path]:
     """Yields an empty folder beside `folder` to write into; once the block completes it replaces `folder` (whose
     old contents are then deleted), and if the block raises it is deleted and `folder` is left as it was. So an
-    output folder never holds a mix of two runs' files, and a refused or failed command never empties one."""
+    output folder never holds a mix of two runs' files, and a refused or failed command never empties one. What a
+    killed process left beside `folder` (`.NAME.partial-<pid>-*`, `.NAME.old-<pid>-*`) is cleaned up first."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    _recover_interrupted_replace(folder)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=owned_prefix(f".{folder.name}.partial-")))
     try:
         yield staging
     except BaseException:
@@ -120,7 +165,7 @@ def folder_written_atomically(folder: str | Path) -> Iterator[Path]:
     if not folder.exists():
         os.rename(staging, folder)
         return
-    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=owned_prefix(f".{folder.name}.old-")))
     os.rename(folder, old / folder.name)  # the previous contents stay whole until the new ones are in place
     os.rename(staging, folder)
     shutil.rmtree(old)
@@ -203,11 +248,22 @@ def _damaged_record(path: Path) -> str | None:
     return f"record {bad} fails its CRC-32 check" if bad is not None else None
 
 
+def _nonfinite_record(path: Path) -> str | None:
+    """The trained tensor of the checkpoint holding NaN or infinity, if any: lightdiff never writes one
+    (`AtomicCheckpointIO`), so it came from elsewhere, and training on from it would only skip NaN steps."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        return _reason(error)
+    bad = first_nonfinite({key: checkpoint[key] for key in TRAINED_KEYS if key in checkpoint})
+    return f"{bad} holds NaN or infinite values" if bad is not None else None
+
+
 def checkpoint_problem(path: str | Path) -> str | None:
-    """Why a resume cannot start from `path` (None when it can): loads as a resume does (weights_only) and every
-    byte of it matches its checksum."""
+    """Why a resume cannot start from `path` (None when it can): loads as a resume does (weights_only), every byte
+    of it matches its checksum, and its weights, EMA and optimiser state are finite."""
     path = Path(path)
-    return _read_step(path)[1] or _damaged_record(path)
+    return _read_step(path)[1] or _damaged_record(path) or _nonfinite_record(path)
 
 
 def newest_loadable_checkpoint(folder: str | Path) -> Path | None:
@@ -230,7 +286,7 @@ def newest_loadable_checkpoint(folder: str | Path) -> Path | None:
     chosen = None
     # Checksums are read newest first, up to the first file that passes: older files are not needed.
     for *_, path in sorted(candidates, key=lambda candidate: candidate[:3], reverse=True):
-        problem = _damaged_record(path)
+        problem = _damaged_record(path) or _nonfinite_record(path)
         if problem is None:
             chosen = path
             break
@@ -288,6 +344,33 @@ def plain_config(config: Any) -> dict[str, Any]:
 
 
 CHECKPOINT_FORMAT = 2  # 2: objective and conditioning as their own states; 1 (still read): schedule, text encoder
+
+
+def format_problem(checkpoint: Mapping[str, Any]) -> str | None:
+    """Why this code cannot read a checkpoint's `lightdiff` block (None when it can): written by a newer lightdiff
+    (its layout is unknown here: guessing could load weights into the wrong places), or a format that is no version.
+    Older formats are read (`trained.py` and the methods migrate format 1)."""
+    meta = checkpoint.get("lightdiff")
+    if not isinstance(meta, Mapping):
+        return None  # not a lightdiff checkpoint: said by whoever needs the block
+    version = meta.get("format", 1)  # format 1 had no such key at first
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return f"lightdiff.format={version!r} is not a checkpoint format version (1 to {CHECKPOINT_FORMAT})"
+    if version > CHECKPOINT_FORMAT:
+        return (
+            f"it was written by a newer lightdiff (checkpoint format {version}; this version reads formats 1 to "
+            f"{CHECKPOINT_FORMAT}): upgrade lightdiff to read it"
+        )
+    return None
+
+
+def nonfinite_weight(module: torch.nn.Module, prefix: str) -> str | None:
+    """`prefix.name` of the first floating-point tensor of `module`'s state dict holding NaN or infinity; None if
+    none does. For weights about to be used (sampled, exported, trained on), named before anything is written."""
+    for name, tensor in module.state_dict().items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"{prefix}.{name}"
+    return None
 
 
 def denoiser_metadata(

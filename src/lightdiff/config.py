@@ -80,6 +80,13 @@ def groups_used_by_model(root: DictConfig) -> set[str]:
     return used
 
 
+def unless_pretrained(pretrained: str | None, default: str) -> str | None:
+    """`${lightdiff.unless_pretrained:${.pretrained},DEFAULT}`: DEFAULT (the shipped shapes VAE) when `model.pretrained`
+    is unset, else None, so a pipeline brings its own VAE unless `model.vae` names another one on the command line
+    (a UNet trained on one VAE's latents is ruined by another's)."""
+    return default if pretrained is None else None
+
+
 def default_run_name(*, _root_: DictConfig) -> str:
     """`${lightdiff.default_run_name:}`: `<model>-<data>` from the group choices, then the schedule where the model
     uses one, the net when it is not the method's default and the objective when it is not ddpm
@@ -146,6 +153,7 @@ OmegaConf.register_new_resolver("lightdiff.auto_precision", auto_precision, repl
 OmegaConf.register_new_resolver("lightdiff.on_cuda", on_cuda, replace=True)
 OmegaConf.register_new_resolver("lightdiff.loader_workers", loader_workers, replace=True)
 OmegaConf.register_new_resolver("lightdiff.asset", asset, replace=True)
+OmegaConf.register_new_resolver("lightdiff.unless_pretrained", unless_pretrained, replace=True)
 OmegaConf.register_new_resolver("lightdiff.default_run_name", default_run_name, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_job_path", sweep_job_path, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_group", sweep_group, replace=True)
@@ -174,6 +182,7 @@ class Bound:
 PositiveFloat = Annotated[float, Bound(0.0)]  # learning rates, scales
 NonNegativeFloat = Annotated[float, Bound(0.0, inclusive=True)]  # loss weights (0: off)
 PositiveInt = Annotated[int, Bound(1.0, inclusive=True)]  # counts and sizes
+NonNegativeInt = Annotated[int, Bound(0.0, inclusive=True)]  # counts that may be 0 (loader processes)
 
 
 def _matches(value: Any, hint: Any) -> bool | None:

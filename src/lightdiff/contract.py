@@ -63,3 +63,11 @@ class FinishesTraining(Protocol):
     callback's end-of-run work, which may fail."""
 
     def finish_training(self) -> None: ...
+
+
+@runtime_checkable
+class NamesPartSources(Protocol):
+    """A method that loads some of its networks from elsewhere (a pipeline, a VAE folder): train.log's networks table
+    shows where each came from (`part_sources`: a component name or name prefix -> its source)."""
+
+    part_sources: dict[str, str]

@@ -13,6 +13,7 @@ Gradio is an optional extra (`pip install "lightdiff[demo]"`), imported only her
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -30,9 +31,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, PngImagePlugin
 
+from lightdiff.checkpointing import owned_prefix, remove_stale_folders
 from lightdiff.config import ConfigError, build
 from lightdiff.sample import Drawing, _device, apply_speed, load_for_sampling
-from lightdiff.sampling import to_uint8
+from lightdiff.sampling import seed_problem, to_uint8
 from lightdiff.speed import SamplingSpeed
 from lightdiff.trained import TrainedDenoiser, load_trained
 
@@ -89,18 +91,52 @@ class Settings:
 
 def settings_problem(settings: Settings) -> str | None:
     """Why the page refuses `settings` (a message naming the value), or None."""
-    if not isinstance(settings.steps, int) or not 1 <= settings.steps <= MAX_STEPS:
-        return f"steps={settings.steps} must be a whole number from 1 to {MAX_STEPS}"
+    if not isinstance(settings.steps, int) or isinstance(settings.steps, bool) or not 1 <= settings.steps <= MAX_STEPS:
+        return f"steps={settings.steps!r} must be a whole number from 1 to {MAX_STEPS}"
     low, high = GUIDANCE_RANGE
-    if not math.isfinite(settings.guidance_scale) or not low <= settings.guidance_scale <= high:
+    scale = settings.guidance_scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        return f"guidance={scale!r} must be a number between {low:g} and {high:g} (1 turns guidance off)"
+    if not low <= scale <= high:
         return f"guidance={settings.guidance_scale} must be between {low:g} and {high:g} (1 turns guidance off)"
-    if not isinstance(settings.seed, int) or settings.seed < 0:
-        return f"seed={settings.seed} must be a whole number >= 0"
-    if not 1 <= settings.batch_size <= MAX_BATCH:
-        return f"batch size={settings.batch_size} must be from 1 to {MAX_BATCH}"
+    if not isinstance(settings.batch_size, int) or not 1 <= settings.batch_size <= MAX_BATCH:
+        return f"batch size={settings.batch_size!r} must be from 1 to {MAX_BATCH}"
+    if problem := seed_problem(settings.seed, settings.batch_size):
+        return problem
     if settings.sampler != "auto" and settings.sampler not in SAMPLER_NAMES:
         return f"sampler={settings.sampler!r} is not one of auto, {', '.join(SAMPLER_NAMES)}"
     return None
+
+
+def whole_number(value: Any) -> Any:
+    """A page or HTTP API value as an int where it is one (7, 7.0, "7"); anything else as it came, for
+    `settings_problem` to name (a float like 2.0**70 is not trusted to be the integer that was typed)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+def number(value: Any) -> Any:
+    """A page or HTTP API value as a float where it is a number ("4.5" too); anything else as it came."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def request_config(cfg: DictConfig, settings: Settings) -> DictConfig:
@@ -162,6 +198,9 @@ class Drawn:
     records: list[dict[str, object]] = field(default_factory=list)
 
 
+DEMO_FOLDER_PREFIX = "lightdiff-demo-"  # then the demo's pid: a killed demo's folder is recognised and removed
+
+
 class DemoModel:
     """The model behind the page (and a student's teacher), loaded in the background; `draw` serves one request at a
     time (the lock: Gradio's queue already does, the lock keeps it so for any caller)."""
@@ -177,7 +216,15 @@ class DemoModel:
         self.load_seconds = 0.0
         self.speed = SamplingSpeed()  # the plain path until `load` builds cfg.speed
         self.lock = threading.Lock()
-        self.out = Path(tempfile.mkdtemp(prefix="lightdiff-demo-"))
+        # The page's batches, in the system's temporary folder: removed when the demo exits (`close`), and the
+        # folders of demos that were killed are removed here.
+        remove_stale_folders(Path(tempfile.gettempdir()), DEMO_FOLDER_PREFIX)
+        self.out = Path(tempfile.mkdtemp(prefix=owned_prefix(DEMO_FOLDER_PREFIX)))
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Remove the page's temporary folder."""
+        shutil.rmtree(self.out, ignore_errors=True)
 
     def load(self) -> None:
         started = time.perf_counter()
@@ -368,15 +415,20 @@ def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
             text, negative_text, class_label, step_count, scale, seed_value, sampler_name, size, side_by_side = values
             if not model.ready.is_set() or model.denoiser is None:
                 raise gr.Error(model.error or "the model is still loading")
+            # The HTTP API passes whatever a client sends: every value is parsed here and refused by name, never
+            # left to raise inside the drawing (an unnamed error reaches the client as {"error": null}).
+            label_value = whole_number(class_label) if class_label is not None and model.class_choices else None
+            if label_value is not None and not isinstance(label_value, int):
+                raise gr.Error(f"label={class_label!r} must be a class number")
             settings = Settings(
-                prompt=(text or "") if model.takes_text else None,
-                negative_prompt=negative_text or "",
-                label=int(class_label) if class_label is not None and model.class_choices else None,
-                steps=int(step_count) if step_count is not None and float(step_count).is_integer() else step_count,
-                guidance_scale=float(scale) if scale is not None else math.nan,
-                seed=int(seed_value) if seed_value is not None and float(seed_value).is_integer() else seed_value,
-                sampler=sampler_name or "auto",
-                batch_size=int(size),
+                prompt=(str(text) if text is not None else "") if model.takes_text else None,
+                negative_prompt=str(negative_text or ""),
+                label=label_value,
+                steps=whole_number(step_count),
+                guidance_scale=number(scale) if scale is not None else math.nan,
+                seed=whole_number(seed_value),
+                sampler=str(sampler_name or "auto"),
+                batch_size=whole_number(size),
             )
             problem = settings_problem(settings)
             if problem is not None:

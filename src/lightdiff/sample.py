@@ -45,6 +45,7 @@ from lightdiff.sampling import (
     generate,
     image_grid,
     reconfigured,
+    seed_problem,
     to_uint8,
     write_video,
 )
@@ -188,6 +189,8 @@ def _check_values(cfg: DictConfig) -> None:
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key}={value!r} must be at least 1")
+    if problem := seed_problem(cfg.seed, cfg.num_images):
+        raise ConfigError(problem)
     for key, least in (("eta", 0.0), ("guidance_scale", None), ("lora_scale", None)):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -555,6 +558,7 @@ _DATA_MODULES = {
     "lightdiff.data.VideoFolderDataModule",
     "lightdiff.data.ImageFolderDataModule",
     "lightdiff.data.HFDataModule",
+    "lightdiff.data.ShardsDataModule",
 }
 
 

@@ -41,6 +41,20 @@ def reconfigured(scheduler: SchedulerMixin, changes: dict[str, object]) -> Sched
     return type(scheduler).from_config({**config, **changes})
 
 
+# The largest seed an image is drawn from: torch.Generator takes 64 bits, and a signed 64-bit integer is what every
+# tool a seed is handed to (numpy, JSON readers, databases) keeps exactly; -1 would be taken modulo 2**64 silently.
+MAX_SEED = 2**63 - 1
+
+
+def seed_problem(seed: object, count: int, key: str = "seed") -> str | None:
+    """Why images seed .. seed + count - 1 cannot be drawn (a message naming `key`), or None."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        return f"{key}={seed!r} must be a whole number from 0 to {MAX_SEED} (2**63 - 1)"
+    if seed + count - 1 > MAX_SEED:
+        return f"{key}={seed} draws seeds up to {seed + count - 1}, past {MAX_SEED} (2**63 - 1)"
+    return None
+
+
 def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image: images are reproducible across devices and batch sizes."""
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
@@ -206,14 +220,19 @@ def preview_inputs(
     class_names: list[str] | None,
     captions: list[str],
     prompts: Sequence[str] | None = None,
+    num_classes: int = 0,
 ) -> tuple[Inputs, torch.Tensor | None]:
     """What a training-time preview conditions seed i on: the given prompt i % prompts (the user's validation prompts),
     else class i % classes (as a label, and by name as the prompt), else the data set's caption i % captions; and the
-    class labels the shapes metric judges, where the model is conditioned on them (None otherwise)."""
+    class labels the shapes metric judges, where the model is conditioned on them (None otherwise).
+
+    `num_classes` is the data's label count: a folder whose metadata gives integer labels and no class names still
+    has classes, drawn by index (its captions, if any, stay the prompts)."""
     if prompts:
         return {"label": None, "text": [prompts[int(seed) % len(prompts)] for seed in seeds]}, None
-    conditioned = bool(class_names) and bool(conditioning.reads)
-    labels = torch.tensor(list(seeds)) % len(class_names) if conditioned else None
+    classes = len(class_names) if class_names else num_classes
+    conditioned = classes > 0 and bool(conditioning.reads)
+    labels = torch.tensor(list(seeds)) % classes if conditioned else None
     texts = class_names or captions
     prompts = [texts[int(seed) % len(texts)] for seed in seeds] if texts else None
     return {"label": labels, "text": prompts}, labels

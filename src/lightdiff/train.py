@@ -6,7 +6,6 @@ leaves a half-made run folder. The run folder is `outputs/<run_name>/`; running 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import warnings
 from pathlib import Path
@@ -21,19 +20,25 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from lightdiff.callbacks.checkpoint import FinalCheckpoint
+from lightdiff.callbacks.preemption import Preempted
 from lightdiff.checkpointing import (
     AtomicCheckpointIO,
     checkpoint_problem,
+    format_problem,
     newest_loadable_checkpoint,
     remove_orphaned_temporaries,
 )
 from lightdiff.config import MODEL_GROUPS, ConfigError, build, check_config, groups_used_by_model
-from lightdiff.contract import LatentCaching
+from lightdiff.contract import LatentCaching, NamesPartSources
 from lightdiff.data import ImageDataModule
 from lightdiff.loggers import LatestMetrics
 from lightdiff.nets.summary import components, summary_table
+from lightdiff.run_folder import RunFolderLock, record_config
 
 log = logging.getLogger(__name__)
+
+
+MAX_TRAINING_SEED = 2**32 - 1  # numpy's and so Lightning's seed_everything's largest seed
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -53,21 +58,6 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     # step checkpoint (with a warning naming it); a folder of only damaged files is an error, not a fresh start.
     path = newest_loadable_checkpoint(folder)
     return str(path) if path is not None else None
-
-
-def _write_config(cfg: DictConfig, run_dir: Path) -> None:
-    """Save the resolved config; on resume, warn about every line that changed since the run began."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    path = run_dir / "config.yaml"
-    if path.exists() and path.read_text() != text:
-        changes = [
-            line
-            for line in difflib.unified_diff(path.read_text().splitlines(), text.splitlines(), lineterm="", n=0)
-            if line[:1] in "+-" and not line.startswith(("+++", "---"))
-        ]
-        log.warning("the config differs from the one this run started with:\n%s", "\n".join(changes))
-        path.rename(run_dir / "config.previous.yaml")
-    path.write_text(text)
 
 
 def _check_launch(cfg: DictConfig) -> None:
@@ -143,18 +133,51 @@ def _report_skipped_images(datamodule: ImageDataModule, loggers: list[Logger]) -
         logger.log_metrics({"data/skipped_images": float(len(skipped))}, step=0)
 
 
-def _check_resume_fits(model: pl.LightningModule, ckpt_path: str | None) -> None:
-    """A checkpoint of another net / method config is refused before anything is written: every method's
-    `on_load_checkpoint` only checks that the checkpoint fits it (Lightning calls it again inside `fit`). The tensors
-    are memory-mapped, not read."""
-    if ckpt_path is not None:
-        try:
-            model.on_load_checkpoint(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
-        except ValueError as error:  # ConfigError included
-            raise ConfigError(f"resuming from {ckpt_path}: {error}") from None
+def _check_resume_fits(
+    model: pl.LightningModule, datamodule: ImageDataModule, ckpt_path: str | None, world_size: int
+) -> None:
+    """A checkpoint of another net / method config, or whose data streams were laid out for another number of ranks
+    or loader workers, is refused before anything is written: every method's `on_load_checkpoint` and the data
+    module's `check_resume` only check that the checkpoint fits (Lightning loads it inside `fit`, after the run
+    folder was written). The tensors are memory-mapped, not read."""
+    if ckpt_path is None:
+        return
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    if problem := format_problem(checkpoint):
+        raise ConfigError(f"resuming from {ckpt_path}: {problem}")
+    try:
+        model.on_load_checkpoint(checkpoint)
+        # Lightning saves a data module's state under its class's qualified name
+        datamodule.check_resume(checkpoint.get(type(datamodule).__qualname__) or {}, world_size)
+    except ValueError as error:  # ConfigError included
+        raise ConfigError(f"resuming from {ckpt_path}: {error}") from None
+
+
+class _EarlyRecords(logging.Handler):
+    """Holds lightdiff's log records from before train.log exists (a damaged checkpoint skipped, a fallback taken),
+    so train.log gets them too once it is opened: a run's record is complete, not only the terminal's."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("lightdiff"):
+            self.records.append(record)
 
 
 def run(cfg: DictConfig) -> pl.Trainer:
+    """Train as `cfg` says. Raises ConfigError (nothing written) for a config that cannot work, and `Preempted` once a
+    preemption signal's checkpoint is saved (train.py exits with PREEMPTED_EXIT_STATUS)."""
+    early_records = _EarlyRecords()
+    logging.getLogger().addHandler(early_records)
+    try:
+        return _run(cfg, early_records)
+    finally:
+        logging.getLogger().removeHandler(early_records)
+
+
+def _run(cfg: DictConfig, early_records: _EarlyRecords) -> pl.Trainer:
     _check_used_groups(cfg)
     check_config(cfg)
     max_steps = cfg.trainer.get("max_steps")
@@ -163,6 +186,10 @@ def run(cfg: DictConfig) -> pl.Trainer:
         raise ConfigError("trainer.max_steps is not set: lightdiff trains for a number of steps, e.g. 100000")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be a positive number of optimiser steps")
+    seed = cfg.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_TRAINING_SEED:
+        # Lightning's seed_everything would replace such a seed by a random one with a warning: an unrepeatable run.
+        raise ConfigError(f"seed={seed!r} must be a whole number from 0 to {MAX_TRAINING_SEED} (numpy's seed range)")
     if "_target_" not in cfg.sampler:  # sampler/auto.yaml: one sampler per objective, for sample.py's checkpoints
         raise ConfigError(
             "sampler=auto is sample.py's (it picks by a checkpoint's objective); training grids use the "
@@ -173,8 +200,11 @@ def run(cfg: DictConfig) -> pl.Trainer:
     # A data set without a held-out split (data.val_*) serves an empty validation list: no val/loss, not a problem.
     warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     run_dir = Path(cfg.run_dir)
-    # Under DDP every rank runs this function; rank 0 alone writes the run folder's config and log.
+    # Under DDP every rank runs this function; rank 0 alone owns the folder and writes its config and log.
     is_rank_zero = rank_zero_only.rank == 0
+    lock = RunFolderLock(run_dir)
+    if is_rank_zero and (refusal := lock.refusal()):  # said now, not after minutes of loading networks
+        raise ConfigError(refusal)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build(cfg.data)  # an image folder is scanned here: unreadable images and bad labels fail now
@@ -194,7 +224,6 @@ def run(cfg: DictConfig) -> pl.Trainer:
     final_checkpoint = FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     callbacks.insert(0, final_checkpoint)
     ckpt_path = _resume_path(cfg, run_dir)
-    _check_resume_fits(model, ckpt_path)
     logger = build(cfg.logger) if cfg.logger is not None else False
     loggers = [logger] if logger else []
     if cfg.get("optimize_metric"):
@@ -211,19 +240,46 @@ def run(cfg: DictConfig) -> pl.Trainer:
         # draws its own noise and timesteps, or all ranks would train on the same noise.
         pl.seed_everything(cfg.seed + rank_zero_only.rank, workers=True, verbose=False)
 
-    # Everything is built and checked: from here on files are written.
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume_fits(model, datamodule, ckpt_path, trainer.world_size)
+
+    # Everything is built and checked: from here on files are written, by the folder's one owner.
+    if is_rank_zero:
+        lock.acquire()  # refused (ConfigError naming the owner) if another run took it since the check above
+    try:
+        return _fit(cfg, trainer, model, datamodule, logger, loggers, final_checkpoint, ckpt_path, early_records)
+    finally:
+        lock.release()
+
+
+def _fit(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: ImageDataModule,
+    logger: Logger | bool,
+    loggers: list[Logger],
+    final_checkpoint: FinalCheckpoint,
+    ckpt_path: str | None,
+    early_records: _EarlyRecords,
+) -> pl.Trainer:
+    """Write the run folder's config and log, then fit (the folder is this process's: `RunFolderLock`)."""
+    run_dir = Path(cfg.run_dir)
+    is_rank_zero = rank_zero_only.rank == 0
     file_handler = logging.FileHandler(run_dir / "train.log") if is_rank_zero else logging.NullHandler()
     file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    for record in early_records.records:  # what was said before train.log existed
+        file_handler.handle(record)
+    logging.getLogger().removeHandler(early_records)
     logging.getLogger().addHandler(file_handler)
     package_logger = logging.getLogger("lightdiff")
     if package_logger.getEffectiveLevel() > logging.INFO:
         package_logger.setLevel(logging.INFO)  # resumes, metrics and the run folder belong in train.log
     if is_rank_zero:
-        _write_config(cfg, run_dir)
+        record_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
         remove_orphaned_temporaries(run_dir / "checkpoints")
     parts = components(model)  # each network with its class, size and memory: train.log and the logger's config
-    log.info("the model's networks:\n%s", summary_table(parts))
+    sources = model.part_sources if isinstance(model, NamesPartSources) else None
+    log.info("the model's networks:\n%s", summary_table(parts, sources))
     if logger:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "components": [c.row() for c in parts]})
     _report_skipped_images(datamodule, loggers)
@@ -233,10 +289,23 @@ def run(cfg: DictConfig) -> pl.Trainer:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         if not final_checkpoint.saved:  # nothing was left to train (resumed at max_steps): no on_train_end ran
             final_checkpoint.save(trainer)
+    except Preempted as stop:
+        log.warning(
+            "preempted at step %d (%s): checkpoints/last.ckpt holds it; the end-of-run round (final grids, samples, "
+            "metrics) is skipped; run the same command to resume",
+            stop.step,
+            stop.received,
+        )
+        raise
     except SIGTERMException:
         # Lightning's own SIGTERM handling, in force when callbacks.preemption is off: it stops after the batch and
         # saves nothing, so the run resumes from its last periodic checkpoint.
-        log.warning("stopped by SIGTERM at step %d; run the same command to resume", trainer.global_step)
+        log.warning(
+            "preempted at step %d (SIGTERM, callbacks.preemption off: nothing saved since the last periodic "
+            "checkpoint); run the same command to resume",
+            trainer.global_step,
+        )
+        raise Preempted(trainer.global_step, "SIGTERM") from None
     finally:
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()

@@ -24,7 +24,7 @@ from diffusers import (
 from peft import LoraConfig
 from transformers import CLIPTokenizer
 
-from lightdiff.checkpointing import adapter_weights, check_state_dict, load_weights
+from lightdiff.checkpointing import adapter_weights, check_state_dict, format_problem, load_weights, nonfinite_weight
 from lightdiff.diffusion import EDM, FlowMatching, NoiseSchedule, Objective, objective_from_state
 from lightdiff.nets.conditioning import (
     TEXT_ENCODER_CLASSES,
@@ -243,6 +243,7 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
         scheduler_overrides=meta.get("scheduler_overrides"),
         required_sampler=_required_sampler(meta.get("sampler"), path),
         image_size=_image_size(meta.get("image_size")),
+        num_frames=meta.get("num_frames", base.num_frames),  # a video base's clip length, as the adapters trained
         **_distillation(meta),
     )
 
@@ -365,16 +366,35 @@ def load_trained(path: str | Path, use_ema: bool = True) -> TrainedDenoiser | Au
     stage, its VAE; a folder is read as an exported pipeline."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return _from_pipeline_folder(path)
+        return _finite(_from_pipeline_folder(path), path)
     if not path.exists():
         raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
     checkpoint = load_checkpoint_file(path)
     meta = checkpoint.get("lightdiff")
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a lightdiff checkpoint (no 'lightdiff' block)")
+    if problem := format_problem(checkpoint):
+        raise ValueError(f"{path}: {problem}")
     if meta.get("method") == "autoencoder":
-        return _autoencoder_from_checkpoint(path, checkpoint, meta)
-    return _from_lightning_checkpoint(path, checkpoint, meta, use_ema)
+        return _finite(_autoencoder_from_checkpoint(path, checkpoint, meta), path)
+    return _finite(_from_lightning_checkpoint(path, checkpoint, meta, use_ema), path)
+
+
+def _finite(trained: TrainedDenoiser | Autoencoder, path: Path) -> TrainedDenoiser | Autoencoder:
+    """`trained`, once every weight about to be sampled or exported (the EMA ones where used) is finite: a NaN would
+    draw black images and export a pipeline holding it, both without an error."""
+    if isinstance(trained, TrainedDenoiser):
+        parts = {"net": trained.net, "conditioning": trained.conditioning, "vae": trained.vae}
+    else:
+        parts = {"vae": trained}
+    for prefix, module in parts.items():
+        if module is not None and (bad := nonfinite_weight(module, prefix)):
+            ema = prefix == "net" and isinstance(trained, TrainedDenoiser) and trained.uses_ema
+            raise ValueError(
+                f"{path}: {bad} ({'EMA weights' if ema else 'weights'}) holds NaN or infinite values; nothing was "
+                "drawn or written (use an earlier checkpoint of the run)"
+            )
+    return trained
 
 
 def load_denoiser(path: str | Path, use_ema: bool = True) -> TrainedDenoiser:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from lightdiff.callbacks.preemption import Preemption
 from lightdiff.checkpointing import checkpoint_problem
 from lightdiff.contract import FinishesTraining
 
@@ -41,6 +42,10 @@ class StepCheckpoint(ModelCheckpoint):
             save_last=save_last,
             save_top_k=save_top_k,
             auto_insert_metric_name=auto_insert_metric_name,
+            # One last.ckpt per run, replaced (atomically) at each save: Lightning would write last-v1.ckpt, -v2, ...
+            # beside a last.ckpt it did not write itself (one FinalCheckpoint wrote before any periodic save), one
+            # full copy per later launch.
+            enable_version_counter=False,
         )
 
     def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
@@ -79,6 +84,9 @@ class FinalCheckpoint(pl.Callback):
         if isinstance(pl_module, FinishesTraining):
             pl_module.finish_training()
         self.save(trainer)
+        for callback in trainer.callbacks:
+            if isinstance(callback, Preemption):  # a preemption signal now ends the end-of-run round at once
+                callback.final_state_saved(trainer)
 
     def save(self, trainer: pl.Trainer) -> None:
         # The last step is saved even when max_steps is not a multiple of the checkpoint interval.

@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from lightdiff.callbacks.ema import find_ema
+from lightdiff.callbacks.preemption import preemption_pending
 from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data.moving_shapes import MovingShapesDataset
@@ -23,7 +24,15 @@ from lightdiff.data.shapes import ShapesDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.metrics import shapes_metric
 from lightdiff.metrics.motion import motion_metric
-from lightdiff.sampling import frames_grid, grid_columns, grid_video, image_grid, to_uint8, write_video
+from lightdiff.sampling import (
+    frames_grid,
+    grid_columns,
+    grid_video,
+    image_grid,
+    seed_problem,
+    to_uint8,
+    write_video,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +115,8 @@ class SampleGrid(pl.Callback):
         ):
             if value < least:
                 raise ConfigError(f"callbacks.samples.{key}={value} must be >= {least}")
+        if problem := seed_problem(seed, max(num_images, final_num_images), "callbacks.samples.seed"):
+            raise ConfigError(problem)
         self.prompts = validation_prompts(prompts, prompts_file)
         self.sampler = sampler
         self.every_n_steps = every_n_steps
@@ -127,6 +138,8 @@ class SampleGrid(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
+        if preemption_pending(trainer):  # the preemption checkpoint comes first; the grid is not worth the wait
+            return
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_sampled_step:
             self._last_sampled_step = step
             self._sample_and_log(trainer, pl_module, self.num_images, "samples")

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightdiff.config import ConfigError
+from lightdiff.config import ConfigError, NonNegativeInt
 from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes
 from lightdiff.data.hf_stream import HFHead, HFStream
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataset
@@ -39,7 +39,7 @@ class ImageDataModule(pl.LightningDataModule):
         self,
         dataset: Dataset,  # a lightdiff image data set (shapes, image folder, HF)
         batch_size: int = 64,  # per-device batch size
-        num_workers: int = 0,  # loader processes; 0 loads in the training process
+        num_workers: NonNegativeInt = 0,  # loader processes; 0 loads in the training process
         pin_memory: bool = False,  # page-locked batches for faster host-to-GPU copies
         persistent_workers: bool = False,  # keep workers alive between epochs (needs num_workers > 0)
         cache_latents: bool = False,  # latent models: serve VAE posteriors encoded once (see use_latent_cache)
@@ -181,6 +181,10 @@ class ImageDataModule(pl.LightningDataModule):
         # by max_steps counts as complete).
         return {"batches_seen": trainer.fit_loop.epoch_loop.batch_progress.total.processed}
 
+    def check_resume(self, state_dict: dict[str, Any], world_size: int) -> None:
+        """Refuse a checkpoint's data state this module cannot continue from (train.py asks before writing anything);
+        an indexed data set continues from any: its position is a batch count."""
+
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if state_dict:
             if self.random_views:
@@ -207,7 +211,7 @@ class ShapesDataModule(ImageDataModule):
         seed: int = 0,  # data seed: image i is a pure function of (seed, i)
         random_flip: bool = False,  # horizontal flip
         batch_size: int = 64,  # per-device batch size
-        num_workers: int = 0,  # loader processes
+        num_workers: NonNegativeInt = 0,  # loader processes
         pin_memory: bool = False,  # page-locked batches
         persistent_workers: bool = False,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
@@ -261,7 +265,7 @@ class MovingShapesDataModule(ImageDataModule):
         size: int = 50_000,  # clips per epoch
         seed: int = 0,  # data seed: clip i is a pure function of (seed, i)
         batch_size: int = 16,  # per-device batch size (clips)
-        num_workers: int = 0,  # loader processes
+        num_workers: NonNegativeInt = 0,  # loader processes
         pin_memory: bool = False,  # page-locked batches
         persistent_workers: bool = False,  # keep workers between epochs
         val_size: int = 0,  # held-out clips for val/loss: items size .. size + val_size - 1, never trained on
@@ -299,7 +303,7 @@ class VideoFolderDataModule(ImageDataModule):
         frame_stride: int = 1,  # every frame_stride-th frame
         skip_bad: bool = False,  # skip (and count) unreadable or too short clips instead of stopping
         batch_size: int = 16,  # per-device batch size (clips)
-        num_workers: int = 2,  # loader processes
+        num_workers: NonNegativeInt = 2,  # loader processes
         pin_memory: bool = True,  # page-locked batches
         persistent_workers: bool = True,  # keep workers between epochs
         cache_latents: bool = False,  # model=video: encode the clips once through the VAE, train from the cache
@@ -328,7 +332,7 @@ class ImageFolderDataModule(ImageDataModule):
         skip_bad: bool = False,  # skip (and count) unreadable images instead of stopping
         scan_cache_dir: str | None = None,  # where the start-up scan's answer is kept per folder state (None: not kept)
         batch_size: int = 64,  # per-device batch size
-        num_workers: int = 2,  # loader processes
+        num_workers: NonNegativeInt = 2,  # loader processes
         pin_memory: bool = True,  # page-locked batches
         persistent_workers: bool = True,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
@@ -374,7 +378,7 @@ class HFDataModule(ImageDataModule):
         random_flip: bool = True,  # horizontal flip
         cache_dir: str | None = None,  # `datasets` download cache
         batch_size: int = 64,  # per-device batch size
-        num_workers: int = 2,  # loader processes
+        num_workers: NonNegativeInt = 2,  # loader processes
         pin_memory: bool = True,  # page-locked batches
         persistent_workers: bool = True,  # keep workers between epochs
         cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
@@ -474,6 +478,10 @@ class HFDataModule(ImageDataModule):
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() if self.ledger is None else stream_state(self, self.ledger, self.stream)
 
+    def check_resume(self, state_dict: dict[str, Any], world_size: int) -> None:
+        if self.ledger is not None:
+            self.ledger.check_layout(state_dict, world_size)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.ledger is None:
             super().load_state_dict(state_dict)
@@ -497,7 +505,7 @@ class ShardsDataModule(ImageDataModule):
         shard_retries: int = 2,  # further attempts at a shard that fails to read before it is skipped
         reference_size: int = 1000,  # samples (the first, in URL order) for FID statistics, previews and captions
         batch_size: int = 64,  # per-device batch size
-        num_workers: int = 2,  # loader processes, each reading its own shards (every rank needs as many shards)
+        num_workers: NonNegativeInt = 2,  # loader processes, each reading its own shards (as many per rank)
         pin_memory: bool = False,  # page-locked batches
         val_urls: str | list[str] | None = None,  # held-out shards for val/loss (their first val_size samples)
         val_size: int = 256,  # held-out samples read from val_urls
@@ -513,14 +521,15 @@ class ShardsDataModule(ImageDataModule):
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
         # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
-        head = ShardHead(self.urls, self.transform, caption_key, reference_size)  # square crops, for FID and previews
+        # square crops, for FID and previews
+        head = ShardHead(self.urls, self.transform, caption_key, reference_size, skip_bad)
         if len(head) == 0:  # reads the first shards now, so an unreadable one stops the run before it writes anything
             raise ValueError(f"no usable sample in the shards of data.urls={urls!r} (each skipped: see the log)")
         head.buckets = self.bucket_list  # what the methods check their nets against (ImageDataModule.buckets)
         held_out = None
         if val_urls is not None:
             plain = ImageTransform(resolution, center_crop=True, random_flip=False)
-            held_out = ShardHead(shard_urls(_plain(val_urls)), plain, caption_key, val_size)
+            held_out = ShardHead(shard_urls(_plain(val_urls)), plain, caption_key, val_size, skip_bad)
         identity = f"shards|{self.urls[0]}..{self.urls[-1]}|shards={len(self.urls)}|resolution={resolution}"
         super().__init__(
             head,
@@ -567,7 +576,8 @@ class ShardsDataModule(ImageDataModule):
         """Serve the latents the shards store (`python -m lightdiff.data.shard --vae`), once they are checked to be
         this VAE's at this resolution, and their text states (`--text-encoder`) where the model's text encoder is frozen
         and is theirs; shards without text states leave the captions to be encoded each step."""
-        record, text_record = stored_records(self.urls[0])
+        first = self.source_dataset.first_readable or self.urls[0]  # a truncated first shard skipped (skip_bad)
+        record, text_record = stored_records(first)
         if record is None:
             raise ConfigError(
                 f"data.cache_latents=true: shard {self.urls[0]} stores no latents; write the shards with "
@@ -600,6 +610,9 @@ class ShardsDataModule(ImageDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         return stream_state(self, self.ledger, self.stream)
+
+    def check_resume(self, state_dict: dict[str, Any], world_size: int) -> None:
+        self.ledger.check_layout(state_dict, world_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state_dict)

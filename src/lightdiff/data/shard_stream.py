@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from lightdiff.config import ConfigError
 from lightdiff.data.buckets import Bucket, nearest_bucket, smaller_than_every_bucket
 from lightdiff.data.image_folder import too_many_pixels
 from lightdiff.data.streams import Stream, collate
@@ -64,7 +65,14 @@ GOPEN.gopen_schemes.setdefault("s3", _open_s3)
 def shard_urls(urls: str | list[str]) -> list[str]:
     """The shard URLs of `data.urls`: brace patterns expanded ('train-{000000..000099}.tar'), '::' separating sets."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
-    expanded = [url for pattern in patterns for url in expand_urls(str(pattern))]
+    expanded = []
+    for pattern in patterns:
+        try:
+            expanded += expand_urls(str(pattern))
+        except ValueError as error:  # braceexpand's UnbalancedBracesError: say which key and pattern
+            raise ConfigError(
+                f"data.urls={pattern!r} is not a shard pattern: {error} (a range is written 'train-{{000..099}}.tar')"
+            ) from None
     if not expanded:
         raise ValueError(f"data.urls={urls!r} names no shard")
     return expanded
@@ -301,8 +309,17 @@ class ShardHead(Dataset):
     """The first `size` good samples of the shards in URL order, decoded on first use: what a stream has no index for
     (FID reference statistics, image-to-video first frames, preview captions)."""
 
-    def __init__(self, urls: list[str], transform: ImageTransform, caption_key: str | None, size: int) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        transform: ImageTransform,
+        caption_key: str | None,
+        size: int,
+        skip_bad: bool = True,  # an unreadable shard (truncated, missing) is skipped, as the training stream skips it
+    ) -> None:
         self.urls, self.transform, self.caption_key, self.size = urls, transform, caption_key, size
+        self.skip_bad = skip_bad
+        self.first_readable: str | None = None  # the first shard that could be read (what the others must match)
         self.resolution = transform.resolution
         self.buckets: list[Bucket] | None = None  # the training stream's buckets, if any (the head is square)
         self._items: list[dict[str, object]] | None = None
@@ -310,8 +327,18 @@ class ShardHead(Dataset):
     def _read(self) -> list[dict[str, object]]:
         if self._items is None:
             items: list[dict[str, object]] = []
+            unreadable: list[UnreadableShard] = []
             for url in self.urls:
-                for raw in read_shard(url):
+                try:
+                    shard = read_shard(url)
+                except UnreadableShard as error:
+                    if not self.skip_bad:
+                        raise
+                    log.warning("data.skip_bad: skipping shard %s", error)
+                    unreadable.append(error)
+                    continue
+                self.first_readable = self.first_readable or url
+                for raw in shard:
                     try:
                         item = decode_sample(raw, self.transform, self.caption_key)
                     except BadSample:
@@ -322,6 +349,8 @@ class ShardHead(Dataset):
                         break
                 if len(items) == self.size:
                     break
+            if self.first_readable is None and unreadable:
+                raise UnreadableShard(f"no shard of data.urls can be read; the first: {unreadable[0]}")
             self._items = items
         return self._items
 

@@ -97,10 +97,10 @@ class StreamLedger:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._saved = dict(state) if state else None
 
-    def resume(self, stream: Stream, rank: int, world_size: int) -> None:
-        """Start `stream` where the loaded checkpoint's left off (nothing without one)."""
-        state, self._saved = self._saved, None
-        if state is None:
+    def check_layout(self, state: dict[str, Any], world_size: int) -> None:
+        """Refuse a checkpoint's stream state made for another number of ranks or loader streams: train.py asks before
+        the run folder is touched, `resume` again inside fit."""
+        if not state:
             return
         saved = (state["world_size"], state["num_streams"])
         if saved != (world_size, self.num_streams):
@@ -109,6 +109,13 @@ class StreamLedger:
                 f"this run has {world_size} x {self.num_streams}: resume with the same number of devices and "
                 f"data.num_workers={saved[1] if saved[1] > 1 else '0 or 1'} (the data order depends on both)"
             )
+
+    def resume(self, stream: Stream, rank: int, world_size: int) -> None:
+        """Start `stream` where the loaded checkpoint's left off (nothing without one)."""
+        state, self._saved = self._saved, None
+        if state is None:
+            return
+        self.check_layout(state, world_size)
         mine = state["ranks"][rank]
         self.positions = {int(index): position for index, position in mine["positions"].items()}
         self.skipped_samples, self.skipped_shards = mine["skipped"]

@@ -88,9 +88,14 @@ class VideoFolderDataset(Dataset):
         bad: dict[Path, str] = {}
         for path in paths:  # decoded once up front: every rank and worker agrees on index -> clip
             try:
-                count = len(read_clip(path))
+                frames = read_clip(path)
             except ValueError as error:
                 bad[path] = str(error)
+                continue
+            count, sizes = len(frames), sorted({frame.size for frame in frames})
+            if len(sizes) > 1:  # each frame would be cropped on its own: the clip would jump between framings
+                shown = ", ".join(f"{width}x{height}" for width, height in sizes[:4])
+                bad[path] = f"{path}: its frames are not all one size ({shown}): a clip's frames must share one size"
                 continue
             if count < needed:
                 bad[path] = (

@@ -92,6 +92,7 @@ class DiffusionTraining(pl.LightningModule):
         pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
         pretrained_config: str | None = None,  # `pretrained` a single .safetensors / .ckpt file: its pipeline's configs
         load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
+        allow_other_vae: bool = False,  # with a pretrained UNet: accept `vae` though the UNet learnt the pipeline's
         train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
         text_hidden_size: int | None = None,  # width of a from-scratch text encoder; None: the width the net takes
         text_layers: int = 2,  # layers of a from-scratch text encoder
@@ -142,7 +143,21 @@ class DiffusionTraining(pl.LightningModule):
         self.net = net
         self.objective = objective
         pipeline_vae = pretrained is not None and "vae" in pipeline_parts(pretrained)  # a DDPM pipeline has none
+        if vae and pipeline_vae and load_pretrained_unet and not allow_other_vae:
+            # The UNet learnt the latents of the pipeline's VAE; another VAE's latents ruin the run without an error.
+            raise ConfigError(
+                f"model.vae={vae!r} under model.pretrained={pretrained!r}'s own UNet, which was trained on that "
+                "pipeline's VAE: drop model.vae (the pipeline's VAE is the default with model.pretrained), or set "
+                "model.allow_other_vae=true if another VAE is what you mean"
+            )
         self.vae = load_vae(pretrained, vae).requires_grad_(False).eval() if (vae or pipeline_vae) else None
+        # Where each network came from: train.log's networks table (contract.NamesPartSources).
+        pipeline = f"model.pretrained={pretrained}"
+        self.part_sources = {
+            "net": pipeline if pretrained is not None and load_pretrained_unet else "model.net, new weights",
+            "vae": f"model.vae={vae}" if vae else pipeline,
+            "conditioning": pipeline if pretrained is not None else "new, for the data",
+        }
         self.conditioning: Conditioning = conditioning or self._conditioning_for(
             data,
             pretrained,
@@ -333,7 +348,9 @@ class DiffusionTraining(pl.LightningModule):
         """Samples for the grid: the given prompts, or class seed % classes (labels, or their names as prompts), or
         the data's captions."""
         captions = self.trainer.datamodule.captions()
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions, prompts)
+        inputs, labels = preview_inputs(
+            seeds, self.conditioning, self.class_names, captions, prompts, self.trainer.datamodule.num_classes
+        )
         if "image" in self.conditioning.reads:  # image-to-video: the first frames of the data's clips seed % size
             dataset = self.trainer.datamodule.source_dataset
             clips = [dataset[int(seed) % len(dataset)] for seed in seeds]

@@ -124,7 +124,9 @@ class GuidanceDistillation(pl.LightningModule):
         """The student at `steps` (one call per step, the scale `sample_guidance_scale` as its input; what the
         metrics judge) next to the teacher guided at that scale (two calls per step), per seed."""
         captions = self.trainer.datamodule.captions()
-        inputs, labels = preview_inputs(seeds, self.conditioning, self.class_names, captions, prompts)
+        inputs, labels = preview_inputs(
+            seeds, self.conditioning, self.class_names, captions, prompts, self.trainer.datamodule.num_classes
+        )
         side = self.teacher.resolution
         scheduler = self.teacher.scheduler(sampler)
         student = generate(

@@ -208,7 +208,9 @@ def few_step_preview(
     `teacher_steps` (guided for text; `sampler` where it fits the teacher); the metrics judge the student at
     `judged_steps`."""
     captions = method.trainer.datamodule.captions()
-    inputs, labels = preview_inputs(seeds, method.conditioning, method.class_names, captions, prompts)
+    inputs, labels = preview_inputs(
+        seeds, method.conditioning, method.class_names, captions, prompts, method.trainer.datamodule.num_classes
+    )
     scheduler = method.student_scheduler()
 
     side = method.teacher.resolution

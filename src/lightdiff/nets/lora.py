@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from safetensors import safe_open
 
 from lightdiff.config import ConfigError, PositiveFloat, PositiveInt
@@ -134,6 +134,35 @@ def has_adapters(net: torch.nn.Module) -> bool:
     return any(isinstance(module, BaseTunerLayer) for module in net.modules())
 
 
+def _layer_sides(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(inputs, outputs) of a layer LoRA adapts, as the low-rank factors see them: a convolution's input side is
+    its in_channels times its kernel (lora_A is a convolution of that kernel); None for other modules."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        kernel = 1
+        for side in module.kernel_size:
+            kernel *= side
+        return module.in_channels // module.groups * kernel, module.out_channels
+    return None
+
+
+def check_rank(net: torch.nn.Module, config: LoraConfig, key: str = "model.lora.rank") -> None:
+    """Refuse a rank above an adapted layer's smaller side, naming the layer, before any adapter is allocated: such
+    adapters are larger than the layer itself and add nothing a full fine-tune would not (rank 1000 on a 320-wide
+    layer), and a huge rank ends in an allocator error with no key named."""
+    for name, module in net.named_modules():
+        sides = _layer_sides(module)
+        if sides is None or not check_target_module_exists(config, name):
+            continue
+        if config.r > min(sides):
+            raise ConfigError(
+                f"{key}={config.r} is above the smaller side of the adapted layer {name} ({type(module).__name__} "
+                f"{sides[0]} -> {sides[1]}): at most {min(sides)} here; lower the rank, or train the whole network "
+                "(model.lora.rank=null)"
+            )
+
+
 def add_adapters(net: torch.nn.Module, config: LoraConfig) -> None:
     """Inject `config`'s adapters into `net` and freeze everything else: only the adapters train."""
     inject_adapter_in_model(config, net, adapter_name=ADAPTER)
@@ -150,6 +179,9 @@ def adapt(
     """Add `settings`' adapters to `net` (and `text_encoder`); returns the record every adapter checkpoint carries:
     the adapters' LoraConfigs, the base's source and fingerprints (checked wherever the adapters are loaded)."""
     config = lora_config(net, settings)
+    check_rank(net, config)
+    if text_encoder is not None:
+        check_rank(text_encoder, text_encoder_lora_config(settings))
     base = {"source": _source(base_source), "fingerprint": base_fingerprint(net), "net_class": type(net).__name__}
     add_adapters(net, config)
     record: dict[str, Any] = {"config": config_record(config), "base": base}

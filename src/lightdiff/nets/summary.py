@@ -4,7 +4,7 @@ tabulate SDXL-Turbo's parts. Logged at start by train.py (train.log and the wand
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,15 +68,24 @@ def components(model: nn.Module) -> list[Component]:
     return rows
 
 
-def summary_table(rows: list[Component]) -> str:
-    """The rows as a fixed-width table with a total line (memory in MiB)."""
+def source_of(name: str, sources: Mapping[str, str]) -> str:
+    """The source recorded for component `name` (`conditioning.text_encoder_2`) under its longest matching prefix."""
+    matches = [key for key in sources if name == key or name.startswith(f"{key}.")]
+    return sources[max(matches, key=len)] if matches else ""
+
+
+def summary_table(rows: list[Component], sources: Mapping[str, str] | None = None) -> str:
+    """The rows as a fixed-width table with a total line (memory in MiB); with `sources` (component name or prefix
+    -> where its weights came from), a last column says so."""
     header = f"{'component':<34} {'class':<30} {'parameters':>14} {'trainable':>14} {'dtype':<16} {'MiB':>9}"
+    header += "  from" if sources else ""
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(
+        line = (
             f"{row.name:<34} {row.cls:<30} {row.parameters:>14,} {row.trainable:>14,} {row.dtype:<16} "
             f"{row.bytes / 2**20:>9.1f}"
         )
+        lines.append(f"{line}  {source_of(row.name, sources)}".rstrip() if sources else line)
     parameters, trainable = sum(r.parameters for r in rows), sum(r.trainable for r in rows)
     total_bytes = sum(r.bytes for r in rows)
     lines.append(f"{'total':<34} {'':<30} {parameters:>14,} {trainable:>14,} {'':<16} {total_bytes / 2**20:>9.1f}")
