@@ -307,3 +307,36 @@ def test_the_command_carries_any_prompt_exactly(text: str) -> None:
     overrides = [parser.parse_override(word) for word in shlex.split(command)[2:]]
     parsed = {override.key_or_group: override.value() for override in overrides}
     assert parsed["prompt"] == parsed["negative_prompt"] == text and parsed["ckpt"] == ckpt
+
+
+def test_the_http_api_names_every_bad_value(served) -> None:
+    """Any client can post anything: a value the page's widgets would never send is refused by name, not with a raw
+    exception (which reaches the client as {"error": null})."""
+    from gradio_client import Client
+
+    url, model = served
+    assert model.ready.wait(120) and model.error is None
+    client = Client(url, verbose=False)
+    for steps, seed, named in (
+        ("abc", 0, "steps='abc' must be"),
+        (3, 2**70, "seed=1180591620717411303424"),
+        (3, "x", "seed='x'"),
+    ):
+        with pytest.raises(Exception, match=named):
+            client.predict("a red circle", "", None, steps, 4.0, seed, "auto", 1, False, fn_index=1)
+    assert client.predict("a red circle", "", None, "3", 4.0, "5", "auto", 1, False, fn_index=1)  # numbers as text
+
+
+def test_the_demos_temporary_folder_goes_with_it(text_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"lightdiff-demo-{dead.pid}-abc"  # a killed demo's
+    left.mkdir()
+    model = DemoModel(_demo_config(text_ckpt))
+    assert model.out.is_dir() and model.out.parent == tmp_path and not left.exists()
+    model.close()  # registered with atexit: what happens when the demo exits
+    assert not model.out.exists()

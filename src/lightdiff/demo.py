@@ -125,7 +125,7 @@ def whole_number(value: Any) -> Any:
     return value
 
 
-def number(value: Any) -> Any:
+def as_number(value: Any) -> Any:
     """A page or HTTP API value as a float where it is a number ("4.5" too); anything else as it came."""
     if isinstance(value, bool):
         return value
@@ -353,12 +353,31 @@ class DemoModel:
         return drawn
 
 
+def _lenient(component: type) -> type:
+    """`component` (gr.Number, gr.Slider) whose preprocess hands a value that is not a number to the handler as it
+    came, where `settings_problem` refuses it by name: the component's own conversion fails with an error Gradio does
+    not show, so an HTTP client posting steps="abc" got {"error": null}. The page's widgets never send such values."""
+
+    class Lenient(component):  # type: ignore[misc, valid-type]
+        def preprocess(self, payload: Any) -> Any:
+            if payload is None or (isinstance(payload, (int, float)) and not isinstance(payload, bool)):
+                return super().preprocess(payload)
+            return payload
+
+        def get_block_name(self) -> str:
+            return component.__name__.lower()  # the page draws it as the component it is ("number", "slider")
+
+    Lenient.__name__ = component.__name__
+    return Lenient
+
+
 def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
     """The page (a gr.Blocks) for `cfg`'s checkpoint; the model loads in a background thread started here."""
     gr = gradio()
     model = model or DemoModel(cfg)
     threading.Thread(target=model.load, name="demo-model-load", daemon=True).start()
     sampler_choices = ["auto", *[name for name in SAMPLER_NAMES if (SAMPLER_FOLDER / f"{name}.yaml").is_file()]]
+    number_field = _lenient(gr.Number)
 
     with gr.Blocks(title="lightdiff demo") as app:
         gr.Markdown(f"## lightdiff · `{cfg.ckpt}`")
@@ -369,12 +388,12 @@ def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
                 negative = gr.Textbox(label="Negative prompt", visible=False, elem_id="negative")
                 label = gr.Dropdown(label="Class", choices=[], visible=False, elem_id="label")
                 with gr.Row():
-                    steps = gr.Number(label="Steps", value=cfg.steps, precision=0, elem_id="steps")
-                    guidance = gr.Number(label="Guidance", value=cfg.guidance_scale, elem_id="guidance")
-                    seed = gr.Number(label="Seed", value=cfg.seed, precision=0, elem_id="seed")
+                    steps = number_field(label="Steps", value=cfg.steps, precision=0, elem_id="steps")
+                    guidance = number_field(label="Guidance", value=cfg.guidance_scale, elem_id="guidance")
+                    seed = number_field(label="Seed", value=cfg.seed, precision=0, elem_id="seed")
                 with gr.Row():
                     sampler = gr.Dropdown(label="Sampler", choices=sampler_choices, value="auto", elem_id="sampler")
-                    batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="batch")
+                    batch = _lenient(gr.Slider)(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="batch")
                 with gr.Row():
                     live = gr.Checkbox(label="Live: regenerate as the prompt is typed", value=False, elem_id="live")
                     compare = gr.Checkbox(label="Side by side with the teacher", visible=False, elem_id="compare")
@@ -425,7 +444,7 @@ def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
                 negative_prompt=str(negative_text or ""),
                 label=label_value,
                 steps=whole_number(step_count),
-                guidance_scale=number(scale) if scale is not None else math.nan,
+                guidance_scale=as_number(scale) if scale is not None else math.nan,
                 seed=whole_number(seed_value),
                 sampler=str(sampler_name or "auto"),
                 batch_size=whole_number(size),
