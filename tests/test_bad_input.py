@@ -234,17 +234,18 @@ def test_a_refused_resume_leaves_the_run_folder_byte_for_byte(
     before = snapshot(run_dir)
     with pytest.raises((ConfigError, ValueError), match=named):
         train_run(compose_config("train", [*overrides, "trainer.max_steps=4", override]))
-    assert snapshot(run_dir) == before  # config.yaml not replaced, no config.previous.yaml, train.log untouched
+    assert snapshot(run_dir) == before  # config.yaml and configs/ not touched, train.log untouched
 
 
 def test_the_resume_check_would_catch_a_changed_config(finished_run: tuple[Path, list[str]]) -> None:
     """Negative control for the snapshot comparison above: an accepted resume with a changed key does change
-    config.yaml (and files the old one as config.previous.yaml)."""
+    config.yaml (and appends it to configs/, beside the first start's)."""
     run_dir, overrides = finished_run
     before = snapshot(run_dir)
     train_run(compose_config("train", [*overrides, "trainer.max_steps=3"]))
     after = snapshot(run_dir)
-    assert after["config.yaml"] != before["config.yaml"] and "config.previous.yaml" in after
+    assert after["config.yaml"] != before["config.yaml"] and "configs/001.yaml" in after
+    assert after["configs/000.yaml"] == before["configs/000.yaml"]
 
 
 @pytest.mark.parametrize(

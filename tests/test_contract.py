@@ -74,7 +74,7 @@ LAYERS = [
     {"train", "sample", "demo"},  # entry points (demo: sample.py demo=true)
     {"methods"},
     {"callbacks", "export", "trained", "sampling", "metrics", "speed", "sharding", "loggers"},
-    {"nets", "data", "diffusion", "contract", "checkpointing", "config", "assets"},
+    {"nets", "data", "diffusion", "contract", "checkpointing", "run_folder", "config", "assets"},
 ]
 
 

@@ -53,6 +53,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     # One run folder, written by rank 0 alone: one config, one log without rank 1's lines, one set of checkpoints.
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["last.ckpt", f"step{STEPS:07d}.ckpt"]
     assert [p.name for p in two.glob("config*.yaml")] == ["config.yaml"]
+    assert [p.name for p in (two / "configs").iterdir()] == ["000.yaml"]
+    assert not (two / ".lock").exists()  # rank 0 took the folder and gave it back; rank 1 never touched the lock
     assert len(list(two.glob("csv/version_*"))) == 1
     assert (two / "train.log").read_text().count("reached step") == 1
     checkpoint = load_checkpoint_file(two / "checkpoints" / "last.ckpt")

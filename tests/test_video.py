@@ -34,7 +34,7 @@ from lightdiff.nets.vae import decode_latents, encode_latents, posterior_moments
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import frames_grid, generate, to_uint8, write_video
 from lightdiff.train import run as train_run
-from lightdiff.trained import load_checkpoint_file, load_denoiser
+from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
 
 from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, tiny_vae, tiny_video_vae
 from .test_exact_resume import _assert_same_state
@@ -391,6 +391,28 @@ def test_a_cogvideox_folder_fine_tunes_with_its_frozen_t5(video_ckpt: Path, tmp_
     assert isinstance(family, T5Text) and not family.trainable and family.max_sequence_length == 8
     with torch.no_grad():
         assert torch.equal(family.encode(PROMPTS), exported_family_states(folder))
+
+
+@pytest.mark.slow  # 6 s: an export and a LoRA run
+def test_lora_adapters_on_a_video_base_keep_its_clip_length(video_ckpt: Path, tmp_path: Path) -> None:
+    """sample.py's default frame count of an adapter checkpoint is the base's (it was lost: None, so one frame)."""
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"export={folder}"]))
+    adapted = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=video",
+            f"model.pretrained={folder}",
+            "model.load_pretrained_unet=true",
+            "model.lora.rank=2",
+            "run_name=lora",
+        ],
+    )
+    train_run(adapted)
+    trained = load_trained(Path(adapted.run_dir) / "checkpoints" / "last.ckpt")
+    assert trained.num_frames == load_trained(folder).num_frames == 9
 
 
 @pytest.mark.slow  # 8 s; turbo's own tests cover the method on images in the default suite

@@ -259,11 +259,12 @@ def _nonfinite_record(path: Path) -> str | None:
     return f"{bad} holds NaN or infinite values" if bad is not None else None
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
+def checkpoint_problem(path: str | Path, check_finite: bool = True) -> str | None:
     """Why a resume cannot start from `path` (None when it can): loads as a resume does (weights_only), every byte
-    of it matches its checksum, and its weights, EMA and optimiser state are finite."""
+    of it matches its checksum, and (`check_finite`; a file this process just wrote was checked before the write)
+    its weights, EMA and optimiser state are finite."""
     path = Path(path)
-    return _read_step(path)[1] or _damaged_record(path) or _nonfinite_record(path)
+    return _read_step(path)[1] or _damaged_record(path) or (_nonfinite_record(path) if check_finite else None)
 
 
 def newest_loadable_checkpoint(folder: str | Path) -> Path | None:

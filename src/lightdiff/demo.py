@@ -353,22 +353,20 @@ class DemoModel:
         return drawn
 
 
-def _lenient(component: type) -> type:
-    """`component` (gr.Number, gr.Slider) whose preprocess hands a value that is not a number to the handler as it
-    came, where `settings_problem` refuses it by name: the component's own conversion fails with an error Gradio does
-    not show, so an HTTP client posting steps="abc" got {"error": null}. The page's widgets never send such values."""
+def _lenient(field: Any) -> Any:
+    """`field` (a gr.Number, gr.Slider) whose preprocess hands a value that is not a number to the handler as it came,
+    where `settings_problem` refuses it by name: the component's own conversion fails with an error Gradio does not
+    show, so an HTTP client posting steps="abc" got {"error": null}. The page's widgets never send such values. (On the
+    instance: a subclass of a Gradio component makes Gradio write a .pyi stub beside this module.)"""
+    convert = field.preprocess
 
-    class Lenient(component):  # type: ignore[misc, valid-type]
-        def preprocess(self, payload: Any) -> Any:
-            if payload is None or (isinstance(payload, (int, float)) and not isinstance(payload, bool)):
-                return super().preprocess(payload)
-            return payload
+    def preprocess(payload: Any) -> Any:
+        if payload is None or (isinstance(payload, (int, float)) and not isinstance(payload, bool)):
+            return convert(payload)
+        return payload
 
-        def get_block_name(self) -> str:
-            return component.__name__.lower()  # the page draws it as the component it is ("number", "slider")
-
-    Lenient.__name__ = component.__name__
-    return Lenient
+    field.preprocess = preprocess
+    return field
 
 
 def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
@@ -377,7 +375,6 @@ def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
     model = model or DemoModel(cfg)
     threading.Thread(target=model.load, name="demo-model-load", daemon=True).start()
     sampler_choices = ["auto", *[name for name in SAMPLER_NAMES if (SAMPLER_FOLDER / f"{name}.yaml").is_file()]]
-    number_field = _lenient(gr.Number)
 
     with gr.Blocks(title="lightdiff demo") as app:
         gr.Markdown(f"## lightdiff · `{cfg.ckpt}`")
@@ -388,12 +385,12 @@ def build_app(cfg: DictConfig, model: DemoModel | None = None) -> Any:
                 negative = gr.Textbox(label="Negative prompt", visible=False, elem_id="negative")
                 label = gr.Dropdown(label="Class", choices=[], visible=False, elem_id="label")
                 with gr.Row():
-                    steps = number_field(label="Steps", value=cfg.steps, precision=0, elem_id="steps")
-                    guidance = number_field(label="Guidance", value=cfg.guidance_scale, elem_id="guidance")
-                    seed = number_field(label="Seed", value=cfg.seed, precision=0, elem_id="seed")
+                    steps = _lenient(gr.Number(label="Steps", value=cfg.steps, precision=0, elem_id="steps"))
+                    guidance = _lenient(gr.Number(label="Guidance", value=cfg.guidance_scale, elem_id="guidance"))
+                    seed = _lenient(gr.Number(label="Seed", value=cfg.seed, precision=0, elem_id="seed"))
                 with gr.Row():
                     sampler = gr.Dropdown(label="Sampler", choices=sampler_choices, value="auto", elem_id="sampler")
-                    batch = _lenient(gr.Slider)(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="batch")
+                    batch = _lenient(gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="batch"))
                 with gr.Row():
                     live = gr.Checkbox(label="Live: regenerate as the prompt is typed", value=False, elem_id="live")
                     compare = gr.Checkbox(label="Side by side with the teacher", visible=False, elem_id="compare")

@@ -61,7 +61,7 @@ class StepCheckpoint(ModelCheckpoint):
         # Lightning calls this only after writing `_last_checkpoint_saved`; only global rank 0 deletes files.
         newest = self._last_checkpoint_saved
         if trainer.is_global_zero and newest:
-            problem = checkpoint_problem(newest)
+            problem = checkpoint_problem(newest, check_finite=False)  # AtomicCheckpointIO refused NaN before writing
             if problem is not None:
                 log.warning(
                     "keeping %s: the checkpoint written after it, %s, cannot be loaded (%s)", filepath, newest, problem

@@ -27,7 +27,7 @@ from lightdiff.data.shapes import ShapesDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.metrics.fid import FrechetEvaluator
 from lightdiff.metrics.shapes import ShapeJudgement, judge_image, summarise_judgements, wanted_classes
-from lightdiff.sampling import to_uint8
+from lightdiff.sampling import seed_problem, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class FrechetDistance(pl.Callback):
     ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"metrics.every_n_steps={every_n_steps} must be >= 0")
+        if problem := seed_problem(seed, num_samples, "metrics.seed"):
+            raise ValueError(problem)
         self.evaluator = FrechetEvaluator(features, num_samples, batch_size, kid_subset_size, cache_dir, seed)
         self.sampler = sampler
         self.every_n_steps = every_n_steps

@@ -24,6 +24,7 @@ from lightdiff.data.shapes import ShapesDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.metrics import shapes_metric
 from lightdiff.metrics.motion import motion_metric
+from lightdiff.run_folder import write_text_atomically
 from lightdiff.sampling import (
     frames_grid,
     grid_columns,
@@ -152,7 +153,8 @@ class SampleGrid(pl.Callback):
         metrics = self._sample_and_log(trainer, pl_module, self.final_num_images, "final")
         if metrics and trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / "final_metrics.json"
-            path.write_text(json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
+            # atomically: a preemption signal in this round stops it where it stands, never mid-file
+            write_text_atomically(path, json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
             log.info("final sample metrics at step %d: %s (written to %s)", trainer.global_step, metrics, path)
 
     def _validation_prompts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
