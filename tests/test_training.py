@@ -149,3 +149,37 @@ def test_auto_precision_is_fp32_on_cpu(tiny_train_config) -> None:
         pytest.skip("checks the CPU choice")
     trainer = run(tiny_train_config())
     assert trainer.precision == "32-true"
+
+
+def test_the_manual_schedule_is_the_diffusers_one() -> None:
+    """`lr_factor` (turbo, dmd2: computed from the step) against the diffusers schedules Lightning steps for the other
+    methods, at every step of a warm-up then cosine / constant run."""
+    from diffusers.optimization import get_scheduler
+
+    from lightdiff.methods.optimization import lr_factor
+
+    for schedule, name in (("cosine", "cosine"), ("constant", "constant_with_warmup")):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        stepped = get_scheduler(name, optimizer, num_warmup_steps=3, num_training_steps=10)
+        for step in range(12):
+            assert lr_factor(schedule, 3, step, 10) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
+            optimizer.step()
+            stepped.step()
+    assert lr_factor("cosine", 0, 5, 10) == pytest.approx(0.5)  # half-way down the half cosine
+
+
+@pytest.mark.parametrize("method", ["turbo", "lcm", "dmd2", "guidance_distill"])
+def test_distillation_methods_follow_warmup_and_lr_schedule(method: str, text_ckpt: Path, tmp_path: Path) -> None:
+    """Every method has the warm-up and schedule (they had none: a constant rate whatever the keys said)."""
+    overrides = [f"output_root={tmp_path}", *TINY, f"model={method}", f"model.teacher={text_ckpt}"]
+    overrides += ["trainer.max_steps=6", "model.lr=1e-3", "callbacks.samples.final_num_images=0"]
+    overrides += ["callbacks.checkpoint.every_n_train_steps=100"] + (
+        ["model.teacher_steps=2"] if method != "guidance_distill" else []
+    )
+    cfg = compose_config("train", [*overrides, "model.warmup_steps=2", "model.lr_schedule=cosine"])
+    run(cfg)
+    rates = [float(r["train/lr"]) for r in _metrics(Path(cfg.run_dir)) if r.get("train/lr")]
+    assert rates[0] == 0.0 and max(rates) == pytest.approx(1e-3)  # warm-up from 0 to the peak (logged in float32)
+    peak = rates.index(max(rates))
+    assert 0 < peak < len(rates) - 1 and rates[-1] < max(rates)  # then down the cosine
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :]))

@@ -35,7 +35,12 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.consistency import boundary_scalings, ddim_step, pseudo_huber, solver_timesteps
-from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradients
+from lightdiff.methods.optimization import (
+    OptimizerFactory,
+    check_lr_schedule,
+    clip_and_log_gradients,
+    with_lr_schedule,
+)
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition, GuidanceEmbedded
 from lightdiff.nets.denoiser import network_output
@@ -68,7 +73,9 @@ class ConsistencyDistillation(pl.LightningModule):
         target_decay: float = 0.95,  # EMA decay of the target network
         student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser
-        lr: PositiveFloat = 1e-4,
+        lr: PositiveFloat = 1e-4,  # peak learning rate
+        lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
+        warmup_steps: int = 0,  # linear learning-rate warm-up from 0
         max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
@@ -107,6 +114,8 @@ class ConsistencyDistillation(pl.LightningModule):
         self.guidance_scale_min, self.guidance_scale_max = guidance_scale_min, guidance_scale_max
         self.loss_kind, self.huber_c, self.target_decay = loss, huber_c, target_decay
         self.optimizer_factory, self.lr, self.max_grad_norm = optimizer, lr, max_grad_norm
+        check_lr_schedule(lr_schedule, warmup_steps)
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.teacher_steps = teacher_steps
         self.compile_net, self.channels_last = compile, channels_last
         self.gradient_checkpointing = gradient_checkpointing
@@ -171,8 +180,9 @@ class ConsistencyDistillation(pl.LightningModule):
     ) -> None:
         clip_and_log_gradients(self, self.net.parameters(), self.max_grad_norm)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer_factory(self.net.parameters(), lr=self.lr)]
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.net.parameters(), lr=self.lr)
+        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.max_steps)
 
     # ----- sampling -----------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -36,7 +36,12 @@ from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, Posit
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory, trailing_timesteps, weighted_mse
-from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
+from lightdiff.methods.optimization import (
+    OptimizerFactory,
+    check_lr_schedule,
+    clip_and_measure_gradients,
+    set_scheduled_lr,
+)
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
@@ -70,6 +75,8 @@ class DistributionMatchingDistillation(pl.LightningModule):
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser, for both
         lr: PositiveFloat = 1e-5,  # the student's learning rate
         fake_lr: PositiveFloat = 1e-5,  # the fake network's and the classifier's
+        lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up, for both: constant, or cosine to 0
+        warmup_steps: int = 0,  # linear warm-up from 0 of both rates, in steps as trainer.max_steps counts them
         max_grad_norm: float | None = 1.0,  # clip each update's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
@@ -115,6 +122,8 @@ class DistributionMatchingDistillation(pl.LightningModule):
         self.fake_updates, self.min_t, self.max_t = fake_updates, min_t, max_t
         self.gen_gan_weight, self.disc_gan_weight = gen_gan_weight, disc_gan_weight
         self.optimizer_factory, self.lr, self.fake_lr = optimizer, lr, fake_lr
+        check_lr_schedule(lr_schedule, warmup_steps)
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.max_grad_norm = max_grad_norm
         self.teacher_steps = teacher_steps
         self.compile_net, self.channels_last = compile, channels_last
@@ -155,6 +164,8 @@ class DistributionMatchingDistillation(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer_student, optimizer_fake = self.optimizers()
+        peaks = [(optimizer_student, self.lr), (optimizer_fake, self.fake_lr)]
+        set_scheduled_lr(self, peaks, self.lr_schedule, self.warmup_steps)
         real_x0 = self.teacher.encode(batch["pixel_values"])
         with torch.no_grad():
             condition = self.conditioning(batch)

@@ -20,7 +20,7 @@ It exports as its pipeline: FluxPipeline (whose `guidance_scale` is the embedded
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -30,7 +30,12 @@ from lightdiff.config import ConfigError, PositiveFloat
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory, weighted_mse
-from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradients
+from lightdiff.methods.optimization import (
+    OptimizerFactory,
+    check_lr_schedule,
+    clip_and_log_gradients,
+    with_lr_schedule,
+)
 from lightdiff.methods.teacher import FrozenTeacher, save_student
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.guidance import with_guidance_input
@@ -56,7 +61,9 @@ class GuidanceDistillation(pl.LightningModule):
         sample_guidance_scale: float = 4.0,  # the scale previews and exports sample at (the pipeline's default)
         guidance_embedding_dim: int = 256,  # a UNet student's time_cond_proj_dim (FLUX's embedding has its own)
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser
-        lr: PositiveFloat = 1e-4,
+        lr: PositiveFloat = 1e-4,  # peak learning rate
+        lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up: constant, or cosine to 0 at max_steps
+        warmup_steps: int = 0,  # linear learning-rate warm-up from 0
         max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU
@@ -84,6 +91,8 @@ class GuidanceDistillation(pl.LightningModule):
         self.vae, self.class_names = self.teacher.vae, self.teacher.class_names
         self.guidance_scale_min, self.guidance_scale_max = guidance_scale_min, guidance_scale_max
         self.optimizer_factory, self.lr, self.max_grad_norm = optimizer, lr, max_grad_norm
+        check_lr_schedule(lr_schedule, warmup_steps)
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.compile_net, self.channels_last = compile, channels_last
         self.gradient_checkpointing = gradient_checkpointing
 
@@ -112,8 +121,9 @@ class GuidanceDistillation(pl.LightningModule):
     ) -> None:
         clip_and_log_gradients(self, self.net.parameters(), self.max_grad_norm)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer_factory(self.net.parameters(), lr=self.lr)]
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.net.parameters(), lr=self.lr)
+        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.max_steps)
 
     # ----- sampling -----------------------------------------------------------------------------------------
 

@@ -4,11 +4,13 @@ schedule, and gradient clipping that logs the norm it clips.
 An `optimizer` node is a callable `(parameters, lr) -> torch.optim.Optimizer`: a `_partial_` of an optimiser class
 (AdamW, fused AdamW, Adam, Adafactor: conf/optimizer/) or `AdamW8bit`, which checks at build time, before any run
 folder exists, that bitsandbytes and a CUDA GPU are there. The learning rate stays the method's key (model.lr), as
-it belongs to the method's schedule.
+it belongs to the method's schedule: `model.lr_schedule` and `model.warmup_steps`, the same for every method (Lightning
+steps the schedule of a method under automatic optimisation; `set_scheduled_lr` computes it under manual).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -58,13 +60,46 @@ def with_lr_schedule(
 ) -> dict[str, Any]:
     """What `configure_optimizers` returns: the optimiser and its per-step schedule (diffusers' `get_scheduler`):
     linear warm-up from 0 over `warmup_steps`, then constant, or cosine to 0 at `max_steps`."""
-    if lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
+    check_lr_schedule(lr_schedule, warmup_steps)
     if lr_schedule == "cosine" and max_steps <= 0:
         raise ConfigError("model.lr_schedule=cosine needs trainer.max_steps to know where the cosine ends")
     name = "cosine" if lr_schedule == "cosine" else "constant_with_warmup"
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(lr_schedule: Literal["constant", "cosine"], warmup_steps: int, step: int, max_steps: int) -> float:
+    """The multiplier of the peak learning rate at optimiser step `step`: what `with_lr_schedule`'s diffusers schedules
+    give (linear warm-up from 0 over `warmup_steps`; then 1, or the half cosine of `get_cosine_schedule_with_warmup`
+    to 0 at `max_steps`), as a pure function of the step, for methods under manual optimisation."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if lr_schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_scheduled_lr(
+    module: pl.LightningModule,
+    peaks: list[tuple[torch.optim.Optimizer, float]],  # each optimiser with its peak learning rate
+    lr_schedule: Literal["constant", "cosine"],
+    warmup_steps: int,
+) -> None:
+    """Under manual optimisation (turbo, dmd2, where Lightning steps no scheduler): every optimiser's learning rate for
+    the coming step, from the trainer's step as `trainer.max_steps` counts it. Computed, not stepped: a resumed run
+    continues the schedule exactly without a scheduler's state."""
+    factor = lr_factor(lr_schedule, warmup_steps, module.trainer.global_step, module.trainer.max_steps)
+    for optimizer, peak in peaks:
+        for group in optimizer.param_groups:
+            group["lr"] = peak * factor
+
+
+def check_lr_schedule(lr_schedule: str, warmup_steps: int) -> None:
+    if lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigError(f"model.warmup_steps={warmup_steps!r} must be a whole number of steps >= 0")
 
 
 def clip_and_measure_gradients(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -43,7 +43,12 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_distance, distillation_weight
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
-from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
+from lightdiff.methods.optimization import (
+    OptimizerFactory,
+    check_lr_schedule,
+    clip_and_measure_gradients,
+    set_scheduled_lr,
+)
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
@@ -86,6 +91,8 @@ class TurboDistillation(pl.LightningModule):
         optimizer: OptimizerFactory = torch.optim.Adam,  # (parameters, lr) -> optimiser, for student and heads
         lr: PositiveFloat = 1e-5,  # student learning rate
         disc_lr: PositiveFloat = 1e-4,  # discriminator heads' learning rate
+        lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up, for both: constant, or cosine to 0
+        warmup_steps: int = 0,  # linear warm-up from 0 of both rates, in steps as trainer.max_steps counts them
         max_grad_norm: float | None = 1.0,  # clip the student's gradient norm (None: off)
         teacher_steps: int = 50,  # the teacher's steps in the preview grids
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
@@ -149,6 +156,8 @@ class TurboDistillation(pl.LightningModule):
         self.r1_weight = r1_weight
         self.disc_noise_mean, self.disc_noise_std, self.disc_updates = disc_noise_mean, disc_noise_std, disc_updates
         self.optimizer_factory, self.lr, self.disc_lr = optimizer, lr, disc_lr
+        check_lr_schedule(lr_schedule, warmup_steps)
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.max_grad_norm = max_grad_norm
         self.teacher_steps = teacher_steps
 
@@ -179,6 +188,8 @@ class TurboDistillation(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer_student, optimizer_disc = self.optimizers()
+        peaks = [(optimizer_student, self.lr), (optimizer_disc, self.disc_lr)]
+        set_scheduled_lr(self, peaks, self.lr_schedule, self.warmup_steps)
         x0 = self.teacher.encode(batch["pixel_values"])
         with torch.no_grad():
             condition = self.conditioning(batch)
