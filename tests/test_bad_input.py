@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-import lightdiff.checkpointing as checkpointing
 import lightdiff.data.image_folder as image_folder
+import lightdiff.files as files
 from lightdiff.callbacks.samples import SampleGrid
-from lightdiff.checkpointing import remove_orphaned_temporaries, save_atomically
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageFolderDataModule
 from lightdiff.data.image_folder import ImageFolderDataset
+from lightdiff.files import remove_orphaned_temporaries, save_atomically
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_trained
@@ -137,9 +137,9 @@ def test_overwrite_replaces_samples_only_once_the_new_ones_are_complete(
     out = tmp_path / "samples"
     sample_run(compose_config("sample", [f"ckpt={pixel_ckpt}", f"out={out}", "num_images=4", "steps=2"]))
     before = snapshot(out)
-    import lightdiff.sample as sample_module
+    import lightdiff.drawing as drawing_module
 
-    real_generate = sample_module.generate
+    real_generate = drawing_module.generate
     calls = []
 
     def fails_on_the_second_batch(*args, **kwargs):
@@ -148,13 +148,13 @@ def test_overwrite_replaces_samples_only_once_the_new_ones_are_complete(
             raise RuntimeError("out of memory in the second batch")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sample_module, "generate", fails_on_the_second_batch)
+    monkeypatch.setattr(drawing_module, "generate", fails_on_the_second_batch)
     cfg = [f"ckpt={pixel_ckpt}", f"out={out}", "num_images=2", "batch_size=1", "steps=2", "overwrite=true"]
     with pytest.raises(RuntimeError, match="second batch"):
         sample_run(compose_config("sample", cfg))
     assert snapshot(out) == before  # the earlier 4 samples, whole
     assert [p.name for p in tmp_path.iterdir()] == ["samples"]  # no partial folder left beside it
-    monkeypatch.setattr(sample_module, "generate", real_generate)
+    monkeypatch.setattr(drawing_module, "generate", real_generate)
     sample_run(compose_config("sample", cfg))
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "grid.png", "metadata.jsonl"]
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 2  # no line of the earlier 4 is left
@@ -357,7 +357,7 @@ def test_the_scan_is_cached_until_a_file_changes(tmp_path: Path, monkeypatch) ->
 
 _FILE_SIZE_LIMIT = """
 import resource, signal, sys, torch
-from lightdiff.checkpointing import save_atomically
+from lightdiff.files import save_atomically
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then gives EFBIG, as a full disk gives ENOSPC
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 save_atomically({"weights": torch.ones(1_000_000)}, sys.argv[1])
@@ -397,7 +397,7 @@ def test_no_space_left_on_device_is_said_so(tmp_path: Path, monkeypatch) -> None
         def __exit__(self, *exc):
             self.handle.close()
 
-    monkeypatch.setattr(checkpointing.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
     path = tmp_path / "step0000010.ckpt"
     with pytest.raises(OSError, match=rf"No space left on device while writing {path}; no earlier"):
         save_atomically({"weights": torch.ones(100_000)}, path)

@@ -25,9 +25,9 @@ from lightdiff.checkpointing import (
     checkpoint_problem,
     first_nonfinite,
     newest_loadable_checkpoint,
-    save_atomically,
 )
 from lightdiff.config import ConfigError
+from lightdiff.files import save_atomically
 from lightdiff.methods.autoencoder import AutoencoderTraining
 from lightdiff.methods.diffusion import DiffusionTraining
 from lightdiff.train import run
@@ -74,7 +74,7 @@ def test_exception_in_the_middle_of_a_save_keeps_the_previous_file(tmp_path: Pat
         handle.write(before[: len(before) // 2])
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("lightdiff.checkpointing.torch.save", half_written_save)
+    monkeypatch.setattr("lightdiff.files.torch.save", half_written_save)
     with pytest.raises(OSError, match="No space left"):
         AtomicCheckpointIO().save_checkpoint(_checkpoint(2, value=2.0), path)
     assert path.read_bytes() == before
@@ -89,13 +89,13 @@ def test_process_killed_in_the_middle_of_a_save_keeps_the_previous_file(tmp_path
     before = path.read_bytes()
     script = f"""
 import os, torch
-import lightdiff.checkpointing as checkpointing
+import lightdiff.files as files
 def dying_save(data, handle):
     handle.write(b"PK" + bytes(1000))
     handle.flush()
     os._exit(9)  # no exception handler, no finally: as a kill -9 or a node failure
-checkpointing.torch.save = dying_save
-checkpointing.save_atomically({{"global_step": 2}}, {str(path)!r})
+files.torch.save = dying_save
+files.save_atomically({{"global_step": 2}}, {str(path)!r})
 """
     assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
     assert path.read_bytes() == before

@@ -73,8 +73,8 @@ def test_methods_and_exporters_never_switch_on_the_objective_type() -> None:
 LAYERS = [
     {"train", "sample", "demo"},  # entry points (demo: sample.py demo=true)
     {"methods"},
-    {"callbacks", "export", "trained", "sampling", "metrics", "speed", "sharding", "loggers"},
-    {"nets", "data", "diffusion", "contract", "checkpointing", "run_folder", "config", "assets"},
+    {"callbacks", "export", "drawing", "trained", "sampling", "metrics", "speed", "sharding", "loggers"},
+    {"nets", "data", "diffusion", "contract", "checkpointing", "run_folder", "files", "config", "assets"},
 ]
 
 

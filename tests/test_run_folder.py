@@ -21,9 +21,9 @@ from PIL import Image
 
 from lightdiff.callbacks.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
 from lightdiff.callbacks.samples import SampleGrid
-from lightdiff.checkpointing import folder_written_atomically
 from lightdiff.config import ConfigError
 from lightdiff.data.shard_stream import shard_urls
+from lightdiff.files import folder_written_atomically
 from lightdiff.run_folder import LOCK_NAME, RunFolderLock, config_history, record_config
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import MAX_SEED, preview_inputs, seed_problem

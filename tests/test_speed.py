@@ -18,8 +18,8 @@ from PIL import Image
 
 from lightdiff.callbacks import StepProgressBar
 from lightdiff.config import ConfigError
+from lightdiff.drawing import FastPathMismatch
 from lightdiff.methods.optimization import clip_and_measure_gradients
-from lightdiff.sample import FastPathMismatch
 from lightdiff.sample import run as sample_run
 from lightdiff.speed import (
     SamplingSpeed,

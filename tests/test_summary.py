@@ -9,10 +9,10 @@ from pathlib import Path
 import yaml
 from torch import nn
 
+from lightdiff.drawing import load_for_sampling
 from lightdiff.nets.conditioning import CLIPText
 from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
-from lightdiff.sample import load_for_sampling
 from lightdiff.trained import load_trained
 
 from .conftest import compose_config, tiny_cond_unet, tiny_vae

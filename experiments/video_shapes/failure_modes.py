@@ -21,10 +21,10 @@ from hydra import compose, initialize_config_dir
 
 from lightdiff.data.moving_shapes import MovingShapesDataset, clip_path
 from lightdiff.data.shapes import draw_shape
+from lightdiff.drawing import Drawing, load_for_sampling
 from lightdiff.metrics.motion import judge_clip, motion_metric, parse_motion_prompt
 from lightdiff.metrics.shapes import SHAPES, judge_image
 from lightdiff.nets.vae import decode, posterior_moments
-from lightdiff.sample import Drawing, load_for_sampling
 from lightdiff.sampling import to_uint8
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

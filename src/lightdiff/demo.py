@@ -31,9 +31,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, PngImagePlugin
 
-from lightdiff.checkpointing import owned_prefix, remove_stale_folders
 from lightdiff.config import ConfigError, build
-from lightdiff.sample import Drawing, _device, apply_speed, load_for_sampling
+from lightdiff.drawing import Drawing, apply_speed, device_named, load_for_sampling
+from lightdiff.files import owned_prefix, remove_stale_folders
 from lightdiff.sampling import seed_problem, to_uint8
 from lightdiff.speed import SamplingSpeed
 from lightdiff.trained import TrainedDenoiser, load_trained
@@ -212,7 +212,7 @@ class DemoModel:
         self.denoiser: TrainedDenoiser | None = None
         self.teacher: TrainedDenoiser | None = None
         self.teacher_source: str | None = None
-        self.device = _device(cfg.device)
+        self.device = device_named(cfg.device)
         self.load_seconds = 0.0
         self.speed = SamplingSpeed()  # the plain path until `load` builds cfg.speed
         self.lock = threading.Lock()

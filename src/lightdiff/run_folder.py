@@ -17,12 +17,12 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from lightdiff.config import ConfigError
+from lightdiff.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -144,21 +144,6 @@ class RunFolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """`text` into `path`, complete or not at all: a full disk leaves the previous file as it was."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def config_history(run_dir: Path) -> list[Path]:

@@ -21,16 +21,11 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from lightdiff.callbacks.checkpoint import FinalCheckpoint
 from lightdiff.callbacks.preemption import Preempted
-from lightdiff.checkpointing import (
-    AtomicCheckpointIO,
-    checkpoint_problem,
-    format_problem,
-    newest_loadable_checkpoint,
-    remove_orphaned_temporaries,
-)
+from lightdiff.checkpointing import AtomicCheckpointIO, checkpoint_problem, format_problem, newest_loadable_checkpoint
 from lightdiff.config import MODEL_GROUPS, ConfigError, build, check_config, groups_used_by_model
 from lightdiff.contract import LatentCaching, NamesPartSources
 from lightdiff.data import ImageDataModule
+from lightdiff.files import remove_orphaned_temporaries
 from lightdiff.loggers import LatestMetrics
 from lightdiff.nets.summary import components, summary_table
 from lightdiff.run_folder import RunFolderLock, record_config

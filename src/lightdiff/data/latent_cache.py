@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightdiff.checkpointing import module_fingerprint, save_atomically
+from lightdiff.files import module_fingerprint, save_atomically
 from lightdiff.nets.vae import Autoencoder, posterior_moments
 
 log = logging.getLogger(__name__)

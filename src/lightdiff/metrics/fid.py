@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lightdiff.checkpointing import save_atomically
 from lightdiff.data.latent_cache import module_fingerprint
+from lightdiff.files import save_atomically
 from lightdiff.metrics.features import check_unit_range
 
 log = logging.getLogger(__name__)

@@ -64,8 +64,8 @@ from transformers import (
     T5Tokenizer,
 )
 
-from lightdiff.checkpointing import module_fingerprint
 from lightdiff.config import ConfigError
+from lightdiff.files import module_fingerprint
 from lightdiff.nets.text import (
     EOS,
     build_t5_tokenizer,

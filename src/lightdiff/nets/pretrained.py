@@ -21,8 +21,8 @@ from transformers import (
     T5Tokenizer,
 )
 
-from lightdiff.checkpointing import folder_written_atomically
 from lightdiff.config import ConfigError
+from lightdiff.files import folder_written_atomically
 from lightdiff.nets.conditioning import (
     FLUX_MAX_SEQUENCE_LENGTH,
     CLIPText,
