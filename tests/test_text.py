@@ -1,5 +1,6 @@
 """The caption tokenizer (CLIP format, built offline) and the from-scratch text encoder."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -62,11 +63,11 @@ def test_text_encoder_from_scratch_encodes_every_caption(tokenizer: CLIPTokenize
     assert encoder.config.vocab_size == len(tokenizer)
 
 
+# The captions are handed over as JSON: a child that imported lightdiff.data for them would spend seconds on torch.
 _BUILD = """
 import hashlib, json, sys
-from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
 from lightdiff.nets.text import build_caption_tokenizer
-captions = [label_to_caption(label) for label in range(NUM_CLASSES)] * 3 + ["a zebra", "two red squares"]
+captions = json.loads(sys.argv[1])
 tokenizer = build_caption_tokenizer(captions, vocab_size=300)
 state = json.dumps([tokenizer.get_vocab(), tokenizer.tokenize("a zebra")], sort_keys=True)
 print(hashlib.sha256(state.encode()).hexdigest())
@@ -74,9 +75,9 @@ print(hashlib.sha256(state.encode()).hexdigest())
 
 # The `tokenizers` trainer as lightdiff called it before: word-final symbols numbered in hash order.
 _BUILD_UNRESERVED = """
+import json, sys
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
-captions = [label_to_caption(label) for label in range(NUM_CLASSES)] * 3 + ["a zebra", "two red squares"]
+captions = json.loads(sys.argv[1])
 tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
 tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"], end_of_word_suffix="</w>",
@@ -85,12 +86,12 @@ tokenizer.train_from_iterator(captions, trainer)
 print(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])[:400])
 """
 
+PROCESS_CAPTIONS = [label_to_caption(label) for label in range(NUM_CLASSES)] * 3 + ["a zebra", "two red squares"]
+
 
 def _in_new_processes(script: str, count: int) -> set[str]:
-    return {
-        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-        for _ in range(count)
-    }
+    arguments = [sys.executable, "-c", script, json.dumps(PROCESS_CAPTIONS)]
+    return {subprocess.run(arguments, capture_output=True, text=True, check=True).stdout for _ in range(count)}
 
 
 def test_the_caption_tokenizer_is_the_same_in_every_process() -> None:
