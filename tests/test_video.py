@@ -18,6 +18,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
 )
 from diffusers.utils import load_video
+from omegaconf import DictConfig
 from PIL import Image
 
 from lightdiff.callbacks import random_state
@@ -368,24 +369,20 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
     assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' clips are far apart at this scale
 
 
-@pytest.mark.slow  # 5 s: an export and a fine-tuning run
-def test_a_cogvideox_folder_fine_tunes_with_its_frozen_t5(video_ckpt: Path, tmp_path: Path) -> None:
+def _on_the_exported_base(video_ckpt: Path, tmp_path: Path, name: str, *extra: str) -> tuple[Path, DictConfig]:
+    """(the export of `video_ckpt`, a model=video run on it as model.pretrained with its transformer loaded)."""
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"export={folder}"]))
+    overrides = [f"output_root={tmp_path}", *TINY, "model=video", f"model.pretrained={folder}"]
+    overrides += ["model.load_pretrained_unet=true", f"run_name={name}", *extra]
+    return folder, compose_config("train", overrides)
+
+
+@pytest.mark.slow  # 5 s: an export and a fine-tuning run
+def test_a_cogvideox_folder_fine_tunes_with_its_frozen_t5(video_ckpt: Path, tmp_path: Path) -> None:
     # the export as model.pretrained: its T5 (frozen, at the transformer's text length) and VAE, its transformer
     # fine-tuned; the family is the pipeline's to the bit
-    tuned = compose_config(
-        "train",
-        [
-            f"output_root={tmp_path}",
-            *TINY,
-            "model=video",
-            f"model.pretrained={folder}",
-            "model.vae=null",
-            "model.load_pretrained_unet=true",
-            "run_name=tuned",
-        ],
-    )
+    folder, tuned = _on_the_exported_base(video_ckpt, tmp_path, "tuned", "model.vae=null")
     trainer = train_run(tuned)
     family = trainer.lightning_module.conditioning
     assert isinstance(family, T5Text) and not family.trainable and family.max_sequence_length == 8
@@ -396,20 +393,7 @@ def test_a_cogvideox_folder_fine_tunes_with_its_frozen_t5(video_ckpt: Path, tmp_
 @pytest.mark.slow  # 6 s: an export and a LoRA run
 def test_lora_adapters_on_a_video_base_keep_its_clip_length(video_ckpt: Path, tmp_path: Path) -> None:
     """sample.py's default frame count of an adapter checkpoint is the base's (it was lost: None, so one frame)."""
-    folder = tmp_path / "export"
-    sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"export={folder}"]))
-    adapted = compose_config(
-        "train",
-        [
-            f"output_root={tmp_path}",
-            *TINY,
-            "model=video",
-            f"model.pretrained={folder}",
-            "model.load_pretrained_unet=true",
-            "model.lora.rank=2",
-            "run_name=lora",
-        ],
-    )
+    folder, adapted = _on_the_exported_base(video_ckpt, tmp_path, "lora", "model.lora.rank=2")
     train_run(adapted)
     trained = load_trained(Path(adapted.run_dir) / "checkpoints" / "last.ckpt")
     assert trained.num_frames == load_trained(folder).num_frames == 9
