@@ -19,9 +19,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from lightdiff.data.streams import Stream, collate
+from lightdiff.config import ConfigError, NonNegativeInt
+from lightdiff.data.buckets import BucketSpec
+from lightdiff.data.datamodule import ImageDataModule, plain, record_stream_state, start_stream, stream_state
+from lightdiff.data.image_folder import HFImageDataset
+from lightdiff.data.streams import Stream, StreamLedger, collate
 from lightdiff.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -142,3 +146,130 @@ class HFHead(Dataset):
 
     def captions(self) -> list[str]:
         return [str(item["text"]) for item in self.items if item["text"]]
+
+
+class HFDataModule(ImageDataModule):
+    """A data set read by `datasets.load_dataset` (`data=hf data.name=HUB_ID_OR_FOLDER`), indexed, or streamed without
+    being downloaded whole (`data.streaming=true`: data/hf_stream.py, resumable at the sample like data=shards)."""
+
+    def __init__(
+        self,
+        name: str,  # hub id or local folder
+        resolution: int = 32,  # output side in pixels
+        split: str = "train",  # split to train on
+        image_column: str = "image",  # column of images
+        caption_column: str | None = None,  # column of captions, if any
+        label_column: str | None = None,  # column of integer labels, if any
+        center_crop: bool = True,  # centre crop; false takes a random crop
+        random_flip: bool = True,  # horizontal flip
+        cache_dir: str | None = None,  # `datasets` download cache
+        batch_size: int = 64,  # per-device batch size
+        num_workers: NonNegativeInt = 2,  # loader processes
+        pin_memory: bool = True,  # page-locked batches
+        persistent_workers: bool = True,  # keep workers between epochs
+        cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
+        val_split: str | None = None,  # a held-out split for val/loss (e.g. "validation"; centre-cropped, not flipped)
+        streaming: bool = False,  # stream the data set (load_dataset(streaming=True)) instead of downloading it
+        shuffle_buffer: int = 1000,  # streaming: examples shuffled in a buffer; 1: exact resume (module docstring)
+        skip_bad: bool = True,  # streaming: skip and count examples without an image or caption; false: stop
+        reference_size: int = 1000,  # streaming: first examples kept for previews, captions, FID reference
+        val_size: int = 256,  # streaming: examples of val_split measured
+    ) -> None:
+        self.ledger: StreamLedger | None = None  # streaming only
+        if streaming:
+            if buckets is not None or cache_latents:
+                raise ConfigError("data.streaming=true: data.buckets and data.cache_latents need the data set whole")
+            import datasets
+
+            def streamed(which: str) -> Any:
+                stream = datasets.load_dataset(name, split=which, streaming=True, cache_dir=cache_dir)
+                for key, column in (("image", image_column), ("caption", caption_column), ("label", label_column)):
+                    if column is not None and stream.column_names is not None and column not in stream.column_names:
+                        known = stream.column_names
+                        raise KeyError(f"data.{key}_column={column!r} is not a column of {name!r}; columns: {known}")
+                return stream
+
+            columns = (image_column, caption_column, label_column)
+            self.transform = ImageTransform(resolution, center_crop, random_flip)
+            self.source = streamed(split)
+            dataset: Dataset = HFHead(self.source, self.transform, *columns, reference_size)
+            square = ImageTransform(resolution, center_crop=True, random_flip=False)
+            held_out = HFHead(streamed(val_split), square, *columns, val_size) if val_split is not None else None
+            self.columns, self.shuffle_buffer, self.skip_bad = columns, shuffle_buffer, skip_bad
+            self.ledger = StreamLedger(max(1, num_workers))
+            self.stream: HFStream | None = None
+            persistent_workers = False  # the stream is endless: one loader iterator serves the whole run
+            identity = f"hf-stream|{name}|{split}|{image_column}|{caption_column}|resolution={resolution}"
+        else:
+            held_out = None
+            if val_split is not None:
+                held_out = HFImageDataset(
+                    name, resolution, val_split, image_column, caption_column, label_column, True, False, cache_dir
+                )
+            dataset = HFImageDataset(
+                name,
+                resolution,
+                split,
+                image_column,
+                caption_column,
+                label_column,
+                center_crop,
+                random_flip,
+                cache_dir,
+                plain(buckets),
+            )
+            identity = f"hf|{name}|{split}|rows={len(dataset)}|{image_column}|{caption_column}|resolution={resolution}"
+            if dataset.buckets is not None:
+                identity += f"|buckets={dataset.buckets}"
+        super().__init__(
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            latent_cache_dir,
+            identity,
+            random_views=random_flip or not center_crop,
+            val_dataset=held_out,
+            streamed=streaming,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.ledger is None:
+            return super().train_dataloader()
+
+        def stream(rank: int, world_size: int) -> HFStream:
+            return HFStream(
+                self.source,
+                self.transform,
+                self.batch_size,
+                self.order_seed,
+                rank,
+                world_size,
+                self.ledger.num_streams,
+                *self.columns,
+                self.shuffle_buffer,
+                self.skip_bad,
+            )
+
+        self.stream, loader = start_stream(self, self.ledger, stream)
+        return loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch if self.ledger is None else record_stream_state(self, self.ledger, batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() if self.ledger is None else stream_state(self, self.ledger, self.stream)
+
+    def check_resume(self, state_dict: dict[str, Any], world_size: int) -> None:
+        if self.ledger is not None:
+            self.ledger.check_layout(state_dict, world_size)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.ledger is None:
+            super().load_state_dict(state_dict)
+        else:
+            self.ledger.load_state_dict(state_dict)

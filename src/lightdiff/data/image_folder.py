@@ -15,7 +15,9 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from lightdiff.config import NonNegativeInt
 from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket, smaller_than_every_bucket
+from lightdiff.data.datamodule import ImageDataModule, plain
 from lightdiff.data.transforms import ImageTransform, to_rgb
 
 log = logging.getLogger(__name__)
@@ -362,3 +364,45 @@ class HFImageDataset(Dataset):
             "label": int(row[self.label_column]) if self.label_column else -1,
             "text": str(row[self.caption_column]) if self.caption_column else "",
         }
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """A folder of images with optional metadata.jsonl (`data=image_folder data.root=DIR`)."""
+
+    def __init__(
+        self,
+        root: str,  # the image folder
+        resolution: int = 32,  # output side in pixels
+        center_crop: bool = True,  # centre crop; false takes a random crop
+        random_flip: bool = True,  # horizontal flip
+        skip_bad: bool = False,  # skip (and count) unreadable images instead of stopping
+        scan_cache_dir: str | None = None,  # where the start-up scan's answer is kept per folder state (None: not kept)
+        batch_size: int = 64,  # per-device batch size
+        num_workers: NonNegativeInt = 2,  # loader processes
+        pin_memory: bool = True,  # page-locked batches
+        persistent_workers: bool = True,  # keep workers between epochs
+        cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
+        val_root: str | None = None,  # a held-out image folder for val/loss (centre-cropped, not flipped)
+    ) -> None:
+        dataset = ImageFolderDataset(
+            root, resolution, center_crop, random_flip, skip_bad, scan_cache_dir, plain(buckets)
+        )
+        held_out = ImageFolderDataset(val_root, resolution, True, False, skip_bad, scan_cache_dir) if val_root else None
+        newest = max(path.stat().st_mtime_ns for path in dataset.paths)
+        identity = f"image_folder|{dataset.root.resolve()}|files={len(dataset)}|newest={newest}|resolution={resolution}"
+        if dataset.buckets is not None:
+            identity += f"|buckets={dataset.buckets}"
+        super().__init__(
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            latent_cache_dir,
+            identity,
+            random_views=random_flip or not center_crop,
+            val_dataset=held_out,
+        )

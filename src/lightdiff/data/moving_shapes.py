@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from lightdiff.config import NonNegativeInt
+from lightdiff.data.datamodule import ImageDataModule
 from lightdiff.data.shapes import COLORS, SHAPES, class_label, draw_shape, drawn_class
 from lightdiff.data.transforms import pil_to_tensor
 
@@ -102,3 +104,39 @@ class MovingShapesDataset(Dataset):
             raise IndexError(f"moving shapes index {index} out of range [0, {self.size})")
         frames, label, caption = moving_shapes_clip(self.seed, index, self.resolution, self.num_frames)
         return {"pixel_values": frames, "label": label, "text": caption}
+
+
+class MovingShapesDataModule(ImageDataModule):
+    """The embedded moving-shapes video data set (`data=moving_shapes`): clips (F, 3, H, W)."""
+
+    def __init__(
+        self,
+        resolution: int = 32,  # frame side in pixels
+        num_frames: int = 9,  # frames per clip
+        size: int = 50_000,  # clips per epoch
+        seed: int = 0,  # data seed: clip i is a pure function of (seed, i)
+        batch_size: int = 16,  # per-device batch size (clips)
+        num_workers: NonNegativeInt = 0,  # loader processes
+        pin_memory: bool = False,  # page-locked batches
+        persistent_workers: bool = False,  # keep workers between epochs
+        val_size: int = 0,  # held-out clips for val/loss: items size .. size + val_size - 1, never trained on
+        cache_latents: bool = False,  # model=video: encode the clips once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+    ) -> None:
+        dataset = MovingShapesDataset(size=size, resolution=resolution, num_frames=num_frames, seed=seed)
+        held_out = None
+        if val_size > 0:
+            longer = MovingShapesDataset(size=size + val_size, resolution=resolution, num_frames=num_frames, seed=seed)
+            held_out = Subset(longer, range(size, size + val_size))
+        identity = f"moving_shapes|size={size}|seed={seed}|resolution={resolution}|num_frames={num_frames}"
+        super().__init__(
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            latent_cache_dir,
+            identity=identity,
+            val_dataset=held_out,
+        )

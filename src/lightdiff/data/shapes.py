@@ -12,9 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from lightdiff.config import NonNegativeInt
 from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket
+from lightdiff.data.datamodule import ImageDataModule, plain
 from lightdiff.data.transforms import ImageTransform, pil_to_tensor
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -204,3 +206,57 @@ class ShapesDataset(Dataset):
         side = self.resolution  # drawn at its size: never resized or cropped
         size_and_crop = torch.tensor([side, side, 0, 0, side, side])
         return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": caption}
+
+
+class ShapesDataModule(ImageDataModule):
+    """The embedded shapes data set (`data=shapes`)."""
+
+    def __init__(
+        self,
+        resolution: int = 32,  # image side in pixels
+        size: int = 50_000,  # images per epoch
+        seed: int = 0,  # data seed: image i is a pure function of (seed, i)
+        random_flip: bool = False,  # horizontal flip
+        batch_size: int = 64,  # per-device batch size
+        num_workers: NonNegativeInt = 0,  # loader processes
+        pin_memory: bool = False,  # page-locked batches
+        persistent_workers: bool = False,  # keep workers between epochs
+        cache_latents: bool = False,  # latent models: encode once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+        classes: list[str] | None = None,  # captions of the classes to keep ("a blue triangle"); None: all 24
+        exclude: list[str] | None = None,  # captions of classes to leave out
+        aspect_ratios: list[float] | None = None,  # variable aspect: pictures of these width / height ratios
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: centre-cropped squares
+        val_size: int = 0,  # held-out images for val/loss: items size .. size + val_size - 1, never trained on
+    ) -> None:
+        def shapes(count: int) -> ShapesDataset:
+            return ShapesDataset(
+                size=count,
+                resolution=resolution,
+                seed=seed,
+                random_flip=random_flip,
+                classes=classes,
+                exclude=exclude,
+                aspect_ratios=plain(aspect_ratios),
+                buckets=plain(buckets),
+            )
+
+        dataset = shapes(size)
+        held_out = Subset(shapes(size + val_size), range(size, size + val_size)) if val_size > 0 else None
+        identity = f"shapes|size={size}|seed={seed}|resolution={resolution}"
+        if len(dataset.kept_labels) < len(dataset.class_names):  # the full set keeps the identity caches know it by
+            identity += f"|classes={','.join(map(str, dataset.kept_labels))}"
+        if dataset.aspect_ratios is not None:
+            identity += f"|aspect_ratios={dataset.aspect_ratios}|buckets={dataset.buckets}"
+        super().__init__(
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            latent_cache_dir,
+            identity,
+            random_views=random_flip,
+            val_dataset=held_out,
+        )

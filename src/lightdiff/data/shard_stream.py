@@ -27,20 +27,24 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from lightdiff.config import ConfigError
-from lightdiff.data.buckets import Bucket, nearest_bucket, smaller_than_every_bucket
+from lightdiff.config import ConfigError, NonNegativeInt
+from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket, smaller_than_every_bucket
+from lightdiff.data.datamodule import ImageDataModule, plain, record_stream_state, start_stream, stream_state
 from lightdiff.data.image_folder import too_many_pixels
-from lightdiff.data.streams import Stream, collate
+from lightdiff.data.latent_cache import vae_fingerprint
+from lightdiff.data.streams import Stream, StreamLedger, collate
 from lightdiff.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -362,3 +366,132 @@ class ShardHead(Dataset):
 
     def captions(self) -> list[str]:
         return [str(item["text"]) for item in self._read() if item["text"]]
+
+
+class ShardsDataModule(ImageDataModule):
+    """WebDataset tar shards streamed from local paths, https:// or s3:// (`data=shards data.urls=...`): each rank and
+    loader worker reads its own shards, and a resumed run continues at the sample it stopped at (data/shard_stream.py).
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],  # shard URLs: 'DIR/train-{000000..000099}.tar', 's3://b/x-{0..9}.tar', or a list
+        resolution: int = 32,  # output side in pixels
+        center_crop: bool = True,  # centre crop; false takes a random crop
+        random_flip: bool = False,  # horizontal flip
+        caption_key: str | None = "txt",  # each sample's caption member; null: images only (no caption needed)
+        skip_bad: bool = True,  # skip and count bad samples and unreadable shards (train.log); false: stop at the first
+        shard_retries: int = 2,  # further attempts at a shard that fails to read before it is skipped
+        reference_size: int = 1000,  # samples (the first, in URL order) for FID statistics, previews and captions
+        batch_size: int = 64,  # per-device batch size
+        num_workers: NonNegativeInt = 2,  # loader processes, each reading its own shards (as many per rank)
+        pin_memory: bool = False,  # page-locked batches
+        val_urls: str | list[str] | None = None,  # held-out shards for val/loss (their first val_size samples)
+        val_size: int = 256,  # held-out samples read from val_urls
+        buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
+        cache_latents: bool = False,  # latent models: the shards' stored latents (shard --vae) and text states
+    ) -> None:
+        if cache_latents and buckets:
+            raise ConfigError("data.cache_latents=true with data.buckets: shards store latents of square crops only")
+        self.urls = shard_urls(plain(urls))
+        self.serve_latents = False  # use_latent_cache switches it on once the shards' VAE is the model's
+        self.serve_text_states = False  # and this once their text encoder is the model's (frozen) one
+        self.bucket_list: list[Bucket] | None = bucket_sizes(plain(buckets), resolution) if buckets else None
+        self.transform = ImageTransform(resolution, center_crop, random_flip)
+        self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
+        # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
+        # square crops, for FID and previews
+        head = ShardHead(self.urls, self.transform, caption_key, reference_size, skip_bad)
+        if len(head) == 0:  # reads the first shards now, so an unreadable one stops the run before it writes anything
+            raise ValueError(f"no usable sample in the shards of data.urls={urls!r} (each skipped: see the log)")
+        head.buckets = self.bucket_list  # what the methods check their nets against (ImageDataModule.buckets)
+        held_out = None
+        if val_urls is not None:
+            square = ImageTransform(resolution, center_crop=True, random_flip=False)
+            held_out = ShardHead(shard_urls(plain(val_urls)), square, caption_key, val_size, skip_bad)
+        identity = f"shards|{self.urls[0]}..{self.urls[-1]}|shards={len(self.urls)}|resolution={resolution}"
+        super().__init__(
+            head,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers=False,  # the stream is endless: one loader iterator serves the whole run
+            cache_latents=cache_latents,
+            identity=identity,
+            random_views=random_flip or not center_crop,
+            val_dataset=held_out,
+            streamed=True,
+        )
+        self.stream: ShardStream | None = None
+        self.ledger = StreamLedger(max(1, num_workers))
+
+    def train_dataloader(self) -> DataLoader:
+        def stream(rank: int, world_size: int) -> ShardStream:
+            return ShardStream(
+                self.urls,
+                self.transform,
+                self.batch_size,
+                self.order_seed,
+                rank,
+                world_size,
+                self.ledger.num_streams,
+                self.caption_key,
+                self.skip_bad,
+                self.shard_retries,
+                self.bucket_list,
+                self.serve_latents,
+                self.serve_text_states,
+            )
+
+        self.stream, loader = start_stream(self, self.ledger, stream)
+        return loader
+
+    def use_latent_cache(
+        self,
+        vae: AutoencoderKL,
+        text_encoder_fingerprint: str | None = None,
+        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> None:
+        """Serve the latents the shards store (`python -m lightdiff.data.shard --vae`), once they are checked to be
+        this VAE's at this resolution, and their text states (`--text-encoder`) where the model's text encoder is frozen
+        and is theirs; shards without text states leave the captions to be encoded each step."""
+        first = self.source_dataset.first_readable or self.urls[0]  # a truncated first shard skipped (skip_bad)
+        record, text_record = stored_records(first)
+        if record is None:
+            raise ConfigError(
+                f"data.cache_latents=true: shard {self.urls[0]} stores no latents; write the shards with "
+                "python -m lightdiff.data.shard SRC OUT --vae VAE --resolution R, or set data.cache_latents=false"
+            )
+        if record["vae"] != vae_fingerprint(vae) or record["resolution"] != self.resolution:
+            raise ConfigError(
+                f"data.cache_latents=true: shard {self.urls[0]} stores latents of another VAE or resolution "
+                f"(VAE {record['vae']} at {record['resolution']} px; the model's VAE is {vae_fingerprint(vae)}, "
+                f"data.resolution={self.resolution}): write them with the model's VAE, or set data.cache_latents=false"
+            )
+        self.serve_latents = True
+        if text_encoder_fingerprint is None:  # no text, or an encoder that trains: its states change every step
+            return
+        if text_record is None:
+            log.info("shards store no text states (shard --text-encoder): captions are encoded every step")
+            return
+        if text_record["encoder"] != text_encoder_fingerprint or text_record["caption"] != self.caption_key:
+            # refused rather than ignored: a cluster run meant to encode nothing would quietly encode every caption
+            raise ConfigError(
+                f"data.cache_latents=true: shard {self.urls[0]} stores text states of another text encoder or caption "
+                f"(encoder {text_record['encoder']}, caption {text_record['caption']!r}; the model's encoder is "
+                f"{text_encoder_fingerprint}, data.caption_key={self.caption_key!r}): write the shards with "
+                "--text-encoder set to the run's model.pretrained, or without --text-encoder"
+            )
+        self.serve_text_states = True
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return record_stream_state(self, self.ledger, batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return stream_state(self, self.ledger, self.stream)
+
+    def check_resume(self, state_dict: dict[str, Any], world_size: int) -> None:
+        self.ledger.check_layout(state_dict, world_size)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state_dict)

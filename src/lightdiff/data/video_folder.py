@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lightdiff.config import NonNegativeInt
+from lightdiff.data.datamodule import ImageDataModule
 from lightdiff.data.image_folder import (
     IMAGE_SUFFIXES,
     captions_of,
@@ -125,3 +127,32 @@ class VideoFolderDataset(Dataset):
             "label": record.get("label", -1),
             "text": str(record.get("text", "")),
         }
+
+
+class VideoFolderDataModule(ImageDataModule):
+    """A folder of clips (video files or frame folders) with optional metadata.jsonl captions
+    (`data=video_folder data.root=DIR`)."""
+
+    def __init__(
+        self,
+        root: str,  # the folder of clips
+        resolution: int = 32,  # frame side in pixels (resized, centre-cropped)
+        num_frames: int = 9,  # frames per clip: the first ones, frame_stride apart
+        frame_stride: int = 1,  # every frame_stride-th frame
+        skip_bad: bool = False,  # skip (and count) unreadable or too short clips instead of stopping
+        batch_size: int = 16,  # per-device batch size (clips)
+        num_workers: NonNegativeInt = 2,  # loader processes
+        pin_memory: bool = True,  # page-locked batches
+        persistent_workers: bool = True,  # keep workers between epochs
+        cache_latents: bool = False,  # model=video: encode the clips once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
+    ) -> None:
+        dataset = VideoFolderDataset(root, resolution, num_frames, frame_stride, skip_bad)
+        newest = max(path.stat().st_mtime_ns for path in dataset.paths)
+        identity = (
+            f"video_folder|{dataset.root.resolve()}|clips={len(dataset)}|newest={newest}|resolution={resolution}"
+            f"|num_frames={num_frames}|frame_stride={frame_stride}"
+        )
+        super().__init__(
+            dataset, batch_size, num_workers, pin_memory, persistent_workers, cache_latents, latent_cache_dir, identity
+        )
