@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lightdiff.config import ConfigError
-from lightdiff.files import write_text_atomically
+from lightdiff.files import pid_alive, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,8 @@ def _process_start(pid: int) -> str | None:
 def _alive(owner: dict[str, Any]) -> bool:
     """Whether the lock's owner (on this host) still runs: its pid exists and, where known, started when it did."""
     pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
     started = owner.get("process_start")
     return started is None or _process_start(pid) in (None, started)
 
