@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 
@@ -193,13 +194,9 @@ def test_the_lock_is_released_when_a_run_fails(tiny_train_config, tmp_path: Path
 
 @pytest.mark.slow  # a child process
 def test_two_runs_started_at_once_in_one_folder_one_is_refused(tiny_train_config, tmp_path: Path) -> None:
-    overrides = [f"output_root={tmp_path}", "run_name=twice", *TINY, "trainer.max_steps=40"]
-    child = subprocess.Popen([sys.executable, "-c", KILLABLE.format(repo=str(REPO), overrides=overrides)], cwd=REPO)
+    child = _child_run(tmp_path, "twice", "trainer.max_steps=40")
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "twice" / "checkpoints" / "step0000001.ckpt").exists():
-            assert child.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_for((tmp_path / "twice" / "checkpoints" / "step0000001.ckpt").exists, child, seconds=120)
         config = (tmp_path / "twice" / "config.yaml").read_text()
         with pytest.raises(ConfigError, match=rf"in use by another run \(pid {child.pid} "):
             train_run(tiny_train_config("run_name=twice", "trainer.max_steps=3", "model.lr=1e-2"))
@@ -270,7 +267,7 @@ def test_a_legacy_folders_configs_become_the_start_of_its_history(tmp_path: Path
 # ----- 3. a preempted run leaves at once ------------------------------------------------------------------------
 
 
-class _SignalAt(__import__("pytorch_lightning").Callback):
+class _SignalAt(pl.Callback):
     """Sends this process `signum` at the end of batch `step` (before the Preemption callback's turn)."""
 
     def __init__(self, step: int, signum: signal.Signals = signal.SIGTERM) -> None:

@@ -60,7 +60,11 @@ def _floating_tensors(tree: Any, name: str) -> Iterator[tuple[str, torch.Tensor]
 def first_nonfinite(tree: Any, name: str = "checkpoint") -> str | None:
     """The name, e.g. `checkpoint['state_dict']['net.conv_in.weight']`, of the first floating-point tensor in `tree`
     (nested dicts, lists, tuples) that holds a NaN or an infinity; None when all are finite."""
-    tensors = list(_floating_tensors(tree, name))
+    return _first_nonfinite_of(list(_floating_tensors(tree, name)))
+
+
+def _first_nonfinite_of(tensors: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first of the named `tensors` that holds a NaN or an infinity; None when all are finite."""
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for index, (_, tensor) in enumerate(tensors):
         by_device[tensor.device].append(index)
@@ -210,10 +214,9 @@ def format_problem(checkpoint: Mapping[str, Any]) -> str | None:
 def nonfinite_weight(module: torch.nn.Module, prefix: str) -> str | None:
     """`prefix.name` of the first floating-point tensor of `module`'s state dict holding NaN or infinity; None if
     none does. For weights about to be used (sampled, exported, trained on), named before anything is written."""
-    for name, tensor in module.state_dict().items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return f"{prefix}.{name}"
-    return None
+    weights = module.state_dict().items()  # a text family's tokenizer rides along as plain extra state
+    named = [(f"{prefix}.{name}", t) for name, t in weights if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return _first_nonfinite_of(named)
 
 
 def denoiser_metadata(

@@ -111,9 +111,7 @@ def settings_problem(settings: Settings) -> str | None:
 def whole_number(value: Any) -> Any:
     """A page or HTTP API value as an int where it is one (7, 7.0, "7"); anything else as it came, for
     `settings_problem` to name (a float like 2.0**70 is not trusted to be the integer that was typed)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
+    if isinstance(value, int):  # bool included: refused by name later
         return value
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)

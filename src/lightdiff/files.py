@@ -90,8 +90,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's
+        pass
     return True
 
 
@@ -100,13 +100,19 @@ def owned_prefix(prefix: str) -> str:
     return f"{prefix}{os.getpid()}-"
 
 
+def _left_by_a_dead_process(path: Path, prefix: str) -> bool:
+    """Whether `path`, named `<prefix><pid>-...` (`owned_prefix`), belongs to a process that no longer runs; a name
+    without a pid (an older lightdiff's) is never judged."""
+    owner = path.name[len(prefix) :].split("-", 1)[0]
+    return owner.isdigit() and int(owner) != os.getpid() and not pid_alive(int(owner))
+
+
 def remove_stale_folders(parent: Path, prefix: str) -> list[Path]:
     """Delete the folders `parent/<prefix><pid>-*` whose process no longer runs (killed with -9, which leaves no
     chance to clean up); those of live processes are theirs. Returns what was removed."""
     removed = []
     for path in sorted(parent.glob(f"{prefix}*")):
-        owner = path.name[len(prefix) :].split("-", 1)[0]
-        if path.is_dir() and owner.isdigit() and int(owner) != os.getpid() and not pid_alive(int(owner)):
+        if path.is_dir() and _left_by_a_dead_process(path, prefix):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -116,8 +122,7 @@ def _recover_interrupted_replace(folder: Path) -> None:
     """A process killed between the two renames of `folder_written_atomically` left the previous contents in
     `.NAME.old-<pid>-*/NAME` and no `folder`: put them back; other leftovers of dead processes are deleted."""
     for old in sorted(folder.parent.glob(f".{folder.name}.old-*")):
-        owner = old.name[len(f".{folder.name}.old-") :].split("-", 1)[0]
-        if not owner.isdigit() or int(owner) == os.getpid() or pid_alive(int(owner)):
+        if not _left_by_a_dead_process(old, f".{folder.name}.old-"):
             continue
         if not folder.exists() and (old / folder.name).is_dir():
             os.rename(old / folder.name, folder)

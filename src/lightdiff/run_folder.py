@@ -56,7 +56,8 @@ def _describe(owner: dict[str, Any]) -> str:
 
 
 class RunFolderLock:
-    """Exclusive ownership of one run folder for the life of a run (`with RunFolderLock(run_dir):`)."""
+    """Exclusive ownership of one run folder for the life of a run: `acquire` once every check has passed, `release`
+    in a `finally`."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -131,13 +132,6 @@ class RunFolderLock:
             if self._read_owner() == self.owner:  # never remove a lock another run took over
                 self.path.unlink(missing_ok=True)
             self.held = False
-
-    def __enter__(self) -> RunFolderLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def config_history(run_dir: Path) -> list[Path]:

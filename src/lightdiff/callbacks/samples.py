@@ -22,9 +22,9 @@ from lightdiff.contract import Preview
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.shapes import ShapesDataset
 from lightdiff.diffusion import SchedulerFactory
+from lightdiff.files import write_text_atomically
 from lightdiff.metrics import shapes_metric
 from lightdiff.metrics.motion import motion_metric
-from lightdiff.run_folder import write_text_atomically
 from lightdiff.sampling import (
     frames_grid,
     grid_columns,

@@ -28,7 +28,12 @@ from lightdiff.config import ConfigError, PositiveFloat
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
-from lightdiff.methods.optimization import OptimizerFactory, clip_and_log_gradients, with_lr_schedule
+from lightdiff.methods.optimization import (
+    OptimizerFactory,
+    check_lr_schedule,
+    clip_and_log_gradients,
+    with_lr_schedule,
+)
 from lightdiff.nets.conditioning import (
     CacheableText,
     Conditioning,
@@ -119,8 +124,7 @@ class DiffusionTraining(pl.LightningModule):
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
             raise ConfigError(f"model.cond_drop_prob={cond_drop_prob} must lie in [0, 1)")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"model.lr_schedule={lr_schedule!r} is not one of ('constant', 'cosine')")
+        check_lr_schedule(lr_schedule, warmup_steps)
         if pretrained is not None:  # a single-file checkpoint becomes a diffusers folder here (nets/pretrained.py)
             pretrained = as_pipeline_folder(pretrained, pretrained_config)
         elif pretrained_config is not None:

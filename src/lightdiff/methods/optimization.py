@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers.optimization import get_scheduler
 from pytorch_lightning.strategies import FSDPStrategy
+from torch.optim.lr_scheduler import LambdaLR
 
 from lightdiff.config import ConfigError
 
@@ -58,20 +58,21 @@ def with_lr_schedule(
     warmup_steps: int,
     max_steps: int,
 ) -> dict[str, Any]:
-    """What `configure_optimizers` returns: the optimiser and its per-step schedule (diffusers' `get_scheduler`):
-    linear warm-up from 0 over `warmup_steps`, then constant, or cosine to 0 at `max_steps`."""
+    """What `configure_optimizers` returns: the optimiser and its per-step schedule, `lr_factor` of the step (the
+    schedule diffusers' `get_scheduler` makes): linear warm-up from 0 over `warmup_steps`, then constant, or cosine
+    to 0 at `max_steps`."""
     check_lr_schedule(lr_schedule, warmup_steps)
     if lr_schedule == "cosine" and max_steps <= 0:
         raise ConfigError("model.lr_schedule=cosine needs trainer.max_steps to know where the cosine ends")
-    name = "cosine" if lr_schedule == "cosine" else "constant_with_warmup"
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+    scheduler = LambdaLR(optimizer, lambda step: lr_factor(lr_schedule, warmup_steps, step, max_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def lr_factor(lr_schedule: Literal["constant", "cosine"], warmup_steps: int, step: int, max_steps: int) -> float:
-    """The multiplier of the peak learning rate at optimiser step `step`: what `with_lr_schedule`'s diffusers schedules
-    give (linear warm-up from 0 over `warmup_steps`; then 1, or the half cosine of `get_cosine_schedule_with_warmup`
-    to 0 at `max_steps`), as a pure function of the step, for methods under manual optimisation."""
+    """The multiplier of the peak learning rate at optimiser step `step`, the one schedule of every method: linear
+    warm-up from 0 over `warmup_steps`, then 1, or the half cosine of diffusers' `get_cosine_schedule_with_warmup` to 0
+    at `max_steps` (diffusers' own schedules give the same, tested). A pure function of the step: Lightning steps it
+    under automatic optimisation (`with_lr_schedule`), `set_scheduled_lr` applies it under manual."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     if lr_schedule == "constant":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,10 +141,7 @@ def _layer_sides(module: torch.nn.Module) -> tuple[int, int] | None:
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, torch.nn.modules.conv._ConvNd):
-        kernel = 1
-        for side in module.kernel_size:
-            kernel *= side
-        return module.in_channels // module.groups * kernel, module.out_channels
+        return module.in_channels // module.groups * math.prod(module.kernel_size), module.out_channels
     return None
 
 
