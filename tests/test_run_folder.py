@@ -557,3 +557,17 @@ def test_sample_py_judges_a_shards_run_without_data(shards: tuple[Path, str], tm
     train_run(cfg)
     sample_cfg = compose_config("sample", [f"ckpt={Path(cfg.run_dir) / 'checkpoints' / 'last.ckpt'}"])
     assert type(reference_data(sample_cfg)).__name__ == "ShardsDataModule"
+
+
+def test_an_empty_lock_is_another_run_writing_until_it_is_old(tmp_path: Path) -> None:
+    """A run between its O_EXCL and the write of its owner leaves an empty lock for a moment: not stale yet."""
+    lock = RunFolderLock(tmp_path)
+    (tmp_path / LOCK_NAME).write_text("")
+    assert lock.refusal() is not None  # fresh: another run may be writing it
+    old = time.time() - 60
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    assert lock.refusal() is None  # a minute old: a process killed mid-write left it
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()

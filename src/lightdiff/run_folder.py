@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 HISTORY_FOLDER = "configs"
+HALF_WRITTEN_SECONDS = 10.0  # an empty lock younger than this may be another run still writing its owner
 
 
 def _process_start(pid: int) -> str | None:
@@ -75,14 +76,18 @@ class RunFolderLock:
             owner = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # half-written by a process killed between open and write: nobody's
+        except (OSError, ValueError):  # half-written: a process killed between open and write, or one writing now
             return {}
         return owner if isinstance(owner, dict) else {}
 
     def _stale(self, owner: dict[str, Any]) -> bool:
-        """A lock nobody holds any more: empty or unreadable, or its process on this host is gone."""
+        """A lock nobody holds any more: its process on this host is gone, or it is empty or unreadable for longer
+        than a run takes to write it (an empty one may be a run between its O_EXCL and its write)."""
         if not owner:
-            return True
+            try:
+                return time.time() - self.path.stat().st_mtime > HALF_WRITTEN_SECONDS
+            except FileNotFoundError:
+                return True
         return owner.get("host") == self.owner["host"] and not _alive(owner)
 
     def refusal(self) -> str | None:
@@ -90,10 +95,11 @@ class RunFolderLock:
         owner = self._read_owner()
         if owner is None or self._stale(owner):
             return None
+        who = _describe(owner) if owner else "still writing its lock"
         return (
-            f"run folder {self.run_dir} is in use by another run ({_describe(owner)}; lock file {self.path}). Two "
-            "runs in one folder overwrite each other's checkpoints and config: wait for it, pick another run_name, or "
-            f"if that run is gone (a process on another host that no longer runs), delete {self.path}"
+            f"run folder {self.run_dir} is in use by another run ({who}; lock file {self.path}). Two runs in one "
+            "folder overwrite each other's checkpoints and config: wait for it, pick another run_name, or if that run "
+            f"is gone (a process on another host that no longer runs), delete {self.path}"
         )
 
     def acquire(self) -> None:
