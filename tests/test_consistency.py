@@ -13,7 +13,7 @@ from lightdiff.config import ConfigError
 from lightdiff.diffusion import DDPM, NoiseSchedule
 from lightdiff.diffusion.consistency import boundary_scalings, ddim_step, pseudo_huber, solver_timesteps
 from lightdiff.methods.teacher import load_teacher
-from lightdiff.nets.conditioning import guidance_scale_embedding
+from lightdiff.nets.families.sd import guidance_scale_embedding
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file
@@ -95,7 +95,7 @@ def test_lcm_trains_the_student_only_and_keeps_the_teacher_bit_identical(text_ck
 def test_lcm_student_starts_as_the_teacher(text_ckpt: Path, tmp_path: Path) -> None:
     """Zero-initialised guidance input: at step 0 the student's output is the teacher's, whatever the scale."""
     from lightdiff.nets.denoiser import network_output
-    from lightdiff.nets.guidance import unet_with_guidance_input
+    from lightdiff.nets.families.sd import unet_with_guidance_input
 
     teacher = load_teacher(str(text_ckpt))
     student = unet_with_guidance_input(teacher.net, 256)

@@ -16,15 +16,9 @@ from torch import nn
 
 from lightdiff.contract import TrainingMethod
 from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, Objective
-from lightdiff.nets.conditioning import (
-    ClassLabels,
-    Condition,
-    Conditioning,
-    DataDescription,
-    Inputs,
-    NoCondition,
-    register_family,
-)
+from lightdiff.nets.families import Condition, Conditioning, Inputs, register_conditioning
+from lightdiff.nets.families.base import DataDescription
+from lightdiff.nets.families.labels import ClassLabels, NoCondition
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import generate, reconfigured
 from lightdiff.train import run as train_run
@@ -212,7 +206,7 @@ def test_a_conditioning_family_from_outside_src_trains_samples_and_reloads(tmp_p
     assert meta["conditioning"]["family"] == "test_label_and_scalar"
     with pytest.raises(ValueError, match="test_label_and_scalar"):  # unknown until registered
         load_denoiser(checkpoint)
-    register_family("test_label_and_scalar", lambda state: LabelAndScalar(state["num_classes"], state["width"]))
+    register_conditioning("test_label_and_scalar", lambda state: LabelAndScalar(state["num_classes"], state["width"]))
     loaded = load_denoiser(checkpoint, use_ema=False)
     assert torch.equal(loaded.conditioning.labels.weight, module.conditioning.labels.weight.cpu())
     reloaded = generate(loaded.net, scheduler, 2, [0, 1], loaded.conditioning, inputs, 1.0)

@@ -11,7 +11,7 @@ from transformers import Dinov2Config, Dinov2Model
 from lightdiff.data.shapes import pil_to_tensor, shapes_sample
 from lightdiff.diffusion import DDPM, NoiseSchedule
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss
-from lightdiff.nets.conditioning import Condition
+from lightdiff.nets.families import Condition
 from lightdiff.nets.feature_discriminator import (
     FeatureDiscriminator,
     PatchFeatures,

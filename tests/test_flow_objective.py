@@ -28,7 +28,7 @@ from lightdiff.diffusion import (
     shift_timesteps,
 )
 from lightdiff.methods.diffusion import DiffusionTraining
-from lightdiff.nets.conditioning import NoCondition
+from lightdiff.nets.families.labels import NoCondition
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import generate
 from lightdiff.train import run as train_run

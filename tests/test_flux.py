@@ -20,10 +20,10 @@ from lightdiff.diffusion import FlowMatching
 from lightdiff.diffusion.flow_matching import resolution_shift_mu
 from lightdiff.export import export_pipeline
 from lightdiff.methods.autoencoder import AutoencoderTraining
-from lightdiff.nets.conditioning import FluxText, conditioning_from_state
-from lightdiff.nets.denoiser import latent_image_ids, network_output, pack_latents, unpack_latents
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import conditioning_from_state, family_of
+from lightdiff.nets.families.flux import FluxText, latent_image_ids, pack_latents, unpack_latents
 from lightdiff.nets.feature_discriminator import TransformerBlockFeatures
-from lightdiff.nets.guidance import with_guidance_input
 from lightdiff.nets.text import (
     build_caption_tokenizer,
     build_t5_tokenizer,
@@ -462,7 +462,7 @@ def test_turbo_distils_a_flux_teacher_with_every_discriminator(
 
 def test_a_guidance_input_starts_as_the_teacher(flux_teacher: Path) -> None:
     teacher = load_denoiser(flux_teacher)
-    student, family = with_guidance_input(teacher.net, teacher.conditioning, 4.0, 256)
+    student, family = family_of(teacher.net).with_guidance_input(teacher.net, teacher.conditioning, 4.0, 256)
     assert student.config.guidance_embeds and family.guidance_scale == 4.0
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 800.0])
     with torch.no_grad():
@@ -474,7 +474,8 @@ def test_a_guidance_input_starts_as_the_teacher(flux_teacher: Path) -> None:
         student.time_text_embed.guidance_embedder.linear_2.bias.fill_(0.1)  # control: a live embedding changes it
         assert not torch.allclose(network_output(student, x_t, t, family.with_guidance(text)), expected)
     with pytest.raises(ConfigError, match="no guidance-scale input"):
-        with_guidance_input(_sd3_like_net(), teacher.conditioning, 4.0, 256)
+        sd3 = _sd3_like_net()
+        family_of(sd3).with_guidance_input(sd3, teacher.conditioning, 4.0, 256)
 
 
 def _sd3_like_net() -> torch.nn.Module:

@@ -16,14 +16,16 @@ from torch.utils.data import default_collate
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import NoiseSchedule
 from lightdiff.methods import diffusion as diffusion_method
-from lightdiff.nets.conditioning import (
-    CLIPText,
-    drop_conditions,
+from lightdiff.nets.families import drop_conditions
+from lightdiff.nets.families.sd import CLIPText
+from lightdiff.nets.text import (
+    build_caption_tokenizer,
     text_encoder_fingerprint,
+    text_encoder_from_scratch,
+    tokenize_prompts,
     tokenizer_from_state,
     tokenizer_state,
 )
-from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch, tokenize_prompts
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run

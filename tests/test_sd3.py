@@ -11,7 +11,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextModelWithProjection
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.conditioning import SD3Text, conditioning_from_state
+from lightdiff.nets.families import conditioning_from_state
+from lightdiff.nets.families.sd3 import SD3Text
 from lightdiff.nets.feature_discriminator import TransformerBlockFeatures
 from lightdiff.nets.text import (
     build_caption_tokenizer,

@@ -14,15 +14,14 @@ from PIL import Image
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import NoiseSchedule
-from lightdiff.nets.conditioning import (
-    SIZE_AND_CROP,
-    SDXLText,
-    drop_conditions,
-    size_and_crop,
+from lightdiff.nets.families import SIZE_AND_CROP, ConditioningSettings, drop_conditions, family_of, size_and_crop
+from lightdiff.nets.families.sdxl import SDXLText
+from lightdiff.nets.text import (
+    build_caption_tokenizer,
+    text_encoder_from_scratch,
     tokenizer_from_state,
     tokenizer_state,
 )
-from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
@@ -461,8 +460,7 @@ def test_shards_store_the_packed_states_of_an_sdxl_pipelines_encoders(sdxl_pipel
 
     from lightdiff.data.shard import main as shard_main
     from lightdiff.data.shard_stream import read_shard
-    from lightdiff.nets.pretrained import load_denoiser as pipeline_denoiser
-    from lightdiff.nets.pretrained import pretrained_text_conditioning
+    from lightdiff.nets.families import load_denoiser as pipeline_denoiser
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -472,7 +470,8 @@ def test_shards_store_the_packed_states_of_an_sdxl_pipelines_encoders(sdxl_pipel
             metadata.write(json.dumps({"file_name": f"{index}.png", **({"text": caption} if caption else {})}) + "\n")
     shard_main([str(folder), str(tmp_path / "shards"), "--text-encoder", str(sdxl_pipeline_dir)])
     samples = read_shard(str(tmp_path / "shards" / "train-000000.tar"))
-    family = pretrained_text_conditioning(str(sdxl_pipeline_dir), pipeline_denoiser(str(sdxl_pipeline_dir)), False)
+    net = pipeline_denoiser(str(sdxl_pipeline_dir))
+    family = family_of(net).pretrained_conditioning(str(sdxl_pipeline_dir), net, ConditioningSettings(), "p")
     with torch.no_grad():
         expected = family.encode(CAPTIONS)
     stored = torch.stack([torch.from_numpy(np.load(io.BytesIO(raw["text.npy"]))) for raw in samples[:4]])

@@ -30,6 +30,7 @@ from lightdiff.data.shard import main as shard_main
 from lightdiff.data.shard_stream import ShardHead, ShardStream, read_shard, shard_urls
 from lightdiff.data.streams import STREAM_STATE
 from lightdiff.data.transforms import ImageTransform
+from lightdiff.nets.families import ConditioningSettings, family_of
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
 
@@ -533,7 +534,7 @@ def test_shards_with_text_states_train_without_encoding_a_caption(shards: tuple[
     from transformers import CLIPTextModel
 
     from lightdiff.methods.diffusion import DiffusionTraining
-    from lightdiff.nets.pretrained import load_denoiser, pretrained_text_conditioning
+    from lightdiff.nets.families import load_denoiser
 
     folder = shards[0]
     captions = [f"image {i}" for i in range(COUNT)]
@@ -545,7 +546,8 @@ def test_shards_with_text_states_train_without_encoding_a_caption(shards: tuple[
             + ["16", *text]
         )
         written[name] = f"{tmp_path}/{name}/train-{{000000..000003}}.tar"
-    family = pretrained_text_conditioning(str(pipeline), load_denoiser(str(pipeline)), trainable=False)
+    net = load_denoiser(str(pipeline))
+    family = family_of(net).pretrained_conditioning(str(pipeline), net, ConditioningSettings(), "p")
     for raw in read_shard(shard_urls(written["with_text"])[1]):
         stored = torch.from_numpy(np.load(io.BytesIO(raw["text.npy"])))
         with torch.no_grad():

@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 from lightdiff.drawing import load_for_sampling
-from lightdiff.nets.conditioning import CLIPText
+from lightdiff.nets.families.sd import CLIPText
 from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
 from lightdiff.trained import load_trained

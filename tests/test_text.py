@@ -105,7 +105,7 @@ def test_the_caption_tokenizer_is_the_same_in_every_process() -> None:
 def test_text_summary_is_clips_pooled_output_also_from_cached_states() -> None:
     """The discriminator's text condition is CLIP's pooled embedding (the end-of-text state), as ADD conditions it;
     cached states give the same vector. Negative control: the mean of the states, used before, differs."""
-    from lightdiff.nets.conditioning import CLIPText
+    from lightdiff.nets.families.sd import CLIPText
 
     tokenizer = build_caption_tokenizer(CAPTIONS, model_max_length=8)
     torch.manual_seed(0)

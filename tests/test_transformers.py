@@ -23,8 +23,11 @@ from transformers import CLIPTextModelWithProjection
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import interpolate, velocity_target
-from lightdiff.nets.conditioning import Condition, text_conditioning
-from lightdiff.nets.denoiser import network_output, zero_adaln_gates
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import Condition, family_of
+from lightdiff.nets.families.pixart import NO_SIZE_CONDITIONING
+from lightdiff.nets.families.sd import CLIPText
+from lightdiff.nets.families.sd3 import SD3CLIPText
 from lightdiff.nets.text import build_caption_tokenizer, text_encoder_from_scratch
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import for_latents, generate, generators_for
@@ -148,7 +151,7 @@ def test_gates_start_at_zero_so_each_block_returns_its_input_streams() -> None:
     # PixArt's adaLN-single tables and shared timestep projection, and its ungated cross-attention's output, too.
     zeroed = ((mmdit, _mmdit_inputs), (dit, lambda _: dit_inputs), (pixart, _pixart_inputs))
     for net, inputs in zeroed:
-        same = _blocks_return_their_inputs(zero_adaln_gates(net), inputs(net))
+        same = _blocks_return_their_inputs(family_of(net).initialise(net), inputs(net))
         assert same and all(same)
     assert len(_blocks_return_their_inputs(pixart, _pixart_inputs(pixart))) == pixart.config.num_layers
     assert not pixart.adaln_single.linear.weight.any() and not pixart.adaln_single.linear.bias.any()
@@ -161,7 +164,8 @@ def test_gates_start_at_zero_so_each_block_returns_its_input_streams() -> None:
 
 
 def test_both_streams_receive_gradients_once_the_gates_open() -> None:
-    net = zero_adaln_gates(_net("model=latent", "net=mmdit_tiny"))
+    net = _net("model=latent", "net=mmdit_tiny")
+    family_of(net).initialise(net)
     inputs = _mmdit_inputs(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     block = net.transformer_blocks[0]
@@ -191,7 +195,8 @@ def test_pixart_text_path_and_blocks_receive_gradients_once_the_gates_open() -> 
     tokenizer = build_caption_tokenizer(captions * 3, vocab_size=300, model_max_length=8)
     torch.manual_seed(0)
     encoder = text_encoder_from_scratch(tokenizer, 16, 2, 2, 32)
-    net = zero_adaln_gates(_net("model=latent", "net=dit", *SMALL_PIXART))
+    net = _net("model=latent", "net=dit", *SMALL_PIXART)
+    family_of(net).initialise(net)
     optimizer = torch.optim.AdamW([*net.parameters(), *encoder.parameters()], lr=1e-3)
     block = net.transformer_blocks[0]
     cross_output = [b.attn2.to_out[0].weight for b in net.transformer_blocks]
@@ -201,7 +206,7 @@ def test_pixart_text_path_and_blocks_receive_gradients_once_the_gates_open() -> 
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     for step in range(3):
         noise, t = torch.randn_like(x0), torch.tensor([0.3, 0.8])
-        text = text_conditioning(net, tokenizer, encoder, trainable=True)({"text": captions})
+        text = CLIPText(tokenizer, encoder, True, NO_SIZE_CONDITIONING)({"text": captions})
         prediction = network_output(net, interpolate(x0, noise, t), t * 1000, text)
         optimizer.zero_grad()
         ((prediction - velocity_target(x0, noise)) ** 2).mean().backward()
@@ -237,7 +242,7 @@ def test_sd3_text_states_are_what_stable_diffusion_3_pipeline_makes() -> None:
         states, _, pooled, _ = pipeline.encode_prompt(
             captions, None, None, do_classifier_free_guidance=False, max_sequence_length=0
         )
-        ours = text_conditioning(net, tokenizer, encoder, trainable=False)({"text": captions}).kwargs
+        ours = SD3CLIPText(tokenizer, encoder, False, net.config.joint_attention_dim)({"text": captions}).kwargs
     assert torch.equal(ours["encoder_hidden_states"], states) and torch.equal(ours["pooled_projections"], pooled)
     assert states.shape == (2, 8, 32) and pooled.shape == (2, 32)
 

@@ -28,7 +28,8 @@ from lightdiff.data.video_folder import VideoFolderDataset
 from lightdiff.diffusion import DDPM, NoiseSchedule
 from lightdiff.diffusion.schedules import shift_snr
 from lightdiff.metrics.motion import motion_metric, video_distance
-from lightdiff.nets.conditioning import T5Text, conditioning_from_state
+from lightdiff.nets.families import conditioning_from_state
+from lightdiff.nets.families.cogvideox import T5Text
 from lightdiff.nets.pretrained import load_vae
 from lightdiff.nets.text import build_t5_tokenizer, t5_encoder_from_scratch
 from lightdiff.nets.vae import decode_latents, encode_latents, posterior_moments

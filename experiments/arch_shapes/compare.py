@@ -30,7 +30,8 @@ from omegaconf import OmegaConf, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightdiff.config  # noqa: F401  (registers the config resolvers)
-from lightdiff.nets.denoiser import latent_channels, network_output
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import family_of
 from lightdiff.nets.vae import vae_scale_factor
 from lightdiff.sample import run as sample_run
 from lightdiff.trained import load_denoiser
@@ -46,7 +47,7 @@ def forward_flops(run_dir: Path) -> tuple[str, int, int]:
     net = denoiser.net.eval()
     factor = vae_scale_factor(denoiser.vae) if denoiser.vae is not None else 1
     height, width = (side // factor for side in denoiser.default_size())  # FLUX has no sample_size: the trained size
-    x = torch.randn(1, latent_channels(net), height, width)
+    x = torch.randn(1, family_of(net).latent_channels(net), height, width)
     t = torch.tensor([500])
     counter = FlopCounterMode(display=False)
     inputs = {"label": torch.tensor([0]), "text": ["a red circle"]}  # each family reads what it needs

@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler
 from lightdiff.data import ShapesDataset
 from lightdiff.data.shapes import label_to_caption
 from lightdiff.metrics import FrechetEvaluator, RandomConvFeatures, shapes_metric
-from lightdiff.nets.conditioning import GuidanceEmbedded
+from lightdiff.nets.families.sd import GuidanceEmbedded
 from lightdiff.sampling import for_latents, generate, reconfigured, to_uint8
 from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_denoiser
 

@@ -40,7 +40,7 @@ from omegaconf import open_dict
 
 import lightdiff.config  # noqa: F401  (registers the config resolvers)
 from lightdiff.config import build
-from lightdiff.nets.conditioning import NoCondition
+from lightdiff.nets.families.labels import NoCondition
 from lightdiff.sampling import generate, generators_for, to_uint8
 from lightdiff.speed import SamplingSpeed
 from lightdiff.trained import load_denoiser

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler
 from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
 from lightdiff.metrics import shapes_metric
 from lightdiff.metrics.shapes import cut_by_border
-from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
+from lightdiff.nets.families import SIZE_AND_CROP, size_and_crop
 from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
 from lightdiff.trained import load_denoiser
 

@@ -29,7 +29,7 @@ from lightdiff.data.moving_shapes import moving_shapes_clip
 from lightdiff.data.shapes import shapes_sample
 from lightdiff.metrics.motion import motion_metric
 from lightdiff.metrics.shapes import shapes_metric
-from lightdiff.nets.denoiser import zero_adaln_gates
+from lightdiff.nets.families import family_of
 
 TEXT_DIM = 64
 SHAPES_VAE, VIDEO_VAE = "src/lightdiff/assets/vae_shapes16", "src/lightdiff/assets/vae_moving_shapes"
@@ -56,7 +56,7 @@ def build(net: str, task: str, width: int, layers: int, qk_norm: bool) -> torch.
             for block in model.transformer_blocks:
                 block.attn1.norm_q = None
                 block.attn1.norm_k = None
-    return zero_adaln_gates(model)
+    return family_of(model).initialise(model)
 
 
 def cogvideox_scheduler() -> CogVideoXDDIMScheduler:

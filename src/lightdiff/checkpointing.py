@@ -223,7 +223,7 @@ def denoiser_metadata(
     method: str,  # the method's name (diffusion, turbo)
     net: torch.nn.Module,  # the trained denoiser (a diffusers model)
     objective: Any,  # lightdiff.diffusion.Objective
-    conditioning: Any,  # lightdiff.nets.conditioning.Conditioning
+    conditioning: Any,  # lightdiff.nets.families.Conditioning
     vae: torch.nn.Module | None,  # the frozen AutoencoderKL of a latent model
     class_names: list[str] | None,
     lora: dict[str, Any] | None = None,  # LoRA adapters' config and base (`lightdiff.nets.lora.adapt`), if any

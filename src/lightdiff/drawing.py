@@ -18,8 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.conditioning import SIZE_AND_CROP, size_and_crop
-from lightdiff.nets.denoiser import is_video_net
+from lightdiff.nets.families import SIZE_AND_CROP, family_of, size_and_crop
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
 from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.vae import frame_count_problem, vae_scale_factor
@@ -106,7 +105,7 @@ def _first_frame(cfg: DictConfig, denoiser: TrainedDenoiser, size: tuple[int, in
 
 def _num_frames(cfg: DictConfig, denoiser: TrainedDenoiser) -> int | None:
     """Frames per clip of a video model: `num_frames`, defaulting to what it trained on; None for an image model."""
-    if not is_video_net(denoiser.net):
+    if not family_of(denoiser.net).video:
         if cfg.num_frames is not None:
             raise ConfigError(f"num_frames={cfg.num_frames}: {type(denoiser.net).__name__} draws images, not clips")
         return None

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
@@ -30,6 +29,8 @@ from lightdiff.export import export_pipeline
 from lightdiff.files import folder_written_atomically
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
 from lightdiff.metrics.motion import motion_metric, video_distance
+from lightdiff.nets.families import family_of
+from lightdiff.nets.families.base import TextEncoders
 from lightdiff.nets.lora import has_adapters, kohya_state_dict, without_adapters
 from lightdiff.nets.single_file import stable_diffusion_single_file
 from lightdiff.sampling import (
@@ -138,9 +139,9 @@ def _write_safetensors(state: dict[str, torch.Tensor], target: Path, metadata: d
 def _write_single_file(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) -> None:
     """A Stable Diffusion 1.x / 2.x / SDXL model as one file in the original layout (nets/single_file.py): the UNet
     (LoRA adapters merged in at lora_scale), the VAE and the text encoders."""
-    encoders = [getattr(denoiser.conditioning, name, None) for name in ("text_encoder", "text_encoder_2")]
-    encoders = [encoder for encoder in encoders if encoder is not None]
-    if not isinstance(denoiser.net, UNet2DConditionModel) or denoiser.vae is None or not encoders:
+    conditioning = denoiser.conditioning
+    encoders = list(conditioning.text_encoders().values()) if isinstance(conditioning, TextEncoders) else []
+    if not family_of(denoiser.net).single_file or denoiser.vae is None or not encoders:
         raise ConfigError(
             f"export_format=single_file writes Stable Diffusion 1.x / 2.x / SDXL models (a text UNet, a VAE, CLIP "
             f"encoders); ckpt={cfg.ckpt!r} holds a {type(denoiser.net).__name__}"
@@ -156,7 +157,9 @@ def _write_single_file(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path)
 def _write_kohya_lora(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) -> None:
     """The model's LoRA adapters as one kohya-layout file (nets/lora.py kohya_state_dict), written whole or not at
     all; the adapters as trained (a loader takes the scale, as with the diffusers file)."""
-    state = kohya_state_dict(denoiser.net, getattr(denoiser.conditioning, "text_encoder", None))
+    conditioning = denoiser.conditioning
+    encoders = conditioning.text_encoders() if isinstance(conditioning, TextEncoders) else {}
+    state = kohya_state_dict(denoiser.net, encoders.get("text_encoder"))
     ranks = sorted({tensor.shape[0] for key, tensor in state.items() if key.endswith(".lora_down.weight")})
     alphas = sorted({float(tensor) for key, tensor in state.items() if key.endswith(".alpha")})
     # sd-scripts' own metadata keys, which ComfyUI / AUTOMATIC1111 show; the weights say the rest

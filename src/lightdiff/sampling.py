@@ -12,16 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SchedulerMixin
+from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from lightdiff.diffusion.flow_matching import resolution_shift_mu
-from lightdiff.nets.conditioning import SIZE_AND_CROP, Conditioning, Inputs, size_and_crop
-from lightdiff.nets.denoiser import image_tokens, is_video_net, latent_channels, network_output
+from lightdiff.nets.denoiser import image_tokens, network_output
+from lightdiff.nets.families import SIZE_AND_CROP, Conditioning, Inputs, family_of, size_and_crop
 from lightdiff.nets.vae import Autoencoder, decode_latents, latent_frames, vae_scale_factor
-
-FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: latents a side when no size is given
 
 
 def for_latents(scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -162,9 +160,10 @@ def generate(
         unconditional = conditioning.without_condition(inputs, [True] * len(seeds), negative_prompt)
         condition = conditioning(unconditional).to(device).cat(condition)
 
-    shape: tuple[int, ...] = (len(seeds), latent_channels(net), height // factor, width // factor)
+    family = family_of(net)
+    shape: tuple[int, ...] = (len(seeds), family.latent_channels(net), height // factor, width // factor)
     scale: float | torch.Tensor = guidance_scale
-    if is_video_net(net):
+    if family.video:
         frames = num_frames or net.config.get("sample_frames") or net.config.num_frames  # CogVideoX's / SVD's own
         shape = (len(seeds), latent_frames(vae, frames), *shape[1:])
         ramp_start = getattr(conditioning, "guidance_scale_min", None)
@@ -188,13 +187,10 @@ def pipeline_timesteps(
     net: torch.nn.Module, scheduler: SchedulerMixin, num_inference_steps: int, height: int, width: int
 ) -> dict[str, object]:
     """What the network's pipeline passes to `set_timesteps` for latents `height` x `width` besides the step count:
-    FluxPipeline its own sigmas, linspace(1, 1 / N, N) (FlowMatchEulerDiscreteScheduler's default grid ends at
-    1 / num_train_timesteps instead); a scheduler with dynamic shifting mu of the image's tokens (`calculate_shift`,
-    which FluxPipeline and StableDiffusion3Pipeline compute from the scheduler's config)."""
-    arguments: dict[str, object] = {}
-    if isinstance(net, FluxTransformer2DModel) and isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        if not scheduler.config.get("use_flow_sigmas"):
-            arguments["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    the family's own (FluxPipeline's sigmas: `Family.pipeline_timesteps`); a scheduler with dynamic shifting mu of
+    the image's tokens (`calculate_shift`, which FluxPipeline and StableDiffusion3Pipeline compute from the
+    scheduler's config)."""
+    arguments: dict[str, object] = family_of(net).pipeline_timesteps(scheduler, num_inference_steps)
     if scheduler.config.get("use_dynamic_shifting"):
         arguments["mu"] = resolution_shift_mu(
             image_tokens(net, height, width),
@@ -207,9 +203,11 @@ def pipeline_timesteps(
 
 
 def sample_size(net: torch.nn.Module, factor: int = 1) -> tuple[int, int]:
-    """(height, width) in pixels a network draws by default: its `sample_size` (latents) times the VAE's `factor`;
-    a FLUX transformer has none (rotary positions fit any size): FluxPipeline's default, 128 latents a side."""
-    size = net.config.get("sample_size") or FLUX_DEFAULT_SAMPLE_SIZE
+    """(height, width) in pixels a network draws by default: its family's default latent size (its `sample_size`;
+    FLUX has none, rotary positions fit any size: FluxPipeline's default) times the VAE's `factor`."""
+    size = family_of(net).default_sample_size(net)
+    if size is None:
+        raise ValueError(f"a {type(net).__name__} has no sample_size: give the size to draw")
     height, width = (size, size) if isinstance(size, int) else size
     return height * factor, width * factor
 

@@ -14,34 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    CogVideoXTransformer3DModel,
-    FluxTransformer2DModel,
-    LCMScheduler,
-    SD3Transformer2DModel,
-)
+from diffusers import LCMScheduler
 from peft import LoraConfig
-from transformers import CLIPTokenizer
 
 from lightdiff.checkpointing import adapter_weights, check_state_dict, format_problem, load_weights, nonfinite_weight
 from lightdiff.diffusion import EDM, FlowMatching, NoiseSchedule, Objective, objective_from_state
-from lightdiff.nets.conditioning import (
-    TEXT_ENCODER_CLASSES,
+from lightdiff.nets.families import (
     Conditioning,
-    EncodesWithVae,
-    FirstFrameSettings,
-    GuidanceEmbedded,
+    ConditioningSettings,
+    Denoiser,
     conditioning_from_state,
-    is_sdxl,
-    label_conditioning,
-    takes_first_frame,
-    takes_text,
-    text_conditioning,
-    text_encoder_class,
-    tokenizer_from_state,
+    denoiser_classes,
+    family_of,
 )
-from lightdiff.nets.denoiser import DENOISER_CLASSES, Denoiser
+from lightdiff.nets.families.base import NO_DATA, EncodesWithVae, TextEncoders
+from lightdiff.nets.families.sd import CLIPText
 from lightdiff.nets.lora import (
     LORA_WEIGHTS_FILE,
     add_adapters,
@@ -50,19 +37,15 @@ from lightdiff.nets.lora import (
     is_adapter_key,
     load_lora_file,
 )
-from lightdiff.nets.pretrained import load_vae, pretrained_first_frame, pretrained_text_conditioning
+from lightdiff.nets.pretrained import load_vae
+from lightdiff.nets.text import TEXT_ENCODER_CLASSES, tokenizer_from_state
 from lightdiff.nets.vae import VAE_CLASSES, Autoencoder, vae_scale_factor
 from lightdiff.sampling import sample_size
 
 log = logging.getLogger(__name__)
 
-NET_CLASSES = DENOISER_CLASSES
 # Samplers a model may require whatever `sampler=` says (a latent consistency model: LCMScheduler), by class name.
 REQUIRED_SAMPLERS: dict[str, type] = {"LCMScheduler": LCMScheduler}
-LCM_PIPELINE_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default, for LCM folders written elsewhere
-# Networks whose pipeline folders are read with `pretrained_text_conditioning` (each part by its class)
-PRETRAINED_TEXT_NETS = (FluxTransformer2DModel, SD3Transformer2DModel, CogVideoXTransformer3DModel)
-FLUX_PIPELINE_GUIDANCE_SCALE = 3.5  # FluxPipeline's default `guidance_scale` (a guidance-embedding transformer's input)
 METADATA_FILE = "lightdiff.json"  # beside model_index.json: what diffusers' layout has no place for
 VAE_CLASSES_TUPLE = tuple(VAE_CLASSES.values())
 
@@ -150,7 +133,7 @@ def _conditioning_of_checkpoint(path: Path, checkpoint: dict, meta: dict, net: t
         load_weights(conditioning, _weights(checkpoint, "conditioning."), f"{path} (conditioning.)")
         return conditioning
     if "text_encoder_config" not in meta:  # format 1 without text: the net's labels, if any
-        return label_conditioning(net)
+        return family_of(net).new_conditioning(net, ConditioningSettings(), NO_DATA)
     # Format 1 (before conditioning families): the text encoder's weights under `text_encoder.`.
     encoder_class = TEXT_ENCODER_CLASSES.get(meta.get("text_encoder_class", "CLIPTextModel"))
     if encoder_class is None:
@@ -162,15 +145,16 @@ def _conditioning_of_checkpoint(path: Path, checkpoint: dict, meta: dict, net: t
 
     text_encoder = encoder_class(CLIPTextConfig(**meta["text_encoder_config"]))
     load_weights(text_encoder, _weights(checkpoint, "text_encoder."), f"{path} (text_encoder.)")
-    return text_conditioning(net, tokenizer_from_state(meta["tokenizer"]), text_encoder.eval(), trainable=False)
+    return CLIPText(tokenizer_from_state(meta["tokenizer"]), text_encoder.eval(), trainable=False)
 
 
 def _from_lightning_checkpoint(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -> TrainedDenoiser:
     if meta.get("lora"):
         return _adapters_on_base(path, checkpoint, meta, use_ema)
-    net_class = NET_CLASSES.get(meta.get("net_class", ""))
+    classes = denoiser_classes()
+    net_class = classes.get(meta.get("net_class", ""))
     if net_class is None:  # a class name read from a file is never imported: only these are built
-        raise ValueError(f"{path}: lightdiff.net_class={meta.get('net_class')!r} is not one of {sorted(NET_CLASSES)}")
+        raise ValueError(f"{path}: lightdiff.net_class={meta.get('net_class')!r} is not one of {sorted(classes)}")
     net = net_class.from_config(meta["net_config"])
     load_weights(net, _weights(checkpoint, "net."), f"{path} (net.)")
     uses_ema = use_ema and _load_ema(net, checkpoint, path)
@@ -222,7 +206,7 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
     net.load_state_dict(adapters, strict=False)  # the base's weights are already in place
     uses_ema = use_ema and _load_ema(net, checkpoint, path)
     if record.get("text_encoder"):  # model.lora.text_encoder: the pipeline's encoder had adapters too
-        encoder = base.conditioning.text_encoder
+        encoder = base.conditioning.text_encoders()["text_encoder"]
         if base_fingerprint(encoder) != record["text_encoder"]["fingerprint"]:
             raise ValueError(f"{path}: the text encoder of {source!r} is not the one its adapters were trained on")
         add_adapters(encoder, LoraConfig(**record["text_encoder"]["config"]))
@@ -272,9 +256,10 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     if not (folder / part).is_dir() or not (folder / "scheduler").is_dir():
         raise ValueError(f"{folder} is not a diffusers pipeline folder (it needs unet/ or transformer/ and scheduler/)")
     net_class = json.loads((folder / part / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    if net_class not in NET_CLASSES:
-        raise ValueError(f"{folder}: {part} class {net_class!r} is not one of {sorted(NET_CLASSES)}")
-    net = NET_CLASSES[net_class].from_pretrained(folder / part).eval()
+    classes = denoiser_classes()
+    if net_class not in classes:
+        raise ValueError(f"{folder}: {part} class {net_class!r} is not one of {sorted(classes)}")
+    net = classes[net_class].from_pretrained(folder / part).eval()
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     metadata_path = folder / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
@@ -301,38 +286,13 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
                 "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
             }
         )
-    vae = None
-    if takes_first_frame(net):  # Stable Video Diffusion: the image encoder, conditioned through the VAE
-        vae = load_vae(str(folder), None).eval()
-        settings = FirstFrameSettings(**(metadata.get("first_frame") or {}))
-        conditioning = pretrained_first_frame(str(folder), settings, trainable=False)
-        conditioning.attach_vae(vae)
-    elif is_sdxl(net) or isinstance(net, PRETRAINED_TEXT_NETS):  # every encoder it takes, and its VAE
-        vae = load_vae(str(folder), None).eval()
-        conditioning = pretrained_text_conditioning(
-            str(folder),
-            net,
-            trainable=False,
-            key="the pipeline folder",
-            # lightdiff's export records what it trained with; FluxPipeline's defaults otherwise
-            max_sequence_length=metadata.get("max_sequence_length"),
-            embedded_guidance_scale=float(metadata.get("guidance_scale") or FLUX_PIPELINE_GUIDANCE_SCALE),
-        )
-    elif takes_text(net):
-        for component in ("vae", "text_encoder", "tokenizer"):
-            if not (folder / component).is_dir():
-                raise ValueError(f"{folder} has a text-conditioned {part} but no {component}/")
-        vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-        text_encoder = text_encoder_class(net).from_pretrained(folder / "text_encoder").eval()
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        conditioning = text_conditioning(net, tokenizer, text_encoder, trainable=False)
-    else:
-        conditioning = label_conditioning(net)
-    if takes_text(net) and getattr(net.config, "time_cond_proj_dim", None):  # a latent consistency model (LCM)
-        scale = float(metadata.get("guidance_scale") or LCM_PIPELINE_GUIDANCE_SCALE)  # guidance is an input
-        conditioning = GuidanceEmbedded(conditioning, scale, net.config.time_cond_proj_dim)
+    # the family reads its conditioning (and the VAE) as its pipeline lays them out
+    vae, conditioning = family_of(net).read_folder(folder, net, metadata, lambda: load_vae(None, str(folder / "vae")))
+    if vae is not None:
+        vae = vae.eval()
     if (folder / LORA_WEIGHTS_FILE).is_file():  # an export of LoRA adapters: the base with them applied
-        load_lora_file(net, folder / LORA_WEIGHTS_FILE, getattr(conditioning, "text_encoder", None))
+        encoders = conditioning.text_encoders() if isinstance(conditioning, TextEncoders) else {}
+        load_lora_file(net, folder / LORA_WEIGHTS_FILE, encoders.get("text_encoder"))
     return TrainedDenoiser(
         net=net,
         objective=objective,

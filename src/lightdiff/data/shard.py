@@ -155,12 +155,15 @@ def with_text_states(
     import torch
 
     # The writer is an entry point: it may build a network family, which the data readers never do.
-    from lightdiff.nets.pretrained import denoiser_skeleton, pretrained_text_conditioning
+    from lightdiff.nets.families import ConditioningSettings, denoiser_skeleton, family_of
+    from lightdiff.nets.families.base import CacheableText
 
     key = "--text-encoder"
-    family = pretrained_text_conditioning(
-        pipeline, denoiser_skeleton(pipeline, key), False, key, max_sequence_length
-    ).eval()
+    net = denoiser_skeleton(pipeline, key)
+    settings = ConditioningSettings(max_sequence_length=max_sequence_length)
+    family = family_of(net).pretrained_conditioning(pipeline, net, settings, key).eval()
+    if not isinstance(family, CacheableText):
+        raise ValueError(f"{key}={pipeline!r}: its {type(net).__name__} takes no text to encode")
     record = {"encoder": family.cache_fingerprint(), "caption": "txt"}  # the states are of the txt member's caption
 
     def encoded(chunk: list[SourceSample]) -> Iterator[SourceSample]:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import LCMScheduler, SchedulerMixin, UNet2DConditionModel
+from diffusers import LCMScheduler, SchedulerMixin
 
 from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, PositiveFloat
@@ -42,9 +42,9 @@ from lightdiff.methods.optimization import (
     with_lr_schedule,
 )
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
-from lightdiff.nets.conditioning import Condition, GuidanceEmbedded
 from lightdiff.nets.denoiser import network_output
-from lightdiff.nets.guidance import unet_with_guidance_input
+from lightdiff.nets.families import Condition, family_of
+from lightdiff.nets.families.sd import GuidanceEmbedded
 from lightdiff.sampling import for_latents
 from lightdiff.speed import prepare_for_training
 
@@ -94,20 +94,28 @@ class ConsistencyDistillation(pl.LightningModule):
         if not 0 <= target_decay < 1:
             raise ConfigError(f"model.target_decay={target_decay} must lie in [0, 1)")
         self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "lcm", teacher_config)
-        if not isinstance(self.teacher.net, UNet2DConditionModel) or not self.teacher.conditioning.has_unconditional:
-            raise ConfigError(
-                f"model=lcm distils a text-conditioned UNet (it embeds the guidance scale); model.teacher={teacher!r} "
-                f"is a {type(self.teacher.net).__name__}: use model=turbo or model=dmd2"
-            )
+        refusal = ConfigError(
+            f"model=lcm distils a text-conditioned UNet (it embeds the guidance scale); model.teacher={teacher!r} "
+            f"is a {type(self.teacher.net).__name__}: use model=turbo or model=dmd2"
+        )
+        if not self.teacher.conditioning.has_unconditional:
+            raise refusal
         if not self.teacher.objective.accepts(LCMScheduler):
             raise ConfigError(f"model=lcm samples with LCMScheduler (DDPM paths); model.teacher={teacher!r} is a flow")
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         self.timesteps = solver_timesteps(self.objective.num_train_timesteps, num_solver_steps)
         self.skip = self.objective.num_train_timesteps // num_solver_steps
-        self.net = unet_with_guidance_input(self.teacher.net, guidance_embedding_dim).requires_grad_(True).train()
+        try:  # the guidance as LCM's `timestep_cond` embedding: a UNet's (a FLUX transformer embeds the scale itself)
+            net, self.conditioning = family_of(self.teacher.net).with_guidance_input(
+                self.teacher.net, self.teacher.conditioning, sample_guidance_scale, guidance_embedding_dim
+            )
+        except ConfigError as error:
+            raise refusal from error
+        if not isinstance(self.conditioning, GuidanceEmbedded):
+            raise refusal
+        self.net = net.requires_grad_(True).train()
         self.target_net = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.vae = self.teacher.vae
-        self.conditioning = GuidanceEmbedded(self.teacher.conditioning, sample_guidance_scale, guidance_embedding_dim)
         self.conditioning.check(self.net, data)
         self.class_names = self.teacher.class_names
         self.num_solver_steps, self.timestep_scaling = num_solver_steps, timestep_scaling

@@ -1,7 +1,7 @@
 """Diffusion training (`model=pixel`, `model=latent`): a denoiser learns the `objective` (DDPM with eps / v / x0
 prediction, Ho et al. 2020; or rectified flow, Esser et al. 2024) on pixels, or on the latents of a frozen
 `AutoencoderKL` (latent diffusion, Rombach et al. 2022), conditioned by the family its network takes
-(`lightdiff.nets.conditioning`): nothing, class labels, or CLIP text with classifier-free guidance (Ho & Salimans
+(`lightdiff.nets.families`): nothing, class labels, or CLIP text with classifier-free guidance (Ho & Salimans
 2022: conditions are dropped with probability `cond_drop_prob` while training).
 
 The config presets differ only in their defaults: `model=pixel` has no VAE and a UNet2DModel / DiT,
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import CogVideoXTransformer3DModel, FluxTransformer2DModel, SchedulerMixin
+from diffusers import SchedulerMixin
 
 from lightdiff.checkpointing import adapter_weights, check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, PositiveFloat
@@ -34,44 +34,25 @@ from lightdiff.methods.optimization import (
     clip_and_log_gradients,
     with_lr_schedule,
 )
-from lightdiff.nets.conditioning import (
-    CacheableText,
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import (
     Conditioning,
-    EncodesWithVae,
-    FirstFrameSettings,
-    check_captions,
-    drop_conditions,
-    label_conditioning,
-    scratch_first_frame,
-    scratch_text_conditioning,
-    takes_first_frame,
-    takes_text,
-)
-from lightdiff.nets.denoiser import (
-    PACKED_PATCH,
+    ConditioningSettings,
     Denoiser,
-    is_video_net,
-    latent_channels,
-    network_output,
-    zero_adaln_gates,
-)
-from lightdiff.nets.lora import LoraSettings, adapt
-from lightdiff.nets.pretrained import (
-    as_pipeline_folder,
+    FirstFrameSettings,
+    drop_conditions,
+    family_of,
     load_denoiser,
-    load_vae,
-    pipeline_parts,
-    pretrained_first_frame,
-    pretrained_text_conditioning,
 )
-from lightdiff.nets.text import build_caption_tokenizer
+from lightdiff.nets.families.base import CacheableText, EncodesWithVae, TextEncoders
+from lightdiff.nets.lora import LoraSettings, adapt
+from lightdiff.nets.pretrained import as_pipeline_folder, load_vae, pipeline_parts
 from lightdiff.nets.vae import (
     Autoencoder,
     encode_latents,
     frame_count_problem,
     frozen_vae_dtype,
     is_video_vae,
-    temporal_compression,
     vae_scale_factor,
 )
 from lightdiff.sampling import for_latents, generate, preview_inputs
@@ -79,6 +60,19 @@ from lightdiff.speed import prepare_for_training
 
 VALIDATION_LEVELS = 8  # fixed noise levels of val/loss
 VALIDATION_SEED = 20_240_601  # seeds val/loss's noise (plus the batch index), apart from the run's seed
+
+
+def conditioning_for(
+    net: Denoiser, settings: ConditioningSettings, data: ImageDataModule, pretrained: str | None
+) -> Conditioning:
+    """The conditioning `net`'s family takes: its encoders read from the pipeline `pretrained`, or built for the data
+    (a tokenizer from its captions, encoders that train with the denoiser)."""
+    family = family_of(net)
+    if pretrained is None:
+        return family.new_conditioning(net, settings, data)
+    if settings.t5:
+        raise ConfigError("model.t5=true builds a T5 from the captions; model.pretrained brings its own encoders")
+    return family.pretrained_conditioning(pretrained, net, settings, "model.pretrained")
 
 
 class DiffusionTraining(pl.LightningModule):
@@ -132,7 +126,7 @@ class DiffusionTraining(pl.LightningModule):
         if pretrained is not None and load_pretrained_unet:
             net = load_denoiser(pretrained)
         else:
-            net = zero_adaln_gates(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
+            net = family_of(net).initialise(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
         self.lora_base: dict[str, Any] | None = None  # what the adapters belong to, recorded in every checkpoint
         if lora is not None and lora.enabled:
             if pretrained is None or not load_pretrained_unet:
@@ -162,31 +156,32 @@ class DiffusionTraining(pl.LightningModule):
             "vae": f"model.vae={vae}" if vae else pipeline,
             "conditioning": pipeline if pretrained is not None else "new, for the data",
         }
-        self.conditioning: Conditioning = conditioning or self._conditioning_for(
-            data,
-            pretrained,
+        settings = ConditioningSettings(
             train_text_encoder,
             text_hidden_size,
             text_layers,
             text_heads,
             max_prompt_tokens,
             max_sequence_length,
-            embedded_guidance_scale,
             t5,
+            embedded_guidance_scale,
             first_frame or FirstFrameSettings(),
         )
+        self.conditioning: Conditioning = conditioning or conditioning_for(net, settings, data, pretrained)
         if isinstance(self.conditioning, EncodesWithVae):  # SVD's conditioning frame goes through this VAE
             self.conditioning.attach_vae(self.vae)
         if lora is not None and lora.enabled:
             # The pipeline's text encoder too with lora.text_encoder (the method then trains its adapters alone).
-            if lora.text_encoder and getattr(self.conditioning, "text_encoder_2", None) is not None:
-                raise ConfigError(
-                    "model.lora.text_encoder=true: this model has two text encoders (SDXL) and lightdiff adapts one "
-                    "only; set model.lora.text_encoder=false"
-                )
-            text_encoder = self.conditioning.text_encoder if lora.text_encoder and takes_text(net) else None
-            if lora.text_encoder and text_encoder is None:
+            encoders = self.conditioning.text_encoders() if isinstance(self.conditioning, TextEncoders) else {}
+            if lora.text_encoder and not encoders:
                 raise ConfigError(f"model.lora.text_encoder=true: {type(net).__name__} takes no text")
+            if lora.text_encoder and len(encoders) > 1:
+                names = ", ".join(encoders)
+                raise ConfigError(
+                    f"model.lora.text_encoder=true: this model has {len(encoders)} text encoders ({names}) and "
+                    "lightdiff adapts one only; set model.lora.text_encoder=false"
+                )
+            text_encoder = encoders["text_encoder"] if lora.text_encoder else None
             self.lora_base = adapt(net, lora, base_source=pretrained, text_encoder=text_encoder)
             if text_encoder is not None:
                 self.conditioning.trainable = True  # its adapters train (and its states are never cached)
@@ -211,56 +206,6 @@ class DiffusionTraining(pl.LightningModule):
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
         self.class_names = data.class_names
-
-    def _conditioning_for(
-        self,
-        data: ImageDataModule,
-        pretrained: str | None,
-        train_text_encoder: bool,
-        hidden_size: int | None,
-        layers: int,
-        heads: int,
-        max_prompt_tokens: int,
-        max_sequence_length: int | None,
-        embedded_guidance_scale: float,
-        t5: bool,
-        first_frame: FirstFrameSettings,
-    ) -> Conditioning:
-        """The family `self.net` takes; a text encoder from `pretrained`, or built from the data's captions (an SVD
-        UNet's image encoder from `pretrained`, or built for the data's frames)."""
-        if takes_first_frame(self.net):
-            if pretrained is not None:
-                return pretrained_first_frame(pretrained, first_frame, train_text_encoder)
-            return scratch_first_frame(self.net, first_frame, data.resolution)
-        if not takes_text(self.net):
-            return label_conditioning(self.net)
-        if pretrained is not None:
-            if t5:
-                raise ConfigError(
-                    "model.t5=true builds a T5 from the captions; model.pretrained brings its own encoders"
-                )
-            return pretrained_text_conditioning(
-                pretrained,
-                self.net,
-                train_text_encoder,
-                max_sequence_length=max_sequence_length,
-                embedded_guidance_scale=embedded_guidance_scale,
-            )
-        check_captions(self.net, data)  # before a tokenizer is learnt from them
-        captions = data.captions()
-        tokenizer = build_caption_tokenizer(captions, model_max_length=max_prompt_tokens)
-        # one key decides the width: the net's (model.text_hidden_size overrides it, and the check then names both)
-        return scratch_text_conditioning(
-            self.net,
-            tokenizer,
-            hidden_size,
-            layers,
-            heads,
-            captions,
-            max_sequence_length,
-            embedded_guidance_scale,
-            t5,
-        )
 
     def latent_cache_encoders(self) -> tuple[Autoencoder, str | None, Any]:
         """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""
@@ -413,68 +358,49 @@ class DiffusionTraining(pl.LightningModule):
             checkpoint["state_dict"] = adapter_weights(checkpoint["state_dict"])
 
 
-def side_multiple(net: Denoiser) -> int:
-    """What the side of the net's input must be a multiple of: a UNet halves it after every down block but the last,
-    a transformer cuts it into patches (FLUX: packed 2x2 patches of its patch_size)."""
-    down_blocks = net.config.get("down_block_types")
-    if down_blocks is not None:
-        return 2 ** (len(down_blocks) - 1)
-    patch = int(net.config.get("patch_size") or 1)
-    return patch * PACKED_PATCH if isinstance(net, FluxTransformer2DModel) else patch
-
-
 def check_video_fits(net: Denoiser, vae: Autoencoder | None, data: ImageDataModule) -> None:
-    """Clips need a video net behind a video VAE, and a frame count the VAE's time compression divides."""
-    frames, video_net = data.num_frames, is_video_net(net)
-    if video_net != (frames is not None):
+    """Clips need a video net behind the VAE its family takes, and a frame count the VAE's time compression
+    divides."""
+    family, frames = family_of(net), data.num_frames
+    if family.video != (frames is not None):
         what = "clips (data.num_frames)" if frames is not None else "images"
         raise ConfigError(f"net: {type(net).__name__} does not denoise {what}; model=video trains on clips")
-    if not video_net:
+    if not family.video:
         if vae is not None and is_video_vae(vae):
             raise ConfigError(f"model.vae: {type(vae).__name__} encodes clips; this model trains on images")
         return
     if vae is None:
         raise ConfigError(f"model.vae: a {type(net).__name__} denoises video latents; give a VAE")
-    if isinstance(net, CogVideoXTransformer3DModel) != is_video_vae(vae):
+    if family.vae_encodes_clips != is_video_vae(vae):
         wanted = (
-            "a frame-wise VAE (AutoencoderKL, AutoencoderKLTemporalDecoder)"
-            if is_video_vae(vae)
-            else ("CogVideoX's 3-D VAE (AutoencoderKLCogVideoX)")
+            "a 3-D VAE that encodes whole clips (AutoencoderKLCogVideoX)"
+            if family.vae_encodes_clips
+            else "a frame-wise VAE (AutoencoderKL, AutoencoderKLTemporalDecoder)"
         )
         raise ConfigError(f"model.vae: a {type(net).__name__} takes {wanted}, not a {type(vae).__name__}")
     problem = frame_count_problem(vae, frames)
     if problem is not None:
         raise ConfigError(f"data.num_frames={frames}: {problem}")
-    if not isinstance(net, CogVideoXTransformer3DModel):
-        return
-    compression = temporal_compression(vae)
-    if net.config.temporal_compression_ratio != compression:
-        raise ConfigError(
-            f"net.temporal_compression_ratio={net.config.temporal_compression_ratio} differs from the VAE's "
-            f"temporal_compression_ratio={compression}"
-        )
-    if net.config.get("patch_size_t") is not None:
-        raise ConfigError(
-            f"net.patch_size_t={net.config.patch_size_t}: CogVideoX 1.5's temporal patches are not supported"
-        )
 
 
 def check_fits(net: Denoiser, vae: Autoencoder | None, conditioning: Conditioning, data: ImageDataModule) -> None:
     """The networks must agree with each other and with the data; say which key does not."""
     check_video_fits(net, vae, data)
+    family = family_of(net)
+    family.check(net, vae, data.num_frames)
     channels = vae.config.latent_channels if vae is not None else 3
     factor = vae_scale_factor(vae) if vae is not None else 1
     what = "the VAE's latent_channels" if vae is not None else "RGB"
     out_channels = net.config.out_channels or net.config.in_channels  # FLUX's None: in_channels
     # FLUX outputs packed tokens (in_channels wide); every other net the latents it denoises (SVD's: half its input)
-    expected_out = net.config.in_channels if isinstance(net, FluxTransformer2DModel) else latent_channels(net)
-    if latent_channels(net) != channels or out_channels != expected_out:
-        packed = " (FLUX: 4 x the latent channels, packed 2x2)" if isinstance(net, FluxTransformer2DModel) else ""
+    if family.latent_channels(net) != channels or out_channels != family.output_channels(net):
+        packed = family.latent_channels(net) != net.config.in_channels
+        how = f" ({family.name} takes {net.config.in_channels // family.latent_channels(net)} x the latent channels)"
         raise ConfigError(
             f"net.in_channels={net.config.in_channels} / net.out_channels={net.config.out_channels} do not match "
-            f"{what}={channels}{packed}"
+            f"{what}={channels}{how if packed else ''}"
         )
-    multiple = side_multiple(net)
+    multiple = family.side_multiple(net)
     if data.resolution % (factor * multiple):
         why = f"the VAE down-samples {factor}x and the net" if vae is not None else "the net"
         raise ConfigError(

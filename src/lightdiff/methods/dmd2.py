@@ -43,8 +43,8 @@ from lightdiff.methods.optimization import (
     set_scheduled_lr,
 )
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
-from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import Condition
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
 from lightdiff.sampling import for_latents
 from lightdiff.speed import prepare_for_training

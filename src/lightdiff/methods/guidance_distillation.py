@@ -11,10 +11,10 @@ affine combination at a fixed (z_t, t), so this is Meng et al.'s loss weighted a
 Each step: real images (latents) are noised as the teacher was trained (`Objective.training_example`); a scale
 w ~ U[`guidance_scale_min`, `guidance_scale_max`] is drawn per sample; the frozen teacher gives
 out(z, uncond) + w (out(z, c) - out(z, uncond)) in one doubled call (`FrozenTeacher.guided_output`); the student is
-called once, with w as its input. The student starts as the teacher (`nets.guidance`: its new input's projection
-zeroed) and samples with the teacher's sampler at full steps, unguided, w an input (sample.py's `guidance_scale`).
-It exports as its pipeline: FluxPipeline (whose `guidance_scale` is the embedded input) or StableDiffusionPipeline
-(which embeds it for a UNet with `time_cond_proj_dim`).
+called once, with w as its input. The student starts as the teacher (`Family.with_guidance_input`: its new input's
+projection zeroed) and samples with the teacher's sampler at full steps, unguided, w an input (sample.py's
+`guidance_scale`). It exports as its pipeline: FluxPipeline (whose `guidance_scale` is the embedded input) or
+StableDiffusionPipeline (which embeds it for a UNet with `time_cond_proj_dim`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from lightdiff.methods.optimization import (
 )
 from lightdiff.methods.teacher import FrozenTeacher, save_student
 from lightdiff.nets.denoiser import network_output
-from lightdiff.nets.guidance import with_guidance_input
+from lightdiff.nets.families import family_of
 from lightdiff.sampling import generate, preview_inputs
 from lightdiff.speed import prepare_for_training
 
@@ -83,7 +83,7 @@ class GuidanceDistillation(pl.LightningModule):
                 "text model trained with caption dropout (model.cond_drop_prob > 0)"
             )
         self.objective = self.teacher.objective
-        net, self.conditioning = with_guidance_input(
+        net, self.conditioning = family_of(self.teacher.net).with_guidance_input(
             self.teacher.net, self.teacher.conditioning, sample_guidance_scale, guidance_embedding_dim
         )
         self.net = net.requires_grad_(True).train()

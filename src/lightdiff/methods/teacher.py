@@ -21,8 +21,8 @@ from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
-from lightdiff.nets.conditioning import Condition, Conditioning, Inputs
 from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import Condition, Conditioning, Inputs
 from lightdiff.nets.lora import adapters_disabled
 from lightdiff.nets.pretrained import as_pipeline_folder
 from lightdiff.nets.vae import encode_latents

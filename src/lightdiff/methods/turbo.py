@@ -22,7 +22,7 @@ its own path x_t = (1 - t) x_0 + t eps: the student predicts the velocity v, x_t
 FlowMatchEulerDiscreteScheduler visits in 4 steps (t = 1 first: pure noise), and samples with that scheduler;
 re-noising draws t uniformly, the discriminator's t logit-normally (LADD, Section 3.2); c(t) takes (alpha, sigma) =
 (1 - t, t). Every step above is written once against `lightdiff.diffusion.Objective` and the teacher's conditioning
-family (`lightdiff.nets.conditioning`); an SD3 (MMDiT) or FLUX teacher's discriminator=teacher reads its block
+family (`lightdiff.nets.families`); an SD3 (MMDiT) or FLUX teacher's discriminator=teacher reads its block
 tokens (`TransformerBlockFeatures`), as LADD distilled SD3-Turbo.
 """
 
@@ -50,8 +50,8 @@ from lightdiff.methods.optimization import (
     set_scheduled_lr,
 )
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
-from lightdiff.nets.conditioning import Condition
 from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import Condition
 from lightdiff.nets.feature_discriminator import (
     FeatureDiscriminator,
     TransformerBlockFeatures,

@@ -27,8 +27,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.conditioning import Condition
-from lightdiff.nets.denoiser import is_video_net, network_output, side_multiple_of_tokens
+from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import Condition, family_of
 from lightdiff.nets.lora import adapters_disabled
 
 
@@ -111,8 +111,9 @@ class TransformerBlockFeatures(nn.Module):
         self.blocks = [blocks[round((index + 1) * len(blocks) / count) - 1] for index in range(count)]
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.channels = [width] * count
-        self.token_patch = side_multiple_of_tokens(transformer)
-        self.image_tokens_first = is_video_net(transformer)  # CogVideoX's blocks return (video, text)
+        family = family_of(transformer)
+        self.token_patch = family.token_side(transformer)
+        self.image_tokens_first = family.image_tokens_first  # CogVideoX's blocks return (video, text)
 
     def train(self, mode: bool = True) -> TransformerBlockFeatures:
         return super().train(False)

@@ -272,7 +272,7 @@ def lora_prefix(net: torch.nn.Module) -> str:
 def write_lora_file(net: torch.nn.Module, folder: Path, text_encoder: torch.nn.Module | None = None) -> Path:
     """`folder/pytorch_lora_weights.safetensors` with the adapters of `net` (and of `text_encoder`, if it has any),
     written by diffusers' own pipeline writer. SD3's pipeline has two CLIP encoders where lightdiff trains one for
-    both (nets/conditioning.py), so its adapters are written for both."""
+    both (nets/families/sd3.py), so its adapters are written for both."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     def layers_and_config(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

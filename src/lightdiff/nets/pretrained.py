@@ -11,33 +11,10 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, CogVideoXTransformer3DModel, FluxTransformer2DModel, SD3Transformer2DModel
-from transformers import (
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-    T5EncoderModel,
-    T5Tokenizer,
-)
+from diffusers import AutoencoderKL
 
 from lightdiff.config import ConfigError
 from lightdiff.files import folder_written_atomically
-from lightdiff.nets.conditioning import (
-    FLUX_MAX_SEQUENCE_LENGTH,
-    CLIPText,
-    FirstFrame,
-    FirstFrameSettings,
-    FluxText,
-    SD3CLIPText,
-    SD3Text,
-    SDXLText,
-    T5Text,
-    is_sdxl,
-    text_conditioning,
-    text_encoder_class,
-)
-from lightdiff.nets.denoiser import DENOISER_CLASSES, Denoiser
 from lightdiff.nets.vae import VAE_CLASSES, Autoencoder
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a whole Stable Diffusion model in the original layout
@@ -153,160 +130,32 @@ def model_index(pretrained: str, key: str = "model.pretrained") -> dict[str, Any
         raise ConfigError(f"{key}={pretrained!r} is not a diffusers pipeline (no model_index.json): {error}") from error
 
 
-def _denoiser_part(pretrained: str, key: str) -> tuple[str, type]:
-    """The pipeline's denoiser part (`unet` or `transformer`) and its class, one lightdiff knows."""
-    parts = pipeline_parts(pretrained, key)
-    part = "unet" if "unet" in parts else "transformer"
-    class_name = (parts.get(part) or [None, None])[1]
-    if class_name not in DENOISER_CLASSES:
-        raise ConfigError(f"{key}={pretrained!r}: its {part} is {class_name!r}, not one of {sorted(DENOISER_CLASSES)}")
-    return part, DENOISER_CLASSES[class_name]
-
-
-def load_denoiser(pretrained: str) -> Denoiser:
-    """The pipeline's denoiser (`unet/` or `transformer/`), of a class lightdiff knows."""
-    part, cls = _denoiser_part(pretrained, "model.pretrained")
-    return load_component(cls, pretrained, part)
-
-
-def denoiser_skeleton(pretrained: str, key: str = "model.pretrained") -> Denoiser:
-    """The pipeline's denoiser built from its config alone, on the meta device (no weights read): what decides its
-    text family, for tools that need the family and not the network (the shard writer's `--text-encoder`)."""
-    part, cls = _denoiser_part(pretrained, key)
-    try:
-        config = cls.load_config(pretrained, subfolder=part)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{key}={pretrained!r} has no usable {part}/config.json: {error}") from error
-    with torch.device("meta"):
-        return cls.from_config(config)
-
-
 # Parts of a pipeline that training never uses, whatever the family: the sampler is lightdiff's own (`sampler=`), and
 # the safety checker and its feature extractor only filter a pipeline's outputs.
 # FLUX's image encoder and its processor are for IP-adapters only (listed as null in FLUX.1's pipelines).
 UNUSED_PARTS = ("scheduler", "safety_checker", "feature_extractor", "image_encoder")
 
 
-def pretrained_text_conditioning(
+def check_parts_used(
     pretrained: str,
+    parts: dict[str, Any],  # the pipeline's components (`pipeline_parts`)
+    used: set[str],  # the parts the family reads besides the denoiser and the VAE
     net: torch.nn.Module,
-    trainable: bool,
-    key: str = "model.pretrained",  # the setting that named the pipeline (error messages)
-    max_sequence_length: int | None = None,  # T5 tokens per prompt; None: the pipeline's default (FLUX 512, SD3 256)
-    embedded_guidance_scale: float = 3.5,  # the `guidance` input of a guidance-embedding FLUX transformer
-) -> CLIPText | SDXLText | FluxText | SD3Text | T5Text:
-    """The pipeline's tokenizer(s) and text encoder(s), as the text family `net` takes; a pipeline with a part that
-    family would leave unused (an SDXL pipeline's text_encoder_2 for a one-encoder net, SD3's T5) is refused, naming
-    the part, rather than half-loaded."""
-    config = pipeline_config(pretrained, key)  # read once: its parts, and SDXL's force_zeros_for_empty_prompt
-    parts = listed_parts(config)
-    if isinstance(net, CogVideoXTransformer3DModel):
-        return _t5_text(pretrained, net, parts, trainable, key, max_sequence_length)
-    flux = isinstance(net, FluxTransformer2DModel)
-    if is_sdxl(net) or flux:
-        for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-            if part not in parts:
-                takes = "a CLIP and a T5 encoder" if flux else "two text encoders"
-                raise ConfigError(f"{key}={pretrained!r} has no {part}/: a {type(net).__name__} takes {takes}")
-        used = {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
-    else:
-        used = {"tokenizer", "text_encoder"}
-        if isinstance(net, SD3Transformer2DModel):  # CLIP-L, CLIP-G and T5 (or lightdiff's one CLIP under two names)
-            used |= {"tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3"}
-    denoiser_and_vae = {"unet", "transformer", "vae"}
-    unused = sorted(set(parts) - used - denoiser_and_vae - set(UNUSED_PARTS))
+    key: str,  # the setting that named the pipeline (error messages)
+    required: tuple[str, ...] = (),  # parts the family cannot do without
+    takes: str = "",  # what the family takes, in words (the missing part's error)
+) -> None:
+    """A pipeline with a part the family would leave unused (an SDXL pipeline's text_encoder_2 for a one-encoder net,
+    SD3's T5), or without one it needs, is refused, naming the part, rather than half-loaded."""
+    for part in required:
+        if part not in parts:
+            raise ConfigError(f"{key}={pretrained!r} has no {part}/: a {type(net).__name__} takes {takes}")
+    unused = sorted(set(parts) - used - {"unet", "transformer", "vae"} - set(UNUSED_PARTS))
     if unused:
         raise ConfigError(
             f"{key}={pretrained!r} has {', '.join(unused)}, which this {type(net).__name__} cannot use: a pipeline "
             "of another family (an SDXL pipeline needs an SDXL UNet: model.load_pretrained_unet=true or net=sdxl_tiny)"
         )
-    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", key)
-    if isinstance(net, SD3Transformer2DModel):
-        return _sd3_text(pretrained, net, parts, tokenizer, trainable, key, max_sequence_length)
-    if flux:
-        return FluxText(
-            tokenizer,
-            load_component(CLIPTextModel, pretrained, "text_encoder", key),
-            load_component(T5Tokenizer, pretrained, "tokenizer_2", key),
-            load_component(T5EncoderModel, pretrained, "text_encoder_2", key),
-            trainable,
-            max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH,
-            embedded_guidance_scale if net.config.guidance_embeds else None,
-        )
-    if is_sdxl(net):
-        return SDXLText(
-            tokenizer,
-            load_component(CLIPTextModel, pretrained, "text_encoder", key),
-            load_component(CLIPTokenizer, pretrained, "tokenizer_2", key),
-            load_component(CLIPTextModelWithProjection, pretrained, "text_encoder_2", key),
-            trainable,
-            bool(config.get("force_zeros_for_empty_prompt", True)),
-        )
-    text_encoder = load_component(text_encoder_class(net), pretrained, "text_encoder", key)
-    return text_conditioning(net, tokenizer, text_encoder, trainable)
-
-
-def _t5_text(
-    pretrained: str,
-    net: CogVideoXTransformer3DModel,
-    parts: dict[str, Any],
-    trainable: bool,
-    key: str,
-    max_sequence_length: int | None,
-) -> T5Text:
-    """A CogVideoX pipeline's T5 tokenizer and encoder (`T5Text`); a pipeline with more text parts is refused."""
-    unused = sorted(set(parts) - {"tokenizer", "text_encoder", "transformer", "vae", *UNUSED_PARTS})
-    if unused:
-        raise ConfigError(f"{key}={pretrained!r} has {', '.join(unused)}, which a {type(net).__name__} cannot use")
-    return T5Text(
-        load_component(T5Tokenizer, pretrained, "tokenizer", key),
-        load_component(T5EncoderModel, pretrained, "text_encoder", key),
-        trainable,
-        max_sequence_length or net.config.max_text_seq_length,
-    )
-
-
-def pretrained_first_frame(pretrained: str, settings: FirstFrameSettings, trainable: bool) -> FirstFrame:
-    """A Stable Video Diffusion pipeline's CLIP image encoder and its processor's normalisation (`FirstFrame`)."""
-    from transformers import CLIPImageProcessor
-
-    processor = load_component(CLIPImageProcessor, pretrained, "feature_extractor")
-    encoder = load_component(CLIPVisionModelWithProjection, pretrained, "image_encoder")
-    return FirstFrame(encoder, trainable, settings, processor.image_mean, processor.image_std)
-
-
-SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
-
-
-def _sd3_text(
-    pretrained: str,
-    net: SD3Transformer2DModel,
-    parts: dict[str, Any],
-    tokenizer: CLIPTokenizer,  # the pipeline's first tokenizer, already loaded
-    trainable: bool,
-    key: str,
-    max_sequence_length: int | None,
-) -> SD3CLIPText | SD3Text:
-    """An SD3 pipeline's encoders as StableDiffusion3Pipeline uses them (`SD3Text`); lightdiff's own exports (one
-    CLIP encoder written twice, no T5) as they were trained (`SD3CLIPText`: no T5 rows)."""
-    text_encoder = load_component(CLIPTextModelWithProjection, pretrained, "text_encoder", key)
-    if "text_encoder_2" not in parts:
-        return SD3CLIPText(tokenizer, text_encoder, trainable, net.config.joint_attention_dim)
-    text_encoder_2 = load_component(CLIPTextModelWithProjection, pretrained, "text_encoder_2", key)
-    has_t5 = "text_encoder_3" in parts
-    if not has_t5 and same_weights(text_encoder, text_encoder_2):
-        return SD3CLIPText(tokenizer, text_encoder, trainable, net.config.joint_attention_dim)
-    return SD3Text(
-        tokenizer,
-        text_encoder,
-        load_component(CLIPTokenizer, pretrained, "tokenizer_2", key),
-        text_encoder_2,
-        load_component(T5Tokenizer, pretrained, "tokenizer_3", key) if has_t5 else None,
-        load_component(T5EncoderModel, pretrained, "text_encoder_3", key) if has_t5 else None,
-        trainable,
-        net.config.joint_attention_dim,
-        SD3_MAX_SEQUENCE_LENGTH if max_sequence_length is None else max_sequence_length,
-    )
 
 
 def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:

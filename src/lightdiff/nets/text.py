@@ -16,10 +16,21 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from lightdiff.files import module_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +186,75 @@ def tokenize_prompts(
             log.warning("prompt %r has %d tokens; only the first %d are used", prompt, length, limit)
     encoded = tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
     return encoded.input_ids
+
+
+# ----- tokenizers and encoders as plain data (checkpoints, the text cache's key) ------------------------------------
+
+
+def text_encoder_fingerprint(tokenizer: Any, text_encoder: torch.nn.Module) -> str:
+    """Hash of a transformers tokenizer (vocabulary, merges, length limit) and text encoder (config, weights)."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    for call_state in ("truncation", "padding"):  # set by the last call, not part of what the tokenizer is
+        backend.pop(call_state, None)
+    tokenizer_state = {"tokenizer": backend, "max_length": tokenizer.model_max_length}
+    return module_fingerprint({**text_encoder.config.to_dict(), **tokenizer_state}, text_encoder)
+
+
+TEXT_ENCODER_CLASSES: dict[str, type] = {
+    "CLIPTextModel": CLIPTextModel,
+    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+}
+
+
+def tokenizer_state(tokenizer: CLIPTokenizer) -> dict[str, Any]:
+    """A CLIP tokenizer as plain data (vocabulary, merges, length limit) for a weights-only checkpoint."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+    return {
+        "vocab": dict(model["vocab"]),
+        "merges": merges,
+        "model_max_length": tokenizer.model_max_length,
+        # SD 2.x's and SDXL's second tokenizer pad with "!", not the end token: other ids, other states
+        "pad_token": str(tokenizer.pad_token),
+    }
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> CLIPTokenizer:
+    merges = [tuple(pair) for pair in state["merges"]]
+    return CLIPTokenizer(
+        vocab=state["vocab"],
+        merges=merges,
+        model_max_length=state["model_max_length"],
+        pad_token=state.get("pad_token", EOS),  # checkpoints from before it was recorded: CLIPTokenizer's default
+    )
+
+
+def tokenizer_for(text_encoder: torch.nn.Module, state: dict[str, Any]) -> CLIPTokenizer:
+    """A checkpoint's tokenizer (`tokenizer_state`), refused if its vocabulary is not the one `text_encoder` embeds."""
+    tokenizer = tokenizer_from_state(state)
+    if len(tokenizer) != text_encoder.config.vocab_size:
+        raise ValueError(
+            f"the checkpoint's tokenizer has {len(tokenizer)} tokens, the text encoder embeds "
+            f"{text_encoder.config.vocab_size}"
+        )
+    return tokenizer
+
+
+def t5_tokenizer_state(tokenizer: T5Tokenizer) -> dict[str, Any]:
+    """A T5 tokenizer as plain data (its unigram pieces with their scores, length limit)."""
+    vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]
+    return {
+        "vocab": [[str(piece), float(score)] for piece, score in vocab],
+        "model_max_length": tokenizer.model_max_length,
+    }
+
+
+def t5_tokenizer_for(text_encoder: torch.nn.Module, state: dict[str, Any]) -> T5Tokenizer:
+    """A checkpoint's T5 tokenizer (`t5_tokenizer_state`), refused if `text_encoder` embeds another vocabulary."""
+    tokenizer = t5_tokenizer_from_vocab([(piece, score) for piece, score in state["vocab"]], state["model_max_length"])
+    if len(tokenizer) != text_encoder.config.vocab_size:
+        raise ValueError(
+            f"the checkpoint's T5 tokenizer has {len(tokenizer)} tokens, the T5 encoder embeds "
+            f"{text_encoder.config.vocab_size}"
+        )
+    return tokenizer

@@ -2,7 +2,10 @@
 
 Latents are (z - shift_factor) * scaling_factor: SD 1.x / 2.x / SDXL VAEs have no shift (None), SD3's and FLUX's
 16-channel VAEs do (their pipelines encode and decode with both), so a latent model sees zero-mean, unit-variance
-latents either way.
+latents either way. A VAE whose config holds per-channel `latents_mean` / `latents_std` (Wan's, Qwen-Image's) is
+normalised per channel instead: (z - mean) * (1 / std), as WanPipeline does (`latent_shift_and_scale`).
+
+What differs between VAE classes is data (`VaeSpec`, one line per class in `VAE_SPECS`), not a switch.
 
 Video: clips travel through lightdiff as (B, F, C, H, W), the layout of the video denoisers and of their pipelines'
 noise (CogVideoXPipeline.prepare_latents, StableVideoDiffusionPipeline.prepare_latents). CogVideoX's
@@ -15,6 +18,7 @@ sampler reshapes a clip.
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLTemporalDecoder
@@ -25,9 +29,31 @@ Autoencoder = AutoencoderKL | AutoencoderKLCogVideoX | AutoencoderKLTemporalDeco
 VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Autoencoder)}
 
 
+@dataclass(frozen=True)
+class VaeSpec:
+    """How lightdiff drives one VAE class."""
+
+    encodes_clips: bool = False  # a 3-D VAE: whole clips in (B, C, F, H, W), time compressed (CogVideoX's)
+    decodes_clips_together: bool = False  # a frame-wise encoder whose decoder mixes a clip's frames (`num_frames`)
+
+
+VAE_SPECS: dict[str, VaeSpec] = {
+    "AutoencoderKL": VaeSpec(),
+    "AutoencoderKLCogVideoX": VaeSpec(encodes_clips=True),
+    "AutoencoderKLTemporalDecoder": VaeSpec(decodes_clips_together=True),  # SVD's
+}
+
+
+def vae_spec(vae: torch.nn.Module) -> VaeSpec:
+    spec = VAE_SPECS.get(type(vae).__name__)
+    if spec is None:
+        raise ValueError(f"{type(vae).__name__} is not a VAE lightdiff drives ({sorted(VAE_SPECS)})")
+    return spec
+
+
 def is_video_vae(vae: torch.nn.Module) -> bool:
     """Whether `vae` is a 3-D VAE that encodes whole clips (B, F, 3, H, W), compressing time (CogVideoX's)."""
-    return isinstance(vae, AutoencoderKLCogVideoX)
+    return vae_spec(vae).encodes_clips
 
 
 def temporal_compression(vae: torch.nn.Module) -> int:
@@ -91,6 +117,19 @@ def latent_shift(vae: Autoencoder) -> float:
     return float(vae.config.get("shift_factor") or 0.0)
 
 
+def latent_shift_and_scale(vae: Autoencoder, channels_dim: int, ndim: int) -> tuple[torch.Tensor | float, ...]:
+    """(shift, scale) with latents = (z - shift) * scale, broadcastable to a tensor of `ndim` dims with channels at
+    `channels_dim`: the config's per-channel `latents_mean` and 1 / `latents_std` where it has them (WanPipeline's
+    arithmetic), else the numbers `shift_factor` and `scaling_factor` (the same arithmetic as the image pipelines,
+    so their decodes agree to the bit)."""
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is None or std is None:
+        return latent_shift(vae), vae.config.scaling_factor
+    shape = [1] * ndim
+    shape[channels_dim] = len(mean)
+    return torch.tensor(mean).view(shape), 1.0 / torch.tensor(std).view(shape)
+
+
 def frozen_vae_dtype(vae: Autoencoder, dtype: torch.dtype) -> torch.dtype:
     """The dtype a frozen VAE runs in when `dtype` is asked for: float16 overflows in SD's and SDXL's VAEs (their
     configs say `force_upcast`), so they stay float32 then, as diffusers' pipelines upcast them; bfloat16 has float32's
@@ -117,7 +156,9 @@ def encode_latents(vae: Autoencoder, pixels: torch.Tensor | None, moments: torch
         moments = posterior_moments(vae, pixels.to(vae.dtype))
     frame_wise = moments.ndim == 5 and not is_video_vae(vae)  # a frame-wise VAE's clips: the frames as a batch
     flat = moments.flatten(0, 1) if frame_wise else moments
-    latents = (DiagonalGaussianDistribution(flat.float()).sample() - latent_shift(vae)) * vae.config.scaling_factor
+    z = DiagonalGaussianDistribution(flat.float()).sample()  # the VAE's layout: channels at dim 1
+    shift, scale = latent_shift_and_scale(vae, 1, z.ndim)
+    latents = (z - _on(shift, z)) * _on(scale, z)
     if is_video_vae(vae):
         return _to_vae_layout(latents)
     return latents.unflatten(0, moments.shape[:2]) if frame_wise else latents
@@ -128,10 +169,16 @@ def decode_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] of scaled latents, in the VAE's dtype, as a pipeline decodes them: latents / scaling_factor
     + shift_factor (StableDiffusion3Pipeline, FluxPipeline); clips (B, F, 3, H, W) of video latents (B, F, C, h, w)
     (CogVideoXPipeline.decode_latents)."""
-    unscaled = (latents / vae.config.scaling_factor + latent_shift(vae)).to(vae.dtype)
+    shift, scale = latent_shift_and_scale(vae, latents.ndim - 3, latents.ndim)  # channels before (h, w)
+    unscaled = (latents / _on(scale, latents) + _on(shift, latents)).to(vae.dtype)
     if is_video_vae(vae):
         return decode(vae, _to_vae_layout(unscaled))
     if latents.ndim == 5:  # a frame-wise VAE: the frames as a batch (SVD's decoder mixes a clip's frames: num_frames)
-        frames = {"num_frames": latents.shape[1]} if isinstance(vae, AutoencoderKLTemporalDecoder) else {}
+        frames = {"num_frames": latents.shape[1]} if vae_spec(vae).decodes_clips_together else {}
         return vae.decode(unscaled.flatten(0, 1), **frames).sample.unflatten(0, latents.shape[:2])
     return decode(vae, unscaled)
+
+
+def _on(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """A statistic on `like`'s device and dtype (a plain number as it is)."""
+    return value.to(like.device, like.dtype) if isinstance(value, torch.Tensor) else value

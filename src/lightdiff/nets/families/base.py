@@ -1,0 +1,453 @@
+"""What every model family offers, and the registry that finds a network's family.
+
+A family (`Family`) is everything lightdiff knows about one kind of diffusers denoiser: how the network is called
+(FLUX packs latents into tokens, CogVideoX takes rotary embeddings, SVD concatenates a frame's latent), its latent
+layout, how it is initialised, which conditioning it takes (built from scratch for the data, or read from a pipeline),
+and the pipeline folder it is exported as and read back from. Each family is one module of this package; callers ask
+`family_of(net)` and never test a network's class.
+
+A conditioning (`Conditioning`) turns a batch's labels, prompts or frames into the network's keyword arguments, and
+into their unconditional twin for guidance. Training, guided sampling, the turbo teacher, the discriminator, the text
+cache and the exporter all go through the same object. `state()` is plain data that `conditioning_from_state`
+rebuilds it from (weights apart), through the name each family registers its conditionings under.
+
+What a conditioning is given (`inputs`) is a batch as the data modules serve it, or as the samplers make it: a
+mapping with "label" (a (B,) tensor), "text" (B captions), "size_and_crop" (B, 6), "image" (B, 3, H, W) and the
+samplers' per-sample "generators", of which each conditioning reads what it needs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from diffusers import SchedulerMixin
+from torch import nn
+
+from lightdiff.config import ConfigError
+
+Denoiser = nn.Module  # a diffusers denoiser of a registered family (`family_of` says which)
+Inputs = Mapping[str, Any]  # {"label": (B,) tensor, "text": B captions, ...}: what a conditioning reads
+# Each image's (original height, original width, crop top, crop left, target height, target width) in pixels: the data
+# sets record the size an image had and the crop taken of it (after resizing), as SDXL's training conditions on them
+# (Podell et al. 2023, Sections 2.2-2.3); a sampler asks for an uncropped image of the size it draws.
+SIZE_AND_CROP = "size_and_crop"
+# diffusers' modulations that carry gates (FLUX's single-stream blocks: AdaLayerNormZeroSingle)
+# CogVideoXLayerNormZero modulates the video and the text tokens in one linear layer, gates included (CogVideoX, 3.1)
+ADALN_ZERO = ("AdaLayerNormZero", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle", "CogVideoXLayerNormZero")
+
+
+class DataDescription(Protocol):
+    """What a family may ask of the data set it trains on (`lightdiff.data.ImageDataModule` has it)."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def resolution(self) -> int: ...
+
+    def captions(self) -> list[str]: ...
+
+
+def size_and_crop(
+    height: int,  # target height in pixels
+    width: int,  # target width in pixels
+    count: int,  # batch size
+    original_size: Sequence[int] | None = None,  # (height, width) the image claims to come from; None: the target
+    crop_top_left: Sequence[int] = (0, 0),  # where its crop began
+) -> torch.Tensor:
+    """(count, 6) size and crop records, as StableDiffusionXLPipeline's `_get_add_time_ids` builds them."""
+    original = tuple(original_size) if original_size is not None else (height, width)
+    record = torch.tensor([*original, *crop_top_left, height, width], dtype=torch.long)
+    if record.shape != (6,):
+        raise ValueError(f"original_size={original_size} and crop_top_left={crop_top_left} must be two numbers each")
+    return record.expand(count, 6).clone()
+
+
+def tree_map(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return function(tree)
+    if isinstance(tree, dict):
+        return {key: tree_map(function, value) for key, value in tree.items()}
+    return tree  # None, numbers, strings: the same for every sample
+
+
+def _tree_cat(first: Any, second: Any) -> Any:
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, dict):
+        return {key: _tree_cat(first[key], second[key]) for key in first}
+    return first
+
+
+@dataclass
+class Condition:
+    """One batch's condition, as the network and the discriminator take it."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the network's keyword arguments (tensors (B, ...), dicts)
+    summary: torch.Tensor | None = None  # (B, D): one vector per sample, projected by the discriminator's heads
+
+    def cat(self, other: Condition) -> Condition:
+        """This batch followed by `other` (classifier-free guidance runs both halves in one network call)."""
+        summary = None if self.summary is None else torch.cat([self.summary, other.summary])
+        return Condition(_tree_cat(self.kwargs, other.kwargs), summary)
+
+    def to(self, device: torch.device | str) -> Condition:
+        summary = None if self.summary is None else self.summary.to(device)
+        return Condition(tree_map(lambda tensor: tensor.to(device), self.kwargs), summary)
+
+
+@runtime_checkable
+class Conditioning(Protocol):
+    """What every conditioning offers; they are `nn.Module`s so that an encoder that trains is part of the method."""
+
+    summary_dim: int  # width of `Condition.summary`; 0: none (the discriminator is unconditional)
+    has_unconditional: bool  # whether `without_condition` exists: needed by caption dropping and guidance
+    reads: tuple[str, ...]  # the keys of `inputs` it reads ("label", "text"): what a sampler must give it
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        """A ConfigError naming the key where the conditioning, `net` and the data set do not fit together."""
+        ...
+
+    def __call__(self, inputs: Inputs) -> Condition:
+        """The network's keyword arguments for a batch."""
+        ...
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        """`inputs` with the samples marked in `which` made unconditional (the negative prompt where there is one)."""
+        ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the method's optimiser trains of this conditioning (a from-scratch text encoder), else nothing."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """Plain data that rebuilds it with `conditioning_from_state` (weights apart, under `conditioning.`)."""
+        ...
+
+
+@runtime_checkable
+class TextEncoders(Protocol):
+    """A conditioning with text encoders a pipeline holds (what LoRA adapts, the exporter and single files write)."""
+
+    trainable: bool  # whether the method trains the encoders (their states are then never cached)
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The pipeline's text encoder parts by name ("text_encoder", "text_encoder_2", ...), in pipeline order."""
+        ...
+
+
+@runtime_checkable
+class RecordsPipelineArguments(Protocol):
+    """A conditioning whose samples a plain pipeline reproduces only with some call arguments (FLUX's and
+    CogVideoX's `max_sequence_length`, an LCM's `guidance_scale`, SVD's micro-conditioning): lightdiff.json keeps
+    them beside the export."""
+
+    def pipeline_arguments(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class CacheableText(Protocol):
+    """A conditioning whose whole condition is one text state per caption, encoded by a frozen encoder: what
+    `data.cache_latents` can store once per distinct caption (lightdiff.data.latent_cache)."""
+
+    cacheable: bool  # False while the encoder trains (or where the conditioning takes more than the states)
+
+    def cache_fingerprint(self) -> str:
+        """A hash of the tokenizer and the encoder: the text cache's key."""
+        ...
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The states (B, tokens, width) the cache stores for `prompts`."""
+        ...
+
+
+@runtime_checkable
+class EncodesWithVae(Protocol):
+    """A conditioning that encodes pixels through the method's own VAE (SVD's conditioning frame): given it once the
+    VAE exists (`attach_vae`), without owning it."""
+
+    def attach_vae(self, vae: nn.Module) -> None: ...
+
+
+def kwargs_in_dtype(condition: Condition, dtype: torch.dtype) -> dict[str, Any]:
+    """The condition's keyword arguments with floating tensors in `dtype`: frozen text encoders may run in half
+    precision (model.frozen_dtype), and their outputs meet the network in its dtype."""
+    return tree_map(lambda tensor: tensor.to(dtype) if tensor.is_floating_point() else tensor, condition.kwargs)
+
+
+def check_captions(net: nn.Module, data: DataDescription) -> None:
+    """A text family trains on captions: a data set without any is a ConfigError naming the net."""
+    if not data.captions():
+        raise ConfigError(f"net: {type(net).__name__} is text-conditioned and the data set has no captions")
+
+
+def pack_pooled(states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """States (B, tokens, width) with the pooled vector (B, <= width) zero-padded as one more row: what a family with
+    pooled text stores in the text cache, one tensor per caption (`unpack_pooled` undoes it)."""
+    return torch.cat([states, F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+
+
+def unpack_pooled(packed: torch.Tensor, pooled_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states, pooled) of `pack_pooled`'s output."""
+    return packed[:, :-1], packed[:, -1, :pooled_width]
+
+
+def encoder_parameters(trainable: bool, *encoders: nn.Module | None) -> list[nn.Parameter]:
+    """What a text family's optimiser trains: its encoders' trainable parameters, or nothing when frozen."""
+    if not trainable:
+        return []
+    return [p for encoder in encoders if encoder is not None for p in encoder.parameters() if p.requires_grad]
+
+
+def prompts_without_condition(inputs: Inputs, which: Sequence[bool], negative_prompt: str) -> Inputs:
+    """`inputs` with the prompts marked in `which` replaced by the negative prompt: every text family's twin."""
+    texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]
+    return {**inputs, "text": texts}
+
+
+def drop_conditions(
+    conditioning: Conditioning, inputs: Inputs, probability: float, size: int
+) -> tuple[Inputs, torch.Tensor]:
+    """Each of the batch's `size` samples made unconditional with `probability`: one network then learns p(x | c) and
+    p(x), which classifier-free guidance combines (Ho & Salimans 2022, Section 3.2). Python's RNG, seeded by
+    seed_everything. Returns the inputs and which samples were dropped (B,)."""
+    if probability == 0:
+        return inputs, torch.zeros(size, dtype=torch.bool)
+    which = [random.random() < probability for _ in range(size)]
+    return conditioning.without_condition(inputs, which), torch.tensor(which)
+
+
+# ----- settings ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FirstFrameSettings:
+    """`model.first_frame`: Stable Video Diffusion's micro-conditioning (Blattmann et al. 2023, Section 4.4), as
+    StableVideoDiffusionPipeline takes it, and the size of a CLIP image encoder built from scratch."""
+
+    fps: int = 7  # frames per second asked for; the network is given fps - 1, as SVD was trained
+    motion_bucket_id: int = 127  # the amount of motion asked for (SVD's default)
+    noise_aug_strength: float = 0.02  # noise added to the conditioning frame before it is encoded
+    min_guidance_scale: float = 1.0  # guidance rises linearly over the frames from this to the guidance scale
+    encoder_width: int = 64  # a from-scratch CLIPVisionModelWithProjection's hidden size
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    encoder_patch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.noise_aug_strength < 0:
+            raise ConfigError(f"model.first_frame.noise_aug_strength={self.noise_aug_strength} must be >= 0")
+        if self.fps < 1:
+            raise ConfigError(f"model.first_frame.fps={self.fps} must be at least 1")
+
+
+@dataclass
+class ConditioningSettings:
+    """How a family builds its conditioning: the `model.*` keys that size encoders from scratch or pick a pipeline's
+    (every method passes them through unchanged; only a family reads them)."""
+
+    train_text_encoder: bool = False  # unfreeze a pretrained text encoder (one from scratch always trains)
+    text_hidden_size: int | None = None  # width of a from-scratch text encoder; None: the width the net takes
+    text_layers: int = 2  # layers of a from-scratch text encoder
+    text_heads: int = 4  # attention heads of a from-scratch text encoder
+    max_prompt_tokens: int = 16  # a from-scratch CLIP tokenizer's length limit (start and end tokens included)
+    max_sequence_length: int | None = None  # T5 tokens per prompt; None: the pipeline's (FLUX 512, SD3 256), 16
+    t5: bool = False  # add a T5 encoder built from the captions to an SD3 transformer's CLIP (SD3's third)
+    embedded_guidance_scale: float = 3.5  # a guidance-embedding FLUX transformer's `guidance` input
+    first_frame: FirstFrameSettings = field(default_factory=FirstFrameSettings)  # an SVD UNet's micro-conditioning
+    force_zeros_for_empty_prompt: bool = True  # SDXL: the empty negative prompt is zeros (a pipeline's own wins)
+
+
+# ----- families ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineComponents:
+    """What an exporter writes: the networks as they will be saved (adapters already removed or fused)."""
+
+    net: nn.Module
+    vae: nn.Module | None
+    conditioning: nn.Module
+    scheduler: SchedulerMixin
+
+
+class Family:
+    """One kind of denoiser, as lightdiff trains, samples, loads and exports it. Subclasses set the class attributes
+    and override what differs from these defaults (a network called as `net(x_t, timestep=t, **condition)`, its
+    input as wide as its latents, initialised with its adaLN-Zero gates zeroed)."""
+
+    name: ClassVar[str]  # the family's name in errors and docs ("sdxl", "flux")
+    denoiser_class: ClassVar[type[nn.Module]]  # the diffusers class it drives
+    video: ClassVar[bool] = False  # denoises clips (B, F, C, H, W) rather than images
+    takes_text: ClassVar[bool] = False  # conditioned on prompts (samplers and the demo then ask for them)
+    vae_encodes_clips: ClassVar[bool] = False  # its VAE is a 3-D one (CogVideoX's), not a frame-wise one
+    image_tokens_first: ClassVar[bool] = False  # a joint block returns (image, text) tokens, not (text, image)
+    single_file: ClassVar[bool] = False  # exportable as one original-layout file (Stable Diffusion 1.x / 2.x / SDXL)
+    # state name -> rebuild: the conditionings this family's module defines (`conditioning_from_state`)
+    conditionings: ClassVar[dict[str, Callable[[dict[str, Any]], nn.Module]]] = {}
+
+    def describes(self, net: nn.Module) -> bool:
+        """Whether `net` is of this family (subclasses narrow it by config where one class serves two families)."""
+        return isinstance(net, self.denoiser_class)
+
+    # ----- layout ---------------------------------------------------------------------------------------------
+
+    def latent_channels(self, net: nn.Module) -> int:
+        """Channels of the latents (or pixels) the network denoises."""
+        return int(net.config.in_channels)
+
+    def output_channels(self, net: nn.Module) -> int:
+        """What `net.config.out_channels` must be."""
+        return self.latent_channels(net)
+
+    def token_side(self, net: nn.Module) -> int:
+        """Latent pixels per image token along a side: a transformer's patch size, a UNet's 1."""
+        return int(net.config.get("patch_size") or 1)
+
+    def side_multiple(self, net: nn.Module) -> int:
+        """What the side of the net's input must be a multiple of: a UNet halves it after every down block but the
+        last, a transformer cuts it into patches."""
+        down_blocks = net.config.get("down_block_types")
+        return 2 ** (len(down_blocks) - 1) if down_blocks is not None else self.token_side(net)
+
+    def default_sample_size(self, net: nn.Module) -> int | tuple[int, int] | None:
+        """The latent size the network draws by default (its `sample_size`; None: it has none)."""
+        return net.config.get("sample_size")
+
+    # ----- the network ----------------------------------------------------------------------------------------
+
+    def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The network's prediction for x_t (B, timesteps per sample), shaped like x_t."""
+        return net(x_t, timestep=timesteps, **kwargs_in_dtype(condition, x_t.dtype)).sample
+
+    def initialise(self, net: nn.Module) -> nn.Module:
+        """A network trained from scratch made ready (its transformer blocks start as the identity)."""
+        return zero_adaln_gates(net)
+
+    def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
+        """A ConfigError naming the key where `net`, its VAE and the clip length do not fit (beyond the shared
+        checks of `methods.diffusion.check_fits`)."""
+
+    def pipeline_timesteps(self, scheduler: SchedulerMixin, num_inference_steps: int) -> dict[str, Any]:
+        """What the family's pipeline passes to `set_timesteps` besides the step count (FLUX: its own sigmas)."""
+        return {}
+
+    # ----- conditioning ---------------------------------------------------------------------------------------
+
+    def new_conditioning(self, net: nn.Module, settings: ConditioningSettings, data: DataDescription) -> nn.Module:
+        """The conditioning `net` takes, its encoders built for the data (they train with the denoiser)."""
+        raise NotImplementedError(f"the {self.name} family builds no conditioning")
+
+    def pretrained_conditioning(
+        self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
+    ) -> nn.Module:
+        """The conditioning `net` takes, its encoders read from the pipeline `pretrained` (the setting `key`)."""
+        return self.new_conditioning(net, settings, NO_DATA)
+
+    def text_width(self, net: nn.Module) -> int | None:
+        """The hidden size a from-scratch (CLIP) text encoder is built with to fit `net`; None: it takes no text."""
+        return None
+
+    def with_guidance_input(
+        self, net: nn.Module, conditioning: nn.Module, guidance_scale: float, embedding_dim: int
+    ) -> tuple[nn.Module, nn.Module]:
+        """(student network, its conditioning): the teacher's network with a guidance-scale input (guidance
+        distillation, LCM), starting as the teacher."""
+        raise ConfigError(
+            f"a {type(net).__name__} has no guidance-scale input in diffusers; guidance distillation needs a FLUX "
+            "transformer (guidance_embeds) or a text-conditioned UNet (time_cond_proj_dim)"
+        )
+
+    # ----- pipeline folders -----------------------------------------------------------------------------------
+
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
+        """(VAE or None, conditioning) of a pipeline folder holding `net` (`metadata`: its lightdiff.json;
+        `load_vae` reads the folder's VAE)."""
+        return None, self.new_conditioning(net, ConditioningSettings(), NO_DATA)
+
+    def write(self, parts: PipelineComponents, folder: Path) -> None:
+        """The pipeline folder of `parts` (the layouts: `lightdiff.export`)."""
+        raise ValueError(f"no export layout for {type(parts.net).__name__} (the {self.name} family writes none)")
+
+
+class _NoData:
+    """The data a conditioning read from a pipeline is built without."""
+
+    num_classes = 0
+    resolution = 0
+
+    def captions(self) -> list[str]:
+        return []
+
+
+NO_DATA = _NoData()
+
+
+def zero_adaln_gates(net: nn.Module) -> nn.Module:
+    """Zero-initialise every adaLN-Zero modulation of a transformer (Peebles & Xie 2023, "DiT", Section 3.2:
+    "zero-initializing the final linear layer in each block's adaLN modulation ... initializes the full DiT block
+    as the identity function"); a no-op for UNets.
+
+    diffusers' `AdaLayerNormZero.linear` keeps nn.Linear's random init (it expects pretrained weights), so a
+    transformer trained from scratch would start with random gates. Zeroed, each block's output equals its input
+    streams, and the model first learns to draw, then how far each layer (and, in an MMDiT, the text) should steer."""
+    with torch.no_grad():
+        for module in net.modules():
+            if type(module).__name__ in ADALN_ZERO:
+                module.linear.weight.zero_()
+                if module.linear.bias is not None:
+                    module.linear.bias.zero_()
+    return net
+
+
+# ----- the registry ------------------------------------------------------------------------------------------------
+
+_FAMILIES: list[Family] = []
+_CONDITIONINGS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Make `family` known: `family_of` finds it for its networks, its conditionings load from checkpoints, and its
+    denoiser class can be named in checkpoints and pipeline folders. A family outside lightdiff registers the same
+    way (tests/test_contract.py adds one)."""
+    if family not in _FAMILIES:
+        _FAMILIES.append(family)
+    _CONDITIONINGS.update(family.conditionings)
+    return family
+
+
+def register_conditioning(name: str, from_state: Callable[[dict[str, Any]], nn.Module]) -> None:
+    """Make a conditioning outside lightdiff loadable from checkpoints (its `state()["family"]` is `name`)."""
+    _CONDITIONINGS[name] = from_state
+
+
+def family_of(net: nn.Module) -> Family:
+    """The registered family `net` belongs to."""
+    found = [family for family in _FAMILIES if family.describes(net)]
+    if len(found) != 1:
+        known = sorted({family.denoiser_class.__name__ for family in _FAMILIES})
+        what = "no family" if not found else f"{len(found)} families ({', '.join(f.name for f in found)})"
+        raise ValueError(f"{type(net).__name__} has {what}; lightdiff's families take {known}")
+    return found[0]
+
+
+def denoiser_classes() -> dict[str, type[nn.Module]]:
+    """The denoiser classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is
+    never imported, only looked up here."""
+    return {family.denoiser_class.__name__: family.denoiser_class for family in _FAMILIES}
+
+
+def conditioning_from_state(state: dict[str, Any]) -> nn.Module:
+    """A conditioning rebuilt from its `state()`, frozen, its weights still to be loaded (under `conditioning.`)."""
+    rebuild = _CONDITIONINGS.get(state.get("family", ""))
+    if rebuild is None:
+        raise ValueError(f"conditioning family {state.get('family')!r} is not one of {sorted(_CONDITIONINGS)}")
+    return rebuild(state).requires_grad_(False).eval()
