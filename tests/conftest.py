@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, UNet2DConditionModel, UNet2DModel
@@ -332,3 +333,47 @@ def text_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("text")
     tiny_vae().save_pretrained(root / "vae")
     return _trained_checkpoint(root, "text", "model=latent", f"model.vae={root / 'vae'}", *TINY_TEXT_MODEL)
+
+
+# ----- parity with plain diffusers: one helper every family's export test uses -----------------------------------
+
+
+def sample_py_images(ckpt: Path | str, out: Path, *overrides: str, count: int = 2) -> np.ndarray:
+    """sample.py's first `count` images (seeds 0, 1, ...) from a checkpoint or an exported folder, as integers
+    (count, H, W, 3); a video model's clips as (count, F, H, W, 3) from its frame folders or mp4 frames."""
+    from PIL import Image
+
+    from lightdiff.sample import run as sample_run
+
+    folder = sample_run(compose_config("sample", [f"ckpt={ckpt}", f"out={out}", f"num_images={count}", *overrides]))
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")).astype(int) for i in range(count)])
+
+
+def pipeline_images(
+    pipeline: object,
+    prompts: list[str] | None,
+    count: int = 2,
+    seeds: list[int] | None = None,  # None: 0 .. count - 1
+    rounded: bool = True,  # as sample.py's PNGs: integers; False: floats in [0, 1], to compare with `generate`
+    **call: object,
+) -> np.ndarray:
+    """A plain diffusers pipeline's images from `seeds` (sample.py's generators), (count, H, W, 3)."""
+    from lightdiff.sampling import generators_for
+
+    seeds = list(range(count)) if seeds is None else seeds
+    arguments = {"generator": generators_for(seeds), "output_type": "np", **call}
+    images = pipeline(prompts, **arguments) if prompts is not None else pipeline(batch_size=len(seeds), **arguments)
+    images = np.asarray(images.images)
+    return (images * 255).round().astype(int) if rounded else images
+
+
+def assert_reproduced(ours: np.ndarray | torch.Tensor, theirs: np.ndarray, tolerance: float = 1) -> None:
+    """lightdiff's images and the pipeline's agree to `tolerance` (8-bit levels for PNGs: 1 is the rounding of one
+    side's float arithmetic; a float tolerance for `generate`'s (B, C, H, W) tensors, compared channels last), and
+    are images at all (not both blank)."""
+    if isinstance(ours, torch.Tensor):
+        ours = ours.permute(0, 2, 3, 1).cpu().numpy()
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    difference = float(np.abs(ours - theirs).max())
+    assert difference <= tolerance, f"lightdiff and the pipeline differ by up to {difference}"
+    assert ours.std() > 0, "both sides drew blank images"

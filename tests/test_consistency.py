@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
-from PIL import Image
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import DDPM, NoiseSchedule
@@ -18,7 +17,7 @@ from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file
 
-from .conftest import TINY, compose_config
+from .conftest import TINY, assert_reproduced, compose_config, pipeline_images, sample_py_images
 
 COSINE = DDPM(NoiseSchedule("squaredcos_cap_v2", 1000))
 
@@ -112,34 +111,12 @@ def test_lcm_export_is_reproduced_by_latent_consistency_pipeline(lcm_run, tmp_pa
     folder = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'lcm'}"]))
     pipeline = LatentConsistencyModelPipeline.from_pretrained(folder)
     assert isinstance(pipeline.scheduler, LCMScheduler)
-    out = sample_run(
-        compose_config(
-            "sample",
-            [
-                f"ckpt={checkpoint}",
-                f"out={tmp_path / 'ours'}",
-                "num_images=2",
-                f"steps={steps}",
-                "prompt=a red circle",
-                "guidance_scale=3",
-            ],
-        )
-    )
-    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
-    generators = [torch.Generator().manual_seed(seed) for seed in range(2)]
-    theirs = pipeline(
-        ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=3.0, generator=generators, output_type="np"
-    ).images
-    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    ours = sample_py_images(checkpoint, tmp_path / "ours", f"steps={steps}", "prompt=a red circle", "guidance_scale=3")
+    theirs = pipeline_images(pipeline, ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=3.0)
+    assert_reproduced(ours, theirs)
     # The guidance scale is the student's input: another scale gives other images (the comparison can fail).
-    other = pipeline(
-        ["a red circle"] * 2,
-        num_inference_steps=steps,
-        guidance_scale=7.0,
-        generator=[torch.Generator().manual_seed(seed) for seed in range(2)],
-        output_type="np",
-    ).images
-    assert np.abs(other - theirs).max() > 0
+    other = pipeline_images(pipeline, ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=7.0)
+    assert np.abs(other - theirs).max() > 1
 
 
 def test_lcm_refuses_teachers_without_text(class_ckpt: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,27 @@ def test_methods_and_exporters_never_switch_on_the_objective_type() -> None:
         assert "FlowMatching)" not in text and "DDPM)" not in text and "EDM)" not in text, path
     # Negative control: the check would see the switch the redesign removed.
     assert "FlowMatching)" in "if isinstance(self.objective, FlowMatching):"
+
+
+# Every diffusers network or VAE class a family drives: outside nets/families/ (and the VAE spec), nobody tests one.
+NETWORK_CLASS_TEST = re.compile(
+    r"isinstance\([^)]*(UNet2DModel|UNet2DConditionModel|SD3Transformer2DModel|FluxTransformer2DModel|"
+    r"PixArtTransformer2DModel|DiTTransformer2DModel|CogVideoX|UNetSpatioTemporal|AutoencoderKL)"
+)
+
+
+def test_only_the_families_test_a_network_class() -> None:
+    found = [
+        f"{path.relative_to(SRC)}:{number}"
+        for path in SRC.rglob("*.py")
+        if "families" not in path.parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if NETWORK_CLASS_TEST.search(line)
+    ]
+    assert found == []
+    # Negative control: the tests the redesign moved into the families are caught.
+    assert NETWORK_CLASS_TEST.search("if isinstance(net, FluxTransformer2DModel):")
+    assert NETWORK_CLASS_TEST.search("return isinstance(vae, AutoencoderKLCogVideoX)")
 
 
 # ----- imports flow one way ------------------------------------------------------------------------------------

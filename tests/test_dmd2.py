@@ -3,11 +3,9 @@ fake-score network and its classifier; the two time-scale rhythm; the export tha
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
-from PIL import Image
 
 from lightdiff.config import ConfigError
 from lightdiff.methods.teacher import load_teacher
@@ -15,7 +13,7 @@ from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file
 
-from .conftest import TINY, compose_config
+from .conftest import TINY, assert_reproduced, compose_config, pipeline_images, sample_py_images
 
 
 def _dmd2(root: Path, teacher: Path, *extra: str) -> list[str]:
@@ -60,25 +58,9 @@ def test_dmd2_export_is_reproduced_by_stable_diffusion_pipeline(dmd2_run, tmp_pa
     assert isinstance(pipeline.scheduler, LCMScheduler)
     pipeline.scheduler.set_timesteps(4)
     assert pipeline.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # the student's timesteps
-    out = sample_run(
-        compose_config(
-            "sample",
-            [
-                f"ckpt={checkpoint}",
-                f"out={tmp_path / 'ours'}",
-                "num_images=2",
-                f"steps={steps}",
-                "prompt=a red circle",
-                "guidance_scale=1",
-            ],
-        )
-    )
-    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
-    generators = [torch.Generator().manual_seed(seed) for seed in range(2)]
-    theirs = pipeline(
-        ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=1.0, generator=generators, output_type="np"
-    ).images
-    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    ours = sample_py_images(checkpoint, tmp_path / "ours", f"steps={steps}", "prompt=a red circle", "guidance_scale=1")
+    theirs = pipeline_images(pipeline, ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=1.0)
+    assert_reproduced(ours, theirs)
 
 
 def test_dmd2_refuses_what_it_cannot_sample(text_ckpt: Path, tmp_path: Path) -> None:

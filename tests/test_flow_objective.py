@@ -34,7 +34,7 @@ from lightdiff.sampling import generate
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config, tiny_unet
+from .conftest import TINY, assert_reproduced, compose_config, pipeline_images, tiny_unet
 
 SCHEDULE = NoiseSchedule("linear", 1000, 1e-4, 0.02)
 DATA = ShapesDataModule(resolution=8, size=16, batch_size=4)
@@ -153,12 +153,10 @@ def test_flow_checkpoint_needs_the_flow_sampler_and_exports_to_ddpm_pipeline(flo
     # Plain diffusers: DDPMPipeline's loop runs the exported FlowMatchEuler scheduler to the same images.
     pipeline = DDPMPipeline.from_pretrained(folder)
     assert isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
-    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1, 2)]
-    theirs = pipeline(batch_size=3, generator=generators, num_inference_steps=4, output_type="np").images
+    theirs = pipeline_images(pipeline, None, 3, rounded=False, num_inference_steps=4)
     denoiser = load_denoiser(flow_ckpt)
     scheduler = denoiser.objective.scheduler(FlowMatchEulerDiscreteScheduler)
-    ours = generate(denoiser.net, scheduler, 4, [0, 1, 2], NoCondition(), {}).permute(0, 2, 3, 1).numpy()
-    assert np.abs(ours - theirs).max() < 1e-5
+    assert_reproduced(generate(denoiser.net, scheduler, 4, [0, 1, 2], NoCondition(), {}), theirs, 1e-5)
 
 
 def test_resuming_with_another_objective_is_refused(flow_ckpt: Path) -> None:

@@ -37,7 +37,15 @@ from lightdiff.sampling import generate, generators_for, pipeline_timesteps
 from lightdiff.train import run as train_run
 from lightdiff.trained import TrainedDenoiser, load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config, tiny_dinov2_overrides, tiny_vae
+from .conftest import (
+    TINY,
+    assert_reproduced,
+    compose_config,
+    pipeline_images,
+    sample_py_images,
+    tiny_dinov2_overrides,
+    tiny_vae,
+)
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 MAX_SEQUENCE_LENGTH = 8
@@ -250,17 +258,18 @@ def test_from_scratch_flux_exports_a_flux_pipeline_that_diffusers_reproduces(flu
     pipeline = FluxPipeline.from_pretrained(folder)
     assert pipeline.scheduler.config.use_dynamic_shifting
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
-    theirs = pipeline(
+    theirs = pipeline_images(
+        pipeline,
         prompts,
+        seeds=seeds,
+        rounded=False,
         negative_prompt=["", ""],
         true_cfg_scale=4.0,  # FluxPipeline's classifier-free guidance: lightdiff's guidance_scale
         height=16,
         width=24,  # not square: the position ids and the packed shape follow it
         num_inference_steps=4,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        generator=generators_for(seeds),
-        output_type="np",
-    ).images
+    )
     sampler = instantiate_sampler()
     ours = generate(
         denoiser.net,
@@ -277,7 +286,7 @@ def test_from_scratch_flux_exports_a_flux_pipeline_that_diffusers_reproduces(flu
     assert ours.shape == (2, 3, 16, 24)
     # FluxPipeline runs the two halves of guidance as two calls, lightdiff as one of twice the batch: the same
     # arithmetic on CPU up to the batched matmuls' summation order.
-    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
+    assert_reproduced(ours, theirs, 1e-4)
     # sample.py draws at the training size by default, and reads the export like the checkpoint
     common = ["num_images=2", "steps=3", "prompt=a red circle"]
     a = sample_run(compose_config("sample", [f"ckpt={flux_ckpt}", f"out={tmp_path / 'a'}", *common]))
@@ -433,31 +442,16 @@ def test_turbo_distils_a_flux_teacher_with_every_discriminator(
     folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'turbo'}"]))
     pipeline = FluxPipeline.from_pretrained(folder)
     for steps in (1, 4):
-        out = tmp_path / f"steps{steps}"
-        sample_run(
-            compose_config(
-                "sample",
-                [
-                    f"ckpt={student}",
-                    f"out={out}",
-                    "num_images=2",
-                    "prompt=a red circle",
-                    f"steps={steps}",
-                    "guidance_scale=1",
-                ],
-            )
-        )
-        ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
-        theirs = pipeline(
+        ours = sample_py_images(student, tmp_path / f"steps{steps}", "prompt=a red circle", f"steps={steps}")
+        theirs = pipeline_images(
+            pipeline,
             ["a red circle"] * 2,
             height=16,
             width=16,
             num_inference_steps=steps,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-            generator=generators_for([0, 1]),
-            output_type="np",
-        ).images
-        assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+        )
+        assert_reproduced(ours, theirs)
 
 
 def test_a_guidance_input_starts_as_the_teacher(flux_teacher: Path) -> None:
@@ -520,21 +514,18 @@ def test_guidance_distillation_of_a_flux_teacher_exports_flux_dev_style(flux_tea
     pipeline = FluxPipeline.from_pretrained(folder)
     images = {}
     for scale in (2.0, 6.0):
-        out = tmp_path / f"scale{scale}"
-        common = ["num_images=2", "prompt=a red circle", "steps=3", f"guidance_scale={scale}"]
-        sample_run(compose_config("sample", [f"ckpt={student}", f"out={out}", *common]))
-        ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
-        theirs = pipeline(
+        common = ["prompt=a red circle", "steps=3", f"guidance_scale={scale}"]
+        ours = sample_py_images(student, tmp_path / f"scale{scale}", *common)
+        theirs = pipeline_images(
+            pipeline,
             ["a red circle"] * 2,
             guidance_scale=scale,
             height=16,
             width=16,
             num_inference_steps=3,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-            generator=generators_for([0, 1]),
-            output_type="np",
-        ).images
-        assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+        )
+        assert_reproduced(ours, theirs)
         images[scale] = ours
     assert np.abs(images[2.0] - images[6.0]).max() > 0  # the trained embedding reads the scale
 
@@ -562,18 +553,9 @@ def test_guidance_distillation_of_a_unet_exports_a_stable_diffusion_pipeline(
     assert index["_class_name"] == "StableDiffusionPipeline"  # not the LCM pipeline: a full-step sampler
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     assert pipeline.unet.config.time_cond_proj_dim == 256
-    out = tmp_path / "ours"
-    common = ["num_images=2", "prompt=a red circle", "steps=3", "guidance_scale=5"]
-    sample_run(compose_config("sample", [f"ckpt={student}", f"out={out}", *common]))
-    ours = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")).astype(int) for i in range(2)])
-    theirs = pipeline(
-        ["a red circle"] * 2,
-        guidance_scale=5.0,
-        num_inference_steps=3,
-        generator=generators_for([0, 1]),
-        output_type="np",
-    ).images
-    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    ours = sample_py_images(student, tmp_path / "ours", "prompt=a red circle", "steps=3", "guidance_scale=5")
+    theirs = pipeline_images(pipeline, ["a red circle"] * 2, guidance_scale=5.0, num_inference_steps=3)
+    assert_reproduced(ours, theirs)
     with pytest.raises(ConfigError, match="no unconditional input"):  # a class-conditional pixel teacher
         train_run(
             compose_config(

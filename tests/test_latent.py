@@ -15,8 +15,8 @@ from torch.utils.data import default_collate
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import NoiseSchedule
-from lightdiff.methods import diffusion as diffusion_method
 from lightdiff.nets.families import drop_conditions
+from lightdiff.nets.families import sd as stable_diffusion_family
 from lightdiff.nets.families.sd import CLIPText
 from lightdiff.nets.text import (
     build_caption_tokenizer,
@@ -27,11 +27,19 @@ from lightdiff.nets.text import (
     tokenizer_state,
 )
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import for_latents, generate, generators_for
+from lightdiff.sampling import for_latents, generate
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, TINY_TEXT_MODEL, compose_config, tiny_cond_unet, tiny_vae
+from .conftest import (
+    TINY,
+    TINY_TEXT_MODEL,
+    assert_reproduced,
+    compose_config,
+    pipeline_images,
+    tiny_cond_unet,
+    tiny_vae,
+)
 from .conftest import TINY_PIPELINE_CAPTIONS as CAPTIONS
 
 
@@ -236,21 +244,21 @@ def test_export_round_trip_with_plain_diffusers(latent_ckpt: Path, tmp_path: Pat
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
-    theirs = pipeline(
+    theirs = pipeline_images(
+        pipeline,
         prompts,
+        seeds=seeds,
+        rounded=False,
         num_inference_steps=5,
         guidance_scale=4.0,
         negative_prompt=["", ""],
-        generator=generators_for(seeds),
-        output_type="np",
-    ).images
+    )
     denoiser = load_denoiser(latent_ckpt)
     sampler = instantiate(compose_config("sample", ["ckpt=x", "sampler=ddim"]).sampler)
     scheduler = for_latents(denoiser.objective.scheduler(sampler))
     inputs = {"text": prompts}
     ours = generate(denoiser.net, scheduler, 5, seeds, denoiser.conditioning, inputs, 4.0, "", vae=denoiser.vae)
-    ours = ours.permute(0, 2, 3, 1).numpy()
-    assert np.abs(ours - theirs).max() < 1e-4
+    assert_reproduced(ours, theirs, 1e-4)
     # sample.py gives the same images from the checkpoint and from the exported folder
     a = sample_run(
         compose_config(
@@ -436,7 +444,7 @@ def test_resume_takes_the_checkpoints_tokenizer_not_a_rebuilt_one(
     red, blue = state["vocab"]["red</w>"], state["vocab"]["blue</w>"]
     state["vocab"]["red</w>"], state["vocab"]["blue</w>"] = blue, red  # what another process may number
     renumbered = tokenizer_from_state(state)
-    monkeypatch.setattr(diffusion_method, "build_caption_tokenizer", lambda *args, **kwargs: renumbered)
+    monkeypatch.setattr(stable_diffusion_family, "build_caption_tokenizer", lambda *args, **kwargs: renumbered)
     resumed = train_run(
         compose_config("train", _latent_overrides(tmp_path, vae_dir, "run_name=tok", "trainer.max_steps=3"))
     )

@@ -40,11 +40,11 @@ from lightdiff.nets.lora import (
     write_lora_file,
 )
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import for_latents, generate, generators_for
+from lightdiff.sampling import for_latents, generate
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, TINY_TEXT_MODEL, compose_config
+from .conftest import TINY, TINY_TEXT_MODEL, assert_reproduced, compose_config, pipeline_images
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +138,15 @@ def test_resume_with_lora_is_bit_identical(sd_base: Path, tmp_path: Path) -> Non
 
 
 def _diffusers_images(pipeline: StableDiffusionPipeline, prompts: list[str], seeds: list[int]) -> np.ndarray:
-    return pipeline(
+    return pipeline_images(
+        pipeline,
         prompts,
+        seeds=seeds,
+        rounded=False,
         num_inference_steps=4,
         guidance_scale=4.0,
         negative_prompt=[""] * len(prompts),
-        generator=generators_for(seeds),
-        output_type="np",
-    ).images
+    )
 
 
 def _our_images(source: Path, prompts: list[str], seeds: list[int]) -> np.ndarray:
@@ -173,7 +174,7 @@ def test_exports_load_in_plain_diffusers_as_lora_file_and_fused(sd_base: Path, l
     assert all(torch.equal(exported_unet[k], base_unet[k]) for k in base_unet)  # the base, as it was
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     pipeline.load_lora_weights(folder)
-    assert np.abs(_diffusers_images(pipeline, prompts, seeds) - ours).max() < 1e-4
+    assert_reproduced(ours, _diffusers_images(pipeline, prompts, seeds), 1e-4)
     assert np.abs(_our_images(folder, prompts, seeds) - ours).max() < 1e-5  # lightdiff reads its export back
 
     fused = sample_run(

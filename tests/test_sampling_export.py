@@ -15,10 +15,10 @@ from PIL import Image
 from lightdiff.config import ConfigError
 from lightdiff.data import ImageFolderDataModule
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import generate, generators_for, to_uint8
+from lightdiff.sampling import generate, to_uint8
 from lightdiff.trained import load_denoiser
 
-from .conftest import compose_config
+from .conftest import assert_reproduced, compose_config, pipeline_images
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +147,9 @@ def test_export_round_trip_with_plain_diffusers(
     sampler_factory = instantiate(compose_config("sample", ["ckpt=unused", f"sampler={sampler}"]).sampler)
     scheduler = denoiser.objective.scheduler(sampler_factory)
     seeds = [0, 1, 2]
-    ours = generate(denoiser.net, scheduler, 10, seeds, denoiser.conditioning, {}).permute(0, 2, 3, 1).numpy()
-    pipeline = pipeline_class.from_pretrained(folder)
-    theirs = pipeline(batch_size=3, generator=generators_for(seeds), num_inference_steps=10, output_type="np").images
-    assert np.abs(ours - theirs).max() < 1e-5
+    ours = generate(denoiser.net, scheduler, 10, seeds, denoiser.conditioning, {})
+    theirs = pipeline_images(pipeline_class.from_pretrained(folder), None, 3, rounded=False, num_inference_steps=10)
+    assert_reproduced(ours, theirs, 1e-5)
 
     # sample.py reads the exported folder too and gives the checkpoint's images
     from_ckpt = _pixels(_sample(trained["uncond"], tmp_path / "ckpt", f"sampler={sampler}"))

@@ -21,11 +21,11 @@ from lightdiff.nets.text import (
     text_encoder_from_scratch,
 )
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import for_latents, generate, generators_for
+from lightdiff.sampling import for_latents, generate
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_denoiser
 
-from .conftest import TINY, compose_config, tiny_vae
+from .conftest import TINY, assert_reproduced, compose_config, pipeline_images, tiny_vae
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white circle"]
 MAX_SEQUENCE_LENGTH = 6
@@ -87,15 +87,16 @@ def _pipeline(family: SD3Text) -> StableDiffusion3Pipeline:
 
 
 def _diffusers(pipeline: StableDiffusion3Pipeline, steps: int = 3) -> np.ndarray:
-    return pipeline(
+    return pipeline_images(
+        pipeline,
         PROMPTS,
+        seeds=SEEDS,
+        rounded=False,
         negative_prompt=["", ""],
         num_inference_steps=steps,
         guidance_scale=4.0,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        generator=generators_for(SEEDS),
-        output_type="np",
-    ).images
+    )
 
 
 def _ours(checkpoint_or_folder: Path, steps: int = 3) -> np.ndarray:
@@ -167,7 +168,7 @@ def test_an_sd3_pipeline_fine_tunes_and_exports_for_plain_diffusers(tmp_path: Pa
     assert index["text_encoder_3"] == ["transformers", "T5EncoderModel"]
     theirs = _diffusers(StableDiffusion3Pipeline.from_pretrained(export))
     ours = _ours(checkpoint)
-    assert np.abs(ours - theirs).max() < 1e-4
+    assert_reproduced(ours, theirs, 1e-4)
     assert np.abs(ours - _diffusers(original)).max() > 1e-3  # control: the fine-tuned transformer draws otherwise
 
 
@@ -203,7 +204,7 @@ def test_from_scratch_sd3_with_a_t5_exports_all_three_encoders(sd3_t5_ckpt: Path
     export = sample_run(compose_config("sample", [f"ckpt={sd3_t5_ckpt}", f"export={tmp_path / 'sd3'}"]))
     pipeline = StableDiffusion3Pipeline.from_pretrained(export)
     assert pipeline.text_encoder_3 is not None
-    assert np.abs(_ours(sd3_t5_ckpt) - _diffusers(pipeline)).max() < 1e-4
+    assert_reproduced(_ours(sd3_t5_ckpt), _diffusers(pipeline), 1e-4)
     # sample.py reads the export back as the same three-encoder family
     assert np.abs(_ours(export) - _ours(sd3_t5_ckpt)).max() < 1e-5
     tiny_vae().save_pretrained(tmp_path / "vae")
@@ -233,18 +234,19 @@ def test_turbo_distils_an_mmdit_teacher_on_its_block_tokens(sd3_t5_ckpt: Path, t
     student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     export = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'turbo'}"]))
     pipeline = StableDiffusion3Pipeline.from_pretrained(export)
-    theirs = pipeline(
+    theirs = pipeline_images(
+        pipeline,
         PROMPTS,
+        seeds=SEEDS,
+        rounded=False,
         num_inference_steps=1,
         guidance_scale=1.0,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        generator=generators_for(SEEDS),
-        output_type="np",
-    ).images
+    )
     denoiser = load_denoiser(student)
     scheduler = for_latents(denoiser.objective.scheduler(FlowMatchEulerDiscreteScheduler))
     ours = generate(denoiser.net, scheduler, 1, SEEDS, denoiser.conditioning, {"text": PROMPTS}, vae=denoiser.vae)
-    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
+    assert_reproduced(ours, theirs, 1e-4)
 
 
 def test_a_vae_that_does_not_fit_the_transformer_is_named(tmp_path: Path) -> None:

@@ -30,7 +30,10 @@ from lightdiff.trained import load_checkpoint_file, load_denoiser
 from .conftest import (
     TINY,
     TINY_SDXL_MODEL,
+    assert_reproduced,
     compose_config,
+    pipeline_images,
+    sample_py_images,
     tiny_dinov2_overrides,
     tiny_sd2_unet,
     tiny_sdxl_unet,
@@ -71,24 +74,12 @@ def _pipeline(family: SDXLText) -> StableDiffusionXLPipeline:
 
 def _two_samples(checkpoint: Path, out: Path, *overrides: str) -> np.ndarray:
     """sample.py's first two images of "a red circle" (seeds 0 and 1) as integers (2, H, W, 3)."""
-    folder = sample_run(
-        compose_config(
-            "sample", [f"ckpt={checkpoint}", f"out={out}", "num_images=2", "prompt=a red circle", *overrides]
-        )
-    )
-    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")).astype(int) for i in range(2)])
+    return sample_py_images(checkpoint, out, "prompt=a red circle", *overrides)
 
 
 def _diffusers_two(pipeline: DiffusionPipeline, steps: int, guidance_scale: float) -> np.ndarray:
     """Plain diffusers' two images of "a red circle" from seeds 0 and 1, as sample.py's PNGs round them."""
-    images = pipeline(
-        ["a red circle"] * 2,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        generator=generators_for([0, 1]),
-        output_type="np",
-    ).images
-    return (images * 255).round().astype(int)
+    return pipeline_images(pipeline, ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=guidance_scale)
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +298,7 @@ def test_turbo_distils_an_sdxl_teacher_with_every_discriminator(backbone: str, s
     assert pipeline.scheduler.config.timestep_spacing == "trailing"
     for steps in (1, 4):
         ours = _two_samples(student, tmp_path / f"steps{steps}", f"steps={steps}", "guidance_scale=1")
-        assert np.abs(_diffusers_two(pipeline, steps, 0.0) - ours).max() <= 1
+        assert_reproduced(ours, _diffusers_two(pipeline, steps, 0.0))
 
 
 def _sd2_pipeline_dir(root: Path) -> Path:
@@ -359,7 +350,7 @@ def test_turbo_distils_an_sd2_v_prediction_teacher(tmp_path: Path) -> None:
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     assert pipeline.tokenizer.pad_token == "!"
     ours = _two_samples(student, tmp_path / "one", "steps=1", "guidance_scale=1")
-    assert np.abs(_diffusers_two(pipeline, 1, 0.0) - ours).max() <= 1
+    assert_reproduced(ours, _diffusers_two(pipeline, 1, 0.0))
 
 
 def test_memory_options_half_precision_frozen_parts_and_offloaded_ema(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
@@ -417,7 +408,7 @@ def test_lora_on_an_sdxl_base_exports_for_plain_diffusers(sdxl_pipeline_dir: Pat
     pipeline.load_lora_weights(folder)
     theirs = pipeline(["a red circle"] * 2, generator=generators_for([0, 1]), **arguments).images
     ours = _two_samples(checkpoint, tmp_path / "ours", "steps=3")
-    assert np.abs((theirs * 255).round().astype(int) - ours).max() <= 1
+    assert_reproduced(ours, (theirs * 255).round().astype(int))
     assert np.abs(theirs - base).max() > 1e-4  # the adapters loaded by diffusers change its images
     # kohya's SDXL layout names the original UNet's blocks; diffusers' kohya reader maps them back
     kohya = tmp_path / "kohya.safetensors"
@@ -450,7 +441,7 @@ def test_lcm_of_an_sdxl_teacher_exports_as_lcm_sdxl(sdxl_ckpt: Path, tmp_path: P
     pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
     assert isinstance(pipeline.scheduler, LCMScheduler) and pipeline.unet.config.time_cond_proj_dim
     ours = _two_samples(checkpoint, tmp_path / "ours", "steps=2", "guidance_scale=3")
-    assert np.abs(_diffusers_two(pipeline, 2, 3.0) - ours).max() <= 1
+    assert_reproduced(ours, _diffusers_two(pipeline, 2, 3.0))
 
 
 def test_shards_store_the_packed_states_of_an_sdxl_pipelines_encoders(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:

@@ -36,22 +36,20 @@ from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.consistency import boundary_scalings, ddim_step, pseudo_huber, solver_timesteps
 from lightdiff.methods.optimization import (
+    OptimisesItsNetwork,
     OptimizerFactory,
     check_lr_schedule,
-    clip_and_log_gradients,
-    with_lr_schedule,
 )
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition, family_of
 from lightdiff.nets.families.sd import GuidanceEmbedded
 from lightdiff.sampling import for_latents
-from lightdiff.speed import prepare_for_training
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
 
 
-class ConsistencyDistillation(pl.LightningModule):
+class ConsistencyDistillation(OptimisesItsNetwork, pl.LightningModule):
     """Distils `teacher` into a latent consistency model (`self.net`)."""
 
     distance_prefix = ""
@@ -176,21 +174,6 @@ class ConsistencyDistillation(pl.LightningModule):
         with torch.no_grad():
             target, student = list(self.target_net.parameters()), list(self.net.parameters())
             torch._foreach_lerp_(target, [p.detach() for p in student], 1 - self.target_decay)
-
-    def configure_model(self) -> None:
-        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        clip_and_log_gradients(self, self.net.parameters(), self.max_grad_norm)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.net.parameters(), lr=self.lr)
-        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.max_steps)
 
     # ----- sampling -----------------------------------------------------------------------------------------
 

@@ -29,10 +29,9 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
 from lightdiff.methods.optimization import (
+    OptimisesItsNetwork,
     OptimizerFactory,
     check_lr_schedule,
-    clip_and_log_gradients,
-    with_lr_schedule,
 )
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import (
@@ -56,7 +55,6 @@ from lightdiff.nets.vae import (
     vae_scale_factor,
 )
 from lightdiff.sampling import for_latents, generate, preview_inputs
-from lightdiff.speed import prepare_for_training
 
 VALIDATION_LEVELS = 8  # fixed noise levels of val/loss
 VALIDATION_SEED = 20_240_601  # seeds val/loss's noise (plus the batch index), apart from the run's seed
@@ -75,7 +73,7 @@ def conditioning_for(
     return family.pretrained_conditioning(pretrained, net, settings, "model.pretrained")
 
 
-class DiffusionTraining(pl.LightningModule):
+class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
     """Learns to denoise (or to follow the flow of) data or VAE latents with a diffusers denoiser."""
 
     metric_steps = None  # FID at the metrics callback's step counts
@@ -176,10 +174,10 @@ class DiffusionTraining(pl.LightningModule):
             if lora.text_encoder and not encoders:
                 raise ConfigError(f"model.lora.text_encoder=true: {type(net).__name__} takes no text")
             if lora.text_encoder and len(encoders) > 1:
-                names = ", ".join(encoders)
+                count = {2: "two", 3: "three"}.get(len(encoders), str(len(encoders)))
                 raise ConfigError(
-                    f"model.lora.text_encoder=true: this model has {len(encoders)} text encoders ({names}) and "
-                    "lightdiff adapts one only; set model.lora.text_encoder=false"
+                    f"model.lora.text_encoder=true: this model has {count} text encoders ({', '.join(encoders)}) "
+                    "and lightdiff adapts one only; set model.lora.text_encoder=false"
                 )
             text_encoder = encoders["text_encoder"] if lora.text_encoder else None
             self.lora_base = adapt(net, lora, base_source=pretrained, text_encoder=text_encoder)
@@ -264,24 +262,6 @@ class DiffusionTraining(pl.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The net's (its adapters alone with LoRA) and a trainable text encoder's."""
         return [p for p in self.net.parameters() if p.requires_grad] + self.conditioning.trainable_parameters()
-
-    def configure_model(self) -> None:
-        # Lightning calls this once the trainer exists and before the module reaches its device.
-        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        # The method owns its clipping (model.max_grad_norm): trainer.gradient_clip_val cannot serve GAN methods,
-        # which Lightning runs under manual optimisation. The norm is logged before clipping, at its true size.
-        clip_and_log_gradients(self, self.trainable_parameters(), self.max_grad_norm)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.trainable_parameters(), lr=self.lr)
-        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.max_steps)
 
     # ----- sampling ---------------------------------------------------------------------------------------------
 
@@ -391,13 +371,13 @@ def check_fits(net: Denoiser, vae: Autoencoder | None, conditioning: Conditionin
     channels = vae.config.latent_channels if vae is not None else 3
     factor = vae_scale_factor(vae) if vae is not None else 1
     what = "the VAE's latent_channels" if vae is not None else "RGB"
-    out_channels = net.config.out_channels or net.config.in_channels  # FLUX's None: in_channels
+    out_channels = net.config.get("out_channels") or net.config.in_channels  # FLUX's None: in_channels
     # FLUX outputs packed tokens (in_channels wide); every other net the latents it denoises (SVD's: half its input)
     if family.latent_channels(net) != channels or out_channels != family.output_channels(net):
         packed = family.latent_channels(net) != net.config.in_channels
         how = f" ({family.name} takes {net.config.in_channels // family.latent_channels(net)} x the latent channels)"
         raise ConfigError(
-            f"net.in_channels={net.config.in_channels} / net.out_channels={net.config.out_channels} do not match "
+            f"net.in_channels={net.config.in_channels} / net.out_channels={out_channels} do not match "
             f"{what}={channels}{how if packed else ''}"
         )
     multiple = family.side_multiple(net)

@@ -37,6 +37,7 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory, trailing_timesteps, weighted_mse
 from lightdiff.methods.optimization import (
+    OptimisesItsNetwork,
     OptimizerFactory,
     check_lr_schedule,
     clip_and_measure_gradients,
@@ -47,13 +48,12 @@ from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
 from lightdiff.sampling import for_latents
-from lightdiff.speed import prepare_for_training
 
 # The frozen teacher is reloaded from `teacher`; the classifier's backbone is `fake_net`, saved under that name.
 FROZEN_PREFIXES = ("teacher.", "classifier.backbone.unet.")
 
 
-class DistributionMatchingDistillation(pl.LightningModule):
+class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
     """Distils `teacher` into a 1-4 step student (`self.net`) by distribution matching against a fake-score network."""
 
     distance_prefix = ""
@@ -236,9 +236,6 @@ class DistributionMatchingDistillation(pl.LightningModule):
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.objective.noised(x0, torch.randn_like(x0), t)
-
-    def configure_model(self) -> None:
-        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         # The classifier's trainable parameters are its heads and its backbone, the fake network.

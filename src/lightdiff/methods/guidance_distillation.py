@@ -31,21 +31,19 @@ from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import SchedulerFactory, weighted_mse
 from lightdiff.methods.optimization import (
+    OptimisesItsNetwork,
     OptimizerFactory,
     check_lr_schedule,
-    clip_and_log_gradients,
-    with_lr_schedule,
 )
 from lightdiff.methods.teacher import FrozenTeacher, save_student
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import family_of
 from lightdiff.sampling import generate, preview_inputs
-from lightdiff.speed import prepare_for_training
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
 
 
-class GuidanceDistillation(pl.LightningModule):
+class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
     """Distils `teacher`'s classifier-free guidance into a guidance-scale input of the student (`self.net`)."""
 
     distance_prefix = ""
@@ -109,21 +107,6 @@ class GuidanceDistillation(pl.LightningModule):
         loss = weighted_mse(prediction, target, noisy.weight)
         self.log_dict({"train/loss": loss, "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]})
         return loss
-
-    def configure_model(self) -> None:
-        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        clip_and_log_gradients(self, self.net.parameters(), self.max_grad_norm)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.net.parameters(), lr=self.lr)
-        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.max_steps)
 
     # ----- sampling -----------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightdiff.config import ConfigError
+from lightdiff.speed import prepare_for_training
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (parameters, lr=...) -> an optimiser
 
@@ -132,3 +133,35 @@ def clip_and_log_gradients(
     norm = clip_and_measure_gradients(module, parameters, max_norm)
     if norm is not None:
         module.log("train/grad_norm", norm)
+
+
+class OptimisesItsNetwork:
+    """What every method that trains one network (`self.net`) shares, as a mixin before `pl.LightningModule`: the
+    speed path applied to that network once the trainer exists (`configure_model`), its optimiser (`model.optimizer`
+    at `model.lr`) with warm-up and LR schedule, and norm clipping that logs the norm. A method with a second
+    optimiser (turbo's discriminator, DMD2's fake score) takes `configure_model` and writes its own optimisers.
+
+    It reads the method's attributes: net, optimizer_factory, lr, lr_schedule, warmup_steps, max_grad_norm,
+    compile_net, channels_last, gradient_checkpointing."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimiser trains (a method with a trainable text encoder adds its parameters)."""
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def configure_model(self) -> None:
+        # Lightning calls this once the trainer exists and before the module reaches its device.
+        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # The method owns its clipping (model.max_grad_norm): trainer.gradient_clip_val cannot serve GAN methods,
+        # which Lightning runs under manual optimisation. The norm is logged before clipping, at its true size.
+        clip_and_log_gradients(self, self.trainable_parameters(), self.max_grad_norm)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.trainable_parameters(), lr=self.lr)
+        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.max_steps)

@@ -44,6 +44,7 @@ from lightdiff.data import ImageDataModule
 from lightdiff.diffusion import DistillWeighting, SchedulerFactory, distillation_distance, distillation_weight
 from lightdiff.diffusion.adversarial import hinge_discriminator_loss, hinge_generator_loss, r1_penalty
 from lightdiff.methods.optimization import (
+    OptimisesItsNetwork,
     OptimizerFactory,
     check_lr_schedule,
     clip_and_measure_gradients,
@@ -60,13 +61,12 @@ from lightdiff.nets.feature_discriminator import (
 from lightdiff.nets.lora import LoraSettings, adapt, is_adapter_key
 from lightdiff.nets.vae import decode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, reconfigured
-from lightdiff.speed import prepare_for_training
 
 # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
 FROZEN_PREFIXES = ("teacher.", "discriminator.backbone.unet.")
 
 
-class TurboDistillation(pl.LightningModule):
+class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
     """Distils `teacher` into a 1-4 step student (`self.net`) against a `discriminator`."""
 
     distance_prefix = ""
@@ -273,10 +273,6 @@ class TurboDistillation(pl.LightningModule):
             features = self.discriminator.features(view, t_disc, condition)
         features = [f.detach().requires_grad_(True) for f in features]
         return features, features
-
-    def configure_model(self) -> None:
-        # The student only: the teacher is frozen and the discriminator's backbone is its own choice.
-        prepare_for_training(self.net, self.compile_net, self.channels_last, self.gradient_checkpointing)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
