@@ -442,7 +442,8 @@ def test_turbo_distils_a_flux_teacher_with_every_discriminator(
     folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'turbo'}"]))
     pipeline = FluxPipeline.from_pretrained(folder)
     for steps in (1, 4):
-        ours = sample_py_images(student, tmp_path / f"steps{steps}", "prompt=a red circle", f"steps={steps}")
+        common = ["prompt=a red circle", f"steps={steps}", "guidance_scale=1"]
+        ours = sample_py_images(student, tmp_path / f"steps{steps}", *common)
         theirs = pipeline_images(
             pipeline,
             ["a red circle"] * 2,

@@ -66,6 +66,7 @@ def conditioning_for(
     """The conditioning `net`'s family takes: its encoders read from the pipeline `pretrained`, or built for the data
     (a tokenizer from its captions, encoders that train with the denoiser)."""
     family = family_of(net)
+    family.check_settings(net, settings)
     if pretrained is None:
         return family.new_conditioning(net, settings, data)
     if settings.t5:

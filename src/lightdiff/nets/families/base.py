@@ -340,6 +340,14 @@ class Family:
 
     # ----- conditioning ---------------------------------------------------------------------------------------
 
+    def check_settings(self, net: nn.Module, settings: ConditioningSettings) -> None:
+        """A ConfigError naming a conditioning setting this family has no use for."""
+        if settings.t5:
+            raise ConfigError(
+                f"model.t5=true adds SD3's T5 encoder to an SD3 transformer (net=mmdit_tiny), not a "
+                f"{type(net).__name__} (a FLUX transformer always has one)"
+            )
+
     def new_conditioning(self, net: nn.Module, settings: ConditioningSettings, data: DataDescription) -> nn.Module:
         """The conditioning `net` takes, its encoders built for the data (they train with the denoiser)."""
         raise NotImplementedError(f"the {self.name} family builds no conditioning")

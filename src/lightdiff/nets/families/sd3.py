@@ -303,6 +303,9 @@ class SD3(Family):
     takes_text = True
     conditionings = {"sd3_clip_text": sd3_clip_text_from_state, "sd3_text": sd3_text_from_state}
 
+    def check_settings(self, net: nn.Module, settings: ConditioningSettings) -> None:
+        pass  # model.t5 is SD3's third encoder
+
     def text_width(self, net: nn.Module) -> int:
         return net.config.pooled_projection_dim // 2  # two pooled vectors side by side (SD3CLIPText)
 
