@@ -1,21 +1,31 @@
-"""Export a trained denoiser (`lightdiff.trained.TrainedDenoiser`) to a diffusers pipeline folder (safetensors):
-the pipeline its family writes (`Family.write`; each family module's docstring says its layout and the pipeline
-arguments that reproduce lightdiff's samples), its LoRA adapters as diffusers' LoRA file or merged in, and
-lightdiff.json with what diffusers' layout has no place for.
+"""Export a trained denoiser (`lightdiff.trained.TrainedDenoiser`), as sample.py's `export_format` asks:
+- `diffusers`: a pipeline folder (safetensors): the pipeline its family writes (`Family.write`; each family module's
+  docstring says its layout and the pipeline arguments that reproduce lightdiff's samples), its LoRA adapters as
+  diffusers' LoRA file or merged in, and lightdiff.json with what diffusers' layout has no place for;
+- `single_file`: a Stable Diffusion 1.x / 2.x / SDXL model as one original-layout file (ComfyUI, A1111);
+- `kohya`: a LoRA model's adapters as one kohya-layout file.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
 from pathlib import Path
 
+import torch
 from diffusers import SchedulerMixin
+from safetensors.torch import save_file
 
+from lightdiff.config import ConfigError
 from lightdiff.nets.families import family_of
 from lightdiff.nets.families.base import PipelineComponents, RecordsPipelineArguments, TextEncoders
-from lightdiff.nets.lora import has_adapters, without_adapters, write_lora_file
+from lightdiff.nets.lora import has_adapters, kohya_state_dict, without_adapters, write_lora_file
+from lightdiff.nets.single_file import stable_diffusion_single_file
 from lightdiff.trained import METADATA_FILE, TrainedDenoiser
+
+log = logging.getLogger(__name__)
 
 # lightdiff.json's pipeline arguments when the conditioning records none (`RecordsPipelineArguments`)
 NO_PIPELINE_ARGUMENTS = {"guidance_scale": None, "max_sequence_length": None, "first_frame": None}
@@ -66,3 +76,47 @@ def export_pipeline(
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return folder
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
+    """`state` as the safetensors file `target`, complete or not there (a partial file is removed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        save_file(state, str(partial), metadata=metadata)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def export_single_file(denoiser: TrainedDenoiser, target: Path) -> None:
+    """A Stable Diffusion 1.x / 2.x / SDXL model as one file in the original layout (nets/single_file.py): the UNet
+    (LoRA adapters merged in at lora_scale), the VAE and the text encoders."""
+    conditioning = denoiser.conditioning
+    encoders = list(conditioning.text_encoders().values()) if isinstance(conditioning, TextEncoders) else []
+    if not family_of(denoiser.net).single_file or denoiser.vae is None or not encoders:
+        raise ConfigError(
+            f"export_format=single_file writes Stable Diffusion 1.x / 2.x / SDXL models (a text UNet, a VAE, CLIP "
+            f"encoders); ckpt={denoiser.source!r} holds a {type(denoiser.net).__name__}"
+            + ("" if denoiser.vae is not None else " without a VAE")
+        )
+    net = without_adapters(denoiser.net, fused=True) if has_adapters(denoiser.net) else denoiser.net
+    encoders = [without_adapters(e, fused=True) if has_adapters(e) else e for e in encoders]
+    state = stable_diffusion_single_file(net, denoiser.vae, encoders)
+    _write_safetensors(state, target, {"format": "pt", "lightdiff_source": str(denoiser.source)})
+    log.info("wrote %s as one original-layout file %s (%d tensors)", denoiser.source, target, len(state))
+
+
+def export_kohya_lora(denoiser: TrainedDenoiser, target: Path) -> None:
+    """The model's LoRA adapters as one kohya-layout file (nets/lora.py kohya_state_dict), written whole or not at
+    all; the adapters as trained (a loader takes the scale, as with the diffusers file)."""
+    conditioning = denoiser.conditioning
+    encoders = conditioning.text_encoders() if isinstance(conditioning, TextEncoders) else {}
+    state = kohya_state_dict(denoiser.net, encoders.get("text_encoder"))
+    ranks = sorted({tensor.shape[0] for key, tensor in state.items() if key.endswith(".lora_down.weight")})
+    alphas = sorted({float(tensor) for key, tensor in state.items() if key.endswith(".alpha")})
+    # sd-scripts' own metadata keys, which ComfyUI / AUTOMATIC1111 show; the weights say the rest
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1])}
+    metadata["ss_network_alpha"] = str(alphas[-1])
+    _write_safetensors(state, target, metadata)
+    log.info("wrote the LoRA adapters of %s to %s in kohya's layout (%d tensors)", denoiser.source, target, len(state))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -19,20 +18,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, MovingShapesDataset, ShapesDataset
 from lightdiff.drawing import Drawing, apply_speed, device_named, load_for_sampling, scheduler_for
-from lightdiff.export import export_pipeline
+from lightdiff.export import export_kohya_lora, export_pipeline, export_single_file
 from lightdiff.files import folder_written_atomically
 from lightdiff.metrics import FrechetEvaluator, shapes_metric
 from lightdiff.metrics.motion import motion_metric, video_distance
-from lightdiff.nets.families import family_of
-from lightdiff.nets.families.base import TextEncoders
-from lightdiff.nets.lora import has_adapters, kohya_state_dict, without_adapters
-from lightdiff.nets.single_file import stable_diffusion_single_file
 from lightdiff.sampling import (
     frames_grid,
     image_grid,
@@ -125,50 +119,6 @@ def _check_output_folder(cfg: DictConfig) -> Path:
     return target
 
 
-def _write_safetensors(state: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    """`state` as the safetensors file `target`, complete or not there (a partial file is removed)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        save_file(state, str(partial), metadata=metadata)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _write_single_file(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) -> None:
-    """A Stable Diffusion 1.x / 2.x / SDXL model as one file in the original layout (nets/single_file.py): the UNet
-    (LoRA adapters merged in at lora_scale), the VAE and the text encoders."""
-    conditioning = denoiser.conditioning
-    encoders = list(conditioning.text_encoders().values()) if isinstance(conditioning, TextEncoders) else []
-    if not family_of(denoiser.net).single_file or denoiser.vae is None or not encoders:
-        raise ConfigError(
-            f"export_format=single_file writes Stable Diffusion 1.x / 2.x / SDXL models (a text UNet, a VAE, CLIP "
-            f"encoders); ckpt={cfg.ckpt!r} holds a {type(denoiser.net).__name__}"
-            + ("" if denoiser.vae is not None else " without a VAE")
-        )
-    net = without_adapters(denoiser.net, fused=True) if has_adapters(denoiser.net) else denoiser.net
-    encoders = [without_adapters(e, fused=True) if has_adapters(e) else e for e in encoders]
-    state = stable_diffusion_single_file(net, denoiser.vae, encoders)
-    _write_safetensors(state, target, {"format": "pt", "lightdiff_source": str(denoiser.source)})
-    log.info("wrote %s as one original-layout file %s (%d tensors)", denoiser.source, target, len(state))
-
-
-def _write_kohya_lora(cfg: DictConfig, denoiser: TrainedDenoiser, target: Path) -> None:
-    """The model's LoRA adapters as one kohya-layout file (nets/lora.py kohya_state_dict), written whole or not at
-    all; the adapters as trained (a loader takes the scale, as with the diffusers file)."""
-    conditioning = denoiser.conditioning
-    encoders = conditioning.text_encoders() if isinstance(conditioning, TextEncoders) else {}
-    state = kohya_state_dict(denoiser.net, encoders.get("text_encoder"))
-    ranks = sorted({tensor.shape[0] for key, tensor in state.items() if key.endswith(".lora_down.weight")})
-    alphas = sorted({float(tensor) for key, tensor in state.items() if key.endswith(".alpha")})
-    # sd-scripts' own metadata keys, which ComfyUI / AUTOMATIC1111 show; the weights say the rest
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1])}
-    metadata["ss_network_alpha"] = str(alphas[-1])
-    _write_safetensors(state, target, metadata)
-    log.info("wrote the LoRA adapters of %s to %s in kohya's layout (%d tensors)", denoiser.source, target, len(state))
-
-
 def run(cfg: DictConfig) -> Path:
     check_config(cfg)
     _check_values(cfg)
@@ -191,10 +141,10 @@ def run(cfg: DictConfig) -> Path:
         return target
     denoiser = trained
     if cfg.export_format == "kohya":
-        _write_kohya_lora(cfg, denoiser, target)
+        export_kohya_lora(denoiser, target)
         return target
     if cfg.export_format == "single_file":
-        _write_single_file(cfg, denoiser, target)
+        export_single_file(denoiser, target)
         return target
     if cfg.export:
         scheduler, _ = scheduler_for(cfg, denoiser)
