@@ -32,7 +32,6 @@ TINY = [
     "callbacks.samples.steps=2",
     "callbacks.samples.num_images=4",
     "callbacks.samples.final_num_images=4",
-    "callbacks.checkpoint.every_n_train_steps=1",
 ]
 
 

@@ -65,6 +65,12 @@ def _steps_of(folder: Path) -> dict[str, int]:
 # ----- crash during a save ------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def tiny_train_config(tiny_train_config):
+    """The tiny runs with a checkpoint at every step: these tests damage, retain and refuse step checkpoints."""
+    return lambda *overrides: tiny_train_config("callbacks.checkpoint.every_n_train_steps=1", *overrides)
+
+
 def test_exception_in_the_middle_of_a_save_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint(_checkpoint(1), path)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import REPO
+from lightdiff.sample import run as sample_run
+
+from .conftest import REPO, compose_config
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -38,7 +40,8 @@ def test_train_sample_export_from_the_command_line(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in records] == [4, 5, 6] and records[0]["sampler"] == "DPMSolverMultistepScheduler"
     assert np.asarray(Image.open(tmp_path / "images" / "000002.png")).shape == (16, 16, 3)
-    _run("sample.py", f"ckpt={ckpt}", f"export={tmp_path / 'pipeline'}")
+    # sample.py's export branch is the same entry point (its command line is exercised above): in process here
+    sample_run(compose_config("sample", [f"ckpt={ckpt}", f"export={tmp_path / 'pipeline'}"]))
     assert (tmp_path / "pipeline" / "scheduler" / "scheduler_config.json").is_file()
 
 

@@ -427,7 +427,8 @@ def test_one_last_ckpt_per_run_however_often_it_is_launched(tiny_train_config, t
     # the first launch ends before any periodic checkpoint: only the final one, written outside ModelCheckpoint
     train_run(tiny_train_config("run_name=once", "callbacks.checkpoint.every_n_train_steps=500"))
     for steps in (3, 4):
-        train_run(tiny_train_config("run_name=once", f"trainer.max_steps={steps}"))
+        every_step = "callbacks.checkpoint.every_n_train_steps=1"
+        train_run(tiny_train_config("run_name=once", f"trainer.max_steps={steps}", every_step))
     names = sorted(p.name for p in (tmp_path / "once" / "checkpoints").glob("*.ckpt"))
     assert names == ["last.ckpt", "step0000004.ckpt"]
     assert load_checkpoint_file(tmp_path / "once" / "checkpoints" / "last.ckpt")["global_step"] == 4
@@ -537,7 +538,7 @@ def test_a_frames_folder_of_mixed_sizes_is_refused_or_skipped(tmp_path: Path) ->
 
 
 def test_fallback_messages_reach_train_log(tiny_train_config, tmp_path: Path) -> None:
-    cfg = tiny_train_config("run_name=fallback")
+    cfg = tiny_train_config("run_name=fallback", "callbacks.checkpoint.every_n_train_steps=1")
     train_run(cfg)
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # damaged: the resume falls back to the step checkpoint
