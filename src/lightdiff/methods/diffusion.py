@@ -156,15 +156,15 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             "conditioning": pipeline if pretrained is not None else "new, for the data",
         }
         settings = ConditioningSettings(
-            train_text_encoder,
-            text_hidden_size,
-            text_layers,
-            text_heads,
-            max_prompt_tokens,
-            max_sequence_length,
-            t5,
-            embedded_guidance_scale,
-            first_frame or FirstFrameSettings(),
+            train_text_encoder=train_text_encoder,
+            text_hidden_size=text_hidden_size,
+            text_layers=text_layers,
+            text_heads=text_heads,
+            max_prompt_tokens=max_prompt_tokens,
+            max_sequence_length=max_sequence_length,
+            t5=t5,
+            embedded_guidance_scale=embedded_guidance_scale,
+            first_frame=first_frame or FirstFrameSettings(),
         )
         self.conditioning: Conditioning = conditioning or conditioning_for(net, settings, data, pretrained)
         if isinstance(self.conditioning, EncodesWithVae):  # SVD's conditioning frame goes through this VAE

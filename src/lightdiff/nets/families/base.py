@@ -261,7 +261,6 @@ class ConditioningSettings:
     t5: bool = False  # add a T5 encoder built from the captions to an SD3 transformer's CLIP (SD3's third)
     embedded_guidance_scale: float = 3.5  # a guidance-embedding FLUX transformer's `guidance` input
     first_frame: FirstFrameSettings = field(default_factory=FirstFrameSettings)  # an SVD UNet's micro-conditioning
-    force_zeros_for_empty_prompt: bool = True  # SDXL: the empty negative prompt is zeros (a pipeline's own wins)
 
 
 # ----- families ----------------------------------------------------------------------------------------------------
@@ -382,7 +381,7 @@ class Family:
         return None, self.new_conditioning(net, ConditioningSettings(), NO_DATA)
 
     def write(self, parts: PipelineComponents, folder: Path) -> None:
-        """The pipeline folder of `parts` (the layouts: `lightdiff.export`)."""
+        """The pipeline folder of `parts`, in the layout its module's docstring describes."""
         raise ValueError(f"no export layout for {type(parts.net).__name__} (the {self.name} family writes none)")
 
 
@@ -425,7 +424,7 @@ _CONDITIONINGS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
 def register_family(family: Family) -> Family:
     """Make `family` known: `family_of` finds it for its networks, its conditionings load from checkpoints, and its
     denoiser class can be named in checkpoints and pipeline folders. A family outside lightdiff registers the same
-    way (tests/test_contract.py adds one)."""
+    way (tests/test_toy_family.py adds one)."""
     if family not in _FAMILIES:
         _FAMILIES.append(family)
     _CONDITIONINGS.update(family.conditionings)
@@ -438,12 +437,15 @@ def register_conditioning(name: str, from_state: Callable[[dict[str, Any]], nn.M
 
 
 def family_of(net: nn.Module) -> Family:
-    """The registered family `net` belongs to."""
+    """The registered family `net` belongs to (a ConfigError, which is a ValueError, for a class none drives)."""
     found = [family for family in _FAMILIES if family.describes(net)]
     if len(found) != 1:
         known = sorted({family.denoiser_class.__name__ for family in _FAMILIES})
         what = "no family" if not found else f"{len(found)} families ({', '.join(f.name for f in found)})"
-        raise ValueError(f"{type(net).__name__} has {what}; lightdiff's families take {known}")
+        raise ConfigError(
+            f"net: {type(net).__name__} has {what}; lightdiff's families take {known} "
+            "(a new one: nets/families/, CONTRIBUTING.md)"
+        )
     return found[0]
 
 

@@ -10,7 +10,7 @@ FlowMatchEulerDiscreteScheduler lacks: sample it with lightdiff's sample.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,9 @@ class CogVideoX(Family):
             settings.max_sequence_length or net.config.max_text_seq_length,
         )
 
-    def read_folder(self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Any) -> tuple[Any, Any]:
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
         settings = ConditioningSettings(max_sequence_length=metadata.get("max_sequence_length"))
         return load_vae(), self.pretrained_conditioning(str(folder), net, settings, "the pipeline folder")
 

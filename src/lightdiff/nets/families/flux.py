@@ -11,7 +11,7 @@ lightdiff's then too).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +346,9 @@ class Flux(Family):
         )
         return flux_with_guidance_input(net), family
 
-    def read_folder(self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Any) -> tuple[Any, Any]:
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
         # lightdiff's export records what it trained with; FluxPipeline's defaults otherwise
         settings = ConditioningSettings(
             max_sequence_length=metadata.get("max_sequence_length"),

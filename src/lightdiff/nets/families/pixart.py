@@ -8,6 +8,7 @@ transformers folder (`from_pretrained`), and sample.py reads it back like any ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ class PixArt(Family):
         tokenizer, encoder = read_clip_parts(pretrained, CLIPTextModel, key)
         return self._clip_text(net, tokenizer, encoder, settings.train_text_encoder)
 
-    def read_folder(self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Any) -> tuple[Any, Any]:
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
         for component in ("vae", "text_encoder", "tokenizer"):
             if not (folder / component).is_dir():
                 raise ValueError(f"{folder} has a text-conditioned network but no {component}/")

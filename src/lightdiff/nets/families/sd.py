@@ -13,7 +13,7 @@ FlowMatchEulerDiscreteScheduler lacks: sample it with lightdiff's sample.py. `CL
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +343,9 @@ class StableDiffusion(Family):
         student = unet_with_guidance_input(net, embedding_dim)
         return student, GuidanceEmbedded(conditioning, guidance_scale, embedding_dim)
 
-    def read_folder(self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Any) -> tuple[Any, Any]:
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
         for component in ("vae", "text_encoder", "tokenizer"):
             if not (folder / component).is_dir():
                 raise ValueError(f"{folder} has a text-conditioned network but no {component}/")

@@ -7,7 +7,7 @@ lightdiff's from-scratch layout trains one CLIPTextModelWithProjection for both 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -352,7 +352,9 @@ class SD3(Family):
             SD3_MAX_SEQUENCE_LENGTH if length is None else length,
         )
 
-    def read_folder(self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Any) -> tuple[Any, Any]:
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
         # lightdiff's export records the T5 length it trained with; StableDiffusion3Pipeline's default otherwise
         settings = ConditioningSettings(max_sequence_length=metadata.get("max_sequence_length"))
         return load_vae(), self.pretrained_conditioning(str(folder), net, settings, "the pipeline folder")

@@ -6,7 +6,7 @@ SDXL) the same way: StableDiffusionXLPipeline embeds the guidance scale itself f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +254,9 @@ class SDXL(Family):
         student = unet_with_guidance_input(net, embedding_dim)
         return student, GuidanceEmbedded(conditioning, guidance_scale, embedding_dim)
 
-    def read_folder(self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Any) -> tuple[Any, Any]:
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
         conditioning = self.pretrained_conditioning(str(folder), net, ConditioningSettings(), "the pipeline folder")
         return load_vae(), with_lcm_input(net, conditioning, metadata)
 

@@ -10,7 +10,7 @@ frame by frame) and an Euler scheduler on continuous timesteps; lightdiff.json r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,9 @@ class SVD(Family):
     ) -> FirstFrame:
         return pretrained_first_frame(pretrained, settings.first_frame, settings.train_text_encoder)
 
-    def read_folder(self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Any) -> tuple[Any, Any]:
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
         vae = load_vae()
         settings = FirstFrameSettings(**(metadata.get("first_frame") or {}))
         conditioning = pretrained_first_frame(str(folder), settings, trainable=False)
