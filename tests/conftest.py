@@ -376,3 +376,14 @@ def assert_reproduced(ours: np.ndarray | torch.Tensor, theirs: np.ndarray, toler
     difference = float(np.abs(ours - theirs).max())
     assert difference <= tolerance, f"lightdiff and the pipeline differ by up to {difference}"
     assert ours.std() > 0, "both sides drew blank images"
+
+
+def assert_discriminator_heads_learnt(module: object) -> None:
+    """A turbo student's discriminator heads were updated: each is in the discriminator's optimiser, which stepped,
+    and every weight matrix holds a non-zero first moment (AdamW then moved it), so a variant that builds but never
+    trains fails. (An output bias may see none: the hinge loss's real and fake terms cancel on it exactly.)"""
+    _, discriminator_optimizer = (optimizer.optimizer for optimizer in module.optimizers())
+    heads = module.discriminator.head_parameters()
+    assert heads and all(p in discriminator_optimizer.state for p in heads)
+    assert all(discriminator_optimizer.state[p]["step"].item() >= 1 for p in heads)
+    assert all(discriminator_optimizer.state[p]["exp_avg"].abs().sum() > 0 for p in heads if p.ndim > 1)

@@ -8,12 +8,66 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
 
 from lightdiff.config import ConfigError
+from lightdiff.diffusion import distribution_matching_gradient, distribution_matching_loss
 from lightdiff.methods.teacher import load_teacher
 from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file
 
 from .conftest import TINY, assert_reproduced, compose_config, pipeline_images, sample_py_images
+
+# ----- the distribution-matching gradient against a closed form ----------------------------------------------------
+
+
+def _posterior_mean(x_t: torch.Tensor, mean: float, spread: float, alpha: float, sigma: float) -> torch.Tensor:
+    """E[x_0 | x_t] for x_0 ~ N(mean, spread^2), x_t = alpha x_0 + sigma eps: what an ideal score network predicts."""
+    return mean + alpha * spread**2 / (alpha**2 * spread**2 + sigma**2) * (x_t - alpha * mean)
+
+
+def _marginal_score(x_t: torch.Tensor, mean: float, spread: float, alpha: float, sigma: float) -> torch.Tensor:
+    """grad log p_t(x_t) of the noised Gaussian N(alpha mean, alpha^2 spread^2 + sigma^2)."""
+    return -(x_t - alpha * mean) / (alpha**2 * spread**2 + sigma**2)
+
+
+def _moves_toward_the_data(flip: bool) -> bool:
+    """G = N(mu, 1) with a learnable mu at 2, the data N(-1, 1), ideal real and fake scores: a few steps of the
+    matching loss (its gradient negated with `flip`) bring mu closer to the data's mean."""
+    torch.manual_seed(0)
+    mu, spread, data_mean, alpha, sigma = torch.tensor(2.0, requires_grad=True), 1.0, -1.0, 0.8, 0.6
+    optimizer = torch.optim.SGD([mu], lr=0.5)
+    for _ in range(5):
+        x0 = mu + spread * torch.randn(64, 1, 4, 4)
+        with torch.no_grad():
+            x_t = alpha * x0 + sigma * torch.randn_like(x0)
+            real = _posterior_mean(x_t, data_mean, spread, alpha, sigma)
+            fake = _posterior_mean(x_t, mu.item(), spread, alpha, sigma)
+            gradient = distribution_matching_gradient(x0, real, fake)
+        optimizer.zero_grad()
+        distribution_matching_loss(x0, -gradient if flip else gradient).backward()
+        optimizer.step()
+    return abs(mu.item() - data_mean) < 2.5  # it started 3 away
+
+
+def test_the_matching_gradient_is_the_score_difference_and_moves_g_toward_the_data() -> None:
+    """DMD's gradient (Equation 7) for Gaussians, where the scores are known: times its normaliser and alpha /
+    sigma^2 it is s_fake - s_real at x_t exactly, and descending it moves G's mean toward the data's."""
+    alpha, sigma, spread, data_mean, g_mean = 0.8, 0.6, 1.0, -1.0, 2.0
+    x0 = g_mean + spread * torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    real = _posterior_mean(x_t, data_mean, spread, alpha, sigma)
+    fake = _posterior_mean(x_t, g_mean, spread, alpha, sigma)
+    gradient = distribution_matching_gradient(x0, real, fake)
+    normaliser = (x0 - real).abs().flatten(1).mean(dim=1)[:, None, None, None]
+    score_difference = _marginal_score(x_t, g_mean, spread, alpha, sigma) - _marginal_score(
+        x_t, data_mean, spread, alpha, sigma
+    )
+    torch.testing.assert_close(gradient * normaliser * alpha / sigma**2, score_difference)
+    # The loss hands exactly that gradient (over the element count) back to the samples.
+    samples = x0.clone().requires_grad_(True)
+    distribution_matching_loss(samples, gradient).backward()
+    torch.testing.assert_close(samples.grad, gradient / gradient.numel())
+    assert _moves_toward_the_data(flip=False)
+    assert not _moves_toward_the_data(flip=True)  # negative control: the sign flipped moves G away
 
 
 def _dmd2(root: Path, teacher: Path, *extra: str) -> list[str]:
@@ -43,6 +97,10 @@ def test_dmd2_keeps_the_teacher_and_trains_student_fake_network_and_classifier(t
     student_optimizer, fake_optimizer = (optimizer.optimizer for optimizer in module.optimizers())
     assert student_optimizer.state[next(module.net.parameters())]["step"].item() == 1
     assert fake_optimizer.state[next(module.fake_net.parameters())]["step"].item() == 2
+    # The classifier's heads are in the fake optimiser and received gradients at both its steps: they moved.
+    heads = module.classifier.head_parameters()
+    assert heads and all(fake_optimizer.state[p]["step"].item() == 2 for p in heads)
+    assert all(fake_optimizer.state[p]["exp_avg"].abs().sum() > 0 for p in heads)
     checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
     assert not any(k.startswith(("teacher.", "classifier.backbone.unet.")) for k in checkpoint["state_dict"])
     assert any(k.startswith("fake_net.") for k in checkpoint["state_dict"])

@@ -39,6 +39,7 @@ from lightdiff.trained import TrainedDenoiser, load_checkpoint_file, load_denois
 
 from .conftest import (
     TINY,
+    assert_discriminator_heads_learnt,
     assert_reproduced,
     compose_config,
     pipeline_images,
@@ -428,6 +429,7 @@ def test_turbo_distils_a_flux_teacher_with_every_discriminator(
     )
     module = train_run(cfg).lightning_module
     assert isinstance(module.conditioning, FluxText)
+    assert_discriminator_heads_learnt(module)
     # FluxPipeline's sigmas 1, 3/4, 1/2, 1/4 shifted by 3 (s t / (1 + 2 t)); FlowMatchEuler's own grid would end at 1
     assert module.student_timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])
     if backbone != "teacher":

@@ -157,6 +157,7 @@ def test_an_sd3_pipeline_fine_tunes_and_exports_for_plain_diffusers(tmp_path: Pa
     assert isinstance(family, SD3Text) and type(family.text_encoder_3).__name__ == "T5EncoderModel"
     original = StableDiffusion3Pipeline.from_pretrained(folder)
     for mine, theirs in (
+        (family.text_encoder, original.text_encoder),  # the first CLIP too
         (family.text_encoder_2, original.text_encoder_2),
         (family.text_encoder_3, original.text_encoder_3),
     ):

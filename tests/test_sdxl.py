@@ -30,6 +30,7 @@ from lightdiff.trained import load_checkpoint_file, load_denoiser
 from .conftest import (
     TINY,
     TINY_SDXL_MODEL,
+    assert_discriminator_heads_learnt,
     assert_reproduced,
     compose_config,
     pipeline_images,
@@ -289,6 +290,7 @@ def test_turbo_distils_an_sdxl_teacher_with_every_discriminator(backbone: str, s
     module = train_run(cfg).lightning_module
     assert isinstance(module.conditioning, SDXLText)
     assert module.discriminator.condition_projection.in_features == 16  # text_encoder_2's projection
+    assert_discriminator_heads_learnt(module)
     if backbone != "teacher":
         return
     # exported as SDXL-Turbo ships: trailing timesteps, sampled unguided in 1-4 steps, and plain diffusers agrees

@@ -18,7 +18,7 @@ from lightdiff.sample import run as sample_run
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config, tiny_dinov2_overrides
+from .conftest import TINY, assert_discriminator_heads_learnt, compose_config, tiny_dinov2_overrides
 
 OBJECTIVE = DDPM(NoiseSchedule("linear", 1000, 1e-4, 0.02))
 ALPHAS_CUMPROD = OBJECTIVE.alphas_cumprod
@@ -253,6 +253,7 @@ def test_other_discriminators_train(backbone: str, teacher_ckpt: Path, tmp_path:
     extra = tiny_dinov2_overrides(folder) if backbone == "dinov2" else ["discriminator=patchgan"]
     cfg = compose_config("train", _turbo(tmp_path, teacher_ckpt, f"run_name={backbone}", "trainer.max_steps=2", *extra))
     module = train_run(cfg).lightning_module
+    assert_discriminator_heads_learnt(module)
     frozen_backbone = backbone == "dinov2"
     assert all(p.requires_grad != frozen_backbone for p in module.discriminator.backbone.parameters())
     trained = {id(p) for p in module.discriminator.head_parameters()}

@@ -27,6 +27,7 @@ from lightdiff.data.moving_shapes import DIRECTIONS, MovingShapesDataset, clip_p
 from lightdiff.data.video_folder import VideoFolderDataset
 from lightdiff.diffusion import DDPM, NoiseSchedule
 from lightdiff.diffusion.schedules import shift_snr
+from lightdiff.drawing import scheduler_for
 from lightdiff.metrics.motion import motion_metric, video_distance
 from lightdiff.nets.families import conditioning_from_state
 from lightdiff.nets.families.cogvideox import T5Text
@@ -72,21 +73,29 @@ def exported_family_states(folder: Path) -> torch.Tensor:
 
 
 def _exported_clips(
-    folder: Path, steps: int, guidance_scale: float, seeds: list[int]
+    folder: Path, checkpoint: Path, steps: int, guidance_scale: float, seeds: list[int], perturb: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PROMPTS' clips from an exported CogVideoXPipeline folder, drawn by lightdiff (the folder loaded as a trained
-    model, sampled with the pipeline's scheduler) and by plain diffusers, from the same seeds."""
+    """PROMPTS' clips drawn by lightdiff from the trained checkpoint (its weights and the scheduler sample.py makes
+    for it) and by plain diffusers from the exported CogVideoXPipeline folder, from the
+    same seeds. `perturb`: Gaussian noise of that sigma added to the exported transformer's weights (a mutation
+    control: the comparison must then fail)."""
     pipeline = CogVideoXPipeline.from_pretrained(folder)
-    exported = load_denoiser(folder)
+    if perturb:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for parameter in pipeline.transformer.parameters():
+                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+    trained = load_denoiser(checkpoint)  # EMA weights where the run kept them, as sample.py exports
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
     ours = generate(
-        exported.net,
-        pipeline.scheduler,
+        trained.net,
+        scheduler,
         steps,
         seeds,
-        exported.conditioning,
+        trained.conditioning,
         {"text": PROMPTS},
         guidance_scale,
-        vae=exported.vae,
+        vae=trained.vae,
         size=(16, 16),
         num_frames=9,
     )
@@ -364,10 +373,13 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={video_ckpt}", f"export={folder}", "steps=3"]))
     assert json.loads((folder / "lightdiff.json").read_text())["num_frames"] == 9
-    ours, theirs = _exported_clips(folder, steps=3, guidance_scale=4.0, seeds=[0, 1])
+    ours, theirs = _exported_clips(folder, video_ckpt, steps=3, guidance_scale=4.0, seeds=[0, 1])
     assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
     assert (theirs - ours).abs().max() < 1e-4
     assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' clips are far apart at this scale
+    # Mutation control: an export whose transformer weights were perturbed (sigma 0.05) fails the comparison.
+    ours, theirs = _exported_clips(folder, video_ckpt, steps=3, guidance_scale=4.0, seeds=[0, 1], perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3
 
 
 def _on_the_exported_base(video_ckpt: Path, tmp_path: Path, name: str, *extra: str) -> tuple[Path, DictConfig]:
@@ -414,8 +426,10 @@ def test_turbo_distils_a_video_teacher_into_a_one_step_student(video_ckpt: Path,
     assert grid.shape == (4 * 16 * 4, 9 * 16 * 4, 3)  # 4 rows (num_images): the student at 1, 2, 4 steps, the teacher
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    ours, theirs = _exported_clips(folder, steps=1, guidance_scale=1.0, seeds=[0, 1])
+    ours, theirs = _exported_clips(folder, checkpoint, steps=1, guidance_scale=1.0, seeds=[0, 1])
     assert (theirs - ours).abs().max() < 1e-4
+    ours, theirs = _exported_clips(folder, checkpoint, steps=1, guidance_scale=1.0, seeds=[0, 1], perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3  # mutation control: a perturbed export fails
     with pytest.raises(ConfigError, match="a video teacher is distilled against its own features"):
         train_run(compose_config("train", [*turbo, "discriminator=patchgan", "run_name=patch"]))
 

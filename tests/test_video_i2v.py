@@ -22,6 +22,7 @@ from lightdiff.config import ConfigError
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.diffusion import EDM, Objective, weighted_mse
 from lightdiff.diffusion.edm import sigma_of
+from lightdiff.drawing import scheduler_for
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import frames_grid, generate, to_uint8
 from lightdiff.train import run as train_run
@@ -52,22 +53,28 @@ def _first_frames(count: int, resolution: int = 16) -> torch.Tensor:
 
 
 def _exported_clips(
-    folder: Path, frames: torch.Tensor, seeds: list[int], size: int
+    folder: Path, checkpoint: Path, frames: torch.Tensor, seeds: list[int], size: int, perturb: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips of `frames` from an exported StableVideoDiffusionPipeline folder at guidance 1 -> 3 over the frames: drawn
-    by lightdiff (the folder loaded as a trained model, with the pipeline's scheduler) and by plain diffusers, one
-    pipeline call per conditioning frame (its image batch is one picture; [0, 1] tensors in)."""
+    """Clips of `frames` at guidance 1 -> 3 over the frames: drawn by lightdiff from the trained checkpoint (its
+    weights, the scheduler sample.py makes for it) and by plain diffusers from the exported
+    StableVideoDiffusionPipeline folder, one pipeline call per conditioning frame (its image batch is one picture;
+    [0, 1] tensors in). `perturb`: noise of that sigma on the exported UNet's weights (a mutation control)."""
     pipeline = StableVideoDiffusionPipeline.from_pretrained(folder)
-    exported = load_denoiser(folder)
+    if perturb:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for parameter in pipeline.unet.parameters():
+                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+    trained = load_denoiser(checkpoint)  # EMA weights where the run kept them, as sample.py exports
     ours = generate(
-        exported.net,
-        pipeline.scheduler,
+        trained.net,
+        scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)[0],  # sample.py's scheduler
         3,
         seeds,
-        exported.conditioning,
+        trained.conditioning,
         {"image": frames},
         3.0,
-        vae=exported.vae,
+        vae=trained.vae,
         size=(size, size),
         num_frames=9,
     )
@@ -173,10 +180,12 @@ def test_image_to_video_trains_samples_and_exports_to_svd_pipeline(i2v_ckpt: Pat
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={i2v_ckpt}", f"export={folder}"]))
     frames = _first_frames(2)
-    ours, theirs = _exported_clips(folder, frames, [0, 1], 16)
+    ours, theirs = _exported_clips(folder, i2v_ckpt, frames, [0, 1], 16)
     assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
     assert (theirs - ours).abs().max() < 1e-4
     assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' clips are far apart at this scale
+    ours, theirs = _exported_clips(folder, i2v_ckpt, frames, [0, 1], 16, perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3  # mutation control: an export with perturbed UNet weights fails
 
     with pytest.raises(ConfigError, match="give image=FILE"):
         sample_run(compose_config("sample", [f"ckpt={i2v_ckpt}", f"out={tmp_path / 'none'}"]))
@@ -266,7 +275,7 @@ def test_svd_pipeline_fine_tunes_and_exports_with_its_temporal_decoder(tmp_path:
     )
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    ours, theirs = _exported_clips(folder, _first_frames(2, resolution=32), [0, 1], 32)
+    ours, theirs = _exported_clips(folder, checkpoint, _first_frames(2, resolution=32), [0, 1], 32)
     assert (theirs - ours).abs().max() < 1e-4  # SVD's VAE decodes each clip's frames together (num_frames)
     tiny_video_vae().save_pretrained(tmp_path / "video-vae")
     with pytest.raises(ConfigError, match="takes a frame-wise VAE"):

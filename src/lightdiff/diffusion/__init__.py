@@ -6,6 +6,8 @@ from lightdiff.diffusion.distillation import (
     DistillWeighting,
     distillation_distance,
     distillation_weight,
+    distribution_matching_gradient,
+    distribution_matching_loss,
     trailing_timesteps,
 )
 from lightdiff.diffusion.edm import EDM
@@ -51,6 +53,8 @@ __all__ = [
     "add_noise",
     "distillation_distance",
     "distillation_weight",
+    "distribution_matching_gradient",
+    "distribution_matching_loss",
     "flow_alpha_sigma",
     "interpolate",
     "is_flow_sampler",

@@ -1,5 +1,6 @@
-"""Adversarial diffusion distillation math (ADD: Sauer et al. 2023, arXiv 2311.17042; LADD: Sauer et al. 2024,
-arXiv 2403.12015). Pure tensor functions; the noise levels come from the objective (`Objective.alpha_sigma`).
+"""Distillation math: adversarial diffusion distillation (ADD: Sauer et al. 2023, arXiv 2311.17042; LADD: Sauer et
+al. 2024, arXiv 2403.12015) and distribution matching (DMD: Yin et al. 2024, arXiv 2311.18828; DMD2: arXiv
+2405.14867). Pure tensor functions; the noise levels come from the objective (`Objective.alpha_sigma`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import typing
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 DistillWeighting = Literal["alpha_bar", "sds", "none"]
 
@@ -48,3 +50,25 @@ def distillation_distance(student_x0: torch.Tensor, teacher_x0: torch.Tensor, we
     SD's 4 x 64 x 64 latents), so that the published weight leaves the adversarial term in charge."""
     squared_norms = (student_x0.float() - teacher_x0.float()).pow(2).flatten(1).sum(dim=1)
     return (weight.float() * squared_norms).mean()
+
+
+def distribution_matching_gradient(
+    sample_x0: torch.Tensor,  # G's samples x_0 (B, ...)
+    real_x0: torch.Tensor,  # the real score's (the teacher's) x_0 prediction at x_t = noised(x_0, t)
+    fake_x0: torch.Tensor,  # the fake score's x_0 prediction at the same x_t
+) -> torch.Tensor:
+    """DMD's gradient of the KL between G's distribution and the data's with respect to G's samples (Yin et al.
+    2024, Equation 7, its normaliser from Section 3.3): (mu_fake(x_t) - mu_real(x_t)) / mean |x_0 - mu_real(x_t)|,
+    per sample. The scores are s = -(x_t - alpha mu(x_t)) / sigma^2, so s_fake - s_real is (alpha / sigma^2)
+    (mu_fake - mu_real): its sign points from the data's density to G's, and descending it moves x_0 toward the
+    data. The normaliser makes its scale free of how far the sample is from the data. Non-finite entries (a
+    normaliser of 0) are zeroed."""
+    normaliser = (sample_x0 - real_x0).abs().flatten(1).mean(dim=1).clamp_min(1e-8)
+    gradient = (fake_x0 - real_x0) / normaliser.reshape(-1, *([1] * (sample_x0.ndim - 1)))
+    return torch.nan_to_num(gradient)
+
+
+def distribution_matching_loss(sample_x0: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """0.5 ||x_0 - sg(x_0 - gradient)||^2, averaged over elements: a loss whose gradient with respect to x_0 is
+    `gradient` / (its element count), so back-propagating it through G applies DMD's gradient (DMD2's code)."""
+    return 0.5 * F.mse_loss(sample_x0.float(), (sample_x0 - gradient).detach().float())

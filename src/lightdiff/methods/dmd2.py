@@ -35,7 +35,13 @@ from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
-from lightdiff.diffusion import SchedulerFactory, trailing_timesteps, weighted_mse
+from lightdiff.diffusion import (
+    SchedulerFactory,
+    distribution_matching_gradient,
+    distribution_matching_loss,
+    trailing_timesteps,
+    weighted_mse,
+)
 from lightdiff.methods.optimization import (
     OptimisesItsNetwork,
     OptimizerFactory,
@@ -182,11 +188,8 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
                 real_score_x0 = self.teacher.x0(x_t, t, condition, batch)
                 fake_output = network_output(self.fake_net, x_t, t, condition)
                 fake_score_x0 = self.teacher.objective.predicted_x0(fake_output, x_t, t)
-                # DMD, Equation 7 with its normaliser: the gradient's scale is free of the sample's distance.
-                normaliser = (fake_x0.detach() - real_score_x0).abs().flatten(1).mean(dim=1).clamp_min(1e-8)
-                gradient = (fake_score_x0 - real_score_x0) / normaliser.reshape(-1, *([1] * (fake_x0.ndim - 1)))
-                gradient = torch.nan_to_num(gradient)
-            matching_loss = 0.5 * F.mse_loss(fake_x0.float(), (fake_x0 - gradient).detach().float())
+                gradient = distribution_matching_gradient(fake_x0.detach(), real_score_x0, fake_score_x0)
+            matching_loss = distribution_matching_loss(fake_x0, gradient)
             t_gan = self.matching_timesteps(size)
             gan_loss = F.softplus(-self.classifier(self.noised(fake_x0, t_gan), t_gan, condition)).mean()
             loss = matching_loss + self.gen_gan_weight * gan_loss

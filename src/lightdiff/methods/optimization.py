@@ -39,7 +39,7 @@ class AdamW8bit:
             import bitsandbytes  # noqa: F401
         except ImportError as error:
             raise ConfigError(
-                "optimizer=adamw_8bit needs bitsandbytes (pip install bitsandbytes), which is not installed"
+                "optimizer=adamw_8bit needs bitsandbytes (pip install 'lightdiff[bnb]'), which is not installed"
             ) from error
         if not torch.cuda.is_available():
             raise ConfigError("optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes' 8-bit kernels); none is visible")

@@ -21,7 +21,6 @@ from lightdiff.nets.families.base import (
     Condition,
     ConditioningSettings,
     DataDescription,
-    Family,
     Inputs,
     PipelineComponents,
     check_captions,
@@ -32,9 +31,9 @@ from lightdiff.nets.families.base import (
 )
 from lightdiff.nets.families.sd import (
     GuidanceEmbedded,
+    StableDiffusion,
     check_no_shift,
     scratch_clip_text,
-    unet_with_guidance_input,
     with_lcm_input,
 )
 from lightdiff.nets.pretrained import check_parts_used, listed_parts, load_component, pipeline_config
@@ -205,7 +204,9 @@ def pooled_width(net: UNet2DConditionModel) -> int:
     return net.config.projection_class_embeddings_input_dim - 6 * net.config.addition_time_embed_dim
 
 
-class SDXL(Family):
+class SDXL(StableDiffusion):
+    """Stable Diffusion's UNet with SDXL's added text-time embedding: its guidance input (LCM-SDXL) is SD's."""
+
     name = "sdxl"
     denoiser_class = UNet2DConditionModel
     takes_text = True
@@ -247,12 +248,6 @@ class SDXL(Family):
             settings.train_text_encoder,
             bool(config.get("force_zeros_for_empty_prompt", True)),
         )
-
-    def with_guidance_input(
-        self, net: nn.Module, conditioning: nn.Module, guidance_scale: float, embedding_dim: int
-    ) -> tuple[nn.Module, nn.Module]:
-        student = unet_with_guidance_input(net, embedding_dim)
-        return student, GuidanceEmbedded(conditioning, guidance_scale, embedding_dim)
 
     def read_folder(
         self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
