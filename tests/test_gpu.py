@@ -106,3 +106,20 @@ def test_torchao_quantised_text_model_sampling_passes_its_check_on_cuda(quantize
     assert len(list(folder.glob("0*.png"))) == 4  # sample.py's check against fp32 eager passed (5e-2)
     record = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
     assert record["speed"]["quantize"] == quantize
+
+
+def test_offloaded_ema_keeps_the_same_average_bit_for_bit(tiny_train_config) -> None:
+    """callbacks.ema.offload keeps the average in CPU memory between updates, the weights on the GPU: the average is
+    the one kept on the GPU, bit for bit (on a CPU both sides share a device, so only here can this fail)."""
+    runs = {name: tiny_train_config(f"run_name={name}", "trainer=gpu", "trainer.max_steps=3") for name in ("on", "off")}
+    run(runs["on"])
+    with_offload = runs["off"]
+    with_offload.callbacks.ema.offload = True
+    run(with_offload)
+    averages = [
+        load_checkpoint_file(Path(runs[name].run_dir) / "checkpoints" / "last.ckpt")["callbacks"]["ema"][
+            "shadow_params"
+        ]
+        for name in ("on", "off")
+    ]
+    assert len(averages[0]) > 0 and all(torch.equal(a, b) for a, b in zip(*averages))

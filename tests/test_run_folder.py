@@ -310,7 +310,9 @@ def test_a_preempted_run_saves_and_skips_the_end_of_run_round(tiny_train_config,
 
 
 def _child_run(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
-    arguments = [f"output_root={tmp_path}", f"run_name={name}", *TINY, *overrides]
+    """A tiny run in a child process that checkpoints at every step (the tests wait for those files)."""
+    every_step = "callbacks.checkpoint.every_n_train_steps=1"
+    arguments = [f"output_root={tmp_path}", f"run_name={name}", *TINY, every_step, *overrides]
     code = KILLABLE.format(repo=str(REPO), overrides=arguments)
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
 

@@ -25,7 +25,7 @@ from lightdiff.nets.text import (
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import for_latents, generate, generators_for
 from lightdiff.train import run as train_run
-from lightdiff.trained import load_checkpoint_file, load_denoiser
+from lightdiff.trained import load_denoiser
 
 from .conftest import (
     TINY,
@@ -357,7 +357,8 @@ def test_turbo_distils_an_sd2_v_prediction_teacher(tmp_path: Path) -> None:
 
 def test_memory_options_half_precision_frozen_parts_and_offloaded_ema(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
     """model.frozen_dtype puts the frozen VAE and both encoders in half precision (a force_upcast VAE stays float32
-    under float16, where SDXL's overflows); callbacks.ema.offload keeps the same average, bit for bit."""
+    under float16, where SDXL's overflows). (callbacks.ema.offload keeping the same average is tests/test_gpu.py's:
+    on a CPU the average and the weights share one device, so the comparison could not fail.)"""
     common = [
         f"output_root={tmp_path}",
         *TINY,
@@ -368,13 +369,6 @@ def test_memory_options_half_precision_frozen_parts_and_offloaded_ema(sdxl_pipel
         "trainer.max_steps=3",
     ]
     plain = train_run(compose_config("train", [*common, "run_name=plain"])).lightning_module
-    offloaded = train_run(compose_config("train", [*common, "run_name=off", "callbacks.ema.offload=true"]))
-    averages = [
-        load_checkpoint_file(tmp_path / name / "checkpoints" / "last.ckpt")["callbacks"]["ema"]["shadow_params"]
-        for name in ("plain", "off")
-    ]
-    assert all(torch.equal(a, b) for a, b in zip(*averages)) and len(averages[0]) > 0
-    assert offloaded.lightning_module.net.dtype == torch.float32
     bf16 = train_run(compose_config("train", [*common, "run_name=bf16", "model.frozen_dtype=bfloat16"]))
     module = bf16.lightning_module
     assert module.vae.dtype == torch.bfloat16 and module.net.dtype == torch.float32

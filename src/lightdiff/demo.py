@@ -34,6 +34,7 @@ from PIL import Image, PngImagePlugin
 from lightdiff.config import ConfigError, build
 from lightdiff.drawing import Drawing, apply_speed, device_named, load_for_sampling
 from lightdiff.files import owned_prefix, remove_stale_folders
+from lightdiff.nets.families.base import ReadsLabels
 from lightdiff.sampling import seed_problem, to_uint8
 from lightdiff.speed import SamplingSpeed
 from lightdiff.trained import TrainedDenoiser, load_trained
@@ -270,7 +271,8 @@ class DemoModel:
         if self.denoiser is None or "label" not in self.denoiser.conditioning.reads:
             return []
         names = self.denoiser.class_names
-        count = getattr(self.denoiser.conditioning, "num_classes", None) or len(names or [])
+        conditioning = self.denoiser.conditioning
+        count = (conditioning.num_classes if isinstance(conditioning, ReadsLabels) else 0) or len(names or [])
         return [(names[k] if names else f"class {k}", k) for k in range(count)]
 
     @property

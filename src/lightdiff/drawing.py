@@ -19,6 +19,7 @@ from PIL import Image
 
 from lightdiff.config import ConfigError
 from lightdiff.nets.families import SIZE_AND_CROP, family_of, size_and_crop
+from lightdiff.nets.families.base import EmbedsGuidance, ReadsLabels, TextEncoders
 from lightdiff.nets.lora import has_adapters, load_lora_file, set_adapter_scale
 from lightdiff.nets.summary import components, summary_table
 from lightdiff.nets.vae import frame_count_problem, vae_scale_factor
@@ -130,7 +131,9 @@ def _apply_lora(cfg: DictConfig, denoiser: TrainedDenoiser) -> None:
             raise ConfigError(
                 f"lora={cfg.lora!r}: ckpt={cfg.ckpt!r} already has LoRA adapters; apply one set at a time"
             )
-        load_lora_file(denoiser.net, cfg.lora, getattr(denoiser.conditioning, "text_encoder", None))
+        conditioning = denoiser.conditioning
+        encoders = conditioning.text_encoders() if isinstance(conditioning, TextEncoders) else {}
+        load_lora_file(denoiser.net, cfg.lora, encoders.get("text_encoder"))
         log.info("applied the LoRA adapters of %s (scale %g)", cfg.lora, cfg.lora_scale)
     adapted = has_adapters(denoiser.net)
     if not adapted and (cfg.lora_scale != 1.0 or cfg.export_fused):
@@ -208,14 +211,16 @@ class Drawing:
             raise ConfigError(
                 "original_size / crop_top_left given, but the model takes no size conditioning (SDXL does)"
             )
-        # A family that reads labels has a class count (ClassLabels.num_classes); others take none.
-        classes = getattr(self.conditioning, "num_classes", None) if "label" in self.conditioning.reads else None
+        # A conditioning that reads labels has a class count (ClassLabels.num_classes); others take none.
+        reads_labels = "label" in self.conditioning.reads and isinstance(self.conditioning, ReadsLabels)
+        classes = self.conditioning.num_classes if reads_labels else None
         self.labels = _labels(cfg, classes, count)
         # guidance is for text models and image-to-video ones (the conditioning frame against none)
         guided = self.prompts is not None or self.first_frame is not None
         self.guidance_scale = cfg.guidance_scale if guided else 1.0
         # a network that takes the scale as its input (a consistency model, a guidance-embedding FLUX): one call a step
-        self.embedded_guidance = getattr(self.conditioning, "guidance_scale", None) is not None
+        embeds = isinstance(self.conditioning, EmbedsGuidance)
+        self.embedded_guidance = embeds and self.conditioning.guidance_scale is not None
         if denoiser.vae is not None:
             denoiser.vae.to(device)
         # what ran, as the scheduler was built: the class the objective picked (an SNR-shifted schedule's CogVideoX

@@ -19,6 +19,7 @@ from PIL import Image
 from lightdiff.diffusion.flow_matching import resolution_shift_mu
 from lightdiff.nets.denoiser import image_tokens, network_output
 from lightdiff.nets.families import SIZE_AND_CROP, Conditioning, Inputs, family_of, size_and_crop
+from lightdiff.nets.families.base import RampsGuidance
 from lightdiff.nets.vae import Autoencoder, decode_latents, latent_frames, vae_scale_factor
 
 
@@ -166,9 +167,9 @@ def generate(
     if family.video:
         frames = num_frames or net.config.get("sample_frames") or net.config.num_frames  # CogVideoX's / SVD's own
         shape = (len(seeds), latent_frames(vae, frames), *shape[1:])
-        ramp_start = getattr(conditioning, "guidance_scale_min", None)
-        if ramp_start is not None:  # StableVideoDiffusionPipeline: guidance rising linearly over the frames
-            scale = torch.linspace(ramp_start, guidance_scale, shape[1], device=device).reshape(1, -1, 1, 1, 1)
+        if isinstance(conditioning, RampsGuidance):  # StableVideoDiffusionPipeline: guidance rising over the frames
+            ramp = torch.linspace(conditioning.guidance_scale_min, guidance_scale, shape[1], device=device)
+            scale = ramp.reshape(1, -1, 1, 1, 1)
 
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         prediction = network_output(net, torch.cat([x_t, x_t]) if guided else x_t, t, condition)

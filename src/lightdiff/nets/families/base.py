@@ -152,6 +152,30 @@ class RecordsPipelineArguments(Protocol):
 
 
 @runtime_checkable
+class ReadsLabels(Protocol):
+    """A conditioning of class labels: how many it embeds (samplers and the demo cycle labels through them)."""
+
+    num_classes: int
+
+
+@runtime_checkable
+class EmbedsGuidance(Protocol):
+    """A conditioning that feeds the network the guidance scale as an input (LCM's `GuidanceEmbedded`, FLUX's
+    guidance embedding): sampling then calls the network once a step, unguided. None: this network has no such input
+    (a FLUX transformer without `guidance_embeds`)."""
+
+    guidance_scale: float | None
+
+
+@runtime_checkable
+class RampsGuidance(Protocol):
+    """Guidance that rises linearly over a clip's frames from `guidance_scale_min` to the guidance scale
+    (StableVideoDiffusionPipeline's `min_guidance_scale`)."""
+
+    guidance_scale_min: float
+
+
+@runtime_checkable
 class CacheableText(Protocol):
     """A conditioning whose whole condition is one text state per caption, encoded by a frozen encoder: what
     `data.cache_latents` can store once per distinct caption (lightdiff.data.latent_cache)."""
