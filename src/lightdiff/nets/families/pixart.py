@@ -27,7 +27,7 @@ from lightdiff.nets.families.base import (
     zero_adaln_gates,
 )
 from lightdiff.nets.families.dit import write_parts
-from lightdiff.nets.families.sd import CLIPText, read_clip_parts, scratch_clip_text
+from lightdiff.nets.families.sd import CLIPText, read_clip_folder, read_clip_parts, scratch_clip_text
 from lightdiff.nets.pretrained import check_parts_used, pipeline_parts
 
 NO_SIZE_CONDITIONING = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
@@ -101,11 +101,8 @@ class PixArt(Family):
     def read_folder(
         self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
     ) -> tuple[nn.Module | None, nn.Module]:
-        for component in ("vae", "text_encoder", "tokenizer"):
-            if not (folder / component).is_dir():
-                raise ValueError(f"{folder} has a text-conditioned network but no {component}/")
-        tokenizer, encoder = read_clip_parts(folder, CLIPTextModel, "the pipeline folder")
-        return load_vae(), self._clip_text(net, tokenizer, encoder.eval(), trainable=False)
+        tokenizer, encoder = read_clip_folder(folder)
+        return load_vae(), self._clip_text(net, tokenizer, encoder, trainable=False)
 
     def write(self, parts: PipelineComponents, folder: Path) -> None:
         write_parts(parts, folder)

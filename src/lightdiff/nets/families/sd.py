@@ -272,6 +272,16 @@ def read_clip_parts(source: str | Path, encoder_class: type[CLIPTextModel], key:
     return tokenizer, load_component(encoder_class, str(source), "text_encoder", key)
 
 
+def read_clip_folder(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The tokenizer and frozen CLIP encoder of an exported folder whose denoiser cross-attends to one CLIP's states
+    (Stable Diffusion's pipeline, PixArt's parts layout), refused naming the part it lacks."""
+    for component in ("vae", "text_encoder", "tokenizer"):
+        if not (folder / component).is_dir():
+            raise ValueError(f"{folder} has a text-conditioned network but no {component}/")
+    tokenizer, encoder = read_clip_parts(folder, CLIPTextModel, "the pipeline folder")
+    return tokenizer, encoder.eval()
+
+
 def unet_with_guidance_input(teacher_net: UNet2DConditionModel, embedding_dim: int) -> UNet2DConditionModel:
     """The teacher's UNet with a guidance-scale input of `embedding_dim` (diffusers' `time_cond_proj_dim`), its new
     projection zero-initialised: the student starts as exactly the teacher's network."""
@@ -346,11 +356,8 @@ class StableDiffusion(Family):
     def read_folder(
         self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
     ) -> tuple[nn.Module | None, nn.Module]:
-        for component in ("vae", "text_encoder", "tokenizer"):
-            if not (folder / component).is_dir():
-                raise ValueError(f"{folder} has a text-conditioned network but no {component}/")
-        tokenizer, encoder = read_clip_parts(folder, CLIPTextModel, "the pipeline folder")
-        return load_vae(), with_lcm_input(net, CLIPText(tokenizer, encoder.eval(), trainable=False), metadata)
+        tokenizer, encoder = read_clip_folder(folder)
+        return load_vae(), with_lcm_input(net, CLIPText(tokenizer, encoder, trainable=False), metadata)
 
     def write(self, parts: PipelineComponents, folder: Path) -> None:
         check_no_shift(parts.vae)
