@@ -349,6 +349,9 @@ def test_text_to_video_trains_samples_mp4_and_exports_to_cogvideox_pipeline(vide
     assert len(load_video(str(tmp_path / "bf16" / "000001.mp4"))) == 9
     metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert metrics["num_clips"] == 2 and metrics["fvd_random"] > 0 and set(metrics["motion"]) >= {"right", "steady"}
+    # two clips of two captions have no spread to measure: the judge says so and no bar is met
+    assert metrics["motion"]["variety"].startswith("not measured (generated: 2 clips, 2 captions")
+    assert metrics["motion"]["meets_bar"] is False
     # grid.png holds the sampled clips exactly (a clip per row): what generate() draws for the same seeds
     denoiser = load_denoiser(video_ckpt)
     scheduler = denoiser.objective.scheduler(

@@ -25,8 +25,8 @@ from lightdiff.data import ImageDataModule, MovingShapesDataset, ShapesDataset
 from lightdiff.drawing import Drawing, apply_speed, device_named, load_for_sampling, scheduler_for
 from lightdiff.export import export_kohya_lora, export_pipeline, export_single_file
 from lightdiff.files import folder_written_atomically
-from lightdiff.metrics import FrechetEvaluator, shapes_metric
-from lightdiff.metrics.motion import motion_metric, video_distance
+from lightdiff.metrics import FrechetEvaluator, ShapesFeatures, shapes_metric
+from lightdiff.metrics.motion import motion_metric, video_distance, video_judge
 from lightdiff.sampling import (
     frames_grid,
     image_grid,
@@ -311,6 +311,10 @@ def judge_clips(
         "reference_samples": count,
         "reference_data": datamodule.identity,
     }
-    if isinstance(dataset, MovingShapesDataset):
+    if isinstance(dataset, MovingShapesDataset) and prompts is not None:
+        # the motion metric and the variety it cannot see (recall, spread within a caption): `VIDEO_BAR`
+        reference_prompts = [dataset[index]["text"] for index in range(count)]
+        result["motion"] = video_judge(to_uint8(reference), reference_prompts, clips, prompts, ShapesFeatures())
+    elif isinstance(dataset, MovingShapesDataset):
         result["motion"] = motion_metric(clips, prompts)
     return result

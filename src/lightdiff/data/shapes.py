@@ -87,12 +87,19 @@ def shapes_label(seed: int, index: int) -> int:
     return class_label(shape, color)
 
 
-def shapes_sample(seed: int, index: int, resolution: int) -> tuple[Image.Image, int, str]:
-    """(image, label, caption) of sample `index`; a pure function of (seed, index, resolution)."""
+def shapes_layout(seed: int, index: int, resolution: int) -> tuple[str, str, float, float, float]:
+    """(shape, colour, side, left, top) of sample `index`, in pixels: what `shapes_sample` draws (and what a feature
+    network learns to read back)."""
     rng, shape, color = drawn_class(seed, index)
     side = float(rng.uniform(MIN_SIDE, MAX_SIDE)) * resolution
     left = float(rng.uniform(0, resolution - side))
     top = float(rng.uniform(0, resolution - side))
+    return shape, color, side, left, top
+
+
+def shapes_sample(seed: int, index: int, resolution: int) -> tuple[Image.Image, int, str]:
+    """(image, label, caption) of sample `index`; a pure function of (seed, index, resolution)."""
+    shape, color, side, left, top = shapes_layout(seed, index, resolution)
     image = draw_shape(shape, color, side, left, top, resolution)
     return image, class_label(shape, color), f"a {color} {shape}"
 

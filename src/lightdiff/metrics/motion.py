@@ -10,6 +10,12 @@ Each clip (uint8 (F, H, W, 3), as `lightdiff.sampling.to_uint8` makes each frame
 - steady: every frame-to-frame step along that axis goes the same way and stays within `STEP_TOLERANCE` of the mean
   step (the data set moves at a constant speed; shuffled frames jump back and forth).
 A clip is right when all three hold. The data set's own clips score 1.0 on each (tests/test_video.py).
+
+Being right about every caption is not enough: one fixed clip per caption, repeated, is right every time. So the
+judge (`video_judge`) also measures variety against reference clips: recall (Kynkaanniemi et al. 2019) in the space
+of `ShapesFeatures` of the first, middle and last frame (where the shape is, how large, at three times), and the mean
+distance between clips of one caption as a ratio to the reference clips' own. `VIDEO_BAR` is the bar a claim about
+text-to-video must pass on all of them; the collapse control fails it (tests/test_video.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 
 from lightdiff.data.moving_shapes import DIRECTION_NAMES, DIRECTIONS, MIN_TRAVEL
 from lightdiff.data.moving_shapes import MAX_SIDE as MOVING_MAX_SIDE
+from lightdiff.metrics.diversity import precision_recall, within_group_distance
 from lightdiff.metrics.features import check_unit_range
 from lightdiff.metrics.shapes import FOREGROUND, judge_image, parse_prompt
 
@@ -180,3 +187,53 @@ def video_distance(
     features = (features or RandomVideoFeatures()).to(real.device)
     embed = lambda clips: torch.cat([features(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)])  # noqa: E731
     return frechet_distance(embed(real), embed(generated))
+
+
+# experiments/video_shapes' claim (>= 80% of clips right) and issue 41's variety bars, fixed before any run.
+VIDEO_BAR = {"right": 0.80, "recall": 0.5, "diversity_vs_reference": 0.5}
+NEIGHBOURS = 3  # k of precision and recall's k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
+
+
+def clip_features(clips: torch.Tensor, features: nn.Module, batch_size: int = 64) -> torch.Tensor:
+    """Features of clips (N, F, 3, H, W) in [0, 1]: the image features of the first, middle and last frame, side by
+    side, so they see where the shape is at three times (its path) as well as what it is."""
+    frames = clips[:, [0, clips.shape[1] // 2, clips.shape[1] - 1]]
+    flat = frames.flatten(0, 1)
+    embedded = torch.cat([features(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
+    return embedded.reshape(len(clips), -1)
+
+
+def caption_groups(prompts: Sequence[str]) -> list[int]:
+    names = {prompt: index for index, prompt in enumerate(dict.fromkeys(prompts))}
+    return [names[prompt] for prompt in prompts]
+
+
+def video_judge(
+    reference: np.ndarray | torch.Tensor,
+    reference_prompts: Sequence[str],
+    generated: np.ndarray | torch.Tensor,
+    prompts: Sequence[str],
+    features: nn.Module,
+) -> dict[str, object]:
+    """The video judge of generated uint8 clips (N, F, H, W, 3) made for `prompts`, against reference uint8 clips of
+    the data with their captions: the motion metric, precision and recall of `clip_features`, the within-caption
+    distance (pixels in [0, 1]) and its ratio to the reference's, and whether `VIDEO_BAR` is met."""
+    reference, generated = _as_uint8_clips(reference), _as_uint8_clips(generated)
+    result: dict[str, object] = dict(motion_metric(generated, prompts))
+    too_few = [
+        f"{name}: {len(clips)} clips, {len(set(captions))} captions"
+        for name, clips, captions in (("reference", reference, reference_prompts), ("generated", generated, prompts))
+        if len(clips) <= NEIGHBOURS or len(set(captions)) == len(captions)
+    ]
+    if too_few:  # variety needs more than k clips and a caption drawn twice: not measured, so no bar is met
+        return result | {"variety": f"not measured ({'; '.join(too_few)})", "meets_bar": False}
+    as_float = lambda clips: torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
+    real_clips, generated_clips = as_float(reference), as_float(generated)
+    result |= precision_recall(
+        clip_features(real_clips, features), clip_features(generated_clips, features), k=NEIGHBOURS
+    )
+    spread = within_group_distance(generated_clips, caption_groups(prompts))
+    reference_spread = within_group_distance(real_clips, caption_groups(reference_prompts))
+    result |= {"within_caption_distance": spread, "diversity_vs_reference": spread / reference_spread}
+    result["meets_bar"] = all(float(result[key]) >= bar for key, bar in VIDEO_BAR.items())
+    return result
