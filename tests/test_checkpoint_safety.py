@@ -32,6 +32,7 @@ from lightdiff.methods.autoencoder import AutoencoderTraining
 from lightdiff.methods.diffusion import DiffusionTraining
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
+from tests.conftest import TINY, compose_config
 
 NAN = float("nan")
 
@@ -368,3 +369,25 @@ def test_nan_loss_is_skipped_under_manual_optimisation(tiny_train_config, monkey
         assert torch.equal(before, after)
     checkpoint = load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
     assert _all_finite(checkpoint) and checkpoint["callbacks"]["nonfinite"]["skipped_steps"] == 1
+
+
+def test_a_run_writes_its_final_state_once(tmp_path: Path, monkeypatch) -> None:
+    """FinalCheckpoint writes last.ckpt at the end; Lightning's own end-of-training save of last.ckpt (which it makes
+    when no periodic save happened) would write the same state again. Negative control: the periodic saves at every
+    step are all still made, and the file holds the last step."""
+    saves: list[tuple[str, int]] = []
+    original = pl.Trainer.save_checkpoint
+
+    def counting(trainer: pl.Trainer, path, *args, **kwargs) -> None:
+        saves.append((Path(path).name, trainer.global_step))
+        original(trainer, path, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", counting)
+    run(compose_config("train", [f"output_root={tmp_path}", *TINY, "run_name=once", "trainer.max_steps=3"]))
+    assert saves == [("last.ckpt", 3)]
+    assert load_checkpoint_file(tmp_path / "once" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    saves.clear()
+    every_step = ["callbacks.checkpoint.every_n_train_steps=1", "trainer.max_steps=2"]
+    run(compose_config("train", [f"output_root={tmp_path}", *TINY, "run_name=periodic", *every_step]))
+    assert [step for name, step in saves if name.startswith("step")] == [1, 2]
+    assert saves[-1] == ("last.ckpt", 2)

@@ -48,6 +48,15 @@ class StepCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning writes last.ckpt here when no periodic save did; FinalCheckpoint (first in the callback list) has
+        # just written the same state to the same file, so a second full write would only slow every run's end.
+        last = Path(self.dirpath or "") / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        final = [c for c in trainer.callbacks if isinstance(c, FinalCheckpoint) and c.saved]
+        if any(c.path.absolute() == last.absolute() for c in final):
+            return
+        super().on_train_end(trainer, pl_module)
+
     def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
         # Lightning never removes the file a run resumed from. A resume that fell back to a step checkpoint (last.ckpt
         # was damaged) would then keep that file for ever: here a file in this folder is pruned like any other, once
