@@ -512,6 +512,20 @@ def test_guidance_distillation_of_a_flux_teacher_exports_flux_dev_style(flux_tea
     losses = [float(row["train/loss"]) for row in _metrics(Path(cfg.run_dir)) if row.get("train/loss")]
     assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
     assert trainer.lightning_module.net.config.guidance_embeds
+    # The regression target on a fixed batch is classifier-free guidance of the teacher, computed here from two
+    # separate calls (the empty prompt, the caption): u + w (c - u) at each sample's own scale.
+    teacher = trainer.lightning_module.teacher
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 4, 8, 8, generator=generator)  # latents, as the teacher's VAE gives them
+    t, scales = torch.tensor([300.0, 700.0]), torch.tensor([2.0, 6.0])
+    batch = {"text": ["a red circle", "a blue square"]}
+    with torch.no_grad():
+        target = teacher.guided_output(x_t, t, teacher.conditioning(batch), batch, scales)
+        caption = network_output(teacher.net, x_t, t, teacher.conditioning(batch))
+        empty = network_output(teacher.net, x_t, t, teacher.conditioning({"text": ["", ""]}))
+    guided = empty + scales.view(2, 1, 1, 1) * (caption - empty)
+    torch.testing.assert_close(target, guided, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(target, caption + scales.view(2, 1, 1, 1) * (caption - empty), atol=1e-4)  # not 1+w
     student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'dev-pipeline'}"]))
     pipeline = FluxPipeline.from_pretrained(folder)

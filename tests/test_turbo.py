@@ -127,6 +127,15 @@ def test_losses_discriminator_numbers_and_fid_at_1_2_4_steps_are_logged(student_
     assert {"val/fid_1step", "val/fid_2steps", "val/fid_4steps", "val/shapes_both_1step"} <= logged
     accuracy = [float(row["train/d_accuracy"]) for row in rows if row.get("train/d_accuracy")]
     assert all(0 <= value <= 1 for value in accuracy)
+    # each step count is judged on its own images (a copy of one number under three keys would be equal), and the R1
+    # penalty is the discriminator's squared gradient norm on real data: never negative, not all zero
+    fids = [
+        [float(row[key]) for row in rows if row.get(key)]
+        for key in ("val/fid_1step", "val/fid_2steps", "val/fid_4steps")
+    ]
+    assert all(values and min(values) > 0 for values in fids) and len({values[-1] for values in fids}) == 3
+    r1 = [float(row["train/r1"]) for row in rows if row.get("train/r1")]
+    assert min(r1) >= 0 and max(r1) > 0
     grid = next((run_dir / "samples").glob("final_step*.png"))
     assert Image.open(grid).width > 0
 
@@ -335,4 +344,16 @@ def test_turbo_trains_on_teacher_generated_data(text_ckpt: Path, tmp_path: Path)
     cfg = compose_config("train", [o for o in overrides if not o.startswith("data.size=")])  # a folder has its size
     module = train_run(cfg).lightning_module
     assert sorted(set(module.trainer.datamodule.captions())) == ["a blue square", "a red circle"]
-    assert (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file()
+    # What the student was fed is the teacher's samples: every training item is one of sample.py's images, exactly
+    # (or its mirror image: the folder's random_flip).
+    dataset = module.trainer.datamodule.source_dataset
+    written = {png.name: np.asarray(Image.open(png).convert("RGB")) for png in sorted(folder.glob("[0-9]*.png"))}
+    assert len(dataset) == len(written) == 4
+    for index in range(len(dataset)):
+        pixels = ((dataset[index]["pixel_values"] / 2 + 0.5) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert any(
+            np.array_equal(pixels, image) or np.array_equal(pixels, image[:, ::-1]) for image in written.values()
+        )
+    assert not any(np.array_equal(written["000000.png"], image) for image in list(written.values())[1:])  # 4 images
+    teacher = load_teacher(str(text_ckpt)).net.state_dict()
+    assert any(not torch.equal(value, teacher[name]) for name, value in module.net.state_dict().items())
