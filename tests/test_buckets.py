@@ -178,11 +178,23 @@ def test_buckets_that_do_not_fit_the_network_are_named_before_the_run_folder(tmp
     assert not (tmp_path / "x").exists()
 
 
-def test_latent_cache_per_bucket_with_sdxl_text_states(tmp_path: Path) -> None:
+def test_latent_cache_per_bucket_with_sdxl_text_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """data.cache_latents with buckets: latents of each bucket's size, both encoders' states and the pooled vector
-    cached (frozen encoders of a pipeline), size / crop ids kept; the run trains from the cache."""
+    cached (frozen encoders of a pipeline), size / crop ids kept; the run trains from the cache: the VAE encodes each
+    of the 24 pictures once (building the cache), and none in the training steps."""
+    from diffusers import AutoencoderKL
+
     from .conftest import tiny_vae
     from .test_sdxl import _family, _pipeline
+
+    encoded: list[int] = []
+    encode = AutoencoderKL.encode
+
+    def counted(self, pixels, *args, **kwargs):  # noqa: ANN001, ANN202
+        encoded.append(len(pixels))
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counted)
 
     folder = tmp_path / "sdxl"
     _pipeline(_family()).save_pretrained(folder)
@@ -204,6 +216,7 @@ def test_latent_cache_per_bucket_with_sdxl_text_states(tmp_path: Path) -> None:
         ],
     )
     module = run(cfg).lightning_module
+    assert sum(encoded) == 24 and module.trainer.global_step == 2  # steps that encoded on the fly would add theirs
     dataset = module.trainer.datamodule.dataset
     shapes = {tuple(dataset[i]["latent_moments"].shape) for i in range(24)}
     assert shapes == {(8, 10, 6), (8, 8, 8), (8, 6, 10)}  # moments (2C) of 20x12, 16x16 and 12x20 pictures
