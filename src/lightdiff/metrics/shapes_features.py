@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightdiff.data.shapes import COLOR_NAMES, SHAPES, shapes_layout, shapes_sample
+from lightdiff.data.shapes import COLOR_NAMES, SHAPES, draw_shape, shapes_layout
 from lightdiff.data.transforms import pil_to_tensor
 from lightdiff.files import module_fingerprint
 from lightdiff.metrics.features import check_unit_range
@@ -103,8 +103,8 @@ def labelled_shapes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     resolutions = RECIPE["resolutions"]
     for index in range(count):
         resolution = int(resolutions[index % len(resolutions)])
-        image, _, _ = shapes_sample(seed, index, resolution)
         shape, colour, side, left, top = shapes_layout(seed, index, resolution)
+        image = draw_shape(shape, colour, side, left, top, resolution)  # shapes_sample's image, its layout drawn once
         pixels = pil_to_tensor(image).unsqueeze(0) / 2 + 0.5
         images.append(_to_input(pixels)[0] / 2 + 0.5)
         shapes.append(SHAPES.index(shape))
