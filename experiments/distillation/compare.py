@@ -46,7 +46,7 @@ from lightdiff.metrics import FrechetEvaluator, RandomConvFeatures, ShapesFeatur
 from lightdiff.metrics.diversity import precision_recall, within_group_distance
 from lightdiff.nets.families.sd import GuidanceEmbedded
 from lightdiff.sampling import for_latents, generate, reconfigured, to_uint8
-from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_denoiser
+from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_checkpoint_file, load_denoiser
 
 CAPTIONS = [label_to_caption(label) for label in range(24)]
 TEACHER_GUIDANCE = 4.0
@@ -181,7 +181,10 @@ def main() -> None:
     args = parser.parse_args()
     seeds, count = args.seeds, len(args.seeds)
     teacher = None if args.teacher == "data" else load_denoiser(args.teacher)
-    students = [(name, load_denoiser(path)) for name, path in (entry.split("=", 1) for entry in args.students)]
+    student_paths = dict(entry.split("=", 1) for entry in args.students)
+    students = [(name, load_denoiser(path)) for name, path in student_paths.items()]
+    # Optimiser steps each student reached in its equal wall-clock budget: what its training compute bought.
+    trained_steps = {name: load_checkpoint_file(Path(path))["global_step"] for name, path in student_paths.items()}
     reference = ShapesDataset(size=count, resolution=RESOLUTION, seed=0)
     features = ShapesFeatures(args.feature_cache)
     evaluators = {
@@ -232,6 +235,7 @@ def main() -> None:
                 timings.append(time.perf_counter() - started)
             seconds = min(timings)
         row = {"model": name, "steps": steps, "seconds": seconds, "images_per_second": count / seconds}
+        row["trained_steps"] = trained_steps.get(name)
         row |= judge(images, prompts, groups, evaluators, features, reference_features)
         teacher_row = teacher_row or row
         rows.append(with_ratios(row, teacher_row))
@@ -250,6 +254,8 @@ def main() -> None:
         )
         print("|" + " --- |" * 8)
         print("\n".join(lines))
+    if trained_steps:
+        print("\noptimiser steps trained: " + ", ".join(f"{name} {steps}" for name, steps in trained_steps.items()))
     if args.out is not None:
         meta = {
             "seeds": [seeds[0], seeds[-1] + 1],
