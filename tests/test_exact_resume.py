@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,31 +132,44 @@ def test_preemption_signal_saves_stops_requeues_and_resumes(
     _assert_same_state(expected, load_checkpoint_file(tmp_path / "cut" / "checkpoints" / "last.ckpt"))
 
 
-def _resume_in_process(tiny_train_config, stop_at: int) -> dict:
-    run(tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :], f"trainer.max_steps={stop_at}"))
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run stopped at step 6 (mid-epoch 2), once: each resume below resumes a copy (the stop itself restores
+    nothing, so the negative controls' patches would not change it)."""
+    root = tmp_path_factory.mktemp("stopped")
+    torch.set_num_threads(2)
+    run(compose_config("train", [f"output_root={root}", "run_name=cut", *OVERRIDES, "trainer.max_steps=6"]))
+    return root / "cut"
+
+
+def _resume_a_copy(tiny_train_config, stopped: Path) -> dict:
     cfg = tiny_train_config("run_name=cut", *OVERRIDES[len(TINY) :])
+    shutil.copytree(stopped, cfg.run_dir)
     run(cfg)
     return load_checkpoint_file(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
 
 
-def test_resume_mid_epoch_is_bit_identical(tiny_train_config, uninterrupted) -> None:
+def test_resume_mid_epoch_is_bit_identical(tiny_train_config, uninterrupted, stopped_mid_epoch) -> None:
     """Stopped at step 6 (mid-epoch) and resumed: the same weights, EMA and optimiser state as never stopping."""
     expected, _ = uninterrupted
-    _assert_same_state(expected, _resume_in_process(tiny_train_config, stop_at=6))
+    assert load_checkpoint_file(stopped_mid_epoch / "checkpoints" / "last.ckpt")["global_step"] == 6
+    _assert_same_state(expected, _resume_a_copy(tiny_train_config, stopped_mid_epoch))
 
 
-def test_negative_control_without_rng_restore(tiny_train_config, uninterrupted, monkeypatch) -> None:
+def test_negative_control_without_rng_restore(tiny_train_config, uninterrupted, stopped_mid_epoch, monkeypatch) -> None:
     expected, _ = uninterrupted
     monkeypatch.setattr(random_state, "restore_random_state", lambda state: None)
     with pytest.raises(AssertionError, match="weights differ"):
-        _assert_same_state(expected, _resume_in_process(tiny_train_config, stop_at=6))
+        _assert_same_state(expected, _resume_a_copy(tiny_train_config, stopped_mid_epoch))
 
 
-def test_negative_control_without_data_position(tiny_train_config, uninterrupted, monkeypatch) -> None:
+def test_negative_control_without_data_position(
+    tiny_train_config, uninterrupted, stopped_mid_epoch, monkeypatch
+) -> None:
     expected, _ = uninterrupted
     monkeypatch.setattr(ResumableSampler, "resume_from", lambda self, batches_seen: None)
     with pytest.raises(AssertionError, match="weights differ"):
-        _assert_same_state(expected, _resume_in_process(tiny_train_config, stop_at=6))
+        _assert_same_state(expected, _resume_a_copy(tiny_train_config, stopped_mid_epoch))
 
 
 def test_sampler_splits_global_batches_over_ranks_and_resumes() -> None:

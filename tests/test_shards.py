@@ -146,33 +146,48 @@ def uninterrupted(shards: tuple[Path, str], tmp_path_factory: pytest.TempPathFac
     return _train(tmp_path_factory.mktemp("whole"), shards[1], "whole", 7)
 
 
+@pytest.fixture(scope="module")
+def stopped(shards: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The run stopped after 3 steps (its folder and last checkpoint), once: each test below resumes a copy."""
+    root = tmp_path_factory.mktemp("stopped")
+    return root / "cut", _train(root, shards[1], "cut", 3)
+
+
 def _weights_equal(expected: dict, actual: dict) -> bool:
     return all(torch.equal(value, actual["state_dict"][key]) for key, value in expected["state_dict"].items())
 
 
-def test_a_stopped_run_resumes_at_the_sample(shards: tuple[Path, str], uninterrupted: dict, tmp_path: Path) -> None:
+def test_a_stopped_run_resumes_at_the_sample(
+    shards: tuple[Path, str], uninterrupted: dict, stopped: tuple[Path, dict], tmp_path: Path
+) -> None:
     """Stopped after 3 steps (stream 1's turn next, mid-shard) and resumed to 7: bit-identical to never stopping."""
-    stopped = _train(tmp_path, shards[1], "cut", 3)
-    state = stopped["ShardsDataModule"]
+    state = stopped[1]["ShardsDataModule"]
     assert state["batches_seen"] == 3 and state["num_streams"] == 2 and state["world_size"] == 1
     # stream 0 served batches 0 and 2 (6 samples: its first shard and 2 of its second), stream 1 batch 1 (3 samples)
     positions = state["ranks"][0]["positions"]
     assert positions == {0: {"cursor": [0, 1, 2], "pending": []}, 1: {"cursor": [0, 0, 3], "pending": []}}
+    shutil.copytree(stopped[0], tmp_path / "cut")
     resumed = _train(tmp_path, shards[1], "cut", 7)
     assert resumed["global_step"] == uninterrupted["global_step"] == 7
     assert _weights_equal(uninterrupted, resumed)
 
 
 def test_negative_control_resume_without_stream_positions(
-    shards: tuple[Path, str], uninterrupted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards: tuple[Path, str],
+    uninterrupted: dict,
+    stopped: tuple[Path, dict],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _train(tmp_path, shards[1], "cut", 3)
+    shutil.copytree(stopped[0], tmp_path / "cut")
     monkeypatch.setattr(ShardsDataModule, "load_state_dict", lambda self, state: None)  # streams start over
     assert not _weights_equal(uninterrupted, _train(tmp_path, shards[1], "cut", 7))
 
 
-def test_resume_with_other_workers_is_refused(shards: tuple[Path, str], tmp_path: Path) -> None:
-    _train(tmp_path, shards[1], "cut", 2)
+def test_resume_with_other_workers_is_refused(
+    shards: tuple[Path, str], stopped: tuple[Path, dict], tmp_path: Path
+) -> None:
+    shutil.copytree(stopped[0], tmp_path / "cut")
     cfg = compose_config(
         "train",
         [f"output_root={tmp_path}", "run_name=cut", f'data.urls="{shards[1]}"', "trainer.max_steps=4", *SHARD_RUN]
@@ -228,9 +243,10 @@ def test_bad_samples_and_shards_are_skipped_and_counted(
         next(iter(strict))
 
 
-def test_the_first_shard_must_open_before_anything_is_written(tmp_path: Path) -> None:
-    with pytest.raises(OSError, match="cannot read shard .*missing-000.tar"):
+def test_the_first_shard_must_open_before_anything_is_written(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(OSError, match="cannot read shard .*missing-000.tar: no such file"):
         ShardsDataModule(urls=str(tmp_path / "missing-{000..003}.tar"), resolution=8, batch_size=2)
+    assert "retrying" not in caplog.text  # a local file that is not there is named at once, not retried for seconds
     with pytest.raises(ValueError, match="names no shard"):
         ShardsDataModule(urls=[], resolution=8)
 

@@ -12,10 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.loggers import LatestMetrics, objective
+from lightdiff.train import _check_launch, run
 
 from .conftest import CONF, REPO, TINY, compose_config
 
@@ -87,12 +88,20 @@ def test_multirun_jobs_share_a_wandb_group_and_keep_their_own_folders(tmp_path: 
 
 
 def test_multirun_with_in_process_ddp_fails_fast_naming_the_slurm_launcher(tmp_path: Path) -> None:
-    result = _train(
-        "-m", "trainer=cpu", "trainer.devices=2", "logger=none", f"output_root={tmp_path}", SWEPT, expect_ok=False
-    )
-    assert result.returncode != 0
-    assert "hydra/launcher=slurm" in result.stderr and "trainer.devices=2" in result.stderr
-    assert not (tmp_path / "pixel-shapes-linear").exists()  # nothing written
+    """A job of `python train.py -m trainer=cpu trainer.devices=2 ...` as its launcher composes it (in process: the
+    real multirun's launch is `test_each_job_has_its_own_run_folder_and_resumes_there`)."""
+
+    def job(*overrides: str) -> DictConfig:
+        sweep = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/sweeps/s", "logger=none", "model.lr=1e-4"]
+        return compose_config("train", [f"output_root={tmp_path}", *sweep, "trainer=cpu", *overrides])
+
+    with pytest.raises(ConfigError, match="trainer.devices=2") as refused:
+        run(job("trainer.devices=2"))
+    assert "hydra/launcher=slurm" in str(refused.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    # Controls: a one-device job of the sweep, and the two-device run without -m, pass the launch check.
+    _check_launch(job("trainer.devices=1"))
+    _check_launch(compose_config("train", [f"output_root={tmp_path}", "trainer=cpu", "trainer.devices=2"]))
 
 
 def test_slurm_launcher_config_submits_one_task_per_gpu_with_the_preemption_signal(

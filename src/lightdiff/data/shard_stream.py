@@ -97,6 +97,8 @@ def read_shard(url: str, retries: int = 2, retry_delay: float = 1.0) -> list[dic
         try:
             files = tar_file_expander(url_opener([{"url": url}]))
             return list(group_by_keys(files))
+        except FileNotFoundError as error:  # a local path that does not exist will not appear on a retry
+            raise UnreadableShard(f"cannot read shard {url}: no such file") from error
         except Exception as error:  # noqa: BLE001 - any failure of the reader or transport: retried, then named
             if attempt == retries:
                 raise UnreadableShard(f"cannot read shard {url} ({retries + 1} attempts): {error}") from error
@@ -320,9 +322,10 @@ class ShardHead(Dataset):
         caption_key: str | None,
         size: int,
         skip_bad: bool = True,  # an unreadable shard (truncated, missing) is skipped, as the training stream skips it
+        shard_retries: int = 2,  # as the training stream's: further attempts before a shard is skipped
     ) -> None:
         self.urls, self.transform, self.caption_key, self.size = urls, transform, caption_key, size
-        self.skip_bad = skip_bad
+        self.skip_bad, self.shard_retries = skip_bad, shard_retries
         self.first_readable: str | None = None  # the first shard that could be read (what the others must match)
         self.resolution = transform.resolution
         self.buckets: list[Bucket] | None = None  # the training stream's buckets, if any (the head is square)
@@ -334,7 +337,7 @@ class ShardHead(Dataset):
             unreadable: list[UnreadableShard] = []
             for url in self.urls:
                 try:
-                    shard = read_shard(url)
+                    shard = read_shard(url, self.shard_retries)
                 except UnreadableShard as error:
                     if not self.skip_bad:
                         raise
@@ -401,14 +404,14 @@ class ShardsDataModule(ImageDataModule):
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
         # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
         # square crops, for FID and previews
-        head = ShardHead(self.urls, self.transform, caption_key, reference_size, skip_bad)
+        head = ShardHead(self.urls, self.transform, caption_key, reference_size, skip_bad, shard_retries)
         if len(head) == 0:  # reads the first shards now, so an unreadable one stops the run before it writes anything
             raise ValueError(f"no usable sample in the shards of data.urls={urls!r} (each skipped: see the log)")
         head.buckets = self.bucket_list  # what the methods check their nets against (ImageDataModule.buckets)
         held_out = None
         if val_urls is not None:
             square = ImageTransform(resolution, center_crop=True, random_flip=False)
-            held_out = ShardHead(shard_urls(plain(val_urls)), square, caption_key, val_size, skip_bad)
+            held_out = ShardHead(shard_urls(plain(val_urls)), square, caption_key, val_size, skip_bad, shard_retries)
         identity = f"shards|{self.urls[0]}..{self.urls[-1]}|shards={len(self.urls)}|resolution={resolution}"
         super().__init__(
             head,
