@@ -87,17 +87,18 @@ def test_logged_values_learning_rate_grad_norm_throughput(tiny_train_config) -> 
 
 def test_loss_falls_on_shapes(tiny_train_config) -> None:
     cfg = tiny_train_config(
-        "trainer.max_steps=60",
+        "trainer.max_steps=30",
         "data.batch_size=16",
         "data.size=512",
         "model.lr=2e-3",
         "model.warmup_steps=5",
-        "callbacks.checkpoint.every_n_train_steps=30",
+        "callbacks.checkpoint.every_n_train_steps=15",
         "trainer.log_every_n_steps=1",
     )
     run(cfg)
     losses = [float(r["train/loss"]) for r in _metrics(Path(cfg.run_dir)) if r.get("train/loss")]
-    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    # 30 steps reach 0.22x the first steps' loss here (0.13x at 60): a bar at 0.4x still leaves twice the margin
+    assert len(losses) == 30 and np.mean(losses[-10:]) < 0.4 * np.mean(losses[:5])
 
 
 def test_class_conditional_without_labels_fails_early(tmp_path: Path) -> None:
