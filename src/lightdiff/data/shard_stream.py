@@ -16,8 +16,9 @@ sample) and, with aspect-ratio buckets, the places of the samples read but still
 resumed stream re-reads one shard (plus those of its waiting samples), not the epoch.
 
 Bad data: a sample whose image cannot be decoded, or that has no image or no caption, is skipped and counted; a
-shard that cannot be read is retried `shard_retries` times and then skipped and counted. The count and the shard
-and key of each go to train.log (`data.skip_bad=false` stops at the first instead).
+shard that cannot be read is retried `shard_retries` times (a local file that is not there: not retried) and then
+skipped and counted. The count and the shard and key of each go to train.log (`data.skip_bad=false` stops at the
+first instead).
 """
 
 from __future__ import annotations
