@@ -97,6 +97,20 @@ TINY_SDXL_MODEL = [
 ]
 
 
+def count_encoded(monkeypatch: pytest.MonkeyPatch, vae_class: type) -> list[int]:
+    """Patch `vae_class.encode` to record each call's batch size in the returned list (what a cached run must not
+    encode again)."""
+    encoded: list[int] = []
+    encode = vae_class.encode
+
+    def counted(self, pixels, *args, **kwargs):  # noqa: ANN001, ANN202
+        encoded.append(len(pixels))
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(vae_class, "encode", counted)
+    return encoded
+
+
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """step -> train/loss over every CSV version of a run (a resumed session writes a new version)."""
     losses: dict[int, float] = {}

@@ -184,17 +184,10 @@ def test_latent_cache_per_bucket_with_sdxl_text_states(tmp_path: Path, monkeypat
     of the 24 pictures once (building the cache), and none in the training steps."""
     from diffusers import AutoencoderKL
 
-    from .conftest import tiny_vae
+    from .conftest import count_encoded, tiny_vae
     from .test_sdxl import _family, _pipeline
 
-    encoded: list[int] = []
-    encode = AutoencoderKL.encode
-
-    def counted(self, pixels, *args, **kwargs):  # noqa: ANN001, ANN202
-        encoded.append(len(pixels))
-        return encode(self, pixels, *args, **kwargs)
-
-    monkeypatch.setattr(AutoencoderKL, "encode", counted)
+    encoded = count_encoded(monkeypatch, AutoencoderKL)
 
     folder = tmp_path / "sdxl"
     _pipeline(_family()).save_pretrained(folder)

@@ -39,7 +39,7 @@ from lightdiff.sampling import frames_grid, generate, to_uint8, write_video
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
 
-from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, tiny_vae, tiny_video_vae
+from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, count_encoded, tiny_vae, tiny_video_vae
 from .test_exact_resume import _assert_same_state
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
@@ -549,14 +549,7 @@ def test_text_to_video_trains_from_the_clip_latent_cache_without_encoding(
     """Once the cache exists, a run encodes no clip; the control without data.cache_latents encodes every step's."""
     from diffusers import AutoencoderKLCogVideoX
 
-    calls: list[int] = []
-    encode = AutoencoderKLCogVideoX.encode
-
-    def counted(self, pixels, *args, **kwargs):  # noqa: ANN001, ANN202
-        calls.append(len(pixels))
-        return encode(self, pixels, *args, **kwargs)
-
-    monkeypatch.setattr(AutoencoderKLCogVideoX, "encode", counted)
+    calls = count_encoded(monkeypatch, AutoencoderKLCogVideoX)
     cache = [f"data.latent_cache_dir={tmp_path / 'cache'}", "data.size=8"]
     train_run(_video_config(tmp_path, video_vae_dir, "run_name=fill", "data.cache_latents=true", *cache))
     assert sum(calls) == 8 and len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1  # every clip once
