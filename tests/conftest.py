@@ -5,6 +5,7 @@ write into them: copy a checkpoint before changing it)."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,13 @@ import lightdiff.config  # noqa: F401  (registers the config resolvers, as train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+
+# Torch threads of every test and of the training processes tests start: float sums depend on the thread count, so
+# both sides of an exactness test must use the same. Two on their own; one per worker where pytest-xdist runs the
+# suite in parallel (`-n 2`: two workers on two cores), exported so that child processes take it too.
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)  # session and module fixtures run before the autouse fixture below sets it again
 
 # A run that takes seconds on a CPU: every size shrunk, every feature on.
 TINY = [
@@ -68,7 +76,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _fast_and_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -129,7 +137,7 @@ KILLABLE = """
 import sys, time
 import pytorch_lightning as pl
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(__THREADS__)
 sys.path.insert(0, {repo!r})
 from tests.conftest import compose_config
 from lightdiff import train
@@ -151,7 +159,7 @@ try:
     train.run(cfg)
 except Preempted:  # as train.py's entry does
     sys.exit(PREEMPTED_EXIT_STATUS)
-"""
+""".replace("__THREADS__", str(TEST_THREADS))
 
 
 def _trained_checkpoint(root: Path, name: str, *overrides: str) -> Path:

@@ -221,10 +221,11 @@ def test_latent_cache_per_bucket_with_sdxl_text_states(tmp_path: Path, monkeypat
 
 def test_cut_by_border_tells_a_cut_shape_from_one_touching_the_edge() -> None:
     from lightdiff.data.shapes import draw_shape
-    from lightdiff.metrics.shapes import cut_by_border
+    from lightdiff.metrics.shapes import cut_by_border, touches_border
 
     touching = np.asarray(draw_shape("square", "red", 8, 0, 4, 16))  # whole, its left side on the border
     cut = np.asarray(draw_shape("circle", "blue", 10, -5, 3, 16))  # half of it outside the picture
     inside = np.asarray(draw_shape("triangle", "green", 8, 4, 4, 16))
     empty = np.zeros((16, 16, 3), dtype=np.uint8)
     assert cut_by_border(np.stack([touching, cut, inside, empty])).tolist() == [False, True, False, False]
+    assert touches_border(np.stack([touching, cut, inside, empty])).tolist() == [True, True, False, False]

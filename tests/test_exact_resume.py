@@ -23,7 +23,7 @@ from lightdiff.data.sampler import ResumableSampler
 from lightdiff.train import run
 from lightdiff.trained import load_checkpoint_file
 
-from .conftest import KILLABLE, REPO, TINY, compose_config, losses_by_step
+from .conftest import KILLABLE, REPO, TEST_THREADS, TINY, compose_config, losses_by_step
 
 # 4 batches per epoch, so 12 steps cross two epoch boundaries; a sample grid every 2 steps, so a kill can land in
 # the middle of sampling; a checkpoint every step.
@@ -85,7 +85,7 @@ def _signal_part_way(
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[int, float]]:
     root = tmp_path_factory.mktemp("uninterrupted")
     cfg = compose_config("train", [f"output_root={root}", "run_name=whole", *OVERRIDES])
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)  # module fixtures run before the autouse one that sets it per test
     run(cfg)
     run_dir = root / "whole"
     return load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt"), losses_by_step(run_dir)
@@ -137,7 +137,7 @@ def stopped_mid_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run stopped at step 6 (mid-epoch 2), once: each resume below resumes a copy (the stop itself restores
     nothing, so the negative controls' patches would not change it)."""
     root = tmp_path_factory.mktemp("stopped")
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)  # module fixtures run before the autouse one that sets it per test
     run(compose_config("train", [f"output_root={root}", "run_name=cut", *OVERRIDES, "trainer.max_steps=6"]))
     return root / "cut"
 

@@ -14,7 +14,7 @@ import pytest
 from .conftest import REPO
 
 
-@pytest.mark.slow  # about a minute: a nested pytest, two benchmarks, a 3-step training run
+@pytest.mark.slow  # about a minute: two benchmarks, a 3-step training run, the GPU tests collected
 def test_gpu_checks_smoke_run_passes_every_stage(tmp_path: Path) -> None:
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "LIGHTDIFF_COMMIT": "test"}
     result = subprocess.run(
@@ -28,3 +28,6 @@ def test_gpu_checks_smoke_run_passes_every_stage(tmp_path: Path) -> None:
     assert "17.26 TFLOP" in summary  # the SD2-size UNet's FLOPs per step at batch 32
     assert "| ema_offloaded |" in summary  # the SDXL memory table, every option's row
     assert "commit test" in (tmp_path / "train.log").read_text()
+    # the tests stage's selection (collected, not run, on a CPU) still names the GPU tests it runs on the device
+    collected = (tmp_path / "tests.log").read_text()
+    assert "test_gpu.py::" in collected and "test_gpu_run_uses_bf16_autocast_with_fp32_weights" in collected

@@ -261,10 +261,10 @@ def test_shards_serve_what_an_image_folder_serves(shards: tuple[Path, str]) -> N
     assert set(batch) == {"pixel_values", "size_and_crop", "label", "text", STREAM_STATE}
 
 
-def _train_ddp(root: Path, urls: str, name: str, steps: int) -> dict:
+def _train_ddp(root: Path, urls: str, name: str, steps: int, *extra: str) -> dict:
     overrides = [o for o in SHARD_RUN if not o.startswith(("data.num_workers", "logger"))]
     command = [sys.executable, "train.py", f"output_root={root}", f"run_name={name}", f'data.urls="{urls}"']
-    command += [*overrides, "logger=csv", "data.num_workers=0", f"trainer.max_steps={steps}"]
+    command += [*overrides, "logger=csv", "data.num_workers=0", f"trainer.max_steps={steps}", *extra]
     command += ["trainer=ddp_cpu", "trainer.devices=2"]
     environment = {**os.environ, "WANDB_MODE": "offline"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=environment)
@@ -272,9 +272,9 @@ def _train_ddp(root: Path, urls: str, name: str, steps: int) -> dict:
     return load_checkpoint_file(root / name / "checkpoints" / "last.ckpt")
 
 
-@pytest.mark.slow  # three DDP launches of two gloo processes each
+@pytest.mark.slow  # two DDP launches of two gloo processes each
 def test_two_ranks_read_their_own_shards_and_resume_at_the_sample(shards: tuple[Path, str], tmp_path: Path) -> None:
-    whole = _train_ddp(tmp_path, shards[1], "whole", 6)
+    whole = _train_ddp(tmp_path, shards[1], "whole", 6, "callbacks.checkpoint.save_top_k=-1")  # keeps every step's
     state = whole["ShardsDataModule"]
     assert state["world_size"] == 2 and state["batches_seen"] == 6
     # each rank's one stream read 6 batches of 3 = 18 samples of its 4 shards of 4: epoch 1, sample 2 of its first
@@ -283,8 +283,10 @@ def test_two_ranks_read_their_own_shards_and_resume_at_the_sample(shards: tuple[
     ]
     assert not set(expected[0]) & set(expected[1])
     assert [rank["positions"] for rank in state["ranks"]] == [{0: {"cursor": [1, 0, 2], "pending": []}}] * 2
-    _train_ddp(tmp_path, shards[1], "cut", 3)
-    resumed = _train_ddp(tmp_path, shards[1], "cut", 6)
+    # resumed from the uninterrupted run's step-3 checkpoint, mid-epoch, as a run preempted there would be
+    halfway = tmp_path / "whole" / "checkpoints" / "step0000003.ckpt"
+    assert load_checkpoint_file(halfway)["ShardsDataModule"]["batches_seen"] == 3
+    resumed = _train_ddp(tmp_path, shards[1], "cut", 6, f"ckpt_path={halfway}")
     assert _weights_equal(whole, resumed)
 
 

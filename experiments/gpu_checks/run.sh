@@ -38,11 +38,14 @@ fi
 COMMIT=${LIGHTDIFF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export LIGHTDIFF_COMMIT=$COMMIT
 
-TESTS=(-m "gpu or not slow" tests/test_gpu.py tests/test_speed.py
+# -n 0: in one process (the suite's default is a worker per core: here they would share the one GPU)
+TESTS=(-n 0 -m "gpu or not slow" tests/test_gpu.py tests/test_speed.py
   tests/test_training.py::test_gpu_run_uses_bf16_autocast_with_fp32_weights)
 if [ "${SMOKE:-0}" = 1 ]; then
   # The same commands at toy sizes on a CPU: paths, flags and overrides are exercised, no figure is meaningful;
-  # without --speed-path (compiling on a CPU takes minutes; tests/test_speed.py covers it there).
+  # without --speed-path (compiling on a CPU takes minutes; tests/test_speed.py covers it there). The tests are
+  # collected, not run: on a CPU they are the default suite's own, and its run already covers them.
+  TESTS+=(--collect-only)
   TRAIN=(--steps 3 --warmup 1 --repeats 1 data.batch_size=8 data.resolution=16)
   TEACHER=(trainer.max_steps=3 data.batch_size=8)
   SAMPLE=(--steps 2 --repeats 1)

@@ -176,7 +176,12 @@ def cut_by_border(images: np.ndarray | torch.Tensor) -> np.ndarray:
     trained on centre crops of wider pictures learns cut shapes (SDXL's reason for crop conditioning and buckets,
     Podell et al. 2023, Sections 2.2-2.3)."""
     images = _as_uint8_images(images)
-    foreground = images.max(axis=-1) > FOREGROUND
+    return touches_border(images) & np.array([not judge_image(image).valid for image in images])
+
+
+def touches_border(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(N,) bools: whether each uint8 image has foreground in its outer row or column (the raw count behind
+    `cut_by_border`, which also asks the shapes judge whether the shape is whole)."""
+    foreground = _as_uint8_images(images).max(axis=-1) > FOREGROUND
     edges = [foreground[:, 0, :], foreground[:, -1, :], foreground[:, :, 0], foreground[:, :, -1]]
-    touches = np.stack([edge.any(axis=1) for edge in edges]).any(axis=0)
-    return touches & np.array([not judge_image(image).valid for image in images])
+    return np.stack([edge.any(axis=1) for edge in edges]).any(axis=0)
