@@ -23,7 +23,7 @@ CONF = REPO / "conf"
 
 # Torch threads of every test and of the training processes tests start: float sums depend on the thread count, so
 # both sides of an exactness test must use the same. Two on their own; one per worker where pytest-xdist runs the
-# suite in parallel (`-n 2`: two workers on two cores), exported so that child processes take it too.
+# suite in parallel (pyproject addopts: a worker per core), exported so that child processes take it too.
 TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 torch.set_num_threads(TEST_THREADS)  # session and module fixtures run before the autouse fixture below sets it again
