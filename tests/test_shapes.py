@@ -1,5 +1,7 @@
 """The shapes data set's determinism, captions and specification; the shapes metric's verdicts."""
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from lightdiff.data.shapes import (
     shapes_sample,
 )
 from lightdiff.metrics import judge_image, shapes_metric
+from lightdiff.metrics.shapes import class_balanced_seeds
 
 
 def _real_images(count: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, list[int], list[str]]:
@@ -115,3 +118,18 @@ def test_judge_names_shape_and_colour() -> None:
     image, _, caption = shapes_sample(0, 5, 32)
     judgement = judge_image(np.asarray(image))
     assert judgement.valid and f"a {judgement.color} {judgement.shape}" == caption
+
+
+def test_class_balanced_seeds_gives_each_class_as_many_images_and_names_a_bad_range() -> None:
+    """The studies' --seeds START:STOP (seed mod 24 picks the caption): each class the same count, or refused."""
+    seeds = class_balanced_seeds("1000:1048")
+    assert seeds == list(range(1000, 1048))
+    assert np.bincount([seed % 24 for seed in seeds]).tolist() == [2] * 24
+    for bad in ["1000:1050", "10:10", "48:0", "a:b", "1000"]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"--seeds {bad}: "):
+            class_balanced_seeds(bad)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--seeds", type=class_balanced_seeds, default="0:24")
+    assert parser.parse_args([]).seeds == list(range(24))  # the default string goes through the same check
+    with pytest.raises(argparse.ArgumentError, match="multiple of 24"):
+        parser.parse_args(["--seeds", "0:25"])

@@ -44,6 +44,7 @@ from lightdiff.data.shapes import COLOR_NAMES, MAX_SIDE, MIN_SIDE, SHAPES, draw_
 from lightdiff.data.transforms import pil_to_tensor
 from lightdiff.metrics import FrechetEvaluator, RandomConvFeatures, ShapesFeatures, shapes_metric
 from lightdiff.metrics.diversity import precision_recall, within_group_distance
+from lightdiff.metrics.shapes import class_balanced_seeds
 from lightdiff.nets.families.sd import GuidanceEmbedded
 from lightdiff.sampling import for_latents, generate, reconfigured, to_uint8
 from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_checkpoint_file, load_denoiser
@@ -53,14 +54,6 @@ TEACHER_GUIDANCE = 4.0
 RESOLUTION = 16
 # Issue 16's bar (adherence, FID within 2x the teacher's) and issue 41's diversity bars, all relative to the teacher.
 BAR = {"prompt_adherence": 0.90, "fid_vs_teacher": 2.0, "recall_vs_teacher": 0.5, "diversity_vs_teacher": 0.5}
-
-
-def seed_range(text: str) -> list[int]:
-    start, _, stop = text.partition(":")
-    seeds = list(range(int(start), int(stop)))
-    if not seeds or len(seeds) % len(CAPTIONS):
-        raise argparse.ArgumentTypeError(f"--seeds {text}: need a non-empty range whose length is a multiple of 24")
-    return seeds
 
 
 def sample(model: TrainedDenoiser, steps: int, seeds: list[int], batch: int = 240) -> torch.Tensor:
@@ -173,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("teacher")
     parser.add_argument("students", nargs="*", help="NAME=CHECKPOINT or NAME/RUN=CHECKPOINT")
-    parser.add_argument("--seeds", type=seed_range, default=seed_range("10000:10480"), help="START:STOP")
+    parser.add_argument("--seeds", type=class_balanced_seeds, default="10000:10480", help="START:STOP")
     parser.add_argument("--teacher-steps", type=int, default=50)
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--feature-cache", type=Path, default=None, help="ShapesFeatures' cache directory")

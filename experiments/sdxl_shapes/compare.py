@@ -24,18 +24,10 @@ from diffusers import DDIMScheduler
 
 from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
 from lightdiff.metrics import shapes_metric
-from lightdiff.metrics.shapes import cut_by_border, touches_border
+from lightdiff.metrics.shapes import class_balanced_seeds, cut_by_border, touches_border
 from lightdiff.nets.families import SIZE_AND_CROP, size_and_crop
 from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
 from lightdiff.trained import load_denoiser
-
-
-def seed_range(text: str) -> list[int]:
-    start, _, stop = text.partition(":")
-    seeds = list(range(int(start), int(stop or 0)))
-    if not seeds or len(seeds) % NUM_CLASSES:
-        raise argparse.ArgumentTypeError(f"--seeds {text}: need a non-empty range whose length is a multiple of 24")
-    return seeds
 
 
 def draw(
@@ -63,7 +55,7 @@ def draw(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+", help="name=checkpoint[@steps]")
-    parser.add_argument("--seeds", type=seed_range, default=seed_range("1000:1192"), help="START:STOP")
+    parser.add_argument("--seeds", type=class_balanced_seeds, default="1000:1192", help="START:STOP")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--grids", default=None, help="folder for one grid per model")

@@ -14,6 +14,7 @@ Each image is judged on its own:
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from lightdiff.data.shapes import COLOR_NAMES, COLORS, MAX_SIDE, MIN_SIDE, SHAPES, class_label
+from lightdiff.data.shapes import COLOR_NAMES, COLORS, MAX_SIDE, MIN_SIDE, NUM_CLASSES, SHAPES, class_label
 
 _PALETTE = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float64)
 FOREGROUND = 80  # brightness (0-255) above which a pixel belongs to a shape; the darkest colour peaks at 180
@@ -185,3 +186,19 @@ def touches_border(images: np.ndarray | torch.Tensor) -> np.ndarray:
     foreground = _as_uint8_images(images).max(axis=-1) > FOREGROUND
     edges = [foreground[:, 0, :], foreground[:, -1, :], foreground[:, :, 0], foreground[:, :, -1]]
     return np.stack([edge.any(axis=1) for edge in edges]).any(axis=0)
+
+
+def class_balanced_seeds(text: str) -> list[int]:
+    """The seeds START..STOP-1 of a `START:STOP` argument, where seed mod 24 picks the caption: refused (argparse's
+    `type=` error, naming the value) unless the range is non-empty and a multiple of the 24 classes long, so every
+    class is judged on as many images as every other."""
+    start, _, stop = text.partition(":")
+    try:
+        seeds = list(range(int(start), int(stop)))
+    except ValueError:
+        seeds = []
+    if not seeds or len(seeds) % NUM_CLASSES:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text}: need START:STOP, a non-empty range whose length is a multiple of {NUM_CLASSES}"
+        )
+    return seeds
