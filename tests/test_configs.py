@@ -181,6 +181,33 @@ def test_cifar_net_has_the_ddpm_paper_size() -> None:
     assert cfg.schedule.beta_start == 1e-4 and cfg.schedule.beta_end == 0.02 and cfg.data.batch_size == 128
 
 
+@pytest.mark.parametrize(
+    ("overrides", "weighting", "max_steps"),
+    [
+        ([], "min_snr", 2000),  # the default run: model=pixel objective=ddpm picks recipe/pixel_ddpm.yaml
+        (["objective.loss_weighting=none", "trainer.max_steps=50"], "none", 50),  # the command line wins
+        (["model=latent"], "none", 3000),  # other models keep the groups' own defaults
+        (["schedule=cosine", "objective=cogvideox"], "none", 3000),  # another objective is another recipe name
+        (["experiment=cifar10_ddpm"], "none", 800000),  # an experiment file overrides the recipe
+        (["experiment=butterflies"], "none", 480),
+    ],
+)
+def test_a_recipe_sets_one_models_defaults_under_one_objective(
+    overrides: list[str], weighting: str, max_steps: int, tmp_path: Path
+) -> None:
+    cfg = compose_config("train", [f"output_root={tmp_path}", *overrides])
+    assert (cfg.objective.loss_weighting, cfg.trainer.max_steps) == (weighting, max_steps)
+    assert "loss_weighting" not in compose_config("train", ["objective=flow_matching"]).objective
+
+
+def test_every_recipe_is_named_after_a_model_and_an_objective() -> None:
+    """train.yaml picks recipe/<model>_<objective>.yaml as an optional group: a misnamed file would never apply."""
+    names = {f"{model}_{objective}" for model in _options("model") for objective in _options("objective")}
+    recipes = _options("recipe")
+    assert recipes and set(recipes) <= names, set(recipes) - names
+    assert "pixel_dpm" not in names  # the control: a misnamed recipe is not among the names
+
+
 def test_default_run_name_comes_from_the_choices(tmp_path: Path) -> None:
     cfg = compose_config("train", ["schedule=cosine"])
     assert cfg.run_name == "pixel-shapes-cosine"

@@ -6,7 +6,8 @@ set -euo pipefail
 teacher=outputs/teacher_class_v_ztsnr/checkpoints/last.ckpt
 if [ ! -f "$teacher" ]; then
     python train.py experiment=shapes_class run_name=teacher_class_v_ztsnr logger=csv \
-        objective.prediction_type=v_prediction schedule.rescale_betas_zero_snr=true
+        objective.prediction_type=v_prediction schedule.rescale_betas_zero_snr=true \
+        objective.loss_weighting=none trainer.max_steps=3000  # as measured (before pixel DDPM's min-SNR default)
 fi
 run_name=turbo_shapes_$(date +%Y%m%d_%H%M%S)
 start=$(date +%s)
