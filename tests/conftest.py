@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan, UNet2DConditionModel, UNet2DModel
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -224,6 +224,23 @@ def tiny_video_vae() -> AutoencoderKLCogVideoX:
         layers_per_block=1,
         norm_num_groups=4,
         temporal_compression_ratio=4,
+    )
+
+
+def tiny_wan_vae() -> AutoencoderKLWan:
+    """A Wan VAE of two levels, both down-sampling time too (4x in space and in time, causal: 9 frames of 16 px -> 3
+    latent frames of 4 x 4 with 4 channels), with per-channel statistics far from (0, 1), seeded."""
+    torch.manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[0.5, 1.5, 1.0, 2.0],
+        scale_factor_spatial=4,
+        scale_factor_temporal=4,
     )
 
 

@@ -40,14 +40,14 @@ def _group_overrides() -> list[list[str]]:
     latent_nets = {
         o for o in _options("net") if re.search(r"in_channels: (4|16) ", (CONF / "net" / f"{o}.yaml").read_text())
     }
-    # Video presets with their models, which pick the moving-shapes clips: CogVideoX with model=video, SVD's UNet
-    # with model=video_i2v.
+    # Video presets with their models, which pick the moving-shapes clips: CogVideoX and Wan (text- and
+    # image-to-video) with model=video, SVD's UNet with model=video_i2v.
     video_model = {
-        o: "video" if "cogvideox" in text else "video_i2v"
+        o: "video" if "cogvideox" in text or "wantransformer3dmodel" in text else "video_i2v"
         for o in _options("net")
         if any(
             name in (text := (CONF / "net" / f"{o}.yaml").read_text().lower())
-            for name in ("cogvideox", "svd_", "spatiotemporal")
+            for name in ("cogvideox", "svd_", "spatiotemporal", "wantransformer3dmodel")
         )
     }
     video_nets = set(video_model)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduce experiments/video_shapes (from the repository root):
 #   bash experiments/video_shapes/run.sh vae        # the moving-shapes video VAE, exported into the package
+#   bash experiments/video_shapes/run.sh wan_vae    # the same recipe for Wan's VAE (conf/video_vae/wan.yaml)
 #   bash experiments/video_shapes/run.sh t2v [N]    # text-to-video (experiment=t2v_shapes): 5000 steps, resumed to N (10000), judged on 256 clips
 #   bash experiments/video_shapes/run.sh i2v [N]    # image-to-video (model=video_i2v) for N steps, judged likewise
 set -euo pipefail
-stage=${1:?vae | t2v | i2v}
+stage=${1:?vae | wan_vae | t2v | i2v}
 steps=${2:-3000}
 case "$stage" in
 vae)
@@ -14,6 +15,13 @@ vae)
         callbacks.samples.final_num_images=64
     python sample.py ckpt=outputs/vae_moving_shapes/checkpoints/last.ckpt \
         export=src/lightdiff/assets/vae_moving_shapes overwrite=true
+    ;;
+wan_vae)
+    python train.py model=autoencoder data=moving_shapes video_vae@model.video_vae=wan run_name=vae_moving_shapes_wan \
+        logger=csv trainer.max_steps=4000 model.disc_start=100000 data.batch_size=8 callbacks.samples.every_n_steps=500 \
+        callbacks.samples.num_images=16 callbacks.samples.final_num_images=64
+    python sample.py ckpt=outputs/vae_moving_shapes_wan/checkpoints/last.ckpt \
+        export=src/lightdiff/assets/vae_moving_shapes_wan overwrite=true
     ;;
 t2v | i2v)
     run=video_shapes_$stage
@@ -35,7 +43,7 @@ t2v | i2v)
     cat outputs/$run/final_metrics.json
     ;;
 *)
-    echo "unknown stage $stage (vae | t2v | i2v)" >&2
+    echo "unknown stage $stage (vae | wan_vae | t2v | i2v)" >&2
     exit 2
     ;;
 esac

@@ -87,6 +87,23 @@ def unless_pretrained(pretrained: str | None, default: str) -> str | None:
     return default if pretrained is None else None
 
 
+def shapes_video_vae(pretrained: str | None, net_target: str) -> str | None:
+    """`${lightdiff.shapes_video_vae:${.pretrained},${net._target_}}`: model=video's default VAE: None with
+    `model.pretrained` (the pipeline's own, as `unless_pretrained`), else the moving-shapes VAE shipped for the net's
+    family (`Family.shapes_vae`: CogVideoX's 3-D VAE, Wan's for a WanTransformer3DModel), since a family learns one
+    VAE's latents and its pipeline decodes with that VAE alone."""
+    if pretrained is not None:
+        return None
+    from lightdiff.nets.families import FAMILIES
+
+    class_name = net_target.rsplit(".", 1)[-1]
+    names = {family.shapes_vae for family in FAMILIES if family.denoiser_class.__name__ == class_name}
+    names.discard(None)
+    if len(names) != 1:
+        raise ConfigError(f"net._target_={net_target}: lightdiff ships no moving-shapes VAE for it; set model.vae")
+    return asset(names.pop())
+
+
 def default_run_name(*, _root_: DictConfig) -> str:
     """`${lightdiff.default_run_name:}`: `<model>-<data>` from the group choices, then the schedule where the model
     uses one, the net when it is not the method's default and the objective when it is not ddpm
@@ -154,6 +171,7 @@ OmegaConf.register_new_resolver("lightdiff.on_cuda", on_cuda, replace=True)
 OmegaConf.register_new_resolver("lightdiff.loader_workers", loader_workers, replace=True)
 OmegaConf.register_new_resolver("lightdiff.asset", asset, replace=True)
 OmegaConf.register_new_resolver("lightdiff.unless_pretrained", unless_pretrained, replace=True)
+OmegaConf.register_new_resolver("lightdiff.shapes_video_vae", shapes_video_vae, replace=True)
 OmegaConf.register_new_resolver("lightdiff.default_run_name", default_run_name, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_job_path", sweep_job_path, replace=True)
 OmegaConf.register_new_resolver("lightdiff.sweep_group", sweep_group, replace=True)

@@ -110,7 +110,7 @@ def _num_frames(cfg: DictConfig, denoiser: TrainedDenoiser) -> int | None:
         if cfg.num_frames is not None:
             raise ConfigError(f"num_frames={cfg.num_frames}: {type(denoiser.net).__name__} draws images, not clips")
         return None
-    frames = cfg.num_frames or denoiser.num_frames or denoiser.net.config.sample_frames
+    frames = cfg.num_frames or denoiser.num_frames or family_of(denoiser.net).default_num_frames(denoiser.net)
     if not isinstance(frames, int) or isinstance(frames, bool):
         raise ConfigError(f"num_frames={frames!r} must be a whole number of frames")
     problem = frame_count_problem(denoiser.vae, frames)

@@ -90,6 +90,7 @@ def denoise(
     dtype: torch.dtype,
     eta: float = 0.0,
     timestep_arguments: dict[str, object] | None = None,  # `set_timesteps`'s other arguments (`pipeline_timesteps`)
+    noise: torch.Tensor | None = None,  # x_T drawn by the caller from `generators` (`Family.initial_noise`)
 ) -> torch.Tensor:
     """The sampling loop of diffusers' pipelines: noise from `generators`, then one scheduler step per timestep.
 
@@ -104,7 +105,11 @@ def denoise(
     takes_eta = check_eta(scheduler, eta)
     if len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
-    sample = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+    if noise is None:
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+    if noise.shape != shape:
+        raise ValueError(f"noise of shape {tuple(noise.shape)} for samples of shape {shape}")
+    sample = noise
     scheduler.set_timesteps(num_inference_steps, device=device, **(timestep_arguments or {}))
     # Flow-matching schedulers start from plain noise and scale nothing (they have neither attribute).
     sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -133,7 +138,7 @@ def generate(
     eta: float = 0.0,  # DDIM's stochasticity
     vae: Autoencoder | None = None,  # decode the samples through it (a latent model)
     size: tuple[int, int] | None = None,  # (height, width) of the images in pixels; None: the net's sample_size
-    num_frames: int | None = None,  # frames per clip of a video net; None: its `sample_frames`
+    num_frames: int | None = None,  # frames per clip of a video net; None: its family's default (the pipeline's)
 ) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W), float32: step for step what DDPMPipeline / DDIMPipeline (pixels) or
     StableDiffusionPipeline / StableDiffusion3Pipeline (latents) draw from the same generators; clips (B, F, 3, H, W)
@@ -153,6 +158,10 @@ def generate(
     generators = generators_for(seeds)
     if "generators" in conditioning.reads:  # SVD draws its frame's augmentation noise before the latents' noise
         inputs = {**inputs, "generators": generators}
+    family = family_of(net)
+    frames = (num_frames or family.default_num_frames(net)) if family.video else None
+    if "num_frames" in conditioning.reads:  # Wan's image-to-video encodes the first frame with the clip's black rest
+        inputs = {**inputs, "num_frames": frames}
     condition = conditioning(inputs).to(device)
     guided = guidance_scale > 1.0
     if guided:
@@ -161,11 +170,9 @@ def generate(
         unconditional = conditioning.without_condition(inputs, [True] * len(seeds), negative_prompt)
         condition = conditioning(unconditional).to(device).cat(condition)
 
-    family = family_of(net)
     shape: tuple[int, ...] = (len(seeds), family.latent_channels(net), height // factor, width // factor)
     scale: float | torch.Tensor = guidance_scale
-    if family.video:
-        frames = num_frames or net.config.get("sample_frames") or net.config.num_frames  # CogVideoX's / SVD's own
+    if frames is not None:
         shape = (len(seeds), latent_frames(vae, frames), *shape[1:])
         if isinstance(conditioning, RampsGuidance):  # StableVideoDiffusionPipeline: guidance rising over the frames
             ramp = torch.linspace(conditioning.guidance_scale_min, guidance_scale, shape[1], device=device)
@@ -179,7 +186,8 @@ def generate(
         return uncond + scale * (cond - uncond)
 
     timesteps = pipeline_timesteps(net, scheduler, num_inference_steps, shape[-2], shape[-1])
-    sample = denoise(model, scheduler, num_inference_steps, shape, generators, device, net.dtype, eta, timesteps)
+    noise = family.initial_noise(shape, generators, device)
+    sample = denoise(model, scheduler, num_inference_steps, shape, generators, device, net.dtype, eta, timesteps, noise)
     images = decode_latents(vae, sample) if vae is not None else sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 

@@ -2,8 +2,9 @@
 `AutoencoderKL` trained with a pixel reconstruction loss, a small KL weight, and a PatchGAN hinge loss that is
 switched on after `disc_start` steps and balanced against the reconstruction by the adaptive weight of VQGAN.
 
-On a video data set (`data=moving_shapes`) it trains `video_vae` instead, CogVideoX's `AutoencoderKLCogVideoX`
-(causal 3-D convolutions, 4x in time): the same losses, each clip's frames judged by the PatchGAN as images.
+On a video data set (`data=moving_shapes`) it trains `video_vae` instead, CogVideoX's `AutoencoderKLCogVideoX` or
+Wan's `AutoencoderKLWan` (causal 3-D convolutions, 4x in time; `conf/video_vae/`): the same losses, each clip's frames
+judged by the PatchGAN as images.
 
 Two optimisers under manual optimisation. Lightning counts each optimiser step in `global_step`, so once the
 discriminator is on, one batch advances `trainer.max_steps` by two; `disc_start` counts autoencoder updates.
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan
 
 from lightdiff.checkpointing import check_checkpoint_fits, plain_config
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat
@@ -26,7 +27,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
 from lightdiff.nets.discriminator import PatchDiscriminator
-from lightdiff.nets.vae import Autoencoder, decode, frame_count_problem, is_video_vae, posterior
+from lightdiff.nets.vae import Autoencoder, decode, frame_count_problem, posterior, vae_scale_factor, vae_spec
 
 CHECKPOINT_FORMAT = 1
 
@@ -55,7 +56,8 @@ class AutoencoderTraining(pl.LightningModule):
         max_grad_norm: float | None = 1.0,  # clip the autoencoder's gradient norm (None: no clipping)
         perceptual_loss: torch.nn.Module | None = None,  # (reconstructions, images) in [-1, 1] -> distance, e.g. LPIPS
         perceptual_weight: NonNegativeFloat = 1.0,  # perceptual distance's weight, added to each pixel's loss (LDM)
-        video_vae: AutoencoderKLCogVideoX | None = None,  # the autoencoder trained on a video data set instead of `vae`
+        # the autoencoder trained on a video data set instead of `vae`
+        video_vae: AutoencoderKLCogVideoX | AutoencoderKLWan | None = None,
     ) -> None:
         super().__init__()
         if reconstruction_loss not in ("l1", "l2"):
@@ -84,9 +86,9 @@ class AutoencoderTraining(pl.LightningModule):
         self.perceptual_weight = perceptual_weight
         if vae.config.in_channels != 3 or vae.config.out_channels != 3:
             raise ConfigError("model.vae must map RGB images to RGB images (in_channels = out_channels = 3)")
-        levels = len(vae.config.block_out_channels) - 1
-        if data.resolution % (2**levels):
-            raise ConfigError(f"data.resolution={data.resolution} is not divisible by the VAE's 2^{levels}")
+        factor = vae_scale_factor(vae)
+        if data.resolution % factor:
+            raise ConfigError(f"data.resolution={data.resolution} is not divisible by the VAE's down-sampling {factor}")
         if data.cache_latents:
             raise ConfigError("data.cache_latents=true is for model=latent; the autoencoder trains on pixels")
         self.class_names = data.class_names
@@ -165,7 +167,7 @@ class AutoencoderTraining(pl.LightningModule):
     def _last_decoder_weight(self) -> torch.Tensor:
         """The decoder's output convolution: VQGAN's adaptive weight balances the gradients there."""
         conv_out = self.vae.decoder.conv_out
-        return conv_out.conv.weight if is_video_vae(self.vae) else conv_out.weight  # CogVideoX: a causal wrapper
+        return getattr(conv_out, "conv", conv_out).weight  # CogVideoX's is a causal wrapper around the convolution
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -204,8 +206,9 @@ class AutoencoderTraining(pl.LightningModule):
     def finish_training(self) -> None:
         """Set the latent scaling factor to 1 / std(z) on training data (Rombach et al. 2022, Section 4.3.2), and with
         `shift_latents` the shift factor to mean(z) first, so (z - shift) * scale has zero mean and unit variance, as
-        SD3's and FLUX's VAEs are configured; called by callbacks.FinalCheckpoint right before the final checkpoint is
-        written (contract.FinishesTraining)."""
+        SD3's and FLUX's VAEs are configured; a VAE normalised per channel (Wan's) gets each channel's mean and std
+        (`latents_mean` / `latents_std`) instead. Called by callbacks.FinalCheckpoint right before the final checkpoint
+        is written (contract.FinishesTraining)."""
         loader = self.trainer.datamodule.train_dataloader()
         latents = []
         cuda_devices = [self.device] if self.device.type == "cuda" else []
@@ -215,7 +218,11 @@ class AutoencoderTraining(pl.LightningModule):
                 if index >= self.scaling_batches:
                     break
                 latents.append(posterior(self.vae, batch["pixel_values"].to(self.device)).sample().float())
-        latents = torch.cat(latents)
+        latents = torch.cat(latents)  # channels at dim 1 in both layouts: (N, C, h, w), a 3-D VAE's (N, C, F, h, w)
+        if vae_spec(self.vae).per_channel_statistics:
+            channels = latents.transpose(0, 1).flatten(1)
+            self.vae.register_to_config(latents_mean=channels.mean(1).tolist(), latents_std=channels.std(1).tolist())
+            return
         shift = latents.mean().item() if self.shift_latents else None
         factor = 1.0 / (latents - (shift or 0.0)).std().item()
         self.vae.register_to_config(scaling_factor=factor, shift_factor=shift)

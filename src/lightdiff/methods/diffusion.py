@@ -52,6 +52,7 @@ from lightdiff.nets.vae import (
     frame_count_problem,
     frozen_vae_dtype,
     is_video_vae,
+    latent_channels,
     vae_scale_factor,
 )
 from lightdiff.sampling import for_latents, generate, preview_inputs
@@ -212,8 +213,8 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             raise ConfigError("data.cache_latents=true is for model=latent: a pixel model has no VAE (model.vae)")
         if "image" in self.conditioning.reads:
             raise ConfigError(
-                "data.cache_latents=true serves latents only: model=video_i2v conditions on each clip's first frame "
-                "in pixels (its image encoder), so it encodes the clips on the fly"
+                "data.cache_latents=true serves latents only: an image-to-video model conditions on each clip's first "
+                "frame in pixels (model=video_i2v, a Wan image-to-video net), so it encodes the clips on the fly"
             )
         if isinstance(self.conditioning, CacheableText) and self.conditioning.cacheable:
             return self.vae, self.conditioning.cache_fingerprint(), self.conditioning.encode
@@ -285,9 +286,11 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             dataset = self.trainer.datamodule.source_dataset
             clips = [dataset[int(seed) % len(dataset)] for seed in seeds]
             inputs["image"] = torch.stack([clip["pixel_values"][0] for clip in clips]).to(self.device)
-            # what the judge holds each clip to: the frame's shape and colour, moving steadily (any way: one frame
-            # does not say where to)
-            inputs["text"] = [str(clip["text"]).split(" moving ")[0] for clip in clips]
+            # what the judge holds each clip to: its caption where the model reads it (Wan's image-to-video), else the
+            # frame's shape and colour, moving steadily (any way: one frame does not say where to)
+            captions = [str(clip["text"]) for clip in clips]
+            reads_text = "text" in self.conditioning.reads
+            inputs["text"] = captions if reads_text else [caption.split(" moving ")[0] for caption in captions]
         scheduler = self.scheduler(sampler)
         side = self.trainer.datamodule.resolution  # the net's own size, or a FLUX transformer's (it has none)
         frames = self.trainer.datamodule.num_frames
@@ -354,7 +357,7 @@ def check_video_fits(net: Denoiser, vae: Autoencoder | None, data: ImageDataModu
         raise ConfigError(f"model.vae: a {type(net).__name__} denoises video latents; give a VAE")
     if family.vae_encodes_clips != is_video_vae(vae):
         wanted = (
-            "a 3-D VAE that encodes whole clips (AutoencoderKLCogVideoX)"
+            "a 3-D VAE that encodes whole clips (AutoencoderKLCogVideoX, AutoencoderKLWan)"
             if family.vae_encodes_clips
             else "a frame-wise VAE (AutoencoderKL, AutoencoderKLTemporalDecoder)"
         )
@@ -369,7 +372,7 @@ def check_fits(net: Denoiser, vae: Autoencoder | None, conditioning: Conditionin
     check_video_fits(net, vae, data)
     family = family_of(net)
     family.check(net, vae, data.num_frames)
-    channels = vae.config.latent_channels if vae is not None else 3
+    channels = latent_channels(vae) if vae is not None else 3
     factor = vae_scale_factor(vae) if vae is not None else 1
     what = "the VAE's latent_channels" if vae is not None else "RGB"
     out_channels = net.config.get("out_channels") or net.config.in_channels  # FLUX's None: in_channels

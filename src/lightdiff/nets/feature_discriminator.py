@@ -105,13 +105,13 @@ class TransformerBlockFeatures(nn.Module):
     def __init__(self, transformer: nn.Module, num_features: int = 4) -> None:
         super().__init__()
         self.transformer = transformer.requires_grad_(False).eval()
-        blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+        family = family_of(transformer)
+        blocks = family.blocks(transformer)
         count = min(num_features, len(blocks))
         # evenly spaced, ending at the last block: 4 of 12 -> blocks 3, 6, 9, 12 (1-based)
         self.blocks = [blocks[round((index + 1) * len(blocks) / count) - 1] for index in range(count)]
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.channels = [width] * count
-        family = family_of(transformer)
         self.token_patch = family.token_side(transformer)
         self.image_tokens_first = family.image_tokens_first  # CogVideoX's blocks return (video, text)
 

@@ -25,9 +25,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5EncoderModel,
 )
 
 from lightdiff.files import module_fingerprint
@@ -153,10 +153,12 @@ def t5_encoder_from_scratch(
     num_layers: int = 2,
     num_heads: int = 4,
     d_ff: int = 128,  # MLP width
-) -> T5EncoderModel:
-    """A randomly initialised `T5EncoderModel` sized to `tokenizer`, trained jointly with the denoiser; no dropout,
-    as the CLIP encoders built here (a from-scratch encoder is small and trains on few captions)."""
-    config = T5Config(
+    encoder_class: type[T5EncoderModel] | type[UMT5EncoderModel] = T5EncoderModel,  # Wan's: UMT5EncoderModel
+) -> T5EncoderModel | UMT5EncoderModel:
+    """A randomly initialised `T5EncoderModel` (or UMT5, whose layers each have their own relative position bias and a
+    gated-GELU MLP) sized to `tokenizer`, trained jointly with the denoiser; no dropout, as the CLIP encoders built
+    here (a from-scratch encoder is small and trains on few captions)."""
+    config = encoder_class.config_class(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=d_model // num_heads,
@@ -168,7 +170,7 @@ def t5_encoder_from_scratch(
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(config)
+    return encoder_class(config)
 
 
 def tokenize_prompts(

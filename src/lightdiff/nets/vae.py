@@ -8,11 +8,11 @@ normalised per channel instead: (z - mean) * (1 / std), as WanPipeline does (`la
 What differs between VAE classes is data (`VaeSpec`, one line per class in `VAE_SPECS`), not a switch.
 
 Video: clips travel through lightdiff as (B, F, C, H, W), the layout of the video denoisers and of their pipelines'
-noise (CogVideoXPipeline.prepare_latents, StableVideoDiffusionPipeline.prepare_latents). CogVideoX's
-`AutoencoderKLCogVideoX` compresses time too (4x: 8m + 1 frames become 2m + 1 latent frames) and takes and gives
-(B, C, F, H, W); frame-wise VAEs (an `AutoencoderKL`, SVD's `AutoencoderKLTemporalDecoder`, whose decoder also mixes
-frames) encode a clip's frames as images. This module is the one place where the layouts meet, so no method or
-sampler reshapes a clip.
+noise (CogVideoXPipeline.prepare_latents, StableVideoDiffusionPipeline.prepare_latents). The 3-D VAEs compress time
+too and take and give (B, C, F, H, W): CogVideoX's `AutoencoderKLCogVideoX` (4x: 8m + 1 frames become 2m + 1 latent
+frames) and Wan's `AutoencoderKLWan` (4x: 4k + 1 frames become k + 1, the first frame alone, causally); frame-wise
+VAEs (an `AutoencoderKL`, SVD's `AutoencoderKLTemporalDecoder`, whose decoder also mixes frames) encode a clip's
+frames as images. This module is the one place where the layouts meet, so no method or sampler reshapes a clip.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import typing
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLTemporalDecoder
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLTemporalDecoder, AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-Autoencoder = AutoencoderKL | AutoencoderKLCogVideoX | AutoencoderKLTemporalDecoder
+Autoencoder = AutoencoderKL | AutoencoderKLCogVideoX | AutoencoderKLTemporalDecoder | AutoencoderKLWan
 # The VAE classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is only looked up.
 VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Autoencoder)}
 
@@ -33,14 +33,29 @@ VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Aut
 class VaeSpec:
     """How lightdiff drives one VAE class."""
 
-    encodes_clips: bool = False  # a 3-D VAE: whole clips in (B, C, F, H, W), time compressed (CogVideoX's)
+    encodes_clips: bool = False  # a 3-D VAE: whole clips in (B, C, F, H, W), time compressed (CogVideoX's, Wan's)
     decodes_clips_together: bool = False  # a frame-wise encoder whose decoder mixes a clip's frames (`num_frames`)
+    channels_key: str = "latent_channels"  # the config key of its latent channels
+    temporal_key: str | None = None  # a 3-D VAE's config key of its time compression
+    spatial_key: str | None = None  # the config key of pixels per latent; None: 2 ** (levels - 1) of block_out_channels
+    odd_latent_frames: bool = False  # decodes only an odd number of latent frames to as many frames (CogVideoX's)
+    per_channel_statistics: bool = False  # normalised by its config's `latents_mean` / `latents_std` (Wan's)
 
 
 VAE_SPECS: dict[str, VaeSpec] = {
     "AutoencoderKL": VaeSpec(),
-    "AutoencoderKLCogVideoX": VaeSpec(encodes_clips=True),
+    "AutoencoderKLCogVideoX": VaeSpec(
+        encodes_clips=True, temporal_key="temporal_compression_ratio", odd_latent_frames=True
+    ),
     "AutoencoderKLTemporalDecoder": VaeSpec(decodes_clips_together=True),  # SVD's
+    # Wan's config says its factors outright (its dim_mult does not: a level may down-sample time only)
+    "AutoencoderKLWan": VaeSpec(
+        encodes_clips=True,
+        channels_key="z_dim",
+        temporal_key="scale_factor_temporal",
+        spatial_key="scale_factor_spatial",
+        per_channel_statistics=True,
+    ),
 }
 
 
@@ -52,13 +67,19 @@ def vae_spec(vae: torch.nn.Module) -> VaeSpec:
 
 
 def is_video_vae(vae: torch.nn.Module) -> bool:
-    """Whether `vae` is a 3-D VAE that encodes whole clips (B, F, 3, H, W), compressing time (CogVideoX's)."""
+    """Whether `vae` is a 3-D VAE that encodes whole clips (B, F, 3, H, W), compressing time (CogVideoX's, Wan's)."""
     return vae_spec(vae).encodes_clips
 
 
+def latent_channels(vae: torch.nn.Module) -> int:
+    """Channels of the VAE's latents (`latent_channels`; Wan's `z_dim`)."""
+    return int(vae.config[vae_spec(vae).channels_key])
+
+
 def temporal_compression(vae: torch.nn.Module) -> int:
-    """Frames per latent frame after the first (CogVideoX: 4); 1 for an image VAE."""
-    return int(vae.config.temporal_compression_ratio) if is_video_vae(vae) else 1
+    """Frames per latent frame after the first (CogVideoX's and Wan's: 4); 1 for an image VAE."""
+    key = vae_spec(vae).temporal_key
+    return int(vae.config[key]) if key is not None else 1
 
 
 def latent_frames(vae: torch.nn.Module, num_frames: int) -> int:
@@ -70,20 +91,22 @@ def latent_frames(vae: torch.nn.Module, num_frames: int) -> int:
 def frame_count_problem(vae: torch.nn.Module, num_frames: int) -> str | None:
     """Why a video VAE cannot encode and decode clips of `num_frames` frames back to as many (None: it can).
 
-    CogVideoX's VAE keeps the first frame and compresses the rest `temporal_compression` times, so clips have
-    c k + 1 frames; its decoder doubles an odd frame count n to 2n - 1 (the first frame kept) but an even one to 2n,
-    so only an odd number of latent frames decodes to the clip's length: 2 c m + 1 frames (9, 17, ... for c = 4;
-    CogVideoX's 49 frames are 13 latent frames)."""
+    A 3-D VAE keeps the first frame and compresses the rest `temporal_compression` times, so clips have c k + 1
+    frames (Wan's 81 frames are 21 latent frames, 1 + 4 (n - 1) back). CogVideoX's decoder doubles an odd frame count
+    n to 2n - 1 (the first frame kept) but an even one to 2n, so only an odd number of latent frames decodes to the
+    clip's length: 2 c m + 1 frames (9, 17, ... for c = 4; CogVideoX's 49 frames are 13 latent frames)."""
     if not is_video_vae(vae):
         return None if num_frames >= 1 else f"{num_frames} frames: a clip needs at least one"
     compression = temporal_compression(vae)
-    period = 2 * compression
+    odd = vae_spec(vae).odd_latent_frames
+    period = 2 * compression if odd else compression
     if num_frames >= 1 and (num_frames - 1) % period == 0:
         return None
     next_valid = period * max(0, -(-(num_frames - 1) // period)) + 1
+    why = ", and decodes only an odd number of latent frames back to as many frames" if odd else ""
     return (
-        f"{num_frames} frames must be {period}m + 1 (e.g. {next_valid}): the VAE keeps the first frame, compresses the "
-        f"rest {compression}x in time, and decodes only an odd number of latent frames back to as many frames"
+        f"{num_frames} frames must be {period}m + 1 (e.g. {next_valid}): the VAE keeps the first frame and compresses "
+        f"the rest {compression}x in time{why}"
     )
 
 
@@ -108,8 +131,10 @@ def decode(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
 
 
 def vae_scale_factor(vae: Autoencoder) -> int:
-    """Pixels per latent along each side: 2 ** (number of down-sampling levels), as diffusers' pipelines compute it."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent along each side: 2 ** (number of down-sampling levels), as diffusers' pipelines compute it
+    (Wan's config says it: `scale_factor_spatial`)."""
+    key = vae_spec(vae).spatial_key
+    return int(vae.config[key]) if key is not None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def latent_shift(vae: Autoencoder) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.families import cogvideox, dit, flux, labels, pixart, sd, sd3, sdxl, svd
+from lightdiff.nets.families import cogvideox, dit, flux, labels, pixart, sd, sd3, sdxl, svd, wan
 from lightdiff.nets.families.base import (
     SIZE_AND_CROP,
     Condition,
@@ -40,6 +40,8 @@ FAMILIES: tuple[Family, ...] = (
     pixart.FAMILY,
     cogvideox.FAMILY,
     svd.FAMILY,
+    wan.FAMILY,
+    wan.I2V_FAMILY,
 )
 for _family in FAMILIES:
     register_family(_family)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from diffusers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from lightdiff.config import ConfigError
@@ -312,6 +313,8 @@ class Family:
     vae_encodes_clips: ClassVar[bool] = False  # its VAE is a 3-D one (CogVideoX's), not a frame-wise one
     image_tokens_first: ClassVar[bool] = False  # a joint block returns (image, text) tokens, not (text, image)
     single_file: ClassVar[bool] = False  # exportable as one original-layout file (Stable Diffusion 1.x / 2.x / SDXL)
+    # the VAE shipped in lightdiff/assets whose latents its presets are sized for (model=video's default model.vae)
+    shapes_vae: ClassVar[str | None] = None
     # state name -> rebuild: the conditionings this family's module defines (`conditioning_from_state`)
     conditionings: ClassVar[dict[str, Callable[[dict[str, Any]], nn.Module]]] = {}
 
@@ -343,11 +346,27 @@ class Family:
         """The latent size the network draws by default (its `sample_size`; None: it has none)."""
         return net.config.get("sample_size")
 
+    def default_num_frames(self, net: nn.Module) -> int | None:
+        """Frames per clip a video network draws by default (its pipeline's default); None for an image network."""
+        return None
+
+    def initial_noise(
+        self, shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device
+    ) -> torch.Tensor:
+        """x_T of `shape` (lightdiff's layout: clips (B, F, C, H, W)), float32, drawn from one generator per sample in
+        the order the family's pipeline draws it, so that a seed is the same sample in lightdiff and in diffusers."""
+        return randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+
     # ----- the network ----------------------------------------------------------------------------------------
 
     def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
         """The network's prediction for x_t (B, timesteps per sample), shaped like x_t."""
         return net(x_t, timestep=timesteps, **kwargs_in_dtype(condition, x_t.dtype)).sample
+
+    def blocks(self, net: nn.Module) -> list[nn.Module]:
+        """A transformer's blocks in the order they run (FLUX's single-stream blocks after its double-stream ones):
+        where a feature discriminator reads the tokens; none for a UNet."""
+        return [*getattr(net, "transformer_blocks", []), *getattr(net, "single_transformer_blocks", [])]
 
     def initialise(self, net: nn.Module) -> nn.Module:
         """A network trained from scratch made ready (its transformer blocks start as the identity)."""

@@ -168,6 +168,7 @@ class CogVideoX(Family):
     video = True
     takes_text = True
     vae_encodes_clips = True
+    shapes_vae = "vae_moving_shapes"
     image_tokens_first = True  # its blocks return (video, text)
     conditionings = {"t5_text": t5_text_from_state}
 
@@ -179,6 +180,9 @@ class CogVideoX(Family):
 
     def default_sample_size(self, net: nn.Module) -> tuple[int, int]:
         return net.config.sample_height, net.config.sample_width  # CogVideoXPipeline's default latent size
+
+    def default_num_frames(self, net: nn.Module) -> int:
+        return net.config.sample_frames  # CogVideoXPipeline's default num_frames
 
     def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
         compression = temporal_compression(vae)

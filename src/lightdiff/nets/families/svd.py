@@ -39,6 +39,19 @@ CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_pixels(frames: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Frames in [-1, 1] as a CLIP image encoder of `size` px takes them: resized with StableVideoDiffusionPipeline's
+    antialiasing (in [-1, 1], as that pipeline resizes), mapped to [0, 1], normalised by the processor's mean and std
+    (a CLIPImageProcessor resizes with PIL instead: the same where the frames have the encoder's size)."""
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
+    if tuple(frames.shape[-2:]) != (size, size):
+        frames = _resize_with_antialiasing(frames, (size, size))
+    channel_mean = torch.tensor(list(mean), device=frames.device)[:, None, None]
+    channel_std = torch.tensor(list(std), device=frames.device)[:, None, None]
+    return ((frames + 1) / 2 - channel_mean) / channel_std
+
+
 class FirstFrame(nn.Module):
     """Stable Video Diffusion's conditioning (`StableVideoDiffusionPipeline`): of the clip's first frame (`"image"`,
     or frame 0 of a training batch's clips), a CLIP image encoder's `image_embeds` as the one cross-attention token
@@ -88,18 +101,7 @@ class FirstFrame(nn.Module):
         return super().train(mode and self.trainable)
 
     def _clip_input(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames in [-1, 1] as CLIP takes them: resized to its size with the pipeline's antialiasing (in [-1, 1],
-        as the pipeline resizes), mapped to [0, 1], normalised by the processor's mean and std."""
-        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
-            _resize_with_antialiasing,
-        )
-
-        size = self.image_encoder.config.image_size
-        if tuple(frames.shape[-2:]) != (size, size):
-            frames = _resize_with_antialiasing(frames, (size, size))
-        mean = torch.tensor(self.image_mean, device=frames.device)[:, None, None]
-        std = torch.tensor(self.image_std, device=frames.device)[:, None, None]
-        return ((frames + 1) / 2 - mean) / std
+        return clip_pixels(frames, self.image_encoder.config.image_size, self.image_mean, self.image_std)
 
     def forward(self, inputs: Inputs) -> Condition:
         frames = inputs["image"] if inputs.get("image") is not None else inputs["pixel_values"][:, 0]
@@ -192,6 +194,9 @@ class SVD(Family):
 
     def latent_channels(self, net: nn.Module) -> int:
         return net.config.in_channels // 2  # the conditioning frame's latent is concatenated to the noisy one
+
+    def default_num_frames(self, net: nn.Module) -> int:
+        return net.config.num_frames  # StableVideoDiffusionPipeline's default: the UNet's
 
     def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
         """StableVideoDiffusionPipeline's channel concatenation of the frame's latent to every noisy frame."""

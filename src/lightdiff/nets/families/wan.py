@@ -1,0 +1,435 @@
+"""Wan 2.1 / 2.2 text-to-video (`WanTransformer3DModel`; Wan Team 2025, Section 4.2): a diffusion transformer over a
+clip's latents, patched 1 x 2 x 2, with cross-attention to UMT5 text states (`UMT5Text`), behind Wan's causal 3-D VAE
+(`AutoencoderKLWan`: time 4x, the first frame alone; latents normalised per channel by its `latents_mean` /
+`latents_std`). Trained by flow matching, as Wan is (the velocity noise - x_0 is WanPipeline's `flow_prediction`).
+
+The transformer takes (B, C, F, H, W) where lightdiff's clips are (B, F, C, H, W): `Wan.output` transposes, and
+`Wan.initial_noise` draws x_T per sample in WanPipeline's (C, F, H, W) order, so a seed draws the same clip in
+sample.py and in diffusers. Exported as `WanPipeline` (tokenizer, UMT5 `text_encoder`, `vae`, `transformer`,
+scheduler); plain diffusers reproduces lightdiff's clips with `num_frames`, `height` / `width` and
+`max_sequence_length` = lightdiff.json's.
+
+Image-to-video (`WanImageToVideo`, the same transformer class with a wider input): the first frame's latents and
+mask channels beside the noisy latents (`WanFirstFrame`), with Wan 2.1's CLIP image tokens where the transformer has
+`image_dim`; exported as `WanImageToVideoPipeline`, which reproduces it given the same frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from lightdiff.config import ConfigError
+from lightdiff.files import module_fingerprint
+from lightdiff.nets.families.base import (
+    Condition,
+    ConditioningSettings,
+    DataDescription,
+    Family,
+    Inputs,
+    PipelineComponents,
+    check_captions,
+    encoder_parameters,
+    kwargs_in_dtype,
+    prompts_without_condition,
+)
+from lightdiff.nets.families.cogvideox import T5Text
+from lightdiff.nets.families.svd import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, clip_pixels
+from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
+from lightdiff.nets.text import (
+    build_t5_tokenizer,
+    t5_encoder_from_scratch,
+    t5_tokenizer_for,
+    t5_tokenizer_state,
+    tokenize_prompts,
+)
+from lightdiff.nets.vae import latent_channels, latent_shift_and_scale, posterior, temporal_compression
+
+# WanPipeline's default max_sequence_length: UMT5 tokens per prompt, the padded ones zeroed
+WAN_TEXT_TOKENS = 512
+# WanPipeline's default num_frames (5 s at 16 fps, 21 latent frames)
+WAN_NUM_FRAMES = 81
+
+
+class UMT5Text(T5Text):
+    """Wan's conditioning (`WanPipeline._get_t5_prompt_embeds`): the prompt cleaned (`prompt_clean`), UMT5's last
+    hidden states computed under the attention mask of its tokens, and every state past the prompt's length set to
+    zero, `max_sequence_length` (512) rows in all, as `encoder_hidden_states`. Unlike CogVideoX's `T5Text` the length
+    is no property of the transformer, which cross-attends to any number of rows, but the zero rows still take part
+    in the attention: a plain pipeline reproduces the model at the length it trained with (lightdiff.json keeps it).
+    The unconditional twin encodes the negative prompt, "" by default, as the pipeline does."""
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        check_captions(net, data)
+        width = self.text_encoder.config.d_model
+        if net.config.text_dim != width:
+            raise ConfigError(f"net.text_dim={net.config.text_dim} differs from the UMT5 encoder's d_model={width}")
+
+    def cache_fingerprint(self) -> str:
+        state = {**t5_tokenizer_state(self.tokenizer), "max_sequence_length": self.max_sequence_length}
+        return f"umt5|{module_fingerprint(state, self.text_encoder)}"
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, max_sequence_length, d_model): WanPipeline's `_get_t5_prompt_embeds`."""
+        cleaned = [prompt_clean(prompt) for prompt in prompts]
+        ids = tokenize_prompts(self.tokenizer, cleaned, self.max_sequence_length).to(self.text_encoder.device)
+        mask = ids.ne(self.tokenizer.pad_token_id)  # padding is on the right: the prompt's tokens come first
+        states = self.text_encoder(ids, attention_mask=mask.long()).last_hidden_state
+        return states.masked_fill(~mask[..., None], 0.0)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "family": "umt5_text"}
+
+
+def umt5_text_from_state(state: dict[str, Any]) -> UMT5Text:
+    text_encoder = UMT5EncoderModel(UMT5Config(**state["text_encoder_config"])).eval()
+    tokenizer = t5_tokenizer_for(text_encoder, state["tokenizer"])
+    return UMT5Text(tokenizer, text_encoder, trainable=False, max_sequence_length=state["max_sequence_length"])
+
+
+def pretrained_umt5_text(pretrained: str, settings: ConditioningSettings, key: str) -> UMT5Text:
+    """A Wan pipeline's tokenizer and UMT5 encoder, frozen unless `model.train_text_encoder`."""
+    return UMT5Text(
+        load_component(T5Tokenizer, pretrained, "tokenizer", key),
+        load_component(UMT5EncoderModel, pretrained, "text_encoder", key),
+        settings.train_text_encoder,
+        settings.max_sequence_length or WAN_TEXT_TOKENS,
+    )
+
+
+def zero_wan_blocks(net: WanTransformer3DModel) -> WanTransformer3DModel:
+    """Wan's blocks start as the identity, as PixArt's do (`pixart.zero_pixart_blocks`, the same adaLN-single design):
+    block i's six modulation vectors are its own `scale_shift_table` plus one projection of the timestep embedding
+    shared by all blocks (`condition_embedder.time_proj`), both random in diffusers; zeroed, every gate is 0 and the
+    norms neither shift nor scale (DiT's adaLN-Zero, Peebles & Xie 2023, Section 3.2). The cross-attention to the
+    text has no gate, so its output projection is zeroed too; the text path learns from the second step on."""
+    with torch.no_grad():
+        net.condition_embedder.time_proj.weight.zero_()
+        net.condition_embedder.time_proj.bias.zero_()
+        for block in net.blocks:
+            block.scale_shift_table.zero_()
+            output = block.attn2.to_out[0]
+            output.weight.zero_()
+            if output.bias is not None:
+                output.bias.zero_()
+    return net
+
+
+class Wan(Family):
+    name = "wan"
+    denoiser_class = WanTransformer3DModel
+    video = True
+    takes_text = True
+    vae_encodes_clips = True
+    shapes_vae = "vae_moving_shapes_wan"
+    conditionings = {"umt5_text": umt5_text_from_state}
+
+    def describes(self, net: nn.Module) -> bool:
+        # text-to-video: the input is the noisy latents alone (image-to-video concatenates its frame's channels)
+        return isinstance(net, WanTransformer3DModel) and net.config.in_channels == net.config.out_channels
+
+    def token_side(self, net: nn.Module) -> int:
+        return int(net.config.patch_size[1])  # (time, height, width): Wan's 1 x 2 x 2
+
+    def default_sample_size(self, net: nn.Module) -> None:
+        return None  # rotary positions fit any size (WanPipeline's default is 480 x 832 px)
+
+    def default_num_frames(self, net: nn.Module) -> int:
+        return WAN_NUM_FRAMES
+
+    def blocks(self, net: nn.Module) -> list[nn.Module]:
+        return list(net.blocks)
+
+    def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The transformer reads and writes (B, C, F, H, W)."""
+        out = net(x_t.transpose(1, 2), timestep=timesteps, **kwargs_in_dtype(condition, x_t.dtype)).sample
+        return out.transpose(1, 2)
+
+    def initial_noise(
+        self, shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device
+    ) -> torch.Tensor:
+        """WanPipeline.prepare_latents: each sample's noise drawn in (C, F, H, W) order."""
+        batch, frames, channels, height, width = shape
+        noise = randn_tensor(
+            (batch, channels, frames, height, width), generator=generators, device=device, dtype=torch.float32
+        )
+        return noise.transpose(1, 2)
+
+    def initialise(self, net: nn.Module) -> nn.Module:
+        return zero_wan_blocks(net)
+
+    def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
+        if net.config.patch_size[0] != 1:
+            raise ConfigError(f"net.patch_size={list(net.config.patch_size)}: Wan patches one latent frame at a time")
+        if vae is not None and type(vae).__name__ != "AutoencoderKLWan":
+            raise ConfigError(
+                f"model.vae: a WanTransformer3DModel learns Wan's VAE (AutoencoderKLWan), not a {type(vae).__name__}: "
+                "WanPipeline could not decode its latents"
+            )
+
+    def text_width(self, net: nn.Module) -> int:
+        return net.config.text_dim  # the UMT5 states' width
+
+    def new_conditioning(self, net: nn.Module, settings: ConditioningSettings, data: DataDescription) -> UMT5Text:
+        """UMT5 built from the captions, trained with the transformer."""
+        check_captions(net, data)
+        width = settings.text_hidden_size or self.text_width(net)
+        length = settings.max_sequence_length or WAN_TEXT_TOKENS
+        tokenizer = build_t5_tokenizer(data.captions(), model_max_length=length)
+        encoder = t5_encoder_from_scratch(
+            tokenizer, width, settings.text_layers, settings.text_heads, 2 * width, encoder_class=UMT5EncoderModel
+        )
+        return UMT5Text(tokenizer, encoder, trainable=True, max_sequence_length=length)
+
+    def pretrained_conditioning(
+        self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
+    ) -> UMT5Text:
+        check_parts_used(pretrained, pipeline_parts(pretrained, key), {"tokenizer", "text_encoder"}, net, key)
+        return pretrained_umt5_text(pretrained, settings, key)
+
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
+        settings = ConditioningSettings(max_sequence_length=metadata.get("max_sequence_length"))
+        return load_vae(), self.pretrained_conditioning(str(folder), net, settings, "the pipeline folder")
+
+    def write(self, parts: PipelineComponents, folder: Path) -> None:
+        text = parts.conditioning
+        pipeline = WanPipeline(
+            tokenizer=text.tokenizer,
+            text_encoder=text.text_encoder,
+            vae=parts.vae,
+            scheduler=parts.scheduler,
+            transformer=parts.net,
+        )
+        pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+FAMILY = Wan()
+
+
+# ----- image-to-video ----------------------------------------------------------------------------------------------
+
+
+class WanFirstFrame(nn.Module):
+    """Wan's image-to-video conditioning (`WanImageToVideoPipeline`): the prompt's UMT5 states (`UMT5Text`), and the
+    clip's first frame (`"image"`, or frame 0 of a training batch's clips) followed by black frames, encoded by the
+    VAE (the posterior's mode, normalised per channel) behind `temporal_compression` mask channels that mark the first
+    latent frame (1) from the rest (0); the network call concatenates both to the noisy latents (Wan 2.1 I2V:
+    16 + 4 + 16 = 36 input channels). With a Wan 2.1 transformer (`net.image_dim`), also a CLIP image encoder's
+    penultimate hidden states of the frame as `encoder_hidden_states_image`. The unconditional twin is the negative
+    prompt with the same frame: the pipeline guides the text alone."""
+
+    has_unconditional = True
+    reads = ("text", "image", "num_frames")
+
+    def __init__(
+        self,
+        text: UMT5Text,
+        image_encoder: CLIPVisionModel | None,  # Wan 2.1's (net.image_dim); None for Wan 2.2's I2V transformers
+        train_image_encoder: bool,  # whether the method trains the image encoder (a from-scratch one does)
+        image_mean: Sequence[float] = CLIP_IMAGE_MEAN,  # the image processor's normalisation
+        image_std: Sequence[float] = CLIP_IMAGE_STD,
+    ) -> None:
+        super().__init__()
+        self.text = text
+        self.image_encoder = image_encoder.requires_grad_(train_image_encoder) if image_encoder is not None else None
+        self.train_image_encoder = train_image_encoder and image_encoder is not None
+        self.trainable = text.trainable  # the text encoder's (`TextEncoders`)
+        self.summary_dim = text.summary_dim
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
+        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this conditioning (`attach_vae`)
+
+    def attach_vae(self, vae: nn.Module) -> None:
+        self.__dict__["vae"] = vae
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        self.text.check(net, data)
+        if net.config.image_dim is None:
+            return
+        width = self.image_encoder.config.hidden_size if self.image_encoder is not None else None
+        if width != net.config.image_dim:
+            raise ConfigError(f"net.image_dim={net.config.image_dim} differs from the CLIP image encoder's {width}")
+        if self.text.max_sequence_length != WAN_TEXT_TOKENS:
+            raise ConfigError(
+                f"model.max_sequence_length={self.text.max_sequence_length}: a Wan 2.1 image-to-video transformer "
+                f"(net.image_dim) splits its context after {WAN_TEXT_TOKENS} text tokens (WanAttnProcessor)"
+            )
+
+    def train(self, mode: bool = True) -> WanFirstFrame:
+        super().train(mode)
+        if self.image_encoder is not None:
+            self.image_encoder.train(mode and self.train_image_encoder)
+        return self
+
+    @torch.no_grad()
+    def _frame_latents(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(B, T + C, F', h, w): the mask channels and the normalised latents of the first frame and black frames."""
+        vae = self.__dict__["vae"]
+        clips = torch.cat([frames[:, None], frames.new_zeros(len(frames), num_frames - 1, *frames.shape[1:])], dim=1)
+        latents = posterior(vae, clips.to(vae.dtype)).mode().float()  # the VAE's layout (B, C, F', h, w)
+        shift, scale = latent_shift_and_scale(vae, 1, latents.ndim)
+        latents = (latents - torch.as_tensor(shift).to(latents)) * torch.as_tensor(scale).to(latents)
+        mask = latents.new_zeros(len(latents), temporal_compression(vae), *latents.shape[2:])
+        mask[:, :, 0] = 1.0  # WanImageToVideoPipeline.prepare_latents' mask: the first frame is given
+        return torch.cat([mask, latents], dim=1)
+
+    def forward(self, inputs: Inputs) -> Condition:
+        text = self.text(inputs)
+        clips = inputs.get("pixel_values")
+        frames = inputs["image"] if inputs.get("image") is not None else clips[:, 0]
+        num_frames = inputs["num_frames"] if inputs.get("num_frames") is not None else clips.shape[1]
+        device = self.text.text_encoder.device
+        frames = frames.to(device, torch.float32)
+        kwargs = {**text.kwargs, "condition_latents": self._frame_latents(frames, num_frames)}
+        if self.image_encoder is not None:
+            size = self.image_encoder.config.image_size
+            pixels = clip_pixels(frames, size, self.image_mean, self.image_std).to(self.image_encoder.dtype)
+            states = self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+            kwargs["encoder_hidden_states_image"] = states
+        return Condition(kwargs, text.summary)
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return prompts_without_condition(inputs, which, negative_prompt)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        image = encoder_parameters(self.train_image_encoder, self.image_encoder)
+        return [*self.text.trainable_parameters(), *image]
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return self.text.text_encoders()
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return self.text.pipeline_arguments()
+
+    def state(self) -> dict[str, Any]:
+        encoder = self.image_encoder
+        return {
+            "family": "wan_first_frame",
+            "text": self.text.state(),
+            "image_encoder_config": encoder.config.to_dict() if encoder is not None else None,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+        }
+
+
+def wan_first_frame_from_state(state: dict[str, Any]) -> WanFirstFrame:
+    config = state["image_encoder_config"]
+    encoder = CLIPVisionModel(CLIPVisionConfig(**config)).eval() if config is not None else None
+    text = umt5_text_from_state(state["text"])
+    return WanFirstFrame(text, encoder, False, state["image_mean"], state["image_std"])
+
+
+class WanImageToVideo(Wan):
+    """Wan 2.1 / 2.2 image-to-video: the same transformer class, its input the noisy latents with the first frame's
+    mask and latents concatenated (in_channels = 2 z + temporal compression; `WanFirstFrame`). Exported as
+    `WanImageToVideoPipeline` (with `image_encoder` and `image_processor` for a Wan 2.1 transformer)."""
+
+    name = "wan_i2v"
+    conditionings = {"wan_first_frame": wan_first_frame_from_state}
+
+    def describes(self, net: nn.Module) -> bool:
+        return isinstance(net, WanTransformer3DModel) and net.config.in_channels != net.config.out_channels
+
+    def latent_channels(self, net: nn.Module) -> int:
+        return int(net.config.out_channels)  # the noisy latents; the rest of the input is the first frame's
+
+    def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+        kwargs = kwargs_in_dtype(condition, x_t.dtype)
+        hidden = torch.cat([x_t.transpose(1, 2), kwargs.pop("condition_latents")], dim=1)
+        return net(hidden, timestep=timesteps, **kwargs).sample.transpose(1, 2)
+
+    def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
+        super().check(net, vae, num_frames)
+        if vae is None:
+            return
+        expected = 2 * latent_channels(vae) + temporal_compression(vae)
+        if net.config.in_channels != expected:
+            raise ConfigError(
+                f"net.in_channels={net.config.in_channels} must be {expected}: the noisy latents, the first frame's "
+                f"mask ({temporal_compression(vae)} channels) and its latents ({latent_channels(vae)})"
+            )
+
+    def new_conditioning(self, net: nn.Module, settings: ConditioningSettings, data: DataDescription) -> WanFirstFrame:
+        """UMT5 built from the captions and, for a Wan 2.1 transformer, a CLIP image encoder of the data's frames,
+        both trained with the transformer."""
+        text = super().new_conditioning(net, settings, data)
+        if net.config.image_dim is None:
+            return WanFirstFrame(text, None, False)
+        frame = settings.first_frame
+        if data.resolution % frame.encoder_patch_size:
+            raise ConfigError(
+                f"data.resolution={data.resolution} is not a multiple of model.first_frame.encoder_patch_size="
+                f"{frame.encoder_patch_size}"
+            )
+        config = CLIPVisionConfig(
+            hidden_size=net.config.image_dim,
+            intermediate_size=2 * net.config.image_dim,
+            num_hidden_layers=frame.encoder_layers,
+            num_attention_heads=frame.encoder_heads,
+            image_size=data.resolution,
+            patch_size=frame.encoder_patch_size,
+        )
+        return WanFirstFrame(text, CLIPVisionModel(config), True)
+
+    def pretrained_conditioning(
+        self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
+    ) -> WanFirstFrame:
+        parts = pipeline_parts(pretrained, key)
+        used = {"tokenizer", "text_encoder", "image_encoder", "image_processor"}
+        takes = "a CLIP image encoder (net.image_dim: Wan 2.1's image-to-video)"
+        required = ("image_encoder", "image_processor") if net.config.image_dim is not None else ()
+        check_parts_used(pretrained, parts, used, net, key, required, takes)
+        text = pretrained_umt5_text(pretrained, settings, key)
+        if net.config.image_dim is None:
+            return WanFirstFrame(text, None, False)
+        processor = load_component(CLIPImageProcessor, pretrained, "image_processor", key)
+        encoder = load_component(CLIPVisionModel, pretrained, "image_encoder", key)
+        return WanFirstFrame(text, encoder, settings.train_text_encoder, processor.image_mean, processor.image_std)
+
+    def read_folder(
+        self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
+    ) -> tuple[nn.Module | None, nn.Module]:
+        vae, conditioning = super().read_folder(folder, net, metadata, load_vae)
+        conditioning.attach_vae(vae)
+        return vae, conditioning
+
+    def write(self, parts: PipelineComponents, folder: Path) -> None:
+        frame = parts.conditioning
+        encoder, processor = frame.image_encoder, None
+        if encoder is not None:
+            size = encoder.config.image_size
+            processor = CLIPImageProcessor(
+                size={"shortest_edge": size},
+                crop_size={"height": size, "width": size},
+                image_mean=frame.image_mean,
+                image_std=frame.image_std,
+            )
+        pipeline = WanImageToVideoPipeline(
+            tokenizer=frame.text.tokenizer,
+            text_encoder=frame.text.text_encoder,
+            vae=parts.vae,
+            scheduler=parts.scheduler,
+            image_processor=processor,
+            image_encoder=encoder,
+            transformer=parts.net,
+        )
+        pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+I2V_FAMILY = WanImageToVideo()

@@ -1,0 +1,327 @@
+"""Wan 2.x text-to-video: a WanTransformer3DModel with UMT5 text behind Wan's VAE, trained by flow matching on moving
+shapes, sampled to mp4 and exported as a WanPipeline that plain diffusers reproduces from the same seeds; fine-tuning
+a Wan folder, the clip latent cache, bad input (tiny models built here, no downloads)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers.utils import load_video
+
+from lightdiff.config import ConfigError
+from lightdiff.drawing import scheduler_for
+from lightdiff.nets.families import Family, family_of
+from lightdiff.nets.families.wan import FAMILY as WAN
+from lightdiff.nets.families.wan import UMT5Text
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import generate
+from lightdiff.train import run as train_run
+from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
+
+from .conftest import TINY, compose_config, count_encoded, tiny_video_vae, tiny_wan_vae
+
+PROMPTS = ["a red circle moving left", "a blue square moving up"]
+
+# The tiny Wan (model=video net=wan_tiny) for tiny_wan_vae: 9-frame clips of 16 px, a 1-layer transformer of width
+# 24 over 1 x 2 x 2 patches of its 4 latent channels, a 1-layer, 16-wide UMT5 of 8 tokens, rectified flow.
+TINY_WAN_MODEL = [
+    "model=video",
+    "net=wan_tiny",
+    "objective=flow_matching",
+    "data.num_frames=9",
+    "net.in_channels=4",
+    "net.out_channels=4",
+    "net.num_layers=1",
+    "net.num_attention_heads=2",
+    "net.attention_head_dim=12",
+    "net.text_dim=16",
+    "net.ffn_dim=32",
+    "net.freq_dim=32",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    "model.max_sequence_length=8",
+]
+
+
+@pytest.fixture(scope="module")
+def wan_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("wan-vae") / "vae"
+    tiny_wan_vae().save_pretrained(folder)
+    return folder
+
+
+def _wan_config(root: Path, vae: Path | None, *overrides: str):
+    return compose_config("train", [f"output_root={root}", *TINY, *TINY_WAN_MODEL, f"model.vae={vae}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def wan_ckpt(tmp_path_factory: pytest.TempPathFactory, wan_vae_dir: Path) -> Path:
+    """The tiny Wan trained from scratch for 2 steps (UMT5 built from the captions)."""
+    cfg = _wan_config(tmp_path_factory.mktemp("wan"), wan_vae_dir, "run_name=wan")
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def wan_export(wan_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("wan-export") / "pipeline"
+    sample_run(compose_config("sample", [f"ckpt={wan_ckpt}", f"export={folder}", "steps=3"]))
+    return folder
+
+
+def _clips(folder: Path, checkpoint: Path, seeds: list[int], perturb: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """PROMPTS' clips (3 steps, guidance 4) drawn by lightdiff from the trained checkpoint (its weights and the
+    scheduler sample.py makes for it) and by plain diffusers from the exported WanPipeline folder, from the same
+    seeds. `perturb`: Gaussian noise of that sigma on the exported transformer's weights (the mutation control)."""
+    pipeline = WanPipeline.from_pretrained(folder)
+    if perturb:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for parameter in pipeline.transformer.parameters():
+                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+    trained = load_denoiser(checkpoint)
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
+    inputs, clip = {"text": PROMPTS}, {"vae": trained.vae, "size": (16, 16), "num_frames": 9}
+    ours = generate(trained.net, scheduler, 3, seeds, trained.conditioning, inputs, 4.0, **clip)
+    theirs = pipeline(
+        prompt=PROMPTS,
+        num_frames=9,
+        height=16,
+        width=16,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        output_type="pt",
+        max_sequence_length=8,
+    ).frames
+    return ours, theirs
+
+
+def test_wan_trains_samples_mp4_and_exports_to_wan_pipeline(
+    wan_ckpt: Path, wan_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meta = load_checkpoint_file(wan_ckpt)["lightdiff"]
+    assert meta["num_frames"] == 9 and meta["vae_class"] == "AutoencoderKLWan"
+    assert meta["conditioning"]["family"] == "umt5_text" and meta["objective"]["name"] == "flow_matching"
+    out = tmp_path / "samples"
+    sample_run(compose_config("sample", [f"ckpt={wan_ckpt}", f"out={out}", "num_images=2", "steps=2"]))
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in records] == ["000000.mp4", "000001.mp4"] and records[0]["num_frames"] == 9
+    frames = load_video(str(out / "000001.mp4"))
+    assert len(frames) == 9 and frames[0].size == (16, 16)
+
+    recorded = json.loads((wan_export / "lightdiff.json").read_text())
+    assert recorded["num_frames"] == 9 and recorded["max_sequence_length"] == 8
+    index = json.loads((wan_export / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["text_encoder"][1] == "UMT5EncoderModel"
+    ours, theirs = _clips(wan_export, wan_ckpt, [0, 1])
+    assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
+    assert (theirs - ours).abs().max() < 1e-4
+    assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' clips are far apart at this scale
+    # Mutation control: an export whose transformer weights were perturbed (sigma 0.05) fails the comparison.
+    ours, theirs = _clips(wan_export, wan_ckpt, [0, 1], perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3
+    # Control of the noise layout: drawn in lightdiff's (F, C, H, W) order, a seed is another clip than WanPipeline's.
+    monkeypatch.setattr(type(WAN), "initial_noise", Family.initial_noise)
+    ours, theirs = _clips(wan_export, wan_ckpt, [0, 1])
+    assert (theirs - ours).abs().max() > 1e-2
+
+
+def test_umt5_text_is_wan_encode_prompt(wan_export: Path) -> None:
+    """UMT5 under the attention mask, zero past each prompt's tokens: WanPipeline.encode_prompt to the bit; without
+    the mask (as CogVideoX's T5Text encodes) the states differ."""
+    text = load_trained(wan_export).conditioning
+    assert isinstance(text, UMT5Text) and text.max_sequence_length == 8
+    pipeline = WanPipeline.from_pretrained(wan_export)
+    prompts = [*PROMPTS, ""]
+    with torch.no_grad():
+        ours = text.encode(prompts)
+        theirs = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=8)[0]
+        lengths = [len(text.tokenizer(prompt).input_ids) for prompt in prompts]
+        unmasked = text.text_encoder(
+            text.tokenizer(prompts, padding="max_length", max_length=8, return_tensors="pt").input_ids
+        )
+    assert ours.shape == (3, 8, 16) and torch.equal(ours, theirs)
+    assert lengths[2] == 1 and ours[2, 1:].abs().max() == 0 and ours[2, 0].abs().max() > 0  # "": </s> alone
+    assert all(ours[i, lengths[i] :].abs().max() == 0 for i in range(3) if lengths[i] < 8)
+    assert (unmasked.last_hidden_state[2, :1] - ours[2, :1]).abs().max() > 1e-4
+
+
+def test_a_new_wan_transformer_starts_with_identity_blocks() -> None:
+    """zero_wan_blocks: every block returns its input tokens; diffusers' random initialisation does not (control)."""
+    torch.manual_seed(0)
+    net = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
+    )  # fmt: skip
+    inputs = {"timestep": torch.tensor([500.0]), "encoder_hidden_states": torch.randn(1, 8, 16)}
+    x = torch.randn(1, 4, 3, 4, 4)
+
+    def block_changes(net: WanTransformer3DModel) -> list[float]:
+        changes: list[float] = []
+        hooks = [
+            block.register_forward_hook(lambda m, args, out: changes.append(float((out - args[0]).abs().max())))
+            for block in net.blocks
+        ]
+        with torch.no_grad():
+            net(x, **inputs)
+        for hook in hooks:
+            hook.remove()
+        return changes
+
+    assert min(block_changes(net)) > 1e-3
+    assert block_changes(WAN.initialise(net)) == [0.0, 0.0]
+    assert family_of(net) is WAN and WAN.token_side(net) == 2 and len(WAN.blocks(net)) == 2
+
+
+def test_bad_wan_input_is_named_before_anything_is_written(wan_vae_dir: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cogvideox_vae = tmp_path / "cogvideox-vae"
+    tiny_video_vae().save_pretrained(cogvideox_vae)
+    with pytest.raises(ConfigError, match="model.vae: a WanTransformer3DModel learns Wan's VAE"):
+        train_run(_wan_config(runs, cogvideox_vae, "run_name=other-vae"))
+    with pytest.raises(ConfigError, match="data.num_frames=7: 7 frames must be 4m \\+ 1 \\(e.g. 9\\)"):
+        train_run(_wan_config(runs, wan_vae_dir, "run_name=seven", "data.num_frames=7"))
+    with pytest.raises(ConfigError, match="net.text_dim=16 differs from the UMT5 encoder's d_model=32"):
+        train_run(_wan_config(runs, wan_vae_dir, "run_name=width", "model.text_hidden_size=32"))
+    assert not runs.exists()
+
+
+@pytest.mark.slow  # 6 s: a fine-tuning run on the export
+def test_a_wan_folder_fine_tunes_with_its_frozen_umt5(wan_export: Path, tmp_path: Path) -> None:
+    """model.pretrained=<WanPipeline folder>: its UMT5 and VAE frozen, its transformer trained."""
+    overrides = [f"output_root={tmp_path}", *TINY, *TINY_WAN_MODEL, f"model.pretrained={wan_export}"]
+    cfg = compose_config("train", [*overrides, "model.load_pretrained_unet=true", "run_name=tuned"])
+    trainer = train_run(cfg)
+    method, base = trainer.lightning_module, WanPipeline.from_pretrained(wan_export)
+    text = method.conditioning
+    assert isinstance(text, UMT5Text) and not text.trainable and isinstance(method.vae, AutoencoderKLWan)
+    for ours, theirs in ((text.text_encoder, base.text_encoder), (method.vae, base.vae)):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    moved = [not torch.equal(a, b) for a, b in zip(method.net.parameters(), base.transformer.parameters())]
+    assert any(moved)  # control: the transformer did train
+
+
+def test_wan_trains_from_the_clip_latent_cache_without_encoding(
+    wan_vae_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.cache_latents with Wan's VAE and UMT5: once the cache exists a run encodes no clip."""
+    calls = count_encoded(monkeypatch, AutoencoderKLWan)
+    cache = [f"data.latent_cache_dir={tmp_path / 'cache'}", "data.size=8", "data.cache_latents=true"]
+    train_run(_wan_config(tmp_path, wan_vae_dir, "run_name=fill", *cache))
+    assert sum(calls) == 8 and len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1  # every clip once
+    calls.clear()
+    trainer = train_run(_wan_config(tmp_path, wan_vae_dir, "run_name=cached", *cache))
+    assert trainer.global_step == 2 and calls == []
+
+
+def test_autoencoder_stage_trains_a_wan_vae_and_writes_its_channel_statistics(tmp_path: Path) -> None:
+    """video_vae@model.video_vae=wan: the run writes each latent channel's mean and std, which normalise the training
+    clips' latents to about (0, 1) per channel; the VAE's default statistics (Wan 2.1's) do not (the control)."""
+    from lightdiff.data.moving_shapes import MovingShapesDataset
+    from lightdiff.nets.pretrained import load_vae
+    from lightdiff.nets.vae import encode_latents
+
+    overrides = [f"output_root={tmp_path}", *TINY, "model=autoencoder", "data=moving_shapes", "data.num_frames=9"]
+    overrides += ["video_vae@model.video_vae=wan", "model.video_vae.base_dim=8", "model.video_vae.z_dim=4"]
+    cfg = compose_config("train", [*overrides, "run_name=wan-vae"])
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'vae'}"]))
+    vae = load_vae(None, str(tmp_path / "vae"))
+    assert isinstance(vae, AutoencoderKLWan) and len(vae.config.latents_mean) == len(vae.config.latents_std) == 4
+    clips = torch.stack([item["pixel_values"] for item in MovingShapesDataset(size=32, resolution=16, num_frames=9)])
+    torch.manual_seed(0)
+    channels = encode_latents(vae, clips).transpose(0, 2).flatten(1)  # (B, F, C, h, w) -> (C, ...)
+    assert channels.mean(1).abs().max() < 0.25 and (channels.std(1) - 1).abs().max() < 0.25
+    vae.register_to_config(latents_mean=AutoencoderKLWan().config.latents_mean[:4], latents_std=[1.0] * 4)
+    torch.manual_seed(0)
+    default = encode_latents(vae, clips).transpose(0, 2).flatten(1)
+    assert (default.mean(1).abs().max() > 0.25) or ((default.std(1) - 1).abs().max() > 0.25)
+
+
+# Image-to-video, Wan 2.1's layout (net=wan_i2v_tiny with CLIP image tokens): 4 noisy + 4 mask + 4 frame channels,
+# a 1-layer, 8-wide CLIP of 16 px frames in 4 px patches, UMT5 at the 512 tokens the I2V attention splits after.
+TINY_WAN_I2V = [
+    "net=wan_i2v_tiny",
+    "net.in_channels=12",
+    "net.image_dim=8",
+    "model.max_sequence_length=512",
+    "model.first_frame.encoder_layers=1",
+    "model.first_frame.encoder_heads=2",
+    "model.first_frame.encoder_patch_size=4",
+]
+
+
+def _first_frames(count: int) -> tuple[torch.Tensor, list]:
+    """The first frames of moving-shapes clips 0..count-1: as lightdiff takes them ((B, 3, H, W) in [-1, 1], as
+    sample.py reads an image) and as PIL images, for the pipeline."""
+    from PIL import Image
+
+    from lightdiff.data.moving_shapes import MovingShapesDataset
+
+    data = MovingShapesDataset(size=count, resolution=16, num_frames=9)
+    pixels = [((data[i]["pixel_values"][0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for i in range(count)]
+    images = [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in pixels]
+    return torch.stack(pixels).float() / 127.5 - 1, images
+
+
+def _i2v_clips(folder: Path, checkpoint: Path, perturb: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two clips (3 steps, guidance 4) from the same first frames and prompts, drawn by lightdiff from the checkpoint
+    and by WanImageToVideoPipeline from the export, one clip per pipeline call (it takes one image a call)."""
+    from diffusers import WanImageToVideoPipeline
+
+    pipeline = WanImageToVideoPipeline.from_pretrained(folder)
+    if perturb:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for parameter in pipeline.transformer.parameters():
+                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+    trained = load_denoiser(checkpoint)
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
+    frames, images = _first_frames(2)
+    inputs = {"text": PROMPTS, "image": frames}
+    clip = {"vae": trained.vae, "size": (16, 16), "num_frames": 9}
+    ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, inputs, 4.0, **clip)
+    length = json.loads((folder / "lightdiff.json").read_text())["max_sequence_length"]
+    theirs = [
+        pipeline(
+            image=image,
+            prompt=prompt,
+            num_frames=9,
+            height=16,
+            width=16,
+            num_inference_steps=3,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            max_sequence_length=length,
+        ).frames[0]
+        for seed, (image, prompt) in enumerate(zip(images, PROMPTS))
+    ]
+    return ours, torch.stack(theirs)
+
+
+def test_wan_image_to_video_trains_and_exports_to_its_pipeline(wan_vae_dir: Path, tmp_path: Path) -> None:
+    """Wan 2.1's image-to-video: the first frame's latents and mask channels and CLIP's image tokens; the export is a
+    WanImageToVideoPipeline that reproduces lightdiff's clips from the checkpoint, and a perturbed one does not."""
+    from diffusers import WanImageToVideoPipeline
+
+    from lightdiff.nets.families.wan import I2V_FAMILY, WanFirstFrame
+
+    cfg = _wan_config(tmp_path, wan_vae_dir, "run_name=i2v", *TINY_WAN_I2V)
+    trainer = train_run(cfg)
+    method = trainer.lightning_module
+    assert family_of(method.net) is I2V_FAMILY and isinstance(method.conditioning, WanFirstFrame)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}", "steps=3"]))
+    assert isinstance(WanImageToVideoPipeline.from_pretrained(folder).image_encoder, torch.nn.Module)
+    ours, theirs = _i2v_clips(folder, checkpoint)
+    assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
+    assert (theirs - ours).abs().max() < 1e-4
+    assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two frames' clips are far apart at this scale
+    ours, theirs = _i2v_clips(folder, checkpoint, perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3  # the mutation control
