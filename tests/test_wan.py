@@ -71,11 +71,22 @@ def wan_export(wan_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return folder
 
 
-def _clips(folder: Path, checkpoint: Path, seeds: list[int], perturb: float = 0.0) -> tuple[torch.Tensor, ...]:
-    """PROMPTS' clips (3 steps, guidance 4) drawn by lightdiff from the trained checkpoint (its weights and the
+def _clips(
+    folder: Path,
+    checkpoint: Path,
+    seeds: list[int],
+    perturb: float = 0.0,
+    lora: bool = False,
+    steps: int = 3,
+    guidance_scale: float = 4.0,
+) -> tuple[torch.Tensor, ...]:
+    """PROMPTS' clips (`steps`, `guidance_scale`) drawn by lightdiff from the trained checkpoint (its weights and the
     scheduler sample.py makes for it) and by plain diffusers from the exported WanPipeline folder, from the same
-    seeds. `perturb`: Gaussian noise of that sigma on the exported transformer's weights (the mutation control)."""
+    seeds. `perturb`: Gaussian noise of that sigma on the exported transformer's weights (the mutation control);
+    `lora`: the folder's LoRA file loaded into the pipeline (`load_lora_weights`)."""
     pipeline = WanPipeline.from_pretrained(folder)
+    if lora:
+        pipeline.load_lora_weights(folder)
     if perturb:
         with torch.no_grad():
             generator = torch.Generator().manual_seed(0)
@@ -84,14 +95,14 @@ def _clips(folder: Path, checkpoint: Path, seeds: list[int], perturb: float = 0.
     trained = load_denoiser(checkpoint)
     scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
     inputs, clip = {"text": PROMPTS}, {"vae": trained.vae, "size": (16, 16), "num_frames": 9}
-    ours = generate(trained.net, scheduler, 3, seeds, trained.conditioning, inputs, 4.0, **clip)
+    ours = generate(trained.net, scheduler, steps, seeds, trained.conditioning, inputs, guidance_scale, **clip)
     theirs = pipeline(
         prompt=PROMPTS,
         num_frames=9,
         height=16,
         width=16,
-        num_inference_steps=3,
-        guidance_scale=4.0,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
         output_type="pt",
         max_sequence_length=8,
@@ -325,3 +336,45 @@ def test_wan_image_to_video_trains_and_exports_to_its_pipeline(wan_vae_dir: Path
     assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two frames' clips are far apart at this scale
     ours, theirs = _i2v_clips(folder, checkpoint, perturb=0.05)
     assert (theirs - ours).abs().max() > 1e-3  # the mutation control
+
+
+@pytest.mark.slow  # 10 s: a LoRA run on the export and two pipelines
+def test_lora_on_wan_is_written_in_diffusers_format_that_wan_pipeline_loads(wan_export: Path, tmp_path: Path) -> None:
+    """LoRA on a Wan base (attention and MLP of every block): the export is the base plus diffusers' LoRA file, which
+    WanPipeline.load_lora_weights applies so that the pipeline draws lightdiff's clips; without it, other clips."""
+    overrides = [f"output_root={tmp_path}", *TINY, *TINY_WAN_MODEL, f"model.pretrained={wan_export}"]
+    overrides += ["model.load_pretrained_unet=true", "model.lora.rank=4", "model.lr=0.01", "model.warmup_steps=0"]
+    overrides += ["trainer.max_steps=4", "run_name=lora"]
+    cfg = compose_config("train", overrides)
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    adapted = load_denoiser(checkpoint)
+    adapters = [name for name, _ in adapted.net.named_parameters() if ".lora_A." in name]
+    assert any(".ffn.net.0.proj.lora_A." in name for name in adapters)
+    assert any(".attn2.to_k.lora_A." in name for name in adapters)
+    ours, theirs = _clips(folder, checkpoint, [0, 1], lora=True)
+    assert (theirs - ours).abs().max() < 1e-4
+    ours, theirs = _clips(folder, checkpoint, [0, 1])  # control: the base alone
+    assert (theirs - ours).abs().max() > 1e-3
+
+
+@pytest.mark.slow  # 15 s: a turbo run on the Wan teacher and two pipelines
+def test_turbo_distils_a_wan_teacher_into_a_one_step_student(wan_ckpt: Path, tmp_path: Path) -> None:
+    """LADD on a Wan teacher: the discriminator reads the teacher's `blocks` (Wan names them so) on whole clips; the
+    student exports as a WanPipeline that plain diffusers reproduces in one step, and a perturbed export does not."""
+    turbo = [f"output_root={tmp_path}", *TINY, "model=turbo", f"model.teacher={wan_ckpt}", "data=moving_shapes"]
+    cfg = compose_config("train", [*turbo, "data.num_frames=9", "model.teacher_steps=2", "run_name=wan-turbo"])
+    trainer = train_run(cfg)
+    features = trainer.lightning_module.discriminator.backbone
+    assert features.blocks == list(features.transformer.blocks)  # Wan's one block: its tokens are the features
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    meta = load_checkpoint_file(checkpoint)["lightdiff"]
+    assert meta["method"] == "turbo" and meta["num_frames"] == 9
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    ours, theirs = _clips(folder, checkpoint, [0, 1], steps=1, guidance_scale=1.0)
+    assert (theirs - ours).abs().max() < 1e-4
+    ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, steps=1, guidance_scale=1.0)
+    assert (theirs - ours).abs().max() > 1e-3
