@@ -199,6 +199,15 @@ def tiny_unet(sample_size: int = 8) -> UNet2DModel:
     )
 
 
+def perturb_weights(module: torch.nn.Module, sigma: float) -> None:
+    """Gaussian noise of `sigma` (seeded) added to every weight of `module`: the mutation control of the export
+    parity tests (a perturbed export must fail the comparison a faithful one passes)."""
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in module.parameters():
+            parameter.add_(sigma * torch.randn(parameter.shape, generator=generator))
+
+
 def tiny_vae() -> AutoencoderKL:
     """A two-level AutoencoderKL with 4 latent channels (16 px images -> 8 x 8 latents), seeded."""
     torch.manual_seed(0)

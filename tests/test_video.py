@@ -39,7 +39,7 @@ from lightdiff.sampling import frames_grid, generate, to_uint8, write_video
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
 
-from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, count_encoded, tiny_vae, tiny_video_vae
+from .conftest import TINY, TINY_VIDEO_MODEL, compose_config, count_encoded, perturb_weights, tiny_vae, tiny_video_vae
 from .test_exact_resume import _assert_same_state
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
@@ -81,10 +81,7 @@ def _exported_clips(
     control: the comparison must then fail)."""
     pipeline = CogVideoXPipeline.from_pretrained(folder)
     if perturb:
-        with torch.no_grad():
-            generator = torch.Generator().manual_seed(0)
-            for parameter in pipeline.transformer.parameters():
-                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+        perturb_weights(pipeline.transformer, perturb)
     trained = load_denoiser(checkpoint)  # EMA weights where the run kept them, as sample.py exports
     scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
     ours = generate(

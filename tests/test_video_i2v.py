@@ -28,7 +28,7 @@ from lightdiff.sampling import frames_grid, generate, to_uint8
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser
 
-from .conftest import TINY, compose_config, tiny_vae, tiny_video_vae
+from .conftest import TINY, compose_config, perturb_weights, tiny_vae, tiny_video_vae
 
 # A 32/64-channel SVD UNet (its GroupNorms take 32 groups) over tiny_vae's 8 x 8 latents of 16 px frames, a
 # 1-layer CLIP image encoder of width 16.
@@ -61,10 +61,7 @@ def _exported_clips(
     [0, 1] tensors in). `perturb`: noise of that sigma on the exported UNet's weights (a mutation control)."""
     pipeline = StableVideoDiffusionPipeline.from_pretrained(folder)
     if perturb:
-        with torch.no_grad():
-            generator = torch.Generator().manual_seed(0)
-            for parameter in pipeline.unet.parameters():
-                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+        perturb_weights(pipeline.unet, perturb)
     trained = load_denoiser(checkpoint)  # EMA weights where the run kept them, as sample.py exports
     ours = generate(
         trained.net,

@@ -20,7 +20,7 @@ from lightdiff.sampling import generate
 from lightdiff.train import run as train_run
 from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
 
-from .conftest import TINY, compose_config, count_encoded, tiny_video_vae, tiny_wan_vae
+from .conftest import TINY, compose_config, count_encoded, perturb_weights, tiny_video_vae, tiny_wan_vae
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
 
@@ -88,10 +88,7 @@ def _clips(
     if lora:
         pipeline.load_lora_weights(folder)
     if perturb:
-        with torch.no_grad():
-            generator = torch.Generator().manual_seed(0)
-            for parameter in pipeline.transformer.parameters():
-                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+        perturb_weights(pipeline.transformer, perturb)
     trained = load_denoiser(checkpoint)
     scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
     inputs, clip = {"text": PROMPTS}, {"vae": trained.vae, "size": (16, 16), "num_frames": 9}
@@ -286,10 +283,7 @@ def _i2v_clips(folder: Path, checkpoint: Path, perturb: float = 0.0) -> tuple[to
 
     pipeline = WanImageToVideoPipeline.from_pretrained(folder)
     if perturb:
-        with torch.no_grad():
-            generator = torch.Generator().manual_seed(0)
-            for parameter in pipeline.transformer.parameters():
-                parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+        perturb_weights(pipeline.transformer, perturb)
     trained = load_denoiser(checkpoint)
     scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
     frames, images = _first_frames(2)

@@ -9,7 +9,9 @@ picture"), or with the original size H x W and crop (TOP, LEFT) given after `#` 
 picture had in training: `#23,45,0,7`), DDIM at STEPS (default 25; a turbo student uses its trailing timesteps and no
 guidance), guidance 4 for the others, EMA weights. Reported: the share of images whose shape is cut by the border
 (lightdiff.metrics.shapes.cut_by_border: touching it and not a valid shapes image), the raw share touching it
-(`touches_border`), the shapes metric's valid share and right shape and colour, and the seconds per image.
+(`touches_border`), the shapes metric's valid share and right shape and colour, the within-caption distance (the
+mean pairwise RMS pixel distance of a caption's images, averaged over captions: 0 for a model that draws one image per
+caption; lightdiff.metrics.diversity, issue 41) and the seconds per image.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from lightdiff.data.shapes import NUM_CLASSES, label_to_caption
-from lightdiff.metrics import shapes_metric
+from lightdiff.metrics import shapes_metric, within_group_distance
 from lightdiff.metrics.shapes import class_balanced_seeds, cut_by_border, touches_border
 from lightdiff.nets.families import SIZE_AND_CROP, size_and_crop
 from lightdiff.sampling import for_latents, generate, image_grid, reconfigured, to_uint8
@@ -78,6 +80,9 @@ def main() -> None:
             "touches_border": float(touches_border(images).mean()),
             "valid": metric["valid"],
             "right_shape_and_colour": metric["both"],
+            "within_caption_distance": within_group_distance(
+                torch.from_numpy(images).float() / 255, [seed % NUM_CLASSES for seed in args.seeds]
+            ),
             "seconds_per_image": seconds / len(images),
         }
         if args.grids:  # the first image of each caption, in caption order
@@ -88,12 +93,16 @@ def main() -> None:
         f"{per_caption} images per caption x 24 captions at 16 x 16 (seeds {first}..{last}), crop ids (0, 0) unless "
         f"given, guidance {args.guidance}\n"
     )
-    print("| model | steps | cut by the border | touches the border | valid | right shape and colour | s / image |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| model | steps | cut by the border | touches the border | valid | right shape and colour | "
+        "within-caption distance | s / image |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in results.items():
         print(
             f"| {name} | {row['steps']} | {row['cut_by_border']:.1%} | {row['touches_border']:.1%} | "
-            f"{row['valid']:.1%} | {row['right_shape_and_colour']:.1%} | {row['seconds_per_image']:.3f} |"
+            f"{row['valid']:.1%} | {row['right_shape_and_colour']:.1%} | {row['within_caption_distance']:.3f} | "
+            f"{row['seconds_per_image']:.3f} |"
         )
     if args.out:
         with open(args.out, "w") as handle:
