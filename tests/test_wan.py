@@ -194,7 +194,30 @@ def test_bad_wan_input_is_named_before_anything_is_written(wan_vae_dir: Path, tm
         train_run(_wan_config(runs, wan_vae_dir, "run_name=seven", "data.num_frames=7"))
     with pytest.raises(ConfigError, match="net.text_dim=16 differs from the UMT5 encoder's d_model=32"):
         train_run(_wan_config(runs, wan_vae_dir, "run_name=width", "model.text_hidden_size=32"))
+    with pytest.raises(
+        ConfigError, match="model.vae: lightdiff ships no moving-shapes VAE for .*WanTransformer3DModel"
+    ):
+        train_run(compose_config("train", [f"output_root={runs}", *TINY, *TINY_WAN_MODEL, "run_name=no-vae"]))
     assert not runs.exists()
+
+
+def test_the_wan_vae_trains_on_its_unclamped_decoder_output() -> None:
+    """AutoencoderKLWan.decode clamps to [-1, 1]: where a pixel overshoots, no gradient reaches the decoder (the
+    control), which stopped a moving-shapes VAE at 14 dB; `decode_for_training` is the same pixels before the clamp."""
+    from lightdiff.nets.vae import decode, decode_for_training
+
+    vae = tiny_wan_vae()
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(-3.0)  # every pixel far below -1
+    latents = torch.randn(1, 4, 3, 4, 4)
+    clamped, unclamped = decode(vae, latents), decode_for_training(vae, latents)
+    assert clamped.shape == unclamped.shape == (1, 9, 3, 16, 16)
+    assert torch.equal(clamped, unclamped.clamp(-1, 1)) and unclamped.max() < -1
+    clamped.sum().backward()
+    assert vae.decoder.conv_out.bias.grad.abs().max() == 0  # the control: the clamp passes nothing back
+    vae.zero_grad()
+    decode_for_training(vae, latents).sum().backward()
+    assert vae.decoder.conv_out.bias.grad.abs().min() > 0
 
 
 @pytest.mark.slow  # 6 s: a fine-tuning run on the export

@@ -27,7 +27,15 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.diffusion.adversarial import adaptive_weight, hinge_discriminator_loss, hinge_generator_loss, psnr
 from lightdiff.methods.optimization import OptimizerFactory, clip_and_measure_gradients
 from lightdiff.nets.discriminator import PatchDiscriminator
-from lightdiff.nets.vae import Autoencoder, decode, frame_count_problem, posterior, vae_scale_factor, vae_spec
+from lightdiff.nets.vae import (
+    Autoencoder,
+    decode,
+    decode_for_training,
+    frame_count_problem,
+    posterior,
+    vae_scale_factor,
+    vae_spec,
+)
 
 CHECKPOINT_FORMAT = 1
 
@@ -114,7 +122,7 @@ class AutoencoderTraining(pl.LightningModule):
 
         # Autoencoder update: reconstruction + KL (+ adaptive-weighted generator loss once the critic is on).
         latents = posterior(self.vae, images)
-        reconstructions = decode(self.vae, latents.sample())
+        reconstructions = decode_for_training(self.vae, latents.sample())  # unclamped: Wan's decode clamps
         rec_loss = self._pixel_loss(images, reconstructions)
         kl_loss = latents.kl().mean()
         loss = rec_loss + self.kl_weight * kl_loss

@@ -40,6 +40,7 @@ class VaeSpec:
     spatial_key: str | None = None  # the config key of pixels per latent; None: 2 ** (levels - 1) of block_out_channels
     odd_latent_frames: bool = False  # decodes only an odd number of latent frames to as many frames (CogVideoX's)
     per_channel_statistics: bool = False  # normalised by its config's `latents_mean` / `latents_std` (Wan's)
+    clamps_decoded: bool = False  # its `decode` clamps the pixels to [-1, 1] (Wan's): no gradient past the clamp
 
 
 VAE_SPECS: dict[str, VaeSpec] = {
@@ -55,6 +56,7 @@ VAE_SPECS: dict[str, VaeSpec] = {
         temporal_key="scale_factor_temporal",
         spatial_key="scale_factor_spatial",
         per_channel_statistics=True,
+        clamps_decoded=True,
     ),
 }
 
@@ -128,6 +130,26 @@ def decode(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     (B, 3, H, W), or a 3-D VAE's clips (B, F, 3, H, W)."""
     pixels = vae.decode(latents).sample
     return _to_vae_layout(pixels) if is_video_vae(vae) else pixels
+
+
+def decode_for_training(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """`decode`'s pixels as the decoder computed them, before any clamp: what the autoencoder stage's losses take.
+
+    `AutoencoderKLWan.decode` clamps its output to [-1, 1], which passes no gradient where the output overshoots; on
+    moving shapes (mostly black frames) the first steps push every pixel below -1 and the decoder never learns again
+    (measured: 14 dB reconstructions from step 24 to 1600). Its decoder's own outputs (one call per latent frame,
+    read by a forward hook, so diffusers' decode path runs unchanged) are the unclamped clip."""
+    if not vae_spec(vae).clamps_decoded:
+        return decode(vae, latents)
+    if vae.config.get("patch_size") is not None:
+        raise ValueError(f"{type(vae).__name__} with patch_size={vae.config.patch_size}: not trained by lightdiff")
+    frames: list[torch.Tensor] = []
+    handle = vae.decoder.register_forward_hook(lambda module, args, output: frames.append(output))
+    try:
+        vae.decode(latents)
+    finally:
+        handle.remove()
+    return _to_vae_layout(torch.cat(frames, dim=2))
 
 
 def vae_scale_factor(vae: Autoencoder) -> int:

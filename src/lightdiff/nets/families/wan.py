@@ -136,7 +136,6 @@ class Wan(Family):
     video = True
     takes_text = True
     vae_encodes_clips = True
-    shapes_vae = "vae_moving_shapes_wan"
     conditionings = {"umt5_text": umt5_text_from_state}
 
     def describes(self, net: nn.Module) -> bool:
