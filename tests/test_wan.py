@@ -332,21 +332,33 @@ def _i2v_clips(folder: Path, checkpoint: Path, perturb: float = 0.0) -> tuple[to
     return ours, torch.stack(theirs)
 
 
-def test_wan_image_to_video_trains_and_exports_to_its_pipeline(wan_vae_dir: Path, tmp_path: Path) -> None:
-    """Wan 2.1's image-to-video: the first frame's latents and mask channels and CLIP's image tokens; the export is a
-    WanImageToVideoPipeline that reproduces lightdiff's clips from the checkpoint, and a perturbed one does not."""
+# Wan 2.2 A14B's image-to-video layout: the frame's latents and mask channels alone (no CLIP, any text length).
+TINY_WAN_22_I2V = ["net=wan_i2v_tiny", "net.in_channels=12"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [TINY_WAN_I2V, pytest.param(TINY_WAN_22_I2V, marks=pytest.mark.slow)],  # 2.2's: 10 s, in the slow suite
+    ids=["wan21_clip", "wan22"],
+)
+def test_wan_image_to_video_trains_and_exports_to_its_pipeline(
+    layout: list[str], wan_vae_dir: Path, tmp_path: Path
+) -> None:
+    """Wan's image-to-video: the first frame's latents and mask channels (and Wan 2.1's CLIP image tokens); the export
+    is a WanImageToVideoPipeline that reproduces lightdiff's clips from the checkpoint, and a perturbed one does not."""
     from diffusers import WanImageToVideoPipeline
 
     from lightdiff.nets.families.wan import I2V_FAMILY, WanFirstFrame
 
-    cfg = _wan_config(tmp_path, wan_vae_dir, "run_name=i2v", *TINY_WAN_I2V)
+    cfg = _wan_config(tmp_path, wan_vae_dir, "run_name=i2v", *layout)
     trainer = train_run(cfg)
     method = trainer.lightning_module
     assert family_of(method.net) is I2V_FAMILY and isinstance(method.conditioning, WanFirstFrame)
     checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     folder = tmp_path / "export"
     sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}", "steps=3"]))
-    assert isinstance(WanImageToVideoPipeline.from_pretrained(folder).image_encoder, torch.nn.Module)
+    with_clip = method.net.config.image_dim is not None
+    assert (WanImageToVideoPipeline.from_pretrained(folder).image_encoder is not None) == with_clip
     ours, theirs = _i2v_clips(folder, checkpoint)
     assert theirs.shape == ours.shape == (2, 9, 3, 16, 16)
     assert (theirs - ours).abs().max() < 1e-4
