@@ -158,7 +158,8 @@ def test_umt5_text_is_wan_encode_prompt(wan_export: Path) -> None:
 
 
 def test_a_new_wan_transformer_starts_with_identity_blocks() -> None:
-    """zero_wan_blocks: every block returns its input tokens; diffusers' random initialisation does not (control)."""
+    """Wan.initialise (`zero_adaln_single`): every block returns its input tokens; diffusers' random initialisation
+    does not (the control)."""
     torch.manual_seed(0)
     net = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,

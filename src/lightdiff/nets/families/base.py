@@ -19,7 +19,7 @@ samplers' per-sample "generators", of which each conditioning reads what it need
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -456,6 +456,30 @@ def zero_adaln_gates(net: nn.Module) -> nn.Module:
                 if module.linear.bias is not None:
                     module.linear.bias.zero_()
     return net
+
+
+def zero_adaln_single(shared_projection: nn.Linear, blocks: Iterable[nn.Module]) -> None:
+    """Blocks of an adaLN-single transformer (PixArt-alpha, Chen et al. 2023, 2.3; Wan) start as the identity, which
+    takes two zeroings.
+
+    adaLN-single: block i's six modulation vectors (shift, scale, gate of the self-attention and of the MLP) are its
+    own `scale_shift_table` plus one projection of the timestep embedding shared by all blocks (`shared_projection`:
+    PixArt's `adaln_single.linear`, Wan's `condition_embedder.time_proj`); diffusers initialises both randomly. Zeroing
+    both zeroes every block's modulation for every timestep, as DiT's adaLN-Zero zeroes its per-block regression
+    (Section 3.2): gates 0, and norms without shift or scale. PixArt's own code keeps the tables random because it
+    starts from DiT's weights; lightdiff trains from scratch. The cross-attention to the text (`attn2`) has no gate, so
+    its output projection is zeroed, as PixArt-alpha does ("we initialize the output projection layer in the
+    cross-attention layer to zero"); a block's output then equals its input. The text path learns from the second step
+    on: the zero projection passes no gradient back at the first."""
+    with torch.no_grad():
+        shared_projection.weight.zero_()
+        shared_projection.bias.zero_()
+        for block in blocks:
+            block.scale_shift_table.zero_()
+            output = block.attn2.to_out[0]
+            output.weight.zero_()
+            if output.bias is not None:
+                output.bias.zero_()
 
 
 # ----- the registry ------------------------------------------------------------------------------------------------

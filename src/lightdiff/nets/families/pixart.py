@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import PixArtTransformer2DModel
 from torch import nn
 from transformers import CLIPTextModel
@@ -25,6 +24,7 @@ from lightdiff.nets.families.base import (
     PipelineComponents,
     check_captions,
     zero_adaln_gates,
+    zero_adaln_single,
 )
 from lightdiff.nets.families.dit import write_parts
 from lightdiff.nets.families.sd import CLIPText, read_clip_folder, read_clip_parts, scratch_clip_text
@@ -33,36 +33,13 @@ from lightdiff.nets.pretrained import check_parts_used, pipeline_parts
 NO_SIZE_CONDITIONING = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 
 
-def zero_pixart_blocks(net: PixArtTransformer2DModel) -> None:
-    """PixArt's blocks start as the identity too, which takes two zeroings (PixArt-alpha, Chen et al. 2023, 2.3).
-
-    adaLN-single: block i's six modulation vectors (shift, scale, gate of the self-attention and of the MLP) are its
-    own `scale_shift_table` plus one projection of the timestep embedding shared by all blocks (`adaln_single.linear`);
-    diffusers initialises both randomly. Zeroing both zeroes every block's modulation for every timestep, as DiT's
-    adaLN-Zero zeroes its per-block regression (Section 3.2): gates 0, and LayerNorm without shift or scale. PixArt's
-    own code keeps the tables random because it starts from DiT's weights; lightdiff trains from scratch.
-    The cross-attention to the text has no gate, so its output projection is zeroed, as PixArt-alpha does ("we
-    initialize the output projection layer in the cross-attention layer to zero"); a block's output then equals its
-    input. The text path learns from the second step on: the zero projection passes no gradient back at the first.
-    """
-    with torch.no_grad():
-        net.adaln_single.linear.weight.zero_()
-        net.adaln_single.linear.bias.zero_()
-        for block in net.transformer_blocks:
-            block.scale_shift_table.zero_()
-            output = block.attn2.to_out[0]
-            output.weight.zero_()
-            if output.bias is not None:
-                output.bias.zero_()
-
-
 class PixArt(Family):
     name = "pixart"
     denoiser_class = PixArtTransformer2DModel
     takes_text = True
 
     def initialise(self, net: nn.Module) -> nn.Module:
-        zero_pixart_blocks(zero_adaln_gates(net))
+        zero_adaln_single(zero_adaln_gates(net).adaln_single.linear, net.transformer_blocks)
         return net
 
     def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:

@@ -47,6 +47,7 @@ from lightdiff.nets.families.base import (
     encoder_parameters,
     kwargs_in_dtype,
     prompts_without_condition,
+    zero_adaln_single,
 )
 from lightdiff.nets.families.cogvideox import T5Text
 from lightdiff.nets.families.svd import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, clip_pixels
@@ -58,7 +59,7 @@ from lightdiff.nets.text import (
     t5_tokenizer_state,
     tokenize_prompts,
 )
-from lightdiff.nets.vae import latent_channels, latent_shift_and_scale, posterior, temporal_compression
+from lightdiff.nets.vae import latent_channels, normalised_latents, posterior, temporal_compression
 
 # WanPipeline's default max_sequence_length: UMT5 tokens per prompt, the padded ones zeroed
 WAN_TEXT_TOKENS = 512
@@ -112,24 +113,6 @@ def pretrained_umt5_text(pretrained: str, settings: ConditioningSettings, key: s
     )
 
 
-def zero_wan_blocks(net: WanTransformer3DModel) -> WanTransformer3DModel:
-    """Wan's blocks start as the identity, as PixArt's do (`pixart.zero_pixart_blocks`, the same adaLN-single design):
-    block i's six modulation vectors are its own `scale_shift_table` plus one projection of the timestep embedding
-    shared by all blocks (`condition_embedder.time_proj`), both random in diffusers; zeroed, every gate is 0 and the
-    norms neither shift nor scale (DiT's adaLN-Zero, Peebles & Xie 2023, Section 3.2). The cross-attention to the
-    text has no gate, so its output projection is zeroed too; the text path learns from the second step on."""
-    with torch.no_grad():
-        net.condition_embedder.time_proj.weight.zero_()
-        net.condition_embedder.time_proj.bias.zero_()
-        for block in net.blocks:
-            block.scale_shift_table.zero_()
-            output = block.attn2.to_out[0]
-            output.weight.zero_()
-            if output.bias is not None:
-                output.bias.zero_()
-    return net
-
-
 class Wan(Family):
     name = "wan"
     denoiser_class = WanTransformer3DModel
@@ -170,7 +153,9 @@ class Wan(Family):
         return noise.transpose(1, 2)
 
     def initialise(self, net: nn.Module) -> nn.Module:
-        return zero_wan_blocks(net)
+        """Wan's blocks start as the identity: its design is PixArt's adaLN-single (`base.zero_adaln_single`)."""
+        zero_adaln_single(net.condition_embedder.time_proj, net.blocks)
+        return net
 
     def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
         if net.config.patch_size[0] != 1:
@@ -281,9 +266,8 @@ class WanFirstFrame(nn.Module):
         """(B, T + C, F', h, w): the mask channels and the normalised latents of the first frame and black frames."""
         vae = self.__dict__["vae"]
         clips = torch.cat([frames[:, None], frames.new_zeros(len(frames), num_frames - 1, *frames.shape[1:])], dim=1)
-        latents = posterior(vae, clips.to(vae.dtype)).mode().float()  # the VAE's layout (B, C, F', h, w)
-        shift, scale = latent_shift_and_scale(vae, 1, latents.ndim)
-        latents = (latents - torch.as_tensor(shift).to(latents)) * torch.as_tensor(scale).to(latents)
+        # the posterior's mode, as the pipeline takes it (`retrieve_latents(..., "argmax")`), in the VAE's layout
+        latents = normalised_latents(vae, posterior(vae, clips.to(vae.dtype)).mode().float())
         mask = latents.new_zeros(len(latents), temporal_compression(vae), *latents.shape[2:])
         mask[:, :, 0] = 1.0  # WanImageToVideoPipeline.prepare_latents' mask: the first frame is given
         return torch.cat([mask, latents], dim=1)
