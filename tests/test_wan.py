@@ -2,7 +2,9 @@
 shapes, sampled to mp4 and exported as a WanPipeline that plain diffusers reproduces from the same seeds; fine-tuning
 a Wan folder, the clip latent cache, bad input (tiny models built here, no downloads)."""
 
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from lightdiff.config import ConfigError
 from lightdiff.drawing import scheduler_for
 from lightdiff.nets.families import Family, family_of
 from lightdiff.nets.families.wan import FAMILY as WAN
-from lightdiff.nets.families.wan import UMT5Text
+from lightdiff.nets.families.wan import UMT5Text, WanExperts
 from lightdiff.sample import run as sample_run
 from lightdiff.sampling import generate
 from lightdiff.train import run as train_run
@@ -79,16 +81,17 @@ def _clips(
     lora: bool = False,
     steps: int = 3,
     guidance_scale: float = 4.0,
+    perturbed: str = "transformer",
 ) -> tuple[torch.Tensor, ...]:
     """PROMPTS' clips (`steps`, `guidance_scale`) drawn by lightdiff from the trained checkpoint (its weights and the
     scheduler sample.py makes for it) and by plain diffusers from the exported WanPipeline folder, from the same
-    seeds. `perturb`: Gaussian noise of that sigma on the exported transformer's weights (the mutation control);
-    `lora`: the folder's LoRA file loaded into the pipeline (`load_lora_weights`)."""
+    seeds. `perturb`: Gaussian noise of that sigma on the weights of the exported `perturbed` part (the mutation
+    control); `lora`: the folder's LoRA file loaded into the pipeline (`load_lora_weights`)."""
     pipeline = WanPipeline.from_pretrained(folder)
     if lora:
         pipeline.load_lora_weights(folder)
     if perturb:
-        perturb_weights(pipeline.transformer, perturb)
+        perturb_weights(getattr(pipeline, perturbed), perturb)
     trained = load_denoiser(checkpoint)
     scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
     inputs, clip = {"text": PROMPTS}, {"vae": trained.vae, "size": (16, 16), "num_frames": 9}
@@ -408,3 +411,165 @@ def test_turbo_distils_a_wan_teacher_into_a_one_step_student(wan_ckpt: Path, tmp
     assert (theirs - ours).abs().max() < 1e-4
     ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, steps=1, guidance_scale=1.0)
     assert (theirs - ours).abs().max() > 1e-3
+
+
+# ----- Wan 2.2 A14B: two experts ------------------------------------------------------------------------------------
+
+
+def _tiny_transformer(seed: int) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1,
+    )  # fmt: skip
+
+
+def test_wan_experts_send_each_sample_to_the_expert_of_its_timestep() -> None:
+    """WanExperts: a sample at timestep >= boundary_ratio * 1000 goes through `transformer`, the rest through
+    `transformer_2` (WanPipeline's switch), gradients reach the expert that denoised; the pair rebuilds from its
+    config; experts of two architectures are refused."""
+    pair = WanExperts(_tiny_transformer(0), _tiny_transformer(1), boundary_ratio=0.875)
+    x, text = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 8, 16)
+    timesteps = torch.tensor([900.0, 100.0])
+    out = pair(x, timestep=timesteps, encoder_hidden_states=text).sample
+    with torch.no_grad():
+        high = pair.transformer(x[:1], timestep=timesteps[:1], encoder_hidden_states=text[:1]).sample
+        low = pair.transformer_2(x[1:], timestep=timesteps[1:], encoder_hidden_states=text[1:]).sample
+        swapped = pair.transformer(x[1:], timestep=timesteps[1:], encoder_hidden_states=text[1:]).sample
+    assert torch.allclose(out[:1], high, atol=1e-6) and torch.allclose(out[1:], low, atol=1e-6)
+    assert (swapped - low).abs().max() > 1e-3  # control: the experts differ, so the routing is what matched
+    out.square().mean().backward()
+    assert all(
+        p.grad is not None for expert in (pair.transformer, pair.transformer_2) for p in expert.proj_out.parameters()
+    )
+    pair.zero_grad(set_to_none=True)
+    pair(x, timestep=torch.tensor([900.0, 950.0]), encoder_hidden_states=text).sample.square().mean().backward()
+    assert pair.transformer_2.proj_out.weight.grad is None  # control: high noise alone never calls transformer_2
+    assert family_of(pair) is WAN and len(WAN.blocks(pair)) == 2 and pair.config.in_channels == 4
+    rebuilt = WanExperts.from_config(dict(pair.config))
+    assert rebuilt.boundary_ratio == 0.875 and rebuilt.config == pair.config
+    wider = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="share one architecture; their configs differ in \\['attention_head_dim'\\]"):
+        WanExperts(_tiny_transformer(0), wider)
+
+
+def test_timesteps_within_draw_training_density_restricted_to_the_range() -> None:
+    """`timesteps_within`: every draw lies in [low, high], distributed as training's own timesteps conditioned on the
+    range (rejection sampling of `training_example`'s draws agrees); the unrestricted draws fall outside (the
+    control). DDPM's integer steps likewise."""
+    from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, timesteps_within
+
+    torch.manual_seed(0)
+    flow, x0 = FlowMatching(shift=3.0), torch.zeros(20000, 1, 2, 2)
+    drawn = timesteps_within(flow, 875.0, 1000.0, x0)
+    assert drawn.min() >= 875.0 and drawn.max() <= 1000.0
+    everywhere = flow.training_example(x0, torch.randn_like(x0)).timesteps
+    assert (everywhere < 875.0).float().mean() > 0.5  # control: training at large mostly lies below the boundary
+    kept = everywhere[everywhere >= 875.0]
+    # the same conditional density (standard error of the difference of means about 0.5); drawing uniformly over
+    # the range instead would put the mean at 937.5, about 19 above
+    assert len(kept) > 3000 and abs(float(drawn.mean() - kept.mean())) < 3.0
+    assert abs(float(drawn.quantile(0.1) - kept.quantile(0.1))) < 4.0
+    ddpm = DDPM(schedule=NoiseSchedule("linear"))
+    steps = timesteps_within(ddpm, 0.0, 200.0, x0[:4000])
+    assert steps.dtype == torch.long and steps.min() == 0 and steps.max() == 199
+    assert abs(float(steps.float().mean()) - 99.5) < 3.0  # uniform over 0..199
+
+
+@pytest.fixture(scope="module")
+def wan_pair(wan_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Wan 2.2 A14B-like folder: the tiny export's transformer as the high-noise expert, a perturbed copy as the
+    low-noise `transformer_2`, switched at boundary_ratio 0.875."""
+    base = WanPipeline.from_pretrained(wan_export)
+    low_noise = copy.deepcopy(base.transformer)
+    perturb_weights(low_noise, 0.05)
+    parts = {name: getattr(base, name) for name in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")}
+    folder = tmp_path_factory.mktemp("wan-a14b") / "pipeline"
+    WanPipeline(**parts, transformer_2=low_noise, boundary_ratio=0.875).save_pretrained(folder)
+    shutil.copy(wan_export / "lightdiff.json", folder / "lightdiff.json")  # the clip length and UMT5's tokens
+    return folder
+
+
+def _pair_run(root: Path, pair: Path, name: str, *overrides: str):
+    base = [
+        f"output_root={root}",
+        *TINY,
+        *TINY_WAN_MODEL,
+        f"model.pretrained={pair}",
+        "model.load_pretrained_unet=true",
+    ]
+    return compose_config("train", [*base, f"run_name={name}", *overrides])
+
+
+def _same(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_two_wan_experts_train_in_one_run_and_export_a_pipeline_that_samples_with_both(
+    wan_pair: Path, tmp_path: Path
+) -> None:
+    """model.pretrained=<Wan 2.2 A14B folder>: both experts load as one net and train on the whole range; the export
+    has `transformer`, `transformer_2` and `boundary_ratio`, and WanPipeline reproduces sample.py's clips from the
+    checkpoint (3 steps: t = 1000 on the high-noise expert, 667 and 333 on the low-noise one). Perturbing either
+    exported expert breaks the match (the controls: each is used, and each is the trained one)."""
+    cfg = _pair_run(
+        tmp_path, wan_pair, "both", "objective.shift=3.0", "objective.logit_std=2.0"
+    )  # both experts see samples
+    method = train_run(cfg).lightning_module
+    base = WanPipeline.from_pretrained(wan_pair)
+    assert isinstance(method.net, WanExperts) and method.net.trains == "both" and method.timestep_range is None
+    assert not _same(method.net.transformer, base.transformer) and not _same(
+        method.net.transformer_2, base.transformer_2
+    )
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}", "steps=3"]))
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"] and index["boundary_ratio"] == 0.875
+    ours, theirs = _clips(folder, checkpoint, [0, 1])
+    assert (theirs - ours).abs().max() < 1e-4
+    for part in ("transformer", "transformer_2"):
+        ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, perturbed=part)
+        assert (theirs - ours).abs().max() > 1e-3, part
+
+
+def test_one_wan_expert_trains_on_its_side_of_the_boundary_and_resumes_only_as_itself(
+    wan_pair: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.train_expert=low_noise: every training timestep lies below the boundary (875), so the high-noise expert,
+    frozen, stays the folder's to the bit; the low-noise one trains; the checkpoint rebuilds the pair with its EMA.
+    Resuming the run as the other expert is refused (its optimiser state belongs to this one)."""
+    import lightdiff.methods.diffusion as diffusion
+
+    drawn: list[torch.Tensor] = []
+    draw = diffusion.timesteps_within
+    monkeypatch.setattr(diffusion, "timesteps_within", lambda *args: drawn.append(draw(*args)) or drawn[-1])
+    cfg = _pair_run(tmp_path, wan_pair, "low", "model.train_expert=low_noise")
+    method = train_run(cfg).lightning_module
+    base = WanPipeline.from_pretrained(wan_pair)
+    assert method.timestep_range == (0.0, 875.0)
+    assert len(drawn) == 2 and max(float(t.max()) for t in drawn) < 875.0
+    assert _same(method.net.transformer, base.transformer) and not _same(method.net.transformer_2, base.transformer_2)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    trained = load_denoiser(checkpoint)
+    assert isinstance(trained.net, WanExperts) and trained.net.trains == "low_noise" and trained.uses_ema
+    assert _same(trained.net.transformer, base.transformer)
+    with pytest.raises(ConfigError, match="trained model.train_expert=low_noise, this config says .*=high_noise"):
+        train_run(_pair_run(tmp_path, wan_pair, "low", "model.train_expert=high_noise", "trainer.max_steps=3"))
+    resumed = train_run(_pair_run(tmp_path, wan_pair, "low", "model.train_expert=low_noise", "trainer.max_steps=3"))
+    assert resumed.global_step == 3
+
+
+def test_bad_expert_settings_are_named(wan_export: Path, wan_pair: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.train_expert=high_noise: a WanTransformer3DModel is one network"):
+        train_run(_pair_run(tmp_path, wan_export, "one", "model.train_expert=high_noise"))
+    with pytest.raises(ConfigError, match="leaves the high_noise expert's side \\[875, 1000\\]"):
+        train_run(
+            _pair_run(tmp_path, wan_pair, "side", "model.train_expert=high_noise", "model.timestep_range=[500,1000]")
+        )
+    with pytest.raises(ConfigError, match="model.timestep_range=\\[900, 100\\] must satisfy 0 <= low < high"):
+        train_run(_pair_run(tmp_path, wan_pair, "order", "model.timestep_range=[900,100]"))
+    assert not (tmp_path / "one").exists() and not (tmp_path / "side").exists()

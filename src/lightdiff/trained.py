@@ -27,6 +27,9 @@ from lightdiff.nets.families import (
     denoiser_classes,
     family_of,
 )
+from lightdiff.nets.families import (
+    load_denoiser as load_pipeline_denoiser,
+)
 from lightdiff.nets.families.base import NO_DATA, EncodesWithVae, TextEncoders
 from lightdiff.nets.families.sd import CLIPText
 from lightdiff.nets.lora import (
@@ -113,7 +116,8 @@ def _load_ema(net: torch.nn.Module, checkpoint: dict, path: Path) -> bool:
         return False
     shadow = ema_state["shadow_params"]
     adapted = has_adapters(net)
-    named = [(n, p) for n, p in net.named_parameters() if is_adapter_key(n) or not adapted]
+    # what `callbacks.ema.averaged_parameters` covered: the parameters that trained (a frozen Wan expert's did not)
+    named = [(n, p) for n, p in net.named_parameters() if (is_adapter_key(n) or not adapted) and p.requires_grad]
     if len(shadow) != len(named):
         raise ValueError(f"{path}: EMA holds {len(shadow)} tensors for {len(named)} parameters")
     with torch.no_grad():
@@ -259,7 +263,10 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     classes = denoiser_classes()
     if net_class not in classes:
         raise ValueError(f"{folder}: {part} class {net_class!r} is not one of {sorted(classes)}")
-    net = classes[net_class].from_pretrained(folder / part).eval()
+    if (folder / "transformer_2").is_dir():  # Wan 2.2 A14B's two experts, as one net
+        net = load_pipeline_denoiser(str(folder), key="the pipeline folder").eval()
+    else:
+        net = classes[net_class].from_pretrained(folder / part).eval()
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     metadata_path = folder / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}

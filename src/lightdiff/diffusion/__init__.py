@@ -21,7 +21,7 @@ from lightdiff.diffusion.flow_matching import (
     velocity_target,
     x0_from_velocity,
 )
-from lightdiff.diffusion.objective import NoisyBatch, Objective, SchedulerFactory, is_flow_sampler
+from lightdiff.diffusion.objective import NoisyBatch, Objective, SchedulerFactory, is_flow_sampler, timesteps_within
 from lightdiff.diffusion.objectives import (
     DDPM,
     LossWeighting,
@@ -65,6 +65,7 @@ __all__ = [
     "offset_noise",
     "predicted_x0",
     "snr",
+    "timesteps_within",
     "shift_timesteps",
     "trailing_timesteps",
     "training_target",

@@ -128,3 +128,26 @@ def scheduler_name(factory: SchedulerFactory) -> str:
 def is_flow_sampler(factory: SchedulerFactory) -> bool:
     """Whether a `sampler` integrates a flow (diffusers' FlowMatch* schedulers)."""
     return scheduler_name(factory).startswith("FlowMatch")
+
+
+def timesteps_within(objective: Objective, low: float, high: float, x0: torch.Tensor) -> torch.Tensor:
+    """One network timestep per sample of `x0`, drawn from training's own timestep density conditioned on [low, high]:
+    inverse-transform sampling of the truncated density, u uniform between the quantiles whose timesteps are `low`
+    and `high` (found by bisection on the monotone `quantile_timesteps`). How one of Wan 2.2 A14B's experts trains on
+    its side of the boundary without changing how noise levels weigh within it."""
+
+    def quantile_of(timestep: float) -> float:
+        below, above = 0.0, 1.0
+        for _ in range(48):  # the quantile to 2^-48
+            middle = (below + above) / 2
+            if float(objective.quantile_timesteps(torch.tensor([middle], dtype=torch.float64), x0)[0]) < timestep:
+                below = middle
+            else:
+                above = middle
+        return above
+
+    first, last = quantile_of(low), quantile_of(high)
+    if last <= first:
+        raise ValueError(f"timesteps [{low:g}, {high:g}] hold no mass of {objective.name}'s training timesteps")
+    quantiles = first + (last - first) * torch.rand(x0.shape[0], dtype=torch.float64)
+    return objective.quantile_timesteps(quantiles, x0)

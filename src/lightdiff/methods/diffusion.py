@@ -27,7 +27,7 @@ from lightdiff.checkpointing import adapter_weights, check_adapter_checkpoint, c
 from lightdiff.config import ConfigError, PositiveFloat
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
-from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, weighted_mse
+from lightdiff.diffusion import Objective, SchedulerFactory, offset_noise, timesteps_within, weighted_mse
 from lightdiff.methods.optimization import (
     OptimisesItsNetwork,
     OptimizerFactory,
@@ -44,6 +44,7 @@ from lightdiff.nets.families import (
     load_denoiser,
 )
 from lightdiff.nets.families.base import CacheableText, EncodesWithVae, TextEncoders
+from lightdiff.nets.families.wan import Expert, one_expert
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.pretrained import as_pipeline_folder, load_vae, pipeline_parts
 from lightdiff.nets.vae import (
@@ -114,6 +115,11 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         lora: LoraSettings | None = None,  # adapters on the net (`model.lora.rank`); only they train (nets/lora.py)
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",  # the frozen VAE and text encoders' dtype
         first_frame: FirstFrameSettings | None = None,  # an SVD UNet's conditioning (model=video_i2v); None: defaults
+        # train on network timesteps in [low, high] only, drawn from the objective's own density restricted there
+        # (one Wan 2.2 expert's side of the boundary); None: the whole range (a Wan expert: its side)
+        timestep_range: tuple[float, float] | None = None,
+        # a Wan 2.2 A14B pair (model.pretrained with transformer_2): train both, or one with the other frozen
+        train_expert: Expert = "both",
     ) -> None:
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
@@ -127,6 +133,9 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             net = load_denoiser(pretrained)
         else:
             net = family_of(net).initialise(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
+        if train_expert != "both":  # the other expert frozen; its timesteps (the default range) its own side
+            net, timestep_range = one_expert(net, train_expert, timestep_range)
+        self.timestep_range = check_timestep_range(timestep_range, objective)
         self.lora_base: dict[str, Any] | None = None  # what the adapters belong to, recorded in every checkpoint
         if lora is not None and lora.enabled:
             if pretrained is None or not load_pretrained_unet:
@@ -229,7 +238,11 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             x0 = encode_latents(self.vae, batch.get("pixel_values"), batch.get("latent_moments"))
         inputs, dropped = drop_conditions(self.conditioning, batch, self.cond_drop_prob, len(x0))
         condition = self.conditioning(inputs)
-        example = self.objective.training_example(x0, offset_noise(torch.randn_like(x0), self.offset_noise))
+        noise = offset_noise(torch.randn_like(x0), self.offset_noise)
+        if self.timestep_range is None:
+            example = self.objective.training_example(x0, noise)
+        else:
+            example = self.objective.example_at(x0, noise, timesteps_within(self.objective, *self.timestep_range, x0))
         prediction = network_output(self.net, example.x_t, example.timesteps, condition)
         loss = weighted_mse(prediction, example.target, example.weight)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean under DDP
@@ -319,6 +332,13 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
                 f"the checkpoint was trained with objective={saved['name']}, this config says "
                 f"objective={self.objective.name}: pick another run_name"
             )
+        # a Wan pair's trained expert: the optimiser's moments belong to it (the other expert has the same shapes)
+        saved_expert = ((checkpoint.get("lightdiff") or {}).get("net_config") or {}).get("trains")
+        if saved_expert != self.net.config.get("trains"):
+            raise ConfigError(
+                f"the checkpoint trained model.train_expert={saved_expert}, this config says model.train_expert="
+                f"{self.net.config.get('trains')}: resume with the same expert, or pick another run_name"
+            )
         if self.lora_base is not None:  # adapters only: they must belong to this base
             check_adapter_checkpoint(self, checkpoint, self.lora_base)
         else:
@@ -340,6 +360,21 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         )
         if self.lora_base is not None:  # the frozen base is reloaded from its source, not saved
             checkpoint["state_dict"] = adapter_weights(checkpoint["state_dict"])
+
+
+def check_timestep_range(timestep_range: Sequence[float] | None, objective: Objective) -> tuple[float, float] | None:
+    """`model.timestep_range` as (low, high) network timesteps within [0, num_train_timesteps]."""
+    if timestep_range is None:
+        return None
+    if len(timestep_range) != 2:
+        raise ConfigError(f"model.timestep_range={list(timestep_range)} must be [low, high]")
+    low, high = (float(end) for end in timestep_range)
+    if not 0 <= low < high <= objective.num_train_timesteps:
+        raise ConfigError(
+            f"model.timestep_range=[{low:g}, {high:g}] must satisfy 0 <= low < high <= "
+            f"{objective.num_train_timesteps} (the objective's network timesteps)"
+        )
+    return low, high
 
 
 def check_video_fits(net: Denoiser, vae: Autoencoder | None, data: ImageDataModule) -> None:

@@ -79,10 +79,15 @@ def _denoiser_part(pretrained: str, key: str) -> tuple[str, type[torch.nn.Module
     return part, classes[class_name]
 
 
-def load_denoiser(pretrained: str) -> Denoiser:
-    """The pipeline's denoiser (`unet/` or `transformer/`), of a class lightdiff knows."""
-    part, cls = _denoiser_part(pretrained, "model.pretrained")
-    return load_component(cls, pretrained, part)
+def load_denoiser(pretrained: str, key: str = "model.pretrained") -> Denoiser:
+    """The pipeline's denoiser (`unet/` or `transformer/`), of a class lightdiff knows; a Wan 2.2 A14B pipeline's
+    two experts (`transformer/` and `transformer_2/`) as one `WanExperts`."""
+    part, cls = _denoiser_part(pretrained, key)
+    if "transformer_2" in pipeline_parts(pretrained, key):
+        if cls is not wan.WanExperts.expert_class:
+            raise ConfigError(f"{key}={pretrained!r} has a transformer_2 beside a {cls.__name__}: only Wan pairs them")
+        return wan.WanExperts.from_pipeline(pretrained, key)
+    return load_component(cls, pretrained, part, key)
 
 
 def denoiser_skeleton(pretrained: str, key: str = "model.pretrained") -> Denoiser:

@@ -308,6 +308,8 @@ class Family:
 
     name: ClassVar[str]  # the family's name in errors and docs ("sdxl", "flux")
     denoiser_class: ClassVar[type[nn.Module]]  # the diffusers class it drives
+    # further classes its networks may be (Wan 2.2's pair of experts), built by name like `denoiser_class`
+    other_denoiser_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     video: ClassVar[bool] = False  # denoises clips (B, F, C, H, W) rather than images
     takes_text: ClassVar[bool] = False  # conditioned on prompts (samplers and the demo then ask for them)
     vae_encodes_clips: ClassVar[bool] = False  # its VAE is a 3-D one (CogVideoX's), not a frame-wise one
@@ -519,7 +521,8 @@ def family_of(net: nn.Module) -> Family:
 def denoiser_classes() -> dict[str, type[nn.Module]]:
     """The denoiser classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is
     never imported, only looked up here."""
-    return {family.denoiser_class.__name__: family.denoiser_class for family in _FAMILIES}
+    classes = [cls for family in _FAMILIES for cls in (family.denoiser_class, *family.other_denoiser_classes)]
+    return {cls.__name__: cls for cls in classes}
 
 
 def conditioning_from_state(state: dict[str, Any]) -> nn.Module:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
@@ -51,7 +53,7 @@ from lightdiff.nets.families.base import (
 )
 from lightdiff.nets.families.cogvideox import T5Text
 from lightdiff.nets.families.svd import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, clip_pixels
-from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
+from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_config, pipeline_parts
 from lightdiff.nets.text import (
     build_t5_tokenizer,
     t5_encoder_from_scratch,
@@ -65,6 +67,170 @@ from lightdiff.nets.vae import latent_channels, normalised_latents, posterior, t
 WAN_TEXT_TOKENS = 512
 # WanPipeline's default num_frames (5 s at 16 fps, 21 latent frames)
 WAN_NUM_FRAMES = 81
+# the scheduler's num_train_timesteps, which WanPipeline multiplies boundary_ratio by
+WAN_TRAIN_TIMESTEPS = 1000
+# Wan 2.2 A14B's switch between its experts (its model_index.json: text-to-video 0.875, image-to-video 0.9)
+WAN_T2V_BOUNDARY_RATIO = 0.875
+Expert = Literal["both", "high_noise", "low_noise"]
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2 A14B's mixture of two experts (Wan Team 2025, Wan 2.2 report "MoE architecture"): two transformers of one
+    architecture, `transformer` for the high-noise steps (timestep >= boundary_ratio * 1000, the layout of the clip)
+    and `transformer_2` for the low-noise rest (its details), switched per step as WanPipeline switches them. Called
+    like one transformer, it sends each sample to the expert its timestep belongs to, so a batch drawn over the whole
+    range trains both experts in one step, and sampling is WanPipeline's.
+
+    `trains` freezes one expert to fine-tune the other on its own side of the boundary (the method restricts the
+    timesteps there, `model.timestep_range`); the frozen one stays for previews, sample.py and the export, whose
+    pipeline has both. Its config is the experts' (one architecture) plus `boundary_ratio` and `trains`, so a
+    checkpoint rebuilds the pair with `from_config`."""
+
+    expert_class = WanTransformer3DModel
+    _supports_gradient_checkpointing = True
+    _repeated_blocks = WanTransformer3DModel._repeated_blocks
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,  # the high-noise expert
+        transformer_2: WanTransformer3DModel,  # the low-noise expert
+        boundary_ratio: float = WAN_T2V_BOUNDARY_RATIO,
+        trains: Expert = "both",
+    ) -> None:
+        super().__init__()
+        first, second = (architecture(expert) for expert in (transformer, transformer_2))
+        if first != second:
+            differ = sorted(key for key in first.keys() | second.keys() if first.get(key) != second.get(key))
+            raise ConfigError(f"Wan's two experts must share one architecture; their configs differ in {differ}")
+        if not 0 < boundary_ratio < 1:
+            raise ConfigError(f"boundary_ratio={boundary_ratio} must lie in (0, 1): the share of timesteps above it")
+        if trains not in ("both", "high_noise", "low_noise"):
+            raise ConfigError(f"model.train_expert={trains!r} is not one of both, high_noise, low_noise")
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary_ratio, self.trains = float(boundary_ratio), trains
+        frozen = {"both": None, "high_noise": transformer_2, "low_noise": transformer}[trains]
+        if frozen is not None:
+            frozen.requires_grad_(False)
+
+    @property
+    def config(self) -> FrozenDict:
+        return FrozenDict(
+            {**architecture(self.transformer), "boundary_ratio": self.boundary_ratio, "trains": self.trains}
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> WanExperts:
+        """The pair a checkpoint's `net_config` describes, new weights."""
+        expert = {k: v for k, v in config.items() if k not in ("boundary_ratio", "trains")}
+        pair = [WanTransformer3DModel.from_config(expert) for _ in range(2)]
+        return cls(*pair, config["boundary_ratio"], config.get("trains", "both"))
+
+    @classmethod
+    def from_pipeline(cls, pretrained: str, key: str = "model.pretrained") -> WanExperts:
+        """A Wan 2.2 A14B pipeline's `transformer` and `transformer_2`, switched at its `boundary_ratio`."""
+        ratio = pipeline_config(pretrained, key).get("boundary_ratio")
+        if ratio is None:
+            raise ConfigError(f"{key}={pretrained!r} has transformer_2 but no boundary_ratio in its model_index.json")
+        experts = [
+            load_component(WanTransformer3DModel, pretrained, part, key) for part in ("transformer", "transformer_2")
+        ]
+        return cls(*experts, ratio)
+
+    @property
+    def boundary_timestep(self) -> float:
+        return self.boundary_ratio * WAN_TRAIN_TIMESTEPS
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def side(self, expert: Expert) -> tuple[float, float]:
+        """The timesteps `expert` denoises: [boundary, 1000] for the high-noise one, [0, boundary) the low-noise."""
+        ends = {
+            "high_noise": (self.boundary_timestep, float(WAN_TRAIN_TIMESTEPS)),
+            "low_noise": (0.0, self.boundary_timestep),
+        }
+        return ends.get(expert, (0.0, float(WAN_TRAIN_TIMESTEPS)))
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+        self.transformer_2.enable_gradient_checkpointing()
+
+    def compile_repeated_blocks(self, mode: str = "default") -> None:
+        self.transformer.compile_repeated_blocks(mode=mode)
+        self.transformer_2.compile_repeated_blocks(mode=mode)
+
+    def forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, **condition: torch.Tensor
+    ) -> Transformer2DModelOutput:
+        """Each sample through the expert of its timestep (WanPipeline: `t >= boundary_timestep` -> `transformer`)."""
+        high = timestep >= self.boundary_timestep
+        if high.all() or not high.any():  # sampling: one step, one expert
+            expert = self.transformer if high.all() else self.transformer_2
+            return expert(hidden_states, timestep=timestep, **condition)
+        sample = None
+        for which, expert in ((high, self.transformer), (~high, self.transformer_2)):
+            part = {
+                k: v[which] if torch.is_tensor(v) and v.ndim and len(v) == len(which) else v
+                for k, v in condition.items()
+            }
+            out = expert(hidden_states[which], timestep=timestep[which], **part).sample
+            if sample is None:
+                sample = out.new_zeros((len(hidden_states), *out.shape[1:]))
+            sample = sample.index_put((which.nonzero()[:, 0],), out)
+        return Transformer2DModelOutput(sample=sample)
+
+
+def architecture(net: nn.Module) -> dict[str, Any]:
+    """A diffusers model's config without its private keys (which record how it was built, not what it is)."""
+    return {key: value for key, value in net.config.items() if not key.startswith("_")}
+
+
+def experts_of(net: nn.Module) -> list[WanTransformer3DModel]:
+    """A Wan net's transformers: the pair's two, or the one."""
+    return [net.transformer, net.transformer_2] if isinstance(net, WanExperts) else [net]
+
+
+def one_expert(
+    net: nn.Module, expert: Expert, timestep_range: tuple[float, float] | None
+) -> tuple[WanExperts, tuple[float, float]]:
+    """`net`'s pair with only `expert` training, and the timesteps it trains on: `timestep_range` if given (it must
+    lie on the expert's side of the boundary, where the pipeline calls it), else that whole side."""
+    if not isinstance(net, WanExperts):
+        raise ConfigError(
+            f"model.train_expert={expert}: a {type(net).__name__} is one network; Wan 2.2 A14B's two experts come "
+            "from a pipeline with transformer_2 (model.pretrained=..., model.load_pretrained_unet=true)"
+        )
+    pair = WanExperts(net.transformer, net.transformer_2, net.boundary_ratio, expert)
+    low, high = side = pair.side(expert)
+    if timestep_range is None:
+        return pair, side
+    if not low <= timestep_range[0] < timestep_range[1] <= high:
+        raise ConfigError(
+            f"model.timestep_range={list(timestep_range)} leaves the {expert} expert's side [{low:g}, {high:g}] "
+            f"(boundary_ratio={net.boundary_ratio}): the pipeline calls the other expert there"
+        )
+    return pair, (float(timestep_range[0]), float(timestep_range[1]))
+
+
+def pair_parts(net: nn.Module) -> set[str]:
+    """The pipeline parts a Wan net is read from besides `transformer`: the low-noise expert of a pair."""
+    return {"transformer_2"} if isinstance(net, WanExperts) else set()
+
+
+def pipeline_transformers(net: nn.Module) -> dict[str, Any]:
+    """A Wan pipeline's transformer arguments: the pair as `transformer`, `transformer_2` and `boundary_ratio`."""
+    if isinstance(net, WanExperts):
+        return {
+            "transformer": net.transformer,
+            "transformer_2": net.transformer_2,
+            "boundary_ratio": net.boundary_ratio,
+        }
+    return {"transformer": net}
 
 
 class UMT5Text(T5Text):
@@ -121,9 +287,12 @@ class Wan(Family):
     vae_encodes_clips = True
     conditionings = {"umt5_text": umt5_text_from_state}
 
+    other_denoiser_classes = (WanExperts,)
+
     def describes(self, net: nn.Module) -> bool:
         # text-to-video: the input is the noisy latents alone (image-to-video concatenates its frame's channels)
-        return isinstance(net, WanTransformer3DModel) and net.config.in_channels == net.config.out_channels
+        is_wan = isinstance(net, (WanTransformer3DModel, WanExperts))
+        return is_wan and net.config.in_channels == net.config.out_channels
 
     def token_side(self, net: nn.Module) -> int:
         return int(net.config.patch_size[1])  # (time, height, width): Wan's 1 x 2 x 2
@@ -135,7 +304,7 @@ class Wan(Family):
         return WAN_NUM_FRAMES
 
     def blocks(self, net: nn.Module) -> list[nn.Module]:
-        return list(net.blocks)
+        return [block for expert in experts_of(net) for block in expert.blocks]
 
     def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
         """The transformer reads and writes (B, C, F, H, W)."""
@@ -154,7 +323,8 @@ class Wan(Family):
 
     def initialise(self, net: nn.Module) -> nn.Module:
         """Wan's blocks start as the identity: its design is PixArt's adaLN-single (`base.zero_adaln_single`)."""
-        zero_adaln_single(net.condition_embedder.time_proj, net.blocks)
+        for expert in experts_of(net):
+            zero_adaln_single(expert.condition_embedder.time_proj, expert.blocks)
         return net
 
     def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
@@ -183,7 +353,9 @@ class Wan(Family):
     def pretrained_conditioning(
         self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
     ) -> UMT5Text:
-        check_parts_used(pretrained, pipeline_parts(pretrained, key), {"tokenizer", "text_encoder"}, net, key)
+        check_parts_used(
+            pretrained, pipeline_parts(pretrained, key), {"tokenizer", "text_encoder"} | pair_parts(net), net, key
+        )
         return pretrained_umt5_text(pretrained, settings, key)
 
     def read_folder(
@@ -199,7 +371,7 @@ class Wan(Family):
             text_encoder=text.text_encoder,
             vae=parts.vae,
             scheduler=parts.scheduler,
-            transformer=parts.net,
+            **pipeline_transformers(parts.net),
         )
         pipeline.save_pretrained(folder, safe_serialization=True)
 
@@ -327,7 +499,8 @@ class WanImageToVideo(Wan):
     conditionings = {"wan_first_frame": wan_first_frame_from_state}
 
     def describes(self, net: nn.Module) -> bool:
-        return isinstance(net, WanTransformer3DModel) and net.config.in_channels != net.config.out_channels
+        is_wan = isinstance(net, (WanTransformer3DModel, WanExperts))
+        return is_wan and net.config.in_channels != net.config.out_channels
 
     def latent_channels(self, net: nn.Module) -> int:
         return int(net.config.out_channels)  # the noisy latents; the rest of the input is the first frame's
@@ -374,7 +547,7 @@ class WanImageToVideo(Wan):
         self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
     ) -> WanFirstFrame:
         parts = pipeline_parts(pretrained, key)
-        used = {"tokenizer", "text_encoder", "image_encoder", "image_processor"}
+        used = {"tokenizer", "text_encoder", "image_encoder", "image_processor"} | pair_parts(net)
         takes = "a CLIP image encoder (net.image_dim: Wan 2.1's image-to-video)"
         required = ("image_encoder", "image_processor") if net.config.image_dim is not None else ()
         check_parts_used(pretrained, parts, used, net, key, required, takes)
@@ -410,7 +583,7 @@ class WanImageToVideo(Wan):
             scheduler=parts.scheduler,
             image_processor=processor,
             image_encoder=encoder,
-            transformer=parts.net,
+            **pipeline_transformers(parts.net),
         )
         pipeline.save_pretrained(folder, safe_serialization=True)
 
