@@ -573,3 +573,48 @@ def test_bad_expert_settings_are_named(wan_export: Path, wan_pair: Path, tmp_pat
     with pytest.raises(ConfigError, match="model.timestep_range=\\[900, 100\\] must satisfy 0 <= low < high"):
         train_run(_pair_run(tmp_path, wan_pair, "order", "model.timestep_range=[900,100]"))
     assert not (tmp_path / "one").exists() and not (tmp_path / "side").exists()
+
+
+def _pair_clips(folder: Path, checkpoint: Path, lora_files: dict[str, bool]) -> tuple[torch.Tensor, ...]:
+    """`_clips` for a pair's LoRA export: each expert's file loaded as diffusers documents it (`lora_files`: file
+    name -> into transformer_2)."""
+    pipeline = WanPipeline.from_pretrained(folder)
+    for name, second in lora_files.items():
+        pipeline.load_lora_weights(folder, weight_name=name, load_into_transformer_2=second)
+    trained = load_denoiser(checkpoint)
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
+    clip = {"vae": trained.vae, "size": (16, 16), "num_frames": 9}
+    ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, {"text": PROMPTS}, 4.0, **clip)
+    theirs = pipeline(
+        prompt=PROMPTS, num_frames=9, height=16, width=16, num_inference_steps=3, guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)], output_type="pt", max_sequence_length=8,
+    ).frames  # fmt: skip
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "expert", ["low_noise", pytest.param("both", marks=pytest.mark.slow)], ids=["low_noise", "both"]
+)  # both: 12 s, in the slow suite
+def test_lora_on_wan_experts_writes_a_diffusers_file_per_expert(expert: str, wan_pair: Path, tmp_path: Path) -> None:
+    """LoRA on a Wan 2.2 pair: adapters on the experts that train only; the export is the pair plus one diffusers LoRA
+    file per adapted expert (the low-noise one's loaded with `load_into_transformer_2=True`), with which WanPipeline
+    draws lightdiff's clips; the pipeline without them draws others (the control). sample.py reads the folder back
+    with its adapters."""
+    from lightdiff.nets.lora import EXPERT_2_LORA_FILE, LORA_WEIGHTS_FILE
+
+    lora = ["model.lora.rank=4", "model.lr=0.01", "model.warmup_steps=0", "trainer.max_steps=3"]
+    cfg = _pair_run(tmp_path, wan_pair, "lora", f"model.train_expert={expert}", "objective.shift=3.0", *lora)
+    net = train_run(cfg).lightning_module.net
+    adapted = {name.split(".")[0] for name, _ in net.named_parameters() if ".lora_A." in name}
+    assert adapted == ({"transformer_2"} if expert == "low_noise" else {"transformer", "transformer_2"})
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    files = {EXPERT_2_LORA_FILE: True} | ({LORA_WEIGHTS_FILE: False} if expert == "both" else {})
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(files)
+    ours, theirs = _pair_clips(folder, checkpoint, files)
+    assert (theirs - ours).abs().max() < 1e-4
+    ours, theirs = _pair_clips(folder, checkpoint, {})  # control: the base pair alone
+    assert (theirs - ours).abs().max() > 1e-3
+    reread = load_trained(folder).net
+    assert {name.split(".")[0] for name, _ in reread.named_parameters() if ".lora_A." in name} == adapted

@@ -33,7 +33,7 @@ from lightdiff.nets.families import (
 from lightdiff.nets.families.base import NO_DATA, EncodesWithVae, TextEncoders
 from lightdiff.nets.families.sd import CLIPText
 from lightdiff.nets.lora import (
-    LORA_WEIGHTS_FILE,
+    LORA_FILES,
     add_adapters,
     base_fingerprint,
     has_adapters,
@@ -297,9 +297,9 @@ def _from_pipeline_folder(folder: Path) -> TrainedDenoiser:
     vae, conditioning = family_of(net).read_folder(folder, net, metadata, lambda: load_vae(None, str(folder / "vae")))
     if vae is not None:
         vae = vae.eval()
-    if (folder / LORA_WEIGHTS_FILE).is_file():  # an export of LoRA adapters: the base with them applied
+    if any((folder / name).is_file() for name in set(LORA_FILES.values())):  # LoRA adapters: the base with them
         encoders = conditioning.text_encoders() if isinstance(conditioning, TextEncoders) else {}
-        load_lora_file(net, folder / LORA_WEIGHTS_FILE, encoders.get("text_encoder"))
+        load_lora_file(net, folder, encoders.get("text_encoder"))
     return TrainedDenoiser(
         net=net,
         objective=objective,

@@ -35,6 +35,10 @@ from lightdiff.nets.single_file import original_unet_names
 ADAPTER = "default"  # peft's adapter name; files carry no name
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY in the safetensors header
+# A pair of experts' second one (Wan 2.2 A14B's low-noise `transformer_2`) has its own file, which diffusers applies
+# with `pipe.load_lora_weights(DIR, weight_name=EXPERT_2_LORA_FILE, load_into_transformer_2=True)`
+EXPERT_2_LORA_FILE = "pytorch_lora_weights_transformer_2.safetensors"
+LORA_FILES = {"unet": LORA_WEIGHTS_FILE, "transformer": LORA_WEIGHTS_FILE, "transformer_2": EXPERT_2_LORA_FILE}
 
 # Presets (`target_modules: null`), as diffusers' LoRA training scripts choose them. Suffixes of module names.
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # every diffusers Attention: UNets and transformers
@@ -109,14 +113,17 @@ def target_modules(net: torch.nn.Module, settings: LoraSettings) -> list[str]:
 
 
 def lora_config(net: torch.nn.Module, settings: LoraSettings) -> LoraConfig:
-    return _config(settings, target_modules(net, settings))
+    """The adapters' config; a network with a frozen component (one of Wan 2.2's experts trains alone) gets none
+    there: peft's `exclude_modules` (a regex over module names) leaves it out."""
+    frozen = getattr(net, "frozen_component", None)
+    return _config(settings, target_modules(net, settings), rf"{frozen}\..*" if frozen else None)
 
 
 def text_encoder_lora_config(settings: LoraSettings) -> LoraConfig:
     return _config(settings, TEXT_ENCODER_TARGETS)
 
 
-def _config(settings: LoraSettings, targets: list[str]) -> LoraConfig:
+def _config(settings: LoraSettings, targets: list[str], exclude: str | None = None) -> LoraConfig:
     rank = int(settings.rank)
     return LoraConfig(
         r=rank,
@@ -124,6 +131,7 @@ def _config(settings: LoraSettings, targets: list[str]) -> LoraConfig:
         lora_dropout=float(settings.dropout),
         init_lora_weights="gaussian",  # A Gaussian, B zero: the adapted network starts as its base (diffusers')
         target_modules=targets,
+        exclude_modules=exclude,
     )
 
 
@@ -202,12 +210,13 @@ def _source(source: str) -> str:
 
 def config_record(config: LoraConfig) -> dict[str, Any]:
     """The LoraConfig fields lightdiff sets, as plain data (a checkpoint holds no peft object)."""
-    return {
+    record = {
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "target_modules": sorted(config.target_modules),
     }
+    return record | ({"exclude_modules": config.exclude_modules} if config.exclude_modules else {})
 
 
 def adapter_parameters(net: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -270,11 +279,45 @@ def lora_prefix(net: torch.nn.Module) -> str:
     return "unet" if hasattr(net, "down_blocks") else "transformer"
 
 
+def pipeline_components(net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The pipeline components `net` is saved as, each with its LoRA file (`LORA_FILES`): itself as `unet` or
+    `transformer`, or a pair of experts' own (Wan 2.2 A14B: `transformer` and `transformer_2`)."""
+    components = getattr(net, "pipeline_components", None)
+    return dict(components) if components is not None else {lora_prefix(net): net}
+
+
+def write_expert_lora_files(net: torch.nn.Module, folder: Path) -> list[Path]:
+    """A pair of experts' adapters, one diffusers LoRA file per adapted expert (`LORA_FILES`), each with its keys
+    under `transformer.` as diffusers writes and reads them (`load_into_transformer_2` for the second)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
+    config = net.peft_config[ADAPTER].to_dict()
+    config["exclude_modules"] = None  # names of the pair's modules: each file adapts one plain transformer
+    written = []
+    for name in pipeline_components(net):
+        part = {key[len(name) + 1 :]: value for key, value in state.items() if key.startswith(name + ".")}
+        if part:
+            StableDiffusion3Pipeline.save_lora_weights(
+                folder,
+                transformer_lora_layers=part,
+                transformer_lora_adapter_metadata=config,
+                weight_name=LORA_FILES[name],
+            )
+            written.append(folder / LORA_FILES[name])
+    return written
+
+
 def write_lora_file(net: torch.nn.Module, folder: Path, text_encoder: torch.nn.Module | None = None) -> Path:
     """`folder/pytorch_lora_weights.safetensors` with the adapters of `net` (and of `text_encoder`, if it has any),
     written by diffusers' own pipeline writer. SD3's pipeline has two CLIP encoders where lightdiff trains one for
     both (nets/families/sd3.py), so its adapters are written for both."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if len(pipeline_components(net)) > 1:
+        if text_encoder is not None and has_adapters(text_encoder):
+            raise ConfigError("model.lora.text_encoder=true: a pair of experts' export adapts the experts alone")
+        return write_expert_lora_files(net, folder)[0]
 
     def layers_and_config(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return get_peft_model_state_dict(module, adapter_name=ADAPTER), module.peft_config[ADAPTER].to_dict()
@@ -434,20 +477,35 @@ def _fitted_config(module: torch.nn.Module, state: dict[str, torch.Tensor], conf
 
 def load_lora_file(net: torch.nn.Module, path: str | Path, text_encoder: torch.nn.Module | None = None) -> None:
     """Add the adapters of a diffusers-format LoRA file to `net` (and its text-encoder adapters to `text_encoder`):
-    lightdiff's export or any other. Every part is checked to fit before anything changes."""
+    lightdiff's export or any other; a pair of experts reads a folder's file per expert (`LORA_FILES`). Every part is
+    checked to fit before anything changes."""
     path = Path(path).expanduser()
-    parts = _read_lora_file(path, lora_prefix(net))
-    if "text_encoder" in parts and text_encoder is None:
-        raise ConfigError(f"lora={str(path)!r} adapts a text encoder and this model has none")
-    targets = {lora_prefix(net): net, "text_encoder": text_encoder}
-    configs = {}
-    for name, (state, config) in parts.items():
-        try:
-            configs[name] = _fitted_config(targets[name], state, config)
-        except ConfigError as error:
-            raise ConfigError(f"lora={str(path)!r} ({name}) {error}") from error
-    for name, (state, _) in parts.items():
-        module = targets[name]
-        add_adapters(module, configs[name])
+    planned: list[tuple[torch.nn.Module, dict[str, torch.Tensor], LoraConfig]] = []
+    for file, module in _lora_files(net, path).items():
+        parts = _read_lora_file(file, lora_prefix(module))
+        if "text_encoder" in parts and text_encoder is None:
+            raise ConfigError(f"lora={str(file)!r} adapts a text encoder and this model has none")
+        targets = {lora_prefix(module): module, "text_encoder": text_encoder}
+        for name, (state, config) in parts.items():
+            try:
+                planned.append((targets[name], state, _fitted_config(targets[name], state, config)))
+            except ConfigError as error:
+                raise ConfigError(f"lora={str(file)!r} ({name}) {error}") from error
+    for module, state, config in planned:
+        add_adapters(module, config)
         set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
         module.requires_grad_(False)
+
+
+def _lora_files(net: torch.nn.Module, path: Path) -> dict[Path, torch.nn.Module]:
+    """The LoRA file(s) at `path` and the network each adapts: `path` for one network; for a pair of experts, the
+    folder's file of each expert that has one."""
+    components = pipeline_components(net)
+    if len(components) == 1:
+        return {path: net}
+    files = {path / LORA_FILES[name]: module for name, module in components.items()} if path.is_dir() else {}
+    files = {file: module for file, module in files.items() if file.is_file()}
+    if not files:
+        names = ", ".join(LORA_FILES[name] for name in components)
+        raise ConfigError(f"lora={str(path)!r}: a pair of experts reads a folder with a file per expert ({names})")
+    return files

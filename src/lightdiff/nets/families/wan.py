@@ -137,6 +137,16 @@ class WanExperts(nn.Module):
         return cls(*experts, ratio)
 
     @property
+    def pipeline_components(self) -> dict[str, WanTransformer3DModel]:
+        """The experts as the pipeline names them (each with its own LoRA file, `nets.lora.LORA_FILES`)."""
+        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+
+    @property
+    def frozen_component(self) -> str | None:
+        """The expert that does not train (`trains`), which LoRA then leaves without adapters."""
+        return {"both": None, "high_noise": "transformer_2", "low_noise": "transformer"}[self.trains]
+
+    @property
     def boundary_timestep(self) -> float:
         return self.boundary_ratio * WAN_TRAIN_TIMESTEPS
 
