@@ -4,6 +4,7 @@ a Wan folder, the clip latent cache, bad input (tiny models built here, no downl
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -575,10 +576,12 @@ def test_bad_expert_settings_are_named(wan_export: Path, wan_pair: Path, tmp_pat
     assert not (tmp_path / "one").exists() and not (tmp_path / "side").exists()
 
 
-def _pair_clips(folder: Path, checkpoint: Path, lora_files: dict[str, bool]) -> tuple[torch.Tensor, ...]:
-    """`_clips` for a pair's LoRA export: each expert's file loaded as diffusers documents it (`lora_files`: file
-    name -> into transformer_2)."""
-    pipeline = WanPipeline.from_pretrained(folder)
+def _pair_clips(
+    folder: Path, checkpoint: Path, lora_files: dict[str, bool], base: Path | None = None
+) -> tuple[torch.Tensor, ...]:
+    """`_clips` for a pair's LoRA export: the pipeline of `base` (default: `folder`) with each of `folder`'s
+    `lora_files` loaded as diffusers documents it (file name -> into transformer_2)."""
+    pipeline = WanPipeline.from_pretrained(base or folder)
     for name, second in lora_files.items():
         pipeline.load_lora_weights(folder, weight_name=name, load_into_transformer_2=second)
     trained = load_denoiser(checkpoint)
@@ -602,7 +605,7 @@ def test_lora_on_wan_experts_writes_a_diffusers_file_per_expert(expert: str, wan
     with its adapters."""
     from lightdiff.nets.lora import EXPERT_2_LORA_FILE, LORA_WEIGHTS_FILE
 
-    lora = ["model.lora.rank=4", "model.lr=0.01", "model.warmup_steps=0", "trainer.max_steps=3"]
+    lora = ["model.lora.rank=4", "model.lora.alpha=8", "model.lr=0.01", "model.warmup_steps=0", "trainer.max_steps=3"]
     cfg = _pair_run(tmp_path, wan_pair, "lora", f"model.train_expert={expert}", "objective.shift=3.0", *lora)
     net = train_run(cfg).lightning_module.net
     adapted = {name.split(".")[0] for name, _ in net.named_parameters() if ".lora_A." in name}
@@ -618,3 +621,104 @@ def test_lora_on_wan_experts_writes_a_diffusers_file_per_expert(expert: str, wan
     assert (theirs - ours).abs().max() > 1e-3
     reread = load_trained(folder).net
     assert {name.split(".")[0] for name, _ in reread.named_parameters() if ".lora_A." in name} == adapted
+    if expert == "low_noise":
+        _check_comfyui_files(checkpoint, folder, tmp_path)
+
+
+def _check_comfyui_files(checkpoint: Path, folder: Path, tmp_path: Path) -> None:
+    """export_format=comfyui on a pair whose low-noise expert has adapters: one file, `<name>_low_noise`, in Wan's
+    original layer names under `diffusion_model.`, with lora_down / lora_up / alpha. diffusers' own reader of such
+    files (its converter from the original Wan names) applies it to transformer_2 and the pipeline draws lightdiff's
+    clips; with the self-attention's q and k names swapped in the file (a wrong mapping) it does not."""
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "comfy" / "wan_lora.safetensors"
+    target.parent.mkdir()
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={target}", "export_format=comfyui"]))
+    written = target.with_name("wan_lora_low_noise.safetensors")
+    assert sorted(p.name for p in target.parent.iterdir()) == [written.name]
+    state = load_file(written)
+    assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in state
+    assert "diffusion_model.blocks.0.ffn.2.lora_up.weight" in state
+    assert float(state["diffusion_model.blocks.0.cross_attn.o.alpha"]) == 8.0  # alpha / rank = 2: the scale is read
+    assert not any("attn1" in key or "to_q" in key for key in state)
+    pipeline_file = {written.name: True}
+    ours, theirs = _pair_clips(target.parent, checkpoint, pipeline_file, base=folder)
+    assert (theirs - ours).abs().max() < 1e-4
+    swapped = {
+        key.replace("self_attn.q.", "@").replace("self_attn.k.", "self_attn.q.").replace("@", "self_attn.k."): v
+        for key, v in state.items()
+    }
+    save_file(swapped, written)
+    ours, theirs = _pair_clips(target.parent, checkpoint, pipeline_file, base=folder)
+    assert (theirs - ours).abs().max() > 1e-3  # control: a wrong name mapping is seen
+    with pytest.raises(ConfigError, match="wan_lora_low_noise.safetensors exists"):
+        sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={target}", "export_format=comfyui"]))
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR: a ComfyUI checkout (its comfy/ package)")
+def test_comfyui_loads_every_key_of_a_wan_lora_file() -> None:
+    """ComfyUI's own key mapping (comfy.lora.model_lora_keys_unet + load_lora, run offline on its WanModel of the same
+    size, Wan 2.1 image-to-video so the image layers exist) loads every key of lightdiff's `export_format=comfyui`
+    tensors, for adapters on every layer lightdiff maps, each patch the shape of the weight it lands on. A diffusers
+    name left in the file is reported unloaded (the control). experiments/wan_comfyui_lora records a run."""
+    import logging
+    import sys
+    import types
+
+    from lightdiff.nets.families.wan import ORIGINAL_BLOCK_LAYERS, ORIGINAL_LAYERS, original_layer_name
+    from lightdiff.nets.lora import LoraSettings, adapt, comfyui_state_dicts
+
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.io"):
+        sys.modules.setdefault(name, types.ModuleType(name))  # imported by ComfyUI modules these checks never call
+    sys.path.insert(0, os.environ["COMFYUI_DIR"])
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.lora
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    torch.manual_seed(0)
+    heads, head_dim, layers = 2, 16, 2
+    net = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36, out_channels=16,
+        text_dim=64, freq_dim=32, ffn_dim=64, num_layers=layers, image_dim=1280, added_kv_proj_dim=heads * head_dim,
+    )  # fmt: skip
+    targets = [*ORIGINAL_BLOCK_LAYERS, *ORIGINAL_LAYERS]
+    adapt(net, LoraSettings(rank=4, alpha=8.0, target_modules=targets), base_source="tiny")
+    state = comfyui_state_dicts(net, original_layer_name)["transformer"]
+    comfy_model = WanModel(
+        model_type="i2v", patch_size=(1, 2, 2), in_dim=36, dim=heads * head_dim, ffn_dim=64, freq_dim=32, text_dim=64,
+        out_dim=16, num_heads=heads, num_layers=layers, operations=comfy.ops.disable_weight_init,
+    )  # fmt: skip
+    weights = {f"diffusion_model.{k}": v for k, v in comfy_model.state_dict().items()}
+
+    class Loaded:  # what model_lora_keys_unet reads of a ComfyUI model
+        model_config = types.SimpleNamespace(unet_config={})
+
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return weights
+
+    key_map = comfy.lora.model_lora_keys_unet(Loaded(), {})
+
+    def load(lora: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+        missed: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: missed.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger().addHandler(handler)
+        try:
+            return comfy.lora.load_lora(lora, key_map), missed
+        finally:
+            logging.getLogger().removeHandler(handler)
+
+    patches, missed = load(state)
+    layers_adapted = len(state) // 3  # lora_down, lora_up, alpha per layer
+    assert layers_adapted == layers * len(ORIGINAL_BLOCK_LAYERS) + len(ORIGINAL_LAYERS)
+    assert missed == [] and len(patches) == layers_adapted
+    for key, patch in patches.items():
+        up, down = patch.weights[0], patch.weights[1]
+        assert (up.shape[0], down.shape[1]) == weights[key].shape[:2], key
+    renamed = {k.replace("self_attn.q.", "attn1.to_q."): v for k, v in state.items()}  # a diffusers name left in
+    _, missed = load(renamed)
+    assert any("attn1.to_q" in message for message in missed)

@@ -21,7 +21,14 @@ from safetensors.torch import save_file
 from lightdiff.config import ConfigError
 from lightdiff.nets.families import family_of
 from lightdiff.nets.families.base import PipelineComponents, RecordsPipelineArguments, TextEncoders
-from lightdiff.nets.lora import has_adapters, kohya_state_dict, without_adapters, write_lora_file
+from lightdiff.nets.lora import (
+    comfyui_state_dicts,
+    has_adapters,
+    kohya_state_dict,
+    pipeline_components,
+    without_adapters,
+    write_lora_file,
+)
 from lightdiff.nets.single_file import stable_diffusion_single_file
 from lightdiff.trained import METADATA_FILE, TrainedDenoiser
 
@@ -120,3 +127,28 @@ def export_kohya_lora(denoiser: TrainedDenoiser, target: Path) -> None:
     metadata["ss_network_alpha"] = str(alphas[-1])
     _write_safetensors(state, target, metadata)
     log.info("wrote the LoRA adapters of %s to %s in kohya's layout (%d tensors)", denoiser.source, target, len(state))
+
+
+# a pair of experts' ComfyUI files: the export's name with the expert's, as Wan 2.2 LoRAs are published
+EXPERT_FILE_SUFFIXES = {"transformer": "high_noise", "transformer_2": "low_noise"}
+
+
+def export_comfyui_lora(denoiser: TrainedDenoiser, target: Path, overwrite: bool) -> list[Path]:
+    """The model's LoRA adapters in the layout ComfyUI loads for its family (Wan: the original layer names under
+    `diffusion_model.`, nets/lora.py comfyui_state_dicts): one file, or for Wan 2.2's pair of experts one per adapted
+    expert, `<name>_high_noise.safetensors` / `<name>_low_noise.safetensors`. Every file is checked before any is
+    written."""
+    states = comfyui_state_dicts(denoiser.net, family_of(denoiser.net).comfyui_layer_name)
+    if len(pipeline_components(denoiser.net)) == 1:
+        targets = {component: target for component in states}
+    else:
+        suffixes = EXPERT_FILE_SUFFIXES
+        targets = {c: target.with_name(f"{target.stem}_{suffixes[c]}{target.suffix}") for c in states}
+    existing = [str(path) for path in targets.values() if path.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"export: {', '.join(existing)} exists; choose a new name or pass overwrite=true")
+    for component, state in states.items():
+        metadata = {"format": "pt", "lightdiff_source": str(denoiser.source), "lightdiff_component": component}
+        _write_safetensors(state, targets[component], metadata)
+        log.info("wrote the %s LoRA adapters of %s to %s for ComfyUI", component, denoiser.source, targets[component])
+    return list(targets.values())

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lightdiff.config import ConfigError, build, check_config
 from lightdiff.data import ImageDataModule, MovingShapesDataset, ShapesDataset
 from lightdiff.drawing import Drawing, apply_speed, device_named, load_for_sampling, scheduler_for
-from lightdiff.export import export_kohya_lora, export_pipeline, export_single_file
+from lightdiff.export import export_comfyui_lora, export_kohya_lora, export_pipeline, export_single_file
 from lightdiff.files import folder_written_atomically
 from lightdiff.metrics import FrechetEvaluator, ShapesFeatures, shapes_metric
 from lightdiff.metrics.motion import motion_metric, video_distance, video_judge
@@ -73,8 +73,9 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be two whole numbers (height, width / top, left) >= {least}")
 
 
-# a pipeline folder (+ diffusers LoRA file) | one original-layout Stable Diffusion file | a kohya-layout LoRA file
-EXPORT_FORMATS = ("diffusers", "single_file", "kohya")
+# a pipeline folder (+ diffusers LoRA file) | one original-layout Stable Diffusion file | a kohya-layout LoRA file |
+# a ComfyUI-layout LoRA file (Wan; a pair of experts: one per expert)
+EXPORT_FORMATS = ("diffusers", "single_file", "kohya", "comfyui")
 
 
 def _check_output_folder(cfg: DictConfig) -> Path:
@@ -142,6 +143,9 @@ def run(cfg: DictConfig) -> Path:
     denoiser = trained
     if cfg.export_format == "kohya":
         export_kohya_lora(denoiser, target)
+        return target
+    if cfg.export_format == "comfyui":
+        export_comfyui_lora(denoiser, target, bool(cfg.overwrite))
         return target
     if cfg.export_format == "single_file":
         export_single_file(denoiser, target)

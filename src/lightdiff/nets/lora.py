@@ -18,7 +18,7 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,6 +390,37 @@ def kohya_state_dict(net: torch.nn.Module, text_encoder: torch.nn.Module | None 
     if not state:
         raise ConfigError("export_format=kohya: the model has no LoRA adapters to write")
     return state
+
+
+def comfyui_state_dicts(
+    net: torch.nn.Module, original_name: Callable[[str], str]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each adapted pipeline component's adapters (a pair of experts: each expert's) keyed as ComfyUI keys LoRA
+    files for the model's original layout: `diffusion_model.<original layer name>.lora_down.weight` (peft's lora_A),
+    `.lora_up.weight` (lora_B) and `.alpha` (both scale the update by alpha / rank)."""
+    if not has_adapters(net):
+        raise ConfigError("export_format=comfyui: the model has no LoRA adapters to write")
+    config = net.peft_config[ADAPTER]
+    if config.use_rslora or config.use_dora or config.rank_pattern or config.alpha_pattern:
+        raise ConfigError(
+            "export_format=comfyui: rsLoRA, DoRA or per-module ranks are written as diffusers' files only"
+        )
+    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
+    components = pipeline_components(net)
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for component in components:
+        prefix = f"{component}." if len(components) > 1 else ""
+        part: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            if not key.startswith(prefix):
+                continue
+            layer, kind = key[len(prefix) :].rsplit(".lora_", 1)  # "blocks.0.attn1.to_q", "A.weight"
+            name = f"diffusion_model.{original_name(layer)}"
+            part[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.detach().contiguous()
+            part[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
+        if part:
+            files[component] = part
+    return files
 
 
 LoraPart = tuple[dict[str, torch.Tensor], dict[str, Any] | None]  # a component's tensors and LoraConfig, if given

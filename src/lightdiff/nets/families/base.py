@@ -324,6 +324,15 @@ class Family:
         """Whether `net` is of this family (subclasses narrow it by config where one class serves two families)."""
         return isinstance(net, self.denoiser_class)
 
+    def comfyui_layer_name(self, name: str) -> str:
+        """The name ComfyUI's model of this family gives the layer `name` of its diffusers network: the key of its
+        adapters in a ComfyUI LoRA file (`export_format=comfyui`). Only families whose original names ComfyUI keys
+        its LoRA by, and diffusers' do not reach, have one (Wan); Stable Diffusion's is `export_format=kohya`."""
+        raise ConfigError(
+            f"export_format=comfyui writes Wan LoRA files; a {self.name} model's adapters: export_format=diffusers "
+            "(ComfyUI reads diffusers' LoRA names for it) or, for Stable Diffusion / SDXL, export_format=kohya"
+        )
+
     # ----- layout ---------------------------------------------------------------------------------------------
 
     def latent_channels(self, net: nn.Module) -> int:

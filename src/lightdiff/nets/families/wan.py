@@ -243,6 +243,48 @@ def pipeline_transformers(net: nn.Module) -> dict[str, Any]:
     return {"transformer": net}
 
 
+# diffusers' names of a Wan transformer's layers -> the original Wan ones (the Wan-Video repository's, which ComfyUI's
+# WanModel keeps and its LoRA files key): diffusers' scripts/convert_wan_to_diffusers.py in reverse, for every linear
+# layer LoRA can adapt. Per block first, then the layers outside the blocks.
+ORIGINAL_BLOCK_LAYERS = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",  # Wan 2.1 image-to-video: the CLIP image tokens' keys and values
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+ORIGINAL_LAYERS = {
+    "proj_out": "head.head",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+}
+
+
+def original_layer_name(name: str) -> str:
+    """A Wan transformer layer's original (ComfyUI) name: `blocks.3.attn1.to_q` -> `blocks.3.self_attn.q`."""
+    if name in ORIGINAL_LAYERS:
+        return ORIGINAL_LAYERS[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in ORIGINAL_BLOCK_LAYERS:
+        return f"blocks.{parts[1]}.{ORIGINAL_BLOCK_LAYERS[parts[2]]}"
+    raise ConfigError(
+        f"export_format=comfyui: the adapted layer {name!r} has no original Wan name lightdiff knows (it maps "
+        f"{sorted(ORIGINAL_BLOCK_LAYERS)} in every block and {sorted(ORIGINAL_LAYERS)})"
+    )
+
+
 class UMT5Text(T5Text):
     """Wan's conditioning (`WanPipeline._get_t5_prompt_embeds`): the prompt cleaned (`prompt_clean`), UMT5's last
     hidden states computed under the attention mask of its tokens, and every state past the prompt's length set to
@@ -348,6 +390,9 @@ class Wan(Family):
 
     def text_width(self, net: nn.Module) -> int:
         return net.config.text_dim  # the UMT5 states' width
+
+    def comfyui_layer_name(self, name: str) -> str:
+        return original_layer_name(name)
 
     def new_conditioning(self, net: nn.Module, settings: ConditioningSettings, data: DataDescription) -> UMT5Text:
         """UMT5 built from the captions, trained with the transformer."""
