@@ -57,10 +57,11 @@ def _group_overrides() -> list[list[str]]:
         for o in _options("net")
         if o != "latent" and o not in video_nets
     ]
-    # no moving-shapes Wan VAE ships yet: a Wan net is given one of conf/video_vae/wan.yaml's shape (WAN_VAE)
+    # no moving-shapes Wan VAE ships yet: a Wan net is given one of conf/video_vae/wan.yaml's shape (WAN_VAE), and
+    # the objective its pipelines sample (model=video's default is CogVideoX's DDPM)
     wan = {o for o in video_nets if "wantransformer3dmodel" in (CONF / "net" / f"{o}.yaml").read_text().lower()}
     cases += [
-        [f"model={video_model[o]}", f"net={o}", *(["model.vae=WAN_VAE"] if o in wan else [])]
+        [f"model={video_model[o]}", f"net={o}", *(["model.vae=WAN_VAE", "objective=flow_matching"] if o in wan else [])]
         for o in sorted(video_nets)
     ]
     cases += [

@@ -195,6 +195,10 @@ def test_bad_wan_input_is_named_before_anything_is_written(wan_vae_dir: Path, tm
     tiny_video_vae().save_pretrained(cogvideox_vae)
     with pytest.raises(ConfigError, match="model.vae: a WanTransformer3DModel learns Wan's VAE"):
         train_run(_wan_config(runs, cogvideox_vae, "run_name=other-vae"))
+    with pytest.raises(
+        ConfigError, match="objective=ddpm: a WanTransformer3DModel \\(wan\\) is trained with objective=flow"
+    ):
+        train_run(_wan_config(runs, wan_vae_dir, "run_name=ddpm", "objective=ddpm"))
     with pytest.raises(ConfigError, match="data.num_frames=7: 7 frames must be 4m \\+ 1 \\(e.g. 9\\)"):
         train_run(_wan_config(runs, wan_vae_dir, "run_name=seven", "data.num_frames=7"))
     with pytest.raises(ConfigError, match="net.text_dim=16 differs from the UMT5 encoder's d_model=32"):

@@ -133,6 +133,12 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             net = load_denoiser(pretrained)
         else:
             net = family_of(net).initialise(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
+        accepted = family_of(net).objectives
+        if accepted is not None and objective.name not in accepted:  # its export could not sample what it learnt
+            raise ConfigError(
+                f"objective={objective.name}: a {type(net).__name__} ({family_of(net).name}) is trained with "
+                f"objective={' or '.join(accepted)}, which its pipeline samples (set objective={accepted[0]})"
+            )
         if train_expert != "both":  # the other expert frozen; its timesteps (the default range) its own side
             net, timestep_range = one_expert(net, train_expert, timestep_range)
         self.timestep_range = check_timestep_range(timestep_range, objective)

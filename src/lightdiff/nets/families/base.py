@@ -315,6 +315,8 @@ class Family:
     vae_encodes_clips: ClassVar[bool] = False  # its VAE is a 3-D one (CogVideoX's), not a frame-wise one
     image_tokens_first: ClassVar[bool] = False  # a joint block returns (image, text) tokens, not (text, image)
     single_file: ClassVar[bool] = False  # exportable as one original-layout file (Stable Diffusion 1.x / 2.x / SDXL)
+    # the objectives its pipelines sample (Wan's flow samplers: flow_matching only); None: any
+    objectives: ClassVar[tuple[str, ...] | None] = None
     # the VAE shipped in lightdiff/assets whose latents its presets are sized for (model=video's default model.vae)
     shapes_vae: ClassVar[str | None] = None
     # state name -> rebuild: the conditionings this family's module defines (`conditioning_from_state`)

@@ -337,6 +337,7 @@ class Wan(Family):
     video = True
     takes_text = True
     vae_encodes_clips = True
+    objectives = ("flow_matching",)  # WanPipeline's schedulers are flow samplers
     conditionings = {"umt5_text": umt5_text_from_state}
 
     other_denoiser_classes = (WanExperts,)
