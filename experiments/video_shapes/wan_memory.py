@@ -18,7 +18,8 @@ import torch
 from diffusers import WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from lightdiff.nets.lora import LoraSettings, adapter_parameters, add_adapters, lora_config
+from lightdiff.nets.families.wan import Expert, WanExperts
+from lightdiff.nets.lora import LoraSettings, adapter_parameters, add_adapters, is_adapter_key, lora_config
 
 COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, freq_dim=256, text_dim=4096, cross_attn_norm=True)
 T2V_1_3B = dict(COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16)
@@ -35,13 +36,18 @@ NETWORKS = [
 GIB = 2**30
 
 
-def counts(config: dict, rank: int) -> tuple[int, int]:
-    """(base parameters, adapter parameters) of one transformer with lightdiff's LoRA preset at `rank`."""
+def resident_bytes(config: dict, experts: int, train_expert: Expert, rank: int) -> tuple[int, int, int]:
+    """(base parameters of one expert, adapter parameters, resident bytes) of lightdiff's net with LoRA at `rank`:
+    the transformer, or Wan 2.2's `WanExperts` with `model.train_expert` (adapters on the experts that train only,
+    the other expert resident in bf16 for previews and the export)."""
     with torch.device("meta"):
         net = WanTransformer3DModel(**config)
-        base = sum(p.numel() for p in net.parameters())
+        if experts == 2:
+            net = WanExperts(net, WanTransformer3DModel(**config), trains=train_expert)
         add_adapters(net, lora_config(net, LoraSettings(rank=rank)))
-    return base, sum(p.numel() for p in adapter_parameters(net))
+        base = sum(p.numel() for n, p in net.named_parameters() if not is_adapter_key(n))
+        adapters = sum(p.numel() for p in adapter_parameters(net))
+    return base // experts, adapters, 2 * base + 5 * 4 * adapters
 
 
 def main() -> None:
@@ -53,17 +59,17 @@ def main() -> None:
     print(f"LoRA rank {args.rank} on attention and MLPs; base bf16, what trains fp32 x 5 (weights, grads, Adam, EMA)\n")
     print(
         "| model | transformer parameters (each expert) | adapters (each expert) | full fine-tune of one expert | "
-        "LoRA, one expert per run | LoRA, both experts in one run |"
+        "LoRA | LoRA on one expert, the other resident (model.train_expert) | LoRA on both experts in one run |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, config, experts in NETWORKS:
-        base, adapters = counts(config, args.rank)
+        base, adapters, one = resident_bytes(config, 1, "both", args.rank)
         full = 5 * 4 * base  # every weight trains in fp32
-        one = 2 * base + 5 * 4 * adapters  # the bf16 base under one expert's adapters
-        both = f"{experts * one / GIB:.1f} GiB" if experts > 1 else "(one expert)"
+        pair = [f"{resident_bytes(config, 2, which, args.rank)[2] / GIB:.1f} GiB" for which in ("low_noise", "both")]
+        pair = pair if experts == 2 else ["(one expert)", "(one expert)"]
         print(
             f"| {name} | {base / 1e9:.2f}B | {adapters / 1e6:.1f}M ({adapters / base:.2%}) | {full / GIB:.0f} GiB | "
-            f"{one / GIB:.1f} GiB | {both} |"
+            f"{one / GIB:.1f} GiB | {pair[0]} | {pair[1]} |"
         )
     print(
         f"\nUMT5-XXL text encoder: {text / 1e9:.2f}B parameters, {2 * text / GIB:.1f} GiB in bf16 "
