@@ -451,6 +451,10 @@ def test_wan_experts_send_each_sample_to_the_expert_of_its_timestep() -> None:
     pair(x, timestep=torch.tensor([900.0, 950.0]), encoder_hidden_states=text).sample.square().mean().backward()
     assert pair.transformer_2.proj_out.weight.grad is None  # control: high noise alone never calls transformer_2
     assert family_of(pair) is WAN and len(WAN.blocks(pair)) == 2 and pair.config.in_channels == 4
+    i2v = [_tiny_transformer(seed) for seed in (2, 3)]
+    for expert in i2v:
+        expert.register_to_config(in_channels=12)  # Wan 2.2 A14B I2V's layout: latents, mask and first frame
+    assert family_of(WanExperts(*i2v, boundary_ratio=0.9)).name == "wan_i2v"
     rebuilt = WanExperts.from_config(dict(pair.config))
     assert rebuilt.boundary_ratio == 0.875 and rebuilt.config == pair.config
     wider = WanTransformer3DModel(
