@@ -136,11 +136,13 @@ def timesteps_within(objective: Objective, low: float, high: float, x0: torch.Te
     and `high` (found by bisection on the monotone `quantile_timesteps`). How one of Wan 2.2 A14B's experts trains on
     its side of the boundary without changing how noise levels weigh within it."""
 
+    probe = torch.empty((1, *x0.shape[1:]))  # the shape (a resolution-dependent shift reads it), on the CPU: no sync
+
     def quantile_of(timestep: float) -> float:
         below, above = 0.0, 1.0
         for _ in range(48):  # the quantile to 2^-48
             middle = (below + above) / 2
-            if float(objective.quantile_timesteps(torch.tensor([middle], dtype=torch.float64), x0)[0]) < timestep:
+            if float(objective.quantile_timesteps(torch.tensor([middle], dtype=torch.float64), probe)[0]) < timestep:
                 below = middle
             else:
                 above = middle

@@ -75,9 +75,10 @@ Expert = Literal["both", "high_noise", "low_noise"]
 
 
 class WanExperts(nn.Module):
-    """Wan 2.2 A14B's mixture of two experts (Wan Team 2025, Wan 2.2 report "MoE architecture"): two transformers of one
-    architecture, `transformer` for the high-noise steps (timestep >= boundary_ratio * 1000, the layout of the clip)
-    and `transformer_2` for the low-noise rest (its details), switched per step as WanPipeline switches them. Called
+    """Wan 2.2 A14B's mixture of two experts (Wan-AI's Wan 2.2 release, "Mixture-of-Experts architecture"): two
+    transformers of one architecture, `transformer` for the high-noise steps (timestep >= boundary_ratio * 1000, the
+    layout of the clip) and `transformer_2` for the low-noise rest (its details), switched per step as WanPipeline
+    switches them. Called
     like one transformer, it sends each sample to the expert its timestep belongs to, so a batch drawn over the whole
     range trains both experts in one step, and sampling is WanPipeline's.
 
