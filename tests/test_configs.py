@@ -52,11 +52,14 @@ def _group_overrides() -> list[list[str]]:
     }
     video_nets = set(video_model)
     cases += [["model=latent", "net=latent"], ["model=latent", "net=dit"]]
+    # Qwen-Image's transformer learns Qwen-Image's VAE (none ships): one of its shape (QWEN_VAE)
+    qwen = {"qwenimage_tiny": ["model=latent", "net=qwenimage_tiny", "objective=flow_matching", "model.vae=QWEN_VAE"]}
     cases += [
         [*(["model=latent"] if o in latent_nets else []), f"net={o}"]
         for o in _options("net")
-        if o != "latent" and o not in video_nets
+        if o != "latent" and o not in video_nets and o not in qwen
     ]
+    cases += list(qwen.values())
     # no moving-shapes Wan VAE ships yet: a Wan net is given one of conf/video_vae/wan.yaml's shape (WAN_VAE), and
     # the objective its pipelines sample (model=video's default is CogVideoX's DDPM)
     wan = {o for o in video_nets if "wantransformer3dmodel" in (CONF / "net" / f"{o}.yaml").read_text().lower()}
@@ -137,6 +140,11 @@ def test_every_option_composes_and_builds(
         wan_vae = compose_config("train", ["model=autoencoder", "video_vae@model.video_vae=wan"]).model.video_vae
         build(wan_vae).save_pretrained(tmp_path / "wan-vae")
         overrides = [o.replace("WAN_VAE", str(tmp_path / "wan-vae")) for o in overrides]
+    if any("QWEN_VAE" in o for o in overrides):  # Qwen-Image's VAE at its layout (8x, 16 channels), untrained
+        from diffusers import AutoencoderKLQwenImage
+
+        AutoencoderKLQwenImage(base_dim=8, num_res_blocks=1).save_pretrained(tmp_path / "qwen-vae")
+        overrides = [o.replace("QWEN_VAE", str(tmp_path / "qwen-vae")) for o in overrides]
     overrides += _tiny_dinov2(tmp_path) if "discriminator=dinov2" in overrides else []
     cfg = compose_config("train", [f"output_root={tmp_path}", *overrides])
     # Small sizes, set as the command line would (plain values; composing again costs a quarter of a second a case).

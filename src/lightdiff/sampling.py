@@ -183,7 +183,7 @@ def generate(
         if not guided:
             return prediction
         uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
-        return uncond + scale * (cond - uncond)
+        return family.guided(net, uncond, cond, scale)
 
     timesteps = pipeline_timesteps(net, scheduler, num_inference_steps, shape[-2], shape[-1])
     noise = family.initial_noise(shape, generators, device)

@@ -6,7 +6,9 @@ trained from scratch with them.
   `CLIPTextModel` (or `...WithProjection`).
 - T5 (FLUX, SD3): a transformers `T5Tokenizer` (SentencePiece-style unigram over "▁"-prefixed words, `</s>` appended,
   `<pad>` = 0), as FLUX's `tokenizer_2` is; a `T5EncoderModel`.
-Both vocabularies are learnt from the captions with the `tokenizers` library.
+- Qwen2 (Qwen-Image): a transformers `Qwen2Tokenizer` (Qwen2's pre-tokenizer, byte-level BPE, the chat-template special
+  tokens); a `Qwen2_5_VLForConditionalGeneration`.
+The vocabularies are learnt from the captions with the `tokenizers` library.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5EncoderModel,
     T5Tokenizer,
     UMT5EncoderModel,
@@ -260,3 +265,122 @@ def t5_tokenizer_for(text_encoder: torch.nn.Module, state: dict[str, Any]) -> T5
             f"{text_encoder.config.vocab_size}"
         )
     return tokenizer
+
+
+# ----- Qwen2 (Qwen-Image's text encoder) ----------------------------------------------------------------------------
+
+# Qwen2's pre-tokenizer (transformers' Qwen2Tokenizer rebuilds it on load, so the merges are learnt with the same)
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+# the chat template's special tokens, ids 0.. in this order (<|endoftext|> pads, as Qwen's)
+QWEN2_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# how often the templates' words are repeated in the corpus the merges are learnt from: enough that each becomes one
+# token before any caption's word does (a Qwen pipeline drops a fixed number of the template's tokens)
+TEMPLATE_WEIGHT = 20
+
+
+def build_qwen2_tokenizer(captions: Iterable[str], templates: Sequence[str], vocab_size: int = 2000) -> Qwen2Tokenizer:
+    """A `Qwen2Tokenizer`: byte-level BPE learnt from `captions` and the pipeline's prompt `templates`, with Qwen2's
+    pre-tokenizer and special tokens. Every word of the templates is one token, as in Qwen's own vocabulary, so a
+    template's system prefix has as many tokens as Qwen's (QwenImagePipeline drops a fixed 34 of them)."""
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(QWEN2_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [str(caption) for caption in captions] + [t.replace("{}", "") for t in templates] * TEMPLATE_WEIGHT
+    backend.train_from_iterator(corpus, trainer)
+    model = json.loads(backend.to_str())["model"]
+    return qwen2_tokenizer_from_vocab(model["vocab"], model["merges"])
+
+
+def qwen2_tokenizer_from_vocab(vocab: dict[str, int], merges: Sequence[Any]) -> Qwen2Tokenizer:
+    """A `Qwen2Tokenizer` of a BPE vocabulary and merges whose first ids are `QWEN2_SPECIAL_TOKENS`."""
+    pairs = [tuple(merge) if isinstance(merge, list | tuple) else tuple(merge.split(" ")) for merge in merges]
+    tokenizer = Qwen2Tokenizer(
+        vocab=dict(vocab),
+        merges=pairs,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def qwen2_tokenizer_state(tokenizer: Qwen2Tokenizer) -> dict[str, Any]:
+    """A Qwen2 tokenizer as plain data (its BPE vocabulary and merges)."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [list(merge) if isinstance(merge, list | tuple) else merge.split(" ") for merge in model["merges"]]
+    return {"vocab": dict(model["vocab"]), "merges": merges}
+
+
+def qwen2_tokenizer_for(text_encoder: torch.nn.Module, state: dict[str, Any]) -> Qwen2Tokenizer:
+    """A checkpoint's Qwen2 tokenizer (`qwen2_tokenizer_state`), refused if `text_encoder` embeds fewer tokens."""
+    tokenizer = qwen2_tokenizer_from_vocab(state["vocab"], state["merges"])
+    embedded = text_encoder.config.text_config.vocab_size
+    if len(tokenizer) > embedded:
+        raise ValueError(f"the checkpoint's Qwen2 tokenizer has {len(tokenizer)} tokens, the encoder embeds {embedded}")
+    return tokenizer
+
+
+def qwen_vl_from_scratch(
+    tokenizer: Qwen2Tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised `Qwen2_5_VLForConditionalGeneration` (Qwen-Image's text encoder class) sized to
+    `tokenizer`: its language model `hidden_size` wide (the transformer's joint_attention_dim), grouped-query
+    attention with one key-value head, multimodal rotary sections in Qwen2.5-VL's 2 : 3 : 3 proportion of half a
+    head, and a one-layer vision tower (the class has one; text-to-image never runs it)."""
+    head_dim = hidden_size // num_heads
+    if head_dim % 4 or hidden_size % num_heads:
+        raise ValueError(f"a Qwen2.5-VL of width {hidden_size} with {num_heads} heads: each head's width must be 4k")
+    half = head_dim // 2
+    sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # Qwen2.5-VL's [16, 24, 24] at 128
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections},
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,  # image features replace <|image_pad|> embeddings
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)

@@ -21,10 +21,18 @@ import typing
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLTemporalDecoder, AutoencoderKLWan
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLCogVideoX,
+    AutoencoderKLQwenImage,
+    AutoencoderKLTemporalDecoder,
+    AutoencoderKLWan,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-Autoencoder = AutoencoderKL | AutoencoderKLCogVideoX | AutoencoderKLTemporalDecoder | AutoencoderKLWan
+Autoencoder = (
+    AutoencoderKL | AutoencoderKLCogVideoX | AutoencoderKLTemporalDecoder | AutoencoderKLWan | AutoencoderKLQwenImage
+)
 # The VAE classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is only looked up.
 VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Autoencoder)}
 
@@ -41,6 +49,8 @@ class VaeSpec:
     odd_latent_frames: bool = False  # decodes only an odd number of latent frames to as many frames (CogVideoX's)
     per_channel_statistics: bool = False  # normalised by its config's `latents_mean` / `latents_std` (Wan's)
     clamps_decoded: bool = False  # its `decode` clamps the pixels to [-1, 1] (Wan's): no gradient past the clamp
+    images_as_frames: bool = False  # a 3-D VAE of images: (B, C, 1, H, W) in and out (Qwen-Image's)
+    levels_key: str | None = None  # without spatial_key: 2 ** len(config[levels_key]) pixels per latent
 
 
 VAE_SPECS: dict[str, VaeSpec] = {
@@ -57,6 +67,15 @@ VAE_SPECS: dict[str, VaeSpec] = {
         spatial_key="scale_factor_spatial",
         per_channel_statistics=True,
         clamps_decoded=True,
+    ),
+    # Qwen-Image's: Wan's architecture for single frames; QwenImagePipeline's vae_scale_factor is
+    # 2 ** len(temperal_downsample)
+    "AutoencoderKLQwenImage": VaeSpec(
+        channels_key="z_dim",
+        per_channel_statistics=True,
+        clamps_decoded=True,
+        images_as_frames=True,
+        levels_key="temperal_downsample",
     ),
 }
 
@@ -122,12 +141,17 @@ def posterior(vae: Autoencoder, pixels: torch.Tensor) -> DiagonalGaussianDistrib
     latent cache stores): (B, 2C, F', h, w) for a 3-D VAE, a frame-wise VAE's (B * F, 2C, h, w)."""
     if is_video_vae(vae):
         return vae.encode(_to_vae_layout(pixels)).latent_dist
-    return vae.encode(pixels.flatten(0, 1) if pixels.ndim == 5 else pixels).latent_dist
+    images = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels
+    if vae_spec(vae).images_as_frames:  # one frame each, the frame axis taken out again
+        return DiagonalGaussianDistribution(vae.encode(images[:, :, None]).latent_dist.parameters[:, :, 0])
+    return vae.encode(images).latent_dist
 
 
 def decode(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Pixels of unscaled latents z in the VAE's own layout (the autoencoder stage's reconstructions): images
     (B, 3, H, W), or a 3-D VAE's clips (B, F, 3, H, W)."""
+    if vae_spec(vae).images_as_frames:
+        return vae.decode(latents[:, :, None]).sample[:, :, 0]
     pixels = vae.decode(latents).sample
     return _to_vae_layout(pixels) if is_video_vae(vae) else pixels
 
@@ -146,18 +170,24 @@ def decode_for_training(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor
         raise ValueError(f"{type(vae).__name__} with patch_size={vae.config.patch_size}: not trained by lightdiff")
     frames: list[torch.Tensor] = []
     handle = vae.decoder.register_forward_hook(lambda module, args, output: frames.append(output))
+    single = vae_spec(vae).images_as_frames
     try:
-        vae.decode(latents)
+        vae.decode(latents[:, :, None] if single else latents)
     finally:
         handle.remove()
-    return _to_vae_layout(torch.cat(frames, dim=2))
+    clip = torch.cat(frames, dim=2)
+    return clip[:, :, 0] if single else _to_vae_layout(clip)
 
 
 def vae_scale_factor(vae: Autoencoder) -> int:
     """Pixels per latent along each side: 2 ** (number of down-sampling levels), as diffusers' pipelines compute it
     (Wan's config says it: `scale_factor_spatial`)."""
-    key = vae_spec(vae).spatial_key
-    return int(vae.config[key]) if key is not None else 2 ** (len(vae.config.block_out_channels) - 1)
+    spec = vae_spec(vae)
+    if spec.spatial_key is not None:
+        return int(vae.config[spec.spatial_key])
+    if spec.levels_key is not None:
+        return 2 ** len(vae.config[spec.levels_key])
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def latent_shift(vae: Autoencoder) -> float:

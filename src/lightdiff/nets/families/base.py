@@ -376,6 +376,13 @@ class Family:
         """The network's prediction for x_t (B, timesteps per sample), shaped like x_t."""
         return net(x_t, timestep=timesteps, **kwargs_in_dtype(condition, x_t.dtype)).sample
 
+    def guided(
+        self, net: nn.Module, uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor
+    ) -> torch.Tensor:
+        """Classifier-free guidance as the family's pipeline combines the two predictions (Ho & Salimans 2022, Eq. 6:
+        uncond + s (cond - uncond); Qwen-Image's rescales it)."""
+        return uncond + scale * (cond - uncond)
+
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         """A transformer's blocks in the order they run (FLUX's single-stream blocks after its double-stream ones):
         where a feature discriminator reads the tokens; none for a UNet."""

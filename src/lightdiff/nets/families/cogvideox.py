@@ -103,7 +103,8 @@ class T5Text(nn.Module):
         if "text_states" in inputs:  # data.cache_latents; a dropped caption is encoded as ""
             states = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
             dropped = torch.tensor([caption == "" for caption in captions], device=states.device)
-            states = torch.where(dropped[:, None, None], self.encode([""]).to(states), states)
+            if dropped.any():  # the encoder runs only for them (a frozen 7B encoder is the slow part of a step)
+                states = torch.where(dropped[:, None, None], self.encode([""]).to(states), states)
         else:
             states = self.encode(captions)
         return Condition({"encoder_hidden_states": states}, states.float().mean(dim=1))

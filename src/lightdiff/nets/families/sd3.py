@@ -215,7 +215,8 @@ class SD3Text(nn.Module):
         if "text_states" in inputs:  # data.cache_latents: packed by `encode`; a dropped caption is encoded as ""
             packed = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
             dropped = torch.tensor([caption == "" for caption in captions], device=packed.device)
-            packed = torch.where(dropped[:, None, None], self.encode([""]).to(packed), packed)
+            if dropped.any():  # the encoders run only for them
+                packed = torch.where(dropped[:, None, None], self.encode([""]).to(packed), packed)
             states, pooled = unpack_pooled(packed, self.summary_dim)
         else:
             states, pooled = self.encoded(captions)

@@ -1,0 +1,242 @@
+"""Qwen-Image: a QwenImageTransformer2DModel with a Qwen2.5-VL text encoder (tokenizer built from the captions and
+the pipeline's template) behind Qwen-Image's VAE, trained by flow matching on shapes and exported as a
+QwenImagePipeline that plain diffusers reproduces from the same seeds (tiny models built here, no downloads)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+from lightdiff.config import ConfigError
+from lightdiff.drawing import scheduler_for
+from lightdiff.nets.families import Family, family_of
+from lightdiff.nets.families.qwenimage import FAMILY as QWEN
+from lightdiff.nets.families.qwenimage import QWEN_DROP_TOKENS, QWEN_TEMPLATE, QwenText
+from lightdiff.sample import run as sample_run
+from lightdiff.sampling import generate
+from lightdiff.train import run as train_run
+from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
+
+from .conftest import TINY, compose_config, perturb_weights, tiny_vae
+
+PROMPTS = ["a red circle", "a blue square in the top left"]
+
+# The tiny Qwen-Image (model=latent net=qwenimage_tiny) for tiny_qwen_vae: 16 px images, 8 x 8 latents of 4
+# channels packed into 16 tokens, a 1-layer transformer of width 32, a 1-layer, 32-wide Qwen2.5-VL of 16 states.
+TINY_QWEN_MODEL = [
+    "model=latent",
+    "net=qwenimage_tiny",
+    "objective=flow_matching",
+    "net.in_channels=16",
+    "net.out_channels=4",
+    "net.num_layers=1",
+    "net.num_attention_heads=2",
+    "net.attention_head_dim=16",
+    "net.axes_dims_rope=[4,6,6]",
+    "net.joint_attention_dim=32",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    "model.max_sequence_length=16",
+]
+
+
+def tiny_qwen_vae() -> AutoencoderKLQwenImage:
+    """Qwen-Image's VAE at one level (2x in space: 16 px -> 8 x 8 latents of 4 channels), with per-channel statistics
+    far from (0, 1), seeded."""
+    torch.manual_seed(0)
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[0.5, 1.5, 1.0, 2.0],
+    )
+
+
+@pytest.fixture(scope="module")
+def qwen_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen-vae") / "vae"
+    tiny_qwen_vae().save_pretrained(folder)
+    return folder
+
+
+def _qwen_config(root: Path, vae: Path, *overrides: str):
+    return compose_config("train", [f"output_root={root}", *TINY, *TINY_QWEN_MODEL, f"model.vae={vae}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpt(tmp_path_factory: pytest.TempPathFactory, qwen_vae_dir: Path) -> Path:
+    """The tiny Qwen-Image trained from scratch for 4 steps (its Qwen2.5-VL built from the captions), at a rate that
+    moves its zeroed modulations far enough for the prompt to matter (guidance then changes the images)."""
+    fast = ["model.lr=0.01", "model.warmup_steps=0", "trainer.max_steps=4"]
+    cfg = _qwen_config(tmp_path_factory.mktemp("qwen"), qwen_vae_dir, "run_name=qwen", *fast)
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def qwen_export(qwen_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen-export") / "pipeline"
+    sample_run(compose_config("sample", [f"ckpt={qwen_ckpt}", f"export={folder}", "steps=3"]))
+    return folder
+
+
+def _images(folder: Path, checkpoint: Path, guidance_scale: float, perturb: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """PROMPTS' images (3 steps) drawn by lightdiff from the checkpoint (the scheduler sample.py makes for it) and by
+    plain diffusers from the exported QwenImagePipeline, from seeds 0 and 1; guidance as the pipeline's true CFG
+    (`negative_prompt=""`). `perturb`: Gaussian noise of that sigma on the exported transformer (the mutation
+    control)."""
+    pipeline = QwenImagePipeline.from_pretrained(folder)
+    if perturb:
+        perturb_weights(pipeline.transformer, perturb)
+    trained = load_denoiser(checkpoint)
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
+    ours = generate(
+        trained.net, scheduler, 3, [0, 1], trained.conditioning, {"text": PROMPTS}, guidance_scale,
+        vae=trained.vae, size=(16, 16),
+    )  # fmt: skip
+    guidance = {"true_cfg_scale": guidance_scale, "negative_prompt": ""} if guidance_scale > 1 else {}
+    theirs = pipeline(
+        prompt=PROMPTS, height=16, width=16, num_inference_steps=3, max_sequence_length=16, output_type="pt",
+        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)], **guidance,
+    ).images  # fmt: skip
+    return ours, theirs
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0], ids=["unguided", "true_cfg"])
+def test_qwen_image_trains_and_exports_a_pipeline_that_plain_diffusers_reproduces(
+    qwen_ckpt: Path, qwen_export: Path, guidance_scale: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export is a QwenImagePipeline (the tokenizer built here, the Qwen2.5-VL, the VAE) that draws lightdiff's
+    images from the checkpoint, unguided and with true CFG (its per-token norm rescale); with its transformer
+    perturbed, or guided without the rescale, it does not (the controls)."""
+    meta = load_checkpoint_file(qwen_ckpt)["lightdiff"]
+    assert meta["conditioning"]["family"] == "qwen_text" and meta["vae_class"] == "AutoencoderKLQwenImage"
+    index = json.loads((qwen_export / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImagePipeline" and index["tokenizer"][1] == "Qwen2Tokenizer"
+    ours, theirs = _images(qwen_export, qwen_ckpt, guidance_scale)
+    assert theirs.shape == ours.shape == (2, 3, 16, 16)
+    assert (theirs - ours).abs().max() < 1e-4
+    assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two seeds' images are far apart at this scale
+    ours, theirs = _images(qwen_export, qwen_ckpt, guidance_scale, perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3
+    if guidance_scale > 1:  # control: plain CFG, without the pipeline's norm rescale, draws other images
+        monkeypatch.setattr(type(QWEN), "guided", Family.guided)
+        ours, theirs = _images(qwen_export, qwen_ckpt, guidance_scale)
+        assert (theirs - ours).abs().max() > 1e-3
+
+
+def test_qwen_text_is_the_pipelines_encode_prompt(qwen_export: Path) -> None:
+    """The tokenizer built from the captions splits the template's system prefix into QwenImagePipeline's 34 tokens;
+    QwenText's states are the pipeline's prompt embeddings (past each prompt's length: zero, and masked), and the
+    control without the drop differs."""
+    text = load_trained(qwen_export).conditioning
+    assert isinstance(text, QwenText)
+    assert len(text.tokenizer(QWEN_TEMPLATE.split("{}")[0]).input_ids) == QWEN_DROP_TOKENS
+    pipeline = QwenImagePipeline.from_pretrained(qwen_export)
+    with torch.no_grad():
+        ours = text(dict(text=PROMPTS))
+        theirs, mask = pipeline.encode_prompt(PROMPTS, max_sequence_length=16)
+    states, our_mask = ours.kwargs["encoder_hidden_states"], ours.kwargs["encoder_hidden_states_mask"]
+    length = theirs.shape[1]
+    assert torch.equal(our_mask[:, :length], mask.bool()) and not our_mask[:, length:].any()
+    assert torch.allclose(states[:, :length], theirs, atol=1e-6) and not states[:, length:].any()
+    assert not mask.all() and not states[~our_mask].any()  # a shorter prompt's padding: masked and zero
+    pipeline.prompt_template_encode_start_idx = 0  # control: the system prefix kept
+    with torch.no_grad():
+        kept = pipeline.encode_prompt(PROMPTS, max_sequence_length=16)[0]
+    assert kept.shape[1] != length or (kept - theirs).abs().max() > 1e-3
+
+
+def test_a_new_qwen_transformer_starts_with_identity_blocks() -> None:
+    """QwenImage.initialise zeroes every block's image and text modulation: each block returns its input tokens;
+    diffusers' random initialisation does not (the control)."""
+    torch.manual_seed(0)
+    net = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    inputs = {
+        "timestep": torch.tensor([0.5]),
+        "encoder_hidden_states": torch.randn(1, 5, 32),
+        "encoder_hidden_states_mask": torch.ones(1, 5, dtype=torch.bool),
+        "img_shapes": [[(1, 4, 4)]],
+    }
+    x = torch.randn(1, 16, 16)
+
+    def block_changes(net: QwenImageTransformer2DModel) -> list[float]:
+        changes: list[float] = []
+
+        def record(module, args, kwargs, out) -> None:
+            text, image = out
+            changes.append(float((image - kwargs["hidden_states"]).abs().max()))
+            changes.append(float((text - kwargs["encoder_hidden_states"]).abs().max()))
+
+        hooks = [block.register_forward_hook(record, with_kwargs=True) for block in net.transformer_blocks]
+        with torch.no_grad():
+            net(x, **inputs)
+        for hook in hooks:
+            hook.remove()
+        return changes
+
+    assert min(block_changes(net)) > 1e-3
+    assert block_changes(QWEN.initialise(net)) == [0.0] * 4
+    assert family_of(net) is QWEN and QWEN.token_side(net) == 2 and QWEN.latent_channels(net) == 4
+
+
+def test_bad_qwen_input_is_named_before_anything_is_written(qwen_vae_dir: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    other_vae = tmp_path / "sd-vae"
+    tiny_vae().save_pretrained(other_vae)
+    with pytest.raises(ConfigError, match="model.vae: a QwenImageTransformer2DModel learns Qwen-Image's VAE"):
+        train_run(_qwen_config(runs, other_vae, "run_name=other-vae", "net.in_channels=16"))
+    with pytest.raises(ConfigError, match="net.joint_attention_dim=32 differs from the Qwen2.5-VL encoder's"):
+        train_run(_qwen_config(runs, qwen_vae_dir, "run_name=width", "model.text_hidden_size=16"))
+    with pytest.raises(ConfigError, match="objective=ddpm: a QwenImageTransformer2DModel \\(qwenimage\\)"):
+        train_run(_qwen_config(runs, qwen_vae_dir, "run_name=ddpm", "objective=ddpm"))
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+@pytest.mark.slow  # 8 s: a fine-tuning run on the export
+def test_a_qwen_image_folder_fine_tunes_with_its_frozen_encoder(qwen_export: Path, tmp_path: Path) -> None:
+    """model.pretrained=<QwenImagePipeline folder>: its Qwen2.5-VL and VAE frozen, its transformer trained."""
+    overrides = [f"output_root={tmp_path}", *TINY, *TINY_QWEN_MODEL, f"model.pretrained={qwen_export}"]
+    trainer = train_run(compose_config("train", [*overrides, "model.load_pretrained_unet=true", "run_name=tuned"]))
+    method, base = trainer.lightning_module, QwenImagePipeline.from_pretrained(qwen_export)
+    text = method.conditioning
+    assert isinstance(text, QwenText) and not text.trainable and isinstance(method.vae, AutoencoderKLQwenImage)
+    for ours, theirs in ((text.text_encoder, base.text_encoder), (method.vae, base.vae)):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    moved = [not torch.equal(a, b) for a, b in zip(method.net.parameters(), base.transformer.parameters())]
+    assert any(moved)  # control: the transformer did train
+
+
+def test_qwen_image_trains_from_the_latent_cache_without_encoding(
+    qwen_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.cache_latents with a frozen Qwen2.5-VL: once the cache exists a run encodes no image and no prompt (the
+    mask comes from the prompts' token counts)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .conftest import count_encoded
+
+    calls = count_encoded(monkeypatch, AutoencoderKLQwenImage)
+    texts: list[int] = []
+    original = Qwen2_5_VLForConditionalGeneration.forward
+    monkeypatch.setattr(
+        Qwen2_5_VLForConditionalGeneration, "forward", lambda self, *a, **k: texts.append(1) or original(self, *a, **k)
+    )
+    overrides = [f"output_root={tmp_path}", *TINY, *TINY_QWEN_MODEL, f"model.pretrained={qwen_export}"]
+    cache = [f"data.latent_cache_dir={tmp_path / 'cache'}", "data.size=8", "data.cache_latents=true"]
+    cache += ["model.load_pretrained_unet=true", "model.cond_drop_prob=0"]
+    train_run(compose_config("train", [*overrides, *cache, "run_name=fill"]))
+    assert sum(calls) == 8 and texts
+    calls.clear(), texts.clear()
+    trainer = train_run(
+        compose_config("train", [*overrides, *cache, "run_name=cached", "callbacks.samples.final_num_images=0"])
+    )
+    assert trainer.global_step == 2 and calls == [] and texts == []
