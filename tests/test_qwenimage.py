@@ -240,3 +240,35 @@ def test_qwen_image_trains_from_the_latent_cache_without_encoding(
         compose_config("train", [*overrides, *cache, "run_name=cached", "callbacks.samples.final_num_images=0"])
     )
     assert trainer.global_step == 2 and calls == [] and texts == []
+
+
+@pytest.mark.slow  # 10 s: a LoRA run on the export and two pipelines
+def test_lora_on_qwen_image_is_a_diffusers_file_that_its_pipeline_loads(
+    qwen_export: Path, qwen_ckpt: Path, tmp_path: Path
+) -> None:
+    """LoRA on a Qwen-Image base (both streams' attention and MLPs): the export is the base plus diffusers' LoRA file,
+    which QwenImagePipeline.load_lora_weights applies so that the pipeline draws lightdiff's images; without it,
+    other images (the control)."""
+    overrides = [f"output_root={tmp_path}", *TINY, *TINY_QWEN_MODEL, f"model.pretrained={qwen_export}"]
+    overrides += ["model.load_pretrained_unet=true", "model.lora.rank=4", "model.lr=0.01", "model.warmup_steps=0"]
+    cfg = compose_config("train", [*overrides, "trainer.max_steps=4", "run_name=lora"])
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    adapters = [name for name, _ in load_denoiser(checkpoint).net.named_parameters() if ".lora_A." in name]
+    assert any(".txt_mlp.net.0.proj.lora_A." in name for name in adapters)
+    assert any(".attn.add_k_proj.lora_A." in name for name in adapters)
+    for lora, compare in ((True, lambda d: d < 1e-4), (False, lambda d: d > 1e-3)):  # the base alone: the control
+        pipeline = QwenImagePipeline.from_pretrained(folder)
+        if lora:
+            pipeline.load_lora_weights(folder)
+        trained = load_denoiser(checkpoint)
+        scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
+        ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, {"text": PROMPTS}, 1.0,
+                        vae=trained.vae, size=(16, 16))  # fmt: skip
+        theirs = pipeline(
+            prompt=PROMPTS, height=16, width=16, num_inference_steps=3, max_sequence_length=16, output_type="pt",
+            generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+        ).images  # fmt: skip
+        assert compare(float((theirs - ours).abs().max())), lora
