@@ -5,6 +5,7 @@ from lightdiff.data.hf_stream import HFDataModule
 from lightdiff.data.image_folder import HFImageDataset, ImageFolderDataModule, ImageFolderDataset
 from lightdiff.data.moving_shapes import MovingShapesDataModule, MovingShapesDataset
 from lightdiff.data.shapes import ShapesDataModule, ShapesDataset
+from lightdiff.data.shapes_edit import ShapesEditDataModule, ShapesEditDataset
 from lightdiff.data.shard_stream import ShardsDataModule
 from lightdiff.data.transforms import ImageTransform
 from lightdiff.data.video_folder import VideoFolderDataModule, VideoFolderDataset
@@ -19,6 +20,8 @@ __all__ = [
     "MovingShapesDataModule",
     "MovingShapesDataset",
     "ShapesDataModule",
+    "ShapesEditDataModule",
+    "ShapesEditDataset",
     "ShapesDataset",
     "ShardsDataModule",
     "VideoFolderDataModule",
