@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightdiff.config import ConfigError
 from lightdiff.data.shapes_edit import (
     DIRECTIONS,
     Edit,
@@ -89,3 +90,74 @@ def test_bad_edit_input_is_named() -> None:
         parse_instruction("paint it red")
     with pytest.raises(ValueError, match="data.resolution=8 is too small"):
         ShapesEditDataset(resolution=8)
+
+
+# ----- editing pairs in an image folder (metadata.jsonl's source_file_name) -------------------------------------------
+
+
+def _pair_folder(root, lines: list[dict], images: dict[str, tuple[int, int]]) -> None:
+    import json
+
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for index, (name, (height, width)) in enumerate(sorted(images.items())):
+        pixels = np.random.default_rng(index).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name)
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_pair_folder_crops_and_flips_source_and_target_alike(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each source goes through its target's random crop and flip: with a source that is a copy of its target, the
+    two tensors are equal on every draw; drawing the source's crop afresh (the control) breaks that."""
+    import shutil
+
+    from lightdiff.data.image_folder import ImageFolderDataset
+
+    sizes = {f"t{i}.png": (40, 56) for i in range(4)}
+    lines = [{"file_name": f"t{i}.png", "source_file_name": f"s{i}.png", "text": "make it red"} for i in range(4)]
+    _pair_folder(tmp_path, lines, sizes)
+    for i in range(4):
+        shutil.copy(tmp_path / f"t{i}.png", tmp_path / f"s{i}.png")
+    data = ImageFolderDataset(str(tmp_path), 32, center_crop=False, random_flip=True)
+    torch.manual_seed(0)
+    items = [data[i % 4] for i in range(40)]
+    assert all(torch.equal(item["pixel_values"], item["source_pixel_values"]) for item in items)
+    assert len({tuple(item["size_and_crop"].tolist()) for item in items}) > 4  # the crops did vary
+    monkeypatch.setattr(torch.random, "set_rng_state", lambda state: None)  # control: no shared draw
+    assert not all(torch.equal(data[i % 4]["pixel_values"], data[i % 4]["source_pixel_values"]) for i in range(40))
+
+
+def test_several_references_stack_and_bad_pairs_are_named(tmp_path) -> None:
+    from lightdiff.data.image_folder import ImageFolderDataModule, ImageFolderDataset
+
+    sizes = {"t.png": (32, 32), "a.png": (32, 32), "b.png": (32, 32), "small.png": (16, 16)}
+    lines = [{"file_name": "t.png", "source_file_name": ["a.png", "b.png"], "text": "put a on b"}]
+    _pair_folder(tmp_path / "multi", lines, sizes)
+    item = ImageFolderDataset(str(tmp_path / "multi"), 32)[0]
+    assert item["source_pixel_values"].shape == (2, 3, 32, 32)
+
+    def refused(name: str, lines: list[dict], match: str, error: type = ValueError) -> None:
+        _pair_folder(tmp_path / name, lines, sizes)
+        with pytest.raises(error, match=match):
+            ImageFolderDataset(str(tmp_path / name), 32)
+
+    refused("missing", [{"file_name": "t.png", "source_file_name": "gone.png", "text": "x"}],
+            r"pairs images with missing source\(s\): \['gone.png'\]", FileNotFoundError)  # fmt: skip
+    refused("size", [{"file_name": "t.png", "source_file_name": "small.png", "text": "x"}],
+            "t.png is 32x32 .* its source .*small.png 16x16: a pair is cropped alike")  # fmt: skip
+    refused("no-text", [{"file_name": "t.png", "source_file_name": "a.png"}],
+            "file_name='t.png' pairs a source without an instruction")  # fmt: skip
+    half = [{"file_name": "t.png", "source_file_name": "a.png", "text": "x"}, {"file_name": "b.png", "text": "y"}]
+    refused("half", half, "file_name='b.png' has no source_file_name, while 1 other line")
+    refused("outside", [{"file_name": "t.png", "source_file_name": "../t.png", "text": "x"}],
+            "source_file_name='../t.png' points outside data.root")  # fmt: skip
+    (tmp_path / "broken").mkdir()
+    _pair_folder(tmp_path / "broken", [{"file_name": "t.png", "source_file_name": "a.png", "text": "x"}], sizes)
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="t.png: its source cannot read image .*a.png"):
+        ImageFolderDataset(str(tmp_path / "broken"), 32)
+    with pytest.raises(ConfigError, match="data.cache_latents=true caches the targets' latents only"):
+        ImageFolderDataModule(
+            str(tmp_path / "multi"), 32, num_workers=0, batch_size=1, cache_latents=True, random_flip=False
+        )

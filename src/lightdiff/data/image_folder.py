@@ -2,6 +2,11 @@
 
 A folder holds images and, optionally, `metadata.jsonl` with one {"file_name": ..., "text": ...} (or "label")
 object a line, so the output of `sample.py` is itself a valid training set.
+
+Editing pairs: a line with "source_file_name" (one file, or a list of them for several references) pairs its image
+(the target) with the source(s) the instruction in "text" edits; every line then has both. A source has its
+target's size and goes through the same crop and flip, so the pair stays aligned pixel for pixel (and in its
+target's bucket); the items carry it as "source_pixel_values" ((3, H, W), or (K, 3, H, W) for K references).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import json
 import logging
 from pathlib import Path, PurePosixPath
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from lightdiff.config import NonNegativeInt
+from lightdiff.config import ConfigError, NonNegativeInt
 from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket, smaller_than_every_bucket
 from lightdiff.data.datamodule import ImageDataModule, plain
 from lightdiff.data.transforms import ImageTransform, to_rgb
@@ -122,9 +128,30 @@ def read_metadata(root: Path) -> dict[str, dict]:
             )
         if name in records:
             raise ValueError(f"{where}: file_name={name!r} is listed again (first on line {lines_of[name]})")
+        if "source_file_name" in record:
+            record["source_is_list"] = isinstance(record["source_file_name"], list)  # a list: (K, 3, H, W) items
+            record["source_file_name"] = _source_names(record["source_file_name"], where, root)
         if "label" in record:
             record["label"] = _label(record["label"], where)
         records[name], lines_of[name] = record, line_number
+    paired = [name for name, record in records.items() if "source_file_name" in record]
+    if paired and len(paired) != len(records):
+        alone = next(name for name in records if "source_file_name" not in records[name])
+        raise ValueError(
+            f"{metadata_path}:{lines_of[alone]}: file_name={alone!r} has no source_file_name, while "
+            f"{len(paired)} other line(s) pair their image with a source (line {lines_of[paired[0]]}); pair every "
+            "image or none"
+        )
+    for name in paired:
+        if not str(records[name].get("text", "")).strip():
+            raise ValueError(
+                f"{metadata_path}:{lines_of[name]}: file_name={name!r} pairs a source without an instruction: "
+                "an editing pair needs its 'text'"
+            )
+    forms = {(records[name]["source_is_list"], len(records[name]["source_file_name"])) for name in paired}
+    if len(forms) > 1:  # a batch stacks the sources: one form for all
+        shown = ", ".join(f"{count} in a list" if listed else "one name" for listed, count in sorted(forms))
+        raise ValueError(f"{metadata_path}: lines give their sources as {shown}; give every line the same form")
     labelled = [name for name, record in records.items() if "label" in record]
     if labelled and len(labelled) != len(records):
         unlabelled = next(name for name in records if "label" not in records[name])
@@ -133,6 +160,20 @@ def read_metadata(root: Path) -> dict[str, dict]:
             f"{len(labelled)} other line(s) have one (line {lines_of[labelled[0]]}); label every image or none"
         )
     return records
+
+
+def _source_names(value: object, where: str, root: Path) -> list[str]:
+    """A line's source file names (one, or a list for several references), each relative and inside the root."""
+    names = value if isinstance(value, list) else [value]
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"{where}: source_file_name={value!r} is not a file name or a list of them")
+    for name in names:
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise ValueError(
+                f"{where}: source_file_name={name!r} points outside data.root={str(root)!r}; "
+                "file names must be relative paths inside the data folder"
+            )
+    return names
 
 
 def _scan_key(root: Path, paths: list[Path]) -> str:
@@ -233,9 +274,28 @@ class ImageFolderDataset(Dataset):
             if missing:
                 raise FileNotFoundError(f"{self.root / 'metadata.jsonl'} lists missing image(s): {missing[:5]}")
             paths = [listed[name] for name in sorted(metadata)]
+            sources = {name for record in metadata.values() for name in record.get("source_file_name", [])}
+            missing = sorted(name for name in sources if name not in listed)
+            if missing:
+                raise FileNotFoundError(
+                    f"{self.root / 'metadata.jsonl'} pairs images with missing source(s): {missing[:5]}"
+                )
         # Scanned once up front (every image decoded, or the cached answer for an unchanged folder): an unreadable
         # image fails here, before a run writes anything, and every worker and rank agrees on index -> file.
-        bad, sizes = scan_images(self.root, paths, Path(scan_cache_dir).expanduser() if scan_cache_dir else None)
+        source_paths = sorted({self.root / n for r in metadata.values() for n in r.get("source_file_name", [])})
+        scanned = sorted(set(paths) | set(source_paths))
+        bad, sizes = scan_images(self.root, scanned, Path(scan_cache_dir).expanduser() if scan_cache_dir else None)
+        for path in paths:  # a pair whose source cannot be read, or is of another size, cannot be aligned
+            for name in metadata.get(path.relative_to(self.root).as_posix(), {}).get("source_file_name", []):
+                source = self.root / name
+                if source in bad:
+                    bad[path] = f"{path}: its source {bad[source]}"
+                elif path in sizes and sizes[source] != sizes[path]:
+                    bad[path] = (
+                        f"{path} is {sizes[path][0]}x{sizes[path][1]} (height x width), its source {source} "
+                        f"{sizes[source][0]}x{sizes[source][1]}: a pair is cropped alike, so both need one size"
+                    )
+        bad = {path: reason for path, reason in bad.items() if path in set(paths)}
         self.buckets: list[Bucket] | None = bucket_sizes(buckets, resolution) if buckets is not None else None
         if self.buckets is not None:  # an image that would be enlarged for every bucket has no place in training
             for path in paths:
@@ -267,13 +327,22 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, object]:
         record = self.records[index]
         size = self.buckets[self.bucket_of[index]] if self.bucket_of is not None else None
+        before = torch.random.get_rng_state()  # a pair's sources take the target's crop and flip
         pixels, size_and_crop = self.transform(open_rgb(self.paths[index]), size)
-        return {
+        item = {
             "pixel_values": pixels,
             "size_and_crop": size_and_crop,  # (original h, w, crop top, left, target h, w): SDXL's time_ids
             "label": record.get("label", -1),  # checked when metadata.jsonl was read: an int >= 0 on every line
             "text": str(record.get("text", "")),
         }
+        if "source_file_name" in record:
+            after, sources = torch.random.get_rng_state(), []
+            for name in record["source_file_name"]:
+                torch.random.set_rng_state(before)
+                sources.append(self.transform(open_rgb(self.root / name), size)[0])
+            torch.random.set_rng_state(after)
+            item["source_pixel_values"] = torch.stack(sources) if record["source_is_list"] else sources[0]
+        return item
 
 
 class HFImageDataset(Dataset):
@@ -389,6 +458,11 @@ class ImageFolderDataModule(ImageDataModule):
         dataset = ImageFolderDataset(
             root, resolution, center_crop, random_flip, skip_bad, scan_cache_dir, plain(buckets)
         )
+        if cache_latents and any("source_file_name" in record for record in dataset.records):
+            raise ConfigError(
+                "data.cache_latents=true caches the targets' latents only; a folder of editing pairs (source_file_name)"
+                " is encoded on the fly: set data.cache_latents=false"
+            )
         held_out = ImageFolderDataset(val_root, resolution, True, False, skip_bad, scan_cache_dir) if val_root else None
         newest = max(path.stat().st_mtime_ns for path in dataset.paths)
         identity = f"image_folder|{dataset.root.resolve()}|files={len(dataset)}|newest={newest}|resolution={resolution}"
