@@ -18,6 +18,7 @@ from PIL import Image
 from lightdiff.config import ConfigError
 from lightdiff.diffusion import FlowMatching
 from lightdiff.diffusion.flow_matching import resolution_shift_mu
+from lightdiff.drawing import scheduler_for
 from lightdiff.export import export_pipeline
 from lightdiff.methods.autoencoder import AutoencoderTraining
 from lightdiff.nets.denoiser import network_output
@@ -33,7 +34,7 @@ from lightdiff.nets.text import (
 )
 from lightdiff.nets.vae import decode_latents, encode_latents
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import generate, generators_for, pipeline_timesteps
+from lightdiff.sampling import generate, generators_for, pipeline_timesteps, to_uint8
 from lightdiff.train import run as train_run
 from lightdiff.trained import TrainedDenoiser, load_checkpoint_file, load_denoiser
 
@@ -42,6 +43,7 @@ from .conftest import (
     assert_discriminator_heads_learnt,
     assert_reproduced,
     compose_config,
+    perturb_weights,
     pipeline_images,
     sample_py_images,
     tiny_dinov2_overrides,
@@ -586,3 +588,65 @@ def test_guidance_distillation_of_a_unet_exports_a_stable_diffusion_pipeline(
                 ],
             )
         )
+
+
+# ----- FLUX.1 Kontext: editing (model.edit=true on pairs) -----------------------------------------------------------
+
+
+def test_flux_kontext_trains_on_edit_pairs_and_exports_a_pipeline_that_plain_diffusers_reproduces(
+    tmp_path: Path,
+) -> None:
+    """model.edit=true with a FLUX transformer on data=shapes_edit: the source's latents join the noisy tokens (ids
+    with first coordinate 1); the previews are judged by the edit judge; the export is a FluxKontextPipeline that
+    draws lightdiff's edits from the checkpoint given the same source and instruction; with the source changed, or
+    the transformer perturbed, it does not match (the controls)."""
+    from diffusers import FluxKontextPipeline
+
+    from lightdiff.data.shapes_edit import ShapesEditDataset
+    from lightdiff.nets.families.flux import FluxKontextText
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    overrides = ["model=latent", f"model.vae={tmp_path / 'vae'}", "objective=flow_matching", *TINY_FLUX_MODEL]
+    overrides += ["data=shapes_edit", "data.resolution=16", "model.edit=true", "model.lr=0.02", "model.warmup_steps=0"]
+    overrides += ["trainer.max_steps=6"]  # enough for the zero-initialised blocks to let the source in
+    cfg = compose_config("train", [f"output_root={tmp_path}", *TINY, "run_name=kontext", *overrides])
+    method = train_run(cfg).lightning_module
+    assert isinstance(method.conditioning, FluxKontextText)
+    final = json.loads((Path(cfg.run_dir) / "final_metrics.json").read_text())
+    assert {"final/edit_accuracy", "final/edit_preservation", "final/edit_right"} <= set(final)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}", "steps=3"]))
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
+    data = ShapesEditDataset(size=2, resolution=16)
+    pairs = [data[0], data[1]]
+    sources = torch.stack([pair["source_pixel_values"] for pair in pairs])
+    instructions = [str(pair["text"]) for pair in pairs]
+
+    def edits(perturb: float = 0.0, other_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        trained = load_denoiser(checkpoint)
+        scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
+        inputs = {"text": instructions, "source_pixel_values": sources}
+        ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, inputs, 1.0, vae=trained.vae,
+                        size=(16, 16))  # fmt: skip
+        pipeline = FluxKontextPipeline.from_pretrained(folder)
+        if perturb:
+            perturb_weights(pipeline.transformer, perturb)
+        given = sources.flip(0) if other_source else sources
+        images = [Image.fromarray(to_uint8(image[None] / 2 + 0.5)[0]) for image in given]
+        theirs = torch.stack([
+            pipeline(image=image, prompt=prompt, height=16, width=16, max_area=16 * 16, _auto_resize=False,
+                     num_inference_steps=3,
+                     max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="pt",
+                     generator=torch.Generator().manual_seed(seed)).images[0]
+            for image, prompt, seed in zip(images, instructions, (0, 1))
+        ])  # fmt: skip
+        return ours, theirs
+
+    ours, theirs = edits()
+    assert theirs.shape == ours.shape == (2, 3, 16, 16) and (theirs - ours).abs().max() < 1e-4
+    ours, theirs = edits(other_source=True)
+    # control: the source is read (a few steps from zeroed gates let it in weakly: 4e-4 here, above the bar of 1e-4)
+    assert (theirs - ours).abs().max() > 2e-4
+    ours, theirs = edits(perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3

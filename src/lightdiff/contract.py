@@ -25,7 +25,8 @@ class Preview:
     grid_images: torch.Tensor | None = None  # what the grid shows, if not `images` (e.g. input | reconstruction)
     metrics: dict[str, float] = field(default_factory=dict)  # method-specific numbers (e.g. PSNR), logged as is
     videos: torch.Tensor | None = None  # (B, F, 3, H, W) in [0, 1]: a video method's clips (the video judge's input)
-    prompts: list[str] | None = None  # what each clip was asked for ("a red circle moving left"), if known
+    prompts: list[str] | None = None  # what each clip (or edit) was asked for ("a red circle moving left"), if known
+    sources: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]: an editing model's source images (the edit judge's)
 
 
 @runtime_checkable

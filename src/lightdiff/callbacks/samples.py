@@ -21,9 +21,11 @@ from lightdiff.config import ConfigError
 from lightdiff.contract import Preview
 from lightdiff.data.moving_shapes import MovingShapesDataset
 from lightdiff.data.shapes import ShapesDataset
+from lightdiff.data.shapes_edit import ShapesEditDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.files import write_text_atomically
 from lightdiff.metrics import shapes_metric
+from lightdiff.metrics.edits import edit_metrics
 from lightdiff.metrics.motion import motion_metric
 from lightdiff.sampling import (
     frames_grid,
@@ -191,6 +193,13 @@ class SampleGrid(pl.Callback):
         if isinstance(getattr(datamodule, "source_dataset", None), ShapesDataset):
             scores = shapes_metric(pixels, labels=labels.tolist() if labels is not None else None)
             metrics.update({f"{prefix}/shapes_{name}": value for name, value in scores.items()})
+        if (
+            isinstance(getattr(datamodule, "source_dataset", None), ShapesEditDataset)
+            and previews[0].sources is not None
+        ):
+            sources = to_uint8(torch.cat([p.sources for p in previews]))
+            asked = [prompt for p in previews for prompt in (p.prompts or [])]
+            metrics.update({f"{prefix}/{name}": value for name, value in edit_metrics(sources, pixels, asked).items()})
         for logger in trainer.loggers:
             if metrics:
                 logger.log_metrics(metrics, step=step)

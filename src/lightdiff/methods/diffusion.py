@@ -120,6 +120,7 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         timestep_range: tuple[float, float] | None = None,
         # a Wan 2.2 A14B pair (model.pretrained with transformer_2): train both, or one with the other frozen
         train_expert: Expert = "both",
+        edit: bool = False,  # an editing model: the net's family's editing conditioning (FLUX.1 Kontext), on pairs
     ) -> None:
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
@@ -181,6 +182,7 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             t5=t5,
             embedded_guidance_scale=embedded_guidance_scale,
             first_frame=first_frame or FirstFrameSettings(),
+            edit=edit,
         )
         self.conditioning: Conditioning = conditioning or conditioning_for(net, settings, data, pretrained)
         if isinstance(self.conditioning, EncodesWithVae):  # SVD's conditioning frame goes through this VAE
@@ -310,6 +312,13 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             captions = [str(clip["text"]) for clip in clips]
             reads_text = "text" in self.conditioning.reads
             inputs["text"] = captions if reads_text else [caption.split(" moving ")[0] for caption in captions]
+        sources = None
+        if "source_pixel_values" in self.conditioning.reads:  # an editing model: the data's pairs seed % size
+            dataset = self.trainer.datamodule.source_dataset
+            pairs = [dataset[int(seed) % len(dataset)] for seed in seeds]
+            sources = torch.stack([pair["source_pixel_values"] for pair in pairs]).to(self.device)
+            inputs["source_pixel_values"] = sources
+            inputs["text"] = [str(pair["text"]) for pair in pairs]  # each source's own instruction
         scheduler = self.scheduler(sampler)
         side = self.trainer.datamodule.resolution  # the net's own size, or a FLUX transformer's (it has none)
         frames = self.trainer.datamodule.num_frames
@@ -325,6 +334,10 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             size=(side, side),
             num_frames=frames,
         )
+        if sources is not None:  # the grid: each source beside its edit
+            shown = (sources.float() / 2 + 0.5).clamp(0, 1)
+            grid = torch.stack([shown, images], dim=1).flatten(0, 1)
+            return Preview(images=images, grid_images=grid, sources=shown, prompts=inputs["text"])
         if frames is None:
             return Preview(images=images, labels=labels)
         return Preview(images=images.flatten(0, 1), videos=images, prompts=inputs["text"])

@@ -286,6 +286,7 @@ class ConditioningSettings:
     t5: bool = False  # add a T5 encoder built from the captions to an SD3 transformer's CLIP (SD3's third)
     embedded_guidance_scale: float = 3.5  # a guidance-embedding FLUX transformer's `guidance` input
     first_frame: FirstFrameSettings = field(default_factory=FirstFrameSettings)  # an SVD UNet's micro-conditioning
+    edit: bool = False  # the family's editing conditioning: the source image beside the instruction (FLUX.1 Kontext)
 
 
 # ----- families ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SchedulerMixin
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SchedulerMixin,
+)
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -39,7 +45,7 @@ from lightdiff.nets.families.base import (
 )
 from lightdiff.nets.families.sd import scratch_clip_text
 from lightdiff.nets.families.sd3 import SCRATCH_MAX_SEQUENCE_LENGTH, with_shift_key
-from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
+from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_config_class, pipeline_parts
 from lightdiff.nets.text import (
     build_t5_tokenizer,
     t5_encoder_from_scratch,
@@ -51,6 +57,7 @@ from lightdiff.nets.text import (
     tokenizer_from_state,
     tokenizer_state,
 )
+from lightdiff.nets.vae import normalised_latents, posterior
 
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline refuses longer T5 sequences
 FLUX_PIPELINE_GUIDANCE_SCALE = 3.5  # FluxPipeline's default `guidance_scale` (a guidance-embedding transformer's input)
@@ -235,6 +242,71 @@ def flux_text_from_state(state: dict[str, Any]) -> FluxText:
     )
 
 
+class FluxKontextText(nn.Module):
+    """FLUX.1 Kontext's conditioning (`FluxKontextPipeline`, Black Forest Labs 2025, arXiv 2506.15742): FluxText's
+    prompt (the instruction), and the source image it edits (`source_pixel_values`, (B, 3, H, W) in [-1, 1]) through
+    the VAE, the posterior's mode as the pipeline takes it, (z - shift) * scale, as `reference_latents`: `Flux.output`
+    packs them into tokens after the noisy ones, with position ids whose first coordinate is 1, and keeps the noisy
+    tokens' output only. The unconditional twin is the negative prompt with the same source (the pipeline's true CFG
+    guides the text alone)."""
+
+    has_unconditional = True
+    reads = ("text", "source_pixel_values")
+
+    def __init__(self, text: FluxText) -> None:
+        super().__init__()
+        self.text = text
+        self.trainable = text.trainable
+        self.summary_dim = text.summary_dim
+        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this conditioning (`attach_vae`)
+
+    def attach_vae(self, vae: nn.Module) -> None:
+        self.__dict__["vae"] = vae
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        self.text.check(net, data)
+        if self.__dict__["vae"] is None:
+            raise ConfigError("model.edit=true: FLUX.1 Kontext reads its source image through a VAE (model.vae)")
+
+    def train(self, mode: bool = True) -> FluxKontextText:
+        super().train(mode)
+        self.text.train(mode)
+        return self
+
+    @torch.no_grad()
+    def reference_latents(self, sources: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w): FluxKontextPipeline._encode_vae_image of sources in [-1, 1]."""
+        vae = self.__dict__["vae"]
+        z = posterior(vae, sources.to(vae.device, vae.dtype)).mode().float()
+        return normalised_latents(vae, z)
+
+    def forward(self, inputs: Inputs) -> Condition:
+        if inputs.get("source_pixel_values") is None:
+            raise ValueError("FLUX.1 Kontext edits a source image: give source_pixel_values (data=shapes_edit, pairs)")
+        text = self.text(inputs)
+        reference = self.reference_latents(inputs["source_pixel_values"])
+        return Condition({**text.kwargs, "reference_latents": reference}, text.summary)
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return prompts_without_condition(inputs, which, negative_prompt)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.text.trainable_parameters()
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return self.text.text_encoders()
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return self.text.pipeline_arguments()
+
+    def state(self) -> dict[str, Any]:
+        return {"family": "flux_kontext", "text": self.text.state()}
+
+
+def flux_kontext_from_state(state: dict[str, Any]) -> FluxKontextText:
+    return FluxKontextText(flux_text_from_state(state["text"]))
+
+
 def flux_with_guidance_input(teacher_net: FluxTransformer2DModel) -> FluxTransformer2DModel:
     """The teacher's FLUX transformer with the guidance embedding (`guidance_embeds=True`), whose output layer is
     zeroed: it adds nothing to the timestep and text embedding until it learns, so the student starts as the
@@ -259,7 +331,7 @@ class Flux(Family):
     name = "flux"
     denoiser_class = FluxTransformer2DModel
     takes_text = True
-    conditionings = {"flux_text": flux_text_from_state}
+    conditionings = {"flux_text": flux_text_from_state, "flux_kontext": flux_kontext_from_state}
 
     def latent_channels(self, net: nn.Module) -> int:
         return net.config.in_channels // (PACKED_PATCH * PACKED_PATCH)  # a token holds 2x2 latent pixels
@@ -284,16 +356,23 @@ class Flux(Family):
             raise ValueError(f"FLUX packs 2x2 latent patches: latents of {height}x{width} have an odd side")
         kwargs = kwargs_in_dtype(condition, x_t.dtype)
         states = kwargs["encoder_hidden_states"]
+        tokens, ids = pack_latents(x_t), latent_image_ids(height, width, x_t.device, x_t.dtype)
+        reference = kwargs.get("reference_latents")
+        if reference is not None:  # FLUX.1 Kontext: the source's tokens follow, their ids' first coordinate 1
+            reference_ids = latent_image_ids(*reference.shape[-2:], x_t.device, x_t.dtype)
+            reference_ids[:, 0] = 1
+            tokens = torch.cat([tokens, pack_latents(reference)], dim=1)
+            ids = torch.cat([ids, reference_ids])
         output = net(
-            pack_latents(x_t),
+            tokens,
             encoder_hidden_states=states,
             pooled_projections=kwargs["pooled_projections"],
             timestep=timesteps.to(x_t.dtype) / FLUX_TIMESTEP_SCALE,
-            img_ids=latent_image_ids(height, width, x_t.device, x_t.dtype),
+            img_ids=ids,
             txt_ids=torch.zeros(states.shape[1], 3, device=x_t.device, dtype=states.dtype),
             guidance=condition.kwargs.get("guidance"),
         ).sample
-        return unpack_latents(output, height, width)
+        return unpack_latents(output[:, : (height // 2) * (width // 2)], height, width)
 
     def pipeline_timesteps(self, scheduler: SchedulerMixin, num_inference_steps: int) -> dict[str, Any]:
         """FluxPipeline's own sigmas, linspace(1, 1 / N, N) (FlowMatchEulerDiscreteScheduler's default grid ends at
@@ -314,14 +393,15 @@ class Flux(Family):
         width = net.config.joint_attention_dim
         t5 = t5_encoder_from_scratch(t5_tokenizer, width, settings.text_layers, settings.text_heads, 2 * width)
         guidance = settings.embedded_guidance_scale if net.config.guidance_embeds else None
-        return FluxText(tokenizer, clip, t5_tokenizer, t5, True, length, guidance)
+        text = FluxText(tokenizer, clip, t5_tokenizer, t5, True, length, guidance)
+        return FluxKontextText(text) if settings.edit else text
 
     def pretrained_conditioning(
         self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
     ) -> FluxText:
         parts = pipeline_parts(pretrained, key)
         check_parts_used(pretrained, parts, set(TEXT_PARTS), net, key, TEXT_PARTS, "a CLIP and a T5 encoder")
-        return FluxText(
+        text = FluxText(
             load_component(CLIPTokenizer, pretrained, "tokenizer", key),
             load_component(CLIPTextModel, pretrained, "text_encoder", key),
             load_component(T5Tokenizer, pretrained, "tokenizer_2", key),
@@ -330,6 +410,7 @@ class Flux(Family):
             settings.max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH,
             settings.embedded_guidance_scale if net.config.guidance_embeds else None,
         )
+        return FluxKontextText(text) if settings.edit else text
 
     def with_guidance_input(
         self, net: nn.Module, conditioning: nn.Module, guidance_scale: float, embedding_dim: int
@@ -354,12 +435,18 @@ class Flux(Family):
         settings = ConditioningSettings(
             max_sequence_length=metadata.get("max_sequence_length"),
             embedded_guidance_scale=float(metadata.get("guidance_scale") or FLUX_PIPELINE_GUIDANCE_SCALE),
+            edit=pipeline_config_class(str(folder), "the pipeline folder") == "FluxKontextPipeline",
         )
-        return load_vae(), self.pretrained_conditioning(str(folder), net, settings, "the pipeline folder")
+        vae = load_vae()
+        conditioning = self.pretrained_conditioning(str(folder), net, settings, "the pipeline folder")
+        if isinstance(conditioning, FluxKontextText):
+            conditioning.attach_vae(vae)
+        return vae, conditioning
 
     def write(self, parts: PipelineComponents, folder: Path) -> None:
-        text = parts.conditioning
-        pipeline = FluxPipeline(
+        edits = isinstance(parts.conditioning, FluxKontextText)
+        text = parts.conditioning.text if edits else parts.conditioning
+        pipeline = (FluxKontextPipeline if edits else FluxPipeline)(
             scheduler=parts.scheduler,
             vae=with_shift_key(parts.vae),
             text_encoder=text.text_encoder,
