@@ -17,9 +17,9 @@ vae)
         export=src/lightdiff/assets/vae_moving_shapes overwrite=true
     ;;
 wan_vae)
-    # the same recipe, 3000 steps (the CogVideoX VAE's 4000 did not fit the session that trained it; README)
+    # the same recipe, 5000 steps (at 3000: 28.3 dB and 41% of clips keeping shape and colour, still rising; README)
     python train.py model=autoencoder data=moving_shapes video_vae@model.video_vae=wan run_name=vae_moving_shapes_wan \
-        logger=csv trainer.max_steps=3000 model.disc_start=100000 data.batch_size=8 callbacks.samples.every_n_steps=500 \
+        logger=csv trainer.max_steps=5000 model.disc_start=100000 data.batch_size=8 callbacks.samples.every_n_steps=500 \
         callbacks.samples.num_images=16 callbacks.samples.final_num_images=64
     python sample.py ckpt=outputs/vae_moving_shapes_wan/checkpoints/last.ckpt \
         export=src/lightdiff/assets/vae_moving_shapes_wan overwrite=true

@@ -134,14 +134,7 @@ def read_metadata(root: Path) -> dict[str, dict]:
         if "label" in record:
             record["label"] = _label(record["label"], where)
         records[name], lines_of[name] = record, line_number
-    paired = [name for name, record in records.items() if "source_file_name" in record]
-    if paired and len(paired) != len(records):
-        alone = next(name for name in records if "source_file_name" not in records[name])
-        raise ValueError(
-            f"{metadata_path}:{lines_of[alone]}: file_name={alone!r} has no source_file_name, while "
-            f"{len(paired)} other line(s) pair their image with a source (line {lines_of[paired[0]]}); pair every "
-            "image or none"
-        )
+    paired = _every_line_or_none(records, lines_of, metadata_path, "source_file_name", "pair their image with a source")
     for name in paired:
         if not str(records[name].get("text", "")).strip():
             raise ValueError(
@@ -152,14 +145,22 @@ def read_metadata(root: Path) -> dict[str, dict]:
     if len(forms) > 1:  # a batch stacks the sources: one form for all
         shown = ", ".join(f"{count} in a list" if listed else "one name" for listed, count in sorted(forms))
         raise ValueError(f"{metadata_path}: lines give their sources as {shown}; give every line the same form")
-    labelled = [name for name, record in records.items() if "label" in record]
-    if labelled and len(labelled) != len(records):
-        unlabelled = next(name for name in records if "label" not in records[name])
-        raise ValueError(
-            f"{metadata_path}:{lines_of[unlabelled]}: file_name={unlabelled!r} has no label, while "
-            f"{len(labelled)} other line(s) have one (line {lines_of[labelled[0]]}); label every image or none"
-        )
+    _every_line_or_none(records, lines_of, metadata_path, "label", "have one")
     return records
+
+
+def _every_line_or_none(
+    records: dict[str, dict], lines_of: dict[str, int], metadata_path: Path, key: str, having: str
+) -> list[str]:
+    """The names whose line has `key`: every line's, or none's (a ValueError naming the first line without it)."""
+    having_it = [name for name, record in records.items() if key in record]
+    if having_it and len(having_it) != len(records):
+        without = next(name for name in records if key not in records[name])
+        raise ValueError(
+            f"{metadata_path}:{lines_of[without]}: file_name={without!r} has no {key}, while {len(having_it)} other "
+            f"line(s) {having} (line {lines_of[having_it[0]]}); give every line a {key} or none"
+        )
+    return having_it
 
 
 def _source_names(value: object, where: str, root: Path) -> list[str]:

@@ -230,6 +230,54 @@ def encoder_parameters(trainable: bool, *encoders: nn.Module | None) -> list[nn.
     return [p for encoder in encoders if encoder is not None for p in encoder.parameters() if p.requires_grad]
 
 
+class PromptStates(nn.Module):
+    """What a conditioning on one text encoder's per-token states of the prompt shares (T5's for CogVideoX, UMT5's for
+    Wan, Qwen2.5-VL's for Qwen-Image): the encoder frozen unless it trains, its states cacheable when frozen, the
+    negative prompt as the unconditional twin, `max_sequence_length` recorded for the pipeline call. Subclasses set
+    `tokenizer`, `text_encoder`, `trainable` and `max_sequence_length`, and define `encode`."""
+
+    has_unconditional = True
+    reads = ("text",)
+    tokenizer: Any
+    text_encoder: nn.Module
+    trainable: bool
+    max_sequence_length: int
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> PromptStates:
+        return super().train(mode and self.trainable)
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.trainable
+
+    def prompt_states(self, inputs: Inputs) -> torch.Tensor:
+        """The prompts' states: encoded now, or read from the text cache (data.cache_latents), where a dropped
+        caption's are the empty prompt's, encoded only when one was dropped."""
+        captions = [str(text) for text in inputs["text"]]
+        if "text_states" not in inputs:
+            return self.encode(captions)
+        states = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
+        dropped = torch.tensor([caption == "" for caption in captions], device=states.device)
+        if dropped.any():  # the encoder runs only for them (a frozen 7B encoder is the slow part of a step)
+            states = torch.where(dropped[:, None, None], self.encode([""]).to(states), states)
+        return states
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return prompts_without_condition(inputs, which, negative_prompt)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return encoder_parameters(self.trainable, self.text_encoder)
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder}
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}
+
+
 def prompts_without_condition(inputs: Inputs, which: Sequence[bool], negative_prompt: str) -> Inputs:
     """`inputs` with the prompts marked in `which` replaced by the negative prompt: every text family's twin."""
     texts = [negative_prompt if drop else str(text) for text, drop in zip(inputs["text"], which)]

@@ -28,10 +28,9 @@ from lightdiff.nets.families.base import (
     Family,
     Inputs,
     PipelineComponents,
+    PromptStates,
     check_captions,
-    encoder_parameters,
     kwargs_in_dtype,
-    prompts_without_condition,
 )
 from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
 from lightdiff.nets.text import (
@@ -44,15 +43,12 @@ from lightdiff.nets.text import (
 from lightdiff.nets.vae import temporal_compression
 
 
-class T5Text(nn.Module):
+class T5Text(PromptStates):
     """CogVideoX's conditioning (`CogVideoXPipeline.encode_prompt`): a T5 encoder's last hidden states of the prompt,
     padded to `max_sequence_length` tokens without an attention mask, as `encoder_hidden_states`; the transformer
     joins them to the video tokens in one sequence, so the length is the transformer's `max_text_seq_length` (226).
     The unconditional twin encodes the negative prompt, "" by default, as the pipeline does. The summary a
     discriminator projects is the states' mean over tokens (T5 has no pooled output)."""
-
-    has_unconditional = True
-    reads = ("text",)
 
     def __init__(
         self,
@@ -82,13 +78,6 @@ class T5Text(nn.Module):
                 f"{net.config.max_text_seq_length}: CogVideoX places exactly that many text tokens before the video's"
             )
 
-    def train(self, mode: bool = True) -> T5Text:
-        return super().train(mode and self.trainable)
-
-    @property
-    def cacheable(self) -> bool:
-        return not self.trainable
-
     def cache_fingerprint(self) -> str:
         state = {**t5_tokenizer_state(self.tokenizer), "max_sequence_length": self.max_sequence_length}
         return f"t5|{module_fingerprint(state, self.text_encoder)}"
@@ -99,33 +88,14 @@ class T5Text(nn.Module):
         return self.text_encoder(ids)[0]
 
     def forward(self, inputs: Inputs) -> Condition:
-        captions = [str(text) for text in inputs["text"]]
-        if "text_states" in inputs:  # data.cache_latents; a dropped caption is encoded as ""
-            states = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
-            dropped = torch.tensor([caption == "" for caption in captions], device=states.device)
-            if dropped.any():  # the encoder runs only for them (a frozen 7B encoder is the slow part of a step)
-                states = torch.where(dropped[:, None, None], self.encode([""]).to(states), states)
-        else:
-            states = self.encode(captions)
+        states = self.prompt_states(inputs)
         return Condition({"encoder_hidden_states": states}, states.float().mean(dim=1))
-
-    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
-        return prompts_without_condition(inputs, which, negative_prompt)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return encoder_parameters(self.trainable, self.text_encoder)
-
-    def text_encoders(self) -> dict[str, nn.Module]:
-        return {"text_encoder": self.text_encoder}
 
     def get_extra_state(self) -> dict[str, Any]:  # the tokenizer travels with the weights (see CLIPText's)
         return {"tokenizer": t5_tokenizer_state(self.tokenizer)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.tokenizer = t5_tokenizer_for(self.text_encoder, state["tokenizer"])
-
-    def pipeline_arguments(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length}
 
     def state(self) -> dict[str, Any]:
         return {

@@ -37,10 +37,9 @@ from lightdiff.nets.families.base import (
     Family,
     Inputs,
     PipelineComponents,
+    PromptStates,
     check_captions,
-    encoder_parameters,
     kwargs_in_dtype,
-    prompts_without_condition,
 )
 from lightdiff.nets.families.flux import FAMILY as FLUX
 from lightdiff.nets.families.flux import PACKED_PATCH, pack_latents, unpack_latents
@@ -64,15 +63,12 @@ QWEN_TIMESTEP_SCALE = 1000  # the pipeline passes timestep / 1000; the transform
 TEXT_PARTS = ("tokenizer", "text_encoder")
 
 
-class QwenText(nn.Module):
+class QwenText(PromptStates):
     """Qwen-Image's conditioning: per prompt, Qwen2.5-VL's last hidden states past the template's system prefix
     (`encoder_hidden_states`, zero-padded to `max_sequence_length` rows) and their mask
     (`encoder_hidden_states_mask`); padding rows take no part in the joint attention, so the length padded to does not
     change the transformer's output. The unconditional twin encodes the negative prompt, "" by default. The summary a
     discriminator projects is the mean of the prompt's states."""
-
-    has_unconditional = True
-    reads = ("text",)
 
     def __init__(
         self,
@@ -103,13 +99,6 @@ class QwenText(nn.Module):
                 f"hidden_size={width}"
             )
 
-    def train(self, mode: bool = True) -> QwenText:
-        return super().train(mode and self.trainable)
-
-    @property
-    def cacheable(self) -> bool:
-        return not self.trainable
-
     def cache_fingerprint(self) -> str:
         state = {**qwen2_tokenizer_state(self.tokenizer), "max_sequence_length": self.max_sequence_length}
         return f"qwen2_5_vl|{module_fingerprint(state, self.text_encoder)}"
@@ -136,36 +125,17 @@ class QwenText(nn.Module):
         return states
 
     def forward(self, inputs: Inputs) -> Condition:
-        captions = [str(text) for text in inputs["text"]]
-        if "text_states" in inputs:  # data.cache_latents; a dropped caption is encoded as ""
-            states = inputs["text_states"].to(self.text_encoder.device, self.text_encoder.dtype)
-            dropped = torch.tensor([caption == "" for caption in captions], device=states.device)
-            if dropped.any():  # the encoder runs only for them (a frozen 7B encoder is the slow part of a step)
-                states = torch.where(dropped[:, None, None], self.encode([""]).to(states), states)
-        else:
-            states = self.encode(captions)
-        lengths = self.prompt_lengths(captions).to(states.device)
+        states = self.prompt_states(inputs)
+        lengths = self.prompt_lengths([str(text) for text in inputs["text"]]).to(states.device)
         mask = torch.arange(states.shape[1], device=states.device)[None] < lengths[:, None]
         summary = (states.float() * mask[..., None]).sum(dim=1) / lengths[:, None].clamp(min=1)
         return Condition({"encoder_hidden_states": states, "encoder_hidden_states_mask": mask}, summary)
-
-    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
-        return prompts_without_condition(inputs, which, negative_prompt)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return encoder_parameters(self.trainable, self.text_encoder)
-
-    def text_encoders(self) -> dict[str, nn.Module]:
-        return {"text_encoder": self.text_encoder}
 
     def get_extra_state(self) -> dict[str, Any]:  # the tokenizer travels with the weights (see CLIPText's)
         return {"tokenizer": qwen2_tokenizer_state(self.tokenizer)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.tokenizer = qwen2_tokenizer_for(self.text_encoder, state["tokenizer"])
-
-    def pipeline_arguments(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length}
 
     def state(self) -> dict[str, Any]:
         return {
