@@ -650,3 +650,24 @@ def test_flux_kontext_trains_on_edit_pairs_and_exports_a_pipeline_that_plain_dif
     assert (theirs - ours).abs().max() > 2e-4
     ours, theirs = edits(perturb=0.05)
     assert (theirs - ours).abs().max() > 1e-3
+
+
+def test_flux_kontext_trains_from_a_latent_cache_of_pairs_without_encoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.cache_latents on edit pairs encodes every target and its source once; a second run encodes nothing, and
+    its reference tokens are the cached sources' (the items carry source_latent_moments)."""
+    from .conftest import count_encoded
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    calls = count_encoded(monkeypatch, AutoencoderKL)
+    overrides = ["model=latent", f"model.vae={tmp_path / 'vae'}", "objective=flow_matching", *TINY_FLUX_MODEL]
+    overrides += ["data=shapes_edit", "data.resolution=16", "model.edit=true", "data.size=8", "data.cache_latents=true"]
+    overrides += [f"data.latent_cache_dir={tmp_path / 'cache'}", "callbacks.samples.final_num_images=0"]
+    train_run(compose_config("train", [f"output_root={tmp_path}", *TINY, "run_name=fill", *overrides]))
+    assert sum(calls) == 16  # 8 targets and 8 sources
+    calls.clear()
+    trainer = train_run(compose_config("train", [f"output_root={tmp_path}", *TINY, "run_name=cached", *overrides]))
+    assert trainer.global_step == 2 and calls == []
+    item = trainer.datamodule.dataset[0]
+    assert item["source_latent_moments"].shape == item["latent_moments"].shape == (8, 8, 8)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from lightdiff.config import ConfigError
 from lightdiff.data.shapes_edit import (
     DIRECTIONS,
     Edit,
@@ -129,7 +128,7 @@ def test_a_pair_folder_crops_and_flips_source_and_target_alike(tmp_path, monkeyp
 
 
 def test_several_references_stack_and_bad_pairs_are_named(tmp_path) -> None:
-    from lightdiff.data.image_folder import ImageFolderDataModule, ImageFolderDataset
+    from lightdiff.data.image_folder import ImageFolderDataset
 
     sizes = {"t.png": (32, 32), "a.png": (32, 32), "b.png": (32, 32), "small.png": (16, 16)}
     lines = [{"file_name": "t.png", "source_file_name": ["a.png", "b.png"], "text": "put a on b"}]
@@ -157,7 +156,3 @@ def test_several_references_stack_and_bad_pairs_are_named(tmp_path) -> None:
     (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="t.png: its source cannot read image .*a.png"):
         ImageFolderDataset(str(tmp_path / "broken"), 32)
-    with pytest.raises(ConfigError, match="data.cache_latents=true caches the targets' latents only"):
-        ImageFolderDataModule(
-            str(tmp_path / "multi"), 32, num_workers=0, batch_size=1, cache_latents=True, random_flip=False
-        )

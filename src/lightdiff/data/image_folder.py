@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from lightdiff.config import ConfigError, NonNegativeInt
+from lightdiff.config import NonNegativeInt
 from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket, smaller_than_every_bucket
 from lightdiff.data.datamodule import ImageDataModule, plain
 from lightdiff.data.transforms import ImageTransform, to_rgb
@@ -459,11 +459,6 @@ class ImageFolderDataModule(ImageDataModule):
         dataset = ImageFolderDataset(
             root, resolution, center_crop, random_flip, skip_bad, scan_cache_dir, plain(buckets)
         )
-        if cache_latents and any("source_file_name" in record for record in dataset.records):
-            raise ConfigError(
-                "data.cache_latents=true caches the targets' latents only; a folder of editing pairs (source_file_name)"
-                " is encoded on the fly: set data.cache_latents=false"
-            )
         held_out = ImageFolderDataset(val_root, resolution, True, False, skip_bad, scan_cache_dir) if val_root else None
         newest = max(path.stat().st_mtime_ns for path in dataset.paths)
         identity = f"image_folder|{dataset.root.resolve()}|files={len(dataset)}|newest={newest}|resolution={resolution}"

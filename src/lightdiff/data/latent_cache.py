@@ -38,8 +38,8 @@ def _cache_path(cache_dir: Path, kind: str, *parts: str) -> Path:
 
 class LatentCacheDataset(Dataset):
     """Items {"latent_moments": (2C, h, w), "size_and_crop": (6,), "label", "text"} (+ "text_states": (tokens, width)
-    once a text cache is attached) in the order of the data set they were encoded from; a clip's moments are in
-    `lightdiff.nets.vae.posterior_moments`' layout."""
+    once a text cache is attached; + "source_latent_moments" of an editing pair's source(s)) in the order of the data
+    set they were encoded from; a clip's moments are in `lightdiff.nets.vae.posterior_moments`' layout."""
 
     def __init__(
         self,
@@ -48,8 +48,10 @@ class LatentCacheDataset(Dataset):
         texts: list[str],
         resolution: int,
         sizes_and_crops: torch.Tensor | None = None,  # (N, 6); None (a cache from before they were kept): uncropped
+        source_moments: list[torch.Tensor] | None = None,  # editing pairs: each target's source(s)' moments
     ) -> None:
         self.moments = moments
+        self.source_moments = source_moments
         self.labels = labels
         self.texts = texts
         if sizes_and_crops is None:
@@ -78,6 +80,8 @@ class LatentCacheDataset(Dataset):
         }
         if self.text_states is not None and self.text_index is not None:
             item["text_states"] = self.text_states[self.text_index[index]].float()
+        if self.source_moments is not None:
+            item["source_latent_moments"] = self.source_moments[index].float()
         return item
 
     def captions(self) -> list[str]:
@@ -95,11 +99,17 @@ def cached_latents(
         stored = torch.load(path, map_location="cpu", weights_only=True)
         log.info("latent cache hit: %s (%d images)", path, len(stored["moments"]))
         return LatentCacheDataset(
-            stored["moments"], stored["labels"], stored["texts"], resolution, stored.get("sizes_and_crops")
+            stored["moments"],
+            stored["labels"],
+            stored["texts"],
+            resolution,
+            stored.get("sizes_and_crops"),
+            stored.get("source_moments"),
         )
     log.info("latent cache miss: encoding %d images into %s", len(dataset), path)
     count = len(dataset)
     moments: list[torch.Tensor | None] = [None] * count
+    sources: list[torch.Tensor | None] = [None] * count  # editing pairs' sources, encoded with their targets
     labels, texts = torch.zeros(count, dtype=torch.long), [""] * count
     uncropped = torch.tensor([resolution, resolution, 0, 0, resolution, resolution])
     sizes_and_crops = uncropped.repeat(count, 1)  # what LatentCacheDataset assumes where none were kept
@@ -112,8 +122,15 @@ def cached_latents(
         for batch in DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False):
             pixels = batch["pixel_values"].to(device, vae.dtype)  # the VAE may be half precision (frozen_dtype)
             encoded = posterior_moments(vae, pixels).half().cpu()  # images' or clips' (lightdiff.nets.vae)
+            source_moments = None
+            if "source_pixel_values" in batch:  # (B, 3, H, W), or (B, K, 3, H, W) for K references
+                source_pixels = batch["source_pixel_values"].to(device, vae.dtype)
+                flat = source_pixels.flatten(0, source_pixels.ndim - 4)
+                source_moments = posterior_moments(vae, flat).half().cpu().unflatten(0, source_pixels.shape[:-3])
             for offset, index in enumerate(indices[done : done + len(encoded)]):
                 moments[index] = encoded[offset]
+                if source_moments is not None:
+                    sources[index] = source_moments[offset]
                 labels[index] = int(batch["label"][offset])
                 texts[index] = batch["text"][offset]
                 if "size_and_crop" in batch:  # images' SDXL micro-conditioning; clips have none
@@ -122,15 +139,17 @@ def cached_latents(
     shapes = {tuple(moment.shape) for moment in moments}
     # one tensor when every image has one size; a list of per-image tensors across buckets
     stacked: torch.Tensor | list[torch.Tensor] = torch.stack(moments) if len(shapes) == 1 else list(moments)
+    paired = list(sources) if sources[0] is not None else None
     stored = {
         "moments": stacked,
         "labels": labels,
         "texts": texts,
         "sizes_and_crops": sizes_and_crops,
         "identity": identity,
+        "source_moments": paired,
     }
     save_atomically(stored, path)
-    return LatentCacheDataset(stacked, labels, texts, resolution, sizes_and_crops)
+    return LatentCacheDataset(stacked, labels, texts, resolution, sizes_and_crops, paired)
 
 
 @torch.no_grad()

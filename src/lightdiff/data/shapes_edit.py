@@ -170,6 +170,8 @@ class ShapesEditDataModule(ImageDataModule):
         num_workers: NonNegativeInt = 0,  # loader processes
         pin_memory: bool = False,  # page-locked batches
         persistent_workers: bool = False,  # keep workers between epochs
+        cache_latents: bool = False,  # encode targets and sources once through the VAE, train from the cache
+        latent_cache_dir: str = "outputs/latent_cache",  # where latent caches are kept
         val_size: int = 0,  # held-out triples for val/loss: items size .. size + val_size - 1, never trained on
     ) -> None:
         dataset = ShapesEditDataset(size, resolution, seed)
@@ -177,5 +179,13 @@ class ShapesEditDataModule(ImageDataModule):
         held_out = Subset(whole, range(size, size + val_size)) if val_size > 0 else None
         identity = f"shapes_edit|size={size}|seed={seed}|resolution={resolution}"
         super().__init__(
-            dataset, batch_size, num_workers, pin_memory, persistent_workers, identity=identity, val_dataset=held_out
+            dataset,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            cache_latents,
+            latent_cache_dir,
+            identity,
+            val_dataset=held_out,
         )

@@ -281,10 +281,17 @@ class FluxKontextText(nn.Module):
         return normalised_latents(vae, z)
 
     def forward(self, inputs: Inputs) -> Condition:
-        if inputs.get("source_pixel_values") is None:
-            raise ValueError("FLUX.1 Kontext edits a source image: give source_pixel_values (data=shapes_edit, pairs)")
         text = self.text(inputs)
-        reference = self.reference_latents(inputs["source_pixel_values"])
+        if inputs.get("source_latent_moments") is not None:  # data.cache_latents: the source's posterior, its mode
+            vae = self.__dict__["vae"]
+            mode = inputs["source_latent_moments"].to(vae.device).float().chunk(2, dim=1)[0]
+            reference = normalised_latents(vae, mode)
+        elif inputs.get("source_pixel_values") is not None:
+            if inputs["source_pixel_values"].ndim != 4:
+                raise ValueError("FLUX.1 Kontext takes one source image per pair, not a list of references")
+            reference = self.reference_latents(inputs["source_pixel_values"])
+        else:
+            raise ValueError("FLUX.1 Kontext edits a source image: give source_pixel_values (data=shapes_edit, pairs)")
         return Condition({**text.kwargs, "reference_latents": reference}, text.summary)
 
     def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
