@@ -156,3 +156,39 @@ def test_several_references_stack_and_bad_pairs_are_named(tmp_path) -> None:
     (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="t.png: its source cannot read image .*a.png"):
         ImageFolderDataset(str(tmp_path / "broken"), 32)
+
+
+def test_an_hf_data_set_of_pairs_crops_source_and_target_alike(tmp_path) -> None:
+    """data=hf with data.source_column: a parquet data set with an image and a source column (the source a copy of
+    its image) gives equal target and source tensors under random crops and flips; a source of another size, or
+    pairs without an instruction column, are named when the data set is opened."""
+    import datasets
+    from PIL import Image
+
+    from lightdiff.data.image_folder import HFImageDataset
+
+    def write(folder, sizes: list[tuple[int, int]], source_sizes: list[tuple[int, int]]) -> str:
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+        sources = [
+            image if image.size[::-1] == size else image.resize(size[::-1]) for image, size in zip(images, source_sizes)
+        ]
+        rows = {"image": images, "source": sources, "text": ["make it red"] * len(images)}
+        features = datasets.Features(
+            {"image": datasets.Image(), "source": datasets.Image(), "text": datasets.Value("string")}
+        )
+        folder.mkdir()
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train.parquet"))
+        return str(folder)
+
+    good = write(tmp_path / "good", [(40, 56)] * 3, [(40, 56)] * 3)
+    data = HFImageDataset(good, 32, caption_column="text", center_crop=False, random_flip=True, source_column="source")
+    torch.manual_seed(0)
+    items = [data[i % 3] for i in range(24)]
+    assert all(torch.equal(item["pixel_values"], item["source_pixel_values"]) for item in items)
+    assert items[0]["text"] == "make it red"
+    other = write(tmp_path / "other", [(40, 56)] * 2, [(40, 56), (20, 28)])
+    with pytest.raises(ValueError, match="row 1 of .*: the target is 40x56 .* its source 20x28"):
+        HFImageDataset(other, 32, caption_column="text", source_column="source")
+    with pytest.raises(ValueError, match="editing pairs need their instruction column"):
+        HFImageDataset(good, 32, source_column="source")

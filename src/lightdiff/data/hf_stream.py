@@ -176,11 +176,14 @@ class HFDataModule(ImageDataModule):
         skip_bad: bool = True,  # streaming: skip and count examples without an image or caption; false: stop
         reference_size: int = 1000,  # streaming: first examples kept for previews, captions, FID reference
         val_size: int = 256,  # streaming: examples of val_split measured
+        source_column: str | None = None,  # editing pairs: the column of each target's source image (or images)
     ) -> None:
         self.ledger: StreamLedger | None = None  # streaming only
         if streaming:
             if buckets is not None or cache_latents:
                 raise ConfigError("data.streaming=true: data.buckets and data.cache_latents need the data set whole")
+            if source_column is not None:
+                raise ConfigError(f"data.source_column={source_column!r}: editing pairs are read indexed, not streamed")
             import datasets
 
             def streamed(which: str) -> Any:
@@ -219,8 +222,10 @@ class HFDataModule(ImageDataModule):
                 random_flip,
                 cache_dir,
                 plain(buckets),
+                source_column,
             )
             identity = f"hf|{name}|{split}|rows={len(dataset)}|{image_column}|{caption_column}|resolution={resolution}"
+            identity += f"|source={source_column}" if source_column is not None else ""
             if dataset.buckets is not None:
                 identity += f"|buckets={dataset.buckets}"
         super().__init__(

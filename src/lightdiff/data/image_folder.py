@@ -361,6 +361,7 @@ class HFImageDataset(Dataset):
         random_flip: bool = False,  # horizontal flip with probability 1/2
         cache_dir: str | None = None,  # where `datasets` caches downloads
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
+        source_column: str | None = None,  # editing pairs: the column of each target's source image (or images)
     ) -> None:
         import datasets  # imported here: pyarrow start-up costs a second that shapes runs should not pay
 
@@ -370,11 +371,24 @@ class HFImageDataset(Dataset):
             ("image_column", image_column),
             ("caption_column", caption_column),
             ("label_column", label_column),
+            ("source_column", source_column),
         ):
             if column is not None and column not in columns:
                 raise KeyError(f"data.{key}={column!r} is not a column of {name!r}; columns: {columns}")
         self.name = name
         self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
+        self.source_column = source_column
+        if source_column is not None:
+            if caption_column is None:
+                raise ValueError(f"data.source_column={source_column!r}: editing pairs need their instruction column "
+                                 "(data.caption_column)")  # fmt: skip
+            targets, sources = self._image_sizes(), self._image_sizes(source_column)
+            for row, (target, source) in enumerate(zip(targets, sources)):
+                if any(size != target for size in source):
+                    raise ValueError(
+                        f"row {row} of {name!r}: the target is {target[0]}x{target[1]} (height x width), its source "
+                        f"{source[0][0]}x{source[0][1]}: a pair is cropped alike, so both need one size"
+                    )
         self.resolution = resolution
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.num_classes = 0
@@ -393,22 +407,28 @@ class HFImageDataset(Dataset):
                 )
             self.bucket_of = [nearest_bucket(*size, self.buckets) for size in sizes]
 
-    def _image_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of every row's image, read from the file headers (nothing is decoded)."""
+    def _image_sizes(self, column: str | None = None) -> list:
+        """(height, width) of every row's image (of `column`, the image column by default; a list of them per row for
+        a column of several images), read from the file headers (nothing is decoded)."""
         import datasets
 
-        column = self.image_column
+        column = column or self.image_column
         rows = self.dataset
-        if isinstance(rows.features[column], datasets.Image):
+        feature = rows.features[column]
+        if isinstance(feature, datasets.Image):
             rows = rows.cast_column(column, datasets.Image(decode=False))  # {"bytes", "path"}: the encoded file
-        sizes = []
-        for row in rows.select_columns([column]):
-            value = row[column]
+
+        def size(value: object) -> tuple[int, int]:
             if isinstance(value, dict):
                 value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
             with value if isinstance(value, Image.Image) else Image.open(value) as image:
-                sizes.append((image.height, image.width))
-        return sizes
+                return image.height, image.width
+
+        sizes = []
+        for row in rows.select_columns([column]):
+            value = row[column]
+            sizes.append([size(v) for v in value] if isinstance(value, list) else size(value))
+        return sizes if column == self.image_column else [s if isinstance(s, list) else [s] for s in sizes]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -425,15 +445,29 @@ class HFImageDataset(Dataset):
             if reason is not None:
                 raise _refused(f"{index} of {self.name!r}", reason)
             size = self.buckets[self.bucket_of[index]] if self.bucket_of is not None else None
+            before = torch.random.get_rng_state()  # a pair's sources take the target's crop and flip
             pixels, size_and_crop = self.transform(image, size)
+            item = {
+                "pixel_values": pixels,
+                "size_and_crop": size_and_crop,
+                "label": int(row[self.label_column]) if self.label_column else -1,
+                "text": str(row[self.caption_column]) if self.caption_column else "",
+            }
+            if self.source_column is not None:
+                after, value = torch.random.get_rng_state(), row[self.source_column]
+                sources = []
+                for source in value if isinstance(value, list) else [value]:
+                    torch.random.set_rng_state(before)
+                    opened = source if isinstance(source, Image.Image) else Image.open(source)
+                    reason = too_many_pixels(opened)
+                    if reason is not None:
+                        raise _refused(f"{index}'s source of {self.name!r}", reason)
+                    sources.append(self.transform(opened, size)[0])
+                torch.random.set_rng_state(after)
+                item["source_pixel_values"] = torch.stack(sources) if isinstance(value, list) else sources[0]
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read image {index} of {self.name!r}: {error}") from error
-        return {
-            "pixel_values": pixels,
-            "size_and_crop": size_and_crop,
-            "label": int(row[self.label_column]) if self.label_column else -1,
-            "text": str(row[self.caption_column]) if self.caption_column else "",
-        }
+        return item
 
 
 class ImageFolderDataModule(ImageDataModule):
