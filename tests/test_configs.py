@@ -60,11 +60,10 @@ def _group_overrides() -> list[list[str]]:
         if o != "latent" and o not in video_nets and o not in qwen
     ]
     cases += list(qwen.values())
-    # no moving-shapes Wan VAE ships yet: a Wan net is given one of conf/video_vae/wan.yaml's shape (WAN_VAE), and
-    # the objective its pipelines sample (model=video's default is CogVideoX's DDPM)
+    # a Wan net with the objective its pipelines sample (model=video's default is CogVideoX's DDPM)
     wan = {o for o in video_nets if "wantransformer3dmodel" in (CONF / "net" / f"{o}.yaml").read_text().lower()}
     cases += [
-        [f"model={video_model[o]}", f"net={o}", *(["model.vae=WAN_VAE", "objective=flow_matching"] if o in wan else [])]
+        [f"model={video_model[o]}", f"net={o}", *(["objective=flow_matching"] if o in wan else [])]
         for o in sorted(video_nets)
     ]
     cases += [
@@ -88,7 +87,6 @@ def _group_overrides() -> list[list[str]]:
         "lora_finetune": ["model.pretrained=PIPELINE", "data.root=IMAGES", "data.resolution=16"],
         "lora_shapes": ["model.pretrained=PIPELINE"],
         "sdxl_turbo_shapes": ["model.teacher=SDXL_TEACHER"],
-        "wan_t2v_shapes": ["model.vae=WAN_VAE"],
     }
     cases += [[f"experiment={name}", *needs.get(name, [])] for name in _options("experiment")]
     return cases
@@ -136,10 +134,6 @@ def test_every_option_composes_and_builds(
     if any("PIPELINE" in o for o in overrides):
         pipeline = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={tmp_path / 'pipeline'}"]))
         overrides = [o.replace("PIPELINE", str(pipeline)) for o in overrides]
-    if any("WAN_VAE" in o for o in overrides):  # conf/video_vae/wan.yaml's shape, untrained
-        wan_vae = compose_config("train", ["model=autoencoder", "video_vae@model.video_vae=wan"]).model.video_vae
-        build(wan_vae).save_pretrained(tmp_path / "wan-vae")
-        overrides = [o.replace("WAN_VAE", str(tmp_path / "wan-vae")) for o in overrides]
     if any("QWEN_VAE" in o for o in overrides):  # Qwen-Image's VAE at its layout (8x, 16 channels), untrained
         from diffusers import AutoencoderKLQwenImage
 

@@ -203,11 +203,10 @@ def test_bad_wan_input_is_named_before_anything_is_written(wan_vae_dir: Path, tm
         train_run(_wan_config(runs, wan_vae_dir, "run_name=seven", "data.num_frames=7"))
     with pytest.raises(ConfigError, match="net.text_dim=16 differs from the UMT5 encoder's d_model=32"):
         train_run(_wan_config(runs, wan_vae_dir, "run_name=width", "model.text_hidden_size=32"))
-    with pytest.raises(
-        ConfigError, match="model.vae: lightdiff ships no moving-shapes VAE for .*WanTransformer3DModel"
-    ):
-        train_run(compose_config("train", [f"output_root={runs}", *TINY, *TINY_WAN_MODEL, "run_name=no-vae"]))
     assert not runs.exists()
+    # without model.vae (nor model.pretrained): the moving-shapes Wan VAE lightdiff ships
+    shipped = compose_config("train", [f"output_root={runs}", *TINY, *TINY_WAN_MODEL]).model.vae
+    assert Path(shipped).name == "vae_moving_shapes_wan" and (Path(shipped) / "config.json").is_file()
 
 
 def test_the_wan_vae_trains_on_its_unclamped_decoder_output() -> None:

@@ -90,8 +90,8 @@ def unless_pretrained(pretrained: str | None, default: str) -> str | None:
 def shapes_video_vae(pretrained: str | None, net_target: str) -> str | None:
     """`${lightdiff.shapes_video_vae:${.pretrained},${net._target_}}`: model=video's default VAE: None with
     `model.pretrained` (the pipeline's own, as `unless_pretrained`), else the moving-shapes VAE shipped for the net's
-    family (`Family.shapes_vae`: CogVideoX's 3-D VAE; none yet for Wan, whose run must name `model.vae`), since a
-    family learns one VAE's latents and its pipeline decodes with that VAE alone."""
+    family (`Family.shapes_vae`: CogVideoX's 3-D VAE, Wan's), since a family learns one VAE's latents and its
+    pipeline decodes with that VAE alone; a family without one must be given `model.vae`."""
     if pretrained is not None:
         return None
     from lightdiff.nets.families import FAMILIES
@@ -101,8 +101,8 @@ def shapes_video_vae(pretrained: str | None, net_target: str) -> str | None:
     names.discard(None)
     if len(names) != 1:
         raise ConfigError(
-            f"model.vae: lightdiff ships no moving-shapes VAE for net._target_={net_target}; give one (a Wan VAE: "
-            "python train.py model=autoencoder data=moving_shapes video_vae@model.video_vae=wan, then export it)"
+            f"model.vae: lightdiff ships no moving-shapes VAE for net._target_={net_target}; give one (train one: "
+            "python train.py model=autoencoder data=moving_shapes, then export it with sample.py export=DIR)"
         )
     return asset(names.pop())
 

@@ -339,6 +339,7 @@ class Wan(Family):
     takes_text = True
     vae_encodes_clips = True
     objectives = ("flow_matching",)  # WanPipeline's schedulers are flow samplers
+    shapes_vae = "vae_moving_shapes_wan"  # experiments/video_shapes: Wan's VAE trained on the moving shapes
     conditionings = {"umt5_text": umt5_text_from_state}
 
     other_denoiser_classes = (WanExperts,)
