@@ -192,3 +192,31 @@ def test_an_hf_data_set_of_pairs_crops_source_and_target_alike(tmp_path) -> None
         HFImageDataset(other, 32, caption_column="text", source_column="source")
     with pytest.raises(ValueError, match="editing pairs need their instruction column"):
         HFImageDataset(good, 32, source_column="source")
+
+
+def test_pair_shards_carry_the_source_cropped_with_its_target(tmp_path) -> None:
+    """`python -m lightdiff.data.shard` on a pair folder writes each source as KEY.source.png; decoded under random
+    crops and flips it equals its target when it is a copy of it; a source of another size stops the writing,
+    named, and the shards written so far are removed."""
+    import shutil
+
+    from lightdiff.data.shard import main as write_shards
+    from lightdiff.data.shard_stream import decode_sample, read_shard
+    from lightdiff.data.transforms import ImageTransform
+
+    lines = [{"file_name": f"t{i}.png", "source_file_name": f"s{i}.png", "text": "make it red"} for i in range(3)]
+    _pair_folder(tmp_path / "pairs", lines, {f"t{i}.png": (40, 56) for i in range(3)})
+    for i in range(3):
+        shutil.copy(tmp_path / "pairs" / f"t{i}.png", tmp_path / "pairs" / f"s{i}.png")
+    write_shards([str(tmp_path / "pairs"), str(tmp_path / "shards")])
+    raws = read_shard(str(tmp_path / "shards" / "train-000000.tar"))
+    assert len(raws) == 3 and all("source.png" in raw for raw in raws)
+    transform = ImageTransform(32, center_crop=False, random_flip=True)
+    torch.manual_seed(0)
+    items = [decode_sample(raw, transform, "txt") for raw in raws * 6]
+    assert all(torch.equal(item["pixel_values"], item["source_pixel_values"]) for item in items)
+    assert items[0]["text"] == "make it red"
+    _pair_folder(tmp_path / "bad", lines[:1], {"t0.png": (40, 56), "s0.png": (20, 28)})
+    with pytest.raises(ValueError, match="t0.png is 40x56 .* its source .*s0.png 20x28"):
+        write_shards([str(tmp_path / "bad"), str(tmp_path / "bad-shards")])
+    assert not list((tmp_path / "bad-shards").glob("*.tar"))  # nothing left of the stopped writing

@@ -6,8 +6,10 @@
 Each sample is `KEY.<image>` (an image folder's file bytes as they are, when jpg / png / webp; anything else, and a
 data set's decoded images, as PNG), `KEY.txt` (its caption, when it has one) and `KEY.json` ({"width", "height"} of
 the original image, its "label" and source "file_name" where known): img2dataset's layout, so shards from either
-tool train alike. With `--vae DIR --resolution R` each sample also holds `KEY.moments.npy`, the posterior moments
-(float16 mean and log-variance) of its centre-cropped R px image under that AutoencoderKL, and its json the VAE's
+tool train alike. An editing pair's source (metadata.jsonl's source_file_name) is `KEY.source.png` (a list of
+references: `KEY.source.0.png`, ...), decoded with its target's crop and flip.
+With `--vae DIR --resolution R` each sample also holds `KEY.moments.npy`, the posterior moments (float16 mean and
+log-variance) of its centre-cropped R px image under that AutoencoderKL, and its json the VAE's
 fingerprint and the crop record: the latent cache as shards, so `data=shards data.cache_latents=true` trains a latent
 model on a cluster without encoding again (checked against the model's VAE). With `--text-encoder PIPELINE` each
 captioned sample also holds `KEY.text.npy`, the float16 states its caption gets from that pipeline's frozen text
@@ -75,7 +77,22 @@ def folder_samples(root: Path) -> Iterator[SourceSample]:
         extension = KEPT_AS_IS.get(path.suffix.lower())
         data = path.read_bytes() if extension is not None else _png(image)
         caption = str(record["text"]) if record.get("text") else None
-        yield SourceSample(extension or "png", data, caption, info)
+        yield SourceSample(extension or "png", data, caption, info, _source_members(root, name, image, record))
+
+
+def _source_members(root: Path, name: str, image: Image.Image, record: dict) -> dict[str, bytes]:
+    """An editing pair's source(s) as PNG members: `source.png`, or `source.0.png`, ... for a list of references
+    (metadata.jsonl's source_file_name); each of its target's size, as data=image_folder requires."""
+    members: dict[str, bytes] = {}
+    for index, source_name in enumerate(record.get("source_file_name", [])):
+        source = open_rgb(root / source_name)  # an unreadable source stops the writing here, named
+        if source.size != image.size:
+            raise ValueError(
+                f"{root / name} is {image.height}x{image.width} (height x width), its source {root / source_name} "
+                f"{source.height}x{source.width}: a pair is cropped alike, so both need one size"
+            )
+        members[f"source.{index}.png" if record["source_is_list"] else "source.png"] = _png(source)
+    return members
 
 
 def hf_samples(
@@ -135,6 +152,10 @@ def with_latents(
     transform = ImageTransform(resolution, center_crop=True, random_flip=False)
 
     def encoded(chunk: list[SourceSample]) -> Iterator[SourceSample]:
+        if any(key.startswith("source") for sample in chunk for key in sample.members):
+            raise ValueError(
+                "--vae with editing pairs: the shards' stored latents hold targets only; write them without"
+            )
         views = [transform(Image.open(io.BytesIO(sample.image))) for sample in chunk]
         with torch.no_grad():
             moments = vae.encode(torch.stack([pixels for pixels, _ in views])).latent_dist.parameters.half()

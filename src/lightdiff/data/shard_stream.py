@@ -138,7 +138,9 @@ def decode_sample(
                     raise BadSample(f"{where} is {image.height}x{image.width}, smaller than every bucket")
                 bucket = nearest_bucket(image.height, image.width, buckets)
             image.load()
+            before = torch.random.get_rng_state()  # a pair's sources take the target's crop and flip
             pixels, size_and_crop = transform(image, buckets[bucket] if buckets is not None else None)
+        sources = _sources(raw, transform, buckets[bucket] if buckets is not None else None, before, where)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
         if isinstance(error, BadSample):
             raise
@@ -149,7 +151,33 @@ def decode_sample(
             label = int(json.loads(raw["json"]).get("label", -1))
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
             raise BadSample(f"{where}: its json is not a JSON object with an integer label: {error}") from error
-    return {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": bucket}
+    item = {"pixel_values": pixels, "size_and_crop": size_and_crop, "label": label, "text": text, "bucket": bucket}
+    return item if sources is None else {**item, "source_pixel_values": sources}
+
+
+def _sources(
+    raw: dict, transform: ImageTransform, size: Bucket | None, before: torch.Tensor, where: str
+) -> torch.Tensor | None:
+    """An editing pair's source(s) (`source.png`, or `source.0.png`, ...), each cropped and flipped as its target
+    was (the RNG state `before` the target's transform, replayed); None for a sample without one."""
+    names = (
+        ["source.png"]
+        if "source.png" in raw
+        else sorted(k for k in raw if k.startswith("source.") and k != "source.png")
+    )
+    if not names:
+        return None
+    after, views = torch.random.get_rng_state(), []
+    for name in names:
+        torch.random.set_rng_state(before)
+        with Image.open(io.BytesIO(raw[name])) as source:
+            reason = too_many_pixels(source)
+            if reason is not None:
+                raise BadSample(f"{where}: its {name} refused as a possible decompression bomb: {reason}")
+            source.load()
+            views.append(transform(source, size)[0])
+    torch.random.set_rng_state(after)
+    return views[0] if names == ["source.png"] else torch.stack(views)
 
 
 def _caption(raw: dict, where: str, caption_key: str | None) -> str:
