@@ -296,7 +296,8 @@ class ImageFolderDataset(Dataset):
                         f"{path} is {sizes[path][0]}x{sizes[path][1]} (height x width), its source {source} "
                         f"{sizes[source][0]}x{sizes[source][1]}: a pair is cropped alike, so both need one size"
                     )
-        bad = {path: reason for path, reason in bad.items() if path in set(paths)}
+        targets = set(paths)  # a bad source counts through its target (above); a set: one lookup per file
+        bad = {path: reason for path, reason in bad.items() if path in targets}
         self.buckets: list[Bucket] | None = bucket_sizes(buckets, resolution) if buckets is not None else None
         if self.buckets is not None:  # an image that would be enlarged for every bucket has no place in training
             for path in paths:

@@ -289,26 +289,33 @@ def pipeline_components(net: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return dict(components) if components is not None else {lora_prefix(net): net}
 
 
+def adapter_states(net: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """peft's adapter tensors of each pipeline component of `net` that has any (`pipeline_components`), keyed
+    relative to that component: what each LoRA file of it holds."""
+    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
+    components = pipeline_components(net)
+    if len(components) == 1:
+        return {name: state for name in components if state}
+    parts = {
+        name: {key[len(name) + 1 :]: value for key, value in state.items() if key.startswith(name + ".")}
+        for name in components
+    }
+    return {name: part for name, part in parts.items() if part}
+
+
 def write_expert_lora_files(net: torch.nn.Module, folder: Path) -> list[Path]:
     """A pair of experts' adapters, one diffusers LoRA file per adapted expert (`LORA_FILES`), each with its keys
     under `transformer.` as diffusers writes and reads them (`load_into_transformer_2` for the second)."""
     from diffusers import StableDiffusion3Pipeline
 
-    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
     config = net.peft_config[ADAPTER].to_dict()
     config["exclude_modules"] = None  # names of the pair's modules: each file adapts one plain transformer
-    written = []
-    for name in pipeline_components(net):
-        part = {key[len(name) + 1 :]: value for key, value in state.items() if key.startswith(name + ".")}
-        if part:
-            StableDiffusion3Pipeline.save_lora_weights(
-                folder,
-                transformer_lora_layers=part,
-                transformer_lora_adapter_metadata=config,
-                weight_name=LORA_FILES[name],
-            )
-            written.append(folder / LORA_FILES[name])
-    return written
+    states = adapter_states(net)
+    for name, part in states.items():
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder, transformer_lora_layers=part, transformer_lora_adapter_metadata=config, weight_name=LORA_FILES[name]
+        )
+    return [folder / LORA_FILES[name] for name in states]
 
 
 def write_lora_file(net: torch.nn.Module, folder: Path, text_encoder: torch.nn.Module | None = None) -> Path:
@@ -408,21 +415,15 @@ def comfyui_state_dicts(
         raise ConfigError(
             "export_format=comfyui: rsLoRA, DoRA or per-module ranks are written as diffusers' files only"
         )
-    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
-    components = pipeline_components(net)
     files: dict[str, dict[str, torch.Tensor]] = {}
-    for component in components:
-        prefix = f"{component}." if len(components) > 1 else ""
+    for component, state in adapter_states(net).items():
         part: dict[str, torch.Tensor] = {}
         for key, tensor in state.items():
-            if not key.startswith(prefix):
-                continue
-            layer, kind = key[len(prefix) :].rsplit(".lora_", 1)  # "blocks.0.attn1.to_q", "A.weight"
+            layer, kind = key.rsplit(".lora_", 1)  # "blocks.0.attn1.to_q", "A.weight"
             name = f"diffusion_model.{original_name(layer)}"
             part[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.detach().contiguous()
             part[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
-        if part:
-            files[component] = part
+        files[component] = part
     return files
 
 
