@@ -198,6 +198,9 @@ def test_bad_qwen_input_is_named_before_anything_is_written(qwen_vae_dir: Path, 
         train_run(_qwen_config(runs, qwen_vae_dir, "run_name=width", "model.text_hidden_size=16"))
     with pytest.raises(ConfigError, match="objective=ddpm: a QwenImageTransformer2DModel \\(qwenimage\\)"):
         train_run(_qwen_config(runs, qwen_vae_dir, "run_name=ddpm", "objective=ddpm"))
+    edit = ["model.edit=true", "data=shapes_edit", "data.resolution=16", "data.cache_latents=true"]
+    with pytest.raises(ConfigError, match="data.cache_latents=true stores editing sources at the data's size"):
+        train_run(_qwen_config(runs, qwen_vae_dir, "run_name=cached-edit", *edit))
     assert not runs.exists() or not any(runs.iterdir())
 
 
@@ -272,3 +275,157 @@ def test_lora_on_qwen_image_is_a_diffusers_file_that_its_pipeline_loads(
             generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
         ).images  # fmt: skip
         assert compare(float((theirs - ours).abs().max())), lora
+
+
+# ----- Qwen-Image-Edit ----------------------------------------------------------------------------------------------
+
+EDITS = ["make it red", "move it left"]
+
+
+def tiny_qwen_edit_vae() -> AutoencoderKLQwenImage:
+    """Qwen-Image's VAE at four levels (16x in space): QwenImageEditPipeline resizes every source to about 1024 x 1024,
+    which this keeps at 64 x 64 latents (1024 reference tokens); 2 wide (the 1024 x 1024 convolutions are the slow
+    part), seeded, statistics far from (0, 1)."""
+    torch.manual_seed(0)
+    return AutoencoderKLQwenImage(
+        base_dim=2, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False] * 4,
+        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 1.0, 2.0],
+    )  # fmt: skip
+
+
+def _sources() -> list:
+    """Two 32 px sources: a red square and a blue circle on black."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for shape, colour in (("rectangle", (220, 40, 40)), ("ellipse", (40, 60, 220))):
+        image = Image.new("RGB", (32, 32))
+        getattr(ImageDraw.Draw(image), shape)((8, 8, 22, 22), fill=colour)
+        images.append(image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def qwen_edit_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen-Image-Edit trained from scratch for 2 steps on shapes_edit pairs at 32 px (a 2 x 2 latent,
+    one token, beside the source's 1024), at a rate that moves it far enough for the source to matter."""
+    root = tmp_path_factory.mktemp("qwen-edit")
+    vae = root / "vae"
+    tiny_qwen_edit_vae().save_pretrained(vae)
+    edit = ["model.edit=true", "data=shapes_edit", "data.resolution=32", "data.batch_size=2", f"model.vae={vae}"]
+    fast = ["model.lr=0.01", "model.warmup_steps=0", "callbacks.samples.final_num_images=0", "run_name=edit"]
+    cfg = compose_config("train", [f"output_root={root}", *TINY, *TINY_QWEN_MODEL, *edit, *fast])
+    train_run(cfg)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def qwen_edit_export(qwen_edit_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen-edit-export") / "pipeline"
+    sample_run(compose_config("sample", [f"ckpt={qwen_edit_ckpt}", f"export={folder}", "steps=3"]))
+    return folder
+
+
+def _edit_pipeline(folder: Path):
+    """QwenImageEditPipeline.from_pretrained(folder); without torchvision transformers cannot load a
+    Qwen2VLProcessor (it builds a video processor too), so its processor is then read from the same folder's files."""
+    import importlib.util
+
+    from diffusers import QwenImageEditPipeline
+
+    from lightdiff.nets.text import load_qwen2_vl_processor
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return QwenImageEditPipeline.from_pretrained(folder)
+    return QwenImageEditPipeline.from_pretrained(folder, processor=load_qwen2_vl_processor(folder))
+
+
+def _edits(folder: Path, checkpoint: Path, guidance_scale: float) -> tuple[torch.Tensor, ...]:
+    """EDITS of `_sources()` (3 steps, seeds 0 and 1) drawn by lightdiff from the checkpoint, and by plain diffusers
+    from the exported QwenImageEditPipeline as it is and with its transformer perturbed by Gaussian noise of sigma
+    0.05 (the mutation control), one pair per call (it takes one source); guidance as the pipeline's true CFG."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    trained = load_denoiser(checkpoint)
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
+    sources = _sources()
+    inputs = {"text": EDITS, "source_pixel_values": VaeImageProcessor().preprocess(sources)}
+    ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, inputs, guidance_scale,
+                    vae=trained.vae, size=(32, 32))  # fmt: skip
+    guidance = {"true_cfg_scale": guidance_scale, "negative_prompt": ""} if guidance_scale > 1 else {}
+    pipeline = _edit_pipeline(folder)
+    drawn = []
+    for perturb in (0.0, 0.05):
+        if perturb:
+            perturb_weights(pipeline.transformer, perturb)
+        drawn.append(torch.cat([
+            pipeline(
+                image=source, prompt=edit, height=32, width=32, num_inference_steps=3, output_type="pt",
+                generator=torch.Generator().manual_seed(seed), **guidance,
+            ).images
+            for seed, (source, edit) in enumerate(zip(sources, EDITS))
+        ]))  # fmt: skip
+    return ours, *drawn
+
+
+@pytest.mark.slow  # 25-30 s each: every source through the VAE at QwenImageEditPipeline's 1024 x 1024
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0], ids=["unguided", "true_cfg"])
+def test_qwen_image_edit_trains_on_pairs_and_exports_a_pipeline_that_plain_diffusers_reproduces(
+    qwen_edit_ckpt: Path, qwen_edit_export: Path, guidance_scale: float
+) -> None:
+    """model.edit=true on a Qwen-Image transformer: the source through Qwen2.5-VL beside the instruction and through
+    the VAE as reference tokens. The export is a QwenImageEditPipeline that draws lightdiff's edits from the
+    checkpoint, unguided and with true CFG; with its transformer perturbed it does not (the control)."""
+    from lightdiff.nets.families.qwenimage import QwenEditText
+
+    meta = load_checkpoint_file(qwen_edit_ckpt)["lightdiff"]
+    assert meta["conditioning"]["family"] == "qwen_edit"
+    index = json.loads((qwen_edit_export / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageEditPipeline" and index["processor"] == [
+        "transformers",
+        "Qwen2VLProcessor",
+    ]
+    assert isinstance(load_trained(qwen_edit_export).conditioning, QwenEditText)
+    ours, theirs, perturbed = _edits(qwen_edit_export, qwen_edit_ckpt, guidance_scale)
+    assert theirs.shape == ours.shape == (2, 3, 32, 32)
+    assert (theirs - ours).abs().max() < 1e-4
+    assert (theirs[0] - theirs[1]).abs().max() > 1e-2  # control: two pairs' edits are far apart at this scale
+    assert (perturbed - ours).abs().max() > 1e-3
+
+
+def test_qwen_edit_text_is_the_edit_pipelines_encode_prompt() -> None:
+    """QwenEditText's states are QwenImageEditPipeline's prompt embeddings of the instruction beside its source
+    (resized as the pipeline resizes it): the source's vision tokens, then the instruction's, past the 64-token
+    prefix, which the tokenizer built from the captions splits as Qwen's does; zero and masked past each row. The
+    controls: another source changes the states, and the pipeline without the drop does not match."""
+    from diffusers import QwenImageEditPipeline
+    from diffusers.image_processor import VaeImageProcessor
+    from transformers import Qwen2VLImageProcessor
+
+    from lightdiff.nets.families.qwenimage import QWEN_EDIT_DROP_TOKENS, QWEN_EDIT_TEMPLATE, QwenEditText
+    from lightdiff.nets.text import build_qwen2_tokenizer, qwen2_vl_processor, qwen_vl_from_scratch
+
+    tokenizer = build_qwen2_tokenizer(EDITS, [QWEN_EDIT_TEMPLATE])
+    torch.manual_seed(0)
+    encoder = qwen_vl_from_scratch(tokenizer, 32, 1, 2).eval()
+    text = QwenEditText(qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor()), encoder, False, 16)
+    vae = tiny_qwen_edit_vae()
+    text.attach_vae(vae)
+    assert len(tokenizer(QWEN_EDIT_TEMPLATE.split("<|vision_start|>")[0]).input_ids) == QWEN_EDIT_DROP_TOKENS
+    pipeline = QwenImageEditPipeline(
+        scheduler=None, vae=vae, text_encoder=encoder, tokenizer=tokenizer, processor=text.processor, transformer=None
+    )
+    sources = text.sources(VaeImageProcessor().preprocess(_sources()))
+    assert sources[0].size == (1024, 1024)  # calculate_dimensions(1024 * 1024, 1.0)
+    with torch.no_grad():
+        states, mask = text.encode(EDITS, sources)
+        for row, (edit, source) in enumerate(zip(EDITS, sources)):
+            theirs = pipeline.encode_prompt(edit, image=source)[0][0]
+            length = len(theirs)
+            assert torch.allclose(states[row, :length], theirs, atol=1e-5)
+            assert mask[row, :length].all() and not mask[row, length:].any() and not states[row, length:].any()
+        other = text.encode(EDITS, sources[::-1])[0]
+        assert (other - states).abs().max() > 1e-3  # control: the states see the source
+        pipeline.prompt_template_encode_start_idx = 0  # control: the system prefix kept
+        kept = pipeline.encode_prompt(EDITS[0], image=sources[0])[0][0]
+    assert (kept[: len(theirs)] - states[0, : len(theirs)]).abs().max() > 1e-3

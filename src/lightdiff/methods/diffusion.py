@@ -233,6 +233,12 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
                 "data.cache_latents=true serves latents only: an image-to-video model conditions on each clip's first "
                 "frame in pixels (model=video_i2v, a Wan image-to-video net), so it encodes the clips on the fly"
             )
+        if "source_pixel_values" in self.conditioning.reads and "source_latent_moments" not in self.conditioning.reads:
+            raise ConfigError(
+                f"data.cache_latents=true stores editing sources at the data's size, and "
+                f"{type(self.conditioning).__name__} resizes each source as its pipeline does (Qwen-Image-Edit: to "
+                "about 1024 x 1024): set data.cache_latents=false"
+            )
         if isinstance(self.conditioning, CacheableText) and self.conditioning.cacheable:
             return self.vae, self.conditioning.cache_fingerprint(), self.conditioning.encode
         return self.vae, None, None

@@ -13,12 +13,15 @@ The vocabularies are learnt from the captions with the `tokenizers` library.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -30,10 +33,14 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
     T5EncoderModel,
     T5Tokenizer,
     UMT5EncoderModel,
 )
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from lightdiff.files import module_fingerprint
 
@@ -384,3 +391,45 @@ def qwen_vl_from_scratch(
         vision_end_token_id=ids("<|vision_end|>"),
     )
     return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _has_torchvision() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def qwen2_vl_processor(tokenizer: Qwen2Tokenizer, image_processor: BaseImageProcessor) -> Qwen2VLProcessor:
+    """Qwen-Image-Edit's `Qwen2VLProcessor`: `image_processor` cuts an image into Qwen2.5-VL's patches and `tokenizer`
+    reads the text with each `<|image_pad|>` repeated once per merged patch. Without torchvision (optional for
+    lightdiff: its wheels pull a CUDA torch) transformers builds no video processor, and the processor's class check
+    of the missing one fails in its own lookup; editing passes no video, so the processor is then built with that one
+    check skipped for the absent video processor."""
+    if _has_torchvision():
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2VLProcessor(image_processor, tokenizer, Qwen2VLVideoProcessor())
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def check_present(self: ProcessorMixin, name: str, argument: Any) -> Any:
+        return None if argument is None else check(self, name, argument)
+
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check_present):
+        return Qwen2VLProcessor(image_processor, tokenizer, None)
+
+
+def load_qwen2_vl_processor(source: str | Path, subfolder: str = "processor") -> Qwen2VLProcessor:
+    """A pipeline's `processor/` (Qwen-Image-Edit's): `Qwen2VLProcessor.from_pretrained`, or, without torchvision,
+    its tokenizer and image processor read from the same files (`qwen2_vl_processor`)."""
+    if _has_torchvision():
+        return Qwen2VLProcessor.from_pretrained(source, subfolder=subfolder)
+    tokenizer = Qwen2Tokenizer.from_pretrained(source, subfolder=subfolder)
+    return qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor.from_pretrained(source, subfolder=subfolder))
+
+
+def save_qwen2_vl_processor(processor: Qwen2VLProcessor, folder: Path) -> None:
+    """What `Qwen2VLProcessor.from_pretrained` reads: the tokenizer's and the image processor's files (transformers
+    takes the video processor's settings from the image processor's file when it has none of its own)."""
+    if processor.video_processor is not None:
+        processor.save_pretrained(folder)
+        return
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)

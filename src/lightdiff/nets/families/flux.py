@@ -251,7 +251,7 @@ class FluxKontextText(nn.Module):
     guides the text alone)."""
 
     has_unconditional = True
-    reads = ("text", "source_pixel_values")
+    reads = ("text", "source_pixel_values", "source_latent_moments")  # the latter from data.cache_latents
 
     def __init__(self, text: FluxText) -> None:
         super().__init__()

@@ -15,18 +15,38 @@ prediction's norm (`QwenImage.guided`).
 Exported as `QwenImagePipeline`; plain diffusers reproduces lightdiff's samples with `max_sequence_length` =
 lightdiff.json's and, with guidance, lightdiff's `guidance_scale` as `true_cfg_scale` with `negative_prompt=""` (the
 pipeline guides only when a negative prompt is given; lightdiff's unconditional input is the empty prompt).
+
+Editing (`model.edit=true`, Qwen-Image-Edit, `QwenEditText`): the source image, resized as QwenImageEditPipeline
+resizes it, is read by Qwen2.5-VL inside the edit template beside the instruction and encoded by the VAE into
+reference latents, which `QwenImage.output` packs after the noisy tokens as a second image of `img_shapes`.
+Exported as `QwenImageEditPipeline`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import QwenImagePipeline, QwenImageTransformer2DModel, SchedulerMixin
+from diffusers import (
+    QwenImageEditPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SchedulerMixin,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+from PIL import Image
 from torch import nn
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+)
 
 from lightdiff.config import ConfigError
 from lightdiff.files import module_fingerprint
@@ -39,17 +59,23 @@ from lightdiff.nets.families.base import (
     PipelineComponents,
     PromptStates,
     check_captions,
+    encoder_parameters,
     kwargs_in_dtype,
+    prompts_without_condition,
 )
 from lightdiff.nets.families.flux import FAMILY as FLUX
 from lightdiff.nets.families.flux import PACKED_PATCH, pack_latents, unpack_latents
-from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
+from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_config_class, pipeline_parts
 from lightdiff.nets.text import (
     build_qwen2_tokenizer,
+    load_qwen2_vl_processor,
     qwen2_tokenizer_for,
     qwen2_tokenizer_state,
+    qwen2_vl_processor,
     qwen_vl_from_scratch,
+    save_qwen2_vl_processor,
 )
+from lightdiff.nets.vae import normalised_latents, posterior, vae_scale_factor
 
 # QwenImagePipeline's prompt template and the number of its tokens before the prompt that it drops
 QWEN_TEMPLATE = (
@@ -61,6 +87,28 @@ QWEN_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s default (its limi
 QWEN_DEFAULT_SAMPLE_SIZE = 128  # QwenImagePipeline.default_sample_size: latents a side when no size is given
 QWEN_TIMESTEP_SCALE = 1000  # the pipeline passes timestep / 1000; the transformer multiplies by 1000 again
 TEXT_PARTS = ("tokenizer", "text_encoder")
+# QwenImageEditPipeline's template (the source's vision tokens before the instruction), the tokens it drops (the
+# system prefix and "<|im_start|>user\n": the states start at <|vision_start|>) and the area it resizes sources to
+QWEN_EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+QWEN_EDIT_DROP_TOKENS = 64  # QwenImageEditPipeline.prompt_template_encode_start_idx
+QWEN_EDIT_SOURCE_AREA = 1024 * 1024  # QwenImageEditPipeline.__call__: calculate_dimensions(1024 * 1024, ratio)
+EDIT_PARTS = (*TEXT_PARTS, "processor")
+
+
+def hidden_states_past(hidden: torch.Tensor, mask: torch.Tensor, drop: int, length: int) -> torch.Tensor:
+    """(B, length, width): each row's states under its attention mask past its first `drop`, cut to `length` (the
+    pipelines' `_extract_masked_hidden` and slice) and zero-padded."""
+    states = hidden.new_zeros(len(hidden), length, hidden.shape[-1])
+    for row, (sample, kept) in enumerate(zip(hidden, mask.bool())):
+        rows = sample[kept][drop:][:length]
+        states[row, : len(rows)] = rows
+    return states
 
 
 class QwenText(PromptStates):
@@ -118,11 +166,7 @@ class QwenText(PromptStates):
         hidden = self.text_encoder(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
         ).hidden_states[-1]
-        states = hidden.new_zeros(len(prompts), self.max_sequence_length, hidden.shape[-1])
-        for row, (sample, mask) in enumerate(zip(hidden, tokens.attention_mask.bool())):
-            kept = sample[mask][QWEN_DROP_TOKENS:][: self.max_sequence_length]
-            states[row, : len(kept)] = kept
-        return states
+        return hidden_states_past(hidden, tokens.attention_mask, QWEN_DROP_TOKENS, self.max_sequence_length)
 
     def forward(self, inputs: Inputs) -> Condition:
         states = self.prompt_states(inputs)
@@ -152,10 +196,158 @@ def qwen_text_from_state(state: dict[str, Any]) -> QwenText:
     return QwenText(tokenizer, text_encoder, trainable=False, max_sequence_length=state["max_sequence_length"])
 
 
-def image_shapes(latents: torch.Tensor) -> list[list[tuple[int, int, int]]]:
-    """QwenImagePipeline's `img_shapes`: per sample, the (frame, rows, columns) grid of its packed tokens."""
-    height, width = latents.shape[-2:]
-    return [[(1, height // PACKED_PATCH, width // PACKED_PATCH)]] * len(latents)
+class QwenEditText(nn.Module):
+    """Qwen-Image-Edit's conditioning (`QwenImageEditPipeline`; Qwen Team 2025, arXiv 2508.02324, Section 5.2): the
+    source image (`source_pixel_values`, (B, 3, H, W) in [-1, 1]) resized to about 1024 x 1024 at its aspect ratio
+    (`calculate_dimensions`, the pipeline's Lanczos resize of the 8-bit image), then seen twice:
+    - by Qwen2.5-VL, its patches in place of the template's `<|image_pad|>` beside the instruction; the last hidden
+      states past the 64-token system prefix (the source's vision tokens, then the instruction's) are the text;
+    - through the VAE: the posterior's mode, normalised per channel (`_encode_vae_image`), as `reference_latents`,
+      which `QwenImage.output` packs after the noisy tokens as the second image of `img_shapes`.
+    The states are zero-padded with a mask to the source's vision tokens + `max_sequence_length` instruction rows, so
+    a batch and its unconditional twin (the negative prompt with the same source) share one length; an instruction
+    past that is cut, as QwenImagePipeline cuts prompts. The states depend on the image, so none is cached."""
+
+    has_unconditional = True
+    reads = ("text", "source_pixel_values")
+    cacheable = False
+
+    def __init__(
+        self,
+        processor: Qwen2VLProcessor,
+        text_encoder: Qwen2_5_VLForConditionalGeneration,
+        trainable: bool,  # whether the method trains the encoder (a from-scratch one does)
+        max_sequence_length: int,  # instruction tokens kept (the template's end included)
+    ) -> None:
+        super().__init__()
+        prefix = len(processor.tokenizer(QWEN_EDIT_TEMPLATE.split("<|vision_start|>")[0]).input_ids)
+        if prefix != QWEN_EDIT_DROP_TOKENS:
+            raise ConfigError(
+                f"the tokenizer splits QwenImageEditPipeline's template prefix into {prefix} tokens; the pipeline "
+                f"drops {QWEN_EDIT_DROP_TOKENS} (Qwen's tokenizer, or one built by build_qwen2_tokenizer)"
+            )
+        self.processor = processor
+        self.text_encoder = text_encoder.requires_grad_(trainable)
+        self.trainable = trainable
+        self.max_sequence_length = max_sequence_length
+        self.summary_dim = text_encoder.config.text_config.hidden_size
+        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this conditioning (`attach_vae`)
+
+    def attach_vae(self, vae: nn.Module) -> None:
+        self.__dict__["vae"] = vae
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        check_captions(net, data)
+        if net.config.joint_attention_dim != self.summary_dim:
+            raise ConfigError(
+                f"net.joint_attention_dim={net.config.joint_attention_dim} differs from the Qwen2.5-VL encoder's "
+                f"hidden_size={self.summary_dim}"
+            )
+        if self.__dict__["vae"] is None:
+            raise ConfigError("model.edit=true: Qwen-Image-Edit reads its source image through a VAE (model.vae)")
+
+    def train(self, mode: bool = True) -> QwenEditText:
+        return super().train(mode and self.trainable)
+
+    def sources(self, pixels: torch.Tensor) -> list[Image.Image]:
+        """The sources as QwenImageEditPipeline takes them: 8-bit images resized to its area at their ratio."""
+        width, height, _ = calculate_dimensions(QWEN_EDIT_SOURCE_AREA, pixels.shape[-1] / pixels.shape[-2])
+        images = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy((pixels.float() / 2 + 0.5).clamp(0, 1)))
+        return [self.image_processor.resize(image, height, width) for image in images]
+
+    @property
+    def image_processor(self) -> VaeImageProcessor:
+        """The pipeline's (its `vae_scale_factor` x 2: sides are multiples of a packed token)."""
+        return VaeImageProcessor(vae_scale_factor=vae_scale_factor(self.__dict__["vae"]) * PACKED_PATCH)
+
+    @torch.no_grad()
+    def reference_latents(self, sources: list[Image.Image]) -> torch.Tensor:
+        """(B, C, h, w): QwenImageEditPipeline._encode_vae_image of the resized sources."""
+        vae = self.__dict__["vae"]
+        width, height = sources[0].size
+        pixels = self.image_processor.preprocess(sources, height, width).to(vae.device, vae.dtype)
+        return normalised_latents(vae, posterior(vae, pixels).mode().float())
+
+    def encode(self, prompts: Sequence[str], sources: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask): `_get_qwen_prompt_embeds` of the instructions beside their sources, each row padded to
+        the vision tokens + `max_sequence_length`."""
+        texts = [QWEN_EDIT_TEMPLATE.format(prompt) for prompt in prompts]
+        inputs = self.processor(text=texts, images=sources, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.text_encoder.device)
+        hidden = self.text_encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"].to(self.text_encoder.dtype),
+            image_grid_thw=inputs["image_grid_thw"],
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        merge = self.processor.image_processor.merge_size**2
+        vision_tokens = int(inputs["image_grid_thw"][0].prod()) // merge + 2  # with <|vision_start|> and _end|>
+        length = vision_tokens + self.max_sequence_length
+        kept = inputs["attention_mask"].sum(dim=1) - QWEN_EDIT_DROP_TOKENS
+        mask = torch.arange(length, device=hidden.device)[None] < kept.clamp(max=length)[:, None]
+        return hidden_states_past(hidden, inputs["attention_mask"], QWEN_EDIT_DROP_TOKENS, length), mask
+
+    def forward(self, inputs: Inputs) -> Condition:
+        pixels = inputs.get("source_pixel_values")
+        if pixels is None:
+            raise ValueError(
+                "Qwen-Image-Edit reads its source at the pipeline's size: give source_pixel_values (data=shapes_edit, "
+                "pairs; data.cache_latents stores sources at the data's size)"
+            )
+        if pixels.ndim != 4:
+            raise ValueError("Qwen-Image-Edit takes one source image per pair, not a list of references")
+        sources = self.sources(pixels)
+        states, mask = self.encode([str(text) for text in inputs["text"]], sources)
+        summary = (states.float() * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        kwargs = {"encoder_hidden_states": states, "encoder_hidden_states_mask": mask}
+        return Condition({**kwargs, "reference_latents": self.reference_latents(sources)}, summary)
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return prompts_without_condition(inputs, which, negative_prompt)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return encoder_parameters(self.trainable, self.text_encoder)
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder}
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return {}  # QwenImageEditPipeline keeps every state (its max_sequence_length is only checked)
+
+    def get_extra_state(self) -> dict[str, Any]:  # the processor travels with the weights (see QwenText's)
+        return self.processor_state()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        tokenizer = qwen2_tokenizer_for(self.text_encoder, state["tokenizer"])
+        self.processor = qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor(**state["image_processor"]))
+
+    def processor_state(self) -> dict[str, Any]:
+        image_processor = json.loads(self.processor.image_processor.to_json_string())  # plain data (no PIL enums)
+        image_processor.pop("image_processor_type", None)
+        return {"tokenizer": qwen2_tokenizer_state(self.processor.tokenizer), "image_processor": image_processor}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": "qwen_edit",
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            **self.processor_state(),
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+
+def qwen_edit_from_state(state: dict[str, Any]) -> QwenEditText:
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**state["text_encoder_config"])).eval()
+    tokenizer = qwen2_tokenizer_for(text_encoder, state["tokenizer"])
+    processor = qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor(**state["image_processor"]))
+    return QwenEditText(processor, text_encoder, trainable=False, max_sequence_length=state["max_sequence_length"])
+
+
+def image_shapes(*latents: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """QwenImagePipeline's `img_shapes`: per sample, the (frame, rows, columns) grid of each image's packed tokens
+    (the noisy latents', then a source's reference latents' for Qwen-Image-Edit)."""
+    grids = [(1, z.shape[-2] // PACKED_PATCH, z.shape[-1] // PACKED_PATCH) for z in latents]
+    return [grids] * len(latents[0])
 
 
 class QwenImage(Family):
@@ -163,7 +355,7 @@ class QwenImage(Family):
     denoiser_class = QwenImageTransformer2DModel
     takes_text = True
     objectives = ("flow_matching",)  # QwenImagePipeline samples with a flow sampler
-    conditionings = {"qwen_text": qwen_text_from_state}
+    conditionings = {"qwen_text": qwen_text_from_state, "qwen_edit": qwen_edit_from_state}
 
     def latent_channels(self, net: nn.Module) -> int:
         return net.config.in_channels // (PACKED_PATCH * PACKED_PATCH)  # a token holds 2x2 latent pixels
@@ -191,16 +383,20 @@ class QwenImage(Family):
             )
 
     def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
-        """QwenImagePipeline's transformer call: packed latents, timestep / 1000, the packed grid; unpacked."""
+        """QwenImagePipeline's transformer call: packed latents, timestep / 1000, the packed grid; unpacked.
+        Qwen-Image-Edit's reference latents follow as tokens of a second grid, and only the noisy tokens' output is
+        kept (QwenImageEditPipeline)."""
         height, width = x_t.shape[-2:]
         kwargs = kwargs_in_dtype(condition, x_t.dtype)
+        reference = kwargs.pop("reference_latents", None)
+        images = (x_t,) if reference is None else (x_t, reference)
         output = net(
-            pack_latents(x_t),
+            torch.cat([pack_latents(image) for image in images], dim=1),
             timestep=timesteps.to(x_t.dtype) / QWEN_TIMESTEP_SCALE,
-            img_shapes=image_shapes(x_t),
+            img_shapes=image_shapes(*images),
             **kwargs,
         ).sample
-        return unpack_latents(output, height, width)
+        return unpack_latents(output[:, : (height // PACKED_PATCH) * (width // PACKED_PATCH)], height, width)
 
     def guided(self, net: nn.Module, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
         """QwenImagePipeline's true CFG: the guided prediction rescaled, token by token, to the conditional one's norm
@@ -225,35 +421,58 @@ class QwenImage(Family):
     def text_width(self, net: nn.Module) -> int:
         return net.config.joint_attention_dim
 
-    def new_conditioning(self, net: nn.Module, settings: ConditioningSettings, data: DataDescription) -> QwenText:
-        """A Qwen2 tokenizer learnt from the captions and the template, and a small Qwen2.5-VL as wide as the
-        transformer's text stream, trained with it."""
+    def new_conditioning(
+        self, net: nn.Module, settings: ConditioningSettings, data: DataDescription
+    ) -> QwenText | QwenEditText:
+        """A Qwen2 tokenizer learnt from the captions and the template (the edit template with model.edit=true), and
+        a small Qwen2.5-VL as wide as the transformer's text stream, trained with it (Qwen2.5-VL's image processor
+        for an editing model's sources)."""
         check_captions(net, data)
-        tokenizer = build_qwen2_tokenizer(data.captions(), [QWEN_TEMPLATE])
+        template = QWEN_EDIT_TEMPLATE if settings.edit else QWEN_TEMPLATE
+        tokenizer = build_qwen2_tokenizer(data.captions(), [template])
         width = settings.text_hidden_size or self.text_width(net)
         encoder = qwen_vl_from_scratch(tokenizer, width, settings.text_layers, settings.text_heads)
-        return QwenText(tokenizer, encoder, True, settings.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH)
+        length = settings.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH
+        if settings.edit:
+            return QwenEditText(qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor()), encoder, True, length)
+        return QwenText(tokenizer, encoder, True, length)
 
     def pretrained_conditioning(
         self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
-    ) -> QwenText:
+    ) -> QwenText | QwenEditText:
         parts = pipeline_parts(pretrained, key)
-        check_parts_used(pretrained, parts, set(TEXT_PARTS), net, key, TEXT_PARTS, "a Qwen2.5-VL text encoder")
-        return QwenText(
-            load_component(Qwen2Tokenizer, pretrained, "tokenizer", key),
-            load_component(Qwen2_5_VLForConditionalGeneration, pretrained, "text_encoder", key),
-            settings.train_text_encoder,
-            settings.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH,
-        )
+        wanted = EDIT_PARTS if settings.edit else TEXT_PARTS
+        check_parts_used(pretrained, parts, set(wanted), net, key, wanted, "a Qwen2.5-VL text encoder")
+        encoder = load_component(Qwen2_5_VLForConditionalGeneration, pretrained, "text_encoder", key)
+        length = settings.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH
+        if settings.edit:
+            try:
+                processor = load_qwen2_vl_processor(pretrained)
+            except (OSError, ValueError) as error:
+                problem = f"{key}={pretrained!r} has no usable processor/ (Qwen2VLProcessor): {error}"
+                raise ConfigError(problem) from error
+            return QwenEditText(processor, encoder, settings.train_text_encoder, length)
+        tokenizer = load_component(Qwen2Tokenizer, pretrained, "tokenizer", key)
+        return QwenText(tokenizer, encoder, settings.train_text_encoder, length)
 
     def read_folder(
         self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
     ) -> tuple[nn.Module | None, nn.Module]:
-        settings = ConditioningSettings(max_sequence_length=metadata.get("max_sequence_length"))
-        return load_vae(), self.pretrained_conditioning(str(folder), net, settings, "the pipeline folder")
+        settings = ConditioningSettings(
+            max_sequence_length=metadata.get("max_sequence_length"),
+            edit=pipeline_config_class(str(folder), "the pipeline folder") == "QwenImageEditPipeline",
+        )
+        vae = load_vae()
+        conditioning = self.pretrained_conditioning(str(folder), net, settings, "the pipeline folder")
+        if isinstance(conditioning, QwenEditText):
+            conditioning.attach_vae(vae)
+        return vae, conditioning
 
     def write(self, parts: PipelineComponents, folder: Path) -> None:
         text = parts.conditioning
+        if isinstance(text, QwenEditText):
+            write_edit_pipeline(parts, text, folder)
+            return
         pipeline = QwenImagePipeline(
             scheduler=parts.scheduler,
             vae=parts.vae,
@@ -262,6 +481,25 @@ class QwenImage(Family):
             transformer=parts.net,
         )
         pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def write_edit_pipeline(parts: PipelineComponents, text: QwenEditText, folder: Path) -> None:
+    """A QwenImageEditPipeline folder; its processor written by `save_qwen2_vl_processor` (which needs no
+    torchvision) and named in model_index.json as diffusers names it."""
+    pipeline = QwenImageEditPipeline(
+        scheduler=parts.scheduler,
+        vae=parts.vae,
+        text_encoder=text.text_encoder,
+        tokenizer=text.processor.tokenizer,
+        processor=None,
+        transformer=parts.net,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    save_qwen2_vl_processor(text.processor, folder / "processor")
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["processor"] = ["transformers", type(text.processor).__name__]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 FAMILY = QwenImage()
