@@ -650,6 +650,18 @@ def test_flux_kontext_trains_on_edit_pairs_and_exports_a_pipeline_that_plain_dif
     assert (theirs - ours).abs().max() > 2e-4
     ours, theirs = edits(perturb=0.05)
     assert (theirs - ours).abs().max() > 1e-3
+    # sample.py edits a file: source=FILE with the instruction as prompt draws what generate draws from that source
+    source_file = tmp_path / "source.png"
+    Image.fromarray(to_uint8(sources[:1] / 2 + 0.5)[0]).save(source_file)
+    drawn = [f"ckpt={checkpoint}", f"source={source_file}", f"prompt={instructions[0]}", "num_images=1", "steps=3"]
+    out = sample_run(compose_config("sample", [*drawn, f"out={tmp_path / 'edits'}", "guidance_scale=1"]))
+    record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    assert record["source"] == str(source_file) and record["text"] == instructions[0]
+    written = np.asarray(Image.open(out / record["file_name"]), dtype=np.int16)
+    assert np.abs(written - to_uint8(ours[:1])[0].astype(np.int16)).max() <= 1
+    with pytest.raises(ConfigError, match="this model edits an image \\(model.edit=true\\): give source=FILE"):
+        sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"out={tmp_path / 'none'}", "prompt=x"]))
+    assert not (tmp_path / "none").exists()
 
 
 def test_flux_kontext_trains_from_a_latent_cache_of_pairs_without_encoding(

@@ -86,6 +86,17 @@ def _image_size(cfg: DictConfig, denoiser: TrainedDenoiser) -> tuple[int, int]:
     return height, width
 
 
+def _picture(value: str, key: str, size: tuple[int, int]) -> torch.Tensor:
+    """The image file `key=value`, resized to `size` (height, width), in [-1, 1] (1, 3, H, W)."""
+    try:
+        with Image.open(Path(value).expanduser()) as opened:
+            picture = opened.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}={value!r} cannot be read as an image: {error}") from error
+    pixels = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return pixels[None]
+
+
 def _first_frame(cfg: DictConfig, denoiser: TrainedDenoiser, size: tuple[int, int]) -> torch.Tensor | None:
     """The frame an image-to-video model animates (`image=FILE`), resized to `size`, in [-1, 1] (1, 3, H, W)."""
     if "image" not in denoiser.conditioning.reads:
@@ -94,14 +105,18 @@ def _first_frame(cfg: DictConfig, denoiser: TrainedDenoiser, size: tuple[int, in
         return None
     if cfg.image is None:
         raise ConfigError("this model animates an image (image-to-video): give image=FILE (its first frame)")
-    path = Path(cfg.image).expanduser()
-    try:
-        with Image.open(path) as opened:
-            picture = opened.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"image={cfg.image!r} cannot be read as an image: {error}") from error
-    pixels = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 127.5 - 1
-    return pixels[None]
+    return _picture(cfg.image, "image", size)
+
+
+def _source(cfg: DictConfig, denoiser: TrainedDenoiser, size: tuple[int, int]) -> torch.Tensor | None:
+    """The image an editing model edits (`source=FILE`), resized to `size`, in [-1, 1] (1, 3, H, W)."""
+    if "source_pixel_values" not in denoiser.conditioning.reads:
+        if cfg.source is not None:
+            raise ConfigError(f"source={cfg.source!r} given, but {type(denoiser.net).__name__} is not an editing model")
+        return None
+    if cfg.source is None:
+        raise ConfigError("this model edits an image (model.edit=true): give source=FILE and the instruction as prompt")
+    return _picture(cfg.source, "source", size)
 
 
 def _num_frames(cfg: DictConfig, denoiser: TrainedDenoiser) -> int | None:
@@ -205,6 +220,7 @@ class Drawing:
         self.size = _image_size(cfg, denoiser)
         self.frames = _num_frames(cfg, denoiser)
         self.first_frame = _first_frame(cfg, denoiser, self.size)
+        self.source = _source(cfg, denoiser, self.size)
         # SDXL: the size and crop ids as StableDiffusionXLPipeline takes them
         self.sized = SIZE_AND_CROP in self.conditioning.reads
         if not self.sized and (cfg.original_size is not None or list(cfg.crop_top_left) != [0, 0]):
@@ -250,6 +266,8 @@ class Drawing:
         }
         if self.first_frame is not None:
             inputs["image"] = self.first_frame.expand(count, -1, -1, -1).to(self.device)
+        if self.source is not None:
+            inputs["source_pixel_values"] = self.source.expand(count, -1, -1, -1).to(self.device)
         if self.sized:
             original = list(cfg.original_size) if cfg.original_size is not None else None
             inputs[SIZE_AND_CROP] = size_and_crop(*self.size, count, original, list(cfg.crop_top_left))
@@ -276,6 +294,8 @@ class Drawing:
             record["num_frames"], record["fps"] = self.frames, cfg.fps
         if self.first_frame is not None:  # the guidance rises over the frames to guidance_scale (SVD)
             record["image"], record["guidance_scale"] = str(cfg.image), cfg.guidance_scale
+        if self.source is not None:
+            record["source"] = str(cfg.source)
         if cfg.lora or has_adapters(self.net):
             record["lora"] = cfg.lora or denoiser.source
             record["lora_scale"] = cfg.lora_scale
