@@ -307,14 +307,14 @@ def _sources() -> list:
 
 @pytest.fixture(scope="module")
 def qwen_edit_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen-Image-Edit trained from scratch for 2 steps on shapes_edit pairs at 32 px (a 2 x 2 latent,
+    """The tiny Qwen-Image-Edit trained from scratch for 4 steps on shapes_edit pairs at 32 px (a 2 x 2 latent,
     one token, beside the source's 1024), at a rate that moves it far enough for the source to matter."""
     root = tmp_path_factory.mktemp("qwen-edit")
     vae = root / "vae"
     tiny_qwen_edit_vae().save_pretrained(vae)
     edit = ["model.edit=true", "data=shapes_edit", "data.resolution=32", "data.batch_size=2", f"model.vae={vae}"]
-    fast = ["model.lr=0.01", "model.warmup_steps=0", "callbacks.samples.final_num_images=0", "run_name=edit"]
-    cfg = compose_config("train", [f"output_root={root}", *TINY, *TINY_QWEN_MODEL, *edit, *fast])
+    fast = ["model.lr=0.01", "model.warmup_steps=0", "trainer.max_steps=4", "callbacks.samples.final_num_images=0"]
+    cfg = compose_config("train", [f"output_root={root}", *TINY, *TINY_QWEN_MODEL, *edit, *fast, "run_name=edit"])
     train_run(cfg)
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
 
@@ -429,3 +429,50 @@ def test_qwen_edit_text_is_the_edit_pipelines_encode_prompt() -> None:
         pipeline.prompt_template_encode_start_idx = 0  # control: the system prefix kept
         kept = pipeline.encode_prompt(EDITS[0], image=sources[0])[0][0]
     assert (kept[: len(theirs)] - states[0, : len(theirs)]).abs().max() > 1e-3
+
+
+@pytest.mark.slow  # 40 s: editing from a text-to-image base, LoRA on the edit export, two pipelines
+def test_qwen_image_edit_trains_from_a_base_and_its_lora_is_a_diffusers_file_that_the_edit_pipeline_loads(
+    qwen_export: Path, qwen_edit_export: Path, tmp_path: Path
+) -> None:
+    """model.edit=true from a QwenImagePipeline folder (its tokenizer, Qwen2.5-VL's image processor) trains an
+    editing model; an editing folder without model.edit=true is refused by name. LoRA on the edit export is the base
+    plus diffusers' LoRA file, which QwenImageEditPipeline.load_lora_weights applies so that the pipeline draws
+    lightdiff's edits; without it, other edits (the control)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from lightdiff.nets.families.qwenimage import QwenEditText
+
+    vae = tmp_path / "vae"
+    tiny_qwen_edit_vae().save_pretrained(vae)
+    pairs = ["model.edit=true", "data=shapes_edit", "data.resolution=32", "data.batch_size=2"]
+    pairs += ["callbacks.samples.final_num_images=0", "model.load_pretrained_unet=true"]
+    base = [f"output_root={tmp_path}", *TINY, *TINY_QWEN_MODEL, *pairs]
+    from_base = [f"model.pretrained={qwen_export}", "model.allow_other_vae=true", f"model.vae={vae}"]
+    method = train_run(compose_config("train", [*base, *from_base, "run_name=from-base"])).lightning_module
+    assert isinstance(method.conditioning, QwenEditText) and not method.conditioning.trainable
+    unpaired = [f"output_root={tmp_path}", *TINY, *TINY_QWEN_MODEL, f"model.pretrained={qwen_edit_export}"]
+    with pytest.raises(ConfigError, match="is an editing pipeline \\(it has a processor/\\): set model.edit=true"):
+        train_run(compose_config("train", [*unpaired, "model.load_pretrained_unet=true", "run_name=unpaired"]))
+    lora = ["model.lora.rank=4", "model.lr=0.02", "model.warmup_steps=0", "trainer.max_steps=4", "run_name=lora"]
+    cfg = compose_config("train", [*base, f"model.pretrained={qwen_edit_export}", *lora])
+    train_run(cfg)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    trained = load_denoiser(checkpoint)
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
+    sources = _sources()
+    inputs = {"text": EDITS, "source_pixel_values": VaeImageProcessor().preprocess(sources)}
+    ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, inputs, 1.0, vae=trained.vae,
+                    size=(32, 32))  # fmt: skip
+    for with_lora, compare in ((True, lambda d: d < 1e-4), (False, lambda d: d > 1e-3)):  # the base alone: control
+        pipeline = _edit_pipeline(folder)
+        if with_lora:
+            pipeline.load_lora_weights(folder)
+        theirs = torch.cat([
+            pipeline(image=source, prompt=edit, height=32, width=32, num_inference_steps=3, output_type="pt",
+                     generator=torch.Generator().manual_seed(seed)).images
+            for seed, (source, edit) in enumerate(zip(sources, EDITS))
+        ])  # fmt: skip
+        assert compare(float((theirs - ours).abs().max())), with_lora

@@ -424,12 +424,12 @@ class QwenImage(Family):
     def new_conditioning(
         self, net: nn.Module, settings: ConditioningSettings, data: DataDescription
     ) -> QwenText | QwenEditText:
-        """A Qwen2 tokenizer learnt from the captions and the template (the edit template with model.edit=true), and
-        a small Qwen2.5-VL as wide as the transformer's text stream, trained with it (Qwen2.5-VL's image processor
-        for an editing model's sources)."""
+        """A Qwen2 tokenizer learnt from the captions and both pipelines' templates (as Qwen's vocabulary holds every
+        word of both, so a text-to-image model built here can be trained into an editing one), and a small
+        Qwen2.5-VL as wide as the transformer's text stream, trained with it (Qwen2.5-VL's image processor for an
+        editing model's sources)."""
         check_captions(net, data)
-        template = QWEN_EDIT_TEMPLATE if settings.edit else QWEN_TEMPLATE
-        tokenizer = build_qwen2_tokenizer(data.captions(), [template])
+        tokenizer = build_qwen2_tokenizer(data.captions(), [QWEN_TEMPLATE, QWEN_EDIT_TEMPLATE])
         width = settings.text_hidden_size or self.text_width(net)
         encoder = qwen_vl_from_scratch(tokenizer, width, settings.text_layers, settings.text_heads)
         length = settings.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH
@@ -440,20 +440,31 @@ class QwenImage(Family):
     def pretrained_conditioning(
         self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
     ) -> QwenText | QwenEditText:
+        """A Qwen-Image folder's Qwen2.5-VL and tokenizer; with model.edit=true also its processor, or, from a
+        text-to-image base (editing trained from Qwen-Image, as Qwen-Image-Edit was), Qwen2.5-VL's image
+        processor beside its tokenizer."""
         parts = pipeline_parts(pretrained, key)
-        wanted = EDIT_PARTS if settings.edit else TEXT_PARTS
-        check_parts_used(pretrained, parts, set(wanted), net, key, wanted, "a Qwen2.5-VL text encoder")
+        if "processor" in parts and not settings.edit:
+            raise ConfigError(
+                f"{key}={pretrained!r} is an editing pipeline (it has a processor/): set model.edit=true to train it "
+                "on pairs (data=shapes_edit, an image folder with source_file_name)"
+            )
+        used = EDIT_PARTS if settings.edit else TEXT_PARTS
+        check_parts_used(pretrained, parts, set(used), net, key, TEXT_PARTS, "a Qwen2.5-VL text encoder")
         encoder = load_component(Qwen2_5_VLForConditionalGeneration, pretrained, "text_encoder", key)
+        tokenizer = load_component(Qwen2Tokenizer, pretrained, "tokenizer", key)
         length = settings.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH
-        if settings.edit:
+        if not settings.edit:
+            return QwenText(tokenizer, encoder, settings.train_text_encoder, length)
+        if "processor" not in parts:
+            processor = qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor())
+        else:
             try:
                 processor = load_qwen2_vl_processor(pretrained)
             except (OSError, ValueError) as error:
                 problem = f"{key}={pretrained!r} has no usable processor/ (Qwen2VLProcessor): {error}"
                 raise ConfigError(problem) from error
-            return QwenEditText(processor, encoder, settings.train_text_encoder, length)
-        tokenizer = load_component(Qwen2Tokenizer, pretrained, "tokenizer", key)
-        return QwenText(tokenizer, encoder, settings.train_text_encoder, length)
+        return QwenEditText(processor, encoder, settings.train_text_encoder, length)
 
     def read_folder(
         self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
