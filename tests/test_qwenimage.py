@@ -400,15 +400,19 @@ def test_qwen_edit_text_is_the_edit_pipelines_encode_prompt() -> None:
     controls: another source changes the states, and the pipeline without the drop does not match."""
     from diffusers import QwenImageEditPipeline
     from diffusers.image_processor import VaeImageProcessor
-    from transformers import Qwen2VLImageProcessor
 
     from lightdiff.nets.families.qwenimage import QWEN_EDIT_DROP_TOKENS, QWEN_EDIT_TEMPLATE, QwenEditText
-    from lightdiff.nets.text import build_qwen2_tokenizer, qwen2_vl_processor, qwen_vl_from_scratch
+    from lightdiff.nets.text import (
+        build_qwen2_tokenizer,
+        qwen2_vl_image_processor,
+        qwen2_vl_processor,
+        qwen_vl_from_scratch,
+    )
 
     tokenizer = build_qwen2_tokenizer(EDITS, [QWEN_EDIT_TEMPLATE])
     torch.manual_seed(0)
     encoder = qwen_vl_from_scratch(tokenizer, 32, 1, 2).eval()
-    text = QwenEditText(qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor()), encoder, False, 16)
+    text = QwenEditText(qwen2_vl_processor(tokenizer, qwen2_vl_image_processor()), encoder, False, 16)
     vae = tiny_qwen_edit_vae()
     text.attach_vae(vae)
     assert len(tokenizer(QWEN_EDIT_TEMPLATE.split("<|vision_start|>")[0]).input_ids) == QWEN_EDIT_DROP_TOKENS

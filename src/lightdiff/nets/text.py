@@ -33,7 +33,6 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
-    Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     T5EncoderModel,
     T5Tokenizer,
@@ -416,13 +415,27 @@ def qwen2_vl_processor(tokenizer: Qwen2Tokenizer, image_processor: BaseImageProc
         return Qwen2VLProcessor(image_processor, tokenizer, None)
 
 
+def qwen2_vl_image_processor(settings: dict[str, Any] | None = None) -> BaseImageProcessor:
+    """Qwen2.5-VL's image processor (transformers' defaults, or `settings`): the torchvision one where torchvision
+    is installed, else the PIL one that transformers would fall back to (named here, so it says nothing)."""
+    if _has_torchvision():
+        from transformers import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor(**(settings or {}))
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(**(settings or {}))
+
+
 def load_qwen2_vl_processor(source: str | Path, subfolder: str = "processor") -> Qwen2VLProcessor:
     """A pipeline's `processor/` (Qwen-Image-Edit's): `Qwen2VLProcessor.from_pretrained`, or, without torchvision,
     its tokenizer and image processor read from the same files (`qwen2_vl_processor`)."""
     if _has_torchvision():
         return Qwen2VLProcessor.from_pretrained(source, subfolder=subfolder)
+    from transformers import Qwen2VLImageProcessorPil
+
     tokenizer = Qwen2Tokenizer.from_pretrained(source, subfolder=subfolder)
-    return qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor.from_pretrained(source, subfolder=subfolder))
+    return qwen2_vl_processor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(source, subfolder=subfolder))
 
 
 def save_qwen2_vl_processor(processor: Qwen2VLProcessor, folder: Path) -> None:

@@ -44,7 +44,6 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
-    Qwen2VLImageProcessor,
     Qwen2VLProcessor,
 )
 
@@ -71,6 +70,7 @@ from lightdiff.nets.text import (
     load_qwen2_vl_processor,
     qwen2_tokenizer_for,
     qwen2_tokenizer_state,
+    qwen2_vl_image_processor,
     qwen2_vl_processor,
     qwen_vl_from_scratch,
     save_qwen2_vl_processor,
@@ -320,7 +320,7 @@ class QwenEditText(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         tokenizer = qwen2_tokenizer_for(self.text_encoder, state["tokenizer"])
-        self.processor = qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor(**state["image_processor"]))
+        self.processor = qwen2_vl_processor(tokenizer, qwen2_vl_image_processor(state["image_processor"]))
 
     def processor_state(self) -> dict[str, Any]:
         image_processor = json.loads(self.processor.image_processor.to_json_string())  # plain data (no PIL enums)
@@ -339,7 +339,7 @@ class QwenEditText(nn.Module):
 def qwen_edit_from_state(state: dict[str, Any]) -> QwenEditText:
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**state["text_encoder_config"])).eval()
     tokenizer = qwen2_tokenizer_for(text_encoder, state["tokenizer"])
-    processor = qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor(**state["image_processor"]))
+    processor = qwen2_vl_processor(tokenizer, qwen2_vl_image_processor(state["image_processor"]))
     return QwenEditText(processor, text_encoder, trainable=False, max_sequence_length=state["max_sequence_length"])
 
 
@@ -434,7 +434,7 @@ class QwenImage(Family):
         encoder = qwen_vl_from_scratch(tokenizer, width, settings.text_layers, settings.text_heads)
         length = settings.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH
         if settings.edit:
-            return QwenEditText(qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor()), encoder, True, length)
+            return QwenEditText(qwen2_vl_processor(tokenizer, qwen2_vl_image_processor()), encoder, True, length)
         return QwenText(tokenizer, encoder, True, length)
 
     def pretrained_conditioning(
@@ -457,7 +457,7 @@ class QwenImage(Family):
         if not settings.edit:
             return QwenText(tokenizer, encoder, settings.train_text_encoder, length)
         if "processor" not in parts:
-            processor = qwen2_vl_processor(tokenizer, Qwen2VLImageProcessor())
+            processor = qwen2_vl_processor(tokenizer, qwen2_vl_image_processor())
         else:
             try:
                 processor = load_qwen2_vl_processor(pretrained)
