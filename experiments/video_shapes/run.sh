@@ -4,8 +4,12 @@
 #   bash experiments/video_shapes/run.sh wan_vae    # the same recipe for Wan's VAE (conf/video_vae/wan.yaml)
 #   bash experiments/video_shapes/run.sh t2v [N]    # text-to-video (experiment=t2v_shapes): 5000 steps, resumed to N (10000), judged on 256 clips
 #   bash experiments/video_shapes/run.sh i2v [N]    # image-to-video (model=video_i2v) for N steps, judged likewise
+#   bash experiments/video_shapes/run.sh wan_t2v [SEED]   # Wan text-to-video (experiment=wan_t2v_shapes): 5000 steps,
+#                                                          # resumed to 10000, judged on seeds 0-255 and 256-511
+#   bash experiments/video_shapes/run.sh wan_i2v    # Wan image-to-video (experiment=wan_i2v_shapes), 2000 steps
+#   bash experiments/video_shapes/run.sh wan_turbo  # Turbo on the wan_t2v teacher, judged at 1 and 4 steps
 set -euo pipefail
-stage=${1:?vae | wan_vae | t2v | i2v}
+stage=${1:?vae | wan_vae | t2v | i2v | wan_t2v | wan_i2v | wan_turbo}
 steps=${2:-3000}
 case "$stage" in
 vae)
@@ -43,8 +47,35 @@ t2v | i2v)
     fi
     cat outputs/$run/final_metrics.json
     ;;
+wan_t2v)
+    # CogVideoX's recipe (t2v_shapes: 5000 steps, resumed to 10000) with the Wan transformer, at its size
+    seed=${2:-0}
+    run=wan_t2v_shapes$([ "$seed" = 0 ] || echo "_seed$seed")
+    python train.py experiment=wan_t2v_shapes seed="$seed" run_name=$run logger=csv trainer.max_steps=5000
+    python train.py experiment=wan_t2v_shapes seed="$seed" run_name=$run logger=csv trainer.max_steps=10000
+    for first in 0 256; do  # seeds 0-255, then the held-out 256-511 (guidance 1.5 was chosen on CogVideoX's 0-255)
+        python sample.py ckpt=outputs/$run/checkpoints/last.ckpt out=outputs/$run/judged_$first seed=$first \
+            num_images=256 batch_size=64 steps=50 guidance_scale=1.5 metrics=fid metrics.num_samples=256 overwrite=true
+        cat outputs/$run/judged_$first/metrics.json
+    done
+    ;;
+wan_i2v)
+    # each clip from its data clip's first frame, moving as its caption says: the training run's final previews judge
+    # 256 data first frames (seeds 0-255) against their captions (direction right = the caption's)
+    python train.py experiment=wan_i2v_shapes logger=csv
+    cat outputs/wan_i2v_shapes/final_metrics.json
+    ;;
+wan_turbo)
+    python train.py experiment=wan_turbo_shapes model.teacher=outputs/wan_t2v_shapes/checkpoints/last.ckpt logger=csv
+    for steps in 1 4; do
+        python sample.py ckpt=outputs/wan_turbo_shapes/checkpoints/last.ckpt out=outputs/wan_turbo_shapes/judged_$steps \
+            seed=256 num_images=256 batch_size=64 steps=$steps guidance_scale=1 metrics=fid metrics.num_samples=256 \
+            overwrite=true
+        cat outputs/wan_turbo_shapes/judged_$steps/metrics.json
+    done
+    ;;
 *)
-    echo "unknown stage $stage (vae | wan_vae | t2v | i2v)" >&2
+    echo "unknown stage $stage (vae | wan_vae | t2v | i2v | wan_t2v | wan_i2v | wan_turbo)" >&2
     exit 2
     ;;
 esac
