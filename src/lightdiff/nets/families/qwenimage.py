@@ -197,7 +197,7 @@ def qwen_text_from_state(state: dict[str, Any]) -> QwenText:
 
 
 class QwenEditText(nn.Module):
-    """Qwen-Image-Edit's conditioning (`QwenImageEditPipeline`; Qwen Team 2025, arXiv 2508.02324, Section 5.2): the
+    """Qwen-Image-Edit's conditioning (`QwenImageEditPipeline`; Qwen Team 2025, arXiv 2508.02324): the
     source image (`source_pixel_values`, (B, 3, H, W) in [-1, 1]) resized to about 1024 x 1024 at its aspect ratio
     (`calculate_dimensions`, the pipeline's Lanczos resize of the 8-bit image), then seen twice:
     - by Qwen2.5-VL, its patches in place of the template's `<|image_pad|>` beside the instruction; the last hidden
