@@ -57,7 +57,7 @@ def _group_overrides() -> list[list[str]]:
     cases += [
         [*(["model=latent"] if o in latent_nets else []), f"net={o}"]
         for o in _options("net")
-        if o != "latent" and o not in video_nets and o not in qwen
+        if o not in ("latent", "edit") and o not in video_nets and o not in qwen  # model=latent's, model=edit's: above
     ]
     cases += list(qwen.values())
     # a Wan net with the objective its pipelines sample (model=video's default is CogVideoX's DDPM)
@@ -87,6 +87,7 @@ def _group_overrides() -> list[list[str]]:
         "lora_finetune": ["model.pretrained=PIPELINE", "data.root=IMAGES", "data.resolution=16"],
         "lora_shapes": ["model.pretrained=PIPELINE"],
         "sdxl_turbo_shapes": ["model.teacher=SDXL_TEACHER"],
+        "wan_turbo_shapes": ["model.teacher=WAN_CKPT"],
     }
     cases += [[f"experiment={name}", *needs.get(name, [])] for name in _options("experiment")]
     return cases
@@ -134,6 +135,12 @@ def test_every_option_composes_and_builds(
     if any("PIPELINE" in o for o in overrides):
         pipeline = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={tmp_path / 'pipeline'}"]))
         overrides = [o.replace("PIPELINE", str(pipeline)) for o in overrides]
+    if any("WAN_CKPT" in o for o in overrides):  # experiment=wan_t2v_shapes at one block, one step
+        small = ["net.num_layers=1", "data.size=4", "data.batch_size=2", "data.cache_latents=false"]
+        small += ["trainer.max_steps=1", "callbacks.samples.every_n_steps=0", "callbacks.samples.final_num_images=0"]
+        teacher = compose_config("train", [f"output_root={tmp_path}", "experiment=wan_t2v_shapes", *small])
+        run(teacher)
+        overrides = [o.replace("WAN_CKPT", f"{teacher.run_dir}/checkpoints/last.ckpt") for o in overrides]
     if any("QWEN_VAE" in o for o in overrides):  # Qwen-Image's VAE at its layout (8x, 16 channels), untrained
         from diffusers import AutoencoderKLQwenImage
 
