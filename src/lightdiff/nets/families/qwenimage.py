@@ -101,6 +101,17 @@ QWEN_EDIT_SOURCE_AREA = 1024 * 1024  # QwenImageEditPipeline.__call__: calculate
 EDIT_PARTS = (*TEXT_PARTS, "processor")
 
 
+def check_prefix(tokenizer: Qwen2Tokenizer, prefix: str, dropped: int, pipeline: str) -> None:
+    """The pipeline drops a fixed number of tokens, its template's prefix in Qwen's vocabulary: a tokenizer that
+    splits the prefix otherwise would keep or lose states, so it is refused."""
+    count = len(tokenizer(prefix).input_ids)
+    if count != dropped:
+        raise ConfigError(
+            f"the tokenizer splits {pipeline}'s template prefix into {count} tokens; the pipeline drops {dropped} "
+            "(Qwen's tokenizer, or one built by lightdiff.nets.text.build_qwen2_tokenizer)"
+        )
+
+
 def hidden_states_past(hidden: torch.Tensor, mask: torch.Tensor, drop: int, length: int) -> torch.Tensor:
     """(B, length, width): each row's states under its attention mask past its first `drop`, cut to `length` (the
     pipelines' `_extract_masked_hidden` and slice) and zero-padded."""
@@ -126,12 +137,7 @@ class QwenText(PromptStates):
         max_sequence_length: int,  # text tokens per prompt after the system prefix (the pipeline's, 512)
     ) -> None:
         super().__init__()
-        prefix = len(tokenizer(QWEN_TEMPLATE.split("{}")[0]).input_ids)
-        if prefix != QWEN_DROP_TOKENS:
-            raise ConfigError(
-                f"the tokenizer splits QwenImagePipeline's template prefix into {prefix} tokens; the pipeline drops "
-                f"{QWEN_DROP_TOKENS} (Qwen's tokenizer, or one built by lightdiff.nets.text.build_qwen2_tokenizer)"
-            )
+        check_prefix(tokenizer, QWEN_TEMPLATE.split("{}")[0], QWEN_DROP_TOKENS, "QwenImagePipeline")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.requires_grad_(trainable)
         self.trainable = trainable
@@ -220,12 +226,8 @@ class QwenEditText(nn.Module):
         max_sequence_length: int,  # instruction tokens kept (the template's end included)
     ) -> None:
         super().__init__()
-        prefix = len(processor.tokenizer(QWEN_EDIT_TEMPLATE.split("<|vision_start|>")[0]).input_ids)
-        if prefix != QWEN_EDIT_DROP_TOKENS:
-            raise ConfigError(
-                f"the tokenizer splits QwenImageEditPipeline's template prefix into {prefix} tokens; the pipeline "
-                f"drops {QWEN_EDIT_DROP_TOKENS} (Qwen's tokenizer, or one built by build_qwen2_tokenizer)"
-            )
+        prefix = QWEN_EDIT_TEMPLATE.split("<|vision_start|>")[0]
+        check_prefix(processor.tokenizer, prefix, QWEN_EDIT_DROP_TOKENS, "QwenImageEditPipeline")
         self.processor = processor
         self.text_encoder = text_encoder.requires_grad_(trainable)
         self.trainable = trainable
