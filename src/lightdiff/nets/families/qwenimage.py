@@ -321,8 +321,7 @@ class QwenEditText(nn.Module):
         return self.processor_state()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        tokenizer = qwen2_tokenizer_for(self.text_encoder, state["tokenizer"])
-        self.processor = qwen2_vl_processor(tokenizer, qwen2_vl_image_processor(state["image_processor"]))
+        self.processor = processor_from_state(self.text_encoder, state)
 
     def processor_state(self) -> dict[str, Any]:
         image_processor = json.loads(self.processor.image_processor.to_json_string())  # plain data (no PIL enums)
@@ -338,10 +337,15 @@ class QwenEditText(nn.Module):
         }
 
 
+def processor_from_state(text_encoder: Qwen2_5_VLForConditionalGeneration, state: dict[str, Any]) -> Qwen2VLProcessor:
+    """A checkpoint's processor (`QwenEditText.processor_state`), its tokenizer checked against `text_encoder`."""
+    tokenizer = qwen2_tokenizer_for(text_encoder, state["tokenizer"])
+    return qwen2_vl_processor(tokenizer, qwen2_vl_image_processor(state["image_processor"]))
+
+
 def qwen_edit_from_state(state: dict[str, Any]) -> QwenEditText:
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**state["text_encoder_config"])).eval()
-    tokenizer = qwen2_tokenizer_for(text_encoder, state["tokenizer"])
-    processor = qwen2_vl_processor(tokenizer, qwen2_vl_image_processor(state["image_processor"]))
+    processor = processor_from_state(text_encoder, state)
     return QwenEditText(processor, text_encoder, trainable=False, max_sequence_length=state["max_sequence_length"])
 
 
