@@ -52,14 +52,18 @@ def _group_overrides() -> list[list[str]]:
     }
     video_nets = set(video_model)
     cases += [["model=latent", "net=latent"], ["model=latent", "net=dit"]]
-    # Qwen-Image's transformer learns Qwen-Image's VAE (none ships): one of its shape (QWEN_VAE)
-    qwen = {"qwenimage_tiny": ["model=latent", "net=qwenimage_tiny", "objective=flow_matching", "model.vae=QWEN_VAE"]}
+    # Qwen-Image's transformer learns Qwen-Image's VAE (none ships): one of its shape (QWEN_VAE); Z-Image's pipeline
+    # samples flows only
+    flow = {
+        "qwenimage_tiny": ["model=latent", "net=qwenimage_tiny", "objective=flow_matching", "model.vae=QWEN_VAE"],
+        "zimage_tiny": ["model=latent", "net=zimage_tiny", "objective=flow_matching"],
+    }
     cases += [
         [*(["model=latent"] if o in latent_nets else []), f"net={o}"]
         for o in _options("net")
-        if o not in ("latent", "edit") and o not in video_nets and o not in qwen  # model=latent's, model=edit's: above
+        if o not in ("latent", "edit") and o not in video_nets and o not in flow  # model=latent's, model=edit's: above
     ]
-    cases += list(qwen.values())
+    cases += list(flow.values())
     # a Wan net with the objective its pipelines sample (model=video's default is CogVideoX's DDPM)
     wan = {o for o in video_nets if "wantransformer3dmodel" in (CONF / "net" / f"{o}.yaml").read_text().lower()}
     cases += [

@@ -43,10 +43,12 @@ LORA_FILES = {"unet": LORA_WEIGHTS_FILE, "transformer": LORA_WEIGHTS_FILE, "tran
 # Presets (`target_modules: null`), as diffusers' LoRA training scripts choose them. Suffixes of module names.
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # every diffusers Attention: UNets and transformers
 JOINT_ATTENTION = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # MMDiT's text stream
-# transformer blocks' MLPs (Wan's blocks call theirs `ffn`, Qwen-Image's `img_mlp` and `txt_mlp`)
+# transformer blocks' MLPs (Wan's blocks call theirs `ffn`, Qwen-Image's `img_mlp` and `txt_mlp`, Z-Image's SwiGLU
+# `feed_forward`)
 FEED_FORWARD = [
     *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "ffn.net.0.proj", "ffn.net.2"),
     *("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
+    *("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
 ]
 RESNET_CONVOLUTIONS = ["conv1", "conv2"]  # the 3x3 convolutions of a UNet's ResNet blocks (`convolutions: true`)
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's attention (`text_encoder: true`)

@@ -34,6 +34,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen2VLProcessor,
+    Qwen3Config,
+    Qwen3Model,
     T5EncoderModel,
     T5Tokenizer,
     UMT5EncoderModel,
@@ -318,8 +320,11 @@ def build_qwen2_tokenizer(captions: Iterable[str], templates: Sequence[str], voc
     return qwen2_tokenizer_from_vocab(model["vocab"], model["merges"])
 
 
-def qwen2_tokenizer_from_vocab(vocab: dict[str, int], merges: Sequence[Any]) -> Qwen2Tokenizer:
-    """A `Qwen2Tokenizer` of a BPE vocabulary and merges whose first ids are `QWEN2_SPECIAL_TOKENS`."""
+def qwen2_tokenizer_from_vocab(
+    vocab: dict[str, int], merges: Sequence[Any], chat_template: str | None = None
+) -> Qwen2Tokenizer:
+    """A `Qwen2Tokenizer` of a BPE vocabulary and merges whose first ids are `QWEN2_SPECIAL_TOKENS` (with the chat
+    template a pipeline formats prompts through, if it uses one: Z-Image's `apply_chat_template`)."""
     pairs = [tuple(merge) if isinstance(merge, list | tuple) else tuple(merge.split(" ")) for merge in merges]
     tokenizer = Qwen2Tokenizer(
         vocab=dict(vocab),
@@ -330,20 +335,24 @@ def qwen2_tokenizer_from_vocab(vocab: dict[str, int], merges: Sequence[Any]) -> 
         bos_token=None,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
 def qwen2_tokenizer_state(tokenizer: Qwen2Tokenizer) -> dict[str, Any]:
-    """A Qwen2 tokenizer as plain data (its BPE vocabulary and merges)."""
+    """A Qwen2 tokenizer as plain data (its BPE vocabulary and merges, and its chat template if it has one)."""
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     merges = [list(merge) if isinstance(merge, list | tuple) else merge.split(" ") for merge in model["merges"]]
-    return {"vocab": dict(model["vocab"]), "merges": merges}
+    state = {"vocab": dict(model["vocab"]), "merges": merges}
+    if tokenizer.chat_template:
+        state["chat_template"] = tokenizer.chat_template
+    return state
 
 
 def qwen2_tokenizer_for(text_encoder: torch.nn.Module, state: dict[str, Any]) -> Qwen2Tokenizer:
     """A checkpoint's Qwen2 tokenizer (`qwen2_tokenizer_state`), refused if `text_encoder` embeds fewer tokens."""
-    tokenizer = qwen2_tokenizer_from_vocab(state["vocab"], state["merges"])
-    embedded = text_encoder.config.text_config.vocab_size
+    tokenizer = qwen2_tokenizer_from_vocab(state["vocab"], state["merges"], state.get("chat_template"))
+    embedded = text_encoder.config.get_text_config().vocab_size  # Qwen2.5-VL's language model, or a Qwen3
     if len(tokenizer) > embedded:
         raise ValueError(f"the checkpoint's Qwen2 tokenizer has {len(tokenizer)} tokens, the encoder embeds {embedded}")
     return tokenizer
@@ -390,6 +399,41 @@ def qwen_vl_from_scratch(
         vision_end_token_id=ids("<|vision_end|>"),
     )
     return Qwen2_5_VLForConditionalGeneration(config)
+
+
+# Qwen3's chat template for what the image pipelines send it (Z-Image, FLUX.2 [klein]): user messages, the generation
+# prompt, and the empty thinking block it adds when thinking is off. Qwen3's own template renders these messages to
+# the same text; a pretrained tokenizer brings its own.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen3_from_scratch(
+    tokenizer: Qwen2Tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
+) -> Qwen3Model:
+    """A randomly initialised `Qwen3Model` (Z-Image's and FLUX.2 [klein]'s text encoder class) sized to `tokenizer`:
+    `hidden_size` wide (the transformer's caption width), grouped-query attention with one key-value head."""
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise ValueError(f"a Qwen3 of width {hidden_size} with {num_heads} heads: each head's width must be even")
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=1,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=4096,
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
+    return Qwen3Model(config)
 
 
 def _has_torchvision() -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.families import cogvideox, dit, flux, labels, pixart, qwenimage, sd, sd3, sdxl, svd, wan
+from lightdiff.nets.families import cogvideox, dit, flux, labels, pixart, qwenimage, sd, sd3, sdxl, svd, wan, zimage
 from lightdiff.nets.families.base import (
     SIZE_AND_CROP,
     Condition,
@@ -38,6 +38,7 @@ FAMILIES: tuple[Family, ...] = (
     sd3.FAMILY,
     flux.FAMILY,
     qwenimage.FAMILY,
+    zimage.FAMILY,
     pixart.FAMILY,
     cogvideox.FAMILY,
     svd.FAMILY,
