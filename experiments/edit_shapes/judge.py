@@ -40,7 +40,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def drawn(layouts: list[Layout], resolution: int) -> np.ndarray:
-    return to_uint8(torch.stack([pil_to_tensor(layout.draw(resolution)) / 2 + 0.5 for layout in layouts])).numpy()
+    return to_uint8(torch.stack([pil_to_tensor(layout.draw(resolution)) / 2 + 0.5 for layout in layouts]))
 
 
 def caption_drawn_anew(target: Layout, resolution: int, seed: int) -> Layout:
@@ -84,7 +84,7 @@ def sampled(
                 size=(resolution, resolution),
             )
         )
-    return to_uint8(torch.cat(images)).numpy()
+    return to_uint8(torch.cat(images))
 
 
 def main() -> None:

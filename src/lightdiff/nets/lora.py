@@ -44,11 +44,14 @@ LORA_FILES = {"unet": LORA_WEIGHTS_FILE, "transformer": LORA_WEIGHTS_FILE, "tran
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # every diffusers Attention: UNets and transformers
 JOINT_ATTENTION = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # MMDiT's text stream
 # transformer blocks' MLPs (Wan's blocks call theirs `ffn`, Qwen-Image's `img_mlp` and `txt_mlp`, Z-Image's SwiGLU
-# `feed_forward`)
+# `feed_forward`, FLUX.2's `linear_in` / `linear_out`)
 FEED_FORWARD = [
     *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "ffn.net.0.proj", "ffn.net.2"),
     *("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
     *("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+    *("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"),  # FLUX.2's double-stream
+    "to_qkv_mlp_proj",  # FLUX.2's single-stream blocks: attention and MLP inputs in one projection ...
+    "attn.to_out",  # ... and outputs in one (a Linear there; an Attention's to_out is a list: `_adaptable`)
 ]
 RESNET_CONVOLUTIONS = ["conv1", "conv2"]  # the 3x3 convolutions of a UNet's ResNet blocks (`convolutions: true`)
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's attention (`text_encoder: true`)
@@ -88,6 +91,14 @@ def _matches(names: list[str], target: str) -> bool:
     return any(name == target or name.endswith("." + target) for name in names)
 
 
+def _adaptable(net: torch.nn.Module, target: str) -> list[str]:
+    """`target` where every module it names is a layer peft adapts; else the full names of those that are (FLUX.2's
+    single-stream `attn.to_out` is a Linear, its double-stream blocks' a list); none where it names nothing."""
+    matched = [(name, module) for name, module in net.named_modules() if name == target or name.endswith("." + target)]
+    layers = [name for name, module in matched if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
+    return [target] if matched and len(layers) == len(matched) else layers
+
+
 def target_modules(net: torch.nn.Module, settings: LoraSettings) -> list[str]:
     """The module suffixes to adapt: `settings.target_modules`, every one of which must exist, or the family's preset
     (attention projections; plus feed-forward in transformers; plus ResNet convolutions with `convolutions`)."""
@@ -105,7 +116,7 @@ def target_modules(net: torch.nn.Module, settings: LoraSettings) -> list[str]:
         targets = list(settings.target_modules)
     else:
         preset = ATTENTION if is_unet else ATTENTION + JOINT_ATTENTION + FEED_FORWARD
-        targets = [target for target in preset if _matches(names, target)]
+        targets = [name for target in preset for name in _adaptable(net, target)]
     if settings.convolutions:
         targets += RESNET_CONVOLUTIONS
     if not targets:

@@ -35,7 +35,6 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLProcessor,
     Qwen3Config,
-    Qwen3Model,
     T5EncoderModel,
     T5Tokenizer,
     UMT5EncoderModel,
@@ -412,15 +411,15 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
-def qwen3_from_scratch(
+def qwen3_config(
     tokenizer: Qwen2Tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
-) -> Qwen3Model:
-    """A randomly initialised `Qwen3Model` (Z-Image's and FLUX.2 [klein]'s text encoder class) sized to `tokenizer`:
-    `hidden_size` wide (the transformer's caption width), grouped-query attention with one key-value head."""
+) -> Qwen3Config:
+    """A small Qwen3's config (Z-Image's `Qwen3Model`, FLUX.2 [klein]'s `Qwen3ForCausalLM`) sized to `tokenizer`:
+    `hidden_size` wide (what the transformer's text input takes), grouped-query attention with one key-value head."""
     if hidden_size % num_heads or (hidden_size // num_heads) % 2:
         raise ValueError(f"a Qwen3 of width {hidden_size} with {num_heads} heads: each head's width must be even")
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen3Config(
+    return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -433,7 +432,6 @@ def qwen3_from_scratch(
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )
-    return Qwen3Model(config)
 
 
 def _has_torchvision() -> bool:

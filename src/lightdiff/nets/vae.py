@@ -3,7 +3,10 @@
 Latents are (z - shift_factor) * scaling_factor: SD 1.x / 2.x / SDXL VAEs have no shift (None), SD3's and FLUX's
 16-channel VAEs do (their pipelines encode and decode with both), so a latent model sees zero-mean, unit-variance
 latents either way. A VAE whose config holds per-channel `latents_mean` / `latents_std` (Wan's, Qwen-Image's) is
-normalised per channel instead: (z - mean) * (1 / std), as WanPipeline does (`latent_shift_and_scale`).
+normalised per channel instead: (z - mean) * (1 / std), as WanPipeline does (`latent_shift_and_scale`). FLUX.2's
+(`AutoencoderKLFlux2`) cuts z into 2x2 patches first (4C channels at half the side) and normalises those per channel
+by its BatchNorm's running statistics (Flux2KleinPipeline): lightdiff's latents are then the patches, so the denoiser
+takes them as they are (`latent_channels` and `vae_scale_factor` count them).
 
 What differs between VAE classes is data (`VaeSpec`, one line per class in `VAE_SPECS`), not a switch.
 
@@ -17,6 +20,7 @@ frames as images. This module is the one place where the layouts meet, so no met
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 
@@ -24,6 +28,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLCogVideoX,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     AutoencoderKLTemporalDecoder,
     AutoencoderKLWan,
@@ -31,7 +36,12 @@ from diffusers import (
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 Autoencoder = (
-    AutoencoderKL | AutoencoderKLCogVideoX | AutoencoderKLTemporalDecoder | AutoencoderKLWan | AutoencoderKLQwenImage
+    AutoencoderKL
+    | AutoencoderKLCogVideoX
+    | AutoencoderKLTemporalDecoder
+    | AutoencoderKLWan
+    | AutoencoderKLQwenImage
+    | AutoencoderKLFlux2
 )
 # The VAE classes lightdiff builds by name (checkpoints, pipeline folders): a name read from a file is only looked up.
 VAE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Autoencoder)}
@@ -51,6 +61,7 @@ class VaeSpec:
     clamps_decoded: bool = False  # its `decode` clamps the pixels to [-1, 1] (Wan's): no gradient past the clamp
     images_as_frames: bool = False  # a 3-D VAE of images: (B, C, 1, H, W) in and out (Qwen-Image's)
     levels_key: str | None = None  # without spatial_key: 2 ** len(config[levels_key]) pixels per latent
+    batch_norm_patches: bool = False  # latents are z's 2x2 patches normalised by its BatchNorm's statistics (FLUX.2's)
 
 
 VAE_SPECS: dict[str, VaeSpec] = {
@@ -77,6 +88,7 @@ VAE_SPECS: dict[str, VaeSpec] = {
         images_as_frames=True,
         levels_key="temperal_downsample",
     ),
+    "AutoencoderKLFlux2": VaeSpec(batch_norm_patches=True),
 }
 
 
@@ -93,8 +105,31 @@ def is_video_vae(vae: torch.nn.Module) -> bool:
 
 
 def latent_channels(vae: torch.nn.Module) -> int:
-    """Channels of the VAE's latents (`latent_channels`; Wan's `z_dim`)."""
-    return int(vae.config[vae_spec(vae).channels_key])
+    """Channels of the VAE's latents (`latent_channels`; Wan's `z_dim`; FLUX.2's patches: 4 x `latent_channels`)."""
+    return int(vae.config[vae_spec(vae).channels_key]) * _patch_area(vae)
+
+
+def _patch_area(vae: torch.nn.Module) -> int:
+    """Latent pixels per lightdiff latent: FLUX.2's 2x2 patches, else 1."""
+    return math.prod(vae.config.patch_size) if vae_spec(vae).batch_norm_patches else 1
+
+
+def patchified(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """FLUX.2's latents' layout: (B, C, h, w) -> (B, C * ph * pw, h / ph, w / pw), each channel's patch pixels
+    adjacent (Flux2KleinPipeline._patchify_latents); z itself for every other VAE."""
+    if not vae_spec(vae).batch_norm_patches:
+        return z
+    (ph, pw), (b, c, h, w) = vae.config.patch_size, z.shape
+    return z.view(b, c, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4).reshape(b, c * ph * pw, h // ph, w // pw)
+
+
+def unpatchified(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """`patchified`'s inverse (Flux2KleinPipeline._unpatchify_latents)."""
+    if not vae_spec(vae).batch_norm_patches:
+        return latents
+    (ph, pw), (b, c, h, w) = vae.config.patch_size, latents.shape
+    z = latents.reshape(b, c // (ph * pw), ph, pw, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c // (ph * pw), h * ph, w * pw)
 
 
 def temporal_compression(vae: torch.nn.Module) -> int:
@@ -187,7 +222,7 @@ def vae_scale_factor(vae: Autoencoder) -> int:
         return int(vae.config[spec.spatial_key])
     if spec.levels_key is not None:
         return 2 ** len(vae.config[spec.levels_key])
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return 2 ** (len(vae.config.block_out_channels) - 1) * math.isqrt(_patch_area(vae))
 
 
 def latent_shift(vae: Autoencoder) -> float:
@@ -199,7 +234,12 @@ def latent_shift_and_scale(vae: Autoencoder, channels_dim: int, ndim: int) -> tu
     """(shift, scale) with latents = (z - shift) * scale, broadcastable to a tensor of `ndim` dims with channels at
     `channels_dim`: the config's per-channel `latents_mean` and 1 / `latents_std` where it has them (WanPipeline's
     arithmetic), else the numbers `shift_factor` and `scaling_factor` (the same arithmetic as the image pipelines,
-    so their decodes agree to the bit)."""
+    so their decodes agree to the bit); FLUX.2's BatchNorm's running mean and 1 / sqrt(running variance + eps)."""
+    if vae_spec(vae).batch_norm_patches:
+        shape = [1] * ndim
+        shape[channels_dim] = -1
+        std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+        return vae.bn.running_mean.detach().view(shape), 1.0 / std.detach().view(shape)
     mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
     if mean is None or std is None:
         return latent_shift(vae), vae.config.scaling_factor
@@ -228,6 +268,7 @@ def posterior_moments(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
 def normalised_latents(vae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
     """(z - shift) * scale of unscaled latents z in the VAE's layout (channels at dim 1): `latent_shift_and_scale`'s
     numbers, or per channel (Wan's first-frame condition, WanImageToVideoPipeline.prepare_latents)."""
+    z = patchified(vae, z)
     shift, scale = latent_shift_and_scale(vae, 1, z.ndim)
     return (z - _on(shift, z)) * _on(scale, z)
 
@@ -260,7 +301,7 @@ def decode_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     if latents.ndim == 5:  # a frame-wise VAE: the frames as a batch (SVD's decoder mixes a clip's frames: num_frames)
         frames = {"num_frames": latents.shape[1]} if vae_spec(vae).decodes_clips_together else {}
         return vae.decode(unscaled.flatten(0, 1), **frames).sample.unflatten(0, latents.shape[:2])
-    return decode(vae, unscaled)
+    return decode(vae, unpatchified(vae, unscaled))
 
 
 def _on(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:

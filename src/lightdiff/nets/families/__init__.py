@@ -10,7 +10,21 @@ from __future__ import annotations
 import torch
 
 from lightdiff.config import ConfigError
-from lightdiff.nets.families import cogvideox, dit, flux, labels, pixart, qwenimage, sd, sd3, sdxl, svd, wan, zimage
+from lightdiff.nets.families import (
+    cogvideox,
+    dit,
+    flux,
+    flux2,
+    labels,
+    pixart,
+    qwenimage,
+    sd,
+    sd3,
+    sdxl,
+    svd,
+    wan,
+    zimage,
+)
 from lightdiff.nets.families.base import (
     SIZE_AND_CROP,
     Condition,
@@ -37,6 +51,7 @@ FAMILIES: tuple[Family, ...] = (
     sdxl.FAMILY,
     sd3.FAMILY,
     flux.FAMILY,
+    flux2.FAMILY,
     qwenimage.FAMILY,
     zimage.FAMILY,
     pixart.FAMILY,

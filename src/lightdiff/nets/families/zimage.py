@@ -52,7 +52,7 @@ from lightdiff.nets.text import (
     build_qwen2_tokenizer,
     qwen2_tokenizer_for,
     qwen2_tokenizer_state,
-    qwen3_from_scratch,
+    qwen3_config,
 )
 
 ZIMAGE_PATCH = 2  # ZImagePipeline calls the transformer with patch_size=2, f_patch_size=1
@@ -232,7 +232,7 @@ class ZImage(Family):
         tokenizer = build_qwen2_tokenizer(data.captions(), [ZIMAGE_MESSAGE])
         tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
         width = settings.text_hidden_size or self.text_width(net)
-        encoder = qwen3_from_scratch(tokenizer, width, settings.text_layers, settings.text_heads)
+        encoder = Qwen3Model(qwen3_config(tokenizer, width, settings.text_layers, settings.text_heads))
         return ZImageText(tokenizer, encoder, True, settings.max_sequence_length or ZIMAGE_MAX_SEQUENCE_LENGTH)
 
     def pretrained_conditioning(
