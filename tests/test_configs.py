@@ -52,12 +52,17 @@ def _group_overrides() -> list[list[str]]:
     }
     video_nets = set(video_model)
     cases += [["model=latent", "net=latent"], ["model=latent", "net=dit"]]
-    # Qwen-Image's and FLUX.2's transformers learn their own VAEs (none ships): one of each shape (QWEN_VAE,
-    # FLUX2_VAE); Z-Image's pipeline samples flows only
+    # Qwen-Image's transformer learns Qwen-Image's VAE (none ships): one of its shape (QWEN_VAE); FLUX.2's the
+    # shipped shapes VAE as FLUX.2's class; Z-Image's pipeline samples flows only
     flow = {
         "qwenimage_tiny": ["model=latent", "net=qwenimage_tiny", "objective=flow_matching", "model.vae=QWEN_VAE"],
         "zimage_tiny": ["model=latent", "net=zimage_tiny", "objective=flow_matching"],
-        "flux2_tiny": ["model=latent", "net=flux2_tiny", "objective=flow_matching", "model.vae=FLUX2_VAE"],
+        "flux2_tiny": [
+            "model=latent",
+            "net=flux2_tiny",
+            "objective=flow_matching",
+            "model.vae=${lightdiff.asset:vae_shapes16_flux2}",
+        ],
     }
     cases += [
         [*(["model=latent"] if o in latent_nets else []), f"net={o}"]
@@ -151,13 +156,6 @@ def test_every_option_composes_and_builds(
 
         AutoencoderKLQwenImage(base_dim=8, num_res_blocks=1).save_pretrained(tmp_path / "qwen-vae")
         overrides = [o.replace("QWEN_VAE", str(tmp_path / "qwen-vae")) for o in overrides]
-    if any("FLUX2_VAE" in o for o in overrides):  # FLUX.2's VAE with 4 latent channels (flux2_tiny's 16 patches)
-        from diffusers import AutoencoderKLFlux2
-
-        blocks = {"down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
-        vae = AutoencoderKLFlux2(**blocks, block_out_channels=[8, 16], latent_channels=4, norm_num_groups=4)
-        vae.save_pretrained(tmp_path / "flux2-vae")
-        overrides = [o.replace("FLUX2_VAE", str(tmp_path / "flux2-vae")) for o in overrides]
     overrides += _tiny_dinov2(tmp_path) if "discriminator=dinov2" in overrides else []
     cfg = compose_config("train", [f"output_root={tmp_path}", *overrides])
     # Small sizes, set as the command line would (plain values; composing again costs a quarter of a second a case).
