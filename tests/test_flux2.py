@@ -6,6 +6,7 @@ from the same seeds (tiny models built here, no downloads)."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
@@ -258,3 +259,73 @@ def test_lora_on_flux2_klein_is_a_diffusers_file_that_its_pipeline_loads(flux2_e
             generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
         ).images  # fmt: skip
         assert compare(float((theirs - ours).abs().max())), lora
+
+
+# ----- reference images (model.edit=true on pairs) ------------------------------------------------------------------
+
+
+def test_flux2_klein_trains_on_edit_pairs_through_its_reference_image_path(flux2_vae_dir: Path, tmp_path: Path) -> None:
+    """model.edit=true with a FLUX.2 transformer on data=shapes_edit: the source's normalised patches join the noisy
+    tokens as reference 0 (time id 10); the export is a Flux2KleinPipeline that, given the source as `image` (at 64 px:
+    it refuses smaller references, and a reference's size need not be the target's), draws lightdiff's guided edits
+    from the checkpoint; with another source, or the transformer perturbed, it does not (the controls)."""
+    from PIL import Image
+
+    from lightdiff.data.shapes_edit import ShapesEditDataset
+    from lightdiff.nets.families.flux2 import Flux2KleinEdit
+    from lightdiff.sampling import to_uint8
+
+    overrides = ["data=shapes_edit", "data.resolution=16", "model.edit=true", "model.lr=0.02", "model.warmup_steps=0"]
+    cfg = _flux2_config(tmp_path, flux2_vae_dir, "run_name=edit", "trainer.max_steps=6", *overrides)
+    method = train_run(cfg).lightning_module
+    assert isinstance(method.conditioning, Flux2KleinEdit)
+    final = json.loads((Path(cfg.run_dir) / "final_metrics.json").read_text())
+    assert {"final/edit_accuracy", "final/edit_preservation", "final/edit_right"} <= set(final)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}", "steps=3"]))
+    data = ShapesEditDataset(size=2, resolution=16)
+    pairs = [data[0], data[1]]
+    instructions = [str(pair["text"]) for pair in pairs]
+
+    def upscaled(index: int) -> Image.Image:
+        """Pair `index`'s source at 64 px (nearest): the pipeline takes no reference image under 64 px a side."""
+        source = to_uint8(pairs[index]["source_pixel_values"][None] / 2 + 0.5)[0]
+        return Image.fromarray(source).resize((64, 64), Image.NEAREST)
+
+    def edits(source_index: int, perturb: float = 0.0, drawn_from: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Both instructions on pair `source_index`'s source (at 64 px), by lightdiff and by the pipeline (given the
+        source of pair `drawn_from`, by default the same)."""
+        source = torch.from_numpy(np.asarray(upscaled(source_index))).permute(2, 0, 1).float() / 127.5 - 1
+        trained = load_denoiser(checkpoint)
+        scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
+        inputs = {"text": instructions, "source_pixel_values": source.expand(2, -1, -1, -1)}
+        ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, inputs, 4.0, vae=trained.vae,
+                        size=(16, 16))  # fmt: skip
+        pipeline = Flux2KleinPipeline.from_pretrained(folder)
+        if perturb:
+            perturb_weights(pipeline.transformer, perturb)
+        theirs = pipeline(
+            image=[upscaled(source_index if drawn_from is None else drawn_from)], prompt=instructions, height=16,
+            width=16, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=16,
+            text_encoder_out_layers=(1, 1, 1), output_type="pt",
+            generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+        ).images  # fmt: skip
+        return ours, theirs
+
+    ours, theirs = edits(0)
+    assert theirs.shape == ours.shape == (2, 3, 16, 16) and (theirs - ours).abs().max() < 1e-4
+    ours, theirs = edits(0, drawn_from=1)  # control: the source is read
+    assert (theirs - ours).abs().max() > 2e-4
+    ours, theirs = edits(0, perturb=0.05)
+    assert (theirs - ours).abs().max() > 1e-3
+
+
+def test_flux2_references_take_time_ids_ten_apart() -> None:
+    """Reference k's tokens carry time id 10 (k + 1) after the noisy tokens' 0, as Flux2KleinPipeline._prepare_image_ids
+    numbers them; two references give two such grids."""
+    from lightdiff.nets.families.flux2 import image_ids
+
+    grids = [image_ids(10 * (k + 1), 2, 3, torch.device("cpu")) for k in range(2)]
+    theirs = Flux2KleinPipeline._prepare_image_ids([torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 3)])[0]
+    assert torch.equal(torch.cat(grids), theirs)

@@ -41,6 +41,7 @@ from lightdiff.nets.families.base import (
     PromptStates,
     check_captions,
     kwargs_in_dtype,
+    prompts_without_condition,
 )
 from lightdiff.nets.families.flux import FAMILY as FLUX
 from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
@@ -51,6 +52,7 @@ from lightdiff.nets.text import (
     qwen2_tokenizer_state,
     qwen3_config,
 )
+from lightdiff.nets.vae import normalised_latents, posterior
 
 FLUX2_MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline.__call__'s default
 FLUX2_DEFAULT_SAMPLE_SIZE = 64  # Flux2KleinPipeline draws 1024 x 1024 by default: 64 patches a side
@@ -164,13 +166,94 @@ def flux2_klein_text_from_state(state: dict[str, Any]) -> Flux2KleinText:
     return Flux2KleinText(tokenizer, text_encoder, False, state["max_sequence_length"], state["layers"])
 
 
+class Flux2KleinEdit(nn.Module):
+    """FLUX.2 [klein] with reference images (`model.edit=true`; Flux2KleinPipeline's `image`): Flux2KleinText's prompt
+    (the instruction) and each pair's source(s) (`source_pixel_values`, (B, 3, H, W) or (B, K, 3, H, W) in [-1, 1])
+    through the VAE, the posterior's mode as the pipeline takes it, cut into patches and normalised like the latents
+    (`_encode_vae_image`), as `reference_latents` (B, K, C, h, w): `Flux2.output` makes them tokens after the noisy
+    ones, reference k with time id 10 + 10 k (`_prepare_image_ids`), and keeps the noisy tokens' output only. The
+    unconditional twin is the negative prompt with the same references (the pipeline's CFG sees them in both calls)."""
+
+    has_unconditional = True
+    reads = ("text", "source_pixel_values", "source_latent_moments")  # the latter from data.cache_latents
+
+    def __init__(self, text: Flux2KleinText) -> None:
+        super().__init__()
+        self.text = text
+        self.trainable = text.trainable
+        self.summary_dim = text.summary_dim
+        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this conditioning (`attach_vae`)
+
+    def attach_vae(self, vae: nn.Module) -> None:
+        self.__dict__["vae"] = vae
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        self.text.check(net, data)
+        if self.__dict__["vae"] is None:
+            raise ConfigError("model.edit=true: FLUX.2 reads its reference images through a VAE (model.vae)")
+
+    def train(self, mode: bool = True) -> Flux2KleinEdit:
+        super().train(mode)
+        self.text.train(mode)
+        return self
+
+    @torch.no_grad()
+    def reference_latents(self, inputs: Inputs) -> torch.Tensor:
+        """(B, K, C, h, w): each pair's references as Flux2KleinPipeline.prepare_image_latents encodes them."""
+        vae = self.__dict__["vae"]
+        moments, pixels = inputs.get("source_latent_moments"), inputs.get("source_pixel_values")
+        if moments is not None:  # data.cache_latents: the sources' posteriors, their modes
+            modes = moments.to(vae.device).float().chunk(2, dim=-3)[0]
+        elif pixels is not None:
+            images = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels
+            modes = posterior(vae, images.to(vae.device, vae.dtype)).mode().float()
+        else:
+            raise ValueError("FLUX.2 edits reference images: give source_pixel_values (data=shapes_edit, pairs)")
+        batch = len(inputs["text"])
+        latents = normalised_latents(vae, modes.flatten(0, -4))
+        return latents.view(batch, -1, *latents.shape[1:])
+
+    def forward(self, inputs: Inputs) -> Condition:
+        text = self.text(inputs)
+        return Condition({**text.kwargs, "reference_latents": self.reference_latents(inputs)}, text.summary)
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return prompts_without_condition(inputs, which, negative_prompt)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.text.trainable_parameters()
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return self.text.text_encoders()
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return self.text.pipeline_arguments()
+
+    def state(self) -> dict[str, Any]:
+        return {"family": "flux2_klein_edit", "text": self.text.state()}
+
+
+def flux2_klein_edit_from_state(state: dict[str, Any]) -> Flux2KleinEdit:
+    return Flux2KleinEdit(flux2_klein_text_from_state(state["text"]))
+
+
+REFERENCE_TIME_STEP = 10  # Flux2KleinPipeline._prepare_image_ids: reference k's time id is 10 + 10 k
+
+
 def token_ids(batch: int, rows: int, columns: int, text_tokens: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(image ids (B, rows x columns, 4), text ids (B, text_tokens, 4)): Flux2KleinPipeline's `_prepare_latent_ids`
     (0, row, column, 0) and `_prepare_text_ids` (0, 0, 0, index)."""
     one = torch.arange(1, device=device)
-    image = torch.cartesian_prod(one, torch.arange(rows, device=device), torch.arange(columns, device=device), one)
     text = torch.cartesian_prod(one, one, one, torch.arange(text_tokens, device=device))
-    return image.expand(batch, -1, -1), text.expand(batch, -1, -1)
+    return image_ids(0, rows, columns, device).expand(batch, -1, -1), text.expand(batch, -1, -1)
+
+
+def image_ids(time: int, rows: int, columns: int, device: torch.device) -> torch.Tensor:
+    """(rows x columns, 4): the ids (time, row, column, 0) of an image's tokens."""
+    grid = (torch.arange(rows, device=device), torch.arange(columns, device=device))
+    return torch.cartesian_prod(
+        torch.tensor([time], device=device), *grid, torch.zeros(1, dtype=torch.long, device=device)
+    )
 
 
 class Flux2(Family):
@@ -178,7 +261,7 @@ class Flux2(Family):
     denoiser_class = Flux2Transformer2DModel
     takes_text = True
     objectives = ("flow_matching",)  # Flux2KleinPipeline samples with a flow sampler
-    conditionings = {"flux2_klein_text": flux2_klein_text_from_state}
+    conditionings = {"flux2_klein_text": flux2_klein_text_from_state, "flux2_klein_edit": flux2_klein_edit_from_state}
 
     def default_sample_size(self, net: nn.Module) -> int:
         return FLUX2_DEFAULT_SAMPLE_SIZE  # rotary positions fit any size: the pipeline's default
@@ -198,19 +281,28 @@ class Flux2(Family):
             )
 
     def output(self, net: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
-        """Flux2KleinPipeline's transformer call: a token per latent pixel, timestep / 1000, the 4-axis ids."""
+        """Flux2KleinPipeline's transformer call: a token per latent pixel, timestep / 1000, the 4-axis ids; reference
+        images' tokens after the noisy ones, and only the noisy tokens' output kept."""
         batch, channels, rows, columns = x_t.shape
         kwargs = kwargs_in_dtype(condition, x_t.dtype)
-        image_ids, text_ids = token_ids(batch, rows, columns, kwargs["encoder_hidden_states"].shape[1], x_t.device)
+        references = kwargs.pop("reference_latents", None)
+        ids, text_ids = token_ids(batch, rows, columns, kwargs["encoder_hidden_states"].shape[1], x_t.device)
+        tokens = x_t.reshape(batch, channels, rows * columns).transpose(1, 2)  # the pipeline's _pack_latents
+        if references is not None:
+            for k, reference in enumerate(references.unbind(dim=1)):
+                time = REFERENCE_TIME_STEP * (k + 1)
+                tokens = torch.cat([tokens, reference.flatten(2).transpose(1, 2)], dim=1)
+                grid = image_ids(time, *reference.shape[-2:], x_t.device).expand(batch, -1, -1)
+                ids = torch.cat([ids, grid], dim=1)
         output = net(
-            hidden_states=x_t.reshape(batch, channels, rows * columns).transpose(1, 2),
+            hidden_states=tokens,
             timestep=timesteps.to(x_t.dtype) / FLUX2_TIMESTEP_SCALE,
-            img_ids=image_ids,
+            img_ids=ids,
             txt_ids=text_ids,
             guidance=None,
             **kwargs,
         ).sample
-        return output.transpose(1, 2).reshape(batch, -1, rows, columns)
+        return output[:, : rows * columns].transpose(1, 2).reshape(batch, -1, rows, columns)
 
     def pipeline_timesteps(self, scheduler: SchedulerMixin, num_inference_steps: int) -> dict[str, Any]:
         return FLUX.pipeline_timesteps(scheduler, num_inference_steps)  # Flux2KleinPipeline's sigmas are FLUX's
@@ -240,23 +332,22 @@ class Flux2(Family):
         width = settings.text_hidden_size or self.text_width(net)
         encoder = Qwen3ForCausalLM(qwen3_config(tokenizer, width, settings.text_layers, settings.text_heads))
         length = settings.max_sequence_length or FLUX2_MAX_SEQUENCE_LENGTH
-        return Flux2KleinText(tokenizer, encoder, True, length, out_layers(settings.text_layers))
+        text = Flux2KleinText(tokenizer, encoder, True, length, out_layers(settings.text_layers))
+        return Flux2KleinEdit(text) if settings.edit else text
 
     def pretrained_conditioning(
         self, pretrained: str, net: nn.Module, settings: ConditioningSettings, key: str
     ) -> Flux2KleinText:
-        """A FLUX.2 [klein] folder's Qwen3 and tokenizer (its chat template with it)."""
-        if settings.edit:
-            raise ConfigError(
-                f"model.edit=true: FLUX.2's reference images ({key}={pretrained!r}) are not trained by lightdiff yet"
-            )
+        """A FLUX.2 [klein] folder's Qwen3 and tokenizer (its chat template with it); with model.edit=true, read with
+        reference images (klein's one pipeline does both)."""
         parts = pipeline_parts(pretrained, key)
         check_parts_used(pretrained, parts, set(TEXT_PARTS), net, key, TEXT_PARTS, "a Qwen3 text encoder")
         encoder = load_component(Qwen3ForCausalLM, pretrained, "text_encoder", key)
         tokenizer = load_component(Qwen2Tokenizer, pretrained, "tokenizer", key)
         length = settings.max_sequence_length or FLUX2_MAX_SEQUENCE_LENGTH
         layers = out_layers(encoder.config.num_hidden_layers)
-        return Flux2KleinText(tokenizer, encoder, settings.train_text_encoder, length, layers)
+        text = Flux2KleinText(tokenizer, encoder, settings.train_text_encoder, length, layers)
+        return Flux2KleinEdit(text) if settings.edit else text
 
     def read_folder(
         self, folder: Path, net: nn.Module, metadata: dict[str, Any], load_vae: Callable[[], nn.Module]
@@ -270,7 +361,7 @@ class Flux2(Family):
         return load_vae(), text
 
     def write(self, parts: PipelineComponents, folder: Path) -> None:
-        text = parts.conditioning
+        text = parts.conditioning.text if isinstance(parts.conditioning, Flux2KleinEdit) else parts.conditioning
         pipeline = Flux2KleinPipeline(
             scheduler=parts.scheduler,
             vae=parts.vae,
