@@ -329,3 +329,33 @@ def test_flux2_references_take_time_ids_ten_apart() -> None:
     grids = [image_ids(10 * (k + 1), 2, 3, torch.device("cpu")) for k in range(2)]
     theirs = Flux2KleinPipeline._prepare_image_ids([torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 3)])[0]
     assert torch.equal(torch.cat(grids), theirs)
+
+
+def test_flux2_klein_edits_train_from_a_latent_cache_of_pairs_without_encoding(
+    flux2_vae_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.cache_latents on edit pairs encodes every target and its source once; a second run encodes nothing, and
+    its reference tokens are the cached sources' modes, as encoding the source now gives them (to float16)."""
+    from lightdiff.nets.families.flux2 import Flux2KleinEdit
+
+    from .conftest import count_encoded
+
+    calls = count_encoded(monkeypatch, AutoencoderKLFlux2)
+    overrides = ["data=shapes_edit", "data.resolution=16", "model.edit=true", "data.size=8", "data.cache_latents=true"]
+    overrides += [f"data.latent_cache_dir={tmp_path / 'cache'}", "callbacks.samples.final_num_images=0"]
+    train_run(_flux2_config(tmp_path, flux2_vae_dir, "run_name=fill", *overrides))
+    assert sum(calls) == 16  # 8 targets and 8 sources
+    calls.clear()
+    trainer = train_run(_flux2_config(tmp_path, flux2_vae_dir, "run_name=cached", *overrides))
+    assert trainer.global_step == 2 and calls == []
+    item, conditioning = trainer.datamodule.dataset[0], trainer.lightning_module.conditioning
+    assert isinstance(conditioning, Flux2KleinEdit)
+    with torch.no_grad():
+        cached = conditioning.reference_latents(
+            {"text": ["x"], "source_latent_moments": item["source_latent_moments"][None]}
+        )
+        pixels = trainer.datamodule.source_dataset[0]["source_pixel_values"][None]
+        encoded = conditioning.reference_latents({"text": ["x"], "source_pixel_values": pixels})
+    assert cached.shape == encoded.shape == (1, 1, 16, 4, 4) and torch.allclose(
+        cached, encoded, atol=2e-3
+    )  # float16 cache
