@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from lightdiff.config import ConfigError
+from lightdiff.nets.vae import normalised_latents, posterior
 
 Denoiser = nn.Module  # a diffusers denoiser of a registered family (`family_of` says which)
 Inputs = Mapping[str, Any]  # {"label": (B,) tensor, "text": B captions, ...}: what a conditioning reads
@@ -238,6 +239,7 @@ class PromptStates(nn.Module):
 
     has_unconditional = True
     reads = ("text",)
+    state_name: ClassVar[str]  # `state()["family"]`: which reader `conditioning_from_state` picks
     tokenizer: Any
     text_encoder: nn.Module
     trainable: bool
@@ -245,6 +247,28 @@ class PromptStates(nn.Module):
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def tokenizer_state(self) -> dict[str, Any]:
+        """The tokenizer as plain data: it travels with the weights (see CLIPText's)."""
+        raise NotImplementedError
+
+    def tokenizer_from_state(self, state: dict[str, Any]) -> Any:
+        """`tokenizer_state`'s tokenizer again, refused if this encoder embeds fewer tokens."""
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.tokenizer = self.tokenizer_from_state(state["tokenizer"])
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "family": self.state_name,
+            "text_encoder_config": self.text_encoder.config.to_dict(),
+            "tokenizer": self.tokenizer_state(),
+            "max_sequence_length": self.max_sequence_length,
+        }
 
     def train(self, mode: bool = True) -> PromptStates:
         return super().train(mode and self.trainable)
@@ -276,6 +300,86 @@ class PromptStates(nn.Module):
 
     def pipeline_arguments(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
+
+
+class ReferenceImages(nn.Module):
+    """An editing conditioning that sees the source as its pipeline's reference images (FLUX.1 Kontext, FLUX.2): a text
+    conditioning's prompt (the instruction), and each pair's source(s) (`source_pixel_values`, (B, 3, H, W), or
+    (B, K, 3, H, W) for K references, in [-1, 1]; or their cached posteriors, `source_latent_moments`) through the
+    method's VAE, the posterior's mode as the pipelines take it, normalised as the latents are, as `reference_latents`
+    (B, K, C, h, w). The family's `output` makes them tokens after the noisy ones and keeps the noisy tokens' output.
+    The unconditional twin is the negative prompt with the same references (the pipelines guide the text alone).
+    Subclasses name their state (`state_name`), the model in messages (`model_name`) and how many references their
+    pipeline takes (`max_references`; None: any)."""
+
+    has_unconditional = True
+    reads = ("text", "source_pixel_values", "source_latent_moments")  # the latter from data.cache_latents
+    state_name: ClassVar[str]
+    model_name: ClassVar[str]
+    max_references: ClassVar[int | None] = None
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.text = text
+        self.trainable = text.trainable
+        self.summary_dim = text.summary_dim
+        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this conditioning (`attach_vae`)
+
+    def attach_vae(self, vae: nn.Module) -> None:
+        self.__dict__["vae"] = vae
+
+    def check(self, net: nn.Module, data: DataDescription) -> None:
+        self.text.check(net, data)
+        if self.__dict__["vae"] is None:
+            raise ConfigError(f"model.edit=true: {self.model_name} reads its source image through a VAE (model.vae)")
+
+    def train(self, mode: bool = True) -> ReferenceImages:
+        super().train(mode)
+        self.text.train(mode)
+        return self
+
+    @torch.no_grad()
+    def reference_latents(self, inputs: Inputs) -> torch.Tensor:
+        """(B, K, C, h, w): each pair's references as the pipeline encodes them (`_encode_vae_image`)."""
+        vae = self.__dict__["vae"]
+        moments, pixels = inputs.get("source_latent_moments"), inputs.get("source_pixel_values")
+        if moments is not None:  # data.cache_latents: the sources' posteriors, their modes
+            modes = moments.to(vae.device).float().chunk(2, dim=-3)[0]
+        elif pixels is not None:
+            images = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels
+            modes = posterior(vae, images.to(vae.device, vae.dtype)).mode().float()
+        else:
+            raise ValueError(
+                f"{self.model_name} edits a source image: give source_pixel_values (data=shapes_edit, pairs)"
+            )
+        batch = len(inputs["text"])
+        latents = normalised_latents(vae, modes.flatten(0, -4))
+        references = latents.view(batch, -1, *latents.shape[1:])
+        if self.max_references is not None and references.shape[1] > self.max_references:
+            raise ValueError(
+                f"{self.model_name} takes {self.max_references} source image(s) per pair, not "
+                f"{references.shape[1]} references"
+            )
+        return references
+
+    def forward(self, inputs: Inputs) -> Condition:
+        text = self.text(inputs)
+        return Condition({**text.kwargs, "reference_latents": self.reference_latents(inputs)}, text.summary)
+
+    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
+        return prompts_without_condition(inputs, which, negative_prompt)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.text.trainable_parameters()
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return self.text.text_encoders()
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return self.text.pipeline_arguments()
+
+    def state(self) -> dict[str, Any]:
+        return {"family": self.state_name, "text": self.text.state()}
 
 
 def prompts_without_condition(inputs: Inputs, which: Sequence[bool], negative_prompt: str) -> Inputs:

@@ -50,6 +50,8 @@ class T5Text(PromptStates):
     The unconditional twin encodes the negative prompt, "" by default, as the pipeline does. The summary a
     discriminator projects is the states' mean over tokens (T5 has no pooled output)."""
 
+    state_name = "t5_text"
+
     def __init__(
         self,
         tokenizer: T5Tokenizer,
@@ -91,19 +93,11 @@ class T5Text(PromptStates):
         states = self.prompt_states(inputs)
         return Condition({"encoder_hidden_states": states}, states.float().mean(dim=1))
 
-    def get_extra_state(self) -> dict[str, Any]:  # the tokenizer travels with the weights (see CLIPText's)
-        return {"tokenizer": t5_tokenizer_state(self.tokenizer)}
+    def tokenizer_state(self) -> dict[str, Any]:
+        return t5_tokenizer_state(self.tokenizer)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.tokenizer = t5_tokenizer_for(self.text_encoder, state["tokenizer"])
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "family": "t5_text",
-            "text_encoder_config": self.text_encoder.config.to_dict(),
-            "tokenizer": t5_tokenizer_state(self.tokenizer),
-            "max_sequence_length": self.max_sequence_length,
-        }
+    def tokenizer_from_state(self, state: dict[str, Any]) -> Any:
+        return t5_tokenizer_for(self.text_encoder, state)
 
 
 def t5_text_from_state(state: dict[str, Any]) -> T5Text:

@@ -36,6 +36,7 @@ from lightdiff.nets.families.base import (
     Family,
     Inputs,
     PipelineComponents,
+    ReferenceImages,
     check_captions,
     encoder_parameters,
     kwargs_in_dtype,
@@ -57,7 +58,6 @@ from lightdiff.nets.text import (
     tokenizer_from_state,
     tokenizer_state,
 )
-from lightdiff.nets.vae import normalised_latents, posterior
 
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline refuses longer T5 sequences
 FLUX_PIPELINE_GUIDANCE_SCALE = 3.5  # FluxPipeline's default `guidance_scale` (a guidance-embedding transformer's input)
@@ -242,72 +242,15 @@ def flux_text_from_state(state: dict[str, Any]) -> FluxText:
     )
 
 
-class FluxKontextText(nn.Module):
+class FluxKontextText(ReferenceImages):
     """FLUX.1 Kontext's conditioning (`FluxKontextPipeline`, Black Forest Labs 2025, arXiv 2506.15742): FluxText's
-    prompt (the instruction), and the source image it edits (`source_pixel_values`, (B, 3, H, W) in [-1, 1]) through
-    the VAE, the posterior's mode as the pipeline takes it, (z - shift) * scale, as `reference_latents`: `Flux.output`
-    packs them into tokens after the noisy ones, with position ids whose first coordinate is 1, and keeps the noisy
-    tokens' output only. The unconditional twin is the negative prompt with the same source (the pipeline's true CFG
-    guides the text alone)."""
+    prompt (the instruction), and the source image it edits through the VAE as one reference (`ReferenceImages`):
+    `Flux.output` packs it into tokens after the noisy ones, with position ids whose first coordinate is 1. The
+    pipeline's true CFG guides the text alone."""
 
-    has_unconditional = True
-    reads = ("text", "source_pixel_values", "source_latent_moments")  # the latter from data.cache_latents
-
-    def __init__(self, text: FluxText) -> None:
-        super().__init__()
-        self.text = text
-        self.trainable = text.trainable
-        self.summary_dim = text.summary_dim
-        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this conditioning (`attach_vae`)
-
-    def attach_vae(self, vae: nn.Module) -> None:
-        self.__dict__["vae"] = vae
-
-    def check(self, net: nn.Module, data: DataDescription) -> None:
-        self.text.check(net, data)
-        if self.__dict__["vae"] is None:
-            raise ConfigError("model.edit=true: FLUX.1 Kontext reads its source image through a VAE (model.vae)")
-
-    def train(self, mode: bool = True) -> FluxKontextText:
-        super().train(mode)
-        self.text.train(mode)
-        return self
-
-    @torch.no_grad()
-    def reference_latents(self, sources: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w): FluxKontextPipeline._encode_vae_image of sources in [-1, 1]."""
-        vae = self.__dict__["vae"]
-        z = posterior(vae, sources.to(vae.device, vae.dtype)).mode().float()
-        return normalised_latents(vae, z)
-
-    def forward(self, inputs: Inputs) -> Condition:
-        text = self.text(inputs)
-        if inputs.get("source_latent_moments") is not None:  # data.cache_latents: the source's posterior, its mode
-            vae = self.__dict__["vae"]
-            mode = inputs["source_latent_moments"].to(vae.device).float().chunk(2, dim=1)[0]
-            reference = normalised_latents(vae, mode)
-        elif inputs.get("source_pixel_values") is not None:
-            if inputs["source_pixel_values"].ndim != 4:
-                raise ValueError("FLUX.1 Kontext takes one source image per pair, not a list of references")
-            reference = self.reference_latents(inputs["source_pixel_values"])
-        else:
-            raise ValueError("FLUX.1 Kontext edits a source image: give source_pixel_values (data=shapes_edit, pairs)")
-        return Condition({**text.kwargs, "reference_latents": reference}, text.summary)
-
-    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
-        return prompts_without_condition(inputs, which, negative_prompt)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.text.trainable_parameters()
-
-    def text_encoders(self) -> dict[str, nn.Module]:
-        return self.text.text_encoders()
-
-    def pipeline_arguments(self) -> dict[str, Any]:
-        return self.text.pipeline_arguments()
-
-    def state(self) -> dict[str, Any]:
-        return {"family": "flux_kontext", "text": self.text.state()}
+    state_name = "flux_kontext"
+    model_name = "FLUX.1 Kontext"
+    max_references = 1
 
 
 def flux_kontext_from_state(state: dict[str, Any]) -> FluxKontextText:
@@ -364,8 +307,9 @@ class Flux(Family):
         kwargs = kwargs_in_dtype(condition, x_t.dtype)
         states = kwargs["encoder_hidden_states"]
         tokens, ids = pack_latents(x_t), latent_image_ids(height, width, x_t.device, x_t.dtype)
-        reference = kwargs.get("reference_latents")
-        if reference is not None:  # FLUX.1 Kontext: the source's tokens follow, their ids' first coordinate 1
+        references = kwargs.get("reference_latents")
+        if references is not None:  # FLUX.1 Kontext: the source's tokens follow, their ids' first coordinate 1
+            reference = references[:, 0]  # its one reference (FluxKontextText.max_references)
             reference_ids = latent_image_ids(*reference.shape[-2:], x_t.device, x_t.dtype)
             reference_ids[:, 0] = 1
             tokens = torch.cat([tokens, pack_latents(reference)], dim=1)

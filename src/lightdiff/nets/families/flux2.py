@@ -39,9 +39,9 @@ from lightdiff.nets.families.base import (
     Inputs,
     PipelineComponents,
     PromptStates,
+    ReferenceImages,
     check_captions,
     kwargs_in_dtype,
-    prompts_without_condition,
 )
 from lightdiff.nets.families.flux import FAMILY as FLUX
 from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
@@ -52,7 +52,6 @@ from lightdiff.nets.text import (
     qwen2_tokenizer_state,
     qwen3_config,
 )
-from lightdiff.nets.vae import normalised_latents, posterior
 
 FLUX2_MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline.__call__'s default
 FLUX2_DEFAULT_SAMPLE_SIZE = 64  # Flux2KleinPipeline draws 1024 x 1024 by default: 64 patches a side
@@ -73,6 +72,8 @@ class Flux2KleinText(PromptStates):
     states at `layers`, side by side (`encoder_hidden_states`, 3 x hidden wide). The unconditional twin encodes the
     negative prompt ("" by default, the pipeline's only one). The summary a discriminator projects is the mean of the
     prompt's own rows."""
+
+    state_name = "flux2_klein_text"
 
     def __init__(
         self,
@@ -144,20 +145,14 @@ class Flux2KleinText(PromptStates):
     def pipeline_arguments(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length, "text_encoder_out_layers": list(self.layers)}
 
-    def get_extra_state(self) -> dict[str, Any]:  # the tokenizer travels with the weights (see CLIPText's)
-        return {"tokenizer": qwen2_tokenizer_state(self.tokenizer)}
+    def tokenizer_state(self) -> dict[str, Any]:
+        return qwen2_tokenizer_state(self.tokenizer)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.tokenizer = qwen2_tokenizer_for(self.text_encoder, state["tokenizer"])
+    def tokenizer_from_state(self, state: dict[str, Any]) -> Any:
+        return qwen2_tokenizer_for(self.text_encoder, state)
 
     def state(self) -> dict[str, Any]:
-        return {
-            "family": "flux2_klein_text",
-            "text_encoder_config": self.text_encoder.config.to_dict(),
-            "tokenizer": qwen2_tokenizer_state(self.tokenizer),
-            "max_sequence_length": self.max_sequence_length,
-            "layers": list(self.layers),
-        }
+        return {**super().state(), "layers": list(self.layers)}
 
 
 def flux2_klein_text_from_state(state: dict[str, Any]) -> Flux2KleinText:
@@ -166,71 +161,14 @@ def flux2_klein_text_from_state(state: dict[str, Any]) -> Flux2KleinText:
     return Flux2KleinText(tokenizer, text_encoder, False, state["max_sequence_length"], state["layers"])
 
 
-class Flux2KleinEdit(nn.Module):
+class Flux2KleinEdit(ReferenceImages):
     """FLUX.2 [klein] with reference images (`model.edit=true`; Flux2KleinPipeline's `image`): Flux2KleinText's prompt
-    (the instruction) and each pair's source(s) (`source_pixel_values`, (B, 3, H, W) or (B, K, 3, H, W) in [-1, 1])
-    through the VAE, the posterior's mode as the pipeline takes it, cut into patches and normalised like the latents
-    (`_encode_vae_image`), as `reference_latents` (B, K, C, h, w): `Flux2.output` makes them tokens after the noisy
-    ones, reference k with time id 10 + 10 k (`_prepare_image_ids`), and keeps the noisy tokens' output only. The
-    unconditional twin is the negative prompt with the same references (the pipeline's CFG sees them in both calls)."""
+    (the instruction) and each pair's source(s) through the VAE (`ReferenceImages`): `Flux2.output` makes them tokens
+    after the noisy ones, reference k with time id 10 + 10 k (`_prepare_image_ids`). The pipeline's CFG sees them in
+    both calls."""
 
-    has_unconditional = True
-    reads = ("text", "source_pixel_values", "source_latent_moments")  # the latter from data.cache_latents
-
-    def __init__(self, text: Flux2KleinText) -> None:
-        super().__init__()
-        self.text = text
-        self.trainable = text.trainable
-        self.summary_dim = text.summary_dim
-        self.__dict__["vae"] = None  # the method's VAE, not a submodule of this conditioning (`attach_vae`)
-
-    def attach_vae(self, vae: nn.Module) -> None:
-        self.__dict__["vae"] = vae
-
-    def check(self, net: nn.Module, data: DataDescription) -> None:
-        self.text.check(net, data)
-        if self.__dict__["vae"] is None:
-            raise ConfigError("model.edit=true: FLUX.2 reads its reference images through a VAE (model.vae)")
-
-    def train(self, mode: bool = True) -> Flux2KleinEdit:
-        super().train(mode)
-        self.text.train(mode)
-        return self
-
-    @torch.no_grad()
-    def reference_latents(self, inputs: Inputs) -> torch.Tensor:
-        """(B, K, C, h, w): each pair's references as Flux2KleinPipeline.prepare_image_latents encodes them."""
-        vae = self.__dict__["vae"]
-        moments, pixels = inputs.get("source_latent_moments"), inputs.get("source_pixel_values")
-        if moments is not None:  # data.cache_latents: the sources' posteriors, their modes
-            modes = moments.to(vae.device).float().chunk(2, dim=-3)[0]
-        elif pixels is not None:
-            images = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels
-            modes = posterior(vae, images.to(vae.device, vae.dtype)).mode().float()
-        else:
-            raise ValueError("FLUX.2 edits reference images: give source_pixel_values (data=shapes_edit, pairs)")
-        batch = len(inputs["text"])
-        latents = normalised_latents(vae, modes.flatten(0, -4))
-        return latents.view(batch, -1, *latents.shape[1:])
-
-    def forward(self, inputs: Inputs) -> Condition:
-        text = self.text(inputs)
-        return Condition({**text.kwargs, "reference_latents": self.reference_latents(inputs)}, text.summary)
-
-    def without_condition(self, inputs: Inputs, which: Sequence[bool], negative_prompt: str = "") -> Inputs:
-        return prompts_without_condition(inputs, which, negative_prompt)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.text.trainable_parameters()
-
-    def text_encoders(self) -> dict[str, nn.Module]:
-        return self.text.text_encoders()
-
-    def pipeline_arguments(self) -> dict[str, Any]:
-        return self.text.pipeline_arguments()
-
-    def state(self) -> dict[str, Any]:
-        return {"family": "flux2_klein_edit", "text": self.text.state()}
+    state_name = "flux2_klein_edit"
+    model_name = "FLUX.2"
 
 
 def flux2_klein_edit_from_state(state: dict[str, Any]) -> Flux2KleinEdit:

@@ -129,6 +129,8 @@ class QwenText(PromptStates):
     change the transformer's output. The unconditional twin encodes the negative prompt, "" by default. The summary a
     discriminator projects is the mean of the prompt's states."""
 
+    state_name = "qwen_text"
+
     def __init__(
         self,
         tokenizer: Qwen2Tokenizer,
@@ -181,19 +183,11 @@ class QwenText(PromptStates):
         summary = (states.float() * mask[..., None]).sum(dim=1) / lengths[:, None].clamp(min=1)
         return Condition({"encoder_hidden_states": states, "encoder_hidden_states_mask": mask}, summary)
 
-    def get_extra_state(self) -> dict[str, Any]:  # the tokenizer travels with the weights (see CLIPText's)
-        return {"tokenizer": qwen2_tokenizer_state(self.tokenizer)}
+    def tokenizer_state(self) -> dict[str, Any]:
+        return qwen2_tokenizer_state(self.tokenizer)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.tokenizer = qwen2_tokenizer_for(self.text_encoder, state["tokenizer"])
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "family": "qwen_text",
-            "text_encoder_config": self.text_encoder.config.to_dict(),
-            "tokenizer": qwen2_tokenizer_state(self.tokenizer),
-            "max_sequence_length": self.max_sequence_length,
-        }
+    def tokenizer_from_state(self, state: dict[str, Any]) -> Any:
+        return qwen2_tokenizer_for(self.text_encoder, state)
 
 
 def qwen_text_from_state(state: dict[str, Any]) -> QwenText:

@@ -294,6 +294,8 @@ class UMT5Text(T5Text):
     in the attention: a plain pipeline reproduces the model at the length it trained with (lightdiff.json keeps it).
     The unconditional twin encodes the negative prompt, "" by default, as the pipeline does."""
 
+    state_name = "umt5_text"
+
     def check(self, net: nn.Module, data: DataDescription) -> None:
         check_captions(net, data)
         width = self.text_encoder.config.d_model
@@ -311,9 +313,6 @@ class UMT5Text(T5Text):
         mask = ids.ne(self.tokenizer.pad_token_id)  # padding is on the right: the prompt's tokens come first
         states = self.text_encoder(ids, attention_mask=mask.long()).last_hidden_state
         return states.masked_fill(~mask[..., None], 0.0)
-
-    def state(self) -> dict[str, Any]:
-        return {**super().state(), "family": "umt5_text"}
 
 
 def umt5_text_from_state(state: dict[str, Any]) -> UMT5Text:

@@ -83,6 +83,8 @@ class ZImageText(PromptStates):
     transformer only those rows, as the pipeline does. The unconditional twin encodes the negative prompt ("" by
     default). The summary a discriminator projects is the mean of the prompt's states."""
 
+    state_name = "zimage_text"
+
     def __init__(
         self,
         tokenizer: Qwen2Tokenizer,
@@ -146,19 +148,11 @@ class ZImageText(PromptStates):
     def pipeline_arguments(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
 
-    def get_extra_state(self) -> dict[str, Any]:  # the tokenizer travels with the weights (see CLIPText's)
-        return {"tokenizer": qwen2_tokenizer_state(self.tokenizer)}
+    def tokenizer_state(self) -> dict[str, Any]:
+        return qwen2_tokenizer_state(self.tokenizer)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.tokenizer = qwen2_tokenizer_for(self.text_encoder, state["tokenizer"])
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "family": "zimage_text",
-            "text_encoder_config": self.text_encoder.config.to_dict(),
-            "tokenizer": qwen2_tokenizer_state(self.tokenizer),
-            "max_sequence_length": self.max_sequence_length,
-        }
+    def tokenizer_from_state(self, state: dict[str, Any]) -> Any:
+        return qwen2_tokenizer_for(self.text_encoder, state)
 
 
 def zimage_text_from_state(state: dict[str, Any]) -> ZImageText:
