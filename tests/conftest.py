@@ -435,3 +435,57 @@ def assert_discriminator_heads_learnt(module: object) -> None:
     assert heads and all(p in discriminator_optimizer.state for p in heads)
     assert all(discriminator_optimizer.state[p]["step"].item() >= 1 for p in heads)
     assert all(discriminator_optimizer.state[p]["exp_avg"].abs().sum() > 0 for p in heads if p.ndim > 1)
+
+
+def drawn_from_checkpoint(
+    checkpoint: Path, inputs: dict[str, object], guidance_scale: float, size: int = 16, steps: int = 3
+) -> torch.Tensor:
+    """What lightdiff draws from a checkpoint for `inputs` (seeds 0, 1, ...) with the scheduler sample.py makes for it:
+    the lightdiff side of a family's parity test."""
+    from lightdiff.drawing import scheduler_for
+    from lightdiff.sampling import generate
+    from lightdiff.trained import load_denoiser
+
+    trained = load_denoiser(checkpoint)
+    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
+    seeds = list(range(len(next(iter(inputs.values())))))
+    return generate(
+        trained.net, scheduler, steps, seeds, trained.conditioning, inputs, guidance_scale, vae=trained.vae,
+        size=(size, size),
+    )  # fmt: skip
+
+
+def assert_fine_tune_froze_the_encoder(trainer: object, base: object, text_class: type) -> None:
+    """A run from `model.pretrained=<pipeline folder>` with its denoiser loaded: the text encoder and VAE are the
+    pipeline's (`base`), frozen, and the denoiser trained (the control: it moved)."""
+    method = trainer.lightning_module
+    text = method.conditioning
+    assert isinstance(text, text_class) and not text.trainable
+    for ours, theirs in ((text.text_encoder, base.text_encoder), (method.vae, base.vae)):
+        assert type(ours) is type(theirs)
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    denoiser = getattr(base, "transformer", None) or base.unet
+    assert any(not torch.equal(a, b) for a, b in zip(method.net.parameters(), denoiser.parameters()))
+
+
+def assert_lora_file_reproduced(
+    checkpoint: Path, folder: Path, pipeline_class: type, prompts: list[str], adapted: list[str], **call: object
+) -> None:
+    """A LoRA run's export (`folder`: the base and diffusers' LoRA file): the layers named in `adapted` carry
+    adapters, and `pipeline_class.load_lora_weights` makes the pipeline draw lightdiff's unguided images (3 steps,
+    16 px, seeds 0, 1, `call`: the pipeline's own arguments); the base alone draws others (the control)."""
+    from lightdiff.trained import load_denoiser
+
+    names = [name for name, _ in load_denoiser(checkpoint).net.named_parameters() if ".lora_A." in name]
+    for layer in adapted:
+        assert any(f"{layer}.lora_A." in name for name in names), layer
+    ours = drawn_from_checkpoint(checkpoint, {"text": prompts}, 1.0)
+    for lora, compare in ((True, lambda d: d < 1e-4), (False, lambda d: d > 1e-3)):
+        pipeline = pipeline_class.from_pretrained(folder)
+        if lora:
+            pipeline.load_lora_weights(folder)
+        theirs = pipeline(
+            prompt=prompts, height=16, width=16, num_inference_steps=3, output_type="pt",
+            generator=[torch.Generator().manual_seed(seed) for seed in range(len(prompts))], **call,
+        ).images  # fmt: skip
+        assert compare(float((theirs - ours).abs().max())), lora

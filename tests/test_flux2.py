@@ -10,20 +10,25 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
-from transformers import Qwen3ForCausalLM
 
 from lightdiff.config import ConfigError
-from lightdiff.drawing import scheduler_for
 from lightdiff.nets.families import family_of
 from lightdiff.nets.families.flux2 import FAMILY as FLUX2
 from lightdiff.nets.families.flux2 import Flux2KleinText, out_layers
 from lightdiff.nets.vae import decode_latents, latent_channels, normalised_latents, vae_scale_factor
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import generate
 from lightdiff.train import run as train_run
-from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
+from lightdiff.trained import load_checkpoint_file, load_trained
 
-from .conftest import TINY, compose_config, perturb_weights, tiny_vae
+from .conftest import (
+    TINY,
+    assert_fine_tune_froze_the_encoder,
+    assert_lora_file_reproduced,
+    compose_config,
+    drawn_from_checkpoint,
+    perturb_weights,
+    tiny_vae,
+)
 
 PROMPTS = ["a red circle", "a blue square in the top left"]
 
@@ -96,12 +101,7 @@ def _images(folder: Path, checkpoint: Path, guidance_scale: float, perturb: floa
     if perturb:
         perturb_weights(pipeline.transformer, perturb)
     recorded = json.loads((folder / "lightdiff.json").read_text())
-    trained = load_denoiser(checkpoint)
-    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
-    ours = generate(
-        trained.net, scheduler, 3, [0, 1], trained.conditioning, {"text": PROMPTS}, guidance_scale,
-        vae=trained.vae, size=(16, 16),
-    )  # fmt: skip
+    ours = drawn_from_checkpoint(checkpoint, {"text": PROMPTS}, guidance_scale)
     theirs = pipeline(
         prompt=PROMPTS, height=16, width=16, num_inference_steps=3, output_type="pt", guidance_scale=guidance_scale,
         max_sequence_length=recorded["max_sequence_length"],
@@ -220,45 +220,29 @@ def test_a_flux2_klein_folder_fine_tunes_with_its_frozen_encoder(flux2_export: P
     """model.pretrained=<Flux2KleinPipeline folder>: its Qwen3 and VAE frozen, its transformer trained."""
     overrides = [f"output_root={tmp_path}", *TINY, *TINY_FLUX2_MODEL, f"model.pretrained={flux2_export}"]
     trainer = train_run(compose_config("train", [*overrides, "model.load_pretrained_unet=true", "run_name=tuned"]))
-    method, base = trainer.lightning_module, Flux2KleinPipeline.from_pretrained(flux2_export)
-    text = method.conditioning
-    assert isinstance(text, Flux2KleinText) and not text.trainable and isinstance(text.text_encoder, Qwen3ForCausalLM)
-    assert isinstance(method.vae, AutoencoderKLFlux2)
-    for ours, theirs in ((text.text_encoder, base.text_encoder), (method.vae, base.vae)):
-        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
-    moved = [not torch.equal(a, b) for a, b in zip(method.net.parameters(), base.transformer.parameters())]
-    assert any(moved)  # control: the transformer did train
+    assert_fine_tune_froze_the_encoder(trainer, Flux2KleinPipeline.from_pretrained(flux2_export), Flux2KleinText)
 
 
 @pytest.mark.slow  # a LoRA run on the export and two pipelines
 def test_lora_on_flux2_klein_is_a_diffusers_file_that_its_pipeline_loads(flux2_export: Path, tmp_path: Path) -> None:
-    """LoRA on a FLUX.2 [klein] base: the export is the base plus diffusers' LoRA file, which
-    Flux2KleinPipeline.load_lora_weights applies so that the pipeline draws lightdiff's images; without it, other
-    images (the control)."""
+    """LoRA on a FLUX.2 [klein] base (attention, SwiGLU MLPs, the single-stream blocks' fused projections): the export
+    is the base plus diffusers' LoRA file, which Flux2KleinPipeline.load_lora_weights applies so that the pipeline
+    draws lightdiff's images; without it, other images (the control)."""
     overrides = [f"output_root={tmp_path}", *TINY, *TINY_FLUX2_MODEL, f"model.pretrained={flux2_export}"]
     overrides += ["model.load_pretrained_unet=true", "model.lora.rank=4", "model.lr=0.01", "model.warmup_steps=0"]
     cfg = compose_config("train", [*overrides, "trainer.max_steps=4", "run_name=lora"])
     train_run(cfg)
     checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    folder = tmp_path / "export"
-    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    adapters = [name for name, _ in load_denoiser(checkpoint).net.named_parameters() if ".lora_A." in name]
-    assert any("transformer_blocks.0.ff.linear_in.lora_A." in name for name in adapters)
-    assert any("single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A." in name for name in adapters)
-    for lora, compare in ((True, lambda d: d < 1e-4), (False, lambda d: d > 1e-3)):  # the base alone: the control
-        pipeline = Flux2KleinPipeline.from_pretrained(folder)
-        if lora:
-            pipeline.load_lora_weights(folder)
-        trained = load_denoiser(checkpoint)
-        scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
-        ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, {"text": PROMPTS}, 1.0,
-                        vae=trained.vae, size=(16, 16))  # fmt: skip
-        theirs = pipeline(
-            prompt=PROMPTS, height=16, width=16, num_inference_steps=3, max_sequence_length=16, output_type="pt",
-            guidance_scale=1.0, text_encoder_out_layers=(1, 1, 1),
-            generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
-        ).images  # fmt: skip
-        assert compare(float((theirs - ours).abs().max())), lora
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'export'}"]))
+    adapted = [
+        "transformer_blocks.0.ff.linear_in",
+        "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+        "single_transformer_blocks.0.attn.to_out",
+    ]
+    assert_lora_file_reproduced(
+        checkpoint, tmp_path / "export", Flux2KleinPipeline, PROMPTS, adapted, max_sequence_length=16,
+        guidance_scale=1.0, text_encoder_out_layers=(1, 1, 1),
+    )  # fmt: skip
 
 
 # ----- reference images (model.edit=true on pairs) ------------------------------------------------------------------
@@ -297,11 +281,8 @@ def test_flux2_klein_trains_on_edit_pairs_through_its_reference_image_path(flux2
         """Both instructions on pair `source_index`'s source (at 64 px), by lightdiff and by the pipeline (given the
         source of pair `drawn_from`, by default the same)."""
         source = torch.from_numpy(np.asarray(upscaled(source_index))).permute(2, 0, 1).float() / 127.5 - 1
-        trained = load_denoiser(checkpoint)
-        scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
         inputs = {"text": instructions, "source_pixel_values": source.expand(2, -1, -1, -1)}
-        ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, inputs, 4.0, vae=trained.vae,
-                        size=(16, 16))  # fmt: skip
+        ours = drawn_from_checkpoint(checkpoint, inputs, 4.0)
         pipeline = Flux2KleinPipeline.from_pretrained(folder)
         if perturb:
             perturb_weights(pipeline.transformer, perturb)

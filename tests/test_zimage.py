@@ -11,16 +11,21 @@ from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen3Model
 
 from lightdiff.config import ConfigError
-from lightdiff.drawing import scheduler_for
 from lightdiff.nets.families import family_of
 from lightdiff.nets.families.zimage import FAMILY as ZIMAGE
 from lightdiff.nets.families.zimage import ZImageText
 from lightdiff.sample import run as sample_run
-from lightdiff.sampling import generate
 from lightdiff.train import run as train_run
-from lightdiff.trained import load_checkpoint_file, load_denoiser, load_trained
+from lightdiff.trained import load_checkpoint_file, load_trained
 
-from .conftest import TINY, compose_config, perturb_weights
+from .conftest import (
+    TINY,
+    assert_fine_tune_froze_the_encoder,
+    assert_lora_file_reproduced,
+    compose_config,
+    drawn_from_checkpoint,
+    perturb_weights,
+)
 
 PROMPTS = ["a red circle", "a blue square in the top left"]
 
@@ -75,12 +80,7 @@ def _images(
     pipeline = ZImagePipeline.from_pretrained(folder)
     if perturb:
         perturb_weights(pipeline.transformer, perturb)
-    trained = load_denoiser(checkpoint)
-    scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)  # sample.py's
-    ours = generate(
-        trained.net, scheduler, 3, [0, 1], trained.conditioning, {"text": PROMPTS}, guidance_scale,
-        vae=trained.vae, size=(16, 16),
-    )  # fmt: skip
+    ours = drawn_from_checkpoint(checkpoint, {"text": PROMPTS}, guidance_scale)
     theirs = pipeline(
         prompt=PROMPTS, height=16, width=16, num_inference_steps=3, max_sequence_length=16, output_type="pt",
         guidance_scale=guidance_scale - 1 if pipeline_guidance is None else pipeline_guidance,
@@ -175,14 +175,7 @@ def test_a_z_image_folder_fine_tunes_with_its_frozen_encoder(zimage_export: Path
     """model.pretrained=<ZImagePipeline folder>: its Qwen3 and VAE frozen, its transformer trained."""
     overrides = [f"output_root={tmp_path}", *TINY, *TINY_ZIMAGE_MODEL, f"model.pretrained={zimage_export}"]
     trainer = train_run(compose_config("train", [*overrides, "model.load_pretrained_unet=true", "run_name=tuned"]))
-    method, base = trainer.lightning_module, ZImagePipeline.from_pretrained(zimage_export)
-    text = method.conditioning
-    assert isinstance(text, ZImageText) and not text.trainable and isinstance(text.text_encoder, Qwen3Model)
-    assert isinstance(method.vae, AutoencoderKL)
-    for ours, theirs in ((text.text_encoder, base.text_encoder), (method.vae, base.vae)):
-        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
-    moved = [not torch.equal(a, b) for a, b in zip(method.net.parameters(), base.transformer.parameters())]
-    assert any(moved)  # control: the transformer did train
+    assert_fine_tune_froze_the_encoder(trainer, ZImagePipeline.from_pretrained(zimage_export), ZImageText)
 
 
 def test_z_image_trains_from_the_latent_cache_without_encoding(
@@ -210,28 +203,16 @@ def test_z_image_trains_from_the_latent_cache_without_encoding(
 
 @pytest.mark.slow  # a LoRA run on the export and two pipelines
 def test_lora_on_z_image_is_a_diffusers_file_that_its_pipeline_loads(zimage_export: Path, tmp_path: Path) -> None:
-    """LoRA on a Z-Image base: the export is the base plus diffusers' LoRA file, which ZImagePipeline.load_lora_weights
-    applies so that the pipeline draws lightdiff's images; without it, other images (the control)."""
+    """LoRA on a Z-Image base (attention and SwiGLU MLPs): the export is the base plus diffusers' LoRA file, which
+    ZImagePipeline.load_lora_weights applies so that the pipeline draws lightdiff's images; without it, other images
+    (the control)."""
     overrides = [f"output_root={tmp_path}", *TINY, *TINY_ZIMAGE_MODEL, f"model.pretrained={zimage_export}"]
     overrides += ["model.load_pretrained_unet=true", "model.lora.rank=4", "model.lr=0.01", "model.warmup_steps=0"]
     cfg = compose_config("train", [*overrides, "trainer.max_steps=4", "run_name=lora"])
     train_run(cfg)
     checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    folder = tmp_path / "export"
-    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    adapters = [name for name, _ in load_denoiser(checkpoint).net.named_parameters() if ".lora_A." in name]
-    assert any("layers.0.attention.to_q.lora_A." in name for name in adapters)
-    assert any("layers.0.feed_forward.w1.lora_A." in name for name in adapters)
-    for lora, compare in ((True, lambda d: d < 1e-4), (False, lambda d: d > 1e-3)):  # the base alone: the control
-        pipeline = ZImagePipeline.from_pretrained(folder)
-        if lora:
-            pipeline.load_lora_weights(folder)
-        trained = load_denoiser(checkpoint)
-        scheduler, _ = scheduler_for(compose_config("sample", [f"ckpt={checkpoint}"]), trained)
-        ours = generate(trained.net, scheduler, 3, [0, 1], trained.conditioning, {"text": PROMPTS}, 1.0,
-                        vae=trained.vae, size=(16, 16))  # fmt: skip
-        theirs = pipeline(
-            prompt=PROMPTS, height=16, width=16, num_inference_steps=3, max_sequence_length=16, output_type="pt",
-            guidance_scale=0.0, generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
-        ).images  # fmt: skip
-        assert compare(float((theirs - ours).abs().max())), lora
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'export'}"]))
+    adapted = ["layers.0.attention.to_q", "layers.0.feed_forward.w1"]
+    assert_lora_file_reproduced(
+        checkpoint, tmp_path / "export", ZImagePipeline, PROMPTS, adapted, max_sequence_length=16, guidance_scale=0.0
+    )
