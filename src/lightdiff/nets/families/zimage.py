@@ -145,9 +145,6 @@ class ZImageText(PromptStates):
         summary = (states.float() * mask[..., None]).sum(dim=1) / lengths[:, None].clamp(min=1)
         return Condition({"encoder_hidden_states": states, "encoder_hidden_states_mask": mask}, summary)
 
-    def pipeline_arguments(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length}
-
     def tokenizer_state(self) -> dict[str, Any]:
         return qwen2_tokenizer_state(self.tokenizer)
 
