@@ -22,5 +22,12 @@ OMP_NUM_THREADS=1 python train.py model=latent net=zimage_tiny run_name=arch_zim
 OMP_NUM_THREADS=1 python train.py model=latent net=flux2_tiny run_name=arch_flux2_latent $common \
     model.vae='${lightdiff.asset:vae_shapes16_flux2}' model.text_layers=4 model.max_sequence_length=16 &
 wait
+# ... then both resumed to 4000 steps (the cosine stretched): where they pass 95% (README)
+OMP_NUM_THREADS=1 python train.py model=latent net=zimage_tiny run_name=arch_zimage_latent objective=flow_matching \
+    trainer.max_steps=4000 logger=csv &
+OMP_NUM_THREADS=1 python train.py model=latent net=flux2_tiny run_name=arch_flux2_latent objective=flow_matching \
+    trainer.max_steps=4000 logger=csv model.vae='${lightdiff.asset:vae_shapes16_flux2}' model.text_layers=4 \
+    model.max_sequence_length=16 &
+wait
 python experiments/arch_shapes/compare.py outputs/arch_unet_pixel outputs/arch_dit_pixel outputs/arch_unet_latent \
     outputs/arch_mmdit_latent outputs/arch_flux_latent outputs/arch_zimage_latent outputs/arch_flux2_latent
