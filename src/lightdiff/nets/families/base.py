@@ -224,6 +224,30 @@ def unpack_pooled(packed: torch.Tensor, pooled_width: int) -> tuple[torch.Tensor
     return packed[:, :-1], packed[:, -1, :pooled_width]
 
 
+def hidden_states_past(hidden: torch.Tensor, mask: torch.Tensor, drop: int, length: int) -> torch.Tensor:
+    """(B, length, width): each row's states under its attention mask past its first `drop`, cut to `length` (the
+    Qwen pipelines' `_extract_masked_hidden` and slice, Z-Image's masked rows) and zero-padded."""
+    states = hidden.new_zeros(len(hidden), length, hidden.shape[-1])
+    for row, (sample, kept) in enumerate(zip(hidden, mask.bool())):
+        rows = sample[kept][drop:][:length]
+        states[row, : len(rows)] = rows
+    return states
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, width), float32: the mean of each sample's rows under `mask` (B, rows): the summary a discriminator
+    projects of per-token text states."""
+    return (states.float() * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def prompt_rows(states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, summary) of per-prompt states (B, rows, width) whose first `lengths` rows are the prompt's: which rows
+    are (B, rows) and their `masked_mean`."""
+    kept = lengths.to(states.device).clamp(max=states.shape[1])
+    mask = torch.arange(states.shape[1], device=states.device)[None] < kept[:, None]
+    return mask, masked_mean(states, mask)
+
+
 def encoder_parameters(trainable: bool, *encoders: nn.Module | None) -> list[nn.Parameter]:
     """What a text family's optimiser trains: its encoders' trainable parameters, or nothing when frozen."""
     if not trainable:

@@ -42,6 +42,7 @@ from lightdiff.nets.families.base import (
     ReferenceImages,
     check_captions,
     kwargs_in_dtype,
+    prompt_rows,
 )
 from lightdiff.nets.families.flux import FAMILY as FLUX
 from lightdiff.nets.pretrained import check_parts_used, load_component, pipeline_parts
@@ -137,10 +138,8 @@ class Flux2KleinText(PromptStates):
     def forward(self, inputs: Inputs) -> Condition:
         states = self.prompt_states(inputs)
         chats = self.chat([str(text) for text in inputs["text"]])
-        lengths = torch.tensor([len(self.tokenizer(chat).input_ids) for chat in chats], device=states.device)
-        mask = torch.arange(states.shape[1], device=states.device)[None] < lengths.clamp(max=states.shape[1])[:, None]
-        summary = (states.float() * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
-        return Condition({"encoder_hidden_states": states}, summary)
+        _, summary = prompt_rows(states, torch.tensor([len(self.tokenizer(chat).input_ids) for chat in chats]))
+        return Condition({"encoder_hidden_states": states}, summary)  # every row reaches the transformer, unmasked
 
     def pipeline_arguments(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length, "text_encoder_out_layers": list(self.layers)}

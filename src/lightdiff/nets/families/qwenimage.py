@@ -59,7 +59,10 @@ from lightdiff.nets.families.base import (
     PromptStates,
     check_captions,
     encoder_parameters,
+    hidden_states_past,
     kwargs_in_dtype,
+    masked_mean,
+    prompt_rows,
     prompts_without_condition,
 )
 from lightdiff.nets.families.flux import FAMILY as FLUX
@@ -110,16 +113,6 @@ def check_prefix(tokenizer: Qwen2Tokenizer, prefix: str, dropped: int, pipeline:
             f"the tokenizer splits {pipeline}'s template prefix into {count} tokens; the pipeline drops {dropped} "
             "(Qwen's tokenizer, or one built by lightdiff.nets.text.build_qwen2_tokenizer)"
         )
-
-
-def hidden_states_past(hidden: torch.Tensor, mask: torch.Tensor, drop: int, length: int) -> torch.Tensor:
-    """(B, length, width): each row's states under its attention mask past its first `drop`, cut to `length` (the
-    pipelines' `_extract_masked_hidden` and slice) and zero-padded."""
-    states = hidden.new_zeros(len(hidden), length, hidden.shape[-1])
-    for row, (sample, kept) in enumerate(zip(hidden, mask.bool())):
-        rows = sample[kept][drop:][:length]
-        states[row, : len(rows)] = rows
-    return states
 
 
 class QwenText(PromptStates):
@@ -178,9 +171,7 @@ class QwenText(PromptStates):
 
     def forward(self, inputs: Inputs) -> Condition:
         states = self.prompt_states(inputs)
-        lengths = self.prompt_lengths([str(text) for text in inputs["text"]]).to(states.device)
-        mask = torch.arange(states.shape[1], device=states.device)[None] < lengths[:, None]
-        summary = (states.float() * mask[..., None]).sum(dim=1) / lengths[:, None].clamp(min=1)
+        mask, summary = prompt_rows(states, self.prompt_lengths([str(text) for text in inputs["text"]]))
         return Condition({"encoder_hidden_states": states, "encoder_hidden_states_mask": mask}, summary)
 
     def tokenizer_state(self) -> dict[str, Any]:
@@ -295,7 +286,7 @@ class QwenEditText(nn.Module):
             raise ValueError("Qwen-Image-Edit takes one source image per pair, not a list of references")
         sources = self.sources(pixels)
         states, mask = self.encode([str(text) for text in inputs["text"]], sources)
-        summary = (states.float() * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        summary = masked_mean(states, mask)
         kwargs = {"encoder_hidden_states": states, "encoder_hidden_states_mask": mask}
         return Condition({**kwargs, "reference_latents": self.reference_latents(sources)}, summary)
 

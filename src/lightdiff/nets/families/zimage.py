@@ -42,7 +42,9 @@ from lightdiff.nets.families.base import (
     PipelineComponents,
     PromptStates,
     check_captions,
+    hidden_states_past,
     kwargs_in_dtype,
+    prompt_rows,
 )
 from lightdiff.nets.families.flux import FAMILY as FLUX
 from lightdiff.nets.families.sd3 import with_shift_key
@@ -128,21 +130,13 @@ class ZImageText(PromptStates):
             truncation=True,
             return_tensors="pt",
         ).to(self.text_encoder.device)
-        hidden = self.text_encoder(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask.bool(), output_hidden_states=True
-        ).hidden_states[ZIMAGE_HIDDEN_LAYER]
         mask = tokens.attention_mask.bool()
-        states = hidden.new_zeros(len(hidden), self.max_sequence_length, hidden.shape[-1])
-        for row, (sample, kept) in enumerate(zip(hidden, mask)):
-            rows = sample[kept]
-            states[row, : len(rows)] = rows
-        return states
+        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=mask, output_hidden_states=True)
+        return hidden_states_past(hidden.hidden_states[ZIMAGE_HIDDEN_LAYER], mask, 0, self.max_sequence_length)
 
     def forward(self, inputs: Inputs) -> Condition:
         states = self.prompt_states(inputs)
-        lengths = self.prompt_lengths([str(text) for text in inputs["text"]]).to(states.device)
-        mask = torch.arange(states.shape[1], device=states.device)[None] < lengths[:, None]
-        summary = (states.float() * mask[..., None]).sum(dim=1) / lengths[:, None].clamp(min=1)
+        mask, summary = prompt_rows(states, self.prompt_lengths([str(text) for text in inputs["text"]]))
         return Condition({"encoder_hidden_states": states, "encoder_hidden_states_mask": mask}, summary)
 
     def tokenizer_state(self) -> dict[str, Any]:
