@@ -28,7 +28,7 @@ from lightdiff.data.video_folder import VideoFolderDataset
 from lightdiff.diffusion import DDPM, NoiseSchedule
 from lightdiff.diffusion.schedules import shift_snr
 from lightdiff.drawing import scheduler_for
-from lightdiff.metrics.motion import motion_metric, video_distance
+from lightdiff.metrics.motion import first_frame_kept, motion_metric, video_distance
 from lightdiff.nets.families import conditioning_from_state
 from lightdiff.nets.families.cogvideox import T5Text
 from lightdiff.nets.pretrained import load_vae
@@ -145,6 +145,14 @@ def test_video_judge_scores_real_clips_high_and_broken_clips_low() -> None:
     assert motion_metric(np.repeat(clips[:, :1], 9, axis=1), prompts)["direction"] == 0.0  # standing still
     other_colour = [p.replace(p.split()[1], "green" if p.split()[1] != "green" else "red", 1) for p in prompts]
     assert motion_metric(clips, other_colour)["keeps_class"] == 0.0  # asked for another colour
+
+    # An image-to-video clip starts from its given frame: the data's own first frames pass, another clip's first frame
+    # (the right caption drawn elsewhere) and the frame two steps on (1.1-2.8 px per step here) do not.
+    assert first_frame_kept(clips, clips[:, 0]) == 1.0
+    assert first_frame_kept(clips, np.roll(clips[:, 0], 1, axis=0)) == 0.0
+    assert first_frame_kept(clips, clips[:, 2]) <= 0.1
+    with pytest.raises(ValueError, match=r"given frames uint8 \(47, 32, 32, 3\)"):
+        first_frame_kept(clips, clips[1:, 0])
 
     # The FVD substitute: a second draw of the data is nearer than the same clips shuffled in time or standing still.
     def draw(seed: int) -> torch.Tensor:

@@ -375,6 +375,59 @@ def test_wan_image_to_video_trains_and_exports_to_its_pipeline(
     assert (theirs - ours).abs().max() > 1e-3  # the mutation control
 
 
+def test_an_image_to_video_wan_starts_from_a_text_to_video_folder(wan_export: Path, tmp_path: Path) -> None:
+    """model.input_channels: the folder's transformer with its patch embedding widened to the first frame's mask and
+    latents through zero weights computes the text-to-video velocity whatever the frame holds (a random kernel there
+    does not: the control); the run reads the folder's UMT5 and VAE, trains, and exports a WanImageToVideoPipeline
+    that reproduces its clips from the checkpoint."""
+    from lightdiff.nets.families.base import Condition
+    from lightdiff.nets.families.wan import I2V_FAMILY, WanFirstFrame
+
+    t2v = WanPipeline.from_pretrained(wan_export).transformer
+    wide = WAN.widened_input(t2v, 12)  # 4 noisy latent channels + 4 mask + 4 first-frame latents
+    assert family_of(wide) is I2V_FAMILY and wide.config.in_channels == 12
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 3, 4, 4, 4, generator=generator)  # (B, F, C, H, W) latents of 9 frames of 16 px
+    timesteps, text = torch.tensor([300.0, 700.0]), torch.randn(2, 8, 16, generator=generator)
+    frame = torch.randn(2, 8, 3, 4, 4, generator=generator)  # the condition, channels first as the pipeline's
+    with torch.no_grad():
+        before = WAN.output(t2v, x_t, timesteps, Condition({"encoder_hidden_states": text}))
+        condition = Condition({"encoder_hidden_states": text, "condition_latents": frame})
+        after = I2V_FAMILY.output(wide, x_t, timesteps, condition)
+        assert (after - before).abs().max() < 1e-6 and before.abs().max() > 0.1
+        wide.patch_embedding.weight[:, 4:].normal_(generator=generator)  # the control: the frame read from step 0
+        assert (I2V_FAMILY.output(wide, x_t, timesteps, condition) - before).abs().max() > 1e-2
+
+    overrides = [f"output_root={tmp_path}", *TINY, *TINY_WAN_MODEL, f"model.pretrained={wan_export}"]
+    cfg = compose_config("train", [*overrides, "model.load_pretrained_unet=true", "model.input_channels=12"])
+    trainer = train_run(cfg)
+    method, base = trainer.lightning_module, WanPipeline.from_pretrained(wan_export)
+    assert family_of(method.net) is I2V_FAMILY and isinstance(method.conditioning, WanFirstFrame)
+    encoder = method.conditioning.text.text_encoder
+    assert all(
+        torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), base.text_encoder.state_dict().values())
+    )
+    final = json.loads((Path(cfg.run_dir) / "final_metrics.json").read_text())
+    assert 0.0 <= final["final/motion_first_frame_kept"] <= 1.0  # the previews are judged on their given frames
+    checkpoint, folder = Path(cfg.run_dir) / "checkpoints" / "last.ckpt", tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}", "steps=3"]))
+    ours, theirs = _i2v_clips(folder, checkpoint)
+    assert (theirs - ours).abs().max() < 1e-4
+
+    def refused(*extra: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            train_run(compose_config("train", [*overrides, "run_name=refused", *extra]))
+        assert not (tmp_path / "refused").exists()
+        return str(error.value)
+
+    assert "model.load_pretrained_unet=true" in refused("model.input_channels=12")  # a new net: net.in_channels
+    assert "must exceed the pretrained WanTransformer3DModel's 4" in refused(
+        "model.load_pretrained_unet=true", "model.input_channels=4"
+    )
+    with pytest.raises(ConfigError, match="model.input_channels=8: lightdiff widens a pretrained Wan"):
+        Family.widened_input(WAN, torch.nn.Linear(1, 1), 8)  # the default of every other family
+
+
 @pytest.mark.slow  # 10 s: a LoRA run on the export and two pipelines
 def test_lora_on_wan_is_written_in_diffusers_format_that_wan_pipeline_loads(wan_export: Path, tmp_path: Path) -> None:
     """LoRA on a Wan base (attention and MLP of every block): the export is the base plus diffusers' LoRA file, which

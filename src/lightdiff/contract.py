@@ -27,6 +27,7 @@ class Preview:
     videos: torch.Tensor | None = None  # (B, F, 3, H, W) in [0, 1]: a video method's clips (the video judge's input)
     prompts: list[str] | None = None  # what each clip (or edit) was asked for ("a red circle moving left"), if known
     sources: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]: an editing model's source images (the edit judge's)
+    first_frames: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]: an image-to-video model's given frames
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.files import write_text_atomically
 from lightdiff.metrics import shapes_metric
 from lightdiff.metrics.edits import edit_metrics
-from lightdiff.metrics.motion import motion_metric
+from lightdiff.metrics.motion import first_frame_kept, motion_metric
 from lightdiff.sampling import (
     frames_grid,
     grid_columns,
@@ -232,6 +232,9 @@ class SampleGrid(pl.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if isinstance(getattr(datamodule, "source_dataset", None), MovingShapesDataset):
             scores = motion_metric(clips, prompts if len(prompts) == len(clips) else None)
+            if previews[0].first_frames is not None:  # image-to-video: does each clip start from its frame
+                given = to_uint8(torch.cat([p.first_frames for p in previews]))
+                scores["first_frame_kept"] = first_frame_kept(clips, given)
             metrics.update({f"{prefix}/motion_{name}": value for name, value in scores.items()})
         for logger in trainer.loggers:
             if metrics:

@@ -92,6 +92,9 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         pretrained: str | None = None,  # pipeline folder or hub id: its tokenizer and text encoder (and VAE) are used
         pretrained_config: str | None = None,  # `pretrained` a single .safetensors / .ckpt file: its pipeline's configs
         load_pretrained_unet: bool = False,  # with `pretrained`: start from its UNet instead of `net`
+        # with a pretrained UNet: widen its input to this many channels, the added ones zero (a Wan image-to-video
+        # transformer from a text-to-video one: its first frame's mask and latents); None: as the pipeline has it
+        input_channels: int | None = None,
         allow_other_vae: bool = False,  # with a pretrained UNet: accept `vae` though the UNet learnt the pipeline's
         train_text_encoder: bool = False,  # unfreeze a pretrained text encoder (one from scratch always trains)
         text_hidden_size: int | None = None,  # width of a from-scratch text encoder; None: the width the net takes
@@ -130,8 +133,15 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             pretrained = as_pipeline_folder(pretrained, pretrained_config)
         elif pretrained_config is not None:
             raise ConfigError(f"model.pretrained_config={pretrained_config!r} without model.pretrained (a single file)")
+        if input_channels is not None and (pretrained is None or not load_pretrained_unet):
+            raise ConfigError(
+                f"model.input_channels={input_channels} widens a pretrained network's input: set model.pretrained="
+                "PIPELINE_DIR_OR_HUB_ID and model.load_pretrained_unet=true (a new net: set net.in_channels instead)"
+            )
         if pretrained is not None and load_pretrained_unet:
             net = load_denoiser(pretrained)
+            if input_channels is not None:
+                net = family_of(net).widened_input(net, input_channels)
         else:
             net = family_of(net).initialise(net)  # a transformer's blocks start as the identity (DiT's adaLN-Zero)
         accepted = family_of(net).objectives
@@ -168,7 +178,8 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         # Where each network came from: train.log's networks table (contract.NamesPartSources).
         pipeline = f"model.pretrained={pretrained}"
         self.part_sources = {
-            "net": pipeline if pretrained is not None and load_pretrained_unet else "model.net, new weights",
+            "net": (pipeline if pretrained is not None and load_pretrained_unet else "model.net, new weights")
+            + (f", input widened to {input_channels} channels (the new ones zero)" if input_channels else ""),
             "vae": f"model.vae={vae}" if vae else pipeline,
             "conditioning": pipeline if pretrained is not None else "new, for the data",
         }
@@ -346,7 +357,8 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             return Preview(images=images, grid_images=grid, sources=shown, prompts=inputs["text"])
         if frames is None:
             return Preview(images=images, labels=labels)
-        return Preview(images=images.flatten(0, 1), videos=images, prompts=inputs["text"])
+        given = (inputs["image"].float() / 2 + 0.5).clamp(0, 1) if "image" in inputs else None
+        return Preview(images=images.flatten(0, 1), videos=images, prompts=inputs["text"], first_frames=given)
 
     # ----- checkpoints ------------------------------------------------------------------------------------------
 

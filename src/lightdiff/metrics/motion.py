@@ -11,6 +11,11 @@ Each clip (uint8 (F, H, W, 3), as `lightdiff.sampling.to_uint8` makes each frame
   step (the data set moves at a constant speed; shuffled frames jump back and forth).
 A clip is right when all three hold. The data set's own clips score 1.0 on each (tests/test_video.py).
 
+An image-to-video clip is also asked to start from its given frame (`first_frame_kept`): its first frame shows the
+given frame's shape and colour with its centre within `FIRST_FRAME_TOLERANCE` of the given one's. A model that reads
+only the caption draws the right clip at a random place (the data's shapes start anywhere in a room of up to 22 px at
+32 px), which this catches and "right" does not.
+
 Being right about every caption is not enough: one fixed clip per caption, repeated, is right every time. So the
 judge (`video_judge`) also measures variety against reference clips: recall (Kynkaanniemi et al. 2019) in the space
 of `ShapesFeatures` of the first, middle and last frame (where the shape is, how large, at three times), and the mean
@@ -37,6 +42,9 @@ from lightdiff.metrics.shapes import FOREGROUND, judge_image, parse_prompt
 # Half the data set's least travel (MIN_TRAVEL of the room left by the largest shape): every real clip moves further.
 MIN_DISPLACEMENT = 0.5 * MIN_TRAVEL * (1 - MOVING_MAX_SIDE)
 MAX_CROSS_RATIO = 0.25  # sideways drift allowed, as a fraction of the displacement along the motion
+# an image-to-video clip's first shape centre may lie this far from the given frame's, as a fraction of the picture
+# (2 px at 32: a caption-only start lands anywhere in the data's room of up to 22 px)
+FIRST_FRAME_TOLERANCE = 1 / 16
 STEP_TOLERANCE = 0.5  # a step may differ from the mean step by this fraction of it (or half a pixel, if more)
 
 
@@ -135,6 +143,25 @@ def motion_metric(clips: np.ndarray | torch.Tensor, prompts: Sequence[str] | Non
         "steady": float(np.mean([j.steady for j in judgements])),
         "right": float(np.mean([j.right for j in judgements])),
     }
+
+
+def first_frame_kept(clips: np.ndarray | torch.Tensor, frames: np.ndarray | torch.Tensor) -> float:
+    """Share of image-to-video `clips` (uint8 (N, F, H, W, 3)) whose first frame shows the given frame's (uint8
+    (N, H, W, 3)) shape and colour, its centre within `FIRST_FRAME_TOLERANCE` of the picture of the given one's."""
+    clips = _as_uint8_clips(clips)
+    frames = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else frames
+    if frames.dtype != np.uint8 or frames.shape != clips.shape[:1] + clips.shape[2:]:
+        raise ValueError(
+            f"given frames {frames.dtype} {tuple(frames.shape)} for clips {tuple(clips.shape)}: uint8 (N, H, W, 3)"
+        )
+    kept = []
+    for clip, frame in zip(clips, frames):
+        given, drawn = judge_image(frame), judge_image(clip[0])
+        same_class = drawn.valid and (drawn.shape, drawn.color) == (given.shape, given.color)
+        centres = brightness_centre(frame), brightness_centre(clip[0])
+        near = None not in centres and np.hypot(*np.subtract(*centres)) <= FIRST_FRAME_TOLERANCE * min(frame.shape[:2])
+        kept.append(bool(same_class and near))
+    return float(np.mean(kept))
 
 
 class RandomVideoFeatures(nn.Module):

@@ -569,6 +569,14 @@ class Family:
         """A network trained from scratch made ready (its transformer blocks start as the identity)."""
         return zero_adaln_gates(net)
 
+    def widened_input(self, net: nn.Module, in_channels: int) -> nn.Module:
+        """A pretrained `net` taking `in_channels` input channels, the added ones read through zero weights
+        (`model.input_channels`; `base.wider_input`). Only families whose wider input lightdiff drives have one."""
+        raise ConfigError(
+            f"model.input_channels={in_channels}: lightdiff widens a pretrained Wan transformer's input (image-to-"
+            f"video from text-to-video); a {self.name} network's input stays as the pipeline has it"
+        )
+
     def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
         """A ConfigError naming the key where `net`, its VAE and the clip length do not fit (beyond the shared
         checks of `methods.diffusion.check_fits`)."""
@@ -653,6 +661,31 @@ def zero_adaln_gates(net: nn.Module) -> nn.Module:
                 if module.linear.bias is not None:
                     module.linear.bias.zero_()
     return net
+
+
+def wider_input(model: nn.Module, layer: str, in_channels: int) -> nn.Module:
+    """`model`, a diffusers model whose first layer `layer` convolves its `config.in_channels` input channels, rebuilt
+    to take `in_channels`: every weight copied, the added input channels' kernels zero. The wider model computes what
+    `model` did whatever the new channels hold, and training teaches it to read them: how InstructPix2Pix starts its
+    editing UNet from Stable Diffusion's (Brooks et al. 2023, Section 3.4: "initialized to zero"), and how an
+    image-to-video model whose input is the noisy latents followed by the first frame's (Wan's) starts from a
+    text-to-video one. The new channels come last, where those pipelines concatenate their condition."""
+    old = int(model.config.in_channels)
+    if in_channels <= old:
+        raise ConfigError(
+            f"model.input_channels={in_channels} must exceed the pretrained {type(model).__name__}'s {old} input "
+            "channels: it widens the input, the added channels carrying the condition"
+        )
+    wide = type(model).from_config({**model.config, "in_channels": in_channels})
+    state = model.state_dict()
+    weight = state[f"{layer}.weight"]
+    if weight.shape[1] != old:
+        raise ValueError(f"{type(model).__name__}.{layer} takes {weight.shape[1]} channels, not in_channels={old}")
+    state[f"{layer}.weight"] = torch.cat(
+        [weight, weight.new_zeros(weight.shape[0], in_channels - old, *weight.shape[2:])], 1
+    )
+    wide.load_state_dict(state)
+    return wide.to(device=weight.device, dtype=weight.dtype)
 
 
 def zero_adaln_single(shared_projection: nn.Linear, blocks: Iterable[nn.Module]) -> None:

@@ -49,6 +49,7 @@ from lightdiff.nets.families.base import (
     encoder_parameters,
     kwargs_in_dtype,
     prompts_without_condition,
+    wider_input,
     zero_adaln_single,
 )
 from lightdiff.nets.families.cogvideox import T5Text
@@ -380,6 +381,14 @@ class Wan(Family):
         for expert in experts_of(net):
             zero_adaln_single(expert.condition_embedder.time_proj, expert.blocks)
         return net
+
+    def widened_input(self, net: nn.Module, in_channels: int) -> nn.Module:
+        """A text-to-video transformer (or pair) as the start of an image-to-video one: its patch embedding widened
+        to the first frame's mask and latents, which WanImageToVideoPipeline concatenates after the noisy latents."""
+        wide = [wider_input(expert, "patch_embedding", in_channels) for expert in experts_of(net)]
+        if isinstance(net, WanExperts):
+            return WanExperts(*wide, net.boundary_ratio, net.trains)
+        return wide[0]
 
     def check(self, net: nn.Module, vae: nn.Module | None, num_frames: int | None) -> None:
         if net.config.patch_size[0] != 1:
