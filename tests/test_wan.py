@@ -15,7 +15,7 @@ from diffusers.utils import load_video
 
 from lightdiff.config import ConfigError
 from lightdiff.drawing import scheduler_for
-from lightdiff.nets.families import Family, family_of
+from lightdiff.nets.families import Condition, Family, family_of
 from lightdiff.nets.families.wan import FAMILY as WAN
 from lightdiff.nets.families.wan import UMT5Text, WanExperts
 from lightdiff.sample import run as sample_run
@@ -468,6 +468,37 @@ def test_turbo_distils_a_wan_teacher_into_a_one_step_student(wan_ckpt: Path, tmp
     assert (theirs - ours).abs().max() < 1e-4
     ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, steps=1, guidance_scale=1.0)
     assert (theirs - ours).abs().max() > 1e-3
+
+
+def test_a_clip_patchgan_judges_each_wan_frame_with_its_neighbours(wan_ckpt: Path, tmp_path: Path) -> None:
+    """discriminator=patchgan_video: 3-D convolutions over the student's clean clips, each frame's logits its own (a
+    change to the first latent frame leaves the third's untouched: the control that frames are not pooled); ADD on a
+    Wan teacher trains with it, and an image PatchGAN is refused for clips by name."""
+    from lightdiff.nets.feature_discriminator import ClipPatchFeatures, FeatureDiscriminator
+
+    discriminator = FeatureDiscriminator(ClipPatchFeatures(in_channels=4, base_channels=8), head_channels=16)
+    clips = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # (B, F, C, H, W)
+    none = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        maps = discriminator.features(clips, none, Condition())
+        assert [tuple(m.shape) for m in maps] == [(2, 8, 4, 12), (2, 16, 2, 6)]  # frames side by side
+        changed = clips.clone()
+        changed[:, 0] += 1.0
+        first = discriminator.features(changed, none, Condition())[0]
+        assert (first[..., :4] - maps[0][..., :4]).abs().max() > 1e-3  # the changed frame's columns move
+        assert torch.equal(first[..., 8:], maps[0][..., 8:])  # the third frame sees frames 2-4 only
+    with pytest.raises(ValueError, match=r"judges clips \(B, F, C, H, W\)"):
+        discriminator.features(clips[:, 0], none, Condition())
+
+    turbo = [f"output_root={tmp_path}", *TINY, "model=turbo", f"model.teacher={wan_ckpt}", "data=moving_shapes"]
+    video = [*turbo, "data.num_frames=9", "model.teacher_steps=2"]
+    cfg = compose_config("train", [*video, "discriminator=patchgan_video", "discriminator.backbone.in_channels=4"])
+    trainer = train_run(cfg)
+    assert isinstance(trainer.lightning_module.discriminator.backbone, ClipPatchFeatures)
+    assert trainer.global_step == 2
+    with pytest.raises(ConfigError, match="discriminator.backbone=PatchFeatures: a video teacher"):
+        train_run(compose_config("train", [*video, "discriminator=patchgan", "run_name=refused"]))
+    assert not (tmp_path / "refused").exists()
 
 
 # ----- Wan 2.2 A14B: two experts ------------------------------------------------------------------------------------

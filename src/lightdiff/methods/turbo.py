@@ -126,10 +126,11 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.channels_last = channels_last
         self.gradient_checkpointing = gradient_checkpointing
         backbone = getattr(discriminator, "keywords", {}).get("backbone")
-        if backbone is not None and data.num_frames is not None:
+        if backbone is not None and data.num_frames is not None and not getattr(backbone, "judges_clips", False):
             raise ConfigError(
-                f"discriminator.backbone={type(backbone).__name__}: a video teacher is distilled against its own "
-                "features of the whole clip (discriminator=teacher, LADD); image backbones judge single frames"
+                f"discriminator.backbone={type(backbone).__name__}: a video teacher is distilled against a backbone "
+                "that judges whole clips: its own features (discriminator=teacher, LADD) or discriminator="
+                "patchgan_video; image backbones judge single frames"
             )
         if backbone is None:  # discriminator=teacher: a UNet's encoder, a transformer's block tokens (LADD)
             unet = hasattr(self.teacher.net, "down_blocks")

@@ -216,6 +216,45 @@ class PatchFeatures(nn.Module):
         return maps
 
 
+class ClipPatchFeatures(nn.Module):
+    """`PatchFeatures` for clips (B, F, C, H, W), latent or pixel, trained from scratch: 3-D convolutions that halve
+    height and width and keep the frames (kernel 3 in time, so each location sees its neighbour frames' motion).
+    Each stage's map goes to the 2-D heads with its frames side by side, (B, C, H, F x W): every frame keeps its own
+    logits, so one bad frame is not averaged away. A video teacher's ADD discriminator where its own features do not
+    separate real from fake (experiments/video_shapes)."""
+
+    trainable = True
+    judges_clips = True
+
+    def __init__(
+        self,
+        in_channels: int = 16,  # the clip's channels (a Wan or CogVideoX VAE's latents: 16)
+        base_channels: int = 32,  # width of the first stage, doubled per stage
+        num_stages: int = 2,  # stages halving height and width
+    ) -> None:
+        super().__init__()
+        self.channels = [base_channels * 2**index for index in range(num_stages)]
+        widths = [in_channels, *self.channels]
+        pairs = list(zip(widths[:-1], widths[1:]))
+        self.convolutions = nn.ModuleList(
+            nn.Conv3d(c_in, c_out, kernel_size=(3, 4, 4), stride=(1, 2, 2), padding=1) for c_in, c_out in pairs
+        )
+        # normalised frame by frame: one frame's statistics must not move another's logits
+        self.norms = nn.ModuleList(nn.GroupNorm(min(8, c_out), c_out) for _, c_out in pairs)
+
+    def forward(self, clips: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
+        if clips.ndim != 5:
+            raise ValueError(
+                f"ClipPatchFeatures judges clips (B, F, C, H, W), not a tensor shaped {tuple(clips.shape)}"
+            )
+        maps, x = [], clips
+        for convolution, norm in zip(self.convolutions, self.norms):
+            x = convolution(x.transpose(1, 2)).transpose(1, 2)  # Conv3d takes (B, C, F, H, W)
+            x = F.leaky_relu(norm(x.flatten(0, 1)).unflatten(0, x.shape[:2]), 0.2)
+            maps.append(x.permute(0, 2, 3, 1, 4).flatten(3))  # (B, C, H, F x W): the frames side by side
+        return maps
+
+
 class DiscriminatorHead(nn.Module):
     """One feature map -> a logit per location, shifted by the noise level and projected onto the condition."""
 
