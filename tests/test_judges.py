@@ -167,3 +167,28 @@ def test_the_video_bar_fails_one_clip_per_caption_and_passes_the_data(features: 
         and judged["diversity_vs_reference"] < VIDEO_BAR["diversity_vs_reference"]
     )
     assert judged["recall"] < data["recall"] and not judged["meets_bar"]
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["images", "clips"])
+def test_the_preview_collapse_diagnostics_see_one_image_per_caption(video: bool) -> None:
+    """callbacks.samples logs recall, precision and diversity of every preview batch against the data's own items: a
+    second draw of the data is as varied as the data (diversity near 1, recall 1); the collapse control, the same
+    batch with every caption's first image repeated, is right about every caption and has diversity 0."""
+    from types import SimpleNamespace
+
+    from lightdiff.callbacks.samples import SampleGrid
+
+    kind = MovingShapesDataset if video else ShapesDataset
+    size = {"size": 64, "resolution": 32} | ({"num_frames": 9} if video else {})
+    reference = SimpleNamespace(source_dataset=kind(seed=0, **size))
+    items = [kind(seed=1, **size)[index] for index in range(64)]
+    batch = to_uint8(torch.stack([item["pixel_values"] for item in items]) / 2 + 0.5)
+    groups = [item["text"] if video else item["label"] for item in items]
+    grid = SampleGrid(sampler=None)
+    data = grid._variety(reference, batch, groups)
+    assert data["recall"] == 1.0 and 0.9 <= data["diversity"] <= 1.1 and data["precision"] >= 0.85
+    first: dict[object, np.ndarray] = {}
+    collapsed = np.stack([first.setdefault(group, image) for group, image in zip(groups, batch)])
+    assert grid._variety(reference, collapsed, groups)["diversity"] == 0.0
+    assert set(grid._variety(reference, batch, None)) == {"precision", "recall"}  # no captions: no spread
+    assert grid._variety(reference, batch[:3], groups[:3]) == {}  # k = 3 needs four items

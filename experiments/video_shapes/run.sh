@@ -8,8 +8,12 @@
 #                                                          # resumed to 10000, judged on seeds 0-255 and 256-511
 #   bash experiments/video_shapes/run.sh wan_i2v    # Wan image-to-video (experiment=wan_i2v_shapes), 2000 steps
 #   bash experiments/video_shapes/run.sh wan_turbo  # Turbo on the wan_t2v teacher, judged at 1 and 4 steps
+#   bash experiments/video_shapes/run.sh wan_t2v_20k     # the wan_t2v run resumed to 20000 steps, judged likewise
+#   bash experiments/video_shapes/run.sh wan_i2v_from_t2v  # image-to-video from the 10000-step text-to-video export
+#   bash experiments/video_shapes/run.sh wan_turbo_patchgan  # Turbo with a clip PatchGAN, judged at 1, 2 and 4 steps
 set -euo pipefail
-stage=${1:?vae | wan_vae | t2v | i2v | wan_t2v | wan_i2v | wan_turbo}
+stages="vae | wan_vae | t2v | i2v | wan_t2v | wan_i2v | wan_turbo | wan_t2v_20k | wan_i2v_from_t2v | wan_turbo_patchgan"
+stage=${1:?$stages}
 steps=${2:-3000}
 case "$stage" in
 vae)
@@ -74,8 +78,37 @@ wan_turbo)
         cat outputs/wan_turbo_shapes/judged_$steps/metrics.json
     done
     ;;
+wan_t2v_20k)
+    # the 10000-step run (run.sh wan_t2v) resumed with trainer.max_steps=20000: the cosine is recomputed for 20000
+    # steps (a warm restart at its half-way rate), as the CogVideoX recipe's second leg; the 10000 checkpoint is kept
+    cp outputs/wan_t2v_shapes/checkpoints/step0010000.ckpt outputs/wan_t2v_shapes/step10000_kept.ckpt
+    python train.py experiment=wan_t2v_shapes run_name=wan_t2v_shapes logger=csv trainer.max_steps=20000
+    for first in 0 256; do
+        python sample.py ckpt=outputs/wan_t2v_shapes/checkpoints/last.ckpt out=outputs/wan_t2v_shapes/judged20k_$first \
+            seed=$first num_images=256 batch_size=64 steps=50 guidance_scale=1.5 metrics=fid metrics.num_samples=256 \
+            overwrite=true
+        cat outputs/wan_t2v_shapes/judged20k_$first/metrics.json
+    done
+    ;;
+wan_i2v_from_t2v)
+    # Wan's own order: the image-to-video model starts from the text-to-video one (its 10000-step EMA export)
+    python sample.py ckpt=outputs/wan_t2v_shapes/step10000_kept.ckpt export=outputs/wan_t2v_shapes/export_10000 \
+        overwrite=true
+    python train.py experiment=wan_i2v_from_t2v_shapes model.pretrained=outputs/wan_t2v_shapes/export_10000 logger=csv
+    cat outputs/wan_i2v_from_t2v_shapes/final_metrics.json
+    ;;
+wan_turbo_patchgan)
+    python train.py experiment=wan_turbo_patchgan_shapes model.teacher=outputs/wan_t2v_shapes/step10000_kept.ckpt \
+        logger=csv
+    for steps in 1 2 4; do  # held-out seeds 256-511
+        python sample.py ckpt=outputs/wan_turbo_patchgan_shapes/checkpoints/last.ckpt \
+            out=outputs/wan_turbo_patchgan_shapes/judged_$steps seed=256 num_images=256 batch_size=64 steps=$steps \
+            guidance_scale=1 metrics=fid metrics.num_samples=256 overwrite=true
+        cat outputs/wan_turbo_patchgan_shapes/judged_$steps/metrics.json
+    done
+    ;;
 *)
-    echo "unknown stage $stage (vae | wan_vae | t2v | i2v | wan_t2v | wan_i2v | wan_turbo)" >&2
+    echo "unknown stage $stage ($stages)" >&2
     exit 2
     ;;
 esac

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
@@ -24,9 +26,10 @@ from lightdiff.data.shapes import ShapesDataset
 from lightdiff.data.shapes_edit import ShapesEditDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.files import write_text_atomically
-from lightdiff.metrics import shapes_metric
+from lightdiff.metrics import ShapesFeatures, shapes_metric
+from lightdiff.metrics.diversity import variety
 from lightdiff.metrics.edits import edit_metrics
-from lightdiff.metrics.motion import first_frame_kept, motion_metric
+from lightdiff.metrics.motion import caption_groups, clip_features, first_frame_kept, motion_metric, unit_clips
 from lightdiff.sampling import (
     frames_grid,
     grid_columns,
@@ -38,6 +41,8 @@ from lightdiff.sampling import (
 )
 
 log = logging.getLogger(__name__)
+
+VARIETY_NEIGHBOURS = 3  # k of the diagnostics' precision and recall (Kynkaanniemi et al. 2019's)
 
 
 def method_previews(
@@ -130,6 +135,7 @@ class SampleGrid(pl.Callback):
         self.upscale = upscale
         self._last_sampled_step = -1  # under gradient accumulation several batches end on the same step
         self._last_validated_step = -1  # the final round may fall on a grid's step: drawn once
+        self._features: ShapesFeatures | None = None  # the variety diagnostics' features, built on first use
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reads = getattr(getattr(pl_module, "conditioning", None), "reads", ())
@@ -193,6 +199,8 @@ class SampleGrid(pl.Callback):
         if isinstance(getattr(datamodule, "source_dataset", None), ShapesDataset):
             scores = shapes_metric(pixels, labels=labels.tolist() if labels is not None else None)
             metrics.update({f"{prefix}/shapes_{name}": value for name, value in scores.items()})
+            found = self._variety(datamodule, pixels, labels.tolist() if labels is not None else None)
+            metrics.update({f"{prefix}/{name}": value for name, value in found.items()})
         if (
             isinstance(getattr(datamodule, "source_dataset", None), ShapesEditDataset)
             and previews[0].sources is not None
@@ -214,6 +222,33 @@ class SampleGrid(pl.Callback):
                     logger.log_image(key=f"{prefix}/grid", images=[grid], step=step)
         return metrics
 
+    def _variety(self, datamodule: Any, generated: np.ndarray, groups: Sequence[object] | None) -> dict[str, float]:
+        """The collapse diagnostics of a preview batch (uint8 images (N, H, W, 3) or clips (N, F, H, W, 3)) made for
+        `groups` (classes or captions), against as many of the data's own items: recall and precision on
+        `ShapesFeatures` (of three frames for clips), and the spread within a class or caption as a ratio to the
+        data's ("diversity", where some are drawn twice), so that a sweep can select on variety beside adherence
+        (`lightdiff.metrics.diversity.variety`). Nothing below k + 1 items."""
+        dataset = datamodule.source_dataset
+        count = min(len(generated), len(dataset))
+        if count <= VARIETY_NEIGHBOURS:
+            return {}
+        if self._features is None:
+            self._features = ShapesFeatures()
+        items = [dataset[index] for index in range(count)]
+        real = torch.stack([item["pixel_values"] for item in items]).float().div(2).add(0.5).clamp(0, 1)
+        if generated.ndim == 5:  # clips: grouped by caption, embedded by three of their frames
+            ours = unit_clips(generated[:count])
+            real_features, our_features = (clip_features(x, self._features) for x in (real, ours))
+            real_keys: list[object] = [item["text"] for item in items]
+        else:
+            ours = torch.from_numpy(generated[:count]).permute(0, 3, 1, 2).float() / 255
+            real_features, our_features = self._features(real), self._features(ours)
+            real_keys = [item["label"] for item in items]
+        our_groups = caption_groups([str(g) for g in groups[:count]]) if groups is not None else None
+        real_groups = caption_groups([str(key) for key in real_keys])
+        found = variety(real_features, our_features, real, real_groups, ours, our_groups, k=VARIETY_NEIGHBOURS)
+        return {name: value for name, value in found.items() if name != "within_caption_distance"}
+
     def _log_clips(self, trainer: pl.Trainer, previews: list[Preview], prefix: str) -> dict[str, float]:
         """A video method's previews: samples/<prefix>_stepN.png (a clip per row: input above reconstruction for an
         autoencoder) and .mp4 (every clip side by side), logged to wandb as an image and a video; the video judge's
@@ -232,6 +267,8 @@ class SampleGrid(pl.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if isinstance(getattr(datamodule, "source_dataset", None), MovingShapesDataset):
             scores = motion_metric(clips, prompts if len(prompts) == len(clips) else None)
+            found = self._variety(datamodule, clips, prompts if len(prompts) == len(clips) else None)
+            metrics.update({f"{prefix}/{name}": value for name, value in found.items()})
             if previews[0].first_frames is not None:  # image-to-video: does each clip start from its frame
                 given = to_uint8(torch.cat([p.first_frames for p in previews]))
                 scores["first_frame_kept"] = first_frame_kept(clips, given)

@@ -64,3 +64,27 @@ def within_group_distance(vectors: torch.Tensor, groups: Sequence[int]) -> float
     if not distances:
         raise ValueError(f"no group of {len(groups)} images has two members: a spread needs at least 2")
     return float(torch.stack(distances).mean())
+
+
+def variety(
+    real_features: torch.Tensor,
+    generated_features: torch.Tensor,
+    real: torch.Tensor,
+    real_groups: Sequence[int] | None,
+    generated: torch.Tensor,
+    generated_groups: Sequence[int] | None,
+    k: int = 3,
+) -> dict[str, float]:
+    """What a generated set keeps of the data's variety, against a reference set of the data: precision and recall of
+    their features (k-NN manifolds), and, where both sets have groups (captions or classes) drawn at least twice, the
+    within-group distance of the generated images / clips and its ratio to the reference's ("diversity": 1 as varied
+    as the data, 0 one image per caption)."""
+    result = precision_recall(real_features, generated_features, k=k)
+    if real_groups is None or generated_groups is None or not (_repeats(real_groups) and _repeats(generated_groups)):
+        return result
+    spread = within_group_distance(generated, generated_groups)
+    return result | {"within_caption_distance": spread, "diversity": spread / within_group_distance(real, real_groups)}
+
+
+def _repeats(groups: Sequence[int]) -> bool:
+    return len(set(groups)) < len(groups)

@@ -35,7 +35,7 @@ from torch import nn
 
 from lightdiff.data.moving_shapes import DIRECTION_NAMES, DIRECTIONS, MIN_TRAVEL
 from lightdiff.data.moving_shapes import MAX_SIDE as MOVING_MAX_SIDE
-from lightdiff.metrics.diversity import precision_recall, within_group_distance
+from lightdiff.metrics.diversity import variety
 from lightdiff.metrics.features import check_unit_range
 from lightdiff.metrics.shapes import FOREGROUND, judge_image, parse_prompt
 
@@ -221,6 +221,11 @@ VIDEO_BAR = {"right": 0.80, "recall": 0.5, "diversity_vs_reference": 0.5}
 NEIGHBOURS = 3  # k of precision and recall's k-NN manifolds (Kynkaanniemi et al. 2019 use 3)
 
 
+def unit_clips(clips: np.ndarray) -> torch.Tensor:
+    """uint8 clips (N, F, H, W, 3) as float (N, F, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 255
+
+
 def clip_features(clips: torch.Tensor, features: nn.Module, batch_size: int = 64) -> torch.Tensor:
     """Features of clips (N, F, 3, H, W) in [0, 1]: the image features of the first, middle and last frame, side by
     side, so they see where the shape is at three times (its path) as well as what it is."""
@@ -254,13 +259,17 @@ def video_judge(
     ]
     if too_few:  # variety needs more than k clips and a caption drawn twice: not measured, so no bar is met
         return result | {"variety": f"not measured ({'; '.join(too_few)})", "meets_bar": False}
-    as_float = lambda clips: torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 255  # noqa: E731
-    real_clips, generated_clips = as_float(reference), as_float(generated)
-    result |= precision_recall(
-        clip_features(real_clips, features), clip_features(generated_clips, features), k=NEIGHBOURS
+    real_clips, generated_clips = unit_clips(reference), unit_clips(generated)
+    measured = variety(
+        clip_features(real_clips, features),
+        clip_features(generated_clips, features),
+        real_clips,
+        caption_groups(reference_prompts),
+        generated_clips,
+        caption_groups(prompts),
+        k=NEIGHBOURS,
     )
-    spread = within_group_distance(generated_clips, caption_groups(prompts))
-    reference_spread = within_group_distance(real_clips, caption_groups(reference_prompts))
-    result |= {"within_caption_distance": spread, "diversity_vs_reference": spread / reference_spread}
+    measured["diversity_vs_reference"] = measured.pop("diversity")
+    result |= measured
     result["meets_bar"] = all(float(result[key]) >= bar for key, bar in VIDEO_BAR.items())
     return result
