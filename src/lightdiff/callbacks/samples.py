@@ -235,6 +235,9 @@ class SampleGrid(pl.Callback):
         if self._features is None:
             self._features = ShapesFeatures()
         items = [dataset[index] for index in range(count)]
+        side = generated.shape[-3:-1]
+        if any(tuple(item["pixel_values"].shape[-2:]) != side for item in items):
+            return {}  # variable-aspect data (buckets): no like-for-like reference at the previews' square size
         real = torch.stack([item["pixel_values"] for item in items]).float().div(2).add(0.5).clamp(0, 1)
         if generated.ndim == 5:  # clips: grouped by caption, embedded by three of their frames
             ours = unit_clips(generated[:count])
