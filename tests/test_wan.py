@@ -375,6 +375,36 @@ def test_wan_image_to_video_trains_and_exports_to_its_pipeline(
     assert (theirs - ours).abs().max() > 1e-3  # the mutation control
 
 
+def test_wan_image_to_video_trains_from_the_latent_cache_with_each_clips_first_frame_condition(
+    wan_vae_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.cache_latents with Wan 2.2's image-to-video: the first frame's condition (the frame and black frames
+    through the VAE, with the mask) is cached per clip beside the latents, equal to the one made
+    from the pixels (to float16) and different from clip to clip; once the caches exist a run encodes no clip. Wan
+    2.1's CLIP image encoder reads pixels: refused by name."""
+    from lightdiff.data.latent_cache import LatentCacheDataset
+
+    calls = count_encoded(monkeypatch, AutoencoderKLWan)
+    cache = [f"data.latent_cache_dir={tmp_path / 'cache'}", "data.size=8", "data.cache_latents=true"]
+    no_previews = ["callbacks.samples.final_num_images=0"]  # the previews encode their given frames
+    train_run(_wan_config(tmp_path, wan_vae_dir, "run_name=fill", *TINY_WAN_22_I2V, *cache, *no_previews))
+    assert sum(calls) == 16  # every clip once for its latents, once for its first frame's condition
+    assert len(list((tmp_path / "cache").glob("first-frames-*.pt"))) == 1
+    calls.clear()
+    trainer = train_run(_wan_config(tmp_path, wan_vae_dir, "run_name=cached", *TINY_WAN_22_I2V, *cache, *no_previews))
+    assert trainer.global_step == 2 and calls == []
+    data, conditioning = trainer.datamodule.dataset, trainer.lightning_module.conditioning
+    assert isinstance(data, LatentCacheDataset) and data.first_frames is not None
+    clips = torch.stack([trainer.datamodule.source_dataset[index]["pixel_values"] for index in range(2)])
+    made = conditioning.first_frame_encoding().encode(clips)
+    cached = torch.stack([data[index]["first_frame_condition"] for index in range(2)])
+    assert cached.shape == made.shape == (2, 8, 3, 4, 4)  # 4 mask + 4 latent channels, 3 latent frames
+    assert (cached - made).abs().max() < 1e-2 and (made[0] - made[1]).abs().max() > 0.1
+    with pytest.raises(ConfigError, match="WanFirstFrame reads each clip's first frame in pixels"):
+        train_run(_wan_config(tmp_path, wan_vae_dir, "run_name=refused", *TINY_WAN_I2V, *cache))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_an_image_to_video_wan_starts_from_a_text_to_video_folder(wan_export: Path, tmp_path: Path) -> None:
     """model.input_channels: the folder's transformer with its patch embedding widened to the first frame's mask and
     latents through zero weights computes the text-to-video velocity whatever the frame holds (a random kernel there

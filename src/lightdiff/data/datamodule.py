@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -16,9 +16,12 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightdiff.config import ConfigError, NonNegativeInt
-from lightdiff.data.latent_cache import cached_latents, cached_text_states
+from lightdiff.data.latent_cache import cached_first_frames, cached_latents, cached_text_states
 from lightdiff.data.sampler import BucketBatchSampler, ResumableSampler
 from lightdiff.data.streams import STREAM_STATE, Stream, StreamLedger
+
+if TYPE_CHECKING:
+    from lightdiff.nets.families.base import FirstFrameEncoding
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,11 @@ class ImageDataModule(pl.LightningDataModule):
         vae: AutoencoderKL,
         text_encoder_fingerprint: str | None = None,
         encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+        first_frames: FirstFrameEncoding | None = None,
     ) -> None:
         """Serve {"latent_moments", "label", "text"} from the cache of this data set under `vae` (made if missing);
-        with a frozen text encoder (its fingerprint and prompt encoding given) also "text_states", cached likewise."""
+        with a frozen text encoder (its fingerprint and prompt encoding given) also "text_states", cached likewise;
+        with an image-to-video model's `first_frames` encoding, each clip's "first_frame_condition" too."""
         cache = cached_latents(self.source_dataset, self.identity, vae, self.latent_cache_dir, self.batch_size)
         if text_encoder_fingerprint is not None and encode_prompts is not None:
             states, index = cached_text_states(
@@ -89,6 +94,11 @@ class ImageDataModule(pl.LightningDataModule):
                 self.batch_size,
             )
             cache.attach_text_states(states, index)
+        if first_frames is not None:
+            conditions = cached_first_frames(
+                self.source_dataset, self.identity, first_frames, self.latent_cache_dir, self.batch_size
+            )
+            cache.attach_first_frames(conditions)
         self.dataset = cache
 
     @property

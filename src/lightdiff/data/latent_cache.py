@@ -9,6 +9,11 @@ caption once (a data set of 24 captions stores 24 entries, however many images i
 is its caption. Its key is the data set's identity and a hash of the tokenizer and the text encoder. The two caches
 are separate files, so changing the text encoder keeps the latents and changing the VAE keeps the text states.
 Both are stored as float16 (half the disk and memory; the difference is below the noise the model is trained on).
+
+The first-frame cache, made for an image-to-video model whose condition is a function of each clip's first frame and
+the frozen VAE alone (Wan's: the frame and black frames through the VAE, `FirstFrameEncoding`), holds that condition
+per clip, so such a model trains from cached latents too (musubi-tuner caches Wan's image latents likewise). Its key
+is the data set's identity and the encoding's fingerprint (the VAE's weights and the conditioning's kind).
 """
 
 from __future__ import annotations
@@ -17,19 +22,18 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightdiff.files import module_fingerprint, save_atomically
-from lightdiff.nets.vae import Autoencoder, posterior_moments
+from lightdiff.files import save_atomically
+from lightdiff.nets.vae import Autoencoder, posterior_moments, vae_fingerprint
+
+if TYPE_CHECKING:
+    from lightdiff.nets.families.base import FirstFrameEncoding
 
 log = logging.getLogger(__name__)
-
-
-def vae_fingerprint(vae: Autoencoder) -> str:
-    """Hash of the VAE's config and weights."""
-    return module_fingerprint(dict(vae.config), vae)
 
 
 def _cache_path(cache_dir: Path, kind: str, *parts: str) -> Path:
@@ -62,11 +66,17 @@ class LatentCacheDataset(Dataset):
         self.resolution = resolution  # of the images the latents encode
         self.text_states: torch.Tensor | None = None  # (distinct captions, tokens, width)
         self.text_index: torch.Tensor | None = None  # (images,): the row of text_states of each image's caption
+        self.first_frames: torch.Tensor | None = None  # (clips, ...): each clip's image-to-video condition
 
     def attach_text_states(self, states: torch.Tensor, index: torch.Tensor) -> None:
         if len(index) != len(self):
             raise ValueError(f"text cache of {len(index)} images for a latent cache of {len(self)}")
         self.text_states, self.text_index = states, index
+
+    def attach_first_frames(self, conditions: torch.Tensor) -> None:
+        if len(conditions) != len(self):
+            raise ValueError(f"first-frame cache of {len(conditions)} clips for a latent cache of {len(self)}")
+        self.first_frames = conditions
 
     def __len__(self) -> int:
         return len(self.moments)
@@ -82,6 +92,8 @@ class LatentCacheDataset(Dataset):
             item["text_states"] = self.text_states[self.text_index[index]].float()
         if self.source_moments is not None:
             item["source_latent_moments"] = self.source_moments[index].float()
+        if self.first_frames is not None:
+            item["first_frame_condition"] = self.first_frames[index].float()
         return item
 
     def captions(self) -> list[str]:
@@ -175,3 +187,21 @@ def cached_text_states(
     index = torch.tensor([row[text] for text in texts], dtype=torch.int64)
     save_atomically({"states": states, "index": index, "captions": distinct, "identity": identity}, path)
     return states, index
+
+
+@torch.no_grad()
+def cached_first_frames(
+    dataset: Dataset, identity: str, encoding: FirstFrameEncoding, cache_dir: Path, batch_size: int = 64
+) -> torch.Tensor:
+    """Each clip's image-to-video condition (N, ...) in the order of `dataset`, loaded from `cache_dir` or made with
+    `encoding` from the clips and written atomically."""
+    path = _cache_path(cache_dir, "first-frames", identity, encoding.fingerprint)
+    if path.exists():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("first-frame cache hit: %s (%d clips)", path, len(stored["conditions"]))
+        return stored["conditions"]
+    log.info("first-frame cache miss: encoding %d clips' first frames into %s", len(dataset), path)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    conditions = torch.cat([encoding.encode(batch["pixel_values"]).half().cpu() for batch in loader])
+    save_atomically({"conditions": conditions, "identity": identity}, path)
+    return conditions

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from lightdiff.data.image_folder import too_many_pixels
 from lightdiff.data.latent_cache import vae_fingerprint
 from lightdiff.data.streams import Stream, StreamLedger, collate
 from lightdiff.data.transforms import ImageTransform
+
+if TYPE_CHECKING:
+    from lightdiff.nets.families.base import FirstFrameEncoding
 
 log = logging.getLogger(__name__)
 
@@ -483,10 +486,16 @@ class ShardsDataModule(ImageDataModule):
         vae: AutoencoderKL,
         text_encoder_fingerprint: str | None = None,
         encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+        first_frames: FirstFrameEncoding | None = None,
     ) -> None:
         """Serve the latents the shards store (`python -m lightdiff.data.shard --vae`), once they are checked to be
         this VAE's at this resolution, and their text states (`--text-encoder`) where the model's text encoder is frozen
         and is theirs; shards without text states leave the captions to be encoded each step."""
+        if first_frames is not None:
+            raise ConfigError(
+                "data.cache_latents=true with shards serves the latents they store, and shards store no image-to-video "
+                "first-frame condition: set data.cache_latents=false (or train from a data set the cache can encode)"
+            )
         first = self.source_dataset.first_readable or self.urls[0]  # a truncated first shard skipped (skip_bad)
         record, text_record = stored_records(first)
         if record is None:

@@ -43,7 +43,13 @@ from lightdiff.nets.families import (
     family_of,
     load_denoiser,
 )
-from lightdiff.nets.families.base import CacheableText, EncodesWithVae, TextEncoders
+from lightdiff.nets.families.base import (
+    CacheableText,
+    CachesFirstFrames,
+    EncodesWithVae,
+    FirstFrameEncoding,
+    TextEncoders,
+)
 from lightdiff.nets.families.wan import Expert, one_expert
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.pretrained import as_pipeline_folder, load_vae, pipeline_parts
@@ -235,15 +241,21 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.class_names = data.class_names
 
-    def latent_cache_encoders(self) -> tuple[Autoencoder, str | None, Any]:
-        """For `data.cache_latents`: the VAE, and a frozen text encoder's fingerprint and prompt encoding."""
+    def latent_cache_encoders(self) -> tuple[Autoencoder, str | None, Any, FirstFrameEncoding | None]:
+        """For `data.cache_latents`: the VAE, a frozen text encoder's fingerprint and prompt encoding, and an
+        image-to-video conditioning's first-frame encoding (Wan's, a function of the frame and the VAE alone)."""
         if self.vae is None:
             raise ConfigError("data.cache_latents=true is for model=latent: a pixel model has no VAE (model.vae)")
+        first_frames = None
         if "image" in self.conditioning.reads:
-            raise ConfigError(
-                "data.cache_latents=true serves latents only: an image-to-video model conditions on each clip's first "
-                "frame in pixels (model=video_i2v, a Wan image-to-video net), so it encodes the clips on the fly"
-            )
+            if isinstance(self.conditioning, CachesFirstFrames):
+                first_frames = self.conditioning.first_frame_encoding()
+            if first_frames is None:
+                raise ConfigError(
+                    f"data.cache_latents=true: {type(self.conditioning).__name__} reads each clip's first frame in "
+                    "pixels (SVD's, Wan 2.1's CLIP image encoder), so this model encodes its clips on the fly: set "
+                    "data.cache_latents=false"
+                )
         if "source_pixel_values" in self.conditioning.reads and "source_latent_moments" not in self.conditioning.reads:
             raise ConfigError(
                 f"data.cache_latents=true stores editing sources at the data's size, and "
@@ -251,8 +263,8 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
                 "about 1024 x 1024): set data.cache_latents=false"
             )
         if isinstance(self.conditioning, CacheableText) and self.conditioning.cacheable:
-            return self.vae, self.conditioning.cache_fingerprint(), self.conditioning.encode
-        return self.vae, None, None
+            return self.vae, self.conditioning.cache_fingerprint(), self.conditioning.encode, first_frames
+        return self.vae, None, None, first_frames
 
     # ----- training ---------------------------------------------------------------------------------------------
 

@@ -25,8 +25,7 @@ from torch.utils.data import Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lightdiff.data.latent_cache import module_fingerprint
-from lightdiff.files import save_atomically
+from lightdiff.files import module_fingerprint, save_atomically
 from lightdiff.metrics.features import check_unit_range
 
 log = logging.getLogger(__name__)

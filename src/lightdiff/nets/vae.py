@@ -35,6 +35,8 @@ from diffusers import (
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from lightdiff.files import module_fingerprint
+
 Autoencoder = (
     AutoencoderKL
     | AutoencoderKLCogVideoX
@@ -90,6 +92,11 @@ VAE_SPECS: dict[str, VaeSpec] = {
     ),
     "AutoencoderKLFlux2": VaeSpec(batch_norm_patches=True),
 }
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """Hash of the VAE's config and weights (the key of every cache of what it encodes)."""
+    return module_fingerprint(dict(vae.config), vae)
 
 
 def vae_spec(vae: torch.nn.Module) -> VaeSpec:

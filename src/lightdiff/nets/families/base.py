@@ -193,6 +193,25 @@ class CacheableText(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class FirstFrameEncoding:
+    """How an image-to-video conditioning makes its condition from clips (B, F, 3, H, W) in [-1, 1] (of which it
+    reads the first frame), and a fingerprint of everything that decides it: `data.cache_latents` then caches each
+    clip's condition beside its latents (`lightdiff.data.latent_cache.cached_first_frames`)."""
+
+    fingerprint: str
+    encode: Callable[[torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class CachesFirstFrames(Protocol):
+    """An image-to-video conditioning whose frame condition `data.cache_latents` may store per clip."""
+
+    def first_frame_encoding(self) -> FirstFrameEncoding | None:
+        """The encoding, or None where the condition is not a function of the frame and the frozen VAE alone."""
+        ...
+
+
 @runtime_checkable
 class EncodesWithVae(Protocol):
     """A conditioning that encodes pixels through the method's own VAE (SVD's conditioning frame): given it once the

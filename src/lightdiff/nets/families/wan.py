@@ -43,6 +43,7 @@ from lightdiff.nets.families.base import (
     ConditioningSettings,
     DataDescription,
     Family,
+    FirstFrameEncoding,
     Inputs,
     PipelineComponents,
     check_captions,
@@ -62,7 +63,7 @@ from lightdiff.nets.text import (
     t5_tokenizer_state,
     tokenize_prompts,
 )
-from lightdiff.nets.vae import latent_channels, normalised_latents, posterior, temporal_compression
+from lightdiff.nets.vae import latent_channels, normalised_latents, posterior, temporal_compression, vae_fingerprint
 
 # WanPipeline's default max_sequence_length: UMT5 tokens per prompt, the padded ones zeroed
 WAN_TEXT_TOKENS = 512
@@ -510,12 +511,36 @@ class WanFirstFrame(nn.Module):
         mask[:, :, 0] = 1.0  # WanImageToVideoPipeline.prepare_latents' mask: the first frame is given
         return torch.cat([mask, latents], dim=1)
 
+    @property
+    def cacheable(self) -> bool:
+        """The prompt's states may be cached (`CacheableText`) where the text encoder is frozen; the frame's
+        condition has its own cache (`first_frame_encoding`)."""
+        return self.text.cacheable
+
+    def cache_fingerprint(self) -> str:
+        return self.text.cache_fingerprint()
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.text.encode(prompts)
+
+    def first_frame_encoding(self) -> FirstFrameEncoding | None:
+        """For `data.cache_latents`: the condition as a function of each clip (its first frame through the frozen
+        VAE), where nothing else decides it; None with Wan 2.1's CLIP image encoder (it reads the frame's pixels)."""
+        vae = self.__dict__["vae"]
+        if self.image_encoder is not None or vae is None:
+            return None
+        fingerprint = f"wan_first_frame|{vae_fingerprint(vae)}"
+        return FirstFrameEncoding(fingerprint, lambda clips: self._frame_latents(clips[:, 0], clips.shape[1]))
+
     def forward(self, inputs: Inputs) -> Condition:
         text = self.text(inputs)
+        device = self.text.text_encoder.device
+        if inputs.get("first_frame_condition") is not None:  # data.cache_latents: made once by `first_frame_encoding`
+            kwargs = {**text.kwargs, "condition_latents": inputs["first_frame_condition"].to(device, torch.float32)}
+            return Condition(kwargs, text.summary)
         clips = inputs.get("pixel_values")
         frames = inputs["image"] if inputs.get("image") is not None else clips[:, 0]
         num_frames = inputs["num_frames"] if inputs.get("num_frames") is not None else clips.shape[1]
-        device = self.text.text_encoder.device
         frames = frames.to(device, torch.float32)
         kwargs = {**text.kwargs, "condition_latents": self._frame_latents(frames, num_frames)}
         if self.image_encoder is not None:
