@@ -233,8 +233,12 @@ class SampleGrid(pl.Callback):
         if count <= VARIETY_NEIGHBOURS:
             return {}
         if self._features is None:
-            self._features = ShapesFeatures()
-        items = [dataset[index] for index in range(count)]
+            # building its network draws initial weights from the global generator before the shipped ones are read:
+            # forked, so that the run's random stream (exact resume) never depends on when the first preview came
+            with torch.random.fork_rng(devices=[]):
+                self._features = ShapesFeatures()
+        with torch.random.fork_rng(devices=[]):  # a random view (data.random_flip) must not move the run's stream
+            items = [dataset[index] for index in range(count)]
         side = generated.shape[-3:-1]
         if any(tuple(item["pixel_values"].shape[-2:]) != side for item in items):
             return {}  # variable-aspect data (buckets): no like-for-like reference at the previews' square size
