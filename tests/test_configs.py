@@ -98,6 +98,8 @@ def _group_overrides() -> list[list[str]]:
         "lora_shapes": ["model.pretrained=PIPELINE"],
         "sdxl_turbo_shapes": ["model.teacher=SDXL_TEACHER"],
         "wan_turbo_shapes": ["model.teacher=WAN_CKPT"],
+        "wan_turbo_patchgan_shapes": ["model.teacher=WAN_CKPT"],
+        "wan_i2v_from_t2v_shapes": ["model.pretrained=WAN_T2V_EXPORT"],  # the text-to-video export it starts from
     }
     cases += [[f"experiment={name}", *needs.get(name, [])] for name in _options("experiment")]
     return cases
@@ -145,12 +147,16 @@ def test_every_option_composes_and_builds(
     if any("PIPELINE" in o for o in overrides):
         pipeline = sample_run(compose_config("sample", [f"ckpt={text_ckpt}", f"export={tmp_path / 'pipeline'}"]))
         overrides = [o.replace("PIPELINE", str(pipeline)) for o in overrides]
-    if any("WAN_CKPT" in o for o in overrides):  # experiment=wan_t2v_shapes at one block, one step
+    if any("WAN_CKPT" in o or "WAN_T2V_EXPORT" in o for o in overrides):  # experiment=wan_t2v_shapes: 1 block, 1 step
         small = ["net.num_layers=1", "data.size=4", "data.batch_size=2", "data.cache_latents=false"]
         small += ["trainer.max_steps=1", "callbacks.samples.every_n_steps=0", "callbacks.samples.final_num_images=0"]
         teacher = compose_config("train", [f"output_root={tmp_path}", "experiment=wan_t2v_shapes", *small])
         run(teacher)
-        overrides = [o.replace("WAN_CKPT", f"{teacher.run_dir}/checkpoints/last.ckpt") for o in overrides]
+        checkpoint = f"{teacher.run_dir}/checkpoints/last.ckpt"
+        overrides = [o.replace("WAN_CKPT", checkpoint) for o in overrides]
+        if any("WAN_T2V_EXPORT" in o for o in overrides):
+            sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'wan-pipeline'}"]))
+            overrides = [o.replace("WAN_T2V_EXPORT", str(tmp_path / "wan-pipeline")) for o in overrides]
     if any("QWEN_VAE" in o for o in overrides):  # Qwen-Image's VAE at its layout (8x, 16 channels), untrained
         from diffusers import AutoencoderKLQwenImage
 
