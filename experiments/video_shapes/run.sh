@@ -83,11 +83,14 @@ wan_t2v_20k)
     # steps (a warm restart at its half-way rate), as the CogVideoX recipe's second leg; the 10000 checkpoint is kept
     cp outputs/wan_t2v_shapes/checkpoints/step0010000.ckpt outputs/wan_t2v_shapes/step10000_kept.ckpt
     python train.py experiment=wan_t2v_shapes run_name=wan_t2v_shapes logger=csv trainer.max_steps=20000
-    for first in 0 256; do
-        python sample.py ckpt=outputs/wan_t2v_shapes/checkpoints/last.ckpt out=outputs/wan_t2v_shapes/judged20k_$first \
-            seed=$first num_images=256 batch_size=64 steps=50 guidance_scale=1.5 metrics=fid metrics.num_samples=256 \
-            overwrite=true
-        cat outputs/wan_t2v_shapes/judged20k_$first/metrics.json
+    # guidance chosen on seeds 0-255 among 1.5, 2 and 3 (README: 3), each reported on the held-out 256-511 too
+    for guidance in 1.5 2.0 3.0; do
+        for first in 0 256; do
+            python sample.py ckpt=outputs/wan_t2v_shapes/checkpoints/last.ckpt \
+                out=outputs/wan_t2v_shapes/judged20k_${first}_g$guidance seed=$first num_images=256 batch_size=64 \
+                steps=50 guidance_scale=$guidance metrics=fid metrics.num_samples=256 overwrite=true
+            cat outputs/wan_t2v_shapes/judged20k_${first}_g$guidance/metrics.json
+        done
     done
     ;;
 wan_i2v_from_t2v)
