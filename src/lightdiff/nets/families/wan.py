@@ -530,7 +530,12 @@ class WanFirstFrame(nn.Module):
         if self.image_encoder is not None or vae is None:
             return None
         fingerprint = f"wan_first_frame|{vae_fingerprint(vae)}"
-        return FirstFrameEncoding(fingerprint, lambda clips: self._frame_latents(clips[:, 0], clips.shape[1]))
+
+        def encode(clips: torch.Tensor) -> torch.Tensor:
+            frames = clips[:, 0].to(next(vae.parameters()).device, torch.float32)  # where the VAE is
+            return self._frame_latents(frames, clips.shape[1])
+
+        return FirstFrameEncoding(fingerprint, encode)
 
     def forward(self, inputs: Inputs) -> Condition:
         text = self.text(inputs)
