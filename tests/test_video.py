@@ -438,7 +438,7 @@ def test_turbo_distils_a_video_teacher_into_a_one_step_student(video_ckpt: Path,
     assert (theirs - ours).abs().max() < 1e-4
     ours, theirs = _exported_clips(folder, checkpoint, steps=1, guidance_scale=1.0, seeds=[0, 1], perturb=0.05)
     assert (theirs - ours).abs().max() > 1e-3  # mutation control: a perturbed export fails
-    with pytest.raises(ConfigError, match="a video teacher is distilled against its own features"):
+    with pytest.raises(ConfigError, match="a video teacher is distilled against a backbone that judges whole clips"):
         train_run(compose_config("train", [*turbo, "discriminator=patchgan", "run_name=patch"]))
 
 
