@@ -382,6 +382,13 @@ def text_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _trained_checkpoint(root, "text", "model=latent", f"model.vae={root / 'vae'}", *TINY_TEXT_MODEL)
 
 
+@pytest.fixture(scope="session")
+def text_student_ckpt(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-step turbo student of `text_ckpt` (2 updates): the few-step base of model=few_step_finetune's tests."""
+    root = tmp_path_factory.mktemp("text_student")
+    return _trained_checkpoint(root, "student", "model=turbo", f"model.teacher={text_ckpt}", "model.teacher_steps=2")
+
+
 # ----- parity with plain diffusers: one helper every family's export test uses -----------------------------------
 
 

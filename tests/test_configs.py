@@ -32,6 +32,7 @@ def _group_overrides() -> list[list[str]]:
     cases = []
     # Distillation needs a teacher (below); auto is sample.py's.
     skip = {("model", "turbo"), ("model", "lcm"), ("model", "dmd2"), ("model", "guidance_distill"), ("sampler", "auto")}
+    skip |= {("model", "few_step_finetune")}  # with its base, below
     skip |= {("model", "video"), ("model", "video_i2v")}  # with their nets, below
     for group in ("model", "schedule", "objective", "optimizer", "sampler", "trainer", "logger", "callbacks"):
         cases += [[f"{group}={option}"] for option in _options(group) if (group, option) not in skip]
@@ -82,6 +83,7 @@ def _group_overrides() -> list[list[str]]:
     ]
     cases += [["metrics=none"], ["model=latent", "net=mmdit_tiny", "objective=flow_matching", "model.t5=true"]]
     cases += [["model=turbo", "model.teacher=TEACHER"], ["model=dmd2", "model.teacher=TEACHER"]]
+    cases += [["model=few_step_finetune", "model.base=TEXT_STUDENT", "model.lora.rank=2", "model.preserve_prompts=[x]"]]
     cases += [
         [f"model={method}", "model.teacher=TEXT_TEACHER"] for method in ("turbo", "lcm", "dmd2", "guidance_distill")
     ]
@@ -94,6 +96,7 @@ def _group_overrides() -> list[list[str]]:
     # line; PIPELINE is the text teacher exported as a StableDiffusionPipeline).
     needs = {
         "turbo_shapes": ["model.teacher=TEACHER"],
+        "fewstep_lora_shapes": ["model.base=TEXT_STUDENT"],
         "lora_finetune": ["model.pretrained=PIPELINE", "data.root=IMAGES", "data.resolution=16"],
         "lora_shapes": ["model.pretrained=PIPELINE"],
         "sdxl_turbo_shapes": ["model.teacher=SDXL_TEACHER"],
@@ -133,7 +136,7 @@ def _installed(package: str) -> bool:
 
 @pytest.mark.parametrize("overrides", _group_overrides(), ids=lambda o: " ".join(o))
 def test_every_option_composes_and_builds(
-    overrides: list[str], tmp_path: Path, class_ckpt: Path, text_ckpt: Path, sdxl_ckpt: Path
+    overrides: list[str], tmp_path: Path, class_ckpt: Path, text_ckpt: Path, sdxl_ckpt: Path, text_student_ckpt: Path
 ) -> None:
     """Each option composes, passes the argument check, and builds what it names: the data module, the method for
     that data (its networks, objective, conditioning), its optimisers and schedule, every callback, the sampler,
@@ -141,6 +144,7 @@ def test_every_option_composes_and_builds(
     a download (hub data sets are replaced by a local image folder), a CUDA trainer, optional packages."""
     images = _image_folder(tmp_path)
     teachers = {"TEXT_TEACHER": str(text_ckpt), "SDXL_TEACHER": str(sdxl_ckpt), "TEACHER": str(class_ckpt)}
+    teachers["TEXT_STUDENT"] = str(text_student_ckpt)  # model=few_step_finetune's few-step base
     overrides = [o.replace("IMAGES", str(images)) for o in overrides]
     for placeholder, teacher in teachers.items():  # TEXT_ and SDXL_TEACHER first: they contain TEACHER
         overrides = [o.replace(placeholder, teacher) for o in overrides]

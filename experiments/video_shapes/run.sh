@@ -9,8 +9,9 @@
 #   bash experiments/video_shapes/run.sh wan_i2v    # Wan image-to-video (experiment=wan_i2v_shapes), 2000 steps
 #   bash experiments/video_shapes/run.sh wan_turbo  # Turbo on the wan_t2v teacher, judged at 1 and 4 steps
 #   bash experiments/video_shapes/run.sh wan_t2v_20k     # the wan_t2v run resumed to 20000 steps, judged likewise
-#   bash experiments/video_shapes/run.sh wan_i2v_from_t2v  # image-to-video from the 10000-step text-to-video export
-#   bash experiments/video_shapes/run.sh wan_turbo_patchgan  # Turbo with a clip PatchGAN, judged at 1, 2 and 4 steps
+#   bash experiments/video_shapes/run.sh wan_i2v_from_t2v [SEED]  # image-to-video from the 10000-step text-to-video
+#                                                                 # export: 2000 steps, resumed to 6000, judged held out
+#   bash experiments/video_shapes/run.sh wan_turbo_patchgan [SEED]  # Turbo with a clip PatchGAN, judged at 1, 2, 4 steps
 set -euo pipefail
 stages="vae | wan_vae | t2v | i2v | wan_t2v | wan_i2v | wan_turbo | wan_t2v_20k | wan_i2v_from_t2v | wan_turbo_patchgan"
 stage=${1:?$stages}
@@ -94,20 +95,29 @@ wan_t2v_20k)
     done
     ;;
 wan_i2v_from_t2v)
-    # Wan's own order: the image-to-video model starts from the text-to-video one (its 10000-step EMA export)
-    python sample.py ckpt=outputs/wan_t2v_shapes/step10000_kept.ckpt export=outputs/wan_t2v_shapes/export_10000 \
-        overwrite=true
-    python train.py experiment=wan_i2v_from_t2v_shapes model.pretrained=outputs/wan_t2v_shapes/export_10000 logger=csv
-    cat outputs/wan_i2v_from_t2v_shapes/final_metrics.json
+    # Wan's own order: the image-to-video model starts from the text-to-video one (its 10000-step EMA export);
+    # 2000 steps, then resumed to 6000 (the cosine stretched: a warm restart), judged on held-out first frames
+    seed=${2:-0}
+    run=wan_i2v_from_t2v_shapes$([ "$seed" = 0 ] || echo "_seed$seed")
+    [ -d outputs/wan_t2v_shapes/export_10000 ] || python sample.py ckpt=outputs/wan_t2v_shapes/step10000_kept.ckpt \
+        export=outputs/wan_t2v_shapes/export_10000 overwrite=true
+    for max_steps in 2000 6000; do
+        python train.py experiment=wan_i2v_from_t2v_shapes model.pretrained=outputs/wan_t2v_shapes/export_10000 \
+            seed="$seed" run_name=$run logger=csv trainer.max_steps=$max_steps
+        cat outputs/$run/final_metrics.json
+    done
+    python experiments/video_shapes/judge_i2v.py outputs/$run/checkpoints/last.ckpt --out outputs/$run/heldout.json
+    cat outputs/$run/heldout.json
     ;;
 wan_turbo_patchgan)
+    seed=${2:-0}
+    run=wan_turbo_patchgan_shapes$([ "$seed" = 0 ] || echo "_seed$seed")
     python train.py experiment=wan_turbo_patchgan_shapes model.teacher=outputs/wan_t2v_shapes/step10000_kept.ckpt \
-        logger=csv
+        seed="$seed" run_name=$run logger=csv
     for steps in 1 2 4; do  # held-out seeds 256-511
-        python sample.py ckpt=outputs/wan_turbo_patchgan_shapes/checkpoints/last.ckpt \
-            out=outputs/wan_turbo_patchgan_shapes/judged_$steps seed=256 num_images=256 batch_size=64 steps=$steps \
-            guidance_scale=1 metrics=fid metrics.num_samples=256 overwrite=true
-        cat outputs/wan_turbo_patchgan_shapes/judged_$steps/metrics.json
+        python sample.py ckpt=outputs/$run/checkpoints/last.ckpt out=outputs/$run/judged_$steps seed=256 \
+            num_images=256 batch_size=64 steps=$steps guidance_scale=1 metrics=fid metrics.num_samples=256 overwrite=true
+        cat outputs/$run/judged_$steps/metrics.json
     done
     ;;
 *)

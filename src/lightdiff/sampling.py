@@ -139,6 +139,8 @@ def generate(
     vae: Autoencoder | None = None,  # decode the samples through it (a latent model)
     size: tuple[int, int] | None = None,  # (height, width) of the images in pixels; None: the net's sample_size
     num_frames: int | None = None,  # frames per clip of a video net; None: its family's default (the pipeline's)
+    visit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,  # called at each step with the
+    # network's input x_t, the timestep and its (guided) output: the trajectory a method trains along
 ) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W), float32: step for step what DDPMPipeline / DDIMPipeline (pixels) or
     StableDiffusionPipeline / StableDiffusion3Pipeline (latents) draw from the same generators; clips (B, F, 3, H, W)
@@ -180,10 +182,12 @@ def generate(
 
     def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         prediction = network_output(net, torch.cat([x_t, x_t]) if guided else x_t, t, condition)
-        if not guided:
-            return prediction
-        uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
-        return family.guided(net, uncond, cond, scale)
+        if guided:
+            uncond, cond = prediction.float().chunk(2)  # the guidance sum in float32, as the trajectory (denoise)
+            prediction = family.guided(net, uncond, cond, scale)
+        if visit is not None:
+            visit(x_t, t, prediction)
+        return prediction
 
     timesteps = pipeline_timesteps(net, scheduler, num_inference_steps, shape[-2], shape[-1])
     noise = family.initial_noise(shape, generators, device)

@@ -77,10 +77,11 @@ def _check_launch(cfg: DictConfig) -> None:
 
 UNUSED_GROUP_REASONS = {
     "net": (
-        "a distillation method (turbo, lcm, dmd2, guidance_distill) distils its teacher's network, and the "
-        "autoencoder's is model.vae"
+        "a distillation method (turbo, lcm, dmd2, guidance_distill) distils its teacher's network, "
+        "model=few_step_finetune adapts its base's, and the autoencoder's is model.vae"
     ),
-    "objective": "a distillation method takes its teacher's objective, and the autoencoder has none",
+    "objective": "a distillation method takes its teacher's objective (few_step_finetune: its base's), and the "
+    "autoencoder has none",
     "schedule": "a beta schedule belongs to objective=ddpm (a distilled student takes its teacher's)",
     "discriminator": "only model=turbo takes the discriminator group (the autoencoder's is model.discriminator)",
     "optimizer": "this method builds no optimiser from the group",

@@ -26,8 +26,8 @@ from lightdiff.nets.families import Condition, Conditioning, Inputs
 from lightdiff.nets.lora import adapters_disabled
 from lightdiff.nets.pretrained import as_pipeline_folder
 from lightdiff.nets.vae import encode_latents
-from lightdiff.sampling import for_latents, generate, preview_inputs
-from lightdiff.trained import TrainedDenoiser, load_trained, local_path
+from lightdiff.sampling import for_latents, generate, preview_inputs, reconfigured
+from lightdiff.trained import REQUIRED_SAMPLERS, TrainedDenoiser, load_trained, local_path
 
 
 def load_teacher(source: str) -> TrainedDenoiser:
@@ -72,6 +72,9 @@ class FrozenTeacher(nn.Module):
         self.conditioning = loaded.conditioning.requires_grad_(False).eval()
         self.class_names = loaded.class_names if loaded.class_names is not None else data.class_names
         self.guidance_scale = guidance_scale
+        # how it samples where it is itself a few-step student (its checkpoint's record; None for other models)
+        self.required_sampler, self.scheduler_overrides = loaded.required_sampler, loaded.scheduler_overrides
+        self.student_steps = loaded.student_steps
         self.conditioning.check(self.net, data)
         height, width = loaded.default_size()  # its net's size, or what it trained at (a FLUX transformer has none)
         if (height, width) != (data.resolution, data.resolution):
@@ -147,10 +150,15 @@ class FrozenTeacher(nn.Module):
         return unconditional_output, conditional_output
 
     def scheduler(self, sampler: SchedulerFactory) -> SchedulerMixin:
-        """The grid's sampler where it fits the teacher's objective, else the objective's own."""
-        factory = sampler if self.objective.accepts(sampler) else self.objective.default_sampler
+        """The grid's sampler where it fits the teacher's objective, else the objective's own; a few-step student's
+        own (an LCM or DMD2 student's LCMScheduler, a turbo student's trailing timesteps), as sample.py draws it."""
+        if self.required_sampler is not None:
+            factory = REQUIRED_SAMPLERS[self.required_sampler]
+        else:
+            factory = sampler if self.objective.accepts(sampler) else self.objective.default_sampler
         scheduler = self.objective.scheduler(factory)
-        return for_latents(scheduler) if self.vae is not None else scheduler
+        scheduler = for_latents(scheduler) if self.vae is not None else scheduler
+        return reconfigured(scheduler, self.scheduler_overrides or {})
 
     @torch.no_grad()
     def preview(self, seeds: Sequence[int], inputs: Inputs, sampler: SchedulerFactory, steps: int) -> torch.Tensor:
