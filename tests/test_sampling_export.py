@@ -194,6 +194,27 @@ def test_bad_inputs_are_named(trained: dict[str, Path], tmp_path: Path) -> None:
         _sample(trained["class"], tmp_path / "o", "label=30")
 
 
+def test_sample_py_variety_sees_a_collapsed_model() -> None:
+    """sample.py's `variety` on shapes: other data images keep recall and the data's spread within a class; the same
+    classes drawn as one image each, repeated (right about every prompt, no variety), lose both (the control)."""
+    from lightdiff.data import ShapesDataset
+    from lightdiff.sample import image_variety
+
+    reference = ShapesDataset(size=240, resolution=16, seed=0)
+
+    def uint8(dataset: ShapesDataset, indices: list[int]) -> np.ndarray:
+        images = torch.stack([dataset[i]["pixel_values"] for i in indices]).clamp(-1, 1) / 2 + 0.5
+        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+    other = ShapesDataset(size=240, resolution=16, seed=1)
+    labels = [int(other[i]["label"]) for i in range(240)]
+    fresh = image_variety(reference, uint8(other, list(range(240))), labels, 240)
+    first_of_class = {label: labels.index(label) for label in labels}
+    collapsed = image_variety(reference, uint8(other, [first_of_class[label] for label in labels]), labels, 240)
+    assert fresh["recall"] > 0.8 and 0.8 < fresh["diversity"] < 1.25
+    assert collapsed["recall"] < 0.3 and collapsed["diversity"] == 0.0
+
+
 def test_sample_with_metrics_writes_metrics_json(trained: dict[str, Path], tmp_path: Path) -> None:
     fid_options = ["metrics=fid", "metrics/features=random_conv", "metrics.num_samples=16", "metrics.batch_size=8"]
 
@@ -207,6 +228,7 @@ def test_sample_with_metrics_writes_metrics_json(trained: dict[str, Path], tmp_p
     assert metrics["fid"] > 0 and math.isfinite(metrics["kid"]) and metrics["num_images"] == 8
     assert metrics["reference_data"].startswith("shapes|") and "resolution=16" in metrics["reference_data"]
     assert 0 <= metrics["shapes"]["both"] <= 1 and "coverage" in metrics["shapes"]  # class labels were judged
+    assert set(metrics["variety"]) >= {"precision", "recall"}  # the collapse diagnostics (test below)
     assert len(list((tmp_path / "fid_cache").glob("reference-*.pt"))) == 1
     again = sample("b", cache)
     assert again["fid"] == pytest.approx(metrics["fid"], rel=1e-9)  # same seeds, cached reference

@@ -216,3 +216,26 @@ def test_lora_on_z_image_is_a_diffusers_file_that_its_pipeline_loads(zimage_expo
     assert_lora_file_reproduced(
         checkpoint, tmp_path / "export", ZImagePipeline, PROMPTS, adapted, max_sequence_length=16, guidance_scale=0.0
     )
+
+
+@pytest.mark.slow  # a few-step LoRA run on the export and two pipelines
+def test_a_z_image_turbo_shaped_folder_fine_tunes_keeping_its_few_steps(zimage_export: Path, tmp_path: Path) -> None:
+    """model=few_step_finetune on a ZImagePipeline folder, Z-Image-Turbo's layout (a pipeline that samples in a few
+    steps, which its folder does not record: model.steps): the preservation term runs its 2-step flow trajectory from
+    t = 1, the adapters train, and the export is the base plus diffusers' LoRA file that ZImagePipeline loads."""
+    overrides = [f"output_root={tmp_path}", *TINY, "model=few_step_finetune", f"model.base={zimage_export}"]
+    overrides += ["model.steps=2", "model.lora.rank=4", "model.lr=0.01", "data.classes=[a red triangle]"]
+    overrides += ["model.preserve_prompts=[a blue square]", "model.preserve_batch_size=2", "run_name=turbo_lora"]
+    cfg = compose_config("train", overrides)
+    method = train_run(cfg).lightning_module
+    assert len(method.trajectory_timesteps) == 2 and method.trajectory_timesteps[0] == pytest.approx(1000.0)
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    meta = load_checkpoint_file(checkpoint)["lightdiff"]
+    assert meta["method"] == "few_step_finetune" and meta["student_timesteps"] == method.trajectory_timesteps
+    with pytest.raises(ConfigError, match=r"model\.steps"):  # a folder records no step count: it must be given
+        train_run(compose_config("train", [o for o in overrides if o != "model.steps=2"] + ["run_name=no_steps"]))
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'export'}"]))
+    adapted = ["layers.0.attention.to_q", "layers.0.feed_forward.w1"]
+    assert_lora_file_reproduced(
+        checkpoint, tmp_path / "export", ZImagePipeline, PROMPTS, adapted, max_sequence_length=16, guidance_scale=0.0
+    )

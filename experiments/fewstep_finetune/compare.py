@@ -48,6 +48,10 @@ def few_step_images(model: TrainedDenoiser, steps: int, prompts: list[str], seed
     return torch.cat(images)
 
 
+def share(value: float, reference: float) -> float:
+    return value / reference if reference else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+", help="NAME=CHECKPOINT; the first is the reference (the base)")
@@ -106,10 +110,10 @@ def main() -> None:
             }
             base = reference_rows.setdefault(steps, row)
             row["kept"] = {
-                "adherence": row["old_adherence"] / base["old_adherence"],
-                "recall": row["recall"] / base["recall"] if base["recall"] else float("nan"),
-                "fid": base["fid"] / row["fid"],
-                "diversity": row["within_caption_distance"] / base["within_caption_distance"],
+                "adherence": share(row["old_adherence"], base["old_adherence"]),
+                "recall": share(row["recall"], base["recall"]),
+                "fid": share(base["fid"], row["fid"]),
+                "diversity": share(row["within_caption_distance"], base["within_caption_distance"]),
             }
             rows.append(row)
             kept = row["kept"]

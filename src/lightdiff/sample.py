@@ -26,7 +26,8 @@ from lightdiff.drawing import Drawing, apply_speed, device_named, load_for_sampl
 from lightdiff.export import export_comfyui_lora, export_kohya_lora, export_pipeline, export_single_file
 from lightdiff.files import folder_written_atomically
 from lightdiff.metrics import FrechetEvaluator, ShapesFeatures, shapes_metric
-from lightdiff.metrics.motion import motion_metric, video_distance, video_judge
+from lightdiff.metrics.diversity import variety
+from lightdiff.metrics.motion import caption_groups, motion_metric, video_distance, video_judge
 from lightdiff.sampling import (
     frames_grid,
     image_grid,
@@ -265,7 +266,8 @@ def judge_samples(
     labels: torch.Tensor | None,
     device: torch.device,
 ) -> dict[str, object]:
-    """FID / KID of uint8 images (N, H, W, 3) against `datamodule`'s images, plus the shapes metric on shapes data."""
+    """FID / KID of uint8 images (N, H, W, 3) against `datamodule`'s images, plus on shapes data the shapes metric and
+    the variety a collapsed model loses (`image_variety`)."""
     features = build(cfg.metrics.features)
     evaluator = FrechetEvaluator(
         features,
@@ -287,7 +289,27 @@ def judge_samples(
     }
     if isinstance(datamodule.source_dataset, ShapesDataset):
         result["shapes"] = shapes_metric(pixels, labels.tolist() if labels is not None else None, prompts)
+        groups = prompts if prompts is not None else (labels.tolist() if labels is not None else None)
+        result["variety"] = image_variety(datamodule.source_dataset, pixels, groups, cfg.metrics.num_samples)
     return result
+
+
+def image_variety(
+    dataset: ShapesDataset, pixels: np.ndarray, groups: list[object] | None, num_samples: int
+) -> dict[str, float]:
+    """Precision and recall (Kynkaanniemi et al. 2019, k = 3) of uint8 shapes images (N, H, W, 3) on `ShapesFeatures`
+    against as many of the data's images (at most `num_samples`), and, where a caption or class is drawn twice, the
+    spread within one as a ratio to the data's ("diversity"): what the shapes metric cannot see (a model that draws
+    each prompt once, right, scores 100% there; `lightdiff.metrics.diversity.variety`)."""
+    count = min(len(pixels), len(dataset), num_samples)
+    items = [dataset[index] for index in range(count)]
+    real = torch.stack([item["pixel_values"] for item in items]).float().div(2).add(0.5).clamp(0, 1)
+    ours = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    features = ShapesFeatures()
+    our_groups = caption_groups([str(group) for group in groups]) if groups is not None else None
+    real_groups = caption_groups([str(item["label"]) for item in items])
+    with torch.no_grad():
+        return variety(features(real), features(ours), real, real_groups, ours, our_groups)
 
 
 def judge_clips(
