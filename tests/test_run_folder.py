@@ -70,6 +70,27 @@ def test_previews_draw_classes_by_index_where_the_data_has_no_names() -> None:
     assert preview_inputs([0, 1], Labels(), None, [], None)[1] is None
 
 
+def test_previews_of_data_with_some_classes_ask_for_those_only() -> None:
+    """A model trained without triangles (data.exclude) is previewed on the 16 classes it saw, one trained on "a red
+    triangle" alone (data.classes) on that class: not on the 24 of the full set (the old behaviour, the control)."""
+    from lightdiff.data.shapes import NUM_CLASSES, ShapesDataset, label_to_caption
+
+    class Text:
+        reads = frozenset({"text"})
+
+    names = [label_to_caption(label) for label in range(NUM_CLASSES)]
+    no_triangle = ShapesDataset(size=8, resolution=16, exclude=[n for n in names if n.endswith("triangle")])
+    inputs, labels = preview_inputs(range(32), Text(), names, no_triangle.captions(), None, 24, no_triangle.kept_labels)
+    assert set(inputs["text"]) == set(no_triangle.captions()) and len(set(inputs["text"])) == 16
+    assert [names[label] for label in labels] == inputs["text"]  # the judge holds each image to its prompt
+    one = ShapesDataset(size=8, resolution=16, classes=["a red triangle"])
+    assert set(preview_inputs(range(5), Text(), names, one.captions(), None, 24, one.kept_labels)[0]["text"]) == {
+        "a red triangle"
+    }
+    everything, _ = preview_inputs(range(32), Text(), names, no_triangle.captions(), None, 24)
+    assert any(text.endswith("triangle") for text in everything["text"])  # control: without kept_labels
+
+
 def test_class_conditional_run_on_integer_labels_previews_samples_and_draws(tmp_path: Path) -> None:
     root = _labelled_folder(tmp_path / "images")
     cfg = _folder_run(tmp_path, root, "run_name=labels", "net.num_class_embeds=10", "callbacks.samples.every_n_steps=1")

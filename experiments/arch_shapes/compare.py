@@ -1,7 +1,7 @@
 """UNet vs DiT vs MMDiT on shapes, side by side in one process: training speed, sampling speed and quality.
 
     python experiments/arch_shapes/compare.py RUN_DIR [RUN_DIR ...] [--num-images 1000] [--steps 28]
-        [--train-steps 30]
+        [--train-steps 30] [--features random_conv|shapes]
 
 For each run folder (outputs/<run_name>/, trained by run.sh): parameters of the denoiser, its forward FLOPs per
 image (torch.utils.flop_counter), training images/s (the run's config, lightdiff's defaults, median step of
@@ -9,7 +9,9 @@ image (torch.utils.flop_counter), training images/s (the run's config, lightdiff
 on its last checkpoint (EMA weights, flow_euler sampler, `--steps` steps, the same seeds, labels / captions cycling
 through the 24 classes): images/s, the shapes metric (valid share, and right shape and colour for the class or
 caption) and FID / KID against the shapes training images with lightdiff's offline FID substitute
-(RandomConvFeatures, its own scale). Prints a markdown table.
+(RandomConvFeatures, its own scale), or with `--features shapes` on `ShapesFeatures` (a network that sees shape,
+colour, position and size), with precision, recall and the within-caption spread as a ratio to the data's (sample.py's
+`variety`: what a collapsed model loses). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def training_step_seconds(run_dir: Path, steps: int) -> tuple[float, int]:
     return statistics.median(times), int(config.data.batch_size)
 
 
-def sample_and_judge(run_dir: Path, num_images: int, steps: int) -> tuple[dict, float]:
+def sample_and_judge(run_dir: Path, num_images: int, steps: int, features: str) -> tuple[dict, float]:
     out = Path(tempfile.mkdtemp(prefix="arch_samples_")) / run_dir.name
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
@@ -80,7 +82,7 @@ def sample_and_judge(run_dir: Path, num_images: int, steps: int) -> tuple[dict, 
                 "sampler=flow_euler",
                 f"steps={steps}",
                 "metrics=fid",
-                "metrics/features=random_conv",
+                f"metrics/features={features}",
                 f"metrics.num_samples={num_images}",
                 "metrics.cache_dir=null",
                 "device=cpu",
@@ -102,31 +104,45 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--features", choices=["random_conv", "shapes"], default="random_conv")
     args = parser.parse_args()
+    spatial = args.features == "shapes"
     rows = []
     for run_dir in args.runs:
         config = OmegaConf.load(run_dir / "config.yaml")
         net_class, parameters, flops = forward_flops(run_dir)  # a distilled student has no `net` group: its class
         step_seconds, batch = training_step_seconds(run_dir, args.train_steps)
-        metrics, sample_seconds = sample_and_judge(run_dir, args.num_images, args.steps)
+        metrics, sample_seconds = sample_and_judge(run_dir, args.num_images, args.steps, args.features)
         shapes = metrics["shapes"]
         right = shapes.get("both", shapes.get("caption_both"))
+        found = metrics.get("variety", {})
+        variety = (
+            f" {found['precision']:.3f} | {found['recall']:.3f} | {found.get('diversity', float('nan')):.2f}x |"
+            if spatial
+            else ""
+        )
         rows.append(
             f"| {run_dir.name} | {config.model._target_.split('.')[-1]} | {net_class} | "
             f"{parameters / 1e6:.2f}M | {flops / 1e6:.1f} | {config.trainer.max_steps} | {batch / step_seconds:.0f} | "
             f"{args.num_images / sample_seconds:.1f} | {shapes['valid']:.1%} | "
-            f"{'-' if right is None else f'{right:.1%}'} | {metrics['fid']:.3f} | {metrics['kid']:.4f} |"
+            f"{'-' if right is None else f'{right:.1%}'} | {metrics['fid']:.3f} | {metrics['kid']:.4f} |{variety}"
         )
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         f"{args.num_images} images per row, flow_euler {args.steps} steps, EMA weights; training images/s: median of "
         f"{args.train_steps} steps measured here; sampling images/s include PNG writing and the metrics\n"
     )
-    print(
-        "| run | method | net | parameters | forward MFLOP/image | trained steps | train images/s | sample images/s "
-        "| valid | right class / caption | FID (substitute) | KID |"
+    distance = (
+        "FID (shapes features) | KID | precision | recall | within-caption spread vs data"
+        if spatial
+        else ("FID (substitute) | KID")
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = (
+        "| run | method | net | parameters | forward MFLOP/image | trained steps | train images/s | sample images/s "
+        f"| valid | right class / caption | {distance} |"
+    )
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
     print("\n".join(rows))
 
 

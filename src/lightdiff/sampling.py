@@ -232,18 +232,25 @@ def preview_inputs(
     captions: list[str],
     prompts: Sequence[str] | None = None,
     num_classes: int = 0,
+    kept_labels: Sequence[int] | None = None,  # the classes the data holds (data.classes / data.exclude); None: all
 ) -> tuple[Inputs, torch.Tensor | None]:
     """What a training-time preview conditions seed i on: the given prompt i % prompts (the user's validation prompts),
     else class i % classes (as a label, and by name as the prompt), else the data set's caption i % captions; and the
     class labels the shapes metric judges, where the model is conditioned on them (None otherwise).
 
     `num_classes` is the data's label count: a folder whose metadata gives integer labels and no class names still
-    has classes, drawn by index (its captions, if any, stay the prompts)."""
+    has classes, drawn by index (its captions, if any, stay the prompts). Data of some classes only (`kept_labels`)
+    cycles through those: a model trained without triangles is not asked for one, nor one of triangles for a circle."""
     if prompts:
         return {"label": None, "text": [prompts[int(seed) % len(prompts)] for seed in seeds]}, None
     classes = len(class_names) if class_names else num_classes
     conditioned = classes > 0 and bool(conditioning.reads)
-    labels = torch.tensor(list(seeds)) % classes if conditioned else None
+    labels = None
+    if conditioned:
+        cycle = torch.as_tensor(list(kept_labels) if kept_labels is not None else range(classes))
+        labels = cycle[torch.tensor(list(seeds)) % len(cycle)]
+    if class_names and labels is not None:  # each image's prompt is its class's name
+        return {"label": labels, "text": [class_names[int(label)] for label in labels]}, labels
     texts = class_names or captions
     prompts = [texts[int(seed) % len(texts)] for seed in seeds] if texts else None
     return {"label": labels, "text": prompts}, labels

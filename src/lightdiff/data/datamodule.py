@@ -131,6 +131,11 @@ class ImageDataModule(pl.LightningDataModule):
         return getattr(self.source_dataset, "class_names", None)
 
     @property
+    def kept_labels(self) -> list[int] | None:
+        """The labels a data set of some of its classes holds (data.classes / data.exclude); None: every class."""
+        return getattr(self.source_dataset, "kept_labels", None)
+
+    @property
     def buckets(self) -> list[tuple[int, int]] | None:
         """The (height, width) aspect-ratio buckets the images are trained at (data/buckets.py); None: squares."""
         return getattr(self.source_dataset, "buckets", None)

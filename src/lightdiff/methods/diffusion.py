@@ -330,7 +330,13 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         the data's captions."""
         captions = self.trainer.datamodule.captions()
         inputs, labels = preview_inputs(
-            seeds, self.conditioning, self.class_names, captions, prompts, self.trainer.datamodule.num_classes
+            seeds,
+            self.conditioning,
+            self.class_names,
+            captions,
+            prompts,
+            self.trainer.datamodule.num_classes,
+            self.trainer.datamodule.kept_labels,
         )
         if "image" in self.conditioning.reads:  # image-to-video: the first frames of the data's clips seed % size
             dataset = self.trainer.datamodule.source_dataset

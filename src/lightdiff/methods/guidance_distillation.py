@@ -118,7 +118,13 @@ class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
         metrics judge) next to the teacher guided at that scale (two calls per step), per seed."""
         captions = self.trainer.datamodule.captions()
         inputs, labels = preview_inputs(
-            seeds, self.conditioning, self.class_names, captions, prompts, self.trainer.datamodule.num_classes
+            seeds,
+            self.conditioning,
+            self.class_names,
+            captions,
+            prompts,
+            self.trainer.datamodule.num_classes,
+            self.trainer.datamodule.kept_labels,
         )
         side = self.teacher.resolution
         scheduler = self.teacher.scheduler(sampler)

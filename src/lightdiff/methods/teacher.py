@@ -216,8 +216,9 @@ def few_step_preview(
     `teacher_steps` (guided for text; `sampler` where it fits the teacher); the metrics judge the student at
     `judged_steps`."""
     captions = method.trainer.datamodule.captions()
+    data = method.trainer.datamodule
     inputs, labels = preview_inputs(
-        seeds, method.conditioning, method.class_names, captions, prompts, method.trainer.datamodule.num_classes
+        seeds, method.conditioning, method.class_names, captions, prompts, data.num_classes, data.kept_labels
     )
     scheduler = method.student_scheduler()
 
