@@ -196,3 +196,23 @@ def test_bad_settings_are_named(text_student_ckpt: Path, text_ckpt: Path, tmp_pa
             train_run(cfg)
     with pytest.raises(ConfigError, match=r"model\.steps"):  # a many-step model records no few-step sampling
         train_run(compose_config("train", _finetune(tmp_path, text_ckpt, "run_name=not_a_student")))
+
+
+def test_resume_is_bit_identical(text_student_ckpt: Path, tmp_path: Path) -> None:
+    """3 steps, stop, resume to 5 == 5 at once: the adapters and the optimiser's moments, with the preservation term's
+    prompts, seeds and visited steps drawn from the run's restored random stream. Control: another seed differs."""
+
+    def adapters(name: str, *legs: int, seed: int = 0) -> dict:
+        for max_steps in legs:
+            overrides = [f"run_name={name}", f"trainer.max_steps={max_steps}", "model.lr=1e-2", f"seed={seed}"]
+            train_run(compose_config("train", _finetune(tmp_path, text_student_ckpt, *overrides)))
+        checkpoint = load_checkpoint_file(tmp_path / name / "checkpoints" / "last.ckpt")
+        assert checkpoint["global_step"] == legs[-1]
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        moments = checkpoint["optimizer_states"][0]["state"]
+        return state | {f"adam.{i}.{k}": v for i, m in moments.items() for k, v in m.items() if torch.is_tensor(v)}
+
+    at_once, resumed = adapters("once", 5), adapters("twice", 3, 5)
+    assert at_once.keys() == resumed.keys() and all(torch.equal(at_once[k], resumed[k]) for k in at_once)
+    other = adapters("other_seed", 5, seed=1)
+    assert any(not torch.equal(at_once[k], other[k]) for k in at_once)
