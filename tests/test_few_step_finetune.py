@@ -189,6 +189,7 @@ def test_bad_settings_are_named(text_student_ckpt: Path, text_ckpt: Path, tmp_pa
         "model.lora.rank": ["model.lora.rank=null"],
         "model.preserve_prompts": ["model.preserve_prompts=null"],
         "model.task_timesteps": ["model.task_timesteps=everywhere"],
+        "model.consistency_weight": ["model.consistency_weight=1", "model.steps=1"],  # no earlier step to pull
     }
     for name, extra in cases.items():
         with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
@@ -216,3 +217,28 @@ def test_resume_is_bit_identical(text_student_ckpt: Path, tmp_path: Path) -> Non
     assert at_once.keys() == resumed.keys() and all(torch.equal(at_once[k], resumed[k]) for k in at_once)
     other = adapters("other_seed", 5, seed=1)
     assert any(not torch.equal(at_once[k], other[k]) for k in at_once)
+
+
+def test_the_consistency_term_pulls_earlier_steps_to_where_its_own_trajectory_lands(finetuned) -> None:
+    """By hand: the adapted model's own 4-step trajectory from the same seeds, the x_0 of its last step as the target,
+    the x_0 from an earlier step's input (the one drawn per prompt) against it."""
+    module, _ = finetuned
+    batch = {"text": [NEW, NEW, OLD[0]]}
+    torch.manual_seed(0)
+    measured = float(module.consistency_loss(batch))
+    torch.manual_seed(0)
+    seeds = torch.randint(0, 2**31 - 1, (3,)).tolist()
+    step = torch.randint(module.steps - 1, (3,))
+    assert int(step.max()) < module.steps - 1  # never the last step itself, whose x_0 is the target
+    visits = []
+    with torch.no_grad():
+        generate(
+            module.net, module.student_scheduler(), module.steps, seeds, module.conditioning, batch, vae=module.vae,
+            size=(16, 16), visit=lambda x, t, out: visits.append((x, t.reshape(1).expand(3), out)),
+        )  # fmt: skip
+        x, t, out = visits[-1]
+        landed = module.objective.predicted_x0(out, x, t)
+        x = torch.stack([visits[int(step[r])][0][r] for r in range(3)])
+        s = torch.stack([visits[int(step[r])][1][r] for r in range(3)])
+        x0 = module.objective.predicted_x0(network_output(module.net, x, s, module.conditioning(batch)), x, s)
+    assert measured == pytest.approx(float((x0 - landed).pow(2).mean()), rel=1e-4) and measured > 0

@@ -4,7 +4,8 @@
 #   bash experiments/fewstep_finetune/run.sh base        # the default latent text model without any triangle, 2000 steps
 #   bash experiments/fewstep_finetune/run.sh students    # its ADD (PatchGAN) and DMD2 students, the distillation study's
 #                                                        # settings (lr 1e-4, the steps those runs reached in 7 minutes)
-#   bash experiments/fewstep_finetune/run.sh finetune [SEED]  # per student: plain LoRA, the remedies, each alone
+#   bash experiments/fewstep_finetune/run.sh finetune [SEED]  # per student: plain LoRA, the remedies, each alone, and
+#                                                             # with self-consistency (VARIANTS="..." picks some)
 #   bash experiments/fewstep_finetune/run.sh judge SEED_START [SEED]  # compare.py on both students' fine-tunes
 set -euo pipefail
 stages="base | students | finetune | judge"
@@ -27,12 +28,13 @@ finetune)
     seed=${2:-0}
     for student in add dmd2; do
         student_ckpt=outputs/fewstep_student_$student/checkpoints/last.ckpt
-        for variant in plain remedies preserve_only student_steps_only; do
+        for variant in ${VARIANTS:-plain remedies preserve_only student_steps_only consistency}; do
             case $variant in
             plain) options=(model.preserve_weight=0 model.task_timesteps=all) ;;
             remedies) options=() ;;  # the method's defaults: preservation (lambda 1) + loss at the student's steps
             preserve_only) options=(model.task_timesteps=all) ;;
             student_steps_only) options=(model.preserve_weight=0) ;;
+            consistency) options=(model.consistency_weight=1) ;;  # the defaults + self-consistency (mu 1)
             esac
             python train.py experiment=fewstep_lora_shapes "model.base=$student_ckpt" logger=csv seed="$seed" \
                 "run_name=fewstep_${student}_${variant}_seed$seed" "${options[@]}"
@@ -44,7 +46,7 @@ judge)
     seed=${3:-0}
     for student in add dmd2; do
         models=("base=outputs/fewstep_student_$student/checkpoints/last.ckpt")
-        for variant in plain remedies preserve_only student_steps_only; do
+        for variant in ${VARIANTS:-plain remedies preserve_only student_steps_only consistency}; do
             models+=("$variant=outputs/fewstep_${student}_${variant}_seed$seed/checkpoints/last.ckpt")
         done
         python experiments/fewstep_finetune/compare.py "${models[@]}" --new "a red triangle" --steps 1,4 \

@@ -5,7 +5,7 @@ in 1-8 steps because its network was trained only where those steps evaluate it,
 on new images with the ordinary denoising loss (what every trainer does, "plain LoRA": `task_timesteps=all`,
 `preserve_weight=0`) fits the network at every noise level to the mean of the data (the denoising loss's minimiser
 is E[x_0 | x_t]), which is what a many-step sampler needs and what a one-step sampler blurs with. The adapters are
-shared by every prompt, so the old prompts' few-step images drift too. Two published remedies, as options:
+shared by every prompt, so the old prompts' few-step images drift too. Three remedies of the literature, as options:
 
 1. **Preservation along the base's own few-step trajectory** (`preserve_weight` lambda > 0, `preserve_prompts`): for
    prompts the base already draws, run the frozen base (the network with its adapters off) through its `steps`-step
@@ -18,6 +18,14 @@ shared by every prompt, so the old prompts' few-step images drift too. Two publi
 2. **Training where the student samples** (`task_timesteps=student`): the new images' denoising loss only at the
    timesteps of the base's `steps`-step trajectory, x_s = noised(x_0, s), as ADD trains its student (Sauer et al.
    2023, Section 3.1), instead of at every training timestep.
+3. **Self-consistency along its own trajectory** (`consistency_weight` mu > 0): on the new images' prompts, the model
+   being trained runs its own `steps`-step sampler from fresh noise (no gradient), and its x_0 from the input of an
+   earlier step is pulled toward where the whole trajectory lands,
+       L += mu E_{c, s < s_last} || x0_theta(x_s, s, c) - sg(x0_theta(x_{s_last}, s_last, c)) ||^2,
+   the self-consistency target of shortcut models (Frans et al. 2025, "One Step Diffusion via Shortcut Models", arXiv
+   2410.12557: one big step matches the model's own smaller ones) and consistency distillation with the model as its own
+   teacher: what the new class's denoising loss teaches at the later, low-noise steps reaches the first step, whose
+   denoising-loss minimiser alone is the data's mean (a blur).
 
 The base is frozen and held once: the network is shared, adapters on (the fine-tuned model) or off (the base, as a
 LoRA turbo student's teacher is). The fine-tuned model samples as its base does (the same scheduler and step count);
@@ -26,6 +34,7 @@ its checkpoint holds the adapters alone, reloaded on the base by sample.py and t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -41,6 +50,7 @@ from lightdiff.diffusion import SchedulerFactory, weighted_mse
 from lightdiff.methods.optimization import OptimisesItsNetwork, OptimizerFactory, check_lr_schedule
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.denoiser import network_output
+from lightdiff.nets.families import Inputs
 from lightdiff.nets.lora import LoraSettings, adapt, adapters_disabled, is_adapter_key
 from lightdiff.nets.vae import vae_scale_factor
 from lightdiff.sampling import generate, pipeline_timesteps
@@ -52,7 +62,7 @@ TASK_TIMESTEPS = ("all", "student")
 
 class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
     """LoRA adapters on a frozen few-step base, trained on `data` (new images), optionally keeping the base's few-step
-    output on `preserve_prompts`."""
+    output on `preserve_prompts` and its own few steps consistent on the new prompts."""
 
     distance_prefix = ""
 
@@ -67,6 +77,7 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
         preserve_weight: NonNegativeFloat = 0.0,  # lambda of the preservation term; 0: none (plain LoRA)
         preserve_prompts: list[str] | None = None,  # prompts whose few-step images are kept (the base's captions)
         preserve_batch_size: PositiveInt | None = None,  # prompts per step for the term; None: data.batch_size
+        consistency_weight: NonNegativeFloat = 0.0,  # mu of the self-consistency term on the new prompts; 0: none
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser: the `optimizer` group
         lr: PositiveFloat = 1e-4,
         lr_schedule: Literal["constant", "cosine"] = "constant",  # after the warm-up: constant, or cosine to 0
@@ -117,6 +128,12 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
         self.preserve_weight, self.preserve_prompts = preserve_weight, list(preserve_prompts or [])
         self.preserve_batch_size = preserve_batch_size or data.batch_size
         self.task_timesteps = task_timesteps
+        if consistency_weight > 0 and self.steps < 2:
+            raise ConfigError(
+                f"model.consistency_weight={consistency_weight}: the self-consistency term pulls fewer steps to where "
+                f"the base's {self.steps}-step trajectory lands; it needs model.steps >= 2"
+            )
+        self.consistency_weight = consistency_weight
         # One copy of the network: adapters on it is the fine-tuned model, off it the base (B = 0: step 0 is the base).
         self.lora_base = adapt(net, lora, base_source=base)
         self.net = net
@@ -163,8 +180,12 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
         loss = task_loss
         if self.preserve_weight > 0:
             preserve_loss = self.preservation_loss()
-            loss = task_loss + self.preserve_weight * preserve_loss
+            loss = loss + self.preserve_weight * preserve_loss
             self.log("train/preserve_loss", preserve_loss)
+        if self.consistency_weight > 0:
+            consistency_loss = self.consistency_loss(batch)
+            loss = loss + self.consistency_weight * consistency_loss
+            self.log("train/consistency_loss", consistency_loss)
         self.log("train/task_loss", task_loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
@@ -176,14 +197,35 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
         size = self.preserve_batch_size
         picks = torch.randint(len(self.preserve_prompts), (size,)).tolist()
         inputs = {"label": None, "text": [self.preserve_prompts[i] for i in picks]}
-        seeds = torch.randint(0, 2**31 - 1, (size,)).tolist()  # from the run's random stream: resumes exactly
-        visited: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        visited = self.trajectory(inputs, size, base=True)
+        step = torch.randint(len(visited), (size,))  # one visited input per prompt
+        x_s, s, base_x0 = self._at(visited, step)
+        return self._x0_distance(x_s, s, inputs, base_x0)
+
+    def consistency_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """|| x0_theta(x_s, s, c) - sg(x_0 at the end of its own trajectory) ||^2 (per-element mean): the model being
+        trained runs its own `steps`-step sampler from fresh noise on the batch's prompts (no gradient), and its x_0
+        from an earlier step's input s is pulled to where the whole trajectory lands (see the module's docstring)."""
+        inputs = {key: batch[key] for key in ("label", "text") if key in batch}
+        size = len(next(iter(inputs.values())))
+        visited = self.trajectory(inputs, size, base=False)
+        landed = visited[-1][2]  # the last step's x_0 is the sample (DDIM's final alpha 1, LCM's and Euler's last step)
+        step = torch.randint(len(visited) - 1, (size,))  # an input before the last step
+        x_s, s, _ = self._at(visited, step)
+        return self._x0_distance(x_s, s, inputs, landed)
+
+    def trajectory(self, inputs: Inputs, size: int, base: bool) -> list[tuple[torch.Tensor, ...]]:
+        """(x_s, s, x0(x_s, s)) at every step of the `steps`-step sampler from fresh noise (seeds drawn from the run's
+        random stream: resumes exactly), without gradient: of the frozen base (`base`: adapters off) or of the model
+        being trained."""
+        seeds = torch.randint(0, 2**31 - 1, (size,)).tolist()
+        visited: list[tuple[torch.Tensor, ...]] = []
 
         def keep(x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> None:
             timesteps = t.reshape(1).expand(len(x_t)).to(x_t.device)
             visited.append((x_t.detach().clone(), timesteps, self.objective.predicted_x0(output, x_t, timesteps)))
 
-        with torch.no_grad(), adapters_disabled(self.net):
+        with torch.no_grad(), adapters_disabled(self.net) if base else contextlib.nullcontext():
             generate(
                 self.net,
                 self.student_scheduler(),
@@ -196,13 +238,20 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
                 num_frames=self.teacher.num_frames,
                 visit=keep,
             )
-        step = torch.randint(len(visited), (size,))  # one visited input per prompt
-        rows = torch.arange(size)
-        x_s, s, base_x0 = (torch.stack([entry[k] for entry in visited])[step, rows] for k in range(3))
+        return visited
+
+    @staticmethod
+    def _at(visited: list[tuple[torch.Tensor, ...]], step: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Row b of each visited tensor at step `step[b]`."""
+        rows = torch.arange(len(step))
+        return tuple(torch.stack([entry[k] for entry in visited])[step, rows] for k in range(3))
+
+    def _x0_distance(self, x_s: torch.Tensor, s: torch.Tensor, inputs: Inputs, target: torch.Tensor) -> torch.Tensor:
+        """Per-element mean squared distance of the adapted network's x_0 at (x_s, s) from `target`."""
         with torch.no_grad():
             condition = self.conditioning(inputs)
         x0 = self.objective.predicted_x0(network_output(self.net, x_s, s, condition), x_s, s)
-        return weighted_mse(x0, base_x0, torch.ones(size, device=x0.device))
+        return weighted_mse(x0, target, torch.ones(len(x0), device=x0.device))
 
     # ----- sampling -----------------------------------------------------------------------------------------
 
