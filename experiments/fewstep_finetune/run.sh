@@ -4,9 +4,9 @@
 #   bash experiments/fewstep_finetune/run.sh base        # the default latent text model without any triangle, 2000 steps
 #   bash experiments/fewstep_finetune/run.sh students    # its ADD (PatchGAN) and DMD2 students, the distillation study's
 #                                                        # settings (lr 1e-4, the steps those runs reached in 7 minutes)
-#   bash experiments/fewstep_finetune/run.sh finetune [SEED]  # per student: plain LoRA, the remedies, each alone, and
-#                                                             # with self-consistency (VARIANTS="..." picks some)
-#   bash experiments/fewstep_finetune/run.sh judge SEED_START [SEED]  # compare.py on both students' fine-tunes
+#   bash experiments/fewstep_finetune/run.sh finetune [SEED] [STEPS]  # per student: plain LoRA, the remedies, each
+#       alone, with self-consistency (VARIANTS="..." picks some), STEPS (300) each; and plain LoRA on the many-step base
+#   bash experiments/fewstep_finetune/run.sh judge SEED_START [SEED]  # compare.py on every fine-tune of each student
 set -euo pipefail
 stages="base | students | finetune | judge"
 stage=${1:?$stages}
@@ -26,6 +26,7 @@ students)
     ;;
 finetune)
     seed=${2:-0}
+    steps=${3:-300}
     for student in add dmd2; do
         student_ckpt=outputs/fewstep_student_$student/checkpoints/last.ckpt
         for variant in ${VARIANTS:-plain remedies preserve_only student_steps_only consistency}; do
@@ -37,17 +38,25 @@ finetune)
             consistency) options=(model.consistency_weight=1) ;;  # the defaults + self-consistency (mu 1)
             esac
             python train.py experiment=fewstep_lora_shapes "model.base=$student_ckpt" logger=csv seed="$seed" \
-                "run_name=fewstep_${student}_${variant}_seed$seed" "${options[@]}"
+                "run_name=fewstep_${student}_${variant}_${steps}steps_seed$seed" trainer.max_steps="$steps" \
+                callbacks.samples.every_n_steps=$((steps / 4)) "${options[@]}"
         done
     done
+    # the control: plain LoRA on the many-step base itself (its pipeline), judged by its own final previews
+    [ -d outputs/fewstep_base_no_triangle/pipeline ] || python sample.py ckpt=$base \
+        export=outputs/fewstep_base_no_triangle/pipeline
+    python train.py experiment=lora_shapes model.pretrained=outputs/fewstep_base_no_triangle/pipeline \
+        'data.classes=["a red triangle"]' logger=csv seed="$seed" trainer.max_steps="$steps" \
+        "run_name=fewstep_control_multistep_lora_${steps}steps_seed$seed" callbacks.samples.every_n_steps=$((steps / 4))
     ;;
 judge)
     seed_start=${2:?the first sampling seed (choose on 20000, report on 30000)}
     seed=${3:-0}
     for student in add dmd2; do
         models=("base=outputs/fewstep_student_$student/checkpoints/last.ckpt")
-        for variant in ${VARIANTS:-plain remedies preserve_only student_steps_only consistency}; do
-            models+=("$variant=outputs/fewstep_${student}_${variant}_seed$seed/checkpoints/last.ckpt")
+        for run in outputs/fewstep_${student}_*steps_seed$seed; do
+            name=${run#outputs/fewstep_${student}_}
+            models+=("${name%_seed$seed}=$run/checkpoints/last.ckpt")
         done
         python experiments/fewstep_finetune/compare.py "${models[@]}" --new "a red triangle" --steps 1,4 \
             --seed-start "$seed_start" --out "outputs/fewstep_${student}_seed${seed}_judged_$seed_start.json" \

@@ -72,9 +72,9 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
         base: str,  # the few-step model: a lightdiff student checkpoint, a pipeline folder or a hub id
         lora: LoraSettings,  # the adapters trained (model.lora.rank is required)
         steps: PositiveInt | None = None,  # the sampling steps kept; None: those the base was distilled for
-        task_timesteps: Literal["all", "student"] = "all",  # where the new images' loss is taken: every training
-        # timestep (plain LoRA), or the base's few-step timesteps only
-        preserve_weight: NonNegativeFloat = 0.0,  # lambda of the preservation term; 0: none (plain LoRA)
+        task_timesteps: Literal["all", "student"] = "student",  # where the new images' loss is taken: every
+        # training timestep (plain LoRA), or the base's few-step timesteps only
+        preserve_weight: NonNegativeFloat = 1.0,  # lambda of the preservation term; 0: none (plain LoRA)
         preserve_prompts: list[str] | None = None,  # prompts whose few-step images are kept (the base's captions)
         preserve_batch_size: PositiveInt | None = None,  # prompts per step for the term; None: data.batch_size
         consistency_weight: NonNegativeFloat = 0.0,  # mu of the self-consistency term on the new prompts; 0: none
