@@ -328,15 +328,9 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
     ) -> Preview:
         """Samples for the grid: the given prompts, or class seed % classes (labels, or their names as prompts), or
         the data's captions."""
-        captions = self.trainer.datamodule.captions()
+        data = self.trainer.datamodule
         inputs, labels = preview_inputs(
-            seeds,
-            self.conditioning,
-            self.class_names,
-            captions,
-            prompts,
-            self.trainer.datamodule.num_classes,
-            self.trainer.datamodule.kept_labels,
+            seeds, self.conditioning, self.class_names, data.captions(), prompts, data.num_classes, data.kept_labels
         )
         if "image" in self.conditioning.reads:  # image-to-video: the first frames of the data's clips seed % size
             dataset = self.trainer.datamodule.source_dataset

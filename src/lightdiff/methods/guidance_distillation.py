@@ -116,15 +116,9 @@ class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
     ) -> Preview:
         """The student at `steps` (one call per step, the scale `sample_guidance_scale` as its input; what the
         metrics judge) next to the teacher guided at that scale (two calls per step), per seed."""
-        captions = self.trainer.datamodule.captions()
+        data = self.trainer.datamodule
         inputs, labels = preview_inputs(
-            seeds,
-            self.conditioning,
-            self.class_names,
-            captions,
-            prompts,
-            self.trainer.datamodule.num_classes,
-            self.trainer.datamodule.kept_labels,
+            seeds, self.conditioning, self.class_names, data.captions(), prompts, data.num_classes, data.kept_labels
         )
         side = self.teacher.resolution
         scheduler = self.teacher.scheduler(sampler)
