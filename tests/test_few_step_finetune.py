@@ -197,6 +197,14 @@ def test_bad_settings_are_named(text_student_ckpt: Path, text_ckpt: Path, tmp_pa
             train_run(cfg)
     with pytest.raises(ConfigError, match=r"model\.steps"):  # a many-step model records no few-step sampling
         train_run(compose_config("train", _finetune(tmp_path, text_ckpt, "run_name=not_a_student")))
+    # a LoRA student is the teacher + adapters: refused, with the way to a merged base
+    lora_student = [f"output_root={tmp_path}", *TINY, "run_name=lora_student", "model=turbo"]
+    lora_student += [f"model.teacher={text_ckpt}", "model.lora.rank=2", "model.teacher_steps=2"]
+    train_run(compose_config("train", lora_student))
+    with pytest.raises(ConfigError, match="export_fused=true"):
+        base = tmp_path / "lora_student" / "checkpoints" / "last.ckpt"
+        train_run(compose_config("train", _finetune(tmp_path, base, "run_name=on_lora")))
+    assert not (tmp_path / "on_lora").exists()  # refused before anything is written
 
 
 def test_resume_is_bit_identical(text_student_ckpt: Path, tmp_path: Path) -> None:

@@ -101,8 +101,8 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
         net = self.teacher.net
         if any(is_adapter_key(key) for key in net.state_dict()):
             raise ConfigError(
-                f"model.base={base!r} is itself a LoRA checkpoint; export it to a pipeline folder (sample.py "
-                "export=DIR, which merges the adapters) and fine-tune that"
+                f"model.base={base!r} is itself a LoRA checkpoint; export it with its adapters merged (sample.py "
+                "export=DIR export_fused=true) and fine-tune that folder"
             )
         self.steps = steps if steps is not None else self.teacher.student_steps
         if self.steps is None:
