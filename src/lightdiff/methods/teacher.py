@@ -215,10 +215,9 @@ def few_step_preview(
     """The grid of a distilled student: per seed, the student at each of its `metric_steps` then the teacher at
     `teacher_steps` (guided for text; `sampler` where it fits the teacher); the metrics judge the student at
     `judged_steps`."""
-    captions = method.trainer.datamodule.captions()
     data = method.trainer.datamodule
     inputs, labels = preview_inputs(
-        seeds, method.conditioning, method.class_names, captions, prompts, data.num_classes, data.kept_labels
+        seeds, method.conditioning, method.class_names, data.captions(), prompts, data.num_classes, data.kept_labels
     )
     scheduler = method.student_scheduler()
 
