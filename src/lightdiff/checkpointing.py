@@ -253,6 +253,13 @@ def adapter_weights(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in state_dict.items() if is_adapter_key(key)}
 
 
+def keep_only_adapters(checkpoint: dict[str, Any], prefix: str = "net.") -> None:
+    """Of the network under `prefix`, a checkpoint keeps the LoRA adapters alone: its base is reloaded from its source
+    (a LoRA student's teacher, a fine-tune's base) and checked by fingerprint there."""
+    state = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefix) or is_adapter_key(k)}
+
+
 def check_adapter_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any], lora: dict[str, Any]) -> None:
     """For `on_load_checkpoint` of a method with adapters: the file must hold adapters of the same shapes made on
     the same base weights (its fingerprint), else resuming would add them to a network they were not trained on."""

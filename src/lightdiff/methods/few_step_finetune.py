@@ -42,7 +42,12 @@ import pytorch_lightning as pl
 import torch
 from diffusers import SchedulerMixin
 
-from lightdiff.checkpointing import check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
+from lightdiff.checkpointing import (
+    check_adapter_checkpoint,
+    check_checkpoint_fits,
+    denoiser_metadata,
+    keep_only_adapters,
+)
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
@@ -283,5 +288,4 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
                 "sampler": self.teacher.required_sampler,
             },
         )
-        state = checkpoint["state_dict"]  # of the network, the adapters alone: the base is reloaded from `base`
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("net.") or is_adapter_key(k)}
+        keep_only_adapters(checkpoint)  # the base is reloaded from `base`

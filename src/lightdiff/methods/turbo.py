@@ -37,7 +37,12 @@ import pytorch_lightning as pl
 import torch
 from diffusers import SchedulerMixin
 
-from lightdiff.checkpointing import check_adapter_checkpoint, check_checkpoint_fits, denoiser_metadata
+from lightdiff.checkpointing import (
+    check_adapter_checkpoint,
+    check_checkpoint_fits,
+    denoiser_metadata,
+    keep_only_adapters,
+)
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightdiff.contract import Preview
 from lightdiff.data import ImageDataModule
@@ -58,7 +63,7 @@ from lightdiff.nets.feature_discriminator import (
     TransformerBlockFeatures,
     UNetEncoderFeatures,
 )
-from lightdiff.nets.lora import LoraSettings, adapt, is_adapter_key
+from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.vae import decode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, reconfigured
 
@@ -322,5 +327,4 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
             },
         )
         if self.lora_base is not None:  # the student's base is the teacher, reloaded from `teacher`
-            state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("net.") or is_adapter_key(k)}
+            keep_only_adapters(checkpoint)
