@@ -141,6 +141,7 @@ def generate(
     num_frames: int | None = None,  # frames per clip of a video net; None: its family's default (the pipeline's)
     visit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,  # called at each step with the
     # network's input x_t, the timestep and its (guided) output: the trajectory a method trains along
+    decode: bool = True,  # False: return the final latents as sampled (no VAE decode, no [0, 1] mapping)
 ) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W), float32: step for step what DDPMPipeline / DDIMPipeline (pixels) or
     StableDiffusionPipeline / StableDiffusion3Pipeline (latents) draw from the same generators; clips (B, F, 3, H, W)
@@ -192,6 +193,8 @@ def generate(
     timesteps = pipeline_timesteps(net, scheduler, num_inference_steps, shape[-2], shape[-1])
     noise = family.initial_noise(shape, generators, device)
     sample = denoise(model, scheduler, num_inference_steps, shape, generators, device, net.dtype, eta, timesteps, noise)
+    if not decode:
+        return sample
     images = decode_latents(vae, sample) if vae is not None else sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 

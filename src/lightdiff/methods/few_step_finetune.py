@@ -242,6 +242,7 @@ class FewStepFineTune(OptimisesItsNetwork, pl.LightningModule):
                 size=(self.teacher.resolution, self.teacher.resolution),
                 num_frames=self.teacher.num_frames,
                 visit=keep,
+                decode=False,  # only the visited inputs and predictions are used, not the images
             )
         return visited
 
