@@ -8,7 +8,7 @@
 #                                                          # resumed to 10000, judged on seeds 0-255 and 256-511
 #   bash experiments/video_shapes/run.sh wan_i2v    # Wan image-to-video (experiment=wan_i2v_shapes), 2000 steps
 #   bash experiments/video_shapes/run.sh wan_turbo  # Turbo on the wan_t2v teacher, judged at 1 and 4 steps
-#   bash experiments/video_shapes/run.sh wan_t2v_20k     # the wan_t2v run resumed to 20000 steps, judged likewise
+#   bash experiments/video_shapes/run.sh wan_t2v_20k [SEED]  # the wan_t2v run resumed to 20000 steps, judged likewise
 #   bash experiments/video_shapes/run.sh wan_i2v_from_t2v [SEED]  # image-to-video from the 10000-step text-to-video
 #                                                                 # export: 2000 steps, resumed to 6000, judged held out
 #   bash experiments/video_shapes/run.sh wan_turbo_patchgan [SEED]  # Turbo with a clip PatchGAN, judged at 1, 2, 4 steps
@@ -80,17 +80,19 @@ wan_turbo)
     done
     ;;
 wan_t2v_20k)
-    # the 10000-step run (run.sh wan_t2v) resumed with trainer.max_steps=20000: the cosine is recomputed for 20000
-    # steps (a warm restart at its half-way rate), as the CogVideoX recipe's second leg; the 10000 checkpoint is kept
-    cp outputs/wan_t2v_shapes/checkpoints/step0010000.ckpt outputs/wan_t2v_shapes/step10000_kept.ckpt
-    python train.py experiment=wan_t2v_shapes run_name=wan_t2v_shapes logger=csv trainer.max_steps=20000
+    # the 10000-step run (run.sh wan_t2v [SEED]) resumed with trainer.max_steps=20000: the cosine is recomputed for
+    # 20000 steps (a warm restart at its half-way rate), as the CogVideoX recipe's second leg; the 10000 checkpoint is kept
+    seed=${2:-0}
+    run=wan_t2v_shapes$([ "$seed" = 0 ] || echo "_seed$seed")
+    [ -f outputs/$run/step10000_kept.ckpt ] || cp outputs/$run/checkpoints/step0010000.ckpt outputs/$run/step10000_kept.ckpt
+    python train.py experiment=wan_t2v_shapes seed="$seed" run_name=$run logger=csv trainer.max_steps=20000
     # guidance chosen on seeds 0-255 among 1.5, 2 and 3 (README: 3), each reported on the held-out 256-511 too
     for guidance in 1.5 2.0 3.0; do
         for first in 0 256; do
-            python sample.py ckpt=outputs/wan_t2v_shapes/checkpoints/last.ckpt \
-                out=outputs/wan_t2v_shapes/judged20k_${first}_g$guidance seed=$first num_images=256 batch_size=64 \
+            python sample.py ckpt=outputs/$run/checkpoints/last.ckpt \
+                out=outputs/$run/judged20k_${first}_g$guidance seed=$first num_images=256 batch_size=64 \
                 steps=50 guidance_scale=$guidance metrics=fid metrics.num_samples=256 overwrite=true
-            cat outputs/wan_t2v_shapes/judged20k_${first}_g$guidance/metrics.json
+            cat outputs/$run/judged20k_${first}_g$guidance/metrics.json
         done
     done
     ;;
