@@ -15,6 +15,14 @@ the fake network's bottleneck makes the GAN term. Every batch:
 3. the fake network's update on G's samples (detached): the teacher's objective's denoising loss, plus
    `disc_gan_weight` x the classifier's softplus(D(fake)) + softplus(-D(real)) on data (DMD2 Section 4.3).
 
+DMD's regression loss (Yin et al. 2023, Section 3.3, Equation 9; DMD2 drops it for its cost), as an option
+(`regression_weight` lambda_reg > 0): before training, the teacher's deterministic sampler (`teacher_steps` DDIM
+steps, guided at `real_guidance_scale`) maps `regression_pairs` noises z to images y; the student's update adds
+lambda_reg ||G(z) - y||^2 (per-element mean) at its first timestep T - 1 on a batch of those pairs. It anchors each
+noise to the teacher's own image for it, so G cannot draw one image per prompt (the mode collapse it was made
+against); DMD used LPIPS on pixels, here the squared distance in the teacher's space (no LPIPS weights offline).
+The pairs come from fixed seeds (`REGRESSION_SEED` on), regenerated identically on resume.
+
 The student samples with LCMScheduler on the grid of its timesteps (each step: x_0, then re-noised with fresh noise,
 as it trained; the 4-step DMD2 SDXL recipe in diffusers' docs) and exports the teacher's pipeline with it.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -51,12 +60,39 @@ from lightdiff.methods.optimization import (
 )
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.denoiser import network_output
-from lightdiff.nets.families import Condition
+from lightdiff.nets.families import Condition, Inputs
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
-from lightdiff.sampling import for_latents
+from lightdiff.sampling import for_latents, preview_inputs
 
 # The frozen teacher is reloaded from `teacher`; the classifier's backbone is `fake_net`, saved under that name.
 FROZEN_PREFIXES = ("teacher.", "classifier.backbone.unet.")
+# The regression pairs' noise seeds: far from the seeds previews and held-out judging draw from (0-10^5).
+REGRESSION_SEED = 900_000_000
+REGRESSION_CHUNK = 64  # pairs drawn per teacher sampling call
+
+
+@dataclass(frozen=True)
+class RegressionPairs:
+    """The teacher's noise-image pairs (on the CPU) and what each was conditioned on."""
+
+    noise: torch.Tensor  # (N, ...) the sampler's initial noise
+    images: torch.Tensor  # (N, ...) where the teacher's deterministic sampler landed from it
+    inputs: Inputs  # {"label": (N,) or None, "text": N prompts or None}
+
+    def __len__(self) -> int:
+        return len(self.noise)
+
+    def take(self, picks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Inputs]:
+        return self.noise[picks].to(device), self.images[picks].to(device), rows_of(self.inputs, picks)
+
+
+def rows_of(inputs: Inputs, picks: torch.Tensor) -> Inputs:
+    """The conditioning inputs of rows `picks` (labels a tensor, prompts a list, absent ones None)."""
+    rows = picks.tolist()
+    return {
+        key: value[picks] if torch.is_tensor(value) else None if value is None else [value[i] for i in rows]
+        for key, value in inputs.items()
+    }
 
 
 class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
@@ -78,13 +114,15 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         gen_gan_weight: NonNegativeFloat = 3e-3,  # weight of the student's GAN term
         disc_gan_weight: NonNegativeFloat = 1e-2,  # weight of the classifier's GAN loss in the fake network's update
         classifier_channels: int = 64,  # width of the classifier head on the fake network's bottleneck
+        regression_weight: NonNegativeFloat = 0.0,  # DMD's lambda_reg on the teacher's noise-image pairs (0: off)
+        regression_pairs: PositiveInt = 1024,  # how many pairs the teacher draws before training (when on)
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser, for both
         lr: PositiveFloat = 1e-5,  # the student's learning rate
         fake_lr: PositiveFloat = 1e-5,  # the fake network's and the classifier's
         lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up, for both: constant, or cosine to 0
         warmup_steps: int = 0,  # linear warm-up from 0 of both rates, in steps as trainer.max_steps counts them
         max_grad_norm: float | None = 1.0,  # clip each update's gradient norm (None: off)
-        teacher_steps: int = 50,  # the teacher's steps in the preview grids
+        teacher_steps: int = 50,  # the teacher's steps in the preview grids and for the regression pairs
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
@@ -96,10 +134,13 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             raise ConfigError(f"model.fake_updates={fake_updates} must be at least 1")
         if not 0 <= min_t < max_t <= 1:
             raise ConfigError(f"model.min_t={min_t} and model.max_t={max_t} must satisfy 0 <= min_t < max_t <= 1")
-        if gen_gan_weight < 0 or disc_gan_weight < 0:
+        if gen_gan_weight < 0 or disc_gan_weight < 0 or regression_weight < 0:
             raise ConfigError(
-                f"model.gen_gan_weight={gen_gan_weight} and disc_gan_weight={disc_gan_weight} must be >= 0"
+                f"model.gen_gan_weight={gen_gan_weight}, disc_gan_weight={disc_gan_weight} and "
+                f"regression_weight={regression_weight} must be >= 0"
             )
+        if regression_pairs < 1:
+            raise ConfigError(f"model.regression_pairs={regression_pairs} must be at least 1")
         self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2", teacher_config)
         if not self.teacher.objective.accepts(LCMScheduler) or not hasattr(self.teacher.net, "mid_block"):
             raise ConfigError(
@@ -127,6 +168,14 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.class_names = self.teacher.class_names
         self.fake_updates, self.min_t, self.max_t = fake_updates, min_t, max_t
         self.gen_gan_weight, self.disc_gan_weight = gen_gan_weight, disc_gan_weight
+        self.regression_weight, self.regression_pairs = regression_weight, regression_pairs
+        if regression_weight > 0 and self.teacher.required_sampler is not None:
+            raise ConfigError(
+                f"model.regression_weight={regression_weight}: model.teacher={teacher!r} is a few-step student "
+                f"({self.teacher.required_sampler} re-noises at each step), whose images are no deterministic "
+                "function of the noise; give a many-step teacher or model.regression_weight=0"
+            )
+        self.pairs: RegressionPairs | None = None  # drawn at the start of fitting (`on_fit_start`)
         self.optimizer_factory, self.lr, self.fake_lr = optimizer, lr, fake_lr
         check_lr_schedule(lr_schedule, warmup_steps)
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
@@ -193,6 +242,10 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             t_gan = self.matching_timesteps(size)
             gan_loss = F.softplus(-self.classifier(self.noised(fake_x0, t_gan), t_gan, condition)).mean()
             loss = matching_loss + self.gen_gan_weight * gan_loss
+            if self.pairs is not None:
+                regression_loss = self.regression_loss(size)
+                loss = loss + self.regression_weight * regression_loss
+                logged["train/regression_loss"] = regression_loss
             optimizer_student.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             norm = clip_and_measure_gradients(self, self.net.parameters(), self.max_grad_norm)
@@ -236,6 +289,37 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             }
         )
         self.log_dict(logged)
+
+    def regression_loss(self, size: int) -> torch.Tensor:
+        """||G(z) - y||^2 (per-element mean) on `size` of the teacher's pairs (z, y), G at its first timestep."""
+        assert self.pairs is not None
+        noise, images, inputs = self.pairs.take(torch.randint(len(self.pairs), (size,)), self.device)
+        with torch.no_grad():
+            condition = self.conditioning(inputs)
+        t = torch.full((size,), self.student_timesteps[0], device=self.device)
+        return F.mse_loss(self.student_x0(noise, t, condition).float(), images.float())
+
+    def on_fit_start(self) -> None:
+        if self.regression_weight > 0 and self.pairs is None:
+            self.pairs = self.draw_regression_pairs()
+
+    def draw_regression_pairs(self) -> RegressionPairs:
+        """The teacher's `regression_pairs` noise-image pairs from seeds REGRESSION_SEED on, on the data's captions (or
+        classes) as the previews cycle through them; seeded generators only: the run's random stream is untouched."""
+        data = self.trainer.datamodule
+        seeds = list(range(REGRESSION_SEED, REGRESSION_SEED + self.regression_pairs))
+        inputs, _ = preview_inputs(
+            seeds, self.conditioning, self.class_names, data.captions(), None, data.num_classes, data.kept_labels
+        )
+        noises, images = [], []
+        for start in range(0, len(seeds), REGRESSION_CHUNK):
+            picks = torch.arange(start, min(start + REGRESSION_CHUNK, len(seeds)))
+            noise, x0 = self.teacher.ode_pairs(
+                [seeds[i] for i in picks.tolist()], rows_of(inputs, picks), self.teacher_steps
+            )
+            noises.append(noise.cpu())
+            images.append(x0.cpu())
+        return RegressionPairs(torch.cat(noises), torch.cat(images), inputs)
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.objective.noised(x0, torch.randn_like(x0), t)

@@ -182,6 +182,42 @@ class FrozenTeacher(nn.Module):
             self._previews[key] = images.cpu()
         return self._previews[key]
 
+    @torch.no_grad()
+    def ode_pairs(self, seeds: Sequence[int], inputs: Inputs, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, x_0) per seed: the initial noise of the teacher's deterministic sampler (its objective's default,
+        DDIM with eta 0 for a DDPM teacher, guided as its previews are) and where `steps` steps of it land, both in
+        the teacher's space (latents for a latent teacher): the noise-image pairs of DMD's regression loss (Yin et
+        al. 2023, Section 3.3). A few-step teacher's own sampler re-noises with fresh noise: no deterministic map."""
+        if self.required_sampler is not None:
+            raise ConfigError(
+                f"model.teacher={self.source!r} samples with {self.required_sampler} (a few-step student), which "
+                "re-noises at every step: its images are no deterministic function of the initial noise; give a "
+                "many-step teacher"
+            )
+        first_inputs: list[torch.Tensor] = []
+
+        def keep_first(x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> None:
+            if not first_inputs:  # the sampler's first input: the seed's noise (times init_noise_sigma, 1 here)
+                first_inputs.append(x_t.detach().clone())
+
+        guidance = self.guidance_scale if self.can_guide else 1.0
+        with adapters_disabled(self.net):
+            x0 = generate(
+                self.net,
+                self.scheduler(self.objective.default_sampler),
+                steps,
+                seeds,
+                self.conditioning,
+                inputs,
+                guidance,
+                vae=self.vae,
+                size=(self.resolution, self.resolution),
+                num_frames=self.num_frames,
+                visit=keep_first,
+                decode=False,
+            )
+        return first_inputs[0], x0
+
 
 def _guided(unconditional: torch.Tensor, conditional: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """unconditional + w (conditional - unconditional) (Ho & Salimans 2022), w a number or one per sample (B,)."""
