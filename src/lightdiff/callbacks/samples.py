@@ -27,9 +27,9 @@ from lightdiff.data.shapes_edit import ShapesEditDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.files import write_text_atomically
 from lightdiff.metrics import ShapesFeatures, shapes_metric
-from lightdiff.metrics.diversity import variety
+from lightdiff.metrics.diversity import caption_groups, image_variety, variety
 from lightdiff.metrics.edits import edit_metrics
-from lightdiff.metrics.motion import caption_groups, clip_features, first_frame_kept, motion_metric, unit_clips
+from lightdiff.metrics.motion import clip_features, first_frame_kept, motion_metric, unit_clips
 from lightdiff.sampling import (
     frames_grid,
     grid_columns,
@@ -243,17 +243,17 @@ class SampleGrid(pl.Callback):
         if any(tuple(item["pixel_values"].shape[-2:]) != side for item in items):
             return {}  # variable-aspect data (buckets): no like-for-like reference at the previews' square size
         real = torch.stack([item["pixel_values"] for item in items]).float().div(2).add(0.5).clamp(0, 1)
+        our_keys = list(groups[:count]) if groups is not None else None
         if generated.ndim == 5:  # clips: grouped by caption, embedded by three of their frames
             ours = unit_clips(generated[:count])
-            real_features, our_features = (clip_features(x, self._features) for x in (real, ours))
-            real_keys: list[object] = [item["text"] for item in items]
+            with torch.no_grad():
+                real_features, our_features = (clip_features(x, self._features) for x in (real, ours))
+            our_groups = caption_groups(our_keys) if our_keys is not None else None
+            real_groups = caption_groups([item["text"] for item in items])
+            found = variety(real_features, our_features, real, real_groups, ours, our_groups, k=VARIETY_NEIGHBOURS)
         else:
-            ours = torch.from_numpy(generated[:count]).permute(0, 3, 1, 2).float() / 255
-            real_features, our_features = self._features(real), self._features(ours)
             real_keys = [item["label"] for item in items]
-        our_groups = caption_groups([str(g) for g in groups[:count]]) if groups is not None else None
-        real_groups = caption_groups([str(key) for key in real_keys])
-        found = variety(real_features, our_features, real, real_groups, ours, our_groups, k=VARIETY_NEIGHBOURS)
+            found = image_variety(self._features, real, real_keys, generated[:count], our_keys, VARIETY_NEIGHBOURS)
         return {name: value for name, value in found.items() if name != "within_caption_distance"}
 
     def _log_clips(self, trainer: pl.Trainer, previews: list[Preview], prefix: str) -> dict[str, float]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from torch import nn
 
 
 def _kth_neighbour_radii(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,6 +86,28 @@ def variety(
         return result
     spread = within_group_distance(generated, generated_groups)
     return result | {"within_caption_distance": spread, "diversity": spread / within_group_distance(real, real_groups)}
+
+
+def caption_groups(keys: Sequence[object]) -> list[int]:
+    """Each key's group index (captions or classes), numbered in order of first appearance."""
+    names = {key: index for index, key in enumerate(dict.fromkeys(str(key) for key in keys))}
+    return [names[str(key)] for key in keys]
+
+
+@torch.no_grad()
+def image_variety(
+    features: nn.Module,  # images (N, 3, H, W) in [0, 1] -> (N, D): `ShapesFeatures` for the shapes data
+    real: torch.Tensor,  # the data's images (N, 3, H, W) in [0, 1]
+    real_keys: Sequence[object],  # their captions or classes
+    generated: np.ndarray,  # uint8 images (M, H, W, 3)
+    generated_keys: Sequence[object] | None,  # what each was made for (None: unknown, no diversity)
+    k: int = 3,
+) -> dict[str, float]:
+    """`variety` of generated uint8 images against the data's, each side grouped by its captions or classes: what
+    sample.py's metrics and the training previews report as precision, recall and diversity."""
+    ours = torch.from_numpy(generated).permute(0, 3, 1, 2).float() / 255
+    our_groups = caption_groups(generated_keys) if generated_keys is not None else None
+    return variety(features(real), features(ours), real, caption_groups(real_keys), ours, our_groups, k=k)
 
 
 def _repeats(groups: Sequence[int]) -> bool:

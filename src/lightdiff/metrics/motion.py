@@ -35,7 +35,7 @@ from torch import nn
 
 from lightdiff.data.moving_shapes import DIRECTION_NAMES, DIRECTIONS, MIN_TRAVEL
 from lightdiff.data.moving_shapes import MAX_SIDE as MOVING_MAX_SIDE
-from lightdiff.metrics.diversity import variety
+from lightdiff.metrics.diversity import caption_groups, variety
 from lightdiff.metrics.features import check_unit_range
 from lightdiff.metrics.shapes import FOREGROUND, judge_image, parse_prompt
 
@@ -233,11 +233,6 @@ def clip_features(clips: torch.Tensor, features: nn.Module, batch_size: int = 64
     flat = frames.flatten(0, 1)
     embedded = torch.cat([features(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
     return embedded.reshape(len(clips), -1)
-
-
-def caption_groups(prompts: Sequence[str]) -> list[int]:
-    names = {prompt: index for index, prompt in enumerate(dict.fromkeys(prompts))}
-    return [names[prompt] for prompt in prompts]
 
 
 def video_judge(
