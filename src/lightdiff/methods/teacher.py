@@ -9,7 +9,7 @@ student at 1, 2 and 4 steps beside the teacher, per seed), `save_student` its ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -165,22 +165,35 @@ class FrozenTeacher(nn.Module):
         """The teacher's images for `seeds` (guided for text), drawn once and kept on the CPU."""
         key = (tuple(int(seed) for seed in seeds), steps)
         if key not in self._previews:
-            guidance = self.guidance_scale if self.can_guide else 1.0
-            with adapters_disabled(self.net):
-                images = generate(
-                    self.net,
-                    self.scheduler(sampler),
-                    steps,
-                    seeds,
-                    self.conditioning,
-                    inputs,
-                    guidance,
-                    vae=self.vae,
-                    size=(self.resolution, self.resolution),
-                    num_frames=self.num_frames,
-                )
-            self._previews[key] = images.cpu()
+            self._previews[key] = self._draw(self.scheduler(sampler), steps, seeds, inputs).cpu()
         return self._previews[key]
+
+    def _draw(
+        self,
+        scheduler: SchedulerMixin,
+        steps: int,
+        seeds: Sequence[int],
+        inputs: Inputs,
+        visit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        decode: bool = True,
+    ) -> torch.Tensor:
+        """`generate` with the teacher alone (adapters off), guided where it can be, at its size and frames."""
+        guidance = self.guidance_scale if self.can_guide else 1.0
+        with adapters_disabled(self.net):
+            return generate(
+                self.net,
+                scheduler,
+                steps,
+                seeds,
+                self.conditioning,
+                inputs,
+                guidance,
+                vae=self.vae,
+                size=(self.resolution, self.resolution),
+                num_frames=self.num_frames,
+                visit=visit,
+                decode=decode,
+            )
 
     @torch.no_grad()
     def ode_pairs(self, seeds: Sequence[int], inputs: Inputs, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,22 +213,8 @@ class FrozenTeacher(nn.Module):
             if not first_inputs:  # the sampler's first input: the seed's noise (times init_noise_sigma, 1 here)
                 first_inputs.append(x_t.detach().clone())
 
-        guidance = self.guidance_scale if self.can_guide else 1.0
-        with adapters_disabled(self.net):
-            x0 = generate(
-                self.net,
-                self.scheduler(self.objective.default_sampler),
-                steps,
-                seeds,
-                self.conditioning,
-                inputs,
-                guidance,
-                vae=self.vae,
-                size=(self.resolution, self.resolution),
-                num_frames=self.num_frames,
-                visit=keep_first,
-                decode=False,
-            )
+        scheduler = self.scheduler(self.objective.default_sampler)
+        x0 = self._draw(scheduler, steps, seeds, inputs, visit=keep_first, decode=False)
         return first_inputs[0], x0
 
 
