@@ -247,3 +247,27 @@ def test_regression_refuses_a_few_step_teacher(dmd2_run, tmp_path: Path) -> None
     args = _dmd2(tmp_path, run_dir / "checkpoints" / "last.ckpt", "model.regression_weight=0.25")
     with pytest.raises(ConfigError, match=r"model.regression_weight=0.25: model.teacher=.* is a few-step student"):
         train_run(compose_config("train", args))
+
+
+def test_re_noising_with_the_implied_noise_is_the_deterministic_samplers_step() -> None:
+    """x_0 re-noised to the next timestep with the noise x_t implies is DDIM's eta-0 step (epsilon network) and
+    FlowMatchEuler's step (velocity network), as diffusers computes them; fresh noise (the control) is not."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, implied_noise
+    from lightdiff.sampling import reconfigured
+
+    generator = torch.Generator().manual_seed(0)
+    x_t, output = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    ddpm, flow = DDPM(NoiseSchedule(beta_schedule="scaled_linear")), FlowMatching(shift=3.0)
+    ddim = reconfigured(ddpm.scheduler(DDIMScheduler), {"timestep_spacing": "trailing", "clip_sample": False})
+    for objective, scheduler in ((ddpm, ddim), (flow, flow.scheduler(FlowMatchEulerDiscreteScheduler))):
+        scheduler.set_timesteps(4)
+        t, t_next = scheduler.timesteps[1], scheduler.timesteps[2]
+        expected = scheduler.step(output, t, x_t).prev_sample  # (the step index follows from t)
+        now, later = torch.full((2,), float(t)), torch.full((2,), float(t_next))
+        x0 = objective.predicted_x0(output, x_t, now)
+        ours = objective.noised(x0, implied_noise(x_t, x0, *objective.alpha_sigma(now)), later)
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+        fresh = objective.noised(x0, torch.randn(x0.shape, generator=generator), later)
+        assert (fresh - expected).abs().max() > 0.1

@@ -459,6 +459,51 @@ def test_turbo_distils_a_flux_teacher_with_every_discriminator(
         assert_reproduced(ours, theirs)
 
 
+def test_dmd2_distils_a_flux_teacher_into_a_flux_pipeline(flux_teacher: Path, tmp_path: Path) -> None:
+    """DMD2 on a FLUX teacher (with the regression pairs): its classifier reads the fake transformer's block tokens, the
+    student trains at FluxPipeline's sigmas along its own Euler steps, and the exported FluxPipeline reproduces
+    sample.py at 1 and 2 steps."""
+    cfg = compose_config(
+        "train",
+        [
+            f"output_root={tmp_path}",
+            *TINY,
+            "model=dmd2",
+            f"model.teacher={flux_teacher}",
+            "model.teacher_steps=2",
+            "model.fake_updates=1",
+            "model.regression_weight=0.25",
+            "model.regression_pairs=4",
+            "run_name=dmd2",
+        ],
+    )
+    module = train_run(cfg).lightning_module
+    assert module.student_timesteps == pytest.approx([1000.0, 900.0, 750.0, 500.0])
+    assert not module.sampler.fresh_noise and module.sampler.name is None  # FlowMatchEuler's own step
+    assert isinstance(module.classifier.backbone, TransformerBlockFeatures) and module.classifier.backbone.trainable
+    assert module.classifier.backbone.transformer is module.fake_net
+    teacher = load_denoiser(flux_teacher).net.state_dict()
+    for net in (module.net, module.fake_net):
+        assert any(not torch.equal(value, teacher[name]) for name, value in net.state_dict().items())
+    student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint_file(student)["state_dict"]
+    assert not any(k.startswith("classifier.backbone.transformer.") for k in saved)  # the fake net, saved once
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'export'}"]))
+    pipeline = FluxPipeline.from_pretrained(folder)
+    for steps in (1, 2):
+        common = ["prompt=a red circle", f"steps={steps}", "guidance_scale=1"]
+        ours = sample_py_images(student, tmp_path / f"steps{steps}", *common)
+        theirs = pipeline_images(
+            pipeline,
+            ["a red circle"] * 2,
+            height=16,
+            width=16,
+            num_inference_steps=steps,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        assert_reproduced(ours, theirs)
+
+
 def test_a_guidance_input_starts_as_the_teacher(flux_teacher: Path) -> None:
     teacher = load_denoiser(flux_teacher)
     student, family = family_of(teacher.net).with_guidance_input(teacher.net, teacher.conditioning, 4.0, 256)

@@ -8,6 +8,7 @@ from lightdiff.diffusion.distillation import (
     distillation_weight,
     distribution_matching_gradient,
     distribution_matching_loss,
+    implied_noise,
     trailing_timesteps,
 )
 from lightdiff.diffusion.edm import EDM
@@ -21,7 +22,14 @@ from lightdiff.diffusion.flow_matching import (
     velocity_target,
     x0_from_velocity,
 )
-from lightdiff.diffusion.objective import NoisyBatch, Objective, SchedulerFactory, is_flow_sampler, timesteps_within
+from lightdiff.diffusion.objective import (
+    NoisyBatch,
+    Objective,
+    SchedulerFactory,
+    StudentSampler,
+    is_flow_sampler,
+    timesteps_within,
+)
 from lightdiff.diffusion.objectives import (
     DDPM,
     LossWeighting,
@@ -50,11 +58,13 @@ __all__ = [
     "Objective",
     "PredictionType",
     "SchedulerFactory",
+    "StudentSampler",
     "add_noise",
     "distillation_distance",
     "distillation_weight",
     "distribution_matching_gradient",
     "distribution_matching_loss",
+    "implied_noise",
     "flow_alpha_sigma",
     "interpolate",
     "is_flow_sampler",

@@ -15,6 +15,7 @@ that network input, and its network timesteps are c_noise = ln(sigma) / 4, what 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, SchedulerMixin
 
 from lightdiff.config import ConfigError
-from lightdiff.diffusion.objective import NoisyBatch, SchedulerFactory, scheduler_name
+from lightdiff.diffusion.objective import NoisyBatch, SchedulerFactory, StudentSampler, scheduler_name
 from lightdiff.diffusion.objectives import _per_sample
 
 
@@ -146,6 +147,12 @@ class EDM:
         self, count: int, requested: list[int] | None, timestep_arguments: dict[str, Any] | None = None
     ) -> list[float]:
         raise ConfigError("few-step distillation of an objective=edm teacher (SVD) is not supported")
+
+    def student_sampler(self, timesteps: Sequence[float]) -> StudentSampler:
+        raise ConfigError(
+            "objective=edm: no diffusers sampler visits an EDM student's timesteps; distil an EDM teacher "
+            "with model=turbo"
+        )
 
     def with_prediction_type(self, prediction_type: str | None) -> EDM:
         if prediction_type not in (None, "v_prediction"):

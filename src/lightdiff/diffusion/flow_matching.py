@@ -9,6 +9,7 @@ Transformers for High-Resolution Image Synthesis" (SD3), cited by equation below
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion.edm import EDM
-from lightdiff.diffusion.objective import NoisyBatch, Objective, SchedulerFactory, is_flow_sampler, scheduler_name
+from lightdiff.diffusion.objective import (
+    NoisyBatch,
+    Objective,
+    SchedulerFactory,
+    StudentSampler,
+    is_flow_sampler,
+    scheduler_name,
+)
 from lightdiff.diffusion.objectives import DDPM, _per_sample
 from lightdiff.diffusion.schedules import NoiseSchedule
 
@@ -231,6 +239,12 @@ class FlowMatching:
         scheduler = self.scheduler(self.default_sampler)
         scheduler.set_timesteps(count, **(timestep_arguments or {}))
         return [float(t) for t in scheduler.timesteps.tolist()]
+
+    def student_sampler(self, timesteps: Sequence[float]) -> StudentSampler:
+        """FlowMatchEuler's own deterministic step at the pipeline's times (`student_timesteps`): FluxPipeline,
+        StableDiffusion3Pipeline and WanPipeline call `scheduler.step` without their generator, so a stochastic step
+        (its `stochastic_sampling`) would draw from torch's global generator, and no seed would reproduce an image."""
+        return StudentSampler(None, self.few_step_overrides, fresh_noise=False)
 
     def with_prediction_type(self, prediction_type: str | None) -> FlowMatching:
         if prediction_type is not None:

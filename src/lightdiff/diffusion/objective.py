@@ -10,7 +10,7 @@ flow matching's t * num_train_timesteps, which is what diffusers' schedulers pas
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -26,6 +26,17 @@ class NoisyBatch:
     timesteps: torch.Tensor  # (B,) the network's timestep argument
     target: torch.Tensor  # what the network regresses, shaped like x_0
     weight: torch.Tensor  # (B,) per-sample loss weight
+
+
+@dataclass(frozen=True)
+class StudentSampler:
+    """How a few-step student steps from one of its timesteps to the next: x_0, then re-noised to the next timestep
+    with fresh noise (`fresh_noise`: LCMScheduler, DMD2's multi-step sampling, Section 4.5) or with the noise x_t
+    implies (a deterministic DDIM / Euler step: `implied_noise`)."""
+
+    name: str | None  # the scheduler it must sample with (a `trained.REQUIRED_SAMPLERS` key); None: the objective's own
+    overrides: dict[str, Any]  # that scheduler's config changes, recorded in the checkpoint
+    fresh_noise: bool
 
 
 @runtime_checkable
@@ -106,6 +117,11 @@ class Objective(Protocol):
         """The network timesteps a few-step student trains at (those its sampler visits); `requested` is the
         user's list (model.student_timesteps), checked, or a ConfigError where this objective fixes them;
         `timestep_arguments`: what the student's pipeline passes to `set_timesteps` (`sampling.pipeline_timesteps`)."""
+        ...
+
+    def student_sampler(self, timesteps: Sequence[float]) -> StudentSampler:
+        """How a multi-step student of this objective samples between its `timesteps` (so how DMD2's backward
+        simulation runs it); a ConfigError where no diffusers sampler visits exactly those timesteps."""
         ...
 
     def with_prediction_type(self, prediction_type: str | None) -> Objective:

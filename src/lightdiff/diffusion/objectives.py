@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -16,7 +17,13 @@ from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, SchedulerMixin
 
 from lightdiff.config import ConfigError
 from lightdiff.diffusion.distillation import trailing_timesteps
-from lightdiff.diffusion.objective import NoisyBatch, SchedulerFactory, is_flow_sampler, scheduler_name
+from lightdiff.diffusion.objective import (
+    NoisyBatch,
+    SchedulerFactory,
+    StudentSampler,
+    is_flow_sampler,
+    scheduler_name,
+)
 from lightdiff.diffusion.schedules import NoiseSchedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -305,6 +312,17 @@ class DDPM:
                     "recovered at t = T - 1; leave model.student_prediction_type=null (v_prediction) or set sample"
                 )
         return [float(t) for t in timesteps]
+
+    def student_sampler(self, timesteps: Sequence[float]) -> StudentSampler:
+        """LCMScheduler: each step's x_0 (its c_skip, tiny at timestep_scaling 10, leaves it as is) re-noised with
+        fresh noise at the next timestep; its grid is n steps evenly spaced ending at T - 1 (`original_inference_steps`
+        = n gives T - 1, ...: the 4-step DMD2 SDXL recipe in diffusers' docs)."""
+        if [int(t) for t in timesteps] != trailing_timesteps(self.num_train_timesteps, len(timesteps)):
+            raise ConfigError(
+                f"model.student_timesteps={[int(t) for t in timesteps]}: the student samples with LCMScheduler, whose "
+                "grid is n steps evenly spaced ending at T - 1 (e.g. [999, 749, 499, 249] or [999])"
+            )
+        return StudentSampler("LCMScheduler", {"original_inference_steps": len(timesteps)}, fresh_noise=True)
 
     def with_prediction_type(self, prediction_type: str | None) -> DDPM:
         """None: the teacher's own, except an epsilon network where x_0 = (x_t - sigma eps) / alpha amplifies its

@@ -23,14 +23,17 @@ noise to the teacher's own image for it, so G cannot draw one image per prompt (
 against); DMD used LPIPS on pixels, here the squared distance in the teacher's space (no LPIPS weights offline).
 The pairs come from fixed seeds (`REGRESSION_SEED` on), regenerated identically on resume.
 
-The student samples with LCMScheduler on the grid of its timesteps (each step: x_0, then re-noised with fresh noise,
-as it trained; the 4-step DMD2 SDXL recipe in diffusers' docs) and exports the teacher's pipeline with it.
+The student samples as the backward simulation runs it (each step: x_0, then re-noised at the next timestep;
+`Objective.student_sampler` says how): for a DDPM teacher with LCMScheduler on the grid of its timesteps, fresh noise
+at each step (the 4-step DMD2 SDXL recipe in diffusers' docs); for a flow teacher (FLUX, SD3, any flow UNet) with
+FlowMatchEuler at its pipeline's own times, re-noised with the noise x_t implies (Euler's deterministic step: those
+pipelines draw no seeded noise in their steps). It exports the teacher's pipeline with that sampler. The classifier
+reads the fake network's bottleneck (a UNet's mid block; a transformer's middle and last block tokens).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,7 +41,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from diffusers import LCMScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 
 from lightdiff.checkpointing import check_checkpoint_fits, denoiser_metadata
 from lightdiff.config import ConfigError, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -48,7 +51,7 @@ from lightdiff.diffusion import (
     SchedulerFactory,
     distribution_matching_gradient,
     distribution_matching_loss,
-    trailing_timesteps,
+    implied_noise,
     weighted_mse,
 )
 from lightdiff.methods.optimization import (
@@ -61,11 +64,13 @@ from lightdiff.methods.optimization import (
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition, Inputs
-from lightdiff.nets.feature_discriminator import FeatureDiscriminator, UNetEncoderFeatures
-from lightdiff.sampling import for_latents, preview_inputs
+from lightdiff.nets.feature_discriminator import FeatureDiscriminator, network_features
+from lightdiff.nets.vae import vae_scale_factor
+from lightdiff.sampling import for_latents, pipeline_timesteps, preview_inputs, reconfigured
+from lightdiff.trained import REQUIRED_SAMPLERS
 
 # The frozen teacher is reloaded from `teacher`; the classifier's backbone is `fake_net`, saved under that name.
-FROZEN_PREFIXES = ("teacher.", "classifier.backbone.unet.")
+FROZEN_PREFIXES = ("teacher.", "classifier.backbone.unet.", "classifier.backbone.transformer.")
 # The regression pairs' noise seeds: far from the seeds previews and held-out judging draw from (0-10^5).
 REGRESSION_SEED = 900_000_000
 REGRESSION_CHUNK = 64  # pairs drawn per teacher sampling call
@@ -103,9 +108,9 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
     def __init__(
         self,
         data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
-        teacher: str,  # lightdiff checkpoint or diffusers pipeline folder / hub id of a DDPM teacher with a UNet
+        teacher: str,  # lightdiff checkpoint or diffusers pipeline folder / hub id of a DDPM or flow teacher
         teacher_config: str | None = None,  # `teacher` a single-file SD checkpoint: its pipeline's configs
-        student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1; [999]: 1-step
+        student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1; [999]: 1-step (DDPM)
         student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
         real_guidance_scale: float = 4.0,  # the teacher's guidance in the matching gradient (text models)
         fake_updates: PositiveInt = 5,  # fake-network updates per student update (DMD2's TTUR ratio)
@@ -142,25 +147,18 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         if regression_pairs < 1:
             raise ConfigError(f"model.regression_pairs={regression_pairs} must be at least 1")
         self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2", teacher_config)
-        if not self.teacher.objective.accepts(LCMScheduler) or not hasattr(self.teacher.net, "mid_block"):
-            raise ConfigError(
-                f"model=dmd2 distils DDPM teachers with a UNet (its classifier reads the bottleneck, its student "
-                f"samples with LCMScheduler); model.teacher={teacher!r} is a {type(self.teacher.net).__name__} "
-                f"trained with objective={self.teacher.objective.name}: use model=turbo"
-            )
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
-        self.student_timesteps = [int(t) for t in self.objective.student_timesteps(4, student_timesteps)]
-        if self.student_timesteps != trailing_timesteps(
-            self.objective.num_train_timesteps, len(self.student_timesteps)
-        ):
-            raise ConfigError(
-                f"model.student_timesteps={self.student_timesteps}: the student samples with LCMScheduler, whose grid "
-                "is n steps evenly spaced ending at T - 1 (e.g. [999, 749, 499, 249] or [999])"
-            )
+        # the times the student's pipeline visits in 4 steps (FluxPipeline passes its own sigmas)
+        latent_side = self.teacher.resolution // (vae_scale_factor(self.teacher.vae) if self.teacher.vae else 1)
+        arguments = pipeline_timesteps(
+            self.teacher.net, self.objective.scheduler(self.objective.default_sampler), 4, latent_side, latent_side
+        )
+        self.student_timesteps = self.objective.student_timesteps(4, student_timesteps, arguments)
+        self.sampler = self.objective.student_sampler(self.student_timesteps)
         self.net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the student
         self.fake_net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the fake score
         self.classifier = FeatureDiscriminator(
-            UNetEncoderFeatures(self.fake_net, trainable=True, mid_block_only=True),
+            network_features(self.fake_net, trainable=True, deepest_only=True),
             head_channels=classifier_channels,
             num_train_timesteps=self.objective.num_train_timesteps,
         )
@@ -196,7 +194,9 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         return self.objective.predicted_x0(network_output(self.net, x_t, t, condition), x_t, t)
 
     def student_samples(self, like: torch.Tensor, condition: Condition) -> torch.Tensor:
-        """G's x_0 from pure noise, with gradient through its last call only (backward simulation, DMD2 Sec. 4.5)."""
+        """G's x_0 from pure noise, with gradient through its last call only: its own sampler run without gradient
+        through the steps before a random one (backward simulation, DMD2 Sec. 4.5), re-noising each x_0 as that
+        sampler does (fresh noise, or the noise x_t implies)."""
         size, device = len(like), like.device
         last = int(torch.randint(0, len(self.student_timesteps), ()).item())
         x_t = torch.randn_like(like)
@@ -204,9 +204,11 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             for index in range(last):
                 t = torch.full((size,), self.student_timesteps[index], device=device)
                 x0 = self.student_x0(x_t, t, condition)
-                x_t = self.objective.noised(
-                    x0, torch.randn_like(x0), torch.full_like(t, self.student_timesteps[index + 1])
-                )
+                if self.sampler.fresh_noise:
+                    noise = torch.randn_like(x0)
+                else:
+                    noise = implied_noise(x_t, x0, *self.objective.alpha_sigma(t))
+                x_t = self.objective.noised(x0, noise, torch.full_like(t, self.student_timesteps[index + 1]))
         t = torch.full((size,), self.student_timesteps[last], device=device)
         return self.student_x0(x_t, t, condition)
 
@@ -333,15 +335,13 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
 
     # ----- sampling -----------------------------------------------------------------------------------------
 
-    @property
-    def scheduler_overrides(self) -> dict[str, Any]:
-        """LCMScheduler whose grid is the student's timesteps: `original_inference_steps` = their count gives the
-        trailing steps T - 1, ... (for 1, 2 and 4 of them); its tiny c_skip (s = 10) leaves the x_0 as is."""
-        return {"original_inference_steps": len(self.student_timesteps)}
-
     def student_scheduler(self) -> SchedulerMixin:
-        scheduler = self.objective.scheduler(functools.partial(LCMScheduler, **self.scheduler_overrides))
-        return for_latents(scheduler) if self.vae is not None else scheduler
+        """The objective's sampler of a few-step student on the student's grid (`Objective.student_sampler`), as the
+        exported pipeline samples: no guidance."""
+        factory = REQUIRED_SAMPLERS[self.sampler.name] if self.sampler.name else self.objective.default_sampler
+        scheduler = self.objective.scheduler(factory)
+        scheduler = for_latents(scheduler) if self.vae is not None else scheduler
+        return reconfigured(scheduler, self.sampler.overrides)
 
     def preview(
         self, seeds: Sequence[int], sampler: SchedulerFactory, steps: int, prompts: Sequence[str] | None = None
@@ -364,7 +364,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             self.teacher,
             {
                 "student_timesteps": self.student_timesteps,
-                "sampler": "LCMScheduler",
-                "scheduler_overrides": self.scheduler_overrides,
+                "sampler": self.sampler.name,
+                "scheduler_overrides": self.sampler.overrides,
             },
         )

@@ -58,17 +58,13 @@ from lightdiff.methods.optimization import (
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition
-from lightdiff.nets.feature_discriminator import (
-    FeatureDiscriminator,
-    TransformerBlockFeatures,
-    UNetEncoderFeatures,
-)
+from lightdiff.nets.feature_discriminator import FeatureDiscriminator, network_features
 from lightdiff.nets.lora import LoraSettings, adapt
 from lightdiff.nets.vae import decode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, reconfigured
 
 # The frozen teacher (also inside the teacher-feature discriminator) is reloaded from `teacher`, not saved.
-FROZEN_PREFIXES = ("teacher.", "discriminator.backbone.unet.")
+FROZEN_PREFIXES = ("teacher.", "discriminator.backbone.unet.", "discriminator.backbone.transformer.")
 
 
 class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
@@ -138,8 +134,7 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
                 "patchgan_video; image backbones judge single frames"
             )
         if backbone is None:  # discriminator=teacher: a UNet's encoder, a transformer's block tokens (LADD)
-            unet = hasattr(self.teacher.net, "down_blocks")
-            backbone = UNetEncoderFeatures(self.teacher.net) if unet else TransformerBlockFeatures(self.teacher.net)
+            backbone = network_features(self.teacher.net)
         self.discriminator = discriminator(
             backbone=backbone,
             condition_dim=self.conditioning.summary_dim,

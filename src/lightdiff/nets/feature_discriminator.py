@@ -10,7 +10,9 @@ Backbones (the `discriminator` config group):
 - `UNetEncoderFeatures`: the teacher UNet's down-block and mid-block outputs (LADD); frozen, shared with the teacher
   (or DMD2's fake-score UNet's bottleneck, trained with the heads).
 - `TransformerBlockFeatures`: image tokens after chosen blocks of a transformer teacher (SD3's MMDiT, FLUX's double-
-  and single-stream blocks, DiT, PixArt) as maps (LADD's generative features of an MMDiT, Section 3.1); frozen.
+  and single-stream blocks, DiT, PixArt) as maps (LADD's generative features of an MMDiT, Section 3.1); frozen (or
+  DMD2's fake-score transformer's, trained with the heads).
+`network_features` picks the one of the two that reads a given denoiser.
 - `ViTFeatures`: hidden states of a transformers vision transformer (DINOv2 for ADD) loaded with `from_pretrained`
   from a folder or hub id; frozen. Takes pixels in [-1, 1].
 - `PatchFeatures`: PatchGAN-like strided convolutions trained from scratch (no frozen network at all).
@@ -100,11 +102,11 @@ class TransformerBlockFeatures(nn.Module):
     map (B, width, F h, w), its latent frames one above the other, so each head judges the whole clip."""
 
     noised_inputs = True  # it reads the network at re-noised inputs
-    trainable = False
 
-    def __init__(self, transformer: nn.Module, num_features: int = 4) -> None:
+    def __init__(self, transformer: nn.Module, num_features: int = 4, trainable: bool = False) -> None:
         super().__init__()
-        self.transformer = transformer.requires_grad_(False).eval()
+        self.transformer = transformer if trainable else transformer.requires_grad_(False).eval()
+        self.trainable = trainable
         family = family_of(transformer)
         blocks = family.blocks(transformer)
         count = min(num_features, len(blocks))
@@ -116,7 +118,7 @@ class TransformerBlockFeatures(nn.Module):
         self.image_tokens_first = family.image_tokens_first  # CogVideoX's blocks return (video, text)
 
     def train(self, mode: bool = True) -> TransformerBlockFeatures:
-        return super().train(False)
+        return super().train(mode and self.trainable)  # frozen: dropout and norms stay in inference mode
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> list[torch.Tensor]:
         captured: list[torch.Tensor] = []
@@ -133,9 +135,20 @@ class TransformerBlockFeatures(nn.Module):
                 raise _StopForward
 
         handles = [block.register_forward_hook(keep) for block in self.blocks]
-        with adapters_disabled(self.transformer):  # the teacher, where a LoRA student shares its network
+        # the teacher, where a LoRA student shares its network
+        with adapters_disabled(self.transformer) if not self.trainable else nullcontext():
             _call_until_stopped(self.transformer, x_t, timesteps, condition, handles)
         return captured
+
+
+def network_features(net: nn.Module, trainable: bool = False, deepest_only: bool = False) -> nn.Module:
+    """A denoiser's own features at re-noised inputs: a UNet's down blocks and mid block, a transformer's tokens after
+    4 evenly spaced blocks (LADD's teacher features; frozen). `deepest_only`, DMD2's classifier on its fake-score
+    network (`trainable`): a UNet's bottleneck (the mid block), a transformer's middle and last blocks (it has no
+    bottleneck: the two deepest of the evenly spaced reads)."""
+    if hasattr(net, "down_blocks"):
+        return UNetEncoderFeatures(net, trainable=trainable, mid_block_only=deepest_only)
+    return TransformerBlockFeatures(net, num_features=2 if deepest_only else 4, trainable=trainable)
 
 
 class ViTFeatures(nn.Module):
