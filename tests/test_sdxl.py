@@ -440,6 +440,28 @@ def test_lcm_of_an_sdxl_teacher_exports_as_lcm_sdxl(sdxl_ckpt: Path, tmp_path: P
     assert_reproduced(ours, _diffusers_two(pipeline, 2, 3.0))
 
 
+def test_dmd2_of_an_sdxl_teacher_exports_as_dmd2_sdxl(sdxl_ckpt: Path, tmp_path: Path) -> None:
+    """model=dmd2 (1 step, with DMD's regression pairs) on an SDXL teacher: the student, the fake network and its
+    classifier take the pooled text and size / crop ids, and the export is DMD2's SDXL recipe (StableDiffusionXL-
+    Pipeline + LCMScheduler on the student's grid) that plain diffusers reproduces unguided."""
+    from diffusers import LCMScheduler
+
+    cfg = compose_config(
+        "train",
+        [f"output_root={tmp_path}", *TINY, "model=dmd2", f"model.teacher={sdxl_ckpt}", "model.teacher_steps=2"]
+        + ["run_name=dmd2_sdxl", "model.student_timesteps=[999]", "model.fake_updates=1"]
+        + ["model.regression_weight=0.25", "model.regression_pairs=4"],
+    )
+    module = train_run(cfg).lightning_module
+    assert module.pairs is not None and len(module.pairs) == 4
+    checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    folder = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'dmd2_sdxl_export'}"]))
+    pipeline = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert isinstance(pipeline.scheduler, LCMScheduler)
+    ours = _two_samples(checkpoint, tmp_path / "ours", "steps=1", "guidance_scale=1")
+    assert_reproduced(ours, _diffusers_two(pipeline, 1, 0.0))
+
+
 def test_shards_store_the_packed_states_of_an_sdxl_pipelines_encoders(sdxl_pipeline_dir: Path, tmp_path: Path) -> None:
     """`python -m lightdiff.data.shard --text-encoder` picks the family of the pipeline's denoiser (an SDXL UNet: both
     encoders, the pooled vector packed as one more row) from its config alone, as training's text cache stores it."""

@@ -63,7 +63,7 @@ from lightdiff.methods.optimization import (
 )
 from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_student
 from lightdiff.nets.denoiser import network_output
-from lightdiff.nets.families import Condition, Inputs
+from lightdiff.nets.families import SIZE_AND_CROP, Condition, Inputs, size_and_crop
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, network_features
 from lightdiff.nets.vae import vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, preview_inputs, reconfigured
@@ -313,6 +313,9 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         inputs, _ = preview_inputs(
             seeds, self.conditioning, self.class_names, data.captions(), None, data.num_classes, data.kept_labels
         )
+        if SIZE_AND_CROP in self.conditioning.reads:  # SDXL's size and crop ids, as the teacher drew each pair with
+            side = self.teacher.resolution
+            inputs = {**inputs, SIZE_AND_CROP: size_and_crop(side, side, len(seeds))}
         noises, images = [], []
         for start in range(0, len(seeds), REGRESSION_CHUNK):
             picks = torch.arange(start, min(start + REGRESSION_CHUNK, len(seeds)))
