@@ -380,6 +380,27 @@ def test_bad_lora_settings_are_named(sd_base: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+def test_checking_a_lora_files_fit_copies_no_weights(sd_base: Path, tmp_path: Path, monkeypatch) -> None:
+    """The fit check injects the file's adapters into a copy of the network on the meta device (shapes, no storage:
+    a second SDXL UNet would be 10 GB), and still names a file that does not fit. Control: the network it loads into
+    keeps its real weights, and the loaded adapters are real tensors."""
+    from lightdiff.nets import lora as lora_module
+
+    unet = _base_unet(sd_base)
+    add_adapters(unet, lora_config(unet, LoraSettings(rank=4)))
+    file = write_lora_file(unet, tmp_path / "adapters")
+    checked: list[torch.nn.Module] = []
+    inject = lora_module.inject_adapter_in_model
+    monkeypatch.setattr(lora_module, "inject_adapter_in_model", lambda *a, **k: checked.append(a[1]) or inject(*a, **k))
+    target = _base_unet(sd_base)
+    load_lora_file(target, file)
+    assert checked and all(p.is_meta for p in checked[0].parameters())
+    assert not any(p.is_meta for p in target.parameters())
+    wider = UNet2DConditionModel.from_config({**dict(target.config), "cross_attention_dim": 32})
+    with pytest.raises(ConfigError, match=r"does not fit UNet2DConditionModel"):
+        load_lora_file(wider, file)
+
+
 def test_lora_file_for_another_base_or_model_is_refused(
     sd_base: Path, lora_ckpt: Path, pixel_ckpt: Path, tmp_path: Path
 ) -> None:

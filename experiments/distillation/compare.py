@@ -213,7 +213,8 @@ def main() -> None:
         rows.append(with_ratios(teacher_row, teacher_row))
         print(table_line(rows[-1]), flush=True)
     models = [("teacher", teacher, args.teacher_steps)] if teacher is not None else []
-    models += [(n, m, s) for n, m in students for s in (1, 2, 4)]
+    # a student trained at fewer timesteps (a 1-step grid [999]) is judged at the step counts it was trained for
+    models += [(n, m, s) for n, m in students for s in (1, 2, 4) if s <= (m.student_steps or 4)]
     for name, model, steps in models:
         if args.no_timing:
             started = time.perf_counter()
