@@ -500,6 +500,25 @@ def test_turbo_distils_a_wan_teacher_into_a_one_step_student(wan_ckpt: Path, tmp
     assert (theirs - ours).abs().max() > 1e-3
 
 
+def test_dmd2_distils_a_wan_teacher_into_a_two_step_student(wan_ckpt: Path, tmp_path: Path) -> None:
+    """DMD2 on a Wan teacher (a flow transformer on clips, with DMD's regression pairs of clips): the classifier reads
+    the fake transformer's block tokens of whole clips, the student walks FlowMatchEuler's own steps, and the export
+    reproduces sample.py at 2 steps; a perturbed export does not."""
+    dmd2 = [f"output_root={tmp_path}", *TINY, "model=dmd2", f"model.teacher={wan_ckpt}", "data=moving_shapes"]
+    extra = ["data.num_frames=9", "model.teacher_steps=2", "model.fake_updates=1", "run_name=wan-dmd2"]
+    regression = ["model.regression_weight=0.25", "model.regression_pairs=2"]  # DMD's pairs are clips here
+    module = train_run(compose_config("train", [*dmd2, *extra, *regression])).lightning_module
+    assert module.classifier.backbone.transformer is module.fake_net and not module.sampler.fresh_noise
+    assert module.pairs is not None and module.pairs.images.shape[:2] == (2, 3)  # 9 frames: 3 latent frames
+    checkpoint = tmp_path / "wan-dmd2" / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    ours, theirs = _clips(folder, checkpoint, [0, 1], steps=2, guidance_scale=1.0)
+    assert (theirs - ours).abs().max() < 1e-4
+    ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, steps=2, guidance_scale=1.0)
+    assert (theirs - ours).abs().max() > 1e-3
+
+
 def test_a_clip_patchgan_judges_each_wan_frame_with_its_neighbours(wan_ckpt: Path, tmp_path: Path) -> None:
     """discriminator=patchgan_video: 3-D convolutions over the student's clean clips, each frame's logits its own (a
     change to the first latent frame leaves the third's untouched: the control that frames are not pooled); ADD on a
