@@ -130,10 +130,16 @@ def test_dmd2_refuses_what_it_cannot_sample(text_ckpt: Path, tmp_path: Path) -> 
         train_run(compose_config("train", _dmd2(tmp_path, text_ckpt, "model.fake_updates=0")))
 
 
-def test_dmd2_resume_is_bit_identical_and_keeps_the_update_rhythm(text_ckpt: Path, tmp_path: Path) -> None:
-    """3 optimiser steps, stop, resume to 6 == 6 at once (student, fake network, classifier, optimisers). Negative
-    control: a resume that forgets how many batches it has seen updates the student on other batches, and differs."""
-    base = _dmd2(tmp_path, text_ckpt, "model.fake_updates=2")
+@pytest.mark.parametrize("regression", [0.0, 0.25])
+def test_dmd2_resume_is_bit_identical_and_keeps_the_update_rhythm(
+    text_ckpt: Path, tmp_path: Path, regression: float
+) -> None:
+    """3 optimiser steps, stop, resume to 6 == 6 at once (student, fake network, classifier, optimisers), with and
+    without DMD's regression pairs (drawn again on resume from their own seeds, leaving the run's random stream as it
+    was). Negative control: a resume that forgets how many batches it has seen updates the student on other batches,
+    and differs."""
+    extra = [f"model.regression_weight={regression}", "model.regression_pairs=4"]
+    base = _dmd2(tmp_path, text_ckpt, "model.fake_updates=2", *extra)
 
     def final_state(name: str, *steps: int) -> dict:
         for max_steps in steps:
