@@ -402,6 +402,24 @@ def test_bad_flux_inputs_are_named(flux_pipeline_dir: Path, tmp_path: Path) -> N
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def _assert_student_export_reproduced(student: Path, tmp_path: Path, step_counts: tuple[int, ...]) -> None:
+    """A few-step FLUX student's export: plain FluxPipeline draws sample.py's images at each step count, unguided."""
+    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'export'}"]))
+    pipeline = FluxPipeline.from_pretrained(folder)
+    for steps in step_counts:
+        common = ["prompt=a red circle", f"steps={steps}", "guidance_scale=1"]
+        ours = sample_py_images(student, tmp_path / f"steps{steps}", *common)
+        theirs = pipeline_images(
+            pipeline,
+            ["a red circle"] * 2,
+            height=16,
+            width=16,
+            num_inference_steps=steps,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        assert_reproduced(ours, theirs)
+
+
 @pytest.mark.parametrize(
     "backbone",
     # the teacher-feature discriminator is FLUX's own code path; the other two only see images (slow: suite budget)
@@ -443,20 +461,7 @@ def test_turbo_distils_a_flux_teacher_with_every_discriminator(
         maps = backbone_module(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), condition)
     assert [tuple(m.shape) for m in maps] == [(1, 32, 4, 4), (1, 32, 4, 4)]
     student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'turbo'}"]))
-    pipeline = FluxPipeline.from_pretrained(folder)
-    for steps in (1, 4):
-        common = ["prompt=a red circle", f"steps={steps}", "guidance_scale=1"]
-        ours = sample_py_images(student, tmp_path / f"steps{steps}", *common)
-        theirs = pipeline_images(
-            pipeline,
-            ["a red circle"] * 2,
-            height=16,
-            width=16,
-            num_inference_steps=steps,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
-        assert_reproduced(ours, theirs)
+    _assert_student_export_reproduced(student, tmp_path, (1, 4))
 
 
 def test_dmd2_distils_a_flux_teacher_into_a_flux_pipeline(flux_teacher: Path, tmp_path: Path) -> None:
@@ -488,20 +493,7 @@ def test_dmd2_distils_a_flux_teacher_into_a_flux_pipeline(flux_teacher: Path, tm
     student = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     saved = load_checkpoint_file(student)["state_dict"]
     assert not any(k.startswith("classifier.backbone.transformer.") for k in saved)  # the fake net, saved once
-    folder = sample_run(compose_config("sample", [f"ckpt={student}", f"export={tmp_path / 'export'}"]))
-    pipeline = FluxPipeline.from_pretrained(folder)
-    for steps in (1, 2):
-        common = ["prompt=a red circle", f"steps={steps}", "guidance_scale=1"]
-        ours = sample_py_images(student, tmp_path / f"steps{steps}", *common)
-        theirs = pipeline_images(
-            pipeline,
-            ["a red circle"] * 2,
-            height=16,
-            width=16,
-            num_inference_steps=steps,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
-        assert_reproduced(ours, theirs)
+    _assert_student_export_reproduced(student, tmp_path, (1, 2))
 
 
 def test_a_guidance_input_starts_as_the_teacher(flux_teacher: Path) -> None:

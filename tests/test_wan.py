@@ -480,6 +480,16 @@ def test_lora_on_wan_is_written_in_diffusers_format_that_wan_pipeline_loads(wan_
     assert (theirs - ours).abs().max() > 1e-3
 
 
+def _assert_student_export_reproduced(checkpoint: Path, folder: Path, steps: int) -> None:
+    """A few-step Wan student's WanPipeline export draws sample.py's clips unguided at `steps`; perturbed: it does
+    not."""
+    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
+    ours, theirs = _clips(folder, checkpoint, [0, 1], steps=steps, guidance_scale=1.0)
+    assert (theirs - ours).abs().max() < 1e-4
+    ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, steps=steps, guidance_scale=1.0)
+    assert (theirs - ours).abs().max() > 1e-3
+
+
 @pytest.mark.slow  # 15 s: a turbo run on the Wan teacher and two pipelines
 def test_turbo_distils_a_wan_teacher_into_a_one_step_student(wan_ckpt: Path, tmp_path: Path) -> None:
     """LADD on a Wan teacher: the discriminator reads the teacher's `blocks` (Wan names them so) on whole clips; the
@@ -492,14 +502,10 @@ def test_turbo_distils_a_wan_teacher_into_a_one_step_student(wan_ckpt: Path, tmp
     checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     meta = load_checkpoint_file(checkpoint)["lightdiff"]
     assert meta["method"] == "turbo" and meta["num_frames"] == 9
-    folder = tmp_path / "export"
-    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    ours, theirs = _clips(folder, checkpoint, [0, 1], steps=1, guidance_scale=1.0)
-    assert (theirs - ours).abs().max() < 1e-4
-    ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, steps=1, guidance_scale=1.0)
-    assert (theirs - ours).abs().max() > 1e-3
+    _assert_student_export_reproduced(checkpoint, tmp_path / "export", steps=1)
 
 
+@pytest.mark.slow  # a DMD2 run on the Wan teacher and two pipelines
 def test_dmd2_distils_a_wan_teacher_into_a_two_step_student(wan_ckpt: Path, tmp_path: Path) -> None:
     """DMD2 on a Wan teacher (a flow transformer on clips, with DMD's regression pairs of clips): the classifier reads
     the fake transformer's block tokens of whole clips, the student walks FlowMatchEuler's own steps, and the export
@@ -511,12 +517,7 @@ def test_dmd2_distils_a_wan_teacher_into_a_two_step_student(wan_ckpt: Path, tmp_
     assert module.classifier.backbone.transformer is module.fake_net and not module.sampler.fresh_noise
     assert module.pairs is not None and module.pairs.images.shape[:2] == (2, 3)  # 9 frames: 3 latent frames
     checkpoint = tmp_path / "wan-dmd2" / "checkpoints" / "last.ckpt"
-    folder = tmp_path / "export"
-    sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={folder}"]))
-    ours, theirs = _clips(folder, checkpoint, [0, 1], steps=2, guidance_scale=1.0)
-    assert (theirs - ours).abs().max() < 1e-4
-    ours, theirs = _clips(folder, checkpoint, [0, 1], perturb=0.05, steps=2, guidance_scale=1.0)
-    assert (theirs - ours).abs().max() > 1e-3
+    _assert_student_export_reproduced(checkpoint, tmp_path / "export", steps=2)
 
 
 def test_a_clip_patchgan_judges_each_wan_frame_with_its_neighbours(wan_ckpt: Path, tmp_path: Path) -> None:
