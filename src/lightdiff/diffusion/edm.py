@@ -149,10 +149,7 @@ class EDM:
         raise ConfigError("few-step distillation of an objective=edm teacher (SVD) is not supported")
 
     def student_sampler(self, timesteps: Sequence[float]) -> StudentSampler:
-        raise ConfigError(
-            "objective=edm: no diffusers sampler visits an EDM student's timesteps; distil an EDM teacher "
-            "with model=turbo"
-        )
+        raise ConfigError("few-step distillation of an objective=edm teacher (SVD) is not supported")
 
     def with_prediction_type(self, prediction_type: str | None) -> EDM:
         if prediction_type not in (None, "v_prediction"):

@@ -297,7 +297,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         assert self.pairs is not None
         noise, images, inputs = self.pairs.take(torch.randint(len(self.pairs), (size,)), self.device)
         with torch.no_grad():
-            condition = self.conditioning(inputs)
+            condition = self.conditioning(inputs).to(self.device)  # labels stay on the CPU with the pairs
         t = torch.full((size,), self.student_timesteps[0], device=self.device)
         return F.mse_loss(self.student_x0(noise, t, condition).float(), images.float())
 
