@@ -126,6 +126,12 @@ def test_dmd2_export_is_reproduced_by_stable_diffusion_pipeline(dmd2_run, tmp_pa
 def test_dmd2_refuses_what_it_cannot_sample(text_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"student_timesteps=\[999, 500\]: the student samples with LCMScheduler"):
         train_run(compose_config("train", _dmd2(tmp_path, text_ckpt, "model.student_timesteps=[999,500]")))
+    with pytest.raises(ConfigError, match=r"model.student_steps=2 and model.student_timesteps=\[999\] disagree"):
+        train_run(
+            compose_config(
+                "train", _dmd2(tmp_path, text_ckpt, "model.student_steps=2", "model.student_timesteps=[999]")
+            )
+        )
     with pytest.raises(ConfigError, match=r"model.fake_updates=0 does not fit .*: int, a finite number >= 1"):
         train_run(compose_config("train", _dmd2(tmp_path, text_ckpt, "model.fake_updates=0")))
 

@@ -449,11 +449,11 @@ def test_dmd2_of_an_sdxl_teacher_exports_as_dmd2_sdxl(sdxl_ckpt: Path, tmp_path:
     cfg = compose_config(
         "train",
         [f"output_root={tmp_path}", *TINY, "model=dmd2", f"model.teacher={sdxl_ckpt}", "model.teacher_steps=2"]
-        + ["run_name=dmd2_sdxl", "model.student_timesteps=[999]", "model.fake_updates=1"]
+        + ["run_name=dmd2_sdxl", "model.student_steps=1", "model.fake_updates=1"]
         + ["model.regression_weight=0.25", "model.regression_pairs=4"],
     )
     module = train_run(cfg).lightning_module
-    assert module.pairs is not None and len(module.pairs) == 4
+    assert module.student_timesteps == [999] and module.pairs is not None and len(module.pairs) == 4
     checkpoint = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     folder = sample_run(compose_config("sample", [f"ckpt={checkpoint}", f"export={tmp_path / 'dmd2_sdxl_export'}"]))
     pipeline = StableDiffusionXLPipeline.from_pretrained(folder)

@@ -110,7 +110,8 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
         teacher: str,  # lightdiff checkpoint or diffusers pipeline folder / hub id of a DDPM or flow teacher
         teacher_config: str | None = None,  # `teacher` a single-file SD checkpoint: its pipeline's configs
-        student_timesteps: list[int] | None = None,  # None: 4 evenly spaced, ending at T - 1; [999]: 1-step (DDPM)
+        student_steps: PositiveInt | None = None,  # the student's steps: its pipeline's times for that many (None: 4)
+        student_timesteps: list[int] | None = None,  # a DDPM student's own list instead (e.g. [999]: 1 step)
         student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
         real_guidance_scale: float = 4.0,  # the teacher's guidance in the matching gradient (text models)
         fake_updates: PositiveInt = 5,  # fake-network updates per student update (DMD2's TTUR ratio)
@@ -148,12 +149,18 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             raise ConfigError(f"model.regression_pairs={regression_pairs} must be at least 1")
         self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2", teacher_config)
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
-        # the times the student's pipeline visits in 4 steps (FluxPipeline passes its own sigmas)
+        # the times the student's pipeline visits in its steps (FluxPipeline passes its own sigmas)
         latent_side = self.teacher.resolution // (vae_scale_factor(self.teacher.vae) if self.teacher.vae else 1)
+        if student_steps is not None and student_timesteps is not None and student_steps != len(student_timesteps):
+            raise ConfigError(
+                f"model.student_steps={student_steps} and model.student_timesteps={student_timesteps} disagree: "
+                "give one of them"
+            )
+        steps = student_steps or (len(student_timesteps) if student_timesteps else 4)
         arguments = pipeline_timesteps(
-            self.teacher.net, self.objective.scheduler(self.objective.default_sampler), 4, latent_side, latent_side
+            self.teacher.net, self.objective.scheduler(self.objective.default_sampler), steps, latent_side, latent_side
         )
-        self.student_timesteps = self.objective.student_timesteps(4, student_timesteps, arguments)
+        self.student_timesteps = self.objective.student_timesteps(steps, student_timesteps, arguments)
         self.sampler = self.objective.student_sampler(self.student_timesteps)
         self.net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the student
         self.fake_net = copy.deepcopy(self.teacher.net).requires_grad_(True).train()  # the fake score
