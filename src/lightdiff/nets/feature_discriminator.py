@@ -12,10 +12,10 @@ Backbones (the `discriminator` config group):
 - `TransformerBlockFeatures`: image tokens after chosen blocks of a transformer teacher (SD3's MMDiT, FLUX's double-
   and single-stream blocks, DiT, PixArt) as maps (LADD's generative features of an MMDiT, Section 3.1); frozen (or
   DMD2's fake-score transformer's, trained with the heads).
-`network_features` picks the one of the two that reads a given denoiser.
 - `ViTFeatures`: hidden states of a transformers vision transformer (DINOv2 for ADD) loaded with `from_pretrained`
   from a folder or hub id; frozen. Takes pixels in [-1, 1].
 - `PatchFeatures`: PatchGAN-like strided convolutions trained from scratch (no frozen network at all).
+`network_features` picks the one of the first two that reads a given denoiser.
 """
 
 from __future__ import annotations
