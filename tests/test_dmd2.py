@@ -262,11 +262,13 @@ def test_regression_refuses_a_few_step_teacher(dmd2_run, tmp_path: Path) -> None
 
 
 def test_re_noising_with_the_implied_noise_is_the_deterministic_samplers_step() -> None:
-    """x_0 re-noised to the next timestep with the noise x_t implies is DDIM's eta-0 step (epsilon network) and
-    FlowMatchEuler's step (velocity network), as diffusers computes them; fresh noise (the control) is not."""
+    """x_0 re-noised to the next timestep with the noise x_t implies (`ddim_step`, a flow DMD2 student's backward
+    simulation) is DDIM's eta-0 step (epsilon network) and FlowMatchEuler's step (velocity network), as diffusers
+    computes them; fresh noise (the control, a DDPM student's) is not."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule, implied_noise
+    from lightdiff.diffusion import DDPM, FlowMatching, NoiseSchedule
+    from lightdiff.diffusion.consistency import ddim_step
     from lightdiff.sampling import reconfigured
 
     generator = torch.Generator().manual_seed(0)
@@ -279,7 +281,7 @@ def test_re_noising_with_the_implied_noise_is_the_deterministic_samplers_step() 
         expected = scheduler.step(output, t, x_t).prev_sample  # (the step index follows from t)
         now, later = torch.full((2,), float(t)), torch.full((2,), float(t_next))
         x0 = objective.predicted_x0(output, x_t, now)
-        ours = objective.noised(x0, implied_noise(x_t, x0, *objective.alpha_sigma(now)), later)
+        ours = ddim_step(x0, x_t, objective.alpha_sigma(now), objective.alpha_sigma(later))
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
         fresh = objective.noised(x0, torch.randn(x0.shape, generator=generator), later)
         assert (fresh - expected).abs().max() > 0.1

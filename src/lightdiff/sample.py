@@ -26,7 +26,7 @@ from lightdiff.drawing import Drawing, apply_speed, device_named, load_for_sampl
 from lightdiff.export import export_comfyui_lora, export_kohya_lora, export_pipeline, export_single_file
 from lightdiff.files import folder_written_atomically
 from lightdiff.metrics import FrechetEvaluator, ShapesFeatures, shapes_metric
-from lightdiff.metrics.diversity import image_variety as shapes_variety
+from lightdiff.metrics.diversity import grouped_image_variety
 from lightdiff.metrics.motion import motion_metric, video_distance, video_judge
 from lightdiff.sampling import (
     frames_grid,
@@ -304,7 +304,7 @@ def image_variety(
     count = min(len(pixels), len(dataset), num_samples)
     items = [dataset[index] for index in range(count)]
     real = torch.stack([item["pixel_values"] for item in items]).float().div(2).add(0.5).clamp(0, 1)
-    return shapes_variety(ShapesFeatures(), real, [item["label"] for item in items], pixels, groups)
+    return grouped_image_variety(ShapesFeatures(), real, [item["label"] for item in items], pixels, groups)
 
 
 def judge_clips(

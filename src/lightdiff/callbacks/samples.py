@@ -27,7 +27,7 @@ from lightdiff.data.shapes_edit import ShapesEditDataset
 from lightdiff.diffusion import SchedulerFactory
 from lightdiff.files import write_text_atomically
 from lightdiff.metrics import ShapesFeatures, shapes_metric
-from lightdiff.metrics.diversity import caption_groups, image_variety, variety
+from lightdiff.metrics.diversity import caption_groups, grouped_image_variety, variety
 from lightdiff.metrics.edits import edit_metrics
 from lightdiff.metrics.motion import clip_features, first_frame_kept, motion_metric, unit_clips
 from lightdiff.sampling import (
@@ -252,8 +252,8 @@ class SampleGrid(pl.Callback):
             real_groups = caption_groups([item["text"] for item in items])
             found = variety(real_features, our_features, real, real_groups, ours, our_groups, k=VARIETY_NEIGHBOURS)
         else:
-            real_keys = [item["label"] for item in items]
-            found = image_variety(self._features, real, real_keys, generated[:count], our_keys, VARIETY_NEIGHBOURS)
+            labels = [item["label"] for item in items]
+            found = grouped_image_variety(self._features, real, labels, generated[:count], our_keys, VARIETY_NEIGHBOURS)
         return {name: value for name, value in found.items() if name != "within_caption_distance"}
 
     def _log_clips(self, trainer: pl.Trainer, previews: list[Preview], prefix: str) -> dict[str, float]:

@@ -8,7 +8,6 @@ from lightdiff.diffusion.distillation import (
     distillation_weight,
     distribution_matching_gradient,
     distribution_matching_loss,
-    implied_noise,
     trailing_timesteps,
 )
 from lightdiff.diffusion.edm import EDM
@@ -64,7 +63,6 @@ __all__ = [
     "distillation_weight",
     "distribution_matching_gradient",
     "distribution_matching_loss",
-    "implied_noise",
     "flow_alpha_sigma",
     "interpolate",
     "is_flow_sampler",

@@ -24,14 +24,6 @@ def trailing_timesteps(num_train_timesteps: int, count: int) -> list[int]:
     return [round(num_train_timesteps - i * step) - 1 for i in range(count)]
 
 
-def implied_noise(x_t: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The noise eps that x_t = alpha x_0 + sigma eps implies for a predicted x_0 (alpha, sigma per sample, (B,)):
-    re-noising x_0 with it to the next timestep is DDIM's deterministic step (Song et al. 2021, Equation 12 with
-    sigma_t = 0) and, on the flow's path (alpha, sigma) = (1 - t, t), Euler's x + (t' - t) v."""
-    shape = (-1, *([1] * (x_t.ndim - 1)))
-    return (x_t - alpha.reshape(shape) * x0) / sigma.reshape(shape)
-
-
 def distillation_weight(weighting: DistillWeighting, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """c(t) of the distillation loss c(t) ||x_student - x_teacher(x_t, t)||^2 (ADD, Equation 3 and Appendix), for
     any path x_t = alpha x_0 + sigma eps (`Objective.alpha_sigma`: a DDPM's, or rectified flow's (1 - t, t)).

@@ -32,7 +32,7 @@ class NoisyBatch:
 class StudentSampler:
     """How a few-step student steps from one of its timesteps to the next: x_0, then re-noised to the next timestep
     with fresh noise (`fresh_noise`: LCMScheduler, DMD2's multi-step sampling, Section 4.5) or with the noise x_t
-    implies (a deterministic DDIM / Euler step: `implied_noise`)."""
+    implies (a deterministic DDIM / Euler step: `consistency.ddim_step`)."""
 
     name: str | None  # the scheduler it must sample with (a `trained.REQUIRED_SAMPLERS` key); None: the objective's own
     overrides: dict[str, Any]  # that scheduler's config changes, recorded in the checkpoint

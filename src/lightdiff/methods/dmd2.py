@@ -51,9 +51,9 @@ from lightdiff.diffusion import (
     SchedulerFactory,
     distribution_matching_gradient,
     distribution_matching_loss,
-    implied_noise,
     weighted_mse,
 )
+from lightdiff.diffusion.consistency import ddim_step
 from lightdiff.methods.optimization import (
     OptimisesItsNetwork,
     OptimizerFactory,
@@ -174,12 +174,8 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.fake_updates, self.min_t, self.max_t = fake_updates, min_t, max_t
         self.gen_gan_weight, self.disc_gan_weight = gen_gan_weight, disc_gan_weight
         self.regression_weight, self.regression_pairs = regression_weight, regression_pairs
-        if regression_weight > 0 and self.teacher.required_sampler is not None:
-            raise ConfigError(
-                f"model.regression_weight={regression_weight}: model.teacher={teacher!r} is a few-step student "
-                f"({self.teacher.required_sampler} re-noises at each step), whose images are no deterministic "
-                "function of the noise; give a many-step teacher or model.regression_weight=0"
-            )
+        if regression_weight > 0:  # refused now, before anything is written, rather than when the pairs are drawn
+            self.teacher.require_deterministic_sampler(f"model.regression_weight={regression_weight}")
         self.pairs: RegressionPairs | None = None  # drawn at the start of fitting (`on_fit_start`)
         self.optimizer_factory, self.lr, self.fake_lr = optimizer, lr, fake_lr
         check_lr_schedule(lr_schedule, warmup_steps)
@@ -211,11 +207,11 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             for index in range(last):
                 t = torch.full((size,), self.student_timesteps[index], device=device)
                 x0 = self.student_x0(x_t, t, condition)
+                t_next = torch.full_like(t, self.student_timesteps[index + 1])
                 if self.sampler.fresh_noise:
-                    noise = torch.randn_like(x0)
-                else:
-                    noise = implied_noise(x_t, x0, *self.objective.alpha_sigma(t))
-                x_t = self.objective.noised(x0, noise, torch.full_like(t, self.student_timesteps[index + 1]))
+                    x_t = self.objective.noised(x0, torch.randn_like(x0), t_next)
+                else:  # DDIM's eta-0 step, on a flow's path Euler's
+                    x_t = ddim_step(x0, x_t, self.objective.alpha_sigma(t), self.objective.alpha_sigma(t_next))
         t = torch.full((size,), self.student_timesteps[last], device=device)
         return self.student_x0(x_t, t, condition)
 
@@ -327,7 +323,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         for start in range(0, len(seeds), REGRESSION_CHUNK):
             picks = torch.arange(start, min(start + REGRESSION_CHUNK, len(seeds)))
             noise, x0 = self.teacher.ode_pairs(
-                [seeds[i] for i in picks.tolist()], rows_of(inputs, picks), self.teacher_steps
+                seeds[start : start + REGRESSION_CHUNK], rows_of(inputs, picks), self.teacher_steps
             )
             noises.append(noise.cpu())
             images.append(x0.cpu())

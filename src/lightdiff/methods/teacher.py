@@ -195,18 +195,22 @@ class FrozenTeacher(nn.Module):
                 decode=decode,
             )
 
+    def require_deterministic_sampler(self, needed_by: str) -> None:
+        """A ConfigError naming `needed_by` (the option that needs it) where the teacher is a few-step student whose own
+        sampler re-noises with fresh noise at every step: its images are no deterministic function of the noise."""
+        if self.required_sampler is not None:
+            raise ConfigError(
+                f"{needed_by}: model.teacher={self.source!r} is a few-step student ({self.required_sampler} re-noises "
+                "at each step), whose images are no deterministic function of the noise; give a many-step teacher"
+            )
+
     @torch.no_grad()
     def ode_pairs(self, seeds: Sequence[int], inputs: Inputs, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(noise, x_0) per seed: the initial noise of the teacher's deterministic sampler (its objective's default,
         DDIM with eta 0 for a DDPM teacher, guided as its previews are) and where `steps` steps of it land, both in
         the teacher's space (latents for a latent teacher): the noise-image pairs of DMD's regression loss (Yin et
         al. 2023, Section 3.3). A few-step teacher's own sampler re-noises with fresh noise: no deterministic map."""
-        if self.required_sampler is not None:
-            raise ConfigError(
-                f"model.teacher={self.source!r} samples with {self.required_sampler} (a few-step student), which "
-                "re-noises at every step: its images are no deterministic function of the initial noise; give a "
-                "many-step teacher"
-            )
+        self.require_deterministic_sampler("ode_pairs")
         first_inputs: list[torch.Tensor] = []
 
         def keep_first(x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> None:

@@ -95,7 +95,7 @@ def caption_groups(keys: Sequence[object]) -> list[int]:
 
 
 @torch.no_grad()
-def image_variety(
+def grouped_image_variety(
     features: nn.Module,  # images (N, 3, H, W) in [0, 1] -> (N, D): `ShapesFeatures` for the shapes data
     real: torch.Tensor,  # the data's images (N, 3, H, W) in [0, 1]
     real_keys: Sequence[object],  # their captions or classes
