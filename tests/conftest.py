@@ -496,3 +496,39 @@ def assert_lora_file_reproduced(
             generator=[torch.Generator().manual_seed(seed) for seed in range(len(prompts))], **call,
         ).images  # fmt: skip
         assert compare(float((theirs - ours).abs().max())), lora
+
+
+def low_precision_lora_runs(overrides: list[str], root: Path, steps: int = 4) -> dict[str, tuple[Path, object]]:
+    """A LoRA run of `overrides` (LoRA on a pipeline's base) `steps` steps long three times, the frozen base at full
+    precision, quantised to int8 (model.base_quantization) and stored in fp8 (model.base_storage): name -> (its
+    checkpoint, its module). Every run draws the same batches, noise and adapter initialisation (one seed)."""
+    from lightdiff.train import run as train_run
+
+    variants = {"full": [], "int8": ["model.base_quantization=int8"], "fp8_storage": ["model.base_storage=fp8"]}
+    runs = {}
+    for name, option in variants.items():
+        run = [f"output_root={root}", f"run_name={name}", f"trainer.max_steps={steps}", *option]
+        cfg = compose_config("train", [*overrides, *run])
+        module = train_run(cfg).lightning_module
+        runs[name] = (Path(cfg.run_dir) / "checkpoints" / "last.ckpt", module)
+    return runs
+
+
+def assert_low_precision_losses_follow_full_precision(runs: dict[str, tuple[Path, object]], within: float) -> None:
+    """The base really was stored low (int8 tensors; fp8 weights between layer calls), and each step's loss is within
+    `within` (relative) of the full-precision run's but not equal to it (equal would mean the option did nothing)."""
+    _, int8 = runs["int8"]
+    _, fp8 = runs["fp8_storage"]
+    int8_types = {type(m.weight).__name__ for n, m in int8.net.named_modules() if n.endswith("base_layer")}
+    assert int8_types and all("Int8" in t for t in int8_types if t != "Parameter"), int8_types
+    fp8_dtypes = {m.weight.dtype for n, m in fp8.net.named_modules() if n.endswith("base_layer")}
+    assert torch.float8_e4m3fn in fp8_dtypes, fp8_dtypes
+    adapters = [p for n, p in int8.net.named_parameters() if ".lora_" in n]
+    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)  # trained at fp32
+    full = losses_by_step(Path(runs["full"][0]).parents[1])
+    for name in ("int8", "fp8_storage"):
+        low = losses_by_step(Path(runs[name][0]).parents[1])
+        assert sorted(low) == sorted(full) and full
+        gaps = [abs(low[step] - full[step]) / abs(full[step]) for step in full]
+        assert max(gaps) < within, (name, gaps)
+        assert max(gaps) > 0, name  # the control: the same losses would mean the base was not stored low

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
 
-from lightdiff.config import ConfigError
+from lightdiff.config import ConfigError, build
 from lightdiff.diffusion import distribution_matching_gradient, distribution_matching_loss
 from lightdiff.methods.teacher import load_teacher
 from lightdiff.nets.denoiser import network_output
@@ -80,9 +80,9 @@ def _dmd2(root: Path, teacher: Path, *extra: str) -> list[str]:
 def dmd2_run(text_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("dmd2")
     # fake_updates=2: batch 0 steps the student and the fake network, batch 1 the fake network only (3 steps).
-    cfg = compose_config(
-        "train", _dmd2(root, text_ckpt, "run_name=dmd2", "trainer.max_steps=3", "model.fake_updates=2")
-    )
+    # A 4-step student (the default is 1): its backward simulation and its exports at 1 and 2 steps.
+    common = ["run_name=dmd2", "trainer.max_steps=3", "model.fake_updates=2", "model.regression_pairs=4"]
+    cfg = compose_config("train", _dmd2(root, text_ckpt, *common, "model.student_steps=4"))
     return train_run(cfg).lightning_module, Path(cfg.run_dir)
 
 
@@ -121,6 +121,18 @@ def test_dmd2_export_is_reproduced_by_stable_diffusion_pipeline(dmd2_run, tmp_pa
     ours = sample_py_images(checkpoint, tmp_path / "ours", f"steps={steps}", "prompt=a red circle", "guidance_scale=1")
     theirs = pipeline_images(pipeline, ["a red circle"] * 2, num_inference_steps=steps, guidance_scale=1.0)
     assert_reproduced(ours, theirs)
+
+
+def test_the_default_is_the_one_step_recipe_the_distillation_study_chose(text_ckpt: Path, tmp_path: Path) -> None:
+    """`model=dmd2 model.teacher=...` and nothing else is experiments/distillation's 1-step recipe: a student at T - 1
+    only, DMD's regression pairs at the paper's 0.25 (1024 of them), both rates 1e-4; a 4-step student is one key."""
+    cfg = compose_config("train", [f"output_root={tmp_path}", *TINY, "model=dmd2", f"model.teacher={text_ckpt}"])
+    module = build(cfg.model, data=build(cfg.data))
+    assert module.student_timesteps == [999] and module.metric_steps == [1]
+    assert (module.regression_weight, module.regression_pairs) == (0.25, 1024)
+    assert (module.lr, module.fake_lr) == (1e-4, 1e-4)
+    cfg = compose_config("train", [*_dmd2(tmp_path, text_ckpt, "model.student_steps=4")])
+    assert build(cfg.model, data=build(cfg.data)).student_timesteps == [999, 749, 499, 249]
 
 
 def test_dmd2_refuses_what_it_cannot_sample(text_ckpt: Path, tmp_path: Path) -> None:

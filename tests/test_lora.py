@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,31 @@ def test_bad_lora_settings_are_named(sd_base: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="load_pretrained_unet=true"):
         train_run(no_base)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_low_precision_base_is_refused_where_it_cannot_apply(
+    sd_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.base_quantization / model.base_storage store a frozen base under LoRA: refused, naming the key and the
+    remedy, for a base that trains, for both at once, and without torchao, before a run folder is written."""
+    whole = ["model.lora.rank=null", "model.base_quantization=int8", "run_name=bad"]
+    with pytest.raises(ConfigError, match=r"model.base_quantization=int8 stores a frozen base .* set model.lora.rank"):
+        train_run(compose_config("train", _lora_overrides(tmp_path, sd_base, *whole)))
+    both = ["model.base_quantization=int8", "model.base_storage=fp8", "run_name=bad"]
+    with pytest.raises(ConfigError, match="model.base_quantization=int8 and model.base_storage=fp8: one or the other"):
+        train_run(compose_config("train", _lora_overrides(tmp_path, sd_base, *both)))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
+    missing = ["model.base_quantization=fp8", "run_name=bad"]
+    with pytest.raises(
+        ConfigError, match=r"model.base_quantization=fp8 needs torchao: pip install 'lightdiff\[quant\]'"
+    ):
+        train_run(compose_config("train", _lora_overrides(tmp_path, sd_base, *missing)))
+    assert not (tmp_path / "bad").exists()
+    # the lighter option needs no torchao: it stores the base in fp8 between its layers' calls
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    from lightdiff.nets.low_precision import check_base_precision
+
+    check_base_precision("none", "fp8", base_trains=False)
 
 
 def test_checking_a_lora_files_fit_copies_no_weights(sd_base: Path, tmp_path: Path, monkeypatch) -> None:

@@ -177,8 +177,10 @@ def test_distillation_methods_follow_warmup_and_lr_schedule(method: str, text_ck
     """Every method has the warm-up and schedule (they had none: a constant rate whatever the keys said)."""
     overrides = [f"output_root={tmp_path}", *TINY, f"model={method}", f"model.teacher={text_ckpt}"]
     overrides += ["trainer.max_steps=6", "model.lr=1e-3", "callbacks.samples.final_num_images=0"]
-    overrides += ["callbacks.checkpoint.every_n_train_steps=100"] + (
-        ["model.teacher_steps=2"] if method != "guidance_distill" else []
+    overrides += (
+        ["callbacks.checkpoint.every_n_train_steps=100"]
+        + (["model.teacher_steps=2"] if method != "guidance_distill" else [])
+        + (["model.regression_pairs=4"] if method == "dmd2" else [])
     )
     cfg = compose_config("train", [*overrides, "model.warmup_steps=2", "model.lr_schedule=cosine"])
     run(cfg)

@@ -512,7 +512,7 @@ def test_dmd2_distils_a_wan_teacher_into_a_two_step_student(wan_ckpt: Path, tmp_
     reproduces sample.py at 2 steps; a perturbed export does not."""
     dmd2 = [f"output_root={tmp_path}", *TINY, "model=dmd2", f"model.teacher={wan_ckpt}", "data=moving_shapes"]
     extra = ["data.num_frames=9", "model.teacher_steps=2", "model.fake_updates=1", "run_name=wan-dmd2"]
-    regression = ["model.regression_weight=0.25", "model.regression_pairs=2"]  # DMD's pairs are clips here
+    regression = ["model.student_steps=2", "model.regression_pairs=2"]  # DMD's pairs (on by default) are clips here
     module = train_run(compose_config("train", [*dmd2, *extra, *regression])).lightning_module
     assert module.classifier.backbone.transformer is module.fake_net and not module.sampler.fresh_noise
     assert module.pairs is not None and module.pairs.images.shape[:2] == (2, 3)  # 9 frames: 3 latent frames

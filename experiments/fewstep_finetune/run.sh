@@ -22,7 +22,9 @@ students)
             callbacks.samples.steps=1)
     python train.py model=turbo discriminator=patchgan discriminator.backbone.in_channels=4 "${common[@]}" \
         run_name=fewstep_student_add trainer.max_steps=600
-    python train.py model=dmd2 model.fake_lr=1e-4 "${common[@]}" run_name=fewstep_student_dmd2 trainer.max_steps=240
+    # DMD2 as it was then (a 4-step student without DMD's pairs; model=dmd2's defaults are the 1-step recipe now)
+    python train.py model=dmd2 model.student_steps=4 model.regression_weight=0 "${common[@]}" \
+        run_name=fewstep_student_dmd2 trainer.max_steps=240
     ;;
 finetune)
     seed=${2:-0}

@@ -209,8 +209,15 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
     check_state_dict(adapter_weights(net.state_dict()), adapters, f"{path} (net. adapters)")
     net.load_state_dict(adapters, strict=False)  # the base's weights are already in place
     uses_ema = use_ema and _load_ema(net, checkpoint, path)
+    conditioning = base.conditioning
+    if "conditioning" in meta:  # the settings the adapters trained with (FLUX's max_sequence_length, ...), not the
+        # base pipeline's defaults, on the base's frozen weights (the checkpoint holds none of them)
+        conditioning = conditioning_from_state(meta["conditioning"])
+        load_weights(conditioning, base.conditioning.state_dict(), f"{source} (its conditioning)")
+        if isinstance(conditioning, EncodesWithVae):
+            conditioning.attach_vae(base.vae)
     if record.get("text_encoder"):  # model.lora.text_encoder: the pipeline's encoder had adapters too
-        encoder = base.conditioning.text_encoders()["text_encoder"]
+        encoder = conditioning.text_encoders()["text_encoder"]
         if base_fingerprint(encoder) != record["text_encoder"]["fingerprint"]:
             raise ValueError(f"{path}: the text encoder of {source!r} is not the one its adapters were trained on")
         add_adapters(encoder, LoraConfig(**record["text_encoder"]["config"]))
@@ -223,7 +230,7 @@ def _adapters_on_base(path: Path, checkpoint: dict, meta: dict, use_ema: bool) -
     return TrainedDenoiser(
         net=net.requires_grad_(False).eval(),
         objective=objective_from_state(meta["objective"]),
-        conditioning=base.conditioning,
+        conditioning=conditioning.requires_grad_(False).eval(),
         class_names=meta.get("class_names"),
         source=str(path),
         uses_ema=uses_ema,

@@ -52,6 +52,7 @@ from lightdiff.nets.families.base import (
 )
 from lightdiff.nets.families.wan import Expert, one_expert
 from lightdiff.nets.lora import LoraSettings, adapt
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision, store_frozen_base
 from lightdiff.nets.pretrained import as_pipeline_folder, load_vae, pipeline_parts
 from lightdiff.nets.vae import (
     Autoencoder,
@@ -122,6 +123,8 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         channels_last: bool = False,  # NHWC weights: faster convolutions on GPU (the yaml turns it on with CUDA)
         gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
         lora: LoraSettings | None = None,  # adapters on the net (`model.lora.rank`); only they train (nets/lora.py)
+        base_quantization: BaseQuantization = "none",  # int8 | fp8: the frozen base under LoRA quantised (torchao)
+        base_storage: BaseStorage = "none",  # fp8: the frozen base under LoRA stored in fp8, computed in its dtype
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",  # the frozen VAE and text encoders' dtype
         first_frame: FirstFrameSettings | None = None,  # an SVD UNet's conditioning (model=video_i2v); None: defaults
         # train on network timesteps in [low, high] only, drawn from the objective's own density restricted there
@@ -160,6 +163,7 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
             net, timestep_range = one_expert(net, train_expert, timestep_range)
         self.timestep_range = check_timestep_range(timestep_range, objective)
         self.lora_base: dict[str, Any] | None = None  # what the adapters belong to, recorded in every checkpoint
+        check_base_precision(base_quantization, base_storage, base_trains=lora is None or not lora.enabled)
         if lora is not None and lora.enabled:
             if pretrained is None or not load_pretrained_unet:
                 raise ConfigError(
@@ -217,6 +221,7 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
                 )
             text_encoder = encoders["text_encoder"] if lora.text_encoder else None
             self.lora_base = adapt(net, lora, base_source=pretrained, text_encoder=text_encoder)
+            store_frozen_base(net, base_quantization, base_storage)  # after adapt took the full-precision fingerprint
             if text_encoder is not None:
                 self.conditioning.trainable = True  # its adapters train (and its states are never cached)
             self.strict_loading = False  # checkpoints hold the adapters alone

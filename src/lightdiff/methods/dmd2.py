@@ -15,13 +15,16 @@ the fake network's bottleneck makes the GAN term. Every batch:
 3. the fake network's update on G's samples (detached): the teacher's objective's denoising loss, plus
    `disc_gan_weight` x the classifier's softplus(D(fake)) + softplus(-D(real)) on data (DMD2 Section 4.3).
 
-DMD's regression loss (Yin et al. 2023, Section 3.3, Equation 9; DMD2 drops it for its cost), as an option
-(`regression_weight` lambda_reg > 0): before training, the teacher's deterministic sampler (`teacher_steps` DDIM
-steps, guided at `real_guidance_scale`) maps `regression_pairs` noises z to images y; the student's update adds
-lambda_reg ||G(z) - y||^2 (per-element mean) at its first timestep T - 1 on a batch of those pairs. It anchors each
-noise to the teacher's own image for it, so G cannot draw one image per prompt (the mode collapse it was made
-against); DMD used LPIPS on pixels, here the squared distance in the teacher's space (no LPIPS weights offline).
-The pairs come from fixed seeds (`REGRESSION_SEED` on), regenerated identically on resume.
+DMD's regression loss (Yin et al. 2023, Section 3.3, Equation 9; DMD2 drops it for its cost), on by default
+(`regression_weight` lambda_reg, DMD's 0.25; 0 is DMD2 without it): before training, the teacher's deterministic
+sampler (`teacher_steps` DDIM steps, guided at `real_guidance_scale`) maps `regression_pairs` noises z to images y;
+the student's update adds lambda_reg ||G(z) - y||^2 (per-element mean) at its first timestep T - 1 on a batch of
+those pairs. It anchors each noise to the teacher's own image for it, so G cannot draw one image per prompt (the mode
+collapse it was made against); DMD used LPIPS on pixels, here the squared distance in the teacher's space (no LPIPS
+weights offline).
+The pairs come from fixed seeds (`REGRESSION_SEED` on), regenerated identically on resume. The defaults (1 step,
+lambda_reg 0.25, both rates 1e-4) are the 1-step recipe `experiments/distillation` chose: without the pairs, 1-step
+students collapsed to one image per prompt or stayed blobs at the budgets measured there.
 
 The student samples as the backward simulation runs it (each step: x_0, then re-noised at the next timestep;
 `Objective.student_sampler` says how): for a DDPM teacher with LCMScheduler on the grid of its timesteps, fresh noise
@@ -110,7 +113,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         data: ImageDataModule,  # given by train.py: must be what the teacher was trained on
         teacher: str,  # lightdiff checkpoint or diffusers pipeline folder / hub id of a DDPM or flow teacher
         teacher_config: str | None = None,  # `teacher` a single-file SD checkpoint: its pipeline's configs
-        student_steps: PositiveInt | None = None,  # the student's steps: its pipeline's times for that many (None: 4)
+        student_steps: PositiveInt | None = None,  # the student's steps: its pipeline's times for that many (None: 1)
         student_timesteps: list[int] | None = None,  # a DDPM student's own list instead (e.g. [999]: 1 step)
         student_prediction_type: str | None = None,  # None: the teacher's, or v where epsilon fails at T - 1
         real_guidance_scale: float = 4.0,  # the teacher's guidance in the matching gradient (text models)
@@ -120,11 +123,11 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         gen_gan_weight: NonNegativeFloat = 3e-3,  # weight of the student's GAN term
         disc_gan_weight: NonNegativeFloat = 1e-2,  # weight of the classifier's GAN loss in the fake network's update
         classifier_channels: int = 64,  # width of the classifier head on the fake network's bottleneck
-        regression_weight: NonNegativeFloat = 0.0,  # DMD's lambda_reg on the teacher's noise-image pairs (0: off)
+        regression_weight: NonNegativeFloat = 0.25,  # DMD's lambda_reg on the teacher's noise-image pairs (0: off)
         regression_pairs: PositiveInt = 1024,  # how many pairs the teacher draws before training (when on)
         optimizer: OptimizerFactory = torch.optim.AdamW,  # (parameters, lr) -> optimiser, for both
-        lr: PositiveFloat = 1e-5,  # the student's learning rate
-        fake_lr: PositiveFloat = 1e-5,  # the fake network's and the classifier's
+        lr: PositiveFloat = 1e-4,  # the student's learning rate
+        fake_lr: PositiveFloat = 1e-4,  # the fake network's and the classifier's
         lr_schedule: Literal["constant", "cosine"] = "constant",  # after warm-up, for both: constant, or cosine to 0
         warmup_steps: int = 0,  # linear warm-up from 0 of both rates, in steps as trainer.max_steps counts them
         max_grad_norm: float | None = 1.0,  # clip each update's gradient norm (None: off)
@@ -156,7 +159,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
                 f"model.student_steps={student_steps} and model.student_timesteps={student_timesteps} disagree: "
                 "give one of them"
             )
-        steps = student_steps or (len(student_timesteps) if student_timesteps else 4)
+        steps = student_steps or (len(student_timesteps) if student_timesteps else 1)
         arguments = pipeline_timesteps(
             self.teacher.net, self.objective.scheduler(self.objective.default_sampler), steps, latent_side, latent_side
         )
