@@ -44,6 +44,7 @@ from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_stud
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition, family_of
 from lightdiff.nets.families.sd import GuidanceEmbedded
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
 from lightdiff.sampling import for_latents
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
@@ -79,6 +80,8 @@ class ConsistencyDistillation(OptimisesItsNetwork, pl.LightningModule):
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
+        base_quantization: BaseQuantization = "none",  # int8 | fp8: the frozen teacher quantised (torchao)
+        base_storage: BaseStorage = "none",  # fp8: the frozen teacher stored in fp8, computed in its dtype
     ) -> None:
         super().__init__()
         self.strict_loading = False  # checkpoints leave out the frozen teacher: it is reloaded from `teacher`
@@ -91,6 +94,7 @@ class ConsistencyDistillation(OptimisesItsNetwork, pl.LightningModule):
             raise ConfigError(f"model.loss={loss!r} is not one of ('huber', 'l2')")
         if not 0 <= target_decay < 1:
             raise ConfigError(f"model.target_decay={target_decay} must lie in [0, 1)")
+        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
         self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "lcm", teacher_config)
         refusal = ConfigError(
             f"model=lcm distils a text-conditioned UNet (it embeds the guidance scale); model.teacher={teacher!r} "
@@ -125,6 +129,7 @@ class ConsistencyDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.teacher_steps = teacher_steps
         self.compile_net, self.channels_last = compile, channels_last
         self.gradient_checkpointing = gradient_checkpointing
+        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
 
     def train(self, mode: bool = True) -> ConsistencyDistillation:
         super().train(mode)

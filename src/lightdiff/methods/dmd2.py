@@ -68,6 +68,7 @@ from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_stud
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import SIZE_AND_CROP, Condition, Inputs, size_and_crop
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, network_features
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
 from lightdiff.nets.vae import vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, preview_inputs, reconfigured
 from lightdiff.trained import REQUIRED_SAMPLERS
@@ -135,6 +136,8 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
+        base_quantization: BaseQuantization = "none",  # int8 | fp8: the frozen teacher quantised (torchao)
+        base_storage: BaseStorage = "none",  # fp8: the frozen teacher stored in fp8, computed in its dtype
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -150,6 +153,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             )
         if regression_pairs < 1:
             raise ConfigError(f"model.regression_pairs={regression_pairs} must be at least 1")
+        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
         self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2", teacher_config)
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         # the times the student's pipeline visits in its steps (FluxPipeline passes its own sigmas)
@@ -189,6 +193,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         # Batches trained so far: which of them update the student; in the state dict, so a resume keeps the rhythm.
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
 
     @property
     def metric_steps(self) -> list[int]:

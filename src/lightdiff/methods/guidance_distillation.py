@@ -38,6 +38,7 @@ from lightdiff.methods.optimization import (
 from lightdiff.methods.teacher import FrozenTeacher, save_student
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import family_of
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
 from lightdiff.sampling import generate, preview_inputs
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
@@ -66,6 +67,8 @@ class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
         compile: bool = False,  # torch.compile the student (regional where diffusers defines repeated blocks)
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
+        base_quantization: BaseQuantization = "none",  # int8 | fp8: the frozen teacher quantised (torchao)
+        base_storage: BaseStorage = "none",  # fp8: the frozen teacher stored in fp8, computed in its dtype
     ) -> None:
         super().__init__()
         self.strict_loading = False  # checkpoints leave out the frozen teacher: it is reloaded from `teacher`
@@ -74,6 +77,7 @@ class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
                 f"model.guidance_scale_min={guidance_scale_min} and model.guidance_scale_max={guidance_scale_max} "
                 "must satisfy 0 < min <= max"
             )
+        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
         self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "guidance_distill", teacher_config)
         if not self.teacher.can_guide:
             raise ConfigError(
@@ -93,6 +97,7 @@ class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.compile_net, self.channels_last = compile, channels_last
         self.gradient_checkpointing = gradient_checkpointing
+        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.teacher.encode(batch["pixel_values"])

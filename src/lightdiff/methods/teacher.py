@@ -24,6 +24,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition, Conditioning, Inputs
 from lightdiff.nets.lora import adapters_disabled
+from lightdiff.nets.low_precision import store_frozen_base
 from lightdiff.nets.pretrained import as_pipeline_folder
 from lightdiff.nets.vae import encode_latents
 from lightdiff.sampling import for_latents, generate, preview_inputs, reconfigured
@@ -89,6 +90,13 @@ class FrozenTeacher(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)
+
+    def store_in_low_precision(self, quantization: str, storage: str) -> None:
+        """Its network's weights in low precision (`model.base_quantization` / `model.base_storage`, checked by
+        nets/low_precision.check_base_precision): called by a method once every network it copies from the teacher
+        exists (a copy made later would be stored low too). A LoRA student that shares the teacher's network keeps its
+        adapters as they are, as on a LoRA base."""
+        store_frozen_base(self.net, quantization, storage)
 
     @property
     def can_guide(self) -> bool:

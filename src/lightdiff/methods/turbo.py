@@ -60,6 +60,7 @@ from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, network_features
 from lightdiff.nets.lora import LoraSettings, adapt
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
 from lightdiff.nets.vae import decode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, reconfigured
 
@@ -100,6 +101,8 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU (on with CUDA in the yaml)
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
         lora: LoraSettings | None = None,  # a LoRA student: the teacher's own network + adapters (`model.lora.rank`)
+        base_quantization: BaseQuantization = "none",  # int8 | fp8: the frozen teacher quantised (torchao)
+        base_storage: BaseStorage = "none",  # fp8: the frozen teacher stored in fp8, computed in its dtype
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -112,6 +115,7 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
             raise ConfigError(
                 f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
             )
+        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
         self.teacher = FrozenTeacher(teacher, data, teacher_guidance_scale, "turbo", teacher_config)
         # The student walks the teacher's path; it may parametrise its output otherwise (student_prediction_type).
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
@@ -161,6 +165,7 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.max_grad_norm = max_grad_norm
         self.teacher_steps = teacher_steps
+        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
 
     @property
     def metric_steps(self) -> list[int]:
