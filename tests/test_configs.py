@@ -83,6 +83,10 @@ def _group_overrides() -> list[list[str]]:
     ]
     cases += [["metrics=none"], ["model=latent", "net=mmdit_tiny", "objective=flow_matching", "model.t5=true"]]
     cases += [["model=turbo", "model.teacher=TEACHER"], ["model=dmd2", "model.teacher=TEACHER"]]
+    # a frozen base or teacher stored low (nets/low_precision.py), with LoRA and the latent cache
+    lora_on_pipeline = ["model=latent", "model.pretrained=PIPELINE", "model.load_pretrained_unet=true", "model.vae=null"]
+    cases += [[*lora_on_pipeline, "model.lora.rank=2", "model.base_quantization=int8", "data.cache_latents=true"]]
+    cases += [["model=turbo", "model.teacher=TEXT_TEACHER", "model.lora.rank=2", "model.base_storage=fp8"]]
     cases += [["model=few_step_finetune", "model.base=TEXT_STUDENT", "model.lora.rank=2", "model.preserve_prompts=[x]"]]
     cases += [
         [f"model={method}", "model.teacher=TEXT_TEACHER"] for method in ("turbo", "lcm", "dmd2", "guidance_distill")
