@@ -84,8 +84,9 @@ def _group_overrides() -> list[list[str]]:
     cases += [["metrics=none"], ["model=latent", "net=mmdit_tiny", "objective=flow_matching", "model.t5=true"]]
     cases += [["model=turbo", "model.teacher=TEACHER"], ["model=dmd2", "model.teacher=TEACHER"]]
     # a frozen base or teacher stored low (nets/low_precision.py), with LoRA and the latent cache
-    lora_on_pipeline = ["model=latent", "model.pretrained=PIPELINE", "model.load_pretrained_unet=true", "model.vae=null"]
-    cases += [[*lora_on_pipeline, "model.lora.rank=2", "model.base_quantization=int8", "data.cache_latents=true"]]
+    lora_on_pipeline = ["model=latent", "model.pretrained=PIPELINE", "model.load_pretrained_unet=true"]
+    lora_on_pipeline += ["model.vae=null", "model.lora.rank=2", "data.cache_latents=true"]
+    cases += [[*lora_on_pipeline, "model.base_quantization=nf4"]]
     cases += [["model=turbo", "model.teacher=TEXT_TEACHER", "model.lora.rank=2", "model.base_storage=fp8"]]
     cases += [["model=few_step_finetune", "model.base=TEXT_STUDENT", "model.lora.rank=2", "model.preserve_prompts=[x]"]]
     cases += [

@@ -39,6 +39,7 @@ from lightdiff.train import run as train_run
 from lightdiff.trained import TrainedDenoiser, load_checkpoint_file, load_denoiser
 
 from .conftest import (
+    LOW_PRECISION_LOSS_GAP,
     TINY,
     assert_discriminator_heads_learnt,
     assert_lora_file_reproduced,
@@ -380,15 +381,15 @@ def test_a_flux_pipeline_fine_tunes_with_its_frozen_encoders_and_cached_t5_state
 
 
 def test_lora_on_an_int8_or_fp8_flux_base_trains_as_at_full_precision(flux_pipeline_dir: Path, tmp_path: Path) -> None:
-    """model.base_quantization=int8 and model.base_storage=fp8 under LoRA on a FLUX base (its double- and single-stream
-    blocks' linear layers stored low): losses within 1% of the full-precision run's (as on SDXL, test_sdxl.py), and
+    """model.base_quantization=int8 | nf4 and model.base_storage=fp8 under LoRA on a FLUX base (its double- and
+    single-stream blocks' linear layers stored low): losses near the full-precision run's (LOW_PRECISION_LOSS_GAP), and
     the int8 run's LoRA file is drawn by plain FluxPipeline on the unquantised base as sample.py draws it, with the
     T5 length the adapters trained with (model.max_sequence_length; the control: the base alone draws others)."""
     overrides = [*TINY, "model=latent", f"model.pretrained={flux_pipeline_dir}", "model.load_pretrained_unet=true"]
     overrides += ["model.vae=null", f"model.max_sequence_length={MAX_SEQUENCE_LENGTH}", "objective=flow_matching"]
     overrides += ["model.lora.rank=4", "model.lr=0.05", "model.warmup_steps=0"]
     runs = low_precision_lora_runs(overrides, tmp_path)
-    assert_low_precision_losses_follow_full_precision(runs, within=0.01)
+    assert_low_precision_losses_follow_full_precision(runs, within=LOW_PRECISION_LOSS_GAP)
     checkpoint, _ = runs["int8"]
     # the T5 length it trained with, not the base pipeline's 512 (a LoRA checkpoint took the base's before)
     assert load_denoiser(checkpoint).conditioning.max_sequence_length == MAX_SEQUENCE_LENGTH

@@ -123,7 +123,7 @@ class DiffusionTraining(OptimisesItsNetwork, pl.LightningModule):
         channels_last: bool = False,  # NHWC weights: faster convolutions on GPU (the yaml turns it on with CUDA)
         gradient_checkpointing: bool = False,  # recompute activations in backward: less memory, more time
         lora: LoraSettings | None = None,  # adapters on the net (`model.lora.rank`); only they train (nets/lora.py)
-        base_quantization: BaseQuantization = "none",  # int8 | fp8: the frozen base under LoRA quantised (torchao)
+        base_quantization: BaseQuantization = "none",  # int8 | fp8 | nf4: the frozen base under LoRA quantised
         base_storage: BaseStorage = "none",  # fp8: the frozen base under LoRA stored in fp8, computed in its dtype
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",  # the frozen VAE and text encoders' dtype
         first_frame: FirstFrameSettings | None = None,  # an SVD UNet's conditioning (model=video_i2v); None: defaults

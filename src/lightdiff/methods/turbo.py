@@ -101,7 +101,7 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
         channels_last: bool = False,  # NHWC student weights: faster convolutions on GPU (on with CUDA in the yaml)
         gradient_checkpointing: bool = False,  # recompute the student's activations in backward: less memory
         lora: LoraSettings | None = None,  # a LoRA student: the teacher's own network + adapters (`model.lora.rank`)
-        base_quantization: BaseQuantization = "none",  # int8 | fp8: the frozen teacher quantised (torchao)
+        base_quantization: BaseQuantization = "none",  # int8 | fp8 | nf4: the frozen teacher quantised (torchao)
         base_storage: BaseStorage = "none",  # fp8: the frozen teacher stored in fp8, computed in its dtype
     ) -> None:
         super().__init__()

@@ -8,6 +8,12 @@ compute dtype on top, gradients flowing through the dequantised base into them.
   `TorchAoConfig("int8wo" / "float8wo")` applies when it loads a model; each layer dequantises in its matmul. The
   adapters (peft's `lora_A` / `lora_B`) and every layer that is not linear (convolutions, norms, embeddings) keep
   their dtype. 1 byte per quantised weight instead of 4 (fp32) or 2 (bf16).
+- `base_quantization=nf4`: QLoRA's own 4-bit NormalFloat (Dettmers et al. 2023, Section 3: 16 levels at the normal
+  distribution's quantiles, one absmax per block of 64 weights, the absmaxes double-quantised to 8 bits per block of
+  256) as torchao's `NF4Tensor` (the one torchtune's QLoRA uses), which runs on CPU and GPU alike, where
+  bitsandbytes' NF4 needs CUDA; ~0.53 bytes per weight. A layer whose weight count is not a multiple of 64 stays as
+  it is (none in the real families: their widths are multiples of 64); a tiny layer takes a smaller double-
+  quantisation block where 256 does not divide its block count.
 - `base_storage=fp8`: diffusers' layerwise casting (`ModelMixin.enable_layerwise_casting`): every weight of the base
   stored in float8_e4m3fn and cast to the compute dtype (the network's own) just before its layer runs, the lighter
   option (no quantisation kernels: any layer type, no torchao). diffusers' default patterns skip the layers that do
@@ -17,7 +23,6 @@ Only a base that does not train can be stored so (LoRA: the adapters train; a fu
 quantised weights). The adapters' files and exports belong to the unquantised base: a checkpoint holds the adapters
 alone and records the base's fingerprint taken before quantisation, and sampling or exporting reloads the base at
 full precision from its source, so a LoRA trained on an int8 base loads on the original pipeline (what users share).
-bitsandbytes' NF4 (4 bits, CUDA only) is not offered yet.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 from lightdiff.config import ConfigError
 from lightdiff.nets.lora import is_adapter_key
 
-BaseQuantization = Literal["none", "int8", "fp8"]
+BaseQuantization = Literal["none", "int8", "fp8", "nf4"]
 BaseStorage = Literal["none", "fp8"]
 
 
@@ -66,7 +71,9 @@ def check_base_precision(quantization: str, storage: str, base_trains: bool) -> 
 def store_frozen_base(net: torch.nn.Module, quantization: str, storage: str) -> None:
     """Store `net`'s frozen base weights as `check_base_precision` allowed, leaving its adapters as they are. Call it
     after the adapters are added and the base's fingerprint is taken (nets/lora.adapt)."""
-    if quantization != "none":
+    if quantization == "nf4":
+        _to_nf4(net)
+    elif quantization != "none":
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
         config = Int8WeightOnlyConfig() if quantization == "int8" else Float8WeightOnlyConfig()
@@ -78,3 +85,24 @@ def store_frozen_base(net: torch.nn.Module, quantization: str, storage: str) -> 
     elif storage == "fp8":
         # the compute dtype is the network's own (fp32, or bf16 under trainer.precision=bf16-true)
         net.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=net.dtype)
+
+
+NF4_BLOCK = 64  # weights per absmax (QLoRA's)
+NF4_SCALER_BLOCK = 256  # absmaxes per double-quantisation block (QLoRA's)
+
+
+def _to_nf4(net: torch.nn.Module) -> None:
+    """Every frozen linear layer's weight as an NF4Tensor (its matmul dequantises to the weight's dtype)."""
+    from torchao.quantization import to_nf4
+
+    for name, module in net.named_modules():
+        if not isinstance(module, torch.nn.Linear) or is_adapter_key(f"{name}.weight"):
+            continue
+        blocks, remainder = divmod(module.weight.numel(), NF4_BLOCK)
+        if remainder:
+            continue
+        scaler_block = NF4_SCALER_BLOCK
+        while blocks % scaler_block:  # a power of two that divides the block count (tiny test layers)
+            scaler_block //= 2
+        weight = to_nf4(module.weight.detach(), NF4_BLOCK, scaler_block)
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
