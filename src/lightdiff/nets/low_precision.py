@@ -1,7 +1,8 @@
-"""A frozen base stored in low precision under trainable LoRA adapters (`model.base_quantization`,
-`model.base_storage`): the memory of a big base (FLUX.1-dev's 12B, Qwen-Image's 20B, Wan's 14B) on one GPU, as
-QLoRA arranges it (Dettmers et al. 2023): the base's weights quantised and frozen, the adapters trained in the
-compute dtype on top, gradients flowing through the dequantised base into them.
+"""A frozen base stored in low precision under trainable LoRA adapters, or a distillation method's frozen teacher
+(`model.base_quantization`, `model.base_storage`; methods/teacher.FrozenTeacher.store_in_low_precision): the memory
+of a big base (FLUX.1-dev's 12B, Qwen-Image's 20B, Wan's 14B) on one GPU, as QLoRA arranges it (Dettmers et al.
+2023): the base's weights quantised and frozen, the adapters trained in the compute dtype on top, gradients flowing
+through the dequantised base into them.
 
 - `base_quantization=int8 | fp8`: torchao's weight-only quantisation of the base's linear layers (`Int8WeightOnly-
   Config`: int8 with one scale per output channel; `Float8WeightOnlyConfig`: float8_e4m3 likewise), what diffusers'
@@ -20,9 +21,10 @@ compute dtype on top, gradients flowing through the dequantised base into them.
   not survive it (patch and position embeddings, norms, the input and output projections) and peft's adapters.
 
 Only a base that does not train can be stored so (LoRA: the adapters train; a full fine-tune would update the
-quantised weights). The adapters' files and exports belong to the unquantised base: a checkpoint holds the adapters
-alone and records the base's fingerprint taken before quantisation, and sampling or exporting reloads the base at
-full precision from its source, so a LoRA trained on an int8 base loads on the original pipeline (what users share).
+quantised weights; a teacher never trains). The adapters' files and exports belong to the unquantised base: a
+checkpoint holds the adapters alone and records the base's fingerprint taken before quantisation, and sampling or
+exporting reloads the base at full precision from its source, so a LoRA trained on an int8 base loads on the
+original pipeline (what users share).
 """
 
 from __future__ import annotations
