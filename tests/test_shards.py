@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -354,7 +355,53 @@ def test_a_stopped_hf_stream_resumes_at_the_sample(shards: tuple[Path, str], tmp
     assert _weights_equal(whole, resumed)
 
 
-def test_bucketed_shards_batch_one_bucket_and_resume_with_waiting_samples(tmp_path: Path) -> None:
+def test_a_shuffle_buffer_holds_at_most_its_size_and_serves_a_replayable_permutation() -> None:
+    """buffered_draws: every member once, never more than `size` read and not yet served, the same order for the same
+    seed (what a resumed stream replays) and another for another seed (the control: the draws are random)."""
+    import random
+
+    from lightdiff.data.shard_stream import buffered_draws
+
+    def drawn(size: int, seed: int) -> tuple[list[int], int]:
+        read = served = most = 0
+
+        def members() -> Iterator[dict]:
+            nonlocal read
+            for index in range(40):
+                read += 1
+                yield {"index": index}
+
+        order = []
+        for member in buffered_draws(members(), size, random.Random(seed)):
+            most = max(most, read - served)
+            served += 1
+            order.append(member["index"])
+        return order, most
+
+    order, most = drawn(5, 0)
+    assert sorted(order) == list(range(40)) and most <= 5
+    assert order != list(range(40)) and order[0] < 5  # shuffled, and the first draw is one of the first 5 read
+    assert drawn(5, 0)[0] == order and drawn(5, 1)[0] != order
+    whole, most = drawn(1000, 0)  # a buffer larger than the shard: a permutation of all of it
+    assert sorted(whole) == list(range(40)) and most == 40
+
+
+def test_resuming_with_another_shuffle_buffer_is_refused(shards: tuple[Path, str]) -> None:
+    """Positions within a shard depend on the buffer: a checkpoint made with another one (or before buffers, when
+    shards were read whole: no key, = null) is refused by name."""
+    module = ShardsDataModule(urls=shards[1], resolution=16, reference_size=4, shuffle_buffer=1000)
+    layout = {"world_size": 1, "num_streams": 2, "batches_seen": 3, "ranks": []}
+    module.check_resume({**layout, "shuffle_buffer": 1000}, world_size=1)
+    with pytest.raises(ConfigError, match=r"made with data.shuffle_buffer=null; this run says 1000"):
+        module.check_resume(layout, world_size=1)
+    with pytest.raises(ConfigError, match=r"made with data.shuffle_buffer=4; .* resume with data.shuffle_buffer=4"):
+        module.check_resume({**layout, "shuffle_buffer": 4}, world_size=1)
+
+
+@pytest.mark.parametrize("shuffle_buffer", [None, 2])  # each shard whole; a buffer smaller than a shard (4 samples)
+def test_bucketed_shards_batch_one_bucket_and_resume_with_waiting_samples(
+    tmp_path: Path, shuffle_buffer: int | None
+) -> None:
     folder = tmp_path / "aspects"
     folder.mkdir()
     sizes = [(16, 32), (32, 16), (24, 24)]  # (height, width): wide, tall, square
@@ -369,7 +416,7 @@ def test_bucketed_shards_batch_one_bucket_and_resume_with_waiting_samples(tmp_pa
     buckets = [(8, 16), (16, 8), (12, 12)]
 
     def stream() -> ShardStream:
-        return ShardStream(urls, ImageTransform(12), 3, seed=1, buckets=buckets)
+        return ShardStream(urls, ImageTransform(12), 3, seed=1, buckets=buckets, shuffle_buffer=shuffle_buffer)
 
     batches = list(itertools.islice(iter(stream()), 12))  # 24 images a epoch, 8 batches: into the second epoch
     for batch in batches:  # one bucket a batch, each image in the bucket of its own aspect ratio

@@ -9,24 +9,31 @@ webdataset's documentation does it (`S3_COMMAND`).
 
 The order (why it is resumable at the sample). Each rank's loader has S = max(1, data.num_workers) streams, one per
 worker (data/streams.py: how batches, workers and checkpoints meet). In epoch e the shard list is permuted by
-randperm(seed + e); stream s of rank r of R takes shards [r * S + s :: R * S] of that order, reads each whole into
-memory (the raw bytes, as a webdataset shuffle buffer holds them) and serves its samples in a permutation seeded by
-(seed, e, shard), decoding each and filling batches. So a stream's position is its read cursor (epoch, shard,
-sample) and, with aspect-ratio buckets, the places of the samples read but still waiting for their bucket's batch: a
-resumed stream re-reads one shard (plus those of its waiting samples), not the epoch.
+randperm(seed + e); stream s of rank r of R takes shards [r * S + s :: R * S] of that order and streams each one's
+samples through a shuffle buffer of `data.shuffle_buffer` raw samples (webdataset's `shuffle`, made replayable): the
+buffer fills in file order, and each sample served is drawn from it by a generator seeded by (seed, e, shard), its
+place taken by the next one read; at the shard's end the buffer drains the same way. A stream holds at most that
+many samples' bytes, not the shard (img2dataset writes 10k-sample shards). So a stream's position is its read cursor
+(epoch, shard, samples served from it) and, with aspect-ratio buckets, the places of the samples read but still
+waiting for their bucket's batch: a resumed stream replays the draws (without decoding) and re-reads one shard (plus
+those of its waiting samples), not the epoch. `data.shuffle_buffer=null` reads each shard whole and serves it in one
+permutation (the order before streaming; resuming a checkpoint needs the order it was made with, checked).
 
 Bad data: a sample whose image cannot be decoded, or that has no image or no caption, is skipped and counted; a
-shard that cannot be read is retried `shard_retries` times (a local file that is not there: not retried) and then
-skipped and counted. The count and the shard and key of each go to train.log (`data.skip_bad=false` stops at the
-first instead).
+shard that cannot be read is retried `shard_retries` times (a local file that is not there: not retried; a read that
+fails part-way is retried from the start, past the samples already served) and then skipped and counted (what it
+served before it failed stays served). The count and the shard and key of each go to train.log
+(`data.skip_bad=false` stops at the first instead).
 """
 
 from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from lightdiff.config import ConfigError, NonNegativeInt
+from lightdiff.config import ConfigError, NonNegativeInt, PositiveInt
 from lightdiff.data.buckets import Bucket, BucketSpec, bucket_sizes, nearest_bucket, smaller_than_every_bucket
 from lightdiff.data.datamodule import ImageDataModule, plain, record_stream_state, start_stream, stream_state
 from lightdiff.data.image_folder import too_many_pixels
@@ -94,21 +101,29 @@ class UnreadableShard(OSError):
     """A shard that could not be read after its retries; the message names it."""
 
 
-def read_shard(url: str, retries: int = 2, retry_delay: float = 1.0) -> list[dict]:
-    """The raw samples of one shard in file order ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}): read
-    whole, so a damaged tar fails here (retried) rather than after some of its samples were trained on."""
+def shard_members(url: str, retries: int = 2, retry_delay: float = 1.0) -> Iterator[dict]:
+    """The raw samples of one shard in file order ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}), streamed:
+    one sample's bytes at a time. A read that fails is retried from the start, skipping what was already given."""
+    given = 0
     for attempt in range(retries + 1):
         try:
-            files = tar_file_expander(url_opener([{"url": url}]))
-            return list(group_by_keys(files))
+            for index, sample in enumerate(group_by_keys(tar_file_expander(url_opener([{"url": url}])))):
+                if index >= given:
+                    given += 1
+                    yield sample
+            return
         except FileNotFoundError as error:  # a local path that does not exist will not appear on a retry
             raise UnreadableShard(f"cannot read shard {url}: no such file") from error
         except Exception as error:  # noqa: BLE001 - any failure of the reader or transport: retried, then named
             if attempt == retries:
                 raise UnreadableShard(f"cannot read shard {url} ({retries + 1} attempts): {error}") from error
-            log.warning("reading shard %s failed (%s); retrying", url, error)
+            log.warning("reading shard %s failed after %d sample(s) (%s); retrying", url, given, error)
             time.sleep(retry_delay)
-    raise AssertionError("unreachable")
+
+
+def read_shard(url: str, retries: int = 2, retry_delay: float = 1.0) -> list[dict]:
+    """The raw samples of one shard in file order, read whole (data.shuffle_buffer=null; tools and tests)."""
+    return list(shard_members(url, retries, retry_delay))
 
 
 def decode_sample(
@@ -218,7 +233,9 @@ def stored_records(url: str) -> tuple[dict | None, dict | None]:
     """What the first sample of shard `url` stores besides its image: its latent record ({"vae": fingerprint,
     "resolution", ...}; None without latents) and its text-states record ({"encoder": fingerprint, "caption": its
     member}; None without text states)."""
-    first = read_shard(url)[0]
+    first = next(shard_members(url), None)
+    if first is None:
+        raise ValueError(f"shard {url} holds no sample")
     record = json.loads(first["json"]) if "json" in first else {}
     latent = record.get("latent") if "moments.npy" in first else None
     text = record.get("text_states") if "text.npy" in first else None
@@ -260,6 +277,7 @@ class ShardStream(Stream):
         buckets: list[Bucket] | None = None,  # aspect-ratio buckets: every batch one bucket (data/buckets.py)
         latents: bool = False,  # serve the samples' stored latent moments instead of their pixels
         text_states: bool = False,  # with `latents`: serve the captions' stored text states too
+        shuffle_buffer: int | None = 1000,  # raw samples a stream holds to shuffle a shard; None: each shard whole
     ) -> None:
         if len(urls) < world_size * num_streams:
             raise ValueError(
@@ -271,6 +289,7 @@ class ShardStream(Stream):
         self.urls, self.transform = urls, transform
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
         self.buckets, self.latents, self.text_states = buckets, latents, text_states
+        self.shuffle_buffer = shuffle_buffer
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         """Indices into `urls` of the shards stream `stream` of this rank reads in `epoch`, in order."""
@@ -280,8 +299,8 @@ class ShardStream(Stream):
 
     def batches(self, stream: int, start: dict[str, list] | None) -> Iterator[dict[str, object]]:
         """Batches of `stream` from `start` = {"cursor": [epoch, shard, sample], "pending": [[epoch, shard, sample],
-        ...]}: the next raw sample, and the samples read but not yet served (waiting in their bucket for a batch),
-        in the order they were read. Every batch carries the state after it."""
+        ...]}: the next draw (samples served from the shard so far), and the draws read but not yet served (waiting in
+        their bucket for a batch), in the order they were read. Every batch carries the state after it."""
         cursor = StreamPosition(*start["cursor"]) if start is not None else StreamPosition()
         pending: dict[int, list[tuple[dict[str, object], list[int]]]] = {}  # bucket -> (item, where it was read)
         for where, raw in self._read_again(stream, start["pending"] if start is not None else []):
@@ -291,56 +310,95 @@ class ShardStream(Stream):
         while True:
             shards = self.shards_of(stream, cursor.epoch)
             while cursor.shard < len(shards):
-                url = self.urls[shards[cursor.shard]]
                 try:
-                    raw = read_shard(url, self.shard_retries)
+                    draws = itertools.islice(self.draws(cursor.epoch, shards[cursor.shard]), cursor.sample, None)
+                    for raw, last in _marking_the_last(draws):
+                        where = [cursor.epoch, cursor.shard, cursor.sample]
+                        cursor.sample += 1
+                        try:
+                            item = self._decode(raw)
+                        except BadSample as error:
+                            if not self.skip_bad:
+                                raise
+                            log.warning("skipping %s", error)
+                            skipped_samples += 1
+                            continue
+                        waiting = pending.setdefault(int(item.pop("bucket")), [])
+                        waiting.append((item, where))
+                        if len(waiting) == self.batch_size:
+                            batch = [item for item, _ in waiting]
+                            waiting.clear()
+                            # a shard served to its end is left for the next one
+                            after = [cursor.epoch, cursor.shard + 1, 0] if last else [*where[:2], cursor.sample]
+                            still = sorted(where for items in pending.values() for _, where in items)
+                            state = {"cursor": after, "pending": still}
+                            yield collate(batch, stream, state, skipped_samples, skipped_shards)
+                            skipped_samples, skipped_shards = 0, 0
                 except UnreadableShard:
                     if not self.skip_bad:
                         raise
-                    log.exception("skipping shard %s", url)
-                    raw, skipped_shards = [], skipped_shards + 1
-                order = sample_order(self.seed, cursor.epoch, shards[cursor.shard], len(raw))
-                while cursor.sample < len(raw):
-                    where = [cursor.epoch, cursor.shard, cursor.sample]
-                    cursor.sample += 1
-                    try:
-                        item = self._decode(raw[order[where[2]]])
-                    except BadSample as error:
-                        if not self.skip_bad:
-                            raise
-                        log.warning("skipping %s", error)
-                        skipped_samples += 1
-                        continue
-                    waiting = pending.setdefault(int(item.pop("bucket")), [])
-                    waiting.append((item, where))
-                    if len(waiting) == self.batch_size:
-                        batch = [item for item, _ in waiting]
-                        waiting.clear()
-                        # a shard served to its end is left for the next one
-                        after = [cursor.epoch, cursor.shard, cursor.sample]
-                        if cursor.sample == len(raw):
-                            after = [cursor.epoch, cursor.shard + 1, 0]
-                        still = sorted(where for items in pending.values() for _, where in items)
-                        state = {"cursor": after, "pending": still}
-                        yield collate(batch, stream, state, skipped_samples, skipped_shards)
-                        skipped_samples, skipped_shards = 0, 0
+                    log.exception(
+                        "skipping shard %s (from its sample %d on)", self.urls[shards[cursor.shard]], cursor.sample
+                    )
+                    skipped_shards += 1
                 cursor = StreamPosition(cursor.epoch, cursor.shard + 1)
             cursor = StreamPosition(cursor.epoch + 1)
+
+    def draws(self, epoch: int, shard_index: int) -> Iterator[dict]:
+        """Shard `shard_index`'s raw samples in the order epoch `epoch` serves them (module docstring): a function of
+        the run's seed, the epoch and the shard only, so every rank, worker and resumed run agrees."""
+        members = shard_members(self.urls[shard_index], self.shard_retries)
+        if self.shuffle_buffer is None:  # read whole, one permutation
+            whole = list(members)
+            return (whole[index] for index in sample_order(self.seed, epoch, shard_index, len(whole)))
+        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + shard_index
+        return buffered_draws(members, self.shuffle_buffer, random.Random(seed))
 
     def _decode(self, raw: dict) -> dict[str, object]:
         return decode_sample(raw, self.transform, self.caption_key, self.buckets, self.latents, self.text_states)
 
     def _read_again(self, stream: int, places: list[list[int]]) -> Iterator[tuple[list[int], dict]]:
-        """The raw samples read at `places` ([epoch, shard, sample] of `stream`, in reading order): a resumed stream's
-        samples that were waiting in their buckets; each shard they lie in is read once more."""
-        shards: dict[tuple[int, int], tuple[list[dict], list[int]]] = {}
+        """The raw samples drawn at `places` ([epoch, shard, sample] of `stream`, in reading order): a resumed stream's
+        samples that were waiting in their buckets; each shard they lie in is drawn again up to the last of them."""
+        wanted: dict[tuple[int, int], set[int]] = {}
         for epoch, shard, sample in places:
-            if (epoch, shard) not in shards:
-                index = self.shards_of(stream, epoch)[shard]
-                raw = read_shard(self.urls[index], self.shard_retries)
-                shards[epoch, shard] = raw, sample_order(self.seed, epoch, index, len(raw))
-            raw, order = shards[epoch, shard]
-            yield [epoch, shard, sample], raw[order[sample]]
+            wanted.setdefault((epoch, shard), set()).add(sample)
+        found: dict[tuple[int, int, int], dict] = {}
+        for (epoch, shard), samples in wanted.items():
+            draws = self.draws(epoch, self.shards_of(stream, epoch)[shard])
+            for sample, raw in enumerate(itertools.islice(draws, max(samples) + 1)):
+                if sample in samples:
+                    found[epoch, shard, sample] = raw
+        for epoch, shard, sample in places:
+            yield [epoch, shard, sample], found[epoch, shard, sample]
+
+
+def buffered_draws(members: Iterator[dict], size: int, generator: random.Random) -> Iterator[dict]:
+    """`members` through a shuffle buffer of `size`: filled in order; when full, one drawn uniformly (by `generator`)
+    is served and the next member read takes its place; at the end the rest drain in drawn order. Holds at most
+    `size` members; with `size` >= the shard's length the order is a uniform permutation of the shard."""
+    buffer: list[dict] = []
+
+    def draw() -> dict:
+        chosen = generator.randrange(len(buffer))
+        buffer[chosen], buffer[-1] = buffer[-1], buffer[chosen]
+        return buffer.pop()
+
+    for member in members:
+        buffer.append(member)
+        if len(buffer) == size:
+            yield draw()
+    while buffer:
+        yield draw()
+
+
+def _marking_the_last(items: Iterator[dict]) -> Iterator[tuple[dict, bool]]:
+    """(item, whether it is the last) for each of `items` (one read ahead)."""
+    previous = next(items, None)
+    while previous is not None:
+        following = next(items, None)
+        yield previous, following is None
+        previous = following
 
 
 class ShardHead(Dataset):
@@ -368,24 +426,22 @@ class ShardHead(Dataset):
             items: list[dict[str, object]] = []
             unreadable: list[UnreadableShard] = []
             for url in self.urls:
-                try:
-                    shard = read_shard(url, self.shard_retries)
+                try:  # streamed: only the samples the head needs are read
+                    for raw in shard_members(url, self.shard_retries):
+                        self.first_readable = self.first_readable or url
+                        try:
+                            item = decode_sample(raw, self.transform, self.caption_key)
+                        except BadSample:
+                            continue
+                        del item["bucket"]
+                        items.append(item)
+                        if len(items) == self.size:
+                            break
                 except UnreadableShard as error:
                     if not self.skip_bad:
                         raise
                     log.warning("data.skip_bad: skipping shard %s", error)
                     unreadable.append(error)
-                    continue
-                self.first_readable = self.first_readable or url
-                for raw in shard:
-                    try:
-                        item = decode_sample(raw, self.transform, self.caption_key)
-                    except BadSample:
-                        continue
-                    del item["bucket"]
-                    items.append(item)
-                    if len(items) == self.size:
-                        break
                 if len(items) == self.size:
                     break
             if self.first_readable is None and unreadable:
@@ -425,6 +481,8 @@ class ShardsDataModule(ImageDataModule):
         val_size: int = 256,  # held-out samples read from val_urls
         buckets: BucketSpec | None = None,  # aspect-ratio buckets (data/buckets.py); None: square crops at resolution
         cache_latents: bool = False,  # latent models: the shards' stored latents (shard --vae) and text states
+        # raw samples each stream holds to shuffle a shard (webdataset's shuffle buffer); null: each shard read whole
+        shuffle_buffer: PositiveInt | None = 1000,
     ) -> None:
         if cache_latents and buckets:
             raise ConfigError("data.cache_latents=true with data.buckets: shards store latents of square crops only")
@@ -434,6 +492,7 @@ class ShardsDataModule(ImageDataModule):
         self.bucket_list: list[Bucket] | None = bucket_sizes(plain(buckets), resolution) if buckets else None
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.caption_key, self.skip_bad, self.shard_retries = caption_key, skip_bad, shard_retries
+        self.shuffle_buffer = shuffle_buffer
         # Read now, before anything is written: the first shard must open, and what needs indexed samples has them.
         # square crops, for FID and previews
         head = ShardHead(self.urls, self.transform, caption_key, reference_size, skip_bad, shard_retries)
@@ -476,6 +535,7 @@ class ShardsDataModule(ImageDataModule):
                 self.bucket_list,
                 self.serve_latents,
                 self.serve_text_states,
+                self.shuffle_buffer,
             )
 
         self.stream, loader = start_stream(self, self.ledger, stream)
@@ -529,10 +589,19 @@ class ShardsDataModule(ImageDataModule):
         return record_stream_state(self, self.ledger, batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return stream_state(self, self.ledger, self.stream)
+        state = stream_state(self, self.ledger, self.stream)
+        return {**state, "shuffle_buffer": self.shuffle_buffer} if state else state
 
     def check_resume(self, state_dict: dict[str, Any], world_size: int) -> None:
         self.ledger.check_layout(state_dict, world_size)
+        # a checkpoint from before the shuffle buffer served each shard whole, in one permutation
+        saved = state_dict.get("shuffle_buffer") if state_dict else self.shuffle_buffer
+        if state_dict and saved != self.shuffle_buffer:
+            raise ConfigError(
+                f"the checkpoint's shard order was made with data.shuffle_buffer={'null' if saved is None else saved}; "
+                f"this run says {'null' if self.shuffle_buffer is None else self.shuffle_buffer}: resume with "
+                f"data.shuffle_buffer={'null' if saved is None else saved} (positions within a shard depend on it)"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state_dict)
