@@ -406,6 +406,41 @@ def test_a_low_precision_base_is_refused_where_it_cannot_apply(
     check_base_precision("none", "fp8", base_trains=False)
 
 
+def test_an_fp8_stored_unet_base_trains_its_adapters_through_its_convolutions() -> None:
+    """model.base_storage=fp8 on a UNet whose ResNet convolutions follow the adapted attention (every SD / SDXL UNet):
+    the linear layers are stored in fp8, the convolutions are not, and the adapters get gradients through the whole
+    network. The control: diffusers' layerwise casting with its own defaults (convolutions cast too) cannot backward
+    through a convolution (it reads the fp8 weight put back after the layer ran)."""
+    from lightdiff.nets.lora import LoraSettings, adapt
+    from lightdiff.nets.low_precision import store_frozen_base
+
+    from .conftest import tiny_cond_unet
+
+    def adapted() -> UNet2DConditionModel:
+        torch.manual_seed(0)
+        unet = tiny_cond_unet()
+        adapt(unet, LoraSettings(rank=2), base_source="random weights")
+        return unet
+
+    def loss(unet: UNet2DConditionModel) -> torch.Tensor:
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        states = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2))
+        return unet(x, torch.tensor([500]), states).sample.pow(2).mean()
+
+    unet = adapted()
+    store_frozen_base(unet, "none", "fp8")
+    linear = [m.weight.dtype for n, m in unet.named_modules() if n.endswith("to_q.base_layer")]
+    convolutions = {m.weight.dtype for m in unet.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert linear and set(linear) == {torch.float8_e4m3fn} and convolutions == {torch.float32}
+    loss(unet).backward()
+    lora_b = [p for n, p in unet.named_parameters() if ".lora_B." in n]  # A's gradient is 0 while B starts at 0
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    control = adapted()
+    control.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="Float8_e4m3fn"):
+        loss(control).backward()
+
+
 def test_checking_a_lora_files_fit_copies_no_weights(sd_base: Path, tmp_path: Path, monkeypatch) -> None:
     """The fit check injects the file's adapters into a copy of the network on the meta device (shapes, no storage:
     a second SDXL UNet would be 10 GB), and still names a file that does not fit. Control: the network it loads into

@@ -11,7 +11,7 @@
 #   or in one call: the same without STAGES, timeout_s=600 (the stage limits add up to 700 s; typical is half)
 #   here, on a CPU (checks the plumbing in seconds, every GPU stage shrunk): SMOKE=1 bash experiments/gpu_checks/run.sh
 #
-# Stages (seconds: their limits, 610 in all; on an H200 each should take well under its limit):
+# Stages (seconds: their limits, 700 in all; on an H200 each should take well under its limit):
 #   1. tests   (180) tests/test_gpu.py, tests/test_speed.py and the bf16 run test, on CUDA: FSDP trains, clips, logs
 #                    train/grad_norm, writes whole-tensor checkpoints and resumes (issue 6); CUDA speed defaults on;
 #                    compiled bf16 sampling passes its check; every speed switch's test on a GPU (issue 7)
@@ -21,6 +21,8 @@
 #   4. mfu     (100) experiments/mfu: SD2-size UNet2DConditionModel, 32x32 latents, batch 32, compiled
 #   5. sdxl_memory (90) experiments/sdxl_shapes/gpu_memory.py: peak memory of a real-size SDXL UNet step, 1024 px,
 #                    batch 1, with each memory option (issue 17)
+#   6. lora_memory (90) experiments/sdxl_shapes/gpu_lora_memory.py: peak memory and s/step of a LoRA step on a
+#                    real-size SDXL UNet, 1024 px, its frozen base bf16 / int8 / NF4 / fp8-stored (issue 47)
 # Results: $OUT/<stage>.log and $OUT/summary.md (versions, GPU, each stage's exit status and table).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,12 +53,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   SAMPLE=(--steps 2 --repeats 1)
   MFU=(--count-only)
   SDXL=(--smoke)
+  LORA=(--smoke)
 else
   TRAIN=(--steps 40 --warmup 10 --repeats 2 --speed-path data.batch_size=256 net=unet_small data.resolution=32)
   TEACHER=(trainer=gpu trainer.max_steps=400 data.batch_size=64)
   SAMPLE=(--steps 50 --repeats 5 --speed-path)
   MFU=(--batch 32 --steps 20 --warmup 5)
   SDXL=(--resolution 1024 --batch 1)
+  LORA=(--resolution 1024 --batch 1 --rank 32)
 fi
 
 summary=$OUT/summary.md
@@ -68,7 +72,7 @@ summary=$OUT/summary.md
 '| transformers', transformers.__version__)"
 } >"$summary" 2>&1
 
-STAGES=${STAGES:-tests train teacher sample mfu sdxl_memory}
+STAGES=${STAGES:-tests train teacher sample mfu sdxl_memory lora_memory}
 stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log to $OUT/NAME.log, record the exit status
   local name=$1 limit=$2
   shift 2
@@ -92,4 +96,5 @@ stage teacher 60 $PY train.py output_root=$teacher_root run_name=teacher logger=
 stage sample 150 $PY experiments/sampling_speed/benchmark.py --ckpt $teacher_root/teacher/checkpoints/last.ckpt "${SAMPLE[@]}"
 stage mfu 100 $PY experiments/mfu/benchmark.py "${MFU[@]}"
 stage sdxl_memory 90 $PY experiments/sdxl_shapes/gpu_memory.py "${SDXL[@]}"
+stage lora_memory 90 $PY experiments/sdxl_shapes/gpu_lora_memory.py "${LORA[@]}"
 cat "$summary"

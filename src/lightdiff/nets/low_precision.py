@@ -15,10 +15,12 @@ through the dequantised base into them.
   bitsandbytes' NF4 needs CUDA; ~0.53 bytes per weight. A layer whose weight count is not a multiple of 64 stays as
   it is (none in the real families: their widths are multiples of 64); a tiny layer takes a smaller double-
   quantisation block where 256 does not divide its block count.
-- `base_storage=fp8`: diffusers' layerwise casting (`ModelMixin.enable_layerwise_casting`): every weight of the base
-  stored in float8_e4m3fn and cast to the compute dtype (the network's own) just before its layer runs, the lighter
-  option (no quantisation kernels: any layer type, no torchao). diffusers' default patterns skip the layers that do
-  not survive it (patch and position embeddings, norms, the input and output projections) and peft's adapters.
+- `base_storage=fp8`: diffusers' layerwise casting (`ModelMixin.enable_layerwise_casting`): the base's weights
+  stored in float8_e4m3fn and cast to the compute dtype (the network's own) just before their layer runs, the lighter
+  option (no quantisation kernels, no torchao). diffusers' default patterns skip the layers that do not survive it
+  (patch and position embeddings, norms, the input and output projections) and peft's adapters; convolutions are
+  skipped too (their backward reads the stored fp8 weight): a transformer's weights are nearly all stored in fp8, a
+  UNet's attention and feed-forward layers only.
 
 Only a base that does not train can be stored so (LoRA: the adapters train; a full fine-tune would update the
 quantised weights; a teacher never trains). The adapters' files and exports belong to the unquantised base: a
@@ -85,8 +87,13 @@ def store_frozen_base(net: torch.nn.Module, quantization: str, storage: str) -> 
 
         quantize_(net, config, filter_fn=frozen_linear)
     elif storage == "fp8":
-        # the compute dtype is the network's own (fp32, or bf16 under trainer.precision=bf16-true)
-        net.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=net.dtype)
+        # The compute dtype is the network's own (fp32, or bf16 under trainer.precision=bf16-true). Convolutions stay
+        # as they are: the cast puts the fp8 weight back after the layer runs, and a convolution's backward reads the
+        # weight it saved, now fp8 ("expected scalar type Float but found Float8_e4m3fn"); a linear layer's does not.
+        convolutions = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        net.enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=net.dtype, skip_modules_classes=convolutions
+        )
 
 
 NF4_BLOCK = 64  # weights per absmax (QLoRA's)
