@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 
 import torch
 from diffusers import UNet2DConditionModel
-from gpu_memory import TINY  # this folder's scripts (the script's folder is on sys.path)
+from gpu_memory import TINY, peak_and_time, sdxl_inputs  # this folder's (the script's folder is on sys.path)
 from memory import UNET
 
 from lightdiff.nets.lora import LoraSettings, adapt, adapter_parameters
@@ -49,14 +48,7 @@ def step_memory(option: str, device: torch.device, resolution: int, batch: int, 
         parameter.data = parameter.data.float()
     store_frozen_base(unet, quantization, storage)
     optimizer = torch.optim.AdamW(adapter_parameters(unet), lr=1e-4)
-    side = resolution // 8
-    latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
-    states = torch.randn(batch, 77, config["cross_attention_dim"], device=device, dtype=dtype)
-    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    added = {
-        "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, device=device),
-    }
+    latents, states, added = sdxl_inputs(config, resolution, batch, device, dtype)
 
     def one_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -65,18 +57,7 @@ def step_memory(option: str, device: torch.device, resolution: int, batch: int, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    one_step()  # optimiser state exists from here on
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    one_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        figure = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak"
-    else:
-        figure = "no CUDA: plumbing only"
-    return f"{figure}, {time.perf_counter() - started:.2f} s/step"
+    return peak_and_time(one_step, device)
 
 
 def main() -> None:
@@ -92,7 +73,8 @@ def main() -> None:
     print(f"SDXL UNet LoRA step (rank {args.rank}), {resolution} px, batch {args.batch}, on {name}\n")
     print("| frozen base | peak memory, time |\n| --- | --- |")
     for option in OPTIONS:
-        print(f"| {option} | {step_memory(option, device, resolution, args.batch, args.rank, args.smoke)} |", flush=True)
+        figure = step_memory(option, device, resolution, args.batch, args.rank, args.smoke)
+        print(f"| {option} | {figure} |", flush=True)
         gc.collect()  # the option's networks and states are gone before the next one's peak is measured
         if device.type == "cuda":
             torch.cuda.empty_cache()

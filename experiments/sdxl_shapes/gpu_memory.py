@@ -16,6 +16,7 @@ import argparse
 import gc
 import importlib.util
 import time
+from collections.abc import Callable
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -55,14 +56,7 @@ def step_memory(option: str, device: torch.device, resolution: int, batch: int, 
     ema = EMAModel(parameters, foreach=True) if option.startswith("ema") else None
     if ema is not None:
         ema.to(device="cpu" if option == "ema_offloaded" else device)
-    side = resolution // 8
-    latents = torch.randn(batch, 4, side, side, device=device)
-    states = torch.randn(batch, 77, config["cross_attention_dim"], device=device)
-    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    added = {
-        "text_embeds": torch.randn(batch, pooled, device=device),
-        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, device=device),
-    }
+    latents, states, added = sdxl_inputs(config, resolution, batch, device, torch.float32)
 
     def one_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -77,7 +71,28 @@ def step_memory(option: str, device: torch.device, resolution: int, batch: int, 
             if option == "ema_offloaded":
                 ema.to(device="cpu")
 
-    one_step()  # optimiser state exists from here on
+    return peak_and_time(one_step, device)
+
+
+def sdxl_inputs(
+    config: dict, resolution: int, batch: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Random latents, text states and SDXL's added conditions (pooled text, size / crop ids) for `config`'s UNet."""
+    side = resolution // 8
+    latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
+    states = torch.randn(batch, 77, config["cross_attention_dim"], device=device, dtype=dtype)
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    added = {
+        "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, device=device),
+    }
+    return latents, states, added
+
+
+def peak_and_time(one_step: Callable[[], None], device: torch.device) -> str:
+    """One warm-up step (the optimiser's state exists after it), then the measured one: CUDA's peak memory over it
+    and its wall time."""
+    one_step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
