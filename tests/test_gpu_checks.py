@@ -23,10 +23,12 @@ def test_gpu_checks_smoke_run_passes_every_stage(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
     stages = dict(re.findall(r"^## (\w+): exit (\d+)", summary, flags=re.MULTILINE))
-    assert stages == {name: "0" for name in ("tests", "train", "teacher", "sample", "mfu", "sdxl_memory")}, summary
+    expected = ("tests", "train", "teacher", "sample", "mfu", "sdxl_memory", "lora_memory")
+    assert stages == {name: "0" for name in expected}, summary
     assert "| lightdiff (bare) |" in summary and "| lightdiff eager |" in summary  # both benchmark tables
     assert "17.26 TFLOP" in summary  # the SD2-size UNet's FLOPs per step at batch 32
     assert "| ema_offloaded |" in summary  # the SDXL memory table, every option's row
+    assert "| fp8 storage | no CUDA" in summary  # the LoRA table's low-precision rows ran (nf4 and int8 before it)
     assert "commit test" in (tmp_path / "train.log").read_text()
     # the tests stage's selection (collected, not run, on a CPU) still names the GPU tests it runs on the device
     collected = (tmp_path / "tests.log").read_text()
