@@ -594,13 +594,14 @@ class ShardsDataModule(ImageDataModule):
 
     def check_resume(self, state_dict: dict[str, Any], world_size: int) -> None:
         self.ledger.check_layout(state_dict, world_size)
-        # a checkpoint from before the shuffle buffer served each shard whole, in one permutation
-        saved = state_dict.get("shuffle_buffer") if state_dict else self.shuffle_buffer
-        if state_dict and saved != self.shuffle_buffer:
+        if not state_dict:
+            return
+        # a checkpoint from before the shuffle buffer (no key) served each shard whole, in one permutation: null
+        saved, mine = (json.dumps(size) for size in (state_dict.get("shuffle_buffer"), self.shuffle_buffer))
+        if saved != mine:
             raise ConfigError(
-                f"the checkpoint's shard order was made with data.shuffle_buffer={'null' if saved is None else saved}; "
-                f"this run says {'null' if self.shuffle_buffer is None else self.shuffle_buffer}: resume with "
-                f"data.shuffle_buffer={'null' if saved is None else saved} (positions within a shard depend on it)"
+                f"the checkpoint's shard order was made with data.shuffle_buffer={saved}; this run says {mine}: resume "
+                f"with data.shuffle_buffer={saved} (positions within a shard depend on it)"
             )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_stud
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition, family_of
 from lightdiff.nets.families.sd import GuidanceEmbedded
-from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage
 from lightdiff.sampling import for_latents
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
@@ -94,8 +94,9 @@ class ConsistencyDistillation(OptimisesItsNetwork, pl.LightningModule):
             raise ConfigError(f"model.loss={loss!r} is not one of ('huber', 'l2')")
         if not 0 <= target_decay < 1:
             raise ConfigError(f"model.target_decay={target_decay} must lie in [0, 1)")
-        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
-        self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "lcm", teacher_config)
+        self.teacher = FrozenTeacher(
+            teacher, data, sample_guidance_scale, "lcm", teacher_config, base_quantization, base_storage
+        )
         refusal = ConfigError(
             f"model=lcm distils a text-conditioned UNet (it embeds the guidance scale); model.teacher={teacher!r} "
             f"is a {type(self.teacher.net).__name__}: use model=turbo or model=dmd2"
@@ -129,7 +130,7 @@ class ConsistencyDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.teacher_steps = teacher_steps
         self.compile_net, self.channels_last = compile, channels_last
         self.gradient_checkpointing = gradient_checkpointing
-        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
+        self.teacher.store_in_low_precision()  # the student copies exist now
 
     def train(self, mode: bool = True) -> ConsistencyDistillation:
         super().train(mode)

@@ -21,10 +21,9 @@ sampler (`teacher_steps` DDIM steps, guided at `real_guidance_scale`) maps `regr
 the student's update adds lambda_reg ||G(z) - y||^2 (per-element mean) at its first timestep T - 1 on a batch of
 those pairs. It anchors each noise to the teacher's own image for it, so G cannot draw one image per prompt (the mode
 collapse it was made against); DMD used LPIPS on pixels, here the squared distance in the teacher's space (no LPIPS
-weights offline).
-The pairs come from fixed seeds (`REGRESSION_SEED` on), regenerated identically on resume. The defaults (1 step,
-lambda_reg 0.25, both rates 1e-4) are the 1-step recipe `experiments/distillation` chose: without the pairs, 1-step
-students collapsed to one image per prompt or stayed blobs at the budgets measured there.
+weights offline). The pairs come from fixed seeds (`REGRESSION_SEED` on), regenerated identically on resume. The
+defaults (1 step, lambda_reg 0.25, both rates 1e-4) are the 1-step recipe `experiments/distillation` chose: without
+the pairs, 1-step students collapsed to one image per prompt or stayed blobs at the budgets measured there.
 
 The student samples as the backward simulation runs it (each step: x_0, then re-noised at the next timestep;
 `Objective.student_sampler` says how): for a DDPM teacher with LCMScheduler on the grid of its timesteps, fresh noise
@@ -68,7 +67,7 @@ from lightdiff.methods.teacher import FrozenTeacher, few_step_preview, save_stud
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import SIZE_AND_CROP, Condition, Inputs, size_and_crop
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, network_features
-from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage
 from lightdiff.nets.vae import vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, preview_inputs, reconfigured
 from lightdiff.trained import REQUIRED_SAMPLERS
@@ -153,8 +152,9 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
             )
         if regression_pairs < 1:
             raise ConfigError(f"model.regression_pairs={regression_pairs} must be at least 1")
-        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
-        self.teacher = FrozenTeacher(teacher, data, real_guidance_scale, "dmd2", teacher_config)
+        self.teacher = FrozenTeacher(
+            teacher, data, real_guidance_scale, "dmd2", teacher_config, base_quantization, base_storage
+        )
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         # the times the student's pipeline visits in its steps (FluxPipeline passes its own sigmas)
         latent_side = self.teacher.resolution // (vae_scale_factor(self.teacher.vae) if self.teacher.vae else 1)
@@ -193,7 +193,7 @@ class DistributionMatchingDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         # Batches trained so far: which of them update the student; in the state dict, so a resume keeps the rhythm.
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
-        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
+        self.teacher.store_in_low_precision()  # the student copies exist now
 
     @property
     def metric_steps(self) -> list[int]:

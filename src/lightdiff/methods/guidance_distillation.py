@@ -38,7 +38,7 @@ from lightdiff.methods.optimization import (
 from lightdiff.methods.teacher import FrozenTeacher, save_student
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import family_of
-from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage
 from lightdiff.sampling import generate, preview_inputs
 
 FROZEN_PREFIXES = ("teacher.",)  # reloaded from `teacher`, not saved
@@ -77,8 +77,9 @@ class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
                 f"model.guidance_scale_min={guidance_scale_min} and model.guidance_scale_max={guidance_scale_max} "
                 "must satisfy 0 < min <= max"
             )
-        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
-        self.teacher = FrozenTeacher(teacher, data, sample_guidance_scale, "guidance_distill", teacher_config)
+        self.teacher = FrozenTeacher(
+            teacher, data, sample_guidance_scale, "guidance_distill", teacher_config, base_quantization, base_storage
+        )
         if not self.teacher.can_guide:
             raise ConfigError(
                 f"model.teacher={teacher!r} has no unconditional input to guide with: guidance distillation needs a "
@@ -97,7 +98,7 @@ class GuidanceDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.compile_net, self.channels_last = compile, channels_last
         self.gradient_checkpointing = gradient_checkpointing
-        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
+        self.teacher.store_in_low_precision()  # the student copies exist now
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.teacher.encode(batch["pixel_values"])

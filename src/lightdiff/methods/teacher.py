@@ -24,7 +24,7 @@ from lightdiff.diffusion import SchedulerFactory
 from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition, Conditioning, Inputs
 from lightdiff.nets.lora import adapters_disabled
-from lightdiff.nets.low_precision import store_frozen_base
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision, store_frozen_base
 from lightdiff.nets.pretrained import as_pipeline_folder
 from lightdiff.nets.vae import encode_latents
 from lightdiff.sampling import for_latents, generate, preview_inputs, reconfigured
@@ -59,8 +59,12 @@ class FrozenTeacher(nn.Module):
         guidance_scale: float,  # its classifier-free guidance where its family has an unconditional input
         method: str,  # the method's model= name, for messages
         config: str | None = None,  # model.teacher_config: `source` is a single-file SD checkpoint of this pipeline
+        base_quantization: BaseQuantization = "none",  # model.base_quantization: how `store_in_low_precision` stores it
+        base_storage: BaseStorage = "none",  # model.base_storage
     ) -> None:
         super().__init__()
+        check_base_precision(base_quantization, base_storage, base_trains=False)  # refused before the teacher loads
+        self.base_quantization, self.base_storage = base_quantization, base_storage
         if data.cache_latents:
             raise ConfigError(f"data.cache_latents=true is for model=latent; model={method} encodes on the fly")
         if config is not None or Path(source).suffix == ".safetensors":  # a .ckpt alone is a lightdiff checkpoint
@@ -91,12 +95,11 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)
 
-    def store_in_low_precision(self, quantization: str, storage: str) -> None:
-        """Its network's weights in low precision (`model.base_quantization` / `model.base_storage`, checked by
-        nets/low_precision.check_base_precision): called by a method once every network it copies from the teacher
-        exists (a copy made later would be stored low too). A LoRA student that shares the teacher's network keeps its
-        adapters as they are, as on a LoRA base."""
-        store_frozen_base(self.net, quantization, storage)
+    def store_in_low_precision(self) -> None:
+        """Its network's weights in low precision as `base_quantization` / `base_storage` say (nets/low_precision.py):
+        called by a method once every network it copies from the teacher exists (a copy made later would be stored low
+        too). A LoRA student that shares the teacher's network keeps its adapters as they are, as on a LoRA base."""
+        store_frozen_base(self.net, self.base_quantization, self.base_storage)
 
     @property
     def can_guide(self) -> bool:

@@ -60,7 +60,7 @@ from lightdiff.nets.denoiser import network_output
 from lightdiff.nets.families import Condition
 from lightdiff.nets.feature_discriminator import FeatureDiscriminator, network_features
 from lightdiff.nets.lora import LoraSettings, adapt
-from lightdiff.nets.low_precision import BaseQuantization, BaseStorage, check_base_precision
+from lightdiff.nets.low_precision import BaseQuantization, BaseStorage
 from lightdiff.nets.vae import decode_latents, vae_scale_factor
 from lightdiff.sampling import for_latents, pipeline_timesteps, reconfigured
 
@@ -115,8 +115,9 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
             raise ConfigError(
                 f"model.distill_weighting={distill_weighting!r} is not one of {typing.get_args(DistillWeighting)}"
             )
-        check_base_precision(base_quantization, base_storage, base_trains=False)  # the teacher never trains
-        self.teacher = FrozenTeacher(teacher, data, teacher_guidance_scale, "turbo", teacher_config)
+        self.teacher = FrozenTeacher(
+            teacher, data, teacher_guidance_scale, "turbo", teacher_config, base_quantization, base_storage
+        )
         # The student walks the teacher's path; it may parametrise its output otherwise (student_prediction_type).
         self.objective = self.teacher.objective.with_prediction_type(student_prediction_type)
         # the times the student's pipeline visits in 4 steps (FluxPipeline passes its own sigmas)
@@ -165,7 +166,7 @@ class TurboDistillation(OptimisesItsNetwork, pl.LightningModule):
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.max_grad_norm = max_grad_norm
         self.teacher_steps = teacher_steps
-        self.teacher.store_in_low_precision(base_quantization, base_storage)  # the student copies exist now
+        self.teacher.store_in_low_precision()  # the student copies exist now
 
     @property
     def metric_steps(self) -> list[int]:
